@@ -1,0 +1,261 @@
+//! Attention, the transformer blocks of the U-Net, and the probe that records
+//! cross-attention probabilities (MagicTailor's attention loss reads them).
+
+use std::cell::RefCell;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::nn::{group_norm, softmax_last, Ctx, LayerNorm, Linear};
+
+/// Which block a transformer sits in; the attention loss averages down and up, not mid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    Down,
+    Mid,
+    Up,
+}
+
+/// Records head-averaged cross-attention probabilities `[batch, queries, keys]` of every
+/// cross-attention layer whose query grid is `side x side`, in the chosen block kinds.
+/// Recorded maps stay in the graph, so a loss on them trains q/k adapters and tokens.
+pub struct AttnProbe {
+    pub side: usize,
+    pub kinds: Vec<BlockKind>,
+    maps: RefCell<Vec<(String, Tensor)>>,
+}
+
+impl AttnProbe {
+    pub fn new(side: usize, kinds: &[BlockKind]) -> Self {
+        Self {
+            side,
+            kinds: kinds.to_vec(),
+            maps: RefCell::new(Vec::new()),
+        }
+    }
+    fn wants(&self, kind: BlockKind, queries: usize) -> bool {
+        self.kinds.contains(&kind) && queries == self.side * self.side
+    }
+    fn record(&self, path: &str, probs: Tensor) {
+        self.maps.borrow_mut().push((path.to_string(), probs));
+    }
+    /// Takes the recorded maps, in forward order, named by module path.
+    pub fn take(&self) -> Vec<(String, Tensor)> {
+        std::mem::take(&mut *self.maps.borrow_mut())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    path: String,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// `context_dim` is None for self-attention. Biases: none on q/k/v, one on the output
+    /// (the U-Net's convention; the VAE uses `load_with_bias`).
+    pub fn load(
+        vb: &VarBuilder,
+        dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+    ) -> Result<Self> {
+        Self::load_inner(vb, dim, context_dim, heads, false)
+    }
+    pub fn load_with_bias(vb: &VarBuilder, dim: usize, heads: usize) -> Result<Self> {
+        Self::load_inner(vb, dim, None, heads, true)
+    }
+    fn load_inner(
+        vb: &VarBuilder,
+        dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        qkv_bias: bool,
+    ) -> Result<Self> {
+        let ctx_dim = context_dim.unwrap_or(dim);
+        Ok(Self {
+            path: vb.prefix(),
+            to_q: Linear::load(&vb.pp("to_q"), dim, dim, qkv_bias)?,
+            to_k: Linear::load(&vb.pp("to_k"), ctx_dim, dim, qkv_bias)?,
+            to_v: Linear::load(&vb.pp("to_v"), ctx_dim, dim, qkv_bias)?,
+            to_out: Linear::load(&vb.pp("to_out").pp("0"), dim, dim, true)?,
+            heads,
+            scale: 1.0 / ((dim / heads) as f64).sqrt(),
+        })
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        x.reshape((b, n, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `x: [b, n, dim]`, `context: [b, m, ctx_dim]` (None: self-attention).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        kind: BlockKind,
+        ctx: Ctx,
+    ) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let kv_in = context.unwrap_or(x);
+        let q = self.split_heads(&(self.to_q.forward(x, ctx)? * self.scale)?)?;
+        let k = self.split_heads(&self.to_k.forward(kv_in, ctx)?)?;
+        let v = self.split_heads(&self.to_v.forward(kv_in, ctx)?)?;
+        let probs = softmax_last(&q.matmul(&k.t()?)?)?;
+        if let (Some(probe), Some(_)) = (ctx.probe, context) {
+            if probe.wants(kind, n) {
+                probe.record(&self.path, probs.mean(1)?);
+            }
+        }
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.to_out.forward(&out, ctx)
+    }
+}
+
+/// GEGLU feed-forward: `net.2(h * gelu(gate))` with `[h, gate] = net.0.proj(x)`.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn load(vb: &VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: Linear::load(&vb.pp("net").pp("0").pp("proj"), dim, inner * 2, true)?,
+            out: Linear::load(&vb.pp("net").pp("2"), inner, dim, true)?,
+        })
+    }
+    fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let hg = self.proj.forward(x, ctx)?;
+        let inner = hg.dim(candle_core::D::Minus1)? / 2;
+        let h = hg.narrow(candle_core::D::Minus1, 0, inner)?;
+        let gate = hg.narrow(candle_core::D::Minus1, inner, inner)?;
+        // diffusers' GEGLU uses the exact (erf) GELU.
+        self.out.forward(&(h * gate.gelu_erf()?)?, ctx)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn load(vb: &VarBuilder, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::load(&vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(&vb.pp("attn1"), dim, None, heads)?,
+            norm2: LayerNorm::load(&vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(&vb.pp("attn2"), dim, Some(context_dim), heads)?,
+            norm3: LayerNorm::load(&vb.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&vb.pp("ff"), dim)?,
+        })
+    }
+    fn forward(&self, x: &Tensor, context: &Tensor, kind: BlockKind, ctx: Ctx) -> Result<Tensor> {
+        let x = (self
+            .attn1
+            .forward(&self.norm1.forward(x)?, None, kind, ctx)?
+            + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context), kind, ctx)?
+            + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?, ctx)? + x
+    }
+}
+
+/// diffusers' `Transformer2DModel` (continuous input): GroupNorm, proj_in, blocks, proj_out,
+/// residual. A 1x1-conv projection (SD 1.x) is the same map as a linear on channels.
+#[derive(Debug, Clone)]
+pub struct Transformer2D {
+    norm: candle_nn::GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Linear,
+}
+
+pub struct Transformer2DConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+impl Transformer2D {
+    pub fn load(vb: &VarBuilder, cfg: &Transformer2DConfig) -> Result<Self> {
+        let c = cfg.channels;
+        let proj = |name: &str| {
+            if cfg.linear_projection {
+                Linear::load(&vb.pp(name), c, c, true)
+            } else {
+                Linear::load_conv1x1(&vb.pp(name), c, c)
+            }
+        };
+        let blocks = (0..cfg.layers)
+            .map(|i| {
+                BasicTransformerBlock::load(
+                    &vb.pp("transformer_blocks").pp(i),
+                    c,
+                    cfg.heads,
+                    cfg.context_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(&vb.pp("norm"), cfg.groups, c, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    pub fn lora_linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.proj_in];
+        for b in &self.blocks {
+            for a in [&b.attn1, &b.attn2] {
+                v.extend([&a.to_q, &a.to_k, &a.to_v, &a.to_out]);
+            }
+            v.push(&b.ff.out);
+        }
+        v.push(&self.proj_out);
+        v
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        kind: BlockKind,
+        ctx: Ctx,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = self
+            .norm
+            .forward(x)?
+            .permute((0, 2, 3, 1))?
+            .reshape((b, h * w, c))?;
+        let mut t = self.proj_in.forward(&tokens, ctx)?;
+        for block in &self.blocks {
+            t = block.forward(&t, context, kind, ctx)?;
+        }
+        let t = self.proj_out.forward(&t, ctx)?;
+        t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + x
+    }
+}

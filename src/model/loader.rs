@@ -1,0 +1,362 @@
+//! Finds a model in the diffusers folder layout (local folder, hub repo id, or the
+//! built-in `tiny-random`) and loads every component from its own `config.json`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::clip::ClipTextModel;
+use super::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use super::scheduler::NoiseSchedule;
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNet;
+use super::vae::Vae;
+use crate::error::{Error, Result};
+
+pub const DEFAULT_MODEL: &str = "stabilityai/stable-diffusion-2-1-base";
+pub const TINY_RANDOM: &str = "tiny-random";
+
+/// The files of each component we read, relative to the model root.
+const COMPONENT_FILES: [(&str, &[&str]); 5] = [
+    ("unet", &["config.json"]),
+    ("vae", &["config.json"]),
+    ("text_encoder", &["config.json"]),
+    (
+        "tokenizer",
+        &[
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ],
+    ),
+    ("scheduler", &["scheduler_config.json"]),
+];
+const WEIGHT_NAMES: [&str; 2] = ["diffusion_pytorch_model", "model"];
+
+pub struct StableDiffusion {
+    /// How the user named the model (hub id or path), recorded in outputs.
+    pub source: String,
+    pub root: PathBuf,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    pub schedule: NoiseSchedule,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StableDiffusion {
+    pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        let root = resolve(model)?;
+        load_from_root(model, &root, device, dtype)
+    }
+
+    /// Pixels per latent cell (8 for SD).
+    pub fn vae_factor(&self) -> usize {
+        self.vae.config.downscale_factor()
+    }
+}
+
+fn load_from_root(
+    source: &str,
+    root: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<StableDiffusion> {
+    if !root.join("model_index.json").is_file() && !root.join("unet").is_dir() {
+        return Err(Error::model(format!(
+            "{} is not a diffusers model folder: it has no model_index.json and no unet/ folder. \
+             Pass the folder that holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/.",
+            root.display()
+        )));
+    }
+    let cfg_path = |c: &str, f: &str| root.join(c).join(f);
+
+    let unet_cfg: UNetConfig = read_json(&cfg_path("unet", "config.json"))?;
+    unet_cfg.validate(&cfg_path("unet", "config.json"))?;
+    let vae_cfg: VaeConfig = read_json(&cfg_path("vae", "config.json"))?;
+    vae_cfg.validate(&cfg_path("vae", "config.json"))?;
+    let te_cfg: ClipTextConfig = read_json(&cfg_path("text_encoder", "config.json"))?;
+    te_cfg.validate(&cfg_path("text_encoder", "config.json"))?;
+    let sched_cfg: SchedulerConfig = read_json(&cfg_path("scheduler", "scheduler_config.json"))?;
+    sched_cfg.validate(&cfg_path("scheduler", "scheduler_config.json"))?;
+    if unet_cfg.cross_attention_dim != te_cfg.hidden_size {
+        return Err(Error::model(format!(
+            "{}: the U-Net attends to {}-wide text features but the text encoder produces {}: \
+             the components come from different models.",
+            root.display(),
+            unet_cfg.cross_attention_dim,
+            te_cfg.hidden_size
+        )));
+    }
+
+    let unet = UNet::load(&weights(root, "unet", device, dtype)?, &unet_cfg)
+        .map_err(|e| weight_error(root, "unet", e))?;
+    let vae = Vae::load(&weights(root, "vae", device, dtype)?, &vae_cfg)
+        .map_err(|e| weight_error(root, "vae", e))?;
+    let text_encoder = ClipTextModel::load(&weights(root, "text_encoder", device, dtype)?, &te_cfg)
+        .map_err(|e| weight_error(root, "text_encoder", e))?;
+    let tokenizer = ClipTokenizer::load(
+        &root.join("tokenizer"),
+        te_cfg.vocab_size,
+        te_cfg.max_position_embeddings,
+    )?;
+    Ok(StableDiffusion {
+        source: source.to_string(),
+        root: root.to_path_buf(),
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        schedule: NoiseSchedule::new(&sched_cfg),
+        device: device.clone(),
+        dtype,
+    })
+}
+
+fn weight_error(root: &Path, component: &str, e: candle_core::Error) -> Error {
+    Error::model(format!(
+        "the {component} weights in {} do not fit its config.json ({e}). The folder may be incomplete, \
+         or its weights and config come from different models.",
+        root.join(component).display()
+    ))
+}
+
+/// The safetensors files of one component: a single file (full precision preferred over
+/// the fp16 variant) or the shards listed in an index.
+pub fn weight_files(root: &Path, component: &str) -> Result<Vec<PathBuf>> {
+    let dir = root.join(component);
+    for name in WEIGHT_NAMES {
+        for variant in ["", ".fp16"] {
+            let single = dir.join(format!("{name}{variant}.safetensors"));
+            if single.is_file() {
+                return Ok(vec![single]);
+            }
+            let index = dir.join(format!("{name}{variant}.safetensors.index.json"));
+            if index.is_file() {
+                return shards_from_index(&index);
+            }
+        }
+    }
+    let has_pickle = ["diffusion_pytorch_model.bin", "pytorch_model.bin"]
+        .iter()
+        .any(|f| dir.join(f).is_file());
+    let hint = if has_pickle {
+        " It has only pickled .bin weights, which magictailor never loads (they can run code); \
+         convert them with diffusers (`save_pretrained(..., safe_serialization=True)`)."
+    } else {
+        ""
+    };
+    Err(Error::model(format!(
+        "no safetensors weights in {}.{hint}",
+        dir.display()
+    )))
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let v: serde_json::Value = read_json(index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::BadConfig {
+            path: index.to_path_buf(),
+            msg: "no weight_map".into(),
+        })?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+fn weights(
+    root: &Path,
+    component: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<VarBuilder<'static>> {
+    let files = weight_files(root, component)?;
+    for f in &files {
+        check_safetensors_header(f)?;
+    }
+    // SAFETY: the files are memory-mapped read-only; magictailor never writes to a model
+    // folder while it is loaded.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
+        Error::model(format!(
+            "cannot read the {component} weights in {}: {e}",
+            root.join(component).display()
+        ))
+    })
+}
+
+/// Reads the header and checks that every tensor's bytes lie inside the file, so a
+/// truncated download gets a message naming it instead of a failure deep in loading.
+fn check_safetensors_header(file: &Path) -> Result<()> {
+    let bad = |why: String| {
+        Error::model(format!(
+            "{} is not a valid safetensors file ({why}). It is probably a truncated or corrupt download: \
+             delete it and fetch it again.",
+            file.display()
+        ))
+    };
+    let len = std::fs::metadata(file)
+        .map_err(|e| Error::io(file, e))?
+        .len();
+    let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let mut n = [0u8; 8];
+    std::io::Read::read_exact(&mut f, &mut n)
+        .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > 100_000_000 || 8 + header_len > len {
+        return Err(bad(format!(
+            "header length {header_len} does not fit a {len}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    std::io::Read::read_exact(&mut f, &mut header).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let end = v
+        .as_object()
+        .map(|o| {
+            o.values()
+                .filter_map(|t| t.get("data_offsets")?.as_array()?.get(1)?.as_u64())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    if 8 + header_len + end > len {
+        return Err(bad(format!(
+            "tensors need {} bytes but the file has {len}",
+            8 + header_len + end
+        )));
+    }
+    Ok(())
+}
+
+/// Turns what the user passed as `--model` into a local folder.
+pub fn resolve(model: &str) -> Result<PathBuf> {
+    if model == TINY_RANDOM {
+        return crate::tiny::ensure_cached();
+    }
+    let path = Path::new(model);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    if looks_like_hub_id(model) {
+        return fetch_from_hub(model);
+    }
+    Err(Error::model(format!(
+        "the model folder {model} does not exist. Pass a diffusers model folder, a hub repo id such as \
+         {DEFAULT_MODEL}, or `{TINY_RANDOM}` for a tiny random model (meaningless images, for trying the pipeline)."
+    )))
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        && !s.starts_with('.')
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
+}
+
+/// Downloads (or finds in the hf-hub cache) the files we read; returns the snapshot folder.
+fn fetch_from_hub(id: &str) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.model(id.to_string());
+    let api = if offline() {
+        None
+    } else {
+        Some(
+            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                .with_progress(true)
+                .build()
+                .map_err(|e| hub_error(id, e))?,
+        )
+    };
+    let get = |file: &str| -> Result<Option<PathBuf>> {
+        if let Some(p) = cached.get(file) {
+            return Ok(Some(p));
+        }
+        match &api {
+            None => Ok(None),
+            Some(api) => match api.model(id.to_string()).get(file) {
+                Ok(p) => Ok(Some(p)),
+                // A file the repo does not have (404) is "absent"; anything else is a failure.
+                Err(e) if e.to_string().contains("404") => Ok(None),
+                Err(e) => Err(hub_error(id, e)),
+            },
+        }
+    };
+    let mut root: Option<PathBuf> = None;
+    let mut need = |file: &str, required: bool| -> Result<bool> {
+        match get(file)? {
+            Some(p) => {
+                if root.is_none() {
+                    root = p
+                        .ancestors()
+                        .nth(file.split('/').count())
+                        .map(Path::to_path_buf);
+                }
+                Ok(true)
+            }
+            None if required => Err(missing_on_hub(id, file)),
+            None => Ok(false),
+        }
+    };
+    need("model_index.json", true)?;
+    for (component, files) in COMPONENT_FILES {
+        for f in files {
+            let required = !f.ends_with("_map.json") && !f.starts_with("tokenizer_config");
+            need(&format!("{component}/{f}"), required)?;
+        }
+        if component == "tokenizer" || component == "scheduler" {
+            continue;
+        }
+        let stem = if component == "text_encoder" {
+            "model"
+        } else {
+            "diffusion_pytorch_model"
+        };
+        let found = need(&format!("{component}/{stem}.safetensors"), false)?
+            || need(&format!("{component}/{stem}.fp16.safetensors"), false)?;
+        if !found {
+            return Err(missing_on_hub(
+                id,
+                &format!("{component}/{stem}.safetensors"),
+            ));
+        }
+    }
+    root.ok_or_else(|| missing_on_hub(id, "model_index.json"))
+}
+
+fn missing_on_hub(id: &str, file: &str) -> Error {
+    let how = if offline() {
+        "HF_HUB_OFFLINE is set, so nothing is downloaded and the file is not in the local hub cache. \
+         Unset HF_HUB_OFFLINE to download it, or pass a local diffusers folder with --model DIR."
+    } else {
+        "Check the repo id, or pass a local diffusers folder with --model DIR."
+    };
+    Error::model(format!("{file} of {id} could not be found. {how}"))
+}
+
+fn hub_error(id: &str, e: impl std::fmt::Display) -> Error {
+    Error::model(format!(
+        "could not fetch {id} from the Hugging Face hub ({e}). Without network access, download the model \
+         elsewhere and pass its folder with --model DIR (or set HF_HUB_OFFLINE=1 to use only the local cache)."
+    ))
+}

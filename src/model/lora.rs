@@ -1,0 +1,352 @@
+//! LoRA adapters: `W x + scale * B (A x)`, with `A: [rank, in]`, `B: [out, rank]`,
+//! `scale = alpha / rank`, and the files other tools read and write.
+//!
+//! An adapter set is a map from diffusers module path to weights. The frozen base is
+//! shared: the online and the momentum U-Net of DS-Bal are one `UNet` run with two sets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// The module-name suffixes MagicTailor adapts (METHOD.md, "Model").
+pub const MAGICTAILOR_TARGETS: [&str; 7] = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2",
+];
+
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// A linear layer of the U-Net that can carry an adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTarget {
+    pub path: String,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    /// Stored as a 1x1 convolution (SD 1.x `proj_in`/`proj_out`): adapters are 4-D on disk.
+    pub conv: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoraSet {
+    modules: HashMap<String, LoraWeights>,
+}
+
+/// On-disk layouts we read; we write `Peft` and `Kohya`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// `unet.<path>.lora_A.weight` / `.lora_B.weight` (peft, diffusers >= 0.22).
+    Peft,
+    /// `<path>.lora.down.weight` or `<attn>.processor.to_q_lora.down.weight` (older diffusers).
+    DiffusersOld,
+    /// `lora_unet_<path with _>.lora_down.weight` + `.alpha` (kohya; ComfyUI, A1111).
+    Kohya,
+}
+
+impl LoraSet {
+    pub fn get(&self, path: &str) -> Option<&LoraWeights> {
+        self.modules.get(path)
+    }
+    pub fn insert(&mut self, path: String, w: LoraWeights) {
+        self.modules.insert(path, w);
+    }
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &LoraWeights)> {
+        self.modules.iter()
+    }
+
+    /// Reads any supported LoRA file, keeps the U-Net part and checks every adapter
+    /// against the model's targets. Text-encoder adapters are refused, not dropped.
+    pub fn load(file: &Path, targets: &[LoraTarget], device: &Device) -> Result<Self> {
+        let tensors = read_safetensors(file, device)?;
+        let alpha_meta = peft_alpha_from_metadata(file);
+        let format = detect_format(&tensors).ok_or_else(|| {
+            Error::model(format!(
+                "{} holds no LoRA weights magictailor recognizes (expected peft `lora_A`/`lora_B`, \
+                 diffusers `lora.down`/`lora.up`, or kohya `lora_down`/`lora_up` keys).",
+                file.display()
+            ))
+        })?;
+        let by_path: HashMap<&str, &LoraTarget> =
+            targets.iter().map(|t| (t.path.as_str(), t)).collect();
+        let by_kohya: HashMap<String, &LoraTarget> =
+            targets.iter().map(|t| (kohya_name(&t.path), t)).collect();
+        let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> =
+            BTreeMap::new();
+        for (key, t) in &tensors {
+            let Some((module, part)) = parse_key(key, format) else {
+                if key.contains("lora") && !key.ends_with(".alpha") {
+                    return Err(Error::model(format!(
+                        "{}: key {key:?} is a LoRA weight for something other than the U-Net (e.g. the \
+                         text encoder); magictailor only applies U-Net adapters.",
+                        file.display()
+                    )));
+                }
+                continue;
+            };
+            let entry = pairs.entry(module).or_default();
+            match part {
+                Part::Down => entry.0 = Some(t.clone()),
+                Part::Up => entry.1 = Some(t.clone()),
+                Part::Alpha => {
+                    entry.2 = Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+                }
+            }
+        }
+        let mut set = LoraSet::default();
+        for (module, (down, up, alpha)) in pairs {
+            let target = match format {
+                LoraFormat::Kohya => by_kohya.get(&module).copied(),
+                _ => by_path.get(module.as_str()).copied(),
+            };
+            let target = target.ok_or_else(|| {
+                Error::model(format!(
+                    "{}: adapter for {module:?}, which is not an adaptable layer of this U-Net \
+                     (is the LoRA for another base model?).",
+                    file.display()
+                ))
+            })?;
+            let (Some(down), Some(up)) = (down, up) else {
+                return Err(Error::model(format!(
+                    "{}: {module:?} has only one of its two LoRA matrices.",
+                    file.display()
+                )));
+            };
+            let a = down.flatten_from(1)?.to_dtype(DType::F32)?;
+            let b = up.flatten_from(1)?.to_dtype(DType::F32)?;
+            let rank = a.dim(0)?;
+            if a.dims() != [rank, target.in_dim] || b.dims() != [target.out_dim, rank] {
+                return Err(Error::model(format!(
+                    "{}: {module:?} has shapes {:?} and {:?}, but the layer is {}x{} (another base model?).",
+                    file.display(),
+                    down.dims(),
+                    up.dims(),
+                    target.out_dim,
+                    target.in_dim
+                )));
+            }
+            let alpha = alpha.or(alpha_meta).unwrap_or(rank as f64);
+            set.insert(
+                target.path.clone(),
+                LoraWeights {
+                    a,
+                    b,
+                    scale: alpha / rank as f64,
+                },
+            );
+        }
+        Ok(set)
+    }
+
+    /// Tensors in peft/diffusers layout, the layout `save_peft` writes.
+    pub fn peft_tensors(&self, targets: &[LoraTarget]) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for t in targets {
+            if let Some(w) = self.get(&t.path) {
+                let (a, b) = shaped_for_disk(w, t)?;
+                out.insert(format!("unet.{}.lora_A.weight", t.path), a);
+                out.insert(format!("unet.{}.lora_B.weight", t.path), b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The adapter rank and alpha, when every module shares them (as ours do).
+    pub fn rank_alpha(&self) -> Option<(usize, f64)> {
+        let mut it = self.modules.values();
+        let first = it.next()?;
+        let r = first.a.dim(0).ok()?;
+        let alpha = first.scale * r as f64;
+        it.all(|w| w.a.dim(0).ok() == Some(r) && (w.scale * r as f64 - alpha).abs() < 1e-9)
+            .then_some((r, alpha))
+    }
+
+    /// `pytorch_lora_weights.safetensors` as diffusers and peft read it; alpha travels in
+    /// diffusers' `lora_adapter_metadata` header so a non-unit scale survives the trip.
+    pub fn save_peft(&self, file: &Path, targets: &[LoraTarget]) -> Result<()> {
+        let tensors = self.peft_tensors(targets)?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        if let Some((r, alpha)) = self.rank_alpha() {
+            let mut paths: Vec<&String> = self.modules.keys().collect();
+            paths.sort();
+            let cfg = serde_json::json!({
+                "unet.r": r,
+                "unet.lora_alpha": alpha,
+                "unet.target_modules": paths,
+                "unet.init_lora_weights": "gaussian",
+            });
+            meta.insert("lora_adapter_metadata".to_string(), cfg.to_string());
+        }
+        write_safetensors(file, &tensors, Some(meta))
+    }
+
+    /// Kohya layout (`lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha`), which
+    /// ComfyUI and A1111 load.
+    pub fn save_kohya(&self, file: &Path, targets: &[LoraTarget]) -> Result<()> {
+        let mut out = HashMap::new();
+        for t in targets {
+            if let Some(w) = self.get(&t.path) {
+                let (a, b) = shaped_for_disk(w, t)?;
+                let name = kohya_name(&t.path);
+                let alpha = w.scale * w.a.dim(0)? as f64;
+                out.insert(format!("{name}.lora_down.weight"), a);
+                out.insert(format!("{name}.lora_up.weight"), b);
+                out.insert(
+                    format!("{name}.alpha"),
+                    Tensor::new(alpha as f32, &Device::Cpu)?,
+                );
+            }
+        }
+        let mut meta = HashMap::new();
+        meta.insert("ss_network_module".to_string(), "networks.lora".to_string());
+        write_safetensors(file, &out, Some(meta))
+    }
+}
+
+fn shaped_for_disk(w: &LoraWeights, t: &LoraTarget) -> Result<(Tensor, Tensor)> {
+    let (a, b) = (
+        w.a.to_device(&Device::Cpu)?.contiguous()?,
+        w.b.to_device(&Device::Cpu)?.contiguous()?,
+    );
+    if t.conv {
+        let (r, i) = a.dims2()?;
+        let (o, _) = b.dims2()?;
+        Ok((a.reshape((r, i, 1, 1))?, b.reshape((o, r, 1, 1))?))
+    } else {
+        Ok((a, b))
+    }
+}
+
+pub fn kohya_name(path: &str) -> String {
+    format!("lora_unet_{}", path.replace('.', "_"))
+}
+
+enum Part {
+    Down,
+    Up,
+    Alpha,
+}
+
+fn detect_format(tensors: &HashMap<String, Tensor>) -> Option<LoraFormat> {
+    let keys = || tensors.keys();
+    if keys().any(|k| k.contains(".lora_A.") || k.contains(".lora_B.")) {
+        Some(LoraFormat::Peft)
+    } else if keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te")) {
+        Some(LoraFormat::Kohya)
+    } else if keys().any(|k| k.contains("lora.down") || k.contains("_lora.down")) {
+        Some(LoraFormat::DiffusersOld)
+    } else {
+        None
+    }
+}
+
+/// Splits a key into (module path or kohya name, which matrix); None for keys that are
+/// not U-Net adapter weights.
+fn parse_key(key: &str, format: LoraFormat) -> Option<(String, Part)> {
+    match format {
+        LoraFormat::Peft => {
+            let k = key.strip_prefix("unet.").unwrap_or(key);
+            if k.starts_with("text_encoder") {
+                return None;
+            }
+            let k = k.replace(".default.", ".");
+            if let Some(m) = k.strip_suffix(".lora_A.weight") {
+                Some((m.to_string(), Part::Down))
+            } else {
+                k.strip_suffix(".lora_B.weight")
+                    .map(|m| (m.to_string(), Part::Up))
+            }
+        }
+        LoraFormat::Kohya => {
+            let k = key
+                .strip_prefix("lora_unet_")
+                .map(|r| format!("lora_unet_{r}"))?;
+            if let Some(m) = k.strip_suffix(".lora_down.weight") {
+                Some((m.to_string(), Part::Down))
+            } else if let Some(m) = k.strip_suffix(".lora_up.weight") {
+                Some((m.to_string(), Part::Up))
+            } else {
+                k.strip_suffix(".alpha")
+                    .map(|m| (m.to_string(), Part::Alpha))
+            }
+        }
+        LoraFormat::DiffusersOld => {
+            let k = key.strip_prefix("unet.").unwrap_or(key);
+            if k.starts_with("text_encoder") {
+                return None;
+            }
+            let (m, part) = if let Some(m) = k.strip_suffix(".down.weight") {
+                (m, Part::Down)
+            } else {
+                (k.strip_suffix(".up.weight")?, Part::Up)
+            };
+            // `<path>.lora` (LoRACompatibleLinear) or `<attn>.processor.<proj>_lora` (attn processors).
+            if let Some(p) = m.strip_suffix(".lora") {
+                return Some((p.to_string(), part));
+            }
+            let (attn, proj) = m.split_once(".processor.")?;
+            let proj = proj.strip_suffix("_lora")?;
+            let proj = if proj == "to_out" { "to_out.0" } else { proj };
+            Some((format!("{attn}.{proj}"), part))
+        }
+    }
+}
+
+fn peft_alpha_from_metadata(file: &Path) -> Option<f64> {
+    let bytes = std::fs::read(file).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    let raw = meta
+        .metadata()
+        .as_ref()?
+        .get("lora_adapter_metadata")?
+        .clone();
+    let v: serde_json::Value = serde_json::from_str(&raw).ok()?;
+    v.get("unet.lora_alpha").and_then(|a| a.as_f64())
+}
+
+/// Loads a whole safetensors file, naming it on failure (truncated, not safetensors...).
+pub fn read_safetensors(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !file.is_file() {
+        return Err(Error::model(format!(
+            "{} does not exist or is not a file.",
+            file.display()
+        )));
+    }
+    candle_core::safetensors::load(file, device).map_err(|e| {
+        Error::model(format!(
+            "{} is not a readable safetensors file ({e}). It may be truncated or in another format \
+             (magictailor reads safetensors only, never pickled .bin/.ckpt files).",
+            file.display()
+        ))
+    })
+}
+
+/// Writes safetensors atomically: a temp file beside the target, then a rename, so a
+/// crash never leaves a half-written file under the final name.
+pub fn write_safetensors(
+    file: &Path,
+    tensors: &HashMap<String, Tensor>,
+    meta: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut cpu: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        cpu.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    let views: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let bytes = safetensors::tensor::serialize(views, meta)
+        .map_err(|e| Error::model(format!("serializing {}: {e}", file.display())))?;
+    crate::fsutil::write_atomic(file, &bytes)
+}

@@ -1,0 +1,13 @@
+//! The Stable Diffusion 2.x stack, with weight names exactly as diffusers saves them.
+
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod loader;
+pub mod lora;
+pub mod nn;
+pub mod resnet;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,164 @@
+//! Layers written for training: every op here has a correct backward in candle 0.11
+//! (no fused LayerNorm, no `softmax_last_dim`; see CANDLE_NOTES §1).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::lora::LoraSet;
+
+/// What a forward pass carries besides activations: which adapter set is active and
+/// which cross-attention maps to record.
+#[derive(Clone, Copy, Default)]
+pub struct Ctx<'a> {
+    pub lora: Option<&'a LoraSet>,
+    pub probe: Option<&'a super::attention::AttnProbe>,
+}
+
+/// A linear layer that may carry a LoRA adapter, found by its diffusers module path.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub path: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            path: vb.prefix(),
+            weight,
+            bias,
+        })
+    }
+
+    /// A 1x1 convolution stored as `[out, in, 1, 1]` is the same map on channels: load it
+    /// as a linear so SD 1.x-style `proj_in`/`proj_out` share the LoRA path.
+    pub fn load_conv1x1(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = vb
+            .get((out_dim, in_dim, 1, 1), "weight")?
+            .reshape((out_dim, in_dim))?;
+        let bias = Some(vb.get(out_dim, "bias")?);
+        Ok(Self {
+            path: vb.prefix(),
+            weight,
+            bias,
+        })
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let y = matmul_last(x, &self.weight)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match ctx.lora.and_then(|set| set.get(&self.path)) {
+            Some(lora) => {
+                let down = matmul_last(x, &lora.a)?;
+                let up = matmul_last(&down, &lora.b)?;
+                y + (up * lora.scale)?
+            }
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x @ w^T` over the last dimension of `x`, flattening leading dims into one GEMM.
+fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let last = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(
+        vb: &VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((c_out, c_in, k, k), "weight")?,
+            bias: vb.get(c_out, "bias")?,
+            stride,
+            padding,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+pub fn group_norm(
+    vb: &VarBuilder,
+    groups: usize,
+    channels: usize,
+    eps: f64,
+) -> Result<candle_nn::GroupNorm> {
+    candle_nn::GroupNorm::new(
+        vb.get(channels, "weight")?,
+        vb.get(channels, "bias")?,
+        channels,
+        groups,
+        eps,
+    )
+}
+
+/// LayerNorm through `layer_norm_slow`, whose backward candle implements.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps: eps as f32,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Differentiable softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}

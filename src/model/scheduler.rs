@@ -1,0 +1,160 @@
+//! Noise schedules: DDPM `add_noise` for training and the DDIM sampler (eta = 0), built
+//! from the model's `scheduler_config.json` as diffusers' `DDIMScheduler.from_config`.
+
+use candle_core::{Result, Tensor};
+
+use super::config::SchedulerConfig;
+
+#[derive(Debug, Clone)]
+pub struct NoiseSchedule {
+    pub config: SchedulerConfig,
+    /// Cumulative products of `1 - beta`, as torch keeps them (f32).
+    pub alphas_cumprod: Vec<f32>,
+}
+
+impl NoiseSchedule {
+    pub fn new(config: &SchedulerConfig) -> Self {
+        let n = config.num_train_timesteps;
+        let betas: Vec<f32> = match config.beta_schedule.as_str() {
+            "scaled_linear" => linspace_f32(
+                config.beta_start.sqrt() as f32,
+                config.beta_end.sqrt() as f32,
+                n,
+            )
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+            _ => linspace_f32(config.beta_start as f32, config.beta_end as f32, n),
+        };
+        // torch: alphas = 1 - betas in f32; cumprod accumulates in f64 on CPU, stores f32.
+        let mut acc = 1f64;
+        let alphas_cumprod = betas
+            .iter()
+            .map(|b| {
+                acc *= (1.0 - b) as f64;
+                acc as f32
+            })
+            .collect();
+        Self {
+            config: config.clone(),
+            alphas_cumprod,
+        }
+    }
+
+    pub fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
+    /// `sqrt(a_t) x0 + sqrt(1 - a_t) noise`, with one timestep per sample (`t: [b]`).
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        let b = x0.dim(0)?;
+        if timesteps.len() != b {
+            candle_core::bail!(
+                "add_noise: {} timesteps for a batch of {b}",
+                timesteps.len()
+            );
+        }
+        let (mut s, mut r) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for &t in timesteps {
+            let a = *self
+                .alphas_cumprod
+                .get(t)
+                .ok_or_else(|| candle_core::Error::Msg(format!("timestep {t} out of range")))?;
+            s.push(a.sqrt());
+            r.push((1.0 - a).sqrt());
+        }
+        let shape = (b, 1, 1, 1);
+        let s = Tensor::from_vec(s, shape, x0.device())?.to_dtype(x0.dtype())?;
+        let r = Tensor::from_vec(r, shape, x0.device())?.to_dtype(x0.dtype())?;
+        x0.broadcast_mul(&s)? + noise.broadcast_mul(&r)?
+    }
+}
+
+/// Deterministic DDIM (eta = 0) over `steps` inference steps.
+#[derive(Debug, Clone)]
+pub struct Ddim {
+    schedule: NoiseSchedule,
+    timesteps: Vec<usize>,
+    step_ratio: usize,
+    final_alpha_cumprod: f32,
+}
+
+impl Ddim {
+    pub fn new(schedule: &NoiseSchedule, steps: usize) -> Result<Self> {
+        let cfg = &schedule.config;
+        let n = cfg.num_train_timesteps;
+        if steps == 0 || steps > n {
+            candle_core::bail!("the number of steps must be between 1 and {n}, got {steps}");
+        }
+        let step_ratio = n / steps;
+        let timesteps: Vec<usize> = match cfg.timestep_spacing.as_str() {
+            "trailing" => {
+                let ratio = n as f64 / steps as f64;
+                (0..steps)
+                    .map(|i| ((n as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
+                    .collect()
+            }
+            "linspace" => {
+                let mut v: Vec<usize> = (0..steps)
+                    .map(|i| {
+                        (i as f64 * (n - 1) as f64 / (steps.max(2) - 1) as f64).round() as usize
+                    })
+                    .collect();
+                v.reverse();
+                v
+            }
+            _ => (0..steps)
+                .rev()
+                .map(|i| i * step_ratio + cfg.steps_offset)
+                .collect(),
+        };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one {
+            1.0
+        } else {
+            schedule.alphas_cumprod[0]
+        };
+        Ok(Self {
+            schedule: schedule.clone(),
+            timesteps,
+            step_ratio,
+            final_alpha_cumprod,
+        })
+    }
+
+    pub fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    /// One denoising step from `x_t` given predicted noise `eps`.
+    pub fn step(&self, eps: &Tensor, t: usize, x: &Tensor) -> Result<Tensor> {
+        let ac = &self.schedule.alphas_cumprod;
+        let a_t = ac[t.min(ac.len() - 1)] as f64;
+        let a_prev = match t.checked_sub(self.step_ratio) {
+            Some(p) => ac[p] as f64,
+            None => self.final_alpha_cumprod as f64,
+        };
+        let mut x0 = ((x - (eps * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?;
+        if self.schedule.config.clip_sample {
+            x0 = x0.clamp(-1f32, 1f32)?;
+        }
+        (x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?
+    }
+}
+
+/// `torch.linspace` in f32: `start + i * (end - start) / (n - 1)`, symmetric from both ends.
+fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
+        })
+        .collect()
+}

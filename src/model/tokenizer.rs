@@ -1,0 +1,259 @@
+//! CLIP's byte-level BPE tokenizer, built from the `vocab.json` + `merges.txt` diffusers
+//! saves (or a `tokenizer.json` when present), padded to the model length as SD does.
+//!
+//! Pseudo-words (`<v0>`, `<v1>`, ...) are added tokens, never split. Their ids are
+//! remapped to `encoder_vocab + k`, so the text encoder reads them from its added rows.
+
+use std::path::Path;
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{
+    replace::ReplacePattern, Lowercase, Replace, Sequence as NormSeq, NFC,
+};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+
+/// CLIP's word-splitting pattern (the same one `CLIPTokenizer` uses).
+const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+pub const BOS: &str = "<|startoftext|>";
+pub const EOS: &str = "<|endoftext|>";
+
+pub struct ClipTokenizer {
+    inner: tokenizers::Tokenizer,
+    base_vocab: u32,
+    encoder_vocab: u32,
+    pad_id: u32,
+    eos_id: u32,
+    max_len: usize,
+    added: Vec<String>,
+}
+
+impl ClipTokenizer {
+    /// Loads `dir/tokenizer.json`, or builds the tokenizer from `vocab.json`/`merges.txt`.
+    /// `encoder_vocab` is the text encoder's vocabulary size.
+    pub fn load(dir: &Path, encoder_vocab: usize, max_positions: usize) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        let inner = if json.is_file() {
+            tokenizers::Tokenizer::from_file(&json).map_err(|e| bad(&json, e))?
+        } else {
+            build_from_vocab(dir)?
+        };
+        let cfg = TokenizerSettings::read(dir);
+        let id = |tok: &str| inner.token_to_id(tok);
+        let eos_id = id(EOS).ok_or_else(|| {
+            Error::model(format!(
+                "the tokenizer in {} has no {EOS} token",
+                dir.display()
+            ))
+        })?;
+        let pad_id = cfg.pad_token.as_deref().and_then(id).unwrap_or(eos_id);
+        let base_vocab = inner.get_vocab_size(true) as u32;
+        if base_vocab as usize > encoder_vocab {
+            return Err(Error::model(format!(
+                "the tokenizer in {} has {base_vocab} tokens but the text encoder only {encoder_vocab}: \
+                 tokenizer and text_encoder come from different models.",
+                dir.display()
+            )));
+        }
+        let max_len = cfg
+            .model_max_length
+            .unwrap_or(max_positions)
+            .min(max_positions);
+        Ok(Self {
+            inner,
+            base_vocab,
+            encoder_vocab: encoder_vocab as u32,
+            pad_id,
+            eos_id,
+            max_len,
+            added: Vec::new(),
+        })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Adds pseudo-words; returns their ids as the text encoder sees them.
+    pub fn add_pseudo_words(&mut self, words: &[String]) -> Result<Vec<u32>> {
+        for w in words {
+            if self.inner.token_to_id(w).is_some() && !self.added.contains(w) {
+                return Err(Error::usage(format!(
+                    "{w:?} is already a word of the tokenizer; pick another pseudo-word"
+                )));
+            }
+        }
+        let fresh: Vec<AddedToken> = words
+            .iter()
+            .filter(|w| !self.added.contains(w))
+            .map(|w| AddedToken::from(w.clone(), true))
+            .collect();
+        self.inner
+            .add_tokens(fresh.clone())
+            .map_err(|e| Error::model(format!("cannot add pseudo-words: {e}")))?;
+        self.added.extend(fresh.into_iter().map(|t| t.content));
+        Ok(words
+            .iter()
+            .map(|w| self.pseudo_word_id(w).unwrap_or(0))
+            .collect())
+    }
+
+    pub fn pseudo_words(&self) -> &[String] {
+        &self.added
+    }
+
+    fn pseudo_word_id(&self, w: &str) -> Option<u32> {
+        self.added
+            .iter()
+            .position(|a| a == w)
+            .map(|k| self.encoder_vocab + k as u32)
+    }
+
+    /// Token ids with BOS/EOS, truncated and padded to the model length.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::usage(format!("cannot tokenize {text:?}: {e}")))?;
+        let mut ids: Vec<u32> = enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_tokens())
+            .map(|(&id, tok)| {
+                if id >= self.base_vocab {
+                    self.pseudo_word_id(tok).unwrap_or(id)
+                } else {
+                    id
+                }
+            })
+            .collect();
+        if ids.len() > self.max_len {
+            ids.truncate(self.max_len - 1);
+            ids.push(self.eos_id);
+        }
+        ids.resize(self.max_len, self.pad_id);
+        Ok(ids)
+    }
+
+    /// Words of the form `<...>` in a prompt that are not known pseudo-words.
+    pub fn unknown_pseudo_words(&self, text: &str) -> Vec<String> {
+        let mut unknown = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find('<') {
+            let Some(len) = rest[start..].find('>') else {
+                break;
+            };
+            let word = &rest[start..start + len + 1];
+            let is_special = word == BOS || word == EOS;
+            if !is_special
+                && !self.added.iter().any(|a| a == word)
+                && !unknown.iter().any(|u| u == word)
+            {
+                unknown.push(word.to_string());
+            }
+            rest = &rest[start + len + 1..];
+        }
+        unknown
+    }
+}
+
+fn bad(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::model(format!(
+        "cannot load the tokenizer from {}: {e}",
+        path.display()
+    ))
+}
+
+/// The pipeline `transformers` builds when it converts `CLIPTokenizer` to a fast one.
+fn build_from_vocab(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    for f in [&vocab, &merges] {
+        if !f.is_file() {
+            return Err(Error::model(format!(
+                "{} is missing: a diffusers tokenizer/ folder needs tokenizer.json, or vocab.json and merges.txt.",
+                f.display()
+            )));
+        }
+    }
+    let path_str = |p: &Path| p.to_string_lossy().into_owned();
+    let bpe = BPE::from_file(&path_str(&vocab), &path_str(&merges))
+        .end_of_word_suffix("</w>".into())
+        .unk_token(EOS.into())
+        .build()
+        .map_err(|e| bad(&vocab, e))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    let whitespace =
+        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| bad(dir, e))?;
+    tok.with_normalizer(Some(NormSeq::new(vec![
+        NFC.into(),
+        whitespace.into(),
+        Lowercase.into(),
+    ])))
+    .map_err(|e| bad(dir, e))?;
+    let split = Split::new(
+        SplitPattern::Regex(CLIP_PATTERN.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| bad(dir, e))?;
+    tok.with_pre_tokenizer(Some(PreSeq::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])));
+    tok.with_decoder(Some(ByteLevel::default()));
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .ok_or_else(|| Error::model(format!("{} lacks the token {t}", vocab.display())))
+    };
+    let (bos, eos) = (id(BOS)?, id(EOS)?);
+    let post = RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos))
+        .trim_offsets(false)
+        .add_prefix_space(false);
+    tok.with_post_processor(Some(post));
+    // The special tokens must never be split by BPE.
+    tok.add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+        .map_err(|e| bad(dir, e))?;
+    Ok(tok)
+}
+
+/// The bits of `tokenizer_config.json` / `special_tokens_map.json` that matter here.
+#[derive(Default)]
+struct TokenizerSettings {
+    pad_token: Option<String>,
+    model_max_length: Option<usize>,
+}
+
+impl TokenizerSettings {
+    fn read(dir: &Path) -> Self {
+        let mut s = Self::default();
+        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            if s.pad_token.is_none() {
+                s.pad_token = match v.get("pad_token") {
+                    Some(serde_json::Value::String(t)) => Some(t.clone()),
+                    Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                    None => None,
+                };
+            }
+            if s.model_max_length.is_none() {
+                // Unset lengths are written as a huge sentinel (1e30); ignore those.
+                s.model_max_length = v
+                    .get("model_max_length")
+                    .and_then(|m| m.as_u64())
+                    .filter(|&m| m < 1_000_000)
+                    .map(|m| m as usize);
+            }
+        }
+        s
+    }
+}
