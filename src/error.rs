@@ -19,8 +19,18 @@ pub enum Error {
     Model(String),
     #[error("{}", .0)]
     Usage(String),
-    #[error("tensor error: {0}")]
+    #[error("tensor error: {}", brief(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle appends when RUST_BACKTRACE is set.
+pub fn brief(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.split("\n   0:")
+        .next()
+        .unwrap_or(&text)
+        .trim_end()
+        .to_string()
 }
 
 impl Error {

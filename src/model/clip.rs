@@ -72,7 +72,12 @@ impl EncoderLayer {
 
 impl ClipTextModel {
     pub fn load(vb: &VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let vb = vb.pp("text_model");
+        // transformers < 5 saves under `text_model.`; transformers 5 saves without it.
+        let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
+            vb.clone()
+        } else {
+            vb.pp("text_model")
+        };
         let emb = vb.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::load(&vb.pp("encoder").pp("layers").pp(i), cfg))

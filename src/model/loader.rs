@@ -119,9 +119,10 @@ fn load_from_root(
 
 fn weight_error(root: &Path, component: &str, e: candle_core::Error) -> Error {
     Error::model(format!(
-        "the {component} weights in {} do not fit its config.json ({e}). The folder may be incomplete, \
+        "the {component} weights in {} do not fit its config.json ({}). The folder may be incomplete, \
          or its weights and config come from different models.",
-        root.join(component).display()
+        root.join(component).display(),
+        crate::error::brief(&e)
     ))
 }
 

@@ -326,9 +326,10 @@ pub fn read_safetensors(file: &Path, device: &Device) -> Result<HashMap<String, 
     }
     candle_core::safetensors::load(file, device).map_err(|e| {
         Error::model(format!(
-            "{} is not a readable safetensors file ({e}). It may be truncated or in another format \
+            "{} is not a readable safetensors file ({}). It may be truncated or in another format \
              (magictailor reads safetensors only, never pickled .bin/.ckpt files).",
-            file.display()
+            file.display(),
+            crate::error::brief(&e)
         ))
     })
 }

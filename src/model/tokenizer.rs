@@ -38,12 +38,19 @@ impl ClipTokenizer {
     /// `encoder_vocab` is the text encoder's vocabulary size.
     pub fn load(dir: &Path, encoder_vocab: usize, max_positions: usize) -> Result<Self> {
         let json = dir.join("tokenizer.json");
-        let inner = if json.is_file() {
+        let mut inner = if json.is_file() {
             tokenizers::Tokenizer::from_file(&json).map_err(|e| bad(&json, e))?
         } else {
             build_from_vocab(dir)?
         };
         let cfg = TokenizerSettings::read(dir);
+        // transformers treats the pad token (SD 2.x: "!") as special: a "!" in a prompt is
+        // always that token, never merged by BPE. Mirror it.
+        if let Some(pad) = cfg.pad_token.as_deref().filter(|p| *p != BOS && *p != EOS) {
+            inner
+                .add_special_tokens([AddedToken::from(pad, true)])
+                .map_err(|e| bad(dir, e))?;
+        }
         let id = |tok: &str| inner.token_to_id(tok);
         let eos_id = id(EOS).ok_or_else(|| {
             Error::model(format!(

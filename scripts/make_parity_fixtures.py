@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Reference fixtures for magictailor's parity tests (run by hand, not by CI).
+
+Builds a tiny Stable Diffusion 2.1-family model with diffusers/transformers, saves it in
+the diffusers layout under tests/fixtures/tiny-sd/, and records what the reference
+implementation computes on it into tests/fixtures/parity.safetensors (+ a LoRA in three
+layouts, pseudo-word embeddings, and two 10-step DDIM images as PNG).
+
+    pip install torch diffusers transformers peft safetensors
+    python scripts/make_parity_fixtures.py
+
+Versions used for the committed fixtures: see tests/fixtures/VERSIONS.txt.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+MODEL = os.path.join(ROOT, "tiny-sd")
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
+WORDS = ["a", "photo", "of", "with", "the", "in", "snow", "person", "hair", "painting",
+         "dog", "cat", "on", "beach", "red", "style"]
+torch.set_num_threads(2)
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def tiny_vocab(dirname):
+    """Bytes, bytes + </w>, merges that spell WORDS, then the special tokens."""
+    chars = bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in WORDS:
+        parts = list(w)
+        parts[-1] += "</w>"
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.append(parts[0] + parts[1])
+            parts[:2] = [parts[0] + parts[1]]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(dirname, exist_ok=True)
+    with open(os.path.join(dirname, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(dirname, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return len(vocab)
+
+
+def jitter_(module, scale=0.05):
+    """Default inits leave norms at 1/0 and some biases at 0; perturb every parameter so
+    a wrong weight name or a skipped bias shows up as a mismatch."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def build_model():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16, 16, 16), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+    )
+    tok_dir = os.path.join(ROOT, "_tok")
+    vocab_size = tiny_vocab(tok_dir)
+    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), pad_token="!",
+                              model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=0, projection_dim=32,
+    ))
+    for m in (unet, vae, text_encoder):
+        jitter_(m)
+        m.eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    shutil.rmtree(MODEL, ignore_errors=True)
+    pipe.save_pretrained(MODEL, safe_serialization=True)
+    # Keep the slow-tokenizer files next to tokenizer.json so both load paths are tested.
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(tok_dir, f), os.path.join(MODEL, "tokenizer", f))
+    shutil.rmtree(tok_dir)
+    return pipe
+
+
+class ProbsRecorder(AttnProcessor):
+    """The plain attention processor, keeping head-averaged probabilities of cross-attention."""
+
+    def __init__(self, name, store):
+        super().__init__()
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+        if encoder_hidden_states is not None:
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            probs = attn.get_attention_scores(q, key, None)
+            b = hidden_states.shape[0]
+            self.store[self.name] = probs.reshape(b, attn.heads, *probs.shape[1:]).mean(1)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def encode(pipe, prompts):
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return ids, pipe.text_encoder(ids)[0]
+
+
+def main():
+    pipe = build_model()
+    out = {}
+    g = torch.Generator().manual_seed(42)
+
+    # Scheduler and tokenizer.
+    out["alphas_cumprod"] = pipe.scheduler.alphas_cumprod.clone()
+    prompts = ["a photo of a dog", "", "A  Photo of the RED cat, in snow!! 123"]
+    ids, hidden = encode(pipe, prompts)
+    out["token_ids"] = ids.to(torch.int64)
+    out["te_hidden"] = hidden
+
+    # U-Net without and with a LoRA; cross-attention probabilities of every layer.
+    unet = pipe.unet
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500])
+    ctx = hidden[:2]
+    store = {}
+    unet.set_attn_processor({n: ProbsRecorder(n.removesuffix(".processor"), store) for n in unet.attn_processors})
+    with torch.no_grad():
+        out["unet_x"], out["unet_t"] = x, t.to(torch.float32)
+        out["unet_out"] = unet(x, t, encoder_hidden_states=ctx).sample
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    out["attn_probs"] = store[name]  # [b, 16 queries (4x4), 77 keys]
+    unet.set_attn_processor(AttnProcessor2_0())
+
+    lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian")
+    unet.add_adapter(lora_cfg)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        out["unet_lora_out"] = unet(x, t, encoder_hidden_states=ctx).sample
+    peft_sd = get_peft_model_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(
+        ROOT, unet_lora_layers=peft_sd, weight_name="lora_peft.safetensors",
+        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8, "target_modules": TARGETS},
+    )
+    kohya, old = {}, {}
+    for k, v in peft_sd.items():
+        module, which = k.rsplit(".lora_", 1)
+        down = which.startswith("A")
+        kname = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{kname}.lora_{'down' if down else 'up'}.weight"] = v.contiguous()
+        kohya[f"{kname}.alpha"] = torch.tensor(8.0)
+        old[f"unet.{module}.lora.{'down' if down else 'up'}.weight"] = v.contiguous()
+    save_file(kohya, os.path.join(ROOT, "lora_kohya.safetensors"))
+    # Old diffusers files carry no alpha: their scale is 1, so scale B by alpha/r = 2 to keep the same map.
+    old = {k: (2 * v if ".up." in k else v) for k, v in old.items()}
+    save_file(old, os.path.join(ROOT, "lora_diffusers_old.safetensors"))
+    unet.delete_adapters("default") if hasattr(unet, "delete_adapters") else None
+
+    # VAE encode (mean, std) and decode.
+    img = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 4, 4, generator=g)
+    with torch.no_grad():
+        dist = pipe.vae.encode(img).latent_dist
+        out["vae_in"], out["vae_mean"], out["vae_std"] = img, dist.mean, dist.std
+        out["vae_z"], out["vae_decoded"] = z, pipe.vae.decode(z).sample
+
+    # Pseudo-words: text features with two new tokens.
+    emb = {"<v0>": torch.randn(32, generator=g), "<v1>": torch.randn(32, generator=g)}
+    save_file({k: v.contiguous() for k, v in emb.items()}, os.path.join(ROOT, "learned_embeds.safetensors"))
+
+    # 10-step DDIM with guidance from fixed latents: base model, then with LoRA + embeddings.
+    lat = torch.randn(1, 4, 8, 8, generator=g)
+    save_file({"latents": lat.contiguous()}, os.path.join(ROOT, "init_latents.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(num_inference_steps=10, guidance_scale=7.5, height=64, width=64)
+    image = pipe("a photo of a dog", latents=lat.clone(), **run).images[0]
+    image.save(os.path.join(ROOT, "ddim_base.png"))
+    pipe.load_lora_weights(ROOT, weight_name="lora_peft.safetensors")
+    for tok, vec in emb.items():
+        pipe.load_textual_inversion(vec, token=tok)
+    prompt = "<v0> with <v1>, in the snow"
+    ids, hidden = encode(pipe, [prompt])
+    out["pseudo_token_ids"], out["te_hidden_pseudo"] = ids.to(torch.int64), hidden
+    image = pipe(prompt, latents=lat.clone(), **run).images[0]
+    image.save(os.path.join(ROOT, "ddim_personal.png"))
+
+    save_file({k: v.detach().contiguous().to(v.dtype) for k, v in out.items()}, os.path.join(ROOT, "parity.safetensors"),
+              metadata={"attn_probs_layer": name})
+    import diffusers, peft, transformers
+    with open(os.path.join(ROOT, "VERSIONS.txt"), "w") as f:
+        f.write(f"torch {torch.__version__}\ndiffusers {diffusers.__version__}\n"
+                f"transformers {transformers.__version__}\npeft {peft.__version__}\nnumpy {np.__version__}\n")
+    print("fixtures written to", os.path.abspath(ROOT))
+
+
+if __name__ == "__main__":
+    main()
