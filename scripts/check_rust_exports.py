@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Loads the LoRA and embeddings magictailor wrote into diffusers (run by hand).
+
+    cargo test --test formats        # writes target/tmp/export-check/
+    python scripts/check_rust_exports.py [target/tmp/export-check]
+
+Passes when diffusers, with magictailor's pytorch_lora_weights.safetensors (via peft) and
+learned_embeds.safetensors (via textual inversion), reproduces tests/fixtures/ddim_personal.png.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "..", "tests", "fixtures")
+export = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "target", "tmp", "export-check")
+
+pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(export, weight_name="pytorch_lora_weights.safetensors")
+n_lora = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
+for tok, vec in load_file(os.path.join(export, "learned_embeds.safetensors")).items():
+    pipe.load_textual_inversion(vec, token=tok)
+lat = load_file(os.path.join(FIX, "init_latents.safetensors"))["latents"]
+img = pipe("<v0> with <v1>, in the snow", latents=lat, num_inference_steps=10, guidance_scale=7.5,
+           height=64, width=64).images[0]
+got = np.asarray(img).astype(int)
+want = np.asarray(Image.open(os.path.join(FIX, "ddim_personal.png"))).astype(int)
+diff = np.abs(got - want).max()
+print(f"peft file: diffusers loaded {n_lora} LoRA modules; max pixel difference {diff}")
+
+# The kohya export (what ComfyUI/A1111 read), through diffusers' kohya converter.
+pipe.unload_lora_weights()
+pipe.load_lora_weights(export, weight_name="lora_kohya.safetensors")
+n_kohya = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
+img = pipe("<v0> with <v1>, in the snow", latents=lat, num_inference_steps=10, guidance_scale=7.5,
+           height=64, width=64).images[0]
+diff_k = np.abs(np.asarray(img).astype(int) - want).max()
+print(f"kohya file: diffusers loaded {n_kohya} LoRA modules; max pixel difference {diff_k}")
+sys.exit(0 if diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 else 1)

@@ -1,0 +1,294 @@
+//! The real binary, end to end: reproducing diffusers' images, trained folders, and the
+//! errors a user sees for bad input (clear message, non-zero exit, nothing written).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn fixture(name: &str) -> String {
+    fixtures().join(name).to_string_lossy().into_owned()
+}
+
+/// Runs `infer` on the tiny fixture model with the reference latents (10 DDIM steps, 64 px).
+fn infer_like_reference(out: &Path, prompt: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "infer",
+        "--model",
+        &tiny_sd_str(),
+        "--init-latents",
+        &fixture_str("init_latents.safetensors"),
+        "--steps",
+        "10",
+        "--guidance",
+        "7.5",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--prompt",
+        prompt,
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&refs)
+}
+
+fn tiny_sd_str() -> String {
+    tiny_sd()
+}
+fn fixture_str(n: &str) -> String {
+    fixture(n)
+}
+
+#[test]
+fn infer_reproduces_diffusers_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("base.png");
+    let o = infer_like_reference(&out, "a photo of a dog", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = png_max_diff(
+        &read_png(&out),
+        &read_png(&fixtures().join("ddim_base.png")),
+    );
+    assert!(d <= 2, "max pixel difference {d} levels");
+}
+
+#[test]
+fn infer_reproduces_diffusers_image_with_lora_and_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("personal.png");
+    let lora = fixture("lora_peft.safetensors");
+    let embeds = fixture("learned_embeds.safetensors");
+    let o = infer_like_reference(
+        &out,
+        "<v0> with <v1>, in the snow",
+        &["--lora", &lora, "--embeds", &embeds],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = read_png(&out);
+    let d = png_max_diff(&got, &read_png(&fixtures().join("ddim_personal.png")));
+    assert!(d <= 2, "max pixel difference {d} levels");
+    // And the personalization matters: the base image differs a lot.
+    assert!(png_max_diff(&got, &read_png(&fixtures().join("ddim_base.png"))) > 20);
+}
+
+#[test]
+fn trained_folder_is_found_through_magictailor_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let trained = dir.path().join("trained");
+    std::fs::create_dir(&trained).unwrap();
+    std::fs::copy(
+        fixtures().join("lora_peft.safetensors"),
+        trained.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("learned_embeds.safetensors"),
+        trained.join("learned_embeds.safetensors"),
+    )
+    .unwrap();
+    let run_json = serde_json::json!({ "base_model": tiny_sd() });
+    std::fs::write(trained.join("magictailor.json"), run_json.to_string()).unwrap();
+    let out = dir.path().join("r.png");
+    let o = run(&[
+        "infer",
+        "--model-dir",
+        trained.to_str().unwrap(),
+        "--init-latents",
+        &fixture("init_latents.safetensors"),
+        "--steps",
+        "10",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--prompt",
+        "<v0> with <v1>, in the snow",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        png_max_diff(
+            &read_png(&out),
+            &read_png(&fixtures().join("ddim_personal.png"))
+        ) <= 2
+    );
+}
+
+#[test]
+fn tiny_random_numbers_several_images_and_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let gen = |seed: &str, out: &Path| {
+        let o = run(&[
+            "infer",
+            "--model",
+            "tiny-random",
+            "--prompt",
+            "a red dog",
+            "--num-images",
+            "2",
+            "--steps",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--seed",
+            seed,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    gen("7", &dir.path().join("a.png"));
+    gen("7", &dir.path().join("b.png"));
+    gen("8", &dir.path().join("c.png"));
+    let img = |n: &str| read_png(&dir.path().join(n));
+    assert_eq!(img("a-0.png").dimensions(), (64, 48));
+    assert!(
+        !dir.path().join("a.png").exists(),
+        "several images are numbered"
+    );
+    assert_eq!(img("a-0.png"), img("b-0.png"), "same seed, same bytes");
+    assert_eq!(img("a-1.png"), img("b-1.png"));
+    assert_ne!(img("a-0.png"), img("a-1.png"), "images of one batch differ");
+    assert_ne!(
+        img("a-0.png"),
+        img("c-0.png"),
+        "another seed, another image"
+    );
+}
+
+/// A bad invocation: non-zero exit, no panic, a message containing `needle`, no output.
+fn assert_refused(args: &[&str], out: &Path, needle: &str) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!out.exists(), "nothing may be written on failure");
+}
+
+fn base_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "infer", "--model", model, "--prompt", "a dog", "--steps", "2", "--width", "64",
+        "--height", "64", "--quiet", "--out", out,
+    ]
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never.png");
+    let o = out.to_str().unwrap();
+    let tiny = tiny_sd();
+
+    assert_refused(&base_args("/no/such/model", o), &out, "does not exist");
+
+    // Incomplete folder: no U-Net weights.
+    let incomplete = dir.path().join("incomplete");
+    copy_dir(Path::new(&tiny), &incomplete);
+    std::fs::remove_file(incomplete.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_refused(
+        &base_args(incomplete.to_str().unwrap(), o),
+        &out,
+        "no safetensors weights in",
+    );
+
+    // Corrupt (truncated) weights.
+    let corrupt = dir.path().join("corrupt");
+    copy_dir(Path::new(&tiny), &corrupt);
+    let w = corrupt.join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert_refused(&base_args(corrupt.to_str().unwrap(), o), &out, "truncated");
+
+    // A hub id while offline, with an empty cache.
+    let o2 = Command::new(bin())
+        .args(base_args("someone/some-model", o))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.path().join("hf"))
+        .output()
+        .unwrap();
+    let err = stderr(&o2);
+    assert!(
+        !o2.status.success() && err.contains("HF_HUB_OFFLINE") && err.contains("--model DIR"),
+        "{err}"
+    );
+
+    // Unknown pseudo-word.
+    let mut a = base_args(&tiny, o);
+    a[4] = "<v0> on the beach";
+    assert_refused(&a, &out, "Known pseudo-words");
+
+    // Width not a multiple of the VAE factor.
+    let mut a = base_args(&tiny, o);
+    a[8] = "60";
+    assert_refused(&a, &out, "multiple of 8");
+
+    // Init latents of the wrong shape.
+    let mut a = base_args(&tiny, o);
+    a[8] = "128";
+    let lat = fixture("init_latents.safetensors");
+    a.extend(["--init-latents", &lat]);
+    assert_refused(&a, &out, "needs [1, 4, 8, 16]");
+
+    // No trained folder and no --model.
+    let missing = dir.path().join("nothing-trained");
+    assert_refused(
+        &[
+            "infer",
+            "--model-dir",
+            missing.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--out",
+            o,
+        ],
+        &out,
+        "is not a trained magictailor folder",
+    );
+
+    // A LoRA for another model.
+    let mut a = base_args("tiny-random", o);
+    let lora = fixture("lora_peft.safetensors");
+    a.extend(["--lora", &lora]);
+    assert_refused(&a, &out, "another base model");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}

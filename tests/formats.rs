@@ -1,0 +1,109 @@
+//! LoRA and embedding files written here read back identically, in every layout we write.
+//! The written files are also left in `$CARGO_TARGET_TMPDIR/export-check/`, where
+//! `scripts/check_rust_exports.py` loads them into diffusers (run by hand).
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use magictailor::model::loader::StableDiffusion;
+use magictailor::model::lora::LoraSet;
+use magictailor::model::nn::Ctx;
+
+#[test]
+fn lora_round_trips_through_peft_and_kohya_files() {
+    let sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
+    let targets = sd.unet.lora_targets();
+    let original = LoraSet::load(
+        &fixtures().join("lora_peft.safetensors"),
+        &targets,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        original.rank_alpha(),
+        Some((4, 8.0)),
+        "alpha read from diffusers' adapter metadata"
+    );
+    let r = reference();
+    let (x, t, ctx) = (
+        &r["unet_x"],
+        &r["unet_t"],
+        r["te_hidden"].narrow(0, 0, 2).unwrap(),
+    );
+    let forward = |set: &LoraSet| {
+        sd.unet
+            .forward(
+                x,
+                t,
+                &ctx,
+                Ctx {
+                    lora: Some(set),
+                    probe: None,
+                },
+            )
+            .unwrap()
+    };
+    let want = forward(&original);
+
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("export-check");
+    std::fs::create_dir_all(&dir).unwrap();
+    let peft = dir.join("pytorch_lora_weights.safetensors");
+    let kohya = dir.join("lora_kohya.safetensors");
+    original.save_peft(&peft, &targets).unwrap();
+    original.save_kohya(&kohya, &targets).unwrap();
+
+    // Pure peft keys, nothing else (diffusers silently drops modules from mixed files).
+    let saved = candle_core::safetensors::load(&peft, &Device::Cpu).unwrap();
+    assert_eq!(saved.len(), 2 * targets.len());
+    assert!(saved.keys().all(|k| k.starts_with("unet.")
+        && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))));
+    let kohya_keys = candle_core::safetensors::load(&kohya, &Device::Cpu).unwrap();
+    assert_eq!(
+        kohya_keys.len(),
+        3 * targets.len(),
+        "down, up and alpha per module"
+    );
+
+    for file in [&peft, &kohya] {
+        let back = LoraSet::load(file, &targets, &Device::Cpu).unwrap();
+        assert_eq!(back.rank_alpha(), Some((4, 8.0)), "{}", file.display());
+        assert_eq!(
+            max_abs_diff(&forward(&back), &want),
+            0.0,
+            "{}",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn embeddings_round_trip_and_export_for_a1111() {
+    let file = fixtures().join("learned_embeds.safetensors");
+    let embeds = magictailor::embeds::load(&file, 32, &Device::Cpu).unwrap();
+    assert_eq!(
+        embeds.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        ["<v0>", "<v1>"]
+    );
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("export-check");
+    let out = dir.join("learned_embeds.safetensors");
+    magictailor::embeds::save(&out, &embeds).unwrap();
+    let back = magictailor::embeds::load(&out, 32, &Device::Cpu).unwrap();
+    for ((ta, va), (tb, vb)) in embeds.iter().zip(&back) {
+        assert_eq!(ta, tb);
+        assert_eq!(max_abs_diff(va, vb), 0.0);
+    }
+    let a1111 = magictailor::embeds::save_a1111(&dir.join("a1111"), &embeds).unwrap();
+    assert_eq!(a1111.len(), 2);
+    let v0 = magictailor::embeds::load(&a1111[0], 32, &Device::Cpu).unwrap();
+    assert_eq!(v0[0].0, "<v0>", "the A1111 file's token is its name");
+    assert_eq!(max_abs_diff(&v0[0].1, &embeds[0].1), 0.0);
+    // Wrong width is refused with the file named.
+    let err = magictailor::embeds::load(&file, 1024, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("learned_embeds.safetensors") && err.contains("1024"),
+        "{err}"
+    );
+}
