@@ -102,6 +102,27 @@ pub fn scheduler_config() -> serde_json::Value {
     })
 }
 
+/// A mid-size config for benchmarks: SD 2.1's structure at a quarter of its width
+/// (block_out_channels 80/160/320/320, head dim 16, 256-wide text features).
+pub fn mid_unet_config() -> serde_json::Value {
+    let mut c = unet_config();
+    c["block_out_channels"] = json!([80, 160, 320, 320]);
+    c["attention_head_dim"] = json!([5, 10, 20, 20]);
+    c["norm_num_groups"] = json!(16);
+    c["cross_attention_dim"] = json!(256);
+    c["sample_size"] = json!(32);
+    c
+}
+
+pub fn mid_text_encoder_config() -> serde_json::Value {
+    let mut c = text_encoder_config(tiny_vocab().0.len());
+    c["hidden_size"] = json!(256);
+    c["intermediate_size"] = json!(1024);
+    c["num_attention_heads"] = json!(4);
+    c["num_hidden_layers"] = json!(4);
+    c
+}
+
 /// Words whose BPE merges the tiny vocabulary contains (the rest are spelled by bytes).
 const TINY_WORDS: [&str; 16] = [
     "a", "photo", "of", "with", "the", "in", "snow", "person", "hair", "painting", "dog", "cat",
@@ -258,6 +279,19 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 
 /// Writes a complete tiny model in the diffusers layout into `dir`.
 pub fn write(dir: &Path, seed: u64) -> Result<()> {
+    let te_cfg = text_encoder_config(tiny_vocab().0.len());
+    write_with(dir, seed, &unet_config(), &vae_config(), &te_cfg)
+}
+
+/// Writes a random model of the given component configs (e.g. a mid-size one for
+/// benchmarks); the tokenizer is the tiny one, so `text_encoder.vocab_size` must match it.
+pub fn write_with(
+    dir: &Path,
+    seed: u64,
+    unet_cfg: &serde_json::Value,
+    vae_cfg: &serde_json::Value,
+    te_cfg: &serde_json::Value,
+) -> Result<()> {
     let (vocab, merges) = tiny_vocab();
     let tok = dir.join("tokenizer");
     let vocab_map: serde_json::Map<String, serde_json::Value> = vocab
@@ -291,12 +325,9 @@ pub fn write(dir: &Path, seed: u64) -> Result<()> {
         }),
     )?;
 
-    let unet_cfg = unet_config();
-    let vae_cfg = vae_config();
-    let te_cfg = text_encoder_config(vocab.len());
-    write_json(&dir.join("unet/config.json"), &unet_cfg)?;
-    write_json(&dir.join("vae/config.json"), &vae_cfg)?;
-    write_json(&dir.join("text_encoder/config.json"), &te_cfg)?;
+    write_json(&dir.join("unet/config.json"), unet_cfg)?;
+    write_json(&dir.join("vae/config.json"), vae_cfg)?;
+    write_json(&dir.join("text_encoder/config.json"), te_cfg)?;
     write_json(
         &dir.join("scheduler/scheduler_config.json"),
         &scheduler_config(),

@@ -351,3 +351,67 @@ pub fn write_safetensors(
         .map_err(|e| Error::model(format!("serializing {}: {e}", file.display())))?;
     crate::fsutil::write_atomic(file, &bytes)
 }
+
+/// LoRA weights as trainable `Var`s: A ~ N(0, 1/rank) and B = 0 (peft's "gaussian" init),
+/// so training starts from the base model's exact output.
+pub struct TrainableLora {
+    pub modules: Vec<(String, candle_core::Var, candle_core::Var)>,
+    pub scale: f64,
+}
+
+impl TrainableLora {
+    pub fn new(
+        targets: &[LoraTarget],
+        rank: usize,
+        alpha: f64,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = rand_distr::Normal::new(0.0f32, 1.0 / rank as f32)
+            .map_err(|e| Error::model(e.to_string()))?;
+        let mut modules = Vec::with_capacity(targets.len());
+        for t in targets {
+            let a: Vec<f32> = (0..rank * t.in_dim)
+                .map(|_| normal.sample(&mut rng))
+                .collect();
+            let a = Tensor::from_vec(a, (rank, t.in_dim), device)?.to_dtype(dtype)?;
+            let b = Tensor::zeros((t.out_dim, rank), dtype, device)?;
+            modules.push((
+                t.path.clone(),
+                candle_core::Var::from_tensor(&a)?,
+                candle_core::Var::from_tensor(&b)?,
+            ));
+        }
+        Ok(Self {
+            modules,
+            scale: alpha / rank as f64,
+        })
+    }
+
+    /// The adapter set a forward pass reads; it tracks gradients to the Vars.
+    pub fn as_set(&self) -> LoraSet {
+        let mut set = LoraSet::default();
+        for (path, a, b) in &self.modules {
+            set.insert(
+                path.clone(),
+                LoraWeights {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale: self.scale,
+                },
+            );
+        }
+        set
+    }
+
+    pub fn vars(&self) -> Vec<candle_core::Var> {
+        self.modules
+            .iter()
+            .flat_map(|(_, a, b)| [a.clone(), b.clone()])
+            .collect()
+    }
+}
