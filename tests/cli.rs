@@ -273,11 +273,69 @@ fn bad_input_gets_clear_errors() {
         "is not a trained magictailor folder",
     );
 
+    // A v-prediction model (e.g. SD 2.1 at 768 px) is refused by name.
+    let vpred = dir.path().join("vpred");
+    copy_dir(Path::new(&tiny), &vpred);
+    let cfg = vpred.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"epsilon\"", "\"v_prediction\"");
+    std::fs::write(&cfg, text).unwrap();
+    assert_refused(&base_args(vpred.to_str().unwrap(), o), &out, "v-prediction");
+
     // A LoRA for another model.
     let mut a = base_args("tiny-random", o);
     let lora = fixture("lora_peft.safetensors");
     a.extend(["--lora", &lora]);
     assert_refused(&a, &out, "another base model");
+}
+
+#[test]
+fn fp16_weight_files_load_and_stay_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let half = dir.path().join("half");
+    copy_dir(Path::new(&tiny_sd()), &half);
+    // Replace the U-Net's weights by an fp16 variant file, as hub repos ship them.
+    let full = half.join("unet/diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&full, &candle_core::Device::Cpu).unwrap();
+    let f16: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(candle_core::DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(
+        &f16,
+        half.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+    std::fs::remove_file(&full).unwrap();
+    let out = dir.path().join("half.png");
+    let o = run(&[
+        "infer",
+        "--model",
+        half.to_str().unwrap(),
+        "--init-latents",
+        &fixture("init_latents.safetensors"),
+        "--steps",
+        "10",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--prompt",
+        "a photo of a dog",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = png_max_diff(
+        &read_png(&out),
+        &read_png(&fixtures().join("ddim_base.png")),
+    );
+    assert!(
+        d <= 12,
+        "fp16-rounded weights moved the image by {d} levels"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

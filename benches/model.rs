@@ -1,0 +1,123 @@
+//! `cargo bench`: seconds per U-Net forward+backward with LoRA (rank 32 at the MagicTailor
+//! targets, batch 6 like a 3+3 pair) and per DDIM step (CFG, batch 2), for the tiny and a
+//! mid-size config, plus the process's peak resident memory.
+//!
+//! Speed is reported, never asserted. A PyTorch comparison script and the ratio are
+//! tracked in the speed issue; see benches/README.md for numbers measured so far.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use magictailor::infer::seeded_normal;
+use magictailor::model::loader::StableDiffusion;
+use magictailor::model::lora::TrainableLora;
+use magictailor::model::nn::Ctx;
+use magictailor::model::scheduler::Ddim;
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
+    f(); // warm-up
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
+    let dev = Device::Cpu;
+    let sd = StableDiffusion::load(dir.to_str().unwrap(), &dev, DType::F32).expect("model");
+    let hidden = sd.text_encoder.config.hidden_size;
+    let lora = TrainableLora::new(&sd.unet.lora_targets(), 32, 32.0, 0, &dev, DType::F32).unwrap();
+    let ctx6 = seeded_normal(1, (6, 77, hidden), &dev).unwrap();
+    let x6 = seeded_normal(2, (6, 4, latent, latent), &dev).unwrap();
+    let t6 = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], &dev).unwrap();
+    let train = time(reps, || {
+        let set = lora.as_set();
+        let out = sd
+            .unet
+            .forward(
+                &x6,
+                &t6,
+                &ctx6,
+                Ctx {
+                    lora: Some(&set),
+                    probe: None,
+                },
+            )
+            .unwrap();
+        let loss = out.sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(lora.modules[0].1.as_tensor()).is_some());
+    });
+
+    let ctx2 = seeded_normal(3, (2, 77, hidden), &dev).unwrap();
+    let x1 = seeded_normal(4, (1, 4, latent, latent), &dev).unwrap();
+    let ddim = Ddim::new(&sd.schedule, 50).unwrap();
+    let set = lora.as_set();
+    let step = time(reps, || {
+        let input = Tensor::cat(&[&x1, &x1], 0).unwrap();
+        let t = Tensor::new(&[500f32, 500.], &dev).unwrap();
+        let eps = sd
+            .unet
+            .forward(
+                &input,
+                &t,
+                &ctx2,
+                Ctx {
+                    lora: Some(&set),
+                    probe: None,
+                },
+            )
+            .unwrap();
+        let (u, c) = (eps.narrow(0, 0, 1).unwrap(), eps.narrow(0, 1, 1).unwrap());
+        let eps = (&u + ((c - &u).unwrap() * 7.5).unwrap()).unwrap();
+        ddim.step(&eps, 501, &x1).unwrap();
+    });
+    println!(
+        "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | peak RSS so far {:.0} MB",
+        latent * 8,
+        peak_rss_mb()
+    );
+}
+
+fn main() {
+    let tmp = std::env::temp_dir().join(format!("magictailor-bench-{}", std::process::id()));
+    let tiny = tmp.join("tiny");
+    let mid = tmp.join("mid");
+    magictailor::tiny::write(&tiny, 0).unwrap();
+    let te_mid = magictailor::tiny::mid_text_encoder_config();
+    magictailor::tiny::write_with(
+        &mid,
+        0,
+        &magictailor::tiny::mid_unet_config(),
+        &magictailor::tiny::vae_config(),
+        &te_mid,
+    )
+    .unwrap();
+    println!(
+        "threads: {}",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default (physical cores)".into())
+    );
+    bench("tiny", &tiny, 16, 5);
+    bench("mid", &mid, 32, 3);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
