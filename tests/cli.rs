@@ -24,48 +24,32 @@ fn fixture(name: &str) -> String {
     fixtures().join(name).to_string_lossy().into_owned()
 }
 
-/// Runs `infer` on the tiny fixture model with the reference latents (10 DDIM steps, 64 px).
-fn infer_like_reference(out: &Path, prompt: &str, extra: &[&str]) -> Output {
+/// Runs `infer` like the reference run: the fixture latents, 10 DDIM steps, 64 px.
+/// `model` selects the weights (`--model DIR` or `--model-dir DIR`, plus any extras).
+fn infer_like_reference(model: &[&str], out: &Path, prompt: &str) -> Output {
+    let latents = fixture("init_latents.safetensors");
     let mut args = vec![
         "infer",
-        "--model",
-        &tiny_sd_str(),
         "--init-latents",
-        &fixture_str("init_latents.safetensors"),
+        &latents,
         "--steps",
         "10",
         "--guidance",
         "7.5",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-        "--prompt",
-        prompt,
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    run(&refs)
-}
-
-fn tiny_sd_str() -> String {
-    tiny_sd()
-}
-fn fixture_str(n: &str) -> String {
-    fixture(n)
+    ];
+    args.extend([
+        "--width", "64", "--height", "64", "--quiet", "--prompt", prompt,
+    ]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(model);
+    run(&args)
 }
 
 #[test]
 fn infer_reproduces_diffusers_image() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("base.png");
-    let o = infer_like_reference(&out, "a photo of a dog", &[]);
+    let o = infer_like_reference(&["--model", &tiny_sd()], &out, "a photo of a dog");
     assert!(o.status.success(), "{}", stderr(&o));
     let d = png_max_diff(
         &read_png(&out),
@@ -80,11 +64,8 @@ fn infer_reproduces_diffusers_image_with_lora_and_embeddings() {
     let out = dir.path().join("personal.png");
     let lora = fixture("lora_peft.safetensors");
     let embeds = fixture("learned_embeds.safetensors");
-    let o = infer_like_reference(
-        &out,
-        "<v0> with <v1>, in the snow",
-        &["--lora", &lora, "--embeds", &embeds],
-    );
+    let model = ["--model", &tiny_sd(), "--lora", &lora, "--embeds", &embeds];
+    let o = infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
     assert!(o.status.success(), "{}", stderr(&o));
     let got = read_png(&out);
     let d = png_max_diff(&got, &read_png(&fixtures().join("ddim_personal.png")));
@@ -111,24 +92,11 @@ fn trained_folder_is_found_through_magictailor_json() {
     let run_json = serde_json::json!({ "base_model": tiny_sd() });
     std::fs::write(trained.join("magictailor.json"), run_json.to_string()).unwrap();
     let out = dir.path().join("r.png");
-    let o = run(&[
-        "infer",
-        "--model-dir",
-        trained.to_str().unwrap(),
-        "--init-latents",
-        &fixture("init_latents.safetensors"),
-        "--steps",
-        "10",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-        "--prompt",
+    let o = infer_like_reference(
+        &["--model-dir", trained.to_str().unwrap()],
+        &out,
         "<v0> with <v1>, in the snow",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         png_max_diff(
@@ -309,24 +277,11 @@ fn fp16_weight_files_load_and_stay_close() {
     .unwrap();
     std::fs::remove_file(&full).unwrap();
     let out = dir.path().join("half.png");
-    let o = run(&[
-        "infer",
-        "--model",
-        half.to_str().unwrap(),
-        "--init-latents",
-        &fixture("init_latents.safetensors"),
-        "--steps",
-        "10",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-        "--prompt",
+    let o = infer_like_reference(
+        &["--model", half.to_str().unwrap()],
+        &out,
         "a photo of a dog",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let d = png_max_diff(
         &read_png(&out),

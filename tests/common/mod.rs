@@ -23,26 +23,13 @@ pub fn reference() -> HashMap<String, Tensor> {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b.to_dtype(DType::F32).unwrap()).unwrap())
 }
 
 /// Largest |x| over all elements (to show a difference is small relative to the values).
 pub fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
+    let a = a.to_dtype(DType::F32).unwrap().abs().unwrap();
+    a.flatten_all()
         .unwrap()
         .max(0)
         .unwrap()
