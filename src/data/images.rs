@@ -1,0 +1,76 @@
+//! Reading reference images and masks: any size, JPEG/PNG/WebP/BMP, grayscale, RGBA or
+//! 16-bit, EXIF rotation applied; short side resized to the training resolution, then
+//! centre-cropped, with the same geometry for image and mask.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageDecoder};
+
+use crate::error::{Error, Result};
+
+fn decode(path: &Path) -> Result<DynamicImage> {
+    let unreadable = |e: String| {
+        Error::usage(format!(
+            "cannot read the image {} ({e}). It may be truncated or not an image: re-export it as PNG or JPEG.",
+            path.display()
+        ))
+    };
+    let reader = image::ImageReader::open(path).map_err(|e| Error::io(path, e))?;
+    let mut decoder = reader
+        .with_guessed_format()
+        .map_err(|e| unreadable(e.to_string()))?
+        .into_decoder()
+        .map_err(|e| unreadable(e.to_string()))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| unreadable(e.to_string()))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| unreadable(e.to_string()))?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// Short side to `size` (bilinear with antialiasing, as torchvision's Resize), centre crop.
+fn square(img: &DynamicImage, size: usize) -> DynamicImage {
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let scale = size as f64 / w.min(h);
+    let (nw, nh) = (
+        ((w * scale).round() as u32).max(size as u32),
+        ((h * scale).round() as u32).max(size as u32),
+    );
+    let resized = img.resize_exact(nw, nh, FilterType::Triangle);
+    let (x, y) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
+    resized.crop_imm(x, y, size as u32, size as u32)
+}
+
+/// `[3, size, size]` in [-1, 1].
+pub fn load_rgb(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
+    let rgb = square(&decode(path)?, size).to_rgb8();
+    let data: Vec<f32> = rgb
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (size, size, 3), device)?
+        .permute((2, 0, 1))?
+        .contiguous()?)
+}
+
+/// `[1, size, size]` of 0/1 (white, >= 128 after resizing, is the wanted region).
+pub fn load_mask(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
+    let gray = square(&decode(path)?, size).to_luma8();
+    let data: Vec<f32> = gray
+        .into_raw()
+        .into_iter()
+        .map(|v| if v >= 128 { 1.0 } else { 0.0 })
+        .collect();
+    if data.iter().all(|&v| v == 0.0) {
+        return Err(Error::usage(format!(
+            "the mask {} is entirely black: it selects nothing. White marks the region to learn; fix or \
+             regenerate the mask.",
+            path.display()
+        )));
+    }
+    Ok(Tensor::from_vec(data, (1, size, size), device)?)
+}
