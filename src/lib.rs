@@ -9,5 +9,6 @@ pub mod fsutil;
 pub mod infer;
 pub mod model;
 pub mod tiny;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,126 @@
+//! DS-Bal, Dual-Stream Balancing (paper eq. 6-8): the online U-Net learns only from the
+//! sample with the largest loss (sample-wise min-max), while the other samples are held
+//! close to a momentum U-Net (selective preserving regularization).
+//!
+//! Only LoRA weights differ between the two U-Nets, so the momentum U-Net is the shared
+//! frozen base plus an EMA copy of the adapters: `m = beta * m + (1 - beta) * theta`.
+
+use candle_core::{Result, Tensor};
+
+use crate::model::lora::{LoraSet, LoraWeights, TrainableLora};
+
+/// Averages per-image values `[b]` into per-sample values `[n]` (samples may have
+/// different image counts). Differentiable.
+pub fn per_sample_means(
+    per_image: &Tensor,
+    sample_of: &[usize],
+    n_samples: usize,
+) -> Result<Tensor> {
+    let b = sample_of.len();
+    let mut w = vec![0f32; n_samples * b];
+    for s in 0..n_samples {
+        let count = sample_of.iter().filter(|&&x| x == s).count().max(1) as f32;
+        for (i, &x) in sample_of.iter().enumerate() {
+            if x == s {
+                w[s * b + i] = 1.0 / count;
+            }
+        }
+    }
+    let w = Tensor::from_vec(w, (n_samples, b), per_image.device())?.to_dtype(per_image.dtype())?;
+    w.matmul(&per_image.unsqueeze(1)?)?.squeeze(1)
+}
+
+/// The sample DS-Bal optimizes: the one with the largest loss (one scalar read per step).
+pub fn hardest_sample(per_sample: &Tensor) -> Result<usize> {
+    let v = per_sample
+        .detach()
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 {
+                (i, x)
+            } else {
+                best
+            }
+        })
+        .0)
+}
+
+/// Selective preserving regularization: for every sample except `chosen`, the mean over
+/// its images of the MSE between the online and momentum masked predictions; averaged over
+/// those samples. The momentum prediction carries no gradient.
+pub fn preserving_loss(
+    online: &Tensor,
+    momentum: &Tensor,
+    mask_latent: &Tensor,
+    sample_of: &[usize],
+    n_samples: usize,
+    chosen: usize,
+) -> Result<Tensor> {
+    let diff = (online - momentum.detach())?.broadcast_mul(mask_latent)?;
+    let per_image = diff.sqr()?.flatten_from(1)?.mean(1)?;
+    let per_sample = per_sample_means(&per_image, sample_of, n_samples)?;
+    let keep: Vec<bool> = (0..n_samples).map(|s| s != chosen).collect();
+    super::losses::masked_mean(&per_sample, &keep)
+}
+
+/// The momentum adapters: plain tensors (never Vars), so their forward builds no graph.
+pub struct MomentumLora {
+    modules: Vec<(String, Tensor, Tensor)>,
+    scale: f64,
+}
+
+impl MomentumLora {
+    /// A hard copy of the online adapters (at the switch to DS-Bal).
+    pub fn copy_of(online: &TrainableLora) -> Result<Self> {
+        let modules = online
+            .modules
+            .iter()
+            .map(|(p, a, b)| {
+                Ok((
+                    p.clone(),
+                    a.as_tensor().detach().copy()?,
+                    b.as_tensor().detach().copy()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            modules,
+            scale: online.scale,
+        })
+    }
+
+    /// `m = beta * m + (1 - beta) * theta`, after each optimizer step.
+    pub fn update(&mut self, online: &TrainableLora, beta: f64) -> Result<()> {
+        for ((_, ma, mb), (_, a, b)) in self.modules.iter_mut().zip(&online.modules) {
+            *ma = ((&*ma * beta)? + (a.as_tensor().detach() * (1.0 - beta))?)?;
+            *mb = ((&*mb * beta)? + (b.as_tensor().detach() * (1.0 - beta))?)?;
+        }
+        Ok(())
+    }
+
+    pub fn as_set(&self) -> LoraSet {
+        let mut set = LoraSet::default();
+        for (p, a, b) in &self.modules {
+            set.insert(
+                p.clone(),
+                LoraWeights {
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale: self.scale,
+                },
+            );
+        }
+        set
+    }
+
+    /// Named tensors for checkpoints (`<path>.A`, `<path>.B`).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.modules
+            .iter()
+            .flat_map(|(p, a, b)| [(format!("{p}.A"), a.clone()), (format!("{p}.B"), b.clone())])
+            .collect()
+    }
+}

@@ -1,0 +1,334 @@
+//! The pieces of MagicTailor's training step, each against its formula: DM-Deg, the
+//! masked and attention losses, DS-Bal's min-max / preserving terms and momentum EMA,
+//! and AdamW + clipping against torch's numbers.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use magictailor::infer::seeded_normal;
+use magictailor::model::loader::StableDiffusion;
+use magictailor::model::lora::TrainableLora;
+use magictailor::model::nn::Ctx;
+use magictailor::train::dm_deg::Degradation;
+use magictailor::train::ds_bal::{hardest_sample, per_sample_means, preserving_loss, MomentumLora};
+use magictailor::train::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
+use magictailor::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+const DEV: Device = Device::Cpu;
+
+fn vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// Left half of each image inside the mask.
+fn half_masks(b: usize, side: usize) -> Tensor {
+    let m: Vec<f32> = (0..b * side * side)
+        .map(|i| if i % side < side / 2 { 1.0 } else { 0.0 })
+        .collect();
+    Tensor::from_vec(m, (b, 1, side, side), &DEV).unwrap()
+}
+
+#[test]
+fn dm_deg_follows_the_dynamic_curve_and_spares_the_mask() {
+    let dyn_ = Degradation::Dynamic {
+        alpha_init: 0.5,
+        gamma: 32.0,
+    };
+    let total = 500;
+    assert!((dyn_.alpha(1, total) - 0.5 * (1.0 - (1.0f64 / 500.0).powi(32))).abs() < 1e-15);
+    assert!((dyn_.alpha(250, total) - 0.5 * (1.0 - 0.5f64.powi(32))).abs() < 1e-15);
+    assert_eq!(dyn_.alpha(500, total), 0.0);
+    assert!((Degradation::Linear { alpha_init: 0.5 }.alpha(250, total) - 0.25).abs() < 1e-15);
+    assert_eq!(Degradation::Fixed { alpha: 0.3 }.alpha(499, total), 0.3);
+
+    let (b, side) = (2, 64);
+    let pixels = Tensor::zeros((b, 3, side, side), DType::F32, &DEV).unwrap();
+    let masks = half_masks(b, side);
+    let noise = seeded_normal(3, (b, 3, side, side), &DEV).unwrap();
+    let alpha = Degradation::Fixed { alpha: 0.1 };
+    let out = vec(&alpha.apply(&pixels, &masks, &noise, 1, total).unwrap());
+    let m = vec(&masks
+        .broadcast_as((b, 3, side, side))
+        .unwrap()
+        .contiguous()
+        .unwrap());
+    let inside: Vec<f32> = out
+        .iter()
+        .zip(&m)
+        .filter(|(_, &k)| k == 1.0)
+        .map(|(v, _)| *v)
+        .collect();
+    let outside: Vec<f32> = out
+        .iter()
+        .zip(&m)
+        .filter(|(_, &k)| k == 0.0)
+        .map(|(v, _)| *v)
+        .collect();
+    assert!(
+        inside.iter().all(|&v| v == 0.0),
+        "pixels inside the mask are untouched"
+    );
+    let std = (outside.iter().map(|v| v * v).sum::<f32>() / outside.len() as f32).sqrt();
+    assert!(
+        (std - 0.1).abs() < 0.005,
+        "noise outside has scale alpha: std {std}"
+    );
+    // Clamped to [-1, 1], and the mask-out ablation zeroes the outside.
+    let big = Degradation::Fixed { alpha: 5.0 }
+        .apply(&pixels, &masks, &noise, 1, total)
+        .unwrap();
+    assert!(vec(&big).iter().all(|v| (-1.0..=1.0).contains(v)));
+    let ones = Tensor::ones((b, 3, side, side), DType::F32, &DEV).unwrap();
+    let out = vec(&Degradation::MaskOut
+        .apply(&ones, &masks, &noise, 1, total)
+        .unwrap());
+    assert_eq!(out, m);
+}
+
+#[test]
+fn nearest_resize_matches_torch_indexing() {
+    let x = Tensor::arange(0f32, 36., &DEV)
+        .unwrap()
+        .reshape((1, 1, 6, 6))
+        .unwrap();
+    // torch: F.interpolate(x, size=(4, 4), mode="nearest") reads rows/cols 0, 1, 3, 4.
+    let got = vec(&resize_nearest(&x, 4).unwrap());
+    let want: Vec<f32> = [0, 1, 3, 4]
+        .iter()
+        .flat_map(|&r| [0, 1, 3, 4].map(|c| (r * 6 + c) as f32))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn masked_loss_ignores_predictions_outside_the_mask() {
+    let (b, side) = (2, 8);
+    let eps = seeded_normal(1, (b, 4, side, side), &DEV).unwrap();
+    let pred = seeded_normal(2, (b, 4, side, side), &DEV).unwrap();
+    let mask = half_masks(b, side);
+    let base = vec(&masked_diffusion_per_image(&pred, &eps, &mask).unwrap());
+    // Mean over all elements, masked-out zeros included.
+    let d = vec(&((&pred - &eps).unwrap().broadcast_mul(&mask).unwrap()));
+    let n = 4 * side * side;
+    assert!((base[0] - d[..n].iter().map(|v| v * v).sum::<f32>() / n as f32).abs() < 1e-6);
+    let outside = (mask
+        .affine(-1.0, 1.0)
+        .unwrap()
+        .broadcast_mul(&seeded_normal(5, (b, 4, side, side), &DEV).unwrap()))
+    .unwrap();
+    let moved = vec(&masked_diffusion_per_image(&(&pred + outside).unwrap(), &eps, &mask).unwrap());
+    assert_eq!(base, moved, "changes outside the mask do not count");
+    let inside = mask
+        .broadcast_mul(&seeded_normal(5, (b, 4, side, side), &DEV).unwrap())
+        .unwrap();
+    let moved = vec(&masked_diffusion_per_image(&(&pred + inside).unwrap(), &eps, &mask).unwrap());
+    assert!(moved[0] != base[0] && moved[1] != base[1]);
+}
+
+#[test]
+fn attention_loss_reads_each_images_own_pseudo_word() {
+    let (side, tokens) = (4, 8);
+    let mask = half_masks(2, side);
+    let m = vec(&mask);
+    // Image 0's token 4 and image 1's token 5 attend exactly where their masks are (x 0.3,
+    // which the max-normalization removes); every other column is uniform.
+    let mut maps = vec![0.1f32; 2 * 16 * tokens];
+    for img in 0..2 {
+        let tok = 4 + img;
+        for q in 0..16 {
+            maps[(img * 16 + q) * tokens + tok] = 0.3 * m[img * 16 + q];
+        }
+    }
+    let maps = Tensor::from_vec(maps, (2, 16, tokens), &DEV).unwrap();
+    let layers = [maps.clone(), maps];
+    let own = attention_loss(&layers, &[4, 5], &mask)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(own.abs() < 1e-7, "own token matches its mask: {own}");
+    let swapped = attention_loss(&layers, &[5, 4], &mask)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(swapped > 0.2, "the other image's token does not: {swapped}");
+}
+
+#[test]
+fn ds_bal_optimizes_the_largest_sample_and_preserves_the_others() {
+    // Three images of sample 0, one of sample 1 (unequal counts are allowed).
+    let sample_of = [0, 0, 0, 1];
+    let per_image = Tensor::new(&[0.1f32, 0.2, 0.3, 0.5], &DEV).unwrap();
+    let per_sample = per_sample_means(&per_image, &sample_of, 2).unwrap();
+    let v = vec(&per_sample);
+    assert!((v[0] - 0.2).abs() < 1e-7 && (v[1] - 0.5).abs() < 1e-7);
+    assert_eq!(hardest_sample(&per_sample).unwrap(), 1);
+
+    let (b, side) = (4, 4);
+    let mask = half_masks(b, side);
+    let online = seeded_normal(1, (b, 4, side, side), &DEV).unwrap();
+    let momentum = seeded_normal(2, (b, 4, side, side), &DEV).unwrap();
+    let pres = |mom: &Tensor| {
+        preserving_loss(&online, mom, &mask, &sample_of, 2, 1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let base = pres(&momentum);
+    // Only sample 0's images count when sample 1 is chosen.
+    let bump = |img: usize| {
+        let mut d = vec![0f32; b * 4 * side * side];
+        for x in &mut d[img * 4 * side * side..(img + 1) * 4 * side * side] {
+            *x = 1.0;
+        }
+        (&momentum + Tensor::from_vec(d, (b, 4, side, side), &DEV).unwrap()).unwrap()
+    };
+    assert_eq!(pres(&bump(3)), base, "the chosen sample is not regularized");
+    assert!(pres(&bump(0)) != base, "the others are");
+    // Equals the masked MSE over sample 0's images.
+    let diff = vec(&(&online - &momentum).unwrap().broadcast_mul(&mask).unwrap());
+    let n = 3 * 4 * side * side;
+    assert!((base - diff[..n].iter().map(|x| x * x).sum::<f32>() / n as f32).abs() < 1e-6);
+}
+
+#[test]
+fn momentum_adapters_follow_the_ema_and_build_no_graph() {
+    let sd = StableDiffusion::load(&tiny_sd(), &DEV, DType::F32).unwrap();
+    let online = TrainableLora::new(&sd.unet.lora_targets(), 4, 4.0, 0, &DEV, DType::F32).unwrap();
+    let mut momentum = MomentumLora::copy_of(&online).unwrap();
+    let (_, a0, _) = &online.modules[0];
+    let mut expected = vec(a0.as_tensor());
+    let beta = 0.99;
+    for k in 0..3 {
+        let new = seeded_normal(10 + k, a0.shape().clone(), &DEV).unwrap();
+        a0.set(&new).unwrap();
+        momentum.update(&online, beta).unwrap();
+        let n = vec(&new);
+        expected = expected
+            .iter()
+            .zip(&n)
+            .map(|(m, t)| (beta as f32) * m + (1.0 - beta as f32) * t)
+            .collect();
+    }
+    let got = vec(&momentum.tensors()[0].1);
+    for (g, e) in got.iter().zip(&expected) {
+        assert!((g - e).abs() < 1e-6);
+    }
+    // The momentum forward, on detached text features, is not part of any graph.
+    let r = reference();
+    let ctx = Var::from_tensor(&r["te_hidden"].narrow(0, 0, 2).unwrap()).unwrap();
+    let set = momentum.as_set();
+    let out = sd
+        .unet
+        .forward(
+            &r["unet_x"],
+            &r["unet_t"],
+            &ctx.as_tensor().detach(),
+            Ctx {
+                lora: Some(&set),
+                probe: None,
+            },
+        )
+        .unwrap();
+    assert!(!out.track_op(), "momentum forward built a graph");
+    let online_set = online.as_set();
+    let out = sd
+        .unet
+        .forward(
+            &r["unet_x"],
+            &r["unet_t"],
+            &ctx.as_tensor().detach(),
+            Ctx {
+                lora: Some(&online_set),
+                probe: None,
+            },
+        )
+        .unwrap();
+    assert!(
+        out.track_op(),
+        "the online forward does track (sanity check of the probe above)"
+    );
+}
+
+#[test]
+fn adamw_and_clipping_match_torch() {
+    let p = Var::from_tensor(&Tensor::new(&[0.5f64, -1.0, 2.0], &DEV).unwrap()).unwrap();
+    let q = Var::from_tensor(&Tensor::new(&[[0.1f64, 0.2], [0.3, -0.4]], &DEV).unwrap()).unwrap();
+    let cfg = AdamWConfig {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut opt = AdamW::new(vec![p.clone(), q.clone()], cfg).unwrap();
+    let grads: [([f64; 3], [[f64; 2]; 2]); 3] = [
+        ([1.0, -2.0, 0.5], [[0.3, 0.0], [-1.0, 2.0]]),
+        ([0.2, 0.1, -0.3], [[1.0, 1.0], [0.5, -0.5]]),
+        ([-1.5, 0.0, 2.0], [[0.0, -0.2], [0.1, 0.4]]),
+    ];
+    // torch 2.15: clip_grad_norm_([p, q], 1.0) then AdamW.step(), three times.
+    let torch_norms = [3.215587038162705, 1.624807680927192, 2.541653005427767];
+    for ((gp, gq), want_norm) in grads.iter().zip(torch_norms) {
+        // A GradStore with exactly these gradients: backward of sum(p * gp) + sum(q * gq).
+        let loss = ((p.as_tensor() * Tensor::new(gp, &DEV).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            + (q.as_tensor() * Tensor::new(gq, &DEV).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap())
+        .unwrap();
+        let mut store = loss.backward().unwrap();
+        let norm = clip_grad_norm(&mut store, &[p.clone(), q.clone()], 1.0).unwrap();
+        assert!((norm - want_norm).abs() < 1e-12);
+        opt.step(&store).unwrap();
+    }
+    let torch_p = [0.3305216508145513, -0.792037091606197, 1.8500188744309458];
+    let torch_q = [
+        -0.14825978705333043,
+        0.0761098187167991,
+        0.3847961722502914,
+        -0.5601365843529066,
+    ];
+    let got_p = p.as_tensor().to_vec1::<f64>().unwrap();
+    let got_q = q
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    for (g, w) in got_p
+        .iter()
+        .chain(&got_q)
+        .zip(torch_p.iter().chain(&torch_q))
+    {
+        assert!((g - w).abs() < 1e-12, "{g} vs torch {w}");
+    }
+
+    // State round trip: a restored optimizer continues identically.
+    let state = opt.state().unwrap();
+    let p2 = Var::from_tensor(&p.as_tensor().copy().unwrap()).unwrap();
+    let q2 = Var::from_tensor(&q.as_tensor().copy().unwrap()).unwrap();
+    let mut opt2 = AdamW::new(vec![p2.clone(), q2.clone()], cfg).unwrap();
+    opt2.load_state(&state).unwrap();
+    assert_eq!(opt2.steps_taken(), 3);
+    let step = |pv: &Var, qv: &Var, o: &mut AdamW| {
+        let l = (pv.as_tensor().sum_all().unwrap()
+            + qv.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        o.step(&l.backward().unwrap()).unwrap();
+    };
+    step(&p, &q, &mut opt);
+    step(&p2, &q2, &mut opt2);
+    assert_eq!(
+        p.as_tensor().to_vec1::<f64>().unwrap(),
+        p2.as_tensor().to_vec1::<f64>().unwrap()
+    );
+}
