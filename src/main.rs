@@ -19,8 +19,102 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune LoRA adapters and pseudo-words on a pair folder (MagicTailor).
+    Train(TrainArgs),
     /// Generate images from a prompt with a trained folder or a base model.
     Infer(InferArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DmDeg {
+    /// The paper's curve: alpha * (1 - (d/D)^gamma).
+    Dynamic,
+    /// Constant alpha (ablation).
+    Fixed,
+    /// alpha * (1 - d/D) (ablation).
+    Linear,
+    /// Zero the pixels outside the mask (ablation).
+    MaskOut,
+    /// No degradation (ablation).
+    Off,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The pair folder, e.g. person_k+hair_c (images 0_*, 1_*, masks in masks/).
+    #[arg(long)]
+    instance_dir: PathBuf,
+    #[arg(long, default_value = "outputs/magictailor")]
+    output_dir: PathBuf,
+    /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
+    #[arg(long, default_value = magictailor::model::loader::DEFAULT_MODEL)]
+    model: String,
+    #[arg(long, default_value_t = 200)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 300)]
+    dsbal_steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    warmup_lr: f64,
+    #[arg(long, default_value_t = 1e-5)]
+    dsbal_lr: f64,
+    /// Do not multiply the learning rates by the number of reference images (the paper does).
+    #[arg(long)]
+    no_scale_lr: bool,
+    #[arg(long, default_value_t = 32)]
+    lora_rank: usize,
+    /// LoRA alpha (default: the rank, i.e. scale 1).
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Weight of the cross-attention loss (0 turns it off).
+    #[arg(long, default_value_t = 0.01)]
+    lambda_attn: f64,
+    /// Weight of DS-Bal's preserving regularization.
+    #[arg(long, default_value_t = 0.2)]
+    lambda_pres: f64,
+    /// DM-Deg's initial intensity.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// DM-Deg's decay exponent.
+    #[arg(long, default_value_t = 32.0)]
+    gamma: f64,
+    /// DM-Deg intensity curve (the others are the paper's ablations).
+    #[arg(long, value_enum, default_value_t = DmDeg::Dynamic)]
+    dm_deg: DmDeg,
+    /// Ablation: plain joint training after warm-up instead of DS-Bal.
+    #[arg(long)]
+    no_ds_bal: bool,
+    /// Momentum (EMA) decay of DS-Bal's regularizer U-Net.
+    #[arg(long, default_value_t = 0.99)]
+    ema_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    /// Use whole images when a folder has no masks (lets the background leak in).
+    #[arg(long)]
+    no_masks: bool,
+    /// Save a resumable checkpoint every N steps (one is always saved at the phase switch).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue the run in --output-dir from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Reproduce the released script where it departs from the paper: DS-Bal's learning rate
+    /// lasts one step, and the momentum U-Net is hard-copied at its first update.
+    #[arg(long)]
+    released_script: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Weights' precision (only f32 so far).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// One JSON object per step on stdout instead of a progress bar.
+    #[arg(long)]
+    json: bool,
+    /// Print nothing but errors.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -70,6 +164,73 @@ struct InferArgs {
     quiet: bool,
 }
 
+fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
+    use magictailor::train::{
+        dm_deg::Degradation,
+        trainer::{Progress, TrainConfig},
+    };
+    if a.dtype != "f32" {
+        return Err(magictailor::Error::usage(format!(
+            "--dtype {}: only f32 training is implemented so far.",
+            a.dtype
+        )));
+    }
+    let degradation = match a.dm_deg {
+        DmDeg::Dynamic => Degradation::Dynamic {
+            alpha_init: a.alpha,
+            gamma: a.gamma,
+        },
+        DmDeg::Fixed => Degradation::Fixed { alpha: a.alpha },
+        DmDeg::Linear => Degradation::Linear {
+            alpha_init: a.alpha,
+        },
+        DmDeg::MaskOut => Degradation::MaskOut,
+        DmDeg::Off => Degradation::Off,
+    };
+    let cfg = TrainConfig {
+        instance_dir: a.instance_dir,
+        output_dir: a.output_dir,
+        model: a.model,
+        warmup_steps: a.warmup_steps,
+        dsbal_steps: a.dsbal_steps,
+        warmup_lr: a.warmup_lr,
+        dsbal_lr: a.dsbal_lr,
+        scale_lr: !a.no_scale_lr,
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha.unwrap_or(a.lora_rank as f64),
+        lambda_attn: a.lambda_attn,
+        lambda_pres: a.lambda_pres,
+        degradation,
+        ds_bal: !a.no_ds_bal,
+        ema_decay: a.ema_decay,
+        seed: a.seed,
+        resolution: a.resolution,
+        no_masks: a.no_masks,
+        checkpoint_every: a.checkpoint_every,
+        released_script: a.released_script,
+        jitter: 0.1,
+        flip: true,
+    };
+    let progress = if a.quiet {
+        Progress::Quiet
+    } else if a.json {
+        Progress::Json
+    } else {
+        Progress::Bar
+    };
+    let out = cfg.output_dir.clone();
+    magictailor::train::run(
+        cfg,
+        &magictailor::device::parse(&a.device)?,
+        progress,
+        a.resume,
+    )?;
+    if !a.quiet && !a.json {
+        println!("{}", out.display());
+    }
+    Ok(())
+}
+
 fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
     let opts = InferOptions {
         prompt: a.prompt,
@@ -101,6 +262,7 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => train_cmd(a),
         Command::Infer(a) => infer_cmd(a),
     };
     match result {

@@ -176,8 +176,9 @@ impl LoraSet {
     /// diffusers' `lora_adapter_metadata` header so a non-unit scale survives the trip.
     pub fn save_peft(&self, file: &Path, targets: &[LoraTarget]) -> Result<()> {
         let tensors = self.peft_tensors(targets)?;
+        // One metadata key only: the safetensors crate writes metadata in HashMap order, and
+        // equal runs must give equal bytes.
         let mut meta = HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
         if let Some((r, alpha)) = self.rank_alpha() {
             let mut paths: Vec<&String> = self.modules.keys().collect();
             paths.sort();
@@ -189,7 +190,7 @@ impl LoraSet {
             });
             meta.insert("lora_adapter_metadata".to_string(), cfg.to_string());
         }
-        write_safetensors(file, &tensors, Some(meta))
+        write_safetensors(file, &tensors, (!meta.is_empty()).then_some(meta))
     }
 
     /// Kohya layout (`lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha`), which

@@ -116,6 +116,18 @@ impl MomentumLora {
         set
     }
 
+    /// Replaces every tensor by `get("<path>.A")` / `get("<path>.B")` (checkpoint restore).
+    pub fn load(
+        &mut self,
+        get: impl Fn(&str) -> crate::error::Result<Tensor>,
+    ) -> crate::error::Result<()> {
+        for (p, a, b) in &mut self.modules {
+            *a = get(&format!("{p}.A"))?;
+            *b = get(&format!("{p}.B"))?;
+        }
+        Ok(())
+    }
+
     /// Named tensors for checkpoints (`<path>.A`, `<path>.B`).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.modules

@@ -1,0 +1,48 @@
+//! Checkpoints: `checkpoints/step-NNNNNN.safetensors` in the output folder, each written
+//! atomically, holding adapters, momentum adapters, token rows, AdamW state and step.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::lora::{read_safetensors, write_safetensors};
+
+pub fn dir(output: &Path) -> PathBuf {
+    output.join("checkpoints")
+}
+
+pub fn save(output: &Path, step: usize, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
+    let file = dir(output).join(format!("step-{step:06}.safetensors"));
+    write_safetensors(&file, tensors, None)?;
+    Ok(file)
+}
+
+/// The checkpoint with the highest step, if any.
+pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
+    let d = dir(output);
+    if !d.is_dir() {
+        return Ok(None);
+    }
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+        let p = e.map_err(|e| Error::io(&d, e))?.path();
+        let step = p.file_name().and_then(|n| n.to_str()).and_then(|n| {
+            n.strip_prefix("step-")?
+                .strip_suffix(".safetensors")?
+                .parse::<usize>()
+                .ok()
+        });
+        if let Some(s) = step {
+            if best.as_ref().is_none_or(|(b, _)| s > *b) {
+                best = Some((s, p));
+            }
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+pub fn load(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    read_safetensors(file, device)
+}

@@ -1,0 +1,545 @@
+//! The MagicTailor training loop: warm-up, then DS-Bal, on one pair folder.
+//!
+//! Randomness is a pure function of (seed, step), so `--resume` from a checkpoint gives
+//! the same weights as an uninterrupted run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use serde::Serialize;
+
+use super::augment::{color_jitter, flip_horizontal, Jitter};
+use super::dm_deg::Degradation;
+use super::ds_bal::{hardest_sample, per_sample_means, preserving_loss, MomentumLora};
+use super::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::data::{MaskPolicy, PairDataset};
+use crate::error::{Error, Result};
+use crate::infer::{EMBEDS_FILE, LORA_FILE, RUN_FILE};
+use crate::model::attention::{AttnProbe, BlockKind};
+use crate::model::loader::StableDiffusion;
+use crate::model::lora::TrainableLora;
+use crate::model::nn::Ctx;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainConfig {
+    pub instance_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub model: String,
+    pub warmup_steps: usize,
+    pub dsbal_steps: usize,
+    pub warmup_lr: f64,
+    pub dsbal_lr: f64,
+    pub scale_lr: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lambda_attn: f64,
+    pub lambda_pres: f64,
+    #[serde(serialize_with = "degradation_name")]
+    pub degradation: Degradation,
+    pub ds_bal: bool,
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub resolution: usize,
+    pub no_masks: bool,
+    pub checkpoint_every: Option<usize>,
+    /// Reproduce the released script: DS-Bal's rate lasts one step, the momentum U-Net is
+    /// hard-copied at its first update (METHOD.md, "where the released script differs", 1-2).
+    pub released_script: bool,
+    pub jitter: f64,
+    pub flip: bool,
+}
+
+fn degradation_name<S: serde::Serializer>(
+    d: &Degradation,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{d:?}"))
+}
+
+impl TrainConfig {
+    pub fn total_steps(&self) -> usize {
+        self.warmup_steps + self.dsbal_steps
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Bar,
+    Json,
+    Quiet,
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub phase: &'static str,
+    pub alpha_d: f64,
+    pub lr: f64,
+    pub loss: f32,
+    pub l_diff: f32,
+    pub l_attn: f32,
+    pub l_pres: f32,
+    pub per_sample: Vec<f32>,
+    pub chosen_sample: Option<usize>,
+    pub grad_norm: f64,
+}
+
+/// Everything a step reads that does not change during training, on the device.
+struct Batch {
+    pixels: Tensor,
+    masks: Tensor,
+    ids: Tensor,
+    token_pos: Vec<usize>,
+    sample_of: Vec<usize>,
+    n_samples: usize,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    sd: StableDiffusion,
+    batch: Batch,
+    pub lora: TrainableLora,
+    pub rows: Var,
+    pub momentum: Option<MomentumLora>,
+    opt: AdamW,
+    pub step: usize,
+    pub class_words: Vec<String>,
+}
+
+pub fn pseudo_word(i: usize) -> String {
+    format!("<v{i}>")
+}
+
+/// A generator for one purpose at one step: a pure function of (seed, step, stream).
+fn step_rng(seed: u64, step: usize, stream: u64) -> rand::rngs::StdRng {
+    let mix = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        ^ stream.wrapping_mul(0x94D0_49BB_1331_11EB);
+    rand::rngs::StdRng::seed_from_u64(mix)
+}
+
+fn normal(rng: &mut impl Rng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+impl Trainer {
+    /// Loads and checks everything before anything is written.
+    pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
+        if cfg.total_steps() == 0 {
+            return Err(Error::usage(
+                "--warmup-steps and --dsbal-steps are both 0: there is nothing to train.",
+            ));
+        }
+        let mut sd = StableDiffusion::load(&cfg.model, device, DType::F32)?;
+        let f = sd.vae_factor();
+        if cfg.resolution == 0 || cfg.resolution % f != 0 {
+            return Err(Error::usage(format!(
+                "--resolution {} is not a positive multiple of {f}, the VAE's downscale factor: try {}.",
+                cfg.resolution,
+                (cfg.resolution / f).max(1) * f
+            )));
+        }
+        let policy = if cfg.no_masks {
+            MaskPolicy::WholeImage
+        } else {
+            MaskPolicy::Required
+        };
+        let data = PairDataset::load(&cfg.instance_dir, cfg.resolution, policy, device)?;
+        let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
+        let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
+        sd.tokenizer.add_pseudo_words(&words)?;
+        let rows = init_rows(&sd, &class_words)?;
+        let batch = build_batch(&sd, &data, &words)?;
+        let lora = TrainableLora::new(
+            &sd.unet.lora_targets(),
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.seed,
+            device,
+            DType::F32,
+        )?;
+        let mut params = lora.vars();
+        params.push(rows.clone());
+        let opt = AdamW::new(
+            params,
+            AdamWConfig {
+                lr: 0.0,
+                ..Default::default()
+            },
+        )?;
+        Ok(Self {
+            cfg,
+            sd,
+            batch,
+            lora,
+            rows,
+            momentum: None,
+            opt,
+            step: 0,
+            class_words,
+        })
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.batch.sample_of.len()
+    }
+
+    fn in_dsbal(&self, d: usize) -> bool {
+        d > self.cfg.warmup_steps
+    }
+
+    /// The learning rate at step `d`, scaled by the image count when `scale_lr`.
+    pub fn lr(&self, d: usize) -> f64 {
+        let scale = if self.cfg.scale_lr {
+            self.num_images() as f64
+        } else {
+            1.0
+        };
+        let first_dsbal = d == self.cfg.warmup_steps + 1;
+        let base = if !self.in_dsbal(d) || (self.cfg.released_script && !first_dsbal) {
+            self.cfg.warmup_lr
+        } else {
+            self.cfg.dsbal_lr
+        };
+        base * scale
+    }
+
+    /// The augmented, degraded pixels of step `d`, encoded, noised: (z_t, eps, timesteps, masks).
+    fn noisy_latents(&self, d: usize) -> Result<(Tensor, Tensor, Vec<usize>, Tensor, f64)> {
+        let b = self.num_images();
+        let dev = &self.sd.device;
+        let (mut pixels, mut masks) = (self.batch.pixels.clone(), self.batch.masks.clone());
+        let mut rng = step_rng(self.cfg.seed, d, 1);
+        if self.cfg.jitter > 0.0 {
+            let s = self.cfg.jitter as f32;
+            let mut draw = || {
+                (0..b)
+                    .map(|_| rng.random_range(1.0 - s..=1.0 + s))
+                    .collect::<Vec<f32>>()
+            };
+            let j = Jitter {
+                brightness: draw(),
+                contrast: draw(),
+                saturation: draw(),
+            };
+            pixels = color_jitter(&pixels, &j)?;
+        }
+        if self.cfg.flip && rng.random_bool(0.5) {
+            pixels = flip_horizontal(&pixels)?;
+            masks = flip_horizontal(&masks)?;
+        }
+        let total = self.cfg.total_steps();
+        let alpha_d = self.cfg.degradation.alpha(d, total);
+        let g = normal(&mut step_rng(self.cfg.seed, d, 2), pixels.dims(), dev)?;
+        let degraded = self.cfg.degradation.apply(&pixels, &masks, &g, d, total)?;
+        let dist = self.sd.vae.encode(&degraded)?;
+        let z_noise = normal(&mut step_rng(self.cfg.seed, d, 3), dist.mean.dims(), dev)?;
+        let z0 = (dist.sample_with(&z_noise)? * self.sd.vae.config.scaling_factor)?;
+        let mut trng = step_rng(self.cfg.seed, d, 4);
+        let n_t = self.sd.schedule.num_train_timesteps();
+        let timesteps: Vec<usize> = (0..b).map(|_| trng.random_range(0..n_t)).collect();
+        let eps = normal(&mut step_rng(self.cfg.seed, d, 5), z0.dims(), dev)?;
+        let z_t = self.sd.schedule.add_noise(&z0, &eps, &timesteps)?;
+        Ok((z_t, eps, timesteps, masks, alpha_d))
+    }
+
+    /// One optimizer step; returns what `train_log.jsonl` records.
+    pub fn train_step(&mut self) -> Result<StepLog> {
+        let d = self.step + 1;
+        let dsbal = self.in_dsbal(d) && self.cfg.ds_bal;
+        if dsbal && self.momentum.is_none() {
+            self.momentum = Some(MomentumLora::copy_of(&self.lora)?);
+        }
+        let (z_t, eps, timesteps, masks, alpha_d) = self.noisy_latents(d)?;
+        let dev = self.sd.device.clone();
+        let t = Tensor::from_vec(
+            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            timesteps.len(),
+            &dev,
+        )?;
+        let latent_side = z_t.dim(2)?;
+        let mask_latent = resize_nearest(&masks, latent_side)?;
+        let attn_side = (latent_side / 4).max(1);
+        let mask_attn = resize_nearest(&masks, attn_side)?;
+
+        let context = self
+            .sd
+            .text_encoder
+            .forward(&self.batch.ids, Some(self.rows.as_tensor()))?;
+        let probe = AttnProbe::new(attn_side, &[BlockKind::Down, BlockKind::Up]);
+        let online = self.lora.as_set();
+        let pred = self.sd.unet.forward(
+            &z_t,
+            &t,
+            &context,
+            Ctx {
+                lora: Some(&online),
+                probe: Some(&probe),
+            },
+        )?;
+        let per_image = masked_diffusion_per_image(&pred, &eps, &mask_latent)?;
+        let per_sample = per_sample_means(&per_image, &self.batch.sample_of, self.batch.n_samples)?;
+        let l_attn = if self.cfg.lambda_attn > 0.0 {
+            let maps: Vec<Tensor> = probe.take().into_iter().map(|(_, m)| m).collect();
+            attention_loss(&maps, &self.batch.token_pos, &mask_attn)?
+        } else {
+            Tensor::zeros((), DType::F32, &dev)?
+        };
+
+        let (l_diff, l_pres, chosen) = match &self.momentum {
+            Some(momentum) if dsbal => {
+                let chosen = hardest_sample(&per_sample)?;
+                let l_max = per_sample.get(chosen)?;
+                // The momentum U-Net: frozen base + EMA adapters, no graph (detached inputs).
+                let mset = momentum.as_set();
+                let mpred = self.sd.unet.forward(
+                    &z_t,
+                    &t,
+                    &context.detach(),
+                    Ctx {
+                        lora: Some(&mset),
+                        probe: None,
+                    },
+                )?;
+                let l_pres = preserving_loss(
+                    &pred,
+                    &mpred,
+                    &mask_latent,
+                    &self.batch.sample_of,
+                    self.batch.n_samples,
+                    chosen,
+                )?;
+                (l_max, l_pres, Some(chosen))
+            }
+            _ => (
+                per_image.mean_all()?,
+                Tensor::zeros((), DType::F32, &dev)?,
+                None,
+            ),
+        };
+        let loss =
+            ((&l_diff + (&l_pres * self.cfg.lambda_pres)?)? + (&l_attn * self.cfg.lambda_attn)?)?;
+
+        let mut grads = loss.backward()?;
+        let params: Vec<Var> = self
+            .lora
+            .vars()
+            .into_iter()
+            .chain([self.rows.clone()])
+            .collect();
+        let grad_norm = clip_grad_norm(&mut grads, &params, 1.0)?;
+        let lr = self.lr(d);
+        self.opt.config.lr = lr;
+        self.opt.step(&grads)?;
+        drop(grads);
+        if let Some(m) = self.momentum.as_mut().filter(|_| dsbal) {
+            let first_update = d == self.cfg.warmup_steps + 1;
+            if self.cfg.released_script && first_update {
+                *m = MomentumLora::copy_of(&self.lora)?;
+            } else {
+                m.update(&self.lora, self.cfg.ema_decay)?;
+            }
+        }
+        self.step = d;
+        let scalar = |x: &Tensor| -> Result<f32> {
+            Ok(x.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?)
+        };
+        Ok(StepLog {
+            step: d,
+            phase: if self.in_dsbal(d) {
+                "ds-bal"
+            } else {
+                "warm-up"
+            },
+            alpha_d,
+            lr,
+            loss: scalar(&loss)?,
+            l_diff: scalar(&l_diff)?,
+            l_attn: scalar(&l_attn)?,
+            l_pres: scalar(&l_pres)?,
+            per_sample: per_sample.detach().to_vec1::<f32>()?,
+            chosen_sample: chosen,
+            grad_norm,
+        })
+    }
+
+    /// The masked diffusion loss at fixed timesteps and noise (no update): a measure of
+    /// how well the pair is learned, comparable across steps.
+    pub fn probe_loss(&self, timesteps: &[usize], seed: u64) -> Result<f32> {
+        let dev = &self.sd.device;
+        let dist = self.sd.vae.encode(&self.batch.pixels)?;
+        let z0 = (&dist.mean * self.sd.vae.config.scaling_factor)?;
+        let eps = normal(&mut step_rng(seed, 0, 9), z0.dims(), dev)?;
+        let z_t = self.sd.schedule.add_noise(&z0, &eps, timesteps)?;
+        let t = Tensor::from_vec(
+            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            timesteps.len(),
+            dev,
+        )?;
+        let context = self
+            .sd
+            .text_encoder
+            .forward(&self.batch.ids, Some(&self.rows.as_tensor().detach()))?;
+        let set = self.lora.as_set();
+        let pred = self.sd.unet.forward(
+            &z_t,
+            &t,
+            &context,
+            Ctx {
+                lora: Some(&set),
+                probe: None,
+            },
+        )?;
+        let mask_latent = resize_nearest(&self.batch.masks, z_t.dim(2)?)?;
+        Ok(masked_diffusion_per_image(&pred, &eps, &mask_latent)?
+            .mean_all()?
+            .detach()
+            .to_scalar::<f32>()?)
+    }
+
+    /// Writes the adapters, embeddings and run record into the output folder, atomically.
+    pub fn export(&self, dir: &Path) -> Result<()> {
+        let targets = self.sd.unet.lora_targets();
+        let set = self.lora.as_set();
+        set.save_peft(&dir.join(LORA_FILE), &targets)?;
+        set.save_kohya(&dir.join("lora_kohya.safetensors"), &targets)?;
+        let embeds = self.embeds()?;
+        crate::embeds::save(&dir.join(EMBEDS_FILE), &embeds)?;
+        crate::embeds::save_a1111(&dir.join("embeddings"), &embeds)?;
+        let tokens: serde_json::Map<String, serde_json::Value> = self
+            .class_words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (pseudo_word(i), serde_json::json!(w)))
+            .collect();
+        // A local folder is recorded absolute, so the output folder works from anywhere.
+        let base = std::fs::canonicalize(&self.sd.source)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| self.sd.source.clone());
+        let record = serde_json::json!({
+            "base_model": base,
+            "tokens": tokens,
+            "steps_done": self.step,
+            "config": self.cfg,
+            "magictailor_version": env!("CARGO_PKG_VERSION"),
+        });
+        let text =
+            serde_json::to_string_pretty(&record).map_err(|e| Error::model(e.to_string()))?;
+        crate::fsutil::write_atomic(&dir.join(RUN_FILE), text.as_bytes())
+    }
+
+    pub fn embeds(&self) -> Result<crate::embeds::Embeds> {
+        (0..self.class_words.len())
+            .map(|i| Ok((pseudo_word(i), self.rows.as_tensor().get(i)?.detach())))
+            .collect()
+    }
+
+    /// Everything resume needs, as named tensors.
+    pub fn checkpoint_tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for (p, a, b) in &self.lora.modules {
+            out.insert(format!("lora.{p}.A"), a.as_tensor().detach());
+            out.insert(format!("lora.{p}.B"), b.as_tensor().detach());
+        }
+        if let Some(m) = &self.momentum {
+            for (name, t) in m.tensors() {
+                out.insert(format!("momentum.{name}"), t);
+            }
+        }
+        out.insert("rows".into(), self.rows.as_tensor().detach());
+        for (k, v) in self.opt.state()? {
+            out.insert(format!("opt.{k}"), v);
+        }
+        out.insert(
+            "step".into(),
+            Tensor::new(self.step as u32, &self.sd.device)?,
+        );
+        Ok(out)
+    }
+
+    pub fn restore(&mut self, t: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let get = |k: &str| {
+            t.get(k).ok_or_else(|| {
+                Error::model(format!(
+                    "the checkpoint lacks {k}: it is from another run or version"
+                ))
+            })
+        };
+        for (p, a, b) in &self.lora.modules {
+            a.set(get(&format!("lora.{p}.A"))?)?;
+            b.set(get(&format!("lora.{p}.B"))?)?;
+        }
+        self.rows.set(get("rows")?)?;
+        if t.contains_key(&format!("momentum.{}.A", self.lora.modules[0].0)) {
+            let mut m = MomentumLora::copy_of(&self.lora)?;
+            m.load(|name| get(&format!("momentum.{name}")).cloned())?;
+            self.momentum = Some(m);
+        }
+        let opt: std::collections::HashMap<String, Tensor> = t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        self.opt.load_state(&opt)?;
+        self.step = get("step")?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        Ok(())
+    }
+}
+
+/// Pseudo-word rows start as the embedding of the first token of their class word.
+fn init_rows(sd: &StableDiffusion, class_words: &[String]) -> Result<Var> {
+    let mut rows = Vec::new();
+    for w in class_words {
+        let ids = sd.tokenizer.encode(w)?;
+        // ids[0] is BOS; ids[1] the first token of the word.
+        rows.push(sd.text_encoder.token_row(ids[1])?);
+    }
+    Ok(Var::from_tensor(&Tensor::stack(&rows, 0)?)?)
+}
+
+fn build_batch(sd: &StableDiffusion, data: &PairDataset, words: &[String]) -> Result<Batch> {
+    let mut pixels = Vec::new();
+    let mut masks = Vec::new();
+    let mut ids = Vec::new();
+    let mut token_pos = Vec::new();
+    let mut sample_of = Vec::new();
+    for (s, im) in data.images() {
+        pixels.push(im.pixels.clone());
+        masks.push(im.mask.clone());
+        let prompt_ids = sd.tokenizer.encode(&format!("A photo of {}", words[s]))?;
+        let word_id = sd.tokenizer.encode(&words[s])?[1];
+        let pos = prompt_ids
+            .iter()
+            .position(|&i| i == word_id)
+            .ok_or_else(|| Error::model("pseudo-word missing from its prompt"))?;
+        ids.extend(prompt_ids);
+        token_pos.push(pos);
+        sample_of.push(s);
+    }
+    let b = sample_of.len();
+    Ok(Batch {
+        pixels: Tensor::stack(&pixels, 0)?,
+        masks: Tensor::stack(&masks, 0)?,
+        ids: Tensor::from_vec(ids, (b, sd.tokenizer.max_len()), &sd.device)?,
+        token_pos,
+        sample_of,
+        n_samples: data.samples.len(),
+    })
+}
+
+/// Appends one JSON line to the training log.
+pub fn append_log(file: &Path, log: &StepLog) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .map_err(|e| Error::io(file, e))?;
+    let line = serde_json::to_string(log).map_err(|e| Error::model(e.to_string()))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(file, e))
+}
