@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::infer::{EMBEDS_FILE, LORA_FILE, RUN_FILE};
 use crate::model::attention::{AttnProbe, BlockKind};
 use crate::model::loader::StableDiffusion;
-use crate::model::lora::TrainableLora;
+use crate::model::lora::{LoraSet, TrainableLora};
 use crate::model::nn::Ctx;
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,19 +90,129 @@ pub struct StepLog {
 }
 
 /// Everything a step reads that does not change during training, on the device.
-struct Batch {
-    pixels: Tensor,
-    masks: Tensor,
-    ids: Tensor,
-    token_pos: Vec<usize>,
-    sample_of: Vec<usize>,
-    n_samples: usize,
+pub struct Batch {
+    pub pixels: Tensor,
+    pub masks: Tensor,
+    /// Prompt ids `"A photo of <vN>"` per image, `[b, 77]`.
+    pub ids: Tensor,
+    /// Position of each image's own pseudo-word in its prompt.
+    pub token_pos: Vec<usize>,
+    pub sample_of: Vec<usize>,
+    pub n_samples: usize,
+}
+
+/// A step's noised latents: `z_t = add_noise(z0, eps, t)`, and the (augmented) masks at
+/// pixel resolution.
+pub struct Noised {
+    pub z_t: Tensor,
+    pub eps: Tensor,
+    pub timesteps: Vec<usize>,
+    pub masks: Tensor,
+}
+
+/// The loss terms of one step, still in the graph.
+pub struct StepLosses {
+    pub per_image: Tensor,
+    pub per_sample: Tensor,
+    pub l_diff: Tensor,
+    pub l_attn: Tensor,
+    pub l_pres: Tensor,
+    pub chosen: Option<usize>,
+    pub loss: Tensor,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LossWeights {
+    pub lambda_attn: f64,
+    pub lambda_pres: f64,
+}
+
+/// The objective of one step. Warm-up (`momentum` None): mean masked diffusion loss +
+/// lambda_attn * L_attn. DS-Bal: the largest per-sample loss + lambda_pres * L_pres
+/// (against the momentum adapters, no graph) + lambda_attn * L_attn.
+pub fn step_losses(
+    sd: &StableDiffusion,
+    batch: &Batch,
+    noised: &Noised,
+    online: &LoraSet,
+    rows: &Tensor,
+    momentum: Option<&LoraSet>,
+    w: LossWeights,
+) -> Result<StepLosses> {
+    let dev = &sd.device;
+    let ts: Vec<f32> = noised.timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::from_vec(ts, noised.timesteps.len(), dev)?;
+    let latent_side = noised.z_t.dim(2)?;
+    let mask_latent = resize_nearest(&noised.masks, latent_side)?;
+    let attn_side = (latent_side / 4).max(1);
+
+    let context = sd.text_encoder.forward(&batch.ids, Some(rows))?;
+    let probe = AttnProbe::new(attn_side, &[BlockKind::Down, BlockKind::Up]);
+    let pred = sd.unet.forward(
+        &noised.z_t,
+        &t,
+        &context,
+        Ctx {
+            lora: Some(online),
+            probe: Some(&probe),
+        },
+    )?;
+    let per_image = masked_diffusion_per_image(&pred, &noised.eps, &mask_latent)?;
+    let per_sample = per_sample_means(&per_image, &batch.sample_of, batch.n_samples)?;
+    let l_attn = if w.lambda_attn > 0.0 {
+        let maps: Vec<Tensor> = probe.take().into_iter().map(|(_, m)| m).collect();
+        attention_loss(
+            &maps,
+            &batch.token_pos,
+            &resize_nearest(&noised.masks, attn_side)?,
+        )?
+    } else {
+        Tensor::zeros((), DType::F32, dev)?
+    };
+    let (l_diff, l_pres, chosen) = match momentum {
+        Some(mset) => {
+            let chosen = hardest_sample(&per_sample)?;
+            let mpred = sd.unet.forward(
+                &noised.z_t,
+                &t,
+                &context.detach(),
+                Ctx {
+                    lora: Some(mset),
+                    probe: None,
+                },
+            )?;
+            let l_pres = preserving_loss(
+                &pred,
+                &mpred,
+                &mask_latent,
+                &batch.sample_of,
+                batch.n_samples,
+                chosen,
+            )?;
+            (per_sample.get(chosen)?, l_pres, Some(chosen))
+        }
+        None => (
+            per_image.mean_all()?,
+            Tensor::zeros((), DType::F32, dev)?,
+            None,
+        ),
+    };
+    let loss = ((&l_diff + (&l_pres * w.lambda_pres)?)? + (&l_attn * w.lambda_attn)?)?;
+    Ok(StepLosses {
+        per_image,
+        per_sample,
+        l_diff,
+        l_attn,
+        l_pres,
+        chosen,
+        loss,
+    })
 }
 
 pub struct Trainer {
     pub cfg: TrainConfig,
-    sd: StableDiffusion,
-    batch: Batch,
+    pub sd: StableDiffusion,
+    pub batch: Batch,
     pub lora: TrainableLora,
     pub rows: Var,
     pub momentum: Option<MomentumLora>,
@@ -211,8 +321,8 @@ impl Trainer {
         base * scale
     }
 
-    /// The augmented, degraded pixels of step `d`, encoded, noised: (z_t, eps, timesteps, masks).
-    fn noisy_latents(&self, d: usize) -> Result<(Tensor, Tensor, Vec<usize>, Tensor, f64)> {
+    /// The augmented, degraded pixels of step `d`, encoded and noised; and alpha_d.
+    fn noisy_latents(&self, d: usize) -> Result<(Noised, f64)> {
         let b = self.num_images();
         let dev = &self.sd.device;
         let (mut pixels, mut masks) = (self.batch.pixels.clone(), self.batch.masks.clone());
@@ -247,7 +357,15 @@ impl Trainer {
         let timesteps: Vec<usize> = (0..b).map(|_| trng.random_range(0..n_t)).collect();
         let eps = normal(&mut step_rng(self.cfg.seed, d, 5), z0.dims(), dev)?;
         let z_t = self.sd.schedule.add_noise(&z0, &eps, &timesteps)?;
-        Ok((z_t, eps, timesteps, masks, alpha_d))
+        Ok((
+            Noised {
+                z_t,
+                eps,
+                timesteps,
+                masks,
+            },
+            alpha_d,
+        ))
     }
 
     /// One optimizer step; returns what `train_log.jsonl` records.
@@ -257,76 +375,30 @@ impl Trainer {
         if dsbal && self.momentum.is_none() {
             self.momentum = Some(MomentumLora::copy_of(&self.lora)?);
         }
-        let (z_t, eps, timesteps, masks, alpha_d) = self.noisy_latents(d)?;
-        let dev = self.sd.device.clone();
-        let t = Tensor::from_vec(
-            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-            timesteps.len(),
-            &dev,
-        )?;
-        let latent_side = z_t.dim(2)?;
-        let mask_latent = resize_nearest(&masks, latent_side)?;
-        let attn_side = (latent_side / 4).max(1);
-        let mask_attn = resize_nearest(&masks, attn_side)?;
-
-        let context = self
-            .sd
-            .text_encoder
-            .forward(&self.batch.ids, Some(self.rows.as_tensor()))?;
-        let probe = AttnProbe::new(attn_side, &[BlockKind::Down, BlockKind::Up]);
+        let (noised, alpha_d) = self.noisy_latents(d)?;
         let online = self.lora.as_set();
-        let pred = self.sd.unet.forward(
-            &z_t,
-            &t,
-            &context,
-            Ctx {
-                lora: Some(&online),
-                probe: Some(&probe),
-            },
+        let mset = self.momentum.as_ref().filter(|_| dsbal).map(|m| m.as_set());
+        let w = LossWeights {
+            lambda_attn: self.cfg.lambda_attn,
+            lambda_pres: self.cfg.lambda_pres,
+        };
+        let StepLosses {
+            per_sample,
+            l_diff,
+            l_attn,
+            l_pres,
+            chosen,
+            loss,
+            ..
+        } = step_losses(
+            &self.sd,
+            &self.batch,
+            &noised,
+            &online,
+            self.rows.as_tensor(),
+            mset.as_ref(),
+            w,
         )?;
-        let per_image = masked_diffusion_per_image(&pred, &eps, &mask_latent)?;
-        let per_sample = per_sample_means(&per_image, &self.batch.sample_of, self.batch.n_samples)?;
-        let l_attn = if self.cfg.lambda_attn > 0.0 {
-            let maps: Vec<Tensor> = probe.take().into_iter().map(|(_, m)| m).collect();
-            attention_loss(&maps, &self.batch.token_pos, &mask_attn)?
-        } else {
-            Tensor::zeros((), DType::F32, &dev)?
-        };
-
-        let (l_diff, l_pres, chosen) = match &self.momentum {
-            Some(momentum) if dsbal => {
-                let chosen = hardest_sample(&per_sample)?;
-                let l_max = per_sample.get(chosen)?;
-                // The momentum U-Net: frozen base + EMA adapters, no graph (detached inputs).
-                let mset = momentum.as_set();
-                let mpred = self.sd.unet.forward(
-                    &z_t,
-                    &t,
-                    &context.detach(),
-                    Ctx {
-                        lora: Some(&mset),
-                        probe: None,
-                    },
-                )?;
-                let l_pres = preserving_loss(
-                    &pred,
-                    &mpred,
-                    &mask_latent,
-                    &self.batch.sample_of,
-                    self.batch.n_samples,
-                    chosen,
-                )?;
-                (l_max, l_pres, Some(chosen))
-            }
-            _ => (
-                per_image.mean_all()?,
-                Tensor::zeros((), DType::F32, &dev)?,
-                None,
-            ),
-        };
-        let loss =
-            ((&l_diff + (&l_pres * self.cfg.lambda_pres)?)? + (&l_attn * self.cfg.lambda_attn)?)?;
-
         let mut grads = loss.backward()?;
         let params: Vec<Var> = self
             .lora
