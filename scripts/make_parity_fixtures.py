@@ -17,11 +17,12 @@ import shutil
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -228,5 +229,83 @@ def main():
     print("fixtures written to", os.path.abspath(ROOT))
 
 
+def training_step_fixture():
+    """One warm-up step's loss terms and gradients, and one DS-Bal step's L_diff-max and
+    L_pres, on the tiny model with the fixture LoRA and pseudo-words (METHOD.md eq. 1-2, 6-8;
+    losses written here from the formulas, independently of magictailor's code)."""
+    g = torch.Generator().manual_seed(7)
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
+    pipe.load_lora_weights(ROOT, weight_name="lora_peft.safetensors")
+    for tok, vec in load_file(os.path.join(ROOT, "learned_embeds.safetensors")).items():
+        pipe.load_textual_inversion(vec, token=tok)
+    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    prompts, sample_of = ["A photo of <v0>", "A photo of <v0>", "A photo of <v1>"], [0, 0, 1]
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    token_pos = [ids[i].tolist().index(tok.convert_tokens_to_ids(f"<v{s}>")) for i, s in enumerate(sample_of)]
+    b = len(prompts)
+    z0, eps = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
+    t = torch.tensor([50, 400, 900])
+    masks = torch.zeros(b, 1, 64, 64)
+    for i, (y0, y1, x0, x1) in enumerate([(8, 40, 16, 56), (20, 64, 0, 30), (0, 24, 10, 50)]):
+        masks[i, :, y0:y1, x0:x1] = 1
+    z_t = pipe.scheduler.add_noise(z0, eps, t)
+
+    emb = te.get_input_embeddings().weight
+    vocab = emb.shape[0] - 2
+    emb.requires_grad_(True)
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    for p in lora.values():
+        p.requires_grad_(True)
+    store = {}
+    unet.set_attn_processor({n: ProbsRecorder(n.removesuffix(".processor"), store) for n in unet.attn_processors})
+
+    ctx = te(ids)[0]
+    pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+    m_lat = F.interpolate(masks, size=(8, 8), mode="nearest")
+    m_att = F.interpolate(masks, size=(2, 2), mode="nearest").flatten(1)
+    per_image = ((pred - eps) * m_lat).pow(2).flatten(1).mean(1)
+    maps = [m for n, m in store.items() if m.shape[1] == 4 and not n.startswith("mid_block")]
+    assert len(maps) == 5, [n for n in store]
+    mean = torch.stack(maps).mean(0)
+    own = mean[torch.arange(b), :, token_pos]
+    own = own / own.max(dim=1, keepdim=True).values
+    l_attn = (own - m_att).pow(2).mean()
+    l_diff = per_image.mean()
+    loss = l_diff + 0.01 * l_attn
+    loss.backward()
+    out = {"ids": ids.to(torch.int64), "token_pos": torch.tensor(token_pos), "sample_of": torch.tensor(sample_of),
+           "z_t": z_t, "eps": eps, "t": t.to(torch.int64), "masks": masks, "per_image": per_image.detach(),
+           "l_attn": l_attn.detach(), "l_diff": l_diff.detach(), "loss": loss.detach(),
+           "grad.rows": emb.grad[vocab:].clone()}
+    for n, p in lora.items():
+        module, which = n.split(".lora_")
+        out[f"grad.{module}.{which[0]}"] = p.grad.clone()
+
+    # DS-Bal: momentum adapters near the online ones; max over samples; preserving term.
+    momentum = {n: (p.detach() + 0.05 * torch.randn(p.shape, generator=g)) for n, p in lora.items()}
+    per_sample = torch.stack([per_image[[0, 1]].mean(), per_image[[2]].mean()])
+    chosen = int(per_sample.argmax())
+    online = {n: p.detach().clone() for n, p in lora.items()}
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(momentum[n])
+        mpred = unet(z_t, t, encoder_hidden_states=ctx.detach()).sample
+        for n, p in lora.items():
+            p.copy_(online[n])
+    pres_img = ((pred - mpred) * m_lat).pow(2).flatten(1).mean(1)
+    pres_sample = torch.stack([pres_img[[0, 1]].mean(), pres_img[[2]].mean()])
+    l_pres = torch.stack([pres_sample[s] for s in range(2) if s != chosen]).mean()
+    out.update({"per_sample": per_sample.detach(), "chosen": torch.tensor(chosen), "l_diff_max": per_sample[chosen].detach(),
+                "l_pres": l_pres.detach()})
+    peft_momentum = {}
+    for n, v in momentum.items():
+        module, which = n.split(".lora_")
+        peft_momentum[f"unet.{module}.lora_{which[0]}.weight"] = v.contiguous()
+    save_file(peft_momentum, os.path.join(ROOT, "lora_momentum.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8})})
+    save_file({k: v.detach().clone().contiguous() for k, v in out.items()}, os.path.join(ROOT, "train_step.safetensors"))
+
+
 if __name__ == "__main__":
     main()
+    training_step_fixture()
