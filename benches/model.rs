@@ -99,6 +99,91 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
     );
 }
 
+/// A 3+3 pair folder of generated images (a disc on a background, the disc as mask).
+fn make_pair(root: &std::path::Path) -> std::path::PathBuf {
+    use image::{ImageBuffer, Luma, Rgb};
+    let dir = root.join("person_k+hair_c");
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    for (s, name) in [(0, "person_k"), (1, "hair_c")] {
+        for k in 1..=3u32 {
+            let inside = |x: u32, y: u32| {
+                (x as i32 - 64 - k as i32 * 4).pow(2) + (y as i32 - 64).pow(2) < 1600
+            };
+            let img = ImageBuffer::from_fn(128, 128, |x, y| {
+                if inside(x, y) {
+                    Rgb([200u8, 100, 50 * s as u8])
+                } else {
+                    Rgb([90, 140, 200])
+                }
+            });
+            img.save(dir.join(format!("{s}_{name}{k}.png"))).unwrap();
+            let m = ImageBuffer::from_fn(128, 128, |x, y| {
+                Luma([if inside(x, y) { 255u8 } else { 0 }])
+            });
+            m.save(dir.join(format!("masks/{s}_{name}{k}.png")))
+                .unwrap();
+        }
+    }
+    dir
+}
+
+/// Seconds per warm-up step and per DS-Bal step of the real trainer (3+3 images).
+fn bench_train(
+    name: &str,
+    model: &std::path::Path,
+    pair: &std::path::Path,
+    resolution: usize,
+    reps: usize,
+) {
+    use magictailor::train::dm_deg::Degradation;
+    use magictailor::train::trainer::{TrainConfig, Trainer};
+    let cfg = TrainConfig {
+        instance_dir: pair.to_path_buf(),
+        output_dir: std::env::temp_dir().join("unused"),
+        model: model.to_string_lossy().into_owned(),
+        warmup_steps: reps + 1,
+        dsbal_steps: reps + 1,
+        warmup_lr: 1e-4,
+        dsbal_lr: 1e-5,
+        scale_lr: true,
+        lora_rank: 32,
+        lora_alpha: 32.0,
+        lambda_attn: 0.01,
+        lambda_pres: 0.2,
+        degradation: Degradation::Dynamic {
+            alpha_init: 0.5,
+            gamma: 32.0,
+        },
+        ds_bal: true,
+        ema_decay: 0.99,
+        seed: 0,
+        resolution,
+        no_masks: false,
+        checkpoint_every: None,
+        released_script: false,
+        jitter: 0.1,
+        flip: true,
+    };
+    let mut t = Trainer::new(cfg, &Device::Cpu).expect("trainer");
+    let mut times = |n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                let s = Instant::now();
+                t.train_step().unwrap();
+                s.elapsed().as_secs_f64()
+            })
+            .collect()
+    };
+    let warm = times(reps + 1);
+    let dsbal = times(reps + 1);
+    println!(
+        "{name:>5} MagicTailor step, 3+3 images at {resolution} px: warm-up {:.3} s/step | DS-Bal {:.3} s/step | peak RSS so far {:.0} MB",
+        median(warm[1..].to_vec()),
+        median(dsbal[1..].to_vec()),
+        peak_rss_mb()
+    );
+}
+
 fn main() {
     let tmp = std::env::temp_dir().join(format!("magictailor-bench-{}", std::process::id()));
     let tiny = tmp.join("tiny");
@@ -117,7 +202,10 @@ fn main() {
         "threads: {}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default (physical cores)".into())
     );
+    let pair = make_pair(&tmp);
     bench("tiny", &tiny, 16, 5);
+    bench_train("tiny", &tiny, &pair, 128, 5);
     bench("mid", &mid, 32, 3);
+    bench_train("mid", &mid, &pair, 256, 3);
     let _ = std::fs::remove_dir_all(&tmp);
 }

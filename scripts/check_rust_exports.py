@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Loads the LoRA and embeddings magictailor wrote into diffusers (run by hand).
 
-    cargo test --test formats        # writes target/tmp/export-check/
+    cargo test --test formats --test train   # writes target/tmp/export-check/ and train-check/
     python scripts/check_rust_exports.py [target/tmp/export-check]
 
 Passes when diffusers, with magictailor's pytorch_lora_weights.safetensors (via peft) and
-learned_embeds.safetensors (via textual inversion), reproduces tests/fixtures/ddim_personal.png.
+learned_embeds.safetensors (via textual inversion), reproduces tests/fixtures/ddim_personal.png,
+and, for a folder written by `magictailor train` (target/tmp/train-check/), reproduces the
+image `magictailor infer --model-dir` drew from the same latents.
 """
 import os
 import sys
@@ -42,4 +44,16 @@ img = pipe("<v0> with <v1>, in the snow", latents=lat, num_inference_steps=10, g
            height=64, width=64).images[0]
 diff_k = np.abs(np.asarray(img).astype(int) - want).max()
 print(f"kohya file: diffusers loaded {n_kohya} LoRA modules; max pixel difference {diff_k}")
-sys.exit(0 if diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 else 1)
+
+# A folder written by `magictailor train`.
+trained = os.path.join(os.path.dirname(os.path.abspath(export)), "train-check")
+pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(trained, weight_name="pytorch_lora_weights.safetensors")
+for tok, vec in load_file(os.path.join(trained, "learned_embeds.safetensors")).items():
+    pipe.load_textual_inversion(vec, token=tok)
+img = pipe("<v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64, width=64).images[0]
+ours = np.asarray(Image.open(os.path.join(trained, "infer.png"))).astype(int)
+diff_t = np.abs(np.asarray(img).astype(int) - ours).max()
+print(f"trained folder: diffusers reproduces magictailor's image within {diff_t} levels")
+sys.exit(0 if diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 else 1)

@@ -230,8 +230,6 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
             "infer",
             "--prompt",
             "<v0> with <v1>",
-            "--steps",
-            "3",
             "--width",
             "64",
             "--height",
@@ -247,19 +245,51 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
             .unwrap()
     };
     let personal = tmp.path().join("p.png");
-    ok(&infer(&["--model-dir", out.to_str().unwrap()], &personal));
+    ok(&infer(
+        &["--model-dir", out.to_str().unwrap(), "--steps", "3"],
+        &personal,
+    ));
     assert_eq!(read_png(&personal).dimensions(), (64, 64));
     // Same noise without the LoRA (but with the learned words) gives another image.
     let embeds = out.join("learned_embeds.safetensors");
     let plain = tmp.path().join("q.png");
     ok(&infer(
-        &["--model", &tiny_sd(), "--embeds", embeds.to_str().unwrap()],
+        &[
+            "--model",
+            &tiny_sd(),
+            "--embeds",
+            embeds.to_str().unwrap(),
+            "--steps",
+            "3",
+        ],
         &plain,
     ));
     assert!(
         png_max_diff(&read_png(&personal), &read_png(&plain)) > 0,
         "the trained adapters change the image"
     );
+
+    // Leave the run and an image from fixed latents for scripts/check_rust_exports.py,
+    // which loads the run into diffusers and must reproduce that image.
+    let check = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("train-check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    for f in [
+        "pytorch_lora_weights.safetensors",
+        "learned_embeds.safetensors",
+    ] {
+        std::fs::copy(out.join(f), check.join(f)).unwrap();
+    }
+    let latents = fixtures().join("init_latents.safetensors");
+    let args = [
+        "--model-dir",
+        out.to_str().unwrap(),
+        "--init-latents",
+        latents.to_str().unwrap(),
+        "--steps",
+        "10",
+    ];
+    ok(&infer(&args, &check.join("infer.png")));
 }
 
 #[test]
