@@ -211,6 +211,12 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
         jitter: 0.1,
         flip: true,
     };
+    if cfg.no_masks && !a.quiet {
+        eprintln!(
+            "warning: --no-masks: images without masks are learned whole, so their background and other \
+             objects can leak into the pseudo-words (the semantic pollution MagicTailor's masks prevent)."
+        );
+    }
     let progress = if a.quiet {
         Progress::Quiet
     } else if a.json {
