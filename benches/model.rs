@@ -135,35 +135,13 @@ fn bench_train(
     resolution: usize,
     reps: usize,
 ) {
-    use magictailor::train::dm_deg::Degradation;
     use magictailor::train::trainer::{TrainConfig, Trainer};
-    let cfg = TrainConfig {
-        instance_dir: pair.to_path_buf(),
-        output_dir: std::env::temp_dir().join("unused"),
-        model: model.to_string_lossy().into_owned(),
-        warmup_steps: reps + 1,
-        dsbal_steps: reps + 1,
-        warmup_lr: 1e-4,
-        dsbal_lr: 1e-5,
-        scale_lr: true,
-        lora_rank: 32,
-        lora_alpha: 32.0,
-        lambda_attn: 0.01,
-        lambda_pres: 0.2,
-        degradation: Degradation::Dynamic {
-            alpha_init: 0.5,
-            gamma: 32.0,
-        },
-        ds_bal: true,
-        ema_decay: 0.99,
-        seed: 0,
-        resolution,
-        no_masks: false,
-        checkpoint_every: None,
-        released_script: false,
-        jitter: 0.1,
-        flip: true,
-    };
+    let mut cfg = TrainConfig::new(
+        pair.to_path_buf(),
+        std::env::temp_dir().join("unused"),
+        model.to_string_lossy().into_owned(),
+    );
+    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 1, resolution);
     let mut t = Trainer::new(cfg, &Device::Cpu).expect("trainer");
     let mut times = |n: usize| -> Vec<f64> {
         (0..n)

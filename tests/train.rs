@@ -9,7 +9,6 @@ use std::process::{Command, Output};
 use candle_core::Device;
 use common::*;
 use image::{ImageBuffer, Luma, Rgb};
-use magictailor::train::dm_deg::Degradation;
 use magictailor::train::trainer::{TrainConfig, Trainer};
 
 /// person_k+hair_c: a disc on a background per image, the disc as mask.
@@ -41,33 +40,9 @@ fn make_pair(root: &Path) -> PathBuf {
 }
 
 fn config(pair: &Path, out: &Path, warmup: usize, dsbal: usize) -> TrainConfig {
-    TrainConfig {
-        instance_dir: pair.to_path_buf(),
-        output_dir: out.to_path_buf(),
-        model: tiny_sd(),
-        warmup_steps: warmup,
-        dsbal_steps: dsbal,
-        warmup_lr: 1e-4,
-        dsbal_lr: 1e-5,
-        scale_lr: true,
-        lora_rank: 32,
-        lora_alpha: 32.0,
-        lambda_attn: 0.01,
-        lambda_pres: 0.2,
-        degradation: Degradation::Dynamic {
-            alpha_init: 0.5,
-            gamma: 32.0,
-        },
-        ds_bal: true,
-        ema_decay: 0.99,
-        seed: 0,
-        resolution: 64,
-        no_masks: false,
-        checkpoint_every: None,
-        released_script: false,
-        jitter: 0.1,
-        flip: true,
-    }
+    let mut cfg = TrainConfig::new(pair.to_path_buf(), out.to_path_buf(), tiny_sd());
+    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (warmup, dsbal, 64);
+    cfg
 }
 
 #[test]

@@ -221,34 +221,26 @@ fn momentum_adapters_follow_the_ema_and_build_no_graph() {
     }
     // The momentum forward, on detached text features, is not part of any graph.
     let r = reference();
-    let ctx = Var::from_tensor(&r["te_hidden"].narrow(0, 0, 2).unwrap()).unwrap();
-    let set = momentum.as_set();
-    let out = sd
-        .unet
-        .forward(
-            &r["unet_x"],
-            &r["unet_t"],
-            &ctx.as_tensor().detach(),
-            Ctx {
-                lora: Some(&set),
-                probe: None,
-            },
-        )
-        .unwrap();
-    assert!(!out.track_op(), "momentum forward built a graph");
-    let online_set = online.as_set();
-    let out = sd
-        .unet
-        .forward(
-            &r["unet_x"],
-            &r["unet_t"],
-            &ctx.as_tensor().detach(),
-            Ctx {
-                lora: Some(&online_set),
-                probe: None,
-            },
-        )
-        .unwrap();
+    let ctx_text = Var::from_tensor(&r["te_hidden"].narrow(0, 0, 2).unwrap()).unwrap();
+    let forward = |set: &magictailor::model::lora::LoraSet| {
+        let ctx = Ctx {
+            lora: Some(set),
+            probe: None,
+        };
+        sd.unet
+            .forward(
+                &r["unet_x"],
+                &r["unet_t"],
+                &ctx_text.as_tensor().detach(),
+                ctx,
+            )
+            .unwrap()
+    };
+    assert!(
+        !forward(&momentum.as_set()).track_op(),
+        "momentum forward built a graph"
+    );
+    let out = forward(&online.as_set());
     assert!(
         out.track_op(),
         "the online forward does track (sanity check of the probe above)"

@@ -61,6 +61,37 @@ fn degradation_name<S: serde::Serializer>(
 }
 
 impl TrainConfig {
+    /// The paper's settings (METHOD.md) for one pair folder.
+    pub fn new(instance_dir: PathBuf, output_dir: PathBuf, model: String) -> Self {
+        Self {
+            instance_dir,
+            output_dir,
+            model,
+            warmup_steps: 200,
+            dsbal_steps: 300,
+            warmup_lr: 1e-4,
+            dsbal_lr: 1e-5,
+            scale_lr: true,
+            lora_rank: 32,
+            lora_alpha: 32.0,
+            lambda_attn: 0.01,
+            lambda_pres: 0.2,
+            degradation: Degradation::Dynamic {
+                alpha_init: 0.5,
+                gamma: 32.0,
+            },
+            ds_bal: true,
+            ema_decay: 0.99,
+            seed: 0,
+            resolution: 512,
+            no_masks: false,
+            checkpoint_every: None,
+            released_script: false,
+            jitter: 0.1,
+            flip: true,
+        }
+    }
+
     pub fn total_steps(&self) -> usize {
         self.warmup_steps + self.dsbal_steps
     }
