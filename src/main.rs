@@ -100,7 +100,8 @@ struct TrainArgs {
     #[arg(long)]
     resume: bool,
     /// Reproduce the released script where it departs from the paper: DS-Bal's learning rate
-    /// lasts one step, and the momentum U-Net is hard-copied at its first update.
+    /// lasts one step, the momentum U-Net is hard-copied at its first update, and the whole
+    /// token-embedding table is optimized (with weight decay), not only the pseudo-words.
     #[arg(long)]
     released_script: bool,
     /// auto, cpu, cuda or cuda:N.

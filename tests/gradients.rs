@@ -120,7 +120,7 @@ fn check(s: &Setup, name: &str, var: &Var, grads: &candle_core::backprop::GradSt
         .to_vec1::<f64>()
         .unwrap();
     let h = 1e-5;
-    let mut at = |delta: f64| {
+    let at = |delta: f64| {
         let mut v = orig.clone();
         v[idx] += delta;
         var.set(&Tensor::from_vec(v, var.shape().clone(), &Device::Cpu).unwrap())

@@ -319,3 +319,77 @@ fn bad_training_input_is_refused_and_writes_nothing() {
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("--resume"));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
 }
+
+#[test]
+fn released_script_switch_reproduces_its_three_departures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let run = |released: bool| {
+        let mut cfg = config(&pair, &tmp.path().join("unused"), 2, 3);
+        cfg.released_script = released;
+        let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+        let logs: Vec<_> = (0..5).map(|_| t.train_step().unwrap()).collect();
+        (t, logs)
+    };
+    let lrs = |logs: &[magictailor::train::trainer::StepLog]| {
+        logs.iter().map(|l| l.lr).collect::<Vec<_>>()
+    };
+    let pres = |logs: &[magictailor::train::trainer::StepLog]| {
+        logs.iter().map(|l| l.l_pres).collect::<Vec<_>>()
+    };
+
+    let (paper, logs) = run(false);
+    assert_eq!(
+        lrs(&logs),
+        [4e-4, 4e-4, 4e-5, 4e-5, 4e-5],
+        "the paper holds DS-Bal's rate"
+    );
+    let p = pres(&logs);
+    assert!(
+        p[2] == 0.0 && p[3] > 0.0,
+        "momentum = EMA from the switch: {p:?}"
+    );
+    assert!(
+        paper.table.is_none(),
+        "only the pseudo-word rows are trained"
+    );
+
+    let (released, logs) = run(true);
+    // 1. The constant scheduler resets DS-Bal's rate after one step.
+    assert_eq!(lrs(&logs), [4e-4, 4e-4, 4e-5, 4e-4, 4e-4]);
+    // 2. The EMA wrapper hard-copies on its first update: L_pres is 0 for two steps.
+    let p = pres(&logs);
+    assert!(p[2] == 0.0 && p[3] == 0.0 && p[4] > 0.0, "{p:?}");
+    // 3. The whole table is optimized with weight decay: a row no prompt uses only decays.
+    let table = released.table.as_ref().expect("trainable table");
+    let unused = 300u32;
+    let ids = released
+        .batch
+        .ids
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    assert!(!ids.contains(&unused));
+    let frozen = released
+        .sd
+        .text_encoder
+        .token_row(unused)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let now = table
+        .as_tensor()
+        .get(unused as usize)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let decay: f64 = lrs(&logs).iter().map(|lr| 1.0 - lr * 0.01).product();
+    for (f, n) in frozen.iter().zip(&now) {
+        assert!(
+            (*f as f64 * decay - *n as f64).abs() < 1e-7,
+            "{f} * {decay} vs {n}"
+        );
+    }
+    assert!(frozen != now, "the row drifted");
+}

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::{LoraSet, TrainableLora};
-use magictailor::train::trainer::{step_losses, Batch, LossWeights, Noised};
+use magictailor::train::trainer::{step_losses, Batch, LossWeights, Noised, TextParams};
 
 fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
@@ -90,7 +90,10 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         &batch,
         &noised,
         &lora.as_set(),
-        rows.as_tensor(),
+        TextParams {
+            rows: rows.as_tensor(),
+            table: None,
+        },
         None,
         w,
     )
@@ -132,7 +135,10 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         &batch,
         &noised,
         &lora.as_set(),
-        rows.as_tensor(),
+        TextParams {
+            rows: rows.as_tensor(),
+            table: None,
+        },
         Some(&momentum),
         w,
     )

@@ -106,6 +106,11 @@ impl ClipTextModel {
         self.token_embedding.device()
     }
 
+    /// The frozen token-embedding table `[vocab, hidden]`.
+    pub fn token_table(&self) -> &Tensor {
+        &self.token_embedding
+    }
+
     /// The frozen embedding row of one token id (initializes a pseudo-word).
     pub fn token_row(&self, id: u32) -> Result<Tensor> {
         self.token_embedding.get(id as usize)
@@ -114,6 +119,17 @@ impl ClipTextModel {
     /// Embeds ids `[b, n]`: ids below the vocabulary size read the frozen table, id
     /// `vocab + k` reads row k of `extra` (`[k_max, hidden]`), which may be trainable.
     pub fn embed(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        self.embed_with_table(ids, &self.token_embedding, extra)
+    }
+
+    /// `embed` reading the base vocabulary from `table` (a trainable copy of the frozen
+    /// table, for reproducing the released script, which optimizes all of it).
+    pub fn embed_with_table(
+        &self,
+        ids: &Tensor,
+        table: &Tensor,
+        extra: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         let vocab = self.vocab_size() as u32;
         let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
@@ -124,7 +140,7 @@ impl ClipTextModel {
             .map(|&i| if i >= vocab { 0 } else { i })
             .collect();
         let base_ids = Tensor::from_vec(base_ids, b * n, ids.device())?;
-        let base = self.token_embedding.index_select(&base_ids, 0)?;
+        let base = table.index_select(&base_ids, 0)?;
         let emb = match (needs_extra, extra) {
             (false, _) => base,
             (true, None) => candle_core::bail!(
@@ -155,6 +171,16 @@ impl ClipTextModel {
 
     /// The last hidden state after the final LayerNorm, which SD conditions on.
     pub fn forward(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with_table(ids, None, extra)
+    }
+
+    /// `forward` with an optional replacement of the token-embedding table.
+    pub fn forward_with_table(
+        &self,
+        ids: &Tensor,
+        table: Option<&Tensor>,
+        extra: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (_, n) = ids.dims2()?;
         if n > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -162,7 +188,7 @@ impl ClipTextModel {
                 self.config.max_position_embeddings
             );
         }
-        let x = self.embed(ids, extra)?;
+        let x = self.embed_with_table(ids, table.unwrap_or(&self.token_embedding), extra)?;
         let pos = self.position_embedding.narrow(0, 0, n)?.unsqueeze(0)?;
         let mut x = x.broadcast_add(&pos)?;
         let mask = causal_mask(n, x.dtype(), x.device())?;

@@ -47,7 +47,8 @@ pub struct TrainConfig {
     pub no_masks: bool,
     pub checkpoint_every: Option<usize>,
     /// Reproduce the released script: DS-Bal's rate lasts one step, the momentum U-Net is
-    /// hard-copied at its first update (METHOD.md, "where the released script differs", 1-2).
+    /// hard-copied at its first update, the whole embedding table is trained (METHOD.md,
+    /// "where the released script differs", 1-3).
     pub released_script: bool,
     pub jitter: f64,
     pub flip: bool,
@@ -152,6 +153,14 @@ pub struct StepLosses {
     pub loss: Tensor,
 }
 
+/// The trainable text-side parameters: the pseudo-word rows, and (released-script mode
+/// only) a trainable copy of the whole token-embedding table.
+#[derive(Clone, Copy)]
+pub struct TextParams<'a> {
+    pub rows: &'a Tensor,
+    pub table: Option<&'a Tensor>,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct LossWeights {
     pub lambda_attn: f64,
@@ -166,7 +175,7 @@ pub fn step_losses(
     batch: &Batch,
     noised: &Noised,
     online: &LoraSet,
-    rows: &Tensor,
+    text: TextParams,
     momentum: Option<&LoraSet>,
     w: LossWeights,
 ) -> Result<StepLosses> {
@@ -177,7 +186,9 @@ pub fn step_losses(
     let mask_latent = resize_nearest(&noised.masks, latent_side)?;
     let attn_side = (latent_side / 4).max(1);
 
-    let context = sd.text_encoder.forward(&batch.ids, Some(rows))?;
+    let context = sd
+        .text_encoder
+        .forward_with_table(&batch.ids, text.table, Some(text.rows))?;
     let probe = AttnProbe::new(attn_side, &[BlockKind::Down, BlockKind::Up]);
     let pred = sd.unet.forward(
         &noised.z_t,
@@ -246,6 +257,8 @@ pub struct Trainer {
     pub batch: Batch,
     pub lora: TrainableLora,
     pub rows: Var,
+    /// Released-script mode: the whole token-embedding table, trained (with weight decay).
+    pub table: Option<Var>,
     pub momentum: Option<MomentumLora>,
     opt: AdamW,
     pub step: usize,
@@ -306,8 +319,14 @@ impl Trainer {
             device,
             DType::F32,
         )?;
+        let table = if cfg.released_script {
+            Some(Var::from_tensor(&sd.text_encoder.token_table().copy()?)?)
+        } else {
+            None
+        };
         let mut params = lora.vars();
         params.push(rows.clone());
+        params.extend(table.clone());
         let opt = AdamW::new(
             params,
             AdamWConfig {
@@ -321,11 +340,29 @@ impl Trainer {
             batch,
             lora,
             rows,
+            table,
             momentum: None,
             opt,
             step: 0,
             class_words,
         })
+    }
+
+    /// Everything the optimizer updates, in a fixed order.
+    fn params(&self) -> Vec<Var> {
+        self.lora
+            .vars()
+            .into_iter()
+            .chain([self.rows.clone()])
+            .chain(self.table.clone())
+            .collect()
+    }
+
+    fn text_params(&self) -> TextParams<'_> {
+        TextParams {
+            rows: self.rows.as_tensor(),
+            table: self.table.as_ref().map(|t| t.as_tensor()),
+        }
     }
 
     pub fn num_images(&self) -> usize {
@@ -426,17 +463,12 @@ impl Trainer {
             &self.batch,
             &noised,
             &online,
-            self.rows.as_tensor(),
+            self.text_params(),
             mset.as_ref(),
             w,
         )?;
         let mut grads = loss.backward()?;
-        let params: Vec<Var> = self
-            .lora
-            .vars()
-            .into_iter()
-            .chain([self.rows.clone()])
-            .collect();
+        let params = self.params();
         let grad_norm = clip_grad_norm(&mut grads, &params, 1.0)?;
         let lr = self.lr(d);
         self.opt.config.lr = lr;
@@ -486,10 +518,13 @@ impl Trainer {
             timesteps.len(),
             dev,
         )?;
-        let context = self
-            .sd
-            .text_encoder
-            .forward(&self.batch.ids, Some(&self.rows.as_tensor().detach()))?;
+        let table = self.table.as_ref().map(|t| t.as_tensor().detach());
+        let rows = self.rows.as_tensor().detach();
+        let context = self.sd.text_encoder.forward_with_table(
+            &self.batch.ids,
+            table.as_ref(),
+            Some(&rows),
+        )?;
         let set = self.lora.as_set();
         let pred = self.sd.unet.forward(
             &z_t,
@@ -557,6 +592,9 @@ impl Trainer {
             }
         }
         out.insert("rows".into(), self.rows.as_tensor().detach());
+        if let Some(t) = &self.table {
+            out.insert("table".into(), t.as_tensor().detach());
+        }
         for (k, v) in self.opt.state()? {
             out.insert(format!("opt.{k}"), v);
         }
@@ -580,6 +618,9 @@ impl Trainer {
             b.set(get(&format!("lora.{p}.B"))?)?;
         }
         self.rows.set(get("rows")?)?;
+        if let Some(t) = &self.table {
+            t.set(get("table")?)?;
+        }
         if t.contains_key(&format!("momentum.{}.A", self.lora.modules[0].0)) {
             let mut m = MomentumLora::copy_of(&self.lora)?;
             m.load(|name| get(&format!("momentum.{name}")).cloned())?;
