@@ -13,8 +13,12 @@ pub fn parse(spec: &str) -> Result<Device> {
                  `cargo build --release --features cuda`, or use --device cpu."
             )));
         }
-        Device::new_cuda(n)
-            .map_err(|e| Error::usage(format!("--device {spec}: cannot open CUDA device {n}: {e}")))
+        Device::new_cuda(n).map_err(|e| {
+            Error::usage(format!(
+                "--device {spec}: cannot open CUDA device {n}: {}",
+                crate::error::brief(&e)
+            ))
+        })
     };
     match spec.as_str() {
         "cpu" => Ok(Device::Cpu),
