@@ -84,20 +84,16 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         lambda_pres: 0.2,
     };
 
+    let text = TextParams {
+        rows: rows.as_tensor(),
+        table: None,
+    };
+    let losses = |m: Option<&LoraSet>| {
+        step_losses(&sd, &batch, &noised, &lora.as_set(), text, m, w).unwrap()
+    };
+
     // Warm-up step.
-    let warm = step_losses(
-        &sd,
-        &batch,
-        &noised,
-        &lora.as_set(),
-        TextParams {
-            rows: rows.as_tensor(),
-            table: None,
-        },
-        None,
-        w,
-    )
-    .unwrap();
+    let warm = losses(None);
     let d_img = max_abs_diff(&warm.per_image, &r["per_image"]);
     let d_attn = (scalar(&warm.l_attn) - scalar(&r["l_attn"])).abs();
     let d_loss = (scalar(&warm.loss) - scalar(&r["loss"])).abs();
@@ -130,19 +126,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         &dev,
     )
     .unwrap();
-    let ds = step_losses(
-        &sd,
-        &batch,
-        &noised,
-        &lora.as_set(),
-        TextParams {
-            rows: rows.as_tensor(),
-            table: None,
-        },
-        Some(&momentum),
-        w,
-    )
-    .unwrap();
+    let ds = losses(Some(&momentum));
     assert!(max_abs_diff(&ds.per_sample, &r["per_sample"]) < 1e-6);
     assert_eq!(
         ds.chosen,

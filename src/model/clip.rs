@@ -26,6 +26,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `[1, 1, positions, positions]` additive mask, made once on the model's device.
+    causal_mask: Tensor,
 }
 
 impl EncoderLayer {
@@ -96,6 +98,7 @@ impl ClipTextModel {
                 cfg.hidden_size,
                 cfg.layer_norm_eps,
             )?,
+            causal_mask: causal_mask(cfg.max_position_embeddings, DType::F32, vb.device())?,
         })
     }
 
@@ -191,7 +194,11 @@ impl ClipTextModel {
         let x = self.embed_with_table(ids, table.unwrap_or(&self.token_embedding), extra)?;
         let pos = self.position_embedding.narrow(0, 0, n)?.unsqueeze(0)?;
         let mut x = x.broadcast_add(&pos)?;
-        let mask = causal_mask(n, x.dtype(), x.device())?;
+        let mask = self
+            .causal_mask
+            .narrow(2, 0, n)?
+            .narrow(3, 0, n)?
+            .to_dtype(x.dtype())?;
         for layer in &self.layers {
             x = layer.forward(&x, &mask, &self.config)?;
         }

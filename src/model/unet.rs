@@ -31,6 +31,19 @@ pub struct UNet {
     conv_norm_out: candle_nn::GroupNorm,
     conv_out: Conv2d,
     dtype: DType,
+    /// Sinusoidal timestep frequencies `[1, c0 / 2]`, made once on the model's device.
+    time_freqs: Tensor,
+}
+
+/// diffusers' `get_timestep_embedding` frequencies, f32 throughout and in its order of
+/// operations, so the features match bit for bit.
+fn time_frequencies(cfg: &UNetConfig, device: &candle_core::Device) -> Result<Tensor> {
+    let half = cfg.block_out_channels[0] / 2;
+    let shift = cfg.freq_shift as f32;
+    let exponent: Vec<f32> = (0..half)
+        .map(|i| ((-(10000f32.ln()) * i as f32) / (half as f32 - shift)).exp())
+        .collect();
+    Tensor::from_vec(exponent, (1, half), device)
 }
 
 impl UNet {
@@ -158,6 +171,7 @@ impl UNet {
             conv_norm_out: group_norm(&vb.pp("conv_norm_out"), groups, ch[0], eps)?,
             conv_out: Conv2d::load(&vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
             dtype: vb.dtype(),
+            time_freqs: time_frequencies(cfg, vb.device())?,
         })
     }
 
@@ -189,18 +203,10 @@ impl UNet {
 
     /// Sinusoidal timestep features `[b, c0]`, as diffusers' `get_timestep_embedding`.
     fn time_features(&self, timesteps: &Tensor) -> Result<Tensor> {
-        let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
-        let shift = self.config.freq_shift;
-        // f32 throughout, in diffusers' order of operations, so the features match bit for bit.
-        let exponent: Vec<f32> = (0..half)
-            .map(|i| ((-(10000f32.ln()) * i as f32) / (half as f32 - shift as f32)).exp())
-            .collect();
-        let freqs = Tensor::from_vec(exponent, (1, half), timesteps.device())?;
         let args = timesteps
             .to_dtype(DType::F32)?
             .unsqueeze(1)?
-            .broadcast_mul(&freqs)?;
+            .broadcast_mul(&self.time_freqs)?;
         let (sin, cos) = (args.sin()?, args.cos()?);
         let emb = if self.config.flip_sin_to_cos {
             Tensor::cat(&[cos, sin], D::Minus1)?

@@ -483,9 +483,11 @@ impl Trainer {
             }
         }
         self.step = d;
-        let scalar = |x: &Tensor| -> Result<f32> {
-            Ok(x.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?)
-        };
+        // One device-to-host read for all logged scalars.
+        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         Ok(StepLog {
             step: d,
             phase: if self.in_dsbal(d) {
@@ -495,10 +497,10 @@ impl Trainer {
             },
             alpha_d,
             lr,
-            loss: scalar(&loss)?,
-            l_diff: scalar(&l_diff)?,
-            l_attn: scalar(&l_attn)?,
-            l_pres: scalar(&l_pres)?,
+            loss: terms[0],
+            l_diff: terms[1],
+            l_attn: terms[2],
+            l_pres: terms[3],
             per_sample: per_sample.detach().to_vec1::<f32>()?,
             chosen_sample: chosen,
             grad_norm,
