@@ -181,9 +181,23 @@ fn main() {
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default (physical cores)".into())
     );
     let pair = make_pair(&tmp);
-    bench("tiny", &tiny, 16, 5);
-    bench_train("tiny", &tiny, &pair, 128, 5);
-    bench("mid", &mid, 32, 3);
-    bench_train("mid", &mid, &pair, 256, 3);
+    // `cargo bench -- mid` runs only the rows whose name contains a given word.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |row: &str| filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str()));
+    if wanted("tiny-unet") {
+        bench("tiny", &tiny, 16, 5);
+    }
+    if wanted("tiny-train") {
+        bench_train("tiny", &tiny, &pair, 128, 5);
+    }
+    if wanted("mid-unet") {
+        bench("mid", &mid, 32, 3);
+    }
+    if wanted("mid-train") {
+        bench_train("mid", &mid, &pair, 256, 3);
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod loader;
 pub mod lora;
 pub mod nn;
+pub mod ops;
 pub mod resnet;
 pub mod scheduler;
 pub mod tokenizer;

@@ -1,0 +1,545 @@
+//! Ops with hand-written backward passes, for the parts of a training step where
+//! candle's generic autograd does far more work than training needs:
+//!
+//! - frozen linears and convolutions: candle's `Matmul`/`Conv2D` backward also computes
+//!   (and stores) the gradient of the frozen weight, a third of the step's FLOPs, and its
+//!   conv input-gradient goes through a naive CPU `conv_transpose2d`;
+//! - attention: the composed softmax keeps `[batch*heads, n, n]` tensors for backward and
+//!   differentiates through a dozen full-size passes;
+//! - GroupNorm(+SiLU), LayerNorm, GEGLU and nearest upsampling, whose composed backward
+//!   makes many passes (the upsample one runs a grouped conv per channel).
+//!
+//! Each op computes its value with ordinary tensor ops on detached inputs (so no graph
+//! is kept) and attaches a custom op whose backward returns only the input gradients.
+//! With no tracked input the value is returned as is, so inference pays nothing.
+
+use std::sync::Mutex;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::op::Add;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor, D,
+};
+
+/// One backend's storage, picked out of a tensor's `Storage`.
+trait Backend: BackendStorage<Device: BackendDevice<Storage = Self>> + Sized {
+    fn of(s: &Storage) -> Result<&Self>;
+}
+
+impl Backend for CpuStorage {
+    fn of(s: &Storage) -> Result<&Self> {
+        match s {
+            Storage::Cpu(c) => Ok(c),
+            _ => bail!("a frozen weight is on another device than the activations"),
+        }
+    }
+}
+
+impl Backend for CudaStorage {
+    fn of(s: &Storage) -> Result<&Self> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => bail!("a frozen weight is on another device than the activations"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Frozen linear: y = x W^T + b, backward dL/dx = g W only.
+
+struct FrozenLinear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    fn fwd<S: Backend>(&self, x: &S, xl: &Layout) -> Result<(S, Shape)> {
+        let dims = xl.dims();
+        let k = dims[dims.len() - 1];
+        let m = xl.shape().elem_count() / k.max(1);
+        if !xl.is_contiguous() {
+            bail!("frozen_linear expects a contiguous input")
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let n = wl.dims()[0];
+        let x2 = Layout::contiguous_with_offset((m, k), xl.start_offset());
+        let mut y = x.matmul(S::of(&ws)?, (1, m, n, k), &x2, &wl.transpose(0, 1)?)?;
+        if let Some(b) = &self.b {
+            let (bs, bl) = b.storage_and_layout();
+            let yl = Layout::contiguous((m, n));
+            y = y.binary_impl::<Add>(S::of(&bs)?, &yl, &bl.broadcast_as((m, n))?)?;
+        }
+        let mut out = dims.to_vec();
+        out[dims.len() - 1] = n;
+        Ok((y, out.into()))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd(s, l)
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.fwd(s, l)
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let n = self.w.dim(0)?;
+        let rows = g.elem_count() / n;
+        let dx = g.reshape((rows, n))?.matmul(&self.w)?;
+        Ok(Some(dx.reshape(x.shape())?))
+    }
+}
+
+/// `x @ w^T + b` over the last dimension, with no gradient for `w` and `b`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenLinear {
+        w: w.clone(),
+        b: b.cloned(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Attaching a backward to a value computed without a graph.
+
+/// The input gradient of a one-input op, given its input, output and output gradient
+/// (all detached).
+trait Grad1: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
+}
+
+/// Copies a precomputed value into the op's output storage. The value is taken out of
+/// the op on first use, so it is not kept twice while the graph lives.
+fn copy_value<S: Backend>(value: &Mutex<Option<Tensor>>) -> Result<(S, Shape)> {
+    let value = match value.lock() {
+        Ok(mut v) => v.take(),
+        Err(_) => None,
+    };
+    let Some(value) = value else {
+        bail!("a recorded op was run twice")
+    };
+    let (s, l) = value.storage_and_layout();
+    let src = S::of(&s)?;
+    // SAFETY: every element is written by copy_strided_src right below.
+    let mut dst = unsafe { src.device().alloc_uninit(l.shape(), src.dtype())? };
+    src.copy_strided_src(&mut dst, 0, l)?;
+    Ok((dst, l.shape().clone()))
+}
+
+struct Attach1<G> {
+    value: Mutex<Option<Tensor>>,
+    grad: G,
+}
+
+impl<G: Grad1> CustomOp1 for Attach1<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad.grad(&x.detach(), &y.detach(), g)?))
+    }
+}
+
+/// `value` (computed from `x` without a graph) as a differentiable function of `x`.
+fn attach1<G: Grad1>(x: &Tensor, value: Tensor, grad: G) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(Attach1 {
+        value: Mutex::new(Some(value)),
+        grad,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Frozen convolution (optionally after 2x nearest upsampling).
+
+struct ConvGrad {
+    w: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Grad1 for ConvGrad {
+    const NAME: &'static str = "frozen-conv2d";
+    /// dL/dx of a cross-correlation is the full correlation of the (stride-dilated)
+    /// output gradient with the flipped, in/out-swapped kernel.
+    fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = self.w.dims4()?;
+        let mut wt = self.w.transpose(0, 1)?.contiguous()?;
+        if kh > 1 || kw > 1 {
+            wt = flip(&flip(&wt, 2)?, 3)?;
+        }
+        let wt = wt.contiguous()?;
+        let (s, p) = (self.stride, self.padding);
+        let g = if s > 1 { dilate(g, s)? } else { g.clone() };
+        let (gh, gw) = (g.dim(2)?, g.dim(3)?);
+        let (lh, lw) = (kh - 1 - p, kw - 1 - p);
+        let (rh, rw) = (h + kh - 1 - lh - gh, w + kw - 1 - lw - gw);
+        if lh == rh && lw == rw && lh == lw {
+            g.conv2d(&wt, lh, 1, 1, 1)
+        } else {
+            g.pad_with_zeros(2, lh, rh)?
+                .pad_with_zeros(3, lw, rw)?
+                .conv2d(&wt, 0, 1, 1, 1)
+        }
+    }
+}
+
+fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = t.dim(dim)? as u32;
+    let rev: Vec<u32> = (0..n).rev().collect();
+    t.index_select(&Tensor::new(rev, t.device())?, dim)
+}
+
+/// Inserts `s - 1` zeros between the spatial entries of `g` (and none after the last).
+fn dilate(g: &Tensor, s: usize) -> Result<Tensor> {
+    let (b, c, h, w) = g.dims4()?;
+    g.reshape((b, c, h, 1, w, 1))?
+        .pad_with_zeros(3, 0, s - 1)?
+        .pad_with_zeros(5, 0, s - 1)?
+        .reshape((b, c, h * s, w * s))?
+        .narrow(2, 0, (h - 1) * s + 1)?
+        .narrow(3, 0, (w - 1) * s + 1)
+}
+
+/// A 2D convolution with a frozen kernel `w` and bias `b`: only dL/dx flows back.
+pub fn frozen_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x
+        .detach()
+        .conv2d(w, padding, stride, 1, 1)?
+        .broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+    let grad = ConvGrad {
+        w: w.clone(),
+        stride,
+        padding,
+    };
+    attach1(x, y, grad)
+}
+
+struct Upsample2xGrad;
+
+impl Grad1 for Upsample2xGrad {
+    const NAME: &'static str = "upsample-nearest-2x";
+    fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        g.reshape((b, c, h, 2, w, 2))?.sum(5)?.sum(3)
+    }
+}
+
+/// Nearest-neighbour 2x upsampling whose backward sums 2x2 blocks (candle's runs a
+/// grouped convolution, one conv per channel).
+pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let y = x.detach().upsample_nearest2d(2 * h, 2 * w)?;
+    attach1(x, y, Upsample2xGrad)
+}
+
+// ---------------------------------------------------------------------------------------
+// Norms. Statistics are recomputed in backward from the input rather than stored.
+
+/// The dtype statistics and softmax are computed in: f32, or f64 for f64 inputs.
+fn f32_or_wider(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// `(x - mean) * rstd` over the last dimension, and `rstd`.
+fn standardize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    Ok((xc.broadcast_mul(&rstd)?, rstd))
+}
+
+/// dL/dx of `xhat = standardize(x)` given dL/dxhat (reductions over the last dimension).
+fn standardize_grad(xhat: &Tensor, rstd: &Tensor, dxhat: &Tensor) -> Result<Tensor> {
+    let m1 = dxhat.mean_keepdim(D::Minus1)?;
+    let m2 = (dxhat * xhat)?.mean_keepdim(D::Minus1)?;
+    dxhat
+        .broadcast_sub(&m1)?
+        .sub(&xhat.broadcast_mul(&m2)?)?
+        .broadcast_mul(rstd)
+}
+
+/// Frozen GroupNorm affine parameters, and whether SiLU follows.
+#[derive(Clone)]
+struct GroupNormParams {
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl GroupNormParams {
+    /// `(z, xhat, rstd)` in f32 with `z = xhat * gamma + beta` shaped `[b, c, rest]` and the
+    /// statistics per `[b, groups]`.
+    fn normalize(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let ((b, c), acc) = ((x.dim(0)?, x.dim(1)?), f32_or_wider(x.dtype()));
+        let xg = x.to_dtype(acc)?.reshape((b, self.groups, ()))?;
+        let (xhat, rstd) = standardize(&xg, self.eps)?;
+        let z = xhat
+            .reshape((b, c, ()))?
+            .broadcast_mul(&self.gamma.to_dtype(acc)?.reshape((1, c, 1))?)?
+            .broadcast_add(&self.beta.to_dtype(acc)?.reshape((1, c, 1))?)?;
+        Ok((z, xhat, rstd))
+    }
+}
+
+impl Grad1 for GroupNormParams {
+    const NAME: &'static str = "group-norm";
+    fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let ((b, c), acc) = ((x.dim(0)?, x.dim(1)?), f32_or_wider(x.dtype()));
+        let (z, xhat, rstd) = self.normalize(x)?;
+        let mut dz = g.to_dtype(acc)?.reshape((b, c, ()))?;
+        if self.silu {
+            // d silu(z)/dz = s (1 + z (1 - s)), s = sigmoid(z)
+            let s = candle_nn::ops::sigmoid(&z)?;
+            dz = (dz * (&s * ((z * (1.0 - &s)?)? + 1.0)?)?)?;
+        }
+        let gamma = self.gamma.to_dtype(acc)?.reshape((1, c, 1))?;
+        let dxhat = dz.broadcast_mul(&gamma)?.reshape((b, self.groups, ()))?;
+        standardize_grad(&xhat, &rstd, &dxhat)?
+            .reshape(x.shape())?
+            .to_dtype(x.dtype())
+    }
+}
+
+/// GroupNorm with frozen affine parameters, optionally followed by SiLU (the ResNet
+/// blocks' `silu(norm(x))`), as one op. Statistics are computed in f32.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let params = GroupNormParams {
+        gamma: gamma.clone(),
+        beta: beta.clone(),
+        groups,
+        eps,
+        silu,
+    };
+    let (z, _, _) = params.normalize(&x.detach())?;
+    let y = if silu { z.silu()? } else { z };
+    let y = y.reshape(x.shape())?.to_dtype(x.dtype())?;
+    attach1(x, y, params)
+}
+
+struct LayerNormGrad {
+    gamma: Tensor,
+    eps: f64,
+}
+
+impl Grad1 for LayerNormGrad {
+    const NAME: &'static str = "layer-norm";
+    fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let acc = f32_or_wider(x.dtype());
+        let (xhat, rstd) = standardize(&x.to_dtype(acc)?, self.eps)?;
+        let dxhat = g.to_dtype(acc)?.broadcast_mul(&self.gamma.to_dtype(acc)?)?;
+        standardize_grad(&xhat, &rstd, &dxhat)?.to_dtype(x.dtype())
+    }
+}
+
+/// LayerNorm over the last dimension with frozen affine parameters. The value comes from
+/// candle's fused kernel (which has no backward of its own).
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let xd = x.detach().contiguous()?;
+    // The fused kernel has no f64 (used by the gradient checks).
+    let y = if xd.dtype() == DType::F64 {
+        candle_nn::ops::layer_norm_slow(&xd, gamma, beta, eps as f32)?
+    } else {
+        candle_nn::ops::layer_norm(&xd, gamma, beta, eps as f32)?
+    };
+    let grad = LayerNormGrad {
+        gamma: gamma.clone(),
+        eps,
+    };
+    attach1(x, y, grad)
+}
+
+// ---------------------------------------------------------------------------------------
+// GEGLU: h * gelu_erf(gate) for [h, gate] split on the last dimension.
+
+struct GegluGrad;
+
+impl Grad1 for GegluGrad {
+    const NAME: &'static str = "geglu";
+    fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let inner = x.dim(D::Minus1)? / 2;
+        let h = x.narrow(D::Minus1, 0, inner)?;
+        let gate = x.narrow(D::Minus1, inner, inner)?;
+        let cdf = ((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+        let cdf = cdf?;
+        let pdf = ((gate.sqr()? * -0.5)?.exp()?
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+        let dgelu = (&cdf + (&gate * pdf)?)?;
+        let dh = (g * gate.gelu_erf()?)?;
+        let dgate = ((g * h)? * dgelu)?;
+        Tensor::cat(&[dh, dgate], D::Minus1)
+    }
+}
+
+/// diffusers' GEGLU activation on the concatenated projection `[h, gate]`.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let inner = x.dim(D::Minus1)? / 2;
+    let xd = x.detach();
+    let y = (xd.narrow(D::Minus1, 0, inner)? * xd.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?;
+    attach1(x, y, GegluGrad)
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory-efficient attention: softmax(q k^T) v over query chunks, keeping only the
+// per-row log-sum-exp for backward, which recomputes the probabilities chunk by chunk.
+
+/// Elements of one `[batch*heads, chunk, keys]` score block (64 MB in f32).
+const SCORE_BLOCK: usize = 1 << 24;
+
+fn chunk_rows(bh: usize, n: usize, m: usize) -> usize {
+    (SCORE_BLOCK / (bh * m).max(1)).clamp(1, n.max(1))
+}
+
+/// Probabilities of a query chunk in f32, from scores and the rows' log-sum-exp.
+fn probs(qc: &Tensor, k: &Tensor, lse: &Tensor) -> Result<Tensor> {
+    qc.matmul(&k.t()?)?
+        .to_dtype(lse.dtype())?
+        .broadcast_sub(lse)?
+        .exp()
+}
+
+/// Output `[bh, n, d]` and log-sum-exp `[bh, n, 1]` (f32), without a graph.
+fn attention_value(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<(Tensor, Tensor)> {
+    let n = q.dim(1)?;
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let s = q
+            .narrow(1, start, len)?
+            .matmul(&k.t()?)?
+            .to_dtype(f32_or_wider(q.dtype()))?;
+        let max = s.max_keepdim(D::Minus1)?;
+        let p = s.broadcast_sub(&max)?.exp()?;
+        let sum = p.sum_keepdim(D::Minus1)?;
+        let o = p
+            .to_dtype(v.dtype())?
+            .matmul(v)?
+            .broadcast_div(&sum.to_dtype(v.dtype())?)?;
+        outs.push(o);
+        lses.push((max + sum.log()?)?);
+    }
+    Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?))
+}
+
+struct AttentionOp {
+    value: Mutex<Option<Tensor>>,
+    lse: Tensor,
+    rows: usize,
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
+        let (dtype, n, rows) = (q.dtype(), q.dim(1)?, self.rows);
+        // D_i = sum_j P_ij dP_ij = <dO_i, O_i>.
+        let acc = f32_or_wider(dtype);
+        let delta = (g.to_dtype(acc)? * o.to_dtype(acc)?)?.sum_keepdim(D::Minus1)?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), k.zeros_like()?, v.zeros_like()?);
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
+            let qc = q.narrow(1, start, len)?;
+            let gc = g.narrow(1, start, len)?;
+            let p = probs(&qc, &k, &self.lse.narrow(1, start, len)?)?;
+            let dp = gc.matmul(&v.t()?)?.to_dtype(acc)?;
+            let ds = (&p * dp.broadcast_sub(&delta.narrow(1, start, len)?)?)?.to_dtype(dtype)?;
+            dv = (dv + p.to_dtype(dtype)?.t()?.matmul(&gc)?)?;
+            dk = (dk + ds.t()?.matmul(&qc)?)?;
+            dq.push(ds.matmul(&k)?);
+        }
+        Ok((Some(Tensor::cat(&dq, 1)?), Some(dk), Some(dv)))
+    }
+}
+
+/// `softmax(q k^T) v` for `q: [bh, n, d]` (already scaled), `k, v: [bh, m, d]`. Keeps
+/// no `[bh, n, m]` tensor for backward.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (bh, n, _) = q.dims3()?;
+    attention_chunked(q, k, v, chunk_rows(bh, n, k.dim(1)?))
+}
+
+fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let (out, lse) = attention_value(&qd, &kd, &vd, rows)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(
+        k,
+        v,
+        AttentionOp {
+            value: Mutex::new(Some(out)),
+            lse,
+            rows,
+        },
+    )
+}
+
+#[cfg(test)]
+#[path = "ops_tests.rs"]
+mod tests;

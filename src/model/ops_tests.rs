@@ -1,0 +1,207 @@
+//! Each fused op against the same function composed from candle's differentiable ops,
+//! in f64: values and input gradients must agree to rounding.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+use super::*;
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    crate::infer::seeded_normal(seed, shape, &Device::Cpu)
+        .expect("random tensor")
+        .to_dtype(DType::F64)
+        .expect("f64")
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs()
+        .and_then(|a| a.flatten_all()?.max(0)?.to_scalar::<f64>())
+        .expect("max")
+}
+
+/// Compares `ours` with `reference` on inputs `xs`: outputs, and the gradient of a random
+/// projection of the output with respect to every input.
+fn check(
+    name: &str,
+    xs: &[Tensor],
+    ours: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+        let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let r = randn(99, y.dims());
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs: Vec<Tensor> = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).expect("gradient").clone())
+            .collect();
+        (y.detach(), gs)
+    };
+    let (y1, g1) = run(&ours);
+    let (y2, g2) = run(&reference);
+    let dy = max_abs(&(&y1 - &y2).unwrap()) / max_abs(&y2).max(1e-30);
+    assert!(dy < 1e-10, "{name}: output differs by {dy:e} (relative)");
+    for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        assert_eq!(a.dims(), b.dims(), "{name}: gradient {i} shape");
+        let d = max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30);
+        assert!(
+            d < 1e-10,
+            "{name}: gradient {i} differs by {d:e} (relative)"
+        );
+    }
+}
+
+#[test]
+fn frozen_linear_matches_matmul() {
+    let (w, b) = (randn(1, &[7, 5]), randn(2, &[7]));
+    check(
+        "linear",
+        &[randn(3, &[2, 3, 5])],
+        |x| frozen_linear(&x[0], &w, Some(&b)),
+        |x| x[0].broadcast_matmul(&w.t()?)?.broadcast_add(&b),
+    );
+}
+
+#[test]
+fn frozen_conv_matches_conv2d() {
+    // (input side, kernel, stride, padding): the U-Net's 3x3 s1/s2 and 1x1 convs, odd
+    // sides, and the VAE's unpadded stride-2 conv on a padded input. Square inputs for
+    // stride 2: candle's own conv backward derives the output padding from the height
+    // only and fails when height and width differ in parity (checked by FD below).
+    for (side, k, s, p) in [
+        (6, 3, 1, 1),
+        (7, 3, 1, 1),
+        (8, 3, 2, 1),
+        (7, 3, 2, 1),
+        (6, 1, 1, 0),
+        (9, 3, 2, 0),
+        (8, 3, 2, 0),
+    ] {
+        let (w, b) = (randn(1, &[4, 3, k, k]), randn(2, &[4]));
+        check(
+            &format!("conv side {side} k{k} s{s} p{p}"),
+            &[randn(3, &[2, 3, side, side + (s == 1) as usize])],
+            |x| frozen_conv2d(&x[0], &w, &b, s, p),
+            |x| {
+                x[0].conv2d(&w, p, s, 1, 1)?
+                    .broadcast_add(&b.reshape((1, 4, 1, 1))?)
+            },
+        );
+    }
+}
+
+#[test]
+fn strided_conv_gradient_matches_finite_differences_on_mixed_parity() {
+    let (w, b) = (randn(1, &[2, 2, 3, 3]), randn(2, &[2]));
+    let r = randn(4, &[1, 2, 4, 3]);
+    let loss = |x: &Tensor| -> f64 {
+        let y = frozen_conv2d(x, &w, &b, 2, 1).unwrap();
+        (y * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
+    };
+    let x = randn(3, &[1, 2, 8, 5]);
+    let var = Var::from_tensor(&x).unwrap();
+    let y = frozen_conv2d(var.as_tensor(), &w, &b, 2, 1).unwrap();
+    let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g: Vec<f64> = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let flat: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    for (i, gi) in g.iter().enumerate() {
+        let bump = |d: f64| {
+            let mut v = flat.clone();
+            v[i] += d;
+            loss(&Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap())
+        };
+        let fd = (bump(1e-6) - bump(-1e-6)) / 2e-6;
+        assert!((fd - gi).abs() < 1e-6, "element {i}: fd {fd} vs {gi}");
+    }
+}
+
+#[test]
+fn upsample_matches_candle() {
+    check(
+        "upsample",
+        &[randn(1, &[2, 3, 4, 5])],
+        |x| upsample_nearest_2x(&x[0]),
+        |x| x[0].upsample_nearest2d(8, 10),
+    );
+}
+
+#[test]
+fn group_norm_matches_composed() {
+    let (gamma, beta) = (randn(1, &[6]), randn(2, &[6]));
+    for silu in [false, true] {
+        let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), 6, 3, 1e-6).unwrap();
+        check(
+            &format!("group norm silu={silu}"),
+            &[randn(3, &[2, 6, 4, 3])],
+            |x| group_norm(&x[0], &gamma, &beta, 3, 1e-6, silu),
+            |x| {
+                let y = candle_core::Module::forward(&gn, &x[0])?;
+                if silu {
+                    y.silu()
+                } else {
+                    Ok(y)
+                }
+            },
+        );
+    }
+}
+
+#[test]
+fn layer_norm_matches_slow() {
+    let (gamma, beta) = (randn(1, &[8]), randn(2, &[8]));
+    check(
+        "layer norm",
+        &[randn(3, &[2, 5, 8])],
+        |x| layer_norm(&x[0], &gamma, &beta, 1e-5),
+        |x| candle_nn::ops::layer_norm_slow(&x[0], &gamma, &beta, 1e-5),
+    );
+}
+
+#[test]
+fn geglu_matches_composed() {
+    check(
+        "geglu",
+        &[randn(1, &[2, 3, 8])],
+        |x| geglu(&x[0]),
+        // gelu spelled with erf: candle's own gelu_erf backward rounds 1/sqrt(2 pi) to
+        // 0.398942, a 4e-8 relative error.
+        |x| {
+            let gate = x[0].narrow(D::Minus1, 4, 4)?;
+            let gelu = ((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+            x[0].narrow(D::Minus1, 0, 4)? * (gate * gelu?)?
+        },
+    );
+}
+
+#[test]
+fn attention_matches_naive_in_every_chunking() {
+    let xs = [
+        randn(1, &[3, 10, 4]),
+        randn(2, &[3, 7, 4]),
+        randn(3, &[3, 7, 4]),
+    ];
+    for rows in [1, 3, 10] {
+        check(
+            &format!("attention rows={rows}"),
+            &xs,
+            |x| attention_chunked(&x[0], &x[1], &x[2], rows),
+            |x| candle_nn::ops::softmax(&x[0].matmul(&x[1].t()?)?, D::Minus1)?.matmul(&x[2]),
+        );
+    }
+}
+
+#[test]
+fn untracked_inputs_build_no_graph() {
+    let x = randn(1, &[1, 2, 4, 4]);
+    let (w, b) = (randn(2, &[2, 2, 3, 3]), randn(3, &[2]));
+    assert!(!frozen_conv2d(&x, &w, &b, 1, 1).unwrap().track_op());
+    let q = randn(4, &[2, 5, 3]);
+    assert!(!attention(&q, &q, &q).unwrap().track_op());
+}
