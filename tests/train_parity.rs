@@ -107,7 +107,9 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         for (var, which) in [(a, "A"), (b, "B")] {
             let want = &r[&format!("grad.{path}.{which}")];
             let got = grads.get(var.as_tensor()).unwrap();
-            let rel = max_abs_diff(got, want) / max_abs(want).max(1e-8);
+            // Floor: the mid block's self-attention sees one token, so its q/k
+            // gradients are exactly 0 in PyTorch and ~1e-12 rounding noise here.
+            let rel = max_abs_diff(got, want) / max_abs(want).max(1e-6);
             worst = worst.max(rel);
         }
     }

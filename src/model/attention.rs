@@ -6,7 +6,8 @@ use std::cell::RefCell;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::nn::{group_norm, softmax_last, Ctx, LayerNorm, Linear};
+use super::nn::{group_norm, softmax_last, Ctx, GroupNorm, LayerNorm, Linear};
+use super::ops;
 
 /// Which block a transformer sits in; the attention loss averages down and up, not mid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,13 +110,17 @@ impl Attention {
         let q = self.split_heads(&(self.to_q.forward(x, ctx)? * self.scale)?)?;
         let k = self.split_heads(&self.to_k.forward(kv_in, ctx)?)?;
         let v = self.split_heads(&self.to_v.forward(kv_in, ctx)?)?;
-        let probs = softmax_last(&q.matmul(&k.t()?)?)?;
         if let (Some(probe), Some(_)) = (ctx.probe, context) {
             if probe.wants(kind, n) {
+                // The attention loss reads these probabilities, in the graph; the output
+                // below is the same with or without a probe (L_pres compares the two).
+                let probs = softmax_last(&q.matmul(&k.t()?)?)?;
                 probe.record(&self.path, probs.mean(1)?);
             }
         }
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let out = ops::attention(&q.flatten_to(1)?, &k.flatten_to(1)?, &v.flatten_to(1)?)?
+            .reshape(q.dims())?;
+        let out = out.transpose(1, 2)?.reshape((b, n, c))?;
         self.to_out.forward(&out, ctx)
     }
 }
@@ -137,11 +142,8 @@ impl FeedForward {
     }
     fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let hg = self.proj.forward(x, ctx)?;
-        let inner = hg.dim(candle_core::D::Minus1)? / 2;
-        let h = hg.narrow(candle_core::D::Minus1, 0, inner)?;
-        let gate = hg.narrow(candle_core::D::Minus1, inner, inner)?;
         // diffusers' GEGLU uses the exact (erf) GELU.
-        self.out.forward(&(h * gate.gelu_erf()?)?, ctx)
+        self.out.forward(&ops::geglu(&hg)?, ctx)
     }
 }
 
@@ -183,7 +185,7 @@ impl BasicTransformerBlock {
 /// residual. A 1x1-conv projection (SD 1.x) is the same map as a linear on channels.
 #[derive(Debug, Clone)]
 pub struct Transformer2D {
-    norm: candle_nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Linear,

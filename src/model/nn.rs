@@ -1,10 +1,12 @@
-//! Layers written for training: every op here has a correct backward in candle 0.11
-//! (no fused LayerNorm, no `softmax_last_dim`; see CANDLE_NOTES §1).
+//! Layers written for training: frozen base weights go through `ops`, whose backward
+//! returns only input gradients; everything else has a correct backward in candle 0.11
+//! (no fused LayerNorm or `softmax_last_dim` without one; see CANDLE_NOTES §1).
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::lora::LoraSet;
+use super::ops;
 
 /// What a forward pass carries besides activations: which adapter set is active and
 /// which cross-attention maps to record.
@@ -59,11 +61,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let y = matmul_last(x, &self.weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
         match ctx.lora.and_then(|set| set.get(&self.path)) {
             Some(lora) => {
                 let down = matmul_last(x, &lora.a)?;
@@ -114,32 +112,46 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        ops::frozen_conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
     }
 }
 
-pub fn group_norm(
-    vb: &VarBuilder,
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
     groups: usize,
-    channels: usize,
     eps: f64,
-) -> Result<candle_nn::GroupNorm> {
-    candle_nn::GroupNorm::new(
-        vb.get(channels, "weight")?,
-        vb.get(channels, "bias")?,
-        channels,
-        groups,
-        eps,
-    )
 }
 
-/// LayerNorm through `layer_norm_slow`, whose backward candle implements.
+impl GroupNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+    }
+    /// `silu(norm(x))` as one op.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+    }
+}
+
+pub fn group_norm(vb: &VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+    if groups == 0 || channels % groups != 0 {
+        candle_core::bail!("{}: {channels} channels in {groups} groups", vb.prefix())
+    }
+    Ok(GroupNorm {
+        weight: vb.get(channels, "weight")?,
+        bias: vb.get(channels, "bias")?,
+        groups,
+        eps,
+    })
+}
+
+/// LayerNorm over the last dimension (frozen affine parameters).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
-    eps: f32,
+    eps: f64,
 }
 
 impl LayerNorm {
@@ -147,14 +159,14 @@ impl LayerNorm {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
-            eps: eps as f32,
+            eps,
         })
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

@@ -3,16 +3,17 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::nn::{group_norm, Conv2d, Linear};
+use super::nn::{group_norm, Conv2d, GroupNorm, Linear};
+use super::ops;
 
 /// diffusers' `ResnetBlock2D` with the default time-embedding shift; `temb_dim` None for
 /// the VAE. Output: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1 x)) + t)))`.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
-    norm1: candle_nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: Conv2d,
     time_emb_proj: Option<Linear>,
-    norm2: candle_nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
 }
@@ -47,12 +48,12 @@ impl ResnetBlock2D {
 
     /// `temb` is the already-activated time embedding `silu(emb)`, `[b, temb_dim]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(t, Default::default())?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -104,7 +105,10 @@ impl Upsample2D {
     }
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        let up = match size {
+            Some((th, tw)) if (th, tw) != (2 * h, 2 * w) => x.upsample_nearest2d(th, tw)?,
+            _ => ops::upsample_nearest_2x(x)?,
+        };
+        self.conv.forward(&up)
     }
 }

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::attention::{BlockKind, Transformer2D, Transformer2DConfig};
 use super::config::UNetConfig;
 use super::lora::{LoraTarget, MAGICTAILOR_TARGETS};
-use super::nn::{group_norm, Conv2d, Ctx, Linear};
+use super::nn::{group_norm, Conv2d, Ctx, GroupNorm, Linear};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// One down, mid or up block: resnets, optionally each followed by a transformer.
@@ -28,7 +28,7 @@ pub struct UNet {
     down_blocks: Vec<Block>,
     mid_block: Block,
     up_blocks: Vec<Block>,
-    conv_norm_out: candle_nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     dtype: DType,
     /// Sinusoidal timestep frequencies `[1, c0 / 2]`, made once on the model's device.
@@ -275,7 +275,7 @@ impl UNet {
             }
         }
 
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::VaeConfig;
-use super::nn::{group_norm, Conv2d};
+use super::nn::{group_norm, Conv2d, GroupNorm};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 const EPS: f64 = 1e-6;
@@ -14,7 +14,7 @@ const EPS: f64 = 1e-6;
 /// Single-head self-attention over pixels, with GroupNorm and a residual.
 #[derive(Debug, Clone)]
 struct VaeAttention {
-    group_norm: candle_nn::GroupNorm,
+    group_norm: GroupNorm,
     qkv_out: [(Tensor, Tensor); 4],
 }
 
@@ -56,13 +56,12 @@ impl VaeAttention {
             .contiguous()?;
         let lin = |i: usize, t: &Tensor| -> Result<Tensor> {
             let (wt, bias) = &self.qkv_out[i];
-            t.broadcast_matmul(&wt.t()?)?.broadcast_add(bias)
+            super::ops::frozen_linear(t, wt, Some(bias))
         };
         let scale = 1.0 / (c as f64).sqrt();
         let q = (lin(0, &t)? * scale)?;
         let (k, v) = (lin(1, &t)?, lin(2, &t)?);
-        let probs = super::nn::softmax_last(&q.matmul(&k.t()?)?)?;
-        let out = lin(3, &probs.matmul(&v)?)?;
+        let out = lin(3, &super::ops::attention(&q, &k, &v)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }
 }
@@ -116,14 +115,14 @@ pub struct Vae {
     enc_conv_in: Conv2d,
     enc_blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
     enc_mid: Mid,
-    enc_norm_out: candle_nn::GroupNorm,
+    enc_norm_out: GroupNorm,
     enc_conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     dec_conv_in: Conv2d,
     dec_mid: Mid,
     dec_blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
-    dec_norm_out: candle_nn::GroupNorm,
+    dec_norm_out: GroupNorm,
     dec_conv_out: Conv2d,
 }
 
@@ -231,7 +230,7 @@ impl Vae {
         let h = self.enc_mid.forward(&h)?;
         let mut moments = self
             .enc_conv_out
-            .forward(&self.enc_norm_out.forward(&h)?.silu()?)?;
+            .forward(&self.enc_norm_out.forward_silu(&h)?)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
@@ -258,6 +257,6 @@ impl Vae {
             }
         }
         self.dec_conv_out
-            .forward(&self.dec_norm_out.forward(&h)?.silu()?)
+            .forward(&self.dec_norm_out.forward_silu(&h)?)
     }
 }
