@@ -16,6 +16,8 @@
 use std::sync::Mutex;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
+
+use super::cpu_kernels as cpu;
 use candle_core::op::Add;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage,
@@ -100,6 +102,92 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         w: w.clone(),
         b: b.cloned(),
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU kernels (cpu_kernels.rs) as graph-free custom ops on contiguous f32 tensors.
+
+/// The f32 data of a contiguous CPU tensor layout.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("cpu kernel expects contiguous f32 data"),
+    }
+}
+
+struct Kernel1<'a> {
+    shape: Shape,
+    f: &'a (dyn Fn(&[f32]) -> Vec<f32> + Sync),
+}
+
+impl CustomOp1 for Kernel1<'_> {
+    fn name(&self) -> &'static str {
+        "cpu-kernel"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            CpuStorage::F32((self.f)(f32_slice(s, l)?)),
+            self.shape.clone(),
+        ))
+    }
+}
+
+struct Kernel2<'a> {
+    shape: Shape,
+    f: &'a (dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync),
+}
+
+impl candle_core::CustomOp2 for Kernel2<'_> {
+    fn name(&self) -> &'static str {
+        "cpu-kernel"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = (self.f)(f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        Ok((CpuStorage::F32(out), self.shape.clone()))
+    }
+}
+
+/// Whether the CPU kernels apply: f32 tensors on the CPU.
+fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// `f` over the data of untracked `x`, giving a tensor of `shape`.
+fn kernel1(
+    x: &Tensor,
+    shape: impl Into<Shape>,
+    f: &(dyn Fn(&[f32]) -> Vec<f32> + Sync),
+) -> Result<Tensor> {
+    let op = Kernel1 {
+        shape: shape.into(),
+        f,
+    };
+    x.detach().contiguous()?.apply_op1_no_bwd(&op)
+}
+
+fn kernel2(
+    x: &Tensor,
+    y: &Tensor,
+    shape: impl Into<Shape>,
+    f: &(dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync),
+) -> Result<Tensor> {
+    let op = Kernel2 {
+        shape: shape.into(),
+        f,
+    };
+    x.detach()
+        .contiguous()?
+        .apply_op2_no_bwd(&y.detach().contiguous()?, &op)
+}
+
+fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -188,11 +276,10 @@ impl Grad1 for ConvGrad {
         let (lh, lw) = (kh - 1 - p, kw - 1 - p);
         let (rh, rw) = (h + kh - 1 - lh - gh, w + kw - 1 - lw - gw);
         if lh == rh && lw == rw && lh == lw {
-            g.conv2d(&wt, lh, 1, 1, 1)
+            conv2d_value(&g, &wt, 1, lh)
         } else {
-            g.pad_with_zeros(2, lh, rh)?
-                .pad_with_zeros(3, lw, rw)?
-                .conv2d(&wt, 0, 1, 1, 1)
+            let g = g.pad_with_zeros(2, lh, rh)?.pad_with_zeros(3, lw, rw)?;
+            conv2d_value(&g, &wt, 1, 0)
         }
     }
 }
@@ -214,6 +301,33 @@ fn dilate(g: &Tensor, s: usize) -> Result<Tensor> {
         .narrow(3, 0, (w - 1) * s + 1)
 }
 
+/// Cross-correlation of `x` with `w` (no bias, no graph). On the CPU in f32: im2col
+/// (cpu_kernels) and one batched GEMM, much faster than candle's tiled im2col.
+fn conv2d_value(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let x = x.detach();
+    if !on_cpu_f32(&x) {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let (b, c, h, wd) = x.dims4()?;
+    let (co, _, k, _) = w.dims4()?;
+    let shape = cpu::ConvShape {
+        h,
+        w: wd,
+        k,
+        stride,
+        padding,
+    };
+    let (oh, ow) = shape.out_hw();
+    let cols = if k == 1 && stride == 1 && padding == 0 {
+        x.reshape((b, c, h * wd))?
+    } else {
+        kernel1(&x, (b, c * k * k, oh * ow), &|d| cpu::im2col(d, &shape))?
+    };
+    w.reshape((co, c * k * k))?
+        .broadcast_matmul(&cols)?
+        .reshape((b, co, oh, ow))
+}
+
 /// A 2D convolution with a frozen kernel `w` and bias `b`: only dL/dx flows back.
 pub fn frozen_conv2d(
     x: &Tensor,
@@ -222,10 +336,7 @@ pub fn frozen_conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = x
-        .detach()
-        .conv2d(w, padding, stride, 1, 1)?
-        .broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+    let y = conv2d_value(x, w, stride, padding)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
     let grad = ConvGrad {
         w: w.clone(),
         stride,
@@ -294,6 +405,16 @@ struct GroupNormParams {
 }
 
 impl GroupNormParams {
+    fn cpu_args(&self, x: &Tensor) -> Result<(Vec<f32>, Vec<f32>, cpu::GroupNormShape)> {
+        let shape = cpu::GroupNormShape {
+            channels: x.dim(1)?,
+            hw: x.dims()[2..].iter().product(),
+            groups: self.groups,
+            eps: self.eps as f32,
+            silu: self.silu,
+        };
+        Ok((to_vec_f32(&self.gamma)?, to_vec_f32(&self.beta)?, shape))
+    }
     /// `(z, xhat, rstd)` in f32 with `z = xhat * gamma + beta` shaped `[b, c, rest]` and the
     /// statistics per `[b, groups]`.
     fn normalize(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
@@ -311,6 +432,12 @@ impl GroupNormParams {
 impl Grad1 for GroupNormParams {
     const NAME: &'static str = "group-norm";
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        if on_cpu_f32(x) {
+            let (gamma, beta, shape) = self.cpu_args(x)?;
+            return kernel2(x, g, x.shape(), &|x, g| {
+                cpu::group_norm_bwd(x, g, &gamma, &beta, &shape)
+            });
+        }
         let ((b, c), acc) = ((x.dim(0)?, x.dim(1)?), f32_or_wider(x.dtype()));
         let (z, xhat, rstd) = self.normalize(x)?;
         let mut dz = g.to_dtype(acc)?.reshape((b, c, ()))?;
@@ -344,9 +471,16 @@ pub fn group_norm(
         eps,
         silu,
     };
-    let (z, _, _) = params.normalize(&x.detach())?;
-    let y = if silu { z.silu()? } else { z };
-    let y = y.reshape(x.shape())?.to_dtype(x.dtype())?;
+    let y = if on_cpu_f32(x) {
+        let (gamma, beta, shape) = params.cpu_args(x)?;
+        kernel1(x, x.shape(), &|d| {
+            cpu::group_norm_fwd(d, &gamma, &beta, &shape)
+        })?
+    } else {
+        let (z, _, _) = params.normalize(&x.detach())?;
+        let y = if silu { z.silu()? } else { z };
+        y.reshape(x.shape())?.to_dtype(x.dtype())?
+    };
     attach1(x, y, params)
 }
 
@@ -391,6 +525,9 @@ impl Grad1 for GegluGrad {
     const NAME: &'static str = "geglu";
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let inner = x.dim(D::Minus1)? / 2;
+        if on_cpu_f32(x) {
+            return kernel2(x, g, x.shape(), &|x, g| cpu::geglu_bwd(x, g, inner));
+        }
         let h = x.narrow(D::Minus1, 0, inner)?;
         let gate = x.narrow(D::Minus1, inner, inner)?;
         let cdf = ((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
@@ -407,8 +544,14 @@ impl Grad1 for GegluGrad {
 /// diffusers' GEGLU activation on the concatenated projection `[h, gate]`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     let inner = x.dim(D::Minus1)? / 2;
-    let xd = x.detach();
-    let y = (xd.narrow(D::Minus1, 0, inner)? * xd.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?;
+    let y = if on_cpu_f32(x) {
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = inner;
+        kernel1(x, dims, &|d| cpu::geglu_fwd(d, inner))?
+    } else {
+        let xd = x.detach();
+        (xd.narrow(D::Minus1, 0, inner)? * xd.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?
+    };
     attach1(x, y, GegluGrad)
 }
 
@@ -435,6 +578,16 @@ fn probs(qc: &Tensor, k: &Tensor, lse: &Tensor) -> Result<Tensor> {
 fn attention_value(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<(Tensor, Tensor)> {
     let n = q.dim(1)?;
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    if on_cpu_f32(q) {
+        for start in (0..n).step_by(rows) {
+            let s = q.narrow(1, start, rows.min(n - start))?.matmul(&k.t()?)?;
+            let softmax = SoftmaxInPlace::default();
+            s.inplace_op1(&softmax)?;
+            outs.push(s.matmul(v)?);
+            lses.push(softmax.lse(s.dims())?);
+        }
+        return Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?));
+    }
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let s = q
@@ -452,6 +605,42 @@ fn attention_value(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<(T
         lses.push((max + sum.log()?)?);
     }
     Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?))
+}
+
+/// Row softmax of a contiguous f32 CPU tensor, in place, keeping each row's log-sum-exp.
+#[derive(Default)]
+struct SoftmaxInPlace {
+    lse: Mutex<Vec<f32>>,
+}
+
+impl SoftmaxInPlace {
+    fn lse(&self, score_dims: &[usize]) -> Result<Tensor> {
+        let lse = match self.lse.lock() {
+            Ok(mut l) => std::mem::take(&mut *l),
+            Err(_) => bail!("softmax state poisoned"),
+        };
+        let (bh, n) = (score_dims[0], score_dims[1]);
+        Tensor::from_vec(lse, (bh, n, 1), &candle_core::Device::Cpu)
+    }
+}
+
+impl candle_core::InplaceOp1 for SoftmaxInPlace {
+    fn name(&self) -> &'static str {
+        "softmax-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let m = l.dims()[l.dims().len() - 1];
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => {
+                let lse = cpu::softmax_rows(&mut v[a..b], m);
+                if let Ok(mut slot) = self.lse.lock() {
+                    *slot = lse;
+                }
+                Ok(())
+            }
+            _ => bail!("softmax-in-place expects contiguous f32 data"),
+        }
+    }
 }
 
 struct AttentionOp {
@@ -505,9 +694,24 @@ impl CustomOp3 for AttentionOp {
             let len = rows.min(n - start);
             let qc = q.narrow(1, start, len)?;
             let gc = g.narrow(1, start, len)?;
-            let p = probs(&qc, &k, &self.lse.narrow(1, start, len)?)?;
-            let dp = gc.matmul(&v.t()?)?.to_dtype(acc)?;
-            let ds = (&p * dp.broadcast_sub(&delta.narrow(1, start, len)?)?)?.to_dtype(dtype)?;
+            let lse = self.lse.narrow(1, start, len)?;
+            let (delta, dp) = (delta.narrow(1, start, len)?, gc.matmul(&v.t()?)?);
+            let (p, ds) = if on_cpu_f32(&q) {
+                let s = qc.matmul(&k.t()?)?;
+                let (lse, delta) = (to_vec_f32(&lse)?, to_vec_f32(&delta)?);
+                let m = s.dim(2)?;
+                let mut shape = vec![2];
+                shape.extend_from_slice(s.dims());
+                let pds = kernel2(&s, &dp, shape, &|s, dp| {
+                    cpu::softmax_grad_rows(s, dp, &lse, &delta, m)
+                })?;
+                (pds.get(0)?, pds.get(1)?)
+            } else {
+                let p = probs(&qc, &k, &lse)?;
+                let dp = dp.to_dtype(acc)?;
+                let ds = (&p * dp.broadcast_sub(&delta)?)?.to_dtype(dtype)?;
+                (p, ds)
+            };
             dv = (dv + p.to_dtype(dtype)?.t()?.matmul(&gc)?)?;
             dk = (dk + ds.t()?.matmul(&qc)?)?;
             dq.push(ds.matmul(&k)?);
