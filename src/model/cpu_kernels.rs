@@ -1,7 +1,7 @@
-//! f32 CPU kernels for the elementwise parts of `ops` that candle runs as many separate
-//! passes (each a fresh allocation) with scalar libm `exp`/`erf`: row softmax and its
-//! gradient, GroupNorm(+SiLU) forward and backward, GEGLU forward and backward, and the
-//! im2col gather of a convolution. Rows are split over rayon's threads; the loops are
+//! f32 CPU kernels for the parts of `ops` that candle runs as many separate passes
+//! (each a fresh allocation) with scalar libm `exp`/`erf`: flash-style attention forward
+//! and backward, GroupNorm(+SiLU) forward and backward, GEGLU forward and backward, and
+//! the im2col gather of a convolution. Rows are split over rayon's threads; the loops are
 //! written so LLVM vectorizes them, and compiled a second time for AVX2+FMA, picked at
 //! run time.
 
@@ -64,6 +64,58 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// Independent accumulators per reduction, so that reductions vectorize (one float
+/// accumulator is a dependency chain LLVM may not reorder).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut blocks = x.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (a, &v) in acc.iter_mut().zip(block) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let tail = blocks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    acc.iter().fold(tail, |a, &v| a.max(v))
+}
+
+/// `sum f(x_i)`, with LANES accumulators.
+#[inline(always)]
+fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut blocks = x.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (a, &v) in acc.iter_mut().zip(block) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + blocks.remainder().iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// `sum x_i * y_i`, with LANES accumulators.
+#[inline(always)]
+fn lanes_dot(x: &[f32], y: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut xb, mut yb) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    for (bx, by) in (&mut xb).zip(&mut yb) {
+        for ((a, &u), &v) in acc.iter_mut().zip(bx).zip(by) {
+            *a += u * f(v);
+        }
+    }
+    let tail: f32 = xb
+        .remainder()
+        .iter()
+        .zip(yb.remainder())
+        .map(|(&u, &v)| u * f(v))
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Chunk of rows per rayon task: large enough to amortize scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
@@ -72,55 +124,26 @@ fn rows_per_task(row_len: usize) -> usize {
 // ---------------------------------------------------------------------------------------
 // Softmax over rows of length m.
 
-/// In place: each row of `s` becomes softmax(row); returns each row's log-sum-exp.
-pub fn softmax_rows(s: &mut [f32], m: usize) -> Vec<f32> {
-    let mut lse = vec![0f32; s.len() / m];
-    let per = rows_per_task(m);
-    s.par_chunks_mut(m * per)
-        .zip(lse.par_chunks_mut(per))
-        .for_each(|(rows, lse)| {
-            dispatch!(for (row, l) in rows.chunks_mut(m).zip(lse.iter_mut()) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
-                for v in row.iter_mut() {
-                    *v = exp(*v - max);
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
-                *l = max + sum.ln();
-            })
-        });
-    lse
-}
-
-/// From scores `s` and dL/dP `dp` (rows of length m), writes P = exp(s - lse) into the
-/// first half of the result and dL/dS = P (dP - delta) into the second.
-pub fn softmax_grad_rows(s: &[f32], dp: &[f32], lse: &[f32], delta: &[f32], m: usize) -> Vec<f32> {
-    let mut out = vec![0f32; 2 * s.len()];
-    let (p_out, ds_out) = out.split_at_mut(s.len());
-    let per = rows_per_task(m);
-    p_out
-        .par_chunks_mut(m * per)
-        .zip(ds_out.par_chunks_mut(m * per))
-        .zip(s.par_chunks(m * per).zip(dp.par_chunks(m * per)))
-        .zip(lse.par_chunks(per).zip(delta.par_chunks(per)))
-        .for_each(|(((p_out, ds_out), (s, dp)), (lse, delta))| {
-            dispatch!(for (row, (l, d)) in lse.iter().zip(delta).enumerate() {
-                let r = row * m..(row + 1) * m;
-                for (((po, dso), &sv), &dpv) in p_out[r.clone()]
-                    .iter_mut()
-                    .zip(&mut ds_out[r.clone()])
-                    .zip(&s[r.clone()])
-                    .zip(&dp[r])
-                {
-                    let p = exp(sv - l);
-                    *po = p;
-                    *dso = p * (dpv - d);
-                }
-            })
-        });
-    out
+/// In place: `row` becomes softmax(row); returns its log-sum-exp.
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) -> f32 {
+    let max = lanes_max(row);
+    let mut sum = [0f32; LANES];
+    let mut blocks = row.chunks_exact_mut(LANES);
+    for block in &mut blocks {
+        for (v, acc) in block.iter_mut().zip(&mut sum) {
+            *v = exp(*v - max);
+            *acc += *v;
+        }
+    }
+    let mut sum: f32 = sum.iter().sum();
+    for v in blocks.into_remainder() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+    max + sum.ln()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -144,8 +167,8 @@ impl GroupNormShape {
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lanes_sum(x, |v| v) / n;
+    let var = lanes_sum(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -193,8 +216,7 @@ pub fn group_norm_bwd(
             dispatch!({
                 let (mean, rstd) = moments(x, s.eps);
                 let c0 = (gi % s.groups) * cpg;
-                // First pass: dxhat into dx, and the two group means it needs.
-                let (mut m1, mut m2) = (0f32, 0f32);
+                // dxhat into dx, then the two group means dL/dx needs.
                 for (k, ((dx, x), g)) in dx
                     .chunks_mut(s.hw)
                     .zip(x.chunks(s.hw))
@@ -211,14 +233,12 @@ pub fn group_norm_bwd(
                         } else {
                             gv
                         };
-                        let dxhat = dz * gm;
-                        *d = dxhat;
-                        m1 += dxhat;
-                        m2 += dxhat * xhat;
+                        *d = dz * gm;
                     }
                 }
                 let n = gl as f32;
-                let (m1, m2) = (m1 / n, m2 / n);
+                let m1 = lanes_sum(dx, |v| v) / n;
+                let m2 = lanes_dot(dx, x, |v| (v - mean) * rstd) / n;
                 for (d, &xv) in dx.iter_mut().zip(x) {
                     let xhat = (xv - mean) * rstd;
                     *d = rstd * (*d - m1 - xhat * m2);
@@ -359,4 +379,163 @@ mod tests {
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention, flash-style: per head, blocks of BR query rows; the [BR, m] score block
+// stays in cache and is never stored for backward (recomputed from the log-sum-exp).
+
+const BR: usize = 64;
+
+pub struct AttnShape {
+    pub heads: usize,
+    pub n: usize,
+    pub m: usize,
+    pub d: usize,
+}
+
+/// `dst[m x n] (+)= lhs[m x k] @ rhs[k x n]`, strides as (row, column), single-threaded
+/// (the callers split work over rayon themselves).
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rc: (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rc: (usize, usize),
+    rhs: &[f32],
+    rhs_rc: (usize, usize),
+) {
+    let last = |(r, c): (usize, usize), rows: usize, cols: usize| {
+        (rows.max(1) - 1) * r + (cols.max(1) - 1) * c
+    };
+    assert!(
+        last(dst_rc, m, n) < dst.len().max(1)
+            && last(lhs_rc, m, k) < lhs.len().max(1)
+            && last(rhs_rc, k, n) < rhs.len().max(1),
+        "attention gemm out of bounds"
+    );
+    // SAFETY: every index touched is inside the slices (asserted above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_rc.1 as isize,
+            dst_rc.0 as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_rc.1 as isize,
+            lhs_rc.0 as isize,
+            rhs.as_ptr(),
+            rhs_rc.1 as isize,
+            rhs_rc.0 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `softmax(q k^T) v` for q `[heads, n, d]` (pre-scaled), k/v `[heads, m, d]`: the output
+/// `[heads, n, d]` and each query row's log-sum-exp `[heads, n]`.
+pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    let (n, m, d) = (s.n, s.m, s.d);
+    let mut out = vec![0f32; s.heads * n * d];
+    let mut lse = vec![0f32; s.heads * n];
+    out.par_chunks_mut(n * d)
+        .zip(lse.par_chunks_mut(n))
+        .enumerate()
+        .for_each(|(h, (out, lse))| {
+            let (qh, kh, vh) = (
+                &q[h * n * d..][..n * d],
+                &k[h * m * d..][..m * d],
+                &v[h * m * d..][..m * d],
+            );
+            out.par_chunks_mut(BR * d)
+                .zip(lse.par_chunks_mut(BR))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; BR * m],
+                    |scores, (blk, (o, l))| {
+                        let rows = l.len();
+                        let sc = &mut scores[..rows * m];
+                        let qr = &qh[blk * BR * d..][..rows * d];
+                        mm((rows, m, d), sc, (m, 1), false, qr, (d, 1), kh, (1, d));
+                        dispatch!(for (row, l) in sc.chunks_mut(m).zip(l.iter_mut()) {
+                            *l = softmax_row(row);
+                        });
+                        mm((rows, d, m), o, (d, 1), false, sc, (m, 1), vh, (d, 1));
+                    },
+                );
+        });
+    (out, lse)
+}
+
+/// Gradients (dq, dk, dv) of `attention_fwd` given its output `o`, log-sum-exp and dL/do.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    g: &[f32],
+    lse: &[f32],
+    s: &AttnShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, m, d) = (s.n, s.m, s.d);
+    let mut dq = vec![0f32; s.heads * n * d];
+    let mut dk = vec![0f32; s.heads * m * d];
+    let mut dv = vec![0f32; s.heads * m * d];
+    dq.par_chunks_mut(n * d)
+        .zip(dk.par_chunks_mut(m * d).zip(dv.par_chunks_mut(m * d)))
+        .enumerate()
+        .for_each(|(h, (dq, (dk, dv)))| {
+            fn at(t: &[f32], h: usize, len: usize) -> &[f32] {
+                &t[h * len..][..len]
+            }
+            let (qh, kh, vh) = (at(q, h, n * d), at(k, h, m * d), at(v, h, m * d));
+            let (oh, gh, lh) = (at(o, h, n * d), at(g, h, n * d), at(lse, h, n));
+            let (mut p, mut ds) = (vec![0f32; BR * m], vec![0f32; BR * m]);
+            for r0 in (0..n).step_by(BR) {
+                let rows = BR.min(n - r0);
+                let (p, ds) = (&mut p[..rows * m], &mut ds[..rows * m]);
+                let (qr, gr, or) = (
+                    &qh[r0 * d..][..rows * d],
+                    &gh[r0 * d..][..rows * d],
+                    &oh[r0 * d..][..rows * d],
+                );
+                mm((rows, m, d), p, (m, 1), false, qr, (d, 1), kh, (1, d));
+                mm((rows, m, d), ds, (m, 1), false, gr, (d, 1), vh, (1, d));
+                dispatch!(for (i, (prow, dsrow)) in
+                    p.chunks_mut(m).zip(ds.chunks_mut(m)).enumerate()
+                {
+                    // delta_i = sum_j P_ij dP_ij = <dO_i, O_i>
+                    let delta = lanes_dot(&gr[i * d..][..d], &or[i * d..][..d], |x| x);
+                    let l = lh[r0 + i];
+                    for (pv, dv) in prow.iter_mut().zip(dsrow.iter_mut()) {
+                        *pv = exp(*pv - l);
+                        *dv = *pv * (*dv - delta);
+                    }
+                });
+                mm((m, d, rows), dv, (d, 1), true, p, (1, m), gr, (d, 1));
+                mm(
+                    (rows, d, m),
+                    &mut dq[r0 * d..][..rows * d],
+                    (d, 1),
+                    false,
+                    ds,
+                    (m, 1),
+                    kh,
+                    (d, 1),
+                );
+                mm((m, d, rows), dk, (d, 1), true, ds, (1, m), qr, (d, 1));
+            }
+        });
+    (dq, dk, dv)
 }

@@ -186,6 +186,33 @@ fn kernel2(
         .apply_op2_no_bwd(&y.detach().contiguous()?, &op)
 }
 
+/// `f` over the f32 data of CPU tensors (made contiguous first).
+fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
+            _ => bail!("cpu kernel expects contiguous f32 data"),
+        }
+    }
+    Ok(f(&slices))
+}
+
+fn attn_shape(q: &Tensor, k: &Tensor) -> Result<cpu::AttnShape> {
+    let (heads, n, d) = q.dims3()?;
+    Ok(cpu::AttnShape {
+        heads,
+        n,
+        m: k.dim(1)?,
+        d,
+    })
+}
+
 fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
@@ -579,14 +606,13 @@ fn attention_value(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<(T
     let n = q.dim(1)?;
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     if on_cpu_f32(q) {
-        for start in (0..n).step_by(rows) {
-            let s = q.narrow(1, start, rows.min(n - start))?.matmul(&k.t()?)?;
-            let softmax = SoftmaxInPlace::default();
-            s.inplace_op1(&softmax)?;
-            outs.push(s.matmul(v)?);
-            lses.push(softmax.lse(s.dims())?);
-        }
-        return Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?));
+        let shape = attn_shape(q, k)?;
+        let (out, lse) = with_f32(&[q, k, v], |t| cpu::attention_fwd(t[0], t[1], t[2], &shape))?;
+        let cpu = &candle_core::Device::Cpu;
+        return Ok((
+            Tensor::from_vec(out, q.shape(), cpu)?,
+            Tensor::from_vec(lse, (shape.heads, shape.n, 1), cpu)?,
+        ));
     }
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
@@ -605,42 +631,6 @@ fn attention_value(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<(T
         lses.push((max + sum.log()?)?);
     }
     Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?))
-}
-
-/// Row softmax of a contiguous f32 CPU tensor, in place, keeping each row's log-sum-exp.
-#[derive(Default)]
-struct SoftmaxInPlace {
-    lse: Mutex<Vec<f32>>,
-}
-
-impl SoftmaxInPlace {
-    fn lse(&self, score_dims: &[usize]) -> Result<Tensor> {
-        let lse = match self.lse.lock() {
-            Ok(mut l) => std::mem::take(&mut *l),
-            Err(_) => bail!("softmax state poisoned"),
-        };
-        let (bh, n) = (score_dims[0], score_dims[1]);
-        Tensor::from_vec(lse, (bh, n, 1), &candle_core::Device::Cpu)
-    }
-}
-
-impl candle_core::InplaceOp1 for SoftmaxInPlace {
-    fn name(&self) -> &'static str {
-        "softmax-in-place"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let m = l.dims()[l.dims().len() - 1];
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => {
-                let lse = cpu::softmax_rows(&mut v[a..b], m);
-                if let Ok(mut slot) = self.lse.lock() {
-                    *slot = lse;
-                }
-                Ok(())
-            }
-            _ => bail!("softmax-in-place expects contiguous f32 data"),
-        }
-    }
 }
 
 struct AttentionOp {
@@ -685,6 +675,18 @@ impl CustomOp3 for AttentionOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
+        if on_cpu_f32(&q) {
+            let shape = attn_shape(&q, &k)?;
+            let (dq, dk, dv) = with_f32(&[&q, &k, &v, &o, g, &self.lse], |t| {
+                cpu::attention_bwd(t[0], t[1], t[2], t[3], t[4], t[5], &shape)
+            })?;
+            let cpu = &candle_core::Device::Cpu;
+            return Ok((
+                Some(Tensor::from_vec(dq, q.shape(), cpu)?),
+                Some(Tensor::from_vec(dk, k.shape(), cpu)?),
+                Some(Tensor::from_vec(dv, v.shape(), cpu)?),
+            ));
+        }
         let (dtype, n, rows) = (q.dtype(), q.dim(1)?, self.rows);
         // D_i = sum_j P_ij dP_ij = <dO_i, O_i>.
         let acc = f32_or_wider(dtype);
@@ -696,22 +698,9 @@ impl CustomOp3 for AttentionOp {
             let gc = g.narrow(1, start, len)?;
             let lse = self.lse.narrow(1, start, len)?;
             let (delta, dp) = (delta.narrow(1, start, len)?, gc.matmul(&v.t()?)?);
-            let (p, ds) = if on_cpu_f32(&q) {
-                let s = qc.matmul(&k.t()?)?;
-                let (lse, delta) = (to_vec_f32(&lse)?, to_vec_f32(&delta)?);
-                let m = s.dim(2)?;
-                let mut shape = vec![2];
-                shape.extend_from_slice(s.dims());
-                let pds = kernel2(&s, &dp, shape, &|s, dp| {
-                    cpu::softmax_grad_rows(s, dp, &lse, &delta, m)
-                })?;
-                (pds.get(0)?, pds.get(1)?)
-            } else {
-                let p = probs(&qc, &k, &lse)?;
-                let dp = dp.to_dtype(acc)?;
-                let ds = (&p * dp.broadcast_sub(&delta)?)?.to_dtype(dtype)?;
-                (p, ds)
-            };
+            let p = probs(&qc, &k, &lse)?;
+            let dp = dp.to_dtype(acc)?;
+            let ds = (&p * dp.broadcast_sub(&delta)?)?.to_dtype(dtype)?;
             dv = (dv + p.to_dtype(dtype)?.t()?.matmul(&gc)?)?;
             dk = (dk + ds.t()?.matmul(&qc)?)?;
             dq.push(ds.matmul(&k)?);

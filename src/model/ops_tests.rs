@@ -208,6 +208,22 @@ fn attention_matches_naive_in_every_chunking() {
 }
 
 #[test]
+fn attention_kernel_matches_naive_across_row_blocks() {
+    // More query rows than one 64-row block, keys not a multiple of the lane width.
+    let xs = [
+        randn(1, &[2, 150, 8]),
+        randn(2, &[2, 70, 8]),
+        randn(3, &[2, 70, 8]),
+    ];
+    check(
+        "attention 150x70",
+        &xs,
+        |x| attention(&x[0], &x[1], &x[2]),
+        |x| candle_nn::ops::softmax(&x[0].matmul(&x[1].t()?)?, D::Minus1)?.matmul(&x[2]),
+    );
+}
+
+#[test]
 fn untracked_inputs_build_no_graph() {
     let x = randn(1, &[1, 2, 4, 4]);
     let (w, b) = (randn(2, &[2, 2, 3, 3]), randn(3, &[2]));
