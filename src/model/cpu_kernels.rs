@@ -539,3 +539,170 @@ pub fn attention_bwd(
         });
     (dq, dk, dv)
 }
+
+// ---------------------------------------------------------------------------------------
+// Linear layer with a LoRA adapter: y = x W^T + bias + s (x A^T) B^T, as one op.
+
+/// Sizes: `m` rows, `k` inputs, `n` outputs, rank `r`.
+pub struct LoraDims {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// `dst (+)= beta * lhs @ rhs`, multi-threaded, for the large products of a linear layer.
+#[allow(clippy::too_many_arguments)]
+fn mm_par(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rc: (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rc: (usize, usize),
+    rhs: &[f32],
+    rhs_rc: (usize, usize),
+    beta: f32,
+) {
+    let last = |(r, c): (usize, usize), rows: usize, cols: usize| {
+        (rows.max(1) - 1) * r + (cols.max(1) - 1) * c
+    };
+    assert!(
+        last(dst_rc, m, n) < dst.len().max(1)
+            && last(lhs_rc, m, k) < lhs.len().max(1)
+            && last(rhs_rc, k, n) < rhs.len().max(1),
+        "linear gemm out of bounds"
+    );
+    // SAFETY: every index touched is inside the slices (asserted above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_rc.1 as isize,
+            dst_rc.0 as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_rc.1 as isize,
+            lhs_rc.0 as isize,
+            rhs.as_ptr(),
+            rhs_rc.1 as isize,
+            rhs_rc.0 as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
+
+/// Forward of the adapted linear layer; x `[m, k]`, w `[n, k]`, a `[r, k]`, b `[n, r]`.
+pub fn lora_linear_fwd(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    a: &[f32],
+    b: &[f32],
+    d: &LoraDims,
+) -> Vec<f32> {
+    let (m, k, n, r) = (d.m, d.k, d.n, d.r);
+    let mut y = vec![0f32; m * n];
+    if let Some(bias) = bias {
+        y.par_chunks_mut(n)
+            .for_each(|row| row.copy_from_slice(bias));
+    }
+    mm_par(
+        (m, n, k),
+        &mut y,
+        (n, 1),
+        bias.is_some(),
+        x,
+        (k, 1),
+        w,
+        (1, k),
+        1.0,
+    );
+    let mut u = vec![0f32; m * r];
+    mm_par((m, r, k), &mut u, (r, 1), false, x, (k, 1), a, (1, k), 1.0);
+    mm_par(
+        (m, n, r),
+        &mut y,
+        (n, 1),
+        true,
+        &u,
+        (r, 1),
+        b,
+        (1, r),
+        d.scale,
+    );
+    y
+}
+
+/// Gradients (dx, da, db) of `lora_linear_fwd` given dL/dy `g` `[m, n]`.
+pub fn lora_linear_bwd(
+    x: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    g: &[f32],
+    d: &LoraDims,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (m, k, n, r) = (d.m, d.k, d.n, d.r);
+    let mut u = vec![0f32; m * r];
+    mm_par((m, r, k), &mut u, (r, 1), false, x, (k, 1), a, (1, k), 1.0);
+    // gu = s g B: the gradient reaching x A^T.
+    let mut gu = vec![0f32; m * r];
+    mm_par(
+        (m, r, n),
+        &mut gu,
+        (r, 1),
+        false,
+        g,
+        (n, 1),
+        b,
+        (r, 1),
+        d.scale,
+    );
+    let mut dx = vec![0f32; m * k];
+    mm_par((m, k, n), &mut dx, (k, 1), false, g, (n, 1), w, (k, 1), 1.0);
+    mm_par(
+        (m, k, r),
+        &mut dx,
+        (k, 1),
+        true,
+        &gu,
+        (r, 1),
+        a,
+        (k, 1),
+        1.0,
+    );
+    let mut da = vec![0f32; r * k];
+    mm_par(
+        (r, k, m),
+        &mut da,
+        (k, 1),
+        false,
+        &gu,
+        (1, r),
+        x,
+        (k, 1),
+        1.0,
+    );
+    let mut db = vec![0f32; n * r];
+    mm_par(
+        (n, r, m),
+        &mut db,
+        (r, 1),
+        false,
+        g,
+        (1, n),
+        &u,
+        (r, 1),
+        d.scale,
+    );
+    (dx, da, db)
+}

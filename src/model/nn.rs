@@ -61,27 +61,18 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let y = ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
         match ctx.lora.and_then(|set| set.get(&self.path)) {
             Some(lora) => {
-                let down = matmul_last(x, &lora.a)?;
-                let up = matmul_last(&down, &lora.b)?;
-                y + (up * lora.scale)?
+                let adapter = ops::LoraAdapter {
+                    a: &lora.a,
+                    b: &lora.b,
+                    scale: lora.scale,
+                };
+                ops::lora_linear(x, &self.weight, self.bias.as_ref(), &adapter)
             }
-            None => Ok(y),
+            None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
         }
     }
-}
-
-/// `x @ w^T` over the last dimension of `x`, flattening leading dims into one GEMM.
-fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let last = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
-    y.reshape(out_dims)
 }
 
 #[derive(Debug, Clone)]

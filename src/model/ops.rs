@@ -105,6 +105,109 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 }
 
 // ---------------------------------------------------------------------------------------
+// Frozen linear with a trainable LoRA adapter, one op on the CPU (f32): the base and
+// adapter products accumulate into one output, and backward is a handful of GEMMs.
+
+/// A LoRA adapter applied as `scale * (x A^T) B^T`.
+pub struct LoraAdapter<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+}
+
+struct LoraLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+}
+
+impl LoraLinear {
+    fn dims(&self, x: &Layout, a: &Layout) -> cpu::LoraDims {
+        let k = x.dims()[x.dims().len() - 1];
+        cpu::LoraDims {
+            m: x.shape().elem_count() / k.max(1),
+            k,
+            n: self.w.dims()[0],
+            r: a.dims()[0],
+            scale: self.scale as f32,
+        }
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(xl, al);
+        let y = with_f32(&[&self.w], |w| {
+            let bias = self.bias.as_ref().map(to_vec_f32).transpose()?;
+            let (x, a, b) = (f32_slice(x, xl)?, f32_slice(a, al)?, f32_slice(b, bl)?);
+            Ok::<_, candle_core::Error>(cpu::lora_linear_fwd(x, w[0], bias.as_deref(), a, b, &dims))
+        })??;
+        let mut out = xl.dims().to_vec();
+        *out.last_mut().expect("rank >= 1") = dims.n;
+        Ok((CpuStorage::F32(y), out.into()))
+    }
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xl, al) = (x.layout().clone(), a.layout().clone());
+        let dims = self.dims(&xl, &al);
+        let (dx, da, db) = with_f32(&[x, &self.w, a, b, g], |t| {
+            cpu::lora_linear_bwd(t[0], t[1], t[2], t[3], t[4], &dims)
+        })?;
+        let cpu = &candle_core::Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), cpu)?),
+            Some(Tensor::from_vec(da, a.shape(), cpu)?),
+            Some(Tensor::from_vec(db, b.shape(), cpu)?),
+        ))
+    }
+}
+
+/// `x W^T + bias + scale (x A^T) B^T`; gradients flow to x, A and B, never to W or bias.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    lora: &LoraAdapter,
+) -> Result<Tensor> {
+    let fused = on_cpu_f32(x) && on_cpu_f32(lora.a) && on_cpu_f32(lora.b) && on_cpu_f32(w);
+    if !fused {
+        let y = frozen_linear(x, w, bias)?;
+        let down = x.broadcast_matmul(&lora.a.to_dtype(x.dtype())?.t()?)?;
+        let up = down.broadcast_matmul(&lora.b.to_dtype(x.dtype())?.t()?)?;
+        return y + (up * lora.scale)?;
+    }
+    let op = LoraLinear {
+        w: w.clone(),
+        bias: bias.cloned(),
+        scale: lora.scale,
+    };
+    let (a, b) = (lora.a.contiguous()?, lora.b.contiguous()?);
+    if x.track_op() || a.track_op() || b.track_op() {
+        x.contiguous()?.apply_op3(&a, &b, op)
+    } else {
+        x.contiguous()?.apply_op3_no_bwd(&a, &b, &op)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // CPU kernels (cpu_kernels.rs) as graph-free custom ops on contiguous f32 tensors.
 
 /// The f32 data of a contiguous CPU tensor layout.

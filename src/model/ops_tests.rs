@@ -74,6 +74,30 @@ fn frozen_linear_matches_matmul() {
 }
 
 #[test]
+fn lora_linear_matches_composed() {
+    let (w, b) = (randn(1, &[7, 5]), randn(2, &[7]));
+    check(
+        "lora linear",
+        &[randn(3, &[2, 3, 5]), randn(4, &[4, 5]), randn(5, &[7, 4])],
+        |x| {
+            let adapter = LoraAdapter {
+                a: &x[1],
+                b: &x[2],
+                scale: 0.5,
+            };
+            lora_linear(&x[0], &like(&w, x), Some(&like(&b, x)), &adapter)
+        },
+        |x| {
+            let base = x[0].broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+            let up = x[0]
+                .broadcast_matmul(&x[1].t()?)?
+                .broadcast_matmul(&x[2].t()?)?;
+            base + (up * 0.5)?
+        },
+    );
+}
+
+#[test]
 fn frozen_conv_matches_conv2d() {
     // (input side, kernel, stride, padding): the U-Net's 3x3 s1/s2 and 1x1 convs, odd
     // sides, and the VAE's unpadded stride-2 conv on a padded input. Square inputs for
