@@ -105,22 +105,21 @@ impl Attention {
         kind: BlockKind,
         ctx: Ctx,
     ) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
+        let n = x.dim(1)?;
         let kv_in = context.unwrap_or(x);
-        let q = self.split_heads(&(self.to_q.forward(x, ctx)? * self.scale)?)?;
-        let k = self.split_heads(&self.to_k.forward(kv_in, ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(kv_in, ctx)?)?;
+        let q = self.to_q.forward(x, ctx)?;
+        let k = self.to_k.forward(kv_in, ctx)?;
+        let v = self.to_v.forward(kv_in, ctx)?;
         if let (Some(probe), Some(_)) = (ctx.probe, context) {
             if probe.wants(kind, n) {
                 // The attention loss reads these probabilities, in the graph; the output
                 // below is the same with or without a probe (L_pres compares the two).
-                let probs = softmax_last(&q.matmul(&k.t()?)?)?;
+                let q = self.split_heads(&(&q * self.scale)?)?;
+                let probs = softmax_last(&q.matmul(&self.split_heads(&k)?.t()?)?)?;
                 probe.record(&self.path, probs.mean(1)?);
             }
         }
-        let out = ops::attention(&q.flatten_to(1)?, &k.flatten_to(1)?, &v.flatten_to(1)?)?
-            .reshape(q.dims())?;
-        let out = out.transpose(1, 2)?.reshape((b, n, c))?;
+        let out = ops::attention(&q, &k, &v, self.heads, self.scale)?;
         self.to_out.forward(&out, ctx)
     }
 }

@@ -382,58 +382,79 @@ mod tests {
 }
 
 // ---------------------------------------------------------------------------------------
-// Attention, flash-style: per head, blocks of BR query rows; the [BR, m] score block
-// stays in cache and is never stored for backward (recomputed from the log-sum-exp).
+// Attention, flash-style, on token-major tensors: q `[b, n, heads * d]`, k/v
+// `[b, m, heads * d]`, out `[b, n, heads * d]`; head h is the column block h*d..(h+1)*d,
+// read and written in place through GEMM strides (no head transposes). Per (batch,
+// head), blocks of BR query rows: the [BR, m] score block stays in cache and is never
+// stored for backward (recomputed from the log-sum-exp).
 
 const BR: usize = 64;
 
 pub struct AttnShape {
+    pub batch: usize,
     pub heads: usize,
     pub n: usize,
     pub m: usize,
     pub d: usize,
+    pub scale: f32,
 }
 
-/// `dst[m x n] (+)= lhs[m x k] @ rhs[k x n]`, strides as (row, column), single-threaded
-/// (the callers split work over rayon themselves).
+impl AttnShape {
+    fn width(&self) -> usize {
+        self.heads * self.d
+    }
+}
+
+/// A raw f32 pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: the tasks holding a `Shared` write disjoint (batch, head) column blocks.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer `offset` elements in (a method, so closures capture the `Shared`).
+    ///
+    /// SAFETY: `offset` must be inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `dst[m x n] = acc * dst + beta * lhs[m x k] @ rhs[k x n]` through raw pointers, with
+/// (row, column) strides; single-threaded (callers split the work).
+///
+/// SAFETY: every element addressed by the shapes and strides must be in bounds, and no
+/// other thread may access the written elements meanwhile.
 #[allow(clippy::too_many_arguments)]
-fn mm(
+unsafe fn mm(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    dst: *mut f32,
     dst_rc: (usize, usize),
     accumulate: bool,
-    lhs: &[f32],
+    lhs: *const f32,
     lhs_rc: (usize, usize),
-    rhs: &[f32],
+    rhs: *const f32,
     rhs_rc: (usize, usize),
+    beta: f32,
 ) {
-    let last = |(r, c): (usize, usize), rows: usize, cols: usize| {
-        (rows.max(1) - 1) * r + (cols.max(1) - 1) * c
-    };
-    assert!(
-        last(dst_rc, m, n) < dst.len().max(1)
-            && last(lhs_rc, m, k) < lhs.len().max(1)
-            && last(rhs_rc, k, n) < rhs.len().max(1),
-        "attention gemm out of bounds"
-    );
-    // SAFETY: every index touched is inside the slices (asserted above).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             dst_rc.1 as isize,
             dst_rc.0 as isize,
             accumulate,
-            lhs.as_ptr(),
+            lhs,
             lhs_rc.1 as isize,
             lhs_rc.0 as isize,
-            rhs.as_ptr(),
+            rhs,
             rhs_rc.1 as isize,
             rhs_rc.0 as isize,
             1.0,
-            1.0,
+            beta,
             false,
             false,
             false,
@@ -442,38 +463,71 @@ fn mm(
     }
 }
 
-/// `softmax(q k^T) v` for q `[heads, n, d]` (pre-scaled), k/v `[heads, m, d]`: the output
-/// `[heads, n, d]` and each query row's log-sum-exp `[heads, n]`.
+fn check_attn_lens(s: &AttnShape, q: usize, kv: usize) {
+    assert!(
+        q == s.batch * s.n * s.width() && kv == s.batch * s.m * s.width(),
+        "attention buffers do not match their shape"
+    );
+}
+
+/// `softmax(scale q k^T) v` per head; returns the output and each query row's
+/// log-sum-exp `[batch * heads, n]`.
 pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
-    let (n, m, d) = (s.n, s.m, s.d);
-    let mut out = vec![0f32; s.heads * n * d];
-    let mut lse = vec![0f32; s.heads * n];
-    out.par_chunks_mut(n * d)
-        .zip(lse.par_chunks_mut(n))
-        .enumerate()
-        .for_each(|(h, (out, lse))| {
-            let (qh, kh, vh) = (
-                &q[h * n * d..][..n * d],
-                &k[h * m * d..][..m * d],
-                &v[h * m * d..][..m * d],
-            );
-            out.par_chunks_mut(BR * d)
-                .zip(lse.par_chunks_mut(BR))
-                .enumerate()
-                .for_each_init(
-                    || vec![0f32; BR * m],
-                    |scores, (blk, (o, l))| {
-                        let rows = l.len();
-                        let sc = &mut scores[..rows * m];
-                        let qr = &qh[blk * BR * d..][..rows * d];
-                        mm((rows, m, d), sc, (m, 1), false, qr, (d, 1), kh, (1, d));
-                        dispatch!(for (row, l) in sc.chunks_mut(m).zip(l.iter_mut()) {
-                            *l = softmax_row(row);
-                        });
-                        mm((rows, d, m), o, (d, 1), false, sc, (m, 1), vh, (d, 1));
-                    },
+    check_attn_lens(s, q.len(), k.len().min(v.len()));
+    let (n, m, d, c) = (s.n, s.m, s.d, s.width());
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; s.batch * s.heads * n];
+    let (out_ptr, blocks) = (Shared(out.as_mut_ptr()), n.div_ceil(BR));
+    // Tasks: (batch * heads) x query row blocks.
+    let tasks: Vec<(usize, usize)> = (0..s.batch * s.heads)
+        .flat_map(|bh| (0..blocks).map(move |blk| (bh, blk)))
+        .collect();
+    let lse_ptr = Shared(lse.as_mut_ptr());
+    tasks.par_iter().for_each_init(
+        || vec![0f32; BR * m],
+        |scores, &(bh, blk)| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let r0 = blk * BR;
+            let rows = BR.min(n - r0);
+            let sc = &mut scores[..rows * m];
+            let qr = q[(b * n + r0) * c + h * d..].as_ptr();
+            let kh = k[b * m * c + h * d..].as_ptr();
+            let vh = v[b * m * c + h * d..].as_ptr();
+            // SAFETY: the row block of head h in batch b lies inside q/k/v/out
+            // (lengths checked above); this task alone writes its out rows and lse.
+            let l = unsafe {
+                mm(
+                    (rows, m, d),
+                    sc.as_mut_ptr(),
+                    (m, 1),
+                    false,
+                    qr,
+                    (c, 1),
+                    kh,
+                    (1, c),
+                    s.scale,
                 );
-        });
+                std::slice::from_raw_parts_mut(lse_ptr.at(bh * n + r0), rows)
+            };
+            dispatch!(for (row, l) in sc.chunks_mut(m).zip(l.iter_mut()) {
+                *l = softmax_row(row);
+            });
+            unsafe {
+                let o = out_ptr.at((b * n + r0) * c + h * d);
+                mm(
+                    (rows, d, m),
+                    o,
+                    (c, 1),
+                    false,
+                    sc.as_ptr(),
+                    (m, 1),
+                    vh,
+                    (c, 1),
+                    1.0,
+                );
+            }
+        },
+    );
     (out, lse)
 }
 
@@ -488,55 +542,105 @@ pub fn attention_bwd(
     lse: &[f32],
     s: &AttnShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (n, m, d) = (s.n, s.m, s.d);
-    let mut dq = vec![0f32; s.heads * n * d];
-    let mut dk = vec![0f32; s.heads * m * d];
-    let mut dv = vec![0f32; s.heads * m * d];
-    dq.par_chunks_mut(n * d)
-        .zip(dk.par_chunks_mut(m * d).zip(dv.par_chunks_mut(m * d)))
-        .enumerate()
-        .for_each(|(h, (dq, (dk, dv)))| {
-            fn at(t: &[f32], h: usize, len: usize) -> &[f32] {
-                &t[h * len..][..len]
-            }
-            let (qh, kh, vh) = (at(q, h, n * d), at(k, h, m * d), at(v, h, m * d));
-            let (oh, gh, lh) = (at(o, h, n * d), at(g, h, n * d), at(lse, h, n));
-            let (mut p, mut ds) = (vec![0f32; BR * m], vec![0f32; BR * m]);
-            for r0 in (0..n).step_by(BR) {
-                let rows = BR.min(n - r0);
-                let (p, ds) = (&mut p[..rows * m], &mut ds[..rows * m]);
-                let (qr, gr, or) = (
-                    &qh[r0 * d..][..rows * d],
-                    &gh[r0 * d..][..rows * d],
-                    &oh[r0 * d..][..rows * d],
+    check_attn_lens(s, q.len().min(o.len()).min(g.len()), k.len().min(v.len()));
+    assert_eq!(lse.len(), s.batch * s.heads * s.n, "log-sum-exp length");
+    let (n, m, d, c) = (s.n, s.m, s.d, s.width());
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        Shared(dq.as_mut_ptr()),
+        Shared(dk.as_mut_ptr()),
+        Shared(dv.as_mut_ptr()),
+    );
+    (0..s.batch * s.heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let head = |t: &[f32], rows: usize| t[b * rows * c + h * d..].as_ptr();
+        let (kh, vh) = (head(k, m), head(v, m));
+        let (mut p, mut ds) = (vec![0f32; BR * m], vec![0f32; BR * m]);
+        for r0 in (0..n).step_by(BR) {
+            let rows = BR.min(n - r0);
+            let (p, ds) = (&mut p[..rows * m], &mut ds[..rows * m]);
+            let at = (b * n + r0) * c + h * d;
+            let (qr, gr) = (q[at..].as_ptr(), g[at..].as_ptr());
+            // SAFETY: all blocks lie inside their buffers (lengths checked above); this
+            // task alone writes head h of batch b in dq, dk and dv.
+            unsafe {
+                mm(
+                    (rows, m, d),
+                    p.as_mut_ptr(),
+                    (m, 1),
+                    false,
+                    qr,
+                    (c, 1),
+                    kh,
+                    (1, c),
+                    s.scale,
                 );
-                mm((rows, m, d), p, (m, 1), false, qr, (d, 1), kh, (1, d));
-                mm((rows, m, d), ds, (m, 1), false, gr, (d, 1), vh, (1, d));
-                dispatch!(for (i, (prow, dsrow)) in
-                    p.chunks_mut(m).zip(ds.chunks_mut(m)).enumerate()
-                {
+                mm(
+                    (rows, m, d),
+                    ds.as_mut_ptr(),
+                    (m, 1),
+                    false,
+                    gr,
+                    (c, 1),
+                    vh,
+                    (1, c),
+                    1.0,
+                );
+            }
+            dispatch!(
+                for (i, (prow, dsrow)) in p.chunks_mut(m).zip(ds.chunks_mut(m)).enumerate() {
                     // delta_i = sum_j P_ij dP_ij = <dO_i, O_i>
-                    let delta = lanes_dot(&gr[i * d..][..d], &or[i * d..][..d], |x| x);
-                    let l = lh[r0 + i];
+                    let row = at + i * c;
+                    let delta = lanes_dot(&g[row..][..d], &o[row..][..d], |x| x);
+                    let l = lse[bh * n + r0 + i];
                     for (pv, dv) in prow.iter_mut().zip(dsrow.iter_mut()) {
                         *pv = exp(*pv - l);
                         *dv = *pv * (*dv - delta);
                     }
-                });
-                mm((m, d, rows), dv, (d, 1), true, p, (1, m), gr, (d, 1));
+                }
+            );
+            unsafe {
+                let dvh = dv_ptr.at(b * m * c + h * d);
+                mm(
+                    (m, d, rows),
+                    dvh,
+                    (c, 1),
+                    true,
+                    p.as_ptr(),
+                    (1, m),
+                    gr,
+                    (c, 1),
+                    1.0,
+                );
+                let dqr = dq_ptr.at(at);
                 mm(
                     (rows, d, m),
-                    &mut dq[r0 * d..][..rows * d],
-                    (d, 1),
+                    dqr,
+                    (c, 1),
                     false,
-                    ds,
+                    ds.as_ptr(),
                     (m, 1),
                     kh,
-                    (d, 1),
+                    (c, 1),
+                    s.scale,
                 );
-                mm((m, d, rows), dk, (d, 1), true, ds, (1, m), qr, (d, 1));
+                let dkh = dk_ptr.at(b * m * c + h * d);
+                mm(
+                    (m, d, rows),
+                    dkh,
+                    (c, 1),
+                    true,
+                    ds.as_ptr(),
+                    (1, m),
+                    qr,
+                    (c, 1),
+                    s.scale,
+                );
             }
-        });
+        }
+    });
     (dq, dk, dv)
 }
 

@@ -306,16 +306,6 @@ fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
     Ok(f(&slices))
 }
 
-fn attn_shape(q: &Tensor, k: &Tensor) -> Result<cpu::AttnShape> {
-    let (heads, n, d) = q.dims3()?;
-    Ok(cpu::AttnShape {
-        heads,
-        n,
-        m: k.dim(1)?,
-        d,
-    })
-}
-
 fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
@@ -686,8 +676,10 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Memory-efficient attention: softmax(q k^T) v over query chunks, keeping only the
-// per-row log-sum-exp for backward, which recomputes the probabilities chunk by chunk.
+// Memory-efficient attention: softmax(scale q k^T) v keeping only the per-row
+// log-sum-exp for backward, which recomputes the probabilities block by block. On the
+// CPU in f32 a flash-style kernel works on token-major tensors; elsewhere query chunks
+// of head-major tensors go through candle ops.
 
 /// Elements of one `[batch*heads, chunk, keys]` score block (64 MB in f32).
 const SCORE_BLOCK: usize = 1 << 24;
@@ -708,15 +700,6 @@ fn probs(qc: &Tensor, k: &Tensor, lse: &Tensor) -> Result<Tensor> {
 fn attention_value(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<(Tensor, Tensor)> {
     let n = q.dim(1)?;
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
-    if on_cpu_f32(q) {
-        let shape = attn_shape(q, k)?;
-        let (out, lse) = with_f32(&[q, k, v], |t| cpu::attention_fwd(t[0], t[1], t[2], &shape))?;
-        let cpu = &candle_core::Device::Cpu;
-        return Ok((
-            Tensor::from_vec(out, q.shape(), cpu)?,
-            Tensor::from_vec(lse, (shape.heads, shape.n, 1), cpu)?,
-        ));
-    }
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let s = q
@@ -778,18 +761,6 @@ impl CustomOp3 for AttentionOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
-        if on_cpu_f32(&q) {
-            let shape = attn_shape(&q, &k)?;
-            let (dq, dk, dv) = with_f32(&[&q, &k, &v, &o, g, &self.lse], |t| {
-                cpu::attention_bwd(t[0], t[1], t[2], t[3], t[4], t[5], &shape)
-            })?;
-            let cpu = &candle_core::Device::Cpu;
-            return Ok((
-                Some(Tensor::from_vec(dq, q.shape(), cpu)?),
-                Some(Tensor::from_vec(dk, k.shape(), cpu)?),
-                Some(Tensor::from_vec(dv, v.shape(), cpu)?),
-            ));
-        }
         let (dtype, n, rows) = (q.dtype(), q.dim(1)?, self.rows);
         // D_i = sum_j P_ij dP_ij = <dO_i, O_i>.
         let acc = f32_or_wider(dtype);
@@ -812,14 +783,112 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// `softmax(q k^T) v` for `q: [bh, n, d]` (already scaled), `k, v: [bh, m, d]`. Keeps
-/// no `[bh, n, m]` tensor for backward.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (bh, n, _) = q.dims3()?;
-    attention_chunked(q, k, v, chunk_rows(bh, n, k.dim(1)?))
+/// The CPU kernel as an op: the value is computed in `cpu_fwd` from the inputs' storage.
+struct FlashAttention {
+    heads: usize,
+    scale: f64,
+    lse: Mutex<Vec<f32>>,
 }
 
-fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
+impl FlashAttention {
+    fn shape(&self, ql: &Layout, kl: &Layout) -> Result<cpu::AttnShape> {
+        let (&[batch, n, c], &[_, m, _]) = (ql.dims(), kl.dims()) else {
+            bail!("attention expects [batch, tokens, channels] inputs")
+        };
+        Ok(cpu::AttnShape {
+            batch,
+            heads: self.heads,
+            n,
+            m,
+            d: c / self.heads,
+            scale: self.scale as f32,
+        })
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = self.shape(ql, kl)?;
+        let (q, k, v) = (f32_slice(q, ql)?, f32_slice(k, kl)?, f32_slice(v, vl)?);
+        let (out, lse) = cpu::attention_fwd(q, k, v, &shape);
+        match self.lse.lock() {
+            Ok(mut slot) => *slot = lse,
+            Err(_) => bail!("attention state poisoned"),
+        }
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let shape = self.shape(q.layout(), k.layout())?;
+        let Ok(lse) = self.lse.lock() else {
+            bail!("attention state poisoned")
+        };
+        let (dq, dk, dv) = with_f32(&[q, k, v, o, g], |t| {
+            cpu::attention_bwd(t[0], t[1], t[2], t[3], t[4], &lse, &shape)
+        })?;
+        let cpu = &candle_core::Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), cpu)?),
+            Some(Tensor::from_vec(dk, k.shape(), cpu)?),
+            Some(Tensor::from_vec(dv, v.shape(), cpu)?),
+        ))
+    }
+}
+
+/// Multi-head `softmax(scale q k^T) v` for token-major `q: [b, n, heads * d]` and
+/// `k, v: [b, m, heads * d]`, giving `[b, n, heads * d]`. Keeps no `[b, heads, n, m]`
+/// tensor for backward.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, n, c) = q.dims3()?;
+    if [q, k, v].iter().all(|t| on_cpu_f32(t)) {
+        let op = FlashAttention {
+            heads,
+            scale,
+            lse: Mutex::new(Vec::new()),
+        };
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        return if q.track_op() || k.track_op() || v.track_op() {
+            q.apply_op3(&k, &v, op)
+        } else {
+            q.apply_op3_no_bwd(&k, &v, &op)
+        };
+    }
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        t.reshape((b, n, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .flatten_to(1)
+    };
+    let m = k.dim(1)?;
+    let rows = chunk_rows(b * heads, n, m);
+    let out = attention_head_major(&split(&(q * scale)?)?, &split(k)?, &split(v)?, rows)?;
+    out.reshape((b, heads, n, c / heads))?
+        .transpose(1, 2)?
+        .reshape((b, n, c))
+}
+
+/// `softmax(q k^T) v` for head-major `q: [bh, n, d]` (already scaled), `k, v: [bh, m, d]`,
+/// over query chunks of `rows`.
+fn attention_head_major(q: &Tensor, k: &Tensor, v: &Tensor, rows: usize) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (out, lse) = attention_value(&qd, &kd, &vd, rows)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {

@@ -214,8 +214,22 @@ fn geglu_matches_composed() {
     );
 }
 
+/// Multi-head attention spelled out: split heads, softmax(scale q k^T) v, merge heads.
+fn naive_attention(x: &[Tensor], heads: usize, scale: f64) -> Result<Tensor> {
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        t.reshape((b, n, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    };
+    let (q, k, v) = (split(&x[0])?, split(&x[1])?, split(&x[2])?);
+    let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
+    let o = p.matmul(&v)?.transpose(1, 2)?;
+    let (b, n, h, d) = o.dims4()?;
+    o.reshape((b, n, h * d))
+}
+
 #[test]
 fn attention_matches_naive_in_every_chunking() {
+    // Head-major chunked path (f64), query chunks of several sizes.
     let xs = [
         randn(1, &[3, 10, 4]),
         randn(2, &[3, 7, 4]),
@@ -225,25 +239,26 @@ fn attention_matches_naive_in_every_chunking() {
         check(
             &format!("attention rows={rows}"),
             &xs,
-            |x| attention_chunked(&x[0], &x[1], &x[2], rows),
-            |x| candle_nn::ops::softmax(&x[0].matmul(&x[1].t()?)?, D::Minus1)?.matmul(&x[2]),
+            |x| attention_head_major(&x[0], &x[1], &x[2], rows),
+            |x| naive_attention(x, 1, 1.0),
         );
     }
 }
 
 #[test]
-fn attention_kernel_matches_naive_across_row_blocks() {
-    // More query rows than one 64-row block, keys not a multiple of the lane width.
+fn multi_head_attention_matches_naive_across_row_blocks() {
+    // 2 batches x 3 heads; more query rows than one 64-row block of the CPU kernel and
+    // keys not a multiple of its lane width.
     let xs = [
-        randn(1, &[2, 150, 8]),
-        randn(2, &[2, 70, 8]),
-        randn(3, &[2, 70, 8]),
+        randn(1, &[2, 150, 12]),
+        randn(2, &[2, 70, 12]),
+        randn(3, &[2, 70, 12]),
     ];
     check(
-        "attention 150x70",
+        "attention 150x70, 3 heads",
         &xs,
-        |x| attention(&x[0], &x[1], &x[2]),
-        |x| candle_nn::ops::softmax(&x[0].matmul(&x[1].t()?)?, D::Minus1)?.matmul(&x[2]),
+        |x| attention(&x[0], &x[1], &x[2], 3, 0.5),
+        |x| naive_attention(x, 3, 0.5),
     );
 }
 
@@ -252,6 +267,8 @@ fn untracked_inputs_build_no_graph() {
     let x = randn(1, &[1, 2, 4, 4]);
     let (w, b) = (randn(2, &[2, 2, 3, 3]), randn(3, &[2]));
     assert!(!frozen_conv2d(&x, &w, &b, 1, 1).unwrap().track_op());
-    let q = randn(4, &[2, 5, 3]);
-    assert!(!attention(&q, &q, &q).unwrap().track_op());
+    let q = randn(4, &[2, 5, 4]);
+    assert!(!attention(&q, &q, &q, 2, 1.0).unwrap().track_op());
+    let q = q.to_dtype(DType::F32).unwrap();
+    assert!(!attention(&q, &q, &q, 2, 1.0).unwrap().track_op());
 }

@@ -59,9 +59,8 @@ impl VaeAttention {
             super::ops::frozen_linear(t, wt, Some(bias))
         };
         let scale = 1.0 / (c as f64).sqrt();
-        let q = (lin(0, &t)? * scale)?;
-        let (k, v) = (lin(1, &t)?, lin(2, &t)?);
-        let out = lin(3, &super::ops::attention(&q, &k, &v)?)?;
+        let (q, k, v) = (lin(0, &t)?, lin(1, &t)?, lin(2, &t)?);
+        let out = lin(3, &super::ops::attention(&q, &k, &v, 1, scale)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }
 }
