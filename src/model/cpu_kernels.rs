@@ -347,6 +347,89 @@ pub fn im2col(x: &[f32], s: &ConvShape) -> Vec<f32> {
     cols
 }
 
+/// A convolution `[b, c, h, w] -> [b, co, oh, ow]` with kernel `w [co, c, k, k]` and an
+/// optional bias: im2col, then one multi-threaded GEMM per image into the output.
+pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, co: usize, s: &ConvShape) -> Vec<f32> {
+    let (oh, ow) = s.out_hw();
+    let (hw, ohw) = (s.h * s.w, oh * ow);
+    let kk = w.len() / co;
+    let c = kk / (s.k * s.k);
+    let batch = x.len() / (c * hw);
+    let direct = s.k == 1 && s.stride == 1 && s.padding == 0;
+    let im2col_buf;
+    let cols: &[f32] = if direct {
+        x
+    } else {
+        im2col_buf = im2col(x, s);
+        &im2col_buf
+    };
+    let mut y = vec![0f32; batch * co * ohw];
+    if let Some(bias) = bias {
+        y.par_chunks_mut(ohw)
+            .enumerate()
+            .for_each(|(i, plane)| plane.fill(bias[i % co]));
+    }
+    for (i, y) in y.chunks_mut(co * ohw).enumerate() {
+        let cols = &cols[i * kk * ohw..][..kk * ohw];
+        mm_par(
+            (co, ohw, kk),
+            y,
+            (ohw, 1),
+            bias.is_some(),
+            w,
+            (kk, 1),
+            cols,
+            (ohw, 1),
+            1.0,
+        );
+    }
+    y
+}
+
+// ---------------------------------------------------------------------------------------
+// LayerNorm over rows of length n.
+
+pub fn layer_norm_fwd(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let n = gamma.len();
+    let mut y = vec![0f32; x.len()];
+    let per = rows_per_task(n);
+    y.par_chunks_mut(n * per)
+        .zip(x.par_chunks(n * per))
+        .for_each(|(y, x)| {
+            dispatch!(for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
+                let (mean, rstd) = moments(x, eps);
+                for (((yv, &xv), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                    *yv = (xv - mean) * rstd * g + b;
+                }
+            })
+        });
+    y
+}
+
+pub fn layer_norm_bwd(x: &[f32], g: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    let n = gamma.len();
+    let mut dx = vec![0f32; x.len()];
+    let per = rows_per_task(n);
+    dx.par_chunks_mut(n * per)
+        .zip(x.par_chunks(n * per).zip(g.par_chunks(n * per)))
+        .for_each(|(dx, (x, g))| {
+            dispatch!(
+                for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+                    let (mean, rstd) = moments(x, eps);
+                    for ((d, &gv), &gm) in dx.iter_mut().zip(g).zip(gamma) {
+                        *d = gv * gm;
+                    }
+                    let m1 = lanes_sum(dx, |v| v) / n as f32;
+                    let m2 = lanes_dot(dx, x, |v| (v - mean) * rstd) / n as f32;
+                    for (d, &xv) in dx.iter_mut().zip(x) {
+                        *d = rstd * (*d - m1 - (xv - mean) * rstd * m2);
+                    }
+                }
+            )
+        });
+    dx
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

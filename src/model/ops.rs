@@ -318,6 +318,51 @@ fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
 trait Grad1: Send + Sync + 'static {
     const NAME: &'static str;
     fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
+    /// The op's value from the input's f32 data (dims given), where a CPU kernel exists.
+    fn cpu_value(&self, _x: &[f32], _dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
+        None
+    }
+}
+
+/// An op with a CPU kernel: the value is computed in `cpu_fwd` from the input storage.
+struct CpuFused<G>(G);
+
+impl<G: Grad1> CustomOp1 for CpuFused<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.0.cpu_value(f32_slice(s, l)?, l.dims()) {
+            Some(value) => {
+                let (v, shape) = value?;
+                Ok((CpuStorage::F32(v), shape))
+            }
+            None => bail!("{} has no cpu kernel", G::NAME),
+        }
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.grad(&x.detach(), &y.detach(), g)?))
+    }
+}
+
+/// `op` applied to `x`: through its CPU kernel for f32 CPU input (no copy, no graph
+/// unless `x` is tracked), else as `composed` on detached `x` with `op`'s backward.
+fn fused1<G: Grad1>(
+    x: &Tensor,
+    op: G,
+    composed: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        let x = x.contiguous()?;
+        let op = CpuFused(op);
+        return if x.track_op() {
+            x.apply_op1(op)
+        } else {
+            x.apply_op1_no_bwd(&op)
+        };
+    }
+    let value = composed(&x.detach())?;
+    attach1(x, value, op)
 }
 
 /// Copies a precomputed value into the op's output storage. The value is taken out of
@@ -374,12 +419,36 @@ fn attach1<G: Grad1>(x: &Tensor, value: Tensor, grad: G) -> Result<Tensor> {
 
 struct ConvGrad {
     w: Tensor,
+    b: Tensor,
     stride: usize,
     padding: usize,
 }
 
 impl Grad1 for ConvGrad {
     const NAME: &'static str = "frozen-conv2d";
+    fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
+        let &[b, _, h, w] = dims else {
+            return Some(Err(candle_core::Error::Msg(
+                "conv2d expects [b, c, h, w]".into(),
+            )));
+        };
+        let (co, k) = (self.w.dims()[0], self.w.dims()[2]);
+        let shape = cpu::ConvShape {
+            h,
+            w,
+            k,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let (oh, ow) = shape.out_hw();
+        Some((|| {
+            let bias = to_vec_f32(&self.b)?;
+            let y = with_f32(&[&self.w], |wt| {
+                cpu::conv2d(x, wt[0], Some(&bias), co, &shape)
+            })?;
+            Ok((y, Shape::from((b, co, oh, ow))))
+        })())
+    }
     /// dL/dx of a cross-correlation is the full correlation of the (stride-dilated)
     /// output gradient with the flipped, in/out-swapped kernel.
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
@@ -456,13 +525,15 @@ pub fn frozen_conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = conv2d_value(x, w, stride, padding)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-    let grad = ConvGrad {
+    let op = ConvGrad {
         w: w.clone(),
+        b: b.clone(),
         stride,
         padding,
     };
-    attach1(x, y, grad)
+    fused1(x, op, |x| {
+        conv2d_value(x, w, stride, padding)?.broadcast_add(&b.reshape((1, (), 1, 1))?)
+    })
 }
 
 struct Upsample2xGrad;
@@ -525,10 +596,10 @@ struct GroupNormParams {
 }
 
 impl GroupNormParams {
-    fn cpu_args(&self, x: &Tensor) -> Result<(Vec<f32>, Vec<f32>, cpu::GroupNormShape)> {
+    fn cpu_args(&self, dims: &[usize]) -> Result<(Vec<f32>, Vec<f32>, cpu::GroupNormShape)> {
         let shape = cpu::GroupNormShape {
-            channels: x.dim(1)?,
-            hw: x.dims()[2..].iter().product(),
+            channels: dims[1],
+            hw: dims[2..].iter().product(),
             groups: self.groups,
             eps: self.eps as f32,
             silu: self.silu,
@@ -551,9 +622,14 @@ impl GroupNormParams {
 
 impl Grad1 for GroupNormParams {
     const NAME: &'static str = "group-norm";
+    fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
+        Some(self.cpu_args(dims).map(|(gamma, beta, shape)| {
+            (cpu::group_norm_fwd(x, &gamma, &beta, &shape), dims.into())
+        }))
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         if on_cpu_f32(x) {
-            let (gamma, beta, shape) = self.cpu_args(x)?;
+            let (gamma, beta, shape) = self.cpu_args(x.dims())?;
             return kernel2(x, g, x.shape(), &|x, g| {
                 cpu::group_norm_bwd(x, g, &gamma, &beta, &shape)
             });
@@ -591,27 +667,37 @@ pub fn group_norm(
         eps,
         silu,
     };
-    let y = if on_cpu_f32(x) {
-        let (gamma, beta, shape) = params.cpu_args(x)?;
-        kernel1(x, x.shape(), &|d| {
-            cpu::group_norm_fwd(d, &gamma, &beta, &shape)
-        })?
-    } else {
-        let (z, _, _) = params.normalize(&x.detach())?;
+    let composed = params.clone();
+    fused1(x, params, |x| {
+        let (z, _, _) = composed.normalize(x)?;
         let y = if silu { z.silu()? } else { z };
-        y.reshape(x.shape())?.to_dtype(x.dtype())?
-    };
-    attach1(x, y, params)
+        y.reshape(x.shape())?.to_dtype(x.dtype())
+    })
 }
 
 struct LayerNormGrad {
     gamma: Tensor,
+    beta: Tensor,
     eps: f64,
 }
 
 impl Grad1 for LayerNormGrad {
     const NAME: &'static str = "layer-norm";
+    fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
+        Some((|| {
+            let (gamma, beta) = (to_vec_f32(&self.gamma)?, to_vec_f32(&self.beta)?);
+            let y = cpu::layer_norm_fwd(x, &gamma, &beta, self.eps as f32);
+            Ok((y, dims.into()))
+        })())
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        if on_cpu_f32(x) {
+            let gamma = to_vec_f32(&self.gamma)?;
+            let eps = self.eps as f32;
+            return kernel2(x, g, x.shape(), &|x, g| {
+                cpu::layer_norm_bwd(x, g, &gamma, eps)
+            });
+        }
         let acc = f32_or_wider(x.dtype());
         let (xhat, rstd) = standardize(&x.to_dtype(acc)?, self.eps)?;
         let dxhat = g.to_dtype(acc)?.broadcast_mul(&self.gamma.to_dtype(acc)?)?;
@@ -619,21 +705,23 @@ impl Grad1 for LayerNormGrad {
     }
 }
 
-/// LayerNorm over the last dimension with frozen affine parameters. The value comes from
-/// candle's fused kernel (which has no backward of its own).
+/// LayerNorm over the last dimension with frozen affine parameters. Off the CPU the
+/// value comes from candle's fused kernel (which has no backward of its own).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let xd = x.detach().contiguous()?;
-    // The fused kernel has no f64 (used by the gradient checks).
-    let y = if xd.dtype() == DType::F64 {
-        candle_nn::ops::layer_norm_slow(&xd, gamma, beta, eps as f32)?
-    } else {
-        candle_nn::ops::layer_norm(&xd, gamma, beta, eps as f32)?
-    };
-    let grad = LayerNormGrad {
+    let op = LayerNormGrad {
         gamma: gamma.clone(),
+        beta: beta.clone(),
         eps,
     };
-    attach1(x, y, grad)
+    fused1(x, op, |x| {
+        let x = x.contiguous()?;
+        // The fused kernel has no f64 (used by the gradient checks).
+        if x.dtype() == DType::F64 {
+            candle_nn::ops::layer_norm_slow(&x, gamma, beta, eps as f32)
+        } else {
+            candle_nn::ops::layer_norm(&x, gamma, beta, eps as f32)
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -643,6 +731,12 @@ struct GegluGrad;
 
 impl Grad1 for GegluGrad {
     const NAME: &'static str = "geglu";
+    fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
+        let mut out = dims.to_vec();
+        let inner = out.last().copied().unwrap_or(0) / 2;
+        *out.last_mut()? = inner;
+        Some(Ok((cpu::geglu_fwd(x, inner), out.into())))
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let inner = x.dim(D::Minus1)? / 2;
         if on_cpu_f32(x) {
@@ -664,15 +758,9 @@ impl Grad1 for GegluGrad {
 /// diffusers' GEGLU activation on the concatenated projection `[h, gate]`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     let inner = x.dim(D::Minus1)? / 2;
-    let y = if on_cpu_f32(x) {
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = inner;
-        kernel1(x, dims, &|d| cpu::geglu_fwd(d, inner))?
-    } else {
-        let xd = x.detach();
-        (xd.narrow(D::Minus1, 0, inner)? * xd.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?
-    };
-    attach1(x, y, GegluGrad)
+    fused1(x, GegluGrad, |x| {
+        x.narrow(D::Minus1, 0, inner)? * x.narrow(D::Minus1, inner, inner)?.gelu_erf()?
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -218,7 +218,9 @@ fn geglu_matches_composed() {
 fn naive_attention(x: &[Tensor], heads: usize, scale: f64) -> Result<Tensor> {
     let split = |t: &Tensor| -> Result<Tensor> {
         let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, heads, c / heads))?.transpose(1, 2)?.contiguous()
+        t.reshape((b, n, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let (q, k, v) = (split(&x[0])?, split(&x[1])?, split(&x[2])?);
     let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
