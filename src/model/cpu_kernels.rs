@@ -2,21 +2,30 @@
 //! (each a fresh allocation) with scalar libm `exp`/`erf`: flash-style attention forward
 //! and backward, GroupNorm(+SiLU) forward and backward, GEGLU forward and backward, and
 //! the im2col gather of a convolution. Rows are split over rayon's threads; the loops are
-//! written so LLVM vectorizes them, and compiled a second time for AVX2+FMA, picked at
-//! run time.
+//! written so LLVM vectorizes them, and compiled again for AVX2+FMA and AVX-512, picked
+//! at run time.
 
 use rayon::prelude::*;
 
-/// Runs `$body` compiled for AVX2+FMA when the CPU has them, else for the baseline.
+/// Runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU has them, else for the
+/// baseline x86-64.
 macro_rules! dispatch {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the features were just detected.
+                unsafe { avx512(|| $body) }
+            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            {
                 // SAFETY: the features were just detected.
                 unsafe { avx2(|| $body) }
             } else {
