@@ -356,9 +356,101 @@ pub fn im2col(x: &[f32], s: &ConvShape) -> Vec<f32> {
     cols
 }
 
+/// `wt[i, o, y, x] = w[o, i, kh-1-y, kw-1-x]` for `w: [co, ci, kh, kw]`.
+pub fn flip_transpose(w: &[f32], co: usize, ci: usize, kh: usize, kw: usize) -> Vec<f32> {
+    let taps = kh * kw;
+    let mut wt = vec![0f32; w.len()];
+    wt.par_chunks_mut(co * taps)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            for o in 0..co {
+                let src = &w[(o * ci + i) * taps..][..taps];
+                for (d, v) in dst[o * taps..][..taps].iter_mut().zip(src.iter().rev()) {
+                    *d = *v;
+                }
+            }
+        });
+    wt
+}
+
 /// A convolution `[b, c, h, w] -> [b, co, oh, ow]` with kernel `w [co, c, k, k]` and an
-/// optional bias: im2col, then one multi-threaded GEMM per image into the output.
+/// optional bias. Stride 1 on large images: `shifted_gemm_conv`; otherwise im2col and one
+/// GEMM per image.
 pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, co: usize, s: &ConvShape) -> Vec<f32> {
+    if s.stride == 1 && s.k > 1 && s.h * s.w >= 256 && s.padding < s.k {
+        return shifted_gemm_conv(x, w, bias, co, s);
+    }
+    im2col_conv(x, w, bias, co, s)
+}
+
+/// Stride-1 convolution as k*k accumulating GEMMs, no im2col buffer. The input is padded
+/// into `[c, b, hp, wp]`; for tap (ky, kx) the matrix `[c, b*hp*wp]` starting at
+/// `ky*wp + kx` holds, at column `(i, y, x)`, the pixel that tap reads for output (y, x)
+/// of image i. Columns past the valid `oh x ow` corner are computed and dropped.
+fn shifted_gemm_conv(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    s: &ConvShape,
+) -> Vec<f32> {
+    let (k, p) = (s.k, s.padding);
+    let c = w.len() / (co * k * k);
+    let batch = x.len() / (c * s.h * s.w);
+    let (hp, wp) = (s.h + 2 * p, s.w + 2 * p);
+    let (oh, ow) = s.out_hw();
+    let cols = batch * hp * wp;
+    // Padded, channel-major input, with k spare zeros so the last tap stays in bounds.
+    let mut xp = vec![0f32; c * cols + k];
+    xp[..c * cols]
+        .par_chunks_mut(cols)
+        .enumerate()
+        .for_each(|(ch, dst)| {
+            for i in 0..batch {
+                let src = &x[(i * c + ch) * s.h * s.w..][..s.h * s.w];
+                for y in 0..s.h {
+                    let d = &mut dst[(i * hp + y + p) * wp + p..][..s.w];
+                    d.copy_from_slice(&src[y * s.w..][..s.w]);
+                }
+            }
+        });
+    let n = cols - (k - 1) * (wp + 1);
+    let mut wide = vec![0f32; co * cols];
+    for ky in 0..k {
+        for kx in 0..k {
+            let tap = &w[ky * k + kx..];
+            let rhs = &xp[ky * wp + kx..];
+            let acc = ky + kx > 0;
+            mm_par(
+                (co, n, c),
+                &mut wide,
+                (cols, 1),
+                acc,
+                tap,
+                (c * k * k, k * k),
+                rhs,
+                (cols, 1),
+                1.0,
+            );
+        }
+    }
+    let mut y = vec![0f32; batch * co * oh * ow];
+    y.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(plane, dst)| {
+            let (i, o) = (plane / co, plane % co);
+            let b = bias.map_or(0.0, |b| b[o]);
+            for yy in 0..oh {
+                let src = &wide[o * cols + (i * hp + yy) * wp..][..ow];
+                for (d, v) in dst[yy * ow..][..ow].iter_mut().zip(src) {
+                    *d = v + b;
+                }
+            }
+        });
+    y
+}
+
+fn im2col_conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, co: usize, s: &ConvShape) -> Vec<f32> {
     let (oh, ow) = s.out_hw();
     let (hw, ohw) = (s.h * s.w, oh * ow);
     let kk = w.len() / co;

@@ -218,23 +218,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-struct Kernel1<'a> {
-    shape: Shape,
-    f: &'a (dyn Fn(&[f32]) -> Vec<f32> + Sync),
-}
-
-impl CustomOp1 for Kernel1<'_> {
-    fn name(&self) -> &'static str {
-        "cpu-kernel"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            CpuStorage::F32((self.f)(f32_slice(s, l)?)),
-            self.shape.clone(),
-        ))
-    }
-}
-
 struct Kernel2<'a> {
     shape: Shape,
     f: &'a (dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync),
@@ -261,19 +244,7 @@ fn on_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-/// `f` over the data of untracked `x`, giving a tensor of `shape`.
-fn kernel1(
-    x: &Tensor,
-    shape: impl Into<Shape>,
-    f: &(dyn Fn(&[f32]) -> Vec<f32> + Sync),
-) -> Result<Tensor> {
-    let op = Kernel1 {
-        shape: shape.into(),
-        f,
-    };
-    x.detach().contiguous()?.apply_op1_no_bwd(&op)
-}
-
+/// `f` over the data of untracked `x` and `y`, giving a tensor of `shape`.
 fn kernel2(
     x: &Tensor,
     y: &Tensor,
@@ -454,11 +425,7 @@ impl Grad1 for ConvGrad {
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (_, _, kh, kw) = self.w.dims4()?;
-        let mut wt = self.w.transpose(0, 1)?.contiguous()?;
-        if kh > 1 || kw > 1 {
-            wt = flip(&flip(&wt, 2)?, 3)?;
-        }
-        let wt = wt.contiguous()?;
+        let wt = flip_transpose(&self.w)?;
         let (s, p) = (self.stride, self.padding);
         let g = if s > 1 { dilate(g, s)? } else { g.clone() };
         let (gh, gw) = (g.dim(2)?, g.dim(3)?);
@@ -471,6 +438,20 @@ impl Grad1 for ConvGrad {
             conv2d_value(&g, &wt, 1, 0)
         }
     }
+}
+
+/// The kernel of the input-gradient convolution: in/out channels swapped, taps flipped.
+fn flip_transpose(w: &Tensor) -> Result<Tensor> {
+    let (co, ci, kh, kw) = w.dims4()?;
+    if on_cpu_f32(w) {
+        let wt = with_f32(&[w], |t| cpu::flip_transpose(t[0], co, ci, kh, kw))?;
+        return Tensor::from_vec(wt, (ci, co, kh, kw), w.device());
+    }
+    let wt = w.transpose(0, 1)?.contiguous()?;
+    if kh * kw == 1 {
+        return Ok(wt);
+    }
+    flip(&flip(&wt, 2)?, 3)?.contiguous()
 }
 
 fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
@@ -490,14 +471,14 @@ fn dilate(g: &Tensor, s: usize) -> Result<Tensor> {
         .narrow(3, 0, (w - 1) * s + 1)
 }
 
-/// Cross-correlation of `x` with `w` (no bias, no graph). On the CPU in f32: im2col
-/// (cpu_kernels) and one batched GEMM, much faster than candle's tiled im2col.
+/// Cross-correlation of `x` with `w` (no bias, no graph). On the CPU in f32 through
+/// `cpu::conv2d`, much faster than candle's tiled im2col.
 fn conv2d_value(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let x = x.detach();
     if !on_cpu_f32(&x) {
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    let (b, c, h, wd) = x.dims4()?;
+    let (b, _, h, wd) = x.dims4()?;
     let (co, _, k, _) = w.dims4()?;
     let shape = cpu::ConvShape {
         h,
@@ -507,14 +488,8 @@ fn conv2d_value(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result
         padding,
     };
     let (oh, ow) = shape.out_hw();
-    let cols = if k == 1 && stride == 1 && padding == 0 {
-        x.reshape((b, c, h * wd))?
-    } else {
-        kernel1(&x, (b, c * k * k, oh * ow), &|d| cpu::im2col(d, &shape))?
-    };
-    w.reshape((co, c * k * k))?
-        .broadcast_matmul(&cols)?
-        .reshape((b, co, oh, ow))
+    let y = with_f32(&[&x, w], |t| cpu::conv2d(t[0], t[1], None, co, &shape))?;
+    Tensor::from_vec(y, (b, co, oh, ow), x.device())
 }
 
 /// A 2D convolution with a frozen kernel `w` and bias `b`: only dL/dx flows back.
