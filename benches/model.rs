@@ -14,6 +14,11 @@ use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
 use magictailor::model::scheduler::Ddim;
 
+/// Resets the process's peak-RSS mark (Linux), so each row reports its own peak.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -93,7 +98,7 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
         ddim.step(&eps, 501, &x1).unwrap();
     });
     println!(
-        "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | peak RSS so far {:.0} MB",
+        "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | peak RSS {:.0} MB",
         latent * 8,
         peak_rss_mb()
     );
@@ -155,7 +160,7 @@ fn bench_train(
     let warm = times(reps + 1);
     let dsbal = times(reps + 1);
     println!(
-        "{name:>5} MagicTailor step, 3+3 images at {resolution} px: warm-up {:.3} s/step | DS-Bal {:.3} s/step | peak RSS so far {:.0} MB",
+        "{name:>5} MagicTailor step, 3+3 images at {resolution} px: warm-up {:.3} s/step | DS-Bal {:.3} s/step | peak RSS {:.0} MB",
         median(warm[1..].to_vec()),
         median(dsbal[1..].to_vec()),
         peak_rss_mb()
@@ -163,7 +168,11 @@ fn bench_train(
 }
 
 fn main() {
-    let tmp = std::env::temp_dir().join(format!("magictailor-bench-{}", std::process::id()));
+    // MAGICTAILOR_BENCH_DIR keeps the models and pair folder for scripts/bench_pytorch.py.
+    let keep = std::env::var_os("MAGICTAILOR_BENCH_DIR").map(std::path::PathBuf::from);
+    let tmp = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("magictailor-bench-{}", std::process::id()))
+    });
     let tiny = tmp.join("tiny");
     let mid = tmp.join("mid");
     magictailor::tiny::write(&tiny, 0).unwrap();
@@ -188,16 +197,30 @@ fn main() {
         .collect();
     let wanted = |row: &str| filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str()));
     if wanted("tiny-unet") {
+        reset_peak();
         bench("tiny", &tiny, 16, 5);
     }
     if wanted("tiny-train") {
+        reset_peak();
         bench_train("tiny", &tiny, &pair, 128, 5);
     }
     if wanted("mid-unet") {
+        reset_peak();
         bench("mid", &mid, 32, 3);
     }
     if wanted("mid-train") {
+        reset_peak();
         bench_train("mid", &mid, &pair, 256, 3);
     }
-    let _ = std::fs::remove_dir_all(&tmp);
+    if wanted("naive-attention") {
+        // The memory the flash-style attention saves: the same step with attention
+        // composed from candle ops, [b, heads, n, n] probabilities kept for backward.
+        magictailor::model::ops::use_reference_attention(true);
+        reset_peak();
+        bench_train("mid, naive attention,", &mid, &pair, 256, 2);
+        magictailor::model::ops::use_reference_attention(false);
+    }
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }

@@ -26,6 +26,23 @@ enum Command {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum DmDeg {
     /// The paper's curve: alpha * (1 - (d/D)^gamma).
     Dynamic,
@@ -107,9 +124,14 @@ struct TrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Weights' precision (only f32 so far).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Precision of the frozen U-Net, VAE and text encoder: f32, bf16 (CUDA) or f16.
+    /// LoRA weights, pseudo-words, optimizer state and losses stay f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// Static loss scale for f16 backward passes (default 1024 with f16, none otherwise);
+    /// a step whose gradients overflow is skipped.
+    #[arg(long)]
+    loss_scale: Option<f64>,
     /// One JSON object per step on stdout instead of a progress bar.
     #[arg(long)]
     json: bool,
@@ -170,12 +192,6 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
         dm_deg::Degradation,
         trainer::{Progress, TrainConfig},
     };
-    if a.dtype != "f32" {
-        return Err(magictailor::Error::usage(format!(
-            "--dtype {}: only f32 training is implemented so far.",
-            a.dtype
-        )));
-    }
     let degradation = match a.dm_deg {
         DmDeg::Dynamic => Degradation::Dynamic {
             alpha_init: a.alpha,
@@ -211,6 +227,17 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
         released_script: a.released_script,
         jitter: 0.1,
         flip: true,
+        dtype: a.dtype.dtype(),
+        loss_scale: match (a.loss_scale, a.dtype) {
+            (Some(s), _) if !(s.is_finite() && s > 0.0) => {
+                return Err(magictailor::Error::usage(format!(
+                    "--loss-scale {s}: expected a positive number, e.g. 1024."
+                )))
+            }
+            (Some(s), _) => Some(s),
+            (None, Precision::F16) => Some(1024.0),
+            (None, _) => None,
+        },
     };
     if cfg.no_masks && !a.quiet {
         eprintln!(

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use common::*;
 use image::{ImageBuffer, Luma, Rgb};
 use magictailor::train::trainer::{TrainConfig, Trainer};
@@ -265,6 +265,63 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
         "10",
     ];
     ok(&infer(&args, &check.join("infer.png")));
+}
+
+#[test]
+fn half_precision_training_stays_close_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let run = |dtype: DType, loss_scale: Option<f64>| {
+        let mut cfg = config(&pair, &tmp.path().join("unused"), 2, 2);
+        (cfg.dtype, cfg.loss_scale) = (dtype, loss_scale);
+        let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+        let logs: Vec<_> = (0..4).map(|_| t.train_step().unwrap()).collect();
+        let lora = t.lora.modules[0]
+            .2
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap();
+        (logs, lora)
+    };
+    let (full, full_b) = run(DType::F32, None);
+    let (half, half_b) = run(DType::F16, Some(1024.0));
+    // Measured: losses agree to 3e-4 relative, LoRA B to 1% of how far it moved.
+    for (f, h) in full.iter().zip(&half) {
+        let rel = ((f.loss - h.loss) / f.loss).abs();
+        assert!(
+            rel < 0.02,
+            "step {}: loss {} (f32) vs {} (f16)",
+            f.step,
+            f.loss,
+            h.loss
+        );
+        assert!(
+            h.grad_norm.is_finite(),
+            "step {}: f16 gradients overflowed",
+            h.step
+        );
+        assert_eq!(f.chosen_sample, h.chosen_sample);
+    }
+    // The adapters (f32 master weights) moved the same way: the B matrix starts at 0.
+    let moved = full_b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (&full_b - &half_b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let diff = diff.to_scalar::<f32>().unwrap();
+    assert!(
+        moved > 0.0 && diff < 0.05 * moved,
+        "LoRA B moved {moved}, f16 differs by {diff}"
+    );
+    assert_eq!(half_b.dtype(), DType::F32);
 }
 
 #[test]

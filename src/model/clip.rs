@@ -191,7 +191,10 @@ impl ClipTextModel {
                 self.config.max_position_embeddings
             );
         }
-        let x = self.embed_with_table(ids, table.unwrap_or(&self.token_embedding), extra)?;
+        // A trainable f32 table (released-script mode) meets half-precision weights here.
+        let x = self
+            .embed_with_table(ids, table.unwrap_or(&self.token_embedding), extra)?
+            .to_dtype(self.position_embedding.dtype())?;
         let pos = self.position_embedding.narrow(0, 0, n)?.unsqueeze(0)?;
         let mut x = x.broadcast_add(&pos)?;
         let mask = self

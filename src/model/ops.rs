@@ -916,11 +916,36 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+static REFERENCE_ATTENTION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Benchmarks only: route `attention` through the plain composition (softmax of the
+/// full score tensor, kept in the graph) to measure what the fused op saves.
+pub fn use_reference_attention(on: bool) {
+    REFERENCE_ATTENTION.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Multi-head `softmax(scale q k^T) v` for token-major `q: [b, n, heads * d]` and
 /// `k, v: [b, m, heads * d]`, giving `[b, n, heads * d]`. Keeps no `[b, heads, n, m]`
 /// tensor for backward.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (b, n, c) = q.dims3()?;
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        t.reshape((b, n, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .flatten_to(1)
+    };
+    let merge = |o: Tensor| {
+        o.reshape((b, heads, n, c / heads))?
+            .transpose(1, 2)?
+            .reshape((b, n, c))
+    };
+    if REFERENCE_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
+        let s = split(&(q * scale)?)?.matmul(&split(k)?.t()?)?;
+        return merge(candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&split(v)?)?);
+    }
     if [q, k, v].iter().all(|t| on_cpu_f32(t)) {
         let op = FlashAttention {
             heads,
@@ -934,19 +959,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             q.apply_op3_no_bwd(&k, &v, &op)
         };
     }
-    let split = |t: &Tensor| -> Result<Tensor> {
-        let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, heads, c / heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .flatten_to(1)
-    };
-    let m = k.dim(1)?;
-    let rows = chunk_rows(b * heads, n, m);
-    let out = attention_head_major(&split(&(q * scale)?)?, &split(k)?, &split(v)?, rows)?;
-    out.reshape((b, heads, n, c / heads))?
-        .transpose(1, 2)?
-        .reshape((b, n, c))
+    let rows = chunk_rows(b * heads, n, k.dim(1)?);
+    merge(attention_head_major(
+        &split(&(q * scale)?)?,
+        &split(k)?,
+        &split(v)?,
+        rows,
+    )?)
 }
 
 /// `softmax(q k^T) v` for head-major `q: [bh, n, d]` (already scaled), `k, v: [bh, m, d]`,

@@ -52,6 +52,17 @@ pub struct TrainConfig {
     pub released_script: bool,
     pub jitter: f64,
     pub flip: bool,
+    /// Precision of the frozen U-Net, VAE and text encoder; LoRA weights, pseudo-word
+    /// rows, AdamW state and the losses stay f32.
+    #[serde(serialize_with = "dtype_name")]
+    pub dtype: DType,
+    /// Static loss scale for f16 (gradients are unscaled before clipping; a step whose
+    /// gradients overflow is skipped). None: no scaling.
+    pub loss_scale: Option<f64>,
+}
+
+fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
 }
 
 fn degradation_name<S: serde::Serializer>(
@@ -90,6 +101,8 @@ impl TrainConfig {
             released_script: false,
             jitter: 0.1,
             flip: true,
+            dtype: DType::F32,
+            loss_scale: None,
         }
     }
 
@@ -190,19 +203,28 @@ pub fn step_losses(
         .text_encoder
         .forward_with_table(&batch.ids, text.table, Some(text.rows))?;
     let probe = AttnProbe::new(attn_side, &[BlockKind::Down, BlockKind::Up]);
-    let pred = sd.unet.forward(
-        &noised.z_t,
-        &t,
-        &context,
-        Ctx {
-            lora: Some(online),
-            probe: Some(&probe),
-        },
-    )?;
+    // The U-Net runs in the model's precision; losses are computed in f32.
+    let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
+    let pred = sd
+        .unet
+        .forward(
+            &z_t,
+            &t,
+            &context,
+            Ctx {
+                lora: Some(online),
+                probe: Some(&probe),
+            },
+        )?
+        .to_dtype(DType::F32)?;
     let per_image = masked_diffusion_per_image(&pred, &noised.eps, &mask_latent)?;
     let per_sample = per_sample_means(&per_image, &batch.sample_of, batch.n_samples)?;
     let l_attn = if w.lambda_attn > 0.0 {
-        let maps: Vec<Tensor> = probe.take().into_iter().map(|(_, m)| m).collect();
+        let maps = probe
+            .take()
+            .into_iter()
+            .map(|(_, m)| m.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         attention_loss(
             &maps,
             &batch.token_pos,
@@ -214,15 +236,18 @@ pub fn step_losses(
     let (l_diff, l_pres, chosen) = match momentum {
         Some(mset) => {
             let chosen = hardest_sample(&per_sample)?;
-            let mpred = sd.unet.forward(
-                &noised.z_t,
-                &t,
-                &context.detach(),
-                Ctx {
-                    lora: Some(mset),
-                    probe: None,
-                },
-            )?;
+            let mpred = sd
+                .unet
+                .forward(
+                    &z_t,
+                    &t,
+                    &context.detach(),
+                    Ctx {
+                        lora: Some(mset),
+                        probe: None,
+                    },
+                )?
+                .to_dtype(DType::F32)?;
             let l_pres = preserving_loss(
                 &pred,
                 &mpred,
@@ -291,7 +316,13 @@ impl Trainer {
                 "--warmup-steps and --dsbal-steps are both 0: there is nothing to train.",
             ));
         }
-        let mut sd = StableDiffusion::load(&cfg.model, device, DType::F32)?;
+        if cfg.dtype == DType::BF16 && device.is_cpu() {
+            return Err(Error::usage(
+                "--dtype bf16 needs a CUDA device: candle's CPU convolution has no bf16. Use \
+                 --dtype f16 or f32 on the CPU.",
+            ));
+        }
+        let mut sd = StableDiffusion::load(&cfg.model, device, cfg.dtype)?;
         let f = sd.vae_factor();
         if cfg.resolution == 0 || cfg.resolution % f != 0 {
             return Err(Error::usage(format!(
@@ -320,7 +351,9 @@ impl Trainer {
             DType::F32,
         )?;
         let table = if cfg.released_script {
-            Some(Var::from_tensor(&sd.text_encoder.token_table().copy()?)?)
+            Some(Var::from_tensor(
+                &sd.text_encoder.token_table().to_dtype(DType::F32)?.copy()?,
+            )?)
         } else {
             None
         };
@@ -417,9 +450,12 @@ impl Trainer {
         let alpha_d = self.cfg.degradation.alpha(d, total);
         let g = normal(&mut step_rng(self.cfg.seed, d, 2), pixels.dims(), dev)?;
         let degraded = self.cfg.degradation.apply(&pixels, &masks, &g, d, total)?;
-        let dist = self.sd.vae.encode(&degraded)?;
+        let dist = self.sd.vae.encode(&degraded.to_dtype(self.cfg.dtype)?)?;
         let z_noise = normal(&mut step_rng(self.cfg.seed, d, 3), dist.mean.dims(), dev)?;
-        let z0 = (dist.sample_with(&z_noise)? * self.sd.vae.config.scaling_factor)?;
+        let z0 = (dist
+            .sample_with(&z_noise.to_dtype(self.cfg.dtype)?)?
+            .to_dtype(DType::F32)?
+            * self.sd.vae.config.scaling_factor)?;
         let mut trng = step_rng(self.cfg.seed, d, 4);
         let n_t = self.sd.schedule.num_train_timesteps();
         let timesteps: Vec<usize> = (0..b).map(|_| trng.random_range(0..n_t)).collect();
@@ -467,12 +503,22 @@ impl Trainer {
             mset.as_ref(),
             w,
         )?;
-        let mut grads = loss.backward()?;
         let params = self.params();
+        let mut grads = match self.cfg.loss_scale {
+            Some(scale) => {
+                let mut grads = (&loss * scale)?.backward()?;
+                unscale(&mut grads, &params, scale)?;
+                grads
+            }
+            None => loss.backward()?,
+        };
         let grad_norm = clip_grad_norm(&mut grads, &params, 1.0)?;
         let lr = self.lr(d);
         self.opt.config.lr = lr;
-        self.opt.step(&grads)?;
+        // An overflowed f16 backward gives non-finite gradients: skip that update.
+        if grad_norm.is_finite() {
+            self.opt.step(&grads)?;
+        }
         drop(grads);
         if let Some(m) = self.momentum.as_mut().filter(|_| dsbal) {
             let first_update = d == self.cfg.warmup_steps + 1;
@@ -511,8 +557,11 @@ impl Trainer {
     /// how well the pair is learned, comparable across steps.
     pub fn probe_loss(&self, timesteps: &[usize], seed: u64) -> Result<f32> {
         let dev = &self.sd.device;
-        let dist = self.sd.vae.encode(&self.batch.pixels)?;
-        let z0 = (&dist.mean * self.sd.vae.config.scaling_factor)?;
+        let dist = self
+            .sd
+            .vae
+            .encode(&self.batch.pixels.to_dtype(self.cfg.dtype)?)?;
+        let z0 = (dist.mean.to_dtype(DType::F32)? * self.sd.vae.config.scaling_factor)?;
         let eps = normal(&mut step_rng(seed, 0, 9), z0.dims(), dev)?;
         let z_t = self.sd.schedule.add_noise(&z0, &eps, timesteps)?;
         let t = Tensor::from_vec(
@@ -528,15 +577,19 @@ impl Trainer {
             Some(&rows),
         )?;
         let set = self.lora.as_set();
-        let pred = self.sd.unet.forward(
-            &z_t,
-            &t,
-            &context,
-            Ctx {
-                lora: Some(&set),
-                probe: None,
-            },
-        )?;
+        let pred = self
+            .sd
+            .unet
+            .forward(
+                &z_t.to_dtype(self.cfg.dtype)?,
+                &t,
+                &context,
+                Ctx {
+                    lora: Some(&set),
+                    probe: None,
+                },
+            )?
+            .to_dtype(DType::F32)?;
         let mask_latent = resize_nearest(&self.batch.masks, z_t.dim(2)?)?;
         Ok(masked_diffusion_per_image(&pred, &eps, &mask_latent)?
             .mean_all()?
@@ -639,6 +692,17 @@ impl Trainer {
 }
 
 /// Pseudo-word rows start as the embedding of the first token of their class word.
+/// Divides the parameters' gradients by the loss scale.
+fn unscale(grads: &mut candle_core::backprop::GradStore, params: &[Var], scale: f64) -> Result<()> {
+    for p in params {
+        if let Some(g) = grads.get(p.as_tensor()) {
+            let g = (g.detach() / scale)?;
+            grads.insert(p.as_tensor(), g);
+        }
+    }
+    Ok(())
+}
+
 fn init_rows(sd: &StableDiffusion, class_words: &[String]) -> Result<Var> {
     let mut rows = Vec::new();
     for w in class_words {
@@ -646,7 +710,9 @@ fn init_rows(sd: &StableDiffusion, class_words: &[String]) -> Result<Var> {
         // ids[0] is BOS; ids[1] the first token of the word.
         rows.push(sd.text_encoder.token_row(ids[1])?);
     }
-    Ok(Var::from_tensor(&Tensor::stack(&rows, 0)?)?)
+    Ok(Var::from_tensor(
+        &Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?,
+    )?)
 }
 
 fn build_batch(sd: &StableDiffusion, data: &PairDataset, words: &[String]) -> Result<Batch> {
