@@ -179,6 +179,9 @@ struct InferArgs {
     /// reproduce a run made elsewhere exactly.
     #[arg(long)]
     init_latents: Option<PathBuf>,
+    /// Precision of the weights: f32, bf16 (CUDA) or f16.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -282,6 +285,7 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
         embeds: a.embeds,
         init_latents: a.init_latents,
         device: magictailor::device::parse(&a.device)?,
+        dtype: a.dtype.dtype(),
         progress: !a.quiet,
     };
     let written = infer::run(&opts)?;

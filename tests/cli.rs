@@ -75,6 +75,38 @@ fn infer_reproduces_diffusers_image_with_lora_and_embeddings() {
 }
 
 #[test]
+fn half_precision_infer_stays_close_to_the_reference_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f16.png");
+    let lora = fixture("lora_peft.safetensors");
+    let embeds = fixture("learned_embeds.safetensors");
+    let model = [
+        "--model",
+        &tiny_sd(),
+        "--lora",
+        &lora,
+        "--embeds",
+        &embeds,
+        "--dtype",
+        "f16",
+    ];
+    let o = infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = png_max_diff(
+        &read_png(&out),
+        &read_png(&fixtures().join("ddim_personal.png")),
+    );
+    assert!(
+        d <= 8,
+        "f16 vs diffusers f32: max pixel difference {d} levels"
+    );
+    // bf16 needs CUDA (candle's CPU conv has none): refused with the way out.
+    let bf16 = ["--model", &tiny_sd(), "--dtype", "bf16", "--device", "cpu"];
+    let o = infer_like_reference(&bf16, &dir.path().join("no.png"), "a dog");
+    assert!(!o.status.success() && stderr(&o).contains("--dtype f16 or f32"));
+}
+
+#[test]
 fn trained_folder_is_found_through_magictailor_json() {
     let dir = tempfile::tempdir().unwrap();
     let trained = dir.path().join("trained");

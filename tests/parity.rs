@@ -81,7 +81,7 @@ fn text_encoder_matches_transformers() {
 fn pseudo_words_match_textual_inversion() {
     let r = reference();
     let embeds = fixtures().join("learned_embeds.safetensors");
-    let p = Personalized::load(&tiny_sd(), None, Some(&embeds), &Device::Cpu).unwrap();
+    let p = Personalized::load(&tiny_sd(), None, Some(&embeds), &Device::Cpu, DType::F32).unwrap();
     let prompt = "<v0> with <v1>, in the snow";
     let ids = p.sd.tokenizer.encode(prompt).unwrap();
     let want_ids = r["pseudo_token_ids"]

@@ -36,6 +36,8 @@ pub struct InferOptions {
     pub embeds: Option<PathBuf>,
     pub init_latents: Option<PathBuf>,
     pub device: Device,
+    /// Precision of the model weights (sampling math stays f32).
+    pub dtype: DType,
     pub progress: bool,
 }
 
@@ -53,8 +55,15 @@ impl Personalized {
         lora: Option<&Path>,
         embeds: Option<&Path>,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self> {
-        let mut sd = StableDiffusion::load(model, device, DType::F32)?;
+        if dtype == DType::BF16 && device.is_cpu() {
+            return Err(Error::usage(
+                "--dtype bf16 needs a CUDA device: candle's CPU convolution has no bf16. Use \
+                 --dtype f16 or f32 on the CPU.",
+            ));
+        }
+        let mut sd = StableDiffusion::load(model, device, dtype)?;
         let lora = match lora {
             Some(f) => Some(LoraSet::load(f, &sd.unet.lora_targets(), device)?),
             None => None,
@@ -148,7 +157,13 @@ fn model_sources(opts: &InferOptions) -> Result<(String, Option<PathBuf>, Option
 
 pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
     let (model, lora, embeds) = model_sources(opts)?;
-    let p = Personalized::load(&model, lora.as_deref(), embeds.as_deref(), &opts.device)?;
+    let p = Personalized::load(
+        &model,
+        lora.as_deref(),
+        embeds.as_deref(),
+        &opts.device,
+        opts.dtype,
+    )?;
     p.check_prompt(&opts.prompt)?;
     p.check_prompt(&opts.negative_prompt)?;
     let latents = initial_latents(&p, opts)?;
@@ -261,7 +276,10 @@ pub fn sample(
             x.clone()
         };
         let ts = Tensor::from_vec(vec![t as f32; input.dim(0)?], input.dim(0)?, &p.sd.device)?;
-        let eps = p.sd.unet.forward(&input, &ts, &context, ctx)?;
+        let eps =
+            p.sd.unet
+                .forward(&input.to_dtype(p.sd.dtype)?, &ts, &context, ctx)?
+                .to_dtype(DType::F32)?;
         let eps = if cfg {
             let (uncond, cond) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
             (&uncond + ((cond - &uncond)? * guidance)?)?
@@ -278,7 +296,10 @@ pub fn sample(
 /// Latents -> `[n, 3, H, W]` u8 pixels, rounded as diffusers' `numpy_to_pil`.
 pub fn decode(p: &Personalized, latents: &Tensor) -> Result<Tensor> {
     let z = (latents / p.sd.vae.config.scaling_factor)?;
-    let x = p.sd.vae.decode(&z)?;
+    let x =
+        p.sd.vae
+            .decode(&z.to_dtype(p.sd.dtype)?)?
+            .to_dtype(DType::F32)?;
     let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok((x * 255.0)?.round()?.to_dtype(DType::U8)?)
 }
