@@ -75,26 +75,30 @@ fn frozen_linear_matches_matmul() {
 
 #[test]
 fn lora_linear_matches_composed() {
-    let (w, b) = (randn(1, &[7, 5]), randn(2, &[7]));
-    check(
-        "lora linear",
-        &[randn(3, &[2, 3, 5]), randn(4, &[4, 5]), randn(5, &[7, 4])],
-        |x| {
-            let adapter = LoraAdapter {
-                a: &x[1],
-                b: &x[2],
-                scale: 0.5,
-            };
-            lora_linear(&x[0], &like(&w, x), Some(&like(&b, x)), &adapter)
-        },
-        |x| {
-            let base = x[0].broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
-            let up = x[0]
-                .broadcast_matmul(&x[1].t()?)?
-                .broadcast_matmul(&x[2].t()?)?;
-            base + (up * 0.5)?
-        },
-    );
+    // (in, out, rank): the first folds the adapter into the weight, the second (wide
+    // layer, rank 1) runs the rank-r products.
+    for (k, n, r) in [(5, 7, 4), (8, 8, 1)] {
+        let (w, b) = (randn(1, &[n, k]), randn(2, &[n]));
+        check(
+            &format!("lora linear {k}->{n} rank {r}"),
+            &[randn(3, &[2, 3, k]), randn(4, &[r, k]), randn(5, &[n, r])],
+            |x| {
+                let adapter = LoraAdapter {
+                    a: &x[1],
+                    b: &x[2],
+                    scale: 0.5,
+                };
+                lora_linear(&x[0], &like(&w, x), Some(&like(&b, x)), &adapter)
+            },
+            |x| {
+                let base = x[0].broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+                let up = x[0]
+                    .broadcast_matmul(&x[1].t()?)?
+                    .broadcast_matmul(&x[2].t()?)?;
+                base + (up * 0.5)?
+            },
+        );
+    }
 }
 
 #[test]
