@@ -168,6 +168,7 @@ fn bench_train(
 }
 
 fn main() {
+    magictailor::device::tune_cpu_runtime();
     // MAGICTAILOR_BENCH_DIR keeps the models and pair folder for scripts/bench_pytorch.py.
     let keep = std::env::var_os("MAGICTAILOR_BENCH_DIR").map(std::path::PathBuf::from);
     let tmp = keep.clone().unwrap_or_else(|| {

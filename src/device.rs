@@ -38,3 +38,16 @@ pub fn parse(spec: &str) -> Result<Device> {
         },
     }
 }
+
+/// Process-wide CPU runtime settings; call first thing in `main`, before any tensor op.
+///
+/// candle's elementwise thread pool spins a worker for up to 25k iterations after each
+/// job. On a small machine that worker competes with the GEMM threads for cores; parking
+/// it at once measured ~8% faster training steps on 2 cores. An explicit
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is left alone.
+pub fn tune_cpu_runtime() {
+    const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN).is_none() {
+        std::env::set_var(SPIN, "0");
+    }
+}

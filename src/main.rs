@@ -298,6 +298,7 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
 }
 
 fn main() -> ExitCode {
+    magictailor::device::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => train_cmd(a),
