@@ -309,6 +309,7 @@ pub fn geglu_bwd(x: &[f32], g: &[f32], inner: usize) -> Vec<f32> {
 // im2col for a stride-1 "same"-size or general 2D convolution.
 
 pub struct ConvShape {
+    pub channels: usize,
     pub h: usize,
     pub w: usize,
     pub k: usize,
@@ -323,31 +324,35 @@ impl ConvShape {
     }
 }
 
-/// Images `[b, c, h, w]` to columns `[b, c * k * k, oh * ow]` (zeros where padded), so
-/// the convolution of image i is `W[c_out, c k k] @ cols[i]`.
+/// Images `[b, c, h, w]` to columns `[c * k * k, b * oh * ow]` (zeros where padded), so
+/// the convolution of all images is one GEMM `W[c_out, c k k] @ cols`.
 pub fn im2col(x: &[f32], s: &ConvShape) -> Vec<f32> {
     let (oh, ow) = s.out_hw();
     let (k, p, st) = (s.k, s.padding as isize, s.stride);
-    let images_x_channels = x.len() / (s.h * s.w);
-    let mut cols = vec![0f32; images_x_channels * k * k * oh * ow];
-    cols.par_chunks_mut(k * k * oh * ow)
-        .zip(x.par_chunks(s.h * s.w))
-        .for_each(|(cols, img)| {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let dst = &mut cols[(ky * k + kx) * oh * ow..][..oh * ow];
-                    for oy in 0..oh {
-                        let iy = (oy * st) as isize + ky as isize - p;
-                        if iy < 0 || iy >= s.h as isize {
-                            continue;
-                        }
-                        let src = &img[iy as usize * s.w..][..s.w];
-                        let row = &mut dst[oy * ow..][..ow];
-                        for (ox, v) in row.iter_mut().enumerate() {
-                            let ix = (ox * st) as isize + kx as isize - p;
-                            if ix >= 0 && ix < s.w as isize {
-                                *v = src[ix as usize];
-                            }
+    let hw = s.h * s.w;
+    let planes = x.len() / hw; // images x channels
+    let (taps, ohw) = (k * k, oh * ow);
+    let mut cols = vec![0f32; planes * taps * ohw];
+    let c_per_img = s.channels;
+    let batch = planes / c_per_img;
+    cols.par_chunks_mut(batch * ohw)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (c, tap) = (row / taps, row % taps);
+            let (ky, kx) = (tap / k, tap % k);
+            for i in 0..batch {
+                let img = &x[(i * c_per_img + c) * hw..][..hw];
+                let dst = &mut dst[i * ohw..][..ohw];
+                for oy in 0..oh {
+                    let iy = (oy * st) as isize + ky as isize - p;
+                    if iy < 0 || iy >= s.h as isize {
+                        continue;
+                    }
+                    let src = &img[iy as usize * s.w..][..s.w];
+                    for (ox, v) in dst[oy * ow..][..ow].iter_mut().enumerate() {
+                        let ix = (ox * st) as isize + kx as isize - p;
+                        if ix >= 0 && ix < s.w as isize {
+                            *v = src[ix as usize];
                         }
                     }
                 }
@@ -452,38 +457,54 @@ fn shifted_gemm_conv(
 
 fn im2col_conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, co: usize, s: &ConvShape) -> Vec<f32> {
     let (oh, ow) = s.out_hw();
-    let (hw, ohw) = (s.h * s.w, oh * ow);
+    let ohw = oh * ow;
     let kk = w.len() / co;
-    let c = kk / (s.k * s.k);
-    let batch = x.len() / (c * hw);
-    let direct = s.k == 1 && s.stride == 1 && s.padding == 0;
-    let im2col_buf;
-    let cols: &[f32] = if direct {
-        x
-    } else {
-        im2col_buf = im2col(x, s);
-        &im2col_buf
-    };
+    let batch = x.len() / (s.channels * s.h * s.w);
     let mut y = vec![0f32; batch * co * ohw];
     if let Some(bias) = bias {
         y.par_chunks_mut(ohw)
             .enumerate()
             .for_each(|(i, plane)| plane.fill(bias[i % co]));
     }
-    for (i, y) in y.chunks_mut(co * ohw).enumerate() {
-        let cols = &cols[i * kk * ohw..][..kk * ohw];
-        mm_par(
-            (co, ohw, kk),
-            y,
-            (ohw, 1),
-            bias.is_some(),
-            w,
-            (kk, 1),
-            cols,
-            (ohw, 1),
-            1.0,
-        );
+    if s.k == 1 && s.stride == 1 && s.padding == 0 {
+        // The images are already the columns, one GEMM each.
+        for (i, y) in y.chunks_mut(co * ohw).enumerate() {
+            let x = &x[i * kk * ohw..][..kk * ohw];
+            mm_par(
+                (co, ohw, kk),
+                y,
+                (ohw, 1),
+                bias.is_some(),
+                w,
+                (kk, 1),
+                x,
+                (ohw, 1),
+                1.0,
+            );
+        }
+        return y;
     }
+    // One GEMM for all images into [co, b, ohw], then into [b, co, ohw].
+    let cols = im2col(x, s);
+    let n = batch * ohw;
+    let mut out = vec![0f32; co * n];
+    mm_par(
+        (co, n, kk),
+        &mut out,
+        (n, 1),
+        false,
+        w,
+        (kk, 1),
+        &cols,
+        (n, 1),
+        1.0,
+    );
+    y.par_chunks_mut(ohw).enumerate().for_each(|(plane, dst)| {
+        let (i, o) = (plane / co, plane % co);
+        for (d, v) in dst.iter_mut().zip(&out[o * n + i * ohw..][..ohw]) {
+            *d += v;
+        }
+    });
     y
 }
 

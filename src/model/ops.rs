@@ -405,6 +405,7 @@ impl Grad1 for ConvGrad {
         };
         let (co, k) = (self.w.dims()[0], self.w.dims()[2]);
         let shape = cpu::ConvShape {
+            channels: self.w.dims()[1],
             h,
             w,
             k,
@@ -481,6 +482,7 @@ fn conv2d_value(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result
     let (b, _, h, wd) = x.dims4()?;
     let (co, _, k, _) = w.dims4()?;
     let shape = cpu::ConvShape {
+        channels: w.dim(1)?,
         h,
         w: wd,
         k,
