@@ -1,9 +1,10 @@
-//! `cargo bench`: seconds per U-Net forward+backward with LoRA (rank 32 at the MagicTailor
-//! targets, batch 6 like a 3+3 pair) and per DDIM step (CFG, batch 2), for the tiny and a
-//! mid-size config, plus the process's peak resident memory.
+//! `cargo bench`: seconds per MagicTailor training step (warm-up and DS-Bal, 3+3 images),
+//! per U-Net forward+backward with LoRA (rank 32 at the MagicTailor targets, batch 6) and
+//! per DDIM step (CFG, batch 2), for the tiny and a mid-size config, with each row's peak
+//! resident memory; and the mid step with naive attention, for the memory it costs.
 //!
-//! Speed is reported, never asserted. A PyTorch comparison script and the ratio are
-//! tracked in the speed issue; see benches/README.md for numbers measured so far.
+//! Speed is reported, never asserted. `scripts/bench_pytorch.py` runs the same rows in
+//! PyTorch on the models kept by `MAGICTAILOR_BENCH_DIR`; numbers in benches/README.md.
 
 use std::time::Instant;
 
