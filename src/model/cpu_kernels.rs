@@ -627,12 +627,12 @@ impl Shared {
 }
 
 /// `dst[m x n] = acc * dst + beta * lhs[m x k] @ rhs[k x n]` through raw pointers, with
-/// (row, column) strides; single-threaded (callers split the work).
+/// (row, column) strides, threaded as `par` says.
 ///
 /// SAFETY: every element addressed by the shapes and strides must be in bounds, and no
 /// other thread may access the written elements meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm(
+unsafe fn gemm_raw(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rc: (usize, usize),
@@ -642,6 +642,7 @@ unsafe fn mm(
     rhs: *const f32,
     rhs_rc: (usize, usize),
     beta: f32,
+    par: gemm::Parallelism,
 ) {
     unsafe {
         gemm::gemm(
@@ -663,7 +664,37 @@ unsafe fn mm(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
+        )
+    }
+}
+
+/// The attention kernels split work over rayon themselves: their GEMMs run on one thread.
+const SEQ: gemm::Parallelism = gemm::Parallelism::None;
+
+/// `dst[rows x m] = scale * Q_r K^T` for one head: q rows and k rows `c` apart.
+///
+/// SAFETY: as `gemm_raw`, for `rows` query rows and `m` key rows of head width `s.d`.
+unsafe fn scores(
+    dst: *mut f32,
+    q: *const f32,
+    k: *const f32,
+    (rows, m): (usize, usize),
+    s: &AttnShape,
+) {
+    let (d, c) = (s.d, s.width());
+    unsafe {
+        gemm_raw(
+            (rows, m, d),
+            dst,
+            (m, 1),
+            false,
+            q,
+            (c, 1),
+            k,
+            (1, c),
+            s.scale,
+            SEQ,
         )
     }
 }
@@ -690,28 +721,18 @@ pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32
     let lse_ptr = Shared(lse.as_mut_ptr());
     tasks.par_iter().for_each_init(
         || vec![0f32; BR * m],
-        |scores, &(bh, blk)| {
+        |buf, &(bh, blk)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let r0 = blk * BR;
             let rows = BR.min(n - r0);
-            let sc = &mut scores[..rows * m];
+            let sc = &mut buf[..rows * m];
             let qr = q[(b * n + r0) * c + h * d..].as_ptr();
             let kh = k[b * m * c + h * d..].as_ptr();
             let vh = v[b * m * c + h * d..].as_ptr();
             // SAFETY: the row block of head h in batch b lies inside q/k/v/out
             // (lengths checked above); this task alone writes its out rows and lse.
             let l = unsafe {
-                mm(
-                    (rows, m, d),
-                    sc.as_mut_ptr(),
-                    (m, 1),
-                    false,
-                    qr,
-                    (c, 1),
-                    kh,
-                    (1, c),
-                    s.scale,
-                );
+                scores(sc.as_mut_ptr(), qr, kh, (rows, m), s);
                 std::slice::from_raw_parts_mut(lse_ptr.at(bh * n + r0), rows)
             };
             dispatch!(for (row, l) in sc.chunks_mut(m).zip(l.iter_mut()) {
@@ -719,7 +740,7 @@ pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32
             });
             unsafe {
                 let o = out_ptr.at((b * n + r0) * c + h * d);
-                mm(
+                gemm_raw(
                     (rows, d, m),
                     o,
                     (c, 1),
@@ -729,6 +750,7 @@ pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32
                     vh,
                     (c, 1),
                     1.0,
+                    SEQ,
                 );
             }
         },
@@ -771,18 +793,8 @@ pub fn attention_bwd(
             // SAFETY: all blocks lie inside their buffers (lengths checked above); this
             // task alone writes head h of batch b in dq, dk and dv.
             unsafe {
-                mm(
-                    (rows, m, d),
-                    p.as_mut_ptr(),
-                    (m, 1),
-                    false,
-                    qr,
-                    (c, 1),
-                    kh,
-                    (1, c),
-                    s.scale,
-                );
-                mm(
+                scores(p.as_mut_ptr(), qr, kh, (rows, m), s);
+                gemm_raw(
                     (rows, m, d),
                     ds.as_mut_ptr(),
                     (m, 1),
@@ -792,6 +804,7 @@ pub fn attention_bwd(
                     vh,
                     (1, c),
                     1.0,
+                    SEQ,
                 );
             }
             dispatch!(
@@ -808,7 +821,7 @@ pub fn attention_bwd(
             );
             unsafe {
                 let dvh = dv_ptr.at(b * m * c + h * d);
-                mm(
+                gemm_raw(
                     (m, d, rows),
                     dvh,
                     (c, 1),
@@ -818,9 +831,10 @@ pub fn attention_bwd(
                     gr,
                     (c, 1),
                     1.0,
+                    SEQ,
                 );
                 let dqr = dq_ptr.at(at);
-                mm(
+                gemm_raw(
                     (rows, d, m),
                     dqr,
                     (c, 1),
@@ -830,9 +844,10 @@ pub fn attention_bwd(
                     kh,
                     (c, 1),
                     s.scale,
+                    SEQ,
                 );
                 let dkh = dk_ptr.at(b * m * c + h * d);
-                mm(
+                gemm_raw(
                     (m, d, rows),
                     dkh,
                     (c, 1),
@@ -842,6 +857,7 @@ pub fn attention_bwd(
                     qr,
                     (c, 1),
                     s.scale,
+                    SEQ,
                 );
             }
         }
@@ -883,28 +899,21 @@ fn mm_par(
             && last(rhs_rc, k, n) < rhs.len().max(1),
         "linear gemm out of bounds"
     );
+    let (dst, lhs, rhs) = (dst.as_mut_ptr(), lhs.as_ptr(), rhs.as_ptr());
+    let par = gemm::Parallelism::Rayon(0);
     // SAFETY: every index touched is inside the slices (asserted above).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_rc.1 as isize,
-            dst_rc.0 as isize,
+        gemm_raw(
+            (m, n, k),
+            dst,
+            dst_rc,
             accumulate,
-            lhs.as_ptr(),
-            lhs_rc.1 as isize,
-            lhs_rc.0 as isize,
-            rhs.as_ptr(),
-            rhs_rc.1 as isize,
-            rhs_rc.0 as isize,
-            1.0,
+            lhs,
+            lhs_rc,
+            rhs,
+            rhs_rc,
             beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
+            par,
         )
     }
 }
@@ -952,32 +961,23 @@ pub fn lora_linear_fwd(
         y.par_chunks_mut(n)
             .for_each(|row| row.copy_from_slice(bias));
     }
-    if d.merged() {
-        let wm = merged_weight(w, a, b, d);
-        mm_par(
-            (m, n, k),
-            &mut y,
-            (n, 1),
-            bias.is_some(),
-            x,
-            (k, 1),
-            &wm,
-            (1, k),
-            1.0,
-        );
-        return y;
-    }
+    let merged = d.merged().then(|| merged_weight(w, a, b, d));
+    let weight = merged.as_deref().unwrap_or(w);
+    let acc = bias.is_some();
     mm_par(
         (m, n, k),
         &mut y,
         (n, 1),
-        bias.is_some(),
+        acc,
         x,
         (k, 1),
-        w,
+        weight,
         (1, k),
         1.0,
     );
+    if merged.is_some() {
+        return y;
+    }
     let mut u = vec![0f32; m * r];
     mm_par((m, r, k), &mut u, (r, 1), false, x, (k, 1), a, (1, k), 1.0);
     mm_par(
