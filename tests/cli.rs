@@ -97,8 +97,8 @@ fn half_precision_infer_stays_close_to_the_reference_image() {
         &read_png(&fixtures().join("ddim_personal.png")),
     );
     assert!(
-        d <= 8,
-        "f16 vs diffusers f32: max pixel difference {d} levels"
+        d <= 4,
+        "f16 vs diffusers f32: max pixel difference {d} levels (measured 2)"
     );
     // bf16 needs CUDA (candle's CPU conv has none): refused with the way out.
     let bf16 = ["--model", &tiny_sd(), "--dtype", "bf16", "--device", "cpu"];
