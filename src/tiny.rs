@@ -348,7 +348,7 @@ pub fn write_with(
     )?;
 
     let (u, v, t): (UNetConfig, VaeConfig, ClipTextConfig) =
-        (parse(&unet_cfg)?, parse(&vae_cfg)?, parse(&te_cfg)?);
+        (parse(unet_cfg)?, parse(vae_cfg)?, parse(te_cfg)?);
     let unet = random_weights(seed, |vb| UNet::load(vb, &u).map(|_| ()))?;
     write_safetensors(
         &dir.join("unet/diffusion_pytorch_model.safetensors"),

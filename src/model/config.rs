@@ -326,7 +326,7 @@ impl ClipTextConfig {
                 format!("hidden_act {:?} (gelu or quick_gelu)", self.hidden_act),
             ));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::unsupported(
                 file,
                 "num_attention_heads does not divide hidden_size".into(),

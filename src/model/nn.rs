@@ -126,7 +126,7 @@ impl GroupNorm {
 }
 
 pub fn group_norm(vb: &VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         candle_core::bail!("{}: {channels} channels in {groups} groups", vb.prefix())
     }
     Ok(GroupNorm {

@@ -218,9 +218,12 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// A CPU kernel over two f32 inputs.
+type Fn2 = dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync;
+
 struct Kernel2<'a> {
     shape: Shape,
-    f: &'a (dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync),
+    f: &'a Fn2,
 }
 
 impl candle_core::CustomOp2 for Kernel2<'_> {
@@ -245,12 +248,7 @@ fn on_cpu_f32(t: &Tensor) -> bool {
 }
 
 /// `f` over the data of untracked `x` and `y`, giving a tensor of `shape`.
-fn kernel2(
-    x: &Tensor,
-    y: &Tensor,
-    shape: impl Into<Shape>,
-    f: &(dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync),
-) -> Result<Tensor> {
+fn kernel2(x: &Tensor, y: &Tensor, shape: impl Into<Shape>, f: &Fn2) -> Result<Tensor> {
     let op = Kernel2 {
         shape: shape.into(),
         f,

@@ -324,7 +324,7 @@ impl Trainer {
         }
         let mut sd = StableDiffusion::load(&cfg.model, device, cfg.dtype)?;
         let f = sd.vae_factor();
-        if cfg.resolution == 0 || cfg.resolution % f != 0 {
+        if cfg.resolution == 0 || !cfg.resolution.is_multiple_of(f) {
             return Err(Error::usage(format!(
                 "--resolution {} is not a positive multiple of {f}, the VAE's downscale factor: try {}.",
                 cfg.resolution,
