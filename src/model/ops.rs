@@ -219,11 +219,11 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// A CPU kernel over two f32 inputs.
-type Fn2 = dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync;
+type Fn2<'a> = dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync + 'a;
 
 struct Kernel2<'a> {
     shape: Shape,
-    f: &'a Fn2,
+    f: &'a Fn2<'a>,
 }
 
 impl candle_core::CustomOp2 for Kernel2<'_> {
