@@ -47,13 +47,17 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    // The integer n sits in t's low mantissa bits: read it from there, since `n as i32`
+    // (saturating) does not vectorize.
+    let ni = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    f32::from_bits((ni.wrapping_add(127) << 23) as u32) * p
 }
 
 /// erf(x) to 1.5e-7 absolute error (Abramowitz & Stegun 7.1.26).
