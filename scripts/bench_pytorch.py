@@ -3,6 +3,7 @@
 
     MAGICTAILOR_BENCH_DIR=/tmp/mtb cargo bench      # writes tiny/, mid/, the pair; keeps them
     python scripts/bench_pytorch.py /tmp/mtb        # 2 threads, like the Rust bench here
+    python scripts/bench_pytorch.py /tmp/mtb mid    # one config
 
 Rows, as in benches/model.rs (peak RSS is per row: the high-water mark is reset before
 each):
@@ -229,13 +230,15 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
 
 def main():
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
-    root = Path(sys.argv[1])
+    root, only = Path(sys.argv[1]), sys.argv[2:]  # optional config names: tiny, mid
     torch.set_num_threads(2)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name, c in CONFIGS.items():
+        if only and name not in only:
+            continue
         model = root / name
         reset_peak()
         unet = UNet2DConditionModel.from_pretrained(model / "unet")
