@@ -195,6 +195,11 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
         dm_deg::Degradation,
         trainer::{Progress, TrainConfig},
     };
+    if a.lora_rank == 0 {
+        return Err(magictailor::Error::usage(
+            "--lora-rank 0: the adapters need a rank of at least 1 (the paper uses 32).",
+        ));
+    }
     let degradation = match a.dm_deg {
         DmDeg::Dynamic => Degradation::Dynamic {
             alpha_init: a.alpha,

@@ -201,6 +201,26 @@ fn base_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
 }
 
 #[test]
+fn zero_group_or_head_counts_in_a_config_are_refused_not_divided_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never.png");
+    for (key, value) in [
+        ("norm_num_groups", serde_json::json!(0)),
+        ("attention_head_dim", serde_json::json!([0, 2, 2, 2])),
+    ] {
+        let model = dir.path().join(key);
+        copy_dir(Path::new(&tiny_sd()), &model);
+        let cfg = model.join("unet/config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        c[key] = value;
+        std::fs::write(&cfg, c.to_string()).unwrap();
+        let args = base_args(model.to_str().unwrap(), out.to_str().unwrap());
+        assert_refused(&args, &out, "does not support");
+    }
+}
+
+#[test]
 fn bad_input_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("never.png");

@@ -359,6 +359,7 @@ fn bad_training_input_is_refused_and_writes_nothing() {
         with(&["--warmup-steps", "0", "--dsbal-steps", "0"]),
         "nothing to train",
     );
+    refused(with(&["--lora-rank", "0"]), "rank of at least 1");
     let mut a = with(&[]);
     a[7] = "60";
     refused(a, "multiple of 8");

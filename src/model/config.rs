@@ -156,13 +156,14 @@ impl UNetConfig {
             }
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if c % self.norm_num_groups != 0 {
+            // is_multiple_of(0) is false for c > 0: a zero count is refused, not divided by.
+            if c == 0 || !c.is_multiple_of(self.norm_num_groups) {
                 return bad(format!(
                     "norm_num_groups {} does not divide block_out_channels[{i}] = {c}",
                     self.norm_num_groups
                 ));
             }
-            if c % self.heads(i) != 0 {
+            if !c.is_multiple_of(self.heads(i)) {
                 return bad(format!(
                     "{} heads do not divide block_out_channels[{i}] = {c}",
                     self.heads(i)
@@ -282,7 +283,7 @@ impl VaeConfig {
         if self
             .block_out_channels
             .iter()
-            .any(|c| c % self.norm_num_groups != 0)
+            .any(|&c| c == 0 || !c.is_multiple_of(self.norm_num_groups))
         {
             return bad(format!(
                 "norm_num_groups {} does not divide every block width",
