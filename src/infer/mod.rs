@@ -57,12 +57,6 @@ impl Personalized {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        if dtype == DType::BF16 && device.is_cpu() {
-            return Err(Error::usage(
-                "--dtype bf16 needs a CUDA device: candle's CPU convolution has no bf16. Use \
-                 --dtype f16 or f32 on the CPU.",
-            ));
-        }
         let mut sd = StableDiffusion::load(model, device, dtype)?;
         let lora = match lora {
             Some(f) => Some(LoraSet::load(f, &sd.unet.lora_targets(), device)?),

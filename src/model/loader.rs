@@ -50,6 +50,13 @@ pub struct StableDiffusion {
 
 impl StableDiffusion {
     pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        // Refused before anything is downloaded or read.
+        if dtype == DType::BF16 && device.is_cpu() {
+            return Err(Error::usage(
+                "--dtype bf16 needs a CUDA device: candle's CPU convolution has no bf16. Use \
+                 --dtype f16 or f32 on the CPU.",
+            ));
+        }
         let root = resolve(model)?;
         load_from_root(model, &root, device, dtype)
     }

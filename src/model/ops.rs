@@ -171,12 +171,7 @@ impl CustomOp3 for LoraLinear {
         let (dx, da, db) = with_f32(&[x, &self.w, a, b, g], |t| {
             cpu::lora_linear_bwd(t[0], t[1], t[2], t[3], t[4], &dims)
         })?;
-        let cpu = &candle_core::Device::Cpu;
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), cpu)?),
-            Some(Tensor::from_vec(da, a.shape(), cpu)?),
-            Some(Tensor::from_vec(db, b.shape(), cpu)?),
-        ))
+        grads3([dx, da, db], [x, a, b])
     }
 }
 
@@ -218,44 +213,16 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// A CPU kernel over two f32 inputs.
-type Fn2<'a> = dyn Fn(&[f32], &[f32]) -> Vec<f32> + Sync + 'a;
-
-struct Kernel2<'a> {
-    shape: Shape,
-    f: &'a Fn2<'a>,
-}
-
-impl candle_core::CustomOp2 for Kernel2<'_> {
-    fn name(&self) -> &'static str {
-        "cpu-kernel"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = (self.f)(f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        Ok((CpuStorage::F32(out), self.shape.clone()))
-    }
-}
-
 /// Whether the CPU kernels apply: f32 tensors on the CPU.
 fn on_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-/// `f` over the data of untracked `x` and `y`, giving a tensor of `shape`.
-fn kernel2(x: &Tensor, y: &Tensor, shape: impl Into<Shape>, f: &Fn2) -> Result<Tensor> {
-    let op = Kernel2 {
-        shape: shape.into(),
-        f,
-    };
-    x.detach()
-        .contiguous()?
-        .apply_op2_no_bwd(&y.detach().contiguous()?, &op)
+/// `f` over the data of `x` and `y` (an input and its output gradient), giving a
+/// tensor shaped like `x`.
+fn kernel2(x: &Tensor, y: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> Vec<f32>) -> Result<Tensor> {
+    let v = with_f32(&[x, y], |t| f(t[0], t[1]))?;
+    Tensor::from_vec(v, x.shape(), x.device())
 }
 
 /// `f` over the f32 data of CPU tensors (made contiguous first).
@@ -267,12 +234,27 @@ fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(guards.len());
     for (storage, layout) in &guards {
-        match (&**storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
-            _ => bail!("cpu kernel expects contiguous f32 data"),
+        match &**storage {
+            Storage::Cpu(s) => slices.push(f32_slice(s, layout)?),
+            _ => bail!("cpu kernel expects CPU data"),
         }
     }
     Ok(f(&slices))
+}
+
+/// A three-input op's CPU gradients as tensors shaped like its inputs.
+#[allow(clippy::type_complexity)]
+fn grads3(
+    grads: [Vec<f32>; 3],
+    like: [&Tensor; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let [a, b, c] = grads;
+    let cpu = &candle_core::Device::Cpu;
+    Ok((
+        Some(Tensor::from_vec(a, like[0].shape(), cpu)?),
+        Some(Tensor::from_vec(b, like[1].shape(), cpu)?),
+        Some(Tensor::from_vec(c, like[2].shape(), cpu)?),
+    ))
 }
 
 fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
@@ -605,7 +587,7 @@ impl Grad1 for GroupNormParams {
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         if on_cpu_f32(x) {
             let (gamma, beta, shape) = self.cpu_args(x.dims())?;
-            return kernel2(x, g, x.shape(), &|x, g| {
+            return kernel2(x, g, |x, g| {
                 cpu::group_norm_bwd(x, g, &gamma, &beta, &shape)
             });
         }
@@ -669,9 +651,7 @@ impl Grad1 for LayerNormGrad {
         if on_cpu_f32(x) {
             let gamma = to_vec_f32(&self.gamma)?;
             let eps = self.eps as f32;
-            return kernel2(x, g, x.shape(), &|x, g| {
-                cpu::layer_norm_bwd(x, g, &gamma, eps)
-            });
+            return kernel2(x, g, |x, g| cpu::layer_norm_bwd(x, g, &gamma, eps));
         }
         let acc = f32_or_wider(x.dtype());
         let (xhat, rstd) = standardize(&x.to_dtype(acc)?, self.eps)?;
@@ -715,7 +695,7 @@ impl Grad1 for GegluGrad {
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let inner = x.dim(D::Minus1)? / 2;
         if on_cpu_f32(x) {
-            return kernel2(x, g, x.shape(), &|x, g| cpu::geglu_bwd(x, g, inner));
+            return kernel2(x, g, |x, g| cpu::geglu_bwd(x, g, inner));
         }
         let h = x.narrow(D::Minus1, 0, inner)?;
         let gate = x.narrow(D::Minus1, inner, inner)?;
@@ -907,12 +887,7 @@ impl CustomOp3 for FlashAttention {
         let (dq, dk, dv) = with_f32(&[q, k, v, o, g], |t| {
             cpu::attention_bwd(t[0], t[1], t[2], t[3], t[4], &lse, &shape)
         })?;
-        let cpu = &candle_core::Device::Cpu;
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), cpu)?),
-            Some(Tensor::from_vec(dk, k.shape(), cpu)?),
-            Some(Tensor::from_vec(dv, v.shape(), cpu)?),
-        ))
+        grads3([dq, dk, dv], [q, k, v])
     }
 }
 

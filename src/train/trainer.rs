@@ -316,12 +316,6 @@ impl Trainer {
                 "--warmup-steps and --dsbal-steps are both 0: there is nothing to train.",
             ));
         }
-        if cfg.dtype == DType::BF16 && device.is_cpu() {
-            return Err(Error::usage(
-                "--dtype bf16 needs a CUDA device: candle's CPU convolution has no bf16. Use \
-                 --dtype f16 or f32 on the CPU.",
-            ));
-        }
         let mut sd = StableDiffusion::load(&cfg.model, device, cfg.dtype)?;
         let f = sd.vae_factor();
         if cfg.resolution == 0 || !cfg.resolution.is_multiple_of(f) {
@@ -512,6 +506,14 @@ impl Trainer {
             }
             None => loss.backward()?,
         };
+        // One device-to-host read for all logged scalars; then the loss terms, which own
+        // the forward graph, are dropped before the optimizer runs.
+        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let per_sample = per_sample.detach().to_vec1::<f32>()?;
+        drop((loss, l_diff, l_attn, l_pres));
         let grad_norm = clip_grad_norm(&mut grads, &params, 1.0)?;
         let lr = self.lr(d);
         self.opt.config.lr = lr;
@@ -529,11 +531,6 @@ impl Trainer {
             }
         }
         self.step = d;
-        // One device-to-host read for all logged scalars.
-        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?
-            .detach()
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
         Ok(StepLog {
             step: d,
             phase: if self.in_dsbal(d) {
@@ -547,7 +544,7 @@ impl Trainer {
             l_diff: terms[1],
             l_attn: terms[2],
             l_pres: terms[3],
-            per_sample: per_sample.detach().to_vec1::<f32>()?,
+            per_sample,
             chosen_sample: chosen,
             grad_norm,
         })
