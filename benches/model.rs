@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use magictailor::infer::seeded_normal;
+use magictailor::rng::seeded_normal;
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
@@ -72,7 +72,7 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
             .unwrap();
         let loss = out.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
-        assert!(grads.get(lora.modules[0].1.as_tensor()).is_some());
+        assert!(grads.get(lora.modules[0].a.as_tensor()).is_some());
     });
 
     let ctx2 = seeded_normal(3, (2, 77, hidden), &dev).unwrap();
@@ -141,7 +141,7 @@ fn bench_train(
     resolution: usize,
     reps: usize,
 ) {
-    use magictailor::train::trainer::{TrainConfig, Trainer};
+    use magictailor::train::{trainer::Trainer, TrainConfig};
     let mut cfg = TrainConfig::new(
         pair.to_path_buf(),
         std::env::temp_dir().join("unused"),
@@ -177,13 +177,13 @@ fn main() {
     });
     let tiny = tmp.join("tiny");
     let mid = tmp.join("mid");
-    magictailor::tiny::write(&tiny, 0).unwrap();
-    let te_mid = magictailor::tiny::mid_text_encoder_config();
-    magictailor::tiny::write_with(
+    magictailor::model::tiny::write(&tiny, 0).unwrap();
+    let te_mid = magictailor::model::tiny::mid_text_encoder_config();
+    magictailor::model::tiny::write_with(
         &mid,
         0,
-        &magictailor::tiny::mid_unet_config(),
-        &magictailor::tiny::vae_config(),
+        &magictailor::model::tiny::mid_unet_config(),
+        &magictailor::model::tiny::vae_config(),
         &te_mid,
     )
     .unwrap();

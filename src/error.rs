@@ -6,8 +6,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {}: {source}", path.display())]
+    /// A file-system operation failed; `op` says which, so a full disk on a write is not
+    /// reported as a read.
+    #[error("cannot {op} {}: {source}", path.display())]
     Io {
+        op: IoOp,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -15,12 +18,49 @@ pub enum Error {
     BadConfig { path: PathBuf, msg: String },
     #[error("{} asks for something magictailor does not support: {what}.", path.display())]
     Unsupported { path: PathBuf, what: String },
-    #[error("{}", .0)]
-    Model(String),
-    #[error("{}", .0)]
+    /// A file magictailor cannot use: missing, truncated, corrupt or in another format.
+    /// `msg` is the whole sentence and names the file.
+    #[error("{msg}")]
+    BadFile { path: PathBuf, msg: String },
+    /// Weights that read fine but do not fit this model (made for another base model, or
+    /// components from different models).
+    #[error("{msg}")]
+    Mismatch { path: PathBuf, msg: String },
+    /// The base model is neither a local folder nor fetchable from the hub.
+    #[error("{0}")]
+    ModelNotFound(String),
+    #[error("{0}")]
     Usage(String),
+    /// A broken invariant: a bug in magictailor, not in the input.
+    #[error("internal error (a bug in magictailor; please report it): {0}")]
+    Internal(String),
     #[error("tensor error: {}", brief(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// The file-system operation an [`Error::Io`] was attempting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    Read,
+    Write,
+    /// Moving a finished temporary file to its final name.
+    Rename,
+    CreateDir,
+    List,
+    Lock,
+}
+
+impl std::fmt::Display for IoOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Rename => "move a finished temporary file into place as",
+            IoOp::CreateDir => "create the folder",
+            IoOp::List => "list the folder",
+            IoOp::Lock => "lock",
+        })
+    }
 }
 
 /// A candle error's message without the backtrace candle appends when RUST_BACKTRACE is set.
@@ -34,11 +74,15 @@ pub fn brief(e: &candle_core::Error) -> String {
 }
 
 impl Error {
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(op: IoOp, path: &Path, source: std::io::Error) -> Self {
         Error::Io {
+            op,
             path: path.to_path_buf(),
             source,
         }
+    }
+    pub fn read(path: &Path, source: std::io::Error) -> Self {
+        Self::io(IoOp::Read, path, source)
     }
     pub fn unsupported(path: &Path, what: String) -> Self {
         Error::Unsupported {
@@ -46,10 +90,30 @@ impl Error {
             what,
         }
     }
-    pub fn model(msg: impl Into<String>) -> Self {
-        Error::Model(msg.into())
+    pub fn bad_file(path: &Path, msg: impl Into<String>) -> Self {
+        Error::BadFile {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+    pub fn mismatch(path: &Path, msg: impl Into<String>) -> Self {
+        Error::Mismatch {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
     }
     pub fn usage(msg: impl Into<String>) -> Self {
         Error::Usage(msg.into())
+    }
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
+    }
+
+    /// The conventional exit status: 2 for a command-line mistake, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
+        }
     }
 }

@@ -3,12 +3,11 @@
 
 pub mod data;
 pub mod device;
-pub mod embeds;
 pub mod error;
-pub mod fsutil;
 pub mod infer;
+pub mod io;
 pub mod model;
-pub mod tiny;
+pub mod rng;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use magictailor::infer::{self, InferOptions};
+use magictailor::train::dm_deg::Curve;
+use magictailor::train::trainer::Progress;
+use magictailor::train::TrainConfig;
 
 #[derive(Parser)]
 #[command(
@@ -42,18 +45,9 @@ impl Precision {
     }
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DmDeg {
-    /// The paper's curve: alpha * (1 - (d/D)^gamma).
-    Dynamic,
-    /// Constant alpha (ablation).
-    Fixed,
-    /// alpha * (1 - d/D) (ablation).
-    Linear,
-    /// Zero the pixels outside the mask (ablation).
-    MaskOut,
-    /// No degradation (ablation).
-    Off,
+/// The paper's settings; every training default is read from here.
+fn d() -> TrainConfig {
+    TrainConfig::default()
 }
 
 #[derive(Args)]
@@ -61,51 +55,60 @@ struct TrainArgs {
     /// The pair folder, e.g. person_k+hair_c (images 0_*, 1_*, masks in masks/).
     #[arg(long)]
     instance_dir: PathBuf,
-    #[arg(long, default_value = "outputs/magictailor")]
+    #[arg(long, default_value_os_t = d().output_dir)]
     output_dir: PathBuf,
     /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
-    #[arg(long, default_value = magictailor::model::loader::DEFAULT_MODEL)]
+    #[arg(long, default_value_t = d().model)]
     model: String,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = d().warmup_steps)]
     warmup_steps: usize,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = d().dsbal_steps)]
     dsbal_steps: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = d().warmup_lr)]
     warmup_lr: f64,
-    #[arg(long, default_value_t = 1e-5)]
+    /// The rate after warm-up (DS-Bal's, or the joint phase's with --no-ds-bal).
+    #[arg(long, default_value_t = d().dsbal_lr)]
     dsbal_lr: f64,
     /// Do not multiply the learning rates by the number of reference images (the paper does).
     #[arg(long)]
     no_scale_lr: bool,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = d().lora_rank)]
     lora_rank: usize,
     /// LoRA alpha (default: the rank, i.e. scale 1).
     #[arg(long)]
     lora_alpha: Option<f64>,
     /// Weight of the cross-attention loss (0 turns it off).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = d().lambda_attn)]
     lambda_attn: f64,
     /// Weight of DS-Bal's preserving regularization.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = d().lambda_pres)]
     lambda_pres: f64,
     /// DM-Deg's initial intensity.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = d().alpha)]
     alpha: f64,
     /// DM-Deg's decay exponent.
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = d().gamma)]
     gamma: f64,
     /// DM-Deg intensity curve (the others are the paper's ablations).
-    #[arg(long, value_enum, default_value_t = DmDeg::Dynamic)]
-    dm_deg: DmDeg,
-    /// Ablation: plain joint training after warm-up instead of DS-Bal.
+    #[arg(long, value_enum, default_value_t = d().dm_deg)]
+    dm_deg: Curve,
+    /// Ablation: after warm-up, keep training the warm-up objective (at --dsbal-lr)
+    /// instead of DS-Bal; --ema-decay and --lambda-pres then have no effect.
     #[arg(long)]
     no_ds_bal: bool,
     /// Momentum (EMA) decay of DS-Bal's regularizer U-Net.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = d().ema_decay)]
     ema_decay: f64,
-    #[arg(long, default_value_t = 0)]
+    /// Colour-jitter strength (brightness, contrast, saturation); 0 turns it off.
+    #[arg(long, default_value_t = d().jitter)]
+    color_jitter: f64,
+    /// Do not flip the batch horizontally at random.
+    #[arg(long)]
+    no_flip: bool,
+    #[arg(long, default_value_t = d().seed)]
     seed: u64,
-    #[arg(long, default_value_t = 512)]
+    /// Training resolution in pixels, a multiple of 8.
+    #[arg(long, default_value_t = d().resolution)]
     resolution: usize,
     /// Use whole images when a folder has no masks (lets the background leak in).
     #[arg(long)]
@@ -118,7 +121,8 @@ struct TrainArgs {
     resume: bool,
     /// Reproduce the released script where it departs from the paper: DS-Bal's learning rate
     /// lasts one step, the momentum U-Net is hard-copied at its first update, and the whole
-    /// token-embedding table is optimized (with weight decay), not only the pseudo-words.
+    /// token-embedding table is optimized (with weight decay) and exported, not only the
+    /// pseudo-words.
     #[arg(long)]
     released_script: bool,
     /// auto, cpu, cuda or cuda:N.
@@ -163,10 +167,12 @@ struct InferArgs {
     /// Output PNG; with several images, files are numbered (result-0.png, ...).
     #[arg(long, default_value = "outputs/inference/result.png")]
     out: PathBuf,
-    /// A trained output folder; its magictailor.json names the base model.
-    #[arg(long, default_value = "outputs/magictailor")]
-    model_dir: PathBuf,
-    /// Sample a base model instead (hub repo id, local diffusers folder, or `tiny-random`).
+    /// A trained output folder; its magictailor.json names the base model
+    /// [default: outputs/magictailor, unless --model is given alone].
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// The base model (hub repo id, local diffusers folder, or `tiny-random`): alone, sample
+    /// it; with --model-dir, use it in place of the base model the folder names.
     #[arg(long)]
     model: Option<String>,
     /// LoRA file (peft, older diffusers or kohya layout).
@@ -191,27 +197,6 @@ struct InferArgs {
 }
 
 fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
-    use magictailor::train::{
-        dm_deg::Degradation,
-        trainer::{Progress, TrainConfig},
-    };
-    if a.lora_rank == 0 {
-        return Err(magictailor::Error::usage(
-            "--lora-rank 0: the adapters need a rank of at least 1 (the paper uses 32).",
-        ));
-    }
-    let degradation = match a.dm_deg {
-        DmDeg::Dynamic => Degradation::Dynamic {
-            alpha_init: a.alpha,
-            gamma: a.gamma,
-        },
-        DmDeg::Fixed => Degradation::Fixed { alpha: a.alpha },
-        DmDeg::Linear => Degradation::Linear {
-            alpha_init: a.alpha,
-        },
-        DmDeg::MaskOut => Degradation::MaskOut,
-        DmDeg::Off => Degradation::Off,
-    };
     let cfg = TrainConfig {
         instance_dir: a.instance_dir,
         output_dir: a.output_dir,
@@ -225,7 +210,9 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
         lora_alpha: a.lora_alpha.unwrap_or(a.lora_rank as f64),
         lambda_attn: a.lambda_attn,
         lambda_pres: a.lambda_pres,
-        degradation,
+        dm_deg: a.dm_deg,
+        alpha: a.alpha,
+        gamma: a.gamma,
         ds_bal: !a.no_ds_bal,
         ema_decay: a.ema_decay,
         seed: a.seed,
@@ -233,25 +220,18 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
         no_masks: a.no_masks,
         checkpoint_every: a.checkpoint_every,
         released_script: a.released_script,
-        jitter: 0.1,
-        flip: true,
+        jitter: a.color_jitter,
+        flip: !a.no_flip,
         dtype: a.dtype.dtype(),
-        loss_scale: match (a.loss_scale, a.dtype) {
-            (Some(s), _) if !(s.is_finite() && s > 0.0) => {
-                return Err(magictailor::Error::usage(format!(
-                    "--loss-scale {s}: expected a positive number, e.g. 1024."
-                )))
-            }
-            (Some(s), _) => Some(s),
-            (None, Precision::F16) => Some(1024.0),
-            (None, _) => None,
-        },
+        loss_scale: a
+            .loss_scale
+            .or(TrainConfig::default_loss_scale(a.dtype.dtype())),
     };
-    if cfg.no_masks && !a.quiet {
-        eprintln!(
-            "warning: --no-masks: images without masks are learned whole, so their background and other \
-             objects can leak into the pseudo-words (the semantic pollution MagicTailor's masks prevent)."
-        );
+    cfg.validate()?;
+    if !a.quiet {
+        for w in cfg.warnings() {
+            eprintln!("warning: {w}");
+        }
     }
     let progress = if a.quiet {
         Progress::Quiet
@@ -261,12 +241,8 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
         Progress::Bar
     };
     let out = cfg.output_dir.clone();
-    magictailor::train::run(
-        cfg,
-        &magictailor::device::parse(&a.device)?,
-        progress,
-        a.resume,
-    )?;
+    let device = magictailor::device::parse(&a.device)?;
+    magictailor::train::run(cfg, &device, progress, a.resume)?;
     if !a.quiet && !a.json {
         println!("{}", out.display());
     }
@@ -313,10 +289,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(match e {
-                magictailor::Error::Usage(_) => 2,
-                _ => 1,
-            })
+            ExitCode::from(e.exit_code())
         }
     }
 }

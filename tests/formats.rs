@@ -80,26 +80,26 @@ fn lora_round_trips_through_peft_and_kohya_files() {
 #[test]
 fn embeddings_round_trip_and_export_for_a1111() {
     let file = fixtures().join("learned_embeds.safetensors");
-    let embeds = magictailor::embeds::load(&file, 32, &Device::Cpu).unwrap();
+    let embeds = magictailor::io::embeds::load(&file, 32, &Device::Cpu).unwrap();
     assert_eq!(
         embeds.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
         ["<v0>", "<v1>"]
     );
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("export-check");
     let out = dir.join("learned_embeds.safetensors");
-    magictailor::embeds::save(&out, &embeds).unwrap();
-    let back = magictailor::embeds::load(&out, 32, &Device::Cpu).unwrap();
+    magictailor::io::embeds::save(&out, &embeds).unwrap();
+    let back = magictailor::io::embeds::load(&out, 32, &Device::Cpu).unwrap();
     for ((ta, va), (tb, vb)) in embeds.iter().zip(&back) {
         assert_eq!(ta, tb);
         assert_eq!(max_abs_diff(va, vb), 0.0);
     }
-    let a1111 = magictailor::embeds::save_a1111(&dir.join("a1111"), &embeds).unwrap();
+    let a1111 = magictailor::io::embeds::save_a1111(&dir.join("a1111"), &embeds).unwrap();
     assert_eq!(a1111.len(), 2);
-    let v0 = magictailor::embeds::load(&a1111[0], 32, &Device::Cpu).unwrap();
+    let v0 = magictailor::io::embeds::load(&a1111[0], 32, &Device::Cpu).unwrap();
     assert_eq!(v0[0].0, "<v0>", "the A1111 file's token is its name");
     assert_eq!(max_abs_diff(&v0[0].1, &embeds[0].1), 0.0);
     // Wrong width is refused with the file named.
-    let err = magictailor::embeds::load(&file, 1024, &Device::Cpu)
+    let err = magictailor::io::embeds::load(&file, 1024, &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(

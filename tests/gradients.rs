@@ -8,10 +8,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use magictailor::infer::seeded_normal;
+use magictailor::rng::seeded_normal;
 use magictailor::model::attention::{AttnProbe, BlockKind};
 use magictailor::model::loader::StableDiffusion;
-use magictailor::model::lora::TrainableLora;
+use magictailor::model::lora::{LoraModule, TrainableLora};
 use magictailor::model::nn::Ctx;
 
 struct Setup {
@@ -30,7 +30,7 @@ fn setup() -> Setup {
     let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F64).unwrap();
     let lora = TrainableLora::new(&sd.unet.lora_targets(), 4, 4.0, 0, &dev, DType::F64).unwrap();
     // B starts at zero; make it non-zero so A's gradient is too.
-    for (i, (_, _, b)) in lora.modules.iter().enumerate() {
+    for (i, LoraModule { b, .. }) in lora.modules.iter().enumerate() {
         b.set(
             &(seeded_normal(100 + i as u64, b.shape().clone(), &dev)
                 .unwrap()
@@ -142,13 +142,13 @@ fn lora_and_token_row_gradients_match_finite_differences() {
     let s = setup();
     let grads = loss(&s).backward().unwrap();
     let find = |suffix: &str, a: bool| {
-        let (path, va, vb) = s
+        let m = s
             .lora
             .modules
             .iter()
-            .find(|(p, _, _)| p.ends_with(suffix))
+            .find(|m| m.path.ends_with(suffix))
             .unwrap();
-        (path.clone(), if a { va.clone() } else { vb.clone() })
+        (m.path.clone(), if a { m.a.clone() } else { m.b.clone() })
     };
     let picks = [
         (

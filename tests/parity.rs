@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use magictailor::infer::Personalized;
+use magictailor::infer::{Personalized, Sources};
 use magictailor::model::attention::{AttnProbe, BlockKind};
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::LoraSet;
@@ -81,7 +81,12 @@ fn text_encoder_matches_transformers() {
 fn pseudo_words_match_textual_inversion() {
     let r = reference();
     let embeds = fixtures().join("learned_embeds.safetensors");
-    let p = Personalized::load(&tiny_sd(), None, Some(&embeds), &Device::Cpu, DType::F32).unwrap();
+    let src = Sources {
+        model: tiny_sd(),
+        embeds: Some(embeds),
+        ..Default::default()
+    };
+    let p = Personalized::load(&src, &Device::Cpu, DType::F32).unwrap();
     let prompt = "<v0> with <v1>, in the snow";
     let ids = p.sd.tokenizer.encode(prompt).unwrap();
     let want_ids = r["pseudo_token_ids"]

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device};
 use common::*;
 use image::{ImageBuffer, Luma, Rgb};
-use magictailor::train::trainer::{TrainConfig, Trainer};
+use magictailor::train::{trainer::Trainer, TrainConfig};
 
 /// person_k+hair_c: a disc on a background per image, the disc as mask.
 fn make_pair(root: &Path) -> PathBuf {
@@ -277,7 +277,7 @@ fn half_precision_training_stays_close_to_f32() {
         let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
         let logs: Vec<_> = (0..4).map(|_| t.train_step().unwrap()).collect();
         let lora = t.lora.modules[0]
-            .2
+            .b
             .as_tensor()
             .to_dtype(DType::F32)
             .unwrap();

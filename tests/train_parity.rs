@@ -8,8 +8,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use magictailor::model::loader::StableDiffusion;
-use magictailor::model::lora::{LoraSet, TrainableLora};
-use magictailor::train::trainer::{step_losses, Batch, LossWeights, Noised, TextParams};
+use magictailor::model::lora::{LoraModule, LoraSet, TrainableLora};
+use magictailor::train::objective::{step_losses, Batch, LossWeights, Noised, TextParams};
 
 fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
@@ -70,13 +70,13 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
     let fixture_lora =
         LoraSet::load(&fixtures().join("lora_peft.safetensors"), &targets, &dev).unwrap();
     let lora = TrainableLora::new(&targets, 4, 8.0, 0, &dev, DType::F32).unwrap();
-    for (path, a, b) in &lora.modules {
+    for LoraModule { path, a, b } in &lora.modules {
         let w = fixture_lora.get(path).unwrap();
         a.set(&w.a).unwrap();
         b.set(&w.b).unwrap();
     }
     let embeds =
-        magictailor::embeds::load(&fixtures().join("learned_embeds.safetensors"), 32, &dev)
+        magictailor::io::embeds::load(&fixtures().join("learned_embeds.safetensors"), 32, &dev)
             .unwrap();
     let rows = Var::from_tensor(&Tensor::stack(&[&embeds[0].1, &embeds[1].1], 0).unwrap()).unwrap();
     let w = LossWeights {
@@ -103,7 +103,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
     );
     let grads = warm.loss.backward().unwrap();
     let mut worst = 0f32;
-    for (path, a, b) in &lora.modules {
+    for LoraModule { path, a, b } in &lora.modules {
         for (var, which) in [(a, "A"), (b, "B")] {
             let want = &r[&format!("grad.{path}.{which}")];
             let got = grads.get(var.as_tensor()).unwrap();

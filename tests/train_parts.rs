@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use magictailor::infer::seeded_normal;
+use magictailor::rng::seeded_normal;
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
@@ -201,7 +201,7 @@ fn momentum_adapters_follow_the_ema_and_build_no_graph() {
     let sd = StableDiffusion::load(&tiny_sd(), &DEV, DType::F32).unwrap();
     let online = TrainableLora::new(&sd.unet.lora_targets(), 4, 4.0, 0, &DEV, DType::F32).unwrap();
     let mut momentum = MomentumLora::copy_of(&online).unwrap();
-    let (_, a0, _) = &online.modules[0];
+    let a0 = &online.modules[0].a;
     let mut expected = vec(a0.as_tensor());
     let beta = 0.99;
     for k in 0..3 {

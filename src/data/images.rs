@@ -17,7 +17,14 @@ fn decode(path: &Path) -> Result<DynamicImage> {
             path.display()
         ))
     };
-    let reader = image::ImageReader::open(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
+    // The JPEG decoder fills a truncated scan with grey instead of failing.
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+        return Err(unreadable(
+            "the JPEG data ends before its end-of-image marker".into(),
+        ));
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes));
     let mut decoder = reader
         .with_guessed_format()
         .map_err(|e| unreadable(e.to_string()))?
@@ -29,6 +36,49 @@ fn decode(path: &Path) -> Result<DynamicImage> {
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| unreadable(e.to_string()))?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+/// True when a JPEG's segments and entropy-coded scans run, intact, up to its
+/// end-of-image marker. A file cut anywhere before it is incomplete.
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    let mut pos = 2; // after SOI
+    loop {
+        // A marker: 0xFF, optional 0xFF fill bytes, then its code.
+        if b.get(pos) != Some(&0xFF) {
+            return false;
+        }
+        while b.get(pos) == Some(&0xFF) {
+            pos += 1;
+        }
+        let Some(&code) = b.get(pos) else {
+            return false;
+        };
+        pos += 1;
+        match code {
+            0xD9 => return true,                   // EOI
+            0xD0..=0xD7 | 0x01 => continue,        // standalone markers
+            _ => {}
+        }
+        let Some(len) = b.get(pos..pos + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
+            return false;
+        };
+        if len < 2 || pos + len > b.len() {
+            return false;
+        }
+        pos += len;
+        if code == 0xDA {
+            // Entropy-coded data runs to the next marker that is neither a stuffed 0xFF00
+            // nor a restart marker.
+            loop {
+                match (b.get(pos), b.get(pos + 1)) {
+                    (Some(0xFF), Some(0x00 | 0xD0..=0xD7)) => pos += 2,
+                    (Some(0xFF), Some(_)) => break,
+                    (Some(_), _) => pos += 1,
+                    (None, _) => return false,
+                }
+            }
+        }
+    }
 }
 
 /// Short side to `size` (bilinear with antialiasing, as torchvision's Resize), centre crop.

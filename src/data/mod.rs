@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoOp, Result};
 pub use images::{load_mask, load_rgb};
 
 const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
@@ -158,7 +158,7 @@ fn is_image(p: &Path) -> bool {
 
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
+        .map_err(|e| Error::io(IoOp::List, dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && is_image(p))
         .collect();

@@ -4,18 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
+use crate::io::{run, tensors};
 use crate::model::loader::StableDiffusion;
-use crate::model::lora::{read_safetensors, LoraSet};
+use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
 use crate::model::scheduler::Ddim;
-
-pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
-pub const EMBEDS_FILE: &str = "learned_embeds.safetensors";
-pub const RUN_FILE: &str = "magictailor.json";
+use crate::rng::seeded_normal;
 
 #[derive(Debug, Clone)]
 pub struct InferOptions {
@@ -28,9 +24,11 @@ pub struct InferOptions {
     pub width: usize,
     pub height: usize,
     pub out: PathBuf,
-    /// A trained output folder (its magictailor.json names the base model).
-    pub model_dir: PathBuf,
-    /// A base model instead of a trained folder.
+    /// A trained output folder (its magictailor.json names the base model). With
+    /// neither this nor `model`, the default output folder of `train`.
+    pub model_dir: Option<PathBuf>,
+    /// The base model: alone, sample it (plus `lora`/`embeds`); with `model_dir`, use it
+    /// instead of the one the folder names (it moved) with the folder's adapters.
     pub model: Option<String>,
     pub lora: Option<PathBuf>,
     pub embeds: Option<PathBuf>,
@@ -41,30 +39,42 @@ pub struct InferOptions {
     pub progress: bool,
 }
 
+/// Where a personalized model's weights come from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Hub id, local diffusers folder, or `tiny-random`.
+    pub model: String,
+    pub lora: Option<PathBuf>,
+    pub embeds: Option<PathBuf>,
+    /// The whole trained token-embedding table (`--released-script` runs).
+    pub token_table: Option<PathBuf>,
+}
+
 /// A model ready to sample: base weights, optional adapters, added pseudo-words.
 pub struct Personalized {
     pub sd: StableDiffusion,
     pub lora: Option<LoraSet>,
     /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
     pub extra_rows: Option<Tensor>,
+    /// Replaces the text encoder's token table (`--released-script` runs).
+    pub token_table: Option<Tensor>,
 }
 
 impl Personalized {
-    pub fn load(
-        model: &str,
-        lora: Option<&Path>,
-        embeds: Option<&Path>,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let mut sd = StableDiffusion::load(model, device, dtype)?;
-        let lora = match lora {
+    pub fn load(src: &Sources, device: &Device, dtype: DType) -> Result<Self> {
+        let mut sd = StableDiffusion::load(&src.model, device, dtype)?;
+        let lora = match &src.lora {
             Some(f) => Some(LoraSet::load(f, &sd.unet.lora_targets(), device)?),
             None => None,
         };
-        let extra_rows = match embeds {
+        let token_table = match &src.token_table {
+            Some(f) => Some(load_token_table(f, sd.text_encoder.token_table(), device)?),
+            None => None,
+        };
+        let extra_rows = match &src.embeds {
             Some(f) => {
-                let list = crate::embeds::load(f, sd.text_encoder.config.hidden_size, device)?;
+                let hidden = sd.text_encoder.config.hidden_size;
+                let list = crate::io::embeds::load(f, hidden, device)?;
                 let words: Vec<String> = list.iter().map(|(w, _)| w.clone()).collect();
                 sd.tokenizer.add_pseudo_words(&words)?;
                 let rows: Vec<Tensor> = list.into_iter().map(|(_, v)| v).collect();
@@ -76,6 +86,7 @@ impl Personalized {
             sd,
             lora,
             extra_rows,
+            token_table,
         })
     }
 
@@ -90,10 +101,8 @@ impl Personalized {
             (prompts.len(), self.sd.tokenizer.max_len()),
             &self.sd.device,
         )?;
-        Ok(self
-            .sd
-            .text_encoder
-            .forward(&ids, self.extra_rows.as_ref())?)
+        let (table, extra) = (self.token_table.as_ref(), self.extra_rows.as_ref());
+        Ok(self.sd.text_encoder.forward_with_table(&ids, table, extra)?)
     }
 
     /// Refuses `<...>` words the model does not know, listing the ones it does.
@@ -115,49 +124,61 @@ impl Personalized {
     }
 }
 
-/// Where the weights come from: `--model` (+ `--lora`/`--embeds`) or a trained folder.
-fn model_sources(opts: &InferOptions) -> Result<(String, Option<PathBuf>, Option<PathBuf>)> {
-    if let Some(model) = &opts.model {
-        return Ok((model.clone(), opts.lora.clone(), opts.embeds.clone()));
-    }
-    let dir = &opts.model_dir;
-    let run = dir.join(RUN_FILE);
-    if !run.is_file() {
-        return Err(Error::usage(format!(
-            "{} does not exist: {} is not a trained magictailor folder. Train one with `magictailor train`, \
-             point --model-dir at one, or sample a base model with --model (plus --lora/--embeds files).",
-            run.display(),
-            dir.display()
-        )));
-    }
-    let v: serde_json::Value = crate::model::config::read_json(&run)?;
-    let base = v
-        .get("base_model")
-        .and_then(|b| b.as_str())
-        .ok_or_else(|| Error::BadConfig {
-            path: run.clone(),
-            msg: "no \"base_model\" entry".into(),
+/// A trained table must have the base table's shape: same vocabulary, same width.
+fn load_token_table(file: &Path, base: &Tensor, device: &Device) -> Result<Tensor> {
+    let t = tensors::read(file, device)?
+        .remove(run::TOKEN_TABLE_KEY)
+        .ok_or_else(|| {
+            Error::bad_file(
+                file,
+                format!(
+                    "{} has no tensor {:?}.",
+                    file.display(),
+                    run::TOKEN_TABLE_KEY
+                ),
+            )
         })?;
-    let file = |name: &str, flag: &Option<PathBuf>| {
-        flag.clone()
-            .or_else(|| Some(dir.join(name)).filter(|p| p.is_file()))
+    if t.dims() != base.dims() {
+        return Err(Error::mismatch(
+            file,
+            format!(
+                "{}: the token table is {:?} but this text encoder's is {:?} (trained on another base \
+                 model?).",
+                file.display(),
+                t.dims(),
+                base.dims()
+            ),
+        ));
+    }
+    Ok(t.to_dtype(base.dtype())?)
+}
+
+/// Where the weights come from: a trained folder (whose base model `--model` may
+/// replace), or `--model` alone; `--lora`/`--embeds` override the folder's files.
+fn sources(opts: &InferOptions) -> Result<Sources> {
+    let dir = match (&opts.model_dir, &opts.model) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(model)) => {
+            return Ok(Sources {
+                model: model.clone(),
+                lora: opts.lora.clone(),
+                embeds: opts.embeds.clone(),
+                token_table: None,
+            })
+        }
+        (None, None) => PathBuf::from(run::DEFAULT_DIR),
     };
-    Ok((
-        base.to_string(),
-        file(LORA_FILE, &opts.lora),
-        file(EMBEDS_FILE, &opts.embeds),
-    ))
+    let folder = run::open(&dir)?;
+    Ok(Sources {
+        model: opts.model.clone().unwrap_or(folder.record.base_model),
+        lora: opts.lora.clone().or(folder.lora),
+        embeds: opts.embeds.clone().or(folder.embeds),
+        token_table: folder.token_table,
+    })
 }
 
 pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
-    let (model, lora, embeds) = model_sources(opts)?;
-    let p = Personalized::load(
-        &model,
-        lora.as_deref(),
-        embeds.as_deref(),
-        &opts.device,
-        opts.dtype,
-    )?;
+    let p = Personalized::load(&sources(opts)?, &opts.device, opts.dtype)?;
     p.check_prompt(&opts.prompt)?;
     p.check_prompt(&opts.negative_prompt)?;
     let latents = initial_latents(&p, opts)?;
@@ -198,7 +219,7 @@ fn initial_latents(p: &Personalized, opts: &InferOptions) -> Result<Tensor> {
     let Some(file) = &opts.init_latents else {
         return seeded_normal(opts.seed, shape, &opts.device);
     };
-    let tensors = read_safetensors(file, &opts.device)?;
+    let tensors = tensors::read(file, &opts.device)?;
     let t = tensors.get("latents").ok_or_else(|| {
         Error::usage(format!(
             "{} has no tensor named \"latents\" (it has: {:?}).",
@@ -220,21 +241,6 @@ fn initial_latents(p: &Personalized, opts: &InferOptions) -> Result<Tensor> {
         )));
     }
     Ok(t.to_dtype(DType::F32)?)
-}
-
-/// Standard normal noise from a seeded generator: the same seed gives the same bytes on
-/// every platform and device (candle's CPU RNG cannot be seeded).
-pub fn seeded_normal(
-    seed: u64,
-    shape: impl Into<candle_core::Shape>,
-    device: &Device,
-) -> Result<Tensor> {
-    let shape = shape.into();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..shape.elem_count())
-        .map(|_| StandardNormal.sample(&mut rng))
-        .collect();
-    Ok(Tensor::from_vec(v, shape, device)?)
 }
 
 /// DDIM from `latents` with classifier-free guidance (skipped when `guidance <= 1`).
@@ -339,14 +345,14 @@ fn save_pngs(images: &Tensor, out: &Path) -> Result<Vec<PathBuf>> {
             .flatten_all()?
             .to_vec1::<u8>()?;
         let img = image::RgbImage::from_raw(w as u32, h as u32, hwc)
-            .ok_or_else(|| Error::model("image buffer size mismatch"))?;
+            .ok_or_else(|| Error::internal("image buffer size mismatch"))?;
         let mut bytes = Vec::new();
         img.write_to(
             &mut std::io::Cursor::new(&mut bytes),
             image::ImageFormat::Png,
         )
-        .map_err(|e| Error::model(format!("encoding {}: {e}", path.display())))?;
-        crate::fsutil::write_atomic(path, &bytes)?;
+        .map_err(|e| Error::internal(format!("encoding {}: {e}", path.display())))?;
+        crate::io::write_atomic(path, &bytes)?;
     }
     Ok(paths)
 }

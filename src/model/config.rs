@@ -423,7 +423,7 @@ impl SchedulerConfig {
 
 /// Reads and parses one JSON config, naming the file on failure.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::BadConfig {
         path: path.to_path_buf(),
         msg: e.to_string(),

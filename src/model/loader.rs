@@ -74,7 +74,7 @@ fn load_from_root(
     dtype: DType,
 ) -> Result<StableDiffusion> {
     if !root.join("model_index.json").is_file() && !root.join("unet").is_dir() {
-        return Err(Error::model(format!(
+        return Err(Error::ModelNotFound(format!(
             "{} is not a diffusers model folder: it has no model_index.json and no unet/ folder. \
              Pass the folder that holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/.",
             root.display()
@@ -91,7 +91,7 @@ fn load_from_root(
     let sched_cfg: SchedulerConfig = read_json(&cfg_path("scheduler", "scheduler_config.json"))?;
     sched_cfg.validate(&cfg_path("scheduler", "scheduler_config.json"))?;
     if unet_cfg.cross_attention_dim != te_cfg.hidden_size {
-        return Err(Error::model(format!(
+        return Err(Error::mismatch(root, format!(
             "{}: the U-Net attends to {}-wide text features but the text encoder produces {}: \
              the components come from different models.",
             root.display(),
@@ -125,7 +125,7 @@ fn load_from_root(
 }
 
 fn weight_error(root: &Path, component: &str, e: candle_core::Error) -> Error {
-    Error::model(format!(
+    Error::mismatch(&root.join(component), format!(
         "the {component} weights in {} do not fit its config.json ({}). The folder may be incomplete, \
          or its weights and config come from different models.",
         root.join(component).display(),
@@ -158,7 +158,7 @@ pub fn weight_files(root: &Path, component: &str) -> Result<Vec<PathBuf>> {
     } else {
         ""
     };
-    Err(Error::model(format!(
+    Err(Error::bad_file(&dir, format!(
         "no safetensors weights in {}.{hint}",
         dir.display()
     )))
@@ -191,67 +191,22 @@ fn weights(
 ) -> Result<VarBuilder<'static>> {
     let files = weight_files(root, component)?;
     for f in &files {
-        check_safetensors_header(f)?;
+        crate::io::tensors::check_complete(f)?;
     }
     // SAFETY: the files are memory-mapped read-only; magictailor never writes to a model
     // folder while it is loaded.
     unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
-        Error::model(format!(
+        Error::bad_file(&root.join(component), format!(
             "cannot read the {component} weights in {}: {e}",
             root.join(component).display()
         ))
     })
 }
 
-/// Reads the header and checks that every tensor's bytes lie inside the file, so a
-/// truncated download gets a message naming it instead of a failure deep in loading.
-fn check_safetensors_header(file: &Path) -> Result<()> {
-    let bad = |why: String| {
-        Error::model(format!(
-            "{} is not a valid safetensors file ({why}). It is probably a truncated or corrupt download: \
-             delete it and fetch it again.",
-            file.display()
-        ))
-    };
-    let len = std::fs::metadata(file)
-        .map_err(|e| Error::io(file, e))?
-        .len();
-    let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let mut n = [0u8; 8];
-    std::io::Read::read_exact(&mut f, &mut n)
-        .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
-    let header_len = u64::from_le_bytes(n);
-    if header_len > 100_000_000 || 8 + header_len > len {
-        return Err(bad(format!(
-            "header length {header_len} does not fit a {len}-byte file"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    std::io::Read::read_exact(&mut f, &mut header).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let end = v
-        .as_object()
-        .map(|o| {
-            o.values()
-                .filter_map(|t| t.get("data_offsets")?.as_array()?.get(1)?.as_u64())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0);
-    if 8 + header_len + end > len {
-        return Err(bad(format!(
-            "tensors need {} bytes but the file has {len}",
-            8 + header_len + end
-        )));
-    }
-    Ok(())
-}
-
 /// Turns what the user passed as `--model` into a local folder.
 pub fn resolve(model: &str) -> Result<PathBuf> {
     if model == TINY_RANDOM {
-        return crate::tiny::ensure_cached();
+        return super::tiny::ensure_cached();
     }
     let path = Path::new(model);
     if path.exists() {
@@ -260,7 +215,7 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     if looks_like_hub_id(model) {
         return fetch_from_hub(model);
     }
-    Err(Error::model(format!(
+    Err(Error::ModelNotFound(format!(
         "the model folder {model} does not exist. Pass a diffusers model folder, a hub repo id such as \
          {DEFAULT_MODEL}, or `{TINY_RANDOM}` for a tiny random model (meaningless images, for trying the pipeline)."
     )))
@@ -359,11 +314,11 @@ fn missing_on_hub(id: &str, file: &str) -> Error {
     } else {
         "Check the repo id, or pass a local diffusers folder with --model DIR."
     };
-    Error::model(format!("{file} of {id} could not be found. {how}"))
+    Error::ModelNotFound(format!("{file} of {id} could not be found. {how}"))
 }
 
 fn hub_error(id: &str, e: impl std::fmt::Display) -> Error {
-    Error::model(format!(
+    Error::ModelNotFound(format!(
         "could not fetch {id} from the Hugging Face hub ({e}). Without network access, download the model \
          elsewhere and pass its folder with --model DIR (or set HF_HUB_OFFLINE=1 to use only the local cache)."
     ))

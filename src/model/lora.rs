@@ -7,11 +7,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::io::tensors;
 
-/// The module-name suffixes MagicTailor adapts (METHOD.md, "Model").
+/// The module-name suffixes MagicTailor adapts (docs/method.md, "Model").
 pub const MAGICTAILOR_TARGETS: [&str; 7] = [
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2",
 ];
@@ -53,6 +54,9 @@ impl LoraSet {
     pub fn get(&self, path: &str) -> Option<&LoraWeights> {
         self.modules.get(path)
     }
+    pub fn get_mut(&mut self, path: &str) -> Option<&mut LoraWeights> {
+        self.modules.get_mut(path)
+    }
     pub fn insert(&mut self, path: String, w: LoraWeights) {
         self.modules.insert(path, w);
     }
@@ -69,14 +73,17 @@ impl LoraSet {
     /// Reads any supported LoRA file, keeps the U-Net part and checks every adapter
     /// against the model's targets. Text-encoder adapters are refused, not dropped.
     pub fn load(file: &Path, targets: &[LoraTarget], device: &Device) -> Result<Self> {
-        let tensors = read_safetensors(file, device)?;
-        let alpha_meta = peft_alpha_from_metadata(file);
+        let tensors = tensors::read(file, device)?;
+        let alpha_meta = peft_alpha_from_metadata(file)?;
         let format = detect_format(&tensors).ok_or_else(|| {
-            Error::model(format!(
-                "{} holds no LoRA weights magictailor recognizes (expected peft `lora_A`/`lora_B`, \
-                 diffusers `lora.down`/`lora.up`, or kohya `lora_down`/`lora_up` keys).",
-                file.display()
-            ))
+            Error::bad_file(
+                file,
+                format!(
+                    "{} holds no LoRA weights magictailor recognizes (expected peft `lora_A`/`lora_B`, \
+                     diffusers `lora.down`/`lora.up`, or kohya `lora_down`/`lora_up` keys).",
+                    file.display()
+                ),
+            )
         })?;
         let by_path: HashMap<&str, &LoraTarget> =
             targets.iter().map(|t| (t.path.as_str(), t)).collect();
@@ -87,11 +94,13 @@ impl LoraSet {
         for (key, t) in &tensors {
             let Some((module, part)) = parse_key(key, format) else {
                 if key.contains("lora") && !key.ends_with(".alpha") {
-                    return Err(Error::model(format!(
-                        "{}: key {key:?} is a LoRA weight for something other than the U-Net (e.g. the \
-                         text encoder); magictailor only applies U-Net adapters.",
-                        file.display()
-                    )));
+                    return Err(Error::unsupported(
+                        file,
+                        format!(
+                            "key {key:?}, a LoRA weight for something other than the U-Net (e.g. the \
+                             text encoder); magictailor only applies U-Net adapters"
+                        ),
+                    ));
                 }
                 continue;
             };
@@ -111,30 +120,40 @@ impl LoraSet {
                 _ => by_path.get(module.as_str()).copied(),
             };
             let target = target.ok_or_else(|| {
-                Error::model(format!(
-                    "{}: adapter for {module:?}, which is not an adaptable layer of this U-Net \
-                     (is the LoRA for another base model?).",
-                    file.display()
-                ))
+                Error::mismatch(
+                    file,
+                    format!(
+                        "{}: adapter for {module:?}, which is not an adaptable layer of this U-Net \
+                         (is the LoRA for another base model?).",
+                        file.display()
+                    ),
+                )
             })?;
             let (Some(down), Some(up)) = (down, up) else {
-                return Err(Error::model(format!(
-                    "{}: {module:?} has only one of its two LoRA matrices.",
-                    file.display()
-                )));
+                return Err(Error::bad_file(
+                    file,
+                    format!(
+                        "{}: {module:?} has only one of its two LoRA matrices.",
+                        file.display()
+                    ),
+                ));
             };
             let a = down.flatten_from(1)?.to_dtype(DType::F32)?;
             let b = up.flatten_from(1)?.to_dtype(DType::F32)?;
             let rank = a.dim(0)?;
             if a.dims() != [rank, target.in_dim] || b.dims() != [target.out_dim, rank] {
-                return Err(Error::model(format!(
-                    "{}: {module:?} has shapes {:?} and {:?}, but the layer is {}x{} (another base model?).",
-                    file.display(),
-                    down.dims(),
-                    up.dims(),
-                    target.out_dim,
-                    target.in_dim
-                )));
+                return Err(Error::mismatch(
+                    file,
+                    format!(
+                        "{}: {module:?} has shapes {:?} and {:?}, but the layer is {}x{} (another base \
+                         model?).",
+                        file.display(),
+                        down.dims(),
+                        up.dims(),
+                        target.out_dim,
+                        target.in_dim
+                    ),
+                ));
             }
             let alpha = alpha.or(alpha_meta).unwrap_or(rank as f64);
             set.insert(
@@ -190,7 +209,7 @@ impl LoraSet {
             });
             meta.insert("lora_adapter_metadata".to_string(), cfg.to_string());
         }
-        write_safetensors(file, &tensors, (!meta.is_empty()).then_some(meta))
+        tensors::write(file, &tensors, (!meta.is_empty()).then_some(meta))
     }
 
     /// Kohya layout (`lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha`), which
@@ -212,7 +231,7 @@ impl LoraSet {
         }
         let mut meta = HashMap::new();
         meta.insert("ss_network_module".to_string(), "networks.lora".to_string());
-        write_safetensors(file, &out, Some(meta))
+        tensors::write(file, &out, Some(meta))
     }
 }
 
@@ -305,58 +324,33 @@ fn parse_key(key: &str, format: LoraFormat) -> Option<(String, Part)> {
     }
 }
 
-fn peft_alpha_from_metadata(file: &Path) -> Option<f64> {
-    let bytes = std::fs::read(file).ok()?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    let raw = meta
-        .metadata()
-        .as_ref()?
-        .get("lora_adapter_metadata")?
-        .clone();
-    let v: serde_json::Value = serde_json::from_str(&raw).ok()?;
-    v.get("unet.lora_alpha").and_then(|a| a.as_f64())
+/// The alpha diffusers records in the `lora_adapter_metadata` header entry, if any.
+fn peft_alpha_from_metadata(file: &Path) -> Result<Option<f64>> {
+    let Some(raw) = tensors::metadata(file, "lora_adapter_metadata")? else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| {
+        Error::bad_file(
+            file,
+            format!("{}: its lora_adapter_metadata is not JSON ({e}).", file.display()),
+        )
+    })?;
+    Ok(v.get("unet.lora_alpha").and_then(|a| a.as_f64()))
 }
 
-/// Loads a whole safetensors file, naming it on failure (truncated, not safetensors...).
-pub fn read_safetensors(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    if !file.is_file() {
-        return Err(Error::model(format!(
-            "{} does not exist or is not a file.",
-            file.display()
-        )));
-    }
-    candle_core::safetensors::load(file, device).map_err(|e| {
-        Error::model(format!(
-            "{} is not a readable safetensors file ({}). It may be truncated or in another format \
-             (magictailor reads safetensors only, never pickled .bin/.ckpt files).",
-            file.display(),
-            crate::error::brief(&e)
-        ))
-    })
-}
-
-/// Writes safetensors atomically: a temp file beside the target, then a rename, so a
-/// crash never leaves a half-written file under the final name.
-pub fn write_safetensors(
-    file: &Path,
-    tensors: &HashMap<String, Tensor>,
-    meta: Option<HashMap<String, String>>,
-) -> Result<()> {
-    let mut cpu: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
-    for (k, t) in tensors {
-        cpu.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
-    }
-    cpu.sort_by(|a, b| a.0.cmp(&b.0));
-    let views: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let bytes = safetensors::tensor::serialize(views, meta)
-        .map_err(|e| Error::model(format!("serializing {}: {e}", file.display())))?;
-    crate::fsutil::write_atomic(file, &bytes)
+/// One adapted layer's trainable weights.
+pub struct LoraModule {
+    /// The layer's diffusers module path.
+    pub path: String,
+    pub a: Var,
+    pub b: Var,
 }
 
 /// LoRA weights as trainable `Var`s: A ~ N(0, 1/rank) and B = 0 (peft's "gaussian" init),
 /// so training starts from the base model's exact output.
 pub struct TrainableLora {
-    pub modules: Vec<(String, candle_core::Var, candle_core::Var)>,
+    /// In the U-Net's target order, so checkpoints and exports are deterministic.
+    pub modules: Vec<LoraModule>,
     pub scale: f64,
 }
 
@@ -369,23 +363,17 @@ impl TrainableLora {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        use rand::SeedableRng;
-        use rand_distr::Distribution;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let normal = rand_distr::Normal::new(0.0f32, 1.0 / rank as f32)
-            .map_err(|e| Error::model(e.to_string()))?;
+        let mut rng = crate::rng::seeded(seed);
+        let std = 1.0 / rank as f64;
         let mut modules = Vec::with_capacity(targets.len());
         for t in targets {
-            let a: Vec<f32> = (0..rank * t.in_dim)
-                .map(|_| normal.sample(&mut rng))
-                .collect();
-            let a = Tensor::from_vec(a, (rank, t.in_dim), device)?.to_dtype(dtype)?;
+            let a = (crate::rng::normal(&mut rng, (rank, t.in_dim), device)? * std)?;
             let b = Tensor::zeros((t.out_dim, rank), dtype, device)?;
-            modules.push((
-                t.path.clone(),
-                candle_core::Var::from_tensor(&a)?,
-                candle_core::Var::from_tensor(&b)?,
-            ));
+            modules.push(LoraModule {
+                path: t.path.clone(),
+                a: Var::from_tensor(&a.to_dtype(dtype)?)?,
+                b: Var::from_tensor(&b)?,
+            });
         }
         Ok(Self {
             modules,
@@ -395,24 +383,38 @@ impl TrainableLora {
 
     /// The adapter set a forward pass reads; it tracks gradients to the Vars.
     pub fn as_set(&self) -> LoraSet {
-        let mut set = LoraSet::default();
-        for (path, a, b) in &self.modules {
-            set.insert(
-                path.clone(),
-                LoraWeights {
-                    a: a.as_tensor().clone(),
-                    b: b.as_tensor().clone(),
-                    scale: self.scale,
-                },
-            );
+        match self.set_with(|v| Ok::<_, std::convert::Infallible>(v.as_tensor().clone())) {
+            Ok(set) => set,
+            Err(never) => match never {},
         }
-        set
     }
 
-    pub fn vars(&self) -> Vec<candle_core::Var> {
+    /// A copy that shares no storage with the Vars and builds no graph (the momentum
+    /// adapters of DS-Bal).
+    pub fn detached_copy(&self) -> Result<LoraSet> {
+        Ok(self.set_with(|v| v.as_tensor().detach().copy())?)
+    }
+
+    fn set_with<E>(
+        &self,
+        f: impl Fn(&Var) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<LoraSet, E> {
+        let mut set = LoraSet::default();
+        for m in &self.modules {
+            let w = LoraWeights {
+                a: f(&m.a)?,
+                b: f(&m.b)?,
+                scale: self.scale,
+            };
+            set.insert(m.path.clone(), w);
+        }
+        Ok(set)
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
         self.modules
             .iter()
-            .flat_map(|(_, a, b)| [a.clone(), b.clone()])
+            .flat_map(|m| [m.a.clone(), m.b.clone()])
             .collect()
     }
 }

@@ -10,6 +10,7 @@ pub mod nn;
 pub mod ops;
 pub mod resnet;
 pub mod scheduler;
+pub mod tiny;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

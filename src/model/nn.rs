@@ -165,3 +165,17 @@ impl Module for LayerNorm {
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
+
+/// Nearest-neighbour resize of `[b, c, h, w]` to `[b, c, oh, ow]`, as torch's
+/// `F.interpolate(mode="nearest")`: output row i reads input row floor(i * h / oh).
+/// Built from `index_select`, so its backward is exact for any size (candle's
+/// `upsample_nearest2d` has none for non-integer factors).
+pub fn resize_nearest(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let index = |n: usize, out: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..out).map(|i| ((i * n) / out) as u32).collect();
+        Tensor::from_vec(idx, out, x.device())
+    };
+    x.index_select(&index(h, oh)?, 2)?
+        .index_select(&index(w, ow)?, 3)
+}

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use super::*;
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    crate::infer::seeded_normal(seed, shape, &Device::Cpu)
+    crate::rng::seeded_normal(seed, shape, &Device::Cpu)
         .expect("random tensor")
         .to_dtype(DType::F64)
         .expect("f64")

@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::nn::{group_norm, Conv2d, GroupNorm, Linear};
+use super::nn::{group_norm, resize_nearest, Conv2d, GroupNorm, Linear};
 use super::ops;
 
 /// diffusers' `ResnetBlock2D` with the default time-embedding shift; `temb_dim` None for
@@ -106,7 +106,7 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let up = match size {
-            Some((th, tw)) if (th, tw) != (2 * h, 2 * w) => x.upsample_nearest2d(th, tw)?,
+            Some((th, tw)) if (th, tw) != (2 * h, 2 * w) => resize_nearest(x, th, tw)?,
             _ => ops::upsample_nearest_2x(x)?,
         };
         self.conv.forward(&up)

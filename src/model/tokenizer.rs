@@ -53,7 +53,7 @@ impl ClipTokenizer {
         }
         let id = |tok: &str| inner.token_to_id(tok);
         let eos_id = id(EOS).ok_or_else(|| {
-            Error::model(format!(
+            Error::bad_file(dir, format!(
                 "the tokenizer in {} has no {EOS} token",
                 dir.display()
             ))
@@ -61,7 +61,7 @@ impl ClipTokenizer {
         let pad_id = cfg.pad_token.as_deref().and_then(id).unwrap_or(eos_id);
         let base_vocab = inner.get_vocab_size(true) as u32;
         if base_vocab as usize > encoder_vocab {
-            return Err(Error::model(format!(
+            return Err(Error::mismatch(dir, format!(
                 "the tokenizer in {} has {base_vocab} tokens but the text encoder only {encoder_vocab}: \
                  tokenizer and text_encoder come from different models.",
                 dir.display()
@@ -102,7 +102,7 @@ impl ClipTokenizer {
             .collect();
         self.inner
             .add_tokens(fresh.clone())
-            .map_err(|e| Error::model(format!("cannot add pseudo-words: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot add pseudo-words: {e}")))?;
         self.added.extend(fresh.into_iter().map(|t| t.content));
         Ok(words
             .iter()
@@ -170,7 +170,7 @@ impl ClipTokenizer {
 }
 
 fn bad(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::model(format!(
+    Error::bad_file(path, format!(
         "cannot load the tokenizer from {}: {e}",
         path.display()
     ))
@@ -181,7 +181,7 @@ fn build_from_vocab(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
     for f in [&vocab, &merges] {
         if !f.is_file() {
-            return Err(Error::model(format!(
+            return Err(Error::bad_file(f, format!(
                 "{} is missing: a diffusers tokenizer/ folder needs tokenizer.json, or vocab.json and merges.txt.",
                 f.display()
             )));
@@ -215,7 +215,7 @@ fn build_from_vocab(dir: &Path) -> Result<tokenizers::Tokenizer> {
     tok.with_decoder(Some(ByteLevel::default()));
     let id = |t: &str| {
         tok.token_to_id(t)
-            .ok_or_else(|| Error::model(format!("{} lacks the token {t}", vocab.display())))
+            .ok_or_else(|| Error::bad_file(&vocab, format!("{} lacks the token {t}", vocab.display())))
     };
     let (bos, eos) = (id(BOS)?, id(EOS)?);
     let post = RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos))

@@ -6,6 +6,23 @@
 //! `alpha_d = alpha_init * (1 - (d / D)^gamma)`, `I_hat = clamp(I + alpha_d * G * (1 - M), -1, 1)`.
 
 use candle_core::{Result, Tensor};
+use serde::Serialize;
+
+/// `--dm-deg`: which intensity curve (the paper's, or one of its ablations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Curve {
+    /// The paper's curve: alpha * (1 - (d/D)^gamma).
+    Dynamic,
+    /// Constant alpha (ablation).
+    Fixed,
+    /// alpha * (1 - d/D) (ablation).
+    Linear,
+    /// Zero the pixels outside the mask (ablation).
+    MaskOut,
+    /// No degradation (ablation).
+    Off,
+}
 
 /// The intensity curve; `Dynamic` is the paper's, the others are its ablations.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,6 +40,21 @@ pub enum Degradation {
 }
 
 impl Degradation {
+    /// The curve with its initial intensity `alpha` and exponent `gamma` (the ablations
+    /// ignore what they do not use).
+    pub fn new(curve: Curve, alpha: f64, gamma: f64) -> Self {
+        match curve {
+            Curve::Dynamic => Degradation::Dynamic {
+                alpha_init: alpha,
+                gamma,
+            },
+            Curve::Fixed => Degradation::Fixed { alpha },
+            Curve::Linear => Degradation::Linear { alpha_init: alpha },
+            Curve::MaskOut => Degradation::MaskOut,
+            Curve::Off => Degradation::Off,
+        }
+    }
+
     /// Noise intensity at global step `d` (counted from 1) of `total` steps.
     pub fn alpha(&self, d: usize, total: usize) -> f64 {
         let frac = d as f64 / total.max(1) as f64;

@@ -7,7 +7,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::model::lora::{LoraSet, LoraWeights, TrainableLora};
+use crate::model::lora::{LoraSet, TrainableLora};
 
 /// Averages per-image values `[b]` into per-sample values `[n]` (samples may have
 /// different image counts). Differentiable.
@@ -68,52 +68,31 @@ pub fn preserving_loss(
 
 /// The momentum adapters: plain tensors (never Vars), so their forward builds no graph.
 pub struct MomentumLora {
-    modules: Vec<(String, Tensor, Tensor)>,
-    scale: f64,
+    set: LoraSet,
 }
 
 impl MomentumLora {
     /// A hard copy of the online adapters (at the switch to DS-Bal).
-    pub fn copy_of(online: &TrainableLora) -> Result<Self> {
-        let modules = online
-            .modules
-            .iter()
-            .map(|(p, a, b)| {
-                Ok((
-                    p.clone(),
-                    a.as_tensor().detach().copy()?,
-                    b.as_tensor().detach().copy()?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+    pub fn copy_of(online: &TrainableLora) -> crate::error::Result<Self> {
         Ok(Self {
-            modules,
-            scale: online.scale,
+            set: online.detached_copy()?,
         })
     }
 
     /// `m = beta * m + (1 - beta) * theta`, after each optimizer step.
     pub fn update(&mut self, online: &TrainableLora, beta: f64) -> Result<()> {
-        for ((_, ma, mb), (_, a, b)) in self.modules.iter_mut().zip(&online.modules) {
-            *ma = ((&*ma * beta)? + (a.as_tensor().detach() * (1.0 - beta))?)?;
-            *mb = ((&*mb * beta)? + (b.as_tensor().detach() * (1.0 - beta))?)?;
+        for m in &online.modules {
+            let Some(w) = self.set.get_mut(&m.path) else {
+                candle_core::bail!("momentum adapters lack {}", m.path)
+            };
+            w.a = ((&w.a * beta)? + (m.a.as_tensor().detach() * (1.0 - beta))?)?;
+            w.b = ((&w.b * beta)? + (m.b.as_tensor().detach() * (1.0 - beta))?)?;
         }
         Ok(())
     }
 
-    pub fn as_set(&self) -> LoraSet {
-        let mut set = LoraSet::default();
-        for (p, a, b) in &self.modules {
-            set.insert(
-                p.clone(),
-                LoraWeights {
-                    a: a.clone(),
-                    b: b.clone(),
-                    scale: self.scale,
-                },
-            );
-        }
-        set
+    pub fn as_set(&self) -> &LoraSet {
+        &self.set
     }
 
     /// Replaces every tensor by `get("<path>.A")` / `get("<path>.B")` (checkpoint restore).
@@ -121,18 +100,22 @@ impl MomentumLora {
         &mut self,
         get: impl Fn(&str) -> crate::error::Result<Tensor>,
     ) -> crate::error::Result<()> {
-        for (p, a, b) in &mut self.modules {
-            *a = get(&format!("{p}.A"))?;
-            *b = get(&format!("{p}.B"))?;
+        let paths: Vec<String> = self.set.iter().map(|(p, _)| p.clone()).collect();
+        for p in paths {
+            let (a, b) = (get(&format!("{p}.A"))?, get(&format!("{p}.B"))?);
+            if let Some(w) = self.set.get_mut(&p) {
+                w.a = a;
+                w.b = b;
+            }
         }
         Ok(())
     }
 
     /// Named tensors for checkpoints (`<path>.A`, `<path>.B`).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.modules
+        self.set
             .iter()
-            .flat_map(|(p, a, b)| [(format!("{p}.A"), a.clone()), (format!("{p}.B"), b.clone())])
+            .flat_map(|(p, w)| [(format!("{p}.A"), w.a.clone()), (format!("{p}.B"), w.b.clone())])
             .collect()
     }
 }

@@ -2,20 +2,14 @@
 
 use candle_core::{Result, Tensor, D};
 
-/// Nearest-neighbour resize of `[b, c, h, w]` to `side x side`, as torch's
-/// `F.interpolate(mode="nearest")`: output pixel i reads input pixel floor(i * h / side).
+/// Nearest-neighbour resize of square `[b, c, h, h]` masks to `side x side`.
 pub fn resize_nearest(x: &Tensor, side: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let index = |n: usize| -> Result<Tensor> {
-        let idx: Vec<u32> = (0..side).map(|i| ((i * n) / side) as u32).collect();
-        Tensor::from_vec(idx, side, x.device())
-    };
-    x.index_select(&index(h)?, 2)?.index_select(&index(w)?, 3)
+    crate::model::nn::resize_nearest(x, side, side)
 }
 
 /// Per-image masked diffusion loss `[b]`: the mean over *all* latent elements of
 /// `((pred - eps) * M')^2`, masked-out zeros included, as the released script computes
-/// eq. 1 (so a sample with a smaller mask has a smaller loss; METHOD.md, point 4).
+/// eq. 1 (so a sample with a smaller mask has a smaller loss; docs/method.md §14).
 pub fn masked_diffusion_per_image(
     pred: &Tensor,
     eps: &Tensor,

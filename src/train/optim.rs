@@ -131,27 +131,31 @@ impl AdamW {
     }
 }
 
+/// The global L2 norm of the gradients of `params` (those present), in f64.
+pub fn grad_norm(grads: &GradStore, params: &[Var]) -> Result<f64> {
+    let sq = params
+        .iter()
+        .filter_map(|p| grads.get(p.as_tensor()))
+        .map(|g| g.detach().to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    if sq.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
 /// Scales all gradients of `params` so their global L2 norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)`, capped at 1).
 /// Returns the norm before clipping. Gradients are detached first: candle's gradients are
-/// graph nodes themselves (CANDLE_NOTES §6).
+/// graph nodes themselves (docs/candle.md §6).
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[Var], max_norm: f64) -> Result<f64> {
-    let mut present = Vec::new();
-    let mut sq = Vec::new();
+    let norm = grad_norm(grads, params)?;
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
     for p in params {
         if let Some(g) = grads.get(p.as_tensor()) {
-            let g = g.detach();
-            sq.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
-            present.push((p.clone(), g));
+            let g = (g.detach() * coef)?;
+            grads.insert(p.as_tensor(), g);
         }
-    }
-    if present.is_empty() {
-        return Ok(0.0);
-    }
-    let norm = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
-    for (p, g) in present {
-        grads.insert(p.as_tensor(), (g * coef)?);
     }
     Ok(norm)
 }

@@ -6,16 +6,16 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::error::{Error, Result};
-use crate::model::lora::{read_safetensors, write_safetensors};
+use super::tensors;
+use crate::error::{Error, IoOp, Result};
 
 pub fn dir(output: &Path) -> PathBuf {
-    output.join("checkpoints")
+    output.join(super::run::CHECKPOINTS)
 }
 
 pub fn save(output: &Path, step: usize, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
     let file = dir(output).join(format!("step-{step:06}.safetensors"));
-    write_safetensors(&file, tensors, None)?;
+    tensors::write(&file, tensors, None)?;
     Ok(file)
 }
 
@@ -26,8 +26,8 @@ pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let mut best: Option<(usize, PathBuf)> = None;
-    for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
-        let p = e.map_err(|e| Error::io(&d, e))?.path();
+    for e in std::fs::read_dir(&d).map_err(|e| Error::io(IoOp::List, &d, e))? {
+        let p = e.map_err(|e| Error::io(IoOp::List, &d, e))?.path();
         let step = p.file_name().and_then(|n| n.to_str()).and_then(|n| {
             n.strip_prefix("step-")?
                 .strip_suffix(".safetensors")?
@@ -44,5 +44,5 @@ pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
 }
 
 pub fn load(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    read_safetensors(file, device)
+    tensors::read(file, device)
 }

@@ -12,15 +12,14 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::StandardNormal;
 use serde_json::json;
 
-use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use crate::error::{Error, IoOp, Result};
+use crate::io::{tensors, write_atomic};
 use crate::model::clip::ClipTextModel;
 use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
-use crate::model::lora::write_safetensors;
 use crate::model::unet::UNet;
 use crate::model::vae::Vae;
 
@@ -194,7 +193,7 @@ impl SimpleBackend for RandomBackend {
             .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
                 (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
             });
-        let mut rng = rand::rngs::StdRng::seed_from_u64(h);
+        let mut rng = crate::rng::seeded(h);
         let dims = s.dims().to_vec();
         let n = s.elem_count();
         let is_norm = name.contains("norm");
@@ -264,16 +263,17 @@ fn random_weights(
     let made = backend
         .made
         .lock()
-        .map_err(|_| Error::model("tiny model writer: poisoned lock"))?;
+        .map_err(|_| Error::internal("tiny model writer: poisoned lock"))?;
     Ok(made.iter().cloned().collect())
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T> {
-    serde_json::from_value(v.clone()).map_err(|e| Error::model(e.to_string()))
+    serde_json::from_value(v.clone()).map_err(|e| Error::internal(format!("tiny model config: {e}")))
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::model(e.to_string()))?;
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::internal(format!("serializing {}: {e}", path.display())))?;
     write_atomic(path, text.as_bytes())
 }
 
@@ -350,19 +350,19 @@ pub fn write_with(
     let (u, v, t): (UNetConfig, VaeConfig, ClipTextConfig) =
         (parse(unet_cfg)?, parse(vae_cfg)?, parse(te_cfg)?);
     let unet = random_weights(seed, |vb| UNet::load(vb, &u).map(|_| ()))?;
-    write_safetensors(
+    tensors::write(
         &dir.join("unet/diffusion_pytorch_model.safetensors"),
         &unet,
         None,
     )?;
     let vae = random_weights(seed + 1, |vb| Vae::load(vb, &v).map(|_| ()))?;
-    write_safetensors(
+    tensors::write(
         &dir.join("vae/diffusion_pytorch_model.safetensors"),
         &vae,
         None,
     )?;
     let te = random_weights(seed + 2, |vb| ClipTextModel::load(vb, &t).map(|_| ()))?;
-    write_safetensors(&dir.join("text_encoder/model.safetensors"), &te, None)?;
+    tensors::write(&dir.join("text_encoder/model.safetensors"), &te, None)?;
     Ok(())
 }
 
@@ -385,6 +385,6 @@ pub fn ensure_cached() -> Result<PathBuf> {
             let _ = std::fs::remove_dir_all(&staging);
             Ok(dir)
         }
-        Err(e) => Err(Error::io(&dir, e)),
+        Err(e) => Err(Error::io(IoOp::Rename, &dir, e)),
     }
 }

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::lora::{read_safetensors, write_safetensors};
+use super::tensors;
 
 /// Token string and vector, in the order the tokens are added (sorted by name).
 pub type Embeds = Vec<(String, Tensor)>;
 
 pub fn load(file: &Path, hidden: usize, device: &Device) -> Result<Embeds> {
-    let tensors = read_safetensors(file, device)?;
+    let tensors = tensors::read(file, device)?;
     let mut out = Vec::new();
     for (key, t) in tensors {
         // A1111 files hold one embedding under a fixed key; its token is the file stem.
@@ -32,20 +32,24 @@ pub fn load(file: &Path, hidden: usize, device: &Device) -> Result<Embeds> {
         };
         let v = t.to_dtype(DType::F32)?.flatten_all()?;
         if v.dim(0)? != hidden {
-            return Err(Error::model(format!(
-                "{}: the embedding of {token:?} has {} values but this text encoder is {hidden} wide \
-                 (embeddings from another base model?). Multi-vector embeddings are not supported.",
-                file.display(),
-                v.dim(0)?
-            )));
+            return Err(Error::mismatch(
+                file,
+                format!(
+                    "{}: the embedding of {token:?} has {} values but this text encoder is {hidden} \
+                     wide (embeddings from another base model?). Multi-vector embeddings are not \
+                     supported.",
+                    file.display(),
+                    v.dim(0)?
+                ),
+            ));
         }
         out.push((token, v));
     }
     if out.is_empty() {
-        return Err(Error::model(format!(
-            "{} holds no embeddings.",
-            file.display()
-        )));
+        return Err(Error::bad_file(
+            file,
+            format!("{} holds no embeddings.", file.display()),
+        ));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
@@ -53,7 +57,7 @@ pub fn load(file: &Path, hidden: usize, device: &Device) -> Result<Embeds> {
 
 pub fn save(file: &Path, embeds: &Embeds) -> Result<()> {
     let map: HashMap<String, Tensor> = embeds.iter().cloned().collect();
-    write_safetensors(file, &map, None)
+    tensors::write(file, &map, None)
 }
 
 /// One `<dir>/<name>.safetensors` per token (`<v0>` -> `v0.safetensors`) for A1111/ComfyUI.
@@ -67,7 +71,7 @@ pub fn save_a1111(dir: &Path, embeds: &Embeds) -> Result<Vec<PathBuf>> {
         let file = dir.join(format!("{name}.safetensors"));
         let mut map = HashMap::new();
         map.insert("emb_params".to_string(), v.unsqueeze(0)?);
-        write_safetensors(&file, &map, None)?;
+        tensors::write(&file, &map, None)?;
         files.push(file);
     }
     Ok(files)

@@ -1,0 +1,134 @@
+//! A training run's output folder: what it holds and under which names.
+//!
+//! ```text
+//! outputs/magictailor/
+//!   pytorch_lora_weights.safetensors   LoRA, peft/diffusers layout
+//!   lora_kohya.safetensors             LoRA, kohya layout (ComfyUI, A1111)
+//!   learned_embeds.safetensors         {"<v0>": [hidden], ...}
+//!   embeddings/v0.safetensors ...      one A1111/ComfyUI embedding per pseudo-word
+//!   token_embedding.safetensors        --released-script only: the whole trained table
+//!   magictailor.json                   base model, tokens, settings, steps done
+//!   train_log.jsonl                    one JSON object per step
+//!   checkpoints/step-NNNNNN.safetensors
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoOp, Result};
+
+/// Where `train` writes and `infer` reads when no folder is named.
+pub const DEFAULT_DIR: &str = "outputs/magictailor";
+
+pub const LORA: &str = "pytorch_lora_weights.safetensors";
+pub const LORA_KOHYA: &str = "lora_kohya.safetensors";
+pub const EMBEDS: &str = "learned_embeds.safetensors";
+pub const A1111_EMBEDS: &str = "embeddings";
+pub const TOKEN_TABLE: &str = "token_embedding.safetensors";
+pub const RECORD: &str = "magictailor.json";
+pub const LOG: &str = "train_log.jsonl";
+pub const CHECKPOINTS: &str = "checkpoints";
+
+/// The tensor name in [`TOKEN_TABLE`]: the text encoder's own, so the file reads as a
+/// partial text-encoder checkpoint.
+pub const TOKEN_TABLE_KEY: &str = "text_model.embeddings.token_embedding.weight";
+
+/// `magictailor.json`: enough to sample the run again and to know how it was made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Hub id, or an absolute local folder.
+    pub base_model: String,
+    /// Pseudo-word -> the class word it started from.
+    pub tokens: BTreeMap<String, String>,
+    pub steps_done: usize,
+    /// Every training setting (the trainer's `TrainConfig`).
+    pub config: serde_json::Value,
+    pub magictailor_version: String,
+}
+
+/// The files a trained folder offers for sampling.
+#[derive(Debug, Clone)]
+pub struct TrainedFolder {
+    pub record: RunRecord,
+    pub lora: Option<PathBuf>,
+    pub embeds: Option<PathBuf>,
+    pub token_table: Option<PathBuf>,
+}
+
+/// True when `dir` exists and holds anything.
+pub fn is_occupied(dir: &Path) -> Result<bool> {
+    if !dir.is_dir() {
+        return Ok(false);
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(IoOp::List, dir, e))?;
+    Ok(entries.next().is_some())
+}
+
+pub fn write_record(dir: &Path, record: &RunRecord) -> Result<()> {
+    let text = serde_json::to_string_pretty(record)
+        .map_err(|e| Error::internal(format!("serializing {RECORD}: {e}")))?;
+    super::write_atomic(&dir.join(RECORD), text.as_bytes())
+}
+
+/// Opens a trained folder, refusing one that lacks or garbles its `magictailor.json`.
+pub fn open(dir: &Path) -> Result<TrainedFolder> {
+    let path = dir.join(RECORD);
+    if !path.is_file() {
+        return Err(Error::usage(format!(
+            "{} does not exist: {} is not a trained magictailor folder. Train one with `magictailor \
+             train`, point --model-dir at one, or sample a base model with --model (plus --lora/--embeds \
+             files).",
+            path.display(),
+            dir.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::read(&path, e))?;
+    let record: RunRecord = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    let present = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    Ok(TrainedFolder {
+        record,
+        lora: present(LORA),
+        embeds: present(EMBEDS),
+        token_table: present(TOKEN_TABLE),
+    })
+}
+
+/// Appends one JSON line to the training log.
+pub fn append_log(dir: &Path, entry: &impl Serialize) -> Result<()> {
+    let file = dir.join(LOG);
+    let line = serde_json::to_string(entry)
+        .map_err(|e| Error::internal(format!("serializing a {LOG} line: {e}")))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .map_err(|e| Error::io(IoOp::Write, &file, e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(IoOp::Write, &file, e))
+}
+
+/// Drops log lines past `step` (written after the checkpoint a run resumes from).
+pub fn trim_log(dir: &Path, step: usize) -> Result<()> {
+    let file = dir.join(LOG);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::read(&file, e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step")?.as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    super::write_atomic(&file, kept.as_bytes())
+}

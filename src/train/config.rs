@@ -1,0 +1,213 @@
+//! Every training setting, its default (the paper's, docs/method.md), and the checks that
+//! run before anything is loaded or written. The CLI reads its defaults from here.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use serde::Serialize;
+
+use super::dm_deg::{Curve, Degradation};
+use crate::error::{Error, Result};
+
+/// Pixels per latent cell of every SD VAE; the loader re-checks it against the model.
+pub const SD_VAE_FACTOR: usize = 8;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainConfig {
+    pub instance_dir: PathBuf,
+    pub output_dir: PathBuf,
+    /// Hub id, local diffusers folder, or `tiny-random`.
+    pub model: String,
+    pub warmup_steps: usize,
+    pub dsbal_steps: usize,
+    pub warmup_lr: f64,
+    /// The rate after warm-up: of DS-Bal, or of the joint phase with `ds_bal` off.
+    pub dsbal_lr: f64,
+    /// Multiply both rates by the number of reference images, as the released script does.
+    pub scale_lr: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lambda_attn: f64,
+    pub lambda_pres: f64,
+    /// DM-Deg's intensity curve, initial intensity and decay exponent (eq. 4-5).
+    pub dm_deg: Curve,
+    pub alpha: f64,
+    pub gamma: f64,
+    /// Off: the "w/o DS-Bal" ablation, plain joint training after warm-up.
+    pub ds_bal: bool,
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub resolution: usize,
+    /// Images without masks are learned whole.
+    pub no_masks: bool,
+    pub checkpoint_every: Option<usize>,
+    /// Reproduce the released script: DS-Bal's rate lasts one step, the momentum U-Net is
+    /// hard-copied at its first update, the whole embedding table is trained and exported
+    /// (docs/method.md, "Where we follow the released script").
+    pub released_script: bool,
+    /// Colour-jitter strength: brightness, contrast and saturation factors in [1 - s, 1 + s].
+    pub jitter: f64,
+    /// Flip the whole batch horizontally with probability 1/2.
+    pub flip: bool,
+    /// Precision of the frozen U-Net, VAE and text encoder; LoRA weights, pseudo-word
+    /// rows, AdamW state and the losses stay f32.
+    #[serde(serialize_with = "dtype_name")]
+    pub dtype: DType,
+    /// Static loss scale for f16 (gradients are unscaled before clipping; a step whose
+    /// gradients overflow is skipped). None: no scaling.
+    pub loss_scale: Option<f64>,
+}
+
+fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
+
+impl Default for TrainConfig {
+    /// The paper's settings (docs/method.md).
+    fn default() -> Self {
+        Self {
+            instance_dir: PathBuf::new(),
+            output_dir: PathBuf::from(crate::io::run::DEFAULT_DIR),
+            model: crate::model::loader::DEFAULT_MODEL.to_string(),
+            warmup_steps: 200,
+            dsbal_steps: 300,
+            warmup_lr: 1e-4,
+            dsbal_lr: 1e-5,
+            scale_lr: true,
+            lora_rank: 32,
+            lora_alpha: 32.0,
+            lambda_attn: 0.01,
+            lambda_pres: 0.2,
+            dm_deg: Curve::Dynamic,
+            alpha: 0.5,
+            gamma: 32.0,
+            ds_bal: true,
+            ema_decay: 0.99,
+            seed: 0,
+            resolution: 512,
+            no_masks: false,
+            checkpoint_every: None,
+            released_script: false,
+            jitter: 0.1,
+            flip: true,
+            dtype: DType::F32,
+            loss_scale: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The paper's settings for one pair folder.
+    pub fn new(instance_dir: PathBuf, output_dir: PathBuf, model: String) -> Self {
+        Self {
+            instance_dir,
+            output_dir,
+            model,
+            ..Self::default()
+        }
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.warmup_steps + self.dsbal_steps
+    }
+
+    pub fn degradation(&self) -> Degradation {
+        Degradation::new(self.dm_deg, self.alpha, self.gamma)
+    }
+
+    /// The loss scale f16 needs when none is given.
+    pub fn default_loss_scale(dtype: DType) -> Option<f64> {
+        (dtype == DType::F16).then_some(1024.0)
+    }
+
+    /// Refuses settings that cannot train, naming the flag and a value that works.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::usage(msg));
+        if self.total_steps() == 0 {
+            return bad(
+                "--warmup-steps and --dsbal-steps are both 0: there is nothing to train.".into(),
+            );
+        }
+        if self.lora_rank == 0 {
+            return bad(
+                "--lora-rank 0: the adapters need a rank of at least 1 (the paper uses 32).".into(),
+            );
+        }
+        let f = SD_VAE_FACTOR;
+        if self.resolution == 0 || !self.resolution.is_multiple_of(f) {
+            return bad(format!(
+                "--resolution {} is not a positive multiple of {f}, the VAE's downscale factor: try {}.",
+                self.resolution,
+                (self.resolution / f).max(1) * f
+            ));
+        }
+        for (flag, v) in [
+            ("--warmup-lr", self.warmup_lr),
+            ("--dsbal-lr", self.dsbal_lr),
+            ("--lambda-attn", self.lambda_attn),
+            ("--lambda-pres", self.lambda_pres),
+            ("--alpha", self.alpha),
+            ("--gamma", self.gamma),
+            ("--color-jitter", self.jitter),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{flag} {v}: expected a number >= 0."));
+            }
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return bad(format!(
+                "--lora-alpha {}: expected a positive number (the rank gives scale 1).",
+                self.lora_alpha
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.ema_decay) {
+            return bad(format!(
+                "--ema-decay {}: expected a value in [0, 1] (the paper uses 0.99).",
+                self.ema_decay
+            ));
+        }
+        if self.jitter >= 1.0 {
+            return bad(format!(
+                "--color-jitter {}: factors in [1 - s, 1 + s] need s < 1 (the paper uses 0.1).",
+                self.jitter
+            ));
+        }
+        if let Some(s) = self.loss_scale {
+            if !(s.is_finite() && s > 0.0) {
+                return bad(format!("--loss-scale {s}: expected a positive number, e.g. 1024."));
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings that are accepted but do something a user may not expect.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.no_masks {
+            out.push(
+                "--no-masks: images without masks are learned whole, so their background and other \
+                 objects can leak into the pseudo-words (the semantic pollution MagicTailor's masks \
+                 prevent)."
+                    .into(),
+            );
+        }
+        if !self.ds_bal && self.dsbal_steps > 0 {
+            let d = Self::default();
+            let ignored: Vec<&str> = [
+                ("--ema-decay", self.ema_decay != d.ema_decay),
+                ("--lambda-pres", self.lambda_pres != d.lambda_pres),
+            ]
+            .into_iter()
+            .filter_map(|(flag, set)| set.then_some(flag))
+            .collect();
+            if !ignored.is_empty() {
+                out.push(format!(
+                    "--no-ds-bal: {} only affect DS-Bal and are ignored; the joint phase after warm-up \
+                     trains the warm-up objective at --dsbal-lr.",
+                    ignored.join(" and ")
+                ));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,251 @@
+//! What one training step computes, given the weights: the reference batch, its
+//! augmented, degraded and noised latents (DM-Deg, eq. 4-5), and the loss terms
+//! (eq. 1-2 for warm-up, eq. 6-8 for DS-Bal).
+
+use candle_core::{DType, Tensor};
+use rand::Rng;
+
+use super::augment::{color_jitter, flip_horizontal, Jitter};
+use super::config::TrainConfig;
+use super::ds_bal::{hardest_sample, per_sample_means, preserving_loss};
+use super::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
+use crate::data::PairDataset;
+use crate::error::{Error, Result};
+use crate::model::loader::StableDiffusion;
+use crate::model::lora::LoraSet;
+use crate::model::nn::Ctx;
+use crate::model::attention::{AttnProbe, BlockKind};
+use crate::rng::{normal, step_rng, Stream};
+
+/// The pseudo-word of sample `i`: `<v0>` for the concept, `<v1>`, ... for components.
+pub fn pseudo_word(i: usize) -> String {
+    format!("<v{i}>")
+}
+
+/// Everything a step reads that does not change during training, on the device.
+pub struct Batch {
+    pub pixels: Tensor,
+    pub masks: Tensor,
+    /// Prompt ids `"A photo of <vN>"` per image, `[b, 77]`.
+    pub ids: Tensor,
+    /// Position of each image's own pseudo-word in its prompt.
+    pub token_pos: Vec<usize>,
+    pub sample_of: Vec<usize>,
+    pub n_samples: usize,
+}
+
+impl Batch {
+    /// All reference images in sample order, each prompted with its sample's pseudo-word
+    /// (which the tokenizer must already know).
+    pub fn new(sd: &StableDiffusion, data: &PairDataset) -> Result<Self> {
+        let mut pixels = Vec::new();
+        let mut masks = Vec::new();
+        let mut ids = Vec::new();
+        let mut token_pos = Vec::new();
+        let mut sample_of = Vec::new();
+        for (s, im) in data.images() {
+            pixels.push(im.pixels.clone());
+            masks.push(im.mask.clone());
+            let word = pseudo_word(s);
+            let prompt_ids = sd.tokenizer.encode(&format!("A photo of {word}"))?;
+            let word_id = sd.tokenizer.encode(&word)?[1];
+            let pos = prompt_ids
+                .iter()
+                .position(|&i| i == word_id)
+                .ok_or_else(|| Error::internal(format!("{word} missing from its prompt")))?;
+            ids.extend(prompt_ids);
+            token_pos.push(pos);
+            sample_of.push(s);
+        }
+        let b = sample_of.len();
+        Ok(Self {
+            pixels: Tensor::stack(&pixels, 0)?,
+            masks: Tensor::stack(&masks, 0)?,
+            ids: Tensor::from_vec(ids, (b, sd.tokenizer.max_len()), &sd.device)?,
+            token_pos,
+            sample_of,
+            n_samples: data.samples.len(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.sample_of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sample_of.is_empty()
+    }
+}
+
+/// A step's noised latents: `z_t = add_noise(z0, eps, t)`, and the (augmented) masks at
+/// pixel resolution.
+pub struct Noised {
+    pub z_t: Tensor,
+    pub eps: Tensor,
+    pub timesteps: Vec<usize>,
+    pub masks: Tensor,
+}
+
+/// Step `d`'s input: jitter and flip, DM-Deg outside the masks, VAE encode (a posterior
+/// sample), then DDPM noise at a random timestep per image. Every draw comes from the
+/// (seed, d) generators, so a resumed run draws the same. Also returns DM-Deg's alpha_d.
+pub fn noised_latents(
+    sd: &StableDiffusion,
+    batch: &Batch,
+    cfg: &TrainConfig,
+    d: usize,
+) -> Result<(Noised, f64)> {
+    let dev = &sd.device;
+    let (mut pixels, mut masks) = (batch.pixels.clone(), batch.masks.clone());
+    let mut rng = step_rng(cfg.seed, d, Stream::Augment);
+    if cfg.jitter > 0.0 {
+        pixels = color_jitter(&pixels, &Jitter::draw(&mut rng, cfg.jitter))?;
+    }
+    if cfg.flip && rng.random_bool(0.5) {
+        pixels = flip_horizontal(&pixels)?;
+        masks = flip_horizontal(&masks)?;
+    }
+    let (deg, total) = (cfg.degradation(), cfg.total_steps());
+    let g = normal(&mut step_rng(cfg.seed, d, Stream::DmDeg), pixels.dims(), dev)?;
+    let degraded = deg.apply(&pixels, &masks, &g, d, total)?;
+    let dist = sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?;
+    let z_noise = normal(
+        &mut step_rng(cfg.seed, d, Stream::Posterior),
+        dist.mean.dims(),
+        dev,
+    )?;
+    let z0 = (dist
+        .sample_with(&z_noise.to_dtype(cfg.dtype)?)?
+        .to_dtype(DType::F32)?
+        * sd.vae.config.scaling_factor)?;
+    let mut trng = step_rng(cfg.seed, d, Stream::Timesteps);
+    let n_t = sd.schedule.num_train_timesteps();
+    let timesteps: Vec<usize> = (0..batch.len()).map(|_| trng.random_range(0..n_t)).collect();
+    let eps = normal(&mut step_rng(cfg.seed, d, Stream::Eps), z0.dims(), dev)?;
+    let z_t = sd.schedule.add_noise(&z0, &eps, &timesteps)?;
+    let noised = Noised {
+        z_t,
+        eps,
+        timesteps,
+        masks,
+    };
+    Ok((noised, deg.alpha(d, total)))
+}
+
+/// The side of the cross-attention maps the attention loss reads: the U-Net level two
+/// downsamplings below the latent (16 at 512 px). Each stride-2 convolution gives
+/// ceil(n / 2), so odd latent sides work too.
+pub fn attention_side(latent_side: usize) -> usize {
+    latent_side.div_ceil(2).div_ceil(2)
+}
+
+/// The loss terms of one step, still in the graph.
+pub struct StepLosses {
+    pub per_image: Tensor,
+    pub per_sample: Tensor,
+    pub l_diff: Tensor,
+    pub l_attn: Tensor,
+    pub l_pres: Tensor,
+    pub chosen: Option<usize>,
+    pub loss: Tensor,
+}
+
+/// The trainable text-side parameters: the pseudo-word rows, and (released-script mode
+/// only) a trainable copy of the whole token-embedding table.
+#[derive(Clone, Copy)]
+pub struct TextParams<'a> {
+    pub rows: &'a Tensor,
+    pub table: Option<&'a Tensor>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LossWeights {
+    pub lambda_attn: f64,
+    pub lambda_pres: f64,
+}
+
+/// The objective of one step. Without `momentum` (warm-up, and the joint phase of the
+/// `--no-ds-bal` ablation): mean masked diffusion loss + lambda_attn * L_attn. DS-Bal:
+/// the largest per-sample loss + lambda_pres * L_pres (against the momentum adapters, no
+/// graph) + lambda_attn * L_attn.
+pub fn step_losses(
+    sd: &StableDiffusion,
+    batch: &Batch,
+    noised: &Noised,
+    online: &LoraSet,
+    text: TextParams,
+    momentum: Option<&LoraSet>,
+    w: LossWeights,
+) -> Result<StepLosses> {
+    let dev = &sd.device;
+    let ts: Vec<f32> = noised.timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::from_vec(ts, noised.timesteps.len(), dev)?;
+    let latent_side = noised.z_t.dim(2)?;
+    let mask_latent = resize_nearest(&noised.masks, latent_side)?;
+    let attn_side = attention_side(latent_side);
+
+    let context = sd
+        .text_encoder
+        .forward_with_table(&batch.ids, text.table, Some(text.rows))?;
+    let probe = AttnProbe::new(attn_side, &[BlockKind::Down, BlockKind::Up]);
+    // The U-Net runs in the model's precision; losses are computed in f32.
+    let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
+    let online_ctx = Ctx {
+        lora: Some(online),
+        probe: Some(&probe),
+    };
+    let pred = sd
+        .unet
+        .forward(&z_t, &t, &context, online_ctx)?
+        .to_dtype(DType::F32)?;
+    let per_image = masked_diffusion_per_image(&pred, &noised.eps, &mask_latent)?;
+    let per_sample = per_sample_means(&per_image, &batch.sample_of, batch.n_samples)?;
+    let l_attn = if w.lambda_attn > 0.0 {
+        let maps = probe
+            .take()
+            .into_iter()
+            .map(|(_, m)| m.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mask_small = resize_nearest(&noised.masks, attn_side)?;
+        attention_loss(&maps, &batch.token_pos, &mask_small)?
+    } else {
+        Tensor::zeros((), DType::F32, dev)?
+    };
+    let (l_diff, l_pres, chosen) = match momentum {
+        Some(mset) => {
+            let chosen = hardest_sample(&per_sample)?;
+            let momentum_ctx = Ctx {
+                lora: Some(mset),
+                probe: None,
+            };
+            let mpred = sd
+                .unet
+                .forward(&z_t, &t, &context.detach(), momentum_ctx)?
+                .to_dtype(DType::F32)?;
+            let l_pres = preserving_loss(
+                &pred,
+                &mpred,
+                &mask_latent,
+                &batch.sample_of,
+                batch.n_samples,
+                chosen,
+            )?;
+            (per_sample.get(chosen)?, l_pres, Some(chosen))
+        }
+        None => (
+            per_image.mean_all()?,
+            Tensor::zeros((), DType::F32, dev)?,
+            None,
+        ),
+    };
+    let loss = ((&l_diff + (&l_pres * w.lambda_pres)?)? + (&l_attn * w.lambda_attn)?)?;
+    Ok(StepLosses {
+        per_image,
+        per_sample,
+        l_diff,
+        l_attn,
+        l_pres,
+        chosen,
+        loss,
+    })
+}
