@@ -9,10 +9,10 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use magictailor::infer::seeded_normal;
-use magictailor::model::attention::{AttnProbe, BlockKind};
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
+use magictailor::model::probe::{AttnProbe, BlockKind};
 
 struct Setup {
     sd: StableDiffusion,

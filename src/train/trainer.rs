@@ -19,10 +19,10 @@ use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
 use crate::infer::{EMBEDS_FILE, LORA_FILE, RUN_FILE};
-use crate::model::attention::{AttnProbe, BlockKind};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::{LoraSet, TrainableLora};
 use crate::model::nn::Ctx;
+use crate::model::probe::{AttnProbe, BlockKind};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainConfig {
