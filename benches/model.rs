@@ -9,11 +9,11 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use magictailor::rng::seeded_normal;
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
 use magictailor::model::scheduler::Ddim;
+use magictailor::rng::seeded_normal;
 
 /// Resets the process's peak-RSS mark (Linux), so each row reports its own peak.
 fn reset_peak() {

@@ -8,11 +8,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use magictailor::rng::seeded_normal;
-use magictailor::model::attention::{AttnProbe, BlockKind};
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::{LoraModule, TrainableLora};
 use magictailor::model::nn::Ctx;
+use magictailor::model::probe::{AttnProbe, BlockKind};
+use magictailor::rng::seeded_normal;
 
 struct Setup {
     sd: StableDiffusion,

@@ -7,10 +7,10 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use magictailor::infer::{Personalized, Sources};
-use magictailor::model::attention::{AttnProbe, BlockKind};
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::LoraSet;
 use magictailor::model::nn::Ctx;
+use magictailor::model::probe::{AttnProbe, BlockKind};
 use magictailor::model::tokenizer::ClipTokenizer;
 
 fn load() -> StableDiffusion {

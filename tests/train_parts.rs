@@ -6,10 +6,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use magictailor::rng::seeded_normal;
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
+use magictailor::rng::seeded_normal;
 use magictailor::train::dm_deg::Degradation;
 use magictailor::train::ds_bal::{hardest_sample, per_sample_means, preserving_loss, MomentumLora};
 use magictailor::train::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};

@@ -55,11 +55,14 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
         };
         pos += 1;
         match code {
-            0xD9 => return true,                   // EOI
-            0xD0..=0xD7 | 0x01 => continue,        // standalone markers
+            0xD9 => return true,            // EOI
+            0xD0..=0xD7 | 0x01 => continue, // standalone markers
             _ => {}
         }
-        let Some(len) = b.get(pos..pos + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
+        let Some(len) = b
+            .get(pos..pos + 2)
+            .map(|l| u16::from_be_bytes([l[0], l[1]]) as usize)
+        else {
             return false;
         };
         if len < 2 || pos + len > b.len() {

@@ -102,7 +102,10 @@ impl Personalized {
             &self.sd.device,
         )?;
         let (table, extra) = (self.token_table.as_ref(), self.extra_rows.as_ref());
-        Ok(self.sd.text_encoder.forward_with_table(&ids, table, extra)?)
+        Ok(self
+            .sd
+            .text_encoder
+            .forward_with_table(&ids, table, extra)?)
     }
 
     /// Refuses `<...>` words the model does not know, listing the ones it does.

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
 use super::tensors;
+use crate::error::{Error, Result};
 
 /// Token string and vector, in the order the tokens are added (sorted by name).
 pub type Embeds = Vec<(String, Tensor)>;

@@ -47,9 +47,8 @@ pub fn write(
     }
     cpu.sort_by(|a, b| a.0.cmp(&b.0));
     let views: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let bytes = safetensors::tensor::serialize(views, meta).map_err(|e| {
-        Error::internal(format!("serializing tensors for {}: {e}", file.display()))
-    })?;
+    let bytes = safetensors::tensor::serialize(views, meta)
+        .map_err(|e| Error::internal(format!("serializing tensors for {}: {e}", file.display())))?;
     super::write_atomic(file, &bytes)
 }
 

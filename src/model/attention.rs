@@ -1,50 +1,12 @@
-//! Attention, the transformer blocks of the U-Net, and the probe that records
-//! cross-attention probabilities (MagicTailor's attention loss reads them).
-
-use std::cell::RefCell;
+//! Attention and the transformer blocks of the U-Net; cross-attention layers feed the
+//! probe (`probe.rs`) the probabilities MagicTailor's attention loss reads.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::nn::{group_norm, softmax_last, Ctx, GroupNorm, LayerNorm, Linear};
 use super::ops;
-
-/// Which block a transformer sits in; the attention loss averages down and up, not mid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockKind {
-    Down,
-    Mid,
-    Up,
-}
-
-/// Records head-averaged cross-attention probabilities `[batch, queries, keys]` of every
-/// cross-attention layer whose query grid is `side x side`, in the chosen block kinds.
-/// Recorded maps stay in the graph, so a loss on them trains q/k adapters and tokens.
-pub struct AttnProbe {
-    pub side: usize,
-    pub kinds: Vec<BlockKind>,
-    maps: RefCell<Vec<(String, Tensor)>>,
-}
-
-impl AttnProbe {
-    pub fn new(side: usize, kinds: &[BlockKind]) -> Self {
-        Self {
-            side,
-            kinds: kinds.to_vec(),
-            maps: RefCell::new(Vec::new()),
-        }
-    }
-    fn wants(&self, kind: BlockKind, queries: usize) -> bool {
-        self.kinds.contains(&kind) && queries == self.side * self.side
-    }
-    fn record(&self, path: &str, probs: Tensor) {
-        self.maps.borrow_mut().push((path.to_string(), probs));
-    }
-    /// Takes the recorded maps, in forward order, named by module path.
-    pub fn take(&self) -> Vec<(String, Tensor)> {
-        std::mem::take(&mut *self.maps.borrow_mut())
-    }
-}
+use super::probe::BlockKind;
 
 #[derive(Debug, Clone)]
 pub struct Attention {

@@ -91,13 +91,16 @@ fn load_from_root(
     let sched_cfg: SchedulerConfig = read_json(&cfg_path("scheduler", "scheduler_config.json"))?;
     sched_cfg.validate(&cfg_path("scheduler", "scheduler_config.json"))?;
     if unet_cfg.cross_attention_dim != te_cfg.hidden_size {
-        return Err(Error::mismatch(root, format!(
-            "{}: the U-Net attends to {}-wide text features but the text encoder produces {}: \
+        return Err(Error::mismatch(
+            root,
+            format!(
+                "{}: the U-Net attends to {}-wide text features but the text encoder produces {}: \
              the components come from different models.",
-            root.display(),
-            unet_cfg.cross_attention_dim,
-            te_cfg.hidden_size
-        )));
+                root.display(),
+                unet_cfg.cross_attention_dim,
+                te_cfg.hidden_size
+            ),
+        ));
     }
 
     let unet = UNet::load(&weights(root, "unet", device, dtype)?, &unet_cfg)
@@ -158,10 +161,10 @@ pub fn weight_files(root: &Path, component: &str) -> Result<Vec<PathBuf>> {
     } else {
         ""
     };
-    Err(Error::bad_file(&dir, format!(
-        "no safetensors weights in {}.{hint}",
-        dir.display()
-    )))
+    Err(Error::bad_file(
+        &dir,
+        format!("no safetensors weights in {}.{hint}", dir.display()),
+    ))
 }
 
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
@@ -196,10 +199,13 @@ fn weights(
     // SAFETY: the files are memory-mapped read-only; magictailor never writes to a model
     // folder while it is loaded.
     unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
-        Error::bad_file(&root.join(component), format!(
-            "cannot read the {component} weights in {}: {e}",
-            root.join(component).display()
-        ))
+        Error::bad_file(
+            &root.join(component),
+            format!(
+                "cannot read the {component} weights in {}: {e}",
+                root.join(component).display()
+            ),
+        )
     })
 }
 

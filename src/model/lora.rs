@@ -332,7 +332,10 @@ fn peft_alpha_from_metadata(file: &Path) -> Result<Option<f64>> {
     let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| {
         Error::bad_file(
             file,
-            format!("{}: its lora_adapter_metadata is not JSON ({e}).", file.display()),
+            format!(
+                "{}: its lora_adapter_metadata is not JSON ({e}).",
+                file.display()
+            ),
         )
     })?;
     Ok(v.get("unet.lora_alpha").and_then(|a| a.as_f64()))

@@ -3,11 +3,11 @@
 pub mod attention;
 pub mod clip;
 pub mod config;
-mod cpu_kernels;
 pub mod loader;
 pub mod lora;
 pub mod nn;
 pub mod ops;
+pub mod probe;
 pub mod resnet;
 pub mod scheduler;
 pub mod tiny;

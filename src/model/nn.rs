@@ -7,13 +7,14 @@ use candle_nn::VarBuilder;
 
 use super::lora::LoraSet;
 use super::ops;
+use super::probe::AttnProbe;
 
 /// What a forward pass carries besides activations: which adapter set is active and
 /// which cross-attention maps to record.
 #[derive(Clone, Copy, Default)]
 pub struct Ctx<'a> {
     pub lora: Option<&'a LoraSet>,
-    pub probe: Option<&'a super::attention::AttnProbe>,
+    pub probe: Option<&'a AttnProbe>,
 }
 
 /// A linear layer that may carry a LoRA adapter, found by its diffusers module path.

@@ -268,7 +268,8 @@ fn random_weights(
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<T> {
-    serde_json::from_value(v.clone()).map_err(|e| Error::internal(format!("tiny model config: {e}")))
+    serde_json::from_value(v.clone())
+        .map_err(|e| Error::internal(format!("tiny model config: {e}")))
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {

@@ -53,10 +53,10 @@ impl ClipTokenizer {
         }
         let id = |tok: &str| inner.token_to_id(tok);
         let eos_id = id(EOS).ok_or_else(|| {
-            Error::bad_file(dir, format!(
-                "the tokenizer in {} has no {EOS} token",
-                dir.display()
-            ))
+            Error::bad_file(
+                dir,
+                format!("the tokenizer in {} has no {EOS} token", dir.display()),
+            )
         })?;
         let pad_id = cfg.pad_token.as_deref().and_then(id).unwrap_or(eos_id);
         let base_vocab = inner.get_vocab_size(true) as u32;
@@ -170,10 +170,10 @@ impl ClipTokenizer {
 }
 
 fn bad(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::bad_file(path, format!(
-        "cannot load the tokenizer from {}: {e}",
-        path.display()
-    ))
+    Error::bad_file(
+        path,
+        format!("cannot load the tokenizer from {}: {e}", path.display()),
+    )
 }
 
 /// The pipeline `transformers` builds when it converts `CLIPTokenizer` to a fast one.
@@ -214,8 +214,9 @@ fn build_from_vocab(dir: &Path) -> Result<tokenizers::Tokenizer> {
     ])));
     tok.with_decoder(Some(ByteLevel::default()));
     let id = |t: &str| {
-        tok.token_to_id(t)
-            .ok_or_else(|| Error::bad_file(&vocab, format!("{} lacks the token {t}", vocab.display())))
+        tok.token_to_id(t).ok_or_else(|| {
+            Error::bad_file(&vocab, format!("{} lacks the token {t}", vocab.display()))
+        })
     };
     let (bos, eos) = (id(BOS)?, id(EOS)?);
     let post = RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos))

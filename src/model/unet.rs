@@ -4,10 +4,11 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::attention::{BlockKind, Transformer2D, Transformer2DConfig};
+use super::attention::{Transformer2D, Transformer2DConfig};
 use super::config::UNetConfig;
 use super::lora::{LoraTarget, MAGICTAILOR_TARGETS};
 use super::nn::{group_norm, Conv2d, Ctx, GroupNorm, Linear};
+use super::probe::BlockKind;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// One down, mid or up block: resnets, optionally each followed by a transformer.

@@ -33,7 +33,11 @@ impl Jitter {
         let s = strength as f32;
         let mut factor = || rng.random_range(1.0 - s..=1.0 + s);
         let (brightness, contrast, saturation) = (factor(), factor(), factor());
-        let mut order = [JitterOp::Brightness, JitterOp::Contrast, JitterOp::Saturation];
+        let mut order = [
+            JitterOp::Brightness,
+            JitterOp::Contrast,
+            JitterOp::Saturation,
+        ];
         order.shuffle(rng);
         Self {
             brightness,

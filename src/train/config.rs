@@ -174,7 +174,9 @@ impl TrainConfig {
         }
         if let Some(s) = self.loss_scale {
             if !(s.is_finite() && s > 0.0) {
-                return bad(format!("--loss-scale {s}: expected a positive number, e.g. 1024."));
+                return bad(format!(
+                    "--loss-scale {s}: expected a positive number, e.g. 1024."
+                ));
             }
         }
         Ok(())

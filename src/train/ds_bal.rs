@@ -115,7 +115,12 @@ impl MomentumLora {
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.set
             .iter()
-            .flat_map(|(p, w)| [(format!("{p}.A"), w.a.clone()), (format!("{p}.B"), w.b.clone())])
+            .flat_map(|(p, w)| {
+                [
+                    (format!("{p}.A"), w.a.clone()),
+                    (format!("{p}.B"), w.b.clone()),
+                ]
+            })
             .collect()
     }
 }

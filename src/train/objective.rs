@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
-use crate::model::attention::{AttnProbe, BlockKind};
+use crate::model::probe::{AttnProbe, BlockKind};
 use crate::rng::{normal, step_rng, Stream};
 
 /// The pseudo-word of sample `i`: `<v0>` for the concept, `<v1>`, ... for components.
@@ -106,7 +106,11 @@ pub fn noised_latents(
         masks = flip_horizontal(&masks)?;
     }
     let (deg, total) = (cfg.degradation(), cfg.total_steps());
-    let g = normal(&mut step_rng(cfg.seed, d, Stream::DmDeg), pixels.dims(), dev)?;
+    let g = normal(
+        &mut step_rng(cfg.seed, d, Stream::DmDeg),
+        pixels.dims(),
+        dev,
+    )?;
     let degraded = deg.apply(&pixels, &masks, &g, d, total)?;
     let dist = sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?;
     let z_noise = normal(
@@ -120,7 +124,9 @@ pub fn noised_latents(
         * sd.vae.config.scaling_factor)?;
     let mut trng = step_rng(cfg.seed, d, Stream::Timesteps);
     let n_t = sd.schedule.num_train_timesteps();
-    let timesteps: Vec<usize> = (0..batch.len()).map(|_| trng.random_range(0..n_t)).collect();
+    let timesteps: Vec<usize> = (0..batch.len())
+        .map(|_| trng.random_range(0..n_t))
+        .collect();
     let eps = normal(&mut step_rng(cfg.seed, d, Stream::Eps), z0.dims(), dev)?;
     let z_t = sd.schedule.add_noise(&z0, &eps, &timesteps)?;
     let noised = Noised {

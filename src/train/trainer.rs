@@ -299,10 +299,11 @@ impl Trainer {
         let t = Tensor::from_vec(t, timesteps.len(), dev)?;
         let table = self.table.as_ref().map(|t| t.as_tensor().detach());
         let rows = self.rows.as_tensor().detach();
-        let context =
-            self.sd
-                .text_encoder
-                .forward_with_table(&self.batch.ids, table.as_ref(), Some(&rows))?;
+        let context = self.sd.text_encoder.forward_with_table(
+            &self.batch.ids,
+            table.as_ref(),
+            Some(&rows),
+        )?;
         let set = self.lora.as_set();
         let ctx = Ctx {
             lora: Some(&set),

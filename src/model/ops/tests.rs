@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
+use super::attention::attention_head_major;
 use super::*;
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {

@@ -1,0 +1,235 @@
+//! Ops with hand-written backward passes, for the parts of a training step where
+//! candle's generic autograd does far more work than training needs:
+//!
+//! - frozen linears and convolutions: candle's `Matmul`/`Conv2D` backward also computes
+//!   (and stores) the gradient of the frozen weight, a third of the step's FLOPs, and its
+//!   conv input-gradient goes through a naive CPU `conv_transpose2d`;
+//! - attention: the composed softmax keeps `[batch*heads, n, n]` tensors for backward and
+//!   differentiates through a dozen full-size passes;
+//! - GroupNorm(+SiLU), LayerNorm, GEGLU and nearest upsampling, whose composed backward
+//!   makes many passes (the upsample one runs a grouped conv per channel).
+//!
+//! Each op computes its value with ordinary tensor ops on detached inputs (so no graph
+//! is kept) and attaches a custom op whose backward returns only the input gradients.
+//! With no tracked input the value is returned as is, so inference pays nothing.
+//!
+//! Here: the machinery every op shares (attaching a backward, running a CPU kernel on a
+//! tensor's storage); each op lives in its own file, its CPU kernels under `kernels/`.
+
+use std::sync::Mutex;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+mod attention;
+mod conv;
+mod geglu;
+mod kernels;
+mod linear;
+mod norm;
+
+pub use attention::{attention, use_reference_attention};
+pub use conv::{frozen_conv2d, upsample_nearest_2x};
+pub use geglu::geglu;
+pub use linear::{frozen_linear, lora_linear, LoraAdapter};
+pub use norm::{group_norm, layer_norm};
+
+/// One backend's storage, picked out of a tensor's `Storage`.
+trait Backend: BackendStorage<Device: BackendDevice<Storage = Self>> + Sized {
+    fn of(s: &Storage) -> Result<&Self>;
+}
+
+impl Backend for CpuStorage {
+    fn of(s: &Storage) -> Result<&Self> {
+        match s {
+            Storage::Cpu(c) => Ok(c),
+            _ => bail!("a frozen weight is on another device than the activations"),
+        }
+    }
+}
+
+impl Backend for CudaStorage {
+    fn of(s: &Storage) -> Result<&Self> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => bail!("a frozen weight is on another device than the activations"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU kernels (kernels/) as graph-free custom ops on contiguous f32 tensors.
+
+/// The f32 data of a contiguous CPU tensor layout.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("cpu kernel expects contiguous f32 data"),
+    }
+}
+
+/// Whether the CPU kernels apply: f32 tensors on the CPU.
+fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// `f` over the data of `x` and `y` (an input and its output gradient), giving a
+/// tensor shaped like `x`.
+fn kernel2(x: &Tensor, y: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> Vec<f32>) -> Result<Tensor> {
+    let v = with_f32(&[x, y], |t| f(t[0], t[1]))?;
+    Tensor::from_vec(v, x.shape(), x.device())
+}
+
+/// `f` over the f32 data of CPU tensors (made contiguous first).
+fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(f32_slice(s, layout)?),
+            _ => bail!("cpu kernel expects CPU data"),
+        }
+    }
+    Ok(f(&slices))
+}
+
+/// A three-input op's CPU gradients as tensors shaped like its inputs.
+#[allow(clippy::type_complexity)]
+fn grads3(
+    grads: [Vec<f32>; 3],
+    like: [&Tensor; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let [a, b, c] = grads;
+    let cpu = &candle_core::Device::Cpu;
+    Ok((
+        Some(Tensor::from_vec(a, like[0].shape(), cpu)?),
+        Some(Tensor::from_vec(b, like[1].shape(), cpu)?),
+        Some(Tensor::from_vec(c, like[2].shape(), cpu)?),
+    ))
+}
+
+fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+// ---------------------------------------------------------------------------------------
+// Attaching a backward to a value computed without a graph.
+
+/// The input gradient of a one-input op, given its input, output and output gradient
+/// (all detached).
+trait Grad1: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
+    /// The op's value from the input's f32 data (dims given), where a CPU kernel exists.
+    fn cpu_value(&self, _x: &[f32], _dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
+        None
+    }
+}
+
+/// An op with a CPU kernel: the value is computed in `cpu_fwd` from the input storage.
+struct CpuFused<G>(G);
+
+impl<G: Grad1> CustomOp1 for CpuFused<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.0.cpu_value(f32_slice(s, l)?, l.dims()) {
+            Some(value) => {
+                let (v, shape) = value?;
+                Ok((CpuStorage::F32(v), shape))
+            }
+            None => bail!("{} has no cpu kernel", G::NAME),
+        }
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.grad(&x.detach(), &y.detach(), g)?))
+    }
+}
+
+/// `op` applied to `x`: through its CPU kernel for f32 CPU input (no copy, no graph
+/// unless `x` is tracked), else as `composed` on detached `x` with `op`'s backward.
+fn fused1<G: Grad1>(
+    x: &Tensor,
+    op: G,
+    composed: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        let x = x.contiguous()?;
+        let op = CpuFused(op);
+        return if x.track_op() {
+            x.apply_op1(op)
+        } else {
+            x.apply_op1_no_bwd(&op)
+        };
+    }
+    let value = composed(&x.detach())?;
+    attach1(x, value, op)
+}
+
+/// Copies a precomputed value into the op's output storage. The value is taken out of
+/// the op on first use, so it is not kept twice while the graph lives.
+fn copy_value<S: Backend>(value: &Mutex<Option<Tensor>>) -> Result<(S, Shape)> {
+    let value = match value.lock() {
+        Ok(mut v) => v.take(),
+        Err(_) => None,
+    };
+    let Some(value) = value else {
+        bail!("a recorded op was run twice")
+    };
+    let (s, l) = value.storage_and_layout();
+    let src = S::of(&s)?;
+    // SAFETY: every element is written by copy_strided_src right below.
+    let mut dst = unsafe { src.device().alloc_uninit(l.shape(), src.dtype())? };
+    src.copy_strided_src(&mut dst, 0, l)?;
+    Ok((dst, l.shape().clone()))
+}
+
+struct Attach1<G> {
+    value: Mutex<Option<Tensor>>,
+    grad: G,
+}
+
+impl<G: Grad1> CustomOp1 for Attach1<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad.grad(&x.detach(), &y.detach(), g)?))
+    }
+}
+
+/// `value` (computed from `x` without a graph) as a differentiable function of `x`.
+fn attach1<G: Grad1>(x: &Tensor, value: Tensor, grad: G) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(Attach1 {
+        value: Mutex::new(Some(value)),
+        grad,
+    })
+}
+
+/// The dtype statistics and softmax are computed in: f32, or f64 for f64 inputs.
+fn f32_or_wider(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests;
