@@ -37,15 +37,20 @@ pub const CHECKPOINTS: &str = "checkpoints";
 pub const TOKEN_TABLE_KEY: &str = "text_model.embeddings.token_embedding.weight";
 
 /// `magictailor.json`: enough to sample the run again and to know how it was made.
+/// Sampling needs only `base_model`, so the rest may be missing from a hand-written one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     /// Hub id, or an absolute local folder.
     pub base_model: String,
+    #[serde(default)]
     /// Pseudo-word -> the class word it started from.
     pub tokens: BTreeMap<String, String>,
+    #[serde(default)]
     pub steps_done: usize,
     /// Every training setting (the trainer's `TrainConfig`).
+    #[serde(default)]
     pub config: serde_json::Value,
+    #[serde(default)]
     pub magictailor_version: String,
 }
 

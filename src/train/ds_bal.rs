@@ -111,16 +111,17 @@ impl MomentumLora {
         Ok(())
     }
 
-    /// Named tensors for checkpoints (`<path>.A`, `<path>.B`).
+    /// Named tensors for checkpoints (`<path>.A`, `<path>.B`), sorted by name.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.set
-            .iter()
+        let mut out: Vec<(String, Tensor)> = (self.set.iter())
             .flat_map(|(p, w)| {
                 [
                     (format!("{p}.A"), w.a.clone()),
                     (format!("{p}.B"), w.b.clone()),
                 ]
             })
-            .collect()
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
     }
 }
