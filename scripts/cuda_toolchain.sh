@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a pinned CUDA 13.0 toolchain from PyPI wheels, enough to *compile*
 # `cargo build --features cuda` on a machine with no GPU and no system CUDA
-# (CANDLE_NOTES §5). Prints the environment to export; idempotent.
+# (docs/candle.md §5). Prints the environment to export; idempotent.
 #
 #   eval "$(scripts/cuda_toolchain.sh [DIR])"      # DIR defaults to ~/.cache/magictailor-cuda
 #   cargo build --release --features cuda

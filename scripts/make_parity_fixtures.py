@@ -231,7 +231,7 @@ def main():
 
 def training_step_fixture():
     """One warm-up step's loss terms and gradients, and one DS-Bal step's L_diff-max and
-    L_pres, on the tiny model with the fixture LoRA and pseudo-words (METHOD.md eq. 1-2, 6-8;
+    L_pres, on the tiny model with the fixture LoRA and pseudo-words (docs/method.md, eq. 1-2, 6-8;
     losses written here from the formulas, independently of magictailor's code)."""
     g = torch.Generator().manual_seed(7)
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)

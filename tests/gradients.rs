@@ -2,7 +2,7 @@
 //! LoRA A and B on self- and cross-attention q/k/v/out, proj_in/out and ff.net.2, the
 //! pseudo-word rows through the whole CLIP encoder, and the loss on recorded
 //! cross-attention maps. (candle's fused LayerNorm and softmax_last_dim would drop these
-//! silently; see CANDLE_NOTES §1.)
+//! silently; see docs/candle.md §1.)
 
 mod common;
 

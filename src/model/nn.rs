@@ -1,6 +1,6 @@
 //! Layers written for training: frozen base weights go through `ops`, whose backward
 //! returns only input gradients; everything else has a correct backward in candle 0.11
-//! (no fused LayerNorm or `softmax_last_dim` without one; see CANDLE_NOTES §1).
+//! (no fused LayerNorm or `softmax_last_dim` without one; see docs/candle.md §1).
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
