@@ -31,6 +31,9 @@ pub enum Error {
     ModelNotFound(String),
     #[error("{0}")]
     Usage(String),
+    /// Training met NaN or infinity and stopped before it changed any weight.
+    #[error("{0}")]
+    Diverged(String),
     /// A broken invariant: a bug in magictailor, not in the input.
     #[error("internal error (a bug in magictailor; please report it): {0}")]
     Internal(String),

@@ -194,8 +194,26 @@ pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
         opts.guidance,
         opts.progress,
     )?;
+    ensure_finite(&latents, "the denoised latents", opts.dtype)?;
     let images = decode(&p, &latents)?;
     save_pngs(&images, &opts.out)
+}
+
+/// Refuses NaN or infinity before it becomes a black or grey PNG.
+fn ensure_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
+    // x - x is 0 for every finite x and NaN for NaN and both infinities.
+    let probe = (t - t)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if probe.is_finite() {
+        return Ok(());
+    }
+    let likely = if dtype == DType::F16 {
+        "f16 overflowing in this model: try --dtype f32 (or bf16 on CUDA)"
+    } else {
+        "adapters or embeddings from a diverged training run: retrain with a lower learning rate"
+    };
+    Err(Error::Diverged(format!(
+        "{what} hold NaN or infinite values, so no image was written. The likely cause is {likely}."
+    )))
 }
 
 fn latent_shape(p: &Personalized, opts: &InferOptions) -> Result<(usize, usize, usize, usize)> {
@@ -303,6 +321,7 @@ pub fn decode(p: &Personalized, latents: &Tensor) -> Result<Tensor> {
         p.sd.vae
             .decode(&z.to_dtype(p.sd.dtype)?)?
             .to_dtype(DType::F32)?;
+    ensure_finite(&x, "the decoded images", p.sd.dtype)?;
     let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok((x * 255.0)?.round()?.to_dtype(DType::U8)?)
 }

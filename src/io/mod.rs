@@ -6,6 +6,7 @@
 mod atomic;
 pub mod checkpoint;
 pub mod embeds;
+pub mod lock;
 pub mod run;
 pub mod tensors;
 

@@ -63,13 +63,18 @@ pub struct TrainedFolder {
     pub token_table: Option<PathBuf>,
 }
 
-/// True when `dir` exists and holds anything.
+/// True when `dir` exists and holds anything besides a run lock.
 pub fn is_occupied(dir: &Path) -> Result<bool> {
     if !dir.is_dir() {
         return Ok(false);
     }
-    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(IoOp::List, dir, e))?;
-    Ok(entries.next().is_some())
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(IoOp::List, dir, e))? {
+        let entry = entry.map_err(|e| Error::io(IoOp::List, dir, e))?;
+        if entry.file_name() != super::lock::LOCK_FILE {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub fn write_record(dir: &Path, record: &RunRecord) -> Result<()> {

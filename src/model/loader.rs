@@ -194,7 +194,7 @@ fn weights(
 ) -> Result<VarBuilder<'static>> {
     let files = weight_files(root, component)?;
     for f in &files {
-        crate::io::tensors::check_complete(f)?;
+        crate::io::tensors::check(f)?;
     }
     // SAFETY: the files are memory-mapped read-only; magictailor never writes to a model
     // folder while it is loaded.

@@ -13,23 +13,25 @@ pub mod trainer;
 use candle_core::Device;
 
 use crate::error::{Error, IoOp, Result};
-use crate::io::{checkpoint, run};
+use crate::io::{checkpoint, lock, run};
 pub use config::TrainConfig;
 use trainer::{Progress, StepLog, Trainer};
 
 /// `magictailor train`: checks every input, then trains and exports into `output_dir`.
 pub fn run(cfg: TrainConfig, device: &Device, progress: Progress, resume: bool) -> Result<()> {
     let out = cfg.output_dir.clone();
-    if run::is_occupied(&out)? && !resume {
-        return Err(Error::usage(format!(
-            "the output folder {} already holds files. Pass --resume to continue its run from the last \
-             checkpoint, or choose another --output-dir.",
-            out.display()
-        )));
-    }
+    lock::check_free(&out)?;
+    refuse_occupied(&out, resume)?;
     let (total, warmup, every) = (cfg.total_steps(), cfg.warmup_steps, cfg.checkpoint_every);
     // Everything that can be wrong with the inputs fails here, before anything is written.
     let mut t = Trainer::new(cfg, device)?;
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(IoOp::CreateDir, &out, e))?;
+    let (_lock, warning) = lock::acquire(&out)?;
+    if let Some(w) = warning.filter(|_| progress != Progress::Quiet) {
+        eprintln!("warning: {w}");
+    }
+    // Again under the lock: another run may have filled the folder while we loaded.
+    refuse_occupied(&out, resume)?;
     if resume {
         let file = checkpoint::latest(&out)?.ok_or_else(|| {
             Error::usage(format!(
@@ -40,10 +42,9 @@ pub fn run(cfg: TrainConfig, device: &Device, progress: Progress, resume: bool) 
         t.restore(&checkpoint::load(&file, device)?, &file)?;
         run::trim_log(&out, t.step)?;
     }
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(IoOp::CreateDir, &out, e))?;
     let bar = bar(total, t.step, progress);
     while t.step < total {
-        let log = t.train_step()?;
+        let log = t.train_step().map_err(|e| with_last_good(e, &out))?;
         run::append_log(&out, &log)?;
         report(&bar, &log, progress);
         let at_switch = log.step == warmup && warmup < total;
@@ -53,6 +54,33 @@ pub fn run(cfg: TrainConfig, device: &Device, progress: Progress, resume: bool) 
     }
     bar.finish_and_clear();
     t.export(&out)
+}
+
+fn refuse_occupied(out: &std::path::Path, resume: bool) -> Result<()> {
+    if resume || !run::is_occupied(out)? {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "the output folder {} already holds files. Pass --resume to continue its run from the last \
+         checkpoint, or choose another --output-dir.",
+        out.display()
+    )))
+}
+
+/// A divergence message ends by naming the checkpoint to go back to.
+fn with_last_good(e: Error, out: &std::path::Path) -> Error {
+    let Error::Diverged(msg) = e else {
+        return e;
+    };
+    let tail = match checkpoint::latest(out) {
+        Ok(Some(file)) => format!(
+            " The last good checkpoint is {}: continue from it with the same --output-dir and \
+             --resume (with the changed settings).",
+            file.display()
+        ),
+        _ => " No checkpoint was written before it; --checkpoint-every N keeps some.".into(),
+    };
+    Error::Diverged(msg + &tail)
 }
 
 fn bar(total: usize, done: usize, progress: Progress) -> indicatif::ProgressBar {

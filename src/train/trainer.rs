@@ -81,7 +81,21 @@ pub struct StepLog {
     pub chosen_sample: Option<usize>,
     /// The LoRA gradients' norm before clipping.
     pub grad_norm: f64,
+    /// f16 only: the step overflowed and its update was skipped.
+    pub skipped: bool,
 }
+
+/// With f16 loss scaling, this many overflowed steps in a row stop the run: the scale
+/// cannot save it.
+pub const MAX_SKIPPED_IN_A_ROW: usize = 20;
+
+/// The logged loss terms as a message names them, in `StepLog` order.
+const TERMS: [&str; 4] = [
+    "the total loss",
+    "the masked diffusion loss L_diff",
+    "the attention loss L_attn",
+    "the preserving loss L_pres",
+];
 
 pub struct Trainer {
     pub cfg: TrainConfig,
@@ -95,6 +109,8 @@ pub struct Trainer {
     opt: AdamW,
     pub step: usize,
     pub class_words: Vec<String>,
+    /// f16: consecutive steps whose update was skipped for overflow.
+    skipped_in_a_row: usize,
 }
 
 impl Trainer {
@@ -156,6 +172,7 @@ impl Trainer {
             opt,
             step: 0,
             class_words,
+            skipped_in_a_row: 0,
         })
     }
 
@@ -250,9 +267,12 @@ impl Trainer {
         let text_norm = grad_norm(&grads, &self.text_vars())?;
         let lr = self.lr(d);
         self.opt.config.lr = lr;
-        // An overflowed f16 backward gives non-finite gradients: skip that update.
-        if lora_norm.is_finite() && text_norm.is_finite() {
+        let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
+        if finite {
             self.opt.step(&grads)?;
+            self.skipped_in_a_row = 0;
+        } else {
+            self.on_non_finite(d, &terms, lora_norm + text_norm)?;
         }
         drop(grads);
         if let Some(m) = self.momentum.as_mut().filter(|_| phase == Phase::DsBal) {
@@ -276,7 +296,40 @@ impl Trainer {
             per_sample,
             chosen_sample: chosen,
             grad_norm: lora_norm,
+            skipped: !finite,
         })
+    }
+
+    /// A step met NaN or infinity, before any weight changed. With f16 loss scaling an
+    /// overflow skips the update (up to [`MAX_SKIPPED_IN_A_ROW`] in a row); otherwise
+    /// training stops, naming the step and the first non-finite term.
+    fn on_non_finite(&mut self, d: usize, terms: &[f32], grad_norm: f64) -> Result<()> {
+        // A component names the cause better than the total it spoils.
+        let what = match [1, 2, 3, 0].into_iter().find(|&i| !terms[i].is_finite()) {
+            Some(i) => format!("{} is {}", TERMS[i], terms[i]),
+            None => format!("the gradient norm is {grad_norm}"),
+        };
+        let Some(scale) = self.cfg.loss_scale else {
+            return Err(Error::Diverged(format!(
+                "training diverged at step {d}: {what}. The step was not applied. Lower the \
+                 learning rate (--warmup-lr, --dsbal-lr){}.",
+                if self.cfg.dtype == DType::F32 {
+                    ""
+                } else {
+                    " or train in --dtype f32"
+                }
+            )));
+        };
+        self.skipped_in_a_row += 1;
+        if self.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW {
+            return Ok(());
+        }
+        Err(Error::Diverged(format!(
+            "training diverged: steps {}-{d} all overflowed in f16 at loss scale {scale} ({what} at \
+             step {d}), so their updates were skipped. Train in --dtype f32 (or bf16 on CUDA), or \
+             lower the learning rate (--warmup-lr, --dsbal-lr).",
+            d + 1 - self.skipped_in_a_row
+        )))
     }
 
     /// Everything the optimizer updates, in its order.
