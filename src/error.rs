@@ -34,6 +34,9 @@ pub enum Error {
     /// Training met NaN or infinity and stopped before it changed any weight.
     #[error("{0}")]
     Diverged(String),
+    /// A signal stopped the job at a safe point; `msg` says how to continue.
+    #[error("{msg}")]
+    Interrupted { signal: i32, msg: String },
     /// A broken invariant: a bug in magictailor, not in the input.
     #[error("internal error (a bug in magictailor; please report it): {0}")]
     Internal(String),
@@ -112,10 +115,12 @@ impl Error {
         Error::Internal(msg.into())
     }
 
-    /// The conventional exit status: 2 for a command-line mistake, 1 otherwise.
+    /// The conventional exit status: 2 for a command-line mistake, 128 + the signal for
+    /// an interrupted job (130 for Ctrl-C, 143 for SIGTERM), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) => 2,
+            Error::Interrupted { signal, .. } => u8::try_from(128 + signal).unwrap_or(1),
             _ => 1,
         }
     }

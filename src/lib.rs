@@ -5,6 +5,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod infer;
+pub mod interrupt;
 pub mod io;
 pub mod model;
 pub mod rng;

@@ -242,7 +242,8 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
     };
     let out = cfg.output_dir.clone();
     let device = magictailor::device::parse(&a.device)?;
-    magictailor::train::run(cfg, &device, progress, a.resume)?;
+    let stop = magictailor::interrupt::Interrupt::install(a.quiet)?;
+    magictailor::train::run(cfg, &device, progress, a.resume, &stop)?;
     if !a.quiet && !a.json {
         println!("{}", out.display());
     }

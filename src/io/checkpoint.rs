@@ -13,8 +13,13 @@ pub fn dir(output: &Path) -> PathBuf {
     output.join(super::run::CHECKPOINTS)
 }
 
+/// The checkpoint of `step`.
+pub fn file(output: &Path, step: usize) -> PathBuf {
+    dir(output).join(format!("step-{step:06}.safetensors"))
+}
+
 pub fn save(output: &Path, step: usize, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
-    let file = dir(output).join(format!("step-{step:06}.safetensors"));
+    let file = file(output, step);
     tensors::write(&file, tensors, None)?;
     Ok(file)
 }

@@ -191,9 +191,9 @@ fn any_exponent_full<const W: usize>(bytes: &[u8], mask: u64) -> bool {
         b[..W].copy_from_slice(c);
         u64::from_le_bytes(b)
     };
-    bytes.chunks(W * 1024).any(|block| {
-        (block.chunks_exact(W)).fold(false, |hit, c| hit | (word(c) & mask == mask))
-    })
+    bytes
+        .chunks(W * 1024)
+        .any(|block| (block.chunks_exact(W)).fold(false, |hit, c| hit | (word(c) & mask == mask)))
 }
 
 #[cfg(test)]
@@ -203,9 +203,9 @@ mod tests {
     #[test]
     fn non_finite_floats_are_found_in_every_format() {
         let cases: [(&str, &[u8]); 6] = [
-            ("F16", &0x7C00u16.to_le_bytes()),          // +inf
-            ("F16", &0xFE01u16.to_le_bytes()),          // NaN, sign set
-            ("BF16", &0x7FC0u16.to_le_bytes()),         // NaN
+            ("F16", &0x7C00u16.to_le_bytes()),  // +inf
+            ("F16", &0xFE01u16.to_le_bytes()),  // NaN, sign set
+            ("BF16", &0x7FC0u16.to_le_bytes()), // NaN
             ("F32", &f32::NEG_INFINITY.to_le_bytes()),
             ("F32", &f32::NAN.to_le_bytes()),
             ("F64", &f64::INFINITY.to_le_bytes()),

@@ -13,12 +13,21 @@ pub mod trainer;
 use candle_core::Device;
 
 use crate::error::{Error, IoOp, Result};
+use crate::interrupt::{self, Interrupt};
 use crate::io::{checkpoint, lock, run};
 pub use config::TrainConfig;
 use trainer::{Progress, StepLog, Trainer};
 
 /// `magictailor train`: checks every input, then trains and exports into `output_dir`.
-pub fn run(cfg: TrainConfig, device: &Device, progress: Progress, resume: bool) -> Result<()> {
+/// A first Ctrl-C or SIGTERM (`stop`) ends the run after the current step with a
+/// checkpoint, so `--resume` continues it bit-identically.
+pub fn run(
+    cfg: TrainConfig,
+    device: &Device,
+    progress: Progress,
+    resume: bool,
+    stop: &Interrupt,
+) -> Result<()> {
     let out = cfg.output_dir.clone();
     lock::check_free(&out)?;
     refuse_occupied(&out, resume)?;
@@ -44,6 +53,10 @@ pub fn run(cfg: TrainConfig, device: &Device, progress: Progress, resume: bool) 
     }
     let bar = bar(total, t.step, progress);
     while t.step < total {
+        if let Some(signal) = stop.requested() {
+            bar.abandon();
+            return Err(interrupted(&out, &t, signal, total));
+        }
         let log = t.train_step().map_err(|e| with_last_good(e, &out))?;
         run::append_log(&out, &log)?;
         report(&bar, &log, progress);
@@ -54,6 +67,32 @@ pub fn run(cfg: TrainConfig, device: &Device, progress: Progress, resume: bool) 
     }
     bar.finish_and_clear();
     t.export(&out)
+}
+
+/// Saves the finished steps and says how to continue.
+fn interrupted(out: &std::path::Path, t: &Trainer, signal: i32, total: usize) -> Error {
+    let saved = match checkpoint::latest(out) {
+        Ok(Some(f)) if f == checkpoint::file(out, t.step) => Ok(f),
+        _ if t.step == 0 => Err("nothing to save yet".to_string()),
+        _ => (t.checkpoint_tensors())
+            .and_then(|c| checkpoint::save(out, t.step, &c))
+            .map_err(|e| format!("the checkpoint could not be saved: {e}")),
+    };
+    let msg = match saved {
+        Ok(file) => format!(
+            "stopped by {} after step {} of {total}; saved {}. Continue with the same command plus \
+             --resume.",
+            interrupt::name(signal),
+            t.step,
+            file.display()
+        ),
+        Err(why) => format!(
+            "stopped by {} after step {} of {total} ({why}).",
+            interrupt::name(signal),
+            t.step
+        ),
+    };
+    Error::Interrupted { signal, msg }
 }
 
 fn refuse_occupied(out: &std::path::Path, resume: bool) -> Result<()> {
