@@ -109,7 +109,18 @@ impl LoraSet {
                 Part::Down => entry.0 = Some(t.clone()),
                 Part::Up => entry.1 = Some(t.clone()),
                 Part::Alpha => {
-                    entry.2 = Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+                    let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                    let [alpha] = v[..] else {
+                        return Err(Error::bad_file(
+                            file,
+                            format!(
+                                "{}: {key:?} should hold one alpha value but holds {}.",
+                                file.display(),
+                                v.len()
+                            ),
+                        ));
+                    };
+                    entry.2 = Some(alpha);
                 }
             }
         }
@@ -141,6 +152,12 @@ impl LoraSet {
             let a = down.flatten_from(1)?.to_dtype(DType::F32)?;
             let b = up.flatten_from(1)?.to_dtype(DType::F32)?;
             let rank = a.dim(0)?;
+            if rank == 0 {
+                return Err(Error::bad_file(
+                    file,
+                    format!("{}: {module:?} has rank 0 (an empty adapter).", file.display()),
+                ));
+            }
             if a.dims() != [rank, target.in_dim] || b.dims() != [target.out_dim, rank] {
                 return Err(Error::mismatch(
                     file,
