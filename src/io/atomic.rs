@@ -53,3 +53,67 @@ impl SyncAll for std::fs::File {
         std::fs::File::sync_all(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that takes `room` bytes, then fails as a full disk does.
+    struct FullDisk {
+        file: std::fs::File,
+        room: usize,
+    }
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.file.write(&buf[..n])
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    impl SyncAll for FullDisk {
+        fn sync_all(&self) -> std::io::Result<()> {
+            self.file.sync_all()
+        }
+    }
+
+    #[test]
+    fn a_failed_write_says_write_and_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("step-000002.safetensors");
+        std::fs::write(&file, b"the previous, good checkpoint").unwrap();
+        let err = write_atomic_with(&file, &[7u8; 4096], |tmp| {
+            let file = std::fs::File::create(tmp)?;
+            Ok(FullDisk { file, room: 1000 })
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { op: IoOp::Write, path, .. } if path == &file),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.starts_with("cannot write ") && msg.contains("step-000002"), "{msg}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"the previous, good checkpoint");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "the temporary file was left behind");
+    }
+
+    #[test]
+    fn a_failed_rename_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder where the file should go: the rename fails, the write did not.
+        let file = dir.path().join("taken");
+        std::fs::create_dir(file.join("x").parent().unwrap()).unwrap();
+        std::fs::write(file.join("x"), b"").unwrap();
+        let err = write_atomic(&file, b"data").unwrap_err();
+        assert!(matches!(&err, Error::Io { op: IoOp::Rename, .. }), "{err:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
