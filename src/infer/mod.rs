@@ -201,8 +201,8 @@ pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
 
 /// Refuses NaN or infinity before it becomes a black or grey PNG.
 fn ensure_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
-    // x - x is 0 for every finite x and NaN for NaN and both infinities.
-    let probe = (t - t)?
+    // x * 0 is 0 for every finite x and NaN for NaN and both infinities.
+    let probe = (t * 0.0)?
         .sum_all()?
         .to_dtype(DType::F32)?
         .to_scalar::<f32>()?;

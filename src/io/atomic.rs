@@ -99,8 +99,14 @@ mod tests {
             "{err:?}"
         );
         let msg = err.to_string();
-        assert!(msg.starts_with("cannot write ") && msg.contains("step-000002"), "{msg}");
-        assert_eq!(std::fs::read(&file).unwrap(), b"the previous, good checkpoint");
+        assert!(
+            msg.starts_with("cannot write ") && msg.contains("step-000002"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"the previous, good checkpoint"
+        );
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "the temporary file was left behind");
     }
@@ -113,7 +119,16 @@ mod tests {
         std::fs::create_dir(file.join("x").parent().unwrap()).unwrap();
         std::fs::write(file.join("x"), b"").unwrap();
         let err = write_atomic(&file, b"data").unwrap_err();
-        assert!(matches!(&err, Error::Io { op: IoOp::Rename, .. }), "{err:?}");
+        assert!(
+            matches!(
+                &err,
+                Error::Io {
+                    op: IoOp::Rename,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

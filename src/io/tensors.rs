@@ -196,6 +196,15 @@ fn any_exponent_full<const W: usize>(bytes: &[u8], mask: u64) -> bool {
         .any(|block| (block.chunks_exact(W)).fold(false, |hit, c| hit | (word(c) & mask == mask)))
 }
 
+/// One entry of the header's `__metadata__` map, if present.
+pub fn metadata(file: &Path, key: &str) -> Result<Option<String>> {
+    Ok(header(file)?
+        .get("__metadata__")
+        .and_then(|m| m.get(key))
+        .and_then(|v| v.as_str())
+        .map(String::from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,13 +233,4 @@ mod tests {
             assert!(has_non_finite(&bytes, w, mask), "{dtype}: missed {bad:?}");
         }
     }
-}
-
-/// One entry of the header's `__metadata__` map, if present.
-pub fn metadata(file: &Path, key: &str) -> Result<Option<String>> {
-    Ok(header(file)?
-        .get("__metadata__")
-        .and_then(|m| m.get(key))
-        .and_then(|v| v.as_str())
-        .map(String::from))
 }

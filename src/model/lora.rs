@@ -39,6 +39,9 @@ pub struct LoraSet {
     modules: HashMap<String, LoraWeights>,
 }
 
+/// One module's down (A) and up (B) matrices and alpha, as they turn up in a file.
+type Halves = (Option<Tensor>, Option<Tensor>, Option<f64>);
+
 /// On-disk layouts we read; we write `Peft` and `Kohya`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraFormat {
@@ -89,8 +92,7 @@ impl LoraSet {
             targets.iter().map(|t| (t.path.as_str(), t)).collect();
         let by_kohya: HashMap<String, &LoraTarget> =
             targets.iter().map(|t| (kohya_name(&t.path), t)).collect();
-        let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> =
-            BTreeMap::new();
+        let mut pairs: BTreeMap<String, Halves> = BTreeMap::new();
         for (key, t) in &tensors {
             let Some((module, part)) = parse_key(key, format) else {
                 if key.contains("lora") && !key.ends_with(".alpha") {
@@ -155,7 +157,10 @@ impl LoraSet {
             if rank == 0 {
                 return Err(Error::bad_file(
                     file,
-                    format!("{}: {module:?} has rank 0 (an empty adapter).", file.display()),
+                    format!(
+                        "{}: {module:?} has rank 0 (an empty adapter).",
+                        file.display()
+                    ),
                 ));
             }
             if a.dims() != [rank, target.in_dim] || b.dims() != [target.out_dim, rank] {

@@ -71,10 +71,10 @@ impl UNet {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut c_out = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let vb = vb.pp("down_blocks").pp(i);
             let c_in = c_out;
-            c_out = ch[i];
+            c_out = c;
             let cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
             let mut block = Block {
                 resnets: vec![],

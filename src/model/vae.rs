@@ -134,10 +134,10 @@ impl Vae {
         let enc = vb.pp("encoder");
         let mut enc_blocks = Vec::new();
         let mut c_out = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let vb = enc.pp("down_blocks").pp(i);
             let c_in = c_out;
-            c_out = ch[i];
+            c_out = c;
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
                     res(
