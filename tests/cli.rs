@@ -3,33 +3,16 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::*;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn fixture(name: &str) -> String {
-    fixtures().join(name).to_string_lossy().into_owned()
-}
 
 /// Runs `infer` like the reference run: the fixture latents, 10 DDIM steps, 64 px.
 /// `model` selects the weights (`--model DIR` or `--model-dir DIR`, plus any extras).
 fn infer_like_reference(model: &[&str], out: &Path, prompt: &str) -> Output {
     let latents = fixture("init_latents.safetensors");
     let mut args = vec![
-        "infer",
         "--init-latents",
         &latents,
         "--steps",
@@ -42,7 +25,7 @@ fn infer_like_reference(model: &[&str], out: &Path, prompt: &str) -> Output {
     ]);
     args.extend(["--out", out.to_str().unwrap()]);
     args.extend(model);
-    run(&args)
+    run_bin("infer", &args)
 }
 
 #[test]
@@ -106,10 +89,10 @@ fn half_precision_infer_stays_close_to_the_reference_image() {
     assert!(!o.status.success() && stderr(&o).contains("--dtype f16 or f32"));
 }
 
-#[test]
-fn trained_folder_is_found_through_magictailor_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let trained = dir.path().join("trained");
+/// A folder that looks trained: the fixture LoRA and pseudo-words under the names
+/// `train` writes, and a `magictailor.json` naming `base_model`.
+fn trained_folder(root: &Path, base_model: &str) -> PathBuf {
+    let trained = root.join("trained");
     std::fs::create_dir(&trained).unwrap();
     std::fs::copy(
         fixtures().join("lora_peft.safetensors"),
@@ -121,8 +104,15 @@ fn trained_folder_is_found_through_magictailor_json() {
         trained.join("learned_embeds.safetensors"),
     )
     .unwrap();
-    let run_json = serde_json::json!({ "base_model": tiny_sd() });
+    let run_json = serde_json::json!({ "base_model": base_model });
     std::fs::write(trained.join("magictailor.json"), run_json.to_string()).unwrap();
+    trained
+}
+
+#[test]
+fn trained_folder_is_found_through_magictailor_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let trained = trained_folder(dir.path(), &tiny_sd());
     let out = dir.path().join("r.png");
     let o = infer_like_reference(
         &["--model-dir", trained.to_str().unwrap()],
@@ -138,30 +128,91 @@ fn trained_folder_is_found_through_magictailor_json() {
     );
 }
 
+/// The base model moved after training: `--model-dir RUN --model BASE` takes the adapters
+/// and pseudo-words from RUN and the weights from BASE, reproducing diffusers' personal
+/// image; without `--model` the run is refused, naming the base folder it cannot find.
+#[test]
+fn model_replaces_a_moved_base_model_of_a_trained_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let moved = dir.path().join("moved-away").join("tiny-sd");
+    let moved = moved.to_str().unwrap();
+    let trained = trained_folder(dir.path(), moved);
+    let trained = trained.to_str().unwrap();
+    let prompt = "<v0> with <v1>, in the snow";
+
+    let out = dir.path().join("r.png");
+    let o = infer_like_reference(
+        &["--model-dir", trained, "--model", &tiny_sd()],
+        &out,
+        prompt,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = read_png(&out);
+    let d = png_max_diff(&got, &read_png(&fixtures().join("ddim_personal.png")));
+    assert!(d <= 2, "max pixel difference {d} levels");
+    assert!(
+        png_max_diff(&got, &read_png(&fixtures().join("ddim_base.png"))) > 20,
+        "the folder's adapters and pseudo-words were used, not only the base model"
+    );
+
+    let never = dir.path().join("never.png");
+    let o = infer_like_reference(&["--model-dir", trained], &never, prompt);
+    assert_failed(&o, &never, moved);
+}
+
+/// `infer` reads a trained folder's `token_embedding.safetensors` (a `--released-script`
+/// run's whole token table): one whose shape does not fit the text encoder is refused,
+/// naming the file, before anything is written.
+#[test]
+fn a_token_table_of_the_wrong_shape_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let trained = trained_folder(dir.path(), &tiny_sd());
+    let table =
+        candle_core::Tensor::zeros((10, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(
+            magictailor::io::run::TOKEN_TABLE_KEY.to_string(),
+            table,
+        )]),
+        trained.join("token_embedding.safetensors"),
+    )
+    .unwrap();
+    let out = dir.path().join("never.png");
+    let o = infer_like_reference(
+        &["--model-dir", trained.to_str().unwrap()],
+        &out,
+        "<v0> with <v1>, in the snow",
+    );
+    assert_failed(&o, &out, "token_embedding.safetensors");
+}
+
 #[test]
 fn tiny_random_numbers_several_images_and_is_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let gen = |seed: &str, out: &Path| {
-        let o = run(&[
+        let o = run_bin(
             "infer",
-            "--model",
-            "tiny-random",
-            "--prompt",
-            "a red dog",
-            "--num-images",
-            "2",
-            "--steps",
-            "3",
-            "--width",
-            "64",
-            "--height",
-            "48",
-            "--seed",
-            seed,
-            "--quiet",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+            &[
+                "--model",
+                "tiny-random",
+                "--prompt",
+                "a red dog",
+                "--num-images",
+                "2",
+                "--steps",
+                "3",
+                "--width",
+                "64",
+                "--height",
+                "48",
+                "--seed",
+                seed,
+                "--quiet",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
     };
     gen("7", &dir.path().join("a.png"));
@@ -183,11 +234,17 @@ fn tiny_random_numbers_several_images_and_is_reproducible() {
     );
 }
 
-/// A bad invocation: non-zero exit, no panic, a message containing `needle`, no output.
+/// A bad `infer` invocation: non-zero exit, no panic, a message containing `needle`, no
+/// output.
 fn assert_refused(args: &[&str], out: &Path, needle: &str) {
-    let o = run(args);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert_failed(&run_bin("infer", args), out, needle);
+}
+
+/// What a refused command must look like: non-zero exit, no panic, a message
+/// containing `needle`, nothing written at `out`.
+fn assert_failed(o: &Output, out: &Path, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure ({needle})");
     assert!(!err.contains("panicked"), "panic: {err}");
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
     assert!(!out.exists(), "nothing may be written on failure");
@@ -195,8 +252,8 @@ fn assert_refused(args: &[&str], out: &Path, needle: &str) {
 
 fn base_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "infer", "--model", model, "--prompt", "a dog", "--steps", "2", "--width", "64",
-        "--height", "64", "--quiet", "--out", out,
+        "--model", model, "--prompt", "a dog", "--steps", "2", "--width", "64", "--height", "64",
+        "--quiet", "--out", out,
     ]
 }
 
@@ -248,9 +305,7 @@ fn bad_input_gets_clear_errors() {
     assert_refused(&base_args(corrupt.to_str().unwrap(), o), &out, "truncated");
 
     // A hub id while offline, with an empty cache.
-    let o2 = Command::new(bin())
-        .args(base_args("someone/some-model", o))
-        .env("HF_HUB_OFFLINE", "1")
+    let o2 = bin_command("infer", &base_args("someone/some-model", o))
         .env("HF_HOME", dir.path().join("hf"))
         .output()
         .unwrap();
@@ -262,17 +317,17 @@ fn bad_input_gets_clear_errors() {
 
     // Unknown pseudo-word.
     let mut a = base_args(&tiny, o);
-    a[4] = "<v0> on the beach";
+    a[3] = "<v0> on the beach";
     assert_refused(&a, &out, "Known pseudo-words");
 
     // Width not a multiple of the VAE factor.
     let mut a = base_args(&tiny, o);
-    a[8] = "60";
+    a[7] = "60";
     assert_refused(&a, &out, "multiple of 8");
 
     // Init latents of the wrong shape.
     let mut a = base_args(&tiny, o);
-    a[8] = "128";
+    a[7] = "128";
     let lat = fixture("init_latents.safetensors");
     a.extend(["--init-latents", &lat]);
     assert_refused(&a, &out, "needs [1, 4, 8, 16]");
@@ -281,7 +336,6 @@ fn bad_input_gets_clear_errors() {
     let missing = dir.path().join("nothing-trained");
     assert_refused(
         &[
-            "infer",
             "--model-dir",
             missing.to_str().unwrap(),
             "--prompt",
@@ -343,17 +397,4 @@ fn fp16_weight_files_load_and_stay_close() {
         d <= 12,
         "fp16-rounded weights moved the image by {d} levels"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }

@@ -1,77 +1,45 @@
 //! Pair folders: the published layout, image normalization, and every bad folder the
 //! training issue lists, each refused with the file named.
 
-use std::path::Path;
+mod common;
+
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, IndexOp};
-use image::{ImageBuffer, Luma, Rgb, Rgba};
-use magictailor::data::{MaskPolicy, PairDataset};
+use common::*;
+use magictailor::data::{load_rgb, MaskPolicy, PairDataset};
 
-fn rgb(path: &Path, w: u32, h: u32) {
-    ImageBuffer::from_fn(w, h, |x, _| {
-        if x < w / 2 {
-            Rgb([255u8, 0, 0])
-        } else {
-            Rgb([0, 0, 255])
-        }
-    })
-    .save(path)
-    .unwrap();
+/// person_k+hair_c with 2 + 1 images of mixed kinds (a 60x40 PNG, an EXIF-rotated 40x20
+/// JPEG, a 16-bit RGBA PNG), each red on its left half, blue on its right; 60x40 masks
+/// (left half white), so masks need not match their image's size; and an unrelated mask
+/// in masks/others/ that must never be read.
+fn pair(root: &Path) -> PathBuf {
+    let img = |size, format| PairImage {
+        size,
+        format,
+        picture: Picture::RedBlue,
+    };
+    let spec = PairSpec {
+        samples: vec![
+            (
+                "person_k",
+                vec![
+                    img((60, 40), Format::Png),
+                    img((40, 20), Format::JpegRotated),
+                ],
+            ),
+            ("hair_c", vec![img((30, 30), Format::Png16Rgba)]),
+        ],
+        masks: true,
+        mask_size: Some((60, 40)),
+        other_masks: true,
+    };
+    pair_folder(root, &spec)
 }
 
-fn mask(path: &Path, w: u32, h: u32, white: bool) {
-    ImageBuffer::from_fn(w, h, |x, _| {
-        Luma([if white && x < w / 2 { 255u8 } else { 0 }])
-    })
-    .save(path)
-    .unwrap();
-}
-
-/// A JPEG whose EXIF says "rotate 90 degrees clockwise to display" (orientation 6).
-fn rotated_jpeg(path: &Path, w: u32, h: u32) {
-    let img = ImageBuffer::from_fn(w, h, |x, _| {
-        if x < w / 2 {
-            Rgb([255u8, 0, 0])
-        } else {
-            Rgb([0, 0, 255])
-        }
-    });
-    let mut jpeg = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(
-            &mut std::io::Cursor::new(&mut jpeg),
-            image::ImageFormat::Jpeg,
-        )
-        .unwrap();
-    let mut tiff = b"II*\0\x08\0\0\0\x01\0".to_vec(); // little endian, IFD at 8, one entry
-    tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]); // Orientation (0x0112), SHORT, 1, value 6
-    tiff.extend([0, 0, 0, 0]); // no next IFD
-    let mut app1 = b"Exif\0\0".to_vec();
-    app1.extend(tiff);
-    let len = (app1.len() + 2) as u16;
-    let mut out = jpeg[..2].to_vec(); // SOI
-    out.extend([0xFF, 0xE1]);
-    out.extend(len.to_be_bytes());
-    out.extend(app1);
-    out.extend(&jpeg[2..]);
-    std::fs::write(path, out).unwrap();
-}
-
-/// person_k+hair_c with 2 + 1 images of mixed kinds and a mask each.
-fn pair(root: &Path) -> std::path::PathBuf {
-    let dir = root.join("person_k+hair_c");
-    std::fs::create_dir_all(dir.join("masks/others")).unwrap();
-    rgb(&dir.join("0_person_k1.png"), 60, 40);
-    rotated_jpeg(&dir.join("0_person_k2.jpg"), 40, 20);
-    // 16-bit RGBA component image.
-    ImageBuffer::from_fn(30, 30, |_, _| Rgba([65535u16, 0, 0, 30000]))
-        .save(dir.join("1_hair_c1.png"))
-        .unwrap();
-    for s in ["0_person_k1", "0_person_k2", "1_hair_c1"] {
-        mask(&dir.join(format!("masks/{s}.png")), 60, 40, true);
-    }
-    mask(&dir.join("masks/others/unrelated.png"), 10, 10, false); // never read
-    dir
+/// A `w`x`h` mask, white on its left half.
+fn half_mask(path: &Path, w: u32, h: u32) {
+    write_mask(path, w, h, Some((Picture::RedBlue, 1)));
 }
 
 #[test]
@@ -104,7 +72,7 @@ fn reads_the_published_layout() {
         red(r, 2, 8) > 0.8 && red(r, 13, 8) < -0.8,
         "EXIF rotation applied"
     );
-    // 16-bit RGBA becomes plain RGB.
+    // 16-bit RGBA (red on the left) becomes plain RGB.
     assert!(red(&ds.samples[1].images[0].pixels, 5, 5) > 0.99);
 }
 
@@ -154,7 +122,7 @@ fn bad_folders_are_refused_with_the_file_named() {
     refused(&dir, "0_person_k1.png");
 
     let dir = pair(&tmp.path().join("c"));
-    mask(&dir.join("masks/0_person_k9.png"), 8, 8, true);
+    half_mask(&dir.join("masks/0_person_k9.png"), 8, 8);
     refused(&dir, "masks/0_person_k9.png has no reference image");
 
     let dir = pair(&tmp.path().join("d"));
@@ -162,10 +130,72 @@ fn bad_folders_are_refused_with_the_file_named() {
     refused(&dir, "0_person_k2.jpg has no mask");
 
     let dir = pair(&tmp.path().join("e"));
-    mask(&dir.join("masks/1_hair_c1.png"), 8, 8, false);
+    write_mask(&dir.join("masks/1_hair_c1.png"), 8, 8, None);
     refused(&dir, "1_hair_c1.png is entirely black");
 
     let dir = pair(&tmp.path().join("f"));
-    rgb(&dir.join("2_ears_x1.png"), 8, 8);
+    write_image(
+        &dir.join("2_ears_x1.png"),
+        (8, 8),
+        Format::Png,
+        Picture::RedBlue,
+        1,
+    );
     refused(&dir, "2_ears_x1.png belongs to sample 2");
+}
+
+/// A cut image is refused with its file named, never trained on as partial or grey
+/// pixels. The JPEG decoder fills a truncated scan with grey instead of failing, so a
+/// JPEG missing only its 2-byte end-of-image marker is the subtle case; PNG and lossless
+/// WebP cut in half must fail too. The uncut JPEG loads (the check is not "any JPEG").
+#[test]
+fn truncated_images_are_refused_with_the_file_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let write = |name: &str, format| {
+        let p = tmp.path().join(name);
+        write_image(&p, (64, 48), format, Picture::Disc([200, 150, 120]), 1);
+        p
+    };
+    let whole = write("whole.jpg", Format::Jpeg);
+    assert!(
+        read_bytes(&whole).ends_with(&[0xFF, 0xD9]),
+        "the image crate's JPEG ends with its EOI marker"
+    );
+    assert_eq!(load_rgb(&whole, 16, &dev).unwrap().dims(), [3, 16, 16]);
+
+    // (file name, format, how many of its n bytes to keep)
+    type Case = (&'static str, Format, fn(usize) -> usize);
+    let cases: [Case; 4] = [
+        ("jpeg_third.jpg", Format::Jpeg, |n| n / 3),
+        ("jpeg_no_eoi.jpg", Format::Jpeg, |n| n - 2),
+        ("png_half.png", Format::Png, |n| n / 2),
+        ("webp_half.webp", Format::WebP, |n| n / 2),
+    ];
+    for (name, format, keep) in cases {
+        let p = write(name, format);
+        if format == Format::WebP {
+            // The image crate's WebP encoder is lossless: a VP8L chunk.
+            assert_eq!(&read_bytes(&p)[12..16], b"VP8L", "{name}");
+        }
+        truncate_file(&p, keep(read_bytes(&p).len()));
+        let err = load_rgb(&p, 16, &dev)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: a truncated image loaded"))
+            .to_string();
+        assert!(err.contains(name), "{name} not named in: {err}");
+        assert!(
+            err.contains("truncated"),
+            "{name}: the likely cause is said: {err}"
+        );
+    }
+
+    // The same through a whole pair folder of JPEGs: the cut file is named.
+    let dir = pair_folder(
+        &tmp.path().join("jpegs"),
+        &PairSpec::discs((64, 48), Format::Jpeg, 1),
+    );
+    let cut = dir.join("1_hair_c1.jpg");
+    truncate_file(&cut, read_bytes(&cut).len() - 2);
+    refused(&dir, "1_hair_c1.jpg");
 }

@@ -107,3 +107,91 @@ fn embeddings_round_trip_and_export_for_a1111() {
         "{err}"
     );
 }
+
+/// Library callers can tell failures apart by variant: weights for another model
+/// (wrong shapes, or a layer this U-Net does not have) are `Mismatch`, a file that is
+/// not safetensors is `BadFile`, and a model folder that does not exist (or is not a
+/// diffusers folder) is `ModelNotFound`. Each message names the file or folder.
+#[test]
+fn wrong_files_and_missing_models_give_their_error_variants() {
+    use magictailor::Error;
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    let targets = sd.unet.lora_targets();
+    let peft =
+        candle_core::safetensors::load(fixtures().join("lora_peft.safetensors"), &dev).unwrap();
+    let rewritten =
+        |name: &str, edit: &dyn Fn(&mut std::collections::HashMap<String, candle_core::Tensor>)| {
+            let mut t = peft.clone();
+            edit(&mut t);
+            let p = tmp.path().join(name);
+            candle_core::safetensors::save(&t, &p).unwrap();
+            p
+        };
+
+    // One adapter 3 columns wider than its layer, as from a wider model.
+    let wide = rewritten("wide.safetensors", &|t| {
+        let key = t
+            .keys()
+            .find(|k| k.ends_with(".lora_A.weight"))
+            .unwrap()
+            .clone();
+        let a = &t[&key];
+        let (r, c) = a.dims2().unwrap();
+        let wider = candle_core::Tensor::zeros((r, c + 3), a.dtype(), &Device::Cpu).unwrap();
+        t.insert(key, wider);
+    });
+    // One adapter moved to a layer this U-Net does not have.
+    let elsewhere = rewritten("elsewhere.safetensors", &|t| {
+        let key = t
+            .keys()
+            .find(|k| k.ends_with(".lora_A.weight"))
+            .unwrap()
+            .clone();
+        let stem = key.trim_end_matches(".lora_A.weight").to_string();
+        for part in ["lora_A", "lora_B"] {
+            let v = t.remove(&format!("{stem}.{part}.weight")).unwrap();
+            t.insert(
+                format!("unet.mid_block.attentions.7.extra.{part}.weight"),
+                v,
+            );
+        }
+    });
+    for file in [&wide, &elsewhere] {
+        match LoraSet::load(file, &targets, &dev) {
+            Err(e @ Error::Mismatch { .. }) => {
+                let name = file.file_name().unwrap().to_str().unwrap();
+                assert!(e.to_string().contains(name), "{e}");
+            }
+            Err(e) => panic!("{}: expected Error::Mismatch, got {e:?}", file.display()),
+            Ok(_) => panic!("{}: a LoRA for another model loaded", file.display()),
+        }
+    }
+
+    let text = tmp.path().join("notes.safetensors");
+    std::fs::write(&text, "this is not a safetensors file, just some text").unwrap();
+    match LoraSet::load(&text, &targets, &dev) {
+        Err(e @ Error::BadFile { .. }) => {
+            assert!(e.to_string().contains("notes.safetensors"), "{e}")
+        }
+        Err(e) => panic!("expected Error::BadFile, got {e:?}"),
+        Ok(_) => panic!("a text file loaded as a LoRA"),
+    }
+
+    let missing = tmp.path().join("no-such-model");
+    let not_a_model = tmp.path().join("empty-folder");
+    std::fs::create_dir(&not_a_model).unwrap();
+    for dir in [&missing, &not_a_model] {
+        match StableDiffusion::load(dir.to_str().unwrap(), &dev, DType::F32) {
+            Err(e @ Error::ModelNotFound(_)) => {
+                assert!(e.to_string().contains(dir.to_str().unwrap()), "{e}")
+            }
+            Err(e) => panic!(
+                "{}: expected Error::ModelNotFound, got {e:?}",
+                dir.display()
+            ),
+            Ok(_) => panic!("{}: loaded as a model", dir.display()),
+        }
+    }
+}

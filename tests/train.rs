@@ -4,39 +4,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device};
 use common::*;
-use image::{ImageBuffer, Luma, Rgb};
 use magictailor::train::{trainer::Trainer, TrainConfig};
 
-/// person_k+hair_c: a disc on a background per image, the disc as mask.
+/// person_k+hair_c: 2 + 2 discs on a background (80x64 PNG), each disc its mask.
 fn make_pair(root: &Path) -> PathBuf {
-    let dir = root.join("person_k+hair_c");
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    for (s, name, col) in [
-        (0, "person_k", [200u8, 150, 120]),
-        (1, "hair_c", [40, 30, 20]),
-    ] {
-        for k in 1..=2u32 {
-            let inside =
-                |x: u32, y: u32| (x as i32 - 40 - k as i32).pow(2) + (y as i32 - 32).pow(2) < 400;
-            let img = ImageBuffer::from_fn(80, 64, |x, y| {
-                if inside(x, y) {
-                    Rgb(col)
-                } else {
-                    Rgb([90, 140, 200])
-                }
-            });
-            img.save(dir.join(format!("{s}_{name}{k}.png"))).unwrap();
-            let m =
-                ImageBuffer::from_fn(80, 64, |x, y| Luma([if inside(x, y) { 255u8 } else { 0 }]));
-            m.save(dir.join(format!("masks/{s}_{name}{k}.png")))
-                .unwrap();
-        }
-    }
-    dir
+    pair_folder(root, &PairSpec::training())
 }
 
 fn config(pair: &Path, out: &Path, warmup: usize, dsbal: usize) -> TrainConfig {
@@ -65,21 +41,18 @@ fn the_masked_loss_falls_within_a_few_dozen_steps() {
 }
 
 fn train(args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("train")
-        .args(args)
-        .output()
-        .unwrap()
+    run_bin("train", args)
 }
 
-fn train_args<'a>(pair: &'a str, out: &'a str) -> Vec<&'a str> {
+/// The usual run: 4 warm-up + 4 DS-Bal steps at 64 px, a checkpoint every 3 steps.
+fn train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
     vec![
         "--instance-dir",
         pair,
         "--output-dir",
         out,
         "--model",
-        tiny_model(),
+        model,
         "--resolution",
         "64",
         "--warmup-steps",
@@ -92,25 +65,14 @@ fn train_args<'a>(pair: &'a str, out: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn tiny_model() -> &'static str {
-    Box::leak(tiny_sd().into_boxed_str())
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn read(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 #[test]
 fn resume_after_a_kill_gives_identical_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = make_pair(tmp.path());
     let pair = pair.to_str().unwrap();
+    let model = tiny_sd();
     let full = tmp.path().join("full");
-    ok(&train(&train_args(pair, full.to_str().unwrap())));
+    ok(&train(&train_args(pair, full.to_str().unwrap(), &model)));
     let ckpts: Vec<String> = std::fs::read_dir(full.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -146,7 +108,7 @@ fn resume_after_a_kill_gives_identical_weights() {
             .map(|l| format!("{l}\n"))
             .collect(); // one line too many, as after a late kill
         std::fs::write(run.join("train_log.jsonl"), partial).unwrap();
-        let mut args = train_args(pair, run.to_str().unwrap());
+        let mut args = train_args(pair, run.to_str().unwrap(), &model);
         args.push("--resume");
         ok(&train(&args));
         for f in [
@@ -154,7 +116,7 @@ fn resume_after_a_kill_gives_identical_weights() {
             "learned_embeds.safetensors",
         ] {
             assert!(
-                read(&run.join(f)) == read(&full.join(f)),
+                read_bytes(&run.join(f)) == read_bytes(&full.join(f)),
                 "{f} differs after resuming from step {kill_at}"
             );
         }
@@ -171,15 +133,13 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = make_pair(tmp.path());
     let out = tmp.path().join("run");
+    let model = tiny_sd();
     ok(&train(&train_args(
         pair.to_str().unwrap(),
         out.to_str().unwrap(),
+        &model,
     )));
-    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_log(&out);
     assert_eq!(lines.len(), 8);
     assert_eq!(lines[3]["phase"], "warm-up");
     assert_eq!(lines[4]["phase"], "ds-bal");
@@ -199,10 +159,13 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
     assert_eq!(run_json["tokens"]["<v0>"], "person");
     assert_eq!(run_json["tokens"]["<v1>"], "hair");
     assert_eq!(run_json["steps_done"], 8);
+    assert!(
+        !out.join("token_embedding.safetensors").exists(),
+        "only --released-script exports the whole token table"
+    );
 
     let infer = |extra: &[&str], png: &Path| {
         let mut a = vec![
-            "infer",
             "--prompt",
             "<v0> with <v1>",
             "--width",
@@ -213,8 +176,7 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
         ];
         a.extend(["--out", png.to_str().unwrap()]);
         a.extend(extra);
-        Command::new(bin())
-            .args(&a)
+        bin_command("infer", &a)
             .current_dir(tmp.path())
             .output()
             .unwrap()
@@ -231,7 +193,7 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
     ok(&infer(
         &[
             "--model",
-            &tiny_sd(),
+            &model,
             "--embeds",
             embeds.to_str().unwrap(),
             "--steps",
@@ -324,22 +286,27 @@ fn half_precision_training_stays_close_to_f32() {
     assert_eq!(half_b.dtype(), DType::F32);
 }
 
+/// `train ARGS` fails cleanly (non-zero, no panic) with `needle` in its message and
+/// creates no output folder `out`.
+fn assert_train_refused(args: &[&str], out: &Path, needle: &str) {
+    let r = train(args);
+    let err = stderr(&r);
+    assert!(
+        !r.status.success() && err.contains(needle) && !err.contains("panicked"),
+        "{needle}: {err}"
+    );
+    assert!(!out.exists(), "no output folder for bad input ({needle})");
+}
+
 #[test]
 fn bad_training_input_is_refused_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = make_pair(tmp.path());
     let pair = pair.to_str().unwrap();
+    let model = tiny_sd();
     let out = tmp.path().join("never");
     let o = out.to_str().unwrap();
-    let refused = |args: Vec<&str>, needle: &str| {
-        let r = train(&args);
-        let err = String::from_utf8_lossy(&r.stderr).into_owned();
-        assert!(
-            !r.status.success() && err.contains(needle) && !err.contains("panicked"),
-            "{needle}: {err}"
-        );
-        assert!(!out.exists(), "no output folder for bad input ({needle})");
-    };
+    let refused = |args: Vec<&str>, needle: &str| assert_train_refused(&args, &out, needle);
     let with = |extra: &[&'static str]| {
         let mut a = vec![
             "--instance-dir",
@@ -347,7 +314,7 @@ fn bad_training_input_is_refused_and_writes_nothing() {
             "--output-dir",
             o,
             "--model",
-            tiny_model(),
+            &model,
             "--resolution",
             "64",
             "--quiet",
@@ -374,7 +341,7 @@ fn bad_training_input_is_refused_and_writes_nothing() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "x").unwrap();
     let r = train(&with(&["--no-masks"]));
-    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("--resume"));
+    assert!(!r.status.success() && stderr(&r).contains("--resume"));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
 }
 
@@ -450,4 +417,179 @@ fn released_script_switch_reproduces_its_three_departures() {
         );
     }
     assert!(frozen != now, "the row drifted");
+}
+
+/// A reference image cut short (a JPEG missing only its end-of-image marker, which the
+/// decoder would fill with grey) stops `train` before anything is written, naming the file.
+#[test]
+fn a_truncated_reference_image_stops_train_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::discs((80, 64), Format::Jpeg, 2));
+    let cut = pair.join("0_person_k2.jpg");
+    truncate_file(&cut, read_bytes(&cut).len() - 2);
+    let out = tmp.path().join("never");
+    let model = tiny_sd();
+    let args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    assert_train_refused(&args, &out, "0_person_k2.jpg");
+}
+
+/// 72 px gives a 9x9 latent: odd sides all the way down (9 -> 5 -> 3), so the U-Net's
+/// upsampling must resize to non-integer factors and the attention probe must read
+/// ceil(9 / 4) = 3. One warm-up and one DS-Bal step train, and the attention loss of
+/// each is a real, positive number (it would be 0 or NaN if the probe read no maps).
+#[test]
+fn resolutions_not_a_multiple_of_32_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let out = tmp.path().join("run");
+    let model = tiny_sd();
+    let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    args[7] = "72";
+    args[9] = "1";
+    args[11] = "1";
+    ok(&train(&args));
+    let lines = read_log(&out);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["phase"], "ds-bal");
+    for l in &lines {
+        let attn = l["l_attn"].as_f64().unwrap_or(f64::NAN);
+        assert!(attn.is_finite() && attn > 0.0, "l_attn {attn} in {l}");
+    }
+}
+
+/// The "w/o DS-Bal" ablation: after warm-up the joint phase trains the warm-up objective
+/// at --dsbal-lr (scaled by the 4 images), with no preserving term and no chosen sample.
+/// Flags only DS-Bal reads are warned about when set; none is warned about by default.
+#[test]
+fn no_ds_bal_trains_a_joint_phase_and_warns_about_ignored_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let pair = pair.to_str().unwrap();
+    let model = tiny_sd();
+    let args = |out: &'static str, extra: &[&'static str]| {
+        let out = tmp.path().join(out);
+        let mut a: Vec<String> = [
+            "--instance-dir",
+            pair,
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--model",
+            &model,
+            "--resolution",
+            "64",
+            "--no-ds-bal",
+            "--json",
+        ]
+        .map(String::from)
+        .into();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        (out, a)
+    };
+    let run = |a: &[String]| train(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (out, a) = args(
+        "joint",
+        &[
+            "--warmup-steps",
+            "1",
+            "--dsbal-steps",
+            "2",
+            "--dsbal-lr",
+            "2e-5",
+        ],
+    );
+    let o = run(&a);
+    ok(&o);
+    assert!(
+        !stderr(&o).contains("warning"),
+        "no flag was set that --no-ds-bal ignores: {}",
+        stderr(&o)
+    );
+    let lines = read_log(&out);
+    let phases: Vec<&str> = lines.iter().map(|l| l["phase"].as_str().unwrap()).collect();
+    assert_eq!(phases, ["warm-up", "joint", "joint"]);
+    for l in &lines[1..] {
+        let lr = l["lr"].as_f64().unwrap();
+        assert!(
+            (lr - 4.0 * 2e-5).abs() < 1e-15,
+            "joint lr {lr}: --dsbal-lr x 4 images"
+        );
+        assert_eq!(l["l_pres"], 0.0, "no preserving term: {l}");
+        assert!(l["chosen_sample"].is_null(), "no sample is chosen: {l}");
+    }
+
+    let (_, a) = args(
+        "warned",
+        &[
+            "--warmup-steps",
+            "0",
+            "--dsbal-steps",
+            "1",
+            "--ema-decay",
+            "0.5",
+        ],
+    );
+    let o = run(&a);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning") && err.contains("--ema-decay") && !err.contains("--lambda-pres"),
+        "{err}"
+    );
+}
+
+/// The released script optimizes and saves the whole token-embedding table: the run
+/// folder holds it under the text encoder's own tensor name and shape, it has drifted
+/// from the base model's table, and `infer` samples the folder with it.
+#[test]
+fn released_script_exports_the_whole_drifted_token_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let out = tmp.path().join("run");
+    let model = tiny_sd();
+    let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    (args[9], args[11]) = ("1", "1");
+    args.push("--released-script");
+    ok(&train(&args));
+
+    let key = magictailor::io::run::TOKEN_TABLE_KEY;
+    assert_eq!(key, "text_model.embeddings.token_embedding.weight");
+    let saved =
+        candle_core::safetensors::load(out.join("token_embedding.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(saved.keys().collect::<Vec<_>>(), [key]);
+    let base = candle_core::safetensors::load(
+        fixtures().join("tiny-sd/text_encoder/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    // transformers' files use the full name; the tiny model's omits `text_model.`.
+    let base = base
+        .get(key)
+        .or_else(|| base.get("embeddings.token_embedding.weight"))
+        .expect("the base token table");
+    let table = &saved[key];
+    assert_eq!(table.dims(), base.dims());
+    assert!(max_abs_diff(table, base) > 0.0, "the table drifted");
+
+    let png = tmp.path().join("p.png");
+    ok(&run_bin(
+        "infer",
+        &[
+            "--model-dir",
+            out.to_str().unwrap(),
+            "--prompt",
+            "<v0> with <v1>",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--quiet",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(read_png(&png).dimensions(), (64, 64));
 }

@@ -10,10 +10,14 @@ use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
 use magictailor::rng::seeded_normal;
+use magictailor::train::augment::{color_jitter, Jitter, JitterOp};
 use magictailor::train::dm_deg::Degradation;
 use magictailor::train::ds_bal::{hardest_sample, per_sample_means, preserving_loss, MomentumLora};
 use magictailor::train::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
-use magictailor::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use magictailor::train::objective::attention_side;
+use magictailor::train::optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 const DEV: Device = Device::Cpu;
 
@@ -239,7 +243,7 @@ fn momentum_adapters_follow_the_ema_and_build_no_graph() {
             .unwrap()
     };
     assert!(
-        !forward(&momentum.as_set()).track_op(),
+        !forward(momentum.as_set()).track_op(),
         "momentum forward built a graph"
     );
     let out = forward(&online.as_set());
@@ -325,4 +329,242 @@ fn adamw_and_clipping_match_torch() {
         p.as_tensor().to_vec1::<f64>().unwrap(),
         p2.as_tensor().to_vec1::<f64>().unwrap()
     );
+}
+
+/// torch's `F.interpolate(mode="nearest")` at non-integer factors, both ways: output
+/// index i reads input floor(i * in / out). Up 2x3 -> 5x7 (rows 0,0,0,1,1; columns
+/// 0,0,0,1,1,2,2) and down 5x7 -> 3x2 (rows 0,1,3; columns 0,3), as torch computes them.
+#[test]
+fn nearest_resize_at_non_integer_factors_matches_torch_indexing() {
+    let resize = magictailor::model::nn::resize_nearest;
+    // (input size, output size, the input rows and columns torch reads)
+    type Case = (
+        (usize, usize),
+        (usize, usize),
+        &'static [usize],
+        &'static [usize],
+    );
+    let cases: [Case; 2] = [
+        ((2, 3), (5, 7), &[0, 0, 0, 1, 1], &[0, 0, 0, 1, 1, 2, 2]),
+        ((5, 7), (3, 2), &[0, 1, 3], &[0, 3]),
+    ];
+    for ((h, w), (oh, ow), rows, cols) in cases {
+        let x = Tensor::arange(0f32, (2 * h * w) as f32, &DEV)
+            .unwrap()
+            .reshape((1, 2, h, w))
+            .unwrap();
+        let got = vec(&resize(&x, oh, ow).unwrap());
+        let want: Vec<f32> = (0..2)
+            .flat_map(|c| {
+                rows.iter()
+                    .flat_map(move |&r| cols.iter().map(move |&k| (c * h * w + r * w + k) as f32))
+            })
+            .collect();
+        assert_eq!(got, want, "{h}x{w} -> {oh}x{ow}");
+    }
+}
+
+/// The attention maps the loss reads sit two stride-2 convolutions below the latent,
+/// each giving ceil(n / 2): 16 at 512 px, and odd latent sides round up.
+#[test]
+fn attention_side_is_two_ceil_halvings_of_the_latent() {
+    for (latent, side) in [(64, 16), (65, 17), (9, 3), (8, 2), (1, 1)] {
+        assert_eq!(attention_side(latent), side, "latent side {latent}");
+    }
+}
+
+/// torchvision's ColorJitter on one pixel value at a time, in f64: pixels in [-1, 1]
+/// of a `[b, 3, h, w]` batch (flattened), the ops in `order`, back to [-1, 1].
+fn jitter_reference(pixels: &[f32], (b, h, w): (usize, usize, usize), j: &Jitter) -> Vec<f64> {
+    let n = h * w;
+    let mut x: Vec<f64> = pixels.iter().map(|&p| (p as f64 + 1.0) / 2.0).collect();
+    let at = |i: usize, c: usize, p: usize| (i * 3 + c) * n + p;
+    let grey = |x: &[f64], i: usize, p: usize| {
+        0.2989 * x[at(i, 0, p)] + 0.587 * x[at(i, 1, p)] + 0.114 * x[at(i, 2, p)]
+    };
+    let clamp = |v: f64| v.clamp(0.0, 1.0);
+    for op in j.order {
+        let prev = x.clone();
+        for i in 0..b {
+            let mean = (0..n).map(|p| grey(&prev, i, p)).sum::<f64>() / n as f64;
+            for c in 0..3 {
+                for p in 0..n {
+                    let v = prev[at(i, c, p)];
+                    x[at(i, c, p)] = match op {
+                        JitterOp::Brightness => clamp(j.brightness as f64 * v),
+                        JitterOp::Contrast => {
+                            let f = j.contrast as f64;
+                            clamp(f * v + (1.0 - f) * mean)
+                        }
+                        JitterOp::Saturation => {
+                            let f = j.saturation as f64;
+                            clamp(f * v + (1.0 - f) * grey(&prev, i, p))
+                        }
+                    };
+                }
+            }
+        }
+    }
+    x.iter().map(|v| 2.0 * v - 1.0).collect()
+}
+
+/// `color_jitter` is torchvision's ColorJitter on the batch (as the released script):
+/// brightness scales, contrast blends with each image's mean grey, saturation with the
+/// per-pixel grey, each clamped to [0, 1], in the drawn order. Strong factors make the
+/// clamps bite, so two orders give different images: the order is honoured, not fixed.
+#[test]
+fn colour_jitter_matches_torchvision_in_the_drawn_order() {
+    use JitterOp::*;
+    let (b, h, w) = (2, 5, 7);
+    let mut rng = StdRng::seed_from_u64(3);
+    let pixels: Vec<f32> = (0..b * 3 * h * w)
+        .map(|_| rng.random_range(-1.0f32..=1.0))
+        .collect();
+    let batch = Tensor::from_vec(pixels.clone(), (b, 3, h, w), &DEV).unwrap();
+    let jitter = |order| Jitter {
+        brightness: 1.4,
+        contrast: 0.6,
+        saturation: 1.5,
+        order,
+    };
+    let mut outputs = Vec::new();
+    for order in [
+        [Brightness, Contrast, Saturation],
+        [Saturation, Contrast, Brightness],
+        [Contrast, Brightness, Saturation],
+    ] {
+        let j = jitter(order);
+        let got = color_jitter(&batch, &j).unwrap();
+        assert_eq!(got.dims(), [b, 3, h, w]);
+        let got = vec(&got);
+        let want = jitter_reference(&pixels, (b, h, w), &j);
+        for (k, (g, r)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - r).abs() < 1e-6,
+                "{order:?}, element {k}: {g} vs torchvision {r}"
+            );
+        }
+        outputs.push(got);
+    }
+    for k in 1..outputs.len() {
+        let d = outputs[0]
+            .iter()
+            .zip(&outputs[k])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            d > 1e-2,
+            "order {k} gives the same image as order 0 (max diff {d})"
+        );
+    }
+}
+
+/// `Jitter::draw`: factors uniform in [1 - s, 1 + s] (and spread over it, not constant),
+/// and all 6 orders of the three ops occur over 200 draws.
+#[test]
+fn jitter_draws_factors_in_range_and_every_order() {
+    let s = 0.1f32;
+    let mut orders: Vec<[JitterOp; 3]> = Vec::new();
+    let (mut lo, mut hi) = (f32::MAX, f32::MIN);
+    for seed in 0..200 {
+        let j = Jitter::draw(&mut StdRng::seed_from_u64(seed), s as f64);
+        for f in [j.brightness, j.contrast, j.saturation] {
+            assert!((1.0 - s..=1.0 + s).contains(&f), "seed {seed}: factor {f}");
+            (lo, hi) = (lo.min(f), hi.max(f));
+        }
+        let mut sorted = j.order.map(|o| o as u8);
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            [0, 1, 2],
+            "seed {seed}: each op once in {:?}",
+            j.order
+        );
+        if !orders.contains(&j.order) {
+            orders.push(j.order);
+        }
+    }
+    assert_eq!(orders.len(), 6, "orders seen: {orders:?}");
+    assert!(
+        lo < 0.92 && hi > 1.08,
+        "factors spread over the range: {lo}..{hi}"
+    );
+    let off = Jitter::draw(&mut StdRng::seed_from_u64(0), 0.0);
+    assert_eq!(
+        [off.brightness, off.contrast, off.saturation],
+        [1.0; 3],
+        "strength 0 changes nothing"
+    );
+}
+
+/// As the released script, only the LoRA parameters' gradients are clipped: clipping
+/// over the first of two Vars brings its norm to max_norm, returns its own norm (not
+/// the global one), and leaves the second's gradient bit for bit. `grad_norm` is the
+/// plain L2 norm over the Vars given.
+#[test]
+fn clipping_covers_only_the_parameters_given() {
+    let lora = Var::from_tensor(&Tensor::new(&[0.5f64, -1.0, 2.0], &DEV).unwrap()).unwrap();
+    let text =
+        Var::from_tensor(&Tensor::new(&[[0.1f64, 0.2], [0.3, -0.4]], &DEV).unwrap()).unwrap();
+    let (g_lora, g_text) = ([30.0f64, -40.0, 120.0], [[7.0f64, -3.5], [0.25, 11.0]]);
+    let loss = ((lora.as_tensor() * Tensor::new(&g_lora, &DEV).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        + (text.as_tensor() * Tensor::new(&g_text, &DEV).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap())
+    .unwrap();
+    let mut store = loss.backward().unwrap();
+    let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let flat_text: Vec<f64> = g_text.concat();
+    let both: Vec<f64> = g_lora.iter().chain(&flat_text).copied().collect();
+    let (want_lora, want_text, want_both) = (l2(&g_lora), l2(&flat_text), l2(&both));
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b;
+    assert!(close(
+        grad_norm(&store, std::slice::from_ref(&lora)).unwrap(),
+        want_lora
+    ));
+    assert!(close(
+        grad_norm(&store, std::slice::from_ref(&text)).unwrap(),
+        want_text
+    ));
+    assert!(close(
+        grad_norm(&store, &[lora.clone(), text.clone()]).unwrap(),
+        want_both
+    ));
+
+    let text_before: Vec<u64> = vec_f64(store.get(text.as_tensor()).unwrap())
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let max_norm = 1.0;
+    let norm = clip_grad_norm(&mut store, std::slice::from_ref(&lora), max_norm).unwrap();
+    assert!(
+        close(norm, want_lora),
+        "returns the LoRA norm before clipping: {norm}"
+    );
+    let after = grad_norm(&store, std::slice::from_ref(&lora)).unwrap();
+    assert!(
+        after <= max_norm + 1e-6 && after > 0.99 * max_norm,
+        "clipped to {after}"
+    );
+    let text_after: Vec<u64> = vec_f64(store.get(text.as_tensor()).unwrap())
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(text_before, text_after, "the other gradient is untouched");
+    // The LoRA gradient keeps its direction.
+    let g = vec_f64(store.get(lora.as_tensor()).unwrap());
+    for (a, b) in g.iter().zip(&g_lora) {
+        assert!(
+            (a - b * max_norm / (want_lora + 1e-6)).abs() < 1e-12,
+            "{a} vs {b}"
+        );
+    }
+}
+
+fn vec_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
