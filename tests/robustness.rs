@@ -93,13 +93,49 @@ fn lora_key(rng: &mut StdRng, paths: &[String]) -> String {
     let path = &paths[rng.random_range(0..paths.len())];
     let pick = |rng: &mut StdRng, xs: &[&str]| xs[rng.random_range(0..xs.len())].to_string();
     let key = match rng.random_range(0..6) {
-        0 => format!("unet.{path}.{}", pick(rng, &["lora_A.weight", "lora_B.weight", "lora_A.default.weight"])),
-        1 => format!("lora_unet_{}.{}", path.replace('.', "_"), pick(rng, &["lora_down.weight", "lora_up.weight", "alpha"])),
+        0 => format!(
+            "unet.{path}.{}",
+            pick(
+                rng,
+                &["lora_A.weight", "lora_B.weight", "lora_A.default.weight"]
+            )
+        ),
+        1 => format!(
+            "lora_unet_{}.{}",
+            path.replace('.', "_"),
+            pick(rng, &["lora_down.weight", "lora_up.weight", "alpha"])
+        ),
         2 => format!("{path}.lora.{}", pick(rng, &["down.weight", "up.weight"])),
-        3 => format!("{path}.processor.{}_lora.down.weight", pick(rng, &["to_q", "to_out", "x"])),
-        4 => pick(rng, &["lora_te_text_model.x.lora_up.weight", "text_encoder.a.lora_A.weight", "", "."]),
+        3 => format!(
+            "{path}.processor.{}_lora.down.weight",
+            pick(rng, &["to_q", "to_out", "x"])
+        ),
+        4 => pick(
+            rng,
+            &[
+                "lora_te_text_model.x.lora_up.weight",
+                "text_encoder.a.lora_A.weight",
+                "",
+                ".",
+            ],
+        ),
         _ => (0..rng.random_range(0..24))
-            .map(|_| pick(rng, &["lora", "_", ".", "unet", "A", "down", "weight", "alpha", "processor"]))
+            .map(|_| {
+                pick(
+                    rng,
+                    &[
+                        "lora",
+                        "_",
+                        ".",
+                        "unet",
+                        "A",
+                        "down",
+                        "weight",
+                        "alpha",
+                        "processor",
+                    ],
+                )
+            })
             .collect(),
     };
     if rng.random_bool(0.1) {
@@ -116,7 +152,8 @@ fn random_tensor(rng: &mut StdRng) -> Tensor {
     let n: usize = dims.iter().product();
     let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
     let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
-    let dtype = [DType::F32, DType::F16, DType::BF16, DType::F64, DType::U8][rng.random_range(0..5)];
+    let dtype =
+        [DType::F32, DType::F16, DType::BF16, DType::F64, DType::U8][rng.random_range(0..5)];
     t.to_dtype(dtype).unwrap()
 }
 
@@ -128,8 +165,12 @@ fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Vec<u8> {
 #[test]
 fn safetensors_reading_never_panics() {
     let tmp = tempfile::tempdir().unwrap();
-    let seeds = ["lora_peft.safetensors", "learned_embeds.safetensors", "init_latents.safetensors"]
-        .map(|f| std::fs::read(fixtures().join(f)).unwrap());
+    let seeds = [
+        "lora_peft.safetensors",
+        "learned_embeds.safetensors",
+        "init_latents.safetensors",
+    ]
+    .map(|f| std::fs::read(fixtures().join(f)).unwrap());
     never_panics(
         "safetensors",
         |rng| {
@@ -151,8 +192,12 @@ fn lora_files_never_panic() {
     let sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
     let targets = sd.unet.lora_targets();
     let paths: Vec<String> = targets.iter().map(|t| t.path.clone()).collect();
-    let fixtures_bytes = ["lora_peft.safetensors", "lora_kohya.safetensors", "lora_diffusers_old.safetensors"]
-        .map(|f| std::fs::read(fixtures().join(f)).unwrap());
+    let fixtures_bytes = [
+        "lora_peft.safetensors",
+        "lora_kohya.safetensors",
+        "lora_diffusers_old.safetensors",
+    ]
+    .map(|f| std::fs::read(fixtures().join(f)).unwrap());
     never_panics(
         "LoRA",
         |rng| {
@@ -180,7 +225,12 @@ fn embedding_files_never_panic() {
         |rng| {
             let keys = ["<v0>", "emb_params", "*", "", "string_to_param", "<v1>"];
             let tensors: HashMap<String, Tensor> = (0..rng.random_range(0..4))
-                .map(|_| (keys[rng.random_range(0..keys.len())].to_string(), random_tensor(rng)))
+                .map(|_| {
+                    (
+                        keys[rng.random_range(0..keys.len())].to_string(),
+                        random_tensor(rng),
+                    )
+                })
                 .collect();
             let bytes = safetensors_bytes(&tensors);
             if rng.random_bool(0.3) {
@@ -221,21 +271,40 @@ fn the_tokenizer_takes_any_string() {
     sd.tokenizer
         .add_pseudo_words(&["<v0>".to_string(), "<v1>".to_string()])
         .unwrap();
-    let pieces = ["<v0>", "<v1>", "<v", ">", "<>", "<v9>", " ", "\u{0}", "é", "東京", "🦀", "\n\t", "a photo of"];
+    let pieces = [
+        "<v0>",
+        "<v1>",
+        "<v",
+        ">",
+        "<>",
+        "<v9>",
+        " ",
+        "\u{0}",
+        "é",
+        "東京",
+        "🦀",
+        "\n\t",
+        "a photo of",
+    ];
     never_panics(
         "tokenizer",
         |rng| {
             (0..rng.random_range(0..40))
                 .map(|_| match rng.random_range(0..3) {
                     0 => pieces[rng.random_range(0..pieces.len())].to_string(),
-                    1 => char::from_u32(rng.random_range(0..0x11_0000)).map_or(String::new(), String::from),
+                    1 => char::from_u32(rng.random_range(0..0x11_0000))
+                        .map_or(String::new(), String::from),
                     _ => "word ".repeat(rng.random_range(0..30)),
                 })
                 .collect::<String>()
         },
         |text| {
             if let Ok(ids) = sd.tokenizer.encode(&text) {
-                assert_eq!(ids.len(), sd.tokenizer.max_len(), "padded or cut to the context");
+                assert_eq!(
+                    ids.len(),
+                    sd.tokenizer.max_len(),
+                    "padded or cut to the context"
+                );
             }
             let _ = sd.tokenizer.unknown_pseudo_words(&text);
         },
@@ -245,7 +314,9 @@ fn the_tokenizer_takes_any_string() {
 #[test]
 fn pair_folder_names_never_panic() {
     let tmp = tempfile::tempdir().unwrap();
-    let parts = ["person", "_", "+", "k", " ", "__", "é", "1", "+_", "_+", "hair_c", "."];
+    let parts = [
+        "person", "_", "+", "k", " ", "__", "é", "1", "+_", "_+", "hair_c", ".",
+    ];
     never_panics(
         "pair folder name",
         |rng| {

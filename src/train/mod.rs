@@ -113,8 +113,9 @@ fn with_last_good(e: Error, out: &std::path::Path) -> Error {
     };
     let tail = match checkpoint::latest(out) {
         Ok(Some(file)) => format!(
-            " The last good checkpoint is {}: continue from it with the same --output-dir and \
-             --resume (with the changed settings).",
+            " The last checkpoint, saved before that step, is {}: --resume continues from it \
+             with the changed settings (if it diverges again, its weights are already off: start \
+             over).",
             file.display()
         ),
         _ => " No checkpoint was written before it; --checkpoint-every N keeps some.".into(),

@@ -1,0 +1,440 @@
+//! Failures a long run meets, as a user meets them through the binary: NaN and infinity
+//! in files and in training, two runs in one folder, Ctrl-C and SIGTERM. Each ends with
+//! a non-zero exit, a message naming the file or step and the fix, and no good state lost.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use common::*;
+
+const LOCK: &str = ".magictailor.lock";
+
+fn train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
+    let res = ["--resolution", "64", "--quiet"];
+    let mut args = vec![
+        "--instance-dir",
+        pair,
+        "--output-dir",
+        out,
+        "--model",
+        model,
+    ];
+    args.extend(res);
+    args
+}
+
+fn with<'a>(mut args: Vec<&'a str>, more: &[&'a str]) -> Vec<&'a str> {
+    args.extend_from_slice(more);
+    args
+}
+
+/// `file` rewritten with one value of tensor `key` (or all, with `all`) set to `value`.
+fn poison(file: &Path, key: &str, value: f32, out: &Path) {
+    rewrite(file, key, value, false, out)
+}
+
+fn rewrite(file: &Path, key: &str, value: f32, all: bool, out: &Path) {
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+    let t = &tensors[key];
+    let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mid = v.len() / 2;
+    v[mid] = value;
+    if all {
+        v.fill(value);
+    }
+    let poisoned = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
+    tensors.insert(key.to_string(), poisoned);
+    candle_core::safetensors::save(&tensors, out).unwrap();
+}
+
+fn infer_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    let size = ["--width", "64", "--height", "64", "--steps", "2", "--quiet"];
+    let mut args = vec!["--model", model, "--prompt", "<v0> with <v1>", "--out", out];
+    args.extend(size);
+    args
+}
+
+/// A NaN in a LoRA, an embeddings or a model weights file is refused at load, naming the
+/// file and the tensor; no image is written.
+#[test]
+fn files_holding_nan_or_infinity_are_refused_by_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_sd();
+    let png = tmp.path().join("x.png");
+    let png_s = png.to_str().unwrap();
+    let embeds = fixtures().join("learned_embeds.safetensors");
+
+    let lora_key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight";
+    let lora = tmp.path().join("nan_lora.safetensors");
+    poison(
+        &fixtures().join("lora_peft.safetensors"),
+        lora_key,
+        f32::NAN,
+        &lora,
+    );
+    let args = with(
+        infer_args(&model, png_s),
+        &[
+            "--lora",
+            lora.to_str().unwrap(),
+            "--embeds",
+            embeds.to_str().unwrap(),
+        ],
+    );
+    let o = run_bin("infer", &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("nan_lora.safetensors") && err.contains(lora_key),
+        "{err}"
+    );
+    assert!(!png.exists());
+
+    let bad_embeds = tmp.path().join("inf_embeds.safetensors");
+    poison(&embeds, "<v1>", f32::INFINITY, &bad_embeds);
+    let args = with(
+        infer_args(&model, png_s),
+        &["--embeds", bad_embeds.to_str().unwrap()],
+    );
+    let err = stderr(&run_bin("infer", &args));
+    assert!(
+        err.contains("inf_embeds.safetensors") && err.contains("\"<v1>\""),
+        "{err}"
+    );
+
+    let moved = tmp.path().join("model");
+    copy_dir(Path::new(&model), &moved);
+    let weights = moved.join("unet/diffusion_pytorch_model.safetensors");
+    poison(&weights.clone(), "conv_in.weight", f32::NAN, &weights);
+    let args = infer_args(moved.to_str().unwrap(), png_s);
+    let err = stderr(&run_bin("infer", &args));
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors") && err.contains("conv_in.weight"),
+        "{err}"
+    );
+    assert!(!png.exists());
+}
+
+/// Finite weights that overflow in the U-Net give NaN latents: `infer` names the likely
+/// cause and writes no image.
+#[test]
+fn infer_writes_no_image_from_non_finite_latents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, png) = (tiny_sd(), tmp.path().join("x.png"));
+    let lora = tmp.path().join("huge.safetensors");
+    let key = "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2.lora_B.weight";
+    rewrite(
+        &fixtures().join("lora_peft.safetensors"),
+        key,
+        3e38,
+        true,
+        &lora,
+    );
+    let embeds = fixtures().join("learned_embeds.safetensors");
+    let args = with(
+        infer_args(&model, png.to_str().unwrap()),
+        &[
+            "--lora",
+            lora.to_str().unwrap(),
+            "--embeds",
+            embeds.to_str().unwrap(),
+        ],
+    );
+    let o = run_bin("infer", &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no image was written") && err.contains("diverged"),
+        "{err}"
+    );
+    assert!(!png.exists());
+}
+
+/// A learning rate that blows up: training stops at the first non-finite loss, names the
+/// step, the term and the last checkpoint, and everything saved before stays loadable.
+#[test]
+fn a_diverging_run_stops_and_keeps_its_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let out = tmp.path().join("out");
+    let model = tiny_sd();
+    let base = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    let steps = [
+        "--warmup-steps",
+        "6",
+        "--dsbal-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+    ];
+    let o = run_bin(
+        "train",
+        &with(with(base.clone(), &steps), &["--warmup-lr", "1e4"]),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let logged = read_log(&out).len();
+    let step = logged + 1;
+    assert!(
+        err.contains(&format!("diverged at step {step}")) && err.contains("is NaN"),
+        "{err}"
+    );
+    assert!(err.contains("Lower the learning rate"), "{err}");
+    let last = format!("step-{logged:06}.safetensors");
+    assert!(logged >= 1 && err.contains(&last), "{err}");
+    assert!(!out.join("pytorch_lora_weights.safetensors").exists());
+    assert!(!out.join(LOCK).exists(), "the lock outlived the run");
+    let checkpoints = std::fs::read_dir(out.join("checkpoints")).unwrap().count();
+    assert_eq!(
+        checkpoints, logged,
+        "one checkpoint per finished step, none after"
+    );
+    // Loading checks every tensor for NaN and infinity.
+    for step in 1..=logged {
+        let file = out.join(format!("checkpoints/step-{step:06}.safetensors"));
+        magictailor::io::checkpoint::load(&file, &Device::Cpu).unwrap();
+    }
+}
+
+/// In f16 an overflowed step is skipped; 20 in a row stop the run with the way out.
+#[test]
+fn f16_runs_that_keep_overflowing_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let out = tmp.path().join("out");
+    let model = tiny_sd();
+    let base = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    let more = [
+        "--warmup-steps",
+        "40",
+        "--dsbal-steps",
+        "0",
+        "--dtype",
+        "f16",
+        "--warmup-lr",
+        "1e6",
+    ];
+    let o = run_bin("train", &with(base, &more));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("overflowed in f16") && err.contains("--dtype f32"),
+        "{err}"
+    );
+    let log = read_log(&out);
+    let skipped = log
+        .iter()
+        .rev()
+        .take_while(|l| l["skipped"] == true)
+        .count();
+    assert_eq!(
+        skipped, 19,
+        "the 20th skip stops the run before it is logged"
+    );
+}
+
+/// Spawns `train` and waits until its log has `lines` lines.
+fn spawn_train(args: &[&str], out: &Path, lines: usize) -> Child {
+    let mut child = bin_command("train", args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while read_log_lines(out) < lines {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("train ended early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn read_log_lines(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("train_log.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().unwrap()
+}
+
+/// A second `train` into a folder in use exits at once naming the holder; the first
+/// stops cleanly on SIGTERM and releases the folder.
+#[test]
+fn one_run_per_output_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let out = tmp.path().join("out");
+    let model = tiny_sd();
+    let args = with(
+        train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model),
+        &["--warmup-steps", "100000", "--dsbal-steps", "0"],
+    );
+    let first = spawn_train(&args, &out, 1);
+    let o = run_bin("train", &with(args.clone(), &["--resume"]));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let holder = format!("process {}", first.id());
+    assert!(
+        err.contains("in use by another magictailor run") && err.contains(&holder),
+        "{err}"
+    );
+    signal(&first, "-TERM");
+    let o = finish(first);
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    assert!(!out.join(LOCK).exists(), "a clean stop releases the folder");
+}
+
+/// A lock whose process is gone (a `kill -9`, a crash) is taken over with a warning; a
+/// lock from another host is never taken over.
+#[test]
+fn stale_locks_are_taken_over_and_foreign_ones_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let model = tiny_sd();
+    let steps = ["--warmup-steps", "1", "--dsbal-steps", "0"];
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+
+    let stale = tmp.path().join("stale");
+    std::fs::create_dir(&stale).unwrap();
+    let lock = format!(r#"{{"host":"{host}","pid":{dead_pid},"started":0}}"#);
+    std::fs::write(stale.join(LOCK), lock).unwrap();
+    let args = train_args(pair.to_str().unwrap(), stale.to_str().unwrap(), &model);
+    let args: Vec<&str> = args.into_iter().filter(|a| *a != "--quiet").collect();
+    let o = run_bin(
+        "train",
+        &with(args, &[steps[0], steps[1], steps[2], steps[3], "--json"]),
+    );
+    ok(&o);
+    assert!(
+        stderr(&o).contains("took over the stale lock"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stale.join(LOCK).exists());
+
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    let lock = r#"{"host":"another-node-of-the-cluster","pid":1,"started":0}"#;
+    std::fs::write(foreign.join(LOCK), lock).unwrap();
+    let args = train_args(pair.to_str().unwrap(), foreign.to_str().unwrap(), &model);
+    let o = run_bin("train", &with(args, &steps));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another-node-of-the-cluster") && err.contains("delete"),
+        "{err}"
+    );
+    assert!(
+        foreign.join(LOCK).exists(),
+        "a foreign lock is never removed"
+    );
+}
+
+fn weights(out: &Path) -> Vec<Vec<u8>> {
+    [
+        "pytorch_lora_weights.safetensors",
+        "learned_embeds.safetensors",
+    ]
+    .map(|f| read_bytes(&out.join(f)))
+    .to_vec()
+}
+
+/// Ctrl-C stops after the current step with a checkpoint (exit 130), SIGTERM the same
+/// (143); `--resume` then gives the same weights as a run never interrupted.
+#[test]
+fn interrupted_runs_resume_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let model = tiny_sd();
+    let steps = ["--warmup-steps", "60", "--dsbal-steps", "60"];
+    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
+    let pair = pair.to_str().unwrap();
+    let full_args = with(train_args(pair, full.to_str().unwrap(), &model), &steps);
+    ok(&run_bin("train", &full_args));
+
+    let a = with(train_args(pair, cut.to_str().unwrap(), &model), &steps);
+    let resume = with(a.clone(), &["--resume"]);
+    for (sig, code, args) in [("-INT", 130, &a), ("-TERM", 143, &resume)] {
+        let at = read_log_lines(&cut) + 3;
+        let child = spawn_train(args, &cut, at);
+        signal(&child, sig);
+        let o = finish(child);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{err}");
+        let done = read_log_lines(&cut);
+        let saved = cut.join(format!("checkpoints/step-{done:06}.safetensors"));
+        assert!(saved.exists(), "{err}");
+        assert!(
+            err.contains("--resume") && err.contains(&format!("after step {done}")),
+            "{err}"
+        );
+        assert!(
+            done < 120,
+            "the run finished before the signal: make it longer"
+        );
+    }
+    ok(&run_bin("train", &resume));
+    assert!(weights(&full) == weights(&cut), "resumed weights differ");
+    let strip = |p: &Path| {
+        read_log(p)
+            .into_iter()
+            .map(|l| (l["step"].clone(), l["loss"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&full), strip(&cut));
+}
+
+/// A second Ctrl-C does not wait for the step to end: the run exits within 2 s, in the
+/// middle of a ~6 s step, without the checkpoint a finished step would have saved.
+#[test]
+fn a_second_ctrl_c_exits_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let out = tmp.path().join("out");
+    let model = tiny_sd();
+    // 512 px makes a step take seconds even on the tiny model.
+    let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    args[7] = "512";
+    let args = with(args, &["--warmup-steps", "100000", "--dsbal-steps", "0"]);
+    let child = spawn_train(&args, &out, 1);
+    signal(&child, "-INT");
+    std::thread::sleep(Duration::from_millis(20));
+    let t = Instant::now();
+    signal(&child, "-INT");
+    let o = finish(child);
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !out.join("checkpoints").exists(),
+        "it waited for the step and saved"
+    );
+}
