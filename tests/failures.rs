@@ -14,20 +14,6 @@ use common::*;
 
 const LOCK: &str = ".magictailor.lock";
 
-fn train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    let res = ["--resolution", "64", "--quiet"];
-    let mut args = vec![
-        "--instance-dir",
-        pair,
-        "--output-dir",
-        out,
-        "--model",
-        model,
-    ];
-    args.extend(res);
-    args
-}
-
 fn with<'a>(mut args: Vec<&'a str>, more: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(more);
     args
@@ -51,6 +37,21 @@ fn rewrite(file: &Path, key: &str, value: f32, all: bool, out: &Path) {
     let poisoned = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
     tensors.insert(key.to_string(), poisoned);
     candle_core::safetensors::save(&tensors, out).unwrap();
+}
+
+/// `infer_args` plus a LoRA and the fixture embeddings.
+fn infer_with_lora(model: &str, out: &Path, lora: &Path) -> Output {
+    let embeds = fixtures().join("learned_embeds.safetensors");
+    let adapters = [
+        "--lora",
+        lora.to_str().unwrap(),
+        "--embeds",
+        embeds.to_str().unwrap(),
+    ];
+    run_bin(
+        "infer",
+        &with(infer_args(model, out.to_str().unwrap()), &adapters),
+    )
 }
 
 fn infer_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
@@ -78,16 +79,7 @@ fn files_holding_nan_or_infinity_are_refused_by_tensor() {
         f32::NAN,
         &lora,
     );
-    let args = with(
-        infer_args(&model, png_s),
-        &[
-            "--lora",
-            lora.to_str().unwrap(),
-            "--embeds",
-            embeds.to_str().unwrap(),
-        ],
-    );
-    let o = run_bin("infer", &args);
+    let o = infer_with_lora(&model, &png, &lora);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -136,17 +128,7 @@ fn infer_writes_no_image_from_non_finite_latents() {
         true,
         &lora,
     );
-    let embeds = fixtures().join("learned_embeds.safetensors");
-    let args = with(
-        infer_args(&model, png.to_str().unwrap()),
-        &[
-            "--lora",
-            lora.to_str().unwrap(),
-            "--embeds",
-            embeds.to_str().unwrap(),
-        ],
-    );
-    let o = run_bin("infer", &args);
+    let o = infer_with_lora(&model, &png, &lora);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -164,7 +146,7 @@ fn a_diverging_run_stops_and_keeps_its_checkpoints() {
     let pair = pair_folder(tmp.path(), &PairSpec::training());
     let out = tmp.path().join("out");
     let model = tiny_sd();
-    let base = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    let base = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
     let steps = [
         "--warmup-steps",
         "6",
@@ -209,7 +191,7 @@ fn f16_runs_that_keep_overflowing_stop() {
     let pair = pair_folder(tmp.path(), &PairSpec::training());
     let out = tmp.path().join("out");
     let model = tiny_sd();
-    let base = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    let base = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
     let more = [
         "--warmup-steps",
         "40",
@@ -286,7 +268,7 @@ fn one_run_per_output_folder() {
     let out = tmp.path().join("out");
     let model = tiny_sd();
     let args = with(
-        train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model),
+        quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model),
         &["--warmup-steps", "100000", "--dsbal-steps", "0"],
     );
     let first = spawn_train(&args, &out, 1);
@@ -323,7 +305,7 @@ fn stale_locks_are_taken_over_and_foreign_ones_are_not() {
     std::fs::create_dir(&stale).unwrap();
     let lock = format!(r#"{{"host":"{host}","pid":{dead_pid},"started":0}}"#);
     std::fs::write(stale.join(LOCK), lock).unwrap();
-    let args = train_args(pair.to_str().unwrap(), stale.to_str().unwrap(), &model);
+    let args = quiet_train_args(pair.to_str().unwrap(), stale.to_str().unwrap(), &model);
     let args: Vec<&str> = args.into_iter().filter(|a| *a != "--quiet").collect();
     let o = run_bin(
         "train",
@@ -341,7 +323,7 @@ fn stale_locks_are_taken_over_and_foreign_ones_are_not() {
     std::fs::create_dir(&foreign).unwrap();
     let lock = r#"{"host":"another-node-of-the-cluster","pid":1,"started":0}"#;
     std::fs::write(foreign.join(LOCK), lock).unwrap();
-    let args = train_args(pair.to_str().unwrap(), foreign.to_str().unwrap(), &model);
+    let args = quiet_train_args(pair.to_str().unwrap(), foreign.to_str().unwrap(), &model);
     let o = run_bin("train", &with(args, &steps));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
@@ -374,10 +356,16 @@ fn interrupted_runs_resume_bit_identically() {
     let steps = ["--warmup-steps", "60", "--dsbal-steps", "60"];
     let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
     let pair = pair.to_str().unwrap();
-    let full_args = with(train_args(pair, full.to_str().unwrap(), &model), &steps);
+    let full_args = with(
+        quiet_train_args(pair, full.to_str().unwrap(), &model),
+        &steps,
+    );
     ok(&run_bin("train", &full_args));
 
-    let a = with(train_args(pair, cut.to_str().unwrap(), &model), &steps);
+    let a = with(
+        quiet_train_args(pair, cut.to_str().unwrap(), &model),
+        &steps,
+    );
     let resume = with(a.clone(), &["--resume"]);
     for (sig, code, args) in [("-INT", 130, &a), ("-TERM", 143, &resume)] {
         let at = read_log_lines(&cut) + 3;
@@ -418,8 +406,8 @@ fn a_second_ctrl_c_exits_at_once() {
     let out = tmp.path().join("out");
     let model = tiny_sd();
     // 512 px makes a step take seconds even on the tiny model.
-    let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
-    args[7] = "512";
+    let mut args = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    set_arg(&mut args, "--resolution", "512");
     let args = with(args, &["--warmup-steps", "100000", "--dsbal-steps", "0"]);
     let child = spawn_train(&args, &out, 1);
     signal(&child, "-INT");

@@ -46,23 +46,16 @@ fn train(args: &[&str]) -> Output {
 
 /// The usual run: 4 warm-up + 4 DS-Bal steps at 64 px, a checkpoint every 3 steps.
 fn train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    vec![
-        "--instance-dir",
-        pair,
-        "--output-dir",
-        out,
-        "--model",
-        model,
-        "--resolution",
-        "64",
+    let mut args = quiet_train_args(pair, out, model);
+    args.extend([
         "--warmup-steps",
         "4",
         "--dsbal-steps",
         "4",
         "--checkpoint-every",
         "3",
-        "--quiet",
-    ]
+    ]);
+    args
 }
 
 #[test]
@@ -328,12 +321,12 @@ fn bad_training_input_is_refused_and_writes_nothing() {
     );
     refused(with(&["--lora-rank", "0"]), "rank of at least 1");
     let mut a = with(&[]);
-    a[7] = "60";
+    set_arg(&mut a, "--resolution", "60");
     refused(a, "multiple of 8");
     let lonely = tmp.path().join("person_k");
     std::fs::create_dir(&lonely).unwrap();
     let mut a = with(&[]);
-    a[1] = lonely.to_str().unwrap();
+    set_arg(&mut a, "--instance-dir", lonely.to_str().unwrap());
     refused(a, "person_k+hair_c");
     std::fs::remove_file(Path::new(pair).join("masks/1_hair_c2.png")).unwrap();
     refused(with(&[]), "1_hair_c2.png has no mask");
@@ -444,9 +437,9 @@ fn resolutions_not_a_multiple_of_32_train() {
     let out = tmp.path().join("run");
     let model = tiny_sd();
     let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
-    args[7] = "72";
-    args[9] = "1";
-    args[11] = "1";
+    set_arg(&mut args, "--resolution", "72");
+    set_arg(&mut args, "--warmup-steps", "1");
+    set_arg(&mut args, "--dsbal-steps", "1");
     ok(&train(&args));
     let lines = read_log(&out);
     assert_eq!(lines.len(), 2);
@@ -548,7 +541,8 @@ fn released_script_exports_the_whole_drifted_token_table() {
     let out = tmp.path().join("run");
     let model = tiny_sd();
     let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
-    (args[9], args[11]) = ("1", "1");
+    set_arg(&mut args, "--warmup-steps", "1");
+    set_arg(&mut args, "--dsbal-steps", "1");
     args.push("--released-script");
     ok(&train(&args));
 

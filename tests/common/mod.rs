@@ -82,6 +82,30 @@ pub fn run_bin(subcommand: &str, args: &[&str]) -> Output {
         .expect("the magictailor binary runs")
 }
 
+/// `train` on `pair` into `out` with `model` at 64 px, quiet; callers add the steps.
+pub fn quiet_train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
+    let paths = [
+        "--instance-dir",
+        pair,
+        "--output-dir",
+        out,
+        "--model",
+        model,
+    ];
+    let mut args = paths.to_vec();
+    args.extend(["--resolution", "64", "--quiet"]);
+    args
+}
+
+/// Replaces the value that follows `flag` in `args`.
+pub fn set_arg<'a>(args: &mut [&'a str], flag: &str, value: &'a str) {
+    let i = args
+        .iter()
+        .position(|a| *a == flag)
+        .unwrap_or_else(|| panic!("no {flag}"));
+    args[i + 1] = value;
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
