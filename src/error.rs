@@ -34,6 +34,10 @@ pub enum Error {
     /// Training met NaN or infinity and stopped before it changed any weight.
     #[error("{0}")]
     Diverged(String),
+    /// A failure of the machine rather than the input (out of memory, a device error): a
+    /// scheduler may retry the job.
+    #[error("{0}")]
+    Retryable(String),
     /// A signal stopped the job at a safe point; `msg` says how to continue.
     #[error("{msg}")]
     Interrupted { signal: i32, msg: String },
@@ -115,11 +119,28 @@ impl Error {
         Error::Internal(msg.into())
     }
 
+    /// Whether the input is at fault (a bad pair, settings that diverge), as opposed to
+    /// the machine (memory, device, disk) or a bug: a batch records the first and goes on.
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Usage(_)
+                | Error::BadFile { .. }
+                | Error::BadConfig { .. }
+                | Error::Unsupported { .. }
+                | Error::Mismatch { .. }
+                | Error::ModelNotFound(_)
+                | Error::Diverged(_)
+        )
+    }
+
     /// The conventional exit status: 2 for a command-line mistake, 128 + the signal for
-    /// an interrupted job (130 for Ctrl-C, 143 for SIGTERM), 1 otherwise.
+    /// an interrupted job (130 for Ctrl-C, 143 for SIGTERM), 75 (EX_TEMPFAIL) for a
+    /// failure worth retrying, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) => 2,
+            Error::Retryable(_) => 75,
             Error::Interrupted { signal, .. } => u8::try_from(128 + signal).unwrap_or(1),
             _ => 1,
         }

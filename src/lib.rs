@@ -1,6 +1,7 @@
 //! magictailor: component-controllable personalization of Stable Diffusion
 //! (MagicTailor, arXiv 2410.13370) in one Rust binary.
 
+pub mod batch;
 pub mod data;
 pub mod device;
 pub mod error;

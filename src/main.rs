@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use magictailor::batch::{BatchOptions, Shard};
 use magictailor::infer::{self, InferOptions};
+use magictailor::interrupt::Interrupt;
 use magictailor::train::dm_deg::Curve;
 use magictailor::train::trainer::Progress;
 use magictailor::train::TrainConfig;
@@ -26,6 +28,13 @@ enum Command {
     Train(TrainArgs),
     /// Generate images from a prompt with a trained folder or a base model.
     Infer(InferArgs),
+    /// Train many pairs with one model load; safe to run as many workers (job arrays).
+    ///
+    /// Exit status: 0 when every pair of this worker's shard is trained or skipped, 1 when
+    /// some failed on their input (recorded in batch_summary.jsonl), 75 when the machine
+    /// failed (e.g. out of memory) and a scheduler may retry, 130 / 143 when stopped by
+    /// Ctrl-C / SIGTERM (a re-run resumes).
+    Batch(BatchArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -57,6 +66,44 @@ struct TrainArgs {
     instance_dir: PathBuf,
     #[arg(long, default_value_os_t = d().output_dir)]
     output_dir: PathBuf,
+    /// Continue the run in --output-dir from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[command(flatten)]
+    settings: TrainSettings,
+}
+
+#[derive(Args)]
+struct BatchArgs {
+    /// A folder of pair folders, or a text file with one pair folder per line.
+    #[arg(long)]
+    pairs: PathBuf,
+    /// Each pair trains into OUTPUT_ROOT/{pair folder name}/.
+    #[arg(long)]
+    output_root: PathBuf,
+    /// Train every SHARD_COUNT-th pair from this index (default: from SLURM_ARRAY_TASK_ID
+    /// or JOB_COMPLETION_INDEX, else all pairs).
+    #[arg(long)]
+    shard_index: Option<usize>,
+    /// The number of shards (default: SLURM_ARRAY_TASK_COUNT, or 1).
+    #[arg(long)]
+    shard_count: Option<usize>,
+    /// List what this worker would train, resume or skip; train nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Minutes without a heartbeat after which another worker's pair lock is stale.
+    #[arg(long, default_value_t = 30)]
+    lock_timeout: u64,
+    /// Also run the paper's evaluation per pair (not built yet: refused).
+    #[arg(long)]
+    eval: bool,
+    #[command(flatten)]
+    settings: TrainSettings,
+}
+
+/// Every training setting; `train` and `batch` share them.
+#[derive(Args)]
+struct TrainSettings {
     /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
     #[arg(long, default_value_t = d().model)]
     model: String,
@@ -116,9 +163,6 @@ struct TrainArgs {
     /// Save a resumable checkpoint every N steps (one is always saved at the phase switch).
     #[arg(long)]
     checkpoint_every: Option<usize>,
-    /// Continue the run in --output-dir from its last checkpoint.
-    #[arg(long)]
-    resume: bool,
     /// Reproduce the released script where it departs from the paper: DS-Bal's learning rate
     /// lasts one step, the momentum U-Net is hard-copied at its first update, and the whole
     /// token-embedding table is optimized (with weight decay) and exported, not only the
@@ -196,58 +240,96 @@ struct InferArgs {
     quiet: bool,
 }
 
-fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
-    let cfg = TrainConfig {
-        instance_dir: a.instance_dir,
-        output_dir: a.output_dir,
-        model: a.model,
-        warmup_steps: a.warmup_steps,
-        dsbal_steps: a.dsbal_steps,
-        warmup_lr: a.warmup_lr,
-        dsbal_lr: a.dsbal_lr,
-        scale_lr: !a.no_scale_lr,
-        lora_rank: a.lora_rank,
-        lora_alpha: a.lora_alpha.unwrap_or(a.lora_rank as f64),
-        lambda_attn: a.lambda_attn,
-        lambda_pres: a.lambda_pres,
-        dm_deg: a.dm_deg,
-        alpha: a.alpha,
-        gamma: a.gamma,
-        ds_bal: !a.no_ds_bal,
-        ema_decay: a.ema_decay,
-        seed: a.seed,
-        resolution: a.resolution,
-        no_masks: a.no_masks,
-        checkpoint_every: a.checkpoint_every,
-        released_script: a.released_script,
-        jitter: a.color_jitter,
-        flip: !a.no_flip,
-        dtype: a.dtype.dtype(),
-        loss_scale: a
-            .loss_scale
-            .or(TrainConfig::default_loss_scale(a.dtype.dtype())),
-    };
-    cfg.validate()?;
-    if !a.quiet {
-        for w in cfg.warnings() {
-            eprintln!("warning: {w}");
+impl TrainSettings {
+    fn config(&self, instance_dir: PathBuf, output_dir: PathBuf) -> TrainConfig {
+        TrainConfig {
+            instance_dir,
+            output_dir,
+            model: self.model.clone(),
+            warmup_steps: self.warmup_steps,
+            dsbal_steps: self.dsbal_steps,
+            warmup_lr: self.warmup_lr,
+            dsbal_lr: self.dsbal_lr,
+            scale_lr: !self.no_scale_lr,
+            lora_rank: self.lora_rank,
+            lora_alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
+            lambda_attn: self.lambda_attn,
+            lambda_pres: self.lambda_pres,
+            dm_deg: self.dm_deg,
+            alpha: self.alpha,
+            gamma: self.gamma,
+            ds_bal: !self.no_ds_bal,
+            ema_decay: self.ema_decay,
+            seed: self.seed,
+            resolution: self.resolution,
+            no_masks: self.no_masks,
+            checkpoint_every: self.checkpoint_every,
+            released_script: self.released_script,
+            jitter: self.color_jitter,
+            flip: !self.no_flip,
+            dtype: self.dtype.dtype(),
+            loss_scale: (self.loss_scale).or(TrainConfig::default_loss_scale(self.dtype.dtype())),
         }
     }
-    let progress = if a.quiet {
-        Progress::Quiet
-    } else if a.json {
-        Progress::Json
-    } else {
-        Progress::Bar
-    };
+
+    fn progress(&self) -> Progress {
+        if self.quiet {
+            Progress::Quiet
+        } else if self.json {
+            Progress::Json
+        } else {
+            Progress::Bar
+        }
+    }
+
+    /// Checks the settings and prints their warnings.
+    fn check(&self, cfg: &TrainConfig) -> magictailor::Result<()> {
+        cfg.validate()?;
+        if !self.quiet {
+            for w in cfg.warnings() {
+                eprintln!("warning: {w}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
+    let s = &a.settings;
+    let cfg = s.config(a.instance_dir, a.output_dir);
+    s.check(&cfg)?;
     let out = cfg.output_dir.clone();
-    let device = magictailor::device::parse(&a.device)?;
-    let stop = magictailor::interrupt::Interrupt::install(a.quiet)?;
-    magictailor::train::run(cfg, &device, progress, a.resume, &stop)?;
-    if !a.quiet && !a.json {
+    let device = magictailor::device::parse(&s.device)?;
+    let stop = Interrupt::install(s.quiet)?;
+    magictailor::train::run(cfg, &device, s.progress(), a.resume, &stop)?;
+    if !s.quiet && !s.json {
         println!("{}", out.display());
     }
     Ok(())
+}
+
+fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
+    if a.eval {
+        return Err(magictailor::Error::usage(
+            "--eval: the paper's evaluation protocol is not built into magictailor yet; train with \
+             `batch`, then run examples/eval_prompts.sh on each output folder.",
+        ));
+    }
+    let s = &a.settings;
+    let template = s.config(PathBuf::new(), PathBuf::new());
+    s.check(&template)?;
+    let env = |k: &str| std::env::var(k).ok();
+    let opts = BatchOptions {
+        pairs: a.pairs,
+        output_root: a.output_root,
+        shard: Shard::resolve(a.shard_index, a.shard_count, env)?,
+        dry_run: a.dry_run,
+        stale_after: std::time::Duration::from_secs(a.lock_timeout.saturating_mul(60)),
+    };
+    let device = magictailor::device::parse(&s.device)?;
+    let stop = Interrupt::install(s.quiet)?;
+    let outcome = magictailor::batch::run(&template, &opts, &device, s.progress(), &stop)?;
+    Ok(outcome.exit_code())
 }
 
 fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
@@ -283,11 +365,12 @@ fn main() -> ExitCode {
     magictailor::device::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => train_cmd(a),
-        Command::Infer(a) => infer_cmd(a),
+        Command::Train(a) => train_cmd(a).map(|()| 0),
+        Command::Infer(a) => infer_cmd(a).map(|()| 0),
+        Command::Batch(a) => batch_cmd(a),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())

@@ -24,6 +24,15 @@ pub fn save(output: &Path, step: usize, tensors: &HashMap<String, Tensor>) -> Re
     Ok(file)
 }
 
+/// The step a checkpoint file holds, from its name.
+pub fn step_of(file: &Path) -> Option<usize> {
+    let name = file.file_name()?.to_str()?;
+    name.strip_prefix("step-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
 /// The checkpoint with the highest step, if any.
 pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
     let d = dir(output);
@@ -33,13 +42,7 @@ pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
     let mut best: Option<(usize, PathBuf)> = None;
     for e in std::fs::read_dir(&d).map_err(|e| Error::io(IoOp::List, &d, e))? {
         let p = e.map_err(|e| Error::io(IoOp::List, &d, e))?.path();
-        let step = p.file_name().and_then(|n| n.to_str()).and_then(|n| {
-            n.strip_prefix("step-")?
-                .strip_suffix(".safetensors")?
-                .parse::<usize>()
-                .ok()
-        });
-        if let Some(s) = step {
+        if let Some(s) = step_of(&p) {
             if best.as_ref().is_none_or(|(b, _)| s > *b) {
                 best = Some((s, p));
             }

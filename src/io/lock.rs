@@ -1,20 +1,24 @@
 //! One run per output folder: `train` holds `.magictailor.lock` there while it runs.
 //!
 //! The lock file names its holder (host, pid, start time), so a second run can say who
-//! holds the folder. A holder that died without cleaning up (`kill -9`, a crash, a lost
-//! node) leaves a stale lock: on the same host, a pid that no longer runs magictailor is
-//! taken over with a warning. A lock from another host cannot be checked and is never
-//! taken over.
+//! holds the folder, and the holder touches it after every step (a heartbeat). A holder
+//! that died without cleaning up (`kill -9`, a crash, a lost node) leaves a stale lock,
+//! taken over with a warning: on the same host when its pid no longer runs magictailor;
+//! on any host (a shared file system) when its heartbeat is older than the timeout.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoOp, Result};
 
 pub const LOCK_FILE: &str = ".magictailor.lock";
+
+/// A lock whose heartbeat is older than this is stale, wherever its holder runs. It
+/// must exceed the longest step (minutes for SD 2.1 at 512 px on a CPU).
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
 
 /// Who holds a lock.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,16 +76,29 @@ pub struct RunLock {
 }
 
 /// Fails at once if a live run holds `dir`, before any slow loading.
-pub fn check_free(dir: &Path) -> Result<()> {
-    match read_holder(&dir.join(LOCK_FILE))? {
-        Some(h) if h.may_be_alive() => Err(held(dir, &h)),
+pub fn check_free(dir: &Path, stale_after: Duration) -> Result<()> {
+    let path = dir.join(LOCK_FILE);
+    match read_holder(&path)? {
+        Some(h) if !is_stale(&path, &h, stale_after) => Err(held(dir, &h)),
         _ => Ok(()),
     }
 }
 
+/// Whether `dir`'s lock, if any, is held by a live run.
+pub fn is_held(dir: &Path, stale_after: Duration) -> Result<bool> {
+    Ok(check_free(dir, stale_after).is_err())
+}
+
+/// A holder is gone when its process is, or its heartbeat is older than `stale_after`.
+fn is_stale(path: &Path, h: &Holder, stale_after: Duration) -> bool {
+    let beat = std::fs::metadata(path).and_then(|m| m.modified());
+    let silent = beat.ok().and_then(|t| t.elapsed().ok());
+    !h.may_be_alive() || silent.is_some_and(|s| s > stale_after)
+}
+
 /// Takes `dir`'s lock (`dir` must exist). Returns a warning when a stale lock was taken
 /// over.
-pub fn acquire(dir: &Path) -> Result<(RunLock, Option<String>)> {
+pub fn acquire(dir: &Path, stale_after: Duration) -> Result<(RunLock, Option<String>)> {
     let path = dir.join(LOCK_FILE);
     let me = Holder::me();
     if try_create(&path, &me)? {
@@ -93,7 +110,7 @@ pub fn acquire(dir: &Path) -> Result<(RunLock, Option<String>)> {
             dir.display()
         )));
     };
-    if stale.may_be_alive() {
+    if !is_stale(&path, &stale, stale_after) {
         return Err(held(dir, &stale));
     }
     std::fs::remove_file(&path).map_err(|e| Error::io(IoOp::Lock, &path, e))?;
@@ -104,12 +121,21 @@ pub fn acquire(dir: &Path) -> Result<(RunLock, Option<String>)> {
         )));
     }
     let warning = format!(
-        "took over the stale lock of {} ({}, no longer running); its run ended without cleaning \
-         up.",
+        "took over the stale lock of {} ({}, no longer running or silent for too long); its run \
+         ended without cleaning up.",
         dir.display(),
         stale.describe()
     );
     Ok((RunLock { path, holder: me }, Some(warning)))
+}
+
+impl RunLock {
+    /// The heartbeat: marks the lock as fresh, so no one takes it over by timeout.
+    pub fn refresh(&self) -> Result<()> {
+        let f = std::fs::OpenOptions::new().write(true).open(&self.path);
+        f.and_then(|f| f.set_modified(SystemTime::now()))
+            .map_err(|e| Error::io(IoOp::Lock, &self.path, e))
+    }
 }
 
 impl Drop for RunLock {
@@ -169,7 +195,8 @@ fn held(dir: &Path, h: &Holder) -> Error {
     ))
 }
 
-fn hostname() -> String {
+/// This machine's name, as lock files record it.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())

@@ -111,15 +111,22 @@ pub fn open(dir: &Path) -> Result<TrainedFolder> {
 
 /// Appends one JSON line to the training log.
 pub fn append_log(dir: &Path, entry: &impl Serialize) -> Result<()> {
-    let file = dir.join(LOG);
-    let line = serde_json::to_string(entry)
-        .map_err(|e| Error::internal(format!("serializing a {LOG} line: {e}")))?;
+    append_jsonl(&dir.join(LOG), entry)
+}
+
+/// Appends `entry` as one line, in one `write` on an append-mode file, so lines from
+/// concurrent writers (batch workers) never interleave.
+pub fn append_jsonl(file: &Path, entry: &impl Serialize) -> Result<()> {
+    let mut line = serde_json::to_string(entry)
+        .map_err(|e| Error::internal(format!("serializing a line of {}: {e}", file.display())))?;
+    line.push('\n');
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&file)
-        .map_err(|e| Error::io(IoOp::Write, &file, e))?;
-    writeln!(f, "{line}").map_err(|e| Error::io(IoOp::Write, &file, e))
+        .open(file)
+        .map_err(|e| Error::io(IoOp::Write, file, e))?;
+    f.write_all(line.as_bytes())
+        .map_err(|e| Error::io(IoOp::Write, file, e))
 }
 
 /// Drops log lines past `step` (written after the checkpoint a run resumes from).

@@ -48,8 +48,16 @@ pub struct StableDiffusion {
     pub dtype: DType,
 }
 
+/// How many times this process loaded a model: batch runs load one for many pairs.
+static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn loads_in_process() -> usize {
+    LOADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl StableDiffusion {
     pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Refused before anything is downloaded or read.
         if dtype == DType::BF16 && device.is_cpu() {
             return Err(Error::usage(

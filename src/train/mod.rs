@@ -29,44 +29,73 @@ pub fn run(
     stop: &Interrupt,
 ) -> Result<()> {
     let out = cfg.output_dir.clone();
-    lock::check_free(&out)?;
+    lock::check_free(&out, lock::STALE_AFTER)?;
     refuse_occupied(&out, resume)?;
-    let (total, warmup, every) = (cfg.total_steps(), cfg.warmup_steps, cfg.checkpoint_every);
     // Everything that can be wrong with the inputs fails here, before anything is written.
     let mut t = Trainer::new(cfg, device)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(IoOp::CreateDir, &out, e))?;
-    let (_lock, warning) = lock::acquire(&out)?;
+    let lock = claim(&out, lock::STALE_AFTER, progress)?;
+    // Again under the lock: another run may have filled the folder while we loaded.
+    refuse_occupied(&out, resume)?;
+    if resume && !restore_latest(&mut t, &out)? {
+        return Err(Error::usage(format!(
+            "--resume: {} has no checkpoints to resume from.",
+            checkpoint::dir(&out).display()
+        )));
+    }
+    train_to_end(&mut t, &out, &lock, progress, stop)
+}
+
+/// Creates `out` and takes its lock, warning about a stale lock taken over.
+pub fn claim(
+    out: &std::path::Path,
+    stale_after: std::time::Duration,
+    progress: Progress,
+) -> Result<lock::RunLock> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(IoOp::CreateDir, out, e))?;
+    let (lock, warning) = lock::acquire(out, stale_after)?;
     if let Some(w) = warning.filter(|_| progress != Progress::Quiet) {
         eprintln!("warning: {w}");
     }
-    // Again under the lock: another run may have filled the folder while we loaded.
-    refuse_occupied(&out, resume)?;
-    if resume {
-        let file = checkpoint::latest(&out)?.ok_or_else(|| {
-            Error::usage(format!(
-                "--resume: {} has no checkpoints to resume from.",
-                checkpoint::dir(&out).display()
-            ))
-        })?;
-        t.restore(&checkpoint::load(&file, device)?, &file)?;
-        run::trim_log(&out, t.step)?;
-    }
+    Ok(lock)
+}
+
+/// Restores the latest checkpoint in `out`, if any, and drops log lines past it.
+pub fn restore_latest(t: &mut Trainer, out: &std::path::Path) -> Result<bool> {
+    let Some(file) = checkpoint::latest(out)? else {
+        return Ok(false);
+    };
+    t.restore(&checkpoint::load(&file, &t.sd.device)?, &file)?;
+    run::trim_log(out, t.step)?;
+    Ok(true)
+}
+
+/// Trains from `t.step` to the last step, then exports into `out` (which `lock` holds).
+pub fn train_to_end(
+    t: &mut Trainer,
+    out: &std::path::Path,
+    lock: &lock::RunLock,
+    progress: Progress,
+    stop: &Interrupt,
+) -> Result<()> {
+    let (total, warmup) = (t.cfg.total_steps(), t.cfg.warmup_steps);
+    let every = t.cfg.checkpoint_every;
     let bar = bar(total, t.step, progress);
     while t.step < total {
         if let Some(signal) = stop.requested() {
             bar.abandon();
-            return Err(interrupted(&out, &t, signal, total));
+            return Err(interrupted(out, t, signal, total));
         }
-        let log = t.train_step().map_err(|e| with_last_good(e, &out))?;
-        run::append_log(&out, &log)?;
+        let log = t.train_step().map_err(|e| with_last_good(e, out))?;
+        run::append_log(out, &log)?;
+        lock.refresh()?;
         report(&bar, &log, progress);
         let at_switch = log.step == warmup && warmup < total;
         if at_switch || every.is_some_and(|k| k > 0 && log.step % k == 0) {
-            checkpoint::save(&out, log.step, &t.checkpoint_tensors()?)?;
+            checkpoint::save(out, log.step, &t.checkpoint_tensors()?)?;
         }
     }
     bar.finish_and_clear();
-    t.export(&out)
+    t.export(out)
 }
 
 /// Saves the finished steps and says how to continue.

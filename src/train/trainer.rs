@@ -116,27 +116,24 @@ pub struct Trainer {
 impl Trainer {
     /// Loads and checks everything before anything is written.
     pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
-        cfg.validate()?;
-        let mut sd = StableDiffusion::load(&cfg.model, device, cfg.dtype)?;
-        let f = sd.vae_factor();
-        if !cfg.resolution.is_multiple_of(f) {
-            return Err(Error::usage(format!(
-                "--resolution {} is not a multiple of {f}, this model's VAE downscale factor: try {}.",
-                cfg.resolution,
-                (cfg.resolution / f).max(1) * f
-            )));
-        }
-        let policy = if cfg.no_masks {
-            MaskPolicy::WholeImage
-        } else {
-            MaskPolicy::Required
-        };
-        let data = PairDataset::load(&cfg.instance_dir, cfg.resolution, policy, device)?;
+        let sd = load_model(&cfg, device)?;
+        let data = load_pair(&cfg, device)?;
+        Self::with_model(cfg, sd, &data)
+    }
+
+    /// A trainer on an already loaded model (which `into_model` gives back), so many
+    /// pairs share one load. `data` is `cfg.instance_dir`, loaded by [`load_pair`].
+    pub fn with_model(
+        cfg: TrainConfig,
+        mut sd: StableDiffusion,
+        data: &PairDataset,
+    ) -> Result<Self> {
+        let device = &sd.device.clone();
         let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
         sd.tokenizer.add_pseudo_words(&words)?;
         let rows = init_rows(&sd, &class_words)?;
-        let batch = Batch::new(&sd, &data)?;
+        let batch = Batch::new(&sd, data)?;
         let lora = TrainableLora::new(
             &sd.unet.lora_targets(),
             cfg.lora_rank,
@@ -174,6 +171,11 @@ impl Trainer {
             class_words,
             skipped_in_a_row: 0,
         })
+    }
+
+    /// The base model, for the next pair.
+    pub fn into_model(self) -> StableDiffusion {
+        self.sd
     }
 
     /// The text-side parameters the optimizer updates: pseudo-word rows, then the table.
@@ -475,6 +477,31 @@ impl Trainer {
         self.step = get("step")?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
         Ok(())
     }
+}
+
+/// Checks the settings and loads the base model they name.
+pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
+    cfg.validate()?;
+    let sd = StableDiffusion::load(&cfg.model, device, cfg.dtype)?;
+    let f = sd.vae_factor();
+    if !cfg.resolution.is_multiple_of(f) {
+        return Err(Error::usage(format!(
+            "--resolution {} is not a multiple of {f}, this model's VAE downscale factor: try {}.",
+            cfg.resolution,
+            (cfg.resolution / f).max(1) * f
+        )));
+    }
+    Ok(sd)
+}
+
+/// The reference images and masks of `cfg.instance_dir`: where bad input shows up.
+pub fn load_pair(cfg: &TrainConfig, device: &Device) -> Result<PairDataset> {
+    let policy = if cfg.no_masks {
+        MaskPolicy::WholeImage
+    } else {
+        MaskPolicy::Required
+    };
+    PairDataset::load(&cfg.instance_dir, cfg.resolution, policy, device)
 }
 
 /// Divides the parameters' gradients by the loss scale.

@@ -1,0 +1,300 @@
+//! `magictailor batch`: one worker trains many pairs with one base-model load.
+//!
+//! Workers coordinate only through the file system, so any number of them (a job array,
+//! several GPUs of one box) can share one pair list and output root: a complete pair is
+//! skipped, an interrupted one resumes from its checkpoint, and the per-pair lock of
+//! `train` keeps two workers off the same pair.
+
+pub mod pairs;
+pub mod summary;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+use crate::interrupt::Interrupt;
+use crate::io::{checkpoint, lock, run};
+use crate::model::loader::{loads_in_process, StableDiffusion};
+use crate::train::trainer::{load_model, load_pair, Progress, Trainer};
+use crate::train::{claim, restore_latest, train_to_end, TrainConfig};
+pub use pairs::Shard;
+use summary::{PairRecord, Status};
+
+pub struct BatchOptions {
+    /// A folder of pair folders, or a text file listing them.
+    pub pairs: PathBuf,
+    /// Each pair trains into `output_root/{pair name}/`.
+    pub output_root: PathBuf,
+    pub shard: Shard,
+    /// List what would run and what would be skipped; train nothing.
+    pub dry_run: bool,
+    /// A lock silent for longer than this is taken over.
+    pub stale_after: Duration,
+}
+
+/// What a worker did: the pairs it trained, skipped and failed.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub records: Vec<PairRecord>,
+}
+
+impl Outcome {
+    /// 0 when every pair of the shard is trained or skipped, 1 when some failed on input.
+    pub fn exit_code(&self) -> u8 {
+        let failed = self.records.iter().any(|r| r.status == Status::Failed);
+        u8::from(failed)
+    }
+}
+
+/// What a worker plans for one pair before loading anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Train,
+    Resume { from_step: usize },
+    SkipComplete,
+    SkipHeld,
+}
+
+/// Trains this worker's shard of the pairs; every `train` setting of `template` applies
+/// to each pair (its instance and output folders are replaced).
+pub fn run(
+    template: &TrainConfig,
+    opts: &BatchOptions,
+    device: &Device,
+    progress: Progress,
+    stop: &Interrupt,
+) -> Result<Outcome> {
+    template.validate()?;
+    let all = pairs::list(&opts.pairs)?;
+    let mine = opts.shard.take(&all);
+    if opts.dry_run {
+        return dry_run(template, opts, &mine, progress);
+    }
+    std::fs::create_dir_all(&opts.output_root)
+        .map_err(|e| Error::io(crate::error::IoOp::CreateDir, &opts.output_root, e))?;
+    let mut model: Option<StableDiffusion> = None;
+    let mut outcome = Outcome::default();
+    for (i, pair) in mine.iter().enumerate() {
+        let cfg = pair_config(template, pair, &opts.output_root);
+        let started = Instant::now();
+        let (status, note, loaded) =
+            attempt(cfg.clone(), opts, device, progress, stop, model.take());
+        model = loaded;
+        let record = record(&cfg, status, &note, started);
+        summary::append(&opts.output_root, &record)?;
+        summary::write_markdown(&opts.output_root)?;
+        if progress != Progress::Quiet {
+            announce(i, mine.len(), &record, progress);
+        }
+        outcome.records.push(record);
+        match (status, note) {
+            (Status::Crashed, Some(msg)) => return Err(Error::Retryable(msg)),
+            (Status::Interrupted, _) => {
+                let signal = stop.requested().unwrap_or(crate::interrupt::SIGINT);
+                let msg = format!(
+                    "stopped by {} during {}; the batch resumes it when run again.",
+                    crate::interrupt::name(signal),
+                    pairs::name(pair)
+                );
+                return Err(Error::Interrupted { signal, msg });
+            }
+            _ => {}
+        }
+    }
+    Ok(outcome)
+}
+
+fn pair_config(template: &TrainConfig, pair: &Path, root: &Path) -> TrainConfig {
+    TrainConfig {
+        instance_dir: pair.to_path_buf(),
+        output_dir: root.join(pairs::name(pair)),
+        ..template.clone()
+    }
+}
+
+/// Trains one pair if it needs it. Gives back the model (loaded on first need) unless
+/// the machine failed.
+fn attempt(
+    cfg: TrainConfig,
+    opts: &BatchOptions,
+    device: &Device,
+    progress: Progress,
+    stop: &Interrupt,
+    model: Option<StableDiffusion>,
+) -> (Status, Option<String>, Option<StableDiffusion>) {
+    let out = cfg.output_dir.clone();
+    match plan(&cfg, opts.stale_after) {
+        Ok(Plan::SkipComplete) => return (Status::Skipped, Some("complete".into()), model),
+        Ok(Plan::SkipHeld) => return (Status::Skipped, Some(held_note()), model),
+        Ok(_) => {}
+        Err(e) => return classify(e, model),
+    }
+    // Bad input fails here, before the model loads or anything is written.
+    let data = match load_pair(&cfg, device) {
+        Ok(d) => d,
+        Err(e) => return classify(e, model),
+    };
+    let sd = match model {
+        Some(sd) => sd,
+        None => match load_model(&cfg, device) {
+            Ok(sd) => sd,
+            Err(e) => return classify(e, None),
+        },
+    };
+    let lock = match claim(&out, opts.stale_after, progress) {
+        Ok(l) => l,
+        Err(Error::Usage(_)) => return (Status::Skipped, Some(held_note()), Some(sd)),
+        Err(e) => return classify(e, Some(sd)),
+    };
+    // Under the lock: another worker may have finished it meanwhile.
+    if is_complete(&out, cfg.total_steps()) {
+        return (Status::Skipped, Some("complete".into()), Some(sd));
+    }
+    let mut t = match Trainer::with_model(cfg, sd, &data) {
+        Ok(t) => t,
+        Err(e) => return classify(e, None),
+    };
+    let result = resume_or_restart(&mut t, &out)
+        .and_then(|()| train_to_end(&mut t, &out, &lock, quiet_steps(progress), stop));
+    drop(lock);
+    let sd = Some(t.into_model());
+    match result {
+        Ok(()) => (Status::Trained, None, sd),
+        Err(e) => classify(e, sd),
+    }
+}
+
+/// Continues from the latest checkpoint; without one, starts over (a log from a run
+/// killed before its first checkpoint is dropped).
+fn resume_or_restart(t: &mut Trainer, out: &Path) -> Result<()> {
+    if !restore_latest(t, out)? {
+        run::trim_log(out, 0)?;
+    }
+    Ok(())
+}
+
+/// Per-step progress would interleave with the per-pair lines: only a bar, or nothing.
+fn quiet_steps(progress: Progress) -> Progress {
+    match progress {
+        Progress::Bar => Progress::Bar,
+        _ => Progress::Quiet,
+    }
+}
+
+fn held_note() -> String {
+    "another worker holds it".into()
+}
+
+/// Input errors fail the pair; an interruption stops the batch; anything else is the
+/// machine's fault (memory, device, disk): the worker stops so a scheduler can retry.
+fn classify(
+    e: Error,
+    model: Option<StableDiffusion>,
+) -> (Status, Option<String>, Option<StableDiffusion>) {
+    let status = match &e {
+        Error::Interrupted { .. } => Status::Interrupted,
+        e if e.is_input_error() => Status::Failed,
+        _ => Status::Crashed,
+    };
+    (status, Some(e.to_string()), model)
+}
+
+fn plan(cfg: &TrainConfig, stale_after: Duration) -> Result<Plan> {
+    let out = &cfg.output_dir;
+    if is_complete(out, cfg.total_steps()) {
+        return Ok(Plan::SkipComplete);
+    }
+    if lock::is_held(out, stale_after)? {
+        return Ok(Plan::SkipHeld);
+    }
+    Ok(match checkpoint::latest(out)? {
+        Some(file) => Plan::Resume {
+            from_step: checkpoint::step_of(&file).unwrap_or(0),
+        },
+        None => Plan::Train,
+    })
+}
+
+/// A pair is complete when its run record says every step is done.
+fn is_complete(out: &Path, total: usize) -> bool {
+    run::open(out).is_ok_and(|f| f.record.steps_done >= total)
+}
+
+fn record(
+    cfg: &TrainConfig,
+    status: Status,
+    note: &Option<String>,
+    started: Instant,
+) -> PairRecord {
+    let log = std::fs::read_to_string(cfg.output_dir.join(run::LOG)).unwrap_or_default();
+    let last_step: Option<serde_json::Value> = log
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok());
+    let steps_done = (last_step.as_ref())
+        .and_then(|s| s.get("step")?.as_u64())
+        .unwrap_or(0) as usize;
+    PairRecord {
+        pair: pairs::name(&cfg.instance_dir),
+        status,
+        note: note.clone(),
+        steps_done,
+        total_steps: cfg.total_steps(),
+        last_step,
+        seconds: started.elapsed().as_secs_f64(),
+        worker: format!("{}:{}", crate::io::lock::hostname(), std::process::id()),
+        model_loads_in_process: loads_in_process(),
+    }
+}
+
+fn announce(i: usize, n: usize, r: &PairRecord, progress: Progress) {
+    if progress == Progress::Json {
+        if let Ok(line) = serde_json::to_string(r) {
+            println!("{line}");
+        }
+        return;
+    }
+    let status = serde_json::to_value(r.status)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let note = r
+        .note
+        .as_deref()
+        .map(|n| format!(": {n}"))
+        .unwrap_or_default();
+    eprintln!(
+        "[{}/{n}] {} {status} ({}/{} steps, {:.0} s){note}",
+        i + 1,
+        r.pair,
+        r.steps_done,
+        r.total_steps,
+        r.seconds
+    );
+}
+
+fn dry_run(
+    template: &TrainConfig,
+    opts: &BatchOptions,
+    mine: &[PathBuf],
+    progress: Progress,
+) -> Result<Outcome> {
+    for pair in mine {
+        let cfg = pair_config(template, pair, &opts.output_root);
+        let what = match plan(&cfg, opts.stale_after)? {
+            Plan::Train => "train".to_string(),
+            Plan::Resume { from_step } => format!("resume from step {from_step}"),
+            Plan::SkipComplete => "skip: complete".to_string(),
+            Plan::SkipHeld => format!("skip: {}", held_note()),
+        };
+        if progress == Progress::Json {
+            let line = serde_json::json!({ "pair": pairs::name(pair), "plan": what });
+            println!("{line}");
+        } else {
+            println!("{}\t{what}", pairs::name(pair));
+        }
+    }
+    Ok(Outcome::default())
+}

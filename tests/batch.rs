@@ -1,0 +1,338 @@
+//! `magictailor batch` on the tiny model: many pairs with one model load, re-runs that
+//! skip or resume, workers that never train a pair twice, shards that cover every pair
+//! once, and bad pairs recorded without stopping the others.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A trainable pair folder named `{concept}+{component}` under `root`.
+fn pair(root: &Path, concept: &'static str, component: &'static str) -> PathBuf {
+    let mut spec = PairSpec::training();
+    spec.samples[0].0 = concept;
+    spec.samples[1].0 = component;
+    pair_folder(root, &spec)
+}
+
+/// `n` pairs in `root/pairs/`: person_a+hair_a, person_b+hair_b, ...
+fn pairs(root: &Path, n: usize) -> PathBuf {
+    let dir = root.join("pairs");
+    let names = [
+        ("person_a", "hair_a"),
+        ("person_b", "hair_b"),
+        ("person_c", "hair_c"),
+        ("person_d", "hair_d"),
+        ("person_e", "hair_e"),
+    ];
+    for (c, h) in &names[..n] {
+        pair(&dir, c, h);
+    }
+    dir
+}
+
+fn batch_args<'a>(pairs: &'a str, root: &'a str, model: &'a str) -> Vec<&'a str> {
+    vec![
+        "--pairs",
+        pairs,
+        "--output-root",
+        root,
+        "--model",
+        model,
+        "--resolution",
+        "64",
+        "--warmup-steps",
+        "2",
+        "--dsbal-steps",
+        "2",
+        "--json",
+    ]
+}
+
+fn with<'a>(mut args: Vec<&'a str>, more: &[&'a str]) -> Vec<&'a str> {
+    args.extend_from_slice(more);
+    args
+}
+
+/// `batch_summary.jsonl`, one value per line.
+fn summary(root: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(root.join("batch_summary.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn statuses(records: &[serde_json::Value]) -> Vec<(String, String)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["pair"].as_str().unwrap().into(),
+                r["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+/// Three pairs in one process load the model once; a re-run skips them all without
+/// touching their logs.
+#[test]
+fn three_pairs_train_with_one_model_load_and_a_rerun_skips_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, root, model) = (pairs(tmp.path(), 3), tmp.path().join("out"), tiny_sd());
+    let args = batch_args(dir.to_str().unwrap(), root.to_str().unwrap(), &model);
+    ok(&run_bin("batch", &args));
+    let first = summary(&root);
+    assert_eq!(first.len(), 3);
+    for r in &first {
+        assert_eq!(r["status"], "trained", "{r}");
+        assert_eq!(r["steps_done"], 4);
+        assert_eq!(
+            r["model_loads_in_process"], 1,
+            "one model load for all pairs: {r}"
+        );
+        let out = root.join(r["pair"].as_str().unwrap());
+        assert_eq!(read_log(&out).len(), 4);
+        assert!(out.join("pytorch_lora_weights.safetensors").exists());
+    }
+    let table = std::fs::read_to_string(root.join("batch_summary.md")).unwrap();
+    assert!(
+        table.contains("| person_b+hair_b | trained | 4/4 |"),
+        "{table}"
+    );
+
+    let o = run_bin("batch", &args);
+    ok(&o);
+    let again = &summary(&root)[3..];
+    assert!(again
+        .iter()
+        .all(|r| r["status"] == "skipped" && r["note"] == "complete"));
+    assert!(
+        again.iter().all(|r| r["model_loads_in_process"] == 0),
+        "nothing to load for"
+    );
+    for r in again {
+        assert_eq!(read_log(&root.join(r["pair"].as_str().unwrap())).len(), 4);
+    }
+}
+
+/// A pair without masks between two good ones: recorded as failed with the reason, the
+/// others train, the worker exits 1. Its output folder is never created.
+#[test]
+fn a_bad_pair_in_the_middle_is_recorded_and_the_others_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pairs(tmp.path(), 2);
+    let mut spec = PairSpec::training();
+    (spec.samples[0].0, spec.masks) = ("person_ab", false);
+    pair_folder(&dir, &spec);
+    let (root, model) = (tmp.path().join("out"), tiny_sd());
+    let o = run_bin(
+        "batch",
+        &batch_args(dir.to_str().unwrap(), root.to_str().unwrap(), &model),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let records = summary(&root);
+    let want = [
+        ("person_a+hair_a", "trained"),
+        ("person_ab+hair_c", "failed"),
+        ("person_b+hair_b", "trained"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(p, s)| (p.to_string(), s.to_string()))
+        .collect();
+    assert_eq!(statuses(&records), want);
+    assert!(records[1]["note"]
+        .as_str()
+        .unwrap()
+        .contains("no masks/ folder"));
+    assert!(!root.join("person_ab+hair_c").exists());
+}
+
+/// The pairs a worker's dry run would train.
+fn planned(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    let mut c = bin_command("batch", &with(args.to_vec(), &["--dry-run"]));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    ok(&o);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["plan"] == "train")
+        .map(|v| v["pair"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// For 1, 2 and 3 shards, from flags, a Slurm array (ids from 1) or a Kubernetes indexed
+/// Job, every pair lands in exactly one shard.
+#[test]
+fn shards_cover_every_pair_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, root, model) = (pairs(tmp.path(), 5), tmp.path().join("out"), tiny_sd());
+    let args = batch_args(dir.to_str().unwrap(), root.to_str().unwrap(), &model);
+    let all: BTreeSet<String> = planned(&args, &[]).into_iter().collect();
+    assert_eq!(all.len(), 5);
+    for n in 1..=3usize {
+        let (count, ids) = (
+            n.to_string(),
+            (0..n).map(|i| i.to_string()).collect::<Vec<_>>(),
+        );
+        let slurm_ids: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+        let ways: Vec<Vec<Vec<String>>> = vec![
+            (ids.iter())
+                .map(|i| {
+                    planned(
+                        &with(args.clone(), &["--shard-index", i, "--shard-count", &count]),
+                        &[],
+                    )
+                })
+                .collect(),
+            (slurm_ids.iter())
+                .map(|i| {
+                    let env = [
+                        ("SLURM_ARRAY_TASK_ID", i.as_str()),
+                        ("SLURM_ARRAY_TASK_MIN", "1"),
+                        ("SLURM_ARRAY_TASK_COUNT", &count),
+                    ];
+                    planned(&args, &env)
+                })
+                .collect(),
+            (ids.iter())
+                .map(|i| {
+                    planned(
+                        &with(args.clone(), &["--shard-count", &count]),
+                        &[("JOB_COMPLETION_INDEX", i)],
+                    )
+                })
+                .collect(),
+        ];
+        for shards in ways {
+            let mut seen: Vec<String> = shards.concat();
+            seen.sort();
+            assert_eq!(
+                seen,
+                all.iter().cloned().collect::<Vec<_>>(),
+                "{n} shards: {shards:?}"
+            );
+        }
+    }
+    let o = run_bin(
+        "batch",
+        &with(args, &["--shard-index", "3", "--shard-count", "3"]),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+fn spawn_batch(args: &[&str]) -> Child {
+    bin_command("batch", args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Two workers started together on the same list: each pair is trained exactly once,
+/// its log holds each step once, and the other worker records it as skipped.
+#[test]
+fn two_workers_train_each_pair_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, root, model) = (pairs(tmp.path(), 3), tmp.path().join("out"), tiny_sd());
+    let mut args = batch_args(dir.to_str().unwrap(), root.to_str().unwrap(), &model);
+    set_arg(&mut args, "--warmup-steps", "20");
+    let workers = [spawn_batch(&args), spawn_batch(&args)];
+    for w in workers {
+        let o = w.wait_with_output().unwrap();
+        ok(&o);
+    }
+    let records = summary(&root);
+    for p in ["person_a+hair_a", "person_b+hair_b", "person_c+hair_c"] {
+        let mine: Vec<&serde_json::Value> = records.iter().filter(|r| r["pair"] == p).collect();
+        let trained = mine.iter().filter(|r| r["status"] == "trained").count();
+        assert_eq!(trained, 1, "{p}: {mine:?}");
+        assert!(mine
+            .iter()
+            .all(|r| r["status"] != "failed" && r["status"] != "crashed"));
+        let steps: Vec<u64> = read_log(&root.join(p))
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            steps,
+            (1..=22).collect::<Vec<_>>(),
+            "{p}: each step once, in order"
+        );
+    }
+}
+
+/// A worker killed with -9 in the middle of a pair: the re-run skips the finished pair
+/// and resumes the interrupted one from its checkpoint, with the same weights as a
+/// plain `train` of that pair.
+#[test]
+fn a_killed_batch_resumes_the_interrupted_pair_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, root, model) = (pairs(tmp.path(), 2), tmp.path().join("out"), tiny_sd());
+    let steps = [
+        "--warmup-steps",
+        "30",
+        "--dsbal-steps",
+        "30",
+        "--checkpoint-every",
+        "5",
+    ];
+    let mut args = batch_args(dir.to_str().unwrap(), root.to_str().unwrap(), &model);
+    for pair in steps.chunks(2) {
+        match args.iter().any(|a| *a == pair[0]) {
+            true => set_arg(&mut args, pair[0], pair[1]),
+            false => args.extend_from_slice(pair),
+        }
+    }
+    let mut worker = spawn_batch(&args);
+    let second = root.join("person_b+hair_b");
+    let start = Instant::now();
+    while !second.join("checkpoints/step-000010.safetensors").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the second pair never got going"
+        );
+        assert!(
+            worker.try_wait().unwrap().is_none(),
+            "the batch ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    assert!(!second.join("magictailor.json").exists(), "killed mid-pair");
+
+    ok(&run_bin("batch", &args));
+    let last: Vec<(String, String)> = statuses(&summary(&root)).into_iter().skip(1).collect();
+    let want = vec![
+        ("person_a+hair_a".to_string(), "skipped".to_string()),
+        ("person_b+hair_b".to_string(), "trained".to_string()),
+    ];
+    assert_eq!(last, want);
+
+    let alone = tmp.path().join("alone");
+    let instance = dir.join("person_b+hair_b");
+    let train_args = with(
+        quiet_train_args(instance.to_str().unwrap(), alone.to_str().unwrap(), &model),
+        &steps,
+    );
+    ok(&run_bin("train", &train_args));
+    for f in [
+        "pytorch_lora_weights.safetensors",
+        "learned_embeds.safetensors",
+    ] {
+        assert!(
+            read_bytes(&second.join(f)) == read_bytes(&alone.join(f)),
+            "{f} differs"
+        );
+    }
+}
