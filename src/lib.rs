@@ -9,6 +9,7 @@ pub mod infer;
 pub mod interrupt;
 pub mod io;
 pub mod model;
+pub mod preview;
 pub mod rng;
 pub mod train;
 

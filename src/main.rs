@@ -180,6 +180,23 @@ struct TrainSettings {
     /// a step whose gradients overflow is skipped.
     #[arg(long)]
     loss_scale: Option<f64>,
+    /// Render a sample grid (samples/step-N.png) every N steps [default: at the phase
+    /// switch and at the end; 0: never].
+    #[arg(long)]
+    sample_every: Option<usize>,
+    /// A text file with one sample prompt per line [default: <v0>; <v1>; <v0> with <v1>;
+    /// <v0> with <v1>, on the beach].
+    #[arg(long)]
+    sample_prompts: Option<PathBuf>,
+    /// Seeds of the grid's columns, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = d().sample_seeds)]
+    sample_seeds: Vec<u64>,
+    /// DDIM steps per sample image.
+    #[arg(long, default_value_t = d().sample_steps)]
+    sample_steps: usize,
+    /// Also write TensorBoard event files (losses per step, sample grids) into OUTPUT/tb/.
+    #[arg(long)]
+    tensorboard: bool,
     /// One JSON object per step on stdout instead of a progress bar.
     #[arg(long)]
     json: bool,
@@ -241,8 +258,12 @@ struct InferArgs {
 }
 
 impl TrainSettings {
-    fn config(&self, instance_dir: PathBuf, output_dir: PathBuf) -> TrainConfig {
-        TrainConfig {
+    fn config(&self, instance_dir: PathBuf, output_dir: PathBuf) -> magictailor::Result<TrainConfig> {
+        let sample_prompts = match &self.sample_prompts {
+            Some(file) => read_prompts(file)?,
+            None => d().sample_prompts,
+        };
+        Ok(TrainConfig {
             instance_dir,
             output_dir,
             model: self.model.clone(),
@@ -269,7 +290,12 @@ impl TrainSettings {
             flip: !self.no_flip,
             dtype: self.dtype.dtype(),
             loss_scale: (self.loss_scale).or(TrainConfig::default_loss_scale(self.dtype.dtype())),
-        }
+            sample_every: self.sample_every,
+            sample_prompts,
+            sample_seeds: self.sample_seeds.clone(),
+            sample_steps: self.sample_steps,
+            tensorboard: self.tensorboard,
+        })
     }
 
     fn progress(&self) -> Progress {
@@ -294,9 +320,25 @@ impl TrainSettings {
     }
 }
 
+/// One prompt per non-blank line.
+fn read_prompts(file: &std::path::Path) -> magictailor::Result<Vec<String>> {
+    let text = std::fs::read_to_string(file).map_err(|e| magictailor::Error::read(file, e))?;
+    let prompts: Vec<String> = (text.lines().map(str::trim))
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        return Err(magictailor::Error::usage(format!(
+            "--sample-prompts {}: the file has no prompts (one per line).",
+            file.display()
+        )));
+    }
+    Ok(prompts)
+}
+
 fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
     let s = &a.settings;
-    let cfg = s.config(a.instance_dir, a.output_dir);
+    let cfg = s.config(a.instance_dir, a.output_dir)?;
     s.check(&cfg)?;
     let out = cfg.output_dir.clone();
     let device = magictailor::device::parse(&s.device)?;
@@ -316,7 +358,7 @@ fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
         ));
     }
     let s = &a.settings;
-    let template = s.config(PathBuf::new(), PathBuf::new());
+    let template = s.config(PathBuf::new(), PathBuf::new())?;
     s.check(&template)?;
     let env = |k: &str| std::env::var(k).ok();
     let opts = BatchOptions {

@@ -95,7 +95,7 @@ fn pseudo_words_match_textual_inversion() {
         .to_vec2::<u32>()
         .unwrap();
     assert_eq!(ids, want_ids[0]);
-    let got = p.encode_prompts(&[prompt]).unwrap();
+    let got = p.weights().encode_prompts(&[prompt]).unwrap();
     let d = max_abs_diff(&got, &r["te_hidden_pseudo"]);
     assert!(d < 2e-5, "pseudo-word text features max |diff| {d}");
 }

@@ -90,22 +90,38 @@ impl Personalized {
         })
     }
 
+    pub fn weights(&self) -> Weights<'_> {
+        Weights {
+            sd: &self.sd,
+            lora: self.lora.as_ref(),
+            extra_rows: self.extra_rows.as_ref(),
+            token_table: self.token_table.as_ref(),
+        }
+    }
+}
+
+/// What sampling reads, borrowed: a base model and the personalization on top. Training
+/// samples its current adapters through the same view without a second model.
+#[derive(Clone, Copy)]
+pub struct Weights<'a> {
+    pub sd: &'a StableDiffusion,
+    pub lora: Option<&'a LoraSet>,
+    /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
+    pub extra_rows: Option<&'a Tensor>,
+    pub token_table: Option<&'a Tensor>,
+}
+
+impl Weights<'_> {
     /// Text features `[n, tokens, hidden]` for each prompt.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        let tok = &self.sd.tokenizer;
         let mut ids = Vec::new();
         for p in prompts {
-            ids.extend(self.sd.tokenizer.encode(p)?);
+            ids.extend(tok.encode(p)?);
         }
-        let ids = Tensor::from_vec(
-            ids,
-            (prompts.len(), self.sd.tokenizer.max_len()),
-            &self.sd.device,
-        )?;
-        let (table, extra) = (self.token_table.as_ref(), self.extra_rows.as_ref());
-        Ok(self
-            .sd
-            .text_encoder
-            .forward_with_table(&ids, table, extra)?)
+        let ids = Tensor::from_vec(ids, (prompts.len(), tok.max_len()), &self.sd.device)?;
+        let te = &self.sd.text_encoder;
+        Ok(te.forward_with_table(&ids, self.token_table, self.extra_rows)?)
     }
 
     /// Refuses `<...>` words the model does not know, listing the ones it does.
@@ -121,7 +137,8 @@ impl Personalized {
             known.join(", ")
         };
         Err(Error::usage(format!(
-            "the prompt uses {} which this model does not know. Known pseudo-words: {known}.",
+            "the prompt {prompt:?} uses {} which this model does not know. Known pseudo-words: \
+             {known}.",
             unknown.join(", ")
         )))
     }
@@ -182,11 +199,12 @@ fn sources(opts: &InferOptions) -> Result<Sources> {
 
 pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
     let p = Personalized::load(&sources(opts)?, &opts.device, opts.dtype)?;
-    p.check_prompt(&opts.prompt)?;
-    p.check_prompt(&opts.negative_prompt)?;
+    let w = p.weights();
+    w.check_prompt(&opts.prompt)?;
+    w.check_prompt(&opts.negative_prompt)?;
     let latents = initial_latents(&p, opts)?;
     let latents = sample(
-        &p,
+        w,
         &opts.prompt,
         &opts.negative_prompt,
         latents,
@@ -195,7 +213,7 @@ pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
         opts.progress,
     )?;
     ensure_finite(&latents, "the denoised latents", opts.dtype)?;
-    let images = decode(&p, &latents)?;
+    let images = decode(w, &latents)?;
     save_pngs(&images, &opts.out)
 }
 
@@ -269,7 +287,7 @@ fn initial_latents(p: &Personalized, opts: &InferOptions) -> Result<Tensor> {
 
 /// DDIM from `latents` with classifier-free guidance (skipped when `guidance <= 1`).
 pub fn sample(
-    p: &Personalized,
+    p: Weights,
     prompt: &str,
     negative: &str,
     latents: Tensor,
@@ -289,7 +307,7 @@ pub fn sample(
         Ddim::new(&p.sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
     let bar = progress_bar(steps, progress);
     let ctx = Ctx {
-        lora: p.lora.as_ref(),
+        lora: p.lora,
         probe: None,
     };
     let mut x = latents;
@@ -318,7 +336,7 @@ pub fn sample(
 }
 
 /// Latents -> `[n, 3, H, W]` u8 pixels, rounded as diffusers' `numpy_to_pil`.
-pub fn decode(p: &Personalized, latents: &Tensor) -> Result<Tensor> {
+pub fn decode(p: Weights, latents: &Tensor) -> Result<Tensor> {
     let z = (latents / p.sd.vae.config.scaling_factor)?;
     let x =
         p.sd.vae
@@ -361,23 +379,23 @@ pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
 }
 
 fn save_pngs(images: &Tensor, out: &Path) -> Result<Vec<PathBuf>> {
-    let (n, _, h, w) = images.dims4()?;
-    let paths = output_paths(out, n);
-    for (i, path) in paths.iter().enumerate() {
-        let hwc = images
-            .get(i)?
-            .permute((1, 2, 0))?
-            .flatten_all()?
-            .to_vec1::<u8>()?;
-        let img = image::RgbImage::from_raw(w as u32, h as u32, hwc)
-            .ok_or_else(|| Error::internal("image buffer size mismatch"))?;
-        let mut bytes = Vec::new();
-        img.write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .map_err(|e| Error::internal(format!("encoding {}: {e}", path.display())))?;
-        crate::io::write_atomic(path, &bytes)?;
+    let images = to_images(images)?;
+    let paths = output_paths(out, images.len());
+    for (img, path) in images.iter().zip(&paths) {
+        crate::io::write_atomic(path, &crate::preview::png_bytes(img)?)?;
     }
     Ok(paths)
+}
+
+/// `[n, 3, H, W]` u8 pixels (as `decode` gives them) -> images.
+pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (n, _, h, w) = pixels.dims4()?;
+    (0..n)
+        .map(|i| {
+            let hwc = pixels.get(i)?.permute((1, 2, 0))?.flatten_all()?;
+            let raw = hwc.to_device(&Device::Cpu)?.to_vec1::<u8>()?;
+            image::RgbImage::from_raw(w as u32, h as u32, raw)
+                .ok_or_else(|| Error::internal("image buffer size mismatch"))
+        })
+        .collect()
 }

@@ -52,6 +52,9 @@ pub struct RunRecord {
     pub config: serde_json::Value,
     #[serde(default)]
     pub magictailor_version: String,
+    /// Sample grids, the loss plot and the TensorBoard folder, relative to the folder.
+    #[serde(default)]
+    pub previews: Vec<String>,
 }
 
 /// The files a trained folder offers for sampling.
@@ -127,6 +130,13 @@ pub fn append_jsonl(file: &Path, entry: &impl Serialize) -> Result<()> {
         .map_err(|e| Error::io(IoOp::Write, file, e))?;
     f.write_all(line.as_bytes())
         .map_err(|e| Error::io(IoOp::Write, file, e))
+}
+
+/// The training log, one JSON value per line (a line that does not parse is skipped).
+pub fn read_log(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let file = dir.join(LOG);
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::read(&file, e))?;
+    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
 /// Drops log lines past `step` (written after the checkpoint a run resumes from).

@@ -149,23 +149,8 @@ impl ClipTokenizer {
 
     /// Words of the form `<...>` in a prompt that are not known pseudo-words.
     pub fn unknown_pseudo_words(&self, text: &str) -> Vec<String> {
-        let mut unknown = Vec::new();
-        let mut rest = text;
-        while let Some(start) = rest.find('<') {
-            let Some(len) = rest[start..].find('>') else {
-                break;
-            };
-            let word = &rest[start..start + len + 1];
-            let is_special = word == BOS || word == EOS;
-            if !is_special
-                && !self.added.iter().any(|a| a == word)
-                && !unknown.iter().any(|u| u == word)
-            {
-                unknown.push(word.to_string());
-            }
-            rest = &rest[start + len + 1..];
-        }
-        unknown
+        let known = |w: &String| self.added.contains(w);
+        pseudo_words_in(text).into_iter().filter(|w| !known(w)).collect()
     }
 }
 
@@ -264,4 +249,21 @@ impl TokenizerSettings {
         }
         s
     }
+}
+
+/// The `<...>` words of `text`, once each, in order (BOS and EOS are not pseudo-words).
+pub fn pseudo_words_in(text: &str) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('<') {
+        let Some(len) = rest[start..].find('>') else {
+            break;
+        };
+        let word = &rest[start..start + len + 1];
+        if word != BOS && word != EOS && !words.iter().any(|w| w == word) {
+            words.push(word.to_string());
+        }
+        rest = &rest[start + len + 1..];
+    }
+    words
 }

@@ -56,6 +56,14 @@ pub struct TrainConfig {
     /// Static loss scale for f16 (gradients are unscaled before clipping; a step whose
     /// gradients overflow is skipped). None: no scaling.
     pub loss_scale: Option<f64>,
+    /// Sample grids every N steps; None: at the phase switch and at the end; 0: never.
+    pub sample_every: Option<usize>,
+    /// A grid row per prompt, a column per seed, `sample_steps` DDIM steps each.
+    pub sample_prompts: Vec<String>,
+    pub sample_seeds: Vec<u64>,
+    pub sample_steps: usize,
+    /// Also write TensorBoard event files into `OUTPUT/tb/`.
+    pub tensorboard: bool,
 }
 
 fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -92,6 +100,18 @@ impl Default for TrainConfig {
             flip: true,
             dtype: DType::F32,
             loss_scale: None,
+            sample_every: None,
+            sample_prompts: [
+                "<v0>",
+                "<v1>",
+                "<v0> with <v1>",
+                "<v0> with <v1>, on the beach",
+            ]
+            .map(String::from)
+            .to_vec(),
+            sample_seeds: vec![0, 1],
+            sample_steps: 25,
+            tensorboard: false,
         }
     }
 }
@@ -109,6 +129,17 @@ impl TrainConfig {
 
     pub fn total_steps(&self) -> usize {
         self.warmup_steps + self.dsbal_steps
+    }
+
+    /// Whether step `d` renders a sample grid.
+    pub fn samples_at(&self, d: usize) -> bool {
+        let (total, warmup) = (self.total_steps(), self.warmup_steps);
+        let switch = warmup > 0 && warmup < total && d == warmup;
+        match self.sample_every {
+            Some(0) => false,
+            Some(n) => d.is_multiple_of(n) || switch || d == total,
+            None => switch || d == total,
+        }
     }
 
     pub fn degradation(&self) -> Degradation {
@@ -171,6 +202,16 @@ impl TrainConfig {
                 "--color-jitter {}: factors in [1 - s, 1 + s] need s < 1 (the paper uses 0.1).",
                 self.jitter
             ));
+        }
+        if self.sample_every != Some(0) {
+            if self.sample_prompts.iter().all(|p| p.trim().is_empty()) {
+                return bad("--sample-prompts: no prompts to sample (the file is empty?); \
+                     --sample-every 0 turns sampling off."
+                    .into());
+            }
+            if self.sample_seeds.is_empty() || self.sample_steps == 0 {
+                return bad("--sample-seeds and --sample-steps need at least one each.".into());
+            }
         }
         if let Some(s) = self.loss_scale {
             if !(s.is_finite() && s > 0.0) {

@@ -9,6 +9,7 @@ pub mod losses;
 pub mod objective;
 pub mod optim;
 pub mod trainer;
+pub mod watch;
 
 use candle_core::Device;
 
@@ -79,22 +80,26 @@ pub fn train_to_end(
 ) -> Result<()> {
     let (total, warmup) = (t.cfg.total_steps(), t.cfg.warmup_steps);
     let every = t.cfg.checkpoint_every;
+    let mut watch = watch::Watch::new(&t.cfg, out)?;
     let bar = bar(total, t.step, progress);
     while t.step < total {
         if let Some(signal) = stop.requested() {
             bar.abandon();
             return Err(interrupted(out, t, signal, total));
         }
-        let log = t.train_step().map_err(|e| with_last_good(e, out))?;
+        let mut log = t.train_step().map_err(|e| with_last_good(e, out))?;
+        watch.after_step(t, &mut log, out)?;
         run::append_log(out, &log)?;
         lock.refresh()?;
         report(&bar, &log, progress);
         let at_switch = log.step == warmup && warmup < total;
         if at_switch || every.is_some_and(|k| k > 0 && log.step % k == 0) {
             checkpoint::save(out, log.step, &t.checkpoint_tensors()?)?;
+            watch::write_loss_plot(&t.cfg, out)?;
         }
     }
     bar.finish_and_clear();
+    watch::write_loss_plot(&t.cfg, out)?;
     t.export(out)
 }
 

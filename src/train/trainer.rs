@@ -83,6 +83,9 @@ pub struct StepLog {
     pub grad_norm: f64,
     /// f16 only: the step overflowed and its update was skipped.
     pub skipped: bool,
+    /// Seconds spent drawing this step's sample grid, if it drew one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_seconds: Option<f64>,
 }
 
 /// With f16 loss scaling, this many overflowed steps in a row stop the run: the scale
@@ -131,6 +134,7 @@ impl Trainer {
         let device = &sd.device.clone();
         let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
+        super::watch::check_sample_prompts(&cfg, words.len())?;
         sd.tokenizer.add_pseudo_words(&words)?;
         let rows = init_rows(&sd, &class_words)?;
         let batch = Batch::new(&sd, data)?;
@@ -299,6 +303,7 @@ impl Trainer {
             chosen_sample: chosen,
             grad_norm: lora_norm,
             skipped: !finite,
+            sample_seconds: None,
         })
     }
 
@@ -390,10 +395,10 @@ impl Trainer {
             let t = HashMap::from([(run::TOKEN_TABLE_KEY.to_string(), table.as_detached_tensor())]);
             tensors::write(&dir.join(run::TOKEN_TABLE), &t, None)?;
         }
-        run::write_record(dir, &self.record()?)
+        run::write_record(dir, &self.record(dir)?)
     }
 
-    fn record(&self) -> Result<run::RunRecord> {
+    fn record(&self, dir: &Path) -> Result<run::RunRecord> {
         let tokens = (self.class_words.iter().enumerate())
             .map(|(i, w)| (pseudo_word(i), w.clone()))
             .collect();
@@ -409,6 +414,7 @@ impl Trainer {
             steps_done: self.step,
             config,
             magictailor_version: env!("CARGO_PKG_VERSION").to_string(),
+            previews: super::watch::previews(dir),
         })
     }
 
