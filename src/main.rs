@@ -258,7 +258,11 @@ struct InferArgs {
 }
 
 impl TrainSettings {
-    fn config(&self, instance_dir: PathBuf, output_dir: PathBuf) -> magictailor::Result<TrainConfig> {
+    fn config(
+        &self,
+        instance_dir: PathBuf,
+        output_dir: PathBuf,
+    ) -> magictailor::Result<TrainConfig> {
         let sample_prompts = match &self.sample_prompts {
             Some(file) => read_prompts(file)?,
             None => d().sample_prompts,

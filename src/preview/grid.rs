@@ -25,7 +25,10 @@ pub struct Grid<'a> {
 impl Grid<'_> {
     /// The cells' size.
     fn cell(&self) -> Result<(u32, u32)> {
-        let first = self.cells.first().ok_or_else(|| Error::internal("an empty grid"))?;
+        let first = self
+            .cells
+            .first()
+            .ok_or_else(|| Error::internal("an empty grid"))?;
         let size = first.dimensions();
         let n = self.rows.len() * self.cols.len();
         if self.cells.len() != n || self.cells.iter().any(|c| c.dimensions() != size) {
@@ -53,8 +56,8 @@ impl Grid<'_> {
         let (w, h) = self.size()?;
         let mut buf = vec![255u8; (w * h * 3) as usize];
         self.draw_labels(&mut buf, (w, h), cw)?;
-        let mut canvas = RgbImage::from_raw(w, h, buf)
-            .ok_or_else(|| Error::internal("grid buffer size"))?;
+        let mut canvas =
+            RgbImage::from_raw(w, h, buf).ok_or_else(|| Error::internal("grid buffer size"))?;
         for (i, cell) in self.cells.iter().enumerate() {
             let (r, c) = (i / self.cols.len(), i % self.cols.len());
             let x = MARGIN + c as u32 * (cw + GAP);
@@ -75,7 +78,8 @@ impl Grid<'_> {
         let title = (FONT_FAMILY, 18).into_font().color(&BLACK);
         let label = (FONT_FAMILY, 14).into_font().color(&RGBColor(60, 60, 60));
         let m = MARGIN as i32;
-        area.draw_text(self.title, &title, (m, m)).map_err(|e| fail(&e))?;
+        area.draw_text(self.title, &title, (m, m))
+            .map_err(|e| fail(&e))?;
         for (c, text) in self.cols.iter().enumerate() {
             let x = m + (c as u32 * (cw + GAP)) as i32;
             area.draw_text(text, &label, (x, m + TITLE as i32))

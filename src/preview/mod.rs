@@ -5,7 +5,6 @@ pub mod grid;
 pub mod plot;
 pub mod tensorboard;
 
-
 use crate::error::{Error, Result};
 
 /// DejaVu Sans (free license in `assets/fonts/`), built in: no system fonts needed.
@@ -26,7 +25,10 @@ pub(crate) fn font() -> Result<()> {
 /// An RGB image as PNG bytes.
 pub fn png_bytes(img: &image::RgbImage) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::internal(format!("encoding a PNG: {e}")))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::internal(format!("encoding a PNG: {e}")))?;
     Ok(bytes)
 }

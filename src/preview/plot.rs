@@ -57,14 +57,24 @@ pub fn loss_plot(log: &[serde_json::Value], switch: Option<usize>) -> Result<Rgb
 
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
+/// A term's name, colour and points.
+type Term<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 fn draw(buf: &mut [u8], log: &[serde_json::Value], switch: Option<usize>) -> DrawResult {
-    let terms: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = (TERMS.iter())
+    let terms: Vec<Term> = (TERMS.iter())
         .map(|&(k, c)| (k, c, series(log, k)))
         .collect();
     let values = terms.iter().flat_map(|t| t.2.iter().map(|p| p.1));
     let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if lo <= hi { (lo / 2.0, hi * 1.5) } else { (1e-3, 1.0) };
-    let last = log.last().and_then(|l| l.get("step")?.as_f64()).unwrap_or(1.0);
+    let (lo, hi) = if lo <= hi {
+        (lo / 2.0, hi * 1.5)
+    } else {
+        (1e-3, 1.0)
+    };
+    let last = log
+        .last()
+        .and_then(|l| l.get("step")?.as_f64())
+        .unwrap_or(1.0);
 
     let area = BitMapBackend::with_buffer(buf, (WIDTH, HEIGHT)).into_drawing_area();
     let mut chart = ChartBuilder::on(&area)
@@ -121,7 +131,12 @@ where
     DB::ErrorType: 'static,
 {
     let choices: Vec<(f64, usize)> = (log.iter())
-        .filter_map(|l| Some((l.get("step")?.as_f64()?, l.get("chosen_sample")?.as_u64()? as usize)))
+        .filter_map(|l| {
+            Some((
+                l.get("step")?.as_f64()?,
+                l.get("chosen_sample")?.as_u64()? as usize,
+            ))
+        })
         .collect();
     for (s, colour) in SAMPLES.iter().enumerate() {
         let mine: Vec<(f64, f64)> = (choices.iter())

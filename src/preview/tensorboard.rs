@@ -51,7 +51,14 @@ impl EventWriter {
     }
 
     /// A PNG (`png` bytes of a `width` x `height` RGB image).
-    pub fn image(&mut self, tag: &str, step: usize, png: &[u8], width: u32, height: u32) -> Result<()> {
+    pub fn image(
+        &mut self,
+        tag: &str,
+        step: usize,
+        png: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
         let mut img = Vec::new();
         field_varint(&mut img, 1, height as u64);
         field_varint(&mut img, 2, width as u64);

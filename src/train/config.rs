@@ -205,9 +205,11 @@ impl TrainConfig {
         }
         if self.sample_every != Some(0) {
             if self.sample_prompts.iter().all(|p| p.trim().is_empty()) {
-                return bad("--sample-prompts: no prompts to sample (the file is empty?); \
+                return bad(
+                    "--sample-prompts: no prompts to sample (the file is empty?); \
                      --sample-every 0 turns sampling off."
-                    .into());
+                        .into(),
+                );
             }
             if self.sample_seeds.is_empty() || self.sample_steps == 0 {
                 return bad("--sample-seeds and --sample-steps need at least one each.".into());

@@ -118,10 +118,22 @@ pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
     let noise = Tensor::cat(&noise, 0)?;
     let mut cells = Vec::new();
     for prompt in &cfg.sample_prompts {
-        let x = sample(w, prompt, "", noise.clone(), cfg.sample_steps, GUIDANCE, false)?;
+        let x = sample(
+            w,
+            prompt,
+            "",
+            noise.clone(),
+            cfg.sample_steps,
+            GUIDANCE,
+            false,
+        )?;
         cells.extend(to_images(&decode(w, &x)?)?);
     }
-    let cols: Vec<String> = cfg.sample_seeds.iter().map(|s| format!("seed {s}")).collect();
+    let cols: Vec<String> = cfg
+        .sample_seeds
+        .iter()
+        .map(|s| format!("seed {s}"))
+        .collect();
     let phase = super::trainer::Phase::at(cfg, t.step).name();
     let title = format!("step {} of {} ({phase})", t.step, cfg.total_steps());
     Grid {
