@@ -9,9 +9,10 @@ use crate::error::{Error, Result};
 use crate::io::{run, tensors};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
-use crate::model::nn::Ctx;
-use crate::model::scheduler::Ddim;
 use crate::rng::seeded_normal;
+
+mod sampling;
+pub use sampling::{decode, denoise, progress_bar, sample, to_images, Conditioning, Weights};
 
 #[derive(Debug, Clone)]
 pub struct InferOptions {
@@ -100,50 +101,6 @@ impl Personalized {
     }
 }
 
-/// What sampling reads, borrowed: a base model and the personalization on top. Training
-/// samples its current adapters through the same view without a second model.
-#[derive(Clone, Copy)]
-pub struct Weights<'a> {
-    pub sd: &'a StableDiffusion,
-    pub lora: Option<&'a LoraSet>,
-    /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
-    pub extra_rows: Option<&'a Tensor>,
-    pub token_table: Option<&'a Tensor>,
-}
-
-impl Weights<'_> {
-    /// Text features `[n, tokens, hidden]` for each prompt.
-    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
-        let tok = &self.sd.tokenizer;
-        let mut ids = Vec::new();
-        for p in prompts {
-            ids.extend(tok.encode(p)?);
-        }
-        let ids = Tensor::from_vec(ids, (prompts.len(), tok.max_len()), &self.sd.device)?;
-        let te = &self.sd.text_encoder;
-        Ok(te.forward_with_table(&ids, self.token_table, self.extra_rows)?)
-    }
-
-    /// Refuses `<...>` words the model does not know, listing the ones it does.
-    pub fn check_prompt(&self, prompt: &str) -> Result<()> {
-        let unknown = self.sd.tokenizer.unknown_pseudo_words(prompt);
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let known = self.sd.tokenizer.pseudo_words();
-        let known = if known.is_empty() {
-            "none (no embeddings were loaded)".to_string()
-        } else {
-            known.join(", ")
-        };
-        Err(Error::usage(format!(
-            "the prompt {prompt:?} uses {} which this model does not know. Known pseudo-words: \
-             {known}.",
-            unknown.join(", ")
-        )))
-    }
-}
-
 /// A trained table must have the base table's shape: same vocabulary, same width.
 fn load_token_table(file: &Path, base: &Tensor, device: &Device) -> Result<Tensor> {
     let t = tensors::read(file, device)?
@@ -212,29 +169,8 @@ pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
         opts.guidance,
         opts.progress,
     )?;
-    ensure_finite(&latents, "the denoised latents", opts.dtype)?;
     let images = decode(w, &latents)?;
     save_pngs(&images, &opts.out)
-}
-
-/// Refuses NaN or infinity before it becomes a black or grey PNG.
-fn ensure_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
-    // x * 0 is 0 for every finite x and NaN for NaN and both infinities.
-    let probe = (t * 0.0)?
-        .sum_all()?
-        .to_dtype(DType::F32)?
-        .to_scalar::<f32>()?;
-    if probe.is_finite() {
-        return Ok(());
-    }
-    let likely = if dtype == DType::F16 {
-        "f16 overflowing in this model: try --dtype f32 (or bf16 on CUDA)"
-    } else {
-        "adapters or embeddings from a diverged training run: retrain with a lower learning rate"
-    };
-    Err(Error::Diverged(format!(
-        "{what} hold NaN or infinite values, so no image was written. The likely cause is {likely}."
-    )))
 }
 
 fn latent_shape(p: &Personalized, opts: &InferOptions) -> Result<(usize, usize, usize, usize)> {
@@ -285,81 +221,6 @@ fn initial_latents(p: &Personalized, opts: &InferOptions) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
 
-/// DDIM from `latents` with classifier-free guidance (skipped when `guidance <= 1`).
-pub fn sample(
-    p: Weights,
-    prompt: &str,
-    negative: &str,
-    latents: Tensor,
-    steps: usize,
-    guidance: f64,
-    progress: bool,
-) -> Result<Tensor> {
-    let n = latents.dim(0)?;
-    let cfg = guidance > 1.0;
-    let mut prompts: Vec<&str> = Vec::with_capacity(2 * n);
-    if cfg {
-        prompts.extend(std::iter::repeat_n(negative, n));
-    }
-    prompts.extend(std::iter::repeat_n(prompt, n));
-    let context = p.encode_prompts(&prompts)?;
-    let ddim =
-        Ddim::new(&p.sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
-    let bar = progress_bar(steps, progress);
-    let ctx = Ctx {
-        lora: p.lora,
-        probe: None,
-    };
-    let mut x = latents;
-    for &t in ddim.timesteps() {
-        let input = if cfg {
-            Tensor::cat(&[&x, &x], 0)?
-        } else {
-            x.clone()
-        };
-        let ts = Tensor::from_vec(vec![t as f32; input.dim(0)?], input.dim(0)?, &p.sd.device)?;
-        let eps =
-            p.sd.unet
-                .forward(&input.to_dtype(p.sd.dtype)?, &ts, &context, ctx)?
-                .to_dtype(DType::F32)?;
-        let eps = if cfg {
-            let (uncond, cond) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
-            (&uncond + ((cond - &uncond)? * guidance)?)?
-        } else {
-            eps
-        };
-        x = ddim.step(&eps, t, &x)?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    Ok(x)
-}
-
-/// Latents -> `[n, 3, H, W]` u8 pixels, rounded as diffusers' `numpy_to_pil`.
-pub fn decode(p: Weights, latents: &Tensor) -> Result<Tensor> {
-    let z = (latents / p.sd.vae.config.scaling_factor)?;
-    let x =
-        p.sd.vae
-            .decode(&z.to_dtype(p.sd.dtype)?)?
-            .to_dtype(DType::F32)?;
-    ensure_finite(&x, "the decoded images", p.sd.dtype)?;
-    let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-    Ok((x * 255.0)?.round()?.to_dtype(DType::U8)?)
-}
-
-fn progress_bar(steps: usize, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(steps as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "denoising {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]",
-    ) {
-        bar.set_style(style);
-    }
-    bar
-}
-
 /// Numbered files (`name-0.png`, ...) when there are several images.
 pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
@@ -387,15 +248,3 @@ fn save_pngs(images: &Tensor, out: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// `[n, 3, H, W]` u8 pixels (as `decode` gives them) -> images.
-pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>> {
-    let (n, _, h, w) = pixels.dims4()?;
-    (0..n)
-        .map(|i| {
-            let hwc = pixels.get(i)?.permute((1, 2, 0))?.flatten_all()?;
-            let raw = hwc.to_device(&Device::Cpu)?.to_vec1::<u8>()?;
-            image::RgbImage::from_raw(w as u32, h as u32, raw)
-                .ok_or_else(|| Error::internal("image buffer size mismatch"))
-        })
-        .collect()
-}

@@ -1,0 +1,209 @@
+//! DDIM with classifier-free guidance over borrowed weights, and the step-blended
+//! variant of Layout-and-Retouch (stage 1): the first K steps with the base model on the
+//! class-word prompt, the rest with the adapters on the personalized prompt.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::loader::StableDiffusion;
+use crate::model::lora::LoraSet;
+use crate::model::nn::Ctx;
+use crate::model::scheduler::Ddim;
+
+/// What sampling reads, borrowed: a base model and the personalization on top. Training
+/// samples its current adapters through the same view without a second model.
+#[derive(Clone, Copy)]
+pub struct Weights<'a> {
+    pub sd: &'a StableDiffusion,
+    pub lora: Option<&'a LoraSet>,
+    /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
+    pub extra_rows: Option<&'a Tensor>,
+    pub token_table: Option<&'a Tensor>,
+}
+
+impl<'a> Weights<'a> {
+    /// The frozen base model alone: no adapters, no pseudo-words.
+    pub fn base(&self) -> Weights<'a> {
+        Weights {
+            sd: self.sd,
+            lora: None,
+            extra_rows: None,
+            token_table: None,
+        }
+    }
+
+    /// Text features `[n, tokens, hidden]` for each prompt.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        let tok = &self.sd.tokenizer;
+        let mut ids = Vec::new();
+        for p in prompts {
+            ids.extend(tok.encode(p)?);
+        }
+        let ids = Tensor::from_vec(ids, (prompts.len(), tok.max_len()), &self.sd.device)?;
+        let te = &self.sd.text_encoder;
+        Ok(te.forward_with_table(&ids, self.token_table, self.extra_rows)?)
+    }
+
+    /// Refuses `<...>` words the model does not know, listing the ones it does.
+    pub fn check_prompt(&self, prompt: &str) -> Result<()> {
+        let unknown = self.sd.tokenizer.unknown_pseudo_words(prompt);
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let known = self.sd.tokenizer.pseudo_words();
+        let known = if known.is_empty() {
+            "none (no embeddings were loaded)".to_string()
+        } else {
+            known.join(", ")
+        };
+        Err(Error::usage(format!(
+            "the prompt {prompt:?} uses {} which this model does not know. Known pseudo-words: \
+             {known}.",
+            unknown.join(", ")
+        )))
+    }
+
+    /// A prompt's text features, encoded once for any number of images.
+    pub fn condition(&self, prompt: &str, negative: &str, guidance: f64) -> Result<Conditioning<'a>> {
+        let uncond = match guidance > 1.0 {
+            true => Some(self.encode_prompts(&[negative])?),
+            false => None,
+        };
+        Ok(Conditioning {
+            weights: *self,
+            cond: self.encode_prompts(&[prompt])?,
+            uncond,
+            guidance,
+        })
+    }
+}
+
+/// Weights with one prompt's features `[1, tokens, hidden]` (and the negative prompt's
+/// when guidance is on).
+pub struct Conditioning<'a> {
+    pub weights: Weights<'a>,
+    pub cond: Tensor,
+    pub uncond: Option<Tensor>,
+    pub guidance: f64,
+}
+
+impl Conditioning<'_> {
+    /// One guided noise prediction for latents `x: [n, ...]` at timestep `t`.
+    fn eps(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let w = &self.weights;
+        let n = x.dim(0)?;
+        let repeat = |c: &Tensor| c.repeat((n, 1, 1));
+        let (input, context) = match &self.uncond {
+            Some(u) => (Tensor::cat(&[x, x], 0)?, Tensor::cat(&[repeat(u)?, repeat(&self.cond)?], 0)?),
+            None => (x.clone(), repeat(&self.cond)?),
+        };
+        let b = input.dim(0)?;
+        let ts = Tensor::from_vec(vec![t as f32; b], b, &w.sd.device)?;
+        let ctx = Ctx {
+            lora: w.lora,
+            probe: None,
+        };
+        let eps = (w.sd.unet)
+            .forward(&input.to_dtype(w.sd.dtype)?, &ts, &context, ctx)?
+            .to_dtype(DType::F32)?;
+        if self.uncond.is_none() {
+            return Ok(eps);
+        }
+        let (uncond, cond) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
+        Ok((&uncond + ((cond - &uncond)? * self.guidance)?)?)
+    }
+}
+
+/// DDIM over `steps` from `latents`: the first `layout.1` steps with `layout.0` (the base
+/// model on the class prompt), the rest with `main`. `on_step` runs after every step.
+pub fn denoise(
+    main: &Conditioning,
+    layout: Option<(&Conditioning, usize)>,
+    latents: Tensor,
+    steps: usize,
+    mut on_step: impl FnMut(),
+) -> Result<Tensor> {
+    let sd = main.weights.sd;
+    let ddim = Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
+    let mut x = latents;
+    for (i, &t) in ddim.timesteps().iter().enumerate() {
+        let stage = match layout {
+            Some((base, k)) if i < k => base,
+            _ => main,
+        };
+        x = ddim.step(&stage.eps(&x, t)?, t, &x)?;
+        on_step();
+    }
+    Ok(x)
+}
+
+/// DDIM from `latents` with classifier-free guidance (skipped when `guidance <= 1`).
+pub fn sample(
+    w: Weights,
+    prompt: &str,
+    negative: &str,
+    latents: Tensor,
+    steps: usize,
+    guidance: f64,
+    progress: bool,
+) -> Result<Tensor> {
+    let bar = progress_bar(steps as u64, "denoising", progress);
+    let c = w.condition(prompt, negative, guidance)?;
+    let x = denoise(&c, None, latents, steps, || bar.inc(1))?;
+    bar.finish_and_clear();
+    Ok(x)
+}
+
+/// Latents -> `[n, 3, H, W]` u8 pixels, rounded as diffusers' `numpy_to_pil`.
+pub fn decode(w: Weights, latents: &Tensor) -> Result<Tensor> {
+    ensure_finite(latents, "the denoised latents", w.sd.dtype)?;
+    let z = (latents / w.sd.vae.config.scaling_factor)?;
+    let x = (w.sd.vae)
+        .decode(&z.to_dtype(w.sd.dtype)?)?
+        .to_dtype(DType::F32)?;
+    ensure_finite(&x, "the decoded images", w.sd.dtype)?;
+    let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    Ok((x * 255.0)?.round()?.to_dtype(DType::U8)?)
+}
+
+/// `[n, 3, H, W]` u8 pixels (as `decode` gives them) -> images.
+pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (n, _, h, w) = pixels.dims4()?;
+    (0..n)
+        .map(|i| {
+            let hwc = pixels.get(i)?.permute((1, 2, 0))?.flatten_all()?;
+            let raw = hwc.to_device(&Device::Cpu)?.to_vec1::<u8>()?;
+            image::RgbImage::from_raw(w as u32, h as u32, raw)
+                .ok_or_else(|| Error::internal("image buffer size mismatch"))
+        })
+        .collect()
+}
+
+/// Refuses NaN or infinity before it becomes a black or grey PNG.
+fn ensure_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
+    // x * 0 is 0 for every finite x and NaN for NaN and both infinities.
+    let probe = (t * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if probe.is_finite() {
+        return Ok(());
+    }
+    let likely = if dtype == DType::F16 {
+        "f16 overflowing in this model: try --dtype f32 (or bf16 on CUDA)"
+    } else {
+        "adapters or embeddings from a diverged training run: retrain with a lower learning rate"
+    };
+    Err(Error::Diverged(format!(
+        "{what} hold NaN or infinite values, so no image was written. The likely cause is {likely}."
+    )))
+}
+
+pub fn progress_bar(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}]");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
