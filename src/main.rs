@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use magictailor::batch::{BatchOptions, Shard};
+use magictailor::infer::many::{self, Many};
 use magictailor::infer::{self, InferOptions};
 use magictailor::interrupt::Interrupt;
 use magictailor::train::dm_deg::Curve;
@@ -208,8 +209,32 @@ struct TrainSettings {
 #[derive(Args)]
 struct InferArgs {
     /// The prompt, e.g. "<v0> with <v1>, in the snow".
+    #[arg(long, required_unless_present = "prompts_file")]
+    prompt: Option<String>,
+    /// Many prompts, one per line, each with every --seeds seed, in one process: images go
+    /// to OUT_DIR/promptNN/seedNN.png with a manifest.jsonl; existing images are skipped.
+    #[arg(long, conflicts_with_all = ["prompt", "num_images", "init_latents", "out"])]
+    prompts_file: Option<PathBuf>,
+    /// What `{}` in a prompts file stands for.
+    #[arg(long, default_value = "<v0> with <v1>")]
+    placeholder: String,
+    /// With --prompts-file: seeds like 0..31 (inclusive) or 0,4,7 [default: --seed].
+    #[arg(long, requires = "prompts_file")]
+    seeds: Option<String>,
+    /// With --prompts-file: images denoised together.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// With --prompts-file: also a labelled contact sheet per prompt (promptNN/grid.png).
     #[arg(long)]
-    prompt: String,
+    grid: bool,
+    /// With --prompts-file: where the images go.
+    #[arg(long, default_value = "outputs/inference")]
+    out_dir: PathBuf,
+    /// Layout-and-Retouch's step blend: the first K DDIM steps with the base model on the
+    /// prompt with class words for the pseudo-words (needs a trained folder), then the
+    /// personalized model.
+    #[arg(long, default_value_t = 0)]
+    layout_steps: usize,
     #[arg(long, default_value = "")]
     negative_prompt: String,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -379,8 +404,21 @@ fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
 }
 
 fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
+    let many = match &a.prompts_file {
+        Some(file) => Some(Many {
+            prompts: many::read_prompts(file, &a.placeholder)?,
+            seeds: match &a.seeds {
+                Some(spec) => many::parse_seeds(spec)?,
+                None => vec![a.seed],
+            },
+            batch_size: a.batch_size as usize,
+            out_dir: a.out_dir.clone(),
+            grid: a.grid,
+        }),
+        None => None,
+    };
     let opts = InferOptions {
-        prompt: a.prompt,
+        prompt: a.prompt.unwrap_or_default(),
         negative_prompt: a.negative_prompt,
         num_images: a.num_images as usize,
         steps: a.steps as usize,
@@ -397,12 +435,16 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
         device: magictailor::device::parse(&a.device)?,
         dtype: a.dtype.dtype(),
         progress: !a.quiet,
+        layout_steps: a.layout_steps,
+        many,
     };
     let written = infer::run(&opts)?;
-    if !a.quiet {
+    if !a.quiet && opts.many.is_none() {
         for p in written {
             println!("{}", p.display());
         }
+    } else if !a.quiet {
+        println!("{}", a.out_dir.join("manifest.jsonl").display());
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
 use crate::rng::seeded_normal;
 
+pub mod many;
 mod sampling;
 pub use sampling::{decode, denoise, progress_bar, sample, to_images, Conditioning, Weights};
 
@@ -38,6 +39,11 @@ pub struct InferOptions {
     /// Precision of the model weights (sampling math stays f32).
     pub dtype: DType,
     pub progress: bool,
+    /// Layout-and-Retouch's step blend: the first K DDIM steps with the base model on the
+    /// prompt with class words in place of the pseudo-words. 0: off.
+    pub layout_steps: usize,
+    /// Many prompts x seeds instead of `prompt` (`--prompts-file`).
+    pub many: Option<many::Many>,
 }
 
 /// Where a personalized model's weights come from.
@@ -49,6 +55,8 @@ pub struct Sources {
     pub embeds: Option<PathBuf>,
     /// The whole trained token-embedding table (`--released-script` runs).
     pub token_table: Option<PathBuf>,
+    /// Pseudo-word -> class word, from a trained folder's record (for `--layout-steps`).
+    pub class_words: std::collections::BTreeMap<String, String>,
 }
 
 /// A model ready to sample: base weights, optional adapters, added pseudo-words.
@@ -59,6 +67,8 @@ pub struct Personalized {
     pub extra_rows: Option<Tensor>,
     /// Replaces the text encoder's token table (`--released-script` runs).
     pub token_table: Option<Tensor>,
+    /// Pseudo-word -> class word, when known (a trained folder).
+    pub class_words: std::collections::BTreeMap<String, String>,
 }
 
 impl Personalized {
@@ -88,7 +98,24 @@ impl Personalized {
             lora,
             extra_rows,
             token_table,
+            class_words: src.class_words.clone(),
         })
+    }
+
+    /// `prompt` with each pseudo-word replaced by its class word ("<v0> with <v1>" ->
+    /// "person with hair"): what the base model draws in a step blend's layout stage.
+    pub fn class_prompt(&self, prompt: &str) -> Result<String> {
+        let mut out = prompt.to_string();
+        for word in crate::model::tokenizer::pseudo_words_in(prompt) {
+            let class = self.class_words.get(&word).ok_or_else(|| {
+                Error::usage(format!(
+                    "--layout-steps needs the class word of {word}, which a trained folder's \
+                     magictailor.json records: use --model-dir."
+                ))
+            })?;
+            out = out.replace(&word, class);
+        }
+        Ok(out)
     }
 
     pub fn weights(&self) -> Weights<'_> {
@@ -141,6 +168,7 @@ fn sources(opts: &InferOptions) -> Result<Sources> {
                 lora: opts.lora.clone(),
                 embeds: opts.embeds.clone(),
                 token_table: None,
+                class_words: Default::default(),
             })
         }
         (None, None) => PathBuf::from(run::DEFAULT_DIR),
@@ -151,29 +179,68 @@ fn sources(opts: &InferOptions) -> Result<Sources> {
         lora: opts.lora.clone().or(folder.lora),
         embeds: opts.embeds.clone().or(folder.embeds),
         token_table: folder.token_table,
+        class_words: folder.record.tokens,
     })
 }
 
 pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
-    let p = Personalized::load(&sources(opts)?, &opts.device, opts.dtype)?;
+    if opts.layout_steps > opts.steps {
+        return Err(Error::usage(format!(
+            "--layout-steps {} is more than --steps {}.",
+            opts.layout_steps, opts.steps
+        )));
+    }
+    let src = sources(opts)?;
+    let p = Personalized::load(&src, &opts.device, opts.dtype)?;
     let w = p.weights();
-    w.check_prompt(&opts.prompt)?;
     w.check_prompt(&opts.negative_prompt)?;
+    if let Some(m) = &opts.many {
+        return many::run(&p, opts, m, &src);
+    }
+    w.check_prompt(&opts.prompt)?;
     let latents = initial_latents(&p, opts)?;
-    let latents = sample(
-        w,
+    let bar = progress_bar(opts.steps as u64, "denoising", opts.progress);
+    let latents = generate(
+        &p,
         &opts.prompt,
         &opts.negative_prompt,
         latents,
-        opts.steps,
-        opts.guidance,
-        opts.progress,
+        opts,
+        || bar.inc(1),
     )?;
-    let images = decode(w, &latents)?;
-    save_pngs(&images, &opts.out)
+    bar.finish_and_clear();
+    save_pngs(&decode(w, &latents)?, &opts.out)
 }
 
-fn latent_shape(p: &Personalized, opts: &InferOptions) -> Result<(usize, usize, usize, usize)> {
+/// DDIM from `latents`: with `opts.layout_steps` K > 0, the first K steps run the base
+/// model on the class-word prompt, the rest the personalized model on `prompt`.
+pub fn generate(
+    p: &Personalized,
+    prompt: &str,
+    negative: &str,
+    latents: Tensor,
+    opts: &InferOptions,
+    on_step: impl FnMut(),
+) -> Result<Tensor> {
+    let w = p.weights();
+    let main = w.condition(prompt, negative, opts.guidance)?;
+    let layout = match opts.layout_steps {
+        0 => None,
+        k => {
+            let (base_prompt, base_negative) = (p.class_prompt(prompt)?, p.class_prompt(negative)?);
+            Some((
+                w.base()
+                    .condition(&base_prompt, &base_negative, opts.guidance)?,
+                k,
+            ))
+        }
+    };
+    let layout = layout.as_ref().map(|(c, k)| (c, *k));
+    denoise(&main, layout, latents, opts.steps, on_step)
+}
+
+/// One image's latent shape `(channels, height / f, width / f)`.
+fn latent_shape(p: &Personalized, opts: &InferOptions) -> Result<(usize, usize, usize)> {
     let f = p.sd.vae_factor();
     for (name, v) in [("--width", opts.width), ("--height", opts.height)] {
         if v == 0 || v % f != 0 {
@@ -184,7 +251,6 @@ fn latent_shape(p: &Personalized, opts: &InferOptions) -> Result<(usize, usize, 
         }
     }
     Ok((
-        opts.num_images,
         p.sd.unet.config.in_channels,
         opts.height / f,
         opts.width / f,
@@ -193,7 +259,8 @@ fn latent_shape(p: &Personalized, opts: &InferOptions) -> Result<(usize, usize, 
 
 /// Seeded Gaussian latents, or the `latents` tensor of `--init-latents`.
 fn initial_latents(p: &Personalized, opts: &InferOptions) -> Result<Tensor> {
-    let shape = latent_shape(p, opts)?;
+    let (c, h, w) = latent_shape(p, opts)?;
+    let shape = (opts.num_images, c, h, w);
     let Some(file) = &opts.init_latents else {
         return seeded_normal(opts.seed, shape, &opts.device);
     };
@@ -247,4 +314,3 @@ fn save_pngs(images: &Tensor, out: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(paths)
 }
-

@@ -64,7 +64,12 @@ impl<'a> Weights<'a> {
     }
 
     /// A prompt's text features, encoded once for any number of images.
-    pub fn condition(&self, prompt: &str, negative: &str, guidance: f64) -> Result<Conditioning<'a>> {
+    pub fn condition(
+        &self,
+        prompt: &str,
+        negative: &str,
+        guidance: f64,
+    ) -> Result<Conditioning<'a>> {
         let uncond = match guidance > 1.0 {
             true => Some(self.encode_prompts(&[negative])?),
             false => None,
@@ -94,7 +99,10 @@ impl Conditioning<'_> {
         let n = x.dim(0)?;
         let repeat = |c: &Tensor| c.repeat((n, 1, 1));
         let (input, context) = match &self.uncond {
-            Some(u) => (Tensor::cat(&[x, x], 0)?, Tensor::cat(&[repeat(u)?, repeat(&self.cond)?], 0)?),
+            Some(u) => (
+                Tensor::cat(&[x, x], 0)?,
+                Tensor::cat(&[repeat(u)?, repeat(&self.cond)?], 0)?,
+            ),
             None => (x.clone(), repeat(&self.cond)?),
         };
         let b = input.dim(0)?;
@@ -182,7 +190,10 @@ pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>> {
 /// Refuses NaN or infinity before it becomes a black or grey PNG.
 fn ensure_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
     // x * 0 is 0 for every finite x and NaN for NaN and both infinities.
-    let probe = (t * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let probe = (t * 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     if probe.is_finite() {
         return Ok(());
     }
@@ -201,7 +212,8 @@ pub fn progress_bar(len: u64, what: &str, show: bool) -> indicatif::ProgressBar 
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);
-    let template = format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}]");
+    let template =
+        format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}]");
     if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
         bar.set_style(style);
     }
