@@ -337,15 +337,6 @@ fn stale_locks_are_taken_over_and_foreign_ones_are_not() {
     );
 }
 
-fn weights(out: &Path) -> Vec<Vec<u8>> {
-    [
-        "pytorch_lora_weights.safetensors",
-        "learned_embeds.safetensors",
-    ]
-    .map(|f| read_bytes(&out.join(f)))
-    .to_vec()
-}
-
 /// Ctrl-C stops after the current step with a checkpoint (exit 130), SIGTERM the same
 /// (143); `--resume` then gives the same weights as a run never interrupted.
 #[test]
@@ -387,7 +378,7 @@ fn interrupted_runs_resume_bit_identically() {
         );
     }
     ok(&run_bin("train", &resume));
-    assert!(weights(&full) == weights(&cut), "resumed weights differ");
+    assert!(trained_weights(&full) == trained_weights(&cut), "resumed weights differ");
     let strip = |p: &Path| {
         read_log(p)
             .into_iter()

@@ -23,15 +23,6 @@ fn watched_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str>
     args
 }
 
-fn weights(out: &Path) -> Vec<Vec<u8>> {
-    [
-        "pytorch_lora_weights.safetensors",
-        "learned_embeds.safetensors",
-    ]
-    .map(|f| read_bytes(&out.join(f)))
-    .to_vec()
-}
-
 /// Grids at steps 2, 3 (the switch), 4 and 5 (the end), each 4 prompts x 2 seeds; the
 /// weights equal a run without sampling; the loss plot is a 960x540 PNG; the run record
 /// lists them all.
@@ -49,7 +40,7 @@ fn sampling_draws_grids_and_changes_no_weight() {
     set_arg(&mut plain, "--sample-every", "0");
     ok(&run_bin("train", &plain));
     assert!(
-        weights(&on) == weights(&off),
+        trained_weights(&on) == trained_weights(&off),
         "sampling changed the trained weights"
     );
     assert!(!off.join("samples").exists());

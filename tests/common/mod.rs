@@ -120,6 +120,13 @@ pub fn read_bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// The bytes of a run folder's adapters and embeddings, to compare two runs.
+pub fn trained_weights(out: &Path) -> Vec<Vec<u8>> {
+    ["pytorch_lora_weights.safetensors", "learned_embeds.safetensors"]
+        .map(|f| read_bytes(&out.join(f)))
+        .to_vec()
+}
+
 /// `train_log.jsonl` of a run folder, one JSON value per line.
 pub fn read_log(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("train_log.jsonl"))
