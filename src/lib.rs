@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod infer;
 pub mod interrupt;
+pub mod masks;
 pub mod io;
 pub mod model;
 pub mod preview;
