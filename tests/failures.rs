@@ -378,7 +378,10 @@ fn interrupted_runs_resume_bit_identically() {
         );
     }
     ok(&run_bin("train", &resume));
-    assert!(trained_weights(&full) == trained_weights(&cut), "resumed weights differ");
+    assert!(
+        trained_weights(&full) == trained_weights(&cut),
+        "resumed weights differ"
+    );
     let strip = |p: &Path| {
         read_log(p)
             .into_iter()

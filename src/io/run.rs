@@ -136,7 +136,10 @@ pub fn append_jsonl(file: &Path, entry: &impl Serialize) -> Result<()> {
 pub fn read_log(dir: &Path) -> Result<Vec<serde_json::Value>> {
     let file = dir.join(LOG);
     let text = std::fs::read_to_string(&file).map_err(|e| Error::read(&file, e))?;
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Drops log lines past `step` (written after the checkpoint a run resumes from).

@@ -150,7 +150,10 @@ impl ClipTokenizer {
     /// Words of the form `<...>` in a prompt that are not known pseudo-words.
     pub fn unknown_pseudo_words(&self, text: &str) -> Vec<String> {
         let known = |w: &String| self.added.contains(w);
-        pseudo_words_in(text).into_iter().filter(|w| !known(w)).collect()
+        pseudo_words_in(text)
+            .into_iter()
+            .filter(|w| !known(w))
+            .collect()
     }
 }
 

@@ -122,9 +122,12 @@ pub fn read_bytes(p: &Path) -> Vec<u8> {
 
 /// The bytes of a run folder's adapters and embeddings, to compare two runs.
 pub fn trained_weights(out: &Path) -> Vec<Vec<u8>> {
-    ["pytorch_lora_weights.safetensors", "learned_embeds.safetensors"]
-        .map(|f| read_bytes(&out.join(f)))
-        .to_vec()
+    [
+        "pytorch_lora_weights.safetensors",
+        "learned_embeds.safetensors",
+    ]
+    .map(|f| read_bytes(&out.join(f)))
+    .to_vec()
 }
 
 /// `train_log.jsonl` of a run folder, one JSON value per line.

@@ -114,7 +114,10 @@ impl CustomOp3 for LoraLinear {
             Ok::<_, candle_core::Error>(cpu::lora_linear_fwd(x, w[0], bias.as_deref(), a, b, &dims))
         })??;
         let mut out = xl.dims().to_vec();
-        *out.last_mut().expect("rank >= 1") = dims.n;
+        let Some(last) = out.last_mut() else {
+            candle_core::bail!("lora_linear: a scalar input has no features")
+        };
+        *last = dims.n;
         Ok((CpuStorage::F32(y), out.into()))
     }
     #[allow(clippy::type_complexity)]
