@@ -131,17 +131,30 @@ impl AdamW {
     }
 }
 
+/// The global L2 norm (in f64) of each group's gradients, those present, with a single
+/// device-to-host read for all groups.
+pub fn grad_norms(grads: &GradStore, groups: &[&[Var]]) -> Result<Vec<f64>> {
+    let mut sq = Vec::new();
+    let mut group_of = Vec::new();
+    for (gi, group) in groups.iter().enumerate() {
+        for g in group.iter().filter_map(|p| grads.get(p.as_tensor())) {
+            sq.push(g.detach().to_dtype(DType::F64)?.sqr()?.sum_all()?);
+            group_of.push(gi);
+        }
+    }
+    let mut sums = vec![0f64; groups.len()];
+    if !sq.is_empty() {
+        let host = Tensor::stack(&sq, 0)?.to_vec1::<f64>()?;
+        for (v, gi) in host.into_iter().zip(group_of) {
+            sums[gi] += v;
+        }
+    }
+    Ok(sums.into_iter().map(f64::sqrt).collect())
+}
+
 /// The global L2 norm of the gradients of `params` (those present), in f64.
 pub fn grad_norm(grads: &GradStore, params: &[Var]) -> Result<f64> {
-    let sq = params
-        .iter()
-        .filter_map(|p| grads.get(p.as_tensor()))
-        .map(|g| g.detach().to_dtype(DType::F64)?.sqr()?.sum_all())
-        .collect::<Result<Vec<_>>>()?;
-    if sq.is_empty() {
-        return Ok(0.0);
-    }
-    Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    Ok(grad_norms(grads, &[params])?[0])
 }
 
 /// Scales all gradients of `params` so their global L2 norm is at most `max_norm`, as
@@ -150,6 +163,12 @@ pub fn grad_norm(grads: &GradStore, params: &[Var]) -> Result<f64> {
 /// graph nodes themselves (docs/candle.md §6).
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[Var], max_norm: f64) -> Result<f64> {
     let norm = grad_norm(grads, params)?;
+    clip_to(grads, params, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// Scales the gradients of `params`, whose global norm is `norm`, to at most `max_norm`.
+pub fn clip_to(grads: &mut GradStore, params: &[Var], norm: f64, max_norm: f64) -> Result<()> {
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     for p in params {
         if let Some(g) = grads.get(p.as_tensor()) {
@@ -157,5 +176,5 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Var], max_norm: f64) -> R
             grads.insert(p.as_tensor(), g);
         }
     }
-    Ok(norm)
+    Ok(())
 }

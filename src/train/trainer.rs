@@ -13,7 +13,7 @@ use super::losses::{masked_diffusion_per_image, resize_nearest};
 use super::objective::{
     noised_latents, pseudo_word, step_losses, Batch, LossWeights, StepLosses, TextParams,
 };
-use super::optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
 use crate::io::{embeds, run, tensors};
@@ -269,8 +269,10 @@ impl Trainer {
         let per_sample = per_sample.detach().to_vec1::<f32>()?;
         drop((loss, l_diff, l_attn, l_pres));
         // As the released script: only the U-Net's (LoRA) gradients are clipped.
-        let lora_norm = clip_grad_norm(&mut grads, &self.lora.vars(), 1.0)?;
-        let text_norm = grad_norm(&grads, &self.text_vars())?;
+        let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
+        let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
+        let (lora_norm, text_norm) = (norms[0], norms[1]);
+        clip_to(&mut grads, &lora_vars, lora_norm, 1.0)?;
         let lr = self.lr(d);
         self.opt.config.lr = lr;
         let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
