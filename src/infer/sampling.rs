@@ -93,17 +93,24 @@ pub struct Conditioning<'a> {
 }
 
 impl Conditioning<'_> {
-    /// One guided noise prediction for latents `x: [n, ...]` at timestep `t`.
-    fn eps(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+    /// The U-Net's context for `n` images: `[uncond x n, cond x n]` with guidance, else
+    /// `[cond x n]`. Built once per denoising, not per step.
+    fn context(&self, n: usize) -> Result<Tensor> {
+        let repeat = |c: &Tensor| c.repeat((n, 1, 1));
+        Ok(match &self.uncond {
+            Some(u) => Tensor::cat(&[repeat(u)?, repeat(&self.cond)?], 0)?,
+            None => repeat(&self.cond)?,
+        })
+    }
+
+    /// One guided noise prediction for latents `x: [n, ...]` at timestep `t`, with
+    /// `context` from [`Self::context`].
+    fn eps(&self, x: &Tensor, t: usize, context: &Tensor) -> Result<Tensor> {
         let w = &self.weights;
         let n = x.dim(0)?;
-        let repeat = |c: &Tensor| c.repeat((n, 1, 1));
-        let (input, context) = match &self.uncond {
-            Some(u) => (
-                Tensor::cat(&[x, x], 0)?,
-                Tensor::cat(&[repeat(u)?, repeat(&self.cond)?], 0)?,
-            ),
-            None => (x.clone(), repeat(&self.cond)?),
+        let input = match self.uncond {
+            Some(_) => Tensor::cat(&[x, x], 0)?,
+            None => x.clone(),
         };
         let b = input.dim(0)?;
         let ts = Tensor::from_vec(vec![t as f32; b], b, &w.sd.device)?;
@@ -112,7 +119,7 @@ impl Conditioning<'_> {
             probe: None,
         };
         let eps = (w.sd.unet)
-            .forward(&input.to_dtype(w.sd.dtype)?, &ts, &context, ctx)?
+            .forward(&input.to_dtype(w.sd.dtype)?, &ts, context, ctx)?
             .to_dtype(DType::F32)?;
         if self.uncond.is_none() {
             return Ok(eps);
@@ -133,13 +140,19 @@ pub fn denoise(
 ) -> Result<Tensor> {
     let sd = main.weights.sd;
     let ddim = Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
+    let n = latents.dim(0)?;
+    let main_context = main.context(n)?;
+    let layout = match layout {
+        Some((base, k)) => Some((base, base.context(n)?, k)),
+        None => None,
+    };
     let mut x = latents;
     for (i, &t) in ddim.timesteps().iter().enumerate() {
-        let stage = match layout {
-            Some((base, k)) if i < k => base,
-            _ => main,
+        let eps = match &layout {
+            Some((base, context, k)) if i < *k => base.eps(&x, t, context)?,
+            _ => main.eps(&x, t, &main_context)?,
         };
-        x = ddim.step(&stage.eps(&x, t)?, t, &x)?;
+        x = ddim.step(&eps, t, &x)?;
         on_step();
     }
     Ok(x)

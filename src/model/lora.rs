@@ -414,6 +414,15 @@ impl TrainableLora {
         }
     }
 
+    /// The current weights without the Vars: a forward builds no graph. Shares storage,
+    /// so it reads what the next optimizer step writes (fine for sampling in between).
+    pub fn detached(&self) -> LoraSet {
+        match self.set_with(|v| Ok::<_, std::convert::Infallible>(v.as_tensor().detach())) {
+            Ok(set) => set,
+            Err(never) => match never {},
+        }
+    }
+
     /// A copy that shares no storage with the Vars and builds no graph (the momentum
     /// adapters of DS-Bal).
     pub fn detached_copy(&self) -> Result<LoraSet> {

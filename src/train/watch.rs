@@ -101,7 +101,7 @@ pub fn samples_file(out: &Path, step: usize) -> PathBuf {
 /// Column `s` of a prompt is what `infer --seed s` draws with the same weights.
 pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
     let cfg = &t.cfg;
-    let lora = t.lora.detached_copy()?;
+    let lora = t.lora.detached();
     let rows = t.rows.as_detached_tensor();
     let table = t.table.as_ref().map(|v| v.as_detached_tensor());
     let w = Weights {
