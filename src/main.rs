@@ -185,8 +185,8 @@ struct TrainSettings {
     /// switch and at the end; 0: never].
     #[arg(long)]
     sample_every: Option<usize>,
-    /// A text file with one sample prompt per line [default: <v0>; <v1>; <v0> with <v1>;
-    /// <v0> with <v1>, on the beach].
+    /// A text file with one sample prompt per line (`{}` stands for "<v0> with <v1>")
+    /// [default: <v0>; <v1>; <v0> with <v1>; <v0> with <v1>, on the beach].
     #[arg(long)]
     sample_prompts: Option<PathBuf>,
     /// Seeds of the grid's columns, comma-separated.
@@ -289,7 +289,7 @@ impl TrainSettings {
         output_dir: PathBuf,
     ) -> magictailor::Result<TrainConfig> {
         let sample_prompts = match &self.sample_prompts {
-            Some(file) => read_prompts(file)?,
+            Some(file) => many::read_prompts(file, "<v0> with <v1>", "--sample-prompts")?,
             None => d().sample_prompts,
         };
         Ok(TrainConfig {
@@ -349,22 +349,6 @@ impl TrainSettings {
     }
 }
 
-/// One prompt per non-blank line.
-fn read_prompts(file: &std::path::Path) -> magictailor::Result<Vec<String>> {
-    let text = std::fs::read_to_string(file).map_err(|e| magictailor::Error::read(file, e))?;
-    let prompts: Vec<String> = (text.lines().map(str::trim))
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
-    if prompts.is_empty() {
-        return Err(magictailor::Error::usage(format!(
-            "--sample-prompts {}: the file has no prompts (one per line).",
-            file.display()
-        )));
-    }
-    Ok(prompts)
-}
-
 fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
     let s = &a.settings;
     let cfg = s.config(a.instance_dir, a.output_dir)?;
@@ -406,7 +390,7 @@ fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
 fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
     let many = match &a.prompts_file {
         Some(file) => Some(Many {
-            prompts: many::read_prompts(file, &a.placeholder)?,
+            prompts: many::read_prompts(file, &a.placeholder, "--prompts-file")?,
             seeds: match &a.seeds {
                 Some(spec) => many::parse_seeds(spec)?,
                 None => vec![a.seed],

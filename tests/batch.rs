@@ -53,11 +53,6 @@ fn batch_args<'a>(pairs: &'a str, root: &'a str, model: &'a str) -> Vec<&'a str>
     ]
 }
 
-fn with<'a>(mut args: Vec<&'a str>, more: &[&'a str]) -> Vec<&'a str> {
-    args.extend_from_slice(more);
-    args
-}
-
 /// `batch_summary.jsonl`, one value per line.
 fn summary(root: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(root.join("batch_summary.jsonl"))
@@ -156,7 +151,7 @@ fn a_bad_pair_in_the_middle_is_recorded_and_the_others_train() {
 
 /// The pairs a worker's dry run would train.
 fn planned(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
-    let mut c = bin_command("batch", &with(args.to_vec(), &["--dry-run"]));
+    let mut c = bin_command("batch", &with_args(args.to_vec(), &["--dry-run"]));
     for (k, v) in env {
         c.env(k, v);
     }
@@ -189,7 +184,7 @@ fn shards_cover_every_pair_exactly_once() {
             (ids.iter())
                 .map(|i| {
                     planned(
-                        &with(args.clone(), &["--shard-index", i, "--shard-count", &count]),
+                        &with_args(args.clone(), &["--shard-index", i, "--shard-count", &count]),
                         &[],
                     )
                 })
@@ -207,7 +202,7 @@ fn shards_cover_every_pair_exactly_once() {
             (ids.iter())
                 .map(|i| {
                     planned(
-                        &with(args.clone(), &["--shard-count", &count]),
+                        &with_args(args.clone(), &["--shard-count", &count]),
                         &[("JOB_COMPLETION_INDEX", i)],
                     )
                 })
@@ -225,7 +220,7 @@ fn shards_cover_every_pair_exactly_once() {
     }
     let o = run_bin(
         "batch",
-        &with(args, &["--shard-index", "3", "--shard-count", "3"]),
+        &with_args(args, &["--shard-index", "3", "--shard-count", "3"]),
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
@@ -321,7 +316,7 @@ fn a_killed_batch_resumes_the_interrupted_pair_bit_identically() {
 
     let alone = tmp.path().join("alone");
     let instance = dir.join("person_b+hair_b");
-    let train_args = with(
+    let train_args = with_args(
         quiet_train_args(instance.to_str().unwrap(), alone.to_str().unwrap(), &model),
         &steps,
     );

@@ -14,11 +14,6 @@ use common::*;
 
 const LOCK: &str = ".magictailor.lock";
 
-fn with<'a>(mut args: Vec<&'a str>, more: &[&'a str]) -> Vec<&'a str> {
-    args.extend_from_slice(more);
-    args
-}
-
 /// `file` rewritten with one value of tensor `key` (or all, with `all`) set to `value`.
 fn poison(file: &Path, key: &str, value: f32, out: &Path) {
     rewrite(file, key, value, false, out)
@@ -50,7 +45,7 @@ fn infer_with_lora(model: &str, out: &Path, lora: &Path) -> Output {
     ];
     run_bin(
         "infer",
-        &with(infer_args(model, out.to_str().unwrap()), &adapters),
+        &with_args(infer_args(model, out.to_str().unwrap()), &adapters),
     )
 }
 
@@ -90,7 +85,7 @@ fn files_holding_nan_or_infinity_are_refused_by_tensor() {
 
     let bad_embeds = tmp.path().join("inf_embeds.safetensors");
     poison(&embeds, "<v1>", f32::INFINITY, &bad_embeds);
-    let args = with(
+    let args = with_args(
         infer_args(&model, png_s),
         &["--embeds", bad_embeds.to_str().unwrap()],
     );
@@ -157,7 +152,7 @@ fn a_diverging_run_stops_and_keeps_its_checkpoints() {
     ];
     let o = run_bin(
         "train",
-        &with(with(base.clone(), &steps), &["--warmup-lr", "1e4"]),
+        &with_args(with_args(base.clone(), &steps), &["--warmup-lr", "1e4"]),
     );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
@@ -202,7 +197,7 @@ fn f16_runs_that_keep_overflowing_stop() {
         "--warmup-lr",
         "1e6",
     ];
-    let o = run_bin("train", &with(base, &more));
+    let o = run_bin("train", &with_args(base, &more));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -267,12 +262,12 @@ fn one_run_per_output_folder() {
     let pair = pair_folder(tmp.path(), &PairSpec::training());
     let out = tmp.path().join("out");
     let model = tiny_sd();
-    let args = with(
+    let args = with_args(
         quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model),
         &["--warmup-steps", "100000", "--dsbal-steps", "0"],
     );
     let first = spawn_train(&args, &out, 1);
-    let o = run_bin("train", &with(args.clone(), &["--resume"]));
+    let o = run_bin("train", &with_args(args.clone(), &["--resume"]));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     let holder = format!("process {}", first.id());
@@ -309,7 +304,7 @@ fn stale_locks_are_taken_over_and_foreign_ones_are_not() {
     let args: Vec<&str> = args.into_iter().filter(|a| *a != "--quiet").collect();
     let o = run_bin(
         "train",
-        &with(args, &[steps[0], steps[1], steps[2], steps[3], "--json"]),
+        &with_args(args, &[steps[0], steps[1], steps[2], steps[3], "--json"]),
     );
     ok(&o);
     assert!(
@@ -324,7 +319,7 @@ fn stale_locks_are_taken_over_and_foreign_ones_are_not() {
     let lock = r#"{"host":"another-node-of-the-cluster","pid":1,"started":0}"#;
     std::fs::write(foreign.join(LOCK), lock).unwrap();
     let args = quiet_train_args(pair.to_str().unwrap(), foreign.to_str().unwrap(), &model);
-    let o = run_bin("train", &with(args, &steps));
+    let o = run_bin("train", &with_args(args, &steps));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
@@ -347,17 +342,17 @@ fn interrupted_runs_resume_bit_identically() {
     let steps = ["--warmup-steps", "60", "--dsbal-steps", "60"];
     let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
     let pair = pair.to_str().unwrap();
-    let full_args = with(
+    let full_args = with_args(
         quiet_train_args(pair, full.to_str().unwrap(), &model),
         &steps,
     );
     ok(&run_bin("train", &full_args));
 
-    let a = with(
+    let a = with_args(
         quiet_train_args(pair, cut.to_str().unwrap(), &model),
         &steps,
     );
-    let resume = with(a.clone(), &["--resume"]);
+    let resume = with_args(a.clone(), &["--resume"]);
     for (sig, code, args) in [("-INT", 130, &a), ("-TERM", 143, &resume)] {
         let at = read_log_lines(&cut) + 3;
         let child = spawn_train(args, &cut, at);
@@ -402,7 +397,7 @@ fn a_second_ctrl_c_exits_at_once() {
     // 512 px makes a step take seconds even on the tiny model.
     let mut args = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
     set_arg(&mut args, "--resolution", "512");
-    let args = with(args, &["--warmup-steps", "100000", "--dsbal-steps", "0"]);
+    let args = with_args(args, &["--warmup-steps", "100000", "--dsbal-steps", "0"]);
     let child = spawn_train(&args, &out, 1);
     signal(&child, "-INT");
     std::thread::sleep(Duration::from_millis(20));

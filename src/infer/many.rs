@@ -27,8 +27,9 @@ pub struct Many {
     pub grid: bool,
 }
 
-/// One line per non-blank line of `file`; `{}` stands for `placeholder`.
-pub fn read_prompts(file: &Path, placeholder: &str) -> Result<Vec<String>> {
+/// One prompt per non-blank line of `file` (`#` starts a comment line); `{}` stands for
+/// `placeholder`. `flag` names the option in the error for an empty file.
+pub fn read_prompts(file: &Path, placeholder: &str, flag: &str) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::read(file, e))?;
     let prompts: Vec<String> = (text.lines().map(str::trim))
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -36,7 +37,7 @@ pub fn read_prompts(file: &Path, placeholder: &str) -> Result<Vec<String>> {
         .collect();
     if prompts.is_empty() {
         return Err(Error::usage(format!(
-            "--prompts-file {}: the file has no prompts (one per line).",
+            "{flag} {}: the file has no prompts (one per line).",
             file.display()
         )));
     }

@@ -34,15 +34,12 @@ impl Holder {
         Self {
             host: hostname(),
             pid: std::process::id(),
-            started: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started: unix_now(),
         }
     }
 
     fn describe(&self) -> String {
-        let now = Holder::me().started;
-        let ago = now.saturating_sub(self.started);
+        let ago = unix_now().saturating_sub(self.started);
         format!(
             "process {} on {}, started {} ago",
             self.pid,
@@ -204,6 +201,10 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown-host".into())
+}
+
+fn unix_now() -> u64 {
+    (SystemTime::now().duration_since(UNIX_EPOCH)).map_or(0, |d| d.as_secs())
 }
 
 fn human_duration(secs: u64) -> String {

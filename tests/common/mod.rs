@@ -97,6 +97,12 @@ pub fn quiet_train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<
     args
 }
 
+/// `args` followed by `more`.
+pub fn with_args<'a>(mut args: Vec<&'a str>, more: &[&'a str]) -> Vec<&'a str> {
+    args.extend_from_slice(more);
+    args
+}
+
 /// Replaces the value that follows `flag` in `args`.
 pub fn set_arg<'a>(args: &mut [&'a str], flag: &str, value: &'a str) {
     let i = args
