@@ -8,6 +8,7 @@ use magictailor::batch::{BatchOptions, Shard};
 use magictailor::infer::many::{self, Many};
 use magictailor::infer::{self, InferOptions};
 use magictailor::interrupt::Interrupt;
+use magictailor::masks::{AttentionOptions, MasksOptions};
 use magictailor::train::dm_deg::Curve;
 use magictailor::train::trainer::Progress;
 use magictailor::train::TrainConfig;
@@ -36,6 +37,63 @@ enum Command {
     /// failed (e.g. out of memory) and a scheduler may retry, 130 / 143 when stopped by
     /// Ctrl-C / SIGTERM (a re-run resumes).
     Batch(BatchArgs),
+    /// Make masks/ for a pair folder from the base model's own cross-attention (no
+    /// Grounded-SAM), optionally refined with Segment Anything; check them in
+    /// masks/preview.png.
+    ///
+    /// Each image is encoded, noised to a few mid timesteps with fixed noise, and run
+    /// through the U-Net on "a photo of a {concept}" (concept images) or "a photo of a
+    /// {concept} with {component}" (component images). The class word's attention,
+    /// averaged over heads, the 16x16 and 32x32 layers and the timesteps, is thresholded
+    /// with Otsu's method and cleaned up; a concept mask leaves out its components.
+    Masks(MasksArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Refine {
+    /// Segment Anything, prompted with the attention mask's box and strongest points.
+    Sam,
+}
+
+#[derive(Args)]
+struct MasksArgs {
+    /// The pair folder, e.g. person_k+hair_c; class words come from its name.
+    #[arg(long)]
+    instance_dir: PathBuf,
+    /// Where to write the masks [default: INSTANCE_DIR/masks].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace masks that already exist.
+    #[arg(long)]
+    overwrite: bool,
+    /// The Stable Diffusion model whose attention is read (folder or hub id).
+    #[arg(long, default_value_t = d().model)]
+    model: String,
+    /// The square each image is cropped to, as `train --resolution`.
+    #[arg(long, default_value_t = AttentionOptions::default().resolution)]
+    resolution: usize,
+    /// Diffusion timesteps whose attention is averaged.
+    #[arg(long, value_delimiter = ',', default_values_t = AttentionOptions::default().timesteps)]
+    timesteps: Vec<usize>,
+    /// Seed of the fixed noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Refine the attention masks with a segmentation model.
+    #[arg(long, value_enum)]
+    refine: Option<Refine>,
+    /// SAM weights in candle's layout: a .safetensors file, a folder, a hub id, or
+    /// owner/repo/file.safetensors (MobileSAM: lmz/candle-sam/mobile_sam-tiny-vitt.safetensors).
+    #[arg(long, requires = "refine", default_value = magictailor::masks::sam::DEFAULT_MODEL)]
+    sam_model: String,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// One JSON line per mask on stdout.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -433,6 +491,36 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
     Ok(())
 }
 
+fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
+    let opts = MasksOptions {
+        instance_dir: a.instance_dir,
+        out: a.out,
+        model: a.model,
+        attention: AttentionOptions {
+            resolution: a.resolution,
+            timesteps: a.timesteps,
+            seed: a.seed,
+        },
+        sam_model: a.refine.map(|Refine::Sam| a.sam_model),
+        overwrite: a.overwrite,
+        device: magictailor::device::parse(&a.device)?,
+        dtype: a.dtype.dtype(),
+        progress: !a.quiet && !a.json,
+    };
+    let (written, preview) = magictailor::masks::run(&opts)?;
+    if a.json {
+        for w in &written {
+            println!("{}", serde_json::to_string(w).unwrap_or_default());
+        }
+    } else if !a.quiet {
+        for w in &written {
+            println!("{}", w.mask.display());
+        }
+        eprintln!("check every mask at a glance in {}", preview.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     magictailor::device::tune_cpu_runtime();
     let cli = Cli::parse();
@@ -440,6 +528,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train_cmd(a).map(|()| 0),
         Command::Infer(a) => infer_cmd(a).map(|()| 0),
         Command::Batch(a) => batch_cmd(a),
+        Command::Masks(a) => masks_cmd(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -127,7 +127,7 @@ fn bad_folders_are_refused_with_the_file_named() {
 
     let dir = pair(&tmp.path().join("d"));
     std::fs::remove_file(dir.join("masks/0_person_k2.png")).unwrap();
-    refused(&dir, "0_person_k2.jpg has no mask");
+    refused(&dir, "but not for 0_person_k2");
 
     let dir = pair(&tmp.path().join("e"));
     write_mask(&dir.join("masks/1_hair_c1.png"), 8, 8, None);

@@ -80,7 +80,7 @@ fn loss(s: &Setup) -> Tensor {
         s.sd.text_encoder
             .forward(&s.ids, Some(s.rows.as_tensor()))
             .unwrap();
-    let probe = AttnProbe::new(4, &[BlockKind::Down, BlockKind::Up]);
+    let probe = AttnProbe::new(&[4], &[BlockKind::Down, BlockKind::Up]);
     let set = s.lora.as_set();
     let out =
         s.sd.unet

@@ -127,7 +127,7 @@ fn unet_matches_diffusers_with_per_sample_timesteps() {
 fn cross_attention_probe_matches_diffusers() {
     let sd = load();
     let (x, t, ctx) = unet_inputs();
-    let probe = AttnProbe::new(4, &[BlockKind::Down]);
+    let probe = AttnProbe::new(&[4], &[BlockKind::Down]);
     sd.unet
         .forward(
             &x,

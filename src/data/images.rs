@@ -97,6 +97,18 @@ fn square(img: &DynamicImage, size: usize) -> DynamicImage {
     resized.crop_imm(x, y, size as u32, size as u32)
 }
 
+/// An image's size after EXIF rotation, as `load_rgb` sees it.
+pub fn image_size(path: &Path) -> Result<(u32, u32)> {
+    let img = decode(path)?;
+    Ok((img.width(), img.height()))
+}
+
+/// The centred square of a `w x h` image that `load_rgb` keeps: `(x, y, side)`.
+pub fn crop_square(w: u32, h: u32) -> (u32, u32, u32) {
+    let side = w.min(h);
+    ((w - side) / 2, (h - side) / 2, side)
+}
+
 /// `[3, size, size]` in [-1, 1].
 pub fn load_rgb(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
     let rgb = square(&decode(path)?, size).to_rgb8();
@@ -112,7 +124,18 @@ pub fn load_rgb(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
 
 /// `[1, size, size]` of 0/1 (white, >= 128 after resizing, is the wanted region).
 pub fn load_mask(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
-    let gray = square(&decode(path)?, size).to_luma8();
+    mask_tensor(&decode(path)?, size, device, path)
+}
+
+/// [`load_mask`] of a mask already in memory (computed masks take the same path as
+/// files); `path` names it in errors.
+pub fn mask_tensor(
+    mask: &DynamicImage,
+    size: usize,
+    device: &Device,
+    path: &Path,
+) -> Result<Tensor> {
+    let gray = square(mask, size).to_luma8();
     let data: Vec<f32> = gray
         .into_raw()
         .into_iter()

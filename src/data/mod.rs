@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, IoOp, Result};
-pub use images::{load_mask, load_rgb};
+pub use images::{crop_square, image_size, load_mask, load_rgb, mask_tensor};
 
 const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
 
@@ -71,7 +71,9 @@ impl PairDataset {
                     (None, MaskPolicy::WholeImage) => {
                         Tensor::ones((1, resolution, resolution), candle_core::DType::F32, device)?
                     }
-                    (None, MaskPolicy::Required) => return Err(missing_mask(dir, path)),
+                    (None, MaskPolicy::Required) => {
+                        return Err(missing_masks(dir, &files, &mask_files))
+                    }
                 };
                 images.push(RefImage {
                     path: path.clone(),
@@ -208,6 +210,9 @@ fn group_by_sample(
     Ok(by_sample)
 }
 
+/// The preview sheet's name in a masks folder (`masks/preview.png`), never a mask.
+pub const PREVIEW_STEM: &str = "preview";
+
 /// `masks/{stem}.png|jpg`, keyed by stem; `masks/others/` is not read.
 fn mask_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let masks = dir.join("masks");
@@ -215,7 +220,11 @@ fn mask_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
         return Ok(BTreeMap::new());
     }
     let mut out = BTreeMap::new();
-    for p in image_files(&masks)? {
+    // `magictailor masks` writes its preview sheet beside the masks.
+    for p in image_files(&masks)?
+        .into_iter()
+        .filter(|p| stem(p) != PREVIEW_STEM)
+    {
         out.insert(stem(&p), p);
     }
     Ok(out)
@@ -233,19 +242,36 @@ fn check_masks_have_images(masks: &BTreeMap<String, PathBuf>, images: &[PathBuf]
     Ok(())
 }
 
-fn missing_mask(dir: &Path, image: &Path) -> Error {
-    let has_masks = dir.join("masks").is_dir();
-    let why = if has_masks {
+fn missing_masks(dir: &Path, images: &[PathBuf], masks: &BTreeMap<String, PathBuf>) -> Error {
+    let missing: Vec<String> = images
+        .iter()
+        .map(|p| stem(p))
+        .filter(|s| !masks.contains_key(s))
+        .collect();
+    let why = if masks.is_empty() {
         format!(
-            "{} has no mask: add masks/{}.png (white = the wanted region)",
-            image.display(),
-            stem(image)
+            "{} has no masks: run `magictailor masks --instance-dir {}` to make them from the base \
+             model's attention, or draw masks/{{image stem}}.png (white = the wanted region)",
+            dir.display(),
+            dir.display()
         )
     } else {
-        format!("{} has no masks/ folder", dir.display())
+        format!(
+            "{} has masks for some images but not for {}: add masks/{}.png (white = the wanted \
+             region), or make the missing ones with `magictailor masks --instance-dir {} --overwrite`",
+            dir.display(),
+            missing.join(", "),
+            missing[0],
+            dir.display()
+        )
     };
     Error::usage(format!(
         "{why}. MagicTailor needs a mask per reference image; pass --no-masks to use whole images instead \
          (this lets background and other objects leak into the learned words)."
     ))
+}
+
+/// True when `dir/masks/` holds at least one mask.
+pub fn has_masks(dir: &Path) -> Result<bool> {
+    Ok(!mask_files(dir)?.is_empty())
 }

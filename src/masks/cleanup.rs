@@ -26,6 +26,47 @@ impl Binary {
         self.bits.iter().filter(|&&b| b).count()
     }
 
+    /// Inside `self` and outside `other` (same size).
+    pub fn minus(&self, other: &Binary) -> Binary {
+        Binary {
+            bits: self
+                .bits
+                .iter()
+                .zip(&other.bits)
+                .map(|(&a, &b)| a && !b)
+                .collect(),
+            ..self.clone()
+        }
+    }
+
+    /// Inside either (same size).
+    pub fn union(&self, other: &Binary) -> Binary {
+        Binary {
+            bits: self
+                .bits
+                .iter()
+                .zip(&other.bits)
+                .map(|(&a, &b)| a || b)
+                .collect(),
+            ..self.clone()
+        }
+    }
+
+    /// Intersection over union with `other` (same size); 1 for two empty masks.
+    pub fn iou(&self, other: &Binary) -> f64 {
+        let both = self.bits.iter().zip(&other.bits);
+        let (mut inter, mut union) = (0usize, 0usize);
+        for (&a, &b) in both {
+            inter += (a && b) as usize;
+            union += (a || b) as usize;
+        }
+        if union == 0 {
+            1.0
+        } else {
+            inter as f64 / union as f64
+        }
+    }
+
     /// Every pixel within `r` (a square) of an inside pixel (`grow`), or only pixels
     /// whose whole square is inside (`!grow`).
     fn morph(&self, r: usize, grow: bool) -> Binary {
@@ -241,19 +282,7 @@ mod tests {
             .collect();
         let got = super::super::binarize(&map, 64, 64);
         let want = from_fn(64, 64, |x, y| disc(x, y, 30.0, 34.0, 12.0));
-        let inter = got
-            .bits
-            .iter()
-            .zip(&want.bits)
-            .filter(|(a, b)| **a && **b)
-            .count();
-        let union = got
-            .bits
-            .iter()
-            .zip(&want.bits)
-            .filter(|(a, b)| **a || **b)
-            .count();
-        let iou = inter as f64 / union as f64;
+        let iou = got.iou(&want);
         assert!(iou >= 0.9, "IoU {iou}");
     }
 }

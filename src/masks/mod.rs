@@ -1,15 +1,32 @@
-//! Masks without a segmentation model (the masks issue): from a soft map (a word's
-//! cross-attention, upsampled to the image) to a clean binary mask.
-//!
-//! This module holds the map-to-mask half: Otsu's threshold, then a clean-up that closes
-//! small gaps, keeps the main region(s) and fills holes. Computing the attention maps and
-//! the `magictailor masks` command build on it.
+//! Masks without Grounded-SAM: `magictailor masks`, and `train` on a pair folder that has
+//! none. Each class word's cross-attention map from the base model (`attention.rs`),
+//! thresholded with Otsu's method (`otsu.rs`) and cleaned up (`cleanup.rs`); a concept
+//! mask leaves out its components (`pair.rs`); optionally refined with Segment Anything
+//! (`sam.rs`). Masks are written at each image's own size (`folder.rs`) and read back
+//! like a user's, so `train` resizes and binarizes both the same way.
 
+pub mod attention;
 pub mod cleanup;
+pub mod folder;
 pub mod otsu;
+pub mod pair;
+pub mod preview;
+pub mod sam;
 
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use image::GrayImage;
+use serde::{Deserialize, Serialize};
+
+pub use attention::AttentionOptions;
 pub use cleanup::{clean, Binary};
 pub use otsu::otsu_threshold;
+pub use pair::ImageMask;
+
+use crate::data::{self, MaskPolicy, PairDataset};
+use crate::error::{Error, Result};
+use crate::model::loader::StableDiffusion;
 
 /// A soft map (any range) -> a cleaned binary mask, with Otsu's threshold.
 pub fn binarize(map: &[f32], width: usize, height: usize) -> Binary {
@@ -20,4 +37,171 @@ pub fn binarize(map: &[f32], width: usize, height: usize) -> Binary {
         bits: map.iter().map(|&v| v > t).collect(),
     };
     clean(&raw)
+}
+
+/// How masks were made; `train` records it in `magictailor.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskRecord {
+    /// "attention" or "attention+sam".
+    pub method: String,
+    /// The Stable Diffusion model whose attention was read.
+    pub model: String,
+    pub attention: AttentionOptions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sam_model: Option<String>,
+}
+
+/// What `magictailor masks` does.
+#[derive(Debug, Clone)]
+pub struct MasksOptions {
+    pub instance_dir: PathBuf,
+    /// Where the masks go; `None`: `{instance_dir}/masks`.
+    pub out: Option<PathBuf>,
+    pub model: String,
+    pub attention: AttentionOptions,
+    /// `--refine sam`: the SAM weights (a folder, a file or a hub id).
+    pub sam_model: Option<String>,
+    pub overwrite: bool,
+    pub device: Device,
+    pub dtype: DType,
+    pub progress: bool,
+}
+
+/// One written mask, as `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Written {
+    pub image: PathBuf,
+    pub mask: PathBuf,
+    pub class_word: String,
+    pub sample: usize,
+    /// The share of the training crop the mask covers.
+    pub area: f64,
+}
+
+/// `magictailor masks`: checks everything, computes every mask, then writes the folder
+/// in one change. Returns the masks written and the preview's path.
+pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
+    let target = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| opts.instance_dir.join("masks"));
+    let data = PairDataset::load(
+        &opts.instance_dir,
+        opts.attention.resolution,
+        MaskPolicy::WholeImage,
+        &opts.device,
+    )?;
+    refuse_overwrite(&data, &target, opts.overwrite)?;
+    let sam = opts
+        .sam_model
+        .as_deref()
+        .map(|m| sam::Refiner::load(m, &opts.device))
+        .transpose()?;
+    let sd = StableDiffusion::load(&opts.model, &opts.device, opts.dtype)?;
+    check_resolution(&sd, opts.attention.resolution)?;
+    let record = MaskRecord {
+        method: if sam.is_some() {
+            "attention+sam"
+        } else {
+            "attention"
+        }
+        .into(),
+        model: opts.model.clone(),
+        attention: opts.attention.clone(),
+        sam_model: opts.sam_model.clone(),
+    };
+    let masks = compute(&sd, &data, &record, sam.as_ref(), opts.progress)?;
+    let written = write(&target, &data, &masks)?;
+    Ok((written, target.join(format!("{}.png", data::PREVIEW_STEM))))
+}
+
+fn refuse_overwrite(data: &PairDataset, target: &Path, overwrite: bool) -> Result<()> {
+    let stems: Vec<String> = data.images().map(|(_, im)| stem(&im.path)).collect();
+    let found = folder::existing(target, &stems);
+    if overwrite || found.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::usage(format!(
+        "masks already exist: {}. Pass --overwrite to replace them, or --out DIR to write elsewhere.",
+        names.join(", ")
+    )))
+}
+
+/// The resolution must be a whole number of latent cells.
+pub fn check_resolution(sd: &StableDiffusion, resolution: usize) -> Result<()> {
+    let f = sd.vae_factor();
+    if resolution.is_multiple_of(f) && resolution >= 8 * f {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "--resolution {resolution} must be a multiple of {f} (this model's VAE factor) and at least {}.",
+        8 * f
+    )))
+}
+
+/// Every image's mask: attention, then SAM when given; a progress bar over the images.
+pub fn compute(
+    sd: &StableDiffusion,
+    data: &PairDataset,
+    record: &MaskRecord,
+    sam: Option<&sam::Refiner>,
+    progress: bool,
+) -> Result<Vec<ImageMask>> {
+    let bar = crate::infer::progress_bar(data.num_images() as u64, "masks", progress);
+    let mut masks = pair::attention_masks(sd, data, &record.attention, |_| bar.inc(1))?;
+    bar.finish_and_clear();
+    if let Some(sam) = sam {
+        let pixels: Vec<_> = data.images().map(|(_, im)| &im.pixels).collect();
+        for (m, px) in masks.iter_mut().zip(pixels) {
+            m.crop = sam.refine(px, m)?;
+        }
+    }
+    Ok(masks)
+}
+
+/// Writes `masks` at each image's own size, with the preview, into `target`.
+pub fn write(target: &Path, data: &PairDataset, masks: &[ImageMask]) -> Result<Vec<Written>> {
+    let mut files = Vec::with_capacity(masks.len());
+    for m in masks {
+        files.push((stem(&m.image), full_size(m)?));
+    }
+    let pixels: Vec<_> = data.images().map(|(_, im)| &im.pixels).collect();
+    let title = format!("{}: masks", data.dir.display());
+    let sheet = preview::sheet(masks, &pixels, &title)?;
+    let paths = folder::write(target, &files, &sheet)?;
+    Ok(masks
+        .iter()
+        .zip(paths)
+        .map(|(m, mask)| Written {
+            image: m.image.clone(),
+            mask,
+            class_word: m.class_word.clone(),
+            sample: m.sample,
+            area: m.crop.area() as f64 / m.crop.bits.len().max(1) as f64,
+        })
+        .collect())
+}
+
+/// The mask at its image's own size: the training crop scaled back into place; the
+/// sides `train` crops off stay black, since no step ever sees them.
+pub fn full_size(m: &ImageMask) -> Result<GrayImage> {
+    let (w, h) = data::image_size(&m.image)?;
+    let (x0, y0, side) = data::crop_square(w, h);
+    let res = m.crop.width;
+    Ok(GrayImage::from_fn(w, h, |x, y| {
+        let inside = x >= x0 && y >= y0 && x < x0 + side && y < y0 + side;
+        let on = inside && {
+            let cx = ((x - x0) as usize * res / side as usize).min(res - 1);
+            let cy = ((y - y0) as usize * res / side as usize).min(res - 1);
+            m.crop.bits[cy * res + cx]
+        };
+        image::Luma([if on { 255 } else { 0 }])
+    }))
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

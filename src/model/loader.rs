@@ -251,34 +251,76 @@ fn offline() -> bool {
         .is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
 }
 
-/// Downloads (or finds in the hf-hub cache) the files we read; returns the snapshot folder.
-fn fetch_from_hub(id: &str) -> Result<PathBuf> {
-    let cache = hf_hub::Cache::from_env();
-    let cached = cache.model(id.to_string());
-    let api = if offline() {
-        None
-    } else {
-        Some(
-            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-                .with_progress(true)
-                .build()
-                .map_err(|e| hub_error(id, e))?,
-        )
-    };
-    let get = |file: &str| -> Result<Option<PathBuf>> {
-        if let Some(p) = cached.get(file) {
+/// One hub repo's files, from the local hf-hub cache first, downloaded otherwise (never
+/// when HF_HUB_OFFLINE is set).
+struct Hub {
+    id: String,
+    cached: hf_hub::CacheRepo,
+    api: Option<hf_hub::api::sync::Api>,
+}
+
+impl Hub {
+    fn new(id: &str) -> Result<Self> {
+        let cache = hf_hub::Cache::from_env();
+        let cached = cache.model(id.to_string());
+        let api = if offline() {
+            None
+        } else {
+            Some(
+                hf_hub::api::sync::ApiBuilder::from_cache(cache)
+                    .with_progress(true)
+                    .build()
+                    .map_err(|e| hub_error(id, e))?,
+            )
+        };
+        Ok(Self {
+            id: id.to_string(),
+            cached,
+            api,
+        })
+    }
+
+    /// `None` for a file the repo does not have (or, offline, that is not cached).
+    fn get(&self, file: &str) -> Result<Option<PathBuf>> {
+        if let Some(p) = self.cached.get(file) {
             return Ok(Some(p));
         }
-        match &api {
+        match &self.api {
             None => Ok(None),
-            Some(api) => match api.model(id.to_string()).get(file) {
+            Some(api) => match api.model(self.id.clone()).get(file) {
                 Ok(p) => Ok(Some(p)),
                 // A file the repo does not have (404) is "absent"; anything else is a failure.
                 Err(e) if e.to_string().contains("404") => Ok(None),
-                Err(e) => Err(hub_error(id, e)),
+                Err(e) => Err(hub_error(&self.id, e)),
             },
         }
-    };
+    }
+}
+
+/// One file of a hub repo (e.g. SAM weights), as a local path; `flag` is the option
+/// that named it, for the error.
+pub fn hub_file(id: &str, file: &str, flag: &str) -> Result<PathBuf> {
+    Hub::new(id)?.get(file)?.ok_or_else(|| {
+        Error::ModelNotFound(format!(
+            "{file} of {id} could not be found{}. Check {flag}, or pass a local file or folder.",
+            if offline() {
+                " (HF_HUB_OFFLINE is set and it is not in the local hub cache)"
+            } else {
+                ""
+            }
+        ))
+    })
+}
+
+/// True for `owner/name` (what the hub calls a repo id).
+pub fn is_hub_id(s: &str) -> bool {
+    looks_like_hub_id(s)
+}
+
+/// Downloads (or finds in the hf-hub cache) the files we read; returns the snapshot folder.
+fn fetch_from_hub(id: &str) -> Result<PathBuf> {
+    let hub = Hub::new(id)?;
+    let get = |file: &str| hub.get(file);
     let mut root: Option<PathBuf> = None;
     let mut need = |file: &str, required: bool| -> Result<bool> {
         match get(file)? {

@@ -16,24 +16,25 @@ pub enum BlockKind {
 }
 
 /// Records head-averaged cross-attention probabilities `[batch, queries, keys]` of every
-/// cross-attention layer whose query grid is `side x side`, in the chosen block kinds.
-/// Recorded maps stay in the graph, so a loss on them trains q/k adapters and tokens.
+/// cross-attention layer whose query grid is one of `sides` (`side x side`), in the chosen
+/// block kinds. Recorded maps stay in the graph, so a loss on them trains q/k adapters
+/// and tokens.
 pub struct AttnProbe {
-    pub side: usize,
+    pub sides: Vec<usize>,
     pub kinds: Vec<BlockKind>,
     maps: RefCell<Vec<(String, Tensor)>>,
 }
 
 impl AttnProbe {
-    pub fn new(side: usize, kinds: &[BlockKind]) -> Self {
+    pub fn new(sides: &[usize], kinds: &[BlockKind]) -> Self {
         Self {
-            side,
+            sides: sides.to_vec(),
             kinds: kinds.to_vec(),
             maps: RefCell::new(Vec::new()),
         }
     }
     pub(crate) fn wants(&self, kind: BlockKind, queries: usize) -> bool {
-        self.kinds.contains(&kind) && queries == self.side * self.side
+        self.kinds.contains(&kind) && self.sides.iter().any(|s| s * s == queries)
     }
     pub(crate) fn record(&self, path: &str, probs: Tensor) {
         self.maps.borrow_mut().push((path.to_string(), probs));

@@ -197,7 +197,11 @@ impl SimpleBackend for RandomBackend {
         let dims = s.dims().to_vec();
         let n = s.elem_count();
         let is_norm = name.contains("norm");
-        let values: Vec<f32> = if is_norm && name.ends_with("weight") {
+        let values: Vec<f32> = if name.ends_with("running_var") {
+            vec![1.0; n] // a BatchNorm's variance must be positive
+        } else if name.ends_with("running_mean") {
+            vec![0.0; n]
+        } else if is_norm && name.ends_with("weight") {
             (0..n)
                 .map(|_| 1.0 + 0.1 * rng.sample::<f32, _>(StandardNormal))
                 .collect()
@@ -276,6 +280,15 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| Error::internal(format!("serializing {}: {e}", path.display())))?;
     write_atomic(path, text.as_bytes())
+}
+
+/// Writes a random-weight MobileSAM (SAM with the TinyViT encoder) in candle's layout,
+/// as `lmz/candle-sam`'s `mobile_sam-tiny-vitt.safetensors`, for tests of `--refine sam`.
+pub fn write_sam(file: &Path, seed: u64) -> Result<()> {
+    let weights = random_weights(seed, |vb| {
+        candle_transformers::models::segment_anything::sam::Sam::new_tiny(vb.clone()).map(|_| ())
+    })?;
+    tensors::write(file, &weights, None)
 }
 
 /// Writes a complete tiny model in the diffusers layout into `dir`.

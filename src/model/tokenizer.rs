@@ -147,6 +147,31 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// The positions (in `encode(prompt)`) of `word`'s tokens, where `prompt` is
+    /// `before` followed by a space and `word`. `None` when the word has no token of its
+    /// own in this vocabulary (it tokenizes to nothing, to the unknown token, or past the
+    /// model length).
+    pub fn word_positions(&self, before: &str, word: &str) -> Result<Option<Vec<usize>>> {
+        let raw = |text: &str| -> Result<Vec<u32>> {
+            let enc = self
+                .inner
+                .encode(text, true)
+                .map_err(|e| Error::usage(format!("cannot tokenize {text:?}: {e}")))?;
+            let mut ids = enc.get_ids().to_vec();
+            ids.pop(); // EOS
+            Ok(ids)
+        };
+        let (head, full) = (raw(before)?, raw(&format!("{before} {word}"))?);
+        if full.len() <= head.len() || !full.starts_with(&head) || full.len() >= self.max_len {
+            return Ok(None);
+        }
+        // CLIP's unknown token is its EOS.
+        if full[head.len()..].contains(&self.eos_id) {
+            return Ok(None);
+        }
+        Ok(Some((head.len()..full.len()).collect()))
+    }
+
     /// Words of the form `<...>` in a prompt that are not known pseudo-words.
     pub fn unknown_pseudo_words(&self, text: &str) -> Vec<String> {
         let known = |w: &String| self.added.contains(w);

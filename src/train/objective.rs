@@ -193,7 +193,7 @@ pub fn step_losses(
     let context = sd
         .text_encoder
         .forward_with_table(&batch.ids, text.table, Some(text.rows))?;
-    let probe = AttnProbe::new(attn_side, &[BlockKind::Down, BlockKind::Up]);
+    let probe = AttnProbe::new(&[attn_side], &[BlockKind::Down, BlockKind::Up]);
     // The U-Net runs in the model's precision; losses are computed in f32.
     let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
     let online_ctx = Ctx {

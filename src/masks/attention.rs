@@ -1,0 +1,191 @@
+//! A word's cross-attention map on a reference image, read from the base model itself
+//! (ViCo, Layout-and-Retouch): encode the image, noise it to a few mid timesteps with
+//! fixed noise, run the U-Net on a prompt that names the word, and average the word's
+//! attention probabilities over heads, the two finest cross-attention grids below the
+//! latent's and the timesteps.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::loader::StableDiffusion;
+use crate::model::nn::Ctx;
+use crate::model::probe::{AttnProbe, BlockKind};
+use crate::rng::seeded_normal;
+
+/// How the maps are made; recorded with the masks.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AttentionOptions {
+    /// The square the image is centre-cropped and resized to, as `train` does.
+    pub resolution: usize,
+    /// Mid timesteps: early ones see only texture, late ones only noise.
+    pub timesteps: Vec<usize>,
+    /// Seed of the fixed noise.
+    pub seed: u64,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        Self {
+            resolution: 512,
+            timesteps: vec![200, 400, 600],
+            seed: 0,
+        }
+    }
+}
+
+/// A soft map over the `side x side` crop, row-major.
+#[derive(Debug, Clone)]
+pub struct SoftMap {
+    pub side: usize,
+    pub values: Vec<f32>,
+}
+
+/// The query grids read: SD 2.1 at 512 px has 64x64 latents, so 16x16 and 32x32, the
+/// layers whose maps are both sharp and semantic.
+pub fn probe_sides(latent_side: usize) -> [usize; 2] {
+    [latent_side.div_ceil(4), latent_side.div_ceil(2)]
+}
+
+/// The attention map of each of `words` in `prompt` on `pixels` (`[3, R, R]` in [-1, 1]).
+/// Each word is found as `prompt_before_word + " " + word`: `words[i]` gives that split.
+pub fn word_maps(
+    sd: &StableDiffusion,
+    pixels: &Tensor,
+    prompt: &str,
+    words: &[WordAt],
+    opts: &AttentionOptions,
+) -> Result<Vec<SoftMap>> {
+    let res = pixels.dim(1)?;
+    let probs = layer_probs(sd, pixels, prompt, opts)?;
+    let mut out = Vec::with_capacity(words.len());
+    for w in words {
+        let positions = sd
+            .tokenizer
+            .word_positions(&w.before, &w.word)?
+            .ok_or_else(|| unknown_word(&w.word))?;
+        out.push(average(&probs, &positions, res)?);
+    }
+    Ok(out)
+}
+
+/// Where a word sits in a prompt: `before` is the prompt up to the word.
+#[derive(Debug, Clone)]
+pub struct WordAt {
+    pub before: String,
+    pub word: String,
+}
+
+fn unknown_word(word: &str) -> Error {
+    Error::usage(format!(
+        "the class word {word:?} has no token of its own in this model's vocabulary, so its attention \
+         cannot be read: rename the pair folder with a common English word (e.g. person_k+hair_c), \
+         or supply masks/ yourself."
+    ))
+}
+
+/// Head-averaged probabilities `[timesteps, queries, keys]` of every probed layer.
+fn layer_probs(
+    sd: &StableDiffusion,
+    pixels: &Tensor,
+    prompt: &str,
+    opts: &AttentionOptions,
+) -> Result<Vec<Tensor>> {
+    let dev = &sd.device;
+    let n = opts.timesteps.len();
+    let image = pixels.unsqueeze(0)?.to_dtype(sd.dtype)?;
+    // The posterior mean: the map should not depend on a sample of the VAE.
+    let z0 = (sd.vae.encode(&image)?.mean.to_dtype(DType::F32)? * sd.vae.config.scaling_factor)?;
+    let z0 = z0.repeat((n, 1, 1, 1))?;
+    let eps = seeded_normal(opts.seed, z0.dims(), dev)?;
+    let z_t = sd.schedule.add_noise(&z0, &eps, &opts.timesteps)?;
+    let ts: Vec<f32> = opts.timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::from_vec(ts, n, dev)?;
+    let ids = sd.tokenizer.encode(prompt)?;
+    let ids = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;
+    let context = sd.text_encoder.forward(&ids, None)?.repeat((n, 1, 1))?;
+    let probe = AttnProbe::new(&probe_sides(z_t.dim(2)?), &[BlockKind::Down, BlockKind::Up]);
+    let ctx = Ctx {
+        lora: None,
+        probe: Some(&probe),
+    };
+    sd.unet
+        .forward(&z_t.to_dtype(sd.unet.dtype())?, &t, &context, ctx)?;
+    let maps = probe.take();
+    if maps.is_empty() {
+        return Err(Error::internal(format!(
+            "no cross-attention layer at {:?} queries: the model has none at this resolution",
+            probe.sides
+        )));
+    }
+    Ok(maps
+        .into_iter()
+        .map(|(_, m)| m.to_dtype(DType::F32))
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// The mean over layers and timesteps of the mean over `positions` (a word's tokens),
+/// each layer upsampled bilinearly to `res x res` first.
+fn average(probs: &[Tensor], positions: &[usize], res: usize) -> Result<SoftMap> {
+    let mut acc = vec![0f32; res * res];
+    for p in probs {
+        let (_, q, _) = p.dims3()?;
+        let side = (q as f64).sqrt().round() as usize;
+        let idx = Tensor::new(
+            positions.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            p.device(),
+        )?;
+        let word = p.index_select(&idx, 2)?.mean(2)?.mean(0)?;
+        let up = bilinear(&word.to_vec1::<f32>()?, side, res);
+        for (a, v) in acc.iter_mut().zip(up) {
+            *a += v;
+        }
+    }
+    let k = probs.len() as f32;
+    Ok(SoftMap {
+        side: res,
+        values: acc.into_iter().map(|v| v / k).collect(),
+    })
+}
+
+/// Bilinear upsampling of a `side x side` grid to `res x res`, sampling at pixel centres
+/// (align_corners = false, edges clamped).
+pub fn bilinear(grid: &[f32], side: usize, res: usize) -> Vec<f32> {
+    let scale = side as f32 / res as f32;
+    let coord = |o: usize| {
+        let x = ((o as f32 + 0.5) * scale - 0.5).clamp(0.0, (side - 1) as f32);
+        let i = (x.floor() as usize).min(side - 1);
+        (i, (i + 1).min(side - 1), x - i as f32)
+    };
+    let cols: Vec<_> = (0..res).map(coord).collect();
+    let mut out = Vec::with_capacity(res * res);
+    for y in 0..res {
+        let (y0, y1, fy) = coord(y);
+        for &(x0, x1, fx) in &cols {
+            let at = |yy: usize, xx: usize| grid[yy * side + xx];
+            let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+            let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_keeps_constants_and_interpolates() {
+        assert!(bilinear(&[0.25; 4], 2, 8).iter().all(|&v| v == 0.25));
+        // A left-right ramp stays monotone and symmetric.
+        let up = bilinear(&[0.0, 1.0, 0.0, 1.0], 2, 4);
+        assert_eq!(&up[..4], &[0.0, 0.25, 0.75, 1.0]);
+        assert_eq!(&up[..4], &up[12..]);
+    }
+
+    #[test]
+    fn probe_sides_are_the_16_and_32_grids_of_sd_at_512() {
+        assert_eq!(probe_sides(64), [16, 32]);
+        assert_eq!(probe_sides(8), [2, 4]);
+    }
+}

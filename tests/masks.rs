@@ -1,0 +1,269 @@
+//! `magictailor masks`: attention masks on a tiny model built so that the class words'
+//! cross-attention marks a known region, the folder it writes, SAM refinement plumbing
+//! on a random-weight MobileSAM, and bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::*;
+use magictailor::io::tensors;
+use magictailor::masks::Binary;
+use magictailor::model::loader::StableDiffusion;
+
+const RES: &str = "64";
+
+/// person_k+hair_c with `n` RedBlue pictures per sample (64x64, object = red left half).
+fn redblue_pair(root: &Path, n: usize) -> PathBuf {
+    let img = PairImage {
+        size: (64, 64),
+        format: Format::Png,
+        picture: Picture::RedBlue,
+    };
+    let spec = PairSpec {
+        samples: vec![("person_k", vec![img; n]), ("hair_c", vec![img; n])],
+        masks: false,
+        mask_size: None,
+        other_masks: false,
+    };
+    pair_folder(root, &spec)
+}
+
+fn zeros_like(t: &Tensor) -> Vec<f32> {
+    vec![0.0; t.elem_count()]
+}
+
+fn put(w: &mut HashMap<String, Tensor>, name: &str, values: Vec<f32>) {
+    let shape = w[name].shape().clone();
+    w.insert(
+        name.to_string(),
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap(),
+    );
+}
+
+/// A `[out, in, k, k]` conv (or `[out, in]` linear) reading input channel `i` into output
+/// channel `o` at the kernel's centre with weight `v`, everything else zero.
+fn one_tap(w: &mut HashMap<String, Tensor>, name: &str, taps: &[(usize, usize, f32)]) {
+    let dims = w[name].dims().to_vec();
+    let mut v = zeros_like(&w[name]);
+    let (ins, k) = (dims[1], dims.get(2).copied().unwrap_or(1));
+    for &(o, i, x) in taps {
+        v[((o * ins + i) * k + k / 2) * k + k / 2] = x;
+    }
+    put(w, name, v);
+}
+
+/// Rewrites the tiny U-Net so that latent channels, projected on `dir` (+ `bias`), reach
+/// every transformer as the sign of channel 0, and every cross-attention's head 0 turns
+/// that sign into attention to `person` (positive) or `hair` (negative). All residual
+/// branches are zeroed, so the U-Net is the identity on channel 0 between layers.
+fn engineer_unet(
+    w: &mut HashMap<String, Tensor>,
+    dir: [f32; 4],
+    bias: f32,
+    person: &[f32],
+    hair: &[f32],
+) {
+    let names: Vec<String> = w.keys().cloned().collect();
+    let gain = 4.0;
+    let unit = |c: &[f32]| {
+        let n = c.iter().map(|x| x * x).sum::<f32>().sqrt();
+        c.iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let (p, h) = (unit(person), unit(hair));
+    for n in &names {
+        let zero = n.contains(".conv2.")
+            || n.contains("proj_out")
+            || n.contains("attn1.to_out")
+            || (n.ends_with(".bias")
+                && (n.contains("conv_shortcut")
+                    || n.contains("samplers")
+                    || n.contains("proj_in")));
+        if zero {
+            let v = zeros_like(&w[n]);
+            put(w, n, v);
+        } else if n.contains("conv_shortcut.weight")
+            || n.contains("samplers.0.conv.weight")
+            || n.contains("proj_in.weight")
+        {
+            one_tap(w, n, &[(0, 0, 1.0)]);
+        } else if n.contains("attentions")
+            && (n.ends_with(".norm.weight") || n.ends_with("norm2.weight"))
+        {
+            let v = vec![1.0; w[n].elem_count()];
+            put(w, n, v);
+        } else if n.contains("attentions")
+            && (n.ends_with(".norm.bias") || n.ends_with("norm2.bias"))
+        {
+            let v = zeros_like(&w[n]);
+            put(w, n, v);
+        } else if n.ends_with("attn2.to_q.weight") {
+            one_tap(w, n, &[(0, 0, gain), (1, 0, -gain)]);
+        } else if n.ends_with("attn2.to_k.weight") {
+            let cols = w[n].dim(1).unwrap();
+            let mut v = zeros_like(&w[n]);
+            v[..cols].copy_from_slice(&p);
+            v[cols..2 * cols].copy_from_slice(&h);
+            put(w, n, v);
+        }
+    }
+    let mut v = zeros_like(&w["conv_in.weight"]);
+    for (c, d) in dir.iter().enumerate() {
+        v[(c * 3 + 1) * 3 + 1] = *d; // output channel 0, input c, centre tap
+    }
+    put(w, "conv_in.weight", v);
+    let mut b = zeros_like(&w["conv_in.bias"]);
+    b[0] = bias;
+    put(w, "conv_in.bias", b);
+}
+
+/// A tiny model whose class-word attention is high on the red half (person) and on the
+/// blue half (hair) of a RedBlue picture: the masks must recover exactly those halves.
+fn engineered_model(root: &Path, picture: &Path) -> PathBuf {
+    let dir = root.join("engineered-sd");
+    magictailor::model::tiny::write(&dir, 7).unwrap();
+    let vae = dir.join("vae/diffusion_pytorch_model.safetensors");
+    let mut w = tensors::read(&vae, &Device::Cpu).unwrap();
+    engineer_vae(&mut w, 50.0);
+    tensors::write(&vae, &w, None).unwrap();
+    let sd = StableDiffusion::load(dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    // The two latent levels of the red and the blue half.
+    let px = magictailor::data::load_rgb(picture, 64, &Device::Cpu).unwrap();
+    let z = (sd.vae.encode(&px.unsqueeze(0).unwrap()).unwrap().mean * sd.vae.config.scaling_factor)
+        .unwrap()
+        .i((0, 0))
+        .unwrap();
+    let (red, blue) = (
+        z.i((0, 0)).unwrap().to_scalar::<f32>().unwrap(),
+        z.i((7, 7)).unwrap().to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (red - blue).abs() > 1.0,
+        "the halves' latents differ: {red} vs {blue}"
+    );
+    let k = 8.0 / (red - blue); // the U-Net's channel 0 is +-4 on the two halves
+    let proj = [k, 0.0, 0.0, 0.0];
+    let mid = k * (red + blue) / 2.0;
+    // The class words' text features, where the U-Net's keys read them.
+    let prompt = "a photo of a person with hair";
+    let ids = sd.tokenizer.encode(prompt).unwrap();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ctx = sd.text_encoder.forward(&ids, None).unwrap().get(0).unwrap();
+    let at = |before: &str, word: &str| {
+        let pos = sd.tokenizer.word_positions(before, word).unwrap().unwrap();
+        assert_eq!(pos.len(), 1, "{word} is one token of the tiny vocabulary");
+        ctx.get(pos[0]).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (person, hair) = (
+        at("a photo of a", "person"),
+        at("a photo of a person with", "hair"),
+    );
+    let file = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let mut w = tensors::read(&file, &Device::Cpu).unwrap();
+    engineer_unet(&mut w, proj, -mid, &person, &hair);
+    tensors::write(&file, &w, None).unwrap();
+    dir
+}
+
+/// Rewrites the tiny VAE encoder into a pointwise map: latent channel 0 is a function of
+/// the red channel at the same place (centre taps only, residual branches and the
+/// attention zeroed), so a picture's halves become two exact latent levels.
+fn engineer_vae(w: &mut HashMap<String, Tensor>, gain: f32) {
+    let names: Vec<String> = w
+        .keys()
+        .filter(|n| n.starts_with("encoder") || n.starts_with("quant_conv"))
+        .cloned()
+        .collect();
+    for n in &names {
+        if n.contains(".conv2.")
+            || n.contains("attentions.0.to_out")
+            || (n.ends_with(".bias") && !n.contains("norm"))
+        {
+            let v = zeros_like(&w[n]);
+            put(w, n, v);
+        } else if n.ends_with("conv_out.weight") {
+            one_tap(w, n, &[(0, 0, gain)]);
+        } else if n.contains("shortcut.weight")
+            || n.contains("samplers.0.conv.weight")
+            || n.ends_with("conv_in.weight")
+            || n == "quant_conv.weight"
+        {
+            one_tap(w, n, &[(0, 0, 1.0)]);
+        } else if n.ends_with("conv_norm_out.weight") {
+            let v = vec![1.0; w[n].elem_count()];
+            put(w, n, v);
+        } else if n.ends_with("conv_norm_out.bias") {
+            let v = zeros_like(&w[n]);
+            put(w, n, v);
+        }
+    }
+}
+
+fn read_mask(p: &Path) -> Binary {
+    let g = image::open(p).unwrap().to_luma8();
+    Binary {
+        width: g.width() as usize,
+        height: g.height() as usize,
+        bits: g.pixels().map(|p| p.0[0] >= 128).collect(),
+    }
+}
+
+fn half(left: bool) -> Binary {
+    Binary {
+        width: 64,
+        height: 64,
+        bits: (0..64 * 64).map(|i| (i % 64 < 32) == left).collect(),
+    }
+}
+
+fn masks(args: &[&str]) -> std::process::Output {
+    run_bin("masks", args)
+}
+
+#[test]
+fn attention_masks_recover_the_region_the_model_attends_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = redblue_pair(tmp.path(), 2);
+    let model = engineered_model(tmp.path(), &pair.join("0_person_k1.png"));
+    let o = masks(&[
+        "--instance-dir",
+        pair.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--resolution",
+        RES,
+        "--json",
+    ]);
+    ok(&o);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "one JSON line per image");
+    for line in &lines {
+        let sample = line["sample"].as_u64().unwrap();
+        let mask = read_mask(Path::new(line["mask"].as_str().unwrap()));
+        // The concept (person) attends to the red half; the component (hair) to the blue.
+        let iou = mask.iou(&half(sample == 0));
+        assert!(iou >= 0.9, "{line}: IoU {iou} with the known region");
+        assert_eq!(
+            line["class_word"],
+            if sample == 0 { "person" } else { "hair" }
+        );
+    }
+    let preview = image::open(pair.join("masks/preview.png")).unwrap();
+    assert!(preview.height() > 4 * 192, "the preview shows every image");
+    // Train reads these masks back like hand-made ones (preview.png is not a mask).
+    magictailor::data::PairDataset::load(
+        &pair,
+        64,
+        magictailor::data::MaskPolicy::Required,
+        &Device::Cpu,
+    )
+    .unwrap();
+}
