@@ -267,3 +267,174 @@ fn attention_masks_recover_the_region_the_model_attends_to() {
     )
     .unwrap();
 }
+
+/// The tiny random model's masks are noise, but the folder they make is real.
+fn quick_masks(pair: &Path, more: &[&str]) -> std::process::Output {
+    let args = [
+        &[
+            "--instance-dir",
+            pair.to_str().unwrap(),
+            "--model",
+            "tiny-random",
+            "--resolution",
+            RES,
+            "--quiet",
+        ][..],
+        more,
+    ]
+    .concat();
+    masks(&args)
+}
+
+#[test]
+fn existing_masks_are_kept_unless_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::discs((64, 64), Format::Png, 1));
+    let hand_made = read_bytes(&pair.join("masks/0_person_k1.png"));
+    let o = quick_masks(&pair, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("masks already exist") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(read_bytes(&pair.join("masks/0_person_k1.png")), hand_made);
+    assert!(
+        !pair.join("masks/preview.png").exists(),
+        "nothing written on refusal"
+    );
+    // --out elsewhere leaves the pair folder alone.
+    let elsewhere = tmp.path().join("auto");
+    ok(&quick_masks(&pair, &["--out", elsewhere.to_str().unwrap()]));
+    assert!(elsewhere.join("1_hair_c1.png").is_file() && elsewhere.join("preview.png").is_file());
+    ok(&quick_masks(&pair, &["--overwrite"]));
+    assert_ne!(read_bytes(&pair.join("masks/0_person_k1.png")), hand_made);
+    let left: Vec<_> = std::fs::read_dir(&pair)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "staging folders left: {left:?}");
+}
+
+#[test]
+fn bad_input_is_refused_with_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let refused = |args: &[&str], code: i32, want: &str| {
+        let o = masks(args);
+        assert_eq!(o.status.code(), Some(code), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains(want),
+            "wanted {want:?} in: {}",
+            stderr(&o)
+        );
+    };
+    let missing = tmp.path().join("nope+hair_c");
+    refused(
+        &["--instance-dir", missing.to_str().unwrap()],
+        2,
+        "does not exist",
+    );
+    let lonely = tmp.path().join("person_k");
+    std::fs::create_dir(&lonely).unwrap();
+    refused(
+        &["--instance-dir", lonely.to_str().unwrap()],
+        2,
+        "person_k+hair_c",
+    );
+    let mut spec = PairSpec::discs((64, 64), Format::Png, 1);
+    spec.masks = false;
+    let pair = pair_folder(&tmp.path().join("p"), &spec);
+    let p = pair.to_str().unwrap();
+    refused(
+        &["--instance-dir", p, "--refine", "grounded-sam"],
+        2,
+        "invalid value 'grounded-sam'",
+    );
+    let base = [
+        "--instance-dir",
+        p,
+        "--model",
+        "tiny-random",
+        "--resolution",
+        RES,
+    ];
+    refused(
+        &[
+            &base[..],
+            &["--refine", "sam", "--sam-model", "/no/such/sam.safetensors"],
+        ]
+        .concat(),
+        1,
+        "--sam-model /no/such/sam.safetensors",
+    );
+    let not_sam = fixtures().join("lora_peft.safetensors");
+    refused(
+        &[
+            &base[..],
+            &["--refine", "sam", "--sam-model", not_sam.to_str().unwrap()],
+        ]
+        .concat(),
+        1,
+        "not usable SAM weights",
+    );
+    refused(
+        &[&base[..], &["--timesteps", "5000"]].concat(),
+        2,
+        "--timesteps",
+    );
+    std::fs::write(pair.join("1_hair_c1.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    refused(&base, 2, "1_hair_c1.png");
+    assert!(!pair.join("masks").exists(), "a failed run wrote masks/");
+}
+
+#[test]
+fn sam_refines_with_box_and_point_prompts() {
+    use magictailor::masks::sam::{prompts, Refiner};
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("mobile_sam-tiny-vitt.safetensors");
+    magictailor::model::tiny::write_sam(&file, 3).unwrap();
+    // A folder holding one file loads like the file.
+    let sam = Refiner::load(tmp.path().to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(sam.source, file);
+    let px = Tensor::rand(-1f32, 1f32, (3, 64, 64), &Device::Cpu).unwrap();
+    let mask = half(true);
+    let map: Vec<f32> = (0..64 * 64).map(|i| (i % 64) as f32).collect();
+    let (bbox, points) = prompts(&mask, &map);
+    assert_eq!(bbox, [0.0, 0.0, 32.0, 64.0]);
+    assert_eq!(points.len(), 2);
+    let (proposals, scores) = sam.proposals(&px, bbox, &points).unwrap();
+    assert_eq!(
+        (proposals.len(), scores.len()),
+        (3, 3),
+        "SAM's three proposals"
+    );
+    assert!(proposals.iter().all(|p| (p.width, p.height) == (64, 64)));
+    assert!(scores.iter().all(|s| s.is_finite()));
+}
+
+#[test]
+fn masks_command_refines_with_sam() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = PairSpec::discs((64, 64), Format::Png, 1);
+    spec.masks = false;
+    let pair = pair_folder(tmp.path(), &spec);
+    let sam = tmp.path().join("sam.safetensors");
+    magictailor::model::tiny::write_sam(&sam, 3).unwrap();
+    let o = quick_masks(
+        &pair,
+        &["--refine", "sam", "--sam-model", sam.to_str().unwrap()],
+    );
+    // Whether a random SAM's proposal or the attention mask wins, each image gets a
+    // binary mask at its own size, and the preview shows them.
+    ok(&o);
+    for stem in ["0_person_k1", "1_hair_c1"] {
+        let m = image::open(pair.join(format!("masks/{stem}.png")))
+            .unwrap()
+            .to_luma8();
+        assert_eq!(m.dimensions(), (64, 64));
+        assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+        assert!(m.pixels().any(|p| p.0[0] == 255));
+    }
+    assert!(pair.join("masks/preview.png").is_file());
+}

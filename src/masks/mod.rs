@@ -99,6 +99,7 @@ pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
         .transpose()?;
     let sd = StableDiffusion::load(&opts.model, &opts.device, opts.dtype)?;
     check_resolution(&sd, opts.attention.resolution)?;
+    check_timesteps(&sd, &opts.attention.timesteps)?;
     let record = MaskRecord {
         method: if sam.is_some() {
             "attention+sam"
@@ -137,6 +138,17 @@ pub fn check_resolution(sd: &StableDiffusion, resolution: usize) -> Result<()> {
     Err(Error::usage(format!(
         "--resolution {resolution} must be a multiple of {f} (this model's VAE factor) and at least {}.",
         8 * f
+    )))
+}
+
+pub fn check_timesteps(sd: &StableDiffusion, timesteps: &[usize]) -> Result<()> {
+    let n = sd.schedule.num_train_timesteps();
+    if !timesteps.is_empty() && timesteps.iter().all(|&t| t < n) {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "--timesteps {timesteps:?}: give one or more timesteps below {n} (this model's training \
+         timesteps), e.g. 200,400,600."
     )))
 }
 

@@ -142,9 +142,8 @@ impl Refiner {
         let coords = Tensor::from_vec(xy, (1, points.len(), 2), dev)?;
         let labels = Tensor::ones((1, points.len()), DType::F32, dev)?;
         let bbox = Tensor::from_vec(bbox.map(|v| v * scale).to_vec(), (1, 4), dev)?;
-        let (sparse, dense) = self
-            .prompt
-            .forward(Some((&coords, &labels)), Some(&bbox), None)?;
+        let sparse = self.sparse_prompt(&coords, &labels, &bbox)?;
+        let (_, dense) = self.prompt.forward(None, None, None)?;
         let pe = self.prompt.get_dense_pe()?;
         let (logits, iou) = self
             .decoder
@@ -161,6 +160,20 @@ impl Refiner {
             });
         }
         Ok((out, scores))
+    }
+}
+
+impl Refiner {
+    /// Points then the box's two corners, as SAM embeds them together. candle 0.11's
+    /// `PromptEncoder::forward` fails on points plus a box (its box embedding comes out
+    /// `[1, 512]`, not `[1, 2, 256]`), so each is embedded alone: the box reshaped, and
+    /// the points without the padding token SAM adds only when there is no box.
+    fn sparse_prompt(&self, coords: &Tensor, labels: &Tensor, bbox: &Tensor) -> Result<Tensor> {
+        let n = coords.dim(1)?;
+        let (points, _) = self.prompt.forward(Some((coords, labels)), None, None)?;
+        let (corners, _) = self.prompt.forward(None, Some(bbox), None)?;
+        let corners = corners.reshape((1, 2, PROMPT_DIM))?;
+        Ok(Tensor::cat(&[&points.narrow(1, 0, n)?, &corners], 1)?)
     }
 }
 
