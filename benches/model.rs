@@ -141,14 +141,17 @@ fn bench_train(
     resolution: usize,
     reps: usize,
 ) {
-    use magictailor::train::{trainer::Trainer, TrainConfig};
+    use magictailor::train::{
+        trainer::{Progress, Trainer},
+        TrainConfig,
+    };
     let mut cfg = TrainConfig::new(
         pair.to_path_buf(),
         std::env::temp_dir().join("unused"),
         model.to_string_lossy().into_owned(),
     );
     (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 1, resolution);
-    let mut t = Trainer::new(cfg, &Device::Cpu).expect("trainer");
+    let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).expect("trainer");
     let mut times = |n: usize| -> Vec<f64> {
         (0..n)
             .map(|_| {

@@ -438,3 +438,66 @@ fn masks_command_refines_with_sam() {
     }
     assert!(pair.join("masks/preview.png").is_file());
 }
+
+#[test]
+fn train_without_masks_makes_them_first_with_the_same_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = redblue_pair(tmp.path(), 1);
+    let model = engineered_model(tmp.path(), &pair.join("0_person_k1.png"));
+    let out = tmp.path().join("run");
+    let args = with_args(
+        quiet_train_args(
+            pair.to_str().unwrap(),
+            out.to_str().unwrap(),
+            model.to_str().unwrap(),
+        ),
+        &["--warmup-steps", "1", "--dsbal-steps", "1"],
+    );
+    ok(&run_bin("train", &args));
+    assert!(
+        !pair.join("masks").exists(),
+        "the pair folder is left as it was"
+    );
+    assert!(out.join("masks/preview.png").is_file());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("magictailor.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["masks"]["method"], "attention", "{record}");
+    assert_eq!(record["masks"]["attention"]["resolution"], 64);
+    // `magictailor masks` with its defaults writes the same bytes.
+    let by_command = tmp.path().join("by-command");
+    ok(&masks(&[
+        "--instance-dir",
+        pair.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--resolution",
+        RES,
+        "--out",
+        by_command.to_str().unwrap(),
+        "--quiet",
+    ]));
+    for stem in ["0_person_k1", "1_hair_c1"] {
+        let file = format!("{stem}.png");
+        assert_eq!(
+            read_bytes(&out.join("masks").join(&file)),
+            read_bytes(&by_command.join(&file)),
+            "{file}"
+        );
+        assert!(read_mask(&out.join("masks").join(&file)).iou(&half(stem.starts_with('0'))) >= 0.9);
+    }
+    // --no-masks keeps its meaning, and says so in the record.
+    let out2 = tmp.path().join("run2");
+    let args = with_args(
+        quiet_train_args(
+            pair.to_str().unwrap(),
+            out2.to_str().unwrap(),
+            model.to_str().unwrap(),
+        ),
+        &["--warmup-steps", "1", "--dsbal-steps", "0", "--no-masks"],
+    );
+    ok(&run_bin("train", &args));
+    assert!(!out2.join("masks").exists());
+    let record = std::fs::read_to_string(out2.join("magictailor.json")).unwrap();
+    assert!(record.contains("whole images"), "{record}");
+}

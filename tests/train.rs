@@ -8,7 +8,10 @@ use std::process::Output;
 
 use candle_core::{DType, Device};
 use common::*;
-use magictailor::train::{trainer::Trainer, TrainConfig};
+use magictailor::train::{
+    trainer::{Progress, Trainer},
+    TrainConfig,
+};
 
 /// person_k+hair_c: 2 + 2 discs on a background (80x64 PNG), each disc its mask.
 fn make_pair(root: &Path) -> PathBuf {
@@ -27,7 +30,7 @@ fn the_masked_loss_falls_within_a_few_dozen_steps() {
     let pair = make_pair(tmp.path());
     let mut cfg = config(&pair, &tmp.path().join("out"), 40, 0);
     cfg.warmup_lr = 1e-3; // a tiny random model learns slowly at SD's rate
-    let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+    let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
     let probe = [100, 300, 500, 700];
     let start = t.probe_loss(&probe, 1).unwrap();
     for _ in 0..40 {
@@ -229,7 +232,7 @@ fn half_precision_training_stays_close_to_f32() {
     let run = |dtype: DType, loss_scale: Option<f64>| {
         let mut cfg = config(&pair, &tmp.path().join("unused"), 2, 2);
         (cfg.dtype, cfg.loss_scale) = (dtype, loss_scale);
-        let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+        let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
         let logs: Vec<_> = (0..4).map(|_| t.train_step().unwrap()).collect();
         let lora = t.lora.modules[0]
             .b
@@ -345,7 +348,7 @@ fn released_script_switch_reproduces_its_three_departures() {
     let run = |released: bool| {
         let mut cfg = config(&pair, &tmp.path().join("unused"), 2, 3);
         cfg.released_script = released;
-        let mut t = Trainer::new(cfg, &Device::Cpu).unwrap();
+        let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
         let logs: Vec<_> = (0..5).map(|_| t.train_step().unwrap()).collect();
         (t, logs)
     };

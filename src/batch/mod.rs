@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::interrupt::Interrupt;
 use crate::io::{checkpoint, lock, run};
 use crate::model::loader::{loads_in_process, StableDiffusion};
-use crate::train::trainer::{load_model, load_pair, Progress, Trainer};
+use crate::train::trainer::{load_model, load_pair, make_masks, Progress, Trainer};
 use crate::train::{claim, restore_latest, train_to_end, TrainConfig};
 pub use pairs::Shard;
 use summary::{PairRecord, Status};
@@ -132,7 +132,7 @@ fn attempt(
         Err(e) => return classify(e, model),
     }
     // Bad input fails here, before the model loads or anything is written.
-    let data = match load_pair(&cfg, device) {
+    let mut data = match load_pair(&cfg, device) {
         Ok(d) => d,
         Err(e) => return classify(e, model),
     };
@@ -142,6 +142,10 @@ fn attempt(
             Ok(sd) => sd,
             Err(e) => return classify(e, None),
         },
+    };
+    let auto = match make_masks(&cfg, &sd, &mut data, quiet_steps(progress)) {
+        Ok(a) => a,
+        Err(e) => return classify(e, Some(sd)),
     };
     let lock = match claim(&out, opts.stale_after, progress) {
         Ok(l) => l,
@@ -156,6 +160,7 @@ fn attempt(
         Ok(t) => t,
         Err(e) => return classify(e, None),
     };
+    t.auto_masks = auto;
     let result = resume_or_restart(&mut t, &out)
         .and_then(|()| train_to_end(&mut t, &out, &lock, quiet_steps(progress), stop));
     drop(lock);

@@ -101,6 +101,23 @@ impl PairDataset {
             .flat_map(|s| s.images.iter().map(move |im| (s.index, im)))
     }
 
+    /// Replaces every image's mask with a computed one (keyed by image stem), through the
+    /// same resize and threshold as mask files.
+    pub fn set_masks(&mut self, masks: &BTreeMap<String, image::DynamicImage>) -> Result<()> {
+        let (res, masks_dir) = (self.resolution, self.dir.join("masks"));
+        for s in &mut self.samples {
+            for im in &mut s.images {
+                let stem = stem(&im.path);
+                let mask = masks.get(&stem).ok_or_else(|| {
+                    Error::internal(format!("no computed mask for {}", im.path.display()))
+                })?;
+                let device = im.pixels.device().clone();
+                im.mask = mask_tensor(mask, res, &device, &masks_dir.join(format!("{stem}.png")))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn num_images(&self) -> usize {
         self.samples.iter().map(|s| s.images.len()).sum()
     }

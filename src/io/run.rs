@@ -55,6 +55,9 @@ pub struct RunRecord {
     /// Sample grids, the loss plot and the TensorBoard folder, relative to the folder.
     #[serde(default)]
     pub previews: Vec<String>,
+    /// How the masks were made: from files, whole images, or the base model's attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masks: Option<serde_json::Value>,
 }
 
 /// The files a trained folder offers for sampling.

@@ -6,6 +6,7 @@
 //! like a user's, so `train` resizes and binarizes both the same way.
 
 pub mod attention;
+pub mod auto;
 pub mod cleanup;
 pub mod folder;
 pub mod otsu;
@@ -212,7 +213,7 @@ pub fn full_size(m: &ImageMask) -> Result<GrayImage> {
     }))
 }
 
-fn stem(p: &Path) -> String {
+pub(crate) fn stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()

@@ -33,7 +33,7 @@ pub fn run(
     lock::check_free(&out, lock::STALE_AFTER)?;
     refuse_occupied(&out, resume)?;
     // Everything that can be wrong with the inputs fails here, before anything is written.
-    let mut t = Trainer::new(cfg, device)?;
+    let mut t = Trainer::new(cfg, device, progress)?;
     let lock = claim(&out, lock::STALE_AFTER, progress)?;
     // Again under the lock: another run may have filled the folder while we loaded.
     refuse_occupied(&out, resume)?;
@@ -80,6 +80,16 @@ pub fn train_to_end(
 ) -> Result<()> {
     let (total, warmup) = (t.cfg.total_steps(), t.cfg.warmup_steps);
     let every = t.cfg.checkpoint_every;
+    if let Some(auto) = &t.auto_masks {
+        let preview = auto.write(out)?;
+        if progress != Progress::Quiet {
+            eprintln!(
+                "{} has no masks/: made them from the base model's attention; check them in {}",
+                t.cfg.instance_dir.display(),
+                preview.display()
+            );
+        }
+    }
     let mut watch = watch::Watch::new(&t.cfg, out)?;
     let bar = bar(total, t.step, progress);
     while t.step < total {

@@ -17,6 +17,7 @@ use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
 use crate::io::{embeds, run, tensors};
+use crate::masks::{self, auto::AutoMasks};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
 use crate::model::nn::Ctx;
@@ -114,14 +115,20 @@ pub struct Trainer {
     pub class_words: Vec<String>,
     /// f16: consecutive steps whose update was skipped for overflow.
     skipped_in_a_row: usize,
+    /// Masks made from the base model's attention (the pair folder had none), written
+    /// into the output folder when training starts.
+    pub auto_masks: Option<AutoMasks>,
 }
 
 impl Trainer {
     /// Loads and checks everything before anything is written.
-    pub fn new(cfg: TrainConfig, device: &Device) -> Result<Self> {
+    pub fn new(cfg: TrainConfig, device: &Device, progress: Progress) -> Result<Self> {
         let sd = load_model(&cfg, device)?;
-        let data = load_pair(&cfg, device)?;
-        Self::with_model(cfg, sd, &data)
+        let mut data = load_pair(&cfg, device)?;
+        let auto = make_masks(&cfg, &sd, &mut data, progress)?;
+        let mut t = Self::with_model(cfg, sd, &data)?;
+        t.auto_masks = auto;
+        Ok(t)
     }
 
     /// A trainer on an already loaded model (which `into_model` gives back), so many
@@ -174,6 +181,7 @@ impl Trainer {
             step: 0,
             class_words,
             skipped_in_a_row: 0,
+            auto_masks: None,
         })
     }
 
@@ -417,7 +425,20 @@ impl Trainer {
             config,
             magictailor_version: env!("CARGO_PKG_VERSION").to_string(),
             previews: super::watch::previews(dir),
+            masks: Some(self.masks_made_by()),
         })
+    }
+
+    /// How the masks were made, for `magictailor.json`.
+    fn masks_made_by(&self) -> serde_json::Value {
+        match &self.auto_masks {
+            Some(a) => serde_json::to_value(&a.record).unwrap_or_default(),
+            None if self.cfg.no_masks => serde_json::json!({"method": "whole images (--no-masks)"}),
+            None => serde_json::json!({
+                "method": "files",
+                "dir": self.cfg.instance_dir.join("masks"),
+            }),
+        }
     }
 
     pub fn embeds(&self) -> Result<embeds::Embeds> {
@@ -503,13 +524,27 @@ pub fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion>
 }
 
 /// The reference images and masks of `cfg.instance_dir`: where bad input shows up.
+/// A folder without masks loads with whole images; [`make_masks`] then replaces them.
 pub fn load_pair(cfg: &TrainConfig, device: &Device) -> Result<PairDataset> {
-    let policy = if cfg.no_masks {
+    let policy = if cfg.no_masks || masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
         MaskPolicy::WholeImage
     } else {
         MaskPolicy::Required
     };
     PairDataset::load(&cfg.instance_dir, cfg.resolution, policy, device)
+}
+
+/// The masks of a pair folder that has none, from the base model's attention.
+pub fn make_masks(
+    cfg: &TrainConfig,
+    sd: &StableDiffusion,
+    data: &mut PairDataset,
+    progress: Progress,
+) -> Result<Option<AutoMasks>> {
+    if !masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
+        return Ok(None);
+    }
+    masks::auto::apply(sd, data, progress == Progress::Bar).map(Some)
 }
 
 /// Divides the parameters' gradients by the loss scale.
