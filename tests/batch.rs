@@ -116,15 +116,16 @@ fn three_pairs_train_with_one_model_load_and_a_rerun_skips_them() {
     }
 }
 
-/// A pair without masks between two good ones: recorded as failed with the reason, the
-/// others train, the worker exits 1. Its output folder is never created.
+/// A pair with a mask missing between two good ones: recorded as failed with the reason,
+/// the others train, the worker exits 1. Its output folder is never created.
 #[test]
 fn a_bad_pair_in_the_middle_is_recorded_and_the_others_train() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = pairs(tmp.path(), 2);
     let mut spec = PairSpec::training();
-    (spec.samples[0].0, spec.masks) = ("person_ab", false);
-    pair_folder(&dir, &spec);
+    spec.samples[0].0 = "person_ab";
+    let bad = pair_folder(&dir, &spec);
+    std::fs::remove_file(bad.join("masks/1_hair_c2.png")).unwrap();
     let (root, model) = (tmp.path().join("out"), tiny_sd());
     let o = run_bin(
         "batch",
@@ -145,7 +146,7 @@ fn a_bad_pair_in_the_middle_is_recorded_and_the_others_train() {
     assert!(records[1]["note"]
         .as_str()
         .unwrap()
-        .contains("no masks/ folder"));
+        .contains("but not for 1_hair_c2"));
     assert!(!root.join("person_ab+hair_c").exists());
 }
 

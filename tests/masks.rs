@@ -501,3 +501,32 @@ fn train_without_masks_makes_them_first_with_the_same_code() {
     let record = std::fs::read_to_string(out2.join("magictailor.json")).unwrap();
     assert!(record.contains("whole images"), "{record}");
 }
+
+/// Evaluation segments generated images the same way: every class word's region on one
+/// image, the concept's without its components'.
+#[test]
+fn word_regions_segment_one_image_into_concept_and_component() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = redblue_pair(tmp.path(), 1);
+    let img = pair.join("0_person_k1.png");
+    let model = engineered_model(tmp.path(), &img);
+    let sd = StableDiffusion::load(model.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let px = magictailor::data::load_rgb(&img, 64, &Device::Cpu).unwrap();
+    let opts = magictailor::masks::AttentionOptions {
+        resolution: 64,
+        ..Default::default()
+    };
+    let words = ["person".to_string(), "hair".to_string()];
+    let regions = magictailor::masks::pair::word_regions(&sd, &px, &words, &opts).unwrap();
+    assert_eq!(regions.len(), 2);
+    assert!(
+        regions[0].iou(&half(true)) >= 0.9,
+        "concept: {}",
+        regions[0].iou(&half(true))
+    );
+    assert!(
+        regions[1].iou(&half(false)) >= 0.9,
+        "component: {}",
+        regions[1].iou(&half(false))
+    );
+}

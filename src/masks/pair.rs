@@ -6,7 +6,9 @@
 
 use std::path::PathBuf;
 
-use super::attention::{word_maps, AttentionOptions, WordAt};
+use candle_core::Tensor;
+
+use super::attention::{word_maps, AttentionOptions, SoftMap, WordAt};
 use super::{binarize, Binary};
 use crate::data::PairDataset;
 use crate::error::{Error, Result};
@@ -67,18 +69,8 @@ pub fn attention_masks(
     for (sample, im) in data.images() {
         let parts = word_maps(sd, &im.pixels, &p.all.0, &p.all.1, opts)?;
         let (word_map, exclude) = if sample == 0 {
-            let c = word_maps(
-                sd,
-                &im.pixels,
-                &p.concept.0,
-                std::slice::from_ref(&p.concept.1),
-                opts,
-            )?;
-            let union = parts
-                .iter()
-                .map(|m| binarize(&m.values, m.side, m.side))
-                .reduce(|a, b| a.union(&b));
-            (c.into_iter().next(), union)
+            let concept = concept_map(sd, &im.pixels, &p, opts)?;
+            (Some(concept), union_of(&parts))
         } else {
             (parts.into_iter().nth(sample - 1), None)
         };
@@ -100,6 +92,45 @@ pub fn attention_masks(
         done(&m);
         out.push(m);
     }
+    Ok(out)
+}
+
+fn concept_map(
+    sd: &StableDiffusion,
+    pixels: &Tensor,
+    p: &Prompts,
+    opts: &AttentionOptions,
+) -> Result<SoftMap> {
+    let one = std::slice::from_ref(&p.concept.1);
+    word_maps(sd, pixels, &p.concept.0, one, opts)?
+        .pop()
+        .ok_or_else(|| Error::internal("no concept map"))
+}
+
+fn union_of(maps: &[SoftMap]) -> Option<Binary> {
+    maps.iter()
+        .map(|m| binarize(&m.values, m.side, m.side))
+        .reduce(|a, b| a.union(&b))
+}
+
+/// Every class word's region on one image that shows them all (a generated image, for
+/// evaluation): the concept's less its components', then each component's. `pixels` is
+/// `[3, R, R]` in [-1, 1]; the base model reads it as it reads references.
+pub fn word_regions(
+    sd: &StableDiffusion,
+    pixels: &Tensor,
+    class_words: &[String],
+    opts: &AttentionOptions,
+) -> Result<Vec<Binary>> {
+    let p = prompts(class_words);
+    let parts = word_maps(sd, pixels, &p.all.0, &p.all.1, opts)?;
+    let concept = concept_map(sd, pixels, &p, opts)?;
+    let mut concept = binarize(&concept.values, concept.side, concept.side);
+    if let Some(u) = union_of(&parts) {
+        concept = concept.minus(&u);
+    }
+    let mut out = vec![concept];
+    out.extend(parts.iter().map(|m| binarize(&m.values, m.side, m.side)));
     Ok(out)
 }
 
