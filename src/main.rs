@@ -120,7 +120,8 @@ fn d() -> TrainConfig {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The pair folder, e.g. person_k+hair_c (images 0_*, 1_*, masks in masks/).
+    /// The pair folder, e.g. person_k+hair_c (images 0_*, 1_*, masks in masks/; without
+    /// masks/ they are made first from the base model's attention, as `masks` does).
     #[arg(long)]
     instance_dir: PathBuf,
     #[arg(long, default_value_os_t = d().output_dir)]
@@ -216,7 +217,8 @@ struct TrainSettings {
     /// Training resolution in pixels, a multiple of 8.
     #[arg(long, default_value_t = d().resolution)]
     resolution: usize,
-    /// Use whole images when a folder has no masks (lets the background leak in).
+    /// Use whole images instead of masks (lets the background leak in); without it, a
+    /// folder with no masks/ gets them from the base model's attention.
     #[arg(long)]
     no_masks: bool,
     /// Save a resumable checkpoint every N steps (one is always saved at the phase switch).
