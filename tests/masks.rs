@@ -225,20 +225,26 @@ fn masks(args: &[&str]) -> std::process::Output {
     run_bin("masks", args)
 }
 
+/// `masks` on `pair` with `model` at the tests' resolution, plus `more`.
+fn masks_with(pair: &Path, model: &Path, more: &[&str]) -> std::process::Output {
+    let (pair, model) = (pair.to_str().unwrap(), model.to_str().unwrap());
+    let base = [
+        "--instance-dir",
+        pair,
+        "--model",
+        model,
+        "--resolution",
+        RES,
+    ];
+    masks(&[&base[..], more].concat())
+}
+
 #[test]
 fn attention_masks_recover_the_region_the_model_attends_to() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = redblue_pair(tmp.path(), 2);
     let model = engineered_model(tmp.path(), &pair.join("0_person_k1.png"));
-    let o = masks(&[
-        "--instance-dir",
-        pair.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--resolution",
-        RES,
-        "--json",
-    ]);
+    let o = masks_with(&pair, &model, &["--json"]);
     ok(&o);
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -466,17 +472,11 @@ fn train_without_masks_makes_them_first_with_the_same_code() {
     assert_eq!(record["masks"]["attention"]["resolution"], 64);
     // `magictailor masks` with its defaults writes the same bytes.
     let by_command = tmp.path().join("by-command");
-    ok(&masks(&[
-        "--instance-dir",
-        pair.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--resolution",
-        RES,
-        "--out",
-        by_command.to_str().unwrap(),
-        "--quiet",
-    ]));
+    ok(&masks_with(
+        &pair,
+        &model,
+        &["--out", by_command.to_str().unwrap(), "--quiet"],
+    ));
     for stem in ["0_person_k1", "1_hair_c1"] {
         let file = format!("{stem}.png");
         assert_eq!(

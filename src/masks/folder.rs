@@ -41,7 +41,7 @@ pub fn write(
     let mut written = Vec::with_capacity(masks.len());
     for (stem, mask) in masks {
         let file = format!("{stem}.png");
-        write_atomic(&staging.join(&file), &gray_png(mask)?)?;
+        write_atomic(&staging.join(&file), &png_bytes(mask)?)?;
         written.push(target.join(file));
     }
     let preview_file = format!("{PREVIEW_STEM}.png");
@@ -49,16 +49,6 @@ pub fn write(
     carry_over(target, &staging, masks)?;
     swap_in(&staging, target, parent.join(format!(".{name}.old-{pid}")))?;
     Ok(written)
-}
-
-fn gray_png(mask: &GrayImage) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    mask.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::internal(format!("encoding a mask PNG: {e}")))?;
-    Ok(bytes)
 }
 
 /// Moves the entries of `target` that the new masks do not replace into `staging`.

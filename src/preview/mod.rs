@@ -22,8 +22,12 @@ pub(crate) fn font() -> Result<()> {
         .ok_or_else(|| Error::internal("the built-in font does not parse"))
 }
 
-/// An RGB image as PNG bytes.
-pub fn png_bytes(img: &image::RgbImage) -> Result<Vec<u8>> {
+/// An image (RGB, or grey for masks) as PNG bytes.
+pub fn png_bytes<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Result<Vec<u8>>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),
