@@ -235,7 +235,7 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     )))
 }
 
-fn looks_like_hub_id(s: &str) -> bool {
+pub(crate) fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
@@ -246,7 +246,7 @@ fn looks_like_hub_id(s: &str) -> bool {
         && !s.starts_with('.')
 }
 
-fn offline() -> bool {
+pub(crate) fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
 }
