@@ -524,8 +524,8 @@ fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
         println!("{}", done.metrics);
     } else if !a.quiet {
         let summary = done.out_dir.join("summary.md");
-        let text = std::fs::read_to_string(&summary)
-            .map_err(|e| magictailor::Error::read(&summary, e))?;
+        let text =
+            std::fs::read_to_string(&summary).map_err(|e| magictailor::Error::read(&summary, e))?;
         println!("{text}\n{}", done.out_dir.join("metrics.json").display());
     }
     Ok(())

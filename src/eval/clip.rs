@@ -9,7 +9,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{Module, VarBuilder};
-use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use serde::Deserialize;
 
@@ -105,7 +107,8 @@ impl Clip {
         let vision = ClipVisionTransformer::new(vb.pp("vision_model"), &vision_cfg).map_err(bad)?;
         let p = cfg.projection_dim;
         let text_projection =
-            candle_nn::linear_no_bias(text_cfg.embed_dim, p, vb.pp("text_projection")).map_err(bad)?;
+            candle_nn::linear_no_bias(text_cfg.embed_dim, p, vb.pp("text_projection"))
+                .map_err(bad)?;
         let visual_projection =
             candle_nn::linear_no_bias(vision_cfg.embed_dim, p, vb.pp("visual_projection"))
                 .map_err(bad)?;

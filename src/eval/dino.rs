@@ -124,7 +124,9 @@ impl Layer {
         let (b, n, h) = x.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, n, self.heads, d))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, n, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
@@ -245,7 +247,11 @@ impl Dino {
     /// The raw CLS token after the final layernorm (transformers' `pooler_output`).
     pub fn cls_token(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
-        let x = self.patch.forward(pixels)?.flatten_from(2)?.transpose(1, 2)?;
+        let x = self
+            .patch
+            .forward(pixels)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
         let cls = self.cls.broadcast_as((b, 1, self.cls.dim(2)?))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?;
         if x.dim(1)? != self.positions.dim(1)? {
@@ -281,7 +287,10 @@ fn resize_positions(table: &Tensor, grid: usize) -> candle_core::Result<Tensor> 
     // Rows first: [grid, n * d] = [grid_y, n_x, d]; then columns the same way.
     let rows_done = w.matmul(&patches)?.reshape((grid, n, d))?;
     let cols_first = rows_done.transpose(0, 1)?.reshape((n, grid * d))?;
-    let both = w.matmul(&cols_first)?.reshape((grid, grid, d))?.transpose(0, 1)?;
+    let both = w
+        .matmul(&cols_first)?
+        .reshape((grid, grid, d))?
+        .transpose(0, 1)?;
     let patches = both.reshape((1, grid * grid, d))?;
     Tensor::cat(&[&cls, &patches], 1)?.contiguous()
 }

@@ -41,14 +41,20 @@ pub fn resolve(spec: &str, w: &Wanted) -> Result<PathBuf> {
              (config.json, model.safetensors{}) or a hub id.",
             w.what,
             w.flag,
-            w.required.iter().map(|f| format!(", {f}")).collect::<String>()
+            w.required
+                .iter()
+                .map(|f| format!(", {f}"))
+                .collect::<String>()
         )));
     }
     fetch(id, revision, w)
 }
 
 fn check_folder(dir: &Path, w: &Wanted) -> Result<()> {
-    for f in ["config.json", "model.safetensors"].iter().chain(w.required) {
+    for f in ["config.json", "model.safetensors"]
+        .iter()
+        .chain(w.required)
+    {
         if !dir.join(f).is_file() {
             return Err(Error::ModelNotFound(format!(
                 "{} has no {f}: it is not a transformers {} folder. Pass {} with a folder holding \
@@ -56,7 +62,10 @@ fn check_folder(dir: &Path, w: &Wanted) -> Result<()> {
                 dir.display(),
                 w.what,
                 w.flag,
-                w.required.iter().map(|f| format!(", {f}")).collect::<String>()
+                w.required
+                    .iter()
+                    .map(|f| format!(", {f}"))
+                    .collect::<String>()
             )));
         }
     }
@@ -66,9 +75,7 @@ fn check_folder(dir: &Path, w: &Wanted) -> Result<()> {
 /// The snapshot folder of `id` with every file `w` needs.
 fn fetch(id: &str, revision: Option<&str>, w: &Wanted) -> Result<PathBuf> {
     let known = SAFETENSORS_REVISIONS.iter().find(|(r, _)| *r == id);
-    let revision = revision
-        .or(known.map(|(_, rev)| *rev))
-        .unwrap_or("main");
+    let revision = revision.or(known.map(|(_, rev)| *rev)).unwrap_or("main");
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string());
     let cache = hf_hub::Cache::from_env();
     let cached = cache.repo(repo.clone());
@@ -95,7 +102,10 @@ fn fetch(id: &str, revision: Option<&str>, w: &Wanted) -> Result<PathBuf> {
         }
     };
     let mut root = None;
-    for f in ["config.json", "model.safetensors"].iter().chain(w.required) {
+    for f in ["config.json", "model.safetensors"]
+        .iter()
+        .chain(w.required)
+    {
         let p = get(f)?.ok_or_else(|| missing(id, revision, f, w))?;
         root = p.parent().map(Path::to_path_buf);
     }

@@ -61,7 +61,11 @@ impl Stats {
         }
         let n = values.len() as f64;
         let mean = values.iter().map(|v| *v as f64).sum::<f64>() / n;
-        let var = values.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|v| (*v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
         Some(Stats {
             mean,
             std: var.sqrt(),
@@ -147,7 +151,14 @@ mod tests {
     #[test]
     fn summaries_do_not_depend_on_image_order() {
         let scores: Vec<ImageScore> = (0..7)
-            .map(|k| score(k % 3, k as u64, 0.1 + k as f32 * 0.013, 0.7 - k as f32 * 0.031))
+            .map(|k| {
+                score(
+                    k % 3,
+                    k as u64,
+                    0.1 + k as f32 * 0.013,
+                    0.7 - k as f32 * 0.031,
+                )
+            })
             .collect();
         let mut reversed = scores.clone();
         reversed.reverse();

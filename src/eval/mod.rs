@@ -97,8 +97,14 @@ pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
     let refs = PairDataset::load(&pair, REFERENCE_SIZE, MaskPolicy::WholeImage, &Device::Cpu)?;
     check_classes(tokens, &refs, &pair)?;
     // The scoring models load before any image is drawn: a missing one fails at once.
-    let clip = clip::Clip::load(&hub::resolve(&opts.clip_model, &clip::WANTED)?, &opts.device)?;
-    let dino = dino::Dino::load(&hub::resolve(&opts.dino_model, &dino::WANTED)?, &opts.device)?;
+    let clip = clip::Clip::load(
+        &hub::resolve(&opts.clip_model, &clip::WANTED)?,
+        &opts.device,
+    )?;
+    let dino = dino::Dino::load(
+        &hub::resolve(&opts.dino_model, &dino::WANTED)?,
+        &opts.device,
+    )?;
     let out = opts.out_dir();
     check_existing(&out, opts, &prompts)?;
     let generated = generate(opts, &prompts, &out)?;
@@ -316,11 +322,19 @@ impl Models<'_> {
                     .collect::<Result<_>>()?;
                 Ok(Tensor::stack(&t, 0)?)
             };
-            let c = (self.clip.image_features(&stack(&self.clip.preprocess, &self.clip.device)?)?)
-                .to_vec2::<f32>()?;
-            let d = (self.dino.features(&stack(&self.dino.preprocess, &self.dino.device)?)?)
-                .to_vec2::<f32>()?;
-            out.extend(c.into_iter().zip(d).map(|(clip, dino)| Features { clip, dino }));
+            let c = (self
+                .clip
+                .image_features(&stack(&self.clip.preprocess, &self.clip.device)?)?)
+            .to_vec2::<f32>()?;
+            let d = (self
+                .dino
+                .features(&stack(&self.dino.preprocess, &self.dino.device)?)?)
+            .to_vec2::<f32>()?;
+            out.extend(
+                c.into_iter()
+                    .zip(d)
+                    .map(|(clip, dino)| Features { clip, dino }),
+            );
         }
         Ok(out)
     }
@@ -361,16 +375,24 @@ fn to_rgb(t: &Tensor) -> Result<RgbImage> {
         .clamp(0f32, 255f32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    RgbImage::from_raw(w as u32, h as u32, px.into_iter().map(|v| v as u8).collect())
-        .ok_or_else(|| Error::internal("reference image buffer size"))
+    RgbImage::from_raw(
+        w as u32,
+        h as u32,
+        px.into_iter().map(|v| v as u8).collect(),
+    )
+    .ok_or_else(|| Error::internal("reference image buffer size"))
 }
 
 /// `[1, h, w]` of 0/1 -> 0/255.
 fn to_gray(t: &Tensor) -> Result<GrayImage> {
     let (_, h, w) = t.dims3()?;
     let px = t.flatten_all()?.to_vec1::<f32>()?;
-    GrayImage::from_raw(w as u32, h as u32, px.iter().map(|&v| if v >= 0.5 { 255 } else { 0 }).collect())
-        .ok_or_else(|| Error::internal("reference mask buffer size"))
+    GrayImage::from_raw(
+        w as u32,
+        h as u32,
+        px.iter().map(|&v| if v >= 0.5 { 255 } else { 0 }).collect(),
+    )
+    .ok_or_else(|| Error::internal("reference mask buffer size"))
 }
 
 fn score_all(
@@ -388,7 +410,11 @@ fn score_all(
     );
     let mut scores = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
-        let text = m.clip.text_features(&p.class_text)?.flatten_all()?.to_vec1::<f32>()?;
+        let text = m
+            .clip
+            .text_features(&p.class_text)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for seeds in opts.seeds.chunks(m.batch) {
             scores.extend(score_images(m, i, p, seeds, &text, refs, out, segmenter)?);
             bar.inc(seeds.len() as u64);
@@ -424,7 +450,9 @@ fn views_of(
     let masks = match segmenter.segment(&g, &words)? {
         None => vec![None; p.classes.len()],
         Some(found) => {
-            if found.len() != words.len() || found.iter().any(|m| m.dimensions() != image.dimensions()) {
+            if found.len() != words.len()
+                || found.iter().any(|m| m.dimensions() != image.dimensions())
+            {
                 return Err(Error::internal(format!(
                     "the {} segmenter returned {} masks for {} words of {}",
                     segmenter.name(),
@@ -437,8 +465,10 @@ fn views_of(
             (0..found.len())
                 .map(|k| {
                     if p.classes[k] == concept {
-                        let others: Vec<&GrayImage> =
-                            (found.iter().enumerate()).filter(|(j, _)| *j != k).map(|(_, m)| m).collect();
+                        let others: Vec<&GrayImage> = (found.iter().enumerate())
+                            .filter(|(j, _)| *j != k)
+                            .map(|(_, m)| m)
+                            .collect();
                         segment::without(&found[k], &others).0
                     } else {
                         Some(found[k].clone()).filter(|m| !segment::is_empty(m))
@@ -465,7 +495,8 @@ fn score_images(
         .map(|&s| views_of(&image_file(out, index, s), p, s, &refs[0].class, segmenter))
         .collect::<Result<_>>()?;
     // Whole images first, then each segment that is not the whole image.
-    let mut list: Vec<(&RgbImage, Option<&GrayImage>)> = views.iter().map(|v| (&v.image, None)).collect();
+    let mut list: Vec<(&RgbImage, Option<&GrayImage>)> =
+        views.iter().map(|v| (&v.image, None)).collect();
     let mut at = Vec::new();
     for (k, v) in views.iter().enumerate() {
         let idx: Vec<usize> = (v.masks.iter())
@@ -488,9 +519,10 @@ fn score_images(
         let mut clip_i = BTreeMap::new();
         let mut dino = BTreeMap::new();
         for (class, &j) in p.classes.iter().zip(&at[k]) {
-            let r = refs.iter().find(|r| &r.class == class).ok_or_else(|| {
-                Error::internal(format!("no reference features for {class}"))
-            })?;
+            let r = refs
+                .iter()
+                .find(|r| &r.class == class)
+                .ok_or_else(|| Error::internal(format!("no reference features for {class}")))?;
             clip_i.insert(class.clone(), mean_sim(&f[j].clip, &r.clip));
             dino.insert(class.clone(), mean_sim(&f[j].dino, &r.dino));
         }

@@ -90,11 +90,17 @@ impl Preprocess {
     /// The colour that normalizes to zero: what masked-out pixels become, so they feed the
     /// model nothing but its biases.
     pub fn fill(&self) -> [u8; 3] {
-        self.mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8)
+        self.mean
+            .map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8)
     }
 
     /// `[3, crop, crop]` for the model; pixels outside `mask` (0 there) get [`Self::fill`].
-    pub fn tensor(&self, img: &RgbImage, mask: Option<&GrayImage>, device: &Device) -> Result<Tensor> {
+    pub fn tensor(
+        &self,
+        img: &RgbImage,
+        mask: Option<&GrayImage>,
+        device: &Device,
+    ) -> Result<Tensor> {
         let filled;
         let img = match mask {
             Some(m) => {
@@ -275,7 +281,13 @@ mod tests {
         let img = RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 0]));
         let mask = GrayImage::new(8, 8);
         let t = p.tensor(&img, Some(&mask), &Device::Cpu).unwrap();
-        let max = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let max = t
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         // Half a level of rounding of the mean colour, after dividing by std.
         assert!(max < 0.5 / 255.0 / 0.26, "{max}");
     }

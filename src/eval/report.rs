@@ -74,14 +74,18 @@ fn metrics_json(ctx: &Context) -> serde_json::Value {
         .collect();
     let groups: Vec<_> = (groups(ctx.prompts).into_iter())
         .map(|g| {
-            let members: Vec<usize> = (0..ctx.prompts.len()).filter(|&i| ctx.prompts[i].group == g).collect();
-            let scores = ctx.scores.iter().filter(|s| members.contains(&s.prompt_index));
+            let members: Vec<usize> = (0..ctx.prompts.len())
+                .filter(|&i| ctx.prompts[i].group == g)
+                .collect();
+            let scores = ctx
+                .scores
+                .iter()
+                .filter(|s| members.contains(&s.prompt_index));
             json!({"name": g, "prompts": members, "summary": Summary::of(scores)})
         })
         .collect();
-    let overall = Summary::of(
-        (ctx.scores.iter()).filter(|s| in_overall(ctx, &ctx.prompts[s.prompt_index])),
-    );
+    let overall =
+        Summary::of((ctx.scores.iter()).filter(|s| in_overall(ctx, &ctx.prompts[s.prompt_index])));
     json!({
         "magictailor_version": env!("CARGO_PKG_VERSION"),
         "model_dir": o.model_dir.display().to_string(),
@@ -140,14 +144,18 @@ fn summary_md(ctx: &Context) -> String {
         if ctx.reference_masks { "masks/" } else { "none (whole images)" },
         ctx.segmentation,
     );
-    let overall = Summary::of((ctx.scores.iter()).filter(|s| in_overall(ctx, &ctx.prompts[s.prompt_index])));
+    let overall =
+        Summary::of((ctx.scores.iter()).filter(|s| in_overall(ctx, &ctx.prompts[s.prompt_index])));
     md.push_str(&row("**overall**", &overall));
     for g in groups(ctx.prompts) {
         let scores = (ctx.scores.iter()).filter(|s| ctx.prompts[s.prompt_index].group == g);
         md.push_str(&row(&format!("*{g}*"), &Summary::of(scores)));
     }
     for (i, p) in ctx.prompts.iter().enumerate() {
-        md.push_str(&row(&format!("{i:02} {}", p.text.replace('|', "\\|")), &Summary::of(of_prompt(ctx, i))));
+        md.push_str(&row(
+            &format!("{i:02} {}", p.text.replace('|', "\\|")),
+            &Summary::of(of_prompt(ctx, i)),
+        ));
     }
     md
 }
@@ -163,25 +171,46 @@ fn grid(ctx: &Context, out: &Path, i: usize, p: &Prompt) -> Result<()> {
             .to_rgb8();
         let (w, h) = img.dimensions();
         let scale = (CELL as f64 / w.max(h) as f64).min(1.0);
-        let size = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
-        cells.push(image::imageops::resize(&img, size.0, size.1, image::imageops::FilterType::Triangle));
+        let size = (
+            ((w as f64 * scale).round() as u32).max(1),
+            ((h as f64 * scale).round() as u32).max(1),
+        );
+        cells.push(image::imageops::resize(
+            &img,
+            size.0,
+            size.1,
+            image::imageops::FilterType::Triangle,
+        ));
     }
     let cols = seeds.len().min(8);
     let size = cells[0].dimensions();
     while !cells.len().is_multiple_of(cols) {
-        cells.push(RgbImage::from_pixel(size.0, size.1, image::Rgb([255, 255, 255])));
+        cells.push(RgbImage::from_pixel(
+            size.0,
+            size.1,
+            image::Rgb([255, 255, 255]),
+        ));
     }
     let rows: Vec<String> = (seeds.chunks(cols))
-        .map(|c| format!("seeds {}", c.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")))
+        .map(|c| {
+            format!(
+                "seeds {}",
+                c.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            )
+        })
         .collect();
     let s = Summary::of(of_prompt(ctx, i));
-    let mean = |x: Option<Stats>| x.map(|x| format!("{:.3}", x.mean)).unwrap_or_else(|| "–".into());
+    let mean = |x: Option<Stats>| {
+        x.map(|x| format!("{:.3}", x.mean))
+            .unwrap_or_else(|| "–".into())
+    };
+    // Scores first: a narrow sheet (tiny models) cuts the end of the title.
     let title = format!(
-        "{}  |  CLIP-T {}  CLIP-I {}  DINO {}",
-        p.text,
+        "CLIP-T {} · CLIP-I {} · DINO {} | {}",
         mean(s.clip_t),
         mean(s.clip_i),
-        mean(s.dino)
+        mean(s.dino),
+        p.text
     );
     let image = Grid {
         title: &title,
@@ -190,5 +219,8 @@ fn grid(ctx: &Context, out: &Path, i: usize, p: &Prompt) -> Result<()> {
         cells: &cells,
     }
     .render()?;
-    write_atomic(&out.join("grids").join(format!("prompt{i:02}.png")), &png_bytes(&image)?)
+    write_atomic(
+        &out.join("grids").join(format!("prompt{i:02}.png")),
+        &png_bytes(&image)?,
+    )
 }
