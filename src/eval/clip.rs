@@ -117,8 +117,8 @@ impl Clip {
         let fallback = Preprocess {
             shortest_edge: size,
             crop: size,
-            mean: [0.48145466, 0.4578275, 0.40821073],
-            std: [0.26862954, 0.26130258, 0.27577711],
+            mean: super::preprocess::OPENAI_MEAN,
+            std: super::preprocess::OPENAI_STD,
         };
         let preprocess = Preprocess::read(dir, fallback)?;
         if preprocess.crop != size {
@@ -222,7 +222,7 @@ fn configs(cfg: &ClipFile, path: &Path) -> Result<(ClipTextConfig, ClipVisionCon
         image_size: v.image_size.unwrap_or(224),
         patch_size: v.patch_size.unwrap_or(32),
     };
-    if vision.patch_size == 0 || vision.image_size % vision.patch_size != 0 {
+    if vision.patch_size == 0 || !vision.image_size.is_multiple_of(vision.patch_size) {
         return Err(Error::unsupported(
             path,
             format!(

@@ -241,7 +241,7 @@ impl Dino {
 
     /// `[b, 3, s, s]` preprocessed pictures -> `[b, hidden]` CLS features, unit length.
     pub fn features(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(super::clip::unit(&self.cls_token(pixels)?)?)
+        super::clip::unit(&self.cls_token(pixels)?)
     }
 
     /// The raw CLS token after the final layernorm (transformers' `pooler_output`).

@@ -36,6 +36,12 @@ struct ProcessorFile {
     do_center_crop: Option<bool>,
 }
 
+/// OpenAI CLIP's normalization, written as transformers' configs write it.
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+
 /// PIL's bicubic, the only resampling these processors use for CLIP and DINOv2.
 const PIL_BICUBIC: u32 = 3;
 
@@ -275,8 +281,8 @@ mod tests {
         let p = Preprocess {
             shortest_edge: 8,
             crop: 8,
-            mean: [0.48145466, 0.4578275, 0.40821073],
-            std: [0.26862954, 0.26130258, 0.27577711],
+            mean: OPENAI_MEAN,
+            std: OPENAI_STD,
         };
         let img = RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 0]));
         let mask = GrayImage::new(8, 8);
