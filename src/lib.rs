@@ -5,6 +5,7 @@ pub mod batch;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod infer;
 pub mod interrupt;
 pub mod io;

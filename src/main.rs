@@ -47,6 +47,17 @@ enum Command {
     /// averaged over heads, the 16x16 and 32x32 layers and the timesteps, is thresholded
     /// with Otsu's method and cleaned up; a concept mask leaves out its components.
     Masks(MasksArgs),
+    /// Score a trained folder as the paper does: CLIP-T, CLIP-I and DINO over the
+    /// evaluation prompts x seeds (drawn here, or reused when already drawn).
+    Eval(EvalArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Segment {
+    /// Each class word's cross-attention in the base model, as `masks` makes masks.
+    Attention,
+    /// Score whole generated images.
+    None,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -342,6 +353,66 @@ struct InferArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    /// The trained folder (its magictailor.json names the base model and class words).
+    #[arg(long, default_value = "outputs/magictailor")]
+    model_dir: PathBuf,
+    /// The pair folder with the reference images (and masks/) [default: the one the run
+    /// was trained on, from magictailor.json].
+    #[arg(long)]
+    instance_dir: Option<PathBuf>,
+    /// One prompt per line, `{}` for --placeholder; `# group: NAME` lines group them.
+    #[arg(long, default_value = "assets/eval_prompts.txt")]
+    prompts: PathBuf,
+    #[arg(long, default_value = "<v0> with <v1>")]
+    placeholder: String,
+    /// A count N (seeds 0..N-1, the paper: 32) or a list like 0..31 or 0,4,7.
+    #[arg(long, default_value = "32")]
+    seeds: String,
+    /// Layout-and-Retouch's step blend (as `infer --layout-steps`); each K has its own folder.
+    #[arg(long, default_value_t = 0)]
+    layout_steps: usize,
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    /// Images denoised, and scored, together.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Where images and scores go [default: MODEL_DIR/eval/k{LAYOUT_STEPS}].
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// The base model, when the one magictailor.json names has moved.
+    #[arg(long)]
+    model: Option<String>,
+    /// CLIP for CLIP-T and CLIP-I: a transformers CLIPModel folder or hub id.
+    #[arg(long, default_value = magictailor::eval::clip::DEFAULT_MODEL)]
+    clip_model: String,
+    /// How generated images are cut into concept and component for CLIP-I and DINO.
+    #[arg(long, value_enum, default_value = "attention")]
+    segment: Segment,
+    /// DINOv2 for DINO: a transformers Dinov2Model folder or hub id.
+    #[arg(long, default_value = magictailor::eval::dino::DEFAULT_MODEL)]
+    dino_model: String,
+    /// Precision of the diffusion model's weights: f32, bf16 (CUDA) or f16.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print metrics.json on stdout instead of the summary table.
+    #[arg(long)]
+    json: bool,
+    /// Print nothing but errors.
+    #[arg(long)]
+    quiet: bool,
+}
+
 impl TrainSettings {
     fn config(
         &self,
@@ -523,6 +594,50 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
     Ok(())
 }
 
+fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
+    let seeds = match a.seeds.trim().parse::<u64>() {
+        Ok(0) => return Err(magictailor::Error::usage("--seeds 0: no images to score.")),
+        Ok(n) => (0..n).collect(),
+        Err(_) => many::parse_seeds(&a.seeds)?,
+    };
+    let opts = magictailor::eval::EvalOptions {
+        model_dir: a.model_dir,
+        model: a.model,
+        instance_dir: a.instance_dir,
+        prompts_file: a.prompts,
+        placeholder: a.placeholder,
+        seeds,
+        steps: a.steps as usize,
+        guidance: a.guidance,
+        width: a.width,
+        height: a.height,
+        layout_steps: a.layout_steps,
+        batch_size: a.batch_size as usize,
+        out_dir: a.out_dir,
+        clip_model: a.clip_model,
+        dino_model: a.dino_model,
+        device: magictailor::device::parse(&a.device)?,
+        dtype: a.dtype.dtype(),
+        progress: !a.quiet && !a.json,
+    };
+    let done = match a.segment {
+        Segment::Attention => {
+            let attention = magictailor::eval::attention_segmenter(&opts)?;
+            magictailor::eval::run(&opts, &attention)?
+        }
+        Segment::None => magictailor::eval::run(&opts, &magictailor::eval::segment::WholeImage)?,
+    };
+    if a.json {
+        println!("{}", done.metrics);
+    } else if !a.quiet {
+        let summary = done.out_dir.join("summary.md");
+        let text =
+            std::fs::read_to_string(&summary).map_err(|e| magictailor::Error::read(&summary, e))?;
+        println!("{text}\n{}", done.out_dir.join("metrics.json").display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     magictailor::device::tune_cpu_runtime();
     let cli = Cli::parse();
@@ -531,6 +646,7 @@ fn main() -> ExitCode {
         Command::Infer(a) => infer_cmd(a).map(|()| 0),
         Command::Batch(a) => batch_cmd(a),
         Command::Masks(a) => masks_cmd(a).map(|()| 0),
+        Command::Eval(a) => eval_cmd(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

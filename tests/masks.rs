@@ -502,8 +502,8 @@ fn train_without_masks_makes_them_first_with_the_same_code() {
     assert!(record.contains("whole images"), "{record}");
 }
 
-/// Evaluation segments generated images the same way: every class word's region on one
-/// image, the concept's without its components'.
+/// Evaluation segments generated images the same way: every class word's own region on
+/// one image (eval then takes the components out of the concept).
 #[test]
 fn word_regions_segment_one_image_into_concept_and_component() {
     let tmp = tempfile::tempdir().unwrap();

@@ -111,7 +111,12 @@ pub fn crop_square(w: u32, h: u32) -> (u32, u32, u32) {
 
 /// `[3, size, size]` in [-1, 1].
 pub fn load_rgb(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
-    let rgb = square(&decode(path)?, size).to_rgb8();
+    rgb_tensor(&decode(path)?, size, device)
+}
+
+/// [`load_rgb`] of an image already in memory.
+pub fn rgb_tensor(img: &DynamicImage, size: usize, device: &Device) -> Result<Tensor> {
+    let rgb = square(img, size).to_rgb8();
     let data: Vec<f32> = rgb
         .into_raw()
         .into_iter()

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, IoOp, Result};
-pub use images::{crop_square, image_size, load_mask, load_rgb, mask_tensor};
+pub use images::{crop_square, image_size, load_mask, load_rgb, mask_tensor, rgb_tensor};
 
 const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
 

@@ -200,17 +200,22 @@ pub fn write(target: &Path, data: &PairDataset, masks: &[ImageMask]) -> Result<V
 /// sides `train` crops off stay black, since no step ever sees them.
 pub fn full_size(m: &ImageMask) -> Result<GrayImage> {
     let (w, h) = data::image_size(&m.image)?;
+    Ok(uncrop(&m.crop, w, h))
+}
+
+/// `crop` (a mask of the centred square) placed back into a `w x h` image.
+pub fn uncrop(crop: &Binary, w: u32, h: u32) -> GrayImage {
     let (x0, y0, side) = data::crop_square(w, h);
-    let res = m.crop.width;
-    Ok(GrayImage::from_fn(w, h, |x, y| {
+    let res = crop.width;
+    GrayImage::from_fn(w, h, |x, y| {
         let inside = x >= x0 && y >= y0 && x < x0 + side && y < y0 + side;
         let on = inside && {
             let cx = ((x - x0) as usize * res / side as usize).min(res - 1);
             let cy = ((y - y0) as usize * res / side as usize).min(res - 1);
-            m.crop.bits[cy * res + cx]
+            crop.bits[cy * res + cx]
         };
         image::Luma([if on { 255 } else { 0 }])
-    }))
+    })
 }
 
 pub(crate) fn stem(p: &Path) -> String {

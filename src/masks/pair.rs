@@ -113,9 +113,10 @@ fn union_of(maps: &[SoftMap]) -> Option<Binary> {
         .reduce(|a, b| a.union(&b))
 }
 
-/// Every class word's region on one image that shows them all (a generated image, for
-/// evaluation): the concept's less its components', then each component's. `pixels` is
-/// `[3, R, R]` in [-1, 1]; the base model reads it as it reads references.
+/// Each class word's own region on one image that shows them all (a generated image, for
+/// evaluation), read as references are: the first word on "a photo of a {word}", the
+/// others on the prompt naming all. Nothing is subtracted. `pixels` is `[3, R, R]` in
+/// [-1, 1].
 pub fn word_regions(
     sd: &StableDiffusion,
     pixels: &Tensor,
@@ -123,15 +124,14 @@ pub fn word_regions(
     opts: &AttentionOptions,
 ) -> Result<Vec<Binary>> {
     let p = prompts(class_words);
-    let parts = word_maps(sd, pixels, &p.all.0, &p.all.1, opts)?;
-    let concept = concept_map(sd, pixels, &p, opts)?;
-    let mut concept = binarize(&concept.values, concept.side, concept.side);
-    if let Some(u) = union_of(&parts) {
-        concept = concept.minus(&u);
+    let mut maps = vec![concept_map(sd, pixels, &p, opts)?];
+    if !p.all.1.is_empty() {
+        maps.extend(word_maps(sd, pixels, &p.all.0, &p.all.1, opts)?);
     }
-    let mut out = vec![concept];
-    out.extend(parts.iter().map(|m| binarize(&m.values, m.side, m.side)));
-    Ok(out)
+    Ok(maps
+        .iter()
+        .map(|m| binarize(&m.values, m.side, m.side))
+        .collect())
 }
 
 fn check_not_empty(m: &ImageMask) -> Result<()> {

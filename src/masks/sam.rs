@@ -19,7 +19,7 @@ use candle_transformers::models::segment_anything::{
 use super::pair::ImageMask;
 use super::Binary;
 use crate::error::{Error, Result};
-use crate::model::loader::{hub_file, is_hub_id};
+use crate::model::loader::{hub_file, looks_like_hub_id as is_hub_id};
 
 /// `--sam-model`'s default: SAM ViT-B in candle's layout.
 pub const DEFAULT_MODEL: &str = "lmz/candle-sam";

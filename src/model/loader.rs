@@ -235,7 +235,7 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     )))
 }
 
-fn looks_like_hub_id(s: &str) -> bool {
+pub(crate) fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
@@ -246,52 +246,53 @@ fn looks_like_hub_id(s: &str) -> bool {
         && !s.starts_with('.')
 }
 
-fn offline() -> bool {
+pub(crate) fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
 }
 
-/// One hub repo's files, from the local hf-hub cache first, downloaded otherwise (never
-/// when HF_HUB_OFFLINE is set).
-struct Hub {
-    id: String,
+/// One hub repo's files at one revision, from the local hf-hub cache first, downloaded
+/// otherwise (never when HF_HUB_OFFLINE is set). Callers word the errors, since each
+/// knows which flag named the repo.
+pub(crate) struct Hub {
     cached: hf_hub::CacheRepo,
-    api: Option<hf_hub::api::sync::Api>,
+    api: Option<hf_hub::api::sync::ApiRepo>,
 }
 
+pub(crate) type HubError = hf_hub::api::sync::ApiError;
+
 impl Hub {
-    fn new(id: &str) -> Result<Self> {
+    pub(crate) fn new(id: &str, revision: &str) -> std::result::Result<Self, HubError> {
+        let repo = hf_hub::Repo::with_revision(
+            id.to_string(),
+            hf_hub::RepoType::Model,
+            revision.to_string(),
+        );
         let cache = hf_hub::Cache::from_env();
-        let cached = cache.model(id.to_string());
+        let cached = cache.repo(repo.clone());
         let api = if offline() {
             None
         } else {
-            Some(
-                hf_hub::api::sync::ApiBuilder::from_cache(cache)
-                    .with_progress(true)
-                    .build()
-                    .map_err(|e| hub_error(id, e))?,
-            )
+            let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+                .with_progress(true)
+                .build()?;
+            Some(api.repo(repo))
         };
-        Ok(Self {
-            id: id.to_string(),
-            cached,
-            api,
-        })
+        Ok(Self { cached, api })
     }
 
     /// `None` for a file the repo does not have (or, offline, that is not cached).
-    fn get(&self, file: &str) -> Result<Option<PathBuf>> {
+    pub(crate) fn get(&self, file: &str) -> std::result::Result<Option<PathBuf>, HubError> {
         if let Some(p) = self.cached.get(file) {
             return Ok(Some(p));
         }
         match &self.api {
             None => Ok(None),
-            Some(api) => match api.model(self.id.clone()).get(file) {
+            Some(api) => match api.get(file) {
                 Ok(p) => Ok(Some(p)),
                 // A file the repo does not have (404) is "absent"; anything else is a failure.
                 Err(e) if e.to_string().contains("404") => Ok(None),
-                Err(e) => Err(hub_error(&self.id, e)),
+                Err(e) => Err(e),
             },
         }
     }
@@ -300,7 +301,16 @@ impl Hub {
 /// One file of a hub repo (e.g. SAM weights), as a local path; `flag` is the option
 /// that named it, for the error.
 pub fn hub_file(id: &str, file: &str, flag: &str) -> Result<PathBuf> {
-    Hub::new(id)?.get(file)?.ok_or_else(|| {
+    let fetch_error = |e: HubError| {
+        Error::ModelNotFound(format!(
+            "could not fetch {file} of {id} from the Hugging Face hub ({e}). Without network access, \
+             download it elsewhere and pass the file with {flag}."
+        ))
+    };
+    let found = Hub::new(id, "main")
+        .and_then(|h| h.get(file))
+        .map_err(fetch_error)?;
+    found.ok_or_else(|| {
         Error::ModelNotFound(format!(
             "{file} of {id} could not be found{}. Check {flag}, or pass a local file or folder.",
             if offline() {
@@ -312,15 +322,10 @@ pub fn hub_file(id: &str, file: &str, flag: &str) -> Result<PathBuf> {
     })
 }
 
-/// True for `owner/name` (what the hub calls a repo id).
-pub fn is_hub_id(s: &str) -> bool {
-    looks_like_hub_id(s)
-}
-
 /// Downloads (or finds in the hf-hub cache) the files we read; returns the snapshot folder.
 fn fetch_from_hub(id: &str) -> Result<PathBuf> {
-    let hub = Hub::new(id)?;
-    let get = |file: &str| hub.get(file);
+    let hub = Hub::new(id, "main").map_err(|e| hub_error(id, e))?;
+    let get = |file: &str| hub.get(file).map_err(|e| hub_error(id, e));
     let mut root: Option<PathBuf> = None;
     let mut need = |file: &str, required: bool| -> Result<bool> {
         match get(file)? {

@@ -1,0 +1,349 @@
+//! `magictailor eval`: CLIP and DINOv2 features against transformers on tiny random models
+//! (fixtures from scripts/make_eval_fixtures.py), the metric's invariants, and the command
+//! end to end on the tiny SD model with the fixture adapters.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::*;
+use magictailor::eval::clip::{unit, Clip};
+use magictailor::eval::dino::Dino;
+use magictailor::eval::metrics::cosine;
+
+fn eval_reference() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("eval_parity.safetensors"), &Device::Cpu)
+        .expect("eval parity fixture")
+}
+
+fn fixture_image(name: &str) -> image::RgbImage {
+    read_png(&fixtures().join("eval_images").join(format!("{name}.png")))
+}
+
+fn clip() -> Clip {
+    Clip::load(&fixtures().join("tiny-clip"), &Device::Cpu).unwrap()
+}
+
+fn dino() -> Dino {
+    Dino::load(&fixtures().join("tiny-dinov2"), &Device::Cpu).unwrap()
+}
+
+/// The preprocessed pictures of both fixture images, `[2, 3, s, s]`.
+fn batch(p: &magictailor::eval::preprocess::Preprocess) -> Tensor {
+    let t: Vec<Tensor> = ["a", "b"]
+        .iter()
+        .map(|n| p.tensor(&fixture_image(n), None, &Device::Cpu).unwrap())
+        .collect();
+    Tensor::stack(&t, 0).unwrap()
+}
+
+/// Preprocessing equals transformers' PIL processors to float rounding: the bicubic resize
+/// is PIL's to the byte.
+#[test]
+fn preprocessing_matches_the_transformers_processors() {
+    let r = eval_reference();
+    let (c, d) = (clip(), dino());
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let mine = batch(&c.preprocess).get(i).unwrap().unsqueeze(0).unwrap();
+        let diff = max_abs_diff(&mine, &r[&format!("clip.pixel_values.{name}")]);
+        assert!(diff <= 1e-6, "CLIP pixels of {name}: {diff}");
+        let mine = batch(&d.preprocess).get(i).unwrap().unsqueeze(0).unwrap();
+        let diff = max_abs_diff(&mine, &r[&format!("dino.pixel_values.{name}")]);
+        assert!(diff <= 1e-6, "DINOv2 pixels of {name}: {diff}");
+    }
+}
+
+#[test]
+fn clip_image_and_text_features_match_transformers() {
+    let r = eval_reference();
+    let c = clip();
+    let want = unit(&r["clip.image_embeds"]).unwrap();
+    let pixels = Tensor::cat(&[&r["clip.pixel_values.a"], &r["clip.pixel_values.b"]], 0).unwrap();
+    let diff = max_abs_diff(&c.image_features(&pixels).unwrap(), &want);
+    assert!(diff <= 1e-5, "image features from the same pixels: {diff}");
+    let diff = max_abs_diff(&c.image_features(&batch(&c.preprocess)).unwrap(), &want);
+    assert!(diff <= 1e-5, "image features from the files: {diff}");
+
+    let prompts = [
+        "a photo of a person with hair, in the snow",
+        "a red dog on the beach",
+    ];
+    let want = unit(&r["clip.text_embeds"]).unwrap();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ids = c.token_ids(prompt).unwrap();
+        let ref_ids: Vec<u32> = (r[&format!("clip.input_ids.{i}")].flatten_all().unwrap())
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        assert_eq!(ids, ref_ids, "token ids of {prompt:?}");
+        let diff = max_abs_diff(
+            &c.text_features(prompt).unwrap(),
+            &want.get(i).unwrap().unsqueeze(0).unwrap(),
+        );
+        assert!(diff <= 1e-5, "text features of {prompt:?}: {diff}");
+    }
+}
+
+/// The tiny DINOv2 has a 4x4 position table and sees 7x7 patches: its bicubic resize is
+/// checked too.
+#[test]
+fn dino_cls_features_match_transformers() {
+    let r = eval_reference();
+    let d = dino();
+    let pixels = Tensor::cat(&[&r["dino.pixel_values.a"], &r["dino.pixel_values.b"]], 0).unwrap();
+    let want = &r["dino.cls"];
+    let diff = max_abs_diff(&d.cls_token(&pixels).unwrap(), want);
+    assert!(
+        diff <= 1e-5 * max_abs(want).max(1.0),
+        "CLS from the same pixels: {diff}"
+    );
+    let diff = max_abs_diff(
+        &d.features(&batch(&d.preprocess)).unwrap(),
+        &unit(want).unwrap(),
+    );
+    assert!(diff <= 1e-5, "unit CLS from the files: {diff}");
+}
+
+/// Features have the projection's / hidden size's width, an image is its own best match
+/// (cosine 1), and a batch's order does not change any image's features.
+#[test]
+fn features_have_their_shapes_cosine_one_and_ignore_batch_order() {
+    let (c, d) = (clip(), dino());
+    let a = c
+        .preprocess
+        .tensor(&fixture_image("a"), None, &Device::Cpu)
+        .unwrap();
+    let b = c
+        .preprocess
+        .tensor(&fixture_image("b"), None, &Device::Cpu)
+        .unwrap();
+    let ab = c
+        .image_features(&Tensor::stack(&[&a, &b, &a], 0).unwrap())
+        .unwrap();
+    let ba = c
+        .image_features(&Tensor::stack(&[&b, &a], 0).unwrap())
+        .unwrap();
+    assert_eq!(ab.dims(), [3, 16]);
+    let rows = ab.to_vec2::<f32>().unwrap();
+    let swapped = ba.to_vec2::<f32>().unwrap();
+    assert!((cosine(&rows[0], &rows[2]) - 1.0).abs() < 1e-6);
+    assert!(cosine(&rows[0], &rows[1]) < 0.9999);
+    for (x, y) in rows[0]
+        .iter()
+        .zip(&swapped[1])
+        .chain(rows[1].iter().zip(&swapped[0]))
+    {
+        assert!((x - y).abs() < 1e-6);
+    }
+    let pix = batch(&d.preprocess);
+    let f = d.features(&pix).unwrap();
+    assert_eq!(f.dims(), [2, 32]);
+    let rows = f.to_vec2::<f32>().unwrap();
+    assert!((cosine(&rows[0], &rows[0]) - 1.0).abs() < 1e-6);
+    assert!((cosine(&rows[0], &rows[1]) - cosine(&rows[1], &rows[0])).abs() < 1e-7);
+}
+
+// ---- The command --------------------------------------------------------------------
+
+/// A trained-looking folder (fixture LoRA and embeddings, class words person/hair) whose
+/// magictailor.json records the pair folder it was "trained" on.
+fn trained(root: &Path) -> (PathBuf, PathBuf) {
+    let pair = pair_folder(root, &PairSpec::training());
+    let dir = root.join("trained");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = |from: &str, to: &str| std::fs::copy(fixtures().join(from), dir.join(to)).unwrap();
+    copy("lora_peft.safetensors", "pytorch_lora_weights.safetensors");
+    copy("learned_embeds.safetensors", "learned_embeds.safetensors");
+    let record = serde_json::json!({
+        "base_model": tiny_sd(), "tokens": {"<v0>": "person", "<v1>": "hair"},
+        "config": {"instance_dir": pair},
+    });
+    std::fs::write(dir.join("magictailor.json"), record.to_string()).unwrap();
+    (dir, pair)
+}
+
+fn prompts_file(root: &Path) -> PathBuf {
+    let f = root.join("prompts.txt");
+    std::fs::write(
+        &f,
+        "# group: snow\n{}, in the snow\n# group: decoupled\n<v0>\n",
+    )
+    .unwrap();
+    f
+}
+
+/// `eval` with the tiny models, 2 seeds, 3 steps at 64 px.
+fn eval_args<'a>(dir: &'a str, prompts: &'a str) -> Vec<&'a str> {
+    let clip: &'static str = Box::leak(fixture("tiny-clip").into_boxed_str());
+    let dino: &'static str = Box::leak(fixture("tiny-dinov2").into_boxed_str());
+    vec![
+        "--model-dir",
+        dir,
+        "--prompts",
+        prompts,
+        "--seeds",
+        "2",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--batch-size",
+        "2",
+        "--clip-model",
+        clip,
+        "--dino-model",
+        dino,
+        "--device",
+        "cpu",
+    ]
+}
+
+fn json_out(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stderr(o)))
+}
+
+/// Draws 2 prompts x 2 seeds, scores them and writes metrics.json, summary.md and a grid
+/// per prompt; a second run reuses the images (it never loads the diffusion model: a bad
+/// --model does not matter) and gives the same numbers; other settings over the same
+/// images are refused.
+#[test]
+fn eval_draws_scores_writes_and_reuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = trained(tmp.path());
+    let prompts = prompts_file(tmp.path());
+    let (d, p) = (dir.to_str().unwrap(), prompts.to_str().unwrap());
+    let first = run_bin(
+        "eval",
+        &with_args(eval_args(d, p), &["--json", "--segment", "none"]),
+    );
+    ok(&first);
+    let m = json_out(&first);
+    let out = dir.join("eval/k0");
+    for f in [
+        "metrics.json",
+        "summary.md",
+        "grids/prompt00.png",
+        "grids/prompt01.png",
+        "prompt01/seed01.png",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&read_bytes(&out.join("metrics.json"))).unwrap();
+    assert_eq!(on_disk, m);
+    assert_eq!(m["generated_segmentation"], "none");
+    assert_eq!(m["reference_segmentation"], "masks");
+    assert_eq!(m["images"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        m["prompts"][0]["class_prompt"],
+        "person with hair, in the snow"
+    );
+    // Overall covers the prompt naming both samples; the decoupled one has only "person".
+    assert_eq!(m["overall"]["images"], 2);
+    assert_eq!(m["prompts"][1]["in_overall"], false);
+    let decoupled = &m["prompts"][1]["summary"];
+    assert!(decoupled["clip_i_per_sample"].get("hair").is_none());
+    assert_eq!(decoupled["clip_i_per_sample"]["person"]["n"], 2);
+    for key in ["clip_t", "clip_i", "dino"] {
+        let s = &m["overall"][key];
+        let mean = s["mean"].as_f64().unwrap();
+        assert!(
+            (-1.0..=1.0).contains(&mean) && s["std"].as_f64().unwrap() >= 0.0,
+            "{key}: {s}"
+        );
+    }
+    assert_eq!(m["groups"][0]["name"], "snow");
+    assert!(
+        String::from_utf8_lossy(&read_bytes(&out.join("summary.md")))
+            .contains("| **overall** | 2 |")
+    );
+
+    let image = read_bytes(&out.join("prompt00/seed00.png"));
+    let again = run_bin(
+        "eval",
+        &with_args(
+            eval_args(d, p),
+            &["--json", "--model", "/no/such/model", "--segment", "none"],
+        ),
+    );
+    ok(&again);
+    assert_eq!(json_out(&again)["overall"], m["overall"]);
+    assert_eq!(read_bytes(&out.join("prompt00/seed00.png")), image);
+
+    // The default cuts generated images by the base model's attention: CLIP-T (whole
+    // images) is unchanged, CLIP-I and DINO are scored on the segments.
+    let segmented = run_bin("eval", &with_args(eval_args(d, p), &["--json"]));
+    ok(&segmented);
+    let s = json_out(&segmented);
+    assert_eq!(s["generated_segmentation"], "attention");
+    assert_eq!(s["overall"]["clip_t"], m["overall"]["clip_t"]);
+    for key in ["clip_i", "dino"] {
+        let mean = s["overall"][key]["mean"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&mean), "{key}: {}", s["overall"][key]);
+    }
+
+    let mut other = eval_args(d, p);
+    set_arg(&mut other, "--steps", "4");
+    let refused = run_bin("eval", &with_args(other, &["--quiet"]));
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("other settings"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+#[test]
+fn eval_refuses_bad_input_naming_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = trained(tmp.path());
+    let prompts = prompts_file(tmp.path());
+    let (d, p) = (dir.to_str().unwrap(), prompts.to_str().unwrap());
+    let fails = |args: Vec<&str>, needle: &str| {
+        let o = run_bin("eval", &with_args(args, &["--quiet"]));
+        assert!(!o.status.success(), "{needle}: succeeded");
+        assert!(
+            stderr(&o).contains(needle),
+            "wanted {needle:?} in: {}",
+            stderr(&o)
+        );
+        assert!(
+            !dir.join("eval").exists(),
+            "{needle}: wrote images before failing"
+        );
+    };
+    let missing = tmp.path().join("nowhere").to_string_lossy().into_owned();
+    let mut a = eval_args(d, p);
+    set_arg(&mut a, "--clip-model", &missing);
+    fails(a, "--clip-model");
+    let mut a = eval_args(d, p);
+    set_arg(&mut a, "--dino-model", &missing);
+    fails(a, "--dino-model");
+    // A folder that is not a CLIP folder (the DINOv2 one has no tokenizer.json).
+    let mut a = eval_args(d, p);
+    let dino = fixture("tiny-dinov2");
+    set_arg(&mut a, "--clip-model", &dino);
+    fails(a, "tokenizer.json");
+
+    let bare = tmp.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    fails(eval_args(bare.to_str().unwrap(), p), "magictailor.json");
+
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "# nothing\n\n").unwrap();
+    fails(eval_args(d, empty.to_str().unwrap()), "no prompts");
+
+    let unknown = tmp.path().join("unknown.txt");
+    std::fs::write(&unknown, "<v7> on the beach\n").unwrap();
+    fails(eval_args(d, unknown.to_str().unwrap()), "<v7>");
+
+    let mut a = eval_args(d, p);
+    a.extend(["--instance-dir", &missing]);
+    fails(a, "--instance-dir");
+}
