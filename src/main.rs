@@ -165,7 +165,8 @@ struct BatchArgs {
     /// Minutes without a heartbeat after which another worker's pair lock is stale.
     #[arg(long, default_value_t = 30)]
     lock_timeout: u64,
-    /// Also run the paper's evaluation per pair (not built yet: refused).
+    /// Also run the paper's evaluation per pair (not built into batch: refused; run
+    /// `magictailor eval --model-dir OUTPUT_ROOT/PAIR` per trained folder).
     #[arg(long)]
     eval: bool,
     #[command(flatten)]
@@ -497,8 +498,8 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
 fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
     if a.eval {
         return Err(magictailor::Error::usage(
-            "--eval: the paper's evaluation protocol is not built into magictailor yet; train with \
-             `batch`, then run examples/eval_prompts.sh on each output folder.",
+            "--eval: batch does not evaluate; train with `batch`, then run `magictailor eval \
+             --model-dir OUTPUT_ROOT/PAIR` on each trained folder (one job per folder on a cluster).",
         ));
     }
     let s = &a.settings;
