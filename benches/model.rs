@@ -171,6 +171,45 @@ fn bench_train(
     );
 }
 
+/// Seconds per image of `magictailor masks` (attention, then with MobileSAM refinement)
+/// on the pair's 6 images, model loading excluded.
+fn bench_masks(name: &str, model: &std::path::Path, pair: &std::path::Path, resolution: usize) {
+    use magictailor::data::{MaskPolicy, PairDataset};
+    use magictailor::masks::{self, sam::Refiner, AttentionOptions, MaskRecord};
+    let sd = magictailor::model::loader::StableDiffusion::load(
+        &model.to_string_lossy(),
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let data = PairDataset::load(pair, resolution, MaskPolicy::WholeImage, &Device::Cpu).unwrap();
+    let record = MaskRecord {
+        method: "attention".into(),
+        model: sd.source.clone(),
+        attention: AttentionOptions {
+            resolution,
+            ..Default::default()
+        },
+        sam_model: None,
+    };
+    let n = data.num_images() as f64;
+    let s = Instant::now();
+    masks::compute(&sd, &data, &record, None, false).unwrap();
+    let attention = s.elapsed().as_secs_f64() / n;
+    let sam_file =
+        std::env::temp_dir().join(format!("bench-sam-{}.safetensors", std::process::id()));
+    magictailor::model::tiny::write_sam(&sam_file, 0).unwrap();
+    let sam = Refiner::load(&sam_file.to_string_lossy(), &Device::Cpu).unwrap();
+    let s = Instant::now();
+    masks::compute(&sd, &data, &record, Some(&sam), false).unwrap();
+    let with_sam = s.elapsed().as_secs_f64() / n;
+    let _ = std::fs::remove_file(&sam_file);
+    println!(
+        "{name:>5} masks at {resolution} px: attention {attention:.3} s/image | + MobileSAM (1024 px) {with_sam:.3} s/image | peak RSS {:.0} MB",
+        peak_rss_mb()
+    );
+}
+
 fn main() {
     magictailor::device::tune_cpu_runtime();
     // MAGICTAILOR_BENCH_DIR keeps the models and pair folder for scripts/bench_pytorch.py.
@@ -216,6 +255,10 @@ fn main() {
     if wanted("mid-train") {
         reset_peak();
         bench_train("mid", &mid, &pair, 256, 3);
+    }
+    if wanted("mid-masks") {
+        reset_peak();
+        bench_masks("mid", &mid, &pair, 256);
     }
     if wanted("naive-attention") {
         // The memory the flash-style attention saves: the same step with attention
