@@ -22,6 +22,17 @@ pub fn existing(target: &Path, stems: &[String]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Refuses a target that exists but is not a folder.
+pub fn check_target(target: &Path) -> Result<()> {
+    if target.exists() && !target.is_dir() {
+        return Err(Error::usage(format!(
+            "{} is a file, not a folder: pass --out with a folder for the masks.",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes `masks` (`{stem}.png`) and `preview.png` into `target` in one change, keeping
 /// whatever else it held (e.g. `others/`). Returns the masks' paths.
 pub fn write(
@@ -29,6 +40,7 @@ pub fn write(
     masks: &[(String, GrayImage)],
     preview: &RgbImage,
 ) -> Result<Vec<PathBuf>> {
+    check_target(target)?;
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -118,6 +118,7 @@ pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
 }
 
 fn refuse_overwrite(data: &PairDataset, target: &Path, overwrite: bool) -> Result<()> {
+    folder::check_target(target)?;
     let stems: Vec<String> = data.images().map(|(_, im)| stem(&im.path)).collect();
     let found = folder::existing(target, &stems);
     if overwrite || found.is_empty() {
