@@ -152,16 +152,7 @@ fn features_have_their_shapes_cosine_one_and_ignore_batch_order() {
 /// magictailor.json records the pair folder it was "trained" on.
 fn trained(root: &Path) -> (PathBuf, PathBuf) {
     let pair = pair_folder(root, &PairSpec::training());
-    let dir = root.join("trained");
-    std::fs::create_dir_all(&dir).unwrap();
-    let copy = |from: &str, to: &str| std::fs::copy(fixtures().join(from), dir.join(to)).unwrap();
-    copy("lora_peft.safetensors", "pytorch_lora_weights.safetensors");
-    copy("learned_embeds.safetensors", "learned_embeds.safetensors");
-    let record = serde_json::json!({
-        "base_model": tiny_sd(), "tokens": {"<v0>": "person", "<v1>": "hair"},
-        "config": {"instance_dir": pair},
-    });
-    std::fs::write(dir.join("magictailor.json"), record.to_string()).unwrap();
+    let dir = fixture_run(root, serde_json::json!({"config": {"instance_dir": pair}}));
     (dir, pair)
 }
 

@@ -10,16 +10,7 @@ use common::*;
 
 /// A trained-looking folder: the fixture LoRA and embeddings, class words person/hair.
 fn trained(root: &Path) -> PathBuf {
-    let dir = root.join("trained");
-    std::fs::create_dir_all(&dir).unwrap();
-    let copy = |from: &str, to: &str| std::fs::copy(fixtures().join(from), dir.join(to)).unwrap();
-    copy("lora_peft.safetensors", "pytorch_lora_weights.safetensors");
-    copy("learned_embeds.safetensors", "learned_embeds.safetensors");
-    let record = serde_json::json!({
-        "base_model": tiny_sd(), "tokens": {"<v0>": "person", "<v1>": "hair"}
-    });
-    std::fs::write(dir.join("magictailor.json"), record.to_string()).unwrap();
-    dir
+    fixture_run(root, serde_json::json!({}))
 }
 
 const SIZE: [&str; 6] = ["--steps", "6", "--width", "64", "--height", "64"];

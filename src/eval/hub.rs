@@ -18,6 +18,15 @@ pub struct Wanted {
     pub optional: &'static [&'static str],
 }
 
+impl Wanted {
+    /// The files a folder must hold, for messages.
+    fn files(&self) -> String {
+        let mut all = vec!["config.json", "model.safetensors"];
+        all.extend(self.required);
+        all.join(", ")
+    }
+}
+
 /// Repos whose `main` has only pickled weights, and the revision holding the safetensors
 /// conversion (openai's CLIP: its refs/pr/15, the one candle's examples read).
 const SAFETENSORS_REVISIONS: [(&str, &str); 1] = [("openai/clip-vit-base-patch32", "refs/pr/15")];
@@ -36,13 +45,10 @@ pub fn resolve(spec: &str, w: &Wanted) -> Result<PathBuf> {
     if !looks_like_hub_id(id) {
         return Err(Error::ModelNotFound(format!(
             "the {} model folder {spec} does not exist. Pass {} with a local transformers folder \
-             (config.json, model.safetensors{}) or a hub id.",
+             ({}) or a hub id.",
             w.what,
             w.flag,
-            w.required
-                .iter()
-                .map(|f| format!(", {f}"))
-                .collect::<String>()
+            w.files()
         )));
     }
     fetch(id, revision, w)
@@ -56,14 +62,11 @@ fn check_folder(dir: &Path, w: &Wanted) -> Result<()> {
         if !dir.join(f).is_file() {
             return Err(Error::ModelNotFound(format!(
                 "{} has no {f}: it is not a transformers {} folder. Pass {} with a folder holding \
-                 config.json, model.safetensors{} (pickled .bin weights are never loaded).",
+                 {} (pickled .bin weights are never loaded).",
                 dir.display(),
                 w.what,
                 w.flag,
-                w.required
-                    .iter()
-                    .map(|f| format!(", {f}"))
-                    .collect::<String>()
+                w.files()
             )));
         }
     }

@@ -363,3 +363,21 @@ fn exif_rotated_jpeg(img: image::RgbImage) -> Vec<u8> {
     out.extend(&jpeg[2..]);
     out
 }
+
+/// A trained-looking folder `root/trained`: the fixture LoRA and embeddings, class words
+/// person/hair on the tiny model; `extra` fields are merged into its magictailor.json.
+pub fn fixture_run(root: &Path, extra: serde_json::Value) -> PathBuf {
+    let dir = root.join("trained");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = |from: &str, to: &str| std::fs::copy(fixtures().join(from), dir.join(to)).unwrap();
+    copy("lora_peft.safetensors", "pytorch_lora_weights.safetensors");
+    copy("learned_embeds.safetensors", "learned_embeds.safetensors");
+    let mut record = serde_json::json!({
+        "base_model": tiny_sd(), "tokens": {"<v0>": "person", "<v1>": "hair"}
+    });
+    if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
+    }
+    std::fs::write(dir.join("magictailor.json"), record.to_string()).unwrap();
+    dir
+}
