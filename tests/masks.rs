@@ -516,6 +516,9 @@ fn word_regions_segment_one_image_into_concept_and_component() {
         resolution: 64,
         ..Default::default()
     };
+    assert!(magictailor::masks::pair::word_regions(&sd, &px, &[], &opts)
+        .unwrap()
+        .is_empty());
     let words = ["person".to_string(), "hair".to_string()];
     let regions = magictailor::masks::pair::word_regions(&sd, &px, &words, &opts).unwrap();
     assert_eq!(regions.len(), 2);

@@ -90,6 +90,9 @@ impl Segmenter for Attention {
     }
 
     fn segment(&self, image: &Generated, words: &[String]) -> Result<Option<Vec<GrayImage>>> {
+        if words.is_empty() {
+            return Ok(Some(Vec::new())); // nothing named, nothing to cut out
+        }
         let classes: Vec<String> = words
             .iter()
             .map(|w| {

@@ -123,6 +123,9 @@ pub fn word_regions(
     class_words: &[String],
     opts: &AttentionOptions,
 ) -> Result<Vec<Binary>> {
+    if class_words.is_empty() {
+        return Ok(Vec::new()); // a prompt naming no learned word has nothing to segment
+    }
     let p = prompts(class_words);
     let mut maps = vec![concept_map(sd, pixels, &p, opts)?];
     if !p.all.1.is_empty() {
