@@ -46,26 +46,12 @@ pub fn probe_sides(latent_side: usize) -> [usize; 2] {
     [latent_side.div_ceil(4), latent_side.div_ceil(2)]
 }
 
-/// The attention map of each of `words` in `prompt` on `pixels` (`[3, R, R]` in [-1, 1]).
-/// Each word is found as `prompt_before_word + " " + word`: `words[i]` gives that split.
-pub fn word_maps(
-    sd: &StableDiffusion,
-    pixels: &Tensor,
-    prompt: &str,
-    words: &[WordAt],
-    opts: &AttentionOptions,
-) -> Result<Vec<SoftMap>> {
-    let res = pixels.dim(1)?;
-    let probs = layer_probs(sd, pixels, prompt, opts)?;
-    let mut out = Vec::with_capacity(words.len());
-    for w in words {
-        let positions = sd
-            .tokenizer
-            .word_positions(&w.before, &w.word)?
-            .ok_or_else(|| unknown_word(&w.word))?;
-        out.push(average(&probs, &positions, res)?);
-    }
-    Ok(out)
+/// A prompt's text features, computed once for every image, and the token positions of
+/// the words whose maps are read.
+pub struct EncodedPrompt {
+    /// `[1, tokens, dim]`.
+    context: Tensor,
+    words: Vec<Vec<usize>>,
 }
 
 /// Where a word sits in a prompt: `before` is the prompt up to the word.
@@ -73,6 +59,71 @@ pub fn word_maps(
 pub struct WordAt {
     pub before: String,
     pub word: String,
+}
+
+/// Encodes `prompt`; each of `words` is found as `before + " " + word` in it.
+pub fn encode_prompt(
+    sd: &StableDiffusion,
+    prompt: &str,
+    words: &[WordAt],
+) -> Result<EncodedPrompt> {
+    let ids = sd.tokenizer.encode(prompt)?;
+    let ids = Tensor::new(ids.as_slice(), &sd.device)?.unsqueeze(0)?;
+    let words = words
+        .iter()
+        .map(|w| {
+            sd.tokenizer
+                .word_positions(&w.before, &w.word)?
+                .ok_or_else(|| unknown_word(&w.word))
+        })
+        .collect::<Result<_>>()?;
+    Ok(EncodedPrompt {
+        context: sd.text_encoder.forward(&ids, None)?,
+        words,
+    })
+}
+
+/// An image encoded and noised once, for every prompt read on it.
+pub struct NoisedImage {
+    /// `[timesteps, 4, h, w]` in the U-Net's dtype.
+    z_t: Tensor,
+    t: Tensor,
+    /// The crop's side in pixels.
+    res: usize,
+}
+
+/// `pixels` (`[3, R, R]` in [-1, 1]): VAE posterior mean, noised to every timestep.
+pub fn noise_image(
+    sd: &StableDiffusion,
+    pixels: &Tensor,
+    opts: &AttentionOptions,
+) -> Result<NoisedImage> {
+    let dev = &sd.device;
+    let n = opts.timesteps.len();
+    let image = pixels.unsqueeze(0)?.to_dtype(sd.dtype)?;
+    // The posterior mean: the map should not depend on a sample of the VAE.
+    let z0 = (sd.vae.encode(&image)?.mean.to_dtype(DType::F32)? * sd.vae.config.scaling_factor)?;
+    let z0 = z0.repeat((n, 1, 1, 1))?;
+    let eps = seeded_normal(opts.seed, z0.dims(), dev)?;
+    let z_t = sd.schedule.add_noise(&z0, &eps, &opts.timesteps)?;
+    let ts: Vec<f32> = opts.timesteps.iter().map(|&t| t as f32).collect();
+    Ok(NoisedImage {
+        z_t: z_t.to_dtype(sd.unet.dtype())?,
+        t: Tensor::from_vec(ts, n, dev)?,
+        res: pixels.dim(1)?,
+    })
+}
+
+/// The attention map of each of `prompt`'s words on `image`.
+pub fn word_maps(
+    sd: &StableDiffusion,
+    image: &NoisedImage,
+    prompt: &EncodedPrompt,
+) -> Result<Vec<SoftMap>> {
+    let probs = layer_probs(sd, image, prompt)?;
+    (prompt.words.iter())
+        .map(|positions| average(&probs, positions, image.res))
+        .collect()
 }
 
 fn unknown_word(word: &str) -> Error {
@@ -86,30 +137,20 @@ fn unknown_word(word: &str) -> Error {
 /// Head-averaged probabilities `[timesteps, queries, keys]` of every probed layer.
 fn layer_probs(
     sd: &StableDiffusion,
-    pixels: &Tensor,
-    prompt: &str,
-    opts: &AttentionOptions,
+    image: &NoisedImage,
+    prompt: &EncodedPrompt,
 ) -> Result<Vec<Tensor>> {
-    let dev = &sd.device;
-    let n = opts.timesteps.len();
-    let image = pixels.unsqueeze(0)?.to_dtype(sd.dtype)?;
-    // The posterior mean: the map should not depend on a sample of the VAE.
-    let z0 = (sd.vae.encode(&image)?.mean.to_dtype(DType::F32)? * sd.vae.config.scaling_factor)?;
-    let z0 = z0.repeat((n, 1, 1, 1))?;
-    let eps = seeded_normal(opts.seed, z0.dims(), dev)?;
-    let z_t = sd.schedule.add_noise(&z0, &eps, &opts.timesteps)?;
-    let ts: Vec<f32> = opts.timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(ts, n, dev)?;
-    let ids = sd.tokenizer.encode(prompt)?;
-    let ids = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;
-    let context = sd.text_encoder.forward(&ids, None)?.repeat((n, 1, 1))?;
-    let probe = AttnProbe::new(&probe_sides(z_t.dim(2)?), &[BlockKind::Down, BlockKind::Up]);
+    let n = image.z_t.dim(0)?;
+    let context = prompt.context.repeat((n, 1, 1))?;
+    let probe = AttnProbe::new(
+        &probe_sides(image.z_t.dim(2)?),
+        &[BlockKind::Down, BlockKind::Up],
+    );
     let ctx = Ctx {
         lora: None,
         probe: Some(&probe),
     };
-    sd.unet
-        .forward(&z_t.to_dtype(sd.unet.dtype())?, &t, &context, ctx)?;
+    sd.unet.forward(&image.z_t, &image.t, &context, ctx)?;
     let maps = probe.take();
     if maps.is_empty() {
         return Err(Error::internal(format!(

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 
-use super::attention::{word_maps, AttentionOptions, SoftMap, WordAt};
+use super::attention::{
+    encode_prompt, noise_image, word_maps, AttentionOptions, EncodedPrompt, NoisedImage, SoftMap,
+    WordAt,
+};
 use super::{binarize, Binary};
 use crate::data::PairDataset;
 use crate::error::{Error, Result};
@@ -29,13 +32,21 @@ pub struct ImageMask {
     pub exclude: Option<Binary>,
 }
 
-/// The two prompts and where each class word sits in them.
+/// The two prompts, encoded once: "a photo of a {concept}" (reads the concept) and
+/// "a photo of a {concept} with {component} [and ...]" (reads each component).
 struct Prompts {
+    concept: EncodedPrompt,
+    /// `None` with no components.
+    all: Option<EncodedPrompt>,
+}
+
+/// The prompts' texts and where each class word sits in them.
+struct PromptTexts {
     concept: (String, WordAt),
     all: (String, Vec<WordAt>),
 }
 
-fn prompts(words: &[String]) -> Prompts {
+fn prompts(words: &[String]) -> PromptTexts {
     let head = "a photo of a".to_string();
     let at = |before: &str, word: &str| WordAt {
         before: before.to_string(),
@@ -49,9 +60,42 @@ fn prompts(words: &[String]) -> Prompts {
         parts.push(at(&all, w));
         all = format!("{all} {w}");
     }
-    Prompts {
+    PromptTexts {
         concept: (concept, at(&head, &words[0])),
         all: (all, parts),
+    }
+}
+
+impl Prompts {
+    /// `words`: the concept's class word first, then the components'.
+    fn new(sd: &StableDiffusion, words: &[String]) -> Result<Self> {
+        let PromptTexts {
+            concept: (concept, at),
+            all: (all, parts),
+        } = prompts(words);
+        Ok(Self {
+            concept: encode_prompt(sd, &concept, std::slice::from_ref(&at))?,
+            all: if parts.is_empty() {
+                None
+            } else {
+                Some(encode_prompt(sd, &all, &parts)?)
+            },
+        })
+    }
+
+    /// The concept's map and the components' maps on one image (noised once).
+    fn maps(&self, sd: &StableDiffusion, image: &NoisedImage) -> Result<(SoftMap, Vec<SoftMap>)> {
+        let concept = word_maps(sd, image, &self.concept)?
+            .pop()
+            .ok_or_else(|| Error::internal("no concept map"))?;
+        Ok((concept, self.part_maps(sd, image)?))
+    }
+
+    fn part_maps(&self, sd: &StableDiffusion, image: &NoisedImage) -> Result<Vec<SoftMap>> {
+        match &self.all {
+            Some(all) => word_maps(sd, image, all),
+            None => Ok(Vec::new()),
+        }
     }
 }
 
@@ -64,17 +108,18 @@ pub fn attention_masks(
     mut done: impl FnMut(&ImageMask),
 ) -> Result<Vec<ImageMask>> {
     let words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
-    let p = prompts(&words);
+    let p = Prompts::new(sd, &words)?;
     let mut out = Vec::with_capacity(data.num_images());
     for (sample, im) in data.images() {
-        let parts = word_maps(sd, &im.pixels, &p.all.0, &p.all.1, opts)?;
-        let (word_map, exclude) = if sample == 0 {
-            let concept = concept_map(sd, &im.pixels, &p, opts)?;
+        let image = noise_image(sd, &im.pixels, opts)?;
+        // A component image needs only the components' prompt.
+        let (map, exclude) = if sample == 0 {
+            let (concept, parts) = p.maps(sd, &image)?;
             (Some(concept), union_of(&parts))
         } else {
-            (parts.into_iter().nth(sample - 1), None)
+            (p.part_maps(sd, &image)?.into_iter().nth(sample - 1), None)
         };
-        let map = word_map.ok_or_else(|| Error::internal("a sample without its attention map"))?;
+        let map = map.ok_or_else(|| Error::internal("a sample without its attention map"))?;
         let word = binarize(&map.values, map.side, map.side);
         let m = ImageMask {
             image: im.path.clone(),
@@ -93,18 +138,6 @@ pub fn attention_masks(
         out.push(m);
     }
     Ok(out)
-}
-
-fn concept_map(
-    sd: &StableDiffusion,
-    pixels: &Tensor,
-    p: &Prompts,
-    opts: &AttentionOptions,
-) -> Result<SoftMap> {
-    let one = std::slice::from_ref(&p.concept.1);
-    word_maps(sd, pixels, &p.concept.0, one, opts)?
-        .pop()
-        .ok_or_else(|| Error::internal("no concept map"))
 }
 
 fn union_of(maps: &[SoftMap]) -> Option<Binary> {
@@ -126,13 +159,10 @@ pub fn word_regions(
     if class_words.is_empty() {
         return Ok(Vec::new()); // a prompt naming no learned word has nothing to segment
     }
-    let p = prompts(class_words);
-    let mut maps = vec![concept_map(sd, pixels, &p, opts)?];
-    if !p.all.1.is_empty() {
-        maps.extend(word_maps(sd, pixels, &p.all.0, &p.all.1, opts)?);
-    }
-    Ok(maps
-        .iter()
+    let p = Prompts::new(sd, class_words)?;
+    let (concept, parts) = p.maps(sd, &noise_image(sd, pixels, opts)?)?;
+    Ok(std::iter::once(&concept)
+        .chain(&parts)
         .map(|m| binarize(&m.values, m.side, m.side))
         .collect())
 }
