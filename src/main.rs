@@ -598,7 +598,7 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
 fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
     let seeds = match a.seeds.trim().parse::<u64>() {
         Ok(0) => return Err(magictailor::Error::usage("--seeds 0: no images to score.")),
-        Ok(n) => (0..n).collect(),
+        Ok(n) => many::first_seeds(n)?,
         Err(_) => many::parse_seeds(&a.seeds)?,
     };
     let opts = magictailor::eval::EvalOptions {

@@ -127,6 +127,21 @@ pub fn rgb_tensor(img: &DynamicImage, size: usize, device: &Device) -> Result<Te
         .contiguous()?)
 }
 
+/// The inverse of [`rgb_tensor`]: `[3, h, w]` in [-1, 1] -> 8-bit RGB.
+pub fn rgb_image(t: &Tensor) -> Result<image::RgbImage> {
+    let (_, h, w) = t.dims3()?;
+    let bytes = ((t.to_dtype(candle_core::DType::F32)? + 1.0)? * 127.5)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(candle_core::DType::U8)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<u8>()?;
+    image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| crate::error::Error::internal("image buffer size"))
+}
+
 /// `[1, size, size]` of 0/1 (white, >= 128 after resizing, is the wanted region).
 pub fn load_mask(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
     mask_tensor(&decode(path)?, size, device, path)

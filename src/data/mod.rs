@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, IoOp, Result};
-pub use images::{crop_square, image_size, load_mask, load_rgb, mask_tensor, rgb_tensor};
+pub use images::{
+    crop_square, image_size, load_mask, load_rgb, mask_tensor, rgb_image, rgb_tensor,
+};
 
 const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
 
@@ -123,7 +125,8 @@ impl PairDataset {
     }
 }
 
-fn stem(p: &Path) -> String {
+/// A file's name without its extension: how images and their masks are paired.
+pub(crate) fn stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()

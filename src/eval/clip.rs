@@ -157,7 +157,7 @@ impl Clip {
             .map_err(|e| Error::usage(format!("cannot tokenize {text:?} for CLIP: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if ids.len() > self.max_len {
-            ids.truncate(self.max_len - 1);
+            ids.truncate(self.max_len.saturating_sub(1));
             ids.push(self.eos_id);
         }
         Ok(ids)

@@ -171,6 +171,12 @@ impl Dino {
                 ),
             ));
         }
+        if c.patch_size == 0 {
+            return Err(Error::BadConfig {
+                path: cfg_path,
+                msg: "patch_size is 0".into(),
+            });
+        }
         let fallback = Preprocess {
             shortest_edge: 256,
             crop: 224,
@@ -274,6 +280,9 @@ impl Dino {
 /// row is kept.
 fn resize_positions(table: &Tensor, grid: usize) -> candle_core::Result<Tensor> {
     let (_, rows, d) = table.dims3()?;
+    if rows < 2 {
+        candle_core::bail!("{rows} position rows: no patch positions");
+    }
     let n = ((rows - 1) as f64).sqrt().round() as usize;
     if n * n != rows - 1 {
         candle_core::bail!("{} position rows are not 1 + a square", rows);

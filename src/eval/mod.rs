@@ -27,6 +27,7 @@ use image::{GrayImage, RgbImage};
 
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
+use crate::infer::many::image_file;
 use crate::infer::{self, many, InferOptions};
 use crate::io::run;
 use crate::model::tokenizer::pseudo_words_in;
@@ -229,11 +230,6 @@ fn check_classes(tokens: &BTreeMap<String, String>, refs: &PairDataset, pair: &P
     Ok(())
 }
 
-fn image_file(out: &Path, prompt: usize, seed: u64) -> PathBuf {
-    out.join(format!("prompt{prompt:02}"))
-        .join(format!("seed{seed:02}.png"))
-}
-
 /// Existing images are reused only if the manifest says they were drawn as asked.
 fn check_existing(out: &Path, opts: &EvalOptions, prompts: &[Prompt]) -> Result<()> {
     let manifest = out.join("manifest.jsonl");
@@ -365,7 +361,7 @@ fn reference_features(m: &Models, refs: &PairDataset, masks: bool) -> Result<Vec
     let mut out = Vec::new();
     for s in &refs.samples {
         let imgs: Vec<(RgbImage, GrayImage)> = (s.images.iter())
-            .map(|r| Ok((to_rgb(&r.pixels)?, to_gray(&r.mask)?)))
+            .map(|r| Ok((crate::data::rgb_image(&r.pixels)?, to_gray(&r.mask)?)))
             .collect::<Result<_>>()?;
         let views: Vec<(&RgbImage, Option<&GrayImage>)> =
             imgs.iter().map(|(i, k)| (i, masks.then_some(k))).collect();
@@ -380,21 +376,6 @@ fn reference_features(m: &Models, refs: &PairDataset, masks: bool) -> Result<Vec
 }
 
 /// `[3, h, w]` in [-1, 1] -> 8-bit RGB.
-fn to_rgb(t: &Tensor) -> Result<RgbImage> {
-    let (_, h, w) = t.dims3()?;
-    let px = ((t.permute((1, 2, 0))? + 1.0)? * 127.5)?
-        .round()?
-        .clamp(0f32, 255f32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    RgbImage::from_raw(
-        w as u32,
-        h as u32,
-        px.into_iter().map(|v| v as u8).collect(),
-    )
-    .ok_or_else(|| Error::internal("reference image buffer size"))
-}
-
 /// `[1, h, w]` of 0/1 -> 0/255.
 fn to_gray(t: &Tensor) -> Result<GrayImage> {
     let (_, h, w) = t.dims3()?;

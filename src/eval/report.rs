@@ -8,8 +8,9 @@ use image::RgbImage;
 use serde_json::json;
 
 use super::metrics::{ImageScore, Stats, Summary};
-use super::{image_file, EvalOptions, Prompt};
+use super::{EvalOptions, Prompt};
 use crate::error::{Error, Result};
+use crate::infer::many::image_file;
 use crate::io::write_atomic;
 use crate::preview::{grid::Grid, png_bytes};
 

@@ -15,6 +15,7 @@ use image::{DynamicImage, GrayImage, Luma, RgbImage};
 use crate::error::{Error, Result};
 use crate::masks::{self, AttentionOptions};
 use crate::model::loader::StableDiffusion;
+use crate::train::objective::pseudo_word;
 
 /// One generated image and how it was made.
 pub struct Generated<'a> {
@@ -106,7 +107,7 @@ impl Segmenter for Attention {
             .collect::<Result<_>>()?;
         // The concept (`<v0>`) first, as the mask prompts expect, then back to prompt order.
         let mut order: Vec<usize> = (0..words.len()).collect();
-        order.sort_by_key(|&i| words[i] != "<v0>");
+        order.sort_by_key(|&i| words[i] != pseudo_word(0));
         let sorted: Vec<String> = order.iter().map(|&i| classes[i].clone()).collect();
         let sd = self.sd()?;
         let (w, h) = image.image.dimensions();

@@ -44,6 +44,23 @@ pub fn read_prompts(file: &Path, placeholder: &str, flag: &str) -> Result<Vec<St
     Ok(prompts)
 }
 
+/// More seeds than this is a typo, not a protocol (the paper uses 32).
+const MAX_SEEDS: u64 = 100_000;
+
+fn too_many(spec: &str) -> Error {
+    Error::usage(format!(
+        "--seeds {spec}: more than {MAX_SEEDS} seeds; the paper's protocol uses 32 (0..31)."
+    ))
+}
+
+/// Seeds `0..n` (exclusive), as `eval --seeds N` counts them.
+pub fn first_seeds(n: u64) -> Result<Vec<u64>> {
+    if n > MAX_SEEDS {
+        return Err(too_many(&n.to_string()));
+    }
+    Ok((0..n).collect())
+}
+
 /// `0..31` (inclusive, as the paper counts its 32 seeds), `3,5,8`, or a mix: `0..3,10`.
 pub fn parse_seeds(spec: &str) -> Result<Vec<u64>> {
     let bad = || {
@@ -60,8 +77,12 @@ pub fn parse_seeds(spec: &str) -> Result<Vec<u64>> {
                 if a > b {
                     return Err(bad());
                 }
+                if b - a >= MAX_SEEDS - seeds.len().min(MAX_SEEDS as usize) as u64 {
+                    return Err(too_many(spec));
+                }
                 seeds.extend(a..=b);
             }
+            None if seeds.len() as u64 >= MAX_SEEDS => return Err(too_many(spec)),
             None => seeds.push(part.parse().map_err(|_| bad())?),
         }
     }
@@ -89,7 +110,8 @@ struct Entry<'a> {
     layout_steps: usize,
 }
 
-fn image_file(out: &Path, prompt: usize, seed: u64) -> PathBuf {
+/// Where image `seed` of prompt `prompt` goes (eval reads the same names).
+pub fn image_file(out: &Path, prompt: usize, seed: u64) -> PathBuf {
     out.join(format!("prompt{prompt:02}"))
         .join(format!("seed{seed:02}.png"))
 }

@@ -42,7 +42,7 @@ pub fn apply(sd: &StableDiffusion, data: &mut PairDataset, progress: bool) -> Re
     let mut files = Vec::with_capacity(masks.len());
     let mut by_stem = BTreeMap::new();
     for m in &masks {
-        let stem = super::stem(&m.image);
+        let stem = data::stem(&m.image);
         let full = full_size(m)?;
         by_stem.insert(stem.clone(), DynamicImage::ImageLuma8(full.clone()));
         files.push((stem, full));

@@ -25,7 +25,7 @@ pub use cleanup::{clean, Binary};
 pub use otsu::otsu_threshold;
 pub use pair::ImageMask;
 
-use crate::data::{self, MaskPolicy, PairDataset};
+use crate::data::{self, stem, MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 
@@ -217,10 +217,4 @@ pub fn uncrop(crop: &Binary, w: u32, h: u32) -> GrayImage {
         };
         image::Luma([if on { 255 } else { 0 }])
     })
-}
-
-pub(crate) fn stem(p: &Path) -> String {
-    p.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }

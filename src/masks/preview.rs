@@ -1,7 +1,7 @@
 //! `masks/preview.png`: each reference image beside its mask and the mask's overlay,
 //! labelled with the class word, so a person checks every mask at a glance.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use image::imageops::FilterType;
 use image::{GrayImage, Rgb, RgbImage};
 
@@ -27,7 +27,7 @@ pub fn sheet(masks: &[ImageMask], pixels: &[&Tensor], title: &str) -> Result<Rgb
             .map(|n| n.to_string_lossy())
             .unwrap_or_default();
         rows.push(format!("{name}: {}", m.class_word));
-        let image = thumbnail(&to_rgb(px)?);
+        let image = thumbnail(&crate::data::rgb_image(px)?);
         let mask = thumbnail_mask(&m.crop);
         cells.push(overlay(&image, &mask));
         cells.push(image::DynamicImage::ImageLuma8(mask).to_rgb8());
@@ -41,20 +41,6 @@ pub fn sheet(masks: &[ImageMask], pixels: &[&Tensor], title: &str) -> Result<Rgb
         cells: &cells,
     }
     .render()
-}
-
-fn to_rgb(px: &Tensor) -> Result<RgbImage> {
-    let (_, h, w) = px.dims3()?;
-    let bytes = ((px.to_dtype(DType::F32)? + 1.0)? * 127.5)?
-        .clamp(0f32, 255f32)?
-        .round()?
-        .to_dtype(DType::U8)?
-        .permute((1, 2, 0))?
-        .flatten_all()?
-        .to_device(&candle_core::Device::Cpu)?
-        .to_vec1::<u8>()?;
-    RgbImage::from_raw(w as u32, h as u32, bytes)
-        .ok_or_else(|| crate::error::Error::internal("preview buffer size"))
 }
 
 fn thumbnail(img: &RgbImage) -> RgbImage {
