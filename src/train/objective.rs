@@ -196,9 +196,10 @@ pub fn step_losses(
     let probe = AttnProbe::new(&[attn_side], &[BlockKind::Down, BlockKind::Up]);
     // The U-Net runs in the model's precision; losses are computed in f32.
     let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
+    // The maps cost a second QK^T and softmax per probed layer: only when their loss counts.
     let online_ctx = Ctx {
         lora: Some(online),
-        probe: Some(&probe),
+        probe: (w.lambda_attn > 0.0).then_some(&probe),
     };
     let pred = sd
         .unet
@@ -219,7 +220,6 @@ pub fn step_losses(
     };
     let (l_diff, l_pres, chosen) = match momentum {
         Some(mset) => {
-            let chosen = hardest_sample(&per_sample)?;
             let momentum_ctx = Ctx {
                 lora: Some(mset),
                 probe: None,
@@ -228,6 +228,9 @@ pub fn step_losses(
                 .unet
                 .forward(&z_t, &t, &context.detach(), momentum_ctx)?
                 .to_dtype(DType::F32)?;
+            // Read after the momentum forward is queued, so the device does not idle
+            // while the host waits for the online losses.
+            let chosen = hardest_sample(&per_sample)?;
             let l_pres = preserving_loss(
                 &pred,
                 &mpred,

@@ -268,14 +268,15 @@ impl Trainer {
             }
             None => loss.backward()?,
         };
-        // One device-to-host read for all logged scalars; then the loss terms, which own
-        // the forward graph, are dropped before the optimizer runs.
-        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?
+        // One device-to-host read for all logged scalars; then the loss terms and the
+        // per-sample losses, which own the forward graph, are dropped before the optimizer
+        // runs.
+        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?.to_dtype(DType::F32)?;
+        let read = Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
             .detach()
-            .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
-        let per_sample = per_sample.detach().to_vec1::<f32>()?;
-        drop((loss, l_diff, l_attn, l_pres));
+        drop((loss, l_diff, l_attn, l_pres, per_sample, terms));
+        let (terms, per_sample) = (read[..4].to_vec(), read[4..].to_vec());
         // As the released script: only the U-Net's (LoRA) gradients are clipped.
         let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
         let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
