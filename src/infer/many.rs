@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{decode, generate, progress_bar, to_images, InferOptions, Personalized, Sources};
+use super::{
+    conditions, decode, denoise_with, progress_bar, to_images, InferOptions, Personalized, Sources,
+};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::preview::{grid::Grid, png_bytes};
@@ -137,18 +139,15 @@ pub fn run(
     let bar = progress_bar(todo.len() as u64, "images", opts.progress);
     for (i, prompt) in many.prompts.iter().enumerate() {
         let seeds: Vec<u64> = todo.iter().filter(|t| t.0 == i).map(|t| t.1).collect();
+        if seeds.is_empty() {
+            continue;
+        }
+        let (main, layout) = conditions(p, prompt, &opts.negative_prompt, opts)?;
         for chunk in seeds.chunks(many.batch_size.max(1)) {
             let noise = (chunk.iter())
                 .map(|&s| seeded_normal(s, (1, c, h, wd), &p.sd.device))
                 .collect::<Result<Vec<_>>>()?;
-            let x = generate(
-                p,
-                prompt,
-                &opts.negative_prompt,
-                Tensor::cat(&noise, 0)?,
-                opts,
-                || {},
-            )?;
+            let x = denoise_with(&main, &layout, Tensor::cat(&noise, 0)?, opts.steps, || {})?;
             for (img, &s) in to_images(&decode(w, &x)?)?.iter().zip(chunk) {
                 write_atomic(&image_file(&many.out_dir, i, s), &png_bytes(img)?)?;
             }

@@ -222,6 +222,19 @@ pub fn generate(
     opts: &InferOptions,
     on_step: impl FnMut(),
 ) -> Result<Tensor> {
+    let (main, layout) = conditions(p, prompt, negative, opts)?;
+    denoise_with(&main, &layout, latents, opts.steps, on_step)
+}
+
+/// What one prompt is denoised with: the personalized conditioning, and with
+/// `--layout-steps` K > 0 the base model's on the class-word prompt for the first K steps.
+/// Built once per prompt, whatever the number of batches.
+pub fn conditions<'a>(
+    p: &'a Personalized,
+    prompt: &str,
+    negative: &str,
+    opts: &InferOptions,
+) -> Result<(Conditioning<'a>, Option<(Conditioning<'a>, usize)>)> {
     let w = p.weights();
     let main = w.condition(prompt, negative, opts.guidance)?;
     let layout = match opts.layout_steps {
@@ -235,8 +248,19 @@ pub fn generate(
             ))
         }
     };
+    Ok((main, layout))
+}
+
+/// [`denoise`] with what [`conditions`] built.
+pub fn denoise_with(
+    main: &Conditioning,
+    layout: &Option<(Conditioning, usize)>,
+    latents: Tensor,
+    steps: usize,
+    on_step: impl FnMut(),
+) -> Result<Tensor> {
     let layout = layout.as_ref().map(|(c, k)| (c, *k));
-    denoise(&main, layout, latents, opts.steps, on_step)
+    denoise(main, layout, latents, steps, on_step)
 }
 
 /// One image's latent shape `(channels, height / f, width / f)`.
