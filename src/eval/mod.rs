@@ -156,22 +156,9 @@ pub fn read_prompts(
     placeholder: &str,
     tokens: &BTreeMap<String, String>,
 ) -> Result<Vec<Prompt>> {
-    let texts = many::read_prompts(file, placeholder, "--prompts")?;
-    let raw = std::fs::read_to_string(file).map_err(|e| Error::read(file, e))?;
-    let mut group = "ungrouped".to_string();
-    let mut groups = Vec::new();
-    for line in raw.lines().map(str::trim) {
-        let header = (line.strip_prefix('#').map(str::trim)).and_then(|c| c.strip_prefix("group:"));
-        match header {
-            Some(g) => group = g.trim().to_string(),
-            None if !line.is_empty() && !line.starts_with('#') => groups.push(group.clone()),
-            None => {}
-        }
-    }
-    texts
+    many::read_grouped_prompts(file, placeholder, "--prompts")?
         .into_iter()
-        .zip(groups)
-        .map(|(text, group)| {
+        .map(|(group, text)| {
             let mut class_text = text.clone();
             let mut classes = Vec::new();
             for w in pseudo_words_in(&text) {

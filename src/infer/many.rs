@@ -32,11 +32,31 @@ pub struct Many {
 /// One prompt per non-blank line of `file` (`#` starts a comment line); `{}` stands for
 /// `placeholder`. `flag` names the option in the error for an empty file.
 pub fn read_prompts(file: &Path, placeholder: &str, flag: &str) -> Result<Vec<String>> {
+    Ok(read_grouped_prompts(file, placeholder, flag)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect())
+}
+
+/// [`read_prompts`], each prompt with the group a `# group: NAME` line above it names
+/// ("ungrouped" before any).
+pub fn read_grouped_prompts(
+    file: &Path,
+    placeholder: &str,
+    flag: &str,
+) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::read(file, e))?;
-    let prompts: Vec<String> = (text.lines().map(str::trim))
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.replace("{}", placeholder))
-        .collect();
+    let mut group = "ungrouped".to_string();
+    let mut prompts = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(comment) = line.strip_prefix('#') {
+            if let Some(g) = comment.trim().strip_prefix("group:") {
+                group = g.trim().to_string();
+            }
+        } else if !line.is_empty() {
+            prompts.push((group.clone(), line.replace("{}", placeholder)));
+        }
+    }
     if prompts.is_empty() {
         return Err(Error::usage(format!(
             "{flag} {}: the file has no prompts (one per line).",
