@@ -93,14 +93,14 @@ pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
         &opts.device,
     )?;
     refuse_overwrite(&data, &target, opts.overwrite)?;
+    let sd = StableDiffusion::load(&opts.model, &opts.device, opts.dtype)?;
+    check_resolution(&sd, opts.attention.resolution)?;
+    check_timesteps(&sd, &opts.attention.timesteps)?;
     let sam = opts
         .sam_model
         .as_deref()
         .map(|m| sam::Refiner::load(m, &opts.device))
         .transpose()?;
-    let sd = StableDiffusion::load(&opts.model, &opts.device, opts.dtype)?;
-    check_resolution(&sd, opts.attention.resolution)?;
-    check_timesteps(&sd, &opts.attention.timesteps)?;
     let record = MaskRecord {
         method: if sam.is_some() {
             "attention+sam"

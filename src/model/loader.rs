@@ -57,7 +57,6 @@ pub fn loads_in_process() -> usize {
 
 impl StableDiffusion {
     pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
-        LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Refused before anything is downloaded or read.
         if dtype == DType::BF16 && device.is_cpu() {
             return Err(Error::usage(
@@ -66,7 +65,9 @@ impl StableDiffusion {
             ));
         }
         let root = resolve(model)?;
-        load_from_root(model, &root, device, dtype)
+        let sd = load_from_root(model, &root, device, dtype)?;
+        LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(sd)
     }
 
     /// Pixels per latent cell (8 for SD).

@@ -408,41 +408,36 @@ impl TrainableLora {
 
     /// The adapter set a forward pass reads; it tracks gradients to the Vars.
     pub fn as_set(&self) -> LoraSet {
-        match self.set_with(|v| Ok::<_, std::convert::Infallible>(v.as_tensor().clone())) {
-            Ok(set) => set,
-            Err(never) => match never {},
-        }
+        self.set_with(|v| v.as_tensor().clone())
     }
 
     /// The current weights without the Vars: a forward builds no graph. Shares storage,
     /// so it reads what the next optimizer step writes (fine for sampling in between).
     pub fn detached(&self) -> LoraSet {
-        match self.set_with(|v| Ok::<_, std::convert::Infallible>(v.as_tensor().detach())) {
-            Ok(set) => set,
-            Err(never) => match never {},
-        }
+        self.set_with(|v| v.as_tensor().detach())
     }
 
     /// A copy that shares no storage with the Vars and builds no graph (the momentum
     /// adapters of DS-Bal).
     pub fn detached_copy(&self) -> Result<LoraSet> {
-        Ok(self.set_with(|v| v.as_tensor().detach().copy())?)
+        let mut set = self.detached();
+        for w in set.modules.values_mut() {
+            (w.a, w.b) = (w.a.copy()?, w.b.copy()?);
+        }
+        Ok(set)
     }
 
-    fn set_with<E>(
-        &self,
-        f: impl Fn(&Var) -> std::result::Result<Tensor, E>,
-    ) -> std::result::Result<LoraSet, E> {
+    fn set_with(&self, f: impl Fn(&Var) -> Tensor) -> LoraSet {
         let mut set = LoraSet::default();
         for m in &self.modules {
             let w = LoraWeights {
-                a: f(&m.a)?,
-                b: f(&m.b)?,
+                a: f(&m.a),
+                b: f(&m.b),
                 scale: self.scale,
             };
             set.insert(m.path.clone(), w);
         }
-        Ok(set)
+        set
     }
 
     pub fn vars(&self) -> Vec<Var> {
