@@ -4,7 +4,7 @@
 use candle_core::{Result, Shape, Tensor, D};
 
 use super::kernels as cpu;
-use super::{fused1, kernel2, on_cpu_f32, Grad1};
+use super::{fused1, kernel2, on_cpu_f32, on_cuda_kernel, Grad1};
 
 // GEGLU: h * gelu_erf(gate) for [h, gate] split on the last dimension.
 
@@ -12,16 +12,28 @@ struct GegluGrad;
 
 impl Grad1 for GegluGrad {
     const NAME: &'static str = "geglu";
+    const CUDA: bool = true;
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         let mut out = dims.to_vec();
         let inner = out.last().copied().unwrap_or(0) / 2;
         *out.last_mut()? = inner;
         Some(Ok((cpu::geglu_fwd(x, inner), out.into())))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_value(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Option<Result<(candle_core::CudaStorage, Shape)>> {
+        Some(on_cuda::fwd(x, l))
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let inner = x.dim(D::Minus1)? / 2;
         if on_cpu_f32(x) {
             return kernel2(x, g, |x, g| cpu::geglu_bwd(x, g, inner));
+        }
+        if on_cuda_kernel(x) && g.dtype() == x.dtype() {
+            return on_cuda::bwd(x, g);
         }
         let h = x.narrow(D::Minus1, 0, inner)?;
         let gate = x.narrow(D::Minus1, inner, inner)?;
@@ -42,4 +54,60 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     fused1(x, GegluGrad, |x| {
         x.narrow(D::Minus1, 0, inner)? * x.narrow(D::Minus1, inner, inner)?.gelu_erf()?
     })
+}
+
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
+
+    use super::super::cuda::{self, geglu, Arg};
+
+    /// Rows and half-width of a `[.., 2 * inner]` layout.
+    fn rows_inner(l: &Layout) -> (usize, usize) {
+        let last = l.dims().last().copied().unwrap_or(0);
+        (l.shape().elem_count() / last.max(1), last / 2)
+    }
+
+    pub fn fwd(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, inner) = rows_inner(l);
+        let (dev, stream) = (x.device(), x.device().cuda_stream());
+        let mut y = cuda::alloc(dev, x.dtype(), rows * inner)?;
+        {
+            let (xp, _r) = cuda::input_ptr(x, l, &stream)?;
+            let (yp, _w) = cuda::output_ptr(&mut y, &stream)?;
+            let launch = geglu::fwd(x.dtype(), Arg::Ptr(xp), Arg::Ptr(yp), rows, inner)?;
+            cuda::run(dev, &launch)?;
+        }
+        let mut dims = l.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = inner;
+        }
+        Ok((y, dims.into()))
+    }
+
+    pub fn bwd(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        super::super::cuda_kernel2("geglu-bwd", x, g, |x, xl, g, gl| {
+            let (rows, inner) = rows_inner(xl);
+            let (dev, stream) = (x.device(), x.device().cuda_stream());
+            let mut dx = cuda::alloc(dev, x.dtype(), rows * 2 * inner)?;
+            {
+                let (xp, _r) = cuda::input_ptr(x, xl, &stream)?;
+                let (gp, _s) = cuda::input_ptr(g, gl, &stream)?;
+                let (dp, _w) = cuda::output_ptr(&mut dx, &stream)?;
+                let (xp, gp, dp) = (Arg::Ptr(xp), Arg::Ptr(gp), Arg::Ptr(dp));
+                cuda::run(dev, &geglu::bwd(x.dtype(), xp, gp, dp, rows, inner)?)?;
+            }
+            Ok((dx, xl.shape().clone()))
+        })
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod on_cuda {
+    use candle_core::{bail, Result, Tensor};
+
+    pub fn bwd(_: &Tensor, _: &Tensor) -> Result<Tensor> {
+        bail!("built without CUDA")
+    }
 }

@@ -25,6 +25,7 @@ use candle_core::{
 
 mod attention;
 mod conv;
+mod cuda;
 mod geglu;
 mod kernels;
 mod linear;
@@ -125,17 +126,24 @@ fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
 /// (all detached).
 trait Grad1: Send + Sync + 'static {
     const NAME: &'static str;
+    /// Whether `cuda_value` has a kernel (cuda/).
+    const CUDA: bool = false;
     fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
     /// The op's value from the input's f32 data (dims given), where a CPU kernel exists.
     fn cpu_value(&self, _x: &[f32], _dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         None
     }
+    /// The op's value by its CUDA kernel, where one exists (`CUDA`).
+    fn cuda_value(&self, _x: &CudaStorage, _l: &Layout) -> Option<Result<(CudaStorage, Shape)>> {
+        None
+    }
 }
 
-/// An op with a CPU kernel: the value is computed in `cpu_fwd` from the input storage.
-struct CpuFused<G>(G);
+/// An op with a kernel: the value is computed in `cpu_fwd`/`cuda_fwd` from the input
+/// storage.
+struct Fused<G>(G);
 
-impl<G: Grad1> CustomOp1 for CpuFused<G> {
+impl<G: Grad1> CustomOp1 for Fused<G> {
     fn name(&self) -> &'static str {
         G::NAME
     }
@@ -148,21 +156,34 @@ impl<G: Grad1> CustomOp1 for CpuFused<G> {
             None => bail!("{} has no cpu kernel", G::NAME),
         }
     }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        match self.0.cuda_value(s, l) {
+            Some(value) => value,
+            None => bail!("{} has no CUDA kernel", G::NAME),
+        }
+    }
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.0.grad(&x.detach(), &y.detach(), g)?))
     }
 }
 
-/// `op` applied to `x`: through its CPU kernel for f32 CPU input (no copy, no graph
-/// unless `x` is tracked), else as `composed` on detached `x` with `op`'s backward.
+/// Whether our CUDA kernels take `t`: on a CUDA device, in f32/bf16/f16, not switched off.
+fn on_cuda_kernel(t: &Tensor) -> bool {
+    t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && cuda::enabled()
+}
+
+/// `op` applied to `x`: through its kernel for f32 CPU input or CUDA input (no copy, no
+/// graph unless `x` is tracked), else as `composed` on detached `x` with `op`'s backward.
 fn fused1<G: Grad1>(
     x: &Tensor,
     op: G,
     composed: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if on_cpu_f32(x) {
+    if on_cpu_f32(x) || (G::CUDA && on_cuda_kernel(x)) {
         let x = x.contiguous()?;
-        let op = CpuFused(op);
+        let op = Fused(op);
         return if x.track_op() {
             x.apply_op1(op)
         } else {
@@ -171,6 +192,52 @@ fn fused1<G: Grad1>(
     }
     let value = composed(&x.detach())?;
     attach1(x, value, op)
+}
+
+/// A two-input CUDA kernel as a graph-free op (backward passes run these).
+#[cfg(feature = "cuda")]
+struct CudaKernel2<F>(&'static str, F);
+
+#[cfg(feature = "cuda")]
+impl<F> candle_core::CustomOp2 for CudaKernel2<F>
+where
+    F: Fn(&CudaStorage, &Layout, &CudaStorage, &Layout) -> Result<(CudaStorage, Shape)>
+        + Send
+        + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.0
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{} runs on CUDA only", self.0)
+    }
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        (self.1)(a, al, b, bl)
+    }
+}
+
+/// `f` on the storage of CUDA tensors `a` and `b` (made contiguous), without a graph.
+#[cfg(feature = "cuda")]
+fn cuda_kernel2<F>(name: &'static str, a: &Tensor, b: &Tensor, f: F) -> Result<Tensor>
+where
+    F: Fn(&CudaStorage, &Layout, &CudaStorage, &Layout) -> Result<(CudaStorage, Shape)>
+        + Send
+        + Sync,
+{
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &CudaKernel2(name, f))
 }
 
 /// Copies a precomputed value into the op's output storage. The value is taken out of

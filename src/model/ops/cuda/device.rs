@@ -1,0 +1,108 @@
+//! Launching on a GPU: module loading (once per device), buffer addresses, launch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
+
+use super::{Arg, Launch, Module};
+
+type Loaded = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
+
+fn module(dev: &CudaDevice, m: &'static Module) -> Result<Arc<CudaModule>> {
+    static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
+    let Ok(mut loaded) = LOADED.lock() else {
+        bail!("CUDA module cache poisoned")
+    };
+    let loaded = loaded.get_or_insert_with(HashMap::new);
+    if let Some(md) = loaded.get(&(dev.id(), m.name)) {
+        return Ok(md.clone());
+    }
+    let ctx = dev.cuda_stream().context().clone();
+    let md = ctx.load_module(Ptx::from_binary(m.fatbin.to_vec())).w()?;
+    loaded.insert((dev.id(), m.name), md.clone());
+    Ok(md)
+}
+
+/// Runs `l` on `dev`'s stream (asynchronously, as candle's own kernels).
+pub(crate) fn run(dev: &CudaDevice, l: &Launch) -> Result<()> {
+    let func = module(dev, l.module)?.load_function(&l.kernel).w()?;
+    if l.shared > 48 * 1024 {
+        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        func.set_attribute(attr, l.shared as i32).w()?;
+    }
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    for a in &l.args {
+        match a {
+            Arg::Ptr(p) => b.arg(p),
+            Arg::U32(v) => b.arg(v),
+            Arg::F32(v) => b.arg(v),
+        };
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+        block_dim: (l.block[0], l.block[1], l.block[2]),
+        shared_mem_bytes: l.shared,
+    };
+    // SAFETY: `l` was built by the same function the emulator tests run, which checks the
+    // argument count against the kernel's parameters; buffers are sized by the caller.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The address of a contiguous tensor's first element, and the guard that records the
+/// read on `stream` once dropped (after the launch).
+pub(crate) fn input_ptr<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let Some((start, _)) = l.contiguous_offsets() else {
+        bail!("a CUDA kernel input is not contiguous")
+    };
+    macro_rules! at {
+        ($t:ty) => {{
+            let (p, g) = s.as_cuda_slice::<$t>()?.device_ptr(stream);
+            (p + (start * std::mem::size_of::<$t>()) as u64, g)
+        }};
+    }
+    Ok(match s.dtype() {
+        DType::F32 => at!(f32),
+        DType::BF16 => at!(bf16),
+        DType::F16 => at!(f16),
+        d => bail!("no CUDA kernel for {d:?}"),
+    })
+}
+
+/// The address of a fresh output buffer, and its write guard.
+pub(crate) fn output_ptr<'a>(
+    s: &'a mut CudaStorage,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    Ok(match s.dtype() {
+        DType::F32 => s.as_cuda_slice_mut::<f32>()?.device_ptr_mut(stream),
+        DType::BF16 => s.as_cuda_slice_mut::<bf16>()?.device_ptr_mut(stream),
+        DType::F16 => s.as_cuda_slice_mut::<f16>()?.device_ptr_mut(stream),
+        d => bail!("no CUDA kernel for {d:?}"),
+    })
+}
+
+/// An uninitialized buffer of `n` elements, for a kernel that writes all of them.
+pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+    // SAFETY: callers launch a kernel that writes every element before any read.
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<bf16>(n)? }, dev.clone()),
+        DType::F16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f16>(n)? }, dev.clone()),
+        d => bail!("no CUDA kernel for {d:?}"),
+    })
+}

@@ -1,0 +1,96 @@
+//! Our CUDA kernels (the `.cu` files beside this one) and how they are launched.
+//!
+//! A kernel launch is described once, as a [`Launch`] (kernel name, geometry, arguments),
+//! by a function of the op's shape and buffer addresses. The same description runs on a
+//! GPU (`run`, `--features cuda`) and, in `cargo test`, on the CPU emulator (`emu`), which
+//! executes the same kernel source with one OS thread per CUDA thread. So the tests check
+//! each kernel's maths, indexing, synchronization and launch geometry without a GPU; what
+//! only a GPU can show (speed, resource limits) is left to `cargo test --features cuda`
+//! on one.
+//!
+//! build.rs compiles each `.cu` to a fatbin with sm_90 SASS and compute_80 PTX.
+
+// Without `--features cuda` only the emulator tests launch kernels.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+use candle_core::{bail, DType, Result};
+
+pub(super) mod geglu;
+
+/// A kernel argument, as the kernel's parameter list takes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    /// A device (or, in the emulator, host) address.
+    Ptr(u64),
+    U32(u32),
+    F32(f32),
+}
+
+/// One `.cu` file, compiled.
+pub(crate) struct Module {
+    pub name: &'static str,
+    #[cfg(feature = "cuda")]
+    fatbin: &'static [u8],
+}
+
+macro_rules! module {
+    ($name:literal) => {
+        $crate::model::ops::cuda::Module {
+            name: $name,
+            #[cfg(feature = "cuda")]
+            fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".fatbin")),
+        }
+    };
+}
+use module;
+
+/// A kernel launch: which kernel, its grid, block, dynamic shared bytes and arguments.
+#[derive(Debug)]
+pub(crate) struct Launch {
+    pub module: &'static Module,
+    pub kernel: String,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared: u32,
+    pub args: Vec<Arg>,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// The kernel name for `base` on `dtype` (kernels come in f32, bf16 and f16).
+pub(crate) fn typed(base: &str, dtype: DType) -> Result<String> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => bail!("{base}: no CUDA kernel for {d:?}"),
+    };
+    Ok(format!("{base}_{suffix}"))
+}
+
+/// Blocks for a grid-stride loop over `n` elements with `threads` per block.
+pub(crate) fn stride_blocks(n: usize, threads: u32) -> u32 {
+    n.div_ceil(threads as usize).clamp(1, 65_535) as u32
+}
+
+/// Whether CUDA tensors go through our kernels (default) or candle's composed ops
+/// (`MAGICTAILOR_CUDA_KERNELS=0`: for comparisons, and a way out if a kernel misbehaves).
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MAGICTAILOR_CUDA_KERNELS").map_or(true, |v| v != "0"))
+}
+
+#[cfg(feature = "cuda")]
+mod device;
+#[cfg(feature = "cuda")]
+pub(crate) use device::{alloc, input_ptr, output_ptr, run};
+
+#[cfg(kernel_emu)]
+pub(crate) mod emu;
+
+#[cfg(test)]
+mod tests;

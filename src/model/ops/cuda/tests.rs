@@ -1,0 +1,178 @@
+//! Kernel tests' shared helpers, and GEGLU's tests. Each kernel is checked against the
+//! composed candle op in f32 and bf16 twice: on the CPU emulator (`cfg(kernel_emu)`, every
+//! `cargo test`) and on a GPU (`--features cuda` with one present; skipped without).
+//! Each kernel file has its own tests file beside this one using these helpers.
+
+use candle_core::{DType, Device, Tensor, D};
+#[cfg(kernel_emu)]
+use half::bf16;
+
+#[cfg(kernel_emu)]
+use super::emu::{ptr, run};
+#[cfg(kernel_emu)]
+use super::geglu;
+use crate::rng::seeded_normal;
+
+#[cfg(kernel_emu)]
+/// A tensor's values in `dtype`'s storage (f32 or bf16), as the kernel reads them.
+pub(super) enum Host {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+#[cfg(kernel_emu)]
+impl Host {
+    pub(super) fn of(t: &Tensor, dtype: DType) -> Host {
+        let t = t.to_dtype(dtype).unwrap().flatten_all().unwrap();
+        match dtype {
+            DType::F32 => Host::F32(t.to_vec1().unwrap()),
+            DType::BF16 => Host::Bf16(t.to_vec1().unwrap()),
+            _ => unreachable!(),
+        }
+    }
+    pub(super) fn zeros(n: usize, dtype: DType) -> Host {
+        match dtype {
+            DType::F32 => Host::F32(vec![0.0; n]),
+            _ => Host::Bf16(vec![bf16::ZERO; n]),
+        }
+    }
+    pub(super) fn arg(&self) -> super::Arg {
+        match self {
+            Host::F32(v) => ptr(v),
+            Host::Bf16(v) => ptr(v),
+        }
+    }
+    pub(super) fn tensor(&self, shape: &[usize]) -> Tensor {
+        let t = match self {
+            Host::F32(v) => Tensor::from_slice(v, shape, &Device::Cpu),
+            Host::Bf16(v) => Tensor::from_slice(v, shape, &Device::Cpu),
+        };
+        t.unwrap().to_dtype(DType::F32).unwrap()
+    }
+}
+
+/// max |a - b| / max |b|.
+pub(super) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap();
+    (diff / scale).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// The tolerance for results stored in `dtype` (one rounding of the output, plus slack).
+pub(super) fn tol(dtype: DType) -> f32 {
+    if dtype == DType::F32 {
+        2e-6
+    } else {
+        1e-2
+    }
+}
+
+fn composed_geglu(x: &Tensor) -> Tensor {
+    let inner = x.dim(D::Minus1).unwrap() / 2;
+    let h = x.narrow(D::Minus1, 0, inner).unwrap();
+    (h * x
+        .narrow(D::Minus1, inner, inner)
+        .unwrap()
+        .gelu_erf()
+        .unwrap())
+    .unwrap()
+}
+
+#[cfg(kernel_emu)]
+#[test]
+fn geglu_matches_composed() {
+    let (rows, inner) = (37, 40);
+    for dtype in [DType::F32, DType::BF16] {
+        // The reference sees the inputs rounded to the kernel's storage type.
+        let x = seeded_normal(1, (rows, 2 * inner), &Device::Cpu).unwrap();
+        let x = x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        let dy = seeded_normal(2, (rows, inner), &Device::Cpu).unwrap();
+        let dy = dy.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        let (hx, hdy) = (Host::of(&x, dtype), Host::of(&dy, dtype));
+        let (y, dx) = (
+            Host::zeros(rows * inner, dtype),
+            Host::zeros(rows * 2 * inner, dtype),
+        );
+        run(&geglu::fwd(dtype, hx.arg(), y.arg(), rows, inner).unwrap()).unwrap();
+        run(&geglu::bwd(dtype, hx.arg(), hdy.arg(), dx.arg(), rows, inner).unwrap()).unwrap();
+
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let want = composed_geglu(var.as_tensor());
+        let grads = (&want * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want_dx = grads.get(var.as_tensor()).unwrap();
+        let e = rel_err(&y.tensor(&[rows, inner]), &want);
+        assert!(e < tol(dtype), "{dtype:?} forward: {e}");
+        let e = rel_err(&dx.tensor(&[rows, 2 * inner]), want_dx);
+        assert!(e < tol(dtype), "{dtype:?} backward: {e}");
+    }
+}
+
+#[cfg(kernel_emu)]
+#[test]
+fn emulator_refuses_wrong_launches() {
+    let v = vec![0f32; 4];
+    let mut l = geglu::fwd(DType::F32, ptr(&v), ptr(&v), 1, 2).unwrap();
+    l.args.pop();
+    assert!(run(&l)
+        .unwrap_err()
+        .to_string()
+        .contains("number of arguments"));
+    let mut l = geglu::fwd(DType::F32, ptr(&v), ptr(&v), 1, 2).unwrap();
+    l.kernel = "no_such_kernel".into();
+    assert!(run(&l).unwrap_err().to_string().contains("no kernel named"));
+    let mut l = geglu::fwd(DType::F32, ptr(&v), ptr(&v), 1, 2).unwrap();
+    l.block = [2048, 1, 1];
+    assert!(run(&l).is_err());
+}
+
+/// A GPU, for the tests that compare a kernel with the composed op on real hardware
+/// (`cargo test --features cuda` on a machine with one); `None` elsewhere.
+#[cfg(feature = "cuda")]
+pub(super) fn gpu() -> Option<Device> {
+    Device::new_cuda(0).ok()
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn geglu_on_gpu_matches_composed() {
+    let Some(dev) = gpu() else {
+        eprintln!("no GPU: skipped");
+        return;
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let x = seeded_normal(1, (2, 300, 2 * 160), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let dy = seeded_normal(2, (2, 300, 160), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let y = crate::model::ops::geglu(var.as_tensor()).unwrap();
+        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(var.as_tensor()).unwrap();
+        let xf = candle_core::Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let want = composed_geglu(xf.as_tensor());
+        let gw = (&want * dy.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let want_dx = gw.backward().unwrap().get(xf.as_tensor()).unwrap().clone();
+        let f32 = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+        };
+        let e = rel_err(&f32(&y), &f32(&want));
+        assert!(e < tol(dtype), "{dtype:?} forward: {e}");
+        let e = rel_err(&f32(dx), &f32(&want_dx));
+        assert!(e < tol(dtype), "{dtype:?} backward: {e}");
+    }
+}
