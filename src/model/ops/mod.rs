@@ -167,11 +167,17 @@ impl<G: Grad1> CustomOp1 for Fused<G> {
     }
 }
 
-/// Whether our CUDA kernels take `t`: on a CUDA device, in f32/bf16/f16, not switched off.
+/// Whether our CUDA kernels take `t`: on a CUDA device that can run them, in
+/// f32/bf16/f16, not switched off.
 fn on_cuda_kernel(t: &Tensor) -> bool {
-    t.device().is_cuda()
-        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && cuda::enabled()
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = t.device() {
+        return matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            && cuda::enabled()
+            && cuda::supported(dev);
+    }
+    let _ = t;
+    false
 }
 
 /// `op` applied to `x`: through its kernel for f32 CPU input or CUDA input (no copy, no

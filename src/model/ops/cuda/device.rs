@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
@@ -30,6 +30,22 @@ fn module(dev: &CudaDevice, m: &'static Module) -> Result<Arc<CudaModule>> {
     let md = ctx.load_module(Ptx::from_binary(m.fatbin.to_vec())).w()?;
     loaded.insert((dev.id(), m.name), md.clone());
     Ok(md)
+}
+
+/// Whether `dev` can run our kernels: the fatbins hold sm_90 code and compute_80 PTX, and
+/// bf16 tensor cores need compute capability 8.0. Older GPUs keep candle's composed ops.
+pub(crate) fn supported(dev: &CudaDevice) -> bool {
+    static SEEN: Mutex<Option<HashMap<DeviceId, bool>>> = Mutex::new(None);
+    let Ok(mut seen) = SEEN.lock() else {
+        return false;
+    };
+    *seen
+        .get_or_insert_with(HashMap::new)
+        .entry(dev.id())
+        .or_insert_with(|| {
+            let cc = dev.cuda_stream().context().compute_capability();
+            cc.is_ok_and(|(major, _)| major >= 8)
+        })
 }
 
 /// Runs `l` on `dev`'s stream (asynchronously, as candle's own kernels).
