@@ -43,6 +43,48 @@ fn the_masked_loss_falls_within_a_few_dozen_steps() {
     );
 }
 
+fn values(t: &candle_core::Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// `next_gradients` are the gradients the next step applies. At step 1 B = 0, so A has
+/// no gradient, and AdamW moves every B entry by lr * sign(g) however small |g| is (well
+/// above eps): why backends that round differently disagree on B (docs/candle.md §7).
+#[test]
+fn the_first_step_moves_every_lora_b_entry_by_lr_times_the_sign_of_its_gradient() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let cfg = config(&pair, &tmp.path().join("out"), 1, 0);
+    let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
+    let grads = t.next_gradients().unwrap();
+    let log = t.train_step().unwrap();
+    let (lr, clip) = (
+        log.lr as f32,
+        (1.0 / (log.grad_norm + 1e-6)).min(1.0) as f32,
+    );
+    let mut moved = 0;
+    for (name, var) in t.trainable() {
+        let g = values(&grads[&name]);
+        if name.ends_with(".A") {
+            assert!(
+                g.iter().all(|&g| g == 0.0),
+                "{name} has a gradient while B = 0"
+            );
+        } else if name.ends_with(".B") {
+            for (g, w) in g.iter().zip(values(var.as_tensor())) {
+                if (g * clip).abs() > 1e-5 {
+                    assert!(
+                        (w + lr * g.signum()).abs() < 2e-3 * lr,
+                        "{name}: g {g}, w {w}"
+                    );
+                    moved += 1;
+                }
+            }
+        }
+    }
+    assert!(moved > 100, "only {moved} B entries had a gradient");
+}
+
 fn train(args: &[&str]) -> Output {
     run_bin("train", args)
 }

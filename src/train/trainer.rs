@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
@@ -100,6 +101,15 @@ const TERMS: [&str; 4] = [
     "the attention loss L_attn",
     "the preserving loss L_pres",
 ];
+
+/// What one forward and backward pass gives.
+struct Pass {
+    grads: GradStore,
+    terms: Vec<f32>,
+    per_sample: Vec<f32>,
+    chosen: Option<usize>,
+    alpha_d: f64,
+}
 
 pub struct Trainer {
     pub cfg: TrainConfig,
@@ -229,54 +239,13 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepLog> {
         let d = self.step + 1;
         let phase = Phase::at(&self.cfg, d);
-        if phase == Phase::DsBal && self.momentum.is_none() {
-            self.momentum = Some(MomentumLora::copy_of(&self.lora)?);
-        }
-        let (noised, alpha_d) = noised_latents(&self.sd, &self.batch, &self.cfg, d)?;
-        let online = self.lora.as_set();
-        let momentum = self
-            .momentum
-            .as_ref()
-            .filter(|_| phase == Phase::DsBal)
-            .map(|m| m.as_set());
-        let w = LossWeights {
-            lambda_attn: self.cfg.lambda_attn,
-            lambda_pres: self.cfg.lambda_pres,
-        };
-        let StepLosses {
+        let Pass {
+            mut grads,
+            terms,
             per_sample,
-            l_diff,
-            l_attn,
-            l_pres,
             chosen,
-            loss,
-            ..
-        } = step_losses(
-            &self.sd,
-            &self.batch,
-            &noised,
-            &online,
-            self.text_params(),
-            momentum,
-            w,
-        )?;
-        let mut grads = match self.cfg.loss_scale {
-            Some(scale) => {
-                let mut grads = (&loss * scale)?.backward()?;
-                unscale(&mut grads, &self.opt_vars(), scale)?;
-                grads
-            }
-            None => loss.backward()?,
-        };
-        // One device-to-host read for all logged scalars; then the loss terms and the
-        // per-sample losses, which own the forward graph, are dropped before the optimizer
-        // runs.
-        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?.to_dtype(DType::F32)?;
-        let read = Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
-            .detach()
-            .to_vec1::<f32>()?;
-        drop((loss, l_diff, l_attn, l_pres, per_sample, terms));
-        let (terms, per_sample) = (read[..4].to_vec(), read[4..].to_vec());
+            alpha_d,
+        } = self.forward_backward(d, phase)?;
         // As the released script: only the U-Net's (LoRA) gradients are clipped.
         let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
         let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
@@ -315,6 +284,77 @@ impl Trainer {
             grad_norm: lora_norm,
             skipped: !finite,
             sample_seconds: None,
+        })
+    }
+
+    /// The unclipped gradients of the next step's loss by [`Self::trainable`] name, without
+    /// updating anything (the step's noise depends only on seed and step, so
+    /// `train_step` then computes the same step): for comparing backends
+    /// (`examples/step_grads.rs`).
+    pub fn next_gradients(&mut self) -> Result<HashMap<String, Tensor>> {
+        let d = self.step + 1;
+        let grads = self.forward_backward(d, Phase::at(&self.cfg, d))?.grads;
+        let named = self.trainable().into_iter();
+        Ok(named
+            .filter_map(|(name, v)| Some((name, grads.get(v.as_tensor())?.detach())))
+            .collect())
+    }
+
+    /// Step `d`'s forward and backward: gradients (unscaled, unclipped) and the logged
+    /// values, read back in one device-to-host copy.
+    fn forward_backward(&mut self, d: usize, phase: Phase) -> Result<Pass> {
+        if phase == Phase::DsBal && self.momentum.is_none() {
+            self.momentum = Some(MomentumLora::copy_of(&self.lora)?);
+        }
+        let (noised, alpha_d) = noised_latents(&self.sd, &self.batch, &self.cfg, d)?;
+        let online = self.lora.as_set();
+        let momentum = self
+            .momentum
+            .as_ref()
+            .filter(|_| phase == Phase::DsBal)
+            .map(|m| m.as_set());
+        let w = LossWeights {
+            lambda_attn: self.cfg.lambda_attn,
+            lambda_pres: self.cfg.lambda_pres,
+        };
+        let StepLosses {
+            per_sample,
+            l_diff,
+            l_attn,
+            l_pres,
+            chosen,
+            loss,
+            ..
+        } = step_losses(
+            &self.sd,
+            &self.batch,
+            &noised,
+            &online,
+            self.text_params(),
+            momentum,
+            w,
+        )?;
+        let grads = match self.cfg.loss_scale {
+            Some(scale) => {
+                let mut grads = (&loss * scale)?.backward()?;
+                unscale(&mut grads, &self.opt_vars(), scale)?;
+                grads
+            }
+            None => loss.backward()?,
+        };
+        // The loss terms and the per-sample losses own the forward graph: read, then
+        // dropped here, before the optimizer runs.
+        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?.to_dtype(DType::F32)?;
+        let mut read = Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
+            .detach()
+            .to_vec1::<f32>()?;
+        let per_sample = read.split_off(4);
+        Ok(Pass {
+            grads,
+            terms: read,
+            per_sample,
+            chosen,
+            alpha_d,
         })
     }
 
@@ -448,21 +488,31 @@ impl Trainer {
             .collect()
     }
 
+    /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`, `rows`, and
+    /// `table` in released-script mode.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let lora = self.lora.modules.iter().flat_map(|m| {
+            [
+                (format!("lora.{}.A", m.path), m.a.clone()),
+                (format!("lora.{}.B", m.path), m.b.clone()),
+            ]
+        });
+        let text = [("rows", Some(&self.rows)), ("table", self.table.as_ref())];
+        let text = text
+            .into_iter()
+            .filter_map(|(name, v)| Some((name.to_string(), v?.clone())));
+        lora.chain(text).collect()
+    }
+
     /// Everything resume needs, as named tensors.
     pub fn checkpoint_tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        for m in &self.lora.modules {
-            out.insert(format!("lora.{}.A", m.path), m.a.as_detached_tensor());
-            out.insert(format!("lora.{}.B", m.path), m.b.as_detached_tensor());
-        }
+        let mut out: HashMap<String, Tensor> = (self.trainable().into_iter())
+            .map(|(name, v)| (name, v.as_detached_tensor()))
+            .collect();
         if let Some(m) = &self.momentum {
             for (name, t) in m.tensors() {
                 out.insert(format!("momentum.{name}"), t);
             }
-        }
-        out.insert("rows".into(), self.rows.as_detached_tensor());
-        if let Some(t) = &self.table {
-            out.insert("table".into(), t.as_detached_tensor());
         }
         for (k, v) in self.opt.state()? {
             out.insert(format!("opt.{k}"), v);
@@ -549,7 +599,7 @@ pub fn make_masks(
 }
 
 /// Divides the parameters' gradients by the loss scale.
-fn unscale(grads: &mut candle_core::backprop::GradStore, params: &[Var], scale: f64) -> Result<()> {
+fn unscale(grads: &mut GradStore, params: &[Var], scale: f64) -> Result<()> {
     for p in params {
         if let Some(g) = grads.get(p.as_tensor()) {
             let g = (g.detach() / scale)?;
