@@ -3,12 +3,19 @@
 //! per DDIM step (CFG, batch 2), for the tiny and a mid-size config, with each row's peak
 //! resident memory; and the mid step with naive attention, for the memory it costs.
 //!
+//! `MAGICTAILOR_BENCH_DEVICE=cuda` (and `MAGICTAILOR_BENCH_DTYPE=bf16|f16|f32`) runs the
+//! rows on that device and adds the `full` rows: SD 2.1-base's full topology with random
+//! weights at 512 px (training steps, DDIM step, a whole 50-step sampling). On CUDA the
+//! peak memory is not read here (candle keeps no allocator statistics):
+//! `scripts/gpu_bench.sh` polls nvidia-smi around each bench process.
+//!
 //! Speed is reported, never asserted. `scripts/bench_pytorch.py` runs the same rows in
 //! PyTorch on the models kept by `MAGICTAILOR_BENCH_DIR`; numbers in benches/README.md.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use magictailor::infer::{decode, sample, Weights};
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
@@ -35,28 +42,58 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
-    f(); // warm-up
-    median(
-        (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
+/// Where and in which precision the rows run (`MAGICTAILOR_BENCH_DEVICE`, `..._DTYPE`).
+struct Target {
+    dev: Device,
+    dtype: DType,
 }
 
-fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
-    let dev = Device::Cpu;
-    let sd = StableDiffusion::load(dir.to_str().unwrap(), &dev, DType::F32).expect("model");
+impl Target {
+    /// Waits for the device's queued work: CUDA kernels run asynchronously.
+    fn sync(&self) {
+        self.dev.synchronize().expect("device synchronize");
+    }
+
+    /// Median seconds of `reps` calls after a warm-up call, each call synchronized.
+    fn time<F: FnMut()>(&self, reps: usize, mut f: F) -> f64 {
+        f(); // warm-up
+        self.sync();
+        median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    self.sync();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    }
+
+    /// Peak resident memory on the CPU; on a GPU the runner's nvidia-smi poll says it.
+    fn peak(&self) -> String {
+        match self.dev {
+            Device::Cpu => format!("peak RSS {:.0} MB", peak_rss_mb()),
+            _ => "peak GPU memory: see the runner's nvidia-smi poll".into(),
+        }
+    }
+}
+
+fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
+    let (dev, dtype) = (&tg.dev, tg.dtype);
+    let sd = StableDiffusion::load(dir.to_str().unwrap(), dev, dtype).expect("model");
     let hidden = sd.text_encoder.config.hidden_size;
-    let lora = TrainableLora::new(&sd.unet.lora_targets(), 32, 32.0, 0, &dev, DType::F32).unwrap();
-    let ctx6 = seeded_normal(1, (6, 77, hidden), &dev).unwrap();
-    let x6 = seeded_normal(2, (6, 4, latent, latent), &dev).unwrap();
-    let t6 = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], &dev).unwrap();
-    let train = time(reps, || {
+    // LoRA weights stay f32 whatever the model's dtype, as the trainer keeps them.
+    let lora = TrainableLora::new(&sd.unet.lora_targets(), 32, 32.0, 0, dev, DType::F32).unwrap();
+    let normal = |seed, shape: &[usize]| {
+        seeded_normal(seed, shape, dev)
+            .and_then(|t| Ok(t.to_dtype(dtype)?))
+            .unwrap()
+    };
+    let ctx6 = normal(1, &[6, 77, hidden]);
+    let x6 = normal(2, &[6, 4, latent, latent]);
+    let t6 = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], dev).unwrap();
+    let train = tg.time(reps, || {
         let set = lora.as_set();
         let out = sd
             .unet
@@ -70,18 +107,27 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
                 },
             )
             .unwrap();
-        let loss = out.sqr().unwrap().mean_all().unwrap();
+        let loss = out
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         assert!(grads.get(lora.modules[0].a.as_tensor()).is_some());
     });
 
-    let ctx2 = seeded_normal(3, (2, 77, hidden), &dev).unwrap();
-    let x1 = seeded_normal(4, (1, 4, latent, latent), &dev).unwrap();
+    let ctx2 = normal(3, &[2, 77, hidden]);
+    // The latents stay f32 between steps and the U-Net sees them in its dtype, as in infer.
+    let x1 = seeded_normal(4, (1, 4, latent, latent), dev).unwrap();
     let ddim = Ddim::new(&sd.schedule, 50).unwrap();
     let set = lora.as_set();
-    let step = time(reps, || {
-        let input = Tensor::cat(&[&x1, &x1], 0).unwrap();
-        let t = Tensor::new(&[500f32, 500.], &dev).unwrap();
+    let step = tg.time(reps, || {
+        let input = Tensor::cat(&[&x1, &x1], 0)
+            .and_then(|t| t.to_dtype(dtype))
+            .unwrap();
+        let t = Tensor::new(&[500f32, 500.], dev).unwrap();
         let eps = sd
             .unet
             .forward(
@@ -93,15 +139,51 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
                     probe: None,
                 },
             )
+            .unwrap()
+            .to_dtype(DType::F32)
             .unwrap();
         let (u, c) = (eps.narrow(0, 0, 1).unwrap(), eps.narrow(0, 1, 1).unwrap());
         let eps = (&u + ((c - &u).unwrap() * 7.5).unwrap()).unwrap();
         ddim.step(&eps, 501, &x1).unwrap();
     });
     println!(
-        "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | peak RSS {:.0} MB",
+        "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | {}",
         latent * 8,
-        peak_rss_mb()
+        tg.peak()
+    );
+}
+
+/// Seconds per image of what `magictailor infer` does after loading: prompt and empty
+/// prompt through the text encoder, `steps` DDIM steps with CFG 7.5, VAE decode, pixels
+/// to the host (as diffusers' pipeline with `output_type="np"`).
+fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
+    let steps = 50;
+    let sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
+    let w = Weights {
+        sd: &sd,
+        lora: None,
+        extra_rows: None,
+        token_table: None,
+    };
+    let latents = seeded_normal(5, (1, 4, latent, latent), &tg.dev).unwrap();
+    let secs = tg.time(reps, || {
+        let x = sample(
+            w,
+            "a photo of a dog",
+            "",
+            latents.clone(),
+            steps,
+            7.5,
+            false,
+        )
+        .expect("sampling");
+        let pixels = decode(w, &x).expect("decode");
+        pixels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    });
+    println!(
+        "{name:>5} infer at {} px: {steps} DDIM steps, CFG 7.5, + VAE decode: {secs:.3} s/image | {}",
+        latent * 8,
+        tg.peak()
     );
 }
 
@@ -135,6 +217,7 @@ fn make_pair(root: &std::path::Path) -> std::path::PathBuf {
 
 /// Seconds per warm-up step and per DS-Bal step of the real trainer (3+3 images).
 fn bench_train(
+    tg: &Target,
     name: &str,
     model: &std::path::Path,
     pair: &std::path::Path,
@@ -151,12 +234,15 @@ fn bench_train(
         model.to_string_lossy().into_owned(),
     );
     (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 1, resolution);
-    let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).expect("trainer");
+    // As `magictailor train --dtype ...` sets them.
+    (cfg.dtype, cfg.loss_scale) = (tg.dtype, TrainConfig::default_loss_scale(tg.dtype));
+    let mut t = Trainer::new(cfg, &tg.dev, Progress::Quiet).expect("trainer");
     let mut times = |n: usize| -> Vec<f64> {
         (0..n)
             .map(|_| {
                 let s = Instant::now();
                 t.train_step().unwrap();
+                tg.sync();
                 s.elapsed().as_secs_f64()
             })
             .collect()
@@ -164,25 +250,26 @@ fn bench_train(
     let warm = times(reps + 1);
     let dsbal = times(reps + 1);
     println!(
-        "{name:>5} MagicTailor step, 3+3 images at {resolution} px: warm-up {:.3} s/step | DS-Bal {:.3} s/step | peak RSS {:.0} MB",
+        "{name:>5} MagicTailor step, 3+3 images at {resolution} px: warm-up {:.3} s/step | DS-Bal {:.3} s/step | {}",
         median(warm[1..].to_vec()),
         median(dsbal[1..].to_vec()),
-        peak_rss_mb()
+        tg.peak()
     );
 }
 
 /// Seconds per image of `magictailor masks` (attention, then with MobileSAM refinement)
 /// on the pair's 6 images, model loading excluded.
-fn bench_masks(name: &str, model: &std::path::Path, pair: &std::path::Path, resolution: usize) {
+fn bench_masks(
+    tg: &Target,
+    name: &str,
+    model: &std::path::Path,
+    pair: &std::path::Path,
+    resolution: usize,
+) {
     use magictailor::data::{MaskPolicy, PairDataset};
     use magictailor::masks::{self, sam::Refiner, AttentionOptions, MaskRecord};
-    let sd = magictailor::model::loader::StableDiffusion::load(
-        &model.to_string_lossy(),
-        &Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
-    let data = PairDataset::load(pair, resolution, MaskPolicy::WholeImage, &Device::Cpu).unwrap();
+    let sd = StableDiffusion::load(&model.to_string_lossy(), &tg.dev, tg.dtype).unwrap();
+    let data = PairDataset::load(pair, resolution, MaskPolicy::WholeImage, &tg.dev).unwrap();
     let record = MaskRecord {
         method: "attention".into(),
         model: sd.source.clone(),
@@ -199,74 +286,157 @@ fn bench_masks(name: &str, model: &std::path::Path, pair: &std::path::Path, reso
     let sam_file =
         std::env::temp_dir().join(format!("bench-sam-{}.safetensors", std::process::id()));
     magictailor::model::tiny::write_sam(&sam_file, 0).unwrap();
-    let sam = Refiner::load(&sam_file.to_string_lossy(), &Device::Cpu).unwrap();
+    let sam = Refiner::load(&sam_file.to_string_lossy(), &tg.dev).unwrap();
     let s = Instant::now();
     masks::compute(&sd, &data, &record, Some(&sam), false).unwrap();
     let with_sam = s.elapsed().as_secs_f64() / n;
     let _ = std::fs::remove_file(&sam_file);
     println!(
-        "{name:>5} masks at {resolution} px: attention {attention:.3} s/image | + MobileSAM (1024 px) {with_sam:.3} s/image | peak RSS {:.0} MB",
-        peak_rss_mb()
+        "{name:>5} masks at {resolution} px: attention {attention:.3} s/image | + MobileSAM (1024 px) {with_sam:.3} s/image | {}",
+        tg.peak()
+    );
+}
+
+/// SD 2.1-base's U-Net, VAE and text encoder configs (as in stabilityai's repository:
+/// 865 M + 84 M + 340 M parameters), for the random `full` model.
+fn full_configs() -> [serde_json::Value; 3] {
+    use magictailor::model::tiny;
+    use serde_json::json;
+    let mut unet = tiny::unet_config();
+    unet["block_out_channels"] = json!([320, 640, 1280, 1280]);
+    unet["attention_head_dim"] = json!([5, 10, 20, 20]); // heads: head dim 64 everywhere
+    unet["norm_num_groups"] = json!(32);
+    unet["cross_attention_dim"] = json!(1024);
+    unet["sample_size"] = json!(64);
+    let mut vae = tiny::vae_config();
+    vae["block_out_channels"] = json!([128, 256, 512, 512]);
+    vae["layers_per_block"] = json!(2);
+    vae["norm_num_groups"] = json!(32);
+    vae["sample_size"] = json!(512);
+    // OpenCLIP ViT-H's text tower without its last layer. The tiny tokenizer covers the
+    // first ids of the 49408-row table; the rest are rows no prompt reaches.
+    let mut te = tiny::text_encoder_config(49408);
+    te["hidden_size"] = json!(1024);
+    te["intermediate_size"] = json!(4096);
+    te["num_attention_heads"] = json!(16);
+    te["num_hidden_layers"] = json!(23);
+    te["projection_dim"] = json!(512);
+    [unet, vae, te]
+}
+
+/// Writes the full-size random model once: a kept `MAGICTAILOR_BENCH_DIR` reuses it (its
+/// 5.2 GB of f32 take a while to draw and write). Written beside, then renamed, so an
+/// interrupted write is never taken for a model.
+fn ensure_full(dir: &std::path::Path) {
+    if dir.join("model_index.json").is_file() {
+        return;
+    }
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    let [unet, vae, te] = full_configs();
+    let s = Instant::now();
+    magictailor::model::tiny::write_with(&staging, 0, &unet, &vae, &te).expect("full model");
+    std::fs::rename(&staging, dir).expect("rename the full model");
+    println!(
+        " full model (SD 2.1-base shapes, random f32) written in {:.1} s",
+        s.elapsed().as_secs_f64()
     );
 }
 
 fn main() {
     magictailor::device::tune_cpu_runtime();
+    // Unset: CPU in f32, the rows of benches/README.md. Set: that device, plus `full`.
+    let selected = std::env::var("MAGICTAILOR_BENCH_DEVICE").ok();
+    let dev = magictailor::device::parse(selected.as_deref().unwrap_or("cpu")).expect("device");
+    let dtype = match std::env::var("MAGICTAILOR_BENCH_DTYPE").as_deref() {
+        Err(_) | Ok("f32") => DType::F32,
+        Ok("bf16") => DType::BF16,
+        Ok("f16") => DType::F16,
+        Ok(d) => panic!("MAGICTAILOR_BENCH_DTYPE={d}: expected f32, bf16 or f16"),
+    };
+    let tg = Target { dev, dtype };
     // MAGICTAILOR_BENCH_DIR keeps the models and pair folder for scripts/bench_pytorch.py.
     let keep = std::env::var_os("MAGICTAILOR_BENCH_DIR").map(std::path::PathBuf::from);
     let tmp = keep.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("magictailor-bench-{}", std::process::id()))
     });
-    let tiny = tmp.join("tiny");
-    let mid = tmp.join("mid");
-    magictailor::model::tiny::write(&tiny, 0).unwrap();
-    let te_mid = magictailor::model::tiny::mid_text_encoder_config();
-    magictailor::model::tiny::write_with(
-        &mid,
-        0,
-        &magictailor::model::tiny::mid_unet_config(),
-        &magictailor::model::tiny::vae_config(),
-        &te_mid,
-    )
-    .unwrap();
-    println!(
-        "threads: {}",
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default (physical cores)".into())
-    );
-    let pair = make_pair(&tmp);
     // `cargo bench -- mid` runs only the rows whose name contains a given word.
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let wanted = |row: &str| filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str()));
+    let wanted = |row: &str| {
+        (selected.is_some() || !row.starts_with("full"))
+            && (filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str())))
+    };
+    let (tiny, mid, full) = (tmp.join("tiny"), tmp.join("mid"), tmp.join("full"));
+    if wanted("tiny-unet") || wanted("tiny-train") {
+        magictailor::model::tiny::write(&tiny, 0).unwrap();
+    }
+    if wanted("mid-unet") || wanted("mid-train") || wanted("mid-masks") || wanted("naive-attention")
+    {
+        let te_mid = magictailor::model::tiny::mid_text_encoder_config();
+        magictailor::model::tiny::write_with(
+            &mid,
+            0,
+            &magictailor::model::tiny::mid_unet_config(),
+            &magictailor::model::tiny::vae_config(),
+            &te_mid,
+        )
+        .unwrap();
+    }
+    // `full-model` alone writes it (scripts/gpu_bench.sh, before the timed processes).
+    if ["full-model", "full-train", "full-ddim", "full-infer"]
+        .iter()
+        .any(|r| wanted(r))
+    {
+        ensure_full(&full);
+    }
+    println!(
+        "device {:?}, dtype {:?}, threads: {}",
+        tg.dev.location(),
+        tg.dtype,
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default (physical cores)".into())
+    );
+    let pair = make_pair(&tmp);
     if wanted("tiny-unet") {
         reset_peak();
-        bench("tiny", &tiny, 16, 5);
+        bench(&tg, "tiny", &tiny, 16, 5);
     }
     if wanted("tiny-train") {
         reset_peak();
-        bench_train("tiny", &tiny, &pair, 128, 5);
+        bench_train(&tg, "tiny", &tiny, &pair, 128, 5);
     }
     if wanted("mid-unet") {
         reset_peak();
-        bench("mid", &mid, 32, 3);
+        bench(&tg, "mid", &mid, 32, 3);
     }
     if wanted("mid-train") {
         reset_peak();
-        bench_train("mid", &mid, &pair, 256, 3);
+        bench_train(&tg, "mid", &mid, &pair, 256, 3);
     }
     if wanted("mid-masks") {
         reset_peak();
-        bench_masks("mid", &mid, &pair, 256);
+        bench_masks(&tg, "mid", &mid, &pair, 256);
     }
     if wanted("naive-attention") {
         // The memory the flash-style attention saves: the same step with attention
         // composed from candle ops, [b, heads, n, n] probabilities kept for backward.
         magictailor::model::ops::use_reference_attention(true);
         reset_peak();
-        bench_train("mid, naive attention,", &mid, &pair, 256, 2);
+        bench_train(&tg, "mid, naive attention,", &mid, &pair, 256, 2);
         magictailor::model::ops::use_reference_attention(false);
+    }
+    // The full rows, one process each in scripts/gpu_bench.sh so that each has its own
+    // nvidia-smi peak.
+    if wanted("full-train") {
+        bench_train(&tg, "full", &full, &pair, 512, 3);
+    }
+    if wanted("full-ddim") {
+        bench(&tg, "full", &full, 64, 5);
+    }
+    if wanted("full-infer") {
+        bench_infer(&tg, "full", &full, 64, 3);
     }
     if keep.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);

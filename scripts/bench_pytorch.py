@@ -4,6 +4,7 @@
     MAGICTAILOR_BENCH_DIR=/tmp/mtb cargo bench      # writes tiny/, mid/, the pair; keeps them
     python scripts/bench_pytorch.py /tmp/mtb        # 2 threads, like the Rust bench here
     python scripts/bench_pytorch.py /tmp/mtb mid    # one config
+    python scripts/bench_pytorch.py /tmp/mtb full --device cuda --dtype fp16   # scripts/gpu_bench.sh
 
 Rows, as in benches/model.rs (peak RSS is per row: the high-water mark is reset before
 each):
@@ -15,13 +16,28 @@ each):
   loss, attention loss, (DS-Bal: momentum forward through a second peft adapter without
   grad, L_pres), backward, grad clipping, AdamW, EMA of the momentum adapter.
 
+- `full` (SD 2.1-base shapes at 512 px, written by the Rust bench when a device is
+  selected) adds a whole 50-step DDIM sampling with CFG 7.5 through diffusers'
+  StableDiffusionPipeline.
+
 This is PyTorch used well (SDPA attention, no second U-Net copy), not the released
 script verbatim, so the ratio compares implementations of the same computation.
+
+`--device cuda --dtype fp16` runs as the released script's fp16 mixed precision does
+(accelerate): frozen weights in fp16, LoRA weights and pseudo-word rows in fp32, the
+forward under fp16 autocast, a GradScaler. Times are taken between
+torch.cuda.synchronize() calls; each row reports torch's peak allocated and reserved
+memory and, when nvidia-smi is there, the GPU's peak memory.used (CUDA context included)
+polled every 50 ms.
 """
+import argparse
+import gc
 import math
 import resource
+import shutil
 import statistics
-import sys
+import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -36,17 +52,62 @@ from PIL import Image
 from transformers import CLIPTextModel
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
-CONFIGS = {"tiny": dict(resolution=128, reps=5), "mid": dict(resolution=256, reps=3)}
+CONFIGS = {
+    "tiny": dict(resolution=128, reps=5),
+    "mid": dict(resolution=256, reps=3),
+    "full": dict(resolution=512, reps=3, infer=True),
+}
+# Set by main(): where the rows run, the frozen weights' dtype, and whether to autocast.
+DEV = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast():
+    """fp16 mixed precision as accelerate applies it; a no-op context in f32."""
+    return torch.autocast(DEV.type, dtype=DTYPE, enabled=DTYPE != torch.float32)
 
 
 def timed(reps, f):
     f()
+    sync()
     out = []
     for _ in range(reps):
         t = time.perf_counter()
         f()
+        sync()
         out.append(time.perf_counter() - t)
     return statistics.median(out)
+
+
+class GpuPeak:
+    """nvidia-smi's memory.used of GPU 0 every 50 ms while a row runs, in a thread."""
+
+    def __init__(self):
+        self.peak_mib, self.proc = 0, None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--id=0", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "50"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.peak_mib = max(self.peak_mib, int(line.strip()))
+            except ValueError:
+                pass
+
+    def stop(self):
+        if self.proc:
+            time.sleep(0.1)  # one more sample after the row's last kernel
+            self.proc.terminate()
+            self.proc.wait()
+        return self.peak_mib / 1024
 
 
 def peak_rss_mb():
@@ -58,40 +119,71 @@ def peak_rss_mb():
 
 
 def reset_peak():
+    global GPU_POLL
+    if DEV.type == "cuda":
+        sync()
+        gc.collect()
+        torch.cuda.empty_cache()  # the last row's cached blocks count in nvidia-smi's figure
+        torch.cuda.reset_peak_memory_stats()
+        GPU_POLL = GpuPeak()
+        return
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
 
 
+GPU_POLL = None
+
+
+def peak():
+    """The row's peak memory, as text (ends the row's nvidia-smi poll)."""
+    if DEV.type != "cuda":
+        return f"peak RSS {peak_rss_mb():.0f} MB"
+    smi = GPU_POLL.stop() if GPU_POLL else 0.0
+    gib = 2 ** 30
+    return (f"peak GPU torch allocated {torch.cuda.max_memory_allocated() / gib:.2f} GiB, reserved"
+            f" {torch.cuda.max_memory_reserved() / gib:.2f} GiB, nvidia-smi {smi:.2f} GiB")
+
+
 def lora(unet, name):
     unet.add_adapter(LoraConfig(r=32, lora_alpha=32, target_modules=TARGETS, init_lora_weights="gaussian"),
                      adapter_name=name)
+    # peft makes the adapter in the base layer's dtype; training keeps it in fp32.
+    for n, p in unet.named_parameters():
+        if f".{name}." in n:
+            p.data = p.data.float()
+
+
+def load(cls, path):
+    return cls.from_pretrained(path, dtype=DTYPE).to(DEV)
 
 
 def bench_unet(name, unet, latent, reps):
     d = unet.config.cross_attention_dim
-    x6, ctx6 = torch.randn(6, 4, latent, latent), torch.randn(6, 77, d)
-    t6 = torch.tensor([10, 200, 400, 600, 800, 990])
+    x6, ctx6 = torch.randn(6, 4, latent, latent, device=DEV), torch.randn(6, 77, d, device=DEV)
+    t6 = torch.tensor([10, 200, 400, 600, 800, 990], device=DEV)
 
     def train_step():
-        loss = unet(x6, t6, encoder_hidden_states=ctx6).sample.pow(2).mean()
+        with autocast():
+            loss = unet(x6, t6, encoder_hidden_states=ctx6).sample.float().pow(2).mean()
         loss.backward()
         unet.zero_grad(set_to_none=True)
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     sched.set_timesteps(50)
-    x1, ctx2 = torch.randn(1, 4, latent, latent), torch.randn(2, 77, d)
+    x1, ctx2 = torch.randn(1, 4, latent, latent, device=DEV), torch.randn(2, 77, d, device=DEV)
+    t2 = torch.tensor([500, 500], device=DEV)
 
     def ddim_step():
-        with torch.no_grad():
-            eps = unet(torch.cat([x1, x1]), torch.tensor([500, 500]), encoder_hidden_states=ctx2).sample
+        with torch.no_grad(), autocast():
+            eps = unet(torch.cat([x1, x1]), t2, encoder_hidden_states=ctx2).sample.float()
             u, cnd = eps.chunk(2)
             sched.step(u + 7.5 * (cnd - u), 501, x1)
 
     tr, st = timed(reps, train_step), timed(reps, ddim_step)
     print(f"{name:>5} latent {latent}x{latent} ({latent * 8} px): U-Net fwd+bwd, LoRA r32, batch 6: {tr:.3f} s/step"
-          f" | DDIM step, CFG batch 2: {st:.3f} s/step | peak RSS {peak_rss_mb():.0f} MB")
+          f" | DDIM step, CFG batch 2: {st:.3f} s/step | {peak()}")
 
 
 class ProbeProcessor:
@@ -111,6 +203,19 @@ class ProbeProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def bench_infer(name, model, res, reps, steps=50):
+    """What `magictailor infer` does after loading: diffusers' pipeline, output as numpy."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=DTYPE, safety_checker=None).to(DEV)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(DEV).manual_seed(0)
+    secs = timed(reps, lambda: pipe("a photo of a dog", height=res, width=res, num_inference_steps=steps,
+                                    guidance_scale=7.5, generator=gen, output_type="np"))
+    print(f"{name:>5} infer at {res} px: {steps} DDIM steps, CFG 7.5, + VAE decode: {secs:.3f} s/image"
+          f" | {peak()}")
+
+
 def load_pair(pair, res):
     imgs, masks = [], []
     for p in sorted(pair.glob("*.png")):
@@ -118,13 +223,13 @@ def load_pair(pair, res):
         m = Image.open(pair / "masks" / p.name).convert("L").resize((res, res), Image.NEAREST)
         imgs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1)
         masks.append(torch.from_numpy((np.array(m) >= 128).astype(np.float32))[None])
-    return torch.stack(imgs), torch.stack(masks)
+    return torch.stack(imgs).to(DEV), torch.stack(masks).to(DEV)
 
 
 def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
-    unet = UNet2DConditionModel.from_pretrained(model / "unet")
-    vae = AutoencoderKL.from_pretrained(model / "vae")
-    te = CLIPTextModel.from_pretrained(model / "text_encoder")
+    unet = load(UNet2DConditionModel, model / "unet")
+    vae = load(AutoencoderKL, model / "vae")
+    te = load(CLIPTextModel, model / "text_encoder")
     for m in (unet, vae, te):
         m.requires_grad_(False)
     lora(unet, "default")
@@ -139,7 +244,7 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
     # Two pseudo-words as trainable rows appended to the frozen token table.
     text = getattr(te, "text_model", te)  # transformers < 5 nests the modules one deeper
     table = text.embeddings.token_embedding
-    rows = torch.nn.Parameter(table.weight[:2].detach().clone())
+    rows = torch.nn.Parameter(table.weight[:2].detach().float().clone())
 
     class Table(torch.nn.Module):
         def forward(self, ids):
@@ -147,7 +252,7 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
 
     text.embeddings.token_embedding = Table()
     vocab = table.weight.shape[0]
-    ids = torch.randint(0, vocab, (6, 77))
+    ids = torch.randint(0, vocab, (6, 77), device=DEV)
     token_pos = [5] * 6
     ids[:3, 5], ids[3:, 5] = vocab, vocab + 1
 
@@ -161,10 +266,11 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
     unet.set_attn_processor(procs)
 
     pixels, masks = load_pair(pair, res)
-    sample_of = torch.tensor([0, 0, 0, 1, 1, 1])
+    sample_of = torch.tensor([0, 0, 0, 1, 1, 1], device=DEV)
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     params = list(online.values()) + [rows]
     opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.01)
+    scaler = torch.amp.GradScaler(DEV.type, enabled=DTYPE == torch.float16)
     state = {"d": 0}
 
     def per_sample(per_image):
@@ -173,7 +279,7 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
     def step(dsbal):
         state["d"] += 1
         b = pixels.shape[0]
-        f = lambda: (0.9 + 0.2 * torch.rand(b, 1, 1, 1))
+        f = lambda: (0.9 + 0.2 * torch.rand(b, 1, 1, 1, device=DEV))
         x = pixels * f()
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * f() + mean
@@ -184,27 +290,28 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
             x, m = x.flip(-1), m.flip(-1)
         alpha = 0.5 * (1 - state["d"] / steps) ** 2
         x = x + alpha * torch.randn_like(x) * (1 - m)
-        with torch.no_grad():
-            z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-        t = torch.randint(0, 1000, (b,))
+        with torch.no_grad(), autocast():
+            z0 = vae.encode(x.to(DTYPE)).latent_dist.sample().float() * vae.config.scaling_factor
+        t = torch.randint(0, 1000, (b,), device=DEV)
         eps = torch.randn_like(z0)
         z_t = ddpm.add_noise(z0, eps, t)
         m_lat = F.interpolate(m, size=(latent, latent), mode="nearest")
-        ctx = te(ids).last_hidden_state
         maps.clear()
-        pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+        with autocast():
+            ctx = te(ids).last_hidden_state
+            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
         per_image = ((pred - eps) * m_lat).pow(2).flatten(1).mean(1)
         ps = per_sample(per_image)
         own = [mp[torch.arange(b), :, token_pos] for mp in maps if mp.shape[1] == side * side]
-        own = torch.stack(own).mean(0)
+        own = torch.stack(own).float().mean(0)
         m_small = F.interpolate(m, size=(side, side), mode="nearest").flatten(1)
         own = own / own.amax(dim=1, keepdim=True).clamp_min(1e-8)
         l_attn = (own - m_small).pow(2).mean()
         if dsbal:
             chosen = int(ps.argmax())
             unet.set_adapter("momentum")
-            with torch.no_grad():
-                mpred = unet(z_t, t, encoder_hidden_states=ctx.detach()).sample
+            with torch.no_grad(), autocast():
+                mpred = unet(z_t, t, encoder_hidden_states=ctx.detach()).sample.float()
             unet.set_adapter("default")
             for p in online.values():
                 p.requires_grad_(True)
@@ -213,9 +320,11 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
             loss = ps[chosen] + 0.2 * pres[keep].mean() + 0.01 * l_attn
         else:
             loss = ps.mean() + 0.01 * l_attn
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         if dsbal:
             with torch.no_grad():
@@ -225,29 +334,45 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
     warm = timed(reps, lambda: step(False))
     dsbal = timed(reps, lambda: step(True))
     print(f"{name:>5} MagicTailor step, 3+3 images at {res} px: warm-up {warm:.3f} s/step | DS-Bal {dsbal:.3f}"
-          f" s/step | peak RSS {peak_rss_mb():.0f} MB")
+          f" s/step | {peak()}")
 
 
 def main():
+    global DEV, DTYPE
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    root, only = Path(sys.argv[1]), sys.argv[2:]  # optional config names: tiny, mid
-    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path, help="MAGICTAILOR_BENCH_DIR of a `cargo bench` run")
+    ap.add_argument("configs", nargs="*", help="tiny, mid, full (default: tiny and mid on the CPU, full on CUDA)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
+    ap.add_argument("--rows", default="unet,train,infer",
+                    help="comma-separated: unet (fwd+bwd, DDIM step), train, infer (full only)")
+    a = ap.parse_args()
+    if set(a.configs) - set(CONFIGS):
+        ap.error(f"configs are {', '.join(CONFIGS)}")
+    DEV, DTYPE = torch.device(a.device), {"f32": torch.float32, "fp16": torch.float16}[a.dtype]
+    only = a.configs or (["full"] if a.device == "cuda" else ["tiny", "mid"])
+    rows = set(a.rows.split(","))
+    if a.device == "cpu":
+        torch.set_num_threads(2)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for name, c in CONFIGS.items():
-        if only and name not in only:
-            continue
-        model = root / name
-        reset_peak()
-        unet = UNet2DConditionModel.from_pretrained(model / "unet")
-        unet.requires_grad_(False)
-        lora(unet, "default")
-        bench_unet(name, unet, c["resolution"] // 8, c["reps"])
-        del unet
-        reset_peak()
-        bench_magictailor(name, model, root / "person_k+hair_c", c["resolution"], c["reps"])
+    print(f"torch {torch.__version__}, {a.device} {a.dtype}, threads {torch.get_num_threads()}")
+    for name in only:
+        c = CONFIGS[name]
+        model = a.root / name
+        if "unet" in rows:
+            reset_peak()
+            unet = load(UNet2DConditionModel, model / "unet")
+            unet.requires_grad_(False)
+            lora(unet, "default")
+            bench_unet(name, unet, c["resolution"] // 8, c["reps"])
+            del unet
+        if "train" in rows:
+            reset_peak()
+            bench_magictailor(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "infer" in rows and c.get("infer"):
+            reset_peak()
+            bench_infer(name, model, c["resolution"], c["reps"])
 
 
 if __name__ == "__main__":

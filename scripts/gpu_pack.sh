@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run HERE (no GPU needed) before a GPU session: builds the CUDA bench binary and packs it,
+# xz-compressed, with the Python wheels the GPU machine lacks (diffusers, importlib_metadata)
+# into gpu-pack/ (git-ignored), which the device tool carries for scripts/gpu_bench.sh.
+# Nothing can be downloaded on the GPU machine, so everything it needs comes from here.
+#
+#   scripts/gpu_pack.sh            # cold CUDA build: ~20 min on 2 cores; warm: a few minutes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ci=${MAGICTAILOR_CI_CACHE:-$HOME/.cache/magictailor-ci}
+pack=gpu-pack
+eval "$(scripts/cuda_toolchain.sh "$ci/cuda")"
+# A target dir of its own: the cuda feature would otherwise rebuild candle in ./target.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ci/target-cuda}
+bin=$(cargo bench --features cuda --bench model --no-run --message-format=json-render-diagnostics |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "model" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$bin" ] || { echo "no bench executable found in cargo's output" >&2; exit 1; }
+rm -rf "$pack" && mkdir -p "$pack/wheels"
+# Stripped it is ~64 MB, too big to carry with anything else; xz makes it ~8.5 MB.
+strip -o "$pack/model-bench" "$bin"
+xz -T0 -6 -f "$pack/model-bench"
+# diffusers is pure Python; its other needs (torch, transformers, huggingface_hub,
+# safetensors, zipp, ...) are already on the GPU machine (device KINDS.md).
+python3 -m pip download -q --no-deps --only-binary=:all: -d "$pack/wheels" \
+  "diffusers${DIFFUSERS_VERSION:+==$DIFFUSERS_VERSION}" importlib_metadata
+git rev-parse --short HEAD >"$pack/commit"
+git diff --quiet HEAD -- src benches Cargo.toml Cargo.lock || echo "+uncommitted" >>"$pack/commit"
+du -sh "$pack"/* "$pack/wheels"/*
