@@ -3,6 +3,10 @@
 //! per DDIM step (CFG, batch 2), for the tiny and a mid-size config, with each row's peak
 //! resident memory; and the mid step with naive attention, for the memory it costs.
 //!
+//! After its timed repetitions each row runs once more with profiling on and prints
+//! where that repetition's time went (`magictailor::profile`); the timings themselves
+//! are unprofiled unless `MAGICTAILOR_PROFILE=1` is set (which measures its overhead).
+//!
 //! Speed is reported, never asserted. `scripts/bench_pytorch.py` runs the same rows in
 //! PyTorch on the models kept by `MAGICTAILOR_BENCH_DIR`; numbers in benches/README.md.
 
@@ -13,6 +17,7 @@ use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
 use magictailor::model::scheduler::Ddim;
+use magictailor::profile;
 use magictailor::rng::seeded_normal;
 
 /// Resets the process's peak-RSS mark (Linux), so each row reports its own peak.
@@ -48,6 +53,17 @@ fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
     )
 }
 
+/// Runs `f` once more with profiling on and prints the table.
+fn profile_once(mut f: impl FnMut()) {
+    let was = profile::enabled();
+    profile::enable();
+    if let Some(run) = profile::Run::start() {
+        f();
+        print!("{}", run.finish().table());
+    }
+    profile::set_enabled(was);
+}
+
 fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
     let dev = Device::Cpu;
     let sd = StableDiffusion::load(dir.to_str().unwrap(), &dev, DType::F32).expect("model");
@@ -56,7 +72,7 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
     let ctx6 = seeded_normal(1, (6, 77, hidden), &dev).unwrap();
     let x6 = seeded_normal(2, (6, 4, latent, latent), &dev).unwrap();
     let t6 = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], &dev).unwrap();
-    let train = time(reps, || {
+    let mut train_once = || {
         let set = lora.as_set();
         let out = sd
             .unet
@@ -73,13 +89,14 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
         let loss = out.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         assert!(grads.get(lora.modules[0].a.as_tensor()).is_some());
-    });
+    };
+    let train = time(reps, &mut train_once);
 
     let ctx2 = seeded_normal(3, (2, 77, hidden), &dev).unwrap();
     let x1 = seeded_normal(4, (1, 4, latent, latent), &dev).unwrap();
     let ddim = Ddim::new(&sd.schedule, 50).unwrap();
     let set = lora.as_set();
-    let step = time(reps, || {
+    let mut step_once = || {
         let input = Tensor::cat(&[&x1, &x1], 0).unwrap();
         let t = Tensor::new(&[500f32, 500.], &dev).unwrap();
         let eps = sd
@@ -97,12 +114,17 @@ fn bench(name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
         let (u, c) = (eps.narrow(0, 0, 1).unwrap(), eps.narrow(0, 1, 1).unwrap());
         let eps = (&u + ((c - &u).unwrap() * 7.5).unwrap()).unwrap();
         ddim.step(&eps, 501, &x1).unwrap();
-    });
+    };
+    let step = time(reps, &mut step_once);
     println!(
         "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | peak RSS {:.0} MB",
         latent * 8,
         peak_rss_mb()
     );
+    println!("{name} U-Net fwd+bwd, profiled:");
+    profile_once(train_once);
+    println!("{name} DDIM step, profiled:");
+    profile_once(step_once);
 }
 
 /// A 3+3 pair folder of generated images (a disc on a background, the disc as mask).
@@ -150,7 +172,8 @@ fn bench_train(
         std::env::temp_dir().join("unused"),
         model.to_string_lossy().into_owned(),
     );
-    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 1, resolution);
+    // One DS-Bal step more than timed: the profiled one.
+    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 2, resolution);
     let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).expect("trainer");
     let mut times = |n: usize| -> Vec<f64> {
         (0..n)
@@ -169,6 +192,10 @@ fn bench_train(
         median(dsbal[1..].to_vec()),
         peak_rss_mb()
     );
+    println!("{name} DS-Bal step, profiled:");
+    profile_once(|| {
+        t.train_step().unwrap();
+    });
 }
 
 /// Seconds per image of `magictailor masks` (attention, then with MobileSAM refinement)
