@@ -9,6 +9,10 @@
 //! peak memory is not read here (candle keeps no allocator statistics):
 //! `scripts/gpu_bench.sh` polls nvidia-smi around each bench process.
 //!
+//! After its timed repetitions each row runs once more with profiling on and prints
+//! where that repetition's time went (`magictailor::profile`); the timings themselves
+//! are unprofiled unless `MAGICTAILOR_PROFILE=1` is set (which measures its overhead).
+//!
 //! Speed is reported, never asserted. `scripts/bench_pytorch.py` runs the same rows in
 //! PyTorch on the models kept by `MAGICTAILOR_BENCH_DIR`; numbers in benches/README.md.
 
@@ -20,6 +24,7 @@ use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
 use magictailor::model::scheduler::Ddim;
+use magictailor::profile;
 use magictailor::rng::seeded_normal;
 
 /// Resets the process's peak-RSS mark (Linux), so each row reports its own peak.
@@ -46,6 +51,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Target {
     dev: Device,
     dtype: DType,
+}
+
+/// Runs `f` once more with profiling on and prints the table.
+fn profile_once(mut f: impl FnMut()) {
+    let was = profile::enabled();
+    profile::enable();
+    if let Some(run) = profile::Run::start() {
+        f();
+        print!("{}", run.finish().table());
+    }
+    profile::set_enabled(was);
 }
 
 impl Target {
@@ -93,7 +109,7 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
     let ctx6 = normal(1, &[6, 77, hidden]);
     let x6 = normal(2, &[6, 4, latent, latent]);
     let t6 = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], dev).unwrap();
-    let train = tg.time(reps, || {
+    let mut train_once = || {
         let set = lora.as_set();
         let out = sd
             .unet
@@ -116,14 +132,15 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
             .unwrap();
         let grads = loss.backward().unwrap();
         assert!(grads.get(lora.modules[0].a.as_tensor()).is_some());
-    });
+    };
+    let train = tg.time(reps, &mut train_once);
 
     let ctx2 = normal(3, &[2, 77, hidden]);
     // The latents stay f32 between steps and the U-Net sees them in its dtype, as in infer.
     let x1 = seeded_normal(4, (1, 4, latent, latent), dev).unwrap();
     let ddim = Ddim::new(&sd.schedule, 50).unwrap();
     let set = lora.as_set();
-    let step = tg.time(reps, || {
+    let mut step_once = || {
         let input = Tensor::cat(&[&x1, &x1], 0)
             .and_then(|t| t.to_dtype(dtype))
             .unwrap();
@@ -145,12 +162,17 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
         let (u, c) = (eps.narrow(0, 0, 1).unwrap(), eps.narrow(0, 1, 1).unwrap());
         let eps = (&u + ((c - &u).unwrap() * 7.5).unwrap()).unwrap();
         ddim.step(&eps, 501, &x1).unwrap();
-    });
+    };
+    let step = tg.time(reps, &mut step_once);
     println!(
         "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | {}",
         latent * 8,
         tg.peak()
     );
+    println!("{name} U-Net fwd+bwd, profiled:");
+    profile_once(train_once);
+    println!("{name} DDIM step, profiled:");
+    profile_once(step_once);
 }
 
 /// Seconds per image of what `magictailor infer` does after loading: prompt and empty
@@ -233,8 +255,8 @@ fn bench_train(
         std::env::temp_dir().join("unused"),
         model.to_string_lossy().into_owned(),
     );
-    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 1, resolution);
-    // As `magictailor train --dtype ...` sets them.
+    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 2, resolution);
+    // One DS-Bal step more than timed: the profiled one. As `magictailor train --dtype ...` sets them.
     (cfg.dtype, cfg.loss_scale) = (tg.dtype, TrainConfig::default_loss_scale(tg.dtype));
     let mut t = Trainer::new(cfg, &tg.dev, Progress::Quiet).expect("trainer");
     let mut times = |n: usize| -> Vec<f64> {
@@ -255,6 +277,10 @@ fn bench_train(
         median(dsbal[1..].to_vec()),
         tg.peak()
     );
+    println!("{name} DS-Bal step, profiled:");
+    profile_once(|| {
+        t.train_step().unwrap();
+    });
 }
 
 /// Seconds per image of `magictailor masks` (attention, then with MobileSAM refinement)

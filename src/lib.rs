@@ -12,6 +12,7 @@ pub mod io;
 pub mod masks;
 pub mod model;
 pub mod preview;
+pub mod profile;
 pub mod rng;
 pub mod train;
 

@@ -9,6 +9,7 @@ use magictailor::infer::many::{self, Many};
 use magictailor::infer::{self, InferOptions};
 use magictailor::interrupt::Interrupt;
 use magictailor::masks::{AttentionOptions, MasksOptions};
+use magictailor::profile;
 use magictailor::train::dm_deg::Curve;
 use magictailor::train::trainer::Progress;
 use magictailor::train::TrainConfig;
@@ -488,11 +489,24 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
     let out = cfg.output_dir.clone();
     let device = magictailor::device::parse(&s.device)?;
     let stop = Interrupt::install(s.quiet)?;
+    let prof = profile::Run::start();
     magictailor::train::run(cfg, &device, s.progress(), a.resume, &stop)?;
+    let prof = print_profile(prof);
     if !s.quiet && !s.json {
         println!("{}", out.display());
     }
+    if let Some(p) = prof.filter(|_| s.json) {
+        println!("{}", serde_json::json!({ "profile": p }));
+    }
     Ok(())
+}
+
+/// With profiling on: prints where the command's time went to stderr, and gives the
+/// table as JSON for `--json` output.
+fn print_profile(run: Option<profile::Run>) -> Option<serde_json::Value> {
+    let report = run?.finish();
+    eprint!("{}", report.table());
+    Some(report.to_json())
 }
 
 fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
@@ -554,7 +568,9 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
         layout_steps: a.layout_steps,
         many,
     };
+    let prof = profile::Run::start();
     let written = infer::run(&opts)?;
+    print_profile(prof);
     if !a.quiet && opts.many.is_none() {
         for p in written {
             println!("{}", p.display());
@@ -581,10 +597,15 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
         dtype: a.dtype.dtype(),
         progress: !a.quiet && !a.json,
     };
+    let prof = profile::Run::start();
     let (written, preview) = magictailor::masks::run(&opts)?;
+    let prof = print_profile(prof);
     if a.json {
         for w in &written {
             println!("{}", serde_json::to_string(w).unwrap_or_default());
+        }
+        if let Some(p) = prof {
+            println!("{}", serde_json::json!({ "profile": p }));
         }
     } else if !a.quiet {
         for w in &written {
@@ -621,13 +642,17 @@ fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
         dtype: a.dtype.dtype(),
         progress: !a.quiet && !a.json,
     };
-    let done = match a.segment {
+    let prof = profile::Run::start();
+    let mut done = match a.segment {
         Segment::Attention => {
             let attention = magictailor::eval::attention_segmenter(&opts)?;
             magictailor::eval::run(&opts, &attention)?
         }
         Segment::None => magictailor::eval::run(&opts, &magictailor::eval::segment::WholeImage)?,
     };
+    if let (Some(p), Some(m)) = (print_profile(prof), done.metrics.as_object_mut()) {
+        m.insert("profile".into(), p);
+    }
     if a.json {
         println!("{}", done.metrics);
     } else if !a.quiet {

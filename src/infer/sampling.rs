@@ -148,6 +148,7 @@ pub fn denoise(
     };
     let mut x = latents;
     for (i, &t) in ddim.timesteps().iter().enumerate() {
+        let _p = crate::profile::scope(crate::profile::Kind::DenoiseStep, &sd.device);
         let eps = match &layout {
             Some((base, context, k)) if i < *k => base.eps(&x, t, context)?,
             _ => main.eps(&x, t, &main_context)?,

@@ -184,6 +184,7 @@ impl ClipTextModel {
         table: Option<&Tensor>,
         extra: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::TextEncoder, ids.device());
         let (_, n) = ids.dims2()?;
         if n > self.config.max_position_embeddings {
             candle_core::bail!(

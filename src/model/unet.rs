@@ -230,6 +230,7 @@ impl UNet {
         context: &Tensor,
         ctx: Ctx,
     ) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::UNet, x.device());
         let temb = self.time_features(timesteps)?;
         let temb = self.time_linear_1.forward(&temb, ctx)?.silu()?;
         let temb = self.time_linear_2.forward(&temb, ctx)?;

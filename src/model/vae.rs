@@ -217,6 +217,7 @@ impl Vae {
 
     /// Pixels in [-1, 1], `[b, 3, H, W]` -> the latent distribution (unscaled).
     pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
+        let _p = crate::profile::scope(crate::profile::Kind::VaeEncode, x.device());
         let mut h = self.enc_conv_in.forward(x)?;
         for (resnets, down) in &self.enc_blocks {
             for r in resnets {
@@ -242,6 +243,7 @@ impl Vae {
 
     /// Unscaled latents -> pixels in roughly [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::VaeDecode, z.device());
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z)?,
             None => z.clone(),

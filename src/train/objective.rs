@@ -230,7 +230,9 @@ pub fn step_losses(
                 .to_dtype(DType::F32)?;
             // Read after the momentum forward is queued, so the device does not idle
             // while the host waits for the online losses.
-            let chosen = hardest_sample(&per_sample)?;
+            let chosen = crate::profile::time(crate::profile::Kind::HostRead, dev, || {
+                hardest_sample(&per_sample)
+            })?;
             let l_pres = preserving_loss(
                 &pred,
                 &mpred,

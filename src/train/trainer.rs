@@ -22,6 +22,7 @@ use crate::masks::{self, auto::AutoMasks};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
 use crate::model::nn::Ctx;
+use crate::profile::{self, Kind};
 use crate::rng::{normal, step_rng, Stream};
 
 /// Which objective a step optimizes.
@@ -238,6 +239,8 @@ impl Trainer {
     /// One optimizer step; returns what `train_log.jsonl` records.
     pub fn train_step(&mut self) -> Result<StepLog> {
         let d = self.step + 1;
+        let dev = self.sd.device.clone();
+        let _step = profile::scope(Kind::TrainStep, &dev);
         let phase = Phase::at(&self.cfg, d);
         let Pass {
             mut grads,
@@ -247,21 +250,24 @@ impl Trainer {
             alpha_d,
         } = self.forward_backward(d, phase)?;
         // As the released script: only the U-Net's (LoRA) gradients are clipped.
+        let clip = profile::scope(Kind::GradClip, &dev);
         let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
         let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
         let (lora_norm, text_norm) = (norms[0], norms[1]);
         clip_to(&mut grads, &lora_vars, lora_norm, 1.0)?;
+        drop(clip);
         let lr = self.lr(d);
         self.opt.config.lr = lr;
         let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
         if finite {
-            self.opt.step(&grads)?;
+            profile::time(Kind::Optimizer, &dev, || self.opt.step(&grads))?;
             self.skipped_in_a_row = 0;
         } else {
             self.on_non_finite(d, &terms, lora_norm + text_norm)?;
         }
         drop(grads);
         if let Some(m) = self.momentum.as_mut().filter(|_| phase == Phase::DsBal) {
+            let _ema = profile::scope(Kind::Momentum, &dev);
             let first_update = d == self.cfg.warmup_steps + 1;
             if self.cfg.released_script && first_update {
                 *m = MomentumLora::copy_of(&self.lora)?;
@@ -306,7 +312,10 @@ impl Trainer {
         if phase == Phase::DsBal && self.momentum.is_none() {
             self.momentum = Some(MomentumLora::copy_of(&self.lora)?);
         }
-        let (noised, alpha_d) = noised_latents(&self.sd, &self.batch, &self.cfg, d)?;
+        let dev = self.sd.device.clone();
+        let (noised, alpha_d) = profile::time(Kind::Data, &dev, || {
+            noised_latents(&self.sd, &self.batch, &self.cfg, d)
+        })?;
         let online = self.lora.as_set();
         let momentum = self
             .momentum
@@ -317,6 +326,7 @@ impl Trainer {
             lambda_attn: self.cfg.lambda_attn,
             lambda_pres: self.cfg.lambda_pres,
         };
+        let forward = profile::scope(Kind::ForwardLoss, &dev);
         let StepLosses {
             per_sample,
             l_diff,
@@ -334,6 +344,8 @@ impl Trainer {
             momentum,
             w,
         )?;
+        drop(forward);
+        let backward = profile::scope(Kind::Backward, &dev);
         let grads = match self.cfg.loss_scale {
             Some(scale) => {
                 let mut grads = (&loss * scale)?.backward()?;
@@ -342,12 +354,15 @@ impl Trainer {
             }
             None => loss.backward()?,
         };
+        drop(backward);
         // The loss terms and the per-sample losses own the forward graph: read, then
         // dropped here, before the optimizer runs.
         let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?.to_dtype(DType::F32)?;
-        let mut read = Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
-            .detach()
-            .to_vec1::<f32>()?;
+        let mut read = profile::time(Kind::HostRead, &dev, || {
+            Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
+                .detach()
+                .to_vec1::<f32>()
+        })?;
         let per_sample = read.split_off(4);
         Ok(Pass {
             grads,

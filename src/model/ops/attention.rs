@@ -92,6 +92,7 @@ impl CustomOp3 for AttentionOp {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope(crate::profile::Kind::AttentionBwd, q.device());
         let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
         let (dtype, n, rows) = (q.dtype(), q.dim(1)?, self.rows);
         // D_i = sum_j P_ij dP_ij = <dO_i, O_i>.
@@ -169,6 +170,7 @@ impl CustomOp3 for FlashAttention {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope(crate::profile::Kind::AttentionBwd, q.device());
         let shape = self.shape(q.layout(), k.layout())?;
         let Ok(lse) = self.lse.lock() else {
             bail!("attention state poisoned")
@@ -193,6 +195,7 @@ pub fn use_reference_attention(on: bool) {
 /// `k, v: [b, m, heads * d]`, giving `[b, n, heads * d]`. Keeps no `[b, heads, n, m]`
 /// tensor for backward.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::AttentionFwd, q.device());
     let (b, n, c) = q.dims3()?;
     let split = |t: &Tensor| -> Result<Tensor> {
         let (b, n, c) = t.dims3()?;

@@ -45,6 +45,7 @@ impl Grad1 for ConvGrad {
     /// dL/dx of a cross-correlation is the full correlation of the (stride-dilated)
     /// output gradient with the flipped, in/out-swapped kernel.
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::ConvBwd, x.device());
         let (_, _, h, w) = x.dims4()?;
         let (_, _, kh, kw) = self.w.dims4()?;
         let wt = flip_transpose(&self.w)?;
@@ -123,6 +124,7 @@ pub fn frozen_conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::ConvFwd, x.device());
     let op = ConvGrad {
         w: w.clone(),
         b: b.clone(),
@@ -139,6 +141,7 @@ struct Upsample2xGrad;
 impl Grad1 for Upsample2xGrad {
     const NAME: &'static str = "upsample-nearest-2x";
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::UpsampleBwd, x.device());
         let (b, c, h, w) = x.dims4()?;
         g.reshape((b, c, h, 2, w, 2))?.sum(5)?.sum(3)
     }
@@ -147,6 +150,7 @@ impl Grad1 for Upsample2xGrad {
 /// Nearest-neighbour 2x upsampling whose backward sums 2x2 blocks (candle's runs a
 /// grouped convolution, one conv per channel).
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::UpsampleFwd, x.device());
     let (_, _, h, w) = x.dims4()?;
     let y = x.detach().upsample_nearest2d(2 * h, 2 * w)?;
     attach1(x, y, Upsample2xGrad)

@@ -28,6 +28,7 @@ impl Grad1 for GegluGrad {
         Some(on_cuda::fwd(x, l))
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::GegluBwd, x.device());
         let inner = x.dim(D::Minus1)? / 2;
         if on_cpu_f32(x) {
             return kernel2(x, g, |x, g| cpu::geglu_bwd(x, g, inner));
@@ -50,6 +51,7 @@ impl Grad1 for GegluGrad {
 
 /// diffusers' GEGLU activation on the concatenated projection `[h, gate]`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::GegluFwd, x.device());
     let inner = x.dim(D::Minus1)? / 2;
     fused1(x, GegluGrad, |x| {
         x.narrow(D::Minus1, 0, inner)? * x.narrow(D::Minus1, inner, inner)?.gelu_erf()?

@@ -50,6 +50,7 @@ impl CustomOp1 for FrozenLinear {
         self.fwd(s, l)
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _p = crate::profile::scope(crate::profile::Kind::LinearBwd, x.device());
         let n = self.w.dim(0)?;
         let rows = g.elem_count() / n;
         let dx = g.reshape((rows, n))?.matmul(&self.w)?;
@@ -59,6 +60,7 @@ impl CustomOp1 for FrozenLinear {
 
 /// `x @ w^T + b` over the last dimension, with no gradient for `w` and `b`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::LinearFwd, x.device());
     x.contiguous()?.apply_op1(FrozenLinear {
         w: w.clone(),
         b: b.cloned(),
@@ -129,6 +131,7 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope(crate::profile::Kind::LoraBwd, x.device());
         let (xl, al) = (x.layout().clone(), a.layout().clone());
         let dims = self.dims(&xl, &al);
         let (dx, da, db) = with_f32(&[x, &self.w, a, b, g], |t| {
@@ -145,6 +148,7 @@ pub fn lora_linear(
     bias: Option<&Tensor>,
     lora: &LoraAdapter,
 ) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::LoraFwd, x.device());
     let fused = on_cpu_f32(x) && on_cpu_f32(lora.a) && on_cpu_f32(lora.b) && on_cpu_f32(w);
     if !fused {
         let y = frozen_linear(x, w, bias)?;

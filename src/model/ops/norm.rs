@@ -70,6 +70,7 @@ impl Grad1 for GroupNormParams {
         }))
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::GroupNormBwd, x.device());
         if on_cpu_f32(x) {
             let (gamma, beta, shape) = self.cpu_args(x.dims())?;
             return kernel2(x, g, |x, g| {
@@ -102,6 +103,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::GroupNormFwd, x.device());
     let params = GroupNormParams {
         gamma: gamma.clone(),
         beta: beta.clone(),
@@ -133,6 +135,7 @@ impl Grad1 for LayerNormGrad {
         })())
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::LayerNormBwd, x.device());
         if on_cpu_f32(x) {
             let gamma = to_vec_f32(&self.gamma)?;
             let eps = self.eps as f32;
@@ -148,6 +151,7 @@ impl Grad1 for LayerNormGrad {
 /// LayerNorm over the last dimension with frozen affine parameters. Off the CPU the
 /// value comes from candle's fused kernel (which has no backward of its own).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::LayerNormFwd, x.device());
     let op = LayerNormGrad {
         gamma: gamma.clone(),
         beta: beta.clone(),
