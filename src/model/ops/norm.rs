@@ -149,11 +149,22 @@ impl Grad1 for LayerNormGrad {
             Ok((y, dims.into()))
         })())
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_value(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Option<Result<(candle_core::CudaStorage, Shape)>> {
+        Some(on_cuda::layer_fwd(self, x, l))
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         if on_cpu_f32(x) {
             let gamma = to_vec_f32(&self.gamma)?;
             let eps = self.eps as f32;
             return kernel2(x, g, |x, g| cpu::layer_norm_bwd(x, g, &gamma, eps));
+        }
+        if on_cuda_kernel(x) && g.dtype() == x.dtype() {
+            return on_cuda::layer_bwd(self, x, g);
         }
         let acc = f32_or_wider(x.dtype());
         let (xhat, rstd) = standardize(&x.to_dtype(acc)?, self.eps)?;
