@@ -218,7 +218,7 @@ mod on_cuda {
     }
 
     fn io<const N: usize>(args: Vec<Arg>) -> Result<[Arg; N]> {
-        match args.try_into() {
+        match <[Arg; N]>::try_from(args) {
             Ok(a) => Ok(a),
             Err(_) => bail!("norm: a kernel takes {N} buffers"),
         }
