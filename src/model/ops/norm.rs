@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Shape, Tensor, D};
 
 use super::kernels as cpu;
-use super::{f32_or_wider, fused1, kernel2, on_cpu_f32, to_vec_f32, Grad1};
+use super::{f32_or_wider, fused1, kernel2, on_cpu_f32, on_cuda_kernel, to_vec_f32, Grad1};
 
 // Norms. Statistics are recomputed in backward from the input rather than stored.
 
@@ -38,14 +38,18 @@ struct GroupNormParams {
 }
 
 impl GroupNormParams {
-    fn cpu_args(&self, dims: &[usize]) -> Result<(Vec<f32>, Vec<f32>, cpu::GroupNormShape)> {
-        let shape = cpu::GroupNormShape {
-            channels: dims[1],
-            hw: dims[2..].iter().product(),
+    /// The kernels' view of `x[b, c, ..]` (the trailing dimensions flattened).
+    fn shape(&self, dims: &[usize]) -> cpu::GroupNormShape {
+        cpu::GroupNormShape {
+            channels: dims.get(1).copied().unwrap_or(1),
+            hw: dims.iter().skip(2).product(),
             groups: self.groups,
             eps: self.eps as f32,
             silu: self.silu,
-        };
+        }
+    }
+    fn cpu_args(&self, dims: &[usize]) -> Result<(Vec<f32>, Vec<f32>, cpu::GroupNormShape)> {
+        let shape = self.shape(dims);
         Ok((to_vec_f32(&self.gamma)?, to_vec_f32(&self.beta)?, shape))
     }
     /// `(z, xhat, rstd)` in f32 with `z = xhat * gamma + beta` shaped `[b, c, rest]` and the
@@ -64,10 +68,19 @@ impl GroupNormParams {
 
 impl Grad1 for GroupNormParams {
     const NAME: &'static str = "group-norm";
+    const CUDA: bool = true;
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         Some(self.cpu_args(dims).map(|(gamma, beta, shape)| {
             (cpu::group_norm_fwd(x, &gamma, &beta, &shape), dims.into())
         }))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_value(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Option<Result<(candle_core::CudaStorage, Shape)>> {
+        Some(on_cuda::group_fwd(self, x, l))
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let _p = crate::profile::scope(crate::profile::Kind::GroupNormBwd, x.device());
@@ -76,6 +89,9 @@ impl Grad1 for GroupNormParams {
             return kernel2(x, g, |x, g| {
                 cpu::group_norm_bwd(x, g, &gamma, &beta, &shape)
             });
+        }
+        if on_cuda_kernel(x) && g.dtype() == x.dtype() {
+            return on_cuda::group_bwd(self, x, g);
         }
         let ((b, c), acc) = ((x.dim(0)?, x.dim(1)?), f32_or_wider(x.dtype()));
         let (z, xhat, rstd) = self.normalize(x)?;
@@ -127,12 +143,21 @@ struct LayerNormGrad {
 
 impl Grad1 for LayerNormGrad {
     const NAME: &'static str = "layer-norm";
+    const CUDA: bool = true;
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         Some((|| {
             let (gamma, beta) = (to_vec_f32(&self.gamma)?, to_vec_f32(&self.beta)?);
             let y = cpu::layer_norm_fwd(x, &gamma, &beta, self.eps as f32);
             Ok((y, dims.into()))
         })())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_value(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Option<Result<(candle_core::CudaStorage, Shape)>> {
+        Some(on_cuda::layer_fwd(self, x, l))
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let _p = crate::profile::scope(crate::profile::Kind::LayerNormBwd, x.device());
@@ -141,6 +166,9 @@ impl Grad1 for LayerNormGrad {
             let eps = self.eps as f32;
             return kernel2(x, g, |x, g| cpu::layer_norm_bwd(x, g, &gamma, eps));
         }
+        if on_cuda_kernel(x) && g.dtype() == x.dtype() {
+            return on_cuda::layer_bwd(self, x, g);
+        }
         let acc = f32_or_wider(x.dtype());
         let (xhat, rstd) = standardize(&x.to_dtype(acc)?, self.eps)?;
         let dxhat = g.to_dtype(acc)?.broadcast_mul(&self.gamma.to_dtype(acc)?)?;
@@ -148,8 +176,9 @@ impl Grad1 for LayerNormGrad {
     }
 }
 
-/// LayerNorm over the last dimension with frozen affine parameters. Off the CPU the
-/// value comes from candle's fused kernel (which has no backward of its own).
+/// LayerNorm over the last dimension with frozen affine parameters. On CUDA our kernels
+/// (cuda/norm.cu) compute it; elsewhere off the CPU, candle's fused kernel (which has no
+/// backward of its own).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Kind::LayerNormFwd, x.device());
     let op = LayerNormGrad {
@@ -166,4 +195,148 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
             candle_nn::ops::layer_norm(&x, gamma, beta, eps as f32)
         }
     })
+}
+
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
+
+    use super::super::cuda::{self, norm, Arg, Launch};
+    use super::super::kernels::GroupNormShape;
+    use super::super::Backend;
+    use super::{GroupNormParams, LayerNormGrad};
+
+    /// Frozen affine parameters of `len` elements, in the kernels' storage type (a no-op
+    /// when they already are).
+    fn affine(ts: [&Tensor; 2], len: usize, dtype: DType) -> Result<[Tensor; 2]> {
+        let [a, b] = ts.map(|t| t.to_dtype(dtype)?.contiguous());
+        let (a, b) = (a?, b?);
+        if a.elem_count() != len || b.elem_count() != len {
+            bail!(
+                "norm: affine parameters of {:?} for {len} features",
+                a.shape()
+            )
+        }
+        Ok([a, b])
+    }
+
+    fn io<const N: usize>(args: Vec<Arg>) -> Result<[Arg; N]> {
+        match <[Arg; N]>::try_from(args) {
+            Ok(a) => Ok(a),
+            Err(_) => bail!("norm: a kernel takes {N} buffers"),
+        }
+    }
+
+    /// A fresh output shaped like `x`, written by the launch `build` makes from the
+    /// addresses of `x`, `dy` (if given), `params` and the output, in that order.
+    fn launch_on(
+        x: (&CudaStorage, &Layout),
+        dy: Option<(&CudaStorage, &Layout)>,
+        params: &[Tensor],
+        build: impl FnOnce(Vec<Arg>) -> Result<Launch>,
+    ) -> Result<CudaStorage> {
+        let (dev, stream) = (x.0.device(), x.0.device().cuda_stream());
+        let n = x.1.shape().elem_count();
+        let mut out = cuda::alloc(dev, x.0.dtype(), n)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let locked: Vec<_> = params.iter().map(|t| t.storage_and_layout()).collect();
+        {
+            let (mut args, mut reads) = (Vec::new(), Vec::new());
+            for (s, l) in std::iter::once(x).chain(dy) {
+                let (p, r) = cuda::input_ptr(s, l, &stream)?;
+                args.push(Arg::Ptr(p));
+                reads.push(r);
+            }
+            for (s, l) in &locked {
+                let (p, r) = cuda::input_ptr(CudaStorage::of(s)?, l, &stream)?;
+                args.push(Arg::Ptr(p));
+                reads.push(r);
+            }
+            let (op, _w) = cuda::output_ptr(&mut out, &stream)?;
+            args.push(Arg::Ptr(op));
+            cuda::run(dev, &build(args)?)?;
+        }
+        Ok(out)
+    }
+
+    /// The kernel shape, batch and affine parameters of GroupNorm on `x` with `dims`.
+    fn group_args(
+        p: &GroupNormParams,
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<(GroupNormShape, usize, [Tensor; 2])> {
+        let s = p.shape(dims);
+        let params = affine([&p.gamma, &p.beta], s.channels, dtype)?;
+        Ok((s, dims.first().copied().unwrap_or(1), params))
+    }
+
+    pub fn group_fwd(
+        p: &GroupNormParams,
+        x: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (s, batch, params) = group_args(p, l.dims(), x.dtype())?;
+        let y = launch_on((x, l), None, &params, |a| {
+            norm::group_fwd(x.dtype(), io(a)?, &s, batch)
+        })?;
+        Ok((y, l.shape().clone()))
+    }
+
+    pub fn group_bwd(p: &GroupNormParams, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (s, batch, params) = group_args(p, x.dims(), x.dtype())?;
+        super::super::cuda_kernel2("group-norm-bwd", x, g, |x, xl, g, gl| {
+            let dx = launch_on((x, xl), Some((g, gl)), &params, |a| {
+                norm::group_bwd(x.dtype(), io(a)?, &s, batch)
+            })?;
+            Ok((dx, xl.shape().clone()))
+        })
+    }
+
+    /// Rows and row length of LayerNorm on `dims`.
+    fn rows_len(dims: &[usize]) -> (usize, usize) {
+        let n = dims.last().copied().unwrap_or(1);
+        (dims.iter().product::<usize>() / n.max(1), n)
+    }
+
+    pub fn layer_fwd(
+        p: &LayerNormGrad,
+        x: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, n) = rows_len(l.dims());
+        let params = affine([&p.gamma, &p.beta], n, x.dtype())?;
+        let y = launch_on((x, l), None, &params, |a| {
+            norm::layer_fwd(x.dtype(), io(a)?, rows, n, p.eps as f32)
+        })?;
+        Ok((y, l.shape().clone()))
+    }
+
+    pub fn layer_bwd(p: &LayerNormGrad, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (rows, n) = rows_len(x.dims());
+        let [gamma, _] = affine([&p.gamma, &p.beta], n, x.dtype())?;
+        super::super::cuda_kernel2("layer-norm-bwd", x, g, |x, xl, g, gl| {
+            let dx = launch_on((x, xl), Some((g, gl)), std::slice::from_ref(&gamma), |a| {
+                norm::layer_bwd(x.dtype(), io(a)?, rows, n, p.eps as f32)
+            })?;
+            Ok((dx, xl.shape().clone()))
+        })
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod on_cuda {
+    use candle_core::{bail, Result, Tensor};
+
+    use super::{GroupNormParams, LayerNormGrad};
+
+    pub fn group_bwd(_: &GroupNormParams, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        bail!("built without CUDA")
+    }
+
+    pub fn layer_bwd(_: &LayerNormGrad, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        bail!("built without CUDA")
+    }
 }

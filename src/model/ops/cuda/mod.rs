@@ -16,6 +16,7 @@
 use candle_core::{bail, DType, Result};
 
 pub(super) mod geglu;
+pub(super) mod norm;
 
 /// A kernel argument, as the kernel's parameter list takes it.
 #[derive(Debug, Clone, Copy)]
@@ -92,5 +93,7 @@ pub(crate) use device::{alloc, input_ptr, output_ptr, run, supported};
 #[cfg(kernel_emu)]
 pub(crate) mod emu;
 
+#[cfg(test)]
+mod norm_tests;
 #[cfg(test)]
 mod tests;
