@@ -13,7 +13,7 @@ use super::losses::{masked_diffusion_per_image, resize_nearest};
 use super::objective::{
     noised_latents, pseudo_word, step_losses, Batch, LossWeights, StepLosses, TextParams,
 };
-use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
+use super::optim::{clip_coef, grad_norms, AdamW, AdamWConfig, Clip};
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
 use crate::io::{embeds, run, tensors};
@@ -260,7 +260,7 @@ impl Trainer {
             momentum,
             w,
         )?;
-        let mut grads = match self.cfg.loss_scale {
+        let grads = match self.cfg.loss_scale {
             Some(scale) => {
                 let mut grads = (&loss * scale)?.backward()?;
                 unscale(&mut grads, &self.opt_vars(), scale)?;
@@ -281,12 +281,15 @@ impl Trainer {
         let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
         let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
         let (lora_norm, text_norm) = (norms[0], norms[1]);
-        clip_to(&mut grads, &lora_vars, lora_norm, 1.0)?;
+        let clip = Clip {
+            params: &lora_vars,
+            coef: clip_coef(lora_norm, 1.0),
+        };
         let lr = self.lr(d);
         self.opt.config.lr = lr;
         let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
         if finite {
-            self.opt.step(&grads)?;
+            self.opt.step_clipped(&grads, Some(clip))?;
             self.skipped_in_a_row = 0;
         } else {
             self.on_non_finite(d, &terms, lora_norm + text_norm)?;
@@ -456,7 +459,7 @@ impl Trainer {
             out.insert(format!("lora.{}.B", m.path), m.b.as_detached_tensor());
         }
         if let Some(m) = &self.momentum {
-            for (name, t) in m.tensors() {
+            for (name, t) in m.tensors()? {
                 out.insert(format!("momentum.{name}"), t);
             }
         }
