@@ -220,7 +220,7 @@ fn momentum_adapters_follow_the_ema_and_build_no_graph() {
             .collect();
     }
     let a_name = format!("{}.A", online.modules[0].path);
-    let tensors = momentum.tensors();
+    let tensors = momentum.tensors().unwrap();
     let got = vec(&tensors.iter().find(|(n, _)| *n == a_name).unwrap().1);
     for (g, e) in got.iter().zip(&expected) {
         assert!((g - e).abs() < 1e-6);

@@ -8,6 +8,7 @@
 use candle_core::{Result, Tensor};
 
 use crate::model::lora::{LoraSet, TrainableLora};
+use crate::model::ops::multi_tensor::{self, unshared};
 
 /// Averages per-image values `[b]` into per-sample values `[n]` (samples may have
 /// different image counts). Differentiable.
@@ -66,6 +67,11 @@ pub fn preserving_loss(
     super::losses::masked_mean(&per_sample, &keep)
 }
 
+/// `m * beta + theta * (1 - beta)` with candle's ops (the fused kernel's reference).
+pub(crate) fn ema_step(m: &Tensor, theta: &Tensor, beta: f64) -> Result<Tensor> {
+    (m * beta)? + (theta.detach() * (1.0 - beta))?
+}
+
 /// The momentum adapters: plain tensors (never Vars), so their forward builds no graph.
 pub struct MomentumLora {
     set: LoraSet,
@@ -80,13 +86,25 @@ impl MomentumLora {
     }
 
     /// `m = beta * m + (1 - beta) * theta`, after each optimizer step.
+    /// On CUDA one fused launch for all adapters, giving the same bits.
     pub fn update(&mut self, online: &TrainableLora, beta: f64) -> Result<()> {
+        let mut pairs = Vec::with_capacity(online.modules.len() * 2);
+        for m in &online.modules {
+            let Some(w) = self.set.get(&m.path) else {
+                candle_core::bail!("momentum adapters lack {}", m.path)
+            };
+            pairs.extend([(&w.a, m.a.as_tensor()), (&w.b, m.b.as_tensor())]);
+        }
+        let all: Vec<&Tensor> = pairs.iter().flat_map(|&(w, t)| [w, t]).collect();
+        if multi_tensor::fused(&all) {
+            return multi_tensor::ema(&pairs, beta);
+        }
         for m in &online.modules {
             let Some(w) = self.set.get_mut(&m.path) else {
                 candle_core::bail!("momentum adapters lack {}", m.path)
             };
-            w.a = ((&w.a * beta)? + (m.a.as_tensor().detach() * (1.0 - beta))?)?;
-            w.b = ((&w.b * beta)? + (m.b.as_tensor().detach() * (1.0 - beta))?)?;
+            w.a = ema_step(&w.a, m.a.as_tensor(), beta)?;
+            w.b = ema_step(&w.b, m.b.as_tensor(), beta)?;
         }
         Ok(())
     }
@@ -102,7 +120,9 @@ impl MomentumLora {
     ) -> crate::error::Result<()> {
         let paths: Vec<String> = self.set.iter().map(|(p, _)| p.clone()).collect();
         for p in paths {
+            // Copies on CUDA: the fused EMA updates them in place.
             let (a, b) = (get(&format!("{p}.A"))?, get(&format!("{p}.B"))?);
+            let (a, b) = (unshared(&a)?, unshared(&b)?);
             if let Some(w) = self.set.get_mut(&p) {
                 w.a = a;
                 w.b = b;
@@ -111,17 +131,19 @@ impl MomentumLora {
         Ok(())
     }
 
-    /// Named tensors for checkpoints (`<path>.A`, `<path>.B`), sorted by name.
-    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+    /// Named tensors for checkpoints (`<path>.A`, `<path>.B`), sorted by name; copies on
+    /// CUDA, where the EMA updates the momentum weights in place.
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> = (self.set.iter())
             .flat_map(|(p, w)| {
                 [
-                    (format!("{p}.A"), w.a.clone()),
-                    (format!("{p}.B"), w.b.clone()),
+                    (format!("{p}.A"), unshared(&w.a)),
+                    (format!("{p}.B"), unshared(&w.b)),
                 ]
             })
-            .collect();
+            .map(|(name, t)| Ok((name, t?)))
+            .collect::<Result<_>>()?;
         out.sort_by(|x, y| x.0.cmp(&y.0));
-        out
+        Ok(out)
     }
 }

@@ -2,10 +2,12 @@
 //! restored for exact resume (candle's AdamW keeps them private), and global gradient-norm
 //! clipping (candle has none).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, TensorId, Var};
+
+use crate::model::ops::multi_tensor::{self, unshared, Hyper, Slot};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -56,36 +58,80 @@ impl AdamW {
 
     /// One update from `grads`; a parameter without a gradient is left untouched.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_clipped(grads, None)
+    }
+
+    /// One update from `grads`, the gradients of `clip.params` first scaled by
+    /// `clip.coef` (as [`clip_to`] scales them, without a pass of its own). On CUDA, one
+    /// fused launch for all parameters; elsewhere (or with `MAGICTAILOR_CUDA_KERNELS=0`)
+    /// candle's ops, giving the same bits.
+    pub fn step_clipped(&mut self, grads: &GradStore, clip: Option<Clip<'_>>) -> Result<()> {
         self.step += 1;
+        let clipped: HashSet<TensorId> = clip
+            .map(|c| c.params.iter().map(|p| p.as_tensor().id()).collect())
+            .unwrap_or_default();
+        let coef = clip.map_or(1.0, |c| c.coef);
+        let mut present = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            if let Some(g) = grads.get(p.as_tensor()) {
+                let id = p.as_tensor().id();
+                present.push((i, g.detach().contiguous()?, clipped.contains(&id)));
+            }
+        }
+        if self.fused(&present) {
+            return self.fused_step(&present, coef);
+        }
+        for (i, g, is_clipped) in present {
+            // Always scaled when clipped, even by 1: `* 1.0 + 0.0` turns -0 into +0.
+            let g = if is_clipped { (g * coef)? } else { g };
+            self.update(i, &g)?;
+        }
+        Ok(())
+    }
+
+    /// candle's ops on parameter `i`; [`hyper`] mirrors their scalar casts.
+    fn update(&mut self, i: usize, g: &Tensor) -> Result<()> {
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for ((p, m), v) in self
-            .params
-            .iter()
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
-        {
-            let Some(g) = grads.get(p.as_tensor()) else {
-                continue;
-            };
-            let g = g.detach();
-            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((&*v / bc2)?.sqrt()? + c.eps)?;
-            let update = ((&*m / bc1)? / denom)?;
-            let decayed = (p.as_tensor().detach() * (1.0 - c.lr * c.weight_decay))?;
-            p.set(&(decayed - (update * c.lr)?)?)?;
+        let (p, m, v) = (&self.params[i], &mut self.m[i], &mut self.v[i]);
+        *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+        *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let denom = ((&*v / bc2)?.sqrt()? + c.eps)?;
+        let update = ((&*m / bc1)? / denom)?;
+        let decayed = (p.as_tensor().detach() * (1.0 - c.lr * c.weight_decay))?;
+        p.set(&(decayed - (update * c.lr)?)?)
+    }
+
+    /// Whether the fused kernel takes this step: every tensor it touches on CUDA in f32.
+    fn fused(&self, present: &[(usize, Tensor, bool)]) -> bool {
+        let mut ts = Vec::with_capacity(present.len() * 4);
+        for (i, g, _) in present {
+            ts.extend([self.params[*i].as_tensor(), g, &self.m[*i], &self.v[*i]]);
         }
-        Ok(())
+        multi_tensor::fused(&ts)
+    }
+
+    fn fused_step(&mut self, present: &[(usize, Tensor, bool)], coef: f64) -> Result<()> {
+        let slots: Vec<Slot> = (present.iter())
+            .map(|(i, g, clipped)| Slot {
+                p: self.params[*i].as_tensor(),
+                g,
+                m: &self.m[*i],
+                v: &self.v[*i],
+                clipped: *clipped,
+            })
+            .collect();
+        multi_tensor::adamw(&slots, &hyper(&self.config, self.step, coef))
     }
 
     /// Moments and step count as named tensors (`m.<i>`, `v.<i>`, `step`), for checkpoints.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
-            out.insert(format!("m.{i}"), m.clone());
-            out.insert(format!("v.{i}"), v.clone());
+            // Copies on CUDA: the fused step updates the moments in place.
+            out.insert(format!("m.{i}"), unshared(m)?);
+            out.insert(format!("v.{i}"), unshared(v)?);
         }
         out.insert(
             "step".into(),
@@ -120,7 +166,7 @@ impl AdamW {
                         shape.dims()
                     );
                 }
-                *slot = t.to_dtype(dtype)?.to_device(&device)?;
+                *slot = unshared(&t.to_dtype(dtype)?.to_device(&device)?)?;
             }
         }
         let step = state
@@ -134,19 +180,27 @@ impl AdamW {
 /// The global L2 norm (in f64) of each group's gradients, those present, with a single
 /// device-to-host read for all groups.
 pub fn grad_norms(grads: &GradStore, groups: &[&[Var]]) -> Result<Vec<f64>> {
-    let mut sq = Vec::new();
-    let mut group_of = Vec::new();
+    let mut listed = Vec::new();
     for (gi, group) in groups.iter().enumerate() {
         for g in group.iter().filter_map(|p| grads.get(p.as_tensor())) {
-            sq.push(g.detach().to_dtype(DType::F64)?.sqr()?.sum_all()?);
-            group_of.push(gi);
+            listed.push((g.detach(), gi));
         }
+    }
+    let on_device: Vec<&Tensor> = listed.iter().map(|(g, _)| g).collect();
+    if multi_tensor::fused(&on_device) {
+        let rows: Vec<(&Tensor, usize)> = listed.iter().map(|(g, gi)| (g, *gi)).collect();
+        let sums = multi_tensor::sq_sums(&rows, groups.len())?;
+        return Ok(sums.into_iter().map(f64::sqrt).collect());
+    }
+    let mut sq = Vec::new();
+    for (g, _) in &listed {
+        sq.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
     }
     let mut sums = vec![0f64; groups.len()];
     if !sq.is_empty() {
         let host = Tensor::stack(&sq, 0)?.to_vec1::<f64>()?;
-        for (v, gi) in host.into_iter().zip(group_of) {
-            sums[gi] += v;
+        for (v, (_, gi)) in host.into_iter().zip(&listed) {
+            sums[*gi] += v;
         }
     }
     Ok(sums.into_iter().map(f64::sqrt).collect())
@@ -169,7 +223,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Var], max_norm: f64) -> R
 
 /// Scales the gradients of `params`, whose global norm is `norm`, to at most `max_norm`.
 pub fn clip_to(grads: &mut GradStore, params: &[Var], norm: f64, max_norm: f64) -> Result<()> {
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    let coef = clip_coef(norm, max_norm);
     for p in params {
         if let Some(g) = grads.get(p.as_tensor()) {
             let g = (g.detach() * coef)?;
@@ -177,4 +231,36 @@ pub fn clip_to(grads: &mut GradStore, params: &[Var], norm: f64, max_norm: f64) 
         }
     }
     Ok(())
+}
+
+/// `torch.nn.utils.clip_grad_norm_`'s scale for gradients of global norm `norm`.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Gradients [`AdamW::step_clipped`] scales by `coef` (from [`clip_coef`]) before the
+/// update.
+#[derive(Debug, Clone, Copy)]
+pub struct Clip<'a> {
+    pub params: &'a [Var],
+    pub coef: f64,
+}
+
+/// Step `step`'s scalars for the fused kernel, each cast to f32 as candle casts the scalar
+/// operand of `Tensor * f64` (`x as f32`; a division by `x` multiplies by `1 / x`).
+pub(crate) fn hyper(c: &AdamWConfig, step: usize, coef: f64) -> Hyper {
+    let bc1 = 1.0 - c.beta1.powi(step as i32);
+    let bc2 = 1.0 - c.beta2.powi(step as i32);
+    Hyper {
+        coef: coef as f32,
+        b1: c.beta1 as f32,
+        omb1: (1.0 - c.beta1) as f32,
+        b2: c.beta2 as f32,
+        omb2: (1.0 - c.beta2) as f32,
+        inv_bc1: (1.0 / bc1) as f32,
+        inv_bc2: (1.0 / bc2) as f32,
+        eps: c.eps as f32,
+        decay: (1.0 - c.lr * c.weight_decay) as f32,
+        lr: c.lr as f32,
+    }
 }

@@ -14,7 +14,7 @@ use super::losses::{masked_diffusion_per_image, resize_nearest};
 use super::objective::{
     noised_latents, pseudo_word, step_losses, Batch, LossWeights, StepLosses, TextParams,
 };
-use super::optim::{clip_to, grad_norms, AdamW, AdamWConfig};
+use super::optim::{clip_coef, grad_norms, AdamW, AdamWConfig, Clip};
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
 use crate::io::{embeds, run, tensors};
@@ -243,24 +243,29 @@ impl Trainer {
         let _step = profile::scope(Kind::TrainStep, &dev);
         let phase = Phase::at(&self.cfg, d);
         let Pass {
-            mut grads,
+            grads,
             terms,
             per_sample,
             chosen,
             alpha_d,
         } = self.forward_backward(d, phase)?;
         // As the released script: only the U-Net's (LoRA) gradients are clipped.
-        let clip = profile::scope(Kind::GradClip, &dev);
+        let clipping = profile::scope(Kind::GradClip, &dev);
         let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
         let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
         let (lora_norm, text_norm) = (norms[0], norms[1]);
-        clip_to(&mut grads, &lora_vars, lora_norm, 1.0)?;
-        drop(clip);
+        let clip = Clip {
+            params: &lora_vars,
+            coef: clip_coef(lora_norm, 1.0),
+        };
+        drop(clipping);
         let lr = self.lr(d);
         self.opt.config.lr = lr;
         let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
         if finite {
-            profile::time(Kind::Optimizer, &dev, || self.opt.step(&grads))?;
+            profile::time(Kind::Optimizer, &dev, || {
+                self.opt.step_clipped(&grads, Some(clip))
+            })?;
             self.skipped_in_a_row = 0;
         } else {
             self.on_non_finite(d, &terms, lora_norm + text_norm)?;
@@ -525,7 +530,7 @@ impl Trainer {
             .map(|(name, v)| (name, v.as_detached_tensor()))
             .collect();
         if let Some(m) = &self.momentum {
-            for (name, t) in m.tensors() {
+            for (name, t) in m.tensors()? {
                 out.insert(format!("momentum.{name}"), t);
             }
         }

@@ -29,6 +29,7 @@ mod cuda;
 mod geglu;
 mod kernels;
 mod linear;
+pub(crate) mod multi_tensor;
 mod norm;
 
 pub use attention::{attention, use_reference_attention};

@@ -15,6 +15,7 @@
 
 use candle_core::{bail, DType, Result};
 
+pub(super) mod adamw;
 pub(super) mod geglu;
 pub(super) mod norm;
 
@@ -93,6 +94,8 @@ pub(crate) use device::{alloc, input_ptr, output_ptr, run, supported};
 #[cfg(kernel_emu)]
 pub(crate) mod emu;
 
+#[cfg(test)]
+mod adamw_tests;
 #[cfg(test)]
 mod norm_tests;
 #[cfg(test)]
