@@ -15,6 +15,7 @@
 
 use candle_core::{bail, DType, Result};
 
+pub(super) mod flash;
 pub(super) mod geglu;
 
 /// A kernel argument, as the kernel's parameter list takes it.
@@ -92,5 +93,7 @@ pub(crate) use device::{alloc, input_ptr, output_ptr, run};
 #[cfg(kernel_emu)]
 pub(crate) mod emu;
 
+#[cfg(test)]
+mod flash_tests;
 #[cfg(test)]
 mod tests;
