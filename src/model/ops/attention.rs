@@ -6,12 +6,13 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::kernels as cpu;
-use super::{copy_value, f32_or_wider, f32_slice, grads3, on_cpu_f32, with_f32};
+use super::{copy_value, f32_or_wider, f32_slice, grads3, on_cpu_f32, on_cuda_kernel, with_f32};
 
 // Memory-efficient attention: softmax(scale q k^T) v keeping only the per-row
 // log-sum-exp for backward, which recomputes the probabilities block by block. On the
-// CPU in f32 a flash-style kernel works on token-major tensors; elsewhere query chunks
-// of head-major tensors go through candle ops.
+// CPU in f32 a flash-style kernel works on token-major tensors, and on CUDA our flash
+// kernels (cuda/flash.cu) do; elsewhere (f64, head dim > 128, kernels switched off)
+// query chunks of head-major tensors go through candle ops.
 
 /// Elements of one `[batch*heads, chunk, keys]` score block (64 MB in f32).
 const SCORE_BLOCK: usize = 1 << 24;
@@ -182,6 +183,80 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+/// The CUDA flash kernels as an op: `cuda_fwd` computes the value and keeps the rows'
+/// log-sum-exp for backward, which runs the backward kernels.
+struct CudaFlash {
+    heads: usize,
+    scale: f32,
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for CudaFlash {
+    fn name(&self) -> &'static str {
+        "flash-attention-cuda"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("flash-attention-cuda runs on CUDA only")
+    }
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (o, shape, lse) = on_cuda::fwd([(q, ql), (k, kl), (v, vl)], self.heads, self.scale)?;
+        match self.lse.lock() {
+            Ok(mut slot) => *slot = Some(lse),
+            Err(_) => bail!("attention state poisoned"),
+        }
+        Ok((o, shape))
+    }
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = match self.lse.lock() {
+            Ok(slot) => slot.clone(),
+            Err(_) => bail!("attention state poisoned"),
+        };
+        let Some(lse) = lse else {
+            bail!("flash attention backward before its forward")
+        };
+        let (dq, dk, dv) = on_cuda::bwd([q, k, v, o, g], &lse, self.heads, self.scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Whether the CUDA flash kernels take these inputs: one dtype our kernels handle, head
+/// dim 1..=128, at least one query and one key.
+fn cuda_flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<bool> {
+    let same = [k, v].iter().all(|t| t.dtype() == q.dtype());
+    let (c, n, m) = (q.dim(2)?, q.dim(1)?, k.dim(1)?);
+    let d = c / heads.max(1);
+    Ok(same
+        && [q, k, v].iter().all(|t| on_cuda_kernel(t))
+        && d * heads == c
+        && (1..=super::cuda::flash::MAX_HEAD_DIM).contains(&d)
+        && n > 0
+        && m > 0)
+}
+
 static REFERENCE_ATTENTION: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
@@ -226,6 +301,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             q.apply_op3_no_bwd(&k, &v, &op)
         };
     }
+    if cuda_flash_applies(q, k, v, heads)? {
+        let op = CudaFlash {
+            heads,
+            scale: scale as f32,
+            lse: Mutex::new(None),
+        };
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        return if q.track_op() || k.track_op() || v.track_op() {
+            q.apply_op3(&k, &v, op)
+        } else {
+            q.apply_op3_no_bwd(&k, &v, &op)
+        };
+    }
     let rows = chunk_rows(b * heads, n, k.dim(1)?);
     merge(attention_head_major(
         &split(&(q * scale)?)?,
@@ -257,4 +345,177 @@ pub(super) fn attention_head_major(
             rows,
         },
     )
+}
+
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::op::BackpropOp;
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    };
+
+    use super::super::cuda::flash::{self, Dims};
+    use super::super::cuda::{self, Arg};
+
+    /// The attention shape of token-major q `[b, n, heads * d]` and k `[b, m, heads * d]`.
+    fn dims(ql: &Layout, kl: &Layout, heads: usize, scale: f32) -> Result<Dims> {
+        let (&[batch, n, c], &[_, m, _]) = (ql.dims(), kl.dims()) else {
+            bail!("attention expects [batch, tokens, channels] inputs")
+        };
+        let d = c / heads.max(1);
+        Ok(Dims {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+            scale,
+        })
+    }
+
+    /// The output (like q) and the rows' log-sum-exp `[b * heads, n]` (f32).
+    pub fn fwd(
+        [(q, ql), (k, kl), (v, vl)]: [(&CudaStorage, &Layout); 3],
+        heads: usize,
+        scale: f32,
+    ) -> Result<(CudaStorage, Shape, Tensor)> {
+        let s = dims(ql, kl, heads, scale)?;
+        let (dev, stream) = (q.device(), q.device().cuda_stream());
+        let mut o = cuda::alloc(dev, q.dtype(), ql.shape().elem_count())?;
+        let mut lse = cuda::alloc(dev, DType::F32, s.rows())?;
+        {
+            let (qp, _q) = cuda::input_ptr(q, ql, &stream)?;
+            let (kp, _k) = cuda::input_ptr(k, kl, &stream)?;
+            let (vp, _v) = cuda::input_ptr(v, vl, &stream)?;
+            let (op, _o) = cuda::output_ptr(&mut o, &stream)?;
+            let (lp, _l) = cuda::output_ptr(&mut lse, &stream)?;
+            let bufs = [qp, kp, vp, op, lp].map(Arg::Ptr);
+            cuda::run(dev, &flash::fwd(q.dtype(), &s, bufs)?)?;
+        }
+        let lse = Storage::Cuda(lse);
+        let lse = Tensor::from_storage(lse, (s.batch * heads, s.n), BackpropOp::none(), false);
+        Ok((o, ql.shape().clone(), lse))
+    }
+
+    /// dq, dk, dv from `[q, k, v, o, g]` (`g` the output gradient) and the forward's
+    /// log-sum-exp.
+    pub fn bwd(
+        [q, k, v, o, g]: [&Tensor; 5],
+        lse: &Tensor,
+        heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let delta = super::super::cuda_kernel2("flash-delta", o, g, |o, ol, g, gl| {
+            let s = dims(ol, ol, heads, scale)?;
+            let (dev, stream) = (o.device(), o.device().cuda_stream());
+            let mut delta = cuda::alloc(dev, DType::F32, s.rows())?;
+            {
+                let (op, _o) = cuda::input_ptr(o, ol, &stream)?;
+                let (gp, _g) = cuda::input_ptr(g, gl, &stream)?;
+                let (dp, _w) = cuda::output_ptr(&mut delta, &stream)?;
+                let bufs = [op, gp, dp].map(Arg::Ptr);
+                cuda::run(dev, &flash::delta(o.dtype(), &s, bufs)?)?;
+            }
+            Ok((delta, (s.batch * heads, s.n).into()))
+        })?;
+        let op = Grads {
+            g: g.contiguous()?,
+            lse: lse.clone(),
+            delta,
+            heads,
+            scale,
+        };
+        // One buffer [dq | dk | dv], cut into the three gradients.
+        let all = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        Ok((
+            all.narrow(0, 0, nq)?.reshape(q.shape())?,
+            all.narrow(0, nq, nk)?.reshape(k.shape())?,
+            all.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+        ))
+    }
+
+    /// The backward kernels over q, k, v with the other operands held.
+    struct Grads {
+        g: Tensor,
+        lse: Tensor,
+        delta: Tensor,
+        heads: usize,
+        scale: f32,
+    }
+
+    impl CustomOp3 for Grads {
+        fn name(&self) -> &'static str {
+            "flash-attention-bwd"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("flash-attention-bwd runs on CUDA only")
+        }
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let s = dims(ql, kl, self.heads, self.scale)?;
+            let (dev, stream) = (q.device(), q.device().cuda_stream());
+            let (nq, nk) = (ql.shape().elem_count(), kl.shape().elem_count());
+            let mut out = cuda::alloc(dev, q.dtype(), nq + 2 * nk)?;
+            let (g_guard, gl) = self.g.storage_and_layout();
+            let (lse_guard, lsel) = self.lse.storage_and_layout();
+            let (delta_guard, dl) = self.delta.storage_and_layout();
+            let (Storage::Cuda(g), Storage::Cuda(lse), Storage::Cuda(delta)) =
+                (&*g_guard, &*lse_guard, &*delta_guard)
+            else {
+                bail!("flash attention backward operands are not on CUDA")
+            };
+            {
+                let (qp, _q) = cuda::input_ptr(q, ql, &stream)?;
+                let (kp, _k) = cuda::input_ptr(k, kl, &stream)?;
+                let (vp, _v) = cuda::input_ptr(v, vl, &stream)?;
+                let (gp, _g) = cuda::input_ptr(g, gl, &stream)?;
+                let (lp, _l) = cuda::input_ptr(lse, lsel, &stream)?;
+                let (dp, _d) = cuda::input_ptr(delta, dl, &stream)?;
+                let (op, _w) = cuda::output_ptr(&mut out, &stream)?;
+                let size = q.dtype().size_in_bytes() as u64;
+                let (dk, dv) = (op + nq as u64 * size, op + (nq + nk) as u64 * size);
+                let dkdv = [qp, kp, vp, gp, lp, dp, dk, dv].map(Arg::Ptr);
+                cuda::run(dev, &flash::dkdv(q.dtype(), &s, dkdv)?)?;
+                let dq = [qp, kp, vp, gp, lp, dp, op].map(Arg::Ptr);
+                cuda::run(dev, &flash::dq(q.dtype(), &s, dq)?)?;
+            }
+            Ok((out, (nq + 2 * nk).into()))
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod on_cuda {
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape, Tensor};
+
+    pub fn fwd(
+        _: [(&CudaStorage, &Layout); 3],
+        _: usize,
+        _: f32,
+    ) -> Result<(CudaStorage, Shape, Tensor)> {
+        bail!("built without CUDA")
+    }
+
+    pub fn bwd(_: [&Tensor; 5], _: &Tensor, _: usize, _: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        bail!("built without CUDA")
+    }
 }

@@ -16,6 +16,7 @@
 use candle_core::{bail, DType, Result};
 
 pub(super) mod adamw;
+pub(super) mod flash;
 pub(super) mod geglu;
 pub(super) mod norm;
 
@@ -96,6 +97,8 @@ pub(crate) mod emu;
 
 #[cfg(test)]
 mod adamw_tests;
+#[cfg(test)]
+mod flash_tests;
 #[cfg(test)]
 mod norm_tests;
 #[cfg(test)]
