@@ -11,22 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dtype=${1:-bf16}
-pack=gpu-pack
-work=${GPU_BENCH_DIR:-/tmp/mtb}
-out=${OUT:-$work/out}
-mkdir -p "$work" "$out"
-
-# The CUDA 13 libraries the binary links (docs/candle.md §7): PyTorch's wheels bring them.
-libs=$(for l in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10; do
-  f=$(find / -xdev -name "$l" -print -quit 2>/dev/null) && [ -n "$f" ] && dirname "$f"
-done | sort -u | paste -sd:)
-[ -n "$libs" ] || { echo "no CUDA 13 libraries found" >&2; exit 1; }
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-
+. scripts/gpu_common.sh
+unpack model-bench
 bin=$work/model-bench
-python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-  "$pack/model-bench.xz" "$bin"
-chmod +x "$bin"
 # diffusers (pure Python) is not on the machine; its other needs are (--no-deps).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$work/site" "$pack"/wheels/*.whl

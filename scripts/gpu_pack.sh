@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Run HERE (no GPU needed) before a GPU session: builds the CUDA bench binary and packs it,
+# Run HERE (no GPU needed) before a GPU session: builds the CUDA bench binary, the unit
+# tests (with the GPU kernel tests) and examples/step_grads, and packs them,
 # xz-compressed, with the Python wheels the GPU machine lacks (diffusers, importlib_metadata)
-# into gpu-pack/ (git-ignored), which the device tool carries for scripts/gpu_bench.sh.
+# into gpu-pack/ (git-ignored), which the device tool carries for scripts/gpu_check.sh and
+# scripts/gpu_bench.sh.
 # Nothing can be downloaded on the GPU machine, so everything it needs comes from here.
 #
 #   scripts/gpu_pack.sh            # cold CUDA build: ~20 min on 2 cores; warm: a few minutes
@@ -12,18 +14,29 @@ pack=gpu-pack
 eval "$(scripts/cuda_toolchain.sh "$ci/cuda")"
 # A target dir of its own: the cuda feature would otherwise rebuild candle in ./target.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ci/target-cuda}
-bin=$(cargo bench --features cuda --bench model --no-run --message-format=json-render-diagnostics |
+# The executable cargo built for target $1 (cargo's JSON messages on stdin).
+executable() {
   python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "model" and m.get("executable"):
-        print(m["executable"])')
-[ -x "$bin" ] || { echo "no bench executable found in cargo's output" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$1"
+}
+json=--message-format=json-render-diagnostics
+bench=$(cargo bench --features cuda --bench model --no-run $json | executable model)
+# The unit tests with the GPU ones (`*_on_gpu_*`, skipped without a GPU), for gpu_check.sh.
+tests=$(cargo test --release --features cuda --lib --no-run $json | executable magictailor)
+grads=$(cargo build --release --features cuda --example step_grads $json | executable step_grads)
+for b in "$bench" "$tests" "$grads"; do
+  [ -x "$b" ] || { echo "an executable is missing from cargo's output" >&2; exit 1; }
+done
 rm -rf "$pack" && mkdir -p "$pack/wheels"
-# Stripped it is ~64 MB, too big to carry with anything else; xz makes it ~8.5 MB.
-strip -o "$pack/model-bench" "$bin"
-xz -T0 -6 -f "$pack/model-bench"
+# Stripped each is ~64 MB, too big to carry together; xz makes each ~9 MB.
+strip -o "$pack/model-bench" "$bench"
+strip -o "$pack/lib-tests" "$tests"
+strip -o "$pack/step-grads" "$grads"
+xz -T0 -6 -f "$pack/model-bench" "$pack/lib-tests" "$pack/step-grads"
 # diffusers is pure Python; its other needs (torch, transformers, huggingface_hub,
 # safetensors, zipp, ...) are already on the GPU machine (device KINDS.md).
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$pack/wheels" \
