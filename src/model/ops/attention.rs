@@ -124,19 +124,24 @@ struct FlashAttention {
     lse: Mutex<Vec<f32>>,
 }
 
+/// The attention shape of token-major q `[b, n, heads * d]` and k `[b, m, heads * d]`.
+fn attn_shape(ql: &Layout, kl: &Layout, heads: usize, scale: f32) -> Result<cpu::AttnShape> {
+    let (&[batch, n, c], &[_, m, _]) = (ql.dims(), kl.dims()) else {
+        bail!("attention expects [batch, tokens, channels] inputs")
+    };
+    Ok(cpu::AttnShape {
+        batch,
+        heads,
+        n,
+        m,
+        d: c / heads.max(1),
+        scale,
+    })
+}
+
 impl FlashAttention {
     fn shape(&self, ql: &Layout, kl: &Layout) -> Result<cpu::AttnShape> {
-        let (&[batch, n, c], &[_, m, _]) = (ql.dims(), kl.dims()) else {
-            bail!("attention expects [batch, tokens, channels] inputs")
-        };
-        Ok(cpu::AttnShape {
-            batch,
-            heads: self.heads,
-            n,
-            m,
-            d: c / self.heads,
-            scale: self.scale as f32,
-        })
+        attn_shape(ql, kl, self.heads, self.scale as f32)
     }
 }
 
@@ -355,24 +360,9 @@ mod on_cuda {
         bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
     };
 
-    use super::super::cuda::flash::{self, Dims};
+    use super::super::cuda::flash;
     use super::super::cuda::{self, Arg};
-
-    /// The attention shape of token-major q `[b, n, heads * d]` and k `[b, m, heads * d]`.
-    fn dims(ql: &Layout, kl: &Layout, heads: usize, scale: f32) -> Result<Dims> {
-        let (&[batch, n, c], &[_, m, _]) = (ql.dims(), kl.dims()) else {
-            bail!("attention expects [batch, tokens, channels] inputs")
-        };
-        let d = c / heads.max(1);
-        Ok(Dims {
-            batch,
-            heads,
-            n,
-            m,
-            d,
-            scale,
-        })
-    }
+    use super::attn_shape as dims;
 
     /// The output (like q) and the rows' log-sum-exp `[b * heads, n]` (f32).
     pub fn fwd(
@@ -383,7 +373,7 @@ mod on_cuda {
         let s = dims(ql, kl, heads, scale)?;
         let (dev, stream) = (q.device(), q.device().cuda_stream());
         let mut o = cuda::alloc(dev, q.dtype(), ql.shape().elem_count())?;
-        let mut lse = cuda::alloc(dev, DType::F32, s.rows())?;
+        let mut lse = cuda::alloc(dev, DType::F32, flash::rows(&s))?;
         {
             let (qp, _q) = cuda::input_ptr(q, ql, &stream)?;
             let (kp, _k) = cuda::input_ptr(k, kl, &stream)?;
@@ -409,7 +399,7 @@ mod on_cuda {
         let delta = super::super::cuda_kernel2("flash-delta", o, g, |o, ol, g, gl| {
             let s = dims(ol, ol, heads, scale)?;
             let (dev, stream) = (o.device(), o.device().cuda_stream());
-            let mut delta = cuda::alloc(dev, DType::F32, s.rows())?;
+            let mut delta = cuda::alloc(dev, DType::F32, flash::rows(&s))?;
             {
                 let (op, _o) = cuda::input_ptr(o, ol, &stream)?;
                 let (gp, _g) = cuda::input_ptr(g, gl, &stream)?;

@@ -15,22 +15,13 @@ pub(crate) const MAX_HEAD_DIM: usize = 128;
 /// The most dynamic shared memory a block gets on an H100.
 const MAX_SHARED: usize = 227 * 1024;
 
-/// Attention over token-major `q: [batch, n, heads * d]` and `k, v: [batch, m, heads * d]`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
-    pub batch: usize,
-    pub heads: usize,
-    pub n: usize,
-    pub m: usize,
-    pub d: usize,
-    pub scale: f32,
-}
+/// Attention over token-major `q: [batch, n, heads * d]` and `k, v: [batch, m, heads * d]`:
+/// the CPU kernel's shape.
+pub(crate) use super::super::kernels::AttnShape as Dims;
 
-impl Dims {
-    /// Elements of the f32 `[batch * heads, n]` log-sum-exp and delta buffers.
-    pub(crate) fn rows(&self) -> usize {
-        self.batch * self.heads * self.n
-    }
+/// Elements of the f32 `[batch * heads, n]` log-sum-exp and delta buffers.
+pub(crate) fn rows(s: &Dims) -> usize {
+    s.batch * s.heads * s.n
 }
 
 fn u32_of(v: usize, what: &str) -> Result<u32> {

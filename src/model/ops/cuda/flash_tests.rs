@@ -101,8 +101,8 @@ mod emulated {
             Host::zeros(k.elem_count(), dtype),
         );
         let (lse, delta) = (
-            Host::zeros(s.rows(), DType::F32),
-            Host::zeros(s.rows(), DType::F32),
+            Host::zeros(flash::rows(&s), DType::F32),
+            Host::zeros(flash::rows(&s), DType::F32),
         );
         let ins = [
             hq.arg(),

@@ -37,6 +37,7 @@ fn softmax_row(row: &mut [f32]) -> f32 {
 
 const BR: usize = 64;
 
+#[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     pub batch: usize,
     pub heads: usize,
