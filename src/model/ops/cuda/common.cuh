@@ -47,7 +47,7 @@ __device__ __forceinline__ float block_sum(float v, float *scratch) {
 #define MT_DYNAMIC_SHARED(T, name) T *name = reinterpret_cast<T *>(mt_emu::dynamic_shared())
 #else
 #define MT_DYNAMIC_SHARED(T, name)                          \
-  extern __shared__ __align__(16) unsigned char mt_smem[]; \
+  extern __shared__ __align__(128) unsigned char mt_smem[]; \
   T *name = reinterpret_cast<T *>(mt_smem)
 #define MT_KERNEL(name)
 #endif

@@ -3,6 +3,8 @@
 #include "emu.h"
 
 #include <barrier>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -17,10 +19,12 @@ struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> exchange;
-  std::vector<unsigned char> shared;
+  // Dynamic shared memory, 128-byte aligned as common.cuh declares it.
+  std::unique_ptr<unsigned char, decltype(&std::free)> shared;
   Block(dim3 d, dim3 g, unsigned shared_bytes)
       : dim(d), grid(g), threads(d.x * d.y * d.z), all(threads), exchange(threads),
-        shared(shared_bytes) {
+        shared(static_cast<unsigned char *>(std::aligned_alloc(128, (shared_bytes + 127) / 128 * 128 + 128)),
+               &std::free) {
     for (unsigned w = 0; w * 32 < threads; w++)
       warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - w * 32)));
   }
@@ -41,7 +45,14 @@ void sync_block() { block->all.arrive_and_wait(); }
 void sync_warp() { block->warps[linear_id() / 32]->arrive_and_wait(); }
 uint64_t &exchange_slot() { return block->exchange[linear_id()]; }
 uint64_t exchange_read(unsigned lane) { return block->exchange[linear_id() / 32 * 32 + lane]; }
-unsigned char *dynamic_shared() { return block->shared.data(); }
+unsigned char *dynamic_shared() { return block->shared.get(); }
+
+static std::mutex fault_lock;
+static std::string first_fault;
+void fault(const char *what) {
+  std::lock_guard<std::mutex> lock(fault_lock);
+  if (first_fault.empty()) first_fault = what;
+}
 
 struct Kernel {
   void *fn;
@@ -76,9 +87,11 @@ static void run_block(const Kernel &k, void **args, dim3 grid, dim3 dim, uint3 b
 }
 }  // namespace mt_emu
 
-// 0: ran; 1: unknown kernel; 2: wrong number of arguments; 3: bad launch geometry.
+// 0: ran; 1: unknown kernel; 2: wrong number of arguments; 3: bad launch geometry;
+// 4: the kernel broke a CUDA rule, named in `fault` (NUL-terminated, at most fault_len bytes).
 extern "C" int mt_emu_launch(const char *name, const unsigned *grid, const unsigned *block,
-                             unsigned shared, void **args, unsigned nargs) {
+                             unsigned shared, void **args, unsigned nargs, char *fault,
+                             unsigned fault_len) {
   using namespace mt_emu;
   // `__shared__` arrays are statics: one launch at a time in the whole process.
   static std::mutex one_at_a_time;
@@ -89,8 +102,12 @@ extern "C" int mt_emu_launch(const char *name, const unsigned *grid, const unsig
   dim3 g{grid[0], grid[1], grid[2]}, d{block[0], block[1], block[2]};
   unsigned threads = d.x * d.y * d.z;
   if (threads == 0 || threads > 1024 || g.x * g.y * g.z == 0 || shared > 227 * 1024) return 3;
+  if (g.y > 65535 || g.z > 65535) return 3;
+  first_fault.clear();
   for (unsigned z = 0; z < g.z; z++)
     for (unsigned y = 0; y < g.y; y++)
       for (unsigned x = 0; x < g.x; x++) run_block(it->second, args, g, d, {x, y, z}, shared);
-  return 0;
+  if (first_fault.empty()) return 0;
+  std::snprintf(fault, fault_len, "%s", first_fault.c_str());
+  return 4;
 }

@@ -48,6 +48,8 @@ uint64_t exchange_read(unsigned lane);
 unsigned lane_id();
 unsigned warp_size_of_this_warp();
 unsigned char *dynamic_shared();
+// Records a broken CUDA rule (the first one per launch); the launch then fails with it.
+void fault(const char *what);
 
 template <class T> T shuffle(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
@@ -178,12 +180,20 @@ inline float to_float(float v) { return v; }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float to_float(__half v) { return __half2float(v); }
 
+// What the hardware requires of a tile's memory: a 256-bit aligned address and a leading
+// dimension that is a multiple of 16 bytes.
+template <class T> void check_tile(const T *p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) mt_emu::fault("wmma tile address not 32-byte aligned");
+  if (ldm * sizeof(T) % 16 != 0) mt_emu::fault("wmma ldm not a multiple of 16 bytes");
+}
+
 template <class F, class T> void fill_fragment(F &f, T v) {
   for (auto &e : f.x) e = v;
 }
 template <class Use, int M, int N, int K, class T, class L>
 void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p, unsigned ldm) {
   using Fr = fragment<Use, M, N, K, T, L>;
+  check_tile(p, ldm);
   constexpr bool col = std::is_same_v<L, col_major>;
   for (int r = 0; r < Fr::rows; r++)
     for (int c = 0; c < Fr::cols; c++) f.x[r * Fr::cols + c] = col ? p[c * ldm + r] : p[r * ldm + c];
@@ -191,12 +201,14 @@ void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const T *p, unsigned ldm)
 }
 template <int M, int N, int K, class T>
 void load_matrix_sync(fragment<accumulator, M, N, K, T> &f, const T *p, unsigned ldm, layout_t l) {
+  check_tile(p, ldm);
   for (int r = 0; r < M; r++)
     for (int c = 0; c < N; c++) f.x[r * N + c] = l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
   mt_emu::sync_warp();
 }
 template <int M, int N, int K, class T>
 void store_matrix_sync(T *p, const fragment<accumulator, M, N, K, T> &f, unsigned ldm, layout_t l) {
+  check_tile(p, ldm);
   for (int i = int(mt_emu::lane_id()); i < M * N; i += 32) {
     int r = i / N, c = i % N;
     (l == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[i];

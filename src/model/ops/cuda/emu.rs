@@ -14,6 +14,8 @@ extern "C" {
         shared: u32,
         args: *mut *mut c_void,
         nargs: u32,
+        fault: *mut std::ffi::c_char,
+        fault_len: u32,
     ) -> i32;
 }
 
@@ -30,6 +32,7 @@ pub(crate) fn run(l: &Launch) -> Result<()> {
             Arg::F32(v) => v as *const f32 as *mut c_void,
         })
         .collect();
+    let mut fault = [0u8; 256];
     // SAFETY: the emulator reads each argument through the pointer's kernel parameter
     // type; the arity is checked against the registered kernel.
     let rc = unsafe {
@@ -40,6 +43,8 @@ pub(crate) fn run(l: &Launch) -> Result<()> {
             l.shared,
             args.as_mut_ptr(),
             args.len() as u32,
+            fault.as_mut_ptr() as *mut std::ffi::c_char,
+            fault.len() as u32,
         )
     };
     match rc {
@@ -50,6 +55,14 @@ pub(crate) fn run(l: &Launch) -> Result<()> {
             l.kernel,
             l.args.len()
         ),
+        4 => {
+            let what = std::ffi::CStr::from_bytes_until_nul(&fault).unwrap_or_default();
+            bail!(
+                "emulator: {} broke a CUDA rule: {}",
+                l.kernel,
+                what.to_string_lossy()
+            )
+        }
         _ => bail!("emulator: bad launch geometry for {}: {l:?}", l.kernel),
     }
 }

@@ -157,6 +157,11 @@ mod emulated {
     fn flash_bf16_matches_composed() {
         check(DType::BF16);
     }
+
+    #[test]
+    fn flash_f16_matches_composed() {
+        check(DType::F16);
+    }
 }
 
 /// `attention()` through the kernels on a GPU against the composed op in f32 on the same

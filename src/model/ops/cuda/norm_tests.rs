@@ -92,7 +92,7 @@ mod emulated {
     fn group_norm_matches_composed() {
         let cpu = &Device::Cpu;
         for (b, c, groups, hw) in GROUP_CASES {
-            for dtype in [DType::F32, DType::BF16] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
                 // Away from zero mean, so the statistics' cancellation is exercised.
                 let x = input(1, &[b, c, hw], 2.0, 3.0, dtype, cpu);
                 let dy = input(2, &[b, c, hw], 1.0, 0.0, dtype, cpu);
@@ -146,7 +146,7 @@ mod emulated {
     fn layer_norm_matches_composed() {
         let cpu = &Device::Cpu;
         for (rows, n) in LAYER_CASES {
-            for dtype in [DType::F32, DType::BF16] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let x = input(5, &[rows, n], 2.0, -3.0, dtype, cpu);
                 let dy = input(6, &[rows, n], 1.0, 0.0, dtype, cpu);
                 let gamma = input(7, &[n], 0.5, 1.0, dtype, cpu);

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 #[cfg(kernel_emu)]
-use half::bf16;
+use half::{bf16, f16};
 
 #[cfg(kernel_emu)]
 use super::emu::{ptr, run};
@@ -18,6 +18,7 @@ use crate::rng::seeded_normal;
 pub(super) enum Host {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    F16(Vec<f16>),
 }
 
 #[cfg(kernel_emu)]
@@ -27,12 +28,14 @@ impl Host {
         match dtype {
             DType::F32 => Host::F32(t.to_vec1().unwrap()),
             DType::BF16 => Host::Bf16(t.to_vec1().unwrap()),
+            DType::F16 => Host::F16(t.to_vec1().unwrap()),
             _ => unreachable!(),
         }
     }
     pub(super) fn zeros(n: usize, dtype: DType) -> Host {
         match dtype {
             DType::F32 => Host::F32(vec![0.0; n]),
+            DType::F16 => Host::F16(vec![f16::ZERO; n]),
             _ => Host::Bf16(vec![bf16::ZERO; n]),
         }
     }
@@ -40,12 +43,14 @@ impl Host {
         match self {
             Host::F32(v) => ptr(v),
             Host::Bf16(v) => ptr(v),
+            Host::F16(v) => ptr(v),
         }
     }
     pub(super) fn tensor(&self, shape: &[usize]) -> Tensor {
         let t = match self {
             Host::F32(v) => Tensor::from_slice(v, shape, &Device::Cpu),
             Host::Bf16(v) => Tensor::from_slice(v, shape, &Device::Cpu),
+            Host::F16(v) => Tensor::from_slice(v, shape, &Device::Cpu),
         };
         t.unwrap().to_dtype(DType::F32).unwrap()
     }
@@ -82,7 +87,7 @@ fn composed_geglu(x: &Tensor) -> Tensor {
 #[test]
 fn geglu_matches_composed() {
     let (rows, inner) = (37, 40);
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
         // The reference sees the inputs rounded to the kernel's storage type.
         let x = seeded_normal(1, (rows, 2 * inner), &Device::Cpu).unwrap();
         let x = x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
