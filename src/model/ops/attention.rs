@@ -259,7 +259,25 @@ fn cuda_flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
         && d * heads == c
         && (1..=super::cuda::flash::MAX_HEAD_DIM).contains(&d)
         && n > 0
-        && m > 0)
+        && m > 0
+        && flash_fits(q, &attn_shape(q.layout(), k.layout(), heads, 1.0)?))
+}
+
+/// Whether the flash kernels' launches for `s` fit `q`'s GPU (grid, shared memory: an
+/// A100 gives a block 163 KB, an RTX 40xx 99 KB, an H100 227 KB).
+#[cfg(feature = "cuda")]
+fn flash_fits(q: &Tensor, s: &cpu::AttnShape) -> bool {
+    match q.device() {
+        candle_core::Device::Cuda(dev) => {
+            super::cuda::flash::fits(q.dtype(), s, super::cuda::shared_limit(dev))
+        }
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn flash_fits(_: &Tensor, _: &cpu::AttnShape) -> bool {
+    false
 }
 
 static REFERENCE_ATTENTION: std::sync::atomic::AtomicBool =
@@ -396,6 +414,8 @@ mod on_cuda {
         heads: usize,
         scale: f32,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        // The kernels read every operand in q's storage type.
+        let g = &g.to_dtype(q.dtype())?;
         let delta = super::super::cuda_kernel2("flash-delta", o, g, |o, ol, g, gl| {
             let s = dims(ol, ol, heads, scale)?;
             let (dev, stream) = (o.device(), o.device().cuda_stream());

@@ -71,6 +71,7 @@ extern "C" __global__ void __launch_bounds__(256)
     partial[blockIdx.x] = acc;
     __threadfence();  // the sum is visible before the count says so
     last = atomicAdd(done, 1u) == gridDim.x - 1;
+    if (last) __threadfence();  // acquire: the other blocks' sums are read after the count
   }
   __syncthreads();
   if (!last) return;

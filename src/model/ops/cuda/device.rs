@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
@@ -48,13 +49,50 @@ pub(crate) fn supported(dev: &CudaDevice) -> bool {
         })
 }
 
+/// The most dynamic shared memory a block may opt into on `dev` (227 KB on an H100).
+pub(crate) fn shared_limit(dev: &CudaDevice) -> usize {
+    static SEEN: Mutex<Option<HashMap<DeviceId, usize>>> = Mutex::new(None);
+    let Ok(mut seen) = SEEN.lock() else {
+        return 48 * 1024;
+    };
+    *seen
+        .get_or_insert_with(HashMap::new)
+        .entry(dev.id())
+        .or_insert_with(|| {
+            let attr = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+            let optin = dev.cuda_stream().context().attribute(attr);
+            optin.map_or(48 * 1024, |b| b.max(0) as usize)
+        })
+}
+
+type Functions = HashMap<(DeviceId, &'static str, String), CudaFunction>;
+
+/// A kernel of `m` on `dev`, loaded once, allowed the device's whole shared memory (set
+/// once: the attribute is per function, and setting it per launch would race between
+/// threads launching the same kernel).
+fn function(dev: &CudaDevice, m: &'static Module, kernel: &str) -> Result<CudaFunction> {
+    static LOADED: Mutex<Option<Functions>> = Mutex::new(None);
+    let Ok(mut loaded) = LOADED.lock() else {
+        bail!("CUDA function cache poisoned")
+    };
+    let loaded = loaded.get_or_insert_with(HashMap::new);
+    let key = (dev.id(), m.name, kernel.to_string());
+    if let Some(f) = loaded.get(&key) {
+        return Ok(f.clone());
+    }
+    let func = module(dev, m)?.load_function(kernel).w()?;
+    let limit = shared_limit(dev);
+    if limit > 48 * 1024 {
+        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        func.set_attribute(attr, limit as i32).w()?;
+    }
+    loaded.insert(key, func.clone());
+    Ok(func)
+}
+
 /// Runs `l` on `dev`'s stream (asynchronously, as candle's own kernels).
 pub(crate) fn run(dev: &CudaDevice, l: &Launch) -> Result<()> {
-    let func = module(dev, l.module)?.load_function(&l.kernel).w()?;
-    if l.shared > 48 * 1024 {
-        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        func.set_attribute(attr, l.shared as i32).w()?;
-    }
+    let func = function(dev, l.module, &l.kernel)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&func);
     for a in &l.args {

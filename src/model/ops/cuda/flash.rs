@@ -103,6 +103,12 @@ fn tiled(
         bail!("{base}: {shared} bytes of shared memory for {s:?}")
     }
     args.extend(dim_args(s)?);
+    if s.batch * s.heads > 65_535 {
+        bail!(
+            "{base}: batch * heads = {} is over a grid's 65535 rows",
+            s.batch * s.heads
+        )
+    }
     Ok(Launch {
         module: &MODULE,
         kernel: typed(base, dtype)?,
@@ -210,4 +216,17 @@ pub(crate) fn dq(dtype: DType, s: &Dims, bufs: [Arg; 7]) -> Result<Launch> {
         (t, 4),
     ]);
     tiled("flash_dq", dtype, s, s.n.div_ceil(t), shared, bufs.to_vec())
+}
+
+/// Whether every launch for `s` is possible on a GPU giving a block at most `shared_limit`
+/// bytes of shared memory.
+pub(crate) fn fits(dtype: DType, s: &Dims, shared_limit: usize) -> bool {
+    let p = Arg::Ptr(0);
+    [
+        fwd(dtype, s, [p; 5]),
+        dkdv(dtype, s, [p; 8]),
+        dq(dtype, s, [p; 7]),
+    ]
+    .iter()
+    .all(|l| l.as_ref().is_ok_and(|l| l.shared as usize <= shared_limit))
 }

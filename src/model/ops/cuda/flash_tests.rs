@@ -231,3 +231,23 @@ fn flash_on_gpu_matches_composed() {
         }
     }
 }
+
+/// The launches' shared memory decides where flash attention runs: SD 2.1's head dim fits
+/// an H100's 227 KB and an A100's 163 KB in bf16, not an RTX 40xx's 99 KB (its backward
+/// needs 125 KB), where the composed ops take over; and no grid has over 65535 rows.
+#[test]
+fn flash_launches_fit_the_gpu_or_fall_back() {
+    let s = |batch, heads| super::flash::Dims {
+        batch,
+        heads,
+        n: 4096,
+        m: 4096,
+        d: 64,
+        scale: 0.125,
+    };
+    let fits = |dtype, s, kb: usize| super::flash::fits(dtype, &s, kb * 1024);
+    assert!(fits(DType::BF16, s(6, 5), 227));
+    assert!(fits(DType::BF16, s(6, 5), 163));
+    assert!(!fits(DType::BF16, s(6, 5), 99));
+    assert!(!fits(DType::BF16, s(65_536, 1), 227));
+}

@@ -90,7 +90,7 @@ pub(crate) fn enabled() -> bool {
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
-pub(crate) use device::{alloc, input_ptr, output_ptr, run, supported};
+pub(crate) use device::{alloc, input_ptr, output_ptr, run, shared_limit, supported};
 
 #[cfg(kernel_emu)]
 pub(crate) mod emu;
