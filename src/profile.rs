@@ -20,44 +20,6 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-/// What a region measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    // Model parts (forward only; their backward is in `Backward`).
-    TextEncoder,
-    UNet,
-    VaeEncode,
-    VaeDecode,
-    // Training step phases.
-    TrainStep,
-    Data,
-    ForwardLoss,
-    Backward,
-    HostRead,
-    GradClip,
-    Optimizer,
-    Momentum,
-    // Inference.
-    DenoiseStep,
-    // Ops (src/model/ops), exclusive.
-    AttentionFwd,
-    AttentionBwd,
-    GroupNormFwd,
-    GroupNormBwd,
-    LayerNormFwd,
-    LayerNormBwd,
-    GegluFwd,
-    GegluBwd,
-    LinearFwd,
-    LinearBwd,
-    ConvFwd,
-    ConvBwd,
-    UpsampleFwd,
-    UpsampleBwd,
-    LoraFwd,
-    LoraBwd,
-}
-
 /// How a kind's time relates to the others'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -67,45 +29,67 @@ pub enum Class {
     Op,
 }
 
-const KINDS: usize = Kind::LoraBwd as usize + 1;
+/// Declares `Kind` (in table order), `Kind::ALL` and `Kind::label` from one table.
+macro_rules! kinds {
+    ($($kind:ident => $label:literal,)*) => {
+        /// What a region measures.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Kind {
+            $($kind,)*
+        }
+
+        impl Kind {
+            /// Every kind, in declaration order (`ALL[k as usize] == k`).
+            pub const ALL: &'static [Kind] = &[$(Kind::$kind,)*];
+
+            pub fn label(self) -> &'static str {
+                match self {
+                    $(Kind::$kind => $label,)*
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    // Model parts (forward only; their backward is in `Backward`).
+    TextEncoder => "text encoder",
+    UNet => "U-Net forward",
+    VaeEncode => "VAE encode",
+    VaeDecode => "VAE decode",
+    // Training step phases.
+    TrainStep => "train step",
+    Data => "data, augment, DM-Deg noise",
+    ForwardLoss => "forward + loss",
+    Backward => "backward",
+    HostRead => "host reads",
+    GradClip => "gradient clipping",
+    Optimizer => "optimizer",
+    Momentum => "momentum EMA",
+    // Inference.
+    DenoiseStep => "denoising step",
+    // Ops (src/model/ops), exclusive.
+    AttentionFwd => "attention fwd",
+    AttentionBwd => "attention bwd",
+    GroupNormFwd => "group-norm(+SiLU) fwd",
+    GroupNormBwd => "group-norm(+SiLU) bwd",
+    LayerNormFwd => "layer-norm fwd",
+    LayerNormBwd => "layer-norm bwd",
+    GegluFwd => "GEGLU fwd",
+    GegluBwd => "GEGLU bwd",
+    LinearFwd => "frozen linear fwd",
+    LinearBwd => "frozen linear bwd",
+    ConvFwd => "frozen conv fwd",
+    ConvBwd => "frozen conv bwd",
+    UpsampleFwd => "upsample 2x fwd",
+    UpsampleBwd => "upsample 2x bwd",
+    LoraFwd => "LoRA linear fwd",
+    LoraBwd => "LoRA linear bwd",
+}
+
+const KINDS: usize = Kind::ALL.len();
 
 impl Kind {
-    /// Every kind, in declaration order (`ALL[k as usize] == k`).
-    pub const ALL: [Kind; KINDS] = {
-        use Kind::*;
-        [
-            TextEncoder,
-            UNet,
-            VaeEncode,
-            VaeDecode,
-            TrainStep,
-            Data,
-            ForwardLoss,
-            Backward,
-            HostRead,
-            GradClip,
-            Optimizer,
-            Momentum,
-            DenoiseStep,
-            AttentionFwd,
-            AttentionBwd,
-            GroupNormFwd,
-            GroupNormBwd,
-            LayerNormFwd,
-            LayerNormBwd,
-            GegluFwd,
-            GegluBwd,
-            LinearFwd,
-            LinearBwd,
-            ConvFwd,
-            ConvBwd,
-            UpsampleFwd,
-            UpsampleBwd,
-            LoraFwd,
-            LoraBwd,
-        ]
-    };
-
     pub fn class(self) -> Class {
         match self as usize {
             k if k < Kind::TrainStep as usize => Class::Part,
@@ -117,41 +101,6 @@ impl Kind {
     /// Whether this op kind times a backward pass.
     fn is_op_backward(self) -> bool {
         self.class() == Class::Op && self.label().ends_with(" bwd")
-    }
-
-    pub fn label(self) -> &'static str {
-        use Kind::*;
-        match self {
-            TextEncoder => "text encoder",
-            UNet => "U-Net forward",
-            VaeEncode => "VAE encode",
-            VaeDecode => "VAE decode",
-            TrainStep => "train step",
-            Data => "data, augment, DM-Deg noise",
-            ForwardLoss => "forward + loss",
-            Backward => "backward",
-            HostRead => "host reads",
-            GradClip => "gradient clipping",
-            Optimizer => "optimizer",
-            Momentum => "momentum EMA",
-            DenoiseStep => "denoising step",
-            AttentionFwd => "attention fwd",
-            AttentionBwd => "attention bwd",
-            GroupNormFwd => "group-norm(+SiLU) fwd",
-            GroupNormBwd => "group-norm(+SiLU) bwd",
-            LayerNormFwd => "layer-norm fwd",
-            LayerNormBwd => "layer-norm bwd",
-            GegluFwd => "GEGLU fwd",
-            GegluBwd => "GEGLU bwd",
-            LinearFwd => "frozen linear fwd",
-            LinearBwd => "frozen linear bwd",
-            ConvFwd => "frozen conv fwd",
-            ConvBwd => "frozen conv bwd",
-            UpsampleFwd => "upsample 2x fwd",
-            UpsampleBwd => "upsample 2x bwd",
-            LoraFwd => "LoRA linear fwd",
-            LoraBwd => "LoRA linear bwd",
-        }
     }
 }
 

@@ -30,7 +30,7 @@ fn training_steps_are_profiled_only_when_enabled() {
     profile::reset();
     t.train_step().unwrap();
     let off = profile::totals();
-    for k in Kind::ALL {
+    for &k in Kind::ALL {
         assert_eq!(off.calls(k), 0, "{k:?} recorded while profiling was off");
     }
 
