@@ -42,12 +42,15 @@ pub fn step_rng(seed: u64, step: usize, stream: Stream) -> StdRng {
     StdRng::seed_from_u64(mix)
 }
 
+/// `n` standard normal f32 values from `rng`.
+pub fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| StandardNormal.sample(rng)).collect()
+}
+
 /// Standard normal f32 noise of `shape` from `rng`, on `device`.
 pub fn normal(rng: &mut StdRng, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
     let shape = shape.into();
-    let v: Vec<f32> = (0..shape.elem_count())
-        .map(|_| StandardNormal.sample(rng))
-        .collect();
+    let v = normals(rng, shape.elem_count());
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 

@@ -215,6 +215,19 @@ impl Vae {
         })
     }
 
+    /// The shape `encode` gives pixels of shape `[b, c, h, w]`: each padded stride-2
+    /// downsampling halves a side, rounding down.
+    pub fn latent_dims(&self, pixels: &[usize]) -> [usize; 4] {
+        let halvings = self.config.block_out_channels.len().saturating_sub(1) as u32;
+        let side = |s: usize| s >> halvings;
+        [
+            pixels[0],
+            self.config.latent_channels,
+            side(pixels[2]),
+            side(pixels[3]),
+        ]
+    }
+
     /// Pixels in [-1, 1], `[b, 3, H, W]` -> the latent distribution (unscaled).
     pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
         let _p = crate::profile::scope(crate::profile::Kind::VaeEncode, x.device());
@@ -259,5 +272,25 @@ impl Vae {
         }
         self.dec_conv_out
             .forward(&self.dec_norm_out.forward_silu(&h)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::*;
+
+    /// The trainer draws posterior noise before encoding, from `latent_dims`.
+    #[test]
+    fn latent_dims_are_the_encoded_shape() {
+        let cfg: VaeConfig = serde_json::from_value(crate::model::tiny::vae_config()).unwrap();
+        let vae = Vae::load(&VarBuilder::zeros(DType::F32, &Device::Cpu), &cfg).unwrap();
+        for (h, w) in [(64, 64), (37, 50), (9, 8)] {
+            let x = Tensor::zeros((2, 3, h, w), DType::F32, &Device::Cpu).unwrap();
+            let mean = vae.encode(&x).unwrap().mean;
+            assert_eq!(mean.dims(), vae.latent_dims(x.dims()), "{h}x{w}");
+        }
     }
 }

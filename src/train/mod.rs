@@ -6,6 +6,7 @@ pub mod config;
 pub mod dm_deg;
 pub mod ds_bal;
 pub mod losses;
+pub mod noise;
 pub mod objective;
 pub mod optim;
 pub mod trainer;

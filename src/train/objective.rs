@@ -9,13 +9,14 @@ use super::augment::{color_jitter, flip_horizontal, Jitter};
 use super::config::TrainConfig;
 use super::ds_bal::{hardest_sample, per_sample_means, preserving_loss};
 use super::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
+use super::noise::{NoiseSizes, StepNoise};
 use crate::data::PairDataset;
 use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
 use crate::model::probe::{AttnProbe, BlockKind};
-use crate::rng::{normal, step_rng, Stream};
+use crate::rng::{step_rng, Stream};
 
 /// The pseudo-word of sample `i`: `<v0>` for the concept, `<v1>`, ... for components.
 pub fn pseudo_word(i: usize) -> String {
@@ -72,6 +73,16 @@ impl Batch {
         self.sample_of.len()
     }
 
+    /// The shapes of a step's noise: the pixels, and the latents the VAE encodes them to.
+    pub fn noise_sizes(&self, sd: &StableDiffusion) -> Result<NoiseSizes> {
+        let (b, c, h, w) = self.pixels.dims4()?;
+        let pixels = [b, c, h, w];
+        Ok(NoiseSizes {
+            pixels,
+            latents: sd.vae.latent_dims(&pixels),
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.sample_of.is_empty()
     }
@@ -94,8 +105,10 @@ pub fn noised_latents(
     batch: &Batch,
     cfg: &TrainConfig,
     d: usize,
+    noise: StepNoise,
 ) -> Result<(Noised, f64)> {
     let dev = &sd.device;
+    let [g, z_noise, eps] = noise.upload(dev)?;
     let (mut pixels, mut masks) = (batch.pixels.clone(), batch.masks.clone());
     let mut rng = step_rng(cfg.seed, d, Stream::Augment);
     if cfg.jitter > 0.0 {
@@ -106,18 +119,15 @@ pub fn noised_latents(
         masks = flip_horizontal(&masks)?;
     }
     let (deg, total) = (cfg.degradation(), cfg.total_steps());
-    let g = normal(
-        &mut step_rng(cfg.seed, d, Stream::DmDeg),
-        pixels.dims(),
-        dev,
-    )?;
     let degraded = deg.apply(&pixels, &masks, &g, d, total)?;
     let dist = sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?;
-    let z_noise = normal(
-        &mut step_rng(cfg.seed, d, Stream::Posterior),
-        dist.mean.dims(),
-        dev,
-    )?;
+    if dist.mean.dims() != z_noise.dims() {
+        return Err(Error::internal(format!(
+            "latents {:?} but posterior noise {:?}",
+            dist.mean.dims(),
+            z_noise.dims()
+        )));
+    }
     let z0 = (dist
         .sample_with(&z_noise.to_dtype(cfg.dtype)?)?
         .to_dtype(DType::F32)?
@@ -127,7 +137,6 @@ pub fn noised_latents(
     let timesteps: Vec<usize> = (0..batch.len())
         .map(|_| trng.random_range(0..n_t))
         .collect();
-    let eps = normal(&mut step_rng(cfg.seed, d, Stream::Eps), z0.dims(), dev)?;
     let z_t = sd.schedule.add_noise(&z0, &eps, &timesteps)?;
     let noised = Noised {
         z_t,

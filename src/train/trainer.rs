@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::config::TrainConfig;
 use super::ds_bal::MomentumLora;
 use super::losses::{masked_diffusion_per_image, resize_nearest};
+use super::noise::NoiseAhead;
 use super::objective::{
     noised_latents, pseudo_word, step_losses, Batch, LossWeights, StepLosses, TextParams,
 };
@@ -116,6 +117,8 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub sd: StableDiffusion,
     pub batch: Batch,
+    /// Each step's host noise, the next one drawn while this one runs.
+    noise: NoiseAhead,
     pub lora: TrainableLora,
     pub rows: Var,
     /// Released-script mode: the whole token-embedding table, trained (with weight decay).
@@ -156,6 +159,7 @@ impl Trainer {
         sd.tokenizer.add_pseudo_words(&words)?;
         let rows = init_rows(&sd, &class_words)?;
         let batch = Batch::new(&sd, data)?;
+        let noise = NoiseAhead::new(cfg.seed, batch.noise_sizes(&sd)?);
         let lora = TrainableLora::new(
             &sd.unet.lora_targets(),
             cfg.lora_rank,
@@ -184,6 +188,7 @@ impl Trainer {
             cfg,
             sd,
             batch,
+            noise,
             lora,
             rows,
             table,
@@ -319,7 +324,8 @@ impl Trainer {
         }
         let dev = self.sd.device.clone();
         let (noised, alpha_d) = profile::time(Kind::Data, &dev, || {
-            noised_latents(&self.sd, &self.batch, &self.cfg, d)
+            let noise = self.noise.take(d)?;
+            noised_latents(&self.sd, &self.batch, &self.cfg, d, noise)
         })?;
         let online = self.lora.as_set();
         let momentum = self
