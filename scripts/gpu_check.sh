@@ -5,8 +5,9 @@
 #     (the unit tests named *on_gpu*, f32 and bf16);
 #  2. step-1 gradients and 8 trained steps, CPU against CUDA, at 64 px (where two tiny-model
 #     tensors have a zero true gradient) and 128 px (where none has): docs/candle.md §7;
-#  3. the full-size training step with our kernels and with candle's composed ops
-#     (MAGICTAILOR_CUDA_KERNELS=0), each with its profile table.
+#  3. the full-size training step with our kernels (flash attention at 128 and at 256
+#     threads per block) and with candle's composed ops (MAGICTAILOR_CUDA_KERNELS=0),
+#     each with its profile table.
 #
 #   scripts/gpu_check.sh [bf16|f16|f32]        # dtype of step 3; logs land in $OUT
 set -euo pipefail
@@ -17,6 +18,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 failed=()
 
 "$work/lib-tests" on_gpu --test-threads=1 2>&1 | tee "$out/kernel-tests.log" || failed+=(kernel-tests)
+MAGICTAILOR_FLASH_THREADS=256 "$work/lib-tests" flash_on_gpu --test-threads=1 2>&1 |
+  tee "$out/kernel-tests-256.log" || failed+=(kernel-tests-256)
 
 for res in 64 128; do
   for dev in cpu cuda; do
@@ -30,6 +33,8 @@ done
 export MAGICTAILOR_BENCH_DIR=$work MAGICTAILOR_BENCH_DEVICE=cuda MAGICTAILOR_BENCH_DTYPE=${1:-bf16}
 "$work/model-bench" full-model >"$out/model.log" 2>&1
 "$work/model-bench" full-train 2>&1 | tee "$out/train-kernels.log" || failed+=(train-kernels)
+MAGICTAILOR_FLASH_THREADS=256 "$work/model-bench" full-train 2>&1 |
+  tee "$out/train-kernels-256.log" || failed+=(train-kernels-256)
 MAGICTAILOR_CUDA_KERNELS=0 "$work/model-bench" full-train 2>&1 |
   tee "$out/train-composed.log" || failed+=(train-composed)
 

@@ -1,13 +1,26 @@
 //! Launches of flash.cu: attention forward (output and log-sum-exp) and backward (delta,
 //! dK/dV, dQ) on token-major tensors.
 
+use std::sync::OnceLock;
+
 use candle_core::{bail, DType, Result};
 
 use super::{module, typed, Arg, Launch, Module};
 
 pub(crate) static MODULE: Module = module!("flash");
 
-const THREADS: u32 = 128;
+/// Threads per block of the tiled kernels: 128, or `MAGICTAILOR_FLASH_THREADS=256` (the
+/// kernels size their loops from blockDim). 256 gives dK/dV, whose 125 KB of shared memory
+/// allows one block per SM, 8 warps instead of 4; which is faster is yet to be measured.
+fn threads() -> u32 {
+    static THREADS: OnceLock<u32> = OnceLock::new();
+    *THREADS.get_or_init(
+        || match std::env::var("MAGICTAILOR_FLASH_THREADS").as_deref() {
+            Ok("256") => 256,
+            _ => 128,
+        },
+    )
+}
 /// Query rows of a forward or dQ tile; key rows of every tile.
 const TILE: usize = 64;
 /// The largest head dim (the tiles' shared memory grows with it).
@@ -117,7 +130,7 @@ fn tiled(
             u32_of(s.batch * s.heads, "batch * heads")?,
             1,
         ],
-        block: [THREADS, 1, 1],
+        block: [threads(), 1, 1],
         shared: shared as u32,
         args,
     })

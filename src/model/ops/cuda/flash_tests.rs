@@ -56,11 +56,12 @@ const CASES: [(usize, usize, usize, usize, usize); 6] = [
 
 #[cfg(kernel_emu)]
 mod emulated {
-    use candle_core::{DType, Device, Tensor, Var};
+    use candle_core::{DType, Device, Result, Tensor, Var};
 
     use super::super::emu::run;
     use super::super::flash::{self, Dims};
     use super::super::tests::Host;
+    use super::super::Launch;
     use super::{composed, rel_err, tolerance, CASES};
     use crate::rng::seeded_normal;
 
@@ -74,6 +75,7 @@ mod emulated {
     fn errors(
         dtype: DType,
         (batch, heads, n, m, d): (usize, usize, usize, usize, usize),
+        threads: Option<u32>,
     ) -> [f32; 5] {
         let s = Dims {
             batch,
@@ -112,11 +114,27 @@ mod emulated {
             lse.arg(),
             delta.arg(),
         ];
-        run(&flash::fwd(dtype, &s, [ins[0], ins[1], ins[2], o.arg(), lse.arg()]).unwrap()).unwrap();
+        // The tiled kernels with another block size, as MAGICTAILOR_FLASH_THREADS sets it.
+        let tiled = |l: Result<Launch>| {
+            let mut l = l.unwrap();
+            if let Some(t) = threads {
+                l.block = [t, 1, 1];
+            }
+            run(&l).unwrap()
+        };
+        tiled(flash::fwd(
+            dtype,
+            &s,
+            [ins[0], ins[1], ins[2], o.arg(), lse.arg()],
+        ));
         run(&flash::delta(dtype, &s, [o.arg(), hg.arg(), delta.arg()]).unwrap()).unwrap();
         let [a, b, c6, d6, e, f] = ins;
-        run(&flash::dkdv(dtype, &s, [a, b, c6, d6, e, f, dk.arg(), dv.arg()]).unwrap()).unwrap();
-        run(&flash::dq(dtype, &s, [a, b, c6, d6, e, f, dq.arg()]).unwrap()).unwrap();
+        tiled(flash::dkdv(
+            dtype,
+            &s,
+            [a, b, c6, d6, e, f, dk.arg(), dv.arg()],
+        ));
+        tiled(flash::dq(dtype, &s, [a, b, c6, d6, e, f, dq.arg()]));
 
         let [vq, vk, vv] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
         let (want, want_lse) = composed(
@@ -137,10 +155,10 @@ mod emulated {
         ]
     }
 
-    fn check(dtype: DType) {
+    fn check(dtype: DType, threads: Option<u32>) {
         for case in CASES {
-            let e = errors(dtype, case);
-            eprintln!("{dtype:?} {case:?}: o, lse, dq, dk, dv errors {e:?}");
+            let e = errors(dtype, case, threads);
+            eprintln!("{dtype:?} {case:?} {threads:?}: o, lse, dq, dk, dv errors {e:?}");
             assert!(
                 e.iter().all(|&e| e < tolerance(dtype)),
                 "{dtype:?} {case:?}: {e:?}"
@@ -150,17 +168,24 @@ mod emulated {
 
     #[test]
     fn flash_f32_matches_composed() {
-        check(DType::F32);
+        check(DType::F32, None);
     }
 
     #[test]
     fn flash_bf16_matches_composed() {
-        check(DType::BF16);
+        check(DType::BF16, None);
     }
 
     #[test]
     fn flash_f16_matches_composed() {
-        check(DType::F16);
+        check(DType::F16, None);
+    }
+
+    /// The kernels size their loops from blockDim: 8 warps give the same results.
+    #[test]
+    fn flash_with_256_threads_matches_composed() {
+        check(DType::F32, Some(256));
+        check(DType::BF16, Some(256));
     }
 }
 
