@@ -60,14 +60,17 @@ impl StepNoise {
 pub struct NoiseAhead {
     seed: u64,
     sizes: NoiseSizes,
+    /// The run's last step: nothing is drawn past it.
+    last: usize,
     next: Option<JoinHandle<StepNoise>>,
 }
 
 impl NoiseAhead {
-    pub fn new(seed: u64, sizes: NoiseSizes) -> Self {
+    pub fn new(seed: u64, sizes: NoiseSizes, last: usize) -> Self {
         Self {
             seed,
             sizes,
+            last,
             next: None,
         }
     }
@@ -87,10 +90,12 @@ impl NoiseAhead {
             Some(n) if n.step == d => n,
             _ => StepNoise::draw(self.seed, d, self.sizes),
         };
-        let (seed, sizes) = (self.seed, self.sizes);
-        self.next = Some(std::thread::spawn(move || {
-            StepNoise::draw(seed, d + 1, sizes)
-        }));
+        if d < self.last {
+            let (seed, sizes) = (self.seed, self.sizes);
+            self.next = Some(std::thread::spawn(move || {
+                StepNoise::draw(seed, d + 1, sizes)
+            }));
+        }
         Ok(noise)
     }
 }
@@ -107,7 +112,7 @@ mod tests {
 
     #[test]
     fn drawn_ahead_equals_drawn_in_place() {
-        let mut ahead = NoiseAhead::new(7, SIZES);
+        let mut ahead = NoiseAhead::new(7, SIZES, 6);
         for d in [1, 2, 3, 5, 6] {
             assert_eq!(
                 ahead.take(d).unwrap(),
@@ -115,6 +120,7 @@ mod tests {
                 "step {d}"
             );
         }
+        assert!(ahead.next.is_none(), "drew past the last step");
     }
 
     #[test]

@@ -159,7 +159,8 @@ impl Trainer {
         sd.tokenizer.add_pseudo_words(&words)?;
         let rows = init_rows(&sd, &class_words)?;
         let batch = Batch::new(&sd, data)?;
-        let noise = NoiseAhead::new(cfg.seed, batch.noise_sizes(&sd)?);
+        let last = cfg.total_steps();
+        let noise = NoiseAhead::new(cfg.seed, batch.noise_sizes(&sd)?, last);
         let lora = TrainableLora::new(
             &sd.unet.lora_targets(),
             cfg.lora_rank,
