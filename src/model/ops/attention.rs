@@ -1,7 +1,7 @@
 //! Multi-head attention that keeps no `[batch*heads, n, n]` probabilities for backward,
 //! and the benchmarks' switch back to the plain composition.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
@@ -117,6 +117,12 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
+/// An op's state from forward to backward (candle hands ops only `&self`).
+fn state<T>(slot: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))
+}
+
 /// The CPU kernel as an op: the value is computed in `cpu_fwd` from the inputs' storage.
 struct FlashAttention {
     heads: usize,
@@ -161,10 +167,7 @@ impl CustomOp3 for FlashAttention {
         let shape = self.shape(ql, kl)?;
         let (q, k, v) = (f32_slice(q, ql)?, f32_slice(k, kl)?, f32_slice(v, vl)?);
         let (out, lse) = cpu::attention_fwd(q, k, v, &shape);
-        match self.lse.lock() {
-            Ok(mut slot) => *slot = lse,
-            Err(_) => bail!("attention state poisoned"),
-        }
+        *state(&self.lse)? = lse;
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
     #[allow(clippy::type_complexity)]
@@ -178,9 +181,7 @@ impl CustomOp3 for FlashAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope(crate::profile::Kind::AttentionBwd, q.device());
         let shape = self.shape(q.layout(), k.layout())?;
-        let Ok(lse) = self.lse.lock() else {
-            bail!("attention state poisoned")
-        };
+        let lse = state(&self.lse)?;
         let (dq, dk, dv) = with_f32(&[q, k, v, o, g], |t| {
             cpu::attention_bwd(t[0], t[1], t[2], t[3], t[4], &lse, &shape)
         })?;
@@ -221,10 +222,7 @@ impl CustomOp3 for CudaFlash {
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (o, shape, lse) = on_cuda::fwd([(q, ql), (k, kl), (v, vl)], self.heads, self.scale)?;
-        match self.lse.lock() {
-            Ok(mut slot) => *slot = Some(lse),
-            Err(_) => bail!("attention state poisoned"),
-        }
+        *state(&self.lse)? = Some(lse);
         Ok((o, shape))
     }
     #[allow(clippy::type_complexity)]
@@ -236,11 +234,7 @@ impl CustomOp3 for CudaFlash {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = match self.lse.lock() {
-            Ok(slot) => slot.clone(),
-            Err(_) => bail!("attention state poisoned"),
-        };
-        let Some(lse) = lse else {
+        let Some(lse) = state(&self.lse)?.clone() else {
             bail!("flash attention backward before its forward")
         };
         let (dq, dk, dv) = on_cuda::bwd([q, k, v, o, g], &lse, self.heads, self.scale)?;
