@@ -11,6 +11,13 @@ use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 const EPS: f64 = 1e-6;
 
+/// The most bytes one full-resolution activation may take. The VAE works at the image's
+/// own resolution with `block_out_channels[0]` channels, where every resnet keeps several
+/// such tensors alive: encoding six 512 px images peaked at 4.8 GB on the CPU in f32, and
+/// 0.9 GB one image at a time (diffusers' "VAE slicing"), no slower: one 512 px image's
+/// convolutions are already large GEMMs.
+const ACTIVATION_BUDGET: usize = 128 << 20;
+
 /// Single-head self-attention over pixels, with GroupNorm and a residual.
 #[derive(Debug, Clone)]
 struct VaeAttention {
@@ -231,6 +238,48 @@ impl Vae {
     /// Pixels in [-1, 1], `[b, 3, H, W]` -> the latent distribution (unscaled).
     pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
         let _p = crate::profile::scope(crate::profile::Kind::VaeEncode, x.device());
+        let dists = self
+            .slices(x, x.dim(2)? * x.dim(3)?)?
+            .iter()
+            .map(|x| self.encode_slice(x))
+            .collect::<Result<Vec<_>>>()?;
+        let cat = |f: fn(&LatentDist) -> &Tensor| {
+            Tensor::cat(&dists.iter().map(f).collect::<Vec<_>>(), 0)
+        };
+        Ok(LatentDist {
+            mean: cat(|d| &d.mean)?,
+            std: cat(|d| &d.std)?,
+        })
+    }
+
+    /// Unscaled latents -> pixels in roughly [-1, 1].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope(crate::profile::Kind::VaeDecode, z.device());
+        let halvings = self.config.block_out_channels.len().saturating_sub(1);
+        let pixels = (z.dim(2)? << halvings) * (z.dim(3)? << halvings);
+        let images = self
+            .slices(z, pixels)?
+            .iter()
+            .map(|z| self.decode_slice(z))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&images, 0)
+    }
+
+    /// `x` cut along the batch into slices whose full-resolution activations (`pixels`
+    /// per image, at the widest full-resolution level) fit [`ACTIVATION_BUDGET`]. Each
+    /// image is coded alone, so slicing changes no value.
+    fn slices(&self, x: &Tensor, pixels: usize) -> Result<Vec<Tensor>> {
+        let b = x.dim(0)?;
+        let widest = self.config.block_out_channels[0];
+        let per_image = pixels * widest * x.dtype().size_in_bytes();
+        let images = crate::model::ops::images_within(ACTIVATION_BUDGET, per_image, b);
+        (0..b)
+            .step_by(images)
+            .map(|i| x.narrow(0, i, images.min(b - i)))
+            .collect()
+    }
+
+    fn encode_slice(&self, x: &Tensor) -> Result<LatentDist> {
         let mut h = self.enc_conv_in.forward(x)?;
         for (resnets, down) in &self.enc_blocks {
             for r in resnets {
@@ -254,9 +303,7 @@ impl Vae {
         Ok(LatentDist { mean, std })
     }
 
-    /// Unscaled latents -> pixels in roughly [-1, 1].
-    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let _p = crate::profile::scope(crate::profile::Kind::VaeDecode, z.device());
+    fn decode_slice(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z)?,
             None => z.clone(),
@@ -291,6 +338,40 @@ mod tests {
             let x = Tensor::zeros((2, 3, h, w), DType::F32, &Device::Cpu).unwrap();
             let mean = vae.encode(&x).unwrap().mean;
             assert_eq!(mean.dims(), vae.latent_dims(x.dims()), "{h}x{w}");
+        }
+    }
+
+    /// Coding the batch in slices gives every image exactly what coding it alone does.
+    #[test]
+    fn slices_bound_the_activations_and_change_no_value() {
+        let cfg: VaeConfig = serde_json::from_value(crate::model::tiny::vae_config()).unwrap();
+        let dev = Device::Cpu;
+        let file = crate::model::tiny::ensure_cached()
+            .unwrap()
+            .join("vae/diffusion_pytorch_model.safetensors");
+        // SAFETY: the tiny model is written once, atomically, and never changed.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &dev) };
+        let vae = Vae::load(&vb.unwrap(), &cfg).unwrap();
+        // A side at which three images' 8-channel f32 activations fit, four do not.
+        let side = ((ACTIVATION_BUDGET / 8 / 4 / 3) as f64).sqrt() as usize & !7;
+        let x = Tensor::randn(0f32, 1.0, (5, 3, side, side), &dev).unwrap();
+        let slices = vae.slices(&x, side * side).unwrap();
+        let sizes: Vec<usize> = slices.iter().map(|s| s.dim(0).unwrap()).collect();
+        assert_eq!(sizes, [3, 2]);
+        let small = x.narrow(2, 0, 64).unwrap().narrow(3, 0, 64).unwrap();
+        let whole = vae.encode_slice(&small).unwrap();
+        let z = whole.mean.clone();
+        let pixels = vae.decode_slice(&z).unwrap();
+        for i in 0..5 {
+            let one = vae.encode_slice(&small.narrow(0, i, 1).unwrap()).unwrap();
+            let same = |a: &Tensor, b: &Tensor| {
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                d.to_scalar::<f32>().unwrap()
+            };
+            assert_eq!(same(&one.mean, &whole.mean.narrow(0, i, 1).unwrap()), 0.0);
+            assert_eq!(same(&one.std, &whole.std.narrow(0, i, 1).unwrap()), 0.0);
+            let img = vae.decode_slice(&z.narrow(0, i, 1).unwrap()).unwrap();
+            assert_eq!(same(&img, &pixels.narrow(0, i, 1).unwrap()), 0.0);
         }
     }
 }

@@ -94,12 +94,26 @@ fn dilate(g: &Tensor, s: usize) -> Result<Tensor> {
         .narrow(3, 0, (w - 1) * s + 1)
 }
 
+/// The most bytes of im2col columns one candle convolution may allocate. candle's CUDA
+/// conv2d (and its CPU one, used off f32) materializes `b·oh·ow × c·k·k` columns: 3.6 GB
+/// in bf16 for the VAE encoder's first-level 3x3 convs on six 512 px images. A slice of
+/// one such image still makes a GEMM large enough to fill a GPU, and the U-Net's convs on
+/// 64x64 latents are never sliced.
+const COLUMN_BUDGET: usize = 512 << 20;
+
+/// How many of `batch` images, each taking `per_image` bytes, fit in `budget` (at least
+/// one).
+pub fn images_within(budget: usize, per_image: usize, batch: usize) -> usize {
+    (budget / per_image.max(1)).clamp(1, batch.max(1))
+}
+
 /// Cross-correlation of `x` with `w` (no bias, no graph). On the CPU in f32 through
-/// `cpu::conv2d`, much faster than candle's tiled im2col.
+/// `cpu::conv2d`, much faster than candle's tiled im2col; elsewhere candle's conv2d over
+/// slices of the batch (see [`COLUMN_BUDGET`]).
 fn conv2d_value(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let x = x.detach();
     if !on_cpu_f32(&x) {
-        return x.conv2d(w, padding, stride, 1, 1);
+        return conv2d_sliced(&x, w, stride, padding, COLUMN_BUDGET);
     }
     let (b, _, h, wd) = x.dims4()?;
     let (co, _, k, _) = w.dims4()?;
@@ -114,6 +128,41 @@ fn conv2d_value(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result
     let (oh, ow) = shape.out_hw();
     let y = with_f32(&[&x, w], |t| cpu::conv2d(t[0], t[1], None, co, &shape))?;
     Tensor::from_vec(y, (b, co, oh, ow), x.device())
+}
+
+/// candle's conv2d over as many images at a time as keep its im2col columns within
+/// `budget` bytes (at least one image). Each image's output depends on that image alone.
+fn conv2d_sliced(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let (oh, ow) = cpu::ConvShape {
+        channels: c,
+        h,
+        w: wd,
+        k,
+        stride,
+        padding,
+    }
+    .out_hw();
+    let per_image = oh * ow * c * k * k * x.dtype().size_in_bytes();
+    let chunk = images_within(budget, per_image, b);
+    if chunk >= b {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let parts = (0..b)
+        .step_by(chunk)
+        .map(|i| {
+            x.narrow(0, i, chunk.min(b - i))?
+                .conv2d(w, padding, stride, 1, 1)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
 }
 
 /// A 2D convolution with a frozen kernel `w` and bias `b`: only dL/dx flows back.
@@ -154,4 +203,40 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let y = x.detach().upsample_nearest2d(2 * h, 2 * w)?;
     attach1(x, y, Upsample2xGrad)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::conv2d_sliced;
+
+    /// Slices of the batch give the whole batch's output bit for bit, including a short
+    /// last slice, for the 3x3 "same" and the strided unpadded convs.
+    #[test]
+    fn sliced_conv_is_the_whole_batch_conv() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (5, 3, 9, 9), &dev).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (4, 3, 3, 3), &dev).unwrap();
+        for (stride, padding) in [(1, 1), (2, 0)] {
+            let whole = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+            let out = (9 + 2 * padding - 3) / stride + 1;
+            let per_image = out * out * 3 * 9 * DType::F64.size_in_bytes();
+            for images in [1, 2, 4, 5, 9] {
+                let sliced = conv2d_sliced(&x, &w, stride, padding, images * per_image).unwrap();
+                let diff = (&sliced - &whole)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert_eq!(sliced.dims(), whole.dims());
+                assert_eq!(
+                    diff.to_scalar::<f64>().unwrap(),
+                    0.0,
+                    "s{stride} {images} images"
+                );
+            }
+        }
+    }
 }
