@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::io::console;
 
 pub const SIGINT: i32 = signal_hook::consts::SIGINT;
 pub const SIGTERM: i32 = signal_hook::consts::SIGTERM;
@@ -55,11 +56,11 @@ impl Interrupt {
         let me = self.clone();
         std::thread::spawn(move || loop {
             if let Some(sig) = me.requested() {
-                eprintln!(
+                console::note(format_args!(
                     "\n{}: stopping after the current step and saving a checkpoint; press Ctrl-C \
                      again to quit at once.",
                     name(sig)
-                );
+                ));
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));

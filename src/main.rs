@@ -8,6 +8,7 @@ use magictailor::batch::{BatchOptions, Shard};
 use magictailor::infer::many::{self, Many};
 use magictailor::infer::{self, InferOptions};
 use magictailor::interrupt::Interrupt;
+use magictailor::io::console;
 use magictailor::masks::{AttentionOptions, MasksOptions};
 use magictailor::profile;
 use magictailor::train::dm_deg::Curve;
@@ -475,7 +476,7 @@ impl TrainSettings {
         cfg.validate()?;
         if !self.quiet {
             for w in cfg.warnings() {
-                eprintln!("warning: {w}");
+                console::note(format_args!("warning: {w}"));
             }
         }
         Ok(())
@@ -493,10 +494,10 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
     magictailor::train::run(cfg, &device, s.progress(), a.resume, &stop)?;
     let prof = print_profile(prof);
     if !s.quiet && !s.json {
-        println!("{}", out.display());
+        console::line(out.display());
     }
     if let Some(p) = prof.filter(|_| s.json) {
-        println!("{}", serde_json::json!({ "profile": p }));
+        console::line(serde_json::json!({ "profile": p }));
     }
     Ok(())
 }
@@ -573,10 +574,10 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
     print_profile(prof);
     if !a.quiet && opts.many.is_none() {
         for p in written {
-            println!("{}", p.display());
+            console::line(p.display());
         }
     } else if !a.quiet {
-        println!("{}", a.out_dir.join("manifest.jsonl").display());
+        console::line(a.out_dir.join("manifest.jsonl").display());
     }
     Ok(())
 }
@@ -602,16 +603,19 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
     let prof = print_profile(prof);
     if a.json {
         for w in &written {
-            println!("{}", serde_json::to_string(w).unwrap_or_default());
+            console::line(serde_json::to_string(w).unwrap_or_default());
         }
         if let Some(p) = prof {
-            println!("{}", serde_json::json!({ "profile": p }));
+            console::line(serde_json::json!({ "profile": p }));
         }
     } else if !a.quiet {
         for w in &written {
-            println!("{}", w.mask.display());
+            console::line(w.mask.display());
         }
-        eprintln!("check every mask at a glance in {}", preview.display());
+        console::note(format_args!(
+            "check every mask at a glance in {}",
+            preview.display()
+        ));
     }
     Ok(())
 }
@@ -654,12 +658,15 @@ fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
         m.insert("profile".into(), p);
     }
     if a.json {
-        println!("{}", done.metrics);
+        console::line(done.metrics);
     } else if !a.quiet {
         let summary = done.out_dir.join("summary.md");
         let text =
             std::fs::read_to_string(&summary).map_err(|e| magictailor::Error::read(&summary, e))?;
-        println!("{text}\n{}", done.out_dir.join("metrics.json").display());
+        console::line(format_args!(
+            "{text}\n{}",
+            done.out_dir.join("metrics.json").display()
+        ));
     }
     Ok(())
 }
@@ -677,7 +684,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
+            console::note(format_args!("error: {e}"));
             ExitCode::from(e.exit_code())
         }
     }

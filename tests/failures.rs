@@ -415,3 +415,34 @@ fn a_second_ctrl_c_exits_at_once() {
         "it waited for the step and saved"
     );
 }
+
+/// A `--json` reader that goes away (`| head -1`) does not stop training: the lines are
+/// dropped with one note, the run finishes with exit 0 and its log holds every step.
+#[test]
+fn a_closed_stdout_does_not_stop_training() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let out = tmp.path().join("out");
+    let model = tiny_sd();
+    let mut args = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    args.retain(|a| *a != "--quiet");
+    let args = with_args(args, &["--json", "--warmup-steps", "4", "--dsbal-steps", "4"]);
+    let mut child = bin_command("train", &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    reader.read_line(&mut first).unwrap();
+    assert!(first.contains("\"step\":1"), "{first}");
+    drop(reader); // the reader is gone while 7 steps are left to report
+    let o = finish(child);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.matches("stdout stopped taking lines").count(), 1, "{err}");
+    assert_eq!(read_log_lines(&out), 8);
+    assert!(out.join("magictailor.json").is_file());
+}

@@ -15,7 +15,7 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 use crate::interrupt::Interrupt;
-use crate::io::{checkpoint, lock, run};
+use crate::io::{checkpoint, console, lock, run};
 use crate::model::loader::{loads_in_process, StableDiffusion};
 use crate::train::trainer::{load_model, load_pair, make_masks, Progress, Trainer};
 use crate::train::{claim, restore_latest, train_to_end, TrainConfig};
@@ -257,7 +257,7 @@ fn record(
 fn announce(i: usize, n: usize, r: &PairRecord, progress: Progress) {
     if progress == Progress::Json {
         if let Ok(line) = serde_json::to_string(r) {
-            println!("{line}");
+            console::line(line);
         }
         return;
     }
@@ -270,14 +270,14 @@ fn announce(i: usize, n: usize, r: &PairRecord, progress: Progress) {
         .as_deref()
         .map(|n| format!(": {n}"))
         .unwrap_or_default();
-    eprintln!(
+    console::note(format_args!(
         "[{}/{n}] {} {status} ({}/{} steps, {:.0} s){note}",
         i + 1,
         r.pair,
         r.steps_done,
         r.total_steps,
         r.seconds
-    );
+    ));
 }
 
 fn dry_run(
@@ -296,9 +296,9 @@ fn dry_run(
         };
         if progress == Progress::Json {
             let line = serde_json::json!({ "pair": pairs::name(pair), "plan": what });
-            println!("{line}");
+            console::line(line);
         } else {
-            println!("{}\t{what}", pairs::name(pair));
+            console::line(format_args!("{}\t{what}", pairs::name(pair)));
         }
     }
     Ok(Outcome::default())

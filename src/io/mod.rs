@@ -5,6 +5,7 @@
 
 mod atomic;
 pub mod checkpoint;
+pub mod console;
 pub mod embeds;
 pub mod lock;
 pub mod run;

@@ -16,6 +16,7 @@ use candle_core::Device;
 
 use crate::error::{Error, IoOp, Result};
 use crate::interrupt::{self, Interrupt};
+use crate::io::console;
 use crate::io::{checkpoint, lock, run};
 pub use config::TrainConfig;
 use trainer::{Progress, StepLog, Trainer};
@@ -56,7 +57,7 @@ pub fn claim(
     std::fs::create_dir_all(out).map_err(|e| Error::io(IoOp::CreateDir, out, e))?;
     let (lock, warning) = lock::acquire(out, stale_after)?;
     if let Some(w) = warning.filter(|_| progress != Progress::Quiet) {
-        eprintln!("warning: {w}");
+        console::note(format_args!("warning: {w}"));
     }
     Ok(lock)
 }
@@ -84,11 +85,11 @@ pub fn train_to_end(
     if let Some(auto) = &t.auto_masks {
         let preview = auto.write(out)?;
         if progress != Progress::Quiet {
-            eprintln!(
+            console::note(format_args!(
                 "{} has no masks/: made them from the base model's attention; check them in {}",
                 t.cfg.instance_dir.display(),
                 preview.display()
-            );
+            ));
         }
     }
     let mut watch = watch::Watch::new(&t.cfg, out)?;
@@ -189,7 +190,7 @@ fn report(bar: &indicatif::ProgressBar, log: &StepLog, progress: Progress) {
         }
         Progress::Json => {
             if let Ok(line) = serde_json::to_string(log) {
-                println!("{line}");
+                console::line(line);
             }
         }
         Progress::Quiet => {}
