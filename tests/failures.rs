@@ -427,7 +427,10 @@ fn a_closed_stdout_does_not_stop_training() {
     let model = tiny_sd();
     let mut args = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
     args.retain(|a| *a != "--quiet");
-    let args = with_args(args, &["--json", "--warmup-steps", "4", "--dsbal-steps", "4"]);
+    let args = with_args(
+        args,
+        &["--json", "--warmup-steps", "4", "--dsbal-steps", "4"],
+    );
     let mut child = bin_command("train", &args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -442,7 +445,11 @@ fn a_closed_stdout_does_not_stop_training() {
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.matches("stdout stopped taking lines").count(), 1, "{err}");
+    assert_eq!(
+        err.matches("stdout stopped taking lines").count(),
+        1,
+        "{err}"
+    );
     assert_eq!(read_log_lines(&out), 8);
     assert!(out.join("magictailor.json").is_file());
 }
