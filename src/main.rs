@@ -506,7 +506,7 @@ fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
 /// table as JSON for `--json` output.
 fn print_profile(run: Option<profile::Run>) -> Option<serde_json::Value> {
     let report = run?.finish();
-    eprint!("{}", report.table());
+    console::note(report.table().trim_end());
     Some(report.to_json())
 }
 
