@@ -6,6 +6,7 @@ use candle_core::{Result, Shape, Tensor};
 
 use super::kernels as cpu;
 use super::{attach1, fused1, on_cpu_f32, to_vec_f32, with_f32, Grad1};
+use crate::profile::Kind;
 
 // Frozen convolution (optionally after 2x nearest upsampling).
 
@@ -18,6 +19,7 @@ struct ConvGrad {
 
 impl Grad1 for ConvGrad {
     const NAME: &'static str = "frozen-conv2d";
+    const BWD: Kind = Kind::ConvBwd;
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         let &[b, _, h, w] = dims else {
             return Some(Err(candle_core::Error::Msg(
@@ -45,7 +47,6 @@ impl Grad1 for ConvGrad {
     /// dL/dx of a cross-correlation is the full correlation of the (stride-dilated)
     /// output gradient with the flipped, in/out-swapped kernel.
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let _p = crate::profile::scope(crate::profile::Kind::ConvBwd, x.device());
         let (_, _, h, w) = x.dims4()?;
         let (_, _, kh, kw) = self.w.dims4()?;
         let wt = flip_transpose(&self.w)?;
@@ -173,7 +174,7 @@ pub fn frozen_conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let _p = crate::profile::scope(crate::profile::Kind::ConvFwd, x.device());
+    let _p = crate::profile::scope(Kind::ConvFwd, x.device());
     let op = ConvGrad {
         w: w.clone(),
         b: b.clone(),
@@ -189,8 +190,8 @@ struct Upsample2xGrad;
 
 impl Grad1 for Upsample2xGrad {
     const NAME: &'static str = "upsample-nearest-2x";
+    const BWD: Kind = Kind::UpsampleBwd;
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let _p = crate::profile::scope(crate::profile::Kind::UpsampleBwd, x.device());
         let (b, c, h, w) = x.dims4()?;
         g.reshape((b, c, h, 2, w, 2))?.sum(5)?.sum(3)
     }
@@ -199,7 +200,7 @@ impl Grad1 for Upsample2xGrad {
 /// Nearest-neighbour 2x upsampling whose backward sums 2x2 blocks (candle's runs a
 /// grouped convolution, one conv per channel).
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
-    let _p = crate::profile::scope(crate::profile::Kind::UpsampleFwd, x.device());
+    let _p = crate::profile::scope(Kind::UpsampleFwd, x.device());
     let (_, _, h, w) = x.dims4()?;
     let y = x.detach().upsample_nearest2d(2 * h, 2 * w)?;
     attach1(x, y, Upsample2xGrad)

@@ -4,7 +4,8 @@
 use candle_core::{Result, Shape, Tensor, D};
 
 use super::kernels as cpu;
-use super::{fused1, kernel2, on_cpu_f32, on_cuda_kernel, Grad1};
+use super::{fused1, kernel2, on_cpu_f32, Grad1};
+use crate::profile::Kind;
 
 // GEGLU: h * gelu_erf(gate) for [h, gate] split on the last dimension.
 
@@ -12,6 +13,7 @@ struct GegluGrad;
 
 impl Grad1 for GegluGrad {
     const NAME: &'static str = "geglu";
+    const BWD: Kind = Kind::GegluBwd;
     const CUDA: bool = true;
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         let mut out = dims.to_vec();
@@ -27,14 +29,14 @@ impl Grad1 for GegluGrad {
     ) -> Option<Result<(candle_core::CudaStorage, Shape)>> {
         Some(on_cuda::fwd(x, l))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_grad(&self, x: &Tensor, g: &Tensor) -> Option<Result<Tensor>> {
+        Some(on_cuda::bwd(x, g))
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let _p = crate::profile::scope(crate::profile::Kind::GegluBwd, x.device());
         let inner = x.dim(D::Minus1)? / 2;
         if on_cpu_f32(x) {
             return kernel2(x, g, |x, g| cpu::geglu_bwd(x, g, inner));
-        }
-        if on_cuda_kernel(x) && g.dtype() == x.dtype() {
-            return on_cuda::bwd(x, g);
         }
         let h = x.narrow(D::Minus1, 0, inner)?;
         let gate = x.narrow(D::Minus1, inner, inner)?;
@@ -51,7 +53,7 @@ impl Grad1 for GegluGrad {
 
 /// diffusers' GEGLU activation on the concatenated projection `[h, gate]`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
-    let _p = crate::profile::scope(crate::profile::Kind::GegluFwd, x.device());
+    let _p = crate::profile::scope(Kind::GegluFwd, x.device());
     let inner = x.dim(D::Minus1)? / 2;
     fused1(x, GegluGrad, |x| {
         x.narrow(D::Minus1, 0, inner)? * x.narrow(D::Minus1, inner, inner)?.gelu_erf()?
@@ -102,14 +104,5 @@ mod on_cuda {
             }
             Ok((dx, xl.shape().clone()))
         })
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-mod on_cuda {
-    use candle_core::{bail, Result, Tensor};
-
-    pub fn bwd(_: &Tensor, _: &Tensor) -> Result<Tensor> {
-        bail!("built without CUDA")
     }
 }

@@ -127,9 +127,16 @@ fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
 /// (all detached).
 trait Grad1: Send + Sync + 'static {
     const NAME: &'static str;
-    /// Whether `cuda_value` has a kernel (cuda/).
+    /// What the profiler calls this op's backward.
+    const BWD: crate::profile::Kind;
+    /// Whether `cuda_value` and `cuda_grad` have kernels (cuda/).
     const CUDA: bool = false;
+    /// dL/dx by candle ops or the CPU kernels.
     fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
+    /// dL/dx by the op's CUDA kernel, where one exists (`CUDA`); `g` has `x`'s dtype.
+    fn cuda_grad(&self, _x: &Tensor, _g: &Tensor) -> Option<Result<Tensor>> {
+        None
+    }
     /// The op's value from the input's f32 data (dims given), where a CPU kernel exists.
     fn cpu_value(&self, _x: &[f32], _dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         None
@@ -164,8 +171,21 @@ impl<G: Grad1> CustomOp1 for Fused<G> {
         }
     }
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.0.grad(&x.detach(), &y.detach(), g)?))
+        input_grad(&self.0, x, y, g).map(Some)
     }
+}
+
+/// `op`'s dL/dx, profiled: by its CUDA kernel where that takes `x` and `g`, else by
+/// `grad`. The graph is not extended (inputs detached).
+fn input_grad<G: Grad1>(op: &G, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(G::BWD, x.device());
+    let x = x.detach();
+    if G::CUDA && on_cuda_kernel(&x) && g.dtype() == x.dtype() {
+        if let Some(dx) = op.cuda_grad(&x, g) {
+            return dx;
+        }
+    }
+    op.grad(&x, &y.detach(), g)
 }
 
 /// Whether our CUDA kernels take `t`: on a CUDA device that can run them, in
@@ -281,7 +301,7 @@ impl<G: Grad1> CustomOp1 for Attach1<G> {
         copy_value(&self.value)
     }
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.grad.grad(&x.detach(), &y.detach(), g)?))
+        input_grad(&self.grad, x, y, g).map(Some)
     }
 }
 

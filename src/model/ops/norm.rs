@@ -4,7 +4,8 @@
 use candle_core::{DType, Result, Shape, Tensor, D};
 
 use super::kernels as cpu;
-use super::{f32_or_wider, fused1, kernel2, on_cpu_f32, on_cuda_kernel, to_vec_f32, Grad1};
+use super::{f32_or_wider, fused1, kernel2, on_cpu_f32, to_vec_f32, Grad1};
+use crate::profile::Kind;
 
 // Norms. Statistics are recomputed in backward from the input rather than stored.
 
@@ -68,6 +69,7 @@ impl GroupNormParams {
 
 impl Grad1 for GroupNormParams {
     const NAME: &'static str = "group-norm";
+    const BWD: Kind = Kind::GroupNormBwd;
     const CUDA: bool = true;
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         Some(self.cpu_args(dims).map(|(gamma, beta, shape)| {
@@ -82,16 +84,16 @@ impl Grad1 for GroupNormParams {
     ) -> Option<Result<(candle_core::CudaStorage, Shape)>> {
         Some(on_cuda::group_fwd(self, x, l))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_grad(&self, x: &Tensor, g: &Tensor) -> Option<Result<Tensor>> {
+        Some(on_cuda::group_bwd(self, x, g))
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let _p = crate::profile::scope(crate::profile::Kind::GroupNormBwd, x.device());
         if on_cpu_f32(x) {
             let (gamma, beta, shape) = self.cpu_args(x.dims())?;
             return kernel2(x, g, |x, g| {
                 cpu::group_norm_bwd(x, g, &gamma, &beta, &shape)
             });
-        }
-        if on_cuda_kernel(x) && g.dtype() == x.dtype() {
-            return on_cuda::group_bwd(self, x, g);
         }
         let ((b, c), acc) = ((x.dim(0)?, x.dim(1)?), f32_or_wider(x.dtype()));
         let (z, xhat, rstd) = self.normalize(x)?;
@@ -119,7 +121,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let _p = crate::profile::scope(crate::profile::Kind::GroupNormFwd, x.device());
+    let _p = crate::profile::scope(Kind::GroupNormFwd, x.device());
     let params = GroupNormParams {
         gamma: gamma.clone(),
         beta: beta.clone(),
@@ -143,6 +145,7 @@ struct LayerNormGrad {
 
 impl Grad1 for LayerNormGrad {
     const NAME: &'static str = "layer-norm";
+    const BWD: Kind = Kind::LayerNormBwd;
     const CUDA: bool = true;
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         Some((|| {
@@ -159,15 +162,15 @@ impl Grad1 for LayerNormGrad {
     ) -> Option<Result<(candle_core::CudaStorage, Shape)>> {
         Some(on_cuda::layer_fwd(self, x, l))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_grad(&self, x: &Tensor, g: &Tensor) -> Option<Result<Tensor>> {
+        Some(on_cuda::layer_bwd(self, x, g))
+    }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let _p = crate::profile::scope(crate::profile::Kind::LayerNormBwd, x.device());
         if on_cpu_f32(x) {
             let gamma = to_vec_f32(&self.gamma)?;
             let eps = self.eps as f32;
             return kernel2(x, g, |x, g| cpu::layer_norm_bwd(x, g, &gamma, eps));
-        }
-        if on_cuda_kernel(x) && g.dtype() == x.dtype() {
-            return on_cuda::layer_bwd(self, x, g);
         }
         let acc = f32_or_wider(x.dtype());
         let (xhat, rstd) = standardize(&x.to_dtype(acc)?, self.eps)?;
@@ -180,7 +183,7 @@ impl Grad1 for LayerNormGrad {
 /// (cuda/norm.cu) compute it; elsewhere off the CPU, candle's fused kernel (which has no
 /// backward of its own).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let _p = crate::profile::scope(crate::profile::Kind::LayerNormFwd, x.device());
+    let _p = crate::profile::scope(Kind::LayerNormFwd, x.device());
     let op = LayerNormGrad {
         gamma: gamma.clone(),
         beta: beta.clone(),
@@ -323,20 +326,5 @@ mod on_cuda {
             })?;
             Ok((dx, xl.shape().clone()))
         })
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-mod on_cuda {
-    use candle_core::{bail, Result, Tensor};
-
-    use super::{GroupNormParams, LayerNormGrad};
-
-    pub fn group_bwd(_: &GroupNormParams, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-        bail!("built without CUDA")
-    }
-
-    pub fn layer_bwd(_: &LayerNormGrad, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-        bail!("built without CUDA")
     }
 }
