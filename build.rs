@@ -1,28 +1,119 @@
 //! Compiles the CUDA kernels in src/model/ops/cuda/:
-//! - with `--features cuda`, by nvcc into fatbins holding sm_90 SASS (H100/H200 start
-//!   without a JIT wait) and compute_80 PTX (any other GPU from A100 on JIT-compiles it);
+//! - with `--features cuda`, by nvcc into fatbins holding sm_80 SASS (every 8.x GPU: A100,
+//!   RTX 30xx/40xx, L4), sm_90 SASS (H100/H200) and compute_80 PTX (newer GPUs JIT-compile
+//!   it). ptxas's report of each kernel's registers, shared memory and spills is checked
+//!   against the launch rules (a kernel that cannot launch at its `__launch_bounds__` fails
+//!   the build), kept in OUT_DIR for `magictailor doctor`, and compared with the committed
+//!   copy the emulator reads (cuda/resources.tsv; `MAGICTAILOR_KERNEL_TABLE=write` updates
+//!   it, `=check` makes a difference an error, as CI does);
 //! - in debug builds (`cargo test`), by the host C++ compiler against the CPU emulator
 //!   (emu.h), so the kernels are tested without a GPU (`cfg(kernel_emu)`).
+//!
+//! Both are skipped when the kernel folder's bytes are those of the last build (the
+//! script also reruns for a new git commit, which `magictailor doctor` reports).
 
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "src/model/ops/cuda/limits.rs"]
+#[allow(dead_code)]
+mod limits;
+
+use limits::Resources;
+
 const DIR: &str = "src/model/ops/cuda";
+const TABLE: &str = "src/model/ops/cuda/resources.tsv";
 
 fn main() {
     println!("cargo::rerun-if-changed={DIR}");
     println!("cargo::rerun-if-env-changed=MAGICTAILOR_KERNEL_EMU");
+    println!("cargo::rerun-if-env-changed=MAGICTAILOR_KERNEL_TABLE");
     println!("cargo::rustc-check-cfg=cfg(kernel_emu)");
     let sources = kernel_sources();
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    commit();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        for cu in &sources {
-            nvcc(cu, &out);
+        let report = out.join("kernel_resources.tsv");
+        let tag = folder_hash("nvcc");
+        if !is_current(&out, "nvcc", tag, &report) {
+            let rows: Vec<Resources> = sources.iter().flat_map(|cu| nvcc(cu, &out)).collect();
+            write_report(rows, &report);
+            mark_current(&out, "nvcc", tag);
         }
+        check_report(&report);
+        println!("cargo::rustc-env=MAGICTAILOR_KERNEL_ARCHS={ARCHS}");
+        // What candle's own kernels were compiled for (its build reads the same variable,
+        // or asks nvidia-smi).
+        println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+        let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "this machine's GPU".into());
+        println!("cargo::rustc-env=MAGICTAILOR_CANDLE_CAP={cap}");
     }
     let debug = std::env::var("PROFILE").is_ok_and(|p| p == "debug");
     if debug || std::env::var_os("MAGICTAILOR_KERNEL_EMU").is_some() {
-        emulated(&sources, &out);
+        let lib = out.join("libmt_kernels_emu.a");
+        let tag = folder_hash("emu");
+        if !is_current(&out, "emu", tag, &lib) {
+            emulated(&sources);
+            mark_current(&out, "emu", tag);
+        }
+        // Whole archive: the kernels register themselves from static constructors, which
+        // the linker would drop as unreferenced.
+        println!("cargo::rustc-link-search=native={}", out.display());
+        println!("cargo::rustc-link-lib=static:+whole-archive=mt_kernels_emu");
+        println!("cargo::rustc-link-lib=dylib=stdc++");
+        println!("cargo::rustc-cfg=kernel_emu");
+    }
+}
+
+/// The code the fatbins hold, as `doctor` reports it.
+const ARCHS: &str = "sm_80 sm_90 SASS, compute_80 PTX";
+
+/// A hash of every file in the kernel folder, and of `what` is built from it.
+fn folder_hash(what: &str) -> u64 {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(DIR)
+        .expect("kernel folder")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.is_file() && !p.ends_with("resources.tsv"))
+        .collect();
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (what, ARCHS, std::env::var("CXX").ok()).hash(&mut h);
+    for f in files {
+        (
+            f.file_name(),
+            std::fs::read(&f).expect("read a kernel source"),
+        )
+            .hash(&mut h);
+    }
+    h.finish()
+}
+
+fn is_current(out: &Path, what: &str, tag: u64, product: &Path) -> bool {
+    let stamp = std::fs::read_to_string(out.join(format!("{what}.stamp")));
+    product.is_file() && stamp.is_ok_and(|s| s.trim() == tag.to_string())
+}
+
+fn mark_current(out: &Path, what: &str, tag: u64) {
+    std::fs::write(out.join(format!("{what}.stamp")), tag.to_string()).expect("write a stamp");
+}
+
+/// `MAGICTAILOR_COMMIT`: the commit being built (`unknown` outside a git checkout).
+fn commit() {
+    let git = |args: &[&str]| -> Option<String> {
+        let o = Command::new("git").args(args).output().ok()?;
+        let s = String::from_utf8(o.stdout).ok()?.trim().to_string();
+        (o.status.success() && !s.is_empty()).then_some(s)
+    };
+    let hash = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo::rustc-env=MAGICTAILOR_COMMIT={hash}");
+    // Rerun on a new commit or branch: HEAD, the branch it names, packed refs.
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for w in watch {
+        if let Some(p) = git(&["rev-parse", "--git-path", &w]) {
+            println!("cargo::rerun-if-changed={p}");
+        }
     }
 }
 
@@ -36,21 +127,155 @@ fn kernel_sources() -> Vec<PathBuf> {
     v
 }
 
-fn nvcc(cu: &Path, out: &Path) {
+/// Compiles `cu` to OUT_DIR/{stem}.fatbin; returns ptxas's report of its kernels.
+fn nvcc(cu: &Path, out: &Path) -> Vec<Resources> {
     let stem = cu.file_stem().and_then(|s| s.to_str()).expect("utf-8 name");
-    let status = Command::new("nvcc")
-        .args(["--fatbin", "-O3", "-std=c++17", "-lineinfo"])
+    let keep = out.join(format!("nvcc-{stem}"));
+    std::fs::create_dir_all(&keep).expect("nvcc keep folder");
+    let output = Command::new("nvcc")
+        .args([
+            "--fatbin",
+            "-O3",
+            "-std=c++17",
+            "-lineinfo",
+            "--resource-usage",
+        ])
+        .args(["-gencode", "arch=compute_80,code=[sm_80,compute_80]"])
         .args(["-gencode", "arch=compute_90,code=sm_90"])
-        .args(["-gencode", "arch=compute_80,code=compute_80"])
+        .arg("--keep")
+        .arg("--keep-dir")
+        .arg(&keep)
         .arg(cu)
         .arg("-o")
         .arg(out.join(format!("{stem}.fatbin")))
-        .status()
+        .output()
         .expect("nvcc not found: put the CUDA toolkit's bin on PATH (scripts/cuda_toolchain.sh)");
-    assert!(status.success(), "nvcc failed on {}", cu.display());
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "nvcc failed on {}:\n{text}",
+        cu.display()
+    );
+    let ptx = std::fs::read_to_string(keep.join(format!("{stem}.compute_80.ptx")))
+        .expect("nvcc --keep wrote no compute_80 PTX");
+    ptxas_report(&text, &ptx)
 }
 
-fn emulated(sources: &[PathBuf], out: &Path) {
+/// Each kernel's resources from ptxas's `--resource-usage` lines, with its launch bound
+/// from the PTX (`.maxntid`).
+fn ptxas_report(text: &str, ptx: &str) -> Vec<Resources> {
+    let bounds = ptx_bounds(ptx);
+    let mut rows: Vec<Resources> = Vec::new();
+    let num_before = |line: &str, unit: &str| -> u32 {
+        let Some(end) = line.find(unit) else { return 0 };
+        let digits = line[..end]
+            .trim_end()
+            .rsplit([' ', ','])
+            .next()
+            .unwrap_or("");
+        digits.parse().unwrap_or(0)
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or("").to_string();
+            let arch = rest
+                .rsplit("'sm_")
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('\'');
+            rows.push(Resources {
+                bound: bounds.iter().find(|(k, _)| *k == kernel).map_or(0, |b| b.1),
+                kernel,
+                arch: arch.parse().unwrap_or(0),
+                registers: 0,
+                static_shared: 0,
+                stack: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+            });
+        } else if let Some(r) = rows.last_mut() {
+            if line.contains("bytes stack frame") {
+                r.stack = num_before(line, "bytes stack frame");
+                r.spill_stores = num_before(line, "bytes spill stores");
+                r.spill_loads = num_before(line, "bytes spill loads");
+            } else if line.contains("Used ") && line.contains(" registers") {
+                r.registers = num_before(line, "registers");
+                r.static_shared = num_before(line, "bytes smem");
+            }
+        }
+    }
+    rows
+}
+
+/// `(kernel, .maxntid)` of every entry in a PTX file.
+fn ptx_bounds(ptx: &str) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let mut entry = None;
+    for line in ptx.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix(".visible .entry ") {
+            entry = Some(rest.split('(').next().unwrap_or("").to_string());
+        } else if let (Some(rest), Some(k)) = (line.strip_prefix(".maxntid "), &entry) {
+            let n = rest
+                .split(',')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            out.push((k.clone(), n));
+        }
+    }
+    out
+}
+
+/// Fails the build on a kernel that cannot launch as built, warns of spills, and writes
+/// the report to `file`.
+fn write_report(mut rows: Vec<Resources>, file: &Path) {
+    rows.sort_by(|a, b| (&a.kernel, a.arch).cmp(&(&b.kernel, b.arch)));
+    let problems: Vec<String> = rows.iter().flat_map(Resources::problems).collect();
+    assert!(
+        problems.is_empty(),
+        "CUDA kernels that cannot launch:\n{}",
+        problems.join("\n")
+    );
+    let lines: Vec<String> = rows.iter().map(Resources::line).collect();
+    let table = format!(
+        "# ptxas's report of every kernel (build.rs writes it; the emulator reads it)\n{}\n{}\n",
+        limits::HEADER,
+        lines.join("\n")
+    );
+    std::fs::write(file, &table).expect("write the kernel report");
+}
+
+/// Warns of spills in the report at `file`, and compares it with the committed table.
+fn check_report(file: &Path) {
+    let table = std::fs::read_to_string(file).expect("read the kernel report");
+    let report = limits::parse_table(&table);
+    for r in report.iter().filter(|r| r.spill_stores + r.spill_loads > 0) {
+        println!(
+            "cargo::warning={} (sm_{}) spills registers: {} bytes stored, {} loaded",
+            r.kernel, r.arch, r.spill_stores, r.spill_loads
+        );
+    }
+    let committed = std::fs::read_to_string(TABLE).unwrap_or_default();
+    if limits::parse_table(&committed) == report {
+        return;
+    }
+    match std::env::var("MAGICTAILOR_KERNEL_TABLE").as_deref() {
+        Ok("write") => std::fs::write(TABLE, &table).expect("write resources.tsv"),
+        Ok("check") => panic!(
+            "{TABLE} is not what this build's ptxas reports. Rebuild with \
+             MAGICTAILOR_KERNEL_TABLE=write to update it; the report:\n{table}"
+        ),
+        _ => println!(
+            "cargo::warning={TABLE} differs from this build's ptxas report (another nvcc, or \
+             changed kernels): MAGICTAILOR_KERNEL_TABLE=write updates it"
+        ),
+    }
+}
+
+fn emulated(sources: &[PathBuf]) {
     let mut b = cc::Build::new();
     b.cpp(true)
         .std("c++20")
@@ -65,10 +290,4 @@ fn emulated(sources: &[PathBuf], out: &Path) {
         .file(format!("{DIR}/emu.cpp"))
         .files(sources);
     b.compile("mt_kernels_emu");
-    // Whole archive: the kernels register themselves from static constructors, which
-    // the linker would drop as unreferenced.
-    println!("cargo::rustc-link-search=native={}", out.display());
-    println!("cargo::rustc-link-lib=static:+whole-archive=mt_kernels_emu");
-    println!("cargo::rustc-link-lib=dylib=stdc++");
-    println!("cargo::rustc-cfg=kernel_emu");
 }

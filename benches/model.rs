@@ -27,19 +27,10 @@ use magictailor::model::scheduler::Ddim;
 use magictailor::profile;
 use magictailor::rng::seeded_normal;
 
-/// Resets the process's peak-RSS mark (Linux), so each row reports its own peak.
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
+use magictailor::device::{peak_rss, reset_peak_rss as reset_peak};
 
 fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    peak_rss().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -210,33 +201,6 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
 }
 
 /// A 3+3 pair folder of generated images (a disc on a background, the disc as mask).
-fn make_pair(root: &std::path::Path) -> std::path::PathBuf {
-    use image::{ImageBuffer, Luma, Rgb};
-    let dir = root.join("person_k+hair_c");
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    for (s, name) in [(0, "person_k"), (1, "hair_c")] {
-        for k in 1..=3u32 {
-            let inside = |x: u32, y: u32| {
-                (x as i32 - 64 - k as i32 * 4).pow(2) + (y as i32 - 64).pow(2) < 1600
-            };
-            let img = ImageBuffer::from_fn(128, 128, |x, y| {
-                if inside(x, y) {
-                    Rgb([200u8, 100, 50 * s as u8])
-                } else {
-                    Rgb([90, 140, 200])
-                }
-            });
-            img.save(dir.join(format!("{s}_{name}{k}.png"))).unwrap();
-            let m = ImageBuffer::from_fn(128, 128, |x, y| {
-                Luma([if inside(x, y) { 255u8 } else { 0 }])
-            });
-            m.save(dir.join(format!("masks/{s}_{name}{k}.png")))
-                .unwrap();
-        }
-    }
-    dir
-}
-
 /// Seconds per warm-up step and per DS-Bal step of the real trainer (3+3 images).
 fn bench_train(
     tg: &Target,
@@ -323,50 +287,17 @@ fn bench_masks(
     );
 }
 
-/// SD 2.1-base's U-Net, VAE and text encoder configs (as in stabilityai's repository:
-/// 865 M + 84 M + 340 M parameters), for the random `full` model.
-fn full_configs() -> [serde_json::Value; 3] {
-    use magictailor::model::tiny;
-    use serde_json::json;
-    let mut unet = tiny::unet_config();
-    unet["block_out_channels"] = json!([320, 640, 1280, 1280]);
-    unet["attention_head_dim"] = json!([5, 10, 20, 20]); // heads: head dim 64 everywhere
-    unet["norm_num_groups"] = json!(32);
-    unet["cross_attention_dim"] = json!(1024);
-    unet["sample_size"] = json!(64);
-    let mut vae = tiny::vae_config();
-    vae["block_out_channels"] = json!([128, 256, 512, 512]);
-    vae["layers_per_block"] = json!(2);
-    vae["norm_num_groups"] = json!(32);
-    vae["sample_size"] = json!(512);
-    // OpenCLIP ViT-H's text tower without its last layer. The tiny tokenizer covers the
-    // first ids of the 49408-row table; the rest are rows no prompt reaches.
-    let mut te = tiny::text_encoder_config(49408);
-    te["hidden_size"] = json!(1024);
-    te["intermediate_size"] = json!(4096);
-    te["num_attention_heads"] = json!(16);
-    te["num_hidden_layers"] = json!(23);
-    te["projection_dim"] = json!(512);
-    [unet, vae, te]
-}
-
 /// Writes the full-size random model once: a kept `MAGICTAILOR_BENCH_DIR` reuses it (its
-/// 5.2 GB of f32 take a while to draw and write). Written beside, then renamed, so an
-/// interrupted write is never taken for a model.
+/// 5.2 GB of f32 take a while to draw and write).
 fn ensure_full(dir: &std::path::Path) {
-    if dir.join("model_index.json").is_file() {
-        return;
-    }
-    let staging = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    let [unet, vae, te] = full_configs();
     let s = Instant::now();
-    magictailor::model::tiny::write_with(&staging, 0, &unet, &vae, &te).expect("full model");
-    std::fs::rename(&staging, dir).expect("rename the full model");
-    println!(
-        " full model (SD 2.1-base shapes, random f32) written in {:.1} s",
-        s.elapsed().as_secs_f64()
-    );
+    if !dir.join("model_index.json").is_file() {
+        magictailor::model::tiny::ensure_sd21_shapes(dir).expect("full model");
+        println!(
+            " full model (SD 2.1-base shapes, random f32) written in {:.1} s",
+            s.elapsed().as_secs_f64()
+        );
+    }
 }
 
 fn main() {
@@ -424,7 +355,7 @@ fn main() {
         tg.dtype,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default (physical cores)".into())
     );
-    let pair = make_pair(&tmp);
+    let pair = magictailor::model::tiny::write_pair(&tmp).expect("pair folder");
     if wanted("tiny-unet") {
         reset_peak();
         bench(&tg, "tiny", &tiny, 16, 5);

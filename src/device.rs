@@ -51,3 +51,17 @@ pub fn tune_cpu_runtime() {
         std::env::set_var(SPIN, "0");
     }
 }
+
+/// Resets the process's peak resident memory mark (Linux), so a later [`peak_rss`]
+/// reports the peak since now.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory in bytes (Linux: `VmHWM`), if the system says.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod data;
 pub mod device;
+pub mod doctor;
 pub mod error;
 pub mod eval;
 pub mod infer;

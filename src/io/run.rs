@@ -58,6 +58,10 @@ pub struct RunRecord {
     /// How the masks were made: from files, whole images, or the base model's attention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masks: Option<serde_json::Value>,
+    /// Which kernel families ran on which device and dtype, and which were switched off
+    /// (`state: "off"` and why), in the process that finished the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<serde_json::Value>,
 }
 
 /// The files a trained folder offers for sampling.

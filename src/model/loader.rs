@@ -323,6 +323,25 @@ pub fn hub_file(id: &str, file: &str, flag: &str) -> Result<PathBuf> {
     })
 }
 
+/// The snapshot folder of hub model `id` in the local cache, where it holds everything
+/// `train` and `infer` read; else what is missing.
+pub fn cached_snapshot(id: &str) -> std::result::Result<PathBuf, String> {
+    let repo = hf_hub::Repo::model(id.to_string());
+    let Some(index) = hf_hub::Cache::from_env().repo(repo).get("model_index.json") else {
+        return Err("not in the cache: the first train or infer downloads it (5 GB)".into());
+    };
+    let root = index.parent().map(Path::to_path_buf).unwrap_or_default();
+    for component in ["unet", "vae", "text_encoder"] {
+        if weight_files(&root, component).is_err() {
+            return Err(format!(
+                "partly cached: {component} weights missing in {}",
+                root.display()
+            ));
+        }
+    }
+    Ok(root)
+}
+
 /// Downloads (or finds in the hf-hub cache) the files we read; returns the snapshot folder.
 fn fetch_from_hub(id: &str) -> Result<PathBuf> {
     let hub = Hub::new(id, "main").map_err(|e| hub_error(id, e))?;

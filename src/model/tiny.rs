@@ -390,23 +390,91 @@ pub fn write_with(
 
 /// The built-in `tiny-random` model, written once into the temp folder.
 pub fn ensure_cached() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("magictailor-tiny-random-v{TINY_VERSION}"));
+    cached(&format!("magictailor-tiny-random-v{TINY_VERSION}"), |dir| {
+        write(dir, 0)
+    })
+}
+
+/// SD 2.1-base's U-Net, VAE and text encoder configs (as in stabilityai's repository:
+/// 865 M + 84 M + 340 M parameters), for a random model of the real shapes.
+pub fn sd21_base_configs() -> [serde_json::Value; 3] {
+    let mut unet = unet_config();
+    unet["block_out_channels"] = json!([320, 640, 1280, 1280]);
+    unet["attention_head_dim"] = json!([5, 10, 20, 20]); // heads: head dim 64 everywhere
+    unet["norm_num_groups"] = json!(32);
+    unet["cross_attention_dim"] = json!(1024);
+    unet["sample_size"] = json!(64);
+    let mut vae = vae_config();
+    vae["block_out_channels"] = json!([128, 256, 512, 512]);
+    vae["layers_per_block"] = json!(2);
+    vae["norm_num_groups"] = json!(32);
+    vae["sample_size"] = json!(512);
+    // OpenCLIP ViT-H's text tower without its last layer. The tiny tokenizer covers the
+    // first ids of the 49408-row table; the rest are rows no prompt reaches.
+    let mut te = text_encoder_config(49408);
+    te["hidden_size"] = json!(1024);
+    te["intermediate_size"] = json!(4096);
+    te["num_attention_heads"] = json!(16);
+    te["num_hidden_layers"] = json!(23);
+    te["projection_dim"] = json!(512);
+    [unet, vae, te]
+}
+
+/// A random model of SD 2.1-base's shapes (5.2 GB of f32), written once into `dir`.
+pub fn ensure_sd21_shapes(dir: &Path) -> Result<PathBuf> {
+    let [unet, vae, te] = sd21_base_configs();
+    cached_at(dir, |d| write_with(d, 0, &unet, &vae, &te))
+}
+
+/// `name` in the temp folder, written by `write` unless already there.
+fn cached(name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    cached_at(&std::env::temp_dir().join(name), write)
+}
+
+/// `dir`, written by `write` unless it already holds a model. Written beside, then
+/// renamed, so a concurrent or interrupted run never sees half a model.
+fn cached_at(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     if dir.join("model_index.json").is_file() {
-        return Ok(dir);
+        return Ok(dir.to_path_buf());
     }
-    // Write beside, then rename, so a concurrent or interrupted run never sees half a model.
-    let staging = std::env::temp_dir().join(format!(
-        ".magictailor-tiny-{}-{}",
-        TINY_VERSION,
-        std::process::id()
-    ));
-    write(&staging, 0)?;
-    match std::fs::rename(&staging, &dir) {
-        Ok(()) => Ok(dir),
+    let mut staging = dir.as_os_str().to_owned();
+    staging.push(format!(".partial-{}", std::process::id()));
+    let staging = PathBuf::from(staging);
+    write(&staging)?;
+    match std::fs::rename(&staging, dir) {
+        Ok(()) => Ok(dir.to_path_buf()),
         Err(_) if dir.join("model_index.json").is_file() => {
             let _ = std::fs::remove_dir_all(&staging);
-            Ok(dir)
+            Ok(dir.to_path_buf())
         }
-        Err(e) => Err(Error::io(IoOp::Rename, &dir, e)),
+        Err(e) => Err(Error::io(IoOp::Rename, dir, e)),
     }
+}
+
+/// A 3+3 pair folder `person_k+hair_c` under `root` (128 px discs on a background, each
+/// disc its mask): the benches' and `doctor --estimate`'s training input.
+pub fn write_pair(root: &Path) -> Result<PathBuf> {
+    use image::{ImageBuffer, Luma, Rgb};
+    let dir = root.join("person_k+hair_c");
+    let masks = dir.join("masks");
+    std::fs::create_dir_all(&masks).map_err(|e| Error::io(IoOp::CreateDir, &masks, e))?;
+    for (s, name) in [(0u8, "person_k"), (1, "hair_c")] {
+        for k in 1..=3i32 {
+            let inside =
+                |x: u32, y: u32| (x as i32 - 64 - k * 4).pow(2) + (y as i32 - 64).pow(2) < 1600;
+            let img = ImageBuffer::from_fn(128, 128, |x, y| {
+                Rgb(if inside(x, y) {
+                    [200, 100, 50 * s]
+                } else {
+                    [90, 140, 200]
+                })
+            });
+            let mask = ImageBuffer::from_fn(128, 128, |x, y| Luma([255 * u8::from(inside(x, y))]));
+            let file = format!("{s}_{name}{k}.png");
+            img.save(dir.join(&file))
+                .and_then(|()| mask.save(masks.join(&file)))
+                .map_err(|e| Error::internal(format!("writing the pair image {file}: {e}")))?;
+        }
+    }
+    Ok(dir)
 }

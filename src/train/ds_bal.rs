@@ -8,7 +8,7 @@
 use candle_core::{Result, Tensor};
 
 use crate::model::lora::{LoraSet, TrainableLora};
-use crate::model::ops::multi_tensor::{self, unshared};
+use crate::model::ops::multi_tensor::{self, ema_composed, unshared};
 
 /// Averages per-image values `[b]` into per-sample values `[n]` (samples may have
 /// different image counts). Differentiable.
@@ -67,11 +67,6 @@ pub fn preserving_loss(
     super::losses::masked_mean(&per_sample, &keep)
 }
 
-/// `m * beta + theta * (1 - beta)` with candle's ops (the fused kernel's reference).
-pub(crate) fn ema_step(m: &Tensor, theta: &Tensor, beta: f64) -> Result<Tensor> {
-    (m * beta)? + (theta.detach() * (1.0 - beta))?
-}
-
 /// The momentum adapters: plain tensors (never Vars), so their forward builds no graph.
 pub struct MomentumLora {
     set: LoraSet,
@@ -95,16 +90,15 @@ impl MomentumLora {
             };
             pairs.extend([(&w.a, m.a.as_tensor()), (&w.b, m.b.as_tensor())]);
         }
-        let all: Vec<&Tensor> = pairs.iter().flat_map(|&(w, t)| [w, t]).collect();
-        if multi_tensor::fused(&all) {
-            return multi_tensor::ema(&pairs, beta);
+        if multi_tensor::fused_ema(&pairs, beta)? {
+            return Ok(());
         }
         for m in &online.modules {
             let Some(w) = self.set.get_mut(&m.path) else {
                 candle_core::bail!("momentum adapters lack {}", m.path)
             };
-            w.a = ema_step(&w.a, m.a.as_tensor(), beta)?;
-            w.b = ema_step(&w.b, m.b.as_tensor(), beta)?;
+            w.a = ema_composed(&w.a, m.a.as_tensor(), beta)?;
+            w.b = ema_composed(&w.b, m.b.as_tensor(), beta)?;
         }
         Ok(())
     }

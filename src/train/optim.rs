@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, TensorId, Var};
 
-use crate::model::ops::multi_tensor::{self, unshared, Hyper, Slot};
+use crate::model::ops::multi_tensor::{self, adamw_composed, unshared, AdamWStep, Slot};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -78,41 +78,7 @@ impl AdamW {
                 present.push((i, g.detach().contiguous()?, clipped.contains(&id)));
             }
         }
-        if self.fused(&present) {
-            return self.fused_step(&present, coef);
-        }
-        for (i, g, is_clipped) in present {
-            // Always scaled when clipped, even by 1: `* 1.0 + 0.0` turns -0 into +0.
-            let g = if is_clipped { (g * coef)? } else { g };
-            self.update(i, &g)?;
-        }
-        Ok(())
-    }
-
-    /// candle's ops on parameter `i`; [`hyper`] mirrors their scalar casts.
-    fn update(&mut self, i: usize, g: &Tensor) -> Result<()> {
-        let c = self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let (p, m, v) = (&self.params[i], &mut self.m[i], &mut self.v[i]);
-        *m = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-        *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-        let denom = ((&*v / bc2)?.sqrt()? + c.eps)?;
-        let update = ((&*m / bc1)? / denom)?;
-        let decayed = (p.as_tensor().detach() * (1.0 - c.lr * c.weight_decay))?;
-        p.set(&(decayed - (update * c.lr)?)?)
-    }
-
-    /// Whether the fused kernel takes this step: every tensor it touches on CUDA in f32.
-    fn fused(&self, present: &[(usize, Tensor, bool)]) -> bool {
-        let mut ts = Vec::with_capacity(present.len() * 4);
-        for (i, g, _) in present {
-            ts.extend([self.params[*i].as_tensor(), g, &self.m[*i], &self.v[*i]]);
-        }
-        multi_tensor::fused(&ts)
-    }
-
-    fn fused_step(&mut self, present: &[(usize, Tensor, bool)], coef: f64) -> Result<()> {
+        let step = adamw_step(&self.config, self.step, coef);
         let slots: Vec<Slot> = (present.iter())
             .map(|(i, g, clipped)| Slot {
                 p: self.params[*i].as_tensor(),
@@ -122,7 +88,17 @@ impl AdamW {
                 clipped: *clipped,
             })
             .collect();
-        multi_tensor::adamw(&slots, &hyper(&self.config, self.step, coef))
+        if multi_tensor::fused_adamw(&slots, &step)? {
+            return Ok(());
+        }
+        let updates = (slots.iter())
+            .map(|slot| adamw_composed(slot, &step))
+            .collect::<Result<Vec<_>>>()?;
+        for ((i, _, _), [p, m, v]) in present.iter().zip(updates) {
+            self.params[*i].set(&p)?;
+            (self.m[*i], self.v[*i]) = (m, v);
+        }
+        Ok(())
     }
 
     /// Moments and step count as named tensors (`m.<i>`, `v.<i>`, `step`), for checkpoints.
@@ -186,23 +162,8 @@ pub fn grad_norms(grads: &GradStore, groups: &[&[Var]]) -> Result<Vec<f64>> {
             listed.push((g.detach(), gi));
         }
     }
-    let on_device: Vec<&Tensor> = listed.iter().map(|(g, _)| g).collect();
-    if multi_tensor::fused(&on_device) {
-        let rows: Vec<(&Tensor, usize)> = listed.iter().map(|(g, gi)| (g, *gi)).collect();
-        let sums = multi_tensor::sq_sums(&rows, groups.len())?;
-        return Ok(sums.into_iter().map(f64::sqrt).collect());
-    }
-    let mut sq = Vec::new();
-    for (g, _) in &listed {
-        sq.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
-    }
-    let mut sums = vec![0f64; groups.len()];
-    if !sq.is_empty() {
-        let host = Tensor::stack(&sq, 0)?.to_vec1::<f64>()?;
-        for (v, (_, gi)) in host.into_iter().zip(&listed) {
-            sums[*gi] += v;
-        }
-    }
+    let rows: Vec<(&Tensor, usize)> = listed.iter().map(|(g, gi)| (g, *gi)).collect();
+    let sums = multi_tensor::sq_sums(&rows, groups.len())?;
     Ok(sums.into_iter().map(f64::sqrt).collect())
 }
 
@@ -246,21 +207,15 @@ pub struct Clip<'a> {
     pub coef: f64,
 }
 
-/// Step `step`'s scalars for the fused kernel, each cast to f32 as candle casts the scalar
-/// operand of `Tensor * f64` (`x as f32`; a division by `x` multiplies by `1 / x`).
-pub(crate) fn hyper(c: &AdamWConfig, step: usize, coef: f64) -> Hyper {
-    let bc1 = 1.0 - c.beta1.powi(step as i32);
-    let bc2 = 1.0 - c.beta2.powi(step as i32);
-    Hyper {
-        coef: coef as f32,
-        b1: c.beta1 as f32,
-        omb1: (1.0 - c.beta1) as f32,
-        b2: c.beta2 as f32,
-        omb2: (1.0 - c.beta2) as f32,
-        inv_bc1: (1.0 / bc1) as f32,
-        inv_bc2: (1.0 / bc2) as f32,
-        eps: c.eps as f32,
-        decay: (1.0 - c.lr * c.weight_decay) as f32,
-        lr: c.lr as f32,
+/// Step `step`'s settings (from 1), the clipped gradients scaled by `coef`.
+pub(crate) fn adamw_step(c: &AdamWConfig, step: usize, coef: f64) -> AdamWStep {
+    AdamWStep {
+        lr: c.lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        weight_decay: c.weight_decay,
+        step,
+        coef,
     }
 }

@@ -486,6 +486,10 @@ impl Trainer {
             .unwrap_or_else(|_| self.sd.source.clone());
         let config = serde_json::to_value(&self.cfg)
             .map_err(|e| Error::internal(format!("serializing the settings: {e}")))?;
+        let kernels = crate::model::ops::kernel_states()
+            .iter()
+            .map(|e| e.to_json())
+            .collect();
         Ok(run::RunRecord {
             base_model: base,
             tokens,
@@ -494,6 +498,7 @@ impl Trainer {
             magictailor_version: env!("CARGO_PKG_VERSION").to_string(),
             previews: super::watch::previews(dir),
             masks: Some(self.masks_made_by()),
+            kernels,
         })
     }
 

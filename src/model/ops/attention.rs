@@ -3,10 +3,15 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D,
+};
 
+use super::gate::{self, Comparison, Family};
 use super::kernels as cpu;
-use super::{copy_value, f32_or_wider, f32_slice, grads3, on_cpu_f32, on_cuda_kernel, with_f32};
+use super::{
+    copy_value, cpu_kernel_takes, f32_or_wider, f32_slice, grads3, kernel_takes, with_f32,
+};
 
 // Memory-efficient attention: softmax(scale q k^T) v keeping only the per-row
 // log-sum-exp for backward, which recomputes the probabilities block by block. On the
@@ -130,6 +135,16 @@ struct FlashAttention {
     lse: Mutex<Vec<f32>>,
 }
 
+impl FlashAttention {
+    fn new(heads: usize, scale: f64) -> Self {
+        Self {
+            heads,
+            scale,
+            lse: Mutex::new(Vec::new()),
+        }
+    }
+}
+
 /// The attention shape of token-major q `[b, n, heads * d]` and k `[b, m, heads * d]`.
 fn attn_shape(ql: &Layout, kl: &Layout, heads: usize, scale: f32) -> Result<cpu::AttnShape> {
     let (&[batch, n, c], &[_, m, _]) = (ql.dims(), kl.dims()) else {
@@ -197,6 +212,16 @@ struct CudaFlash {
     lse: Mutex<Option<Tensor>>,
 }
 
+impl CudaFlash {
+    fn new(heads: usize, scale: f64) -> Self {
+        Self {
+            heads,
+            scale: scale as f32,
+            lse: Mutex::new(None),
+        }
+    }
+}
+
 impl CustomOp3 for CudaFlash {
     fn name(&self) -> &'static str {
         "flash-attention-cuda"
@@ -237,7 +262,12 @@ impl CustomOp3 for CudaFlash {
         let Some(lse) = state(&self.lse)?.clone() else {
             bail!("flash attention backward before its forward")
         };
-        let (dq, dk, dv) = on_cuda::bwd([q, k, v, o, g], &lse, self.heads, self.scale)?;
+        let (dev, dtype) = (q.device(), q.dtype());
+        let kernels = || on_cuda::bwd([q, k, v, o, g], &lse, self.heads, self.scale);
+        let (dq, dk, dv) = match gate::run(Family::Attention, dev, dtype, kernels)? {
+            Some(grads) => grads,
+            None => composed_grads([q, k, v], g, self.heads, self.scale as f64)?,
+        };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -249,7 +279,8 @@ fn cuda_flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
     let (c, n, m) = (q.dim(2)?, q.dim(1)?, k.dim(1)?);
     let d = c / heads.max(1);
     Ok(same
-        && [q, k, v].iter().all(|t| on_cuda_kernel(t))
+        && q.device().is_cuda()
+        && kernel_takes(Family::Attention, q)
         && d * heads == c
         && (1..=super::cuda::flash::MAX_HEAD_DIM).contains(&d)
         && n > 0
@@ -288,56 +319,104 @@ pub fn use_reference_attention(on: bool) {
 /// tensor for backward.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Kind::AttentionFwd, q.device());
-    let (b, n, c) = q.dims3()?;
-    let split = |t: &Tensor| -> Result<Tensor> {
-        let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, heads, c / heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .flatten_to(1)
-    };
-    let merge = |o: Tensor| {
-        o.reshape((b, heads, n, c / heads))?
-            .transpose(1, 2)?
-            .reshape((b, n, c))
-    };
     if REFERENCE_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
-        let s = split(&(q * scale)?)?.matmul(&split(k)?.t()?)?;
-        return merge(candle_nn::ops::softmax(&s, D::Minus1)?.matmul(&split(v)?)?);
+        let s = split_heads(&(q * scale)?, heads)?.matmul(&split_heads(k, heads)?.t()?)?;
+        let p = candle_nn::ops::softmax(&s, D::Minus1)?;
+        return merge_heads(&p.matmul(&split_heads(v, heads)?)?, q.dims3()?, heads);
     }
-    if [q, k, v].iter().all(|t| on_cpu_f32(t)) {
-        let op = FlashAttention {
-            heads,
-            scale,
-            lse: Mutex::new(Vec::new()),
-        };
+    let on_cpu = [q, k, v]
+        .iter()
+        .all(|t| cpu_kernel_takes(Family::Attention, t));
+    if on_cpu || cuda_flash_applies(q, k, v, heads)? {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        return if q.track_op() || k.track_op() || v.track_op() {
-            q.apply_op3(&k, &v, op)
-        } else {
-            q.apply_op3_no_bwd(&k, &v, &op)
+        let kernel = || {
+            let tracked = q.track_op() || k.track_op() || v.track_op();
+            match (on_cpu, tracked) {
+                (true, true) => q.apply_op3(&k, &v, FlashAttention::new(heads, scale)),
+                (true, false) => q.apply_op3_no_bwd(&k, &v, &FlashAttention::new(heads, scale)),
+                (false, true) => q.apply_op3(&k, &v, CudaFlash::new(heads, scale)),
+                (false, false) => q.apply_op3_no_bwd(&k, &v, &CudaFlash::new(heads, scale)),
+            }
         };
+        if let Some(o) = gate::run(Family::Attention, q.device(), q.dtype(), kernel)? {
+            return Ok(o);
+        }
     }
-    if cuda_flash_applies(q, k, v, heads)? {
-        let op = CudaFlash {
-            heads,
-            scale: scale as f32,
-            lse: Mutex::new(None),
-        };
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        return if q.track_op() || k.track_op() || v.track_op() {
-            q.apply_op3(&k, &v, op)
-        } else {
-            q.apply_op3_no_bwd(&k, &v, &op)
-        };
-    }
+    composed_attention(q, k, v, heads, scale)
+}
+
+/// Token-major `[b, n, heads * d]` as head-major `[b * heads, n, d]`.
+fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = t.dims3()?;
+    t.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .flatten_to(1)
+}
+
+/// Head-major `[b * heads, n, d]` back to token-major `(b, n, c)`.
+fn merge_heads(o: &Tensor, (b, n, c): (usize, usize, usize), heads: usize) -> Result<Tensor> {
+    o.reshape((b, heads, n, c / heads))?
+        .transpose(1, 2)?
+        .reshape((b, n, c))
+}
+
+/// [`attention`] by candle's ops, over query chunks of head-major tensors.
+fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims @ (b, n, _) = q.dims3()?;
     let rows = chunk_rows(b * heads, n, k.dim(1)?);
-    merge(attention_head_major(
-        &split(&(q * scale)?)?,
-        &split(k)?,
-        &split(v)?,
-        rows,
-    )?)
+    let [q, k, v] = [&(q * scale)?, k, v].map(|t| split_heads(t, heads));
+    merge_heads(&attention_head_major(&q?, &k?, &v?, rows)?, dims, heads)
+}
+
+/// dL/dq, dL/dk, dL/dv of [`composed_attention`] given the output gradient `g`: where
+/// a backward kernel fails, the step's gradients still come.
+fn composed_grads(
+    [q, k, v]: [&Tensor; 3],
+    g: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let [vq, vk, vv] = [q, k, v].map(|t| Var::from_tensor(&t.detach()));
+    let (vq, vk, vv) = (vq?, vk?, vv?);
+    let (vq, vk, vv) = (vq.as_tensor(), vk.as_tensor(), vv.as_tensor());
+    let o = composed_attention(vq, vk, vv, heads, scale)?;
+    let grads = (o * g.to_dtype(q.dtype())?)?.sum_all()?.backward()?;
+    let grad = |t: &Tensor| match grads.get(t) {
+        Some(d) => Ok(d.detach()),
+        None => bail!("attention: no gradient for an input"),
+    };
+    Ok((grad(vq)?, grad(vk)?, grad(vv)?))
+}
+
+/// Attention's first-use check, forward and backward: 70 queries and 77 keys (a partial
+/// tile each, 77 as in cross-attention) at head dims 40, 64 and 80 (SD's); `big`: SD 2.1's
+/// first self-attention (64x64 tokens at 512 px on a GPU, 32x32 on the CPU).
+pub(super) fn check(dev: &Device, dtype: DType, big: bool) -> Result<Comparison> {
+    let side = if dev.is_cpu() { 32 } else { 64 };
+    let cases: &[(usize, usize, usize, usize, usize)] = if big {
+        &[(2, 5, side * side, side * side, 64)]
+    } else {
+        &[(1, 2, 70, 77, 40), (1, 2, 70, 77, 64), (1, 2, 70, 77, 80)]
+    };
+    let mut all = Comparison::none();
+    for &(b, heads, n, m, d) in cases {
+        let c = heads * d;
+        let q = gate::input(11, &[b, n, c], 1.0, 0.0, dev, dtype)?;
+        let k = gate::input(12, &[b, m, c], 1.0, 0.0, dev, dtype)?;
+        let v = gate::input(13, &[b, m, c], 1.0, 0.0, dev, dtype)?;
+        let g = gate::input(14, &[b, n, c], 1.0, 0.0, dev, dtype)?;
+        let scale = (d as f64).powf(-0.5);
+        let op = |t: &[Tensor]| attention(&t[0], &t[1], &t[2], heads, scale);
+        all = all.and(gate::compare(&[q, k, v], &g, op)?);
+    }
+    Ok(all)
 }
 
 /// `softmax(q k^T) v` for head-major `q: [bh, n, d]` (already scaled), `k, v: [bh, m, d]`,

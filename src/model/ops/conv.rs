@@ -10,6 +10,7 @@ use crate::profile::Kind;
 
 // Frozen convolution (optionally after 2x nearest upsampling).
 
+#[derive(Clone)]
 struct ConvGrad {
     w: Tensor,
     b: Tensor,
@@ -186,6 +187,7 @@ pub fn frozen_conv2d(
     })
 }
 
+#[derive(Clone)]
 struct Upsample2xGrad;
 
 impl Grad1 for Upsample2xGrad {

@@ -1,20 +1,22 @@
 //! diffusers' GEGLU activation as one op: the composed version's backward makes many
 //! full-size passes.
 
-use candle_core::{Result, Shape, Tensor, D};
+use candle_core::{DType, Device, Result, Shape, Tensor, D};
 
+use super::gate::{self, Comparison, Family};
 use super::kernels as cpu;
-use super::{fused1, kernel2, on_cpu_f32, Grad1};
+use super::{cpu_kernel_takes, fused1, kernel2, Grad1};
 use crate::profile::Kind;
 
 // GEGLU: h * gelu_erf(gate) for [h, gate] split on the last dimension.
 
+#[derive(Clone)]
 struct GegluGrad;
 
 impl Grad1 for GegluGrad {
     const NAME: &'static str = "geglu";
     const BWD: Kind = Kind::GegluBwd;
-    const CUDA: bool = true;
+    const FAMILY: Option<Family> = Some(Family::Geglu);
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         let mut out = dims.to_vec();
         let inner = out.last().copied().unwrap_or(0) / 2;
@@ -35,7 +37,7 @@ impl Grad1 for GegluGrad {
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let inner = x.dim(D::Minus1)? / 2;
-        if on_cpu_f32(x) {
+        if cpu_kernel_takes(Family::Geglu, x) {
             return kernel2(x, g, |x, g| cpu::geglu_bwd(x, g, inner));
         }
         let h = x.narrow(D::Minus1, 0, inner)?;
@@ -58,6 +60,19 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     fused1(x, GegluGrad, |x| {
         x.narrow(D::Minus1, 0, inner)? * x.narrow(D::Minus1, inner, inner)?.gelu_erf()?
     })
+}
+
+/// GEGLU's first-use check: 37 rows of 2 x 40, a size no launch divides evenly; `big`:
+/// the U-Net's first feed-forward (1280 wide) at 512 px on a GPU, 256 px on the CPU.
+pub(super) fn check(dev: &Device, dtype: DType, big: bool) -> Result<Comparison> {
+    let (rows, inner) = match (big, dev.is_cpu()) {
+        (false, _) => (37, 40),
+        (true, true) => (2 * 1024, 1280),
+        (true, false) => (2 * 4096, 1280),
+    };
+    let x = gate::input(9, &[rows, 2 * inner], 1.5, 0.0, dev, dtype)?;
+    let g = gate::input(10, &[rows, inner], 1.0, 0.0, dev, dtype)?;
+    gate::compare(&[x], &g, |x| geglu(&x[0]))
 }
 
 #[cfg(feature = "cuda")]

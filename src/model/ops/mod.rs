@@ -13,6 +13,9 @@
 //! is kept) and attaches a custom op whose backward returns only the input gradients.
 //! With no tracked input the value is returned as is, so inference pays nothing.
 //!
+//! Which ops take the kernels is decided per family by `gate`, which checks each family
+//! against the composed op at its first use.
+//!
 //! Here: the machinery every op shares (attaching a backward, running a CPU kernel on a
 //! tensor's storage); each op lives in its own file, its CPU kernels under `kernels/`.
 
@@ -20,12 +23,13 @@ use std::sync::Mutex;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
 };
 
 mod attention;
 mod conv;
 mod cuda;
+mod gate;
 mod geglu;
 mod kernels;
 mod linear;
@@ -34,6 +38,38 @@ mod norm;
 
 pub use attention::{attention, use_reference_attention};
 pub use conv::{frozen_conv2d, images_within, upsample_nearest_2x};
+pub use cuda::limits::Resources as KernelResources;
+pub use gate::{entries as kernel_states, recheck, Comparison, Entry, Family, Verdict};
+
+/// Whether `family` has kernels for `dev` in `dtype`, not switched off by the environment
+/// (`MAGICTAILOR_CUDA_KERNELS=0`) or the GPU's age.
+pub fn kernels_exist(family: Family, dev: &Device, dtype: DType) -> bool {
+    gate::exists(family, dev, dtype)
+}
+
+/// The SIMD level of the CPU kernels on this machine (AVX-512, AVX2+FMA or baseline).
+pub fn simd_level() -> &'static str {
+    kernels::simd_level()
+}
+
+/// The shared memory a block may opt into on `dev`, in bytes (0 off CUDA).
+pub fn gpu_shared_limit(dev: &Device) -> usize {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::shared_limit(d),
+        _ => 0,
+    }
+}
+
+/// ptxas's report of the CUDA kernels compiled into this binary (none without
+/// `--features cuda`).
+pub fn compiled_kernels() -> Vec<KernelResources> {
+    #[cfg(feature = "cuda")]
+    let table = include_str!(concat!(env!("OUT_DIR"), "/kernel_resources.tsv"));
+    #[cfg(not(feature = "cuda"))]
+    let table = "";
+    cuda::limits::parse_table(table)
+}
 pub use geglu::geglu;
 pub use linear::{frozen_linear, lora_linear, LoraAdapter};
 pub use norm::{group_norm, layer_norm};
@@ -125,12 +161,13 @@ fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
 
 /// The input gradient of a one-input op, given its input, output and output gradient
 /// (all detached).
-trait Grad1: Send + Sync + 'static {
+trait Grad1: Clone + Send + Sync + 'static {
     const NAME: &'static str;
     /// What the profiler calls this op's backward.
     const BWD: crate::profile::Kind;
-    /// Whether `cuda_value` and `cuda_grad` have kernels (cuda/).
-    const CUDA: bool = false;
+    /// The family whose check gates this op's kernels (CPU and CUDA); `None`: a CPU
+    /// kernel that always runs, and no CUDA kernel.
+    const FAMILY: Option<Family> = None;
     /// dL/dx by candle ops or the CPU kernels.
     fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
     /// dL/dx by the op's CUDA kernel, where one exists (`CUDA`); `g` has `x`'s dtype.
@@ -180,45 +217,81 @@ impl<G: Grad1> CustomOp1 for Fused<G> {
 fn input_grad<G: Grad1>(op: &G, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope(G::BWD, x.device());
     let x = x.detach();
-    if G::CUDA && on_cuda_kernel(&x) && g.dtype() == x.dtype() {
-        if let Some(dx) = op.cuda_grad(&x, g) {
-            return dx;
+    if let Some(family) = G::FAMILY {
+        if x.device().is_cuda() && g.dtype() == x.dtype() && kernel_takes(family, &x) {
+            let dx = gate::run(family, x.device(), x.dtype(), || {
+                match op.cuda_grad(&x, g) {
+                    Some(dx) => dx,
+                    None => bail!("{} has no CUDA kernel", G::NAME),
+                }
+            })?;
+            if let Some(dx) = dx {
+                return Ok(dx);
+            }
         }
     }
     op.grad(&x, &y.detach(), g)
 }
 
-/// Whether our CUDA kernels take `t`: on a CUDA device that can run them, in
-/// f32/bf16/f16, not switched off.
-fn on_cuda_kernel(t: &Tensor) -> bool {
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = t.device() {
-        return matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
-            && cuda::enabled()
-            && cuda::supported(dev);
-    }
-    let _ = t;
-    false
+/// Whether `family`'s kernels take `t` (checked at the family's first use on its device
+/// and dtype).
+fn kernel_takes(family: Family, t: &Tensor) -> bool {
+    gate::use_kernel(family, t.device(), t.dtype())
 }
 
-/// `op` applied to `x`: through its kernel for f32 CPU input or CUDA input (no copy, no
-/// graph unless `x` is tracked), else as `composed` on detached `x` with `op`'s backward.
+/// Whether `family`'s CPU kernels take `t`: f32 on the CPU, the family not switched off.
+fn cpu_kernel_takes(family: Family, t: &Tensor) -> bool {
+    on_cpu_f32(t) && kernel_takes(family, t)
+}
+
+/// Whether `G`'s kernel computes its value on `x`.
+fn takes<G: Grad1>(x: &Tensor) -> bool {
+    match G::FAMILY {
+        Some(family) => kernel_takes(family, x),
+        None => on_cpu_f32(x),
+    }
+}
+
+/// `op` applied to `x`: through its kernel where one takes `x` (no copy, no graph unless
+/// `x` is tracked), else, or where the kernel fails, as `composed` on detached `x` with
+/// `op`'s backward.
 fn fused1<G: Grad1>(
     x: &Tensor,
     op: G,
     composed: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if on_cpu_f32(x) || (G::CUDA && on_cuda_kernel(x)) {
+    if takes::<G>(x) {
         let x = x.contiguous()?;
-        let op = Fused(op);
-        return if x.track_op() {
-            x.apply_op1(op)
-        } else {
-            x.apply_op1_no_bwd(&op)
+        let kernel = || {
+            let op = Fused(op.clone());
+            if x.track_op() {
+                x.apply_op1(op)
+            } else {
+                x.apply_op1_no_bwd(&op)
+            }
         };
+        let y = match G::FAMILY {
+            Some(family) => gate::run(family, x.device(), x.dtype(), kernel)?,
+            None => Some(kernel()?),
+        };
+        if let Some(y) = y {
+            return Ok(y);
+        }
     }
     let value = composed(&x.detach())?;
     attach1(x, value, op)
+}
+
+/// `family`'s first-use check on `dev` in `dtype`: its kernels against the composed op
+/// on small cases with partial tiles (`big`: one U-Net-sized case instead, for timing).
+pub fn check_family(family: Family, dev: &Device, dtype: DType, big: bool) -> Result<Comparison> {
+    match family {
+        Family::Attention => attention::check(dev, dtype, big),
+        Family::GroupNorm => norm::group_check(dev, dtype, big),
+        Family::LayerNorm => norm::layer_check(dev, dtype, big),
+        Family::Geglu => geglu::check(dev, dtype, big),
+        Family::Optimizer => multi_tensor::check(dev, big),
+    }
 }
 
 /// A two-input CUDA kernel as a graph-free op (backward passes run these).

@@ -1,10 +1,11 @@
 //! GroupNorm (optionally fused with the SiLU after it) and LayerNorm, both with frozen
 //! affine parameters, so backward returns only dL/dx.
 
-use candle_core::{DType, Result, Shape, Tensor, D};
+use candle_core::{DType, Device, Result, Shape, Tensor, D};
 
+use super::gate::{self, Comparison, Family};
 use super::kernels as cpu;
-use super::{f32_or_wider, fused1, kernel2, on_cpu_f32, to_vec_f32, Grad1};
+use super::{cpu_kernel_takes, f32_or_wider, fused1, kernel2, to_vec_f32, Grad1};
 use crate::profile::Kind;
 
 // Norms. Statistics are recomputed in backward from the input rather than stored.
@@ -70,7 +71,7 @@ impl GroupNormParams {
 impl Grad1 for GroupNormParams {
     const NAME: &'static str = "group-norm";
     const BWD: Kind = Kind::GroupNormBwd;
-    const CUDA: bool = true;
+    const FAMILY: Option<Family> = Some(Family::GroupNorm);
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         Some(self.cpu_args(dims).map(|(gamma, beta, shape)| {
             (cpu::group_norm_fwd(x, &gamma, &beta, &shape), dims.into())
@@ -89,7 +90,7 @@ impl Grad1 for GroupNormParams {
         Some(on_cuda::group_bwd(self, x, g))
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        if on_cpu_f32(x) {
+        if cpu_kernel_takes(Family::GroupNorm, x) {
             let (gamma, beta, shape) = self.cpu_args(x.dims())?;
             return kernel2(x, g, |x, g| {
                 cpu::group_norm_bwd(x, g, &gamma, &beta, &shape)
@@ -137,6 +138,7 @@ pub fn group_norm(
     })
 }
 
+#[derive(Clone)]
 struct LayerNormGrad {
     gamma: Tensor,
     beta: Tensor,
@@ -146,7 +148,7 @@ struct LayerNormGrad {
 impl Grad1 for LayerNormGrad {
     const NAME: &'static str = "layer-norm";
     const BWD: Kind = Kind::LayerNormBwd;
-    const CUDA: bool = true;
+    const FAMILY: Option<Family> = Some(Family::LayerNorm);
     fn cpu_value(&self, x: &[f32], dims: &[usize]) -> Option<Result<(Vec<f32>, Shape)>> {
         Some((|| {
             let (gamma, beta) = (to_vec_f32(&self.gamma)?, to_vec_f32(&self.beta)?);
@@ -167,7 +169,7 @@ impl Grad1 for LayerNormGrad {
         Some(on_cuda::layer_bwd(self, x, g))
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        if on_cpu_f32(x) {
+        if cpu_kernel_takes(Family::LayerNorm, x) {
             let gamma = to_vec_f32(&self.gamma)?;
             let eps = self.eps as f32;
             return kernel2(x, g, |x, g| cpu::layer_norm_bwd(x, g, &gamma, eps));
@@ -198,6 +200,51 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
             candle_nn::ops::layer_norm(&x, gamma, beta, eps as f32)
         }
     })
+}
+
+/// GroupNorm's first-use check, with and without SiLU: an odd `hw` (element by element) and
+/// one a multiple of the 16-byte pack (vector loads); `big`: SD 2.1's first U-Net level
+/// (at 512 px on a GPU, 256 px on the CPU).
+pub(super) fn group_check(dev: &Device, dtype: DType, big: bool) -> Result<Comparison> {
+    let side = if dev.is_cpu() { 32 } else { 64 };
+    let cases: &[(usize, usize, usize, usize)] = if big {
+        &[(2, 320, 32, side * side)]
+    } else {
+        &[(3, 12, 4, 37), (2, 6, 2, 320)]
+    };
+    let mut all = Comparison::none();
+    for &(b, c, groups, hw) in cases {
+        let x = gate::input(1, &[b, c, hw], 2.0, 3.0, dev, dtype)?;
+        let g = gate::input(2, &[b, c, hw], 1.0, 0.0, dev, dtype)?;
+        let gamma = gate::input(3, &[c], 0.5, 1.0, dev, dtype)?;
+        let beta = gate::input(4, &[c], 0.5, 0.0, dev, dtype)?;
+        for silu in [false, true] {
+            let op = |x: &[Tensor]| group_norm(&x[0], &gamma, &beta, groups, 1e-6, silu);
+            all = all.and(gate::compare(std::slice::from_ref(&x), &g, op)?);
+        }
+    }
+    Ok(all)
+}
+
+/// LayerNorm's first-use check: rows not a multiple of the bf16 pack, and 1.25 packs per
+/// lane, 37 rows leaving a block partly empty; `big`: the U-Net's 320-wide rows.
+pub(super) fn layer_check(dev: &Device, dtype: DType, big: bool) -> Result<Comparison> {
+    let tokens = if dev.is_cpu() { 2 * 1024 } else { 2 * 4096 };
+    let cases: &[(usize, usize)] = if big {
+        &[(tokens, 320)]
+    } else {
+        &[(37, 37), (37, 320)]
+    };
+    let mut all = Comparison::none();
+    for &(rows, n) in cases {
+        let x = gate::input(5, &[rows, n], 2.0, -3.0, dev, dtype)?;
+        let g = gate::input(6, &[rows, n], 1.0, 0.0, dev, dtype)?;
+        let gamma = gate::input(7, &[n], 0.5, 1.0, dev, dtype)?;
+        let beta = gate::input(8, &[n], 0.5, 0.0, dev, dtype)?;
+        let op = |x: &[Tensor]| layer_norm(&x[0], &gamma, &beta, 1e-5);
+        all = all.and(gate::compare(std::slice::from_ref(&x), &g, op)?);
+    }
+    Ok(all)
 }
 
 #[cfg(feature = "cuda")]

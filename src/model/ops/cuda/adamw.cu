@@ -10,6 +10,8 @@
 // multiply and an add into an FMA, so the fused step gives the fallback's bits.
 #include "common.cuh"
 
+constexpr unsigned THREADS = 256;  // per block, at most (adamw.rs launches this many)
+
 // One tensor of a launch, as uploaded: eight 64-bit words.
 struct Segment {
   unsigned long long ptr[4];  // f32 buffers, by kernel
@@ -53,7 +55,7 @@ __device__ __forceinline__ double block_sum_f64(double v, double *scratch) {
 // sums[g] = the sum of x * x (in f64) over the tensors of group g. Each block writes its
 // chunk's sum to partial[]; the last block to finish (counted in `done`, zero at launch)
 // adds them up in chunk order, so the result does not depend on scheduling.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(THREADS)
     grad_sq_sums(const Segment *segs, unsigned n, unsigned groups, unsigned chunk, double *partial,
                  unsigned *done, double *sums) {
   __shared__ double scratch[32];
@@ -84,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(256)
     if (threadIdx.x == 0) sums[grp] = t;
   }
 }
-MT_KERNEL(grad_sq_sums)
+MT_KERNEL(grad_sq_sums, THREADS)
 
 // candle's `x * mul + add` on a scalar operand, rounded as its CPU kernel rounds it.
 __device__ __forceinline__ float affine(float x, float mul, float add) {
@@ -95,7 +97,7 @@ __device__ __forceinline__ float affine(float x, float mul, float add) {
 //   g = g * coef (clipped tensors only); m = m * b1 + g * (1 - b1);
 //   v = v * b2 + g^2 * (1 - b2); update = (m * inv_bc1) / (sqrt(v * inv_bc2) + eps);
 //   p = p * (1 - lr * wd) - update * lr.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(THREADS)
     adamw_step(const Segment *segs, unsigned n, unsigned chunk, float coef, float b1, float omb1,
                float b2, float omb2, float inv_bc1, float inv_bc2, float eps, float decay, float lr) {
   const Segment s = segs[segment_of(segs, n, blockIdx.x)];
@@ -116,10 +118,10 @@ extern "C" __global__ void __launch_bounds__(256)
     v[i] = vi;
   }
 }
-MT_KERNEL(adamw_step)
+MT_KERNEL(adamw_step, THREADS)
 
 // The momentum EMA on segments (m, theta), as ds_bal.rs: m = m * beta + theta * (1 - beta).
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(THREADS)
     ema_update(const Segment *segs, unsigned n, unsigned chunk, float beta, float omb) {
   const Segment s = segs[segment_of(segs, n, blockIdx.x)];
   float *m = reinterpret_cast<float *>(s.ptr[0]);
@@ -128,4 +130,4 @@ extern "C" __global__ void __launch_bounds__(256)
   for (unsigned long long i = r.start + threadIdx.x; i < r.end; i += blockDim.x)
     m[i] = __fadd_rn(affine(m[i], beta, 0.0f), affine(theta[i], omb, 0.0f));
 }
-MT_KERNEL(ema_update)
+MT_KERNEL(ema_update, THREADS)

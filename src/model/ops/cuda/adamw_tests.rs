@@ -67,8 +67,8 @@ mod emulated {
     use super::super::emu::run;
     use super::super::Arg;
     use super::*;
-    use crate::train::ds_bal::ema_step;
-    use crate::train::optim::hyper;
+    use crate::model::ops::multi_tensor::ema_composed as ema_step;
+    use crate::train::optim::adamw_step;
 
     /// Small chunks, so the small tensors still take tens of blocks.
     const CHUNK: u32 = 256;
@@ -116,7 +116,7 @@ mod emulated {
             t.push(ptrs, SIZES[i], u64::from(CLIPPED[i]));
         }
         let words = t.words();
-        let hy = hyper(&config(), k + 1, clip_coef(n[0], 1.0));
+        let hy = adamw_step(&config(), k + 1, clip_coef(n[0], 1.0)).hyper();
         run(&adamw::step(&t, words.as_ptr() as u64, &hy).unwrap()).unwrap();
         n
     }
@@ -239,10 +239,11 @@ fn adamw_and_ema_on_gpu_match_the_cpu_path() {
             .zip(&gpu)
             .map(|(m, p)| (m, p.as_tensor()))
             .collect();
-        crate::model::ops::multi_tensor::ema(&pairs, beta).unwrap();
+        assert!(crate::model::ops::multi_tensor::fused_ema(&pairs, beta).unwrap());
         for (i, (m, c)) in m.iter().zip(&cpu).enumerate() {
             let half = (c.as_tensor() * 0.5).unwrap();
-            let want = crate::train::ds_bal::ema_step(&half, c.as_tensor(), beta).unwrap();
+            let want =
+                crate::model::ops::multi_tensor::ema_composed(&half, c.as_tensor(), beta).unwrap();
             same(&host(m), &host(&want), &format!("step {k}: EMA {i}"));
         }
     }

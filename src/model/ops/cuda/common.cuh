@@ -49,16 +49,21 @@ __device__ __forceinline__ float block_sum(float v, float *scratch) {
 #define MT_DYNAMIC_SHARED(T, name)                          \
   extern __shared__ __align__(128) unsigned char mt_smem[]; \
   T *name = reinterpret_cast<T *>(mt_smem)
-#define MT_KERNEL(name)
+#define MT_KERNEL(name, threads)
 #endif
 
 // One kernel per storage type, with C names the Rust side looks up. With
 //   #define GEGLU_PARAMS(T) (const T *x, T *y, unsigned rows, unsigned inner)
-//   MT_TYPED(geglu_fwd, GEGLU_PARAMS, (x, y, rows, inner))
-// the device template geglu_fwd<T> becomes kernels geglu_fwd_f32, _bf16 and _f16.
-#define MT_TYPED_ONE(name, suffix, T, params, args) \
-  extern "C" __global__ void name##_##suffix params(T) { name<T> args; } MT_KERNEL(name##_##suffix)
-#define MT_TYPED(name, params, args)               \
-  MT_TYPED_ONE(name, f32, float, params, args)     \
-  MT_TYPED_ONE(name, bf16, bf16, params, args)     \
-  MT_TYPED_ONE(name, f16, f16, params, args)
+//   MT_TYPED(geglu_fwd, 256, GEGLU_PARAMS, (x, y, rows, inner))
+// the device template geglu_fwd<T> becomes kernels geglu_fwd_f32, _bf16 and _f16, each
+// bounded to 256 threads per block: ptxas then keeps registers within what 256 threads
+// may have, and the launchers (and the emulator) refuse larger blocks.
+#define MT_TYPED_ONE(name, suffix, T, threads, params, args)                        \
+  extern "C" __global__ void __launch_bounds__(threads) name##_##suffix params(T) { \
+    name<T> args;                                                                    \
+  }                                                                                  \
+  MT_KERNEL(name##_##suffix, threads)
+#define MT_TYPED(name, threads, params, args)               \
+  MT_TYPED_ONE(name, f32, float, threads, params, args)     \
+  MT_TYPED_ONE(name, bf16, bf16, threads, params, args)     \
+  MT_TYPED_ONE(name, f16, f16, threads, params, args)

@@ -14,6 +14,7 @@ use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
+use super::limits::Limits;
 use super::{Arg, Launch, Module};
 
 type Loaded = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
@@ -33,19 +34,18 @@ fn module(dev: &CudaDevice, m: &'static Module) -> Result<Arc<CudaModule>> {
     Ok(md)
 }
 
-/// Whether `dev` can run our kernels: the fatbins hold sm_90 code and compute_80 PTX, and
-/// bf16 tensor cores need compute capability 8.0. Older GPUs keep candle's composed ops.
-pub(crate) fn supported(dev: &CudaDevice) -> bool {
-    static SEEN: Mutex<Option<HashMap<DeviceId, bool>>> = Mutex::new(None);
+/// `dev`'s compute capability major version (0 where CUDA does not say), read once.
+pub(crate) fn compute_major(dev: &CudaDevice) -> i32 {
+    static SEEN: Mutex<Option<HashMap<DeviceId, i32>>> = Mutex::new(None);
     let Ok(mut seen) = SEEN.lock() else {
-        return false;
+        return 0;
     };
     *seen
         .get_or_insert_with(HashMap::new)
         .entry(dev.id())
         .or_insert_with(|| {
             let cc = dev.cuda_stream().context().compute_capability();
-            cc.is_ok_and(|(major, _)| major >= 8)
+            cc.map_or(0, |(major, _)| major)
         })
 }
 
@@ -65,12 +65,13 @@ pub(crate) fn shared_limit(dev: &CudaDevice) -> usize {
         })
 }
 
-type Functions = HashMap<(DeviceId, &'static str, String), CudaFunction>;
+type Functions = HashMap<(DeviceId, &'static str, String), (CudaFunction, Limits)>;
 
-/// A kernel of `m` on `dev`, loaded once, allowed the device's whole shared memory (set
-/// once: the attribute is per function, and setting it per launch would race between
-/// threads launching the same kernel).
-fn function(dev: &CudaDevice, m: &'static Module, kernel: &str) -> Result<CudaFunction> {
+/// A kernel of `m` on `dev`, loaded once, with what it may be launched with. Where the GPU
+/// offers more than 48 KB of shared memory per block, the kernel is allowed all of it less
+/// its own static shared memory (CUDA refuses more), once: the attribute is per function,
+/// and setting it per launch would race between threads launching the same kernel.
+fn function(dev: &CudaDevice, m: &'static Module, kernel: &str) -> Result<(CudaFunction, Limits)> {
     static LOADED: Mutex<Option<Functions>> = Mutex::new(None);
     let Ok(mut loaded) = LOADED.lock() else {
         bail!("CUDA function cache poisoned")
@@ -81,18 +82,24 @@ fn function(dev: &CudaDevice, m: &'static Module, kernel: &str) -> Result<CudaFu
         return Ok(f.clone());
     }
     let func = module(dev, m)?.load_function(kernel).w()?;
-    let limit = shared_limit(dev);
-    if limit > 48 * 1024 {
-        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        func.set_attribute(attr, limit as i32).w()?;
+    let attr = |a| func.get_attribute(a).w().map(|v| v.max(0) as u32);
+    let limits = Limits::new(
+        attr(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+        attr(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
+        shared_limit(dev) as u32,
+    );
+    if let Some(bytes) = limits.opt_in {
+        let a = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        func.set_attribute(a, bytes as i32).w()?;
     }
-    loaded.insert(key, func.clone());
-    Ok(func)
+    loaded.insert(key, (func.clone(), limits));
+    Ok((func, limits))
 }
 
 /// Runs `l` on `dev`'s stream (asynchronously, as candle's own kernels).
 pub(crate) fn run(dev: &CudaDevice, l: &Launch) -> Result<()> {
-    let func = function(dev, l.module, &l.kernel)?;
+    let (func, limits) = function(dev, l.module, &l.kernel)?;
+    l.check(&limits)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&func);
     for a in &l.args {

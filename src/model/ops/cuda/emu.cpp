@@ -58,13 +58,14 @@ struct Kernel {
   void *fn;
   Trampoline call;
   unsigned arity;
+  unsigned threads;  // __launch_bounds__
 };
 static std::map<std::string, Kernel> &registry() {
   static std::map<std::string, Kernel> r;
   return r;
 }
-void register_kernel(const char *name, void *fn, Trampoline t, unsigned arity) {
-  registry()[name] = Kernel{fn, t, arity};
+void register_kernel(const char *name, void *fn, Trampoline t, unsigned arity, unsigned threads) {
+  registry()[name] = Kernel{fn, t, arity, threads};
 }
 
 static void run_block(const Kernel &k, void **args, dim3 grid, dim3 dim, uint3 b, unsigned shared) {
@@ -86,6 +87,17 @@ static void run_block(const Kernel &k, void **args, dim3 grid, dim3 dim, uint3 b
   for (auto &t : threads) t.join();
 }
 }  // namespace mt_emu
+
+// A kernel's __launch_bounds__ (0: no such kernel).
+extern "C" unsigned mt_emu_kernel_threads(const char *name) {
+  auto it = mt_emu::registry().find(name);
+  return it == mt_emu::registry().end() ? 0 : it->second.threads;
+}
+
+// Calls f(name, threads) for every registered kernel.
+extern "C" void mt_emu_kernels(void (*f)(const char *, unsigned, void *), void *ctx) {
+  for (auto &[name, k] : mt_emu::registry()) f(name.c_str(), k.threads, ctx);
+}
 
 // 0: ran; 1: unknown kernel; 2: wrong number of arguments; 3: bad launch geometry;
 // 4: the kernel broke a CUDA rule, named in `fault` (NUL-terminated, at most fault_len bytes).

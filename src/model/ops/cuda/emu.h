@@ -2,8 +2,9 @@
 // synchronization and arithmetic is tested by `cargo test` on machines without a GPU.
 // Blocks run one after another; the threads of a block run as OS threads, so
 // `__syncthreads`, warp shuffles and shared memory behave as on a GPU (shared memory is
-// `static`, hence one block at a time). Not emulated: timing, occupancy, shared-memory
-// limits, bank conflicts. wmma fragments hold the whole tile in every lane.
+// `static`, hence one block at a time). The launch rules (threads, registers, static plus
+// dynamic shared memory) are checked on the Rust side (emu.rs) against the build's
+// resource report. Not emulated: timing, occupancy, bank conflicts. wmma fragments hold the whole tile in every lane.
 //
 // Force-included (`-include emu.h`) before each .cu file when build.rs compiles the kernels
 // with the host C++ compiler; nvcc never sees it.
@@ -229,25 +230,26 @@ void mma_sync(fragment<accumulator, M, N, K, TC> &d, const fragment<matrix_a, M,
 }
 }  // namespace nvcuda::wmma
 
-// Kernel registry: MT_KERNEL(name) after an `extern "C" __global__` kernel makes it
-// launchable by name from Rust tests (mt_emu_launch in emu.cpp).
+// Kernel registry: MT_KERNEL(name, threads) after an `extern "C" __global__` kernel makes it
+// launchable by name from Rust tests (mt_emu_launch in emu.cpp), with `threads` its
+// __launch_bounds__.
 namespace mt_emu {
 using Trampoline = void (*)(void *kernel, void **args);
-void register_kernel(const char *name, void *kernel, Trampoline t, unsigned arity);
+void register_kernel(const char *name, void *kernel, Trampoline t, unsigned arity, unsigned threads);
 
 template <class... A, size_t... I>
 void call_with(void (*k)(A...), void **args, std::index_sequence<I...>) {
   k(*static_cast<std::remove_reference_t<A> *>(args[I])...);
 }
 template <class... A> struct Registrar {
-  Registrar(const char *name, void (*k)(A...)) {
-    register_kernel(name, reinterpret_cast<void *>(k), &trampoline, sizeof...(A));
+  Registrar(const char *name, void (*k)(A...), unsigned threads) {
+    register_kernel(name, reinterpret_cast<void *>(k), &trampoline, sizeof...(A), threads);
   }
   static void trampoline(void *k, void **args) {
     call_with(reinterpret_cast<void (*)(A...)>(k), args, std::index_sequence_for<A...>{});
   }
 };
-template <class... A> Registrar(const char *, void (*)(A...)) -> Registrar<A...>;
+template <class... A> Registrar(const char *, void (*)(A...), unsigned) -> Registrar<A...>;
 }  // namespace mt_emu
 
-#define MT_KERNEL(name) static mt_emu::Registrar mt_registrar_##name(#name, &name);
+#define MT_KERNEL(name, threads) static mt_emu::Registrar mt_registrar_##name(#name, &name, threads);

@@ -16,6 +16,8 @@
 constexpr unsigned BQ = 64;  // query rows per tile (forward, dQ)
 constexpr unsigned BK = 64;  // key rows per tile
 constexpr float LOG2E = 1.4426950408889634f;
+constexpr unsigned MAX_THREADS = 256;  // per tiled block: flash.rs launches 128 or 256
+constexpr unsigned DELTA_ROWS = 8;     // rows (warps) per flash_delta block
 
 // dK/dV keeps K, V and two f32 accumulators resident; f32 halves its query tile so that
 // head dim 128 stays under the 227 KB of shared memory.
@@ -364,11 +366,11 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *g, const f
 
 #define DIMS unsigned heads, unsigned n, unsigned m, unsigned d, float scale
 #define FWD_PARAMS(T) (const T *q, const T *k, const T *v, T *o, float *lse, DIMS)
-MT_TYPED(flash_fwd, FWD_PARAMS, (q, k, v, o, lse, heads, n, m, d, scale))
+MT_TYPED(flash_fwd, MAX_THREADS, FWD_PARAMS, (q, k, v, o, lse, heads, n, m, d, scale))
 #define DELTA_PARAMS(T) (const T *o, const T *g, float *delta, unsigned rows, unsigned heads, unsigned n, unsigned d)
-MT_TYPED(flash_delta, DELTA_PARAMS, (o, g, delta, rows, heads, n, d))
+MT_TYPED(flash_delta, 32 * DELTA_ROWS, DELTA_PARAMS, (o, g, delta, rows, heads, n, d))
 #define DKDV_PARAMS(T) \
   (const T *q, const T *k, const T *v, const T *g, const float *lse, const float *delta, T *dk, T *dv, DIMS)
-MT_TYPED(flash_dkdv, DKDV_PARAMS, (q, k, v, g, lse, delta, dk, dv, heads, n, m, d, scale))
+MT_TYPED(flash_dkdv, MAX_THREADS, DKDV_PARAMS, (q, k, v, g, lse, delta, dk, dv, heads, n, m, d, scale))
 #define DQ_PARAMS(T) (const T *q, const T *k, const T *v, const T *g, const float *lse, const float *delta, T *dq, DIMS)
-MT_TYPED(flash_dq, DQ_PARAMS, (q, k, v, g, lse, delta, dq, heads, n, m, d, scale))
+MT_TYPED(flash_dq, MAX_THREADS, DQ_PARAMS, (q, k, v, g, lse, delta, dq, heads, n, m, d, scale))

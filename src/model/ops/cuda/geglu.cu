@@ -29,6 +29,6 @@ __device__ void geglu_bwd(const T *__restrict__ x, const T *__restrict__ dy, T *
 }
 
 #define FWD_PARAMS(T) (const T *x, T *y, unsigned rows, unsigned inner)
-MT_TYPED(geglu_fwd, FWD_PARAMS, (x, y, rows, inner))
+MT_TYPED(geglu_fwd, 256, FWD_PARAMS, (x, y, rows, inner))
 #define BWD_PARAMS(T) (const T *x, const T *dy, T *dx, unsigned rows, unsigned inner)
-MT_TYPED(geglu_bwd, BWD_PARAMS, (x, dy, dx, rows, inner))
+MT_TYPED(geglu_bwd, 256, BWD_PARAMS, (x, dy, dx, rows, inner))

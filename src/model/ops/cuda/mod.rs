@@ -8,7 +8,9 @@
 //! only a GPU can show (speed, resource limits) is left to `cargo test --features cuda`
 //! on one.
 //!
-//! build.rs compiles each `.cu` to a fatbin with sm_90 SASS and compute_80 PTX.
+//! build.rs compiles each `.cu` to a fatbin with sm_80 and sm_90 SASS and compute_80 PTX,
+//! checks ptxas's report of each kernel's registers and shared memory against the launch
+//! rules ([`limits`]), and keeps the report (`resources.tsv`) for the emulator.
 
 // Without `--features cuda` only the emulator tests launch kernels.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -18,6 +20,7 @@ use candle_core::{bail, DType, Result};
 pub(super) mod adamw;
 pub(super) mod flash;
 pub(super) mod geglu;
+pub(crate) mod limits;
 pub(super) mod norm;
 
 /// A kernel argument, as the kernel's parameter list takes it.
@@ -58,6 +61,35 @@ pub(crate) struct Launch {
     pub args: Vec<Arg>,
 }
 
+impl Launch {
+    /// Whether the GPU can run this launch of a kernel loaded with `limits`; the error
+    /// names the kernel and the rule (CUDA itself would only say "invalid argument").
+    pub(crate) fn check(&self, limits: &limits::Limits) -> Result<()> {
+        let [x, y, z] = self.block;
+        let threads = x as u64 * y as u64 * z as u64;
+        let k = &self.kernel;
+        if threads == 0 || threads > limits.max_threads as u64 || z > 64 {
+            bail!(
+                "{k}: a block of {x}x{y}x{z} threads; this kernel launches with at most {} \
+                 (its __launch_bounds__ and registers)",
+                limits.max_threads
+            )
+        }
+        if self.shared > limits.max_dynamic {
+            bail!(
+                "{k}: {} bytes of dynamic shared memory; this GPU gives it at most {}",
+                self.shared,
+                limits.max_dynamic
+            )
+        }
+        let [gx, gy, gz] = self.grid;
+        if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65_535 || gz > 65_535 {
+            bail!("{k}: a grid of {gx}x{gy}x{gz} blocks")
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Module {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name)
@@ -83,14 +115,23 @@ pub(crate) fn stride_blocks(n: usize, threads: u32) -> u32 {
 /// Whether CUDA tensors go through our kernels (default) or candle's composed ops
 /// (`MAGICTAILOR_CUDA_KERNELS=0`: for comparisons, and a way out if a kernel misbehaves).
 pub(crate) fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MAGICTAILOR_CUDA_KERNELS").map_or(true, |v| v != "0"))
+    switch().as_deref() != Some("0")
+}
+
+/// Whether our CUDA kernels run without their first-use check (`MAGICTAILOR_CUDA_KERNELS=1`).
+pub(crate) fn unchecked() -> bool {
+    switch().as_deref() == Some("1")
+}
+
+fn switch() -> &'static Option<String> {
+    static SWITCH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SWITCH.get_or_init(|| std::env::var("MAGICTAILOR_CUDA_KERNELS").ok())
 }
 
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
-pub(crate) use device::{alloc, input_ptr, output_ptr, run, shared_limit, supported};
+pub(crate) use device::{alloc, compute_major, input_ptr, output_ptr, run, shared_limit};
 
 #[cfg(kernel_emu)]
 pub(crate) mod emu;

@@ -226,12 +226,12 @@ __device__ void ln_bwd(const T *__restrict__ x, const T *__restrict__ dy, const 
 #define GN_FWD(T) \
   (const T *x, const T *gamma, const T *beta, T *y, unsigned channels, unsigned hw, unsigned groups, float eps, \
    unsigned silu)
-MT_TYPED(gn_fwd, GN_FWD, (x, gamma, beta, y, channels, hw, groups, eps, silu))
+MT_TYPED(gn_fwd, 1024, GN_FWD, (x, gamma, beta, y, channels, hw, groups, eps, silu))
 #define GN_BWD(T)                                                                                             \
   (const T *x, const T *dy, const T *gamma, const T *beta, T *dx, unsigned channels, unsigned hw, unsigned groups, \
    float eps, unsigned silu)
-MT_TYPED(gn_bwd, GN_BWD, (x, dy, gamma, beta, dx, channels, hw, groups, eps, silu))
+MT_TYPED(gn_bwd, 1024, GN_BWD, (x, dy, gamma, beta, dx, channels, hw, groups, eps, silu))
 #define LN_FWD(T) (const T *x, const T *gamma, const T *beta, T *y, unsigned rows, unsigned n, float eps)
-MT_TYPED(ln_fwd, LN_FWD, (x, gamma, beta, y, rows, n, eps))
+MT_TYPED(ln_fwd, 32 * LN_ROWS, LN_FWD, (x, gamma, beta, y, rows, n, eps))
 #define LN_BWD(T) (const T *x, const T *dy, const T *gamma, T *dx, unsigned rows, unsigned n, float eps)
-MT_TYPED(ln_bwd, LN_BWD, (x, dy, gamma, dx, rows, n, eps))
+MT_TYPED(ln_bwd, 32 * LN_ROWS, LN_BWD, (x, dy, gamma, dx, rows, n, eps))

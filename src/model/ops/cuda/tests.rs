@@ -181,3 +181,116 @@ fn geglu_on_gpu_matches_composed() {
         assert!(e < tol(dtype), "{dtype:?} backward: {e}");
     }
 }
+
+/// The launch rules of `limits.rs`: registers per warp in units of 256 out of a block's
+/// 64 K, and the shared-memory attribute a kernel with static shared memory may take.
+#[test]
+fn launch_limits_follow_cuda_rules() {
+    use super::limits::{register_limited_threads, Limits, Resources, DEFAULT_SHARED};
+    assert_eq!(register_limited_threads(32), 1024);
+    assert_eq!(register_limited_threads(64), 1024);
+    assert_eq!(register_limited_threads(65), 896); // 65 * 32 rounds up to 2304 per warp
+    assert_eq!(register_limited_threads(255), 256);
+    let h100 = 227 * 1024;
+    let gn = Limits::new(1024, 128, h100);
+    assert_eq!(
+        gn.opt_in,
+        Some(h100 - 128),
+        "all the GPU offers, less the static part"
+    );
+    assert_eq!(gn.max_dynamic, h100 - 128);
+    let old_gpu = Limits::new(1024, 128, DEFAULT_SHARED);
+    assert_eq!(old_gpu.opt_in, None, "nothing to opt into");
+    assert_eq!(old_gpu.max_dynamic, DEFAULT_SHARED - 128);
+    let r = |registers, bound| Resources {
+        kernel: "k".into(),
+        arch: 90,
+        bound,
+        registers,
+        static_shared: 0,
+        stack: 0,
+        spill_stores: 0,
+        spill_loads: 0,
+    };
+    assert!(r(64, 1024).problems().is_empty());
+    assert!(
+        !r(65, 1024).problems().is_empty(),
+        "65 registers x 1024 threads"
+    );
+    assert!(!r(40, 0).problems().is_empty(), "no launch bound");
+    let line = r(48, 256).line();
+    assert_eq!(Resources::parse(&line), Some(r(48, 256)));
+}
+
+/// Every kernel, as `device.rs` loads it, on an H100 (sm_90 code), an A100 and an
+/// RTX 4090 (sm_80 code, less shared memory): its attribute is accepted, and the build's
+/// report has it with the launch bound it was registered with. The attribute `device.rs`
+/// set before (the GPU's whole opt-in limit) is refused for the three kernels that declare
+/// static shared memory, on every GPU with more than 48 KB.
+#[cfg(kernel_emu)]
+#[test]
+fn every_kernel_loads_on_each_gpu_and_the_old_attribute_would_not() {
+    use super::emu::{kernels, reported, A100, H100, RTX_4090};
+    let all = kernels();
+    let mut listed: Vec<String> = (super::limits::parse_table(include_str!("resources.tsv")))
+        .into_iter()
+        .map(|r| r.kernel)
+        .collect();
+    listed.dedup();
+    let names: Vec<&String> = all.iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        listed.iter().collect::<Vec<_>>(),
+        names,
+        "resources.tsv lists other kernels"
+    );
+    let mut refused_before = Vec::new();
+    for (kernel, bound) in &all {
+        for gpu in [H100, A100, RTX_4090] {
+            let r = reported(kernel, gpu.arch).unwrap();
+            assert_eq!(r.bound, *bound, "{kernel}: resources.tsv is stale");
+            assert!(r.problems().is_empty(), "{:?}", r.problems());
+            let limits = gpu.load(kernel).unwrap();
+            assert!(limits.max_threads >= *bound, "{kernel} on {}", gpu.name);
+            if gpu.set_max_dynamic(&r, gpu.optin).is_err() {
+                refused_before.push(format!("{kernel} on {}", gpu.name));
+            }
+        }
+    }
+    let statics = ["gn_bwd", "gn_fwd", "grad_sq_sums"];
+    let expected = all
+        .iter()
+        .filter(|(k, _)| statics.iter().any(|s| k.starts_with(s)));
+    assert_eq!(
+        refused_before.len(),
+        expected.count() * 3,
+        "{refused_before:?}"
+    );
+}
+
+/// A launch over its kernel's bound, or asking for more shared memory than the GPU gives,
+/// is refused before it runs, naming the rule: flash attention's dK/dV tile in bf16 fits
+/// an A100's 163 KB, not an RTX 4090's 99 KB.
+#[cfg(kernel_emu)]
+#[test]
+fn launches_beyond_a_kernel_limits_are_refused() {
+    use super::emu::{run_on, A100, RTX_4090};
+    use super::flash::{self, Dims};
+    let v = vec![0f32; 2 * 512];
+    let mut l = geglu::fwd(DType::F32, ptr(&v), ptr(&v), 2, 256).unwrap();
+    l.block = [512, 1, 1]; // within CUDA's 1024, over geglu's __launch_bounds__(256)
+    let e = run(&l).unwrap_err().to_string();
+    assert!(e.contains("at most 256"), "{e}");
+    let s = Dims {
+        batch: 1,
+        heads: 1,
+        n: 64,
+        m: 64,
+        d: 64,
+        scale: 0.125,
+    };
+    let l = flash::dkdv(DType::BF16, &s, [ptr(&v); 8]).unwrap();
+    assert!(l.shared as usize > 99 * 1024 && (l.shared as usize) < 163 * 1024);
+    let e = run_on(&RTX_4090, &l).unwrap_err().to_string();
+    assert!(e.contains("dynamic shared memory"), "{e}");
+    let _ = A100; // fits there: the emulator tests run it on the H100's limits
+}

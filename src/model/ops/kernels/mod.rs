@@ -41,6 +41,20 @@ macro_rules! dispatch {
     }};
 }
 
+/// The code `dispatch!` picks on this CPU, for `magictailor doctor`.
+pub(crate) fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return "AVX-512";
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return "AVX2+FMA";
+        }
+    }
+    "baseline (no AVX2)"
+}
+
 /// exp(x) to ~2e-7 relative error: 2^n * e^r with |r| <= ln2/2 and a degree-6 series.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
