@@ -248,16 +248,26 @@ fn write_report(mut rows: Vec<Resources>, file: &Path) {
     std::fs::write(file, &table).expect("write the kernel report");
 }
 
-/// Warns of spills in the report at `file`, and compares it with the committed table.
+/// Prints a summary of the report at `file` (one line), and compares it with the
+/// committed table.
 fn check_report(file: &Path) {
     let table = std::fs::read_to_string(file).expect("read the kernel report");
     let report = limits::parse_table(&table);
-    for r in report.iter().filter(|r| r.spill_stores + r.spill_loads > 0) {
-        println!(
-            "cargo::warning={} (sm_{}) spills registers: {} bytes stored, {} loaded",
-            r.kernel, r.arch, r.spill_stores, r.spill_loads
-        );
-    }
+    let spills: Vec<String> = (report.iter())
+        .filter(|r| r.spill_stores + r.spill_loads > 0)
+        .map(|r| format!("{} sm_{} {} B", r.kernel, r.arch, r.spill_stores))
+        .collect();
+    let regs = report.iter().map(|r| r.registers);
+    let shared = report.iter().map(|r| r.static_shared).max().unwrap_or(0);
+    println!(
+        "cargo::warning=CUDA kernels: {} x ({ARCHS}), {}-{} registers per thread, at most {shared} \
+         B of static shared memory, spilling: {}; report in {}",
+        report.iter().map(|r| &r.kernel).collect::<std::collections::BTreeSet<_>>().len(),
+        regs.clone().min().unwrap_or(0),
+        regs.max().unwrap_or(0),
+        if spills.is_empty() { "none".into() } else { spills.join(", ") },
+        file.display()
+    );
     let committed = std::fs::read_to_string(TABLE).unwrap_or_default();
     if limits::parse_table(&committed) == report {
         return;

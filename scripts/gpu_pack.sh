@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run HERE (no GPU needed) before a GPU session: builds the CUDA bench binary, the unit
-# tests (with the GPU kernel tests) and examples/step_grads, and packs them,
-# xz-compressed, with the Python wheels the GPU machine lacks (diffusers, importlib_metadata)
-# into gpu-pack/ (git-ignored), which the device tool carries for scripts/gpu_check.sh and
-# scripts/gpu_bench.sh.
+# Run HERE (no GPU needed) before a GPU session: builds the CUDA binary (for `doctor`), the
+# bench binary, the unit tests (with the GPU kernel tests) and examples/step_grads, and
+# packs them, xz-compressed, with the wheels the GPU machine lacks (diffusers,
+# importlib_metadata, and CUDA 13's compute-sanitizer) into gpu-pack/ (git-ignored), which
+# the device tool carries for scripts/gpu_check.sh and scripts/gpu_bench.sh.
 # Nothing can be downloaded on the GPU machine, so everything it needs comes from here.
 #
 #   scripts/gpu_pack.sh            # cold CUDA build: ~20 min on 2 cores; warm: a few minutes
@@ -28,7 +28,8 @@ bench=$(cargo bench --features cuda --bench model --no-run $json | executable mo
 # The unit tests with the GPU ones (`*_on_gpu_*`, skipped without a GPU), for gpu_check.sh.
 tests=$(cargo test --release --features cuda --lib --no-run $json | executable magictailor)
 grads=$(cargo build --release --features cuda --example step_grads $json | executable step_grads)
-for b in "$bench" "$tests" "$grads"; do
+main=$(cargo build --release --features cuda --bin magictailor $json | executable magictailor)
+for b in "$bench" "$tests" "$grads" "$main"; do
   [ -x "$b" ] || { echo "an executable is missing from cargo's output" >&2; exit 1; }
 done
 rm -rf "$pack" && mkdir -p "$pack/wheels"
@@ -36,11 +37,13 @@ rm -rf "$pack" && mkdir -p "$pack/wheels"
 strip -o "$pack/model-bench" "$bench"
 strip -o "$pack/lib-tests" "$tests"
 strip -o "$pack/step-grads" "$grads"
-xz -T0 -6 -f "$pack/model-bench" "$pack/lib-tests" "$pack/step-grads"
+strip -o "$pack/magictailor" "$main"
+xz -T0 -6 -f "$pack/model-bench" "$pack/lib-tests" "$pack/step-grads" "$pack/magictailor"
 # diffusers is pure Python; its other needs (torch, transformers, huggingface_hub,
 # safetensors, zipp, ...) are already on the GPU machine (device KINDS.md).
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$pack/wheels" \
-  "diffusers${DIFFUSERS_VERSION:+==$DIFFUSERS_VERSION}" importlib_metadata
+  "diffusers${DIFFUSERS_VERSION:+==$DIFFUSERS_VERSION}" importlib_metadata \
+  "nvidia-cuda-sanitizer-api==13.0.*"
 git rev-parse --short HEAD >"$pack/commit"
 git diff --quiet HEAD -- src benches Cargo.toml Cargo.lock || echo "+uncommitted" >>"$pack/commit"
 du -sh "$pack"/* "$pack/wheels"/*

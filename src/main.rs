@@ -718,6 +718,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             console::note(format_args!("error: {e}"));
+            if let Some(hint) = magictailor::model::ops::sticky_error_hint(&e.to_string()) {
+                console::note(format_args!("hint: {hint}"));
+            }
             ExitCode::from(e.exit_code())
         }
     }

@@ -120,3 +120,71 @@ fn a_launch_that_fails_mid_run_hands_over_to_the_composed_op() {
     );
     assert_eq!(losses(&out).len(), 4);
 }
+
+// ---- magictailor doctor ---------------------------------------------------------------
+
+fn doctor(args: &[&str], fault: Option<&str>) -> Output {
+    let mut c = bin_command("doctor", args);
+    if let Some(f) = fault {
+        c.env("MAGICTAILOR_KERNEL_FAULT", f);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn doctor_checks_the_cpu_kernels_and_passes() {
+    let o = doctor(&[], None);
+    ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in ["Build", "Device", "Kernels", "Hub", "All checks passed."] {
+        assert!(text.contains(needle), "{needle} in:\n{text}");
+    }
+    for family in ["attention", "group-norm", "layer-norm", "geglu"] {
+        let row = text.lines().find(|l| l.trim_start().starts_with(family));
+        let row = row.unwrap_or_else(|| panic!("no {family} row in:\n{text}"));
+        assert!(row.contains(" ok ") && row.contains(" vs "), "{row}");
+    }
+    if !cfg!(feature = "cuda") {
+        assert!(text.contains("no GPU support in this build"), "{text}");
+    }
+}
+
+#[test]
+fn doctor_json_is_one_object_for_bug_reports() {
+    let o = doctor(&["--json", "--device", "cpu"], None);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["device"]["name"], "cpu");
+    assert_eq!(v["build"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["build"]["commit"].as_str().is_some_and(|c| !c.is_empty()));
+    let kernels = v["kernels"].as_array().unwrap();
+    assert_eq!(kernels.len(), 4, "{kernels:?}");
+    for k in kernels {
+        assert_eq!(k["state"], "checked", "{k}");
+        let case = &k["unet_case"];
+        assert!(case["kernel_seconds"].as_f64().unwrap() > 0.0, "{k}");
+        assert!(case["max_rel_err"].as_f64().unwrap() <= k["tolerance"].as_f64().unwrap());
+    }
+    assert!(v["hub"]["cache"].as_str().is_some());
+    assert!(v["training_estimate"].is_null(), "only with --estimate");
+}
+
+#[test]
+fn doctor_fails_with_exit_1_naming_what_failed() {
+    let o = doctor(&["--json"], Some("layer-norm:disagree"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("layer-norm kernels in f32: off"),
+        "{problems}"
+    );
+    if !cfg!(feature = "cuda") {
+        let o = doctor(&["--device", "cuda"], None);
+        assert_eq!(o.status.code(), Some(1));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("built without CUDA"), "{text}");
+    }
+}

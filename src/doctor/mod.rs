@@ -130,7 +130,6 @@ impl Report {
         if let Some(Err(e)) = &self.estimate {
             p.push(format!("training estimate: {e}"));
         }
-        p.extend(self.hub.problems.iter().cloned());
         p
     }
 

@@ -58,7 +58,9 @@ impl BuildInfo {
         let (lo, hi) = (regs.clone().min().unwrap_or(0), regs.max().unwrap_or(0));
         l.push(format!(
             "our CUDA kernels: {} ({}); {lo}-{hi} registers per thread; spilling: {}",
-            self.kernels.len() / 2,
+            (self.kernels.iter().map(|k| &k.kernel))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
             self.kernel_archs.unwrap_or("?"),
             if spills.is_empty() {
                 "none".into()
@@ -316,7 +318,6 @@ pub struct HubInfo {
     /// The default model's snapshot folder, where it is complete in the cache.
     pub default_model: std::result::Result<PathBuf, String>,
     pub notes: Vec<String>,
-    pub problems: Vec<String>,
 }
 
 pub fn hub() -> HubInfo {
@@ -335,14 +336,12 @@ pub fn hub() -> HubInfo {
     }
     let offline = crate::model::loader::offline();
     let default_model = cached_snapshot(DEFAULT_MODEL);
-    let mut problems = Vec::new();
-    if offline {
-        if let Err(why) = &default_model {
-            problems.push(format!(
-                "HF_HUB_OFFLINE is set and {DEFAULT_MODEL} is not usable from the cache ({why}): \
-                 train and infer need --model with a local folder"
-            ));
-        }
+    if let Err(why) = &default_model {
+        notes.push(if offline {
+            format!("{DEFAULT_MODEL} is {why} and HF_HUB_OFFLINE is set: pass --model DIR")
+        } else {
+            format!("{DEFAULT_MODEL} is {why}: the first train or infer downloads it (5 GB)")
+        });
     }
     HubInfo {
         cache,
@@ -350,7 +349,6 @@ pub fn hub() -> HubInfo {
         offline,
         default_model,
         notes,
-        problems,
     }
 }
 
@@ -367,11 +365,10 @@ impl HubInfo {
                     "no"
                 }
             ),
-            match &self.default_model {
-                Ok(p) => format!("{DEFAULT_MODEL}: cached at {}", p.display()),
-                Err(why) => format!("{DEFAULT_MODEL}: {why}"),
-            },
         ];
+        if let Ok(p) = &self.default_model {
+            l.push(format!("{DEFAULT_MODEL}: cached at {}", p.display()));
+        }
         l.extend(self.notes.iter().cloned());
         l
     }

@@ -328,7 +328,7 @@ pub fn hub_file(id: &str, file: &str, flag: &str) -> Result<PathBuf> {
 pub fn cached_snapshot(id: &str) -> std::result::Result<PathBuf, String> {
     let repo = hf_hub::Repo::model(id.to_string());
     let Some(index) = hf_hub::Cache::from_env().repo(repo).get("model_index.json") else {
-        return Err("not in the cache: the first train or infer downloads it (5 GB)".into());
+        return Err("not in the cache".into());
     };
     let root = index.parent().map(Path::to_path_buf).unwrap_or_default();
     for component in ["unet", "vae", "text_encoder"] {

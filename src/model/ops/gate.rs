@@ -322,19 +322,35 @@ pub(crate) fn run<T: Skew>(
 }
 
 /// CUDA errors after which the context cannot be used again (the "sticky" ones).
+const STICKY: [&str; 8] = [
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_ASSERT",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+];
+
 fn fatal(e: &candle_core::Error) -> bool {
-    const STICKY: [&str; 8] = [
-        "CUDA_ERROR_ILLEGAL_ADDRESS",
-        "CUDA_ERROR_LAUNCH_FAILED",
-        "CUDA_ERROR_MISALIGNED_ADDRESS",
-        "CUDA_ERROR_ILLEGAL_INSTRUCTION",
-        "CUDA_ERROR_HARDWARE_STACK_ERROR",
-        "CUDA_ERROR_INVALID_PC",
-        "CUDA_ERROR_ASSERT",
-        "CUDA_ERROR_ECC_UNCORRECTABLE",
-    ];
-    let text = format!("{e:?}");
+    is_sticky(&format!("{e:?}"))
+}
+
+/// Whether an error's text names a CUDA error that leaves the GPU unusable.
+fn is_sticky(text: &str) -> bool {
     STICKY.iter().any(|s| text.contains(s))
+}
+
+/// For an error that stopped a command: where it names a CUDA error that leaves the GPU
+/// unusable (reported by whichever op synchronized next, not necessarily the culprit),
+/// what to do about it.
+pub fn sticky_error_hint(text: &str) -> Option<&'static str> {
+    is_sticky(text).then_some(
+        "the GPU reported an error that ends this process's use of it. If it recurs, rerun \
+         with MAGICTAILOR_CUDA_KERNELS=0 (candle's ops instead of ours) to tell whether our \
+         kernels cause it, and report it with the output of `magictailor doctor --json`.",
+    )
 }
 
 /// A kernel result a test fault can skew.
@@ -564,6 +580,40 @@ mod tests {
                 "{family:?}: {max_err}"
             );
         }
+    }
+
+    /// On a GPU (`--features cuda` with one present; skipped without): every family's
+    /// first-use check passes in every dtype, with the launch limits of the real device.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn first_use_checks_pass_on_gpu() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            eprintln!("no GPU: skipped");
+            return;
+        };
+        for family in Family::ALL {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                if !exists(family, &dev, dtype) {
+                    continue;
+                }
+                let verdict = recheck(family, &dev, dtype);
+                eprintln!("{family:?} {dtype:?}: {verdict:?}");
+                assert!(
+                    matches!(verdict, Verdict::Passed { .. }),
+                    "{family:?} {dtype:?}"
+                );
+            }
+        }
+    }
+
+    /// Only the errors that end a process's use of the GPU get the way-out hint.
+    #[test]
+    fn sticky_cuda_errors_get_the_way_out() {
+        let sticky = "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")";
+        assert!(sticky_error_hint(sticky).is_some_and(|h| h.contains("MAGICTAILOR_CUDA_KERNELS=0")));
+        assert!(
+            sticky_error_hint("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").is_none()
+        );
     }
 
     /// A check compares: a kernel side that is off by 1% is caught.

@@ -39,7 +39,9 @@ mod norm;
 pub use attention::{attention, use_reference_attention};
 pub use conv::{frozen_conv2d, images_within, upsample_nearest_2x};
 pub use cuda::limits::Resources as KernelResources;
-pub use gate::{entries as kernel_states, recheck, Comparison, Entry, Family, Verdict};
+pub use gate::{
+    entries as kernel_states, recheck, sticky_error_hint, Comparison, Entry, Family, Verdict,
+};
 
 /// Whether `family` has kernels for `dev` in `dtype`, not switched off by the environment
 /// (`MAGICTAILOR_CUDA_KERNELS=0`) or the GPU's age.

@@ -226,7 +226,9 @@ fn optimizer_step(
         let (mut np, mut nm, mut nv) = (Vec::new(), Vec::new(), Vec::new());
         for slot in &slots {
             let [a, b, c] = adamw_composed(slot, s)?;
-            (np.push(a), nm.push(b), nv.push(c));
+            np.push(a);
+            nm.push(b);
+            nv.push(c);
         }
         (np, nm, nv)
     };
