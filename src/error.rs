@@ -41,6 +41,10 @@ pub enum Error {
     /// A signal stopped the job at a safe point; `msg` says how to continue.
     #[error("{msg}")]
     Interrupted { signal: i32, msg: String },
+    /// A run that had saved progress stopped on `source`; `saved` names what survived
+    /// and how to continue from it.
+    #[error("{source} {saved}")]
+    Stopped { source: Box<Error>, saved: String },
     /// A broken invariant: a bug in magictailor, not in the input.
     #[error("internal error (a bug in magictailor; please report it): {0}")]
     Internal(String),
@@ -122,6 +126,9 @@ impl Error {
     /// Whether the input is at fault (a bad pair, settings that diverge), as opposed to
     /// the machine (memory, device, disk) or a bug: a batch records the first and goes on.
     pub fn is_input_error(&self) -> bool {
+        if let Error::Stopped { source, .. } = self {
+            return source.is_input_error();
+        }
         matches!(
             self,
             Error::Usage(_)
@@ -139,6 +146,7 @@ impl Error {
     /// failure worth retrying, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
+            Error::Stopped { source, .. } => source.exit_code(),
             Error::Usage(_) => 2,
             Error::Retryable(_) => 75,
             Error::Interrupted { signal, .. } => u8::try_from(128 + signal).unwrap_or(1),

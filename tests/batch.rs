@@ -332,3 +332,55 @@ fn a_killed_batch_resumes_the_interrupted_pair_bit_identically() {
         );
     }
 }
+
+/// A pair that stops after its first checkpoint (a full disk, through a test hook), then
+/// fails to load on the re-run (a mask gone), is recorded each time with its last good
+/// checkpoint and the way on (the same batch command, no `--resume`); once mended, the
+/// re-run resumes it.
+#[test]
+fn a_stopped_pair_names_its_last_checkpoint_and_the_batch_way_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, root, model) = (pairs(tmp.path(), 1), tmp.path().join("out"), tiny_sd());
+    let (dir_s, root_s) = (dir.to_str().unwrap(), root.to_str().unwrap());
+    let mut args = batch_args(dir_s, root_s, &model);
+    args.extend(["--checkpoint-every", "1"]);
+    let o = bin_command("batch", &args)
+        .env("MAGICTAILOR_TEST_FULL_DISK", "step-000003")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(75),
+        "a full disk is the machine's: {}",
+        stderr(&o)
+    );
+    let last = root.join("person_a+hair_a/checkpoints/step-000002.safetensors");
+    let way_on = "run the same batch command again: it resumes this pair from there";
+    let note = |records: &[serde_json::Value]| records.last().unwrap()["note"].to_string();
+    let n = note(&summary(&root));
+    assert!(
+        n.contains("No space left on device") && n.contains(way_on),
+        "{n}"
+    );
+    assert!(
+        n.contains(&last.display().to_string()) && !n.contains("--resume"),
+        "{n}"
+    );
+
+    let mask = dir.join("person_a+hair_a/masks/1_hair_a2.png");
+    let kept = std::fs::read(&mask).unwrap();
+    std::fs::remove_file(&mask).unwrap();
+    let o = run_bin("batch", &args);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let n = note(&summary(&root));
+    assert!(
+        n.contains("but not for 1_hair_a2") && n.contains(way_on),
+        "{n}"
+    );
+    assert!(n.contains(&last.display().to_string()), "{n}");
+
+    std::fs::write(&mask, kept).unwrap();
+    ok(&run_bin("batch", &args));
+    let records = summary(&root);
+    assert_eq!(records.last().unwrap()["status"], "trained");
+}

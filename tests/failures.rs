@@ -453,3 +453,199 @@ fn a_closed_stdout_does_not_stop_training() {
     assert_eq!(read_log_lines(&out), 8);
     assert!(out.join("magictailor.json").is_file());
 }
+
+/// SIGKILL in the middle of writing a checkpoint leaves its temporary file; the next run
+/// that claims the folder (here `--resume`) removes it, says so, and still ends with the
+/// weights of an uninterrupted run. A test hook (debug builds) stalls the write half-way.
+#[test]
+fn a_writer_killed_mid_write_leaves_a_temp_file_the_next_run_removes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let steps = [
+        "--warmup-steps",
+        "4",
+        "--dsbal-steps",
+        "4",
+        "--checkpoint-every",
+        "3",
+    ];
+    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
+    let (full_s, cut_s) = (full.to_str().unwrap(), cut.to_str().unwrap());
+    let args = |out| with_args(quiet_train_args(pair, out, &model), &steps);
+    ok(&run_bin("train", &args(full_s)));
+
+    let mut child = bin_command("train", &args(cut_s))
+        .env("MAGICTAILOR_TEST_STALL_WRITE", "step-000006")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpts = cut.join("checkpoints");
+    let temp = |d: &Path| -> Option<std::path::PathBuf> {
+        let entries = std::fs::read_dir(d).ok()?;
+        (entries.flatten()).map(|e| e.path()).find(|p| {
+            p.to_string_lossy()
+                .contains(".step-000006.safetensors.tmp.")
+        })
+    };
+    let start = Instant::now();
+    let leftover = loop {
+        if let Some(p) = temp(&ckpts).filter(|p| p.metadata().is_ok_and(|m| m.len() > 0)) {
+            break p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no stalled write"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "train ended before the stall"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(leftover.exists(), "the kill leaves the temporary file");
+
+    let mut resume = with_args(args(cut_s), &["--resume"]);
+    resume.retain(|a| *a != "--quiet");
+    let o = run_bin("train", &resume);
+    ok(&o);
+    assert!(!leftover.exists(), "the next run removed it");
+    assert!(
+        stderr(&o).contains("removed 1 temporary file(s) a killed run left"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(temp(&ckpts).is_none());
+    assert!(
+        trained_weights(&full) == trained_weights(&cut),
+        "resumed weights differ"
+    );
+}
+
+/// `file` rewritten with tensor `key` as integers (its values rounded).
+fn as_integers(file: &Path, key: &str, dtype: candle_core::DType, out: &Path) {
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+    let t = tensors[key].to_dtype(dtype).unwrap();
+    tensors.insert(key.to_string(), t);
+    candle_core::safetensors::save(&tensors, out).unwrap();
+}
+
+/// Integer tensors where floats belong (embeddings, LoRA, checkpoints) are refused,
+/// naming the file, the tensor and its dtype, before anything is written; a checkpoint's
+/// step counts stay integers.
+#[test]
+fn integer_tensors_in_float_files_are_refused_by_name() {
+    use candle_core::DType;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_sd();
+    let png = tmp.path().join("x.png");
+
+    let embeds = tmp.path().join("int_embeds.safetensors");
+    as_integers(
+        &fixtures().join("learned_embeds.safetensors"),
+        "<v0>",
+        DType::I64,
+        &embeds,
+    );
+    let args = with_args(
+        infer_args(&model, png.to_str().unwrap()),
+        &["--embeds", embeds.to_str().unwrap()],
+    );
+    let o = run_bin("infer", &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("int_embeds.safetensors") && err.contains("\"<v0>\" holds i64"),
+        "{err}"
+    );
+    assert!(!png.exists());
+
+    let key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight";
+    let lora = tmp.path().join("int_lora.safetensors");
+    as_integers(
+        &fixtures().join("lora_peft.safetensors"),
+        key,
+        DType::U8,
+        &lora,
+    );
+    let o = infer_with_lora(&model, &png, &lora);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("int_lora.safetensors") && err.contains(key) && err.contains("u8"),
+        "{err}"
+    );
+    assert!(!png.exists());
+
+    let ckpt = tmp.path().join("step-000001.safetensors");
+    let mut t = HashMap::new();
+    t.insert("step".to_string(), Tensor::new(1u32, &Device::Cpu).unwrap());
+    t.insert(
+        "rows".to_string(),
+        Tensor::new(&[1i64, 2], &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, &ckpt).unwrap();
+    let e = magictailor::io::checkpoint::load(&ckpt, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"rows\" holds i64"), "{e}");
+    t.insert(
+        "rows".to_string(),
+        Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, &ckpt).unwrap();
+    assert!(
+        magictailor::io::checkpoint::load(&ckpt, &Device::Cpu).is_ok(),
+        "step stays u32"
+    );
+}
+
+/// An I/O error after the first checkpoint (here a full disk while writing the second,
+/// through a test hook) names what survived and the command that continues from it; that
+/// command then finishes with the weights of an uninterrupted run.
+#[test]
+fn a_full_disk_names_the_last_good_checkpoint_and_the_way_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let steps = [
+        "--warmup-steps",
+        "4",
+        "--dsbal-steps",
+        "4",
+        "--checkpoint-every",
+        "3",
+    ];
+    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
+    let (full_s, cut_s) = (full.to_str().unwrap(), cut.to_str().unwrap());
+    let args = |out| with_args(quiet_train_args(pair, out, &model), &steps);
+    ok(&run_bin("train", &args(full_s)));
+
+    let o = bin_command("train", &args(cut_s))
+        .env("MAGICTAILOR_TEST_FULL_DISK", "step-000006")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let last = cut.join("checkpoints/step-000004.safetensors");
+    for needle in [
+        "cannot write",
+        "step-000006.safetensors",
+        "No space left on device",
+        &format!("the last good checkpoint is {}", last.display()),
+        "Nothing up to step 4 is lost",
+        "plus --resume",
+    ] {
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    }
+    let resume = with_args(args(cut_s), &["--resume"]);
+    ok(&run_bin("train", &resume));
+    assert!(
+        trained_weights(&full) == trained_weights(&cut),
+        "resumed weights differ"
+    );
+}

@@ -18,7 +18,7 @@ use crate::interrupt::Interrupt;
 use crate::io::{checkpoint, console, lock, run};
 use crate::model::loader::{loads_in_process, StableDiffusion};
 use crate::train::trainer::{load_model, load_pair, make_masks, Progress, Trainer};
-use crate::train::{claim, restore_latest, train_to_end, TrainConfig};
+use crate::train::{claim, restore_latest, train_to_end, with_survivors, Continue, TrainConfig};
 pub use pairs::Shard;
 use summary::{PairRecord, Status};
 
@@ -131,21 +131,23 @@ fn attempt(
         Ok(_) => {}
         Err(e) => return classify(e, model),
     }
+    // A pair resumed from a checkpoint says so when it fails to load.
+    let failed = |e| with_survivors(e, &out, Continue::Batch);
     // Bad input fails here, before the model loads or anything is written.
     let mut data = match load_pair(&cfg, device) {
         Ok(d) => d,
-        Err(e) => return classify(e, model),
+        Err(e) => return classify(failed(e), model),
     };
     let sd = match model {
         Some(sd) => sd,
         None => match load_model(&cfg, device) {
             Ok(sd) => sd,
-            Err(e) => return classify(e, None),
+            Err(e) => return classify(failed(e), None),
         },
     };
     let auto = match make_masks(&cfg, &sd, &mut data, quiet_steps(progress)) {
         Ok(a) => a,
-        Err(e) => return classify(e, Some(sd)),
+        Err(e) => return classify(failed(e), Some(sd)),
     };
     let lock = match claim(&out, opts.stale_after, progress) {
         Ok(l) => l,
@@ -158,11 +160,19 @@ fn attempt(
     }
     let mut t = match Trainer::with_model(cfg, sd, &data) {
         Ok(t) => t,
-        Err(e) => return classify(e, None),
+        Err(e) => return classify(failed(e), None),
     };
     t.auto_masks = auto;
-    let result = resume_or_restart(&mut t, &out)
-        .and_then(|()| train_to_end(&mut t, &out, &lock, quiet_steps(progress), stop));
+    let result = resume_or_restart(&mut t, &out).and_then(|()| {
+        train_to_end(
+            &mut t,
+            &out,
+            &lock,
+            quiet_steps(progress),
+            stop,
+            Continue::Batch,
+        )
+    });
     drop(lock);
     let sd = Some(t.into_model());
     match result {

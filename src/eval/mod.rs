@@ -119,6 +119,7 @@ pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
         &opts.device,
     )?;
     let out = opts.out_dir();
+    crate::io::leftovers::remove_orphans(&out, crate::io::leftovers::Scope::Run);
     check_existing(&out, opts, &prompts)?;
     let generated = generate(opts, &prompts, &out)?;
     let masks_used = pair.join("masks").is_dir();

@@ -152,6 +152,7 @@ pub fn run(
         }
     }
     let (c, h, wd) = super::latent_shape(p, opts)?;
+    crate::io::leftovers::remove_orphans(&many.out_dir, crate::io::leftovers::Scope::Folder);
     let todo: Vec<(usize, u64)> = (0..many.prompts.len())
         .flat_map(|i| many.seeds.iter().map(move |&s| (i, s)))
         .filter(|&(i, s)| !image_file(&many.out_dir, i, s).is_file())

@@ -130,7 +130,7 @@ impl Personalized {
 
 /// A trained table must have the base table's shape: same vocabulary, same width.
 fn load_token_table(file: &Path, base: &Tensor, device: &Device) -> Result<Tensor> {
-    let t = tensors::read(file, device)?
+    let t = tensors::read_floats(file, device, &[])?
         .remove(run::TOKEN_TABLE_KEY)
         .ok_or_else(|| {
             Error::bad_file(
@@ -209,6 +209,9 @@ pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
         || bar.inc(1),
     )?;
     bar.finish_and_clear();
+    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::io::leftovers::remove_orphans(dir, crate::io::leftovers::Scope::Folder);
+    }
     save_pngs(&decode(w, &latents)?, &opts.out)
 }
 
@@ -288,7 +291,7 @@ fn initial_latents(p: &Personalized, opts: &InferOptions) -> Result<Tensor> {
     let Some(file) = &opts.init_latents else {
         return seeded_normal(opts.seed, shape, &opts.device);
     };
-    let tensors = tensors::read(file, &opts.device)?;
+    let tensors = tensors::read_floats(file, &opts.device, &[])?;
     let t = tensors.get("latents").ok_or_else(|| {
         Error::usage(format!(
             "{} has no tensor named \"latents\" (it has: {:?}).",

@@ -27,8 +27,9 @@ pub(crate) fn write_atomic_with<W: Write + SyncAll>(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = dir.join(super::leftovers::temp_name(&name, "tmp"));
     let written = create(&tmp).and_then(|mut f| {
+        stall_for_tests(&name, &mut f, bytes)?;
         f.write_all(bytes)?;
         f.flush()?;
         f.sync_all()
@@ -41,6 +42,35 @@ pub(crate) fn write_atomic_with<W: Write + SyncAll>(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Test hooks (debug builds), for an atomic write of a file whose name contains TEXT:
+/// `MAGICTAILOR_TEST_STALL_WRITE=TEXT` writes half its bytes and then waits forever (a
+/// test kills the writer mid-write); `MAGICTAILOR_TEST_FULL_DISK=TEXT` writes half and
+/// fails as a full disk does.
+#[cfg(debug_assertions)]
+fn stall_for_tests(name: &str, f: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
+    let hook = |var| std::env::var(var).is_ok_and(|t: String| !t.is_empty() && name.contains(&t));
+    let (stall, full) = (
+        hook("MAGICTAILOR_TEST_STALL_WRITE"),
+        hook("MAGICTAILOR_TEST_FULL_DISK"),
+    );
+    if !stall && !full {
+        return Ok(());
+    }
+    f.write_all(&bytes[..bytes.len() / 2])?;
+    f.flush()?;
+    if full {
+        return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn stall_for_tests(_: &str, _: &mut impl Write, _: &[u8]) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Flushing to stable storage, as `File::sync_all`.

@@ -51,6 +51,9 @@ pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
+/// The integer tensors a checkpoint holds: the steps done, and AdamW's step count.
+const INTEGERS: [&str; 2] = ["step", "opt.step"];
+
 pub fn load(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    tensors::read(file, device)
+    tensors::read_floats(file, device, &INTEGERS)
 }

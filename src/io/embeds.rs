@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub type Embeds = Vec<(String, Tensor)>;
 
 pub fn load(file: &Path, hidden: usize, device: &Device) -> Result<Embeds> {
-    let tensors = tensors::read(file, device)?;
+    let tensors = tensors::read_floats(file, device, &[])?;
     let mut out = Vec::new();
     for (key, t) in tensors {
         // A1111 files hold one embedding under a fixed key; its token is the file stem.

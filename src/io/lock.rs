@@ -48,20 +48,24 @@ impl Holder {
         )
     }
 
-    /// Whether the holder may still be running: always, unless it is on this host and
-    /// its pid is gone or is no longer magictailor (a reused pid).
     fn may_be_alive(&self) -> bool {
-        if self.host != hostname() {
-            return true;
-        }
-        let proc_dir = Path::new("/proc");
-        if !proc_dir.is_dir() {
-            return true; // no way to look: assume the worst
-        }
-        match std::fs::read(proc_dir.join(self.pid.to_string()).join("cmdline")) {
-            Ok(cmd) => String::from_utf8_lossy(&cmd).contains("magictailor"),
-            Err(_) => false,
-        }
+        may_be_alive(&self.host, self.pid)
+    }
+}
+
+/// Whether process `pid` of `host` may still be running: always, unless it is on this host
+/// and its pid is gone or is no longer magictailor (a reused pid).
+pub(crate) fn may_be_alive(host: &str, pid: u32) -> bool {
+    if host != hostname() {
+        return true;
+    }
+    let proc_dir = Path::new("/proc");
+    if !proc_dir.is_dir() {
+        return true; // no way to look: assume the worst
+    }
+    match std::fs::read(proc_dir.join(pid.to_string()).join("cmdline")) {
+        Ok(cmd) => String::from_utf8_lossy(&cmd).contains("magictailor"),
+        Err(_) => false,
     }
 }
 

@@ -7,6 +7,7 @@ mod atomic;
 pub mod checkpoint;
 pub mod console;
 pub mod embeds;
+pub mod leftovers;
 pub mod lock;
 pub mod run;
 pub mod tensors;

@@ -34,6 +34,35 @@ pub fn read(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     })
 }
 
+/// [`read`] for files of float tensors (embeddings, LoRA, checkpoints, latents): any other
+/// dtype, except in the tensors named in `integers`, is refused by name. Integers would
+/// otherwise be cast to floats without a word, making weights of whatever they hold.
+pub fn read_floats(
+    file: &Path,
+    device: &Device,
+    integers: &[&str],
+) -> Result<HashMap<String, Tensor>> {
+    let tensors = read(file, device)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let dtype = tensors[name].dtype();
+        if !dtype.is_float() && !integers.contains(&name.as_str()) {
+            return Err(Error::bad_file(
+                file,
+                format!(
+                    "{}: the tensor {name:?} holds {} values where floats belong. The file was \
+                     not written as embeddings, LoRA weights or a checkpoint (or was altered); \
+                     use the file the training tool saved.",
+                    file.display(),
+                    dtype.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(tensors)
+}
+
 /// Writes tensors (moved to the CPU) with keys in sorted order, atomically: equal inputs
 /// give equal bytes, and a crash never leaves a half-written file under the final name.
 pub fn write(

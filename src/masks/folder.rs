@@ -46,8 +46,7 @@ pub fn write(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "masks".into());
     let parent = target.parent().unwrap_or(Path::new("."));
-    let pid = std::process::id();
-    let staging = parent.join(format!(".{name}.partial-{pid}"));
+    let staging = parent.join(crate::io::leftovers::temp_name(&name, "partial"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(IoOp::CreateDir, &staging, e))?;
     let mut written = Vec::with_capacity(masks.len());
@@ -59,7 +58,8 @@ pub fn write(
     let preview_file = format!("{PREVIEW_STEM}.png");
     write_atomic(&staging.join(&preview_file), &png_bytes(preview)?)?;
     carry_over(target, &staging, masks)?;
-    swap_in(&staging, target, parent.join(format!(".{name}.old-{pid}")))?;
+    let old = parent.join(crate::io::leftovers::temp_name(&name, "old"));
+    swap_in(&staging, target, old)?;
     Ok(written)
 }
 

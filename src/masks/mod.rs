@@ -113,6 +113,12 @@ pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
         sam_model: opts.sam_model.clone(),
     };
     let masks = compute(&sd, &data, &record, sam.as_ref(), opts.progress)?;
+    for dir in [target.parent(), Some(target.as_path())]
+        .into_iter()
+        .flatten()
+    {
+        crate::io::leftovers::remove_orphans(dir, crate::io::leftovers::Scope::Folder);
+    }
     let written = write(&target, &data, &masks)?;
     Ok((written, target.join(format!("{}.png", data::PREVIEW_STEM))))
 }

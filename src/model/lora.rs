@@ -76,7 +76,7 @@ impl LoraSet {
     /// Reads any supported LoRA file, keeps the U-Net part and checks every adapter
     /// against the model's targets. Text-encoder adapters are refused, not dropped.
     pub fn load(file: &Path, targets: &[LoraTarget], device: &Device) -> Result<Self> {
-        let tensors = tensors::read(file, device)?;
+        let tensors = tensors::read_floats(file, device, &[])?;
         let alpha_meta = peft_alpha_from_metadata(file)?;
         let format = detect_format(&tensors).ok_or_else(|| {
             Error::bad_file(

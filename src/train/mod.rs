@@ -17,7 +17,7 @@ use candle_core::Device;
 use crate::error::{Error, IoOp, Result};
 use crate::interrupt::{self, Interrupt};
 use crate::io::console;
-use crate::io::{checkpoint, lock, run};
+use crate::io::{checkpoint, leftovers, lock, run};
 pub use config::TrainConfig;
 use trainer::{Progress, StepLog, Trainer};
 
@@ -45,7 +45,54 @@ pub fn run(
             checkpoint::dir(&out).display()
         )));
     }
-    train_to_end(&mut t, &out, &lock, progress, stop)
+    train_to_end(&mut t, &out, &lock, progress, stop, Continue::Resume)
+}
+
+/// How a stopped run is continued, for the messages that say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continue {
+    /// `train`: the same command plus `--resume`.
+    Resume,
+    /// `batch`: the same command again, which resumes the pair.
+    Batch,
+}
+
+impl Continue {
+    fn how(self) -> &'static str {
+        match self {
+            Continue::Resume => "continue with the same command plus --resume",
+            Continue::Batch => "run the same batch command again: it resumes this pair from there",
+        }
+    }
+}
+
+/// `e`, which stopped the run in `out`, with what survived it: the last good checkpoint
+/// and how to continue from it. Interruptions say so themselves; a run with no
+/// checkpoint yet has nothing to add.
+pub(crate) fn with_survivors(e: Error, out: &std::path::Path, cont: Continue) -> Error {
+    let Ok(Some(file)) = checkpoint::latest(out) else {
+        return e;
+    };
+    let step = checkpoint::step_of(&file).unwrap_or(0);
+    match e {
+        Error::Interrupted { .. } | Error::Stopped { .. } => e,
+        Error::Diverged(msg) => Error::Diverged(format!(
+            "{msg} The last checkpoint, saved before that step, is {} (step {step}): \
+             {} with changed settings (if it diverges again, its weights are already off: \
+             start over).",
+            file.display(),
+            cont.how()
+        )),
+        e => Error::Stopped {
+            source: Box::new(e),
+            saved: format!(
+                "Nothing up to step {step} is lost: the last good checkpoint is {}. Once the \
+                 cause is fixed, {}.",
+                file.display(),
+                cont.how()
+            ),
+        },
+    }
 }
 
 /// Creates `out` and takes its lock, warning about a stale lock taken over.
@@ -58,6 +105,15 @@ pub fn claim(
     let (lock, warning) = lock::acquire(out, stale_after)?;
     if let Some(w) = warning.filter(|_| progress != Progress::Quiet) {
         console::note(format_args!("warning: {w}"));
+    }
+    // A killed run's half-written checkpoints can be hundreds of MB each.
+    let removed = leftovers::remove_orphans(out, leftovers::Scope::Run);
+    if !removed.is_empty() && progress != Progress::Quiet {
+        console::note(format_args!(
+            "removed {} temporary file(s) a killed run left in {}",
+            removed.len(),
+            out.display()
+        ));
     }
     Ok(lock)
 }
@@ -73,12 +129,25 @@ pub fn restore_latest(t: &mut Trainer, out: &std::path::Path) -> Result<bool> {
 }
 
 /// Trains from `t.step` to the last step, then exports into `out` (which `lock` holds).
+/// An error after the first checkpoint names it and says how to continue (`cont`).
 pub fn train_to_end(
     t: &mut Trainer,
     out: &std::path::Path,
     lock: &lock::RunLock,
     progress: Progress,
     stop: &Interrupt,
+    cont: Continue,
+) -> Result<()> {
+    steps_to_end(t, out, lock, progress, stop, cont).map_err(|e| with_survivors(e, out, cont))
+}
+
+fn steps_to_end(
+    t: &mut Trainer,
+    out: &std::path::Path,
+    lock: &lock::RunLock,
+    progress: Progress,
+    stop: &Interrupt,
+    cont: Continue,
 ) -> Result<()> {
     let (total, warmup) = (t.cfg.total_steps(), t.cfg.warmup_steps);
     let every = t.cfg.checkpoint_every;
@@ -97,9 +166,9 @@ pub fn train_to_end(
     while t.step < total {
         if let Some(signal) = stop.requested() {
             bar.abandon();
-            return Err(interrupted(out, t, signal, total));
+            return Err(interrupted(out, t, signal, total, cont));
         }
-        let mut log = t.train_step().map_err(|e| with_last_good(e, out))?;
+        let mut log = t.train_step()?;
         watch.after_step(t, &mut log, out)?;
         run::append_log(out, &log)?;
         lock.refresh()?;
@@ -116,7 +185,13 @@ pub fn train_to_end(
 }
 
 /// Saves the finished steps and says how to continue.
-fn interrupted(out: &std::path::Path, t: &Trainer, signal: i32, total: usize) -> Error {
+fn interrupted(
+    out: &std::path::Path,
+    t: &Trainer,
+    signal: i32,
+    total: usize,
+    cont: Continue,
+) -> Error {
     let saved = match checkpoint::latest(out) {
         Ok(Some(f)) if f == checkpoint::file(out, t.step) => Ok(f),
         _ if t.step == 0 => Err("nothing to save yet".to_string()),
@@ -126,11 +201,11 @@ fn interrupted(out: &std::path::Path, t: &Trainer, signal: i32, total: usize) ->
     };
     let msg = match saved {
         Ok(file) => format!(
-            "stopped by {} after step {} of {total}; saved {}. Continue with the same command plus \
-             --resume.",
+            "stopped by {} after step {} of {total}; saved {}. To go on, {}.",
             interrupt::name(signal),
             t.step,
-            file.display()
+            file.display(),
+            cont.how()
         ),
         Err(why) => format!(
             "stopped by {} after step {} of {total} ({why}).",
@@ -150,23 +225,6 @@ fn refuse_occupied(out: &std::path::Path, resume: bool) -> Result<()> {
          checkpoint, or choose another --output-dir.",
         out.display()
     )))
-}
-
-/// A divergence message ends by naming the checkpoint to go back to.
-fn with_last_good(e: Error, out: &std::path::Path) -> Error {
-    let Error::Diverged(msg) = e else {
-        return e;
-    };
-    let tail = match checkpoint::latest(out) {
-        Ok(Some(file)) => format!(
-            " The last checkpoint, saved before that step, is {}: --resume continues from it \
-             with the changed settings (if it diverges again, its weights are already off: start \
-             over).",
-            file.display()
-        ),
-        _ => " No checkpoint was written before it; --checkpoint-every N keeps some.".into(),
-    };
-    Error::Diverged(msg + &tail)
 }
 
 fn bar(total: usize, done: usize, progress: Progress) -> indicatif::ProgressBar {
