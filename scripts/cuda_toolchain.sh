@@ -20,14 +20,21 @@ if [ ! -x "$venv/bin/nvcc-ok" ]; then
 fi
 cuda=$(echo "$venv"/lib/python3*/site-packages/nvidia/cu13)
 [ -x "$cuda/bin/nvcc" ] || { echo "no nvcc in $cuda" >&2; exit 1; }
-# Link-time stand-in for the driver library (the real libcuda.so.1 comes with the driver):
-# one empty function per driver symbol cudarc declares.
-if [ ! -f "$cuda/lib/stubs/libcuda.so" ]; then
+# Stand-in for the driver library (the real libcuda.so.1 comes with the driver): one
+# function per driver symbol cudarc declares, each answering CUDA_ERROR_NO_DEVICE (100),
+# and error strings that say so. Enough to link, and to run a CUDA build as on a machine
+# with a driver but no GPU (scripts/cuda_doctor_smoke.sh).
+if [ ! -f "$cuda/lib/stubs/libcuda.stub-v2" ]; then
   sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | head -1)
   [ -n "$sys" ] || { echo "cudarc sources not found: run 'cargo fetch' first" >&2; exit 1; }
-  grep -ohP '^\s+fn \Kcu\w+(?=\()' "$sys" | sort -u | awk '{print "void " $1 "(void) {}"}' > "$root/libcuda_stub.c"
+  { grep -ohP '^\s+fn \Kcu\w+(?=\()' "$sys" | sort -u | grep -v '^cuGetError' |
+      awk '{print "int " $1 "(void) { return 100; }"}'
+    echo 'int cuGetErrorString(int e, const char **s) { *s = "no CUDA device (stub driver)"; return 0; }'
+    echo 'int cuGetErrorName(int e, const char **s) { *s = "CUDA_ERROR_NO_DEVICE"; return 0; }'
+  } > "$root/libcuda_stub.c"
   mkdir -p "$cuda/lib/stubs"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda/lib/stubs/libcuda.so" "$root/libcuda_stub.c"
+  touch "$cuda/lib/stubs/libcuda.stub-v2"
 fi
 # The wheels ship only versioned sonames; the linker wants the plain names.
 (cd "$cuda/lib" && for l in cudart cublas cublasLt nvrtc; do ln -sf "lib$l.so.13" "lib$l.so"; done && ln -sf libcurand.so.10 libcurand.so)

@@ -18,6 +18,7 @@ const RESOLUTION: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct Estimate {
+    pub resolution: usize,
     pub dtype: DType,
     /// Seconds of the second warm-up step and of the second DS-Bal step (the first of
     /// each pays for warm-up and the phase switch).
@@ -40,9 +41,20 @@ pub fn measure(dev: &Device, dtype: DType) -> Result<Estimate> {
         ));
     }
     let model = tiny::ensure_sd21_shapes(&model_dir)?;
-    let pair = tiny::write_pair(&root)?;
+    measure_on(&model, &root, dev, dtype, RESOLUTION)
+}
+
+/// [`measure`] on `model` at `resolution`, the pair written into `root`.
+fn measure_on(
+    model: &std::path::Path,
+    root: &std::path::Path,
+    dev: &Device,
+    dtype: DType,
+    resolution: usize,
+) -> Result<Estimate> {
+    let pair = tiny::write_pair(root)?;
     let mut cfg = TrainConfig::new(pair, root.join("output"), model.to_string_lossy().into());
-    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (2, 2, RESOLUTION);
+    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (2, 2, resolution);
     (cfg.dtype, cfg.loss_scale) = (dtype, TrainConfig::default_loss_scale(dtype));
     let mut t = Trainer::new(cfg, dev, Progress::Quiet)?;
     let meter = PeakMeter::start(dev);
@@ -55,12 +67,13 @@ pub fn measure(dev: &Device, dtype: DType) -> Result<Estimate> {
     }
     let (peak_bytes, peak_of) = meter.stop();
     Ok(Estimate {
+        resolution,
         dtype,
         warmup_seconds: seconds[1],
         dsbal_seconds: seconds[3],
         peak_bytes,
         peak_of,
-        model,
+        model: model.to_path_buf(),
     })
 }
 
@@ -71,7 +84,8 @@ impl Estimate {
             .map_or("?".into(), |b| format!("{:.1} GB", b as f64 / 1e9));
         vec![
             format!(
-                "3+3 images at {RESOLUTION} px in {}, random weights of SD 2.1-base's shapes",
+                "3+3 images at {} px in {}, random weights of SD 2.1-base's shapes",
+                self.resolution,
                 self.dtype.as_str()
             ),
             format!(
@@ -83,7 +97,7 @@ impl Estimate {
 
     pub fn to_json(&self) -> Value {
         json!({
-            "resolution": RESOLUTION,
+            "resolution": self.resolution,
             "images": 6,
             "dtype": self.dtype.as_str(),
             "warmup_step_seconds": self.warmup_seconds,
@@ -144,5 +158,26 @@ impl PeakMeter {
                 (peak, "GPU memory in use, sampled every 5 ms")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The estimate's steps, timer and memory meter, on the tiny model at 64 px.
+    #[test]
+    fn training_steps_are_timed_with_their_peak_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tiny::ensure_cached().unwrap();
+        let e = measure_on(&model, tmp.path(), &Device::Cpu, DType::F32, 64).unwrap();
+        assert!(e.warmup_seconds > 0.0 && e.dsbal_seconds > 0.0, "{e:?}");
+        assert!(e.peak_bytes.is_some_and(|b| b > 1 << 20), "{e:?}");
+        assert!(
+            e.lines()[1].contains("s per DS-Bal step"),
+            "{:?}",
+            e.lines()
+        );
+        assert_eq!(e.to_json()["resolution"], 64);
     }
 }

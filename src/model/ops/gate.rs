@@ -383,6 +383,7 @@ impl Skew for Vec<f64> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 enum Fault {
     Fail,
     Disagree,
