@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
@@ -454,28 +454,34 @@ fn a_closed_stdout_does_not_stop_training() {
     assert!(out.join("magictailor.json").is_file());
 }
 
+/// Trains 4 + 4 steps with a checkpoint every 3 (steps 3, 4 and 6) into `root/full`; gives
+/// that folder, `root/cut` and the arguments of the same run into `root/cut`.
+fn reference_run(root: &Path) -> (PathBuf, PathBuf, Vec<String>) {
+    let pair = pair_folder(root, &PairSpec::training());
+    let model = tiny_sd();
+    let (full, cut) = (root.join("full"), root.join("cut"));
+    let args = |out: &Path| -> Vec<String> {
+        let args = short_run_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+        args.into_iter().map(String::from).collect()
+    };
+    let full_args = args(&full);
+    ok(&run_bin(
+        "train",
+        &full_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let cut_args = args(&cut);
+    (full, cut, cut_args)
+}
+
 /// SIGKILL in the middle of writing a checkpoint leaves its temporary file; the next run
 /// that claims the folder (here `--resume`) removes it, says so, and still ends with the
 /// weights of an uninterrupted run. A test hook (debug builds) stalls the write half-way.
 #[test]
 fn a_writer_killed_mid_write_leaves_a_temp_file_the_next_run_removes() {
     let tmp = tempfile::tempdir().unwrap();
-    let pair = pair_folder(tmp.path(), &PairSpec::training());
-    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
-    let steps = [
-        "--warmup-steps",
-        "4",
-        "--dsbal-steps",
-        "4",
-        "--checkpoint-every",
-        "3",
-    ];
-    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
-    let (full_s, cut_s) = (full.to_str().unwrap(), cut.to_str().unwrap());
-    let args = |out| with_args(quiet_train_args(pair, out, &model), &steps);
-    ok(&run_bin("train", &args(full_s)));
-
-    let mut child = bin_command("train", &args(cut_s))
+    let (full, cut, args) = reference_run(tmp.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = bin_command("train", &args)
         .env("MAGICTAILOR_TEST_STALL_WRITE", "step-000006")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -508,7 +514,7 @@ fn a_writer_killed_mid_write_leaves_a_temp_file_the_next_run_removes() {
     child.wait().unwrap();
     assert!(leftover.exists(), "the kill leaves the temporary file");
 
-    let mut resume = with_args(args(cut_s), &["--resume"]);
+    let mut resume = with_args(args, &["--resume"]);
     resume.retain(|a| *a != "--quiet");
     let o = run_bin("train", &resume);
     ok(&o);
@@ -610,22 +616,9 @@ fn integer_tensors_in_float_files_are_refused_by_name() {
 #[test]
 fn a_full_disk_names_the_last_good_checkpoint_and_the_way_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let pair = pair_folder(tmp.path(), &PairSpec::training());
-    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
-    let steps = [
-        "--warmup-steps",
-        "4",
-        "--dsbal-steps",
-        "4",
-        "--checkpoint-every",
-        "3",
-    ];
-    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
-    let (full_s, cut_s) = (full.to_str().unwrap(), cut.to_str().unwrap());
-    let args = |out| with_args(quiet_train_args(pair, out, &model), &steps);
-    ok(&run_bin("train", &args(full_s)));
-
-    let o = bin_command("train", &args(cut_s))
+    let (full, cut, args) = reference_run(tmp.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = bin_command("train", &args)
         .env("MAGICTAILOR_TEST_FULL_DISK", "step-000006")
         .output()
         .unwrap();
@@ -642,8 +635,7 @@ fn a_full_disk_names_the_last_good_checkpoint_and_the_way_on() {
     ] {
         assert!(err.contains(needle), "{needle:?} in {err}");
     }
-    let resume = with_args(args(cut_s), &["--resume"]);
-    ok(&run_bin("train", &resume));
+    ok(&run_bin("train", &with_args(args, &["--resume"])));
     assert!(
         trained_weights(&full) == trained_weights(&cut),
         "resumed weights differ"

@@ -89,20 +89,6 @@ fn train(args: &[&str]) -> Output {
     run_bin("train", args)
 }
 
-/// The usual run: 4 warm-up + 4 DS-Bal steps at 64 px, a checkpoint every 3 steps.
-fn train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    let mut args = quiet_train_args(pair, out, model);
-    args.extend([
-        "--warmup-steps",
-        "4",
-        "--dsbal-steps",
-        "4",
-        "--checkpoint-every",
-        "3",
-    ]);
-    args
-}
-
 #[test]
 fn resume_after_a_kill_gives_identical_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -110,7 +96,11 @@ fn resume_after_a_kill_gives_identical_weights() {
     let pair = pair.to_str().unwrap();
     let model = tiny_sd();
     let full = tmp.path().join("full");
-    ok(&train(&train_args(pair, full.to_str().unwrap(), &model)));
+    ok(&train(&short_run_args(
+        pair,
+        full.to_str().unwrap(),
+        &model,
+    )));
     let ckpts: Vec<String> = std::fs::read_dir(full.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -146,7 +136,7 @@ fn resume_after_a_kill_gives_identical_weights() {
             .map(|l| format!("{l}\n"))
             .collect(); // one line too many, as after a late kill
         std::fs::write(run.join("train_log.jsonl"), partial).unwrap();
-        let mut args = train_args(pair, run.to_str().unwrap(), &model);
+        let mut args = short_run_args(pair, run.to_str().unwrap(), &model);
         args.push("--resume");
         ok(&train(&args));
         for f in [
@@ -172,7 +162,7 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
     let pair = make_pair(tmp.path());
     let out = tmp.path().join("run");
     let model = tiny_sd();
-    ok(&train(&train_args(
+    ok(&train(&short_run_args(
         pair.to_str().unwrap(),
         out.to_str().unwrap(),
         &model,
@@ -467,7 +457,7 @@ fn a_truncated_reference_image_stops_train_before_anything_is_written() {
     truncate_file(&cut, read_bytes(&cut).len() - 2);
     let out = tmp.path().join("never");
     let model = tiny_sd();
-    let args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    let args = short_run_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
     assert_train_refused(&args, &out, "0_person_k2.jpg");
 }
 
@@ -481,7 +471,7 @@ fn resolutions_not_a_multiple_of_32_train() {
     let pair = make_pair(tmp.path());
     let out = tmp.path().join("run");
     let model = tiny_sd();
-    let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    let mut args = short_run_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
     set_arg(&mut args, "--resolution", "72");
     set_arg(&mut args, "--warmup-steps", "1");
     set_arg(&mut args, "--dsbal-steps", "1");
@@ -585,7 +575,7 @@ fn released_script_exports_the_whole_drifted_token_table() {
     let pair = make_pair(tmp.path());
     let out = tmp.path().join("run");
     let model = tiny_sd();
-    let mut args = train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    let mut args = short_run_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
     set_arg(&mut args, "--warmup-steps", "1");
     set_arg(&mut args, "--dsbal-steps", "1");
     args.push("--released-script");

@@ -138,50 +138,43 @@ pub fn train_to_end(
     stop: &Interrupt,
     cont: Continue,
 ) -> Result<()> {
-    steps_to_end(t, out, lock, progress, stop, cont).map_err(|e| with_survivors(e, out, cont))
-}
-
-fn steps_to_end(
-    t: &mut Trainer,
-    out: &std::path::Path,
-    lock: &lock::RunLock,
-    progress: Progress,
-    stop: &Interrupt,
-    cont: Continue,
-) -> Result<()> {
-    let (total, warmup) = (t.cfg.total_steps(), t.cfg.warmup_steps);
-    let every = t.cfg.checkpoint_every;
-    if let Some(auto) = &t.auto_masks {
-        let preview = auto.write(out)?;
-        if progress != Progress::Quiet {
-            console::note(format_args!(
-                "{} has no masks/: made them from the base model's attention; check them in {}",
-                t.cfg.instance_dir.display(),
-                preview.display()
-            ));
+    // Every error of the loop goes through `with_survivors`.
+    let mut steps = || -> Result<()> {
+        let (total, warmup) = (t.cfg.total_steps(), t.cfg.warmup_steps);
+        let every = t.cfg.checkpoint_every;
+        if let Some(auto) = &t.auto_masks {
+            let preview = auto.write(out)?;
+            if progress != Progress::Quiet {
+                console::note(format_args!(
+                    "{} has no masks/: made them from the base model's attention; check them in {}",
+                    t.cfg.instance_dir.display(),
+                    preview.display()
+                ));
+            }
         }
-    }
-    let mut watch = watch::Watch::new(&t.cfg, out)?;
-    let bar = bar(total, t.step, progress);
-    while t.step < total {
-        if let Some(signal) = stop.requested() {
-            bar.abandon();
-            return Err(interrupted(out, t, signal, total, cont));
+        let mut watch = watch::Watch::new(&t.cfg, out)?;
+        let bar = bar(total, t.step, progress);
+        while t.step < total {
+            if let Some(signal) = stop.requested() {
+                bar.abandon();
+                return Err(interrupted(out, t, signal, total, cont));
+            }
+            let mut log = t.train_step()?;
+            watch.after_step(t, &mut log, out)?;
+            run::append_log(out, &log)?;
+            lock.refresh()?;
+            report(&bar, &log, progress);
+            let at_switch = log.step == warmup && warmup < total;
+            if at_switch || every.is_some_and(|k| k > 0 && log.step % k == 0) {
+                checkpoint::save(out, log.step, &t.checkpoint_tensors()?)?;
+                watch::write_loss_plot(&t.cfg, out)?;
+            }
         }
-        let mut log = t.train_step()?;
-        watch.after_step(t, &mut log, out)?;
-        run::append_log(out, &log)?;
-        lock.refresh()?;
-        report(&bar, &log, progress);
-        let at_switch = log.step == warmup && warmup < total;
-        if at_switch || every.is_some_and(|k| k > 0 && log.step % k == 0) {
-            checkpoint::save(out, log.step, &t.checkpoint_tensors()?)?;
-            watch::write_loss_plot(&t.cfg, out)?;
-        }
-    }
-    bar.finish_and_clear();
-    watch::write_loss_plot(&t.cfg, out)?;
-    t.export(out)
+        bar.finish_and_clear();
+        watch::write_loss_plot(&t.cfg, out)?;
+        t.export(out)
+    };
+    steps().map_err(|e| with_survivors(e, out, cont))
 }
 
 /// Saves the finished steps and says how to continue.

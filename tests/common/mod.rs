@@ -97,6 +97,20 @@ pub fn quiet_train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<
     args
 }
 
+/// The usual short run: `train` with 4 warm-up + 4 DS-Bal steps at 64 px, quiet, a
+/// checkpoint every 3 steps (after steps 3, 4 and 6).
+pub fn short_run_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
+    let steps = [
+        "--warmup-steps",
+        "4",
+        "--dsbal-steps",
+        "4",
+        "--checkpoint-every",
+        "3",
+    ];
+    with_args(quiet_train_args(pair, out, model), &steps)
+}
+
 /// `args` followed by `more`.
 pub fn with_args<'a>(mut args: Vec<&'a str>, more: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(more);
