@@ -80,25 +80,29 @@ impl AdamW {
         }
         let step = adamw_step(&self.config, self.step, coef);
         let slots: Vec<Slot> = (present.iter())
-            .map(|(i, g, clipped)| Slot {
-                p: self.params[*i].as_tensor(),
-                g,
-                m: &self.m[*i],
-                v: &self.v[*i],
-                clipped: *clipped,
-            })
+            .map(|(i, g, clipped)| self.slot(*i, g, *clipped))
             .collect();
         if multi_tensor::fused_adamw(&slots, &step)? {
             return Ok(());
         }
-        let updates = (slots.iter())
-            .map(|slot| adamw_composed(slot, &step))
-            .collect::<Result<Vec<_>>>()?;
-        for ((i, _, _), [p, m, v]) in present.iter().zip(updates) {
+        // One tensor at a time: the old values are freed as the new ones come.
+        for (i, g, clipped) in &present {
+            let [p, m, v] = adamw_composed(&self.slot(*i, g, *clipped), &step)?;
             self.params[*i].set(&p)?;
             (self.m[*i], self.v[*i]) = (m, v);
         }
         Ok(())
+    }
+
+    /// Parameter `i` with its gradient `g` and moments, for one step.
+    fn slot<'a>(&'a self, i: usize, g: &'a Tensor, clipped: bool) -> Slot<'a> {
+        Slot {
+            p: self.params[i].as_tensor(),
+            g,
+            m: &self.m[i],
+            v: &self.v[i],
+            clipped,
+        }
     }
 
     /// Moments and step count as named tensors (`m.<i>`, `v.<i>`, `step`), for checkpoints.
