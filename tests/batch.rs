@@ -384,3 +384,38 @@ fn a_stopped_pair_names_its_last_checkpoint_and_the_batch_way_on() {
     let records = summary(&root);
     assert_eq!(records.last().unwrap()["status"], "trained");
 }
+
+/// Finished pairs re-run with a setting that shapes the result changed are conflicts,
+/// recorded as failures naming the difference, never runs to extend; the dry run says so.
+#[test]
+fn finished_pairs_trained_with_other_settings_are_conflicts_not_extended() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, root, model) = (pairs(tmp.path(), 2), tmp.path().join("out"), tiny_sd());
+    let (dir_s, root_s) = (dir.to_str().unwrap(), root.to_str().unwrap());
+    let args = batch_args(dir_s, root_s, &model);
+    ok(&run_bin("batch", &args));
+    let log = |p: &str| std::fs::read_to_string(root.join(p).join("train_log.jsonl")).unwrap();
+    let before = log("person_a+hair_a");
+
+    let mut more = args.clone();
+    set_arg(&mut more, "--warmup-steps", "6");
+    let dry = run_bin("batch", &with_args(more.clone(), &["--dry-run"]));
+    ok(&dry);
+    let plans = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        plans.contains("fail: ") && plans.contains("--warmup-steps"),
+        "{plans}"
+    );
+    let o = run_bin("batch", &more);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let records = summary(&root);
+    for r in &records[records.len() - 2..] {
+        assert_eq!(r["status"], "failed", "{r}");
+        let note = r["note"].as_str().unwrap();
+        assert!(
+            note.contains("--warmup-steps (warmup_steps): 6 now, 2 when"),
+            "{note}"
+        );
+    }
+    assert_eq!(log("person_a+hair_a"), before, "not extended");
+}

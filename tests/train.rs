@@ -107,13 +107,14 @@ fn resume_after_a_kill_gives_identical_weights() {
         .collect();
     let mut ckpts = ckpts;
     ckpts.sort();
-    // Every 3 steps, plus the switch to DS-Bal after step 4.
+    // Every 3 steps, plus the switch to DS-Bal after step 4, and the end.
     assert_eq!(
         ckpts,
         [
             "step-000003.safetensors",
             "step-000004.safetensors",
-            "step-000006.safetensors"
+            "step-000006.safetensors",
+            "step-000008.safetensors"
         ]
     );
 
@@ -632,4 +633,130 @@ fn without_timings(log: &[serde_json::Value]) -> Vec<serde_json::Value> {
         }
     }
     log
+}
+
+/// The settings that shape a result are fixed by the run's first segment: a resume that
+/// changes one is refused before anything changes, naming the flag and both values;
+/// what only watches the run may change. A finished run resumed says so and exits 0.
+#[test]
+fn resume_keeps_the_settings_of_the_run_and_a_finished_run_stays_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let out = tmp.path().join("run");
+    let base = short_run_args(pair, out.to_str().unwrap(), &model);
+    // Stopped after step 4: keep only what existed then.
+    ok(&train(&base));
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let finished_log = log.clone();
+    for f in ["step-000006.safetensors", "step-000008.safetensors"] {
+        std::fs::remove_file(out.join("checkpoints").join(f)).unwrap();
+    }
+    for f in ["magictailor.json", "pytorch_lora_weights.safetensors"] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    let four: String = log.lines().take(4).map(|l| format!("{l}\n")).collect();
+    std::fs::write(out.join("train_log.jsonl"), &four).unwrap();
+
+    let resume = |more: &[&str]| train(&with_args(with_args(base.clone(), &["--resume"]), more));
+    for (more, needle) in [
+        (
+            &["--warmup-lr", "5e-4"][..],
+            "--warmup-lr (warmup_lr): 0.0005 now, 0.0001 when the run started",
+        ),
+        (
+            &["--lora-rank", "8"][..],
+            "--lora-rank (lora_rank): 8 now, 32 when",
+        ),
+        (&["--no-flip"][..], "--no-flip (flip): false now, true when"),
+    ] {
+        let o = resume(more);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(needle) && err.contains("step-000004.safetensors"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("train_log.jsonl")).unwrap(),
+            four
+        );
+        assert!(!out.join("checkpoints/step-000005.safetensors").exists());
+    }
+    // Watching differently changes nothing: the run ends as it would have.
+    let mut watching = with_args(base.clone(), &["--resume", "--sample-every", "0"]);
+    set_arg(&mut watching, "--checkpoint-every", "2");
+    ok(&train(&watching));
+    let losses = |log: &str| -> Vec<(serde_json::Value, serde_json::Value)> {
+        let lines = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+        lines
+            .map(|v| (v["step"].clone(), v["loss"].clone()))
+            .collect()
+    };
+    let now = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(losses(&now), losses(&finished_log));
+
+    let o = resume(&[]);
+    ok(&o);
+    let o2 = train(
+        &with_args(base.clone(), &["--resume"])
+            .into_iter()
+            .filter(|a| *a != "--quiet")
+            .collect::<Vec<_>>(),
+    );
+    ok(&o2);
+    assert!(
+        stderr(&o2).contains("is finished: all 8 steps are done"),
+        "{}",
+        stderr(&o2)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("train_log.jsonl")).unwrap(),
+        now
+    );
+    let mut longer = with_args(base.clone(), &["--resume"]);
+    set_arg(&mut longer, "--dsbal-steps", "6");
+    let o = train(&longer);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a finished run is not extended: {}",
+        stderr(&o)
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("--dsbal-steps (dsbal_steps): 6 now, 4 when"),
+        "{err}"
+    );
+}
+
+/// The record names the pair and the output folder by absolute path, wherever `train`
+/// ran from.
+#[test]
+fn the_record_holds_absolute_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let model = tiny_sd();
+    let name = pair.file_name().unwrap().to_str().unwrap();
+    let args = with_args(
+        quiet_train_args(name, "out", &model),
+        &["--warmup-steps", "1", "--dsbal-steps", "1"],
+    );
+    let o = bin_command("train", &args)
+        .current_dir(pair.parent().unwrap())
+        .output()
+        .unwrap();
+    ok(&o);
+    let out = tmp.path().join("out");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("magictailor.json")).unwrap())
+            .unwrap();
+    let recorded = std::path::PathBuf::from(record["config"]["instance_dir"].as_str().unwrap());
+    assert!(recorded.is_absolute() && recorded.is_dir(), "{recorded:?}");
+    assert_eq!(
+        recorded.canonicalize().unwrap(),
+        pair.canonicalize().unwrap()
+    );
 }

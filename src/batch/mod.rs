@@ -18,7 +18,9 @@ use crate::interrupt::Interrupt;
 use crate::io::{checkpoint, console, lock, run};
 use crate::model::loader::{loads_in_process, StableDiffusion};
 use crate::train::trainer::{load_model, load_pair, make_masks, Progress, Trainer};
-use crate::train::{claim, restore_latest, train_to_end, with_survivors, Continue, TrainConfig};
+use crate::train::{
+    claim, finished, restore_latest, train_to_end, with_survivors, Continue, TrainConfig,
+};
 pub use pairs::Shard;
 use summary::{PairRecord, Status};
 
@@ -112,6 +114,7 @@ fn pair_config(template: &TrainConfig, pair: &Path, root: &Path) -> TrainConfig 
         output_dir: root.join(pairs::name(pair)),
         ..template.clone()
     }
+    .with_absolute_paths()
 }
 
 /// Trains one pair if it needs it. Gives back the model (loaded on first need) unless
@@ -155,8 +158,10 @@ fn attempt(
         Err(e) => return classify(e, Some(sd)),
     };
     // Under the lock: another worker may have finished it meanwhile.
-    if is_complete(&out, cfg.total_steps()) {
-        return (Status::Skipped, Some("complete".into()), Some(sd));
+    match is_complete(&cfg) {
+        Ok(true) => return (Status::Skipped, Some("complete".into()), Some(sd)),
+        Ok(false) => {}
+        Err(e) => return classify(e, Some(sd)),
     }
     let mut t = match Trainer::with_model(cfg, sd, &data) {
         Ok(t) => t,
@@ -216,9 +221,11 @@ fn classify(
     (status, Some(e.to_string()), model)
 }
 
+/// What to do with a pair. A finished one trained with other settings is an error (an
+/// input error: the pair fails), never a run to extend.
 fn plan(cfg: &TrainConfig, stale_after: Duration) -> Result<Plan> {
     let out = &cfg.output_dir;
-    if is_complete(out, cfg.total_steps()) {
+    if is_complete(cfg)? {
         return Ok(Plan::SkipComplete);
     }
     if lock::is_held(out, stale_after)? {
@@ -232,9 +239,9 @@ fn plan(cfg: &TrainConfig, stale_after: Duration) -> Result<Plan> {
     })
 }
 
-/// A pair is complete when its run record says every step is done.
-fn is_complete(out: &Path, total: usize) -> bool {
-    run::open(out).is_ok_and(|f| f.record.steps_done >= total)
+/// A pair is complete when its run record says every step is done, with these settings.
+fn is_complete(cfg: &TrainConfig) -> Result<bool> {
+    Ok(finished(cfg)?.is_some())
 }
 
 fn record(
@@ -298,11 +305,13 @@ fn dry_run(
 ) -> Result<Outcome> {
     for pair in mine {
         let cfg = pair_config(template, pair, &opts.output_root);
-        let what = match plan(&cfg, opts.stale_after)? {
-            Plan::Train => "train".to_string(),
-            Plan::Resume { from_step } => format!("resume from step {from_step}"),
-            Plan::SkipComplete => "skip: complete".to_string(),
-            Plan::SkipHeld => format!("skip: {}", held_note()),
+        let what = match plan(&cfg, opts.stale_after) {
+            Ok(Plan::Train) => "train".to_string(),
+            Ok(Plan::Resume { from_step }) => format!("resume from step {from_step}"),
+            Ok(Plan::SkipComplete) => "skip: complete".to_string(),
+            Ok(Plan::SkipHeld) => format!("skip: {}", held_note()),
+            Err(e) if e.is_input_error() => format!("fail: {e}"),
+            Err(e) => return Err(e),
         };
         if progress == Progress::Json {
             let line = serde_json::json!({ "pair": pairs::name(pair), "plan": what });

@@ -18,9 +18,15 @@ pub fn file(output: &Path, step: usize) -> PathBuf {
     dir(output).join(format!("step-{step:06}.safetensors"))
 }
 
-pub fn save(output: &Path, step: usize, tensors: &HashMap<String, Tensor>) -> Result<PathBuf> {
+/// Writes the checkpoint of `step`, with `meta` in its header (the run's settings).
+pub fn save(
+    output: &Path,
+    step: usize,
+    tensors: &HashMap<String, Tensor>,
+    meta: HashMap<String, String>,
+) -> Result<PathBuf> {
     let file = file(output, step);
-    tensors::write(&file, tensors, None)?;
+    tensors::write(&file, tensors, Some(meta))?;
     Ok(file)
 }
 

@@ -127,6 +127,21 @@ impl TrainConfig {
         }
     }
 
+    /// This config with its folders absolute (a local model folder too), so that what a
+    /// run records works from any directory, and a resume from another directory
+    /// compares equal.
+    pub fn with_absolute_paths(mut self) -> Self {
+        let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        self.instance_dir = abs(&self.instance_dir);
+        self.output_dir = abs(&self.output_dir);
+        if std::path::Path::new(&self.model).is_dir() {
+            self.model = abs(std::path::Path::new(&self.model))
+                .to_string_lossy()
+                .into_owned();
+        }
+        self
+    }
+
     pub fn total_steps(&self) -> usize {
         self.warmup_steps + self.dsbal_steps
     }

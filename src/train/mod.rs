@@ -9,6 +9,7 @@ pub mod losses;
 pub mod noise;
 pub mod objective;
 pub mod optim;
+pub mod segments;
 pub mod trainer;
 pub mod watch;
 
@@ -31,9 +32,19 @@ pub fn run(
     resume: bool,
     stop: &Interrupt,
 ) -> Result<()> {
+    let cfg = cfg.with_absolute_paths();
     let out = cfg.output_dir.clone();
     lock::check_free(&out, lock::STALE_AFTER)?;
     refuse_occupied(&out, resume)?;
+    if let Some(steps) = finished(&cfg)? {
+        if progress != Progress::Quiet {
+            console::note(format_args!(
+                "{} is finished: all {steps} steps are done, nothing to resume.",
+                out.display()
+            ));
+        }
+        return Ok(());
+    }
     // Everything that can be wrong with the inputs fails here, before anything is written.
     let mut t = Trainer::new(cfg, device, progress)?;
     let lock = claim(&out, lock::STALE_AFTER, progress)?;
@@ -95,6 +106,19 @@ pub(crate) fn with_survivors(e: Error, out: &std::path::Path, cont: Continue) ->
     }
 }
 
+/// The steps done where `cfg`'s output folder holds a finished run with the same
+/// settings; an error where it holds one trained with other settings.
+pub(crate) fn finished(cfg: &TrainConfig) -> Result<Option<usize>> {
+    let Ok(folder) = run::open(&cfg.output_dir) else {
+        return Ok(None);
+    };
+    let recorded = segments::fixed_of(&folder.record.config);
+    let record = cfg.output_dir.join(run::RECORD);
+    segments::check(cfg, &recorded, &format!("recorded in {}", record.display()))?;
+    let done = folder.record.steps_done;
+    Ok((done >= cfg.total_steps()).then_some(done))
+}
+
 /// Creates `out` and takes its lock, warning about a stale lock taken over.
 pub fn claim(
     out: &std::path::Path,
@@ -118,11 +142,26 @@ pub fn claim(
     Ok(lock)
 }
 
-/// Restores the latest checkpoint in `out`, if any, and drops log lines past it.
+/// Restores the latest checkpoint in `out`, if any, and drops log lines past it; refuses
+/// one that was trained with other settings.
 pub fn restore_latest(t: &mut Trainer, out: &std::path::Path) -> Result<bool> {
     let Some(file) = checkpoint::latest(out)? else {
         return Ok(false);
     };
+    if let Some(text) = crate::io::tensors::metadata(&file, segments::METADATA_KEY)? {
+        let recorded: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| {
+                Error::bad_file(
+                    &file,
+                    format!("{}: unreadable settings: {e}", file.display()),
+                )
+            })?;
+        segments::check(
+            &t.cfg,
+            &recorded,
+            &format!("recorded in {}", file.display()),
+        )?;
+    }
     t.restore(&checkpoint::load(&file, &t.sd.device)?, &file)?;
     run::trim_log(out, t.step)?;
     Ok(true)
@@ -166,11 +205,15 @@ pub fn train_to_end(
             report(&bar, &log, progress);
             let at_switch = log.step == warmup && warmup < total;
             if at_switch || every.is_some_and(|k| k > 0 && log.step % k == 0) {
-                checkpoint::save(out, log.step, &t.checkpoint_tensors()?)?;
+                t.save_checkpoint(out)?;
                 watch::write_loss_plot(&t.cfg, out)?;
             }
         }
         bar.finish_and_clear();
+        // The end of a run is always a checkpoint (`--resume` then finds it finished).
+        if checkpoint::latest(out)? != Some(checkpoint::file(out, t.step)) {
+            t.save_checkpoint(out)?;
+        }
         watch::write_loss_plot(&t.cfg, out)?;
         t.export(out)
     };
@@ -188,9 +231,9 @@ fn interrupted(
     let saved = match checkpoint::latest(out) {
         Ok(Some(f)) if f == checkpoint::file(out, t.step) => Ok(f),
         _ if t.step == 0 => Err("nothing to save yet".to_string()),
-        _ => (t.checkpoint_tensors())
-            .and_then(|c| checkpoint::save(out, t.step, &c))
-            .map_err(|e| format!("the checkpoint could not be saved: {e}")),
+        _ => {
+            (t.save_checkpoint(out)).map_err(|e| format!("the checkpoint could not be saved: {e}"))
+        }
     };
     let msg = match saved {
         Ok(file) => format!(

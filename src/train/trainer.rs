@@ -554,6 +554,14 @@ impl Trainer {
         Ok(out)
     }
 
+    /// Writes the checkpoint of the current step into `out`, with the settings that shape
+    /// the result in its header.
+    pub fn save_checkpoint(&self, out: &Path) -> Result<std::path::PathBuf> {
+        let settings = serde_json::Value::Object(super::segments::fixed(&self.cfg)?).to_string();
+        let meta = HashMap::from([(super::segments::METADATA_KEY.to_string(), settings)]);
+        crate::io::checkpoint::save(out, self.step, &self.checkpoint_tensors()?, meta)
+    }
+
     /// Restores [`Self::checkpoint_tensors`]; `file` names the checkpoint in errors.
     pub fn restore(&mut self, t: &HashMap<String, Tensor>, file: &Path) -> Result<()> {
         let get = |k: &str| {
