@@ -281,3 +281,74 @@ fn bad_sample_prompts_are_refused_before_training() {
     );
     assert!(!out.exists(), "nothing may be written");
 }
+
+/// Off a terminal (here stderr is a pipe, as under Slurm, nohup or CI) progress comes as
+/// plain lines: after the first unit, at the cadence, and at the end, each with the
+/// position, the losses (train), the rate and the time left.
+#[test]
+fn progress_off_a_terminal_comes_as_plain_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (out, model) = (tmp.path().join("out"), tiny_sd());
+    let mut args = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+    args.retain(|a| *a != "--quiet");
+    args.extend([
+        "--warmup-steps",
+        "12",
+        "--dsbal-steps",
+        "3",
+        "--sample-every",
+        "0",
+    ]);
+    let o = bin_command("train", &args)
+        .env("MAGICTAILOR_LOG_EVERY_SECONDS", "0")
+        .output()
+        .unwrap();
+    ok(&o);
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(lines.len(), 3, "steps 1, 11 and 15 (every 10 steps): {err}");
+    assert!(
+        lines[0].starts_with("step 1/15 (7%) warm-up loss "),
+        "{err}"
+    );
+    assert!(lines[1].starts_with("step 11/15 "), "{err}");
+    assert!(
+        lines[2].starts_with("step 15/15 (100%) ds-bal loss "),
+        "{err}"
+    );
+    for l in &lines {
+        assert!(
+            l.contains("(diff ") && l.contains(" | ") && l.ends_with(" left"),
+            "{l}"
+        );
+    }
+
+    let png = tmp.path().join("x.png");
+    let infer = [
+        "--model",
+        &model,
+        "--prompt",
+        "a dog",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "12",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    let o = bin_command("infer", &infer)
+        .env("MAGICTAILOR_LOG_EVERY_SECONDS", "0")
+        .output()
+        .unwrap();
+    ok(&o);
+    let err = stderr(&o);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("denoising "))
+        .collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines[2].starts_with("denoising 12/12 (100%) | "), "{err}");
+}

@@ -401,7 +401,7 @@ fn score_all(
             bar.inc(seeds.len() as u64);
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(scores)
 }
 

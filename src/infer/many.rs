@@ -175,7 +175,7 @@ pub fn run(
             bar.inc(chunk.len() as u64);
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     write_manifest(opts, many, src)?;
     if many.grid {
         for (i, prompt) in many.prompts.iter().enumerate() {

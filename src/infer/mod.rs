@@ -208,7 +208,7 @@ pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
         opts,
         || bar.inc(1),
     )?;
-    bar.finish_and_clear();
+    bar.finish();
     if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         crate::io::leftovers::remove_orphans(dir, crate::io::leftovers::Scope::Folder);
     }

@@ -172,7 +172,7 @@ pub fn sample(
     let bar = progress_bar(steps as u64, "denoising", progress);
     let c = w.condition(prompt, negative, guidance)?;
     let x = denoise(&c, None, latents, steps, || bar.inc(1))?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(x)
 }
 
@@ -221,15 +221,9 @@ fn ensure_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
     )))
 }
 
-pub fn progress_bar(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    let template =
-        format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}]");
-    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
-        bar.set_style(style);
-    }
-    bar
+/// Progress of `len` units of `what` (a bar, or lines off a terminal), when `show`.
+pub fn progress_bar(len: u64, what: &str, show: bool) -> crate::io::ticker::Ticker {
+    // Off a terminal, a line per 10 denoising steps at most; per image or mask, each.
+    let every = if what == "denoising" { 10 } else { 1 };
+    crate::io::ticker::Ticker::new(what, len, 0, every, show)
 }

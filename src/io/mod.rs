@@ -11,5 +11,6 @@ pub mod leftovers;
 pub mod lock;
 pub mod run;
 pub mod tensors;
+pub mod ticker;
 
 pub use atomic::write_atomic;

@@ -170,7 +170,7 @@ pub fn compute(
 ) -> Result<Vec<ImageMask>> {
     let bar = crate::infer::progress_bar(data.num_images() as u64, "masks", progress);
     let mut masks = pair::attention_masks(sd, data, &record.attention, |_| bar.inc(1))?;
-    bar.finish_and_clear();
+    bar.finish();
     if let Some(sam) = sam {
         let pixels: Vec<_> = data.images().map(|(_, im)| &im.pixels).collect();
         for (m, px) in masks.iter_mut().zip(pixels) {

@@ -18,6 +18,7 @@ use candle_core::Device;
 use crate::error::{Error, IoOp, Result};
 use crate::interrupt::{self, Interrupt};
 use crate::io::console;
+use crate::io::ticker::Ticker;
 use crate::io::{checkpoint, leftovers, lock, run};
 pub use config::TrainConfig;
 use trainer::{Progress, StepLog, Trainer};
@@ -209,7 +210,7 @@ pub fn train_to_end(
                 watch::write_loss_plot(&t.cfg, out)?;
             }
         }
-        bar.finish_and_clear();
+        bar.finish();
         // The end of a run is always a checkpoint (`--resume` then finds it finished).
         if checkpoint::latest(out)? != Some(checkpoint::file(out, t.step)) {
             t.save_checkpoint(out)?;
@@ -263,23 +264,28 @@ fn refuse_occupied(out: &std::path::Path, resume: bool) -> Result<()> {
     )))
 }
 
-fn bar(total: usize, done: usize, progress: Progress) -> indicatif::ProgressBar {
-    if progress != Progress::Bar {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total as u64).with_position(done as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]",
-    ) {
-        bar.set_style(style);
-    }
-    bar
+/// The steps' progress: a bar on a terminal, a line every 10 steps (and 30 s) off one.
+fn bar(total: usize, done: usize, progress: Progress) -> Ticker {
+    Ticker::new(
+        "step",
+        total as u64,
+        done as u64,
+        10,
+        progress == Progress::Bar,
+    )
 }
 
-fn report(bar: &indicatif::ProgressBar, log: &StepLog, progress: Progress) {
+fn report(bar: &Ticker, log: &StepLog, progress: Progress) {
     match progress {
         Progress::Bar => {
-            bar.set_message(format!("{} loss {:.4}", log.phase.name(), log.loss));
+            bar.set_message(format!(
+                "{} loss {:.4} (diff {:.4}, attn {:.4}, pres {:.4})",
+                log.phase.name(),
+                log.loss,
+                log.l_diff,
+                log.l_attn,
+                log.l_pres
+            ));
             bar.inc(1);
         }
         Progress::Json => {
