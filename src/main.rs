@@ -308,11 +308,11 @@ struct InferArgs {
     /// to OUT_DIR/promptNN/seedNN.png with a manifest.jsonl; existing images are skipped.
     #[arg(long, conflicts_with_all = ["prompt", "num_images", "init_latents", "out"])]
     prompts_file: Option<PathBuf>,
-    /// What `{}` in a prompts file stands for.
+    /// With --prompts-file: what `{}` in it stands for.
     #[arg(long, default_value = "<v0> with <v1>")]
     placeholder: String,
     /// With --prompts-file: seeds like 0..31 (inclusive) or 0,4,7 [default: --seed].
-    #[arg(long, requires = "prompts_file")]
+    #[arg(long)]
     seeds: Option<String>,
     /// With --prompts-file: images denoised together.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
@@ -703,9 +703,49 @@ fn doctor_cmd(a: DoctorArgs) -> magictailor::Result<u8> {
     Ok(u8::from(!report.problems().is_empty()))
 }
 
+/// The flags of `infer` that only a `--prompts-file` run uses.
+const MANY_PROMPT_FLAGS: [&str; 5] = ["seeds", "batch_size", "grid", "out_dir", "placeholder"];
+
+/// Refuses flags given on the command line that the chosen mode would ignore (clap's
+/// `requires` does not fire when the required flag conflicts with one given).
+fn refuse_ignored(matches: &clap::ArgMatches) -> magictailor::Result<()> {
+    let Some(("infer", m)) = matches.subcommand() else {
+        return Ok(());
+    };
+    let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    if given("prompts_file") {
+        return Ok(());
+    }
+    let ignored: Vec<String> = (MANY_PROMPT_FLAGS.iter())
+        .filter(|id| given(id))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    let (verb, pronoun) = if ignored.len() == 1 {
+        ("applies", "it")
+    } else {
+        ("apply", "them")
+    };
+    Err(magictailor::Error::usage(format!(
+        "{} only {verb} with --prompts-file; with --prompt {pronoun} would be ignored. Drop \
+         {pronoun}, or put the prompt in a file and pass --prompts-file.",
+        ignored.join(", ")
+    )))
+}
+
 fn main() -> ExitCode {
     magictailor::device::tune_cpu_runtime();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = refuse_ignored(&matches) {
+        console::note(format_args!("error: {e}"));
+        return ExitCode::from(e.exit_code());
+    }
     let result = match cli.command {
         Command::Train(a) => train_cmd(a).map(|()| 0),
         Command::Infer(a) => infer_cmd(a).map(|()| 0),

@@ -398,3 +398,48 @@ fn fp16_weight_files_load_and_stay_close() {
         "fp16-rounded weights moved the image by {d} levels"
     );
 }
+
+/// Flags of the many-prompt mode given with a single --prompt are refused (exit 2, no
+/// image), not ignored.
+#[test]
+fn many_prompt_flags_with_one_prompt_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("x.png");
+    let model = tiny_sd();
+    let base = [
+        "--model",
+        &model,
+        "--prompt",
+        "a dog",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    for extra in [
+        &["--seeds", "0..3"][..],
+        &["--grid"],
+        &["--batch-size", "2"],
+        &["--out-dir", "x"],
+        &["--placeholder", "y"],
+    ] {
+        let o = run_bin("infer", &[&base[..], extra].concat());
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains(&format!("{} only applies with --prompts-file", extra[0])),
+            "{err}"
+        );
+        assert!(!png.exists());
+    }
+    let o = run_bin("infer", &[&base[..], &["--grid", "--seeds", "1"]].concat());
+    assert!(
+        stderr(&o).contains("--seeds, --grid only apply with --prompts-file"),
+        "{}",
+        stderr(&o)
+    );
+}
