@@ -443,3 +443,49 @@ fn many_prompt_flags_with_one_prompt_are_refused() {
         stderr(&o)
     );
 }
+
+/// A prompt longer than the text encoder's 77 tokens: refused when a pseudo-word would
+/// fall past the end (it would be dropped without a trace), else drawn with a warning
+/// that gives the token count.
+#[test]
+fn prompts_past_the_text_encoders_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("x.png");
+    let (model, embeds) = (tiny_sd(), fixture("learned_embeds.safetensors"));
+    let filler = vec!["a"; 90].join(" ");
+    let run = |prompt: &str| {
+        let args = [
+            "--model",
+            &model,
+            "--embeds",
+            &embeds,
+            "--prompt",
+            prompt,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        run_bin("infer", &args)
+    };
+    let o = run(&format!("{filler} <v0>"));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("tokens long, over the text encoder's 77: <v0> would fall past"),
+        "{err}"
+    );
+    assert!(!png.exists());
+    let o = run(&format!("<v0> with <v1>, {filler}"));
+    ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning: the prompt") && err.contains("the first 77"),
+        "{err}"
+    );
+    assert!(png.exists());
+}

@@ -48,6 +48,9 @@ impl<'a> Weights<'a> {
     pub fn check_prompt(&self, prompt: &str) -> Result<()> {
         let unknown = self.sd.tokenizer.unknown_pseudo_words(prompt);
         if unknown.is_empty() {
+            if let Some(warning) = self.sd.tokenizer.check_length(prompt, "the prompt")? {
+                crate::io::console::note(format_args!("warning: {warning}"));
+            }
             return Ok(());
         }
         let known = self.sd.tokenizer.pseudo_words();

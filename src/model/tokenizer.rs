@@ -121,13 +121,13 @@ impl ClipTokenizer {
             .map(|k| self.encoder_vocab + k as u32)
     }
 
-    /// Token ids with BOS/EOS, truncated and padded to the model length.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+    /// Token ids with BOS/EOS, pseudo-words mapped to their rows; any length.
+    fn ids(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, true)
             .map_err(|e| Error::usage(format!("cannot tokenize {text:?}: {e}")))?;
-        let mut ids: Vec<u32> = enc
+        Ok(enc
             .get_ids()
             .iter()
             .zip(enc.get_tokens())
@@ -138,7 +138,39 @@ impl ClipTokenizer {
                     id
                 }
             })
+            .collect())
+    }
+
+    /// Whether `text` (a `what`: "the prompt", "the sample prompt") fits the text
+    /// encoder's window. A pseudo-word past it would be dropped without a trace: refused.
+    /// Other words past it: `Some(warning)`, with the token count.
+    pub fn check_length(&self, text: &str, what: &str) -> Result<Option<String>> {
+        let ids = self.ids(text)?;
+        if ids.len() <= self.max_len {
+            return Ok(None);
+        }
+        let cut = &ids[self.max_len - 1..ids.len() - 1];
+        let lost: Vec<&String> = (self.added.iter())
+            .filter(|w| self.pseudo_word_id(w).is_some_and(|id| cut.contains(&id)))
             .collect();
+        let (n, max) = (ids.len(), self.max_len);
+        if lost.is_empty() {
+            return Ok(Some(format!(
+                "{what} {text:?} is {n} tokens long; the text encoder reads the first {max}, \
+                 so its end is ignored."
+            )));
+        }
+        let lost: Vec<&str> = lost.iter().map(|w| w.as_str()).collect();
+        Err(Error::usage(format!(
+            "{what} {text:?} is {n} tokens long, over the text encoder's {max}: {} would fall \
+             past the end and be ignored. Shorten it, or put the pseudo-words first.",
+            lost.join(", ")
+        )))
+    }
+
+    /// Token ids with BOS/EOS, truncated and padded to the model length.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.ids(text)?;
         if ids.len() > self.max_len {
             ids.truncate(self.max_len - 1);
             ids.push(self.eos_id);

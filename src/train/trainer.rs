@@ -157,6 +157,13 @@ impl Trainer {
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
         super::watch::check_sample_prompts(&cfg, words.len())?;
         sd.tokenizer.add_pseudo_words(&words)?;
+        if cfg.sample_every != Some(0) {
+            for p in &cfg.sample_prompts {
+                if let Some(w) = sd.tokenizer.check_length(p, "the sample prompt")? {
+                    crate::io::console::note(format_args!("warning: {w}"));
+                }
+            }
+        }
         let rows = init_rows(&sd, &class_words)?;
         let batch = Batch::new(&sd, data)?;
         let last = cfg.total_steps();
