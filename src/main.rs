@@ -96,8 +96,11 @@ struct MasksArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Replace masks that already exist.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "missing")]
     overwrite: bool,
+    /// Make only the masks the folder lacks; the others stay as they are.
+    #[arg(long)]
+    missing: bool,
     /// The Stable Diffusion model whose attention is read (folder or hub id).
     #[arg(long, default_value_t = d().model)]
     model: String,
@@ -613,6 +616,7 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
         },
         sam_model: a.refine.map(|Refine::Sam| a.sam_model),
         overwrite: a.overwrite,
+        missing: a.missing,
         device: magictailor::device::parse(&a.device)?,
         dtype: a.dtype.dtype(),
         progress: !a.quiet && !a.json,
@@ -626,6 +630,10 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
         }
         if let Some(p) = prof {
             console::line(serde_json::json!({ "profile": p }));
+        }
+    } else if written.is_empty() {
+        if !a.quiet {
+            console::note("no mask is missing: nothing to make");
         }
     } else if !a.quiet {
         for w in &written {

@@ -268,7 +268,9 @@ fn attention_masks_recover_the_region_the_model_attends_to() {
     magictailor::data::PairDataset::load(
         &pair,
         64,
-        magictailor::data::MaskPolicy::Required,
+        magictailor::data::MaskPolicy::Required {
+            model: "tiny-random".into(),
+        },
         &Device::Cpu,
     )
     .unwrap();
@@ -532,4 +534,44 @@ fn word_regions_segment_one_image_into_concept_and_component() {
         "component: {}",
         regions[1].iou(&half(false))
     );
+}
+
+/// A folder with some masks: `train` refuses it, suggesting `masks --missing` with the
+/// run's own model; that makes only the missing masks and keeps the hand-made ones, and
+/// then `train` takes the folder. With nothing missing it writes nothing.
+#[test]
+fn missing_masks_are_made_and_hand_made_ones_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::discs((64, 64), Format::Png, 2));
+    let kept = read_bytes(&pair.join("masks/0_person_k1.png"));
+    let gone = pair.join("masks/1_hair_c2.png");
+    std::fs::remove_file(&gone).unwrap();
+    let out = tmp.path().join("run");
+    let args = with_args(
+        quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), "tiny-random"),
+        &["--warmup-steps", "1", "--dsbal-steps", "1"],
+    );
+    let o = run_bin("train", &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let hint = format!(
+        "magictailor masks --instance-dir {} --missing --model tiny-random",
+        pair.display()
+    );
+    assert!(err.contains(&hint), "{err}");
+
+    let o = quick_masks(&pair, &["--missing", "--json"]);
+    ok(&o);
+    let lines: Vec<serde_json::Value> = (String::from_utf8_lossy(&o.stdout).lines())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v.get("mask").is_some())
+        .collect();
+    assert_eq!(lines.len(), 1, "only the missing mask: {lines:?}");
+    assert!(gone.is_file());
+    assert_eq!(read_bytes(&pair.join("masks/0_person_k1.png")), kept);
+    ok(&run_bin("train", &args));
+
+    let o = quick_masks(&pair, &["--missing", "--json"]);
+    ok(&o);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("\"mask\""));
 }

@@ -22,10 +22,11 @@ pub use images::{
 const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
 
 /// What to do when a folder has no mask for an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MaskPolicy {
-    /// Every image needs `masks/{stem}.png|jpg`.
-    Required,
+    /// Every image needs `masks/{stem}.png|jpg`; `model` is the base model whose
+    /// attention would make missing ones (for the message that says how).
+    Required { model: String },
     /// `--no-masks`: the whole image is the wanted region.
     WholeImage,
 }
@@ -68,13 +69,13 @@ impl PairDataset {
             for path in by_sample.get(&index).into_iter().flatten() {
                 let pixels = load_rgb(path, resolution, device)?;
                 let stem = stem(path);
-                let mask = match (mask_files.get(&stem), masks) {
+                let mask = match (mask_files.get(&stem), &masks) {
                     (Some(m), _) => load_mask(m, resolution, device)?,
                     (None, MaskPolicy::WholeImage) => {
                         Tensor::ones((1, resolution, resolution), candle_core::DType::F32, device)?
                     }
-                    (None, MaskPolicy::Required) => {
-                        return Err(missing_masks(dir, &files, &mask_files))
+                    (None, MaskPolicy::Required { model }) => {
+                        return Err(missing_masks(dir, &files, &mask_files, model))
                     }
                 };
                 images.push(RefImage {
@@ -262,7 +263,12 @@ fn check_masks_have_images(masks: &BTreeMap<String, PathBuf>, images: &[PathBuf]
     Ok(())
 }
 
-fn missing_masks(dir: &Path, images: &[PathBuf], masks: &BTreeMap<String, PathBuf>) -> Error {
+fn missing_masks(
+    dir: &Path,
+    images: &[PathBuf],
+    masks: &BTreeMap<String, PathBuf>,
+    model: &str,
+) -> Error {
     let missing: Vec<String> = images
         .iter()
         .map(|p| stem(p))
@@ -278,7 +284,8 @@ fn missing_masks(dir: &Path, images: &[PathBuf], masks: &BTreeMap<String, PathBu
     } else {
         format!(
             "{} has masks for some images but not for {}: add masks/{}.png (white = the wanted \
-             region), or make the missing ones with `magictailor masks --instance-dir {} --overwrite`",
+             region), or make just the missing ones (the others are kept) with `magictailor masks \
+             --instance-dir {} --missing --model {model}`",
             dir.display(),
             missing.join(", "),
             missing[0],

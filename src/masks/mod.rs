@@ -63,6 +63,8 @@ pub struct MasksOptions {
     /// `--refine sam`: the SAM weights (a folder, a file or a hub id).
     pub sam_model: Option<String>,
     pub overwrite: bool,
+    /// Make only the masks the target lacks, keeping the others.
+    pub missing: bool,
     pub device: Device,
     pub dtype: DType,
     pub progress: bool,
@@ -92,7 +94,22 @@ pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
         MaskPolicy::WholeImage,
         &opts.device,
     )?;
-    refuse_overwrite(&data, &target, opts.overwrite)?;
+    let stems: Vec<String> = data.images().map(|(_, im)| stem(&im.path)).collect();
+    let wanted: Vec<bool> = match opts.missing {
+        true => (stems.iter())
+            .map(|s| folder::existing(&target, std::slice::from_ref(s)).is_empty())
+            .collect(),
+        false => {
+            refuse_overwrite(&data, &target, opts.overwrite)?;
+            vec![true; stems.len()]
+        }
+    };
+    if !wanted.contains(&true) {
+        return Ok((
+            Vec::new(),
+            target.join(format!("{}.png", data::PREVIEW_STEM)),
+        ));
+    }
     let sd = StableDiffusion::load(&opts.model, &opts.device, opts.dtype)?;
     check_resolution(&sd, opts.attention.resolution)?;
     check_timesteps(&sd, &opts.attention.timesteps)?;
@@ -112,6 +129,8 @@ pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
         attention: opts.attention.clone(),
         sam_model: opts.sam_model.clone(),
     };
+    // Every image's attention is read (a concept mask leaves out its components'), and
+    // only the wanted masks are written.
     let masks = compute(&sd, &data, &record, sam.as_ref(), opts.progress)?;
     for dir in [target.parent(), Some(target.as_path())]
         .into_iter()
@@ -119,7 +138,7 @@ pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
     {
         crate::io::leftovers::remove_orphans(dir, crate::io::leftovers::Scope::Folder);
     }
-    let written = write(&target, &data, &masks)?;
+    let written = write(&target, &data, &masks, &wanted)?;
     Ok((written, target.join(format!("{}.png", data::PREVIEW_STEM))))
 }
 
@@ -180,15 +199,28 @@ pub fn compute(
     Ok(masks)
 }
 
-/// Writes `masks` at each image's own size, with the preview, into `target`.
-pub fn write(target: &Path, data: &PairDataset, masks: &[ImageMask]) -> Result<Vec<Written>> {
+/// Writes the `wanted` ones of `masks` (one per image of `data`) at each image's own
+/// size, with their preview, into `target`, keeping its other masks.
+pub fn write(
+    target: &Path,
+    data: &PairDataset,
+    masks: &[ImageMask],
+    wanted: &[bool],
+) -> Result<Vec<Written>> {
+    let pixels: Vec<_> = (data.images().zip(wanted))
+        .filter(|(_, w)| **w)
+        .map(|((_, im), _)| &im.pixels)
+        .collect();
+    let masks: Vec<ImageMask> = (masks.iter().zip(wanted))
+        .filter(|(_, w)| **w)
+        .map(|(m, _)| m.clone())
+        .collect();
     let mut files = Vec::with_capacity(masks.len());
-    for m in masks {
+    for m in &masks {
         files.push((stem(&m.image), full_size(m)?));
     }
-    let pixels: Vec<_> = data.images().map(|(_, im)| &im.pixels).collect();
     let title = format!("{}: masks", data.dir.display());
-    let sheet = preview::sheet(masks, &pixels, &title)?;
+    let sheet = preview::sheet(&masks, &pixels, &title)?;
     let paths = folder::write(target, &files, &sheet)?;
     Ok(masks
         .iter()

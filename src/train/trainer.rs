@@ -627,7 +627,9 @@ pub fn load_pair(cfg: &TrainConfig, device: &Device) -> Result<PairDataset> {
     let policy = if cfg.no_masks || masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
         MaskPolicy::WholeImage
     } else {
-        MaskPolicy::Required
+        MaskPolicy::Required {
+            model: cfg.model.clone(),
+        }
     };
     PairDataset::load(&cfg.instance_dir, cfg.resolution, policy, device)
 }
