@@ -387,9 +387,10 @@ struct EvalArgs {
     /// was trained on, from magictailor.json].
     #[arg(long)]
     instance_dir: Option<PathBuf>,
-    /// One prompt per line, `{}` for --placeholder; `# group: NAME` lines group them.
-    #[arg(long, default_value = "assets/eval_prompts.txt")]
-    prompts: PathBuf,
+    /// One prompt per line, `{}` for --placeholder; `# group: NAME` lines group them
+    /// [default: the paper's, built in (assets/eval_prompts.txt)].
+    #[arg(long)]
+    prompts: Option<PathBuf>,
     #[arg(long, default_value = "<v0> with <v1>")]
     placeholder: String,
     /// A count N (seeds 0..N-1, the paper: 32) or a list like 0..31 or 0,4,7.

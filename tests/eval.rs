@@ -338,3 +338,24 @@ fn eval_refuses_bad_input_naming_the_fix() {
     a.extend(["--instance-dir", &missing]);
     fails(a, "--instance-dir");
 }
+
+/// Without --prompts, eval runs the paper's prompts, built into the binary, from any
+/// working directory (was: a path relative to the repository).
+#[test]
+fn the_papers_prompts_are_built_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = trained(tmp.path());
+    let d = dir.to_str().unwrap();
+    let mut args = eval_args(d, "unused");
+    args.drain(2..4); // no --prompts
+    set_arg(&mut args, "--seeds", "1");
+    let o = bin_command("eval", &with_args(args, &["--json", "--segment", "none"]))
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    ok(&o);
+    let m = json_out(&o);
+    assert_eq!(m["prompts"].as_array().unwrap().len(), 22, "Table 5's 20 and the 2 decoupled");
+    let source = m["protocol"]["prompts_file"].as_str().unwrap();
+    assert!(source.starts_with("built-in"), "{source}");
+}

@@ -44,7 +44,8 @@ pub struct EvalOptions {
     pub model: Option<String>,
     /// The pair folder; default: the one magictailor.json records.
     pub instance_dir: Option<PathBuf>,
-    pub prompts_file: PathBuf,
+    /// `None`: the paper's prompts ([`PAPER_PROMPTS`]).
+    pub prompts_file: Option<PathBuf>,
     pub placeholder: String,
     pub seeds: Vec<u64>,
     pub steps: usize,
@@ -105,7 +106,7 @@ pub fn attention_segmenter(opts: &EvalOptions) -> Result<segment::Attention> {
 pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
     let folder = run::open(&opts.model_dir)?;
     let tokens = &folder.record.tokens;
-    let prompts = read_prompts(&opts.prompts_file, &opts.placeholder, tokens)?;
+    let prompts = read_prompts(opts.prompts_file.as_deref(), &opts.placeholder, tokens)?;
     let pair = pair_folder(opts, &folder.record)?;
     let refs = PairDataset::load(&pair, REFERENCE_SIZE, MaskPolicy::WholeImage, &Device::Cpu)?;
     check_classes(tokens, &refs, &pair)?;
@@ -150,14 +151,31 @@ pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
     })
 }
 
+/// The paper's evaluation prompts (Table 5, and the two decoupled ones), built in so
+/// that `eval` works from any directory; `--prompts FILE` replaces them.
+pub const PAPER_PROMPTS: &str = include_str!("../../assets/eval_prompts.txt");
+
+/// What names the prompts in messages and the metrics: the file, or the built-in set.
+pub fn prompts_source(file: Option<&Path>) -> String {
+    match file {
+        Some(f) => f.display().to_string(),
+        None => "built-in (the paper's, assets/eval_prompts.txt)".into(),
+    }
+}
+
 /// One prompt per line as `infer --prompts-file` reads them; `# group: NAME` comment
 /// lines name the group of the prompts below them. Pseudo-words must be the run's.
 pub fn read_prompts(
-    file: &Path,
+    file: Option<&Path>,
     placeholder: &str,
     tokens: &BTreeMap<String, String>,
 ) -> Result<Vec<Prompt>> {
-    many::read_grouped_prompts(file, placeholder, "--prompts")?
+    let what = format!("--prompts {}", prompts_source(file));
+    let grouped = match file {
+        Some(f) => many::read_grouped_prompts(f, placeholder, "--prompts")?,
+        None => many::parse_grouped_prompts(PAPER_PROMPTS, placeholder, &what)?,
+    };
+    grouped
         .into_iter()
         .map(|(group, text)| {
             let mut class_text = text.clone();
@@ -165,8 +183,7 @@ pub fn read_prompts(
             for w in pseudo_words_in(&text) {
                 let class = tokens.get(&w).ok_or_else(|| {
                     Error::usage(format!(
-                        "--prompts {}: {text:?} uses {w}, which this run did not learn (it knows: {}).",
-                        file.display(),
+                        "{what}: {text:?} uses {w}, which this run did not learn (it knows: {}).",
                         tokens.keys().cloned().collect::<Vec<_>>().join(", ")
                     ))
                 })?;

@@ -94,7 +94,7 @@ fn metrics_json(ctx: &Context) -> serde_json::Value {
         "instance_dir": ctx.pair.display().to_string(),
         "models": {"clip": o.clip_model, "dino": o.dino_model},
         "protocol": {
-            "prompts_file": o.prompts_file.display().to_string(), "placeholder": o.placeholder,
+            "prompts_file": super::prompts_source(o.prompts_file.as_deref()), "placeholder": o.placeholder,
             "seeds": o.seeds, "steps": o.steps, "guidance": o.guidance, "width": o.width,
             "height": o.height, "layout_steps": o.layout_steps, "sampler": "DDIM, eta 0",
         },

@@ -46,6 +46,15 @@ pub fn read_grouped_prompts(
     flag: &str,
 ) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::read(file, e))?;
+    parse_grouped_prompts(&text, placeholder, &format!("{flag} {}", file.display()))
+}
+
+/// [`read_grouped_prompts`] on the text of a prompts file, which `what` names.
+pub fn parse_grouped_prompts(
+    text: &str,
+    placeholder: &str,
+    what: &str,
+) -> Result<Vec<(String, String)>> {
     let mut group = "ungrouped".to_string();
     let mut prompts = Vec::new();
     for line in text.lines().map(str::trim) {
@@ -59,8 +68,7 @@ pub fn read_grouped_prompts(
     }
     if prompts.is_empty() {
         return Err(Error::usage(format!(
-            "{flag} {}: the file has no prompts (one per line).",
-            file.display()
+            "{what}: the file has no prompts (one per line)."
         )));
     }
     Ok(prompts)
