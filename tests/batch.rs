@@ -419,3 +419,30 @@ fn finished_pairs_trained_with_other_settings_are_conflicts_not_extended() {
     }
     assert_eq!(log("person_a+hair_a"), before, "not extended");
 }
+
+/// The dry run loads each pair it would train, as training does: a bad pair shows as a
+/// failure before any job starts.
+#[test]
+fn the_dry_run_checks_the_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pairs(tmp.path(), 2);
+    std::fs::remove_file(dir.join("person_b+hair_b/masks/1_hair_b2.png")).unwrap();
+    let (root, model) = (tmp.path().join("out"), tiny_sd());
+    let args = batch_args(dir.to_str().unwrap(), root.to_str().unwrap(), &model);
+    let o = run_bin("batch", &with_args(args, &["--dry-run"]));
+    ok(&o);
+    let plans: Vec<String> = (String::from_utf8_lossy(&o.stdout).lines())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| v["plan"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(plans.len(), 2, "{plans:?}");
+    assert_eq!(plans[0], "train");
+    assert!(
+        plans[1].starts_with("fail: ") && plans[1].contains("1_hair_b2"),
+        "{plans:?}"
+    );
+    assert!(
+        !root.join("person_a+hair_a").exists(),
+        "a dry run writes nothing"
+    );
+}

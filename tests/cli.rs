@@ -489,3 +489,53 @@ fn prompts_past_the_text_encoders_window() {
     );
     assert!(png.exists());
 }
+
+/// Messages that name the way on: a dataset root given to `train` points at `batch`; an
+/// unfinished run given to `infer` says to finish it; an ignored flag is named in a
+/// sentence.
+#[test]
+fn messages_name_the_way_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("dataset");
+    let pair = pair_folder(&root, &PairSpec::training());
+    let model = tiny_sd();
+    let out = tmp.path().join("run");
+    let (root_s, out_s) = (root.to_str().unwrap(), out.to_str().unwrap());
+    let o = run_bin("train", &quiet_train_args(root_s, out_s, &model));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("holds 1 of them (person_k+hair_c)"), "{err}");
+    assert!(
+        err.contains(&format!("magictailor batch --pairs {root_s}")),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let mut args = short_run_args(pair.to_str().unwrap(), out_s, &model);
+    args.retain(|a| *a != "--quiet");
+    let o = run_bin(
+        "train",
+        &with_args(args, &["--no-ds-bal", "--ema-decay", "0.9"]),
+    );
+    ok(&o);
+    let want = "--no-ds-bal: --ema-decay only affects DS-Bal, so it is ignored";
+    assert!(stderr(&o).contains(want), "{}", stderr(&o));
+
+    std::fs::remove_file(out.join("magictailor.json")).unwrap();
+    let png = tmp.path().join("x.png");
+    let args = [
+        "--model-dir",
+        out_s,
+        "--prompt",
+        "<v0>",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    let o = run_bin("infer", &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is an unfinished run") && err.contains("--resume"),
+        "{err}"
+    );
+}

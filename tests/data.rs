@@ -46,7 +46,15 @@ fn half_mask(path: &Path, w: u32, h: u32) {
 fn reads_the_published_layout() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = pair(tmp.path());
-    let ds = PairDataset::load(&dir, 16, MaskPolicy::Required { model: "tiny-random".into() }, &Device::Cpu).unwrap();
+    let ds = PairDataset::load(
+        &dir,
+        16,
+        MaskPolicy::Required {
+            model: "tiny-random".into(),
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
     let words: Vec<&str> = ds.samples.iter().map(|s| s.class_word.as_str()).collect();
     assert_eq!(words, ["person", "hair"]);
     assert_eq!(ds.samples[0].images.len(), 2);
@@ -81,12 +89,17 @@ fn no_masks_uses_whole_images() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = pair(tmp.path());
     std::fs::remove_dir_all(dir.join("masks")).unwrap();
-    assert!(
-        PairDataset::load(&dir, 16, MaskPolicy::Required { model: "tiny-random".into() }, &Device::Cpu)
-            .unwrap_err()
-            .to_string()
-            .contains("--no-masks")
-    );
+    assert!(PairDataset::load(
+        &dir,
+        16,
+        MaskPolicy::Required {
+            model: "tiny-random".into()
+        },
+        &Device::Cpu
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("--no-masks"));
     let ds = PairDataset::load(&dir, 16, MaskPolicy::WholeImage, &Device::Cpu).unwrap();
     let m = ds.samples[1].images[0]
         .mask
@@ -98,9 +111,16 @@ fn no_masks_uses_whole_images() {
 }
 
 fn refused(dir: &Path, needle: &str) {
-    let err = PairDataset::load(dir, 16, MaskPolicy::Required { model: "tiny-random".into() }, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let err = PairDataset::load(
+        dir,
+        16,
+        MaskPolicy::Required {
+            model: "tiny-random".into(),
+        },
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
 

@@ -355,7 +355,11 @@ fn the_papers_prompts_are_built_in() {
         .unwrap();
     ok(&o);
     let m = json_out(&o);
-    assert_eq!(m["prompts"].as_array().unwrap().len(), 22, "Table 5's 20 and the 2 decoupled");
+    assert_eq!(
+        m["prompts"].as_array().unwrap().len(),
+        22,
+        "Table 5's 20 and the 2 decoupled"
+    );
     let source = m["protocol"]["prompts_file"].as_str().unwrap();
     assert!(source.starts_with("built-in"), "{source}");
 }

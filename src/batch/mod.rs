@@ -305,7 +305,12 @@ fn dry_run(
 ) -> Result<Outcome> {
     for pair in mine {
         let cfg = pair_config(template, pair, &opts.output_root);
-        let what = match plan(&cfg, opts.stale_after) {
+        // A pair to train is loaded as training loads it, so bad input shows now.
+        let plan = plan(&cfg, opts.stale_after).and_then(|p| match p {
+            Plan::Train | Plan::Resume { .. } => load_pair(&cfg, &Device::Cpu).map(|_| p),
+            p => Ok(p),
+        });
+        let what = match plan {
             Ok(Plan::Train) => "train".to_string(),
             Ok(Plan::Resume { from_step }) => format!("resume from step {from_step}"),
             Ok(Plan::SkipComplete) => "skip: complete".to_string(),

@@ -141,6 +141,20 @@ fn folder_name(dir: &Path) -> String {
 
 /// `person_k+hair_c` -> ["person", "hair"]; the trailing `_{id}` is dropped and any other
 /// underscore becomes a space (`teddy_bear_a` -> "teddy bear").
+/// The names of the pair folders (`a_x+b_y`) directly in `dir`, sorted.
+fn pair_folders_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = (entries.flatten())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains('+') && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
 pub fn class_words(dir: &Path) -> Result<Vec<String>> {
     if !dir.is_dir() {
         return Err(Error::usage(format!(
@@ -150,6 +164,18 @@ pub fn class_words(dir: &Path) -> Result<Vec<String>> {
     }
     let name = folder_name(dir);
     if !name.contains('+') {
+        let pairs = pair_folders_in(dir);
+        if !pairs.is_empty() {
+            return Err(Error::usage(format!(
+                "{} is not a pair folder but holds {} of them ({}{}): train them all with \
+                 `magictailor batch --pairs {} --output-root DIR`, or pass one of them.",
+                dir.display(),
+                pairs.len(),
+                pairs[..pairs.len().min(3)].join(", "),
+                if pairs.len() > 3 { ", ..." } else { "" },
+                dir.display()
+            )));
+        }
         return Err(Error::usage(format!(
             "the folder name {name:?} ({}) does not name its samples: MagicTailor pair folders are named \
              {{concept}}_{{id}}+{{component}}_{{id}}, e.g. person_k+hair_c. Rename the folder.",

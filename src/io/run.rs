@@ -96,6 +96,14 @@ pub fn write_record(dir: &Path, record: &RunRecord) -> Result<()> {
 /// Opens a trained folder, refusing one that lacks or garbles its `magictailor.json`.
 pub fn open(dir: &Path) -> Result<TrainedFolder> {
     let path = dir.join(RECORD);
+    if !path.is_file() && super::checkpoint::latest(dir).is_ok_and(|c| c.is_some()) {
+        return Err(Error::usage(format!(
+            "{} is an unfinished run: it has checkpoints but no {RECORD} yet. Finish it with the \
+             same `magictailor train` command plus --resume (or `magictailor batch` again), then \
+             sample it.",
+            dir.display()
+        )));
+    }
     if !path.is_file() {
         return Err(Error::usage(format!(
             "{} does not exist: {} is not a trained magictailor folder. Train one with `magictailor \

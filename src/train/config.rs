@@ -261,9 +261,19 @@ impl TrainConfig {
             .filter_map(|(flag, set)| set.then_some(flag))
             .collect();
             if !ignored.is_empty() {
+                let verb = if ignored.len() == 1 {
+                    "affects"
+                } else {
+                    "affect"
+                };
+                let pronoun = if ignored.len() == 1 {
+                    "it is"
+                } else {
+                    "they are"
+                };
                 out.push(format!(
-                    "--no-ds-bal: {} only affect DS-Bal and are ignored; the joint phase after warm-up \
-                     trains the warm-up objective at --dsbal-lr.",
+                    "--no-ds-bal: {} only {verb} DS-Bal, so {pronoun} ignored; the joint phase \
+                     after warm-up trains the warm-up objective at --dsbal-lr.",
                     ignored.join(" and ")
                 ));
             }
