@@ -712,6 +712,21 @@ fn doctor_cmd(a: DoctorArgs) -> magictailor::Result<u8> {
     Ok(u8::from(!report.problems().is_empty()))
 }
 
+/// The command line. A value may be negative (`--guidance -1`), so that it reaches the
+/// checks that name the valid range instead of being taken for an unknown flag.
+fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command().mut_subcommands(|sc| {
+        sc.mut_args(|a| {
+            let takes = a.get_num_args().is_none_or(|n| n.takes_values());
+            if takes && a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+    })
+}
+
 /// The flags of `infer` that only a `--prompts-file` run uses.
 const MANY_PROMPT_FLAGS: [&str; 5] = ["seeds", "batch_size", "grid", "out_dir", "placeholder"];
 
@@ -746,7 +761,7 @@ fn refuse_ignored(matches: &clap::ArgMatches) -> magictailor::Result<()> {
 
 fn main() -> ExitCode {
     magictailor::device::tune_cpu_runtime();
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

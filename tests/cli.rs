@@ -539,3 +539,48 @@ fn messages_name_the_way_on() {
         "{err}"
     );
 }
+
+/// Values that cannot sample are refused before any model loads (the model named here
+/// does not exist), with the valid range: NaN, infinity, negative numbers, too many
+/// steps, an output name that is not a PNG's.
+#[test]
+fn out_of_range_values_are_refused_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("x.png");
+    let jpg = tmp.path().join("x.jpg");
+    let absent = tmp.path().join("no-model");
+    let base = ["--model", absent.to_str().unwrap(), "--prompt", "a dog"];
+    for (extra, want) in [
+        (
+            &["--guidance", "NaN"][..],
+            "--guidance NaN: expected a number >= 0",
+        ),
+        (
+            &["--guidance", "inf"],
+            "--guidance inf: expected a number >= 0",
+        ),
+        (
+            &["--guidance", "-1"],
+            "--guidance -1: expected a number >= 0",
+        ),
+        (&["--steps", "2000"], "--steps 2000: expected 1 to 1000"),
+        (&["--out", jpg.to_str().unwrap()], "writes PNG images"),
+    ] {
+        let mut args = [&base[..], extra].concat();
+        if !extra.contains(&"--out") {
+            args.extend(["--out", png.to_str().unwrap()]);
+        }
+        let o = run_bin("infer", &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert!(!png.exists() && !jpg.exists());
+    }
+    let o = run_bin("train", &["--instance-dir", "x", "--warmup-steps", "-5"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("invalid value '-5' for '--warmup-steps"),
+        "{}",
+        stderr(&o)
+    );
+}

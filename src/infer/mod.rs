@@ -183,13 +183,42 @@ fn sources(opts: &InferOptions) -> Result<Sources> {
     })
 }
 
-pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
+/// SD's schedulers train on 1000 timesteps; DDIM cannot take more steps than that.
+const MAX_STEPS: usize = 1000;
+
+/// Refuses values that cannot sample, before any model loads, naming the valid range.
+fn check_values(opts: &InferOptions) -> Result<()> {
+    if !(opts.guidance.is_finite() && opts.guidance >= 0.0) {
+        return Err(Error::usage(format!(
+            "--guidance {}: expected a number >= 0 (1 or less turns guidance off; the usual is 7.5).",
+            opts.guidance
+        )));
+    }
+    if !(1..=MAX_STEPS).contains(&opts.steps) {
+        return Err(Error::usage(format!(
+            "--steps {}: expected 1 to {MAX_STEPS} (the scheduler's training timesteps; 50 is usual).",
+            opts.steps
+        )));
+    }
     if opts.layout_steps > opts.steps {
         return Err(Error::usage(format!(
             "--layout-steps {} is more than --steps {}.",
             opts.layout_steps, opts.steps
         )));
     }
+    let ext = (opts.out.extension()).map(|e| e.to_string_lossy().to_lowercase());
+    if opts.many.is_none() && ext.as_deref() != Some("png") {
+        return Err(Error::usage(format!(
+            "--out {}: magictailor writes PNG images (lossless, with their prompt and seed \
+             inside); name the file .png.",
+            opts.out.display()
+        )));
+    }
+    Ok(())
+}
+
+pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
+    check_values(opts)?;
     let src = sources(opts)?;
     let p = Personalized::load(&src, &opts.device, opts.dtype)?;
     let w = p.weights();
