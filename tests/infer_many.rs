@@ -121,7 +121,7 @@ fn layout_steps_blend_the_base_model_into_the_first_steps() {
             out.to_str().unwrap(),
         ];
         ok(&infer(&[&base, extra].concat()));
-        read_bytes(&out)
+        read_png(&out) // pixels: the PNG's text says how each was made
     };
     let plain = draw(&[], "plain.png");
     assert!(draw(&["--layout-steps", "0"], "k0.png") == plain);
@@ -138,7 +138,7 @@ fn layout_steps_blend_the_base_model_into_the_first_steps() {
     ];
     ok(&infer(&base));
     assert!(
-        all == read_bytes(&base_out),
+        all == read_png(&base_out),
         "K = steps is the base model on the class prompt"
     );
     let half = draw(&["--layout-steps", "3"], "k3.png");

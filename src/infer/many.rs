@@ -178,7 +178,16 @@ pub fn run(
                 .collect::<Result<Vec<_>>>()?;
             let x = denoise_with(&main, &layout, Tensor::cat(&noise, 0)?, opts.steps, || {})?;
             for (img, &s) in to_images(&decode(w, &x)?)?.iter().zip(chunk) {
-                write_atomic(&image_file(&many.out_dir, i, s), &png_bytes(img)?)?;
+                let made = super::provenance::Provenance {
+                    prompt,
+                    seed: s,
+                    opts,
+                    model: &src.model,
+                    lora: src.lora.as_deref(),
+                    embeds: src.embeds.as_deref(),
+                };
+                let png = crate::preview::png_with_text(img, &made.chunks())?;
+                write_atomic(&image_file(&many.out_dir, i, s), &png)?;
             }
             bar.inc(chunk.len() as u64);
         }

@@ -12,6 +12,7 @@ use crate::model::lora::LoraSet;
 use crate::rng::seeded_normal;
 
 pub mod many;
+pub mod provenance;
 mod sampling;
 pub use sampling::{decode, denoise, progress_bar, sample, to_images, Conditioning, Weights};
 
@@ -241,7 +242,15 @@ pub fn run(opts: &InferOptions) -> Result<Vec<PathBuf>> {
     if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         crate::io::leftovers::remove_orphans(dir, crate::io::leftovers::Scope::Folder);
     }
-    save_pngs(&decode(w, &latents)?, &opts.out)
+    let provenance = |i: usize| provenance::Provenance {
+        prompt: &opts.prompt,
+        seed: opts.seed + i as u64,
+        opts,
+        model: &src.model,
+        lora: src.lora.as_deref(),
+        embeds: src.embeds.as_deref(),
+    };
+    save_pngs(&decode(w, &latents)?, &opts.out, provenance)
 }
 
 /// DDIM from `latents`: with `opts.layout_steps` K > 0, the first K steps run the base
@@ -318,7 +327,11 @@ fn initial_latents(p: &Personalized, opts: &InferOptions) -> Result<Tensor> {
     let (c, h, w) = latent_shape(p, opts)?;
     let shape = (opts.num_images, c, h, w);
     let Some(file) = &opts.init_latents else {
-        return seeded_normal(opts.seed, shape, &opts.device);
+        // Image i has seed + i, so each can be drawn again alone (`--seed`).
+        let noise = (0..opts.num_images as u64)
+            .map(|i| seeded_normal(opts.seed + i, (1, c, h, w), &opts.device))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&noise, 0)?);
     };
     let tensors = tensors::read_floats(file, &opts.device, &[])?;
     let t = tensors.get("latents").ok_or_else(|| {
@@ -362,11 +375,17 @@ pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-fn save_pngs(images: &Tensor, out: &Path) -> Result<Vec<PathBuf>> {
+/// Writes image `i` of `images` with what made it (`provenance(i)`) in its PNG.
+fn save_pngs<'a>(
+    images: &Tensor,
+    out: &Path,
+    provenance: impl Fn(usize) -> provenance::Provenance<'a>,
+) -> Result<Vec<PathBuf>> {
     let images = to_images(images)?;
     let paths = output_paths(out, images.len());
-    for (img, path) in images.iter().zip(&paths) {
-        crate::io::write_atomic(path, &crate::preview::png_bytes(img)?)?;
+    for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
+        let png = crate::preview::png_with_text(img, &provenance(i).chunks())?;
+        crate::io::write_atomic(path, &png)?;
     }
     Ok(paths)
 }

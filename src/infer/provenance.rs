@@ -1,0 +1,79 @@
+//! What made a generated image, written into its PNG: A1111's `parameters` text (which
+//! its PNG Info tab, ComfyUI and most image tools show) and a `magictailor` JSON object
+//! with every setting, so an image can be redrawn from itself.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use super::InferOptions;
+
+/// The settings one image was drawn with.
+pub struct Provenance<'a> {
+    pub prompt: &'a str,
+    pub seed: u64,
+    pub opts: &'a InferOptions,
+    /// The base model (hub id or folder), as the sources name it.
+    pub model: &'a str,
+    pub lora: Option<&'a Path>,
+    pub embeds: Option<&'a Path>,
+}
+
+impl Provenance<'_> {
+    /// `(keyword, text)` PNG chunks.
+    pub fn chunks(&self) -> Vec<(String, String)> {
+        vec![
+            ("parameters".into(), self.a1111()),
+            ("magictailor".into(), self.json().to_string()),
+        ]
+    }
+
+    /// A1111's layout: the prompt, the negative prompt, then `Key: value` pairs.
+    fn a1111(&self) -> String {
+        let o = self.opts;
+        let mut s = self.prompt.to_string();
+        if !o.negative_prompt.is_empty() {
+            s.push_str(&format!("\nNegative prompt: {}", o.negative_prompt));
+        }
+        let name = |p: &Path| p.display().to_string();
+        s.push_str(&format!(
+            "\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            o.steps, o.guidance, self.seed, o.width, o.height, self.model
+        ));
+        if let Some(l) = self.lora {
+            s.push_str(&format!(", LoRA: {}", name(l)));
+        }
+        if let Some(e) = self.embeds {
+            s.push_str(&format!(", Embeddings: {}", name(e)));
+        }
+        if o.layout_steps > 0 {
+            s.push_str(&format!(", Layout steps: {}", o.layout_steps));
+        }
+        s.push_str(&format!(
+            ", Version: magictailor {}",
+            env!("CARGO_PKG_VERSION")
+        ));
+        s
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let o = self.opts;
+        json!({
+            "prompt": self.prompt,
+            "negative_prompt": o.negative_prompt,
+            "seed": self.seed,
+            "steps": o.steps,
+            "guidance": o.guidance,
+            "sampler": "DDIM, eta 0",
+            "width": o.width,
+            "height": o.height,
+            "layout_steps": o.layout_steps,
+            "base_model": self.model,
+            "lora": self.lora,
+            "embeds": self.embeds,
+            "dtype": o.dtype.as_str(),
+            "magictailor": env!("CARGO_PKG_VERSION"),
+            "commit": env!("MAGICTAILOR_COMMIT"),
+        })
+    }
+}
