@@ -697,6 +697,24 @@ fn resume_keeps_the_settings_of_the_run_and_a_finished_run_stays_finished() {
     };
     let now = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
     assert_eq!(losses(&now), losses(&finished_log));
+    // The record names every segment that trained, with its exact command line.
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("magictailor.json")).unwrap())
+            .unwrap();
+    let segments = record["segments"].as_array().unwrap();
+    let froms: Vec<u64> = segments
+        .iter()
+        .map(|s| s["from_step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(froms, [0, 4], "the refused resumes trained nothing");
+    let command: Vec<&str> = (segments[1]["command"].as_array().unwrap().iter())
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(command.ends_with(&watching), "{command:?}");
+    assert_eq!(
+        record["magictailor_commit"],
+        segments[1]["magictailor_commit"]
+    );
 
     let o = resume(&[]);
     ok(&o);

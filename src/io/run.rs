@@ -9,6 +9,7 @@
 //!   token_embedding.safetensors        --released-script only: the whole trained table
 //!   magictailor.json                   base model, tokens, settings, steps done
 //!   train_log.jsonl                    one JSON object per step
+//!   segments.jsonl                     one JSON object per segment: command, host, version
 //!   checkpoints/step-NNNNNN.safetensors
 //! ```
 
@@ -30,6 +31,8 @@ pub const A1111_EMBEDS: &str = "embeddings";
 pub const TOKEN_TABLE: &str = "token_embedding.safetensors";
 pub const RECORD: &str = "magictailor.json";
 pub const LOG: &str = "train_log.jsonl";
+/// One line per segment of the run (start, or resume): its command line and whence.
+pub const SEGMENTS: &str = "segments.jsonl";
 pub const CHECKPOINTS: &str = "checkpoints";
 
 /// The tensor name in [`TOKEN_TABLE`]: the text encoder's own, so the file reads as a
@@ -52,6 +55,13 @@ pub struct RunRecord {
     pub config: serde_json::Value,
     #[serde(default)]
     pub magictailor_version: String,
+    /// The commit it was built from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub magictailor_commit: String,
+    /// Every segment of the run (its start and each resume): the exact command line, the
+    /// working directory, host, start time, the step it started from, version and commit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<serde_json::Value>,
     /// Sample grids, the loss plot and the TensorBoard folder, relative to the folder.
     #[serde(default)]
     pub previews: Vec<String>,
@@ -130,6 +140,36 @@ pub fn open(dir: &Path) -> Result<TrainedFolder> {
 /// Appends one JSON line to the training log.
 pub fn append_log(dir: &Path, entry: &impl Serialize) -> Result<()> {
     append_jsonl(&dir.join(LOG), entry)
+}
+
+/// Records that a segment of the run in `dir` starts now, at `from_step`, with this
+/// process's command line.
+pub fn start_segment(dir: &Path, from_step: usize) -> Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let entry = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "cwd": std::env::current_dir().ok(),
+        "host": super::lock::hostname(),
+        "pid": std::process::id(),
+        "started_unix": now.map_or(0, |d| d.as_secs()),
+        "from_step": from_step,
+        "magictailor_version": env!("CARGO_PKG_VERSION"),
+        "magictailor_commit": env!("MAGICTAILOR_COMMIT"),
+    });
+    append_jsonl(&dir.join(SEGMENTS), &entry)
+}
+
+/// The segments recorded in `dir`, oldest first.
+pub fn segments(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let file = dir.join(SEGMENTS);
+    match std::fs::read_to_string(&file) {
+        Ok(text) => Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::read(&file, e)),
+    }
 }
 
 /// Appends `entry` as one line, in one `write` on an append-mode file, so lines from

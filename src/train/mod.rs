@@ -178,6 +178,7 @@ pub fn train_to_end(
     stop: &Interrupt,
     cont: Continue,
 ) -> Result<()> {
+    run::start_segment(out, t.step)?;
     // Every error of the loop goes through `with_survivors`.
     let mut steps = || -> Result<()> {
         let (total, warmup) = (t.cfg.total_steps(), t.cfg.warmup_steps);

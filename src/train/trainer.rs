@@ -503,6 +503,8 @@ impl Trainer {
             steps_done: self.step,
             config,
             magictailor_version: env!("CARGO_PKG_VERSION").to_string(),
+            magictailor_commit: env!("MAGICTAILOR_COMMIT").to_string(),
+            segments: run::segments(dir)?,
             previews: super::watch::previews(dir),
             masks: Some(self.masks_made_by()),
             kernels,
