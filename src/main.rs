@@ -257,9 +257,14 @@ struct TrainSettings {
     /// folder with no masks/ gets them from the base model's attention.
     #[arg(long)]
     no_masks: bool,
-    /// Save a resumable checkpoint every N steps (one is always saved at the phase switch).
+    /// Save a resumable checkpoint every N steps (one is always saved at the phase switch
+    /// and at the end).
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Keep only the newest N checkpoints, deleting older ones as new ones are saved
+    /// [default: keep all].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_checkpoints: Option<u64>,
     /// Reproduce the released script where it departs from the paper: DS-Bal's learning rate
     /// lasts one step, the momentum U-Net is hard-copied at its first update, and the whole
     /// token-embedding table is optimized (with weight decay) and exported, not only the
@@ -471,6 +476,7 @@ impl TrainSettings {
             resolution: self.resolution,
             no_masks: self.no_masks,
             checkpoint_every: self.checkpoint_every,
+            keep_checkpoints: self.keep_checkpoints.map(|n| n as usize),
             released_script: self.released_script,
             jitter: self.color_jitter,
             flip: !self.no_flip,

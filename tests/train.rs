@@ -778,3 +778,26 @@ fn the_record_holds_absolute_paths() {
         pair.canonicalize().unwrap()
     );
 }
+
+/// `--keep-checkpoints N` keeps the newest N as the run goes, and changes nothing else.
+#[test]
+fn keep_checkpoints_prunes_old_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let out = tmp.path().join("run");
+    let mut args = short_run_args(pair, out.to_str().unwrap(), &model);
+    set_arg(&mut args, "--checkpoint-every", "1");
+    ok(&train(&with_args(args, &["--keep-checkpoints", "2"])));
+    let mut left: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["step-000007.safetensors", "step-000008.safetensors"]);
+    let o = run_bin(
+        "train",
+        &["--instance-dir", pair, "--keep-checkpoints", "0"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -30,6 +30,26 @@ pub fn save(
     Ok(file)
 }
 
+/// Deletes all but the newest `keep` checkpoints in `output`; returns what it deleted.
+pub fn prune(output: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let d = dir(output);
+    let mut all: Vec<(usize, PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(&d).map_err(|e| Error::io(IoOp::List, &d, e))? {
+        let p = e.map_err(|e| Error::io(IoOp::List, &d, e))?.path();
+        if let Some(s) = step_of(&p) {
+            all.push((s, p));
+        }
+    }
+    all.sort();
+    let old = all.len().saturating_sub(keep);
+    let mut gone = Vec::new();
+    for (_, p) in all.into_iter().take(old) {
+        std::fs::remove_file(&p).map_err(|e| Error::io(IoOp::Write, &p, e))?;
+        gone.push(p);
+    }
+    Ok(gone)
+}
+
 /// The step a checkpoint file holds, from its name.
 pub fn step_of(file: &Path) -> Option<usize> {
     let name = file.file_name()?.to_str()?;

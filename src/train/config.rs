@@ -41,6 +41,8 @@ pub struct TrainConfig {
     /// Images without masks are learned whole.
     pub no_masks: bool,
     pub checkpoint_every: Option<usize>,
+    /// Keep only the newest N checkpoints; None: all.
+    pub keep_checkpoints: Option<usize>,
     /// Reproduce the released script: DS-Bal's rate lasts one step, the momentum U-Net is
     /// hard-copied at its first update, the whole embedding table is trained and exported
     /// (docs/method.md, "Where we follow the released script").
@@ -95,6 +97,7 @@ impl Default for TrainConfig {
             resolution: 512,
             no_masks: false,
             checkpoint_every: None,
+            keep_checkpoints: None,
             released_script: false,
             jitter: 0.1,
             flip: true,

@@ -10,9 +10,10 @@ use super::TrainConfig;
 use crate::error::{Error, Result};
 
 /// Settings that cannot change the trained weights.
-const FREE: [&str; 7] = [
+const FREE: [&str; 8] = [
     "output_dir",
     "checkpoint_every",
+    "keep_checkpoints",
     "sample_every",
     "sample_prompts",
     "sample_seeds",

@@ -568,7 +568,11 @@ impl Trainer {
     pub fn save_checkpoint(&self, out: &Path) -> Result<std::path::PathBuf> {
         let settings = serde_json::Value::Object(super::segments::fixed(&self.cfg)?).to_string();
         let meta = HashMap::from([(super::segments::METADATA_KEY.to_string(), settings)]);
-        crate::io::checkpoint::save(out, self.step, &self.checkpoint_tensors()?, meta)
+        let file = crate::io::checkpoint::save(out, self.step, &self.checkpoint_tensors()?, meta)?;
+        if let Some(keep) = self.cfg.keep_checkpoints {
+            crate::io::checkpoint::prune(out, keep)?;
+        }
+        Ok(file)
     }
 
     /// Restores [`Self::checkpoint_tensors`]; `file` names the checkpoint in errors.
