@@ -368,6 +368,10 @@ struct InferArgs {
     /// Pseudo-word embeddings ({token: vector} safetensors).
     #[arg(long)]
     embeds: Option<PathBuf>,
+    /// Sample a checkpoint of the --model-dir run (finished or not) instead of its final
+    /// weights: step-N, N, or a checkpoint file.
+    #[arg(long)]
+    checkpoint: Option<String>,
     /// Start from these latents (safetensors tensor `latents`, [n, C, h/f, w/f]) to
     /// reproduce a run made elsewhere exactly.
     #[arg(long)]
@@ -592,6 +596,7 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
         lora: a.lora,
         embeds: a.embeds,
         init_latents: a.init_latents,
+        checkpoint: a.checkpoint,
         device: magictailor::device::parse(&a.device)?,
         dtype: a.dtype.dtype(),
         progress: !a.quiet,

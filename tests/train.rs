@@ -801,3 +801,56 @@ fn keep_checkpoints_prunes_old_ones() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// `infer --checkpoint` samples a checkpoint of a run, finished or not: the last one
+/// draws what the finished run draws; a missing one is named with those there are.
+#[test]
+fn checkpoints_can_be_sampled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let out = tmp.path().join("run");
+    let out_s = out.to_str().unwrap();
+    ok(&train(&short_run_args(pair, out_s, &model)));
+    let draw = |extra: &[&str], name: &str| {
+        let png = tmp.path().join(name);
+        let base = [
+            "--model-dir",
+            out_s,
+            "--prompt",
+            "<v0> with <v1>",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--quiet",
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        let o = run_bin("infer", &[&base[..], extra].concat());
+        (o, png)
+    };
+    let (o, last) = draw(&["--checkpoint", "step-8"], "last.png");
+    ok(&o);
+    let (o, finished) = draw(&[], "finished.png");
+    ok(&o);
+    assert_eq!(
+        read_png(&last),
+        read_png(&finished),
+        "step 8 is the finished run"
+    );
+
+    std::fs::remove_file(out.join("magictailor.json")).unwrap();
+    let (o, early) = draw(&["--checkpoint", "3"], "early.png");
+    ok(&o);
+    assert_ne!(read_png(&early), read_png(&finished));
+    let (o, _) = draw(&["--checkpoint", "5"], "none.png");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("has checkpoints at steps [3, 4, 6, 8]"),
+        "{err}"
+    );
+}

@@ -295,6 +295,7 @@ fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path) -> Result<usize>
         lora: None,
         embeds: None,
         init_latents: None,
+        checkpoint: None,
         device: opts.device.clone(),
         dtype: opts.dtype,
         progress: opts.progress,

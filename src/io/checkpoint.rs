@@ -30,6 +30,21 @@ pub fn save(
     Ok(file)
 }
 
+/// The steps of the checkpoints in `output`, in order.
+pub fn steps(output: &Path) -> Result<Vec<usize>> {
+    let d = dir(output);
+    if !d.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut steps = Vec::new();
+    for e in std::fs::read_dir(&d).map_err(|e| Error::io(IoOp::List, &d, e))? {
+        let p = e.map_err(|e| Error::io(IoOp::List, &d, e))?.path();
+        steps.extend(step_of(&p));
+    }
+    steps.sort();
+    Ok(steps)
+}
+
 /// Deletes all but the newest `keep` checkpoints in `output`; returns what it deleted.
 pub fn prune(output: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let d = dir(output);
