@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod error;
 pub mod eval;
 pub mod infer;
+pub mod info;
 pub mod interrupt;
 pub mod io;
 pub mod masks;

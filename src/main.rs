@@ -57,6 +57,27 @@ enum Command {
     ///
     /// Exit status: 0 when everything checked passed, 1 otherwise.
     Doctor(DoctorArgs),
+    /// What a run folder holds, finished or not: method, base model, words, steps,
+    /// outputs, checkpoints, and the command line of each segment.
+    Info(InfoArgs),
+    /// Print a shell completion script: `magictailor completions bash > ~/.local/share/bash-completion/completions/magictailor`.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// The run folder (a train --output-dir, or a batch pair's folder).
+    #[arg(default_value = magictailor::io::run::DEFAULT_DIR)]
+    dir: PathBuf,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    /// bash, zsh, fish, powershell or elvish.
+    shell: clap_complete::Shell,
 }
 
 #[derive(Args)]
@@ -710,6 +731,16 @@ fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
     Ok(())
 }
 
+fn info_cmd(a: InfoArgs) -> magictailor::Result<()> {
+    let info = magictailor::info::read(&a.dir)?;
+    if a.json {
+        console::line(info.to_json());
+    } else {
+        console::line(info.text());
+    }
+    Ok(())
+}
+
 fn doctor_cmd(a: DoctorArgs) -> magictailor::Result<u8> {
     let report = magictailor::doctor::run(&magictailor::doctor::DoctorOptions {
         device: a.device,
@@ -788,6 +819,16 @@ fn main() -> ExitCode {
         Command::Masks(a) => masks_cmd(a).map(|()| 0),
         Command::Eval(a) => eval_cmd(a).map(|()| 0),
         Command::Doctor(a) => doctor_cmd(a),
+        Command::Info(a) => info_cmd(a).map(|()| 0),
+        Command::Completions(a) => {
+            clap_complete::generate(
+                a.shell,
+                &mut command(),
+                "magictailor",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -854,3 +854,41 @@ fn checkpoints_can_be_sampled() {
         "{err}"
     );
 }
+
+/// `magictailor info` says what a run folder holds, finished or not; `completions`
+/// prints a shell's completion script.
+#[test]
+fn info_describes_a_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let out = tmp.path().join("run");
+    let out_s = out.to_str().unwrap();
+    ok(&train(&short_run_args(pair, out_s, &model)));
+    let o = run_bin("info", &[out_s, "--json"]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["finished"], true, "{v}");
+    assert_eq!(
+        (v["steps_done"].as_u64(), v["total_steps"].as_u64()),
+        (Some(8), Some(8))
+    );
+    assert_eq!(v["checkpoints"], serde_json::json!([3, 4, 6, 8]));
+    assert_eq!(v["tokens"]["<v1>"], "hair");
+    assert!(v["files"]
+        .to_string()
+        .contains("pytorch_lora_weights.safetensors"));
+    assert_eq!(v["segments"].as_array().unwrap().len(), 1);
+
+    std::fs::remove_file(out.join("magictailor.json")).unwrap();
+    let o = run_bin("info", &[out_s]);
+    ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("steps:       8 of 8 (unfinished"), "{text}");
+    let o = run_bin("info", &[tmp.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "no run there");
+
+    let o = run_bin("completions", &["bash"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("_magictailor()"));
+}
