@@ -720,13 +720,11 @@ fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
     if a.json {
         console::line(done.metrics);
     } else if !a.quiet {
-        let summary = done.out_dir.join("summary.md");
+        let files = magictailor::eval::ReportFiles::new(&done.out_dir, &done.segmentation);
+        let summary = files.summary;
         let text =
             std::fs::read_to_string(&summary).map_err(|e| magictailor::Error::read(&summary, e))?;
-        console::line(format_args!(
-            "{text}\n{}",
-            done.out_dir.join("metrics.json").display()
-        ));
+        console::line(format_args!("{text}\n{}", files.metrics.display()));
     }
     Ok(())
 }

@@ -216,17 +216,19 @@ fn eval_draws_scores_writes_and_reuses() {
     ok(&first);
     let m = json_out(&first);
     let out = dir.join("eval/k0");
+    // Reports named by the segmentation: an attention run's are never overwritten.
     for f in [
-        "metrics.json",
-        "summary.md",
-        "grids/prompt00.png",
-        "grids/prompt01.png",
+        "metrics-none.json",
+        "summary-none.md",
+        "grids-none/prompt00.png",
+        "grids-none/prompt01.png",
         "prompt01/seed01.png",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    assert!(!out.join("metrics.json").exists(), "the attention run's name stays free");
     let on_disk: serde_json::Value =
-        serde_json::from_slice(&read_bytes(&out.join("metrics.json"))).unwrap();
+        serde_json::from_slice(&read_bytes(&out.join("metrics-none.json"))).unwrap();
     assert_eq!(on_disk, m);
     assert_eq!(m["generated_segmentation"], "none");
     assert_eq!(m["reference_segmentation"], "masks");
@@ -251,7 +253,7 @@ fn eval_draws_scores_writes_and_reuses() {
     }
     assert_eq!(m["groups"][0]["name"], "snow");
     assert!(
-        String::from_utf8_lossy(&read_bytes(&out.join("summary.md")))
+        String::from_utf8_lossy(&read_bytes(&out.join("summary-none.md")))
             .contains("| **overall** | 2 |")
     );
 

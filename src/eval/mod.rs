@@ -17,6 +17,7 @@ pub mod hub;
 pub mod metrics;
 pub mod preprocess;
 mod report;
+pub use report::ReportFiles;
 pub mod segment;
 
 use std::collections::BTreeMap;
@@ -87,6 +88,8 @@ pub struct Prompt {
 /// What `run` wrote.
 pub struct Outcome {
     pub out_dir: PathBuf,
+    /// How the generated images were segmented (names the report files).
+    pub segmentation: String,
     pub metrics: serde_json::Value,
     pub generated: usize,
 }
@@ -145,6 +148,7 @@ pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
     };
     let metrics = report::write(&ctx, &out)?;
     Ok(Outcome {
+        segmentation: segmenter.name().to_string(),
         out_dir: out,
         metrics,
         generated,

@@ -2,7 +2,7 @@
 //! `summary.md` (a table) and `grids/promptNN.png`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 use serde_json::json;
@@ -29,15 +29,39 @@ pub struct Context<'a> {
 /// Grid cells are shrunk to this size so a 32-seed sheet stays small.
 const CELL: u32 = 128;
 
+/// The report files of a segmentation: `metrics.json`, `summary.md` and `grids/` for
+/// the default (attention), `metrics-none.json`, ... for another, so that scoring the
+/// same images another way never overwrites a report.
+pub struct ReportFiles {
+    pub metrics: PathBuf,
+    pub summary: PathBuf,
+    pub grids: PathBuf,
+}
+
+impl ReportFiles {
+    pub fn new(out: &Path, segmentation: &str) -> Self {
+        let tag = match segmentation {
+            "attention" => String::new(),
+            other => format!("-{other}"),
+        };
+        Self {
+            metrics: out.join(format!("metrics{tag}.json")),
+            summary: out.join(format!("summary{tag}.md")),
+            grids: out.join(format!("grids{tag}")),
+        }
+    }
+}
+
 /// Writes everything; returns metrics.json's content.
 pub fn write(ctx: &Context, out: &Path) -> Result<serde_json::Value> {
+    let files = ReportFiles::new(out, ctx.segmentation);
     let metrics = metrics_json(ctx);
     let text = serde_json::to_string_pretty(&metrics)
         .map_err(|e| Error::internal(format!("serializing metrics.json: {e}")))?;
-    write_atomic(&out.join("metrics.json"), text.as_bytes())?;
-    write_atomic(&out.join("summary.md"), summary_md(ctx).as_bytes())?;
+    write_atomic(&files.metrics, text.as_bytes())?;
+    write_atomic(&files.summary, summary_md(ctx).as_bytes())?;
     for (i, p) in ctx.prompts.iter().enumerate() {
-        grid(ctx, out, i, p)?;
+        grid(ctx, out, &files.grids, i, p)?;
     }
     Ok(metrics)
 }
@@ -162,7 +186,7 @@ fn summary_md(ctx: &Context) -> String {
 }
 
 /// `grids/promptNN.png`: the prompt's images, 8 seeds a row, with its mean scores.
-fn grid(ctx: &Context, out: &Path, i: usize, p: &Prompt) -> Result<()> {
+fn grid(ctx: &Context, out: &Path, grids: &Path, i: usize, p: &Prompt) -> Result<()> {
     let seeds = &ctx.opts.seeds;
     let mut cells: Vec<RgbImage> = Vec::new();
     for &s in seeds {
@@ -221,7 +245,7 @@ fn grid(ctx: &Context, out: &Path, i: usize, p: &Prompt) -> Result<()> {
     }
     .render()?;
     write_atomic(
-        &out.join("grids").join(format!("prompt{i:02}.png")),
+        &grids.join(format!("prompt{i:02}.png")),
         &png_bytes(&image)?,
     )
 }
