@@ -16,7 +16,7 @@ gpus=(${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader)})
 n=${#gpus[@]}
 pids=()
 for i in "${!gpus[@]}"; do
-  CUDA_VISIBLE_DEVICES=${gpus[$i]} magictailor batch --pairs "$pairs" --output-root "$root" \
+  CUDA_VISIBLE_DEVICES=${gpus[$i]} magictailor batch --pairs "$pairs" --out-dir "$root" \
     --shard-index "$i" --shard-count "$n" --device "${DEVICE:-cuda}" --quiet "$@" &
   pids+=($!)
 done

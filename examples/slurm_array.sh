@@ -19,5 +19,5 @@ pairs=${1:?a pairs file (one pair folder per line) or a folder of pair folders}
 root=${2:-runs}
 # `exec` hands SIGTERM (sent 120 s before the time limit) to magictailor, which saves a
 # checkpoint and exits 143; the requeued task resumes from it.
-exec magictailor batch --pairs "$pairs" --output-root "$root" --device cuda --dtype bf16 \
+exec magictailor batch --pairs "$pairs" --out-dir "$root" --device cuda --dtype bf16 \
   --checkpoint-every 50 --quiet

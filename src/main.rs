@@ -114,7 +114,7 @@ struct MasksArgs {
     #[arg(long)]
     instance_dir: PathBuf,
     /// Where to write the masks [default: INSTANCE_DIR/masks].
-    #[arg(long)]
+    #[arg(long = "out-dir", alias = "out")]
     out: Option<PathBuf>,
     /// Replace masks that already exist.
     #[arg(long, conflicts_with = "missing")]
@@ -128,9 +128,9 @@ struct MasksArgs {
     /// The square each image is cropped to, as `train --resolution`.
     #[arg(long, default_value_t = AttentionOptions::default().resolution)]
     resolution: usize,
-    /// Diffusion timesteps whose attention is averaged.
-    #[arg(long, value_delimiter = ',', default_values_t = AttentionOptions::default().timesteps)]
-    timesteps: Vec<usize>,
+    /// Diffusion timesteps whose attention is averaged: a list like 200,400,600 or 100..110.
+    #[arg(long, default_value_t = many::list_spec(&AttentionOptions::default().timesteps))]
+    timesteps: String,
     /// Seed of the fixed noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -141,13 +141,16 @@ struct MasksArgs {
     /// owner/repo/file.safetensors (MobileSAM: lmz/candle-sam/mobile_sam-tiny-vitt.safetensors).
     #[arg(long, requires = "refine", default_value = magictailor::masks::sam::DEFAULT_MODEL)]
     sam_model: String,
+    /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Precision of the diffusion model's weights: f32, bf16 (CUDA) or f16.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
     /// One JSON line per mask on stdout.
     #[arg(long)]
     json: bool,
+    /// Print nothing but errors.
     #[arg(long)]
     quiet: bool,
 }
@@ -180,9 +183,10 @@ struct TrainArgs {
     /// masks/ they are made first from the base model's attention, as `masks` does).
     #[arg(long)]
     instance_dir: PathBuf,
-    #[arg(long, default_value_os_t = d().output_dir)]
+    /// Where the run goes: adapters, embeddings, record, log, checkpoints.
+    #[arg(long = "out-dir", alias = "output-dir", default_value_os_t = d().output_dir)]
     output_dir: PathBuf,
-    /// Continue the run in --output-dir from its last checkpoint.
+    /// Continue the run in --out-dir from its last checkpoint.
     #[arg(long)]
     resume: bool,
     #[command(flatten)]
@@ -194,8 +198,8 @@ struct BatchArgs {
     /// A folder of pair folders, or a text file with one pair folder per line.
     #[arg(long)]
     pairs: PathBuf,
-    /// Each pair trains into OUTPUT_ROOT/{pair folder name}/.
-    #[arg(long)]
+    /// Each pair trains into OUT_DIR/{pair folder name}/.
+    #[arg(long = "out-dir", alias = "output-root")]
     output_root: PathBuf,
     /// Train every SHARD_COUNT-th pair from this index (default: from SLURM_ARRAY_TASK_ID
     /// or JOB_COMPLETION_INDEX, else all pairs).
@@ -309,11 +313,11 @@ struct TrainSettings {
     sample_every: Option<usize>,
     /// A text file with one sample prompt per line (`{}` stands for "<v0> with <v1>")
     /// [default: <v0>; <v1>; <v0> with <v1>; <v0> with <v1>, on the beach].
-    #[arg(long)]
+    #[arg(long = "sample-prompts-file", alias = "sample-prompts")]
     sample_prompts: Option<PathBuf>,
-    /// Seeds of the grid's columns, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = d().sample_seeds)]
-    sample_seeds: Vec<u64>,
+    /// Seeds of the grid's columns: a list like 0,1 or 0..3.
+    #[arg(long, default_value_t = many::list_spec(&d().sample_seeds))]
+    sample_seeds: String,
     /// DDIM steps per sample image.
     #[arg(long, default_value_t = d().sample_steps)]
     sample_steps: usize,
@@ -403,6 +407,10 @@ struct InferArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// One JSON line per image written on stdout (file, prompt, seed); with
+    /// --prompts-file, one line naming the manifest.
+    #[arg(long)]
+    json: bool,
     /// Print nothing but errors.
     #[arg(long)]
     quiet: bool,
@@ -419,12 +427,12 @@ struct EvalArgs {
     instance_dir: Option<PathBuf>,
     /// One prompt per line, `{}` for --placeholder; `# group: NAME` lines group them
     /// [default: the paper's, built in (assets/eval_prompts.txt)].
-    #[arg(long)]
+    #[arg(long = "prompts-file", alias = "prompts")]
     prompts: Option<PathBuf>,
     #[arg(long, default_value = "<v0> with <v1>")]
     placeholder: String,
-    /// A count N (seeds 0..N-1, the paper: 32) or a list like 0..31 or 0,4,7.
-    #[arg(long, default_value = "32")]
+    /// Seeds, as `infer --seeds`: a list like 0..31 (the paper's 32) or 0,4,7.
+    #[arg(long, default_value = "0..31")]
     seeds: String,
     /// Layout-and-Retouch's step blend (as `infer --layout-steps`); each K has its own folder.
     #[arg(long, default_value_t = 0)]
@@ -509,7 +517,7 @@ impl TrainSettings {
             loss_scale: (self.loss_scale).or(TrainConfig::default_loss_scale(self.dtype.dtype())),
             sample_every: self.sample_every,
             sample_prompts,
-            sample_seeds: self.sample_seeds.clone(),
+            sample_seeds: many::parse_list(&self.sample_seeds, "--sample-seeds")?,
             sample_steps: self.sample_steps,
             tensorboard: self.tensorboard,
         })
@@ -627,12 +635,18 @@ fn infer_cmd(a: InferArgs) -> magictailor::Result<()> {
     let prof = profile::Run::start();
     let written = infer::run(&opts)?;
     print_profile(prof);
-    if !a.quiet && opts.many.is_none() {
-        for p in written {
-            console::line(p.display());
+    let manifest = a.out_dir.join("manifest.jsonl");
+    match (a.json, opts.many.is_some()) {
+        (true, false) => {
+            for (i, p) in written.iter().enumerate() {
+                let seed = opts.seed + i as u64;
+                console::line(serde_json::json!({"image": p, "prompt": opts.prompt, "seed": seed}));
+            }
         }
-    } else if !a.quiet {
-        console::line(a.out_dir.join("manifest.jsonl").display());
+        (true, true) => console::line(serde_json::json!({"manifest": manifest})),
+        (false, false) if !a.quiet => written.iter().for_each(|p| console::line(p.display())),
+        (false, true) if !a.quiet => console::line(manifest.display()),
+        _ => {}
     }
     Ok(())
 }
@@ -644,7 +658,9 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
         model: a.model,
         attention: AttentionOptions {
             resolution: a.resolution,
-            timesteps: a.timesteps,
+            timesteps: (many::parse_list(&a.timesteps, "--timesteps")?.into_iter())
+                .map(|t| t as usize)
+                .collect(),
             seed: a.seed,
         },
         sam_model: a.refine.map(|Refine::Sam| a.sam_model),
@@ -681,11 +697,15 @@ fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> magictailor::Result<()> {
-    let seeds = match a.seeds.trim().parse::<u64>() {
-        Ok(0) => return Err(magictailor::Error::usage("--seeds 0: no images to score.")),
-        Ok(n) => many::first_seeds(n)?,
-        Err(_) => many::parse_seeds(&a.seeds)?,
-    };
+    let seeds = many::parse_seeds(&a.seeds)?;
+    if let (Ok(n), false) = (a.seeds.trim().parse::<u64>(), a.quiet) {
+        // Earlier versions read a plain number here as a count of seeds.
+        console::note(format_args!(
+            "note: --seeds {n} is the one seed {n}, as in infer; {} seeds are --seeds 0..{}",
+            n,
+            n.saturating_sub(1)
+        ));
+    }
     let opts = magictailor::eval::EvalOptions {
         model_dir: a.model_dir,
         model: a.model,

@@ -39,7 +39,7 @@ fn batch_args<'a>(pairs: &'a str, root: &'a str, model: &'a str) -> Vec<&'a str>
     vec![
         "--pairs",
         pairs,
-        "--output-root",
+        "--out-dir",
         root,
         "--model",
         model,

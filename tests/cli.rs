@@ -681,3 +681,86 @@ fn images_say_what_made_them_and_redraw_from_it() {
     );
     assert!(png_text(&cell)["parameters"].contains("Seed: 6"));
 }
+
+/// One vocabulary across subcommands: `--out-dir` for folders, `--prompts-file` for
+/// prompt files, lists with commas and ranges; the old spellings still work, unlisted.
+#[test]
+fn one_vocabulary_and_the_old_spellings_still_work() {
+    let help = |sub: &str| String::from_utf8_lossy(&run_bin(sub, &["--help"]).stdout).into_owned();
+    for (sub, new, old) in [
+        ("train", "--out-dir", "--output-dir"),
+        ("batch", "--out-dir", "--output-root"),
+        ("masks", "--out-dir", "--out "),
+        ("eval", "--prompts-file", "--prompts "),
+        ("train", "--sample-prompts-file", "--sample-prompts "),
+    ] {
+        let h = help(sub);
+        assert!(h.contains(new) && !h.contains(old), "{sub}: {h}");
+    }
+    assert!(
+        help("train").contains("[default: 0,1]"),
+        "lists shown as typed"
+    );
+    assert!(help("masks").contains("[default: 200,400,600]"));
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let out = tmp.path().join("old");
+    let old = [
+        "--instance-dir",
+        pair.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--model",
+        &tiny_sd(),
+        "--resolution",
+        "64",
+        "--warmup-steps",
+        "1",
+        "--dsbal-steps",
+        "1",
+        "--sample-seeds",
+        "0..2",
+        "--sample-every",
+        "0",
+        "--quiet",
+    ];
+    ok(&run_bin("train", &old));
+    assert!(out.join("magictailor.json").is_file());
+}
+
+/// `infer --json`: a line per image with its file, prompt and seed.
+#[test]
+fn infer_json_names_each_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.png");
+    let args = [
+        "--model",
+        "tiny-random",
+        "--prompt",
+        "a dog",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--seed",
+        "5",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = run_bin("infer", &args);
+    ok(&o);
+    let lines: Vec<serde_json::Value> = (String::from_utf8_lossy(&o.stdout).lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (lines[1]["seed"].as_u64(), lines[1]["prompt"].as_str()),
+        (Some(6), Some("a dog"))
+    );
+    assert!(Path::new(lines[1]["image"].as_str().unwrap()).is_file());
+}

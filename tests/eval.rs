@@ -173,10 +173,10 @@ fn eval_args<'a>(dir: &'a str, prompts: &'a str) -> Vec<&'a str> {
     vec![
         "--model-dir",
         dir,
-        "--prompts",
+        "--prompts-file",
         prompts,
         "--seeds",
-        "2",
+        "0..1",
         "--steps",
         "3",
         "--width",
@@ -226,7 +226,10 @@ fn eval_draws_scores_writes_and_reuses() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    assert!(!out.join("metrics.json").exists(), "the attention run's name stays free");
+    assert!(
+        !out.join("metrics.json").exists(),
+        "the attention run's name stays free"
+    );
     let on_disk: serde_json::Value =
         serde_json::from_slice(&read_bytes(&out.join("metrics-none.json"))).unwrap();
     assert_eq!(on_disk, m);

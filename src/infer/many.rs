@@ -74,8 +74,17 @@ pub fn parse_grouped_prompts(
     Ok(prompts)
 }
 
-/// More seeds than this is a typo, not a protocol (the paper uses 32).
+/// More numbers than this is a typo, not a protocol (the paper uses 32 seeds).
 const MAX_SEEDS: u64 = 100_000;
+
+/// `values` as a list flag shows them: `0,1`.
+pub fn list_spec(values: &[impl ToString]) -> String {
+    values
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 fn too_many(spec: &str) -> Error {
     Error::usage(format!(
@@ -83,19 +92,17 @@ fn too_many(spec: &str) -> Error {
     ))
 }
 
-/// Seeds `0..n` (exclusive), as `eval --seeds N` counts them.
-pub fn first_seeds(n: u64) -> Result<Vec<u64>> {
-    if n > MAX_SEEDS {
-        return Err(too_many(&n.to_string()));
-    }
-    Ok((0..n).collect())
-}
-
 /// `0..31` (inclusive, as the paper counts its 32 seeds), `3,5,8`, or a mix: `0..3,10`.
 pub fn parse_seeds(spec: &str) -> Result<Vec<u64>> {
+    parse_list(spec, "--seeds")
+}
+
+/// A list of whole numbers as every list flag takes them: `0..31` (inclusive), `3,5,8`,
+/// or a mix; `flag` names it in errors.
+pub fn parse_list(spec: &str, flag: &str) -> Result<Vec<u64>> {
     let bad = || {
         Error::usage(format!(
-            "--seeds {spec:?}: expected seeds like 0..31 (inclusive) or 0,4,7."
+            "{flag} {spec:?}: expected numbers like 0..31 (inclusive) or 0,4,7."
         ))
     };
     let mut seeds = Vec::new();

@@ -84,14 +84,7 @@ pub fn run_bin(subcommand: &str, args: &[&str]) -> Output {
 
 /// `train` on `pair` into `out` with `model` at 64 px, quiet; callers add the steps.
 pub fn quiet_train_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
-    let paths = [
-        "--instance-dir",
-        pair,
-        "--output-dir",
-        out,
-        "--model",
-        model,
-    ];
+    let paths = ["--instance-dir", pair, "--out-dir", out, "--model", model];
     let mut args = paths.to_vec();
     args.extend(["--resolution", "64", "--quiet"]);
     args
