@@ -181,8 +181,8 @@ fn d() -> TrainConfig {
 struct TrainArgs {
     /// The pair folder, e.g. person_k+hair_c (images 0_*, 1_*, masks in masks/; without
     /// masks/ they are made first from the base model's attention, as `masks` does).
-    #[arg(long)]
-    instance_dir: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    instance_dir: Option<PathBuf>,
     /// Where the run goes: adapters, embeddings, record, log, checkpoints.
     #[arg(long = "out-dir", alias = "output-dir", default_value_os_t = d().output_dir)]
     output_dir: PathBuf,
@@ -225,6 +225,10 @@ struct BatchArgs {
 /// Every training setting; `train` and `batch` share them.
 #[derive(Args)]
 struct TrainSettings {
+    /// Settings from a file: TOML with the flags' names as keys (`warmup-steps = 30`), or
+    /// a run's magictailor.json to redo it. Flags given here win.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
     #[arg(long, default_value_t = d().model)]
     model: String,
@@ -545,9 +549,10 @@ impl TrainSettings {
     }
 }
 
-fn train_cmd(a: TrainArgs) -> magictailor::Result<()> {
+fn train_cmd(a: TrainArgs, m: &clap::ArgMatches) -> magictailor::Result<()> {
     let s = &a.settings;
-    let cfg = s.config(a.instance_dir, a.output_dir)?;
+    let cfg = s.config(a.instance_dir.unwrap_or_default(), a.output_dir)?;
+    let cfg = with_settings_file(cfg, s.config.as_deref(), m)?;
     s.check(&cfg)?;
     let out = cfg.output_dir.clone();
     let device = magictailor::device::parse(&s.device)?;
@@ -572,7 +577,24 @@ fn print_profile(run: Option<profile::Run>) -> Option<serde_json::Value> {
     Some(report.to_json())
 }
 
-fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
+/// `cfg` with the settings of `file` (`--config`) where the command line (`m`) gave none.
+fn with_settings_file(
+    cfg: TrainConfig,
+    file: Option<&std::path::Path>,
+    m: &clap::ArgMatches,
+) -> magictailor::Result<TrainConfig> {
+    let Some(file) = file else {
+        return Ok(cfg);
+    };
+    let given = |id: &str| {
+        m.try_get_raw(id).is_ok()
+            && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    let settings = magictailor::train::settings_file::read(file)?;
+    magictailor::train::settings_file::overlay(&cfg, &settings, given)
+}
+
+fn batch_cmd(a: BatchArgs, m: &clap::ArgMatches) -> magictailor::Result<u8> {
     if a.eval {
         return Err(magictailor::Error::usage(
             "--eval: batch does not evaluate; train with `batch`, then run `magictailor eval \
@@ -581,6 +603,7 @@ fn batch_cmd(a: BatchArgs) -> magictailor::Result<u8> {
     }
     let s = &a.settings;
     let template = s.config(PathBuf::new(), PathBuf::new())?;
+    let template = with_settings_file(template, s.config.as_deref(), m)?;
     s.check(&template)?;
     let env = |k: &str| std::env::var(k).ok();
     let opts = BatchOptions {
@@ -830,10 +853,11 @@ fn main() -> ExitCode {
         console::note(format_args!("error: {e}"));
         return ExitCode::from(e.exit_code());
     }
+    let sub = matches.subcommand().map_or(&matches, |(_, m)| m);
     let result = match cli.command {
-        Command::Train(a) => train_cmd(a).map(|()| 0),
+        Command::Train(a) => train_cmd(a, sub).map(|()| 0),
         Command::Infer(a) => infer_cmd(a).map(|()| 0),
-        Command::Batch(a) => batch_cmd(a),
+        Command::Batch(a) => batch_cmd(a, sub),
         Command::Masks(a) => masks_cmd(a).map(|()| 0),
         Command::Eval(a) => eval_cmd(a).map(|()| 0),
         Command::Doctor(a) => doctor_cmd(a),

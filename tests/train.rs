@@ -892,3 +892,85 @@ fn info_describes_a_run_folder() {
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stdout).contains("_magictailor()"));
 }
+
+/// `--config`: a run's magictailor.json redoes it (the same weights, bit for bit, in
+/// another folder); a TOML file of flags sets what the command line does not.
+#[test]
+fn a_run_record_reads_back_as_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let (first, again) = (tmp.path().join("first"), tmp.path().join("again"));
+    let args = with_args(
+        quiet_train_args(pair, first.to_str().unwrap(), &model),
+        &[
+            "--warmup-steps",
+            "2",
+            "--dsbal-steps",
+            "2",
+            "--no-flip",
+            "--lora-rank",
+            "4",
+            "--seed",
+            "7",
+        ],
+    );
+    ok(&train(&args));
+    let record = first.join("magictailor.json");
+    let redo = [
+        "--config",
+        record.to_str().unwrap(),
+        "--out-dir",
+        again.to_str().unwrap(),
+        "--quiet",
+    ];
+    ok(&train(&redo));
+    assert!(
+        trained_weights(&first) == trained_weights(&again),
+        "the same run again"
+    );
+    let config = |dir: &Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("magictailor.json")).unwrap())
+                .unwrap();
+        let mut c = v["config"].clone();
+        c.as_object_mut().unwrap().remove("output_dir");
+        c
+    };
+    assert_eq!(config(&first), config(&again));
+
+    let toml = tmp.path().join("run.toml");
+    let text = format!(
+        "instance-dir = {pair:?}\nmodel = {model:?}\nresolution = 64\nwarmup-steps = 3\n\
+         dsbal-steps = 1\nlora-rank = 4\n"
+    );
+    std::fs::write(&toml, text).unwrap();
+    let third = tmp.path().join("third");
+    let cli = [
+        "--config",
+        toml.to_str().unwrap(),
+        "--out-dir",
+        third.to_str().unwrap(),
+        "--warmup-steps",
+        "1",
+        "--quiet",
+    ];
+    ok(&train(&cli));
+    let c = config(&third);
+    assert_eq!(
+        (c["warmup_steps"].as_u64(), c["dsbal_steps"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        (c["lora_rank"].as_u64(), c["lora_alpha"].as_f64()),
+        (Some(4), Some(4.0))
+    );
+    std::fs::write(&toml, "lora-rnak = 4\n").unwrap();
+    let o = train(&["--config", toml.to_str().unwrap(), "--instance-dir", pair]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("\"lora_rnak\" is not a training setting"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use candle_core::DType;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::dm_deg::{Curve, Degradation};
 use crate::error::{Error, Result};
@@ -12,7 +12,10 @@ use crate::error::{Error, Result};
 /// Pixels per latent cell of every SD VAE; the loader re-checks it against the model.
 pub const SD_VAE_FACTOR: usize = 8;
 
-#[derive(Debug, Clone, Serialize)]
+/// Serialized as `magictailor.json`'s `config`, and read back (`train --config`); a
+/// missing setting takes its default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     pub instance_dir: PathBuf,
     pub output_dir: PathBuf,
@@ -53,7 +56,7 @@ pub struct TrainConfig {
     pub flip: bool,
     /// Precision of the frozen U-Net, VAE and text encoder; LoRA weights, pseudo-word
     /// rows, AdamW state and the losses stay f32.
-    #[serde(serialize_with = "dtype_name")]
+    #[serde(serialize_with = "dtype_name", deserialize_with = "dtype_of")]
     pub dtype: DType,
     /// Static loss scale for f16 (gradients are unscaled before clipping; a step whose
     /// gradients overflow is skipped). None: no scaling.
@@ -70,6 +73,18 @@ pub struct TrainConfig {
 
 fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(d.as_str())
+}
+
+fn dtype_of<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<DType, D::Error> {
+    let name = String::deserialize(d)?;
+    match name.as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(serde::de::Error::custom(format!(
+            "dtype {other:?}: expected f32, f16 or bf16"
+        ))),
+    }
 }
 
 impl Default for TrainConfig {

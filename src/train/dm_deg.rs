@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 use serde::Serialize;
 
 /// `--dm-deg`: which intensity curve (the paper's, or one of its ablations).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Curve {
     /// The paper's curve: alpha * (1 - (d/D)^gamma).

@@ -10,6 +10,7 @@ pub mod noise;
 pub mod objective;
 pub mod optim;
 pub mod segments;
+pub mod settings_file;
 pub mod trainer;
 pub mod watch;
 
