@@ -967,7 +967,7 @@ fn a_run_record_reads_back_as_settings() {
     );
     std::fs::write(&toml, "lora-rnak = 4\n").unwrap();
     let o = train(&["--config", toml.to_str().unwrap(), "--instance-dir", pair]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("\"lora_rnak\" is not a training setting"),
         "{}",

@@ -59,10 +59,14 @@ pub fn read(file: &Path) -> Result<Map<String, Value>> {
             None => (key.clone(), false),
         };
         if !known.contains(&field) && field != "sample_prompts_file" {
+            let keys: Vec<String> = (known.iter())
+                .map(|f| flag_of(f).replace('_', "-"))
+                .chain(["sample-prompts-file".to_string()])
+                .collect();
             return Err(bad(format!(
-                "{key:?} is not a training setting (settings: {}; device, output and logging \
+                "{key:?} is not a training setting (the keys: {}; device, output and logging \
                  flags go on the command line)",
-                known.join(", ")
+                keys.join(", ")
             )));
         }
         let v = match (negate, v) {
