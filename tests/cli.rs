@@ -406,20 +406,7 @@ fn many_prompt_flags_with_one_prompt_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let png = tmp.path().join("x.png");
     let model = tiny_sd();
-    let base = [
-        "--model",
-        &model,
-        "--prompt",
-        "a dog",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--out",
-        png.to_str().unwrap(),
-    ];
+    let base = small_infer(&model, "a dog", png.to_str().unwrap());
     for extra in [
         &["--seeds", "0..3"][..],
         &["--grid"],
@@ -454,23 +441,8 @@ fn prompts_past_the_text_encoders_window() {
     let (model, embeds) = (tiny_sd(), fixture("learned_embeds.safetensors"));
     let filler = vec!["a"; 90].join(" ");
     let run = |prompt: &str| {
-        let args = [
-            "--model",
-            &model,
-            "--embeds",
-            &embeds,
-            "--prompt",
-            prompt,
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "2",
-            "--out",
-            png.to_str().unwrap(),
-        ];
-        run_bin("infer", &args)
+        let args = small_infer(&model, prompt, png.to_str().unwrap());
+        run_bin("infer", &with_args(args, &["--embeds", &embeds]))
     };
     let o = run(&format!("{filler} <v0>"));
     let err = stderr(&o);
@@ -733,26 +705,11 @@ fn one_vocabulary_and_the_old_spellings_still_work() {
 fn infer_json_names_each_image() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.png");
-    let args = [
-        "--model",
-        "tiny-random",
-        "--prompt",
-        "a dog",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--num-images",
-        "2",
-        "--seed",
-        "5",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let o = run_bin("infer", &args);
+    let args = small_infer("tiny-random", "a dog", out.to_str().unwrap());
+    let o = run_bin(
+        "infer",
+        &with_args(args, &["--num-images", "2", "--seed", "5", "--json"]),
+    );
     ok(&o);
     let lines: Vec<serde_json::Value> = (String::from_utf8_lossy(&o.stdout).lines())
         .map(|l| serde_json::from_str(l).unwrap())
@@ -763,4 +720,13 @@ fn infer_json_names_each_image() {
         (Some(6), Some("a dog"))
     );
     assert!(Path::new(lines[1]["image"].as_str().unwrap()).is_file());
+}
+
+/// `infer` of `prompt` with `model` at 64 px in 2 steps into `out`.
+fn small_infer<'a>(model: &'a str, prompt: &'a str, out: &'a str) -> Vec<&'a str> {
+    let size = ["--width", "64", "--height", "64", "--steps", "2"];
+    with_args(
+        vec!["--model", model, "--prompt", prompt, "--out", out],
+        &size,
+    )
 }

@@ -750,6 +750,20 @@ fn resume_keeps_the_settings_of_the_run_and_a_finished_run_stays_finished() {
     );
 }
 
+/// A short run (4 + 4 steps, checkpoints at 3, 4, 6 and 8) trained into `TMP/run`.
+fn short_trained_run() -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let out = tmp.path().join("run");
+    let model = tiny_sd();
+    ok(&train(&short_run_args(
+        pair.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &model,
+    )));
+    (tmp, out)
+}
+
 /// The record names the pair and the output folder by absolute path, wherever `train`
 /// ran from.
 #[test]
@@ -806,12 +820,8 @@ fn keep_checkpoints_prunes_old_ones() {
 /// draws what the finished run draws; a missing one is named with those there are.
 #[test]
 fn checkpoints_can_be_sampled() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pair = make_pair(tmp.path());
-    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
-    let out = tmp.path().join("run");
+    let (tmp, out) = short_trained_run();
     let out_s = out.to_str().unwrap();
-    ok(&train(&short_run_args(pair, out_s, &model)));
     let draw = |extra: &[&str], name: &str| {
         let png = tmp.path().join(name);
         let base = [
@@ -859,12 +869,8 @@ fn checkpoints_can_be_sampled() {
 /// prints a shell's completion script.
 #[test]
 fn info_describes_a_run_folder() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pair = make_pair(tmp.path());
-    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
-    let out = tmp.path().join("run");
+    let (tmp, out) = short_trained_run();
     let out_s = out.to_str().unwrap();
-    ok(&train(&short_run_args(pair, out_s, &model)));
     let o = run_bin("info", &[out_s, "--json"]);
     ok(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
