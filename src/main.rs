@@ -265,7 +265,7 @@ struct TrainSettings {
     #[arg(long, value_enum, default_value_t = d().dm_deg)]
     dm_deg: Curve,
     /// Ablation: after warm-up, keep training the warm-up objective (at --dsbal-lr)
-    /// instead of DS-Bal; --ema-decay and --lambda-pres then have no effect.
+    /// instead of DS-Bal; --ema-decay and --lambda-pres then do not apply and are refused.
     #[arg(long)]
     no_ds_bal: bool,
     /// Momentum (EMA) decay of DS-Bal's regularizer U-Net.

@@ -463,8 +463,8 @@ fn prompts_past_the_text_encoders_window() {
 }
 
 /// Messages that name the way on: a dataset root given to `train` points at `batch`; an
-/// unfinished run given to `infer` says to finish it; an ignored flag is named in a
-/// sentence.
+/// unfinished run given to `infer` says to finish it; a flag that does not apply is
+/// refused in a sentence.
 #[test]
 fn messages_name_the_way_on() {
     let tmp = tempfile::tempdir().unwrap();
@@ -487,11 +487,13 @@ fn messages_name_the_way_on() {
     args.retain(|a| *a != "--quiet");
     let o = run_bin(
         "train",
-        &with_args(args, &["--no-ds-bal", "--ema-decay", "0.9"]),
+        &with_args(args.clone(), &["--no-ds-bal", "--ema-decay", "0.9"]),
     );
-    ok(&o);
-    let want = "--no-ds-bal: --ema-decay only affects DS-Bal, so it is ignored";
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let want = "--no-ds-bal: --ema-decay only shapes DS-Bal, which --no-ds-bal turns off";
     assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    assert!(!out.exists(), "a refused run writes nothing");
+    ok(&run_bin("train", &with_args(args, &["--no-ds-bal"])));
 
     std::fs::remove_file(out.join("magictailor.json")).unwrap();
     let png = tmp.path().join("x.png");
@@ -547,6 +549,27 @@ fn out_of_range_values_are_refused_before_loading() {
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
         assert!(err.contains(want), "{extra:?}: {err}");
         assert!(!png.exists() && !jpg.exists());
+    }
+    let absent_run = tmp.path().join("no-run");
+    for (flag, value, want) in [
+        (
+            "--guidance",
+            "nan",
+            "--guidance NaN: expected a number >= 0",
+        ),
+        ("--steps", "2000", "--steps 2000: expected 1 to 1000"),
+    ] {
+        let args = [
+            "--model-dir",
+            absent_run.to_str().unwrap(),
+            "--segment",
+            "none",
+            flag,
+            value,
+        ];
+        let o = run_bin("eval", &args);
+        assert_eq!(o.status.code(), Some(2), "eval {flag}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "eval {flag}: {}", stderr(&o));
     }
     let o = run_bin("train", &["--instance-dir", "x", "--warmup-steps", "-5"]);
     assert_eq!(o.status.code(), Some(2));

@@ -490,7 +490,7 @@ fn resolutions_not_a_multiple_of_32_train() {
 /// at --dsbal-lr (scaled by the 4 images), with no preserving term and no chosen sample.
 /// Flags only DS-Bal reads are warned about when set; none is warned about by default.
 #[test]
-fn no_ds_bal_trains_a_joint_phase_and_warns_about_ignored_flags() {
+fn no_ds_bal_trains_a_joint_phase_and_refuses_flags_it_would_ignore() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = make_pair(tmp.path());
     let pair = pair.to_str().unwrap();
@@ -547,8 +547,8 @@ fn no_ds_bal_trains_a_joint_phase_and_warns_about_ignored_flags() {
         assert!(l["chosen_sample"].is_null(), "no sample is chosen: {l}");
     }
 
-    let (_, a) = args(
-        "warned",
+    let (out, a) = args(
+        "refused",
         &[
             "--warmup-steps",
             "0",
@@ -559,12 +559,13 @@ fn no_ds_bal_trains_a_joint_phase_and_warns_about_ignored_flags() {
         ],
     );
     let o = run(&a);
-    ok(&o);
     let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("warning") && err.contains("--ema-decay") && !err.contains("--lambda-pres"),
+        err.contains("--ema-decay only shapes DS-Bal") && !err.contains("--lambda-pres"),
         "{err}"
     );
+    assert!(!out.exists(), "a refused run writes nothing");
 }
 
 /// The released script optimizes and saves the whole token-embedding table: the run

@@ -107,6 +107,7 @@ pub fn attention_segmenter(opts: &EvalOptions) -> Result<segment::Attention> {
 }
 
 pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
+    infer::check_sampling(opts.guidance, opts.steps, opts.layout_steps)?;
     let folder = run::open(&opts.model_dir)?;
     let tokens = &folder.record.tokens;
     let prompts = read_prompts(opts.prompts_file.as_deref(), &opts.placeholder, tokens)?;

@@ -311,26 +311,30 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
 /// SD's schedulers train on 1000 timesteps; DDIM cannot take more steps than that.
 const MAX_STEPS: usize = 1000;
 
+/// Refuses sampling values that cannot work, naming the valid range; `infer` and `eval`
+/// call it before any model loads.
+pub fn check_sampling(guidance: f64, steps: usize, layout_steps: usize) -> Result<()> {
+    if !(guidance.is_finite() && guidance >= 0.0) {
+        return Err(Error::usage(format!(
+            "--guidance {guidance}: expected a number >= 0 (1 or less turns guidance off; the usual is 7.5)."
+        )));
+    }
+    if !(1..=MAX_STEPS).contains(&steps) {
+        return Err(Error::usage(format!(
+            "--steps {steps}: expected 1 to {MAX_STEPS} (the scheduler's training timesteps; 50 is usual)."
+        )));
+    }
+    if layout_steps > steps {
+        return Err(Error::usage(format!(
+            "--layout-steps {layout_steps} is more than --steps {steps}."
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses values that cannot sample, before any model loads, naming the valid range.
 fn check_values(opts: &InferOptions) -> Result<()> {
-    if !(opts.guidance.is_finite() && opts.guidance >= 0.0) {
-        return Err(Error::usage(format!(
-            "--guidance {}: expected a number >= 0 (1 or less turns guidance off; the usual is 7.5).",
-            opts.guidance
-        )));
-    }
-    if !(1..=MAX_STEPS).contains(&opts.steps) {
-        return Err(Error::usage(format!(
-            "--steps {}: expected 1 to {MAX_STEPS} (the scheduler's training timesteps; 50 is usual).",
-            opts.steps
-        )));
-    }
-    if opts.layout_steps > opts.steps {
-        return Err(Error::usage(format!(
-            "--layout-steps {} is more than --steps {}.",
-            opts.layout_steps, opts.steps
-        )));
-    }
+    check_sampling(opts.guidance, opts.steps, opts.layout_steps)?;
     let ext = (opts.out.extension()).map(|e| e.to_string_lossy().to_lowercase());
     if opts.many.is_none() && ext.as_deref() != Some("png") {
         return Err(Error::usage(format!(

@@ -248,6 +248,7 @@ impl TrainConfig {
                 return bad("--sample-seeds and --sample-steps need at least one each.".into());
             }
         }
+        self.refuse_flags_without_ds_bal()?;
         if let Some(s) = self.loss_scale {
             if !(s.is_finite() && s > 0.0) {
                 return bad(format!(
@@ -256,6 +257,32 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// `--no-ds-bal` turns off the phase that `--ema-decay` and `--lambda-pres` shape, so
+    /// setting either is a mistake to name, not a value to drop silently.
+    fn refuse_flags_without_ds_bal(&self) -> Result<()> {
+        if self.ds_bal || self.dsbal_steps == 0 {
+            return Ok(());
+        }
+        let d = Self::default();
+        let set: Vec<&str> = [
+            ("--ema-decay", self.ema_decay != d.ema_decay),
+            ("--lambda-pres", self.lambda_pres != d.lambda_pres),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if set.is_empty() {
+            return Ok(());
+        }
+        let verb = if set.len() == 1 { "shapes" } else { "shape" };
+        Err(Error::usage(format!(
+            "--no-ds-bal: {} only {verb} DS-Bal, which --no-ds-bal turns off (the joint phase \
+             after warm-up trains the warm-up objective at --dsbal-lr). Drop {}, or drop --no-ds-bal.",
+            set.join(" and "),
+            set.join(" and ")
+        )))
     }
 
     /// Settings that are accepted but do something a user may not expect.
@@ -268,33 +295,6 @@ impl TrainConfig {
                  prevent)."
                     .into(),
             );
-        }
-        if !self.ds_bal && self.dsbal_steps > 0 {
-            let d = Self::default();
-            let ignored: Vec<&str> = [
-                ("--ema-decay", self.ema_decay != d.ema_decay),
-                ("--lambda-pres", self.lambda_pres != d.lambda_pres),
-            ]
-            .into_iter()
-            .filter_map(|(flag, set)| set.then_some(flag))
-            .collect();
-            if !ignored.is_empty() {
-                let verb = if ignored.len() == 1 {
-                    "affects"
-                } else {
-                    "affect"
-                };
-                let pronoun = if ignored.len() == 1 {
-                    "it is"
-                } else {
-                    "they are"
-                };
-                out.push(format!(
-                    "--no-ds-bal: {} only {verb} DS-Bal, so {pronoun} ignored; the joint phase \
-                     after warm-up trains the warm-up objective at --dsbal-lr.",
-                    ignored.join(" and ")
-                ));
-            }
         }
         out
     }
