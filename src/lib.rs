@@ -18,4 +18,7 @@ pub mod profile;
 pub mod rng;
 pub mod train;
 
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
 pub use error::{Error, Result};
