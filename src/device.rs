@@ -4,6 +4,9 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 
+/// What `--device` is unless told: a GPU when there is one, else the CPU.
+pub const AUTO: &str = "auto";
+
 pub fn parse(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_lowercase();
     let cuda = |n: usize| {
@@ -22,7 +25,7 @@ pub fn parse(spec: &str) -> Result<Device> {
     };
     match spec.as_str() {
         "cpu" => Ok(Device::Cpu),
-        "auto" => {
+        AUTO => {
             if candle_core::utils::cuda_is_available() {
                 cuda(0).or(Ok(Device::Cpu))
             } else {

@@ -29,9 +29,10 @@ pub enum Class {
     Op,
 }
 
-/// Declares `Kind` (in table order), `Kind::ALL` and `Kind::label` from one table.
+/// Declares `Kind` (in table order), `Kind::ALL`, `Kind::class` and `Kind::label` from
+/// one table of `Kind => Class "label"` rows.
 macro_rules! kinds {
-    ($($kind:ident => $label:literal,)*) => {
+    ($($kind:ident => $class:ident $label:literal,)*) => {
         /// What a region measures.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub enum Kind {
@@ -47,57 +48,55 @@ macro_rules! kinds {
                     $(Kind::$kind => $label,)*
                 }
             }
+
+            pub fn class(self) -> Class {
+                match self {
+                    $(Kind::$kind => Class::$class,)*
+                }
+            }
         }
     };
 }
 
 kinds! {
     // Model parts (forward only; their backward is in `Backward`).
-    TextEncoder => "text encoder",
-    UNet => "U-Net forward",
-    VaeEncode => "VAE encode",
-    VaeDecode => "VAE decode",
+    TextEncoder => Part "text encoder",
+    UNet => Part "U-Net forward",
+    VaeEncode => Part "VAE encode",
+    VaeDecode => Part "VAE decode",
     // Training step phases.
-    TrainStep => "train step",
-    Data => "data, augment, DM-Deg noise",
-    ForwardLoss => "forward + loss",
-    Backward => "backward",
-    HostRead => "host reads",
-    GradClip => "gradient clipping",
-    Optimizer => "optimizer",
-    Momentum => "momentum EMA",
+    TrainStep => Phase "train step",
+    Data => Phase "data, augment, DM-Deg noise",
+    ForwardLoss => Phase "forward + loss",
+    Backward => Phase "backward",
+    HostRead => Phase "host reads",
+    GradClip => Phase "gradient clipping",
+    Optimizer => Phase "optimizer",
+    Momentum => Phase "momentum EMA",
     // Inference.
-    DenoiseStep => "denoising step",
+    DenoiseStep => Phase "denoising step",
     // Ops (src/model/ops), exclusive.
-    AttentionFwd => "attention fwd",
-    AttentionBwd => "attention bwd",
-    GroupNormFwd => "group-norm(+SiLU) fwd",
-    GroupNormBwd => "group-norm(+SiLU) bwd",
-    LayerNormFwd => "layer-norm fwd",
-    LayerNormBwd => "layer-norm bwd",
-    GegluFwd => "GEGLU fwd",
-    GegluBwd => "GEGLU bwd",
-    LinearFwd => "frozen linear fwd",
-    LinearBwd => "frozen linear bwd",
-    ConvFwd => "frozen conv fwd",
-    ConvBwd => "frozen conv bwd",
-    UpsampleFwd => "upsample 2x fwd",
-    UpsampleBwd => "upsample 2x bwd",
-    LoraFwd => "LoRA linear fwd",
-    LoraBwd => "LoRA linear bwd",
+    AttentionFwd => Op "attention fwd",
+    AttentionBwd => Op "attention bwd",
+    GroupNormFwd => Op "group-norm(+SiLU) fwd",
+    GroupNormBwd => Op "group-norm(+SiLU) bwd",
+    LayerNormFwd => Op "layer-norm fwd",
+    LayerNormBwd => Op "layer-norm bwd",
+    GegluFwd => Op "GEGLU fwd",
+    GegluBwd => Op "GEGLU bwd",
+    LinearFwd => Op "frozen linear fwd",
+    LinearBwd => Op "frozen linear bwd",
+    ConvFwd => Op "frozen conv fwd",
+    ConvBwd => Op "frozen conv bwd",
+    UpsampleFwd => Op "upsample 2x fwd",
+    UpsampleBwd => Op "upsample 2x bwd",
+    LoraFwd => Op "LoRA linear fwd",
+    LoraBwd => Op "LoRA linear bwd",
 }
 
 const KINDS: usize = Kind::ALL.len();
 
 impl Kind {
-    pub fn class(self) -> Class {
-        match self as usize {
-            k if k < Kind::TrainStep as usize => Class::Part,
-            k if k < Kind::AttentionFwd as usize => Class::Phase,
-            _ => Class::Op,
-        }
-    }
-
     /// Whether this op kind times a backward pass.
     fn is_op_backward(self) -> bool {
         self.class() == Class::Op && self.label().ends_with(" bwd")

@@ -213,7 +213,7 @@ fn bad_prompt_lists_and_blends_are_refused() {
 /// Seed lists too long to be meant are refused, not allocated (a panic before).
 #[test]
 fn absurd_seed_counts_are_refused() {
-    use magictailor::infer::many::{parse_list, parse_seeds};
+    use magictailor::infer::prompts::{parse_list, parse_seeds};
     assert_eq!(parse_seeds("0..3,7").unwrap(), [0, 1, 2, 3, 7]);
     for spec in ["0..18446744073709551615", "0..100000", "5,0..99999"] {
         let e = parse_seeds(spec).unwrap_err().to_string();

@@ -57,7 +57,7 @@ pub struct Report {
 }
 
 /// Runs every check `opts` asks for.
-pub fn run(opts: &DoctorOptions) -> Result<Report> {
+pub fn diagnose(opts: &DoctorOptions) -> Result<Report> {
     let build = system::build();
     let (device, dev) = system::device(&opts.device, &build)?;
     let kernels = kernel_rows(&dev);

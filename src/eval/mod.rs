@@ -18,22 +18,22 @@ pub mod metrics;
 pub mod preprocess;
 mod report;
 pub use report::ReportFiles;
+mod score;
 pub mod segment;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use image::{GrayImage, RgbImage};
+use candle_core::{DType, Device};
 
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
-use crate::infer::many::image_file;
-use crate::infer::{self, many, InferOptions};
+use crate::infer::many::{image_file, Many};
+use crate::infer::prompts::{self, PLACEHOLDER};
+use crate::infer::{self, InferOptions, Mode, Sampling};
 use crate::io::run;
 use crate::model::tokenizer::pseudo_words_in;
-use metrics::{cosine, ImageScore};
-use segment::{Generated, Segmenter};
+use segment::Segmenter;
 
 /// The reference images are read at the paper's training resolution.
 const REFERENCE_SIZE: usize = 512;
@@ -49,11 +49,7 @@ pub struct EvalOptions {
     pub prompts_file: Option<PathBuf>,
     pub placeholder: String,
     pub seeds: Vec<u64>,
-    pub steps: usize,
-    pub guidance: f64,
-    pub width: usize,
-    pub height: usize,
-    pub layout_steps: usize,
+    pub sampling: Sampling,
     /// Images denoised, and images scored, together.
     pub batch_size: usize,
     /// Default `MODEL_DIR/eval/k{layout_steps}`.
@@ -66,9 +62,29 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
+    /// The paper's protocol (32 seeds, SD's usual sampling) on the default run folder.
+    pub fn new(device: Device) -> Self {
+        Self {
+            model_dir: PathBuf::from(run::DEFAULT_DIR),
+            model: None,
+            instance_dir: None,
+            prompts_file: None,
+            placeholder: PLACEHOLDER.into(),
+            seeds: (0..32).collect(),
+            sampling: Sampling::default(),
+            batch_size: 8,
+            out_dir: None,
+            clip_model: clip::DEFAULT_MODEL.into(),
+            dino_model: dino::DEFAULT_MODEL.into(),
+            device,
+            dtype: DType::F32,
+            progress: true,
+        }
+    }
+
     pub fn out_dir(&self) -> PathBuf {
         (self.out_dir.clone()).unwrap_or_else(|| {
-            (self.model_dir.join("eval")).join(format!("k{}", self.layout_steps))
+            (self.model_dir.join("eval")).join(format!("k{}", self.sampling.layout_steps))
         })
     }
 }
@@ -106,8 +122,8 @@ pub fn attention_segmenter(opts: &EvalOptions) -> Result<segment::Attention> {
     ))
 }
 
-pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
-    infer::check_sampling(opts.guidance, opts.steps, opts.layout_steps)?;
+pub fn evaluate(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
+    opts.sampling.check()?;
     let folder = run::open(&opts.model_dir)?;
     let tokens = &folder.record.tokens;
     let prompts = read_prompts(opts.prompts_file.as_deref(), &opts.placeholder, tokens)?;
@@ -128,13 +144,13 @@ pub fn run(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {
     check_existing(&out, opts, &prompts)?;
     let generated = generate(opts, &prompts, &out)?;
     let masks_used = pair.join("masks").is_dir();
-    let models = Models {
+    let models = score::Models {
         clip: &clip,
         dino: &dino,
         batch: opts.batch_size.max(1),
     };
-    let references = reference_features(&models, &refs, masks_used)?;
-    let scores = score_all(&models, opts, &prompts, &references, &out, segmenter)?;
+    let references = score::reference_features(&models, &refs, masks_used)?;
+    let scores = score::score_all(&models, opts, &prompts, &references, &out, segmenter)?;
     let ctx = report::Context {
         opts,
         prompts: &prompts,
@@ -177,8 +193,8 @@ pub fn read_prompts(
 ) -> Result<Vec<Prompt>> {
     let what = format!("--prompts {}", prompts_source(file));
     let grouped = match file {
-        Some(f) => many::read_grouped_prompts(f, placeholder, "--prompts")?,
-        None => many::parse_grouped_prompts(PAPER_PROMPTS, placeholder, &what)?,
+        Some(f) => prompts::read_grouped_prompts(f, placeholder, "--prompts")?,
+        None => prompts::parse_grouped_prompts(PAPER_PROMPTS, placeholder, &what)?,
     };
     grouped
         .into_iter()
@@ -259,12 +275,13 @@ fn check_existing(out: &Path, opts: &EvalOptions, prompts: &[Prompt]) -> Result<
         if i >= prompts.len() || !image_file(out, i, seed).is_file() {
             continue;
         }
+        let o = &opts.sampling;
         let same = e["prompt"] == prompts[i].text.as_str()
-            && e["steps"] == opts.steps
-            && e["guidance"] == opts.guidance
-            && e["width"] == opts.width
-            && e["height"] == opts.height
-            && e["layout_steps"] == opts.layout_steps;
+            && e["steps"] == o.steps
+            && e["guidance"] == o.guidance
+            && e["width"] == o.width
+            && e["height"] == o.height
+            && e["layout_steps"] == o.layout_steps;
         if !same {
             return Err(Error::usage(format!(
                 "{} holds images drawn with other settings ({line}); they would be scored as if drawn \
@@ -286,258 +303,24 @@ fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path) -> Result<usize>
         return Ok(0);
     }
     let infer_opts = InferOptions {
-        prompt: String::new(),
-        negative_prompt: String::new(),
-        num_images: 1,
-        steps: opts.steps,
-        guidance: opts.guidance,
-        seed: 0,
-        width: opts.width,
-        height: opts.height,
-        out: out.join("unused.png"),
+        sampling: opts.sampling.clone(),
         model_dir: Some(opts.model_dir.clone()),
         model: opts.model.clone(),
         lora: None,
         embeds: None,
-        init_latents: None,
         checkpoint: None,
         device: opts.device.clone(),
         dtype: opts.dtype,
         progress: opts.progress,
-        layout_steps: opts.layout_steps,
-        many: Some(many::Many {
-            prompts: prompts.iter().map(|p| p.text.clone()).collect(),
-            seeds: opts.seeds.clone(),
+        mode: Mode::Many(Many {
             batch_size: opts.batch_size.max(1),
             out_dir: out.to_path_buf(),
-            grid: false,
+            ..Many::new(
+                prompts.iter().map(|p| p.text.clone()).collect(),
+                opts.seeds.clone(),
+            )
         }),
     };
-    infer::run(&infer_opts)?;
+    infer::infer(&infer_opts)?;
     Ok(missing)
-}
-
-struct Models<'a> {
-    clip: &'a clip::Clip,
-    dino: &'a dino::Dino,
-    batch: usize,
-}
-
-/// Unit-length features of one picture under both models.
-#[derive(Clone)]
-struct Features {
-    clip: Vec<f32>,
-    dino: Vec<f32>,
-}
-
-impl Models<'_> {
-    /// Features of each (image, mask) view, `batch` at a time.
-    fn features(&self, views: &[(&RgbImage, Option<&GrayImage>)]) -> Result<Vec<Features>> {
-        let mut out = Vec::with_capacity(views.len());
-        for chunk in views.chunks(self.batch) {
-            let stack = |p: &preprocess::Preprocess, dev: &Device| -> Result<Tensor> {
-                let t: Vec<Tensor> = (chunk.iter())
-                    .map(|(img, m)| p.tensor(img, *m, dev))
-                    .collect::<Result<_>>()?;
-                Ok(Tensor::stack(&t, 0)?)
-            };
-            let c = (self
-                .clip
-                .image_features(&stack(&self.clip.preprocess, &self.clip.device)?)?)
-            .to_vec2::<f32>()?;
-            let d = (self
-                .dino
-                .features(&stack(&self.dino.preprocess, &self.dino.device)?)?)
-            .to_vec2::<f32>()?;
-            out.extend(
-                c.into_iter()
-                    .zip(d)
-                    .map(|(clip, dino)| Features { clip, dino }),
-            );
-        }
-        Ok(out)
-    }
-}
-
-/// One sample's reference features.
-struct Reference {
-    class: String,
-    clip: Vec<Vec<f32>>,
-    dino: Vec<Vec<f32>>,
-}
-
-/// Each reference image cut out by its mask (the published concept masks already leave
-/// out the component), or whole when the pair folder has no masks/.
-fn reference_features(m: &Models, refs: &PairDataset, masks: bool) -> Result<Vec<Reference>> {
-    let mut out = Vec::new();
-    for s in &refs.samples {
-        let imgs: Vec<(RgbImage, GrayImage)> = (s.images.iter())
-            .map(|r| Ok((crate::data::rgb_image(&r.pixels)?, to_gray(&r.mask)?)))
-            .collect::<Result<_>>()?;
-        let views: Vec<(&RgbImage, Option<&GrayImage>)> =
-            imgs.iter().map(|(i, k)| (i, masks.then_some(k))).collect();
-        let f = m.features(&views)?;
-        out.push(Reference {
-            class: s.class_word.clone(),
-            clip: f.iter().map(|x| x.clip.clone()).collect(),
-            dino: f.iter().map(|x| x.dino.clone()).collect(),
-        });
-    }
-    Ok(out)
-}
-
-/// `[3, h, w]` in [-1, 1] -> 8-bit RGB.
-/// `[1, h, w]` of 0/1 -> 0/255.
-fn to_gray(t: &Tensor) -> Result<GrayImage> {
-    let (_, h, w) = t.dims3()?;
-    let px = t.flatten_all()?.to_vec1::<f32>()?;
-    GrayImage::from_raw(
-        w as u32,
-        h as u32,
-        px.iter().map(|&v| if v >= 0.5 { 255 } else { 0 }).collect(),
-    )
-    .ok_or_else(|| Error::internal("reference mask buffer size"))
-}
-
-fn score_all(
-    m: &Models,
-    opts: &EvalOptions,
-    prompts: &[Prompt],
-    refs: &[Reference],
-    out: &Path,
-    segmenter: &dyn Segmenter,
-) -> Result<Vec<ImageScore>> {
-    let bar = infer::progress_bar(
-        (prompts.len() * opts.seeds.len()) as u64,
-        "scoring",
-        opts.progress,
-    );
-    let mut scores = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let text = m
-            .clip
-            .text_features(&p.class_text)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for seeds in opts.seeds.chunks(m.batch) {
-            scores.extend(score_images(m, i, p, seeds, &text, refs, out, segmenter)?);
-            bar.inc(seeds.len() as u64);
-        }
-    }
-    bar.finish();
-    Ok(scores)
-}
-
-/// Views of one generated image: the whole image, then one per class word of its prompt.
-struct Views {
-    image: RgbImage,
-    masks: Vec<Option<GrayImage>>,
-}
-
-fn views_of(
-    file: &Path,
-    p: &Prompt,
-    seed: u64,
-    concept: &str,
-    segmenter: &dyn Segmenter,
-) -> Result<Views> {
-    let image = image::open(file)
-        .map_err(|e| Error::bad_file(file, format!("cannot read {}: {e}", file.display())))?
-        .to_rgb8();
-    let g = Generated {
-        image: &image,
-        file,
-        prompt: &p.text,
-        seed,
-    };
-    let words = pseudo_words_in(&p.text);
-    let masks = match segmenter.segment(&g, &words)? {
-        None => vec![None; p.classes.len()],
-        Some(found) => {
-            if found.len() != words.len()
-                || found.iter().any(|m| m.dimensions() != image.dimensions())
-            {
-                return Err(Error::internal(format!(
-                    "the {} segmenter returned {} masks for {} words of {}",
-                    segmenter.name(),
-                    found.len(),
-                    words.len(),
-                    file.display()
-                )));
-            }
-            // The concept loses every component's region, as in training.
-            (0..found.len())
-                .map(|k| {
-                    if p.classes[k] == concept {
-                        let others: Vec<&GrayImage> = (found.iter().enumerate())
-                            .filter(|(j, _)| *j != k)
-                            .map(|(_, m)| m)
-                            .collect();
-                        segment::without(&found[k], &others).0
-                    } else {
-                        Some(found[k].clone()).filter(|m| !segment::is_empty(m))
-                    }
-                })
-                .collect()
-        }
-    };
-    Ok(Views { image, masks })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn score_images(
-    m: &Models,
-    index: usize,
-    p: &Prompt,
-    seeds: &[u64],
-    text: &[f32],
-    refs: &[Reference],
-    out: &Path,
-    segmenter: &dyn Segmenter,
-) -> Result<Vec<ImageScore>> {
-    let views: Vec<Views> = (seeds.iter())
-        .map(|&s| views_of(&image_file(out, index, s), p, s, &refs[0].class, segmenter))
-        .collect::<Result<_>>()?;
-    // Whole images first, then each segment that is not the whole image.
-    let mut list: Vec<(&RgbImage, Option<&GrayImage>)> =
-        views.iter().map(|v| (&v.image, None)).collect();
-    let mut at = Vec::new();
-    for (k, v) in views.iter().enumerate() {
-        let idx: Vec<usize> = (v.masks.iter())
-            .map(|mask| match mask {
-                None => k,
-                Some(mk) => {
-                    list.push((&v.image, Some(mk)));
-                    list.len() - 1
-                }
-            })
-            .collect();
-        at.push(idx);
-    }
-    let f = m.features(&list)?;
-    let mean_sim = |a: &[f32], rs: &[Vec<f32>]| -> f32 {
-        rs.iter().map(|r| cosine(a, r)).sum::<f32>() / rs.len().max(1) as f32
-    };
-    let mut scores = Vec::new();
-    for (k, &seed) in seeds.iter().enumerate() {
-        let mut clip_i = BTreeMap::new();
-        let mut dino = BTreeMap::new();
-        for (class, &j) in p.classes.iter().zip(&at[k]) {
-            let r = refs
-                .iter()
-                .find(|r| &r.class == class)
-                .ok_or_else(|| Error::internal(format!("no reference features for {class}")))?;
-            clip_i.insert(class.clone(), mean_sim(&f[j].clip, &r.clip));
-            dino.insert(class.clone(), mean_sim(&f[j].dino, &r.dino));
-        }
-        scores.push(ImageScore {
-            file: format!("prompt{index:02}/seed{seed:02}.png"),
-            prompt_index: index,
-            seed,
-            clip_t: cosine(&f[k].clip, text),
-            clip_i,
-            dino,
-        });
-    }
-    Ok(scores)
 }

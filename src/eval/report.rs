@@ -11,8 +11,9 @@ use super::metrics::{ImageScore, Stats, Summary};
 use super::{EvalOptions, Prompt};
 use crate::error::{Error, Result};
 use crate::infer::many::image_file;
+use crate::io::png::png_bytes;
 use crate::io::write_atomic;
-use crate::preview::{grid::Grid, png_bytes};
+use crate::preview::grid::Grid;
 
 pub struct Context<'a> {
     pub opts: &'a EvalOptions,
@@ -89,6 +90,7 @@ fn in_overall(ctx: &Context, p: &Prompt) -> bool {
 
 fn metrics_json(ctx: &Context) -> serde_json::Value {
     let o = ctx.opts;
+    let s = &o.sampling;
     let prompts: Vec<_> = (ctx.prompts.iter().enumerate())
         .map(|(i, p)| {
             json!({
@@ -119,8 +121,8 @@ fn metrics_json(ctx: &Context) -> serde_json::Value {
         "models": {"clip": o.clip_model, "dino": o.dino_model},
         "protocol": {
             "prompts_file": super::prompts_source(o.prompts_file.as_deref()), "placeholder": o.placeholder,
-            "seeds": o.seeds, "steps": o.steps, "guidance": o.guidance, "width": o.width,
-            "height": o.height, "layout_steps": o.layout_steps, "sampler": "DDIM, eta 0",
+            "seeds": o.seeds, "steps": s.steps, "guidance": s.guidance, "width": s.width,
+            "height": s.height, "layout_steps": s.layout_steps, "sampler": "DDIM, eta 0",
         },
         "reference_segmentation": if ctx.reference_masks { "masks" } else { "none" },
         "generated_segmentation": ctx.segmentation,
@@ -159,11 +161,11 @@ fn summary_md(ctx: &Context) -> String {
         o.model_dir.display(),
         o.seeds.len(),
         ctx.prompts.len(),
-        o.steps,
-        o.guidance,
-        o.width,
-        o.height,
-        o.layout_steps,
+        o.sampling.steps,
+        o.sampling.guidance,
+        o.sampling.width,
+        o.sampling.height,
+        o.sampling.layout_steps,
         o.clip_model,
         o.dino_model,
         if ctx.reference_masks { "masks/" } else { "none (whole images)" },

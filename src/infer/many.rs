@@ -7,126 +7,38 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{
-    conditions, decode, denoise_with, progress_bar, to_images, InferOptions, Personalized, Sources,
-};
+use super::provenance::Provenance;
+use super::{progress_bar, seeded_latents, InferOptions, Personalized, Prompted, Sources};
 use crate::error::{Error, Result};
+use crate::io::png::png_bytes;
 use crate::io::write_atomic;
-use crate::preview::{grid::Grid, png_bytes};
-use crate::rng::seeded_normal;
+use crate::preview::grid::Grid;
 
 /// The prompt-list mode's settings.
 #[derive(Debug, Clone)]
 pub struct Many {
     pub prompts: Vec<String>,
     pub seeds: Vec<u64>,
+    /// Images denoised together.
     pub batch_size: usize,
     pub out_dir: PathBuf,
     /// A labelled contact sheet per prompt, `promptNN/grid.png`.
     pub grid: bool,
 }
 
-/// One prompt per non-blank line of `file` (`#` starts a comment line); `{}` stands for
-/// `placeholder`. `flag` names the option in the error for an empty file.
-pub fn read_prompts(file: &Path, placeholder: &str, flag: &str) -> Result<Vec<String>> {
-    Ok(read_grouped_prompts(file, placeholder, flag)?
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect())
-}
-
-/// [`read_prompts`], each prompt with the group a `# group: NAME` line above it names
-/// ("ungrouped" before any).
-pub fn read_grouped_prompts(
-    file: &Path,
-    placeholder: &str,
-    flag: &str,
-) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(file).map_err(|e| Error::read(file, e))?;
-    parse_grouped_prompts(&text, placeholder, &format!("{flag} {}", file.display()))
-}
-
-/// [`read_grouped_prompts`] on the text of a prompts file, which `what` names.
-pub fn parse_grouped_prompts(
-    text: &str,
-    placeholder: &str,
-    what: &str,
-) -> Result<Vec<(String, String)>> {
-    let mut group = "ungrouped".to_string();
-    let mut prompts = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if let Some(comment) = line.strip_prefix('#') {
-            if let Some(g) = comment.trim().strip_prefix("group:") {
-                group = g.trim().to_string();
-            }
-        } else if !line.is_empty() {
-            prompts.push((group.clone(), line.replace("{}", placeholder)));
+impl Many {
+    /// `infer --prompts-file`'s defaults for what the file does not say.
+    pub fn new(prompts: Vec<String>, seeds: Vec<u64>) -> Self {
+        Self {
+            prompts,
+            seeds,
+            batch_size: 4,
+            out_dir: PathBuf::from(super::DEFAULT_OUT_DIR),
+            grid: false,
         }
     }
-    if prompts.is_empty() {
-        return Err(Error::usage(format!(
-            "{what}: the file has no prompts (one per line)."
-        )));
-    }
-    Ok(prompts)
-}
-
-/// More numbers than this is a typo, not a protocol (the paper uses 32 seeds).
-const MAX_SEEDS: u64 = 100_000;
-
-/// `values` as a list flag shows them: `0,1`.
-pub fn list_spec(values: &[impl ToString]) -> String {
-    values
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn too_many(spec: &str) -> Error {
-    Error::usage(format!(
-        "--seeds {spec}: more than {MAX_SEEDS} seeds; the paper's protocol uses 32 (0..31)."
-    ))
-}
-
-/// `0..31` (inclusive, as the paper counts its 32 seeds), `3,5,8`, or a mix: `0..3,10`.
-pub fn parse_seeds(spec: &str) -> Result<Vec<u64>> {
-    parse_list(spec, "--seeds")
-}
-
-/// A list of whole numbers as every list flag takes them: `0..31` (inclusive), `3,5,8`,
-/// or a mix; `flag` names it in errors.
-pub fn parse_list(spec: &str, flag: &str) -> Result<Vec<u64>> {
-    let bad = || {
-        Error::usage(format!(
-            "{flag} {spec:?}: expected numbers like 0..31 (inclusive) or 0,4,7."
-        ))
-    };
-    let mut seeds = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once("..") {
-            Some((a, b)) => {
-                let (a, b): (u64, u64) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b {
-                    return Err(bad());
-                }
-                if b - a >= MAX_SEEDS - seeds.len().min(MAX_SEEDS as usize) as u64 {
-                    return Err(too_many(spec));
-                }
-                seeds.extend(a..=b);
-            }
-            None if seeds.len() as u64 >= MAX_SEEDS => return Err(too_many(spec)),
-            None => seeds.push(part.parse().map_err(|_| bad())?),
-        }
-    }
-    if seeds.is_empty() {
-        return Err(bad());
-    }
-    Ok(seeds)
 }
 
 /// One line of `manifest.jsonl`.
@@ -153,20 +65,19 @@ pub fn image_file(out: &Path, prompt: usize, seed: u64) -> PathBuf {
         .join(format!("seed{seed:02}.png"))
 }
 
-pub fn run(
+pub(super) fn draw(
     p: &Personalized,
     opts: &InferOptions,
     many: &Many,
     src: &Sources,
 ) -> Result<Vec<PathBuf>> {
-    let w = p.weights();
     for prompt in &many.prompts {
-        w.check_prompt(prompt)?;
-        if opts.layout_steps > 0 {
+        p.weights().check_prompt(prompt)?;
+        if opts.sampling.layout_steps > 0 {
             p.class_prompt(prompt)?;
         }
     }
-    let (c, h, wd) = super::latent_shape(p, opts)?;
+    let shape = opts.sampling.latent_shape(&p.sd)?;
     crate::io::leftovers::remove_orphans(&many.out_dir, crate::io::leftovers::Scope::Folder);
     let todo: Vec<(usize, u64)> = (0..many.prompts.len())
         .flat_map(|i| many.seeds.iter().map(move |&s| (i, s)))
@@ -178,22 +89,12 @@ pub fn run(
         if seeds.is_empty() {
             continue;
         }
-        let (main, layout) = conditions(p, prompt, &opts.negative_prompt, opts)?;
+        let prompted = Prompted::new(p, prompt, &opts.sampling)?;
         for chunk in seeds.chunks(many.batch_size.max(1)) {
-            let noise = (chunk.iter())
-                .map(|&s| seeded_normal(s, (1, c, h, wd), &p.sd.device))
-                .collect::<Result<Vec<_>>>()?;
-            let x = denoise_with(&main, &layout, Tensor::cat(&noise, 0)?, opts.steps, || {})?;
-            for (img, &s) in to_images(&decode(w, &x)?)?.iter().zip(chunk) {
-                let made = super::provenance::Provenance {
-                    prompt,
-                    seed: s,
-                    opts,
-                    model: &src.model,
-                    lora: src.lora.as_deref(),
-                    embeds: src.embeds.as_deref(),
-                };
-                let png = crate::preview::png_with_text(img, &made.chunks())?;
+            let noise = seeded_latents(chunk, shape, &p.sd.device)?;
+            for (img, &s) in prompted.images(noise, || {})?.iter().zip(chunk) {
+                let made = Provenance::new(prompt, s, opts, src);
+                let png = crate::io::png::png_with_text(img, &made.chunks())?;
                 write_atomic(&image_file(&many.out_dir, i, s), &png)?;
             }
             bar.inc(chunk.len() as u64);
@@ -213,6 +114,7 @@ pub fn run(
 /// Every image of the run, existing or new, with how it was made.
 fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()> {
     let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let o = &opts.sampling;
     let mut text = String::new();
     for (i, prompt) in many.prompts.iter().enumerate() {
         for &seed in &many.seeds {
@@ -221,15 +123,15 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
                 prompt_index: i,
                 prompt,
                 seed,
-                negative_prompt: &opts.negative_prompt,
+                negative_prompt: &o.negative_prompt,
                 model: &src.model,
                 lora: path_str(&src.lora),
                 embeds: path_str(&src.embeds),
-                steps: opts.steps,
-                guidance: opts.guidance,
-                width: opts.width,
-                height: opts.height,
-                layout_steps: opts.layout_steps,
+                steps: o.steps,
+                guidance: o.guidance,
+                width: o.width,
+                height: o.height,
+                layout_steps: o.layout_steps,
             };
             let line = serde_json::to_string(&entry)
                 .map_err(|e| Error::internal(format!("serializing the manifest: {e}")))?;

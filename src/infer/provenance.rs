@@ -4,22 +4,36 @@
 
 use std::path::Path;
 
+use candle_core::DType;
 use serde_json::json;
 
-use super::InferOptions;
+use super::{InferOptions, Sampling, Sources};
 
 /// The settings one image was drawn with.
 pub struct Provenance<'a> {
-    pub prompt: &'a str,
-    pub seed: u64,
-    pub opts: &'a InferOptions,
+    prompt: &'a str,
+    seed: u64,
+    sampling: &'a Sampling,
+    dtype: DType,
     /// The base model (hub id or folder), as the sources name it.
-    pub model: &'a str,
-    pub lora: Option<&'a Path>,
-    pub embeds: Option<&'a Path>,
+    model: &'a str,
+    lora: Option<&'a Path>,
+    embeds: Option<&'a Path>,
 }
 
-impl Provenance<'_> {
+impl<'a> Provenance<'a> {
+    pub fn new(prompt: &'a str, seed: u64, opts: &'a InferOptions, src: &'a Sources) -> Self {
+        Self {
+            prompt,
+            seed,
+            sampling: &opts.sampling,
+            dtype: opts.dtype,
+            model: &src.model,
+            lora: src.lora.as_deref(),
+            embeds: src.embeds.as_deref(),
+        }
+    }
+
     /// `(keyword, text)` PNG chunks.
     pub fn chunks(&self) -> Vec<(String, String)> {
         vec![
@@ -30,7 +44,7 @@ impl Provenance<'_> {
 
     /// A1111's layout: the prompt, the negative prompt, then `Key: value` pairs.
     fn a1111(&self) -> String {
-        let o = self.opts;
+        let o = self.sampling;
         let mut s = self.prompt.to_string();
         if !o.negative_prompt.is_empty() {
             s.push_str(&format!("\nNegative prompt: {}", o.negative_prompt));
@@ -57,7 +71,7 @@ impl Provenance<'_> {
     }
 
     fn json(&self) -> serde_json::Value {
-        let o = self.opts;
+        let o = self.sampling;
         json!({
             "prompt": self.prompt,
             "negative_prompt": o.negative_prompt,
@@ -71,7 +85,7 @@ impl Provenance<'_> {
             "base_model": self.model,
             "lora": self.lora,
             "embeds": self.embeds,
-            "dtype": o.dtype.as_str(),
+            "dtype": self.dtype.as_str(),
             "magictailor": env!("CARGO_PKG_VERSION"),
             "commit": env!("MAGICTAILOR_COMMIT"),
         })

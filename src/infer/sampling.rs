@@ -1,14 +1,135 @@
-//! DDIM with classifier-free guidance over borrowed weights, and the step-blended
-//! variant of Layout-and-Retouch (stage 1): the first K steps with the base model on the
-//! class-word prompt, the rest with the adapters on the personalized prompt.
+//! Generation, top to bottom: a prompt's conditioning, DDIM with classifier-free
+//! guidance over borrowed weights (and Layout-and-Retouch's step blend, stage 1: the
+//! first K steps with the base model on the class-word prompt), VAE decode, pixels.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::loader::StableDiffusion;
+use crate::model::loader::{self, StableDiffusion};
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
 use crate::model::scheduler::Ddim;
+use crate::rng::seeded_normal;
+
+use super::weights::Personalized;
+
+/// How every image of a command is denoised, whatever its prompt and seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    /// Layout-and-Retouch's step blend: the first K DDIM steps with the base model on the
+    /// prompt with class words in place of the pseudo-words. 0: off.
+    pub layout_steps: usize,
+}
+
+impl Default for Sampling {
+    /// Stable Diffusion 2.1-base's usual: 50 DDIM steps, guidance 7.5, 512 px.
+    fn default() -> Self {
+        Self {
+            negative_prompt: String::new(),
+            steps: 50,
+            guidance: 7.5,
+            width: 512,
+            height: 512,
+            layout_steps: 0,
+        }
+    }
+}
+
+/// SD's schedulers train on 1000 timesteps; DDIM cannot take more steps than that.
+const MAX_STEPS: usize = 1000;
+
+impl Sampling {
+    /// Refuses values that cannot sample, naming the valid range; `infer` and `eval` call
+    /// it before any model loads.
+    pub fn check(&self) -> Result<()> {
+        let d = Self::default();
+        if !(self.guidance.is_finite() && self.guidance >= 0.0) {
+            return Err(Error::usage(format!(
+                "--guidance {}: expected a number >= 0 (1 or less turns guidance off; the usual is {}).",
+                self.guidance, d.guidance
+            )));
+        }
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return Err(Error::usage(format!(
+                "--steps {}: expected 1 to {MAX_STEPS} (the scheduler's training timesteps; {} is usual).",
+                self.steps, d.steps
+            )));
+        }
+        if self.layout_steps > self.steps {
+            return Err(Error::usage(format!(
+                "--layout-steps {} is more than --steps {}.",
+                self.layout_steps, self.steps
+            )));
+        }
+        Ok(())
+    }
+
+    /// One image's latent shape `(channels, height / f, width / f)` on `sd`.
+    pub fn latent_shape(&self, sd: &StableDiffusion) -> Result<(usize, usize, usize)> {
+        let f = sd.vae_factor();
+        loader::check_side("--width", self.width, f, f)?;
+        loader::check_side("--height", self.height, f, f)?;
+        Ok((sd.unet.config.in_channels, self.height / f, self.width / f))
+    }
+}
+
+/// Gaussian latents `[n, c, h, w]`, image i from `seeds[i]` alone, so that each can be
+/// drawn again by itself whatever it was batched with.
+pub fn seeded_latents(
+    seeds: &[u64],
+    (c, h, w): (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    let noise = (seeds.iter())
+        .map(|&s| seeded_normal(s, (1, c, h, w), device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&noise, 0)?)
+}
+
+/// One prompt ready to denoise any number of latents: the personalized conditioning and,
+/// with a step blend of K > 0, the base model's on the class-word prompt for the first K
+/// steps. Built once per prompt, whatever the number of batches.
+pub struct Prompted<'a> {
+    main: Conditioning<'a>,
+    layout: Option<(Conditioning<'a>, usize)>,
+    steps: usize,
+}
+
+impl<'a> Prompted<'a> {
+    pub fn new(p: &'a Personalized, prompt: &str, s: &Sampling) -> Result<Self> {
+        let w = p.weights();
+        let main = w.condition(prompt, &s.negative_prompt, s.guidance)?;
+        let layout = match s.layout_steps {
+            0 => None,
+            k => {
+                let base_prompt = p.class_prompt(prompt)?;
+                let base_negative = p.class_prompt(&s.negative_prompt)?;
+                let base = w
+                    .base()
+                    .condition(&base_prompt, &base_negative, s.guidance)?;
+                Some((base, k))
+            }
+        };
+        Ok(Self {
+            main,
+            layout,
+            steps: s.steps,
+        })
+    }
+
+    /// The denoised latents, then decoded to images; `on_step` runs after every step.
+    pub fn images(&self, latents: Tensor, on_step: impl FnMut()) -> Result<Vec<image::RgbImage>> {
+        let layout = self.layout.as_ref().map(|(c, k)| (c, *k));
+        let x = denoise(&self.main, layout, latents, self.steps, on_step)?;
+        to_images(&decode(self.main.weights, &x)?)
+    }
+}
 
 /// What sampling reads, borrowed: a base model and the personalization on top. Training
 /// samples its current adapters through the same view without a second model.

@@ -1,6 +1,6 @@
-//! Everything magictailor reads from or writes to disk besides model folders and images:
-//! atomic writes, safetensors, pseudo-word embeddings, checkpoints, and the layout of a
-//! training run's output folder. `train` writes through here and `infer` reads through
+//! Everything magictailor reads from or writes to disk besides model folders: atomic
+//! writes, PNG bytes, safetensors, pseudo-word embeddings, checkpoints, and the layout of
+//! a training run's output folder. `train` writes through here and `infer` reads through
 //! here; neither knows the other.
 
 mod atomic;
@@ -9,6 +9,7 @@ pub mod console;
 pub mod embeds;
 pub mod leftovers;
 pub mod lock;
+pub mod png;
 pub mod run;
 pub mod tensors;
 pub mod ticker;

@@ -8,8 +8,8 @@ use image::{GrayImage, RgbImage};
 
 use crate::data::PREVIEW_STEM;
 use crate::error::{Error, IoOp, Result};
+use crate::io::png::png_bytes;
 use crate::io::write_atomic;
-use crate::preview::png_bytes;
 
 const MASK_EXTS: [&str; 3] = ["png", "jpg", "jpeg"];
 

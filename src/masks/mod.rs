@@ -83,7 +83,7 @@ pub struct Written {
 
 /// `magictailor masks`: checks everything, computes every mask, then writes the folder
 /// in one change. Returns the masks written and the preview's path.
-pub fn run(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
+pub fn make_masks(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
     let target = opts
         .out
         .clone()
@@ -159,13 +159,7 @@ fn refuse_overwrite(data: &PairDataset, target: &Path, overwrite: bool) -> Resul
 /// The resolution must be a whole number of latent cells.
 pub fn check_resolution(sd: &StableDiffusion, resolution: usize) -> Result<()> {
     let f = sd.vae_factor();
-    if resolution.is_multiple_of(f) && resolution >= 8 * f {
-        return Ok(());
-    }
-    Err(Error::usage(format!(
-        "--resolution {resolution} must be a multiple of {f} (this model's VAE factor) and at least {}.",
-        8 * f
-    )))
+    crate::model::loader::check_side("--resolution", resolution, f, 8 * f)
 }
 
 pub fn check_timesteps(sd: &StableDiffusion, timesteps: &[usize]) -> Result<()> {

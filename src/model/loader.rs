@@ -76,6 +76,20 @@ impl StableDiffusion {
     }
 }
 
+/// Refuses an image side (`flag`'s value, in pixels) that is not a whole number of latent
+/// cells of `factor` pixels, or is under `min` pixels, naming the nearest size that works.
+pub fn check_side(flag: &str, pixels: usize, factor: usize, min: usize) -> Result<()> {
+    let min = min.div_ceil(factor).max(1) * factor;
+    if pixels >= min && pixels.is_multiple_of(factor) {
+        return Ok(());
+    }
+    let nearest = (pixels / factor * factor).max(min);
+    Err(Error::usage(format!(
+        "{flag} {pixels} is not a multiple of {factor} (the VAE's downscale factor) of at least \
+         {min}: try {nearest}."
+    )))
+}
+
 fn load_from_root(
     source: &str,
     root: &Path,

@@ -85,7 +85,7 @@ pub fn read(file: &Path) -> Result<Map<String, Value>> {
 fn normalize(mut m: Map<String, Value>, file: &Path) -> Result<Map<String, Value>> {
     if let Some(Value::String(p)) = m.remove("sample_prompts_file") {
         let dir = file.parent().unwrap_or(Path::new("."));
-        let prompts = crate::infer::many::read_prompts(
+        let prompts = crate::infer::prompts::read_prompts(
             &dir.join(p),
             "<v0> with <v1>",
             "sample-prompts-file",
@@ -93,7 +93,7 @@ fn normalize(mut m: Map<String, Value>, file: &Path) -> Result<Map<String, Value
         m.insert("sample_prompts".into(), prompts.into());
     }
     if let Some(Value::String(spec)) = m.get("sample_seeds") {
-        let seeds = crate::infer::many::parse_list(spec, "sample-seeds")?;
+        let seeds = crate::infer::prompts::parse_list(spec, "sample-seeds")?;
         m.insert("sample_seeds".into(), seeds.into());
     }
     Ok(m)

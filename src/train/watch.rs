@@ -15,9 +15,10 @@ use super::objective::pseudo_word;
 use super::trainer::{StepLog, Trainer};
 use crate::error::{Error, Result};
 use crate::infer::{decode, sample, to_images, Weights};
+use crate::io::png::png_bytes;
 use crate::io::{run, write_atomic};
 use crate::model::tokenizer::pseudo_words_in;
-use crate::preview::{grid::Grid, plot, png_bytes, tensorboard::EventWriter};
+use crate::preview::{grid::Grid, plot, tensorboard::EventWriter};
 
 pub const SAMPLES_DIR: &str = "samples";
 pub const LOSS_PLOT: &str = "loss.png";

@@ -1,0 +1,204 @@
+//! `magictailor infer`: one prompt, or a prompts file x seeds.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use magictailor::infer::many::Many;
+use magictailor::infer::prompts::{self, PLACEHOLDER};
+use magictailor::infer::{InferOptions, Mode, One, Sampling};
+use magictailor::io::console;
+use magictailor::profile;
+
+use super::{print_profile, Compute};
+
+fn s() -> Sampling {
+    Sampling::default()
+}
+
+fn many() -> Many {
+    Many::new(Vec::new(), Vec::new())
+}
+
+#[derive(Args)]
+pub(super) struct InferArgs {
+    /// The prompt, e.g. "<v0> with <v1>, in the snow".
+    #[arg(long, required_unless_present = "prompts_file")]
+    prompt: Option<String>,
+    /// Many prompts, one per line, each with every --seeds seed, in one process: images go
+    /// to OUT_DIR/promptNN/seedNN.png with a manifest.jsonl; existing images are skipped.
+    #[arg(long, conflicts_with_all = ["prompt", "num_images", "init_latents", "out"])]
+    prompts_file: Option<PathBuf>,
+    /// With --prompts-file: what `{}` in it stands for.
+    #[arg(long, default_value = PLACEHOLDER)]
+    placeholder: String,
+    /// With --prompts-file: seeds like 0..31 (inclusive) or 0,4,7 [default: --seed].
+    #[arg(long)]
+    seeds: Option<String>,
+    /// With --prompts-file: images denoised together.
+    #[arg(long, default_value_t = many().batch_size as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// With --prompts-file: also a labelled contact sheet per prompt (promptNN/grid.png).
+    #[arg(long)]
+    grid: bool,
+    /// With --prompts-file: where the images go.
+    #[arg(long, default_value_os_t = many().out_dir)]
+    out_dir: PathBuf,
+    /// Layout-and-Retouch's step blend: the first K DDIM steps with the base model on the
+    /// prompt with class words for the pseudo-words (needs a trained folder), then the
+    /// personalized model.
+    #[arg(long, default_value_t = s().layout_steps)]
+    layout_steps: usize,
+    #[arg(long, default_value_t = s().negative_prompt)]
+    negative_prompt: String,
+    #[arg(long, default_value_t = One::default().num_images as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    num_images: u64,
+    #[arg(long, default_value_t = s().steps as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    /// Classifier-free guidance scale (1 or less turns guidance off).
+    #[arg(long, default_value_t = s().guidance)]
+    guidance: f64,
+    #[arg(long, default_value_t = One::default().seed)]
+    seed: u64,
+    #[arg(long, default_value_t = s().width)]
+    width: usize,
+    #[arg(long, default_value_t = s().height)]
+    height: usize,
+    /// Output PNG; with several images, files are numbered (result-0.png, ...).
+    #[arg(long, default_value_os_t = One::default().out)]
+    out: PathBuf,
+    /// A trained output folder; its magictailor.json names the base model
+    /// [default: outputs/magictailor, unless --model is given alone].
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// The base model (hub repo id, local diffusers folder, or `tiny-random`): alone, sample
+    /// it; with --model-dir, use it in place of the base model the folder names.
+    #[arg(long)]
+    model: Option<String>,
+    /// LoRA file (peft, older diffusers or kohya layout).
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// Pseudo-word embeddings ({token: vector} safetensors).
+    #[arg(long)]
+    embeds: Option<PathBuf>,
+    /// Sample a checkpoint of the --model-dir run (finished or not) instead of its final
+    /// weights: step-N, N, or a checkpoint file.
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// Start from these latents (safetensors tensor `latents`, [n, C, h/f, w/f]) to
+    /// reproduce a run made elsewhere exactly.
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    #[command(flatten)]
+    compute: Compute,
+    /// One JSON line per image written on stdout (file, prompt, seed); with
+    /// --prompts-file, one line naming the manifest.
+    #[arg(long)]
+    json: bool,
+    /// Print nothing but errors.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The flags that only a `--prompts-file` run uses.
+const MANY_PROMPT_FLAGS: [&str; 5] = ["seeds", "batch_size", "grid", "out_dir", "placeholder"];
+
+/// Refuses flags given on the command line that one-prompt mode would ignore (clap's
+/// `requires` does not fire when the required flag conflicts with one given).
+fn refuse_ignored(m: &clap::ArgMatches) -> magictailor::Result<()> {
+    let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    if given("prompts_file") {
+        return Ok(());
+    }
+    let ignored: Vec<String> = (MANY_PROMPT_FLAGS.iter())
+        .filter(|id| given(id))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    let (verb, pronoun) = if ignored.len() == 1 {
+        ("applies", "it")
+    } else {
+        ("apply", "them")
+    };
+    Err(magictailor::Error::usage(format!(
+        "{} only {verb} with --prompts-file; with --prompt {pronoun} would be ignored. Drop \
+         {pronoun}, or put the prompt in a file and pass --prompts-file.",
+        ignored.join(", ")
+    )))
+}
+
+impl InferArgs {
+    fn mode(&self) -> magictailor::Result<Mode> {
+        let Some(file) = &self.prompts_file else {
+            return Ok(Mode::One(One {
+                prompt: self.prompt.clone().unwrap_or_default(),
+                num_images: self.num_images as usize,
+                seed: self.seed,
+                out: self.out.clone(),
+                init_latents: self.init_latents.clone(),
+            }));
+        };
+        let seeds = match &self.seeds {
+            Some(spec) => prompts::parse_seeds(spec)?,
+            None => vec![self.seed],
+        };
+        Ok(Mode::Many(Many {
+            batch_size: self.batch_size as usize,
+            out_dir: self.out_dir.clone(),
+            grid: self.grid,
+            ..Many::new(
+                prompts::read_prompts(file, &self.placeholder, "--prompts-file")?,
+                seeds,
+            )
+        }))
+    }
+
+    fn options(self) -> magictailor::Result<InferOptions> {
+        Ok(InferOptions {
+            mode: self.mode()?,
+            sampling: Sampling {
+                negative_prompt: self.negative_prompt,
+                steps: self.steps as usize,
+                guidance: self.guidance,
+                width: self.width,
+                height: self.height,
+                layout_steps: self.layout_steps,
+            },
+            model_dir: self.model_dir,
+            model: self.model,
+            lora: self.lora,
+            embeds: self.embeds,
+            checkpoint: self.checkpoint,
+            device: self.compute.device()?,
+            dtype: self.compute.dtype.dtype(),
+            progress: !self.quiet,
+        })
+    }
+}
+
+pub(super) fn infer_cmd(a: InferArgs, m: &clap::ArgMatches) -> magictailor::Result<()> {
+    refuse_ignored(m)?;
+    let (json, quiet) = (a.json, a.quiet);
+    let opts = a.options()?;
+    let prof = profile::Run::start();
+    let written = magictailor::infer::infer(&opts)?;
+    print_profile(prof);
+    match (&opts.mode, json) {
+        (Mode::One(one), true) => {
+            for (i, p) in written.iter().enumerate() {
+                let seed = one.seed + i as u64;
+                console::line(serde_json::json!({"image": p, "prompt": one.prompt, "seed": seed}));
+            }
+        }
+        (Mode::Many(many), true) => {
+            console::line(serde_json::json!({"manifest": many.out_dir.join("manifest.jsonl")}))
+        }
+        (Mode::One(_), false) if !quiet => written.iter().for_each(|p| console::line(p.display())),
+        (Mode::Many(many), false) if !quiet => {
+            console::line(many.out_dir.join("manifest.jsonl").display())
+        }
+        _ => {}
+    }
+    Ok(())
+}

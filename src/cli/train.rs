@@ -1,0 +1,266 @@
+//! `magictailor train`, and the training settings `train` and `batch` share.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use magictailor::infer::prompts::{self, PLACEHOLDER};
+use magictailor::interrupt::Interrupt;
+use magictailor::io::console;
+use magictailor::profile;
+use magictailor::train::dm_deg::Curve;
+use magictailor::train::trainer::Progress;
+use magictailor::train::TrainConfig;
+
+use super::{print_profile, Precision};
+
+/// The paper's settings; every training default is read from here.
+fn d() -> TrainConfig {
+    TrainConfig::default()
+}
+
+#[derive(Args)]
+pub(super) struct TrainArgs {
+    /// The pair folder, e.g. person_k+hair_c (images 0_*, 1_*, masks in masks/; without
+    /// masks/ they are made first from the base model's attention, as `masks` does).
+    #[arg(long, required_unless_present = "config")]
+    instance_dir: Option<PathBuf>,
+    /// Where the run goes: adapters, embeddings, record, log, checkpoints.
+    #[arg(long = "out-dir", alias = "output-dir", default_value_os_t = d().output_dir)]
+    output_dir: PathBuf,
+    /// Continue the run in --out-dir from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[command(flatten)]
+    settings: TrainSettings,
+}
+
+/// Every training setting; `train` and `batch` share them.
+#[derive(Args)]
+pub(super) struct TrainSettings {
+    /// Settings from a file: TOML with the flags' names as keys (`warmup-steps = 30`), or
+    /// a run's magictailor.json to redo it. Flags given here win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
+    #[arg(long, default_value_t = d().model)]
+    model: String,
+    #[arg(long, default_value_t = d().warmup_steps)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = d().dsbal_steps)]
+    dsbal_steps: usize,
+    #[arg(long, default_value_t = d().warmup_lr)]
+    warmup_lr: f64,
+    /// The rate after warm-up (DS-Bal's, or the joint phase's with --no-ds-bal).
+    #[arg(long, default_value_t = d().dsbal_lr)]
+    dsbal_lr: f64,
+    /// Do not multiply the learning rates by the number of reference images (the paper does).
+    #[arg(long)]
+    no_scale_lr: bool,
+    #[arg(long, default_value_t = d().lora_rank)]
+    lora_rank: usize,
+    /// LoRA alpha (default: the rank, i.e. scale 1).
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Weight of the cross-attention loss (0 turns it off).
+    #[arg(long, default_value_t = d().lambda_attn)]
+    lambda_attn: f64,
+    /// Weight of DS-Bal's preserving regularization.
+    #[arg(long, default_value_t = d().lambda_pres)]
+    lambda_pres: f64,
+    /// DM-Deg's initial intensity.
+    #[arg(long, default_value_t = d().alpha)]
+    alpha: f64,
+    /// DM-Deg's decay exponent.
+    #[arg(long, default_value_t = d().gamma)]
+    gamma: f64,
+    /// DM-Deg intensity curve (the others are the paper's ablations).
+    #[arg(long, value_enum, default_value_t = d().dm_deg)]
+    dm_deg: Curve,
+    /// Ablation: after warm-up, keep training the warm-up objective (at --dsbal-lr)
+    /// instead of DS-Bal; --ema-decay and --lambda-pres then do not apply and are refused.
+    #[arg(long)]
+    no_ds_bal: bool,
+    /// Momentum (EMA) decay of DS-Bal's regularizer U-Net.
+    #[arg(long, default_value_t = d().ema_decay)]
+    ema_decay: f64,
+    /// Colour-jitter strength (brightness, contrast, saturation); 0 turns it off.
+    #[arg(long, default_value_t = d().jitter)]
+    color_jitter: f64,
+    /// Do not flip the batch horizontally at random.
+    #[arg(long)]
+    no_flip: bool,
+    #[arg(long, default_value_t = d().seed)]
+    seed: u64,
+    /// Training resolution in pixels, a multiple of 8.
+    #[arg(long, default_value_t = d().resolution)]
+    resolution: usize,
+    /// Use whole images instead of masks (lets the background leak in); without it, a
+    /// folder with no masks/ gets them from the base model's attention.
+    #[arg(long)]
+    no_masks: bool,
+    /// Save a resumable checkpoint every N steps (one is always saved at the phase switch
+    /// and at the end).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Keep only the newest N checkpoints, deleting older ones as new ones are saved
+    /// [default: keep all].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_checkpoints: Option<u64>,
+    /// Reproduce the released script where it departs from the paper: DS-Bal's learning rate
+    /// lasts one step, the momentum U-Net is hard-copied at its first update, and the whole
+    /// token-embedding table is optimized (with weight decay) and exported, not only the
+    /// pseudo-words.
+    #[arg(long)]
+    released_script: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = magictailor::device::AUTO)]
+    device: String,
+    /// Precision of the frozen U-Net, VAE and text encoder: f32, bf16 (CUDA) or f16.
+    /// LoRA weights, pseudo-words, optimizer state and losses stay f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// Static loss scale for f16 backward passes (default 1024 with f16, none otherwise);
+    /// a step whose gradients overflow is skipped.
+    #[arg(long)]
+    loss_scale: Option<f64>,
+    /// Render a sample grid (samples/step-N.png) every N steps [default: at the phase
+    /// switch and at the end; 0: never].
+    #[arg(long)]
+    sample_every: Option<usize>,
+    /// A text file with one sample prompt per line (`{}` stands for "<v0> with <v1>")
+    /// [default: <v0>; <v1>; <v0> with <v1>; <v0> with <v1>, on the beach].
+    #[arg(long = "sample-prompts-file", alias = "sample-prompts")]
+    sample_prompts: Option<PathBuf>,
+    /// Seeds of the grid's columns: a list like 0,1 or 0..3.
+    #[arg(long, default_value_t = prompts::list_spec(&d().sample_seeds))]
+    sample_seeds: String,
+    /// DDIM steps per sample image.
+    #[arg(long, default_value_t = d().sample_steps)]
+    sample_steps: usize,
+    /// Also write TensorBoard event files (losses per step, sample grids) into OUTPUT/tb/.
+    #[arg(long)]
+    tensorboard: bool,
+    /// One JSON object per step on stdout instead of a progress bar.
+    #[arg(long)]
+    json: bool,
+    /// Print nothing but errors.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainSettings {
+    fn config(
+        &self,
+        instance_dir: PathBuf,
+        output_dir: PathBuf,
+    ) -> magictailor::Result<TrainConfig> {
+        let sample_prompts = match &self.sample_prompts {
+            Some(file) => prompts::read_prompts(file, PLACEHOLDER, "--sample-prompts")?,
+            None => d().sample_prompts,
+        };
+        Ok(TrainConfig {
+            instance_dir,
+            output_dir,
+            model: self.model.clone(),
+            warmup_steps: self.warmup_steps,
+            dsbal_steps: self.dsbal_steps,
+            warmup_lr: self.warmup_lr,
+            dsbal_lr: self.dsbal_lr,
+            scale_lr: !self.no_scale_lr,
+            lora_rank: self.lora_rank,
+            lora_alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
+            lambda_attn: self.lambda_attn,
+            lambda_pres: self.lambda_pres,
+            dm_deg: self.dm_deg,
+            alpha: self.alpha,
+            gamma: self.gamma,
+            ds_bal: !self.no_ds_bal,
+            ema_decay: self.ema_decay,
+            seed: self.seed,
+            resolution: self.resolution,
+            no_masks: self.no_masks,
+            checkpoint_every: self.checkpoint_every,
+            keep_checkpoints: self.keep_checkpoints.map(|n| n as usize),
+            released_script: self.released_script,
+            jitter: self.color_jitter,
+            flip: !self.no_flip,
+            dtype: self.dtype.dtype(),
+            loss_scale: (self.loss_scale).or(TrainConfig::default_loss_scale(self.dtype.dtype())),
+            sample_every: self.sample_every,
+            sample_prompts,
+            sample_seeds: prompts::parse_list(&self.sample_seeds, "--sample-seeds")?,
+            sample_steps: self.sample_steps,
+            tensorboard: self.tensorboard,
+        })
+    }
+
+    pub(super) fn progress(&self) -> Progress {
+        if self.quiet {
+            Progress::Quiet
+        } else if self.json {
+            Progress::Json
+        } else {
+            Progress::Bar
+        }
+    }
+
+    /// The settings of the command line (`m`), over those of `--config`'s file, checked,
+    /// with their warnings printed; and the device, with Ctrl-C and SIGTERM caught.
+    pub(super) fn resolve(
+        &self,
+        instance_dir: PathBuf,
+        output_dir: PathBuf,
+        m: &clap::ArgMatches,
+    ) -> magictailor::Result<(TrainConfig, candle_core::Device, Interrupt)> {
+        let cfg = self.config(instance_dir, output_dir)?;
+        let cfg = with_settings_file(cfg, self.config.as_deref(), m)?;
+        self.check(&cfg)?;
+        let device = magictailor::device::parse(&self.device)?;
+        Ok((cfg, device, Interrupt::install(self.quiet)?))
+    }
+
+    /// Checks the settings and prints their warnings.
+    fn check(&self, cfg: &TrainConfig) -> magictailor::Result<()> {
+        cfg.validate()?;
+        if !self.quiet {
+            for w in cfg.warnings() {
+                console::note(format_args!("warning: {w}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn train_cmd(a: TrainArgs, m: &clap::ArgMatches) -> magictailor::Result<()> {
+    let s = &a.settings;
+    let instance_dir = a.instance_dir.unwrap_or_default();
+    let (cfg, device, stop) = s.resolve(instance_dir, a.output_dir, m)?;
+    let out = cfg.output_dir.clone();
+    let prof = profile::Run::start();
+    magictailor::train::run(cfg, &device, s.progress(), a.resume, &stop)?;
+    let prof = print_profile(prof);
+    if !s.quiet && !s.json {
+        console::line(out.display());
+    }
+    if let Some(p) = prof.filter(|_| s.json) {
+        console::line(serde_json::json!({ "profile": p }));
+    }
+    Ok(())
+}
+
+/// `cfg` with the settings of `file` (`--config`) where the command line (`m`) gave none.
+fn with_settings_file(
+    cfg: TrainConfig,
+    file: Option<&std::path::Path>,
+    m: &clap::ArgMatches,
+) -> magictailor::Result<TrainConfig> {
+    let Some(file) = file else {
+        return Ok(cfg);
+    };
+    let given = |id: &str| {
+        m.try_get_raw(id).is_ok()
+            && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    let settings = magictailor::train::settings_file::read(file)?;
+    magictailor::train::settings_file::overlay(&cfg, &settings, given)
+}

@@ -1,0 +1,98 @@
+//! `infer --prompt`: one prompt's images, from seeded noise or given latents, each PNG
+//! carrying what made it.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+
+use super::provenance::Provenance;
+use super::{progress_bar, seeded_latents, InferOptions, One, Personalized, Prompted, Sources};
+use crate::error::{Error, Result};
+use crate::io::leftovers::{remove_orphans, Scope};
+use crate::io::{tensors, write_atomic};
+
+/// Refuses an output name whose bytes would not be what it says (before any model loads).
+pub(super) fn check_out(one: &One) -> Result<()> {
+    let ext = (one.out.extension()).map(|e| e.to_string_lossy().to_lowercase());
+    if ext.as_deref() == Some("png") {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "--out {}: magictailor writes PNG images (lossless, with their prompt and seed \
+         inside); name the file .png.",
+        one.out.display()
+    )))
+}
+
+pub(super) fn draw(
+    p: &Personalized,
+    opts: &InferOptions,
+    one: &One,
+    src: &Sources,
+) -> Result<Vec<PathBuf>> {
+    p.weights().check_prompt(&one.prompt)?;
+    let latents = initial_latents(p, opts, one)?;
+    let prompted = Prompted::new(p, &one.prompt, &opts.sampling)?;
+    let bar = progress_bar(opts.sampling.steps as u64, "denoising", opts.progress);
+    let images = prompted.images(latents, || bar.inc(1))?;
+    bar.finish();
+    if let Some(dir) = one.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        remove_orphans(dir, Scope::Folder);
+    }
+    let paths = output_paths(&one.out, images.len());
+    for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
+        let made = Provenance::new(&one.prompt, one.seed + i as u64, opts, src);
+        write_atomic(path, &crate::io::png::png_with_text(img, &made.chunks())?)?;
+    }
+    Ok(paths)
+}
+
+/// Seeded Gaussian latents (image i from seed + i, so each can be drawn again alone with
+/// `--seed`), or the `latents` tensor of `--init-latents`.
+fn initial_latents(p: &Personalized, opts: &InferOptions, one: &One) -> Result<Tensor> {
+    let (c, h, w) = opts.sampling.latent_shape(&p.sd)?;
+    let Some(file) = &one.init_latents else {
+        let seeds: Vec<u64> = (0..one.num_images as u64).map(|i| one.seed + i).collect();
+        return seeded_latents(&seeds, (c, h, w), &opts.device);
+    };
+    let tensors = tensors::read_floats(file, &opts.device, &[])?;
+    let t = tensors.get("latents").ok_or_else(|| {
+        Error::usage(format!(
+            "{} has no tensor named \"latents\" (it has: {:?}).",
+            file.display(),
+            tensors.keys().collect::<Vec<_>>()
+        ))
+    })?;
+    let want = [one.num_images, c, h, w];
+    if t.dims() != want {
+        return Err(Error::usage(format!(
+            "{}: latents have shape {:?}, but --num-images {} at {}x{} needs {want:?} (images, latent channels, \
+             height / {f}, width / {f}).",
+            file.display(),
+            t.dims(),
+            one.num_images,
+            opts.sampling.width,
+            opts.sampling.height,
+            f = p.sd.vae_factor()
+        )));
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// Numbered files (`name-0.png`, ...) when there are several images.
+fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "result".into());
+    let ext = out
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    (0..n)
+        .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
+}

@@ -1,0 +1,269 @@
+//! Where a personalized model's weights come from (a trained folder, one of its
+//! checkpoints, or a base model with adapter files) and loading them.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::InferOptions;
+use crate::error::{Error, Result};
+use crate::io::{run, tensors};
+use crate::model::loader::StableDiffusion;
+use crate::model::lora::LoraSet;
+use crate::train::objective::pseudo_word;
+
+/// Where a personalized model's weights come from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Hub id, local diffusers folder, or `tiny-random`.
+    pub model: String,
+    pub lora: Option<PathBuf>,
+    pub embeds: Option<PathBuf>,
+    /// The whole trained token-embedding table (`--released-script` runs).
+    pub token_table: Option<PathBuf>,
+    /// Pseudo-word -> class word, from a trained folder's record (for `--layout-steps`).
+    pub class_words: std::collections::BTreeMap<String, String>,
+    /// A training checkpoint holding the adapters and pseudo-word rows (in place of
+    /// `lora` and `embeds`), and the adapters' `alpha / rank`.
+    pub checkpoint: Option<(PathBuf, f64)>,
+}
+
+/// A model ready to sample: base weights, optional adapters, added pseudo-words.
+pub struct Personalized {
+    pub sd: StableDiffusion,
+    pub lora: Option<LoraSet>,
+    /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
+    pub extra_rows: Option<Tensor>,
+    /// Replaces the text encoder's token table (`--released-script` runs).
+    pub token_table: Option<Tensor>,
+    /// Pseudo-word -> class word, when known (a trained folder).
+    pub class_words: std::collections::BTreeMap<String, String>,
+}
+
+impl Personalized {
+    pub fn load(src: &Sources, device: &Device, dtype: DType) -> Result<Self> {
+        let mut sd = StableDiffusion::load(&src.model, device, dtype)?;
+        if let Some((file, scale)) = &src.checkpoint {
+            return from_checkpoint(sd, file, *scale, src, device);
+        }
+        let lora = match &src.lora {
+            Some(f) => Some(LoraSet::load(f, &sd.unet.lora_targets(), device)?),
+            None => None,
+        };
+        let token_table = match &src.token_table {
+            Some(f) => Some(load_token_table(f, sd.text_encoder.token_table(), device)?),
+            None => None,
+        };
+        let extra_rows = match &src.embeds {
+            Some(f) => {
+                let hidden = sd.text_encoder.config.hidden_size;
+                let list = crate::io::embeds::load(f, hidden, device)?;
+                let words: Vec<String> = list.iter().map(|(w, _)| w.clone()).collect();
+                sd.tokenizer.add_pseudo_words(&words)?;
+                let rows: Vec<Tensor> = list.into_iter().map(|(_, v)| v).collect();
+                Some(Tensor::stack(&rows, 0)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            sd,
+            lora,
+            extra_rows,
+            token_table,
+            class_words: src.class_words.clone(),
+        })
+    }
+
+    /// `prompt` with each pseudo-word replaced by its class word ("<v0> with <v1>" ->
+    /// "person with hair"): what the base model draws in a step blend's layout stage.
+    pub fn class_prompt(&self, prompt: &str) -> Result<String> {
+        let mut out = prompt.to_string();
+        for word in crate::model::tokenizer::pseudo_words_in(prompt) {
+            let class = self.class_words.get(&word).ok_or_else(|| {
+                Error::usage(format!(
+                    "--layout-steps needs the class word of {word}, which a trained folder's \
+                     magictailor.json records: use --model-dir."
+                ))
+            })?;
+            out = out.replace(&word, class);
+        }
+        Ok(out)
+    }
+
+    pub fn weights(&self) -> super::Weights<'_> {
+        super::Weights {
+            sd: &self.sd,
+            lora: self.lora.as_ref(),
+            extra_rows: self.extra_rows.as_ref(),
+            token_table: self.token_table.as_ref(),
+        }
+    }
+}
+
+/// The weights a training checkpoint holds, as a trained folder's files would give them.
+fn from_checkpoint(
+    mut sd: StableDiffusion,
+    file: &Path,
+    scale: f64,
+    src: &Sources,
+    device: &Device,
+) -> Result<Personalized> {
+    let mut t = crate::io::checkpoint::load(file, device)?;
+    let mut take = |name: &str| {
+        t.remove(name).ok_or_else(|| {
+            Error::bad_file(
+                file,
+                format!("the checkpoint {} lacks {name}.", file.display()),
+            )
+        })
+    };
+    let mut lora = LoraSet::default();
+    for target in sd.unet.lora_targets() {
+        let (a, b) = (
+            take(&format!("lora.{}.A", target.path))?,
+            take(&format!("lora.{}.B", target.path))?,
+        );
+        lora.insert(
+            target.path.clone(),
+            crate::model::lora::LoraWeights { a, b, scale },
+        );
+    }
+    let rows = take("rows")?;
+    let words: Vec<String> = (0..rows.dim(0)?).map(pseudo_word).collect();
+    sd.tokenizer.add_pseudo_words(&words)?;
+    let token_table = take("table").ok();
+    Ok(Personalized {
+        sd,
+        lora: Some(lora),
+        extra_rows: Some(rows),
+        token_table,
+        class_words: src.class_words.clone(),
+    })
+}
+
+/// A trained table must have the base table's shape: same vocabulary, same width.
+fn load_token_table(file: &Path, base: &Tensor, device: &Device) -> Result<Tensor> {
+    let t = tensors::read_floats(file, device, &[])?
+        .remove(run::TOKEN_TABLE_KEY)
+        .ok_or_else(|| {
+            Error::bad_file(
+                file,
+                format!(
+                    "{} has no tensor {:?}.",
+                    file.display(),
+                    run::TOKEN_TABLE_KEY
+                ),
+            )
+        })?;
+    if t.dims() != base.dims() {
+        return Err(Error::mismatch(
+            file,
+            format!(
+                "{}: the token table is {:?} but this text encoder's is {:?} (trained on another base \
+                 model?).",
+                file.display(),
+                t.dims(),
+                base.dims()
+            ),
+        ));
+    }
+    Ok(t.to_dtype(base.dtype())?)
+}
+
+/// Where the weights come from: a trained folder (whose base model `--model` may
+/// replace), or `--model` alone; `--lora`/`--embeds` override the folder's files.
+pub fn sources(opts: &InferOptions) -> Result<Sources> {
+    let dir = match (&opts.model_dir, &opts.model) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(model)) => {
+            if opts.checkpoint.is_some() {
+                return Err(Error::usage(
+                    "--checkpoint samples a checkpoint of a run: pass the run with --model-dir.",
+                ));
+            }
+            return Ok(Sources {
+                model: model.clone(),
+                lora: opts.lora.clone(),
+                embeds: opts.embeds.clone(),
+                token_table: None,
+                class_words: Default::default(),
+                checkpoint: None,
+            });
+        }
+        (None, None) => PathBuf::from(run::DEFAULT_DIR),
+    };
+    if let Some(which) = &opts.checkpoint {
+        return checkpoint_sources(&dir, which, opts);
+    }
+    let folder = run::open(&dir)?;
+    Ok(Sources {
+        model: opts.model.clone().unwrap_or(folder.record.base_model),
+        lora: opts.lora.clone().or(folder.lora),
+        embeds: opts.embeds.clone().or(folder.embeds),
+        token_table: folder.token_table,
+        class_words: folder.record.tokens,
+        checkpoint: None,
+    })
+}
+
+/// A checkpoint of the run in `dir` (finished or not): its file, and from the settings it
+/// records, the base model and the adapters' scale.
+fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<Sources> {
+    if opts.lora.is_some() || opts.embeds.is_some() {
+        return Err(Error::usage(
+            "--checkpoint brings its own adapters and pseudo-words: drop --lora and --embeds.",
+        ));
+    }
+    let step = which.trim_start_matches("step-").parse::<usize>().ok();
+    let file = match step {
+        Some(s) => crate::io::checkpoint::file(dir, s),
+        None => PathBuf::from(which),
+    };
+    if !file.is_file() {
+        let have = crate::io::checkpoint::steps(dir).unwrap_or_default();
+        return Err(Error::usage(format!(
+            "--checkpoint {which}: {} does not exist; the run in {} has checkpoints at steps {}.",
+            file.display(),
+            dir.display(),
+            if have.is_empty() {
+                "(none)".into()
+            } else {
+                format!("{have:?}")
+            }
+        )));
+    }
+    let settings = tensors::metadata(&file, crate::train::segments::METADATA_KEY)?;
+    let settings: serde_json::Value = settings
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .ok_or_else(|| {
+            Error::bad_file(
+                &file,
+                format!(
+                    "{} records no settings (a checkpoint of an older version): sample the \
+                     finished run instead.",
+                    file.display()
+                ),
+            )
+        })?;
+    let rank = settings["lora_rank"].as_f64().unwrap_or(1.0).max(1.0);
+    let alpha = settings["lora_alpha"].as_f64().unwrap_or(rank);
+    let model = match (&opts.model, settings["model"].as_str()) {
+        (Some(m), _) => m.clone(),
+        (None, Some(m)) => m.to_string(),
+        (None, None) => {
+            return Err(Error::bad_file(
+                &file,
+                format!("{}: no base model recorded.", file.display()),
+            ))
+        }
+    };
+    let class_words = run::open(dir).map(|f| f.record.tokens).unwrap_or_default();
+    Ok(Sources {
+        model,
+        lora: None,
+        embeds: None,
+        token_table: None,
+        class_words,
+        checkpoint: Some((file, alpha / rank)),
+    })
+}
