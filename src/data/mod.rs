@@ -6,6 +6,8 @@
 //!   1_hair_c1.jpg ...
 //!   masks/0_person_k1.png     white = wanted region (masks/others/ is ignored)
 //! ```
+//!
+//! May import only `error`.
 
 mod images;
 

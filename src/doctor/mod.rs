@@ -13,6 +13,9 @@
 //!
 //! Here: running the checks and the report; the facts come from `system`, the estimate
 //! from `estimate`.
+//!
+//! May import anything in the library (it times `train`'s step); nothing but the CLI
+//! imports it.
 
 mod estimate;
 mod system;

@@ -10,6 +10,10 @@
 //! Writes `metrics.json`, `summary.md` and a grid per prompt into the output folder
 //! (default `MODEL_DIR/eval/k{layout_steps}/`, so `--layout-steps` variants sit side by
 //! side over the same seeds).
+//!
+//! Here: the protocol (prompts, drawing or reusing the images); `score` scores them,
+//! `report` writes the files. May import `infer` (to draw), `masks` (attention
+//! segmentation), `data`, `model`, `io` and `preview`; nothing but the CLI imports it.
 
 pub mod clip;
 pub mod dino;

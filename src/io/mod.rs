@@ -2,6 +2,8 @@
 //! writes, PNG bytes, safetensors, pseudo-word embeddings, checkpoints, and the layout of
 //! a training run's output folder. `train` writes through here and `infer` reads through
 //! here; neither knows the other.
+//!
+//! May import only `error`: every other module may import it.
 
 mod atomic;
 pub mod checkpoint;

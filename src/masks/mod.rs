@@ -4,6 +4,9 @@
 //! mask leaves out its components (`pair.rs`); optionally refined with Segment Anything
 //! (`sam.rs`). Masks are written at each image's own size (`folder.rs`) and read back
 //! like a user's, so `train` resizes and binarizes both the same way.
+//!
+//! May import `data`, `model`, `infer` (progress), `io`, `preview` and `rng`; `train` and
+//! `eval` import it.
 
 pub mod attention;
 pub mod auto;

@@ -1,5 +1,7 @@
 //! Pictures a person looks at instead of numbers: labelled sample grids, the loss plot,
 //! and TensorBoard event files.
+//!
+//! May import `io` and `error`; `train`, `infer`, `eval` and `masks` draw through it.
 
 pub mod grid;
 pub mod plot;
