@@ -4,7 +4,7 @@
 
 use candle_core::{Result, Shape, Tensor};
 
-use super::kernels as cpu;
+use crate::kernels::cpu;
 use super::{attach1, fused1, on_cpu_f32, to_vec_f32, with_f32, Grad1};
 use crate::profile::Kind;
 

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Device, Result, Shape, Tensor, D};
 
-use super::gate::{self, Comparison, Family};
-use super::kernels as cpu;
+use crate::kernels::gate::{self, Comparison, Family};
+use crate::kernels::cpu;
 use super::{cpu_kernel_takes, f32_or_wider, fused1, kernel2, to_vec_f32, Grad1};
 use crate::profile::Kind;
 
@@ -252,8 +252,8 @@ mod on_cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-    use super::super::cuda::{self, norm, Arg, Launch};
-    use super::super::kernels::GroupNormShape;
+    use crate::kernels::cuda::{self, norm, Arg, Launch};
+    use crate::kernels::cpu::GroupNormShape;
     use super::super::Backend;
     use super::{GroupNormParams, LayerNormGrad};
 

@@ -280,3 +280,43 @@ fn untracked_inputs_build_no_graph() {
     let q = q.to_dtype(DType::F32).unwrap();
     assert!(!attention(&q, &q, &q, 2, 1.0).unwrap().track_op());
 }
+
+/// Each CPU family passes its first-use check well within tolerance; the check is cheap.
+#[test]
+fn cpu_kernels_pass_their_first_use_check() {
+    for family in Family::ALL.into_iter().filter(|f| *f != Family::Optimizer) {
+        let verdict = recheck(family, &Device::Cpu, DType::F32);
+        let Verdict::Passed { max_err, seconds } = verdict else {
+            panic!("{family:?}: {verdict:?}")
+        };
+        eprintln!("{family:?}: max rel err {max_err:.2e} in {seconds:.3} s");
+        assert!(
+            max_err < family.tolerance(DType::F32) / 4.0,
+            "{family:?}: {max_err}"
+        );
+    }
+}
+
+/// On a GPU (`--features cuda` with one present; skipped without): every family's
+/// first-use check passes in every dtype, with the launch limits of the real device.
+#[cfg(feature = "cuda")]
+#[test]
+fn first_use_checks_pass_on_gpu() {
+    let Ok(dev) = Device::new_cuda(0) else {
+        eprintln!("no GPU: skipped");
+        return;
+    };
+    for family in Family::ALL {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            if !crate::kernels::kernels_exist(family, &dev, dtype) {
+                continue;
+            }
+            let verdict = recheck(family, &dev, dtype);
+            eprintln!("{family:?} {dtype:?}: {verdict:?}");
+            assert!(
+                matches!(verdict, Verdict::Passed { .. }),
+                "{family:?} {dtype:?}"
+            );
+        }
+    }
+}

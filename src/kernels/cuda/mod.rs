@@ -17,11 +17,11 @@
 
 use candle_core::{bail, DType, Result};
 
-pub(super) mod adamw;
-pub(super) mod flash;
-pub(super) mod geglu;
+pub(crate) mod adamw;
+pub(crate) mod flash;
+pub(crate) mod geglu;
 pub(crate) mod limits;
-pub(super) mod norm;
+pub(crate) mod norm;
 
 /// A kernel argument, as the kernel's parameter list takes it.
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +41,7 @@ pub(crate) struct Module {
 
 macro_rules! module {
     ($name:literal) => {
-        $crate::model::ops::cuda::Module {
+        $crate::kernels::cuda::Module {
             name: $name,
             #[cfg(feature = "cuda")]
             fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".fatbin")),
@@ -133,7 +133,7 @@ mod device;
 #[cfg(feature = "cuda")]
 pub(crate) use device::{alloc, compute_major, input_ptr, output_ptr, run, shared_limit};
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 pub(crate) mod emu;
 
 #[cfg(test)]

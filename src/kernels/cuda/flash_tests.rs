@@ -1,7 +1,7 @@
 //! Flash attention's tests: the kernels against the composed softmax(scale q k^T) v and
 //! its autograd gradients, on the emulator (every launch builder, f32 tightly and bf16
 //! loosely) and through `attention()` on a GPU.
-#![cfg_attr(not(any(kernel_emu, feature = "cuda")), allow(dead_code))]
+#![cfg_attr(not(any(feature = "testkit", feature = "cuda")), allow(dead_code))]
 
 use candle_core::{DType, Tensor, D};
 
@@ -54,7 +54,7 @@ const CASES: [(usize, usize, usize, usize, usize); 6] = [
     (2, 1, 64, 64, 16),
 ];
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 mod emulated {
     use candle_core::{DType, Device, Result, Tensor, Var};
 

@@ -1,6 +1,6 @@
 //! norm.cu's tests: GroupNorm (+ SiLU) and LayerNorm, forward and backward, against the
 //! composed candle ops and their autograd gradients, in f32 and bf16.
-#![cfg(any(kernel_emu, feature = "cuda"))]
+#![cfg(any(feature = "testkit", feature = "cuda"))]
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -71,14 +71,14 @@ const GROUP_CASES: [(usize, usize, usize, usize); 3] =
 /// 37 rows leave the last block partly empty.
 const LAYER_CASES: [(usize, usize); 2] = [(37, 37), (37, 320)];
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 mod emulated {
     use super::super::emu::run;
     use super::super::norm;
     use super::super::tests::Host;
     use super::super::Arg;
     use super::*;
-    use crate::model::ops::kernels::GroupNormShape;
+    use crate::kernels::cpu::GroupNormShape;
 
     /// The vector path needs 16-byte aligned buffers: make sure the pack cases take it.
     fn assert_aligned(hs: &[&Host]) {

@@ -3,7 +3,7 @@
 
 use candle_core::{bail, DType, Result};
 
-use super::super::kernels::GroupNormShape;
+use crate::kernels::cpu::GroupNormShape;
 use super::{module, typed, Arg, Launch, Module};
 
 pub(crate) static MODULE: Module = module!("norm");

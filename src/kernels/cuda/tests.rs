@@ -1,19 +1,19 @@
 //! Kernel tests' shared helpers, and GEGLU's tests. Each kernel is checked against the
-//! composed candle op in f32 and bf16 twice: on the CPU emulator (`cfg(kernel_emu)`, every
+//! composed candle op in f32 and bf16 twice: on the CPU emulator (the `testkit` feature, every
 //! `cargo test`) and on a GPU (`--features cuda` with one present; skipped without).
 //! Each kernel file has its own tests file beside this one using these helpers.
 
 use candle_core::{DType, Device, Tensor, D};
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 use half::{bf16, f16};
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 use super::emu::{ptr, run};
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 use super::geglu;
 use crate::rng::seeded_normal;
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 /// A tensor's values in `dtype`'s storage (f32 or bf16), as the kernel reads them.
 pub(super) enum Host {
     F32(Vec<f32>),
@@ -21,7 +21,7 @@ pub(super) enum Host {
     F16(Vec<f16>),
 }
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 impl Host {
     pub(super) fn of(t: &Tensor, dtype: DType) -> Host {
         let t = t.to_dtype(dtype).unwrap().flatten_all().unwrap();
@@ -83,7 +83,7 @@ fn composed_geglu(x: &Tensor) -> Tensor {
     .unwrap()
 }
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn geglu_matches_composed() {
     let (rows, inner) = (37, 40);
@@ -117,7 +117,7 @@ fn geglu_matches_composed() {
     }
 }
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn emulator_refuses_wrong_launches() {
     let v = vec![0f32; 4];
@@ -227,7 +227,7 @@ fn launch_limits_follow_cuda_rules() {
 /// report has it with the launch bound it was registered with. The attribute `device.rs`
 /// set before (the GPU's whole opt-in limit) is refused for the three kernels that declare
 /// static shared memory, on every GPU with more than 48 KB.
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn every_kernel_loads_on_each_gpu_and_the_old_attribute_would_not() {
     use super::emu::{kernels, reported, A100, H100, RTX_4090};
@@ -270,7 +270,7 @@ fn every_kernel_loads_on_each_gpu_and_the_old_attribute_would_not() {
 /// A launch over its kernel's bound, or asking for more shared memory than the GPU gives,
 /// is refused before it runs, naming the rule: flash attention's dK/dV tile in bf16 fits
 /// an A100's 163 KB, not an RTX 4090's 99 KB.
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn launches_beyond_a_kernel_limits_are_refused() {
     use super::emu::{run_on, A100, RTX_4090};
