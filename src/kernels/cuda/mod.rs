@@ -11,6 +11,11 @@
 //! build.rs compiles each `.cu` to a fatbin with sm_80 and sm_90 SASS and compute_80 PTX,
 //! checks ptxas's report of each kernel's registers and shared memory against the launch
 //! rules ([`limits`]), and keeps the report (`resources.tsv`) for the emulator.
+//!
+//! May import candle (cudarc under `--features cuda`), `half`, and `crate::kernels::cpu`
+//! (shapes shared with the CPU kernels); `limits.rs` imports nothing, as `build.rs`
+//! includes it. The emulator (`emu.*`) and the tests are built with the `testkit` feature
+//! only; the tests may also use `crate::testkit`, `crate::model::ops` and `crate::train`.
 
 // Without `--features cuda` only the emulator tests launch kernels.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]

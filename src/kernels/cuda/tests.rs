@@ -3,7 +3,7 @@
 //! `cargo test`) and on a GPU (`--features cuda` with one present; skipped without).
 //! Each kernel file has its own tests file beside this one using these helpers.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 #[cfg(feature = "testkit")]
 use half::{bf16, f16};
 
@@ -12,6 +12,8 @@ use super::emu::{ptr, run};
 #[cfg(feature = "testkit")]
 use super::geglu;
 use crate::rng::seeded_normal;
+use crate::testkit::tolerance::rel_err;
+use crate::testkit::reference;
 
 #[cfg(feature = "testkit")]
 /// A tensor's values in `dtype`'s storage (f32 or bf16), as the kernel reads them.
@@ -56,13 +58,6 @@ impl Host {
     }
 }
 
-/// max |a - b| / max |b|.
-pub(super) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    (diff / scale).unwrap().to_scalar::<f32>().unwrap()
-}
-
 /// The tolerance for results stored in `dtype` (one rounding of the output, plus slack).
 pub(super) fn tol(dtype: DType) -> f32 {
     if dtype == DType::F32 {
@@ -70,17 +65,6 @@ pub(super) fn tol(dtype: DType) -> f32 {
     } else {
         1e-2
     }
-}
-
-fn composed_geglu(x: &Tensor) -> Tensor {
-    let inner = x.dim(D::Minus1).unwrap() / 2;
-    let h = x.narrow(D::Minus1, 0, inner).unwrap();
-    (h * x
-        .narrow(D::Minus1, inner, inner)
-        .unwrap()
-        .gelu_erf()
-        .unwrap())
-    .unwrap()
 }
 
 #[cfg(feature = "testkit")]
@@ -102,7 +86,7 @@ fn geglu_matches_composed() {
         run(&geglu::bwd(dtype, hx.arg(), hdy.arg(), dx.arg(), rows, inner).unwrap()).unwrap();
 
         let var = candle_core::Var::from_tensor(&x).unwrap();
-        let want = composed_geglu(var.as_tensor());
+        let want = reference::geglu(var.as_tensor()).unwrap();
         let grads = (&want * &dy)
             .unwrap()
             .sum_all()
@@ -163,7 +147,7 @@ fn geglu_on_gpu_matches_composed() {
         let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
         let dx = g.get(var.as_tensor()).unwrap();
         let xf = candle_core::Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
-        let want = composed_geglu(xf.as_tensor());
+        let want = reference::geglu(xf.as_tensor()).unwrap();
         let gw = (&want * dy.to_dtype(DType::F32).unwrap())
             .unwrap()
             .sum_all()
