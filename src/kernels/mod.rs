@@ -23,9 +23,7 @@ pub(crate) mod gate;
 pub(crate) mod multi_tensor;
 
 pub use cuda::limits::Resources as KernelResources;
-pub use gate::{
-    entries as kernel_states, sticky_error_hint, Comparison, Entry, Family, Verdict,
-};
+pub use gate::{entries as kernel_states, sticky_error_hint, Comparison, Entry, Family, Verdict};
 
 /// Whether `family` has kernels for `dev` in `dtype`, not switched off by the environment
 /// (`MAGICTAILOR_CUDA_KERNELS=0`) or the GPU's age.

@@ -20,7 +20,10 @@ fn fused_on<'a>(ts: &[&'a Tensor]) -> Option<&'a Device> {
     let all = ts
         .iter()
         .all(|t| t.device().same_device(dev) && t.dtype() == DType::F32 && t.is_contiguous());
-    (dev.is_cuda() && all && gate::use_kernel(Family::Optimizer, dev, DType::F32, || check(dev, false))).then_some(dev)
+    (dev.is_cuda()
+        && all
+        && gate::use_kernel(Family::Optimizer, dev, DType::F32, || check(dev, false)))
+    .then_some(dev)
 }
 
 /// `t` with storage of its own on CUDA, where the fused kernels may later update the

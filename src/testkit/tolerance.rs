@@ -5,7 +5,9 @@ use candle_core::{DType, Tensor};
 
 /// Largest |x| over all elements of `t` taken in `dtype` (F32 or F64), in f64.
 fn max_abs_in(t: &Tensor, dtype: DType) -> f64 {
-    let m = t.to_dtype(dtype).and_then(|t| t.abs()?.flatten_all()?.max(0));
+    let m = t
+        .to_dtype(dtype)
+        .and_then(|t| t.abs()?.flatten_all()?.max(0));
     m.and_then(|m| m.to_dtype(DType::F64)?.to_scalar::<f64>())
         .expect("max |x|")
 }

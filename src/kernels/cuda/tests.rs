@@ -12,8 +12,8 @@ use super::emu::{ptr, run};
 #[cfg(feature = "testkit")]
 use super::geglu;
 use crate::rng::seeded_normal;
-use crate::testkit::tolerance::rel_err;
 use crate::testkit::reference;
+use crate::testkit::tolerance::rel_err;
 
 #[cfg(feature = "testkit")]
 /// A tensor's values in `dtype`'s storage (f32 or bf16), as the kernel reads them.

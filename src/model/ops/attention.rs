@@ -7,11 +7,11 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D,
 };
 
-use crate::kernels::gate::{self, Comparison, Family};
-use crate::kernels::cpu;
 use super::{
     copy_value, cpu_kernel_takes, f32_or_wider, f32_slice, grads3, kernel_takes, with_f32,
 };
+use crate::kernels::cpu;
+use crate::kernels::gate::{self, Comparison, Family};
 
 // Memory-efficient attention: softmax(scale q k^T) v keeping only the per-row
 // log-sum-exp for backward, which recomputes the probabilities block by block. On the
@@ -451,9 +451,9 @@ mod on_cuda {
         bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
     };
 
+    use super::attn_shape as dims;
     use crate::kernels::cuda::flash;
     use crate::kernels::cuda::{self, Arg};
-    use super::attn_shape as dims;
 
     /// The output (like q) and the rows' log-sum-exp `[b * heads, n]` (f32).
     pub fn fwd(

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device, Result, Shape, Tensor, D};
 
-use crate::kernels::gate::{self, Comparison, Family};
-use crate::kernels::cpu;
 use super::{cpu_kernel_takes, fused1, kernel2, Grad1};
+use crate::kernels::cpu;
+use crate::kernels::gate::{self, Comparison, Family};
 use crate::profile::Kind;
 
 // GEGLU: h * gelu_erf(gate) for [h, gate] split on the last dimension.

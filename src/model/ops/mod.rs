@@ -207,7 +207,9 @@ fn input_grad<G: Grad1>(op: &G, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Te
 /// and dtype).
 fn kernel_takes(family: Family, t: &Tensor) -> bool {
     let (dev, dtype) = (t.device(), t.dtype());
-    gate::use_kernel(family, dev, dtype, || check_family(family, dev, dtype, false))
+    gate::use_kernel(family, dev, dtype, || {
+        check_family(family, dev, dtype, false)
+    })
 }
 
 /// Runs `family`'s first-use check on `dev` in `dtype` now (again, if it ran before),
