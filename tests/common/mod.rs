@@ -23,6 +23,7 @@ pub fn reference() -> HashMap<String, Tensor> {
 
 /// Largest |a - b| over all elements; largest |x| (to show a difference is small relative
 /// to the values).
+#[allow(unused_imports)] // not every test binary uses them
 pub use magictailor::testkit::tolerance::{max_abs, max_abs_diff};
 
 pub fn bin() -> PathBuf {
