@@ -12,8 +12,9 @@
 //! - `multi_tensor.rs`: the optimizer's squared-gradient sums, AdamW and DS-Bal EMA, one
 //!   CUDA launch over all tensors.
 //!
-//! May import candle, `crate::rng`, `crate::error`, `crate::io::console` and
-//! `crate::profile`; never `crate::model` or `crate::train` (outside tests).
+//! May import candle, `crate::rng`, `crate::error` and `crate::io::console`; never
+//! `crate::model` or `crate::train` (their tests excepted, which compare with the ops and
+//! the optimizer).
 
 use candle_core::{DType, Device};
 
