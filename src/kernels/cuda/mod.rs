@@ -138,7 +138,10 @@ mod device;
 #[cfg(feature = "cuda")]
 pub(crate) use device::{alloc, compute_major, input_ptr, output_ptr, run, shared_limit};
 
+// Only this crate's own tests run kernels on it; with `--features cuda` the lib the
+// test targets link (testkit on) has no other use for it.
 #[cfg(feature = "testkit")]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod emu;
 
 #[cfg(test)]
