@@ -1,4 +1,4 @@
-//! Compiles the CUDA kernels in src/model/ops/cuda/:
+//! Compiles the CUDA kernels in src/kernels/cuda/:
 //! - with `--features cuda`, by nvcc into fatbins holding sm_80 SASS (every 8.x GPU: A100,
 //!   RTX 30xx/40xx, L4), sm_90 SASS (H100/H200) and compute_80 PTX (newer GPUs JIT-compile
 //!   it). ptxas's report of each kernel's registers, shared memory and spills is checked
@@ -6,8 +6,9 @@
 //!   the build), kept in OUT_DIR for `magictailor doctor`, and compared with the committed
 //!   copy the emulator reads (cuda/resources.tsv; `MAGICTAILOR_KERNEL_TABLE=write` updates
 //!   it, `=check` makes a difference an error, as CI does);
-//! - in debug builds (`cargo test`), by the host C++ compiler against the CPU emulator
-//!   (emu.h), so the kernels are tested without a GPU (`cfg(kernel_emu)`).
+//! - with the `testkit` feature (on for tests, benches and examples, never in the shipped
+//!   binary), by the host C++ compiler against the CPU emulator (emu.h), so the kernels are
+//!   tested without a GPU (`cfg(feature = "testkit")`).
 //!
 //! Both are skipped when the kernel folder's bytes are those of the last build (the
 //! script also reruns for a new git commit, which `magictailor doctor` reports).
@@ -16,20 +17,18 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[path = "src/model/ops/cuda/limits.rs"]
+#[path = "src/kernels/cuda/limits.rs"]
 #[allow(dead_code)]
 mod limits;
 
 use limits::Resources;
 
-const DIR: &str = "src/model/ops/cuda";
-const TABLE: &str = "src/model/ops/cuda/resources.tsv";
+const DIR: &str = "src/kernels/cuda";
+const TABLE: &str = "src/kernels/cuda/resources.tsv";
 
 fn main() {
     println!("cargo::rerun-if-changed={DIR}");
-    println!("cargo::rerun-if-env-changed=MAGICTAILOR_KERNEL_EMU");
     println!("cargo::rerun-if-env-changed=MAGICTAILOR_KERNEL_TABLE");
-    println!("cargo::rustc-check-cfg=cfg(kernel_emu)");
     let sources = kernel_sources();
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     commit();
@@ -49,8 +48,7 @@ fn main() {
         let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "this machine's GPU".into());
         println!("cargo::rustc-env=MAGICTAILOR_CANDLE_CAP={cap}");
     }
-    let debug = std::env::var("PROFILE").is_ok_and(|p| p == "debug");
-    if debug || std::env::var_os("MAGICTAILOR_KERNEL_EMU").is_some() {
+    if std::env::var_os("CARGO_FEATURE_TESTKIT").is_some() {
         let lib = out.join("libmt_kernels_emu.a");
         let tag = folder_hash("emu");
         if !is_current(&out, "emu", tag, &lib) {
@@ -62,7 +60,6 @@ fn main() {
         println!("cargo::rustc-link-search=native={}", out.display());
         println!("cargo::rustc-link-lib=static:+whole-archive=mt_kernels_emu");
         println!("cargo::rustc-link-lib=dylib=stdc++");
-        println!("cargo::rustc-cfg=kernel_emu");
     }
 }
 

@@ -11,6 +11,7 @@ pub mod infer;
 pub mod info;
 pub mod interrupt;
 pub mod io;
+pub mod kernels;
 pub mod masks;
 pub mod model;
 pub mod preview;

@@ -155,7 +155,7 @@ pub fn run() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             console::note(format_args!("error: {e}"));
-            if let Some(hint) = magictailor::model::ops::sticky_error_hint(&e.to_string()) {
+            if let Some(hint) = magictailor::kernels::sticky_error_hint(&e.to_string()) {
                 console::note(format_args!("hint: {hint}"));
             }
             ExitCode::from(e.exit_code())

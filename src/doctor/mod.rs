@@ -24,7 +24,8 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use crate::error::Result;
-use crate::model::ops::{self, Comparison, Family, Verdict};
+use crate::kernels::{self, Comparison, Family, Verdict};
+use crate::model::ops;
 
 pub use estimate::Estimate;
 pub use system::{BuildInfo, DeviceInfo, HubInfo};
@@ -94,7 +95,7 @@ fn kernel_rows(dev: &Device) -> Vec<KernelRow> {
     let mut rows = Vec::new();
     for family in Family::ALL {
         for &dtype in dtypes(dev) {
-            if !ops::kernels_exist(family, dev, dtype) {
+            if !kernels::kernels_exist(family, dev, dtype) {
                 continue;
             }
             let verdict = ops::recheck(family, dev, dtype);

@@ -6,7 +6,7 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::error::Result;
-use crate::model::ops::{self, KernelResources};
+use crate::kernels::{self, KernelResources};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -32,7 +32,7 @@ pub fn build() -> BuildInfo {
         cuda: cfg!(feature = "cuda"),
         kernel_archs: option_env!("MAGICTAILOR_KERNEL_ARCHS"),
         candle_cap: option_env!("MAGICTAILOR_CANDLE_CAP"),
-        kernels: ops::compiled_kernels(),
+        kernels: kernels::compiled_kernels(),
     }
 }
 
@@ -161,7 +161,7 @@ fn gpu_absent(build: &BuildInfo) -> String {
 fn cpu_info() -> DeviceInfo {
     let mut facts = vec![
         ("cpu".into(), std::env::consts::ARCH.to_string()),
-        ("kernels".into(), ops::simd_level().to_string()),
+        ("kernels".into(), kernels::simd_level().to_string()),
         (
             "threads".into(),
             candle_core::utils::get_num_threads().to_string(),
@@ -268,7 +268,7 @@ fn gpu_info(dev: &Device, build: &BuildInfo) -> DeviceInfo {
     }
     facts.push((
         "shared memory per block".into(),
-        format!("{} KiB", ops::gpu_shared_limit(dev) / 1024),
+        format!("{} KiB", kernels::gpu_shared_limit(dev) / 1024),
     ));
     if major < 8 {
         problems.push(format!(

@@ -7,8 +7,8 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::kernels::multi_tensor::{self, ema_composed, unshared};
 use crate::model::lora::{LoraSet, TrainableLora};
-use crate::model::ops::multi_tensor::{self, ema_composed, unshared};
 
 /// Averages per-image values `[b]` into per-sample values `[n]` (samples may have
 /// different image counts). Differentiable.

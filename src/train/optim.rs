@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, TensorId, Var};
 
-use crate::model::ops::multi_tensor::{self, adamw_composed, unshared, AdamWStep, Slot};
+use crate::kernels::multi_tensor::{self, adamw_composed, unshared, AdamWStep, Slot};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {

@@ -493,7 +493,7 @@ impl Trainer {
             .unwrap_or_else(|_| self.sd.source.clone());
         let config = serde_json::to_value(&self.cfg)
             .map_err(|e| Error::internal(format!("serializing the settings: {e}")))?;
-        let kernels = crate::model::ops::kernel_states()
+        let kernels = crate::kernels::kernel_states()
             .iter()
             .map(|e| e.to_json())
             .collect();

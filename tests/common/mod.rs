@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::{ImageBuffer, Luma, Rgb, Rgba};
 
 pub fn fixtures() -> PathBuf {
@@ -21,23 +21,10 @@ pub fn reference() -> HashMap<String, Tensor> {
         .expect("parity fixture")
 }
 
-/// Largest |a - b| over all elements.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    max_abs(&(a - b.to_dtype(DType::F32).unwrap()).unwrap())
-}
-
-/// Largest |x| over all elements (to show a difference is small relative to the values).
-pub fn max_abs(a: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().abs().unwrap();
-    a.flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+/// Largest |a - b| over all elements; largest |x| (to show a difference is small relative
+/// to the values).
+#[allow(unused_imports)] // not every test binary uses them
+pub use magictailor::testkit::tolerance::{max_abs, max_abs_diff};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_magictailor"))

@@ -7,11 +7,11 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D,
 };
 
-use super::gate::{self, Comparison, Family};
-use super::kernels as cpu;
 use super::{
     copy_value, cpu_kernel_takes, f32_or_wider, f32_slice, grads3, kernel_takes, with_f32,
 };
+use crate::kernels::cpu;
+use crate::kernels::gate::{self, Comparison, Family};
 
 // Memory-efficient attention: softmax(scale q k^T) v keeping only the per-row
 // log-sum-exp for backward, which recomputes the probabilities block by block. On the
@@ -282,7 +282,7 @@ fn cuda_flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
         && q.device().is_cuda()
         && kernel_takes(Family::Attention, q)
         && d * heads == c
-        && (1..=super::cuda::flash::MAX_HEAD_DIM).contains(&d)
+        && (1..=crate::kernels::cuda::flash::MAX_HEAD_DIM).contains(&d)
         && n > 0
         && m > 0
         && flash_fits(q, &attn_shape(q.layout(), k.layout(), heads, 1.0)?))
@@ -294,7 +294,7 @@ fn cuda_flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
 fn flash_fits(q: &Tensor, s: &cpu::AttnShape) -> bool {
     match q.device() {
         candle_core::Device::Cuda(dev) => {
-            super::cuda::flash::fits(q.dtype(), s, super::cuda::shared_limit(dev))
+            crate::kernels::cuda::flash::fits(q.dtype(), s, crate::kernels::cuda::shared_limit(dev))
         }
         _ => false,
     }
@@ -451,9 +451,9 @@ mod on_cuda {
         bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
     };
 
-    use super::super::cuda::flash;
-    use super::super::cuda::{self, Arg};
     use super::attn_shape as dims;
+    use crate::kernels::cuda::flash;
+    use crate::kernels::cuda::{self, Arg};
 
     /// The output (like q) and the rows' log-sum-exp `[b * heads, n]` (f32).
     pub fn fwd(

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device, Result, Shape, Tensor, D};
 
-use super::gate::{self, Comparison, Family};
-use super::kernels as cpu;
 use super::{cpu_kernel_takes, fused1, kernel2, Grad1};
+use crate::kernels::cpu;
+use crate::kernels::gate::{self, Comparison, Family};
 use crate::profile::Kind;
 
 // GEGLU: h * gelu_erf(gate) for [h, gate] split on the last dimension.
@@ -80,7 +80,7 @@ mod on_cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Layout, Result, Shape, Tensor};
 
-    use super::super::cuda::{self, geglu, Arg};
+    use crate::kernels::cuda::{self, geglu, Arg};
 
     /// Rows and half-width of a `[.., 2 * inner]` layout.
     fn rows_inner(l: &Layout) -> (usize, usize) {

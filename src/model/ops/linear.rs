@@ -6,8 +6,8 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor,
 };
 
-use super::kernels as cpu;
 use super::{f32_slice, grads3, on_cpu_f32, to_vec_f32, with_f32, Backend};
+use crate::kernels::cpu;
 
 // Frozen linear: y = x W^T + b, backward dL/dx = g W only.
 

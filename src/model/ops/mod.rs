@@ -13,11 +13,14 @@
 //! is kept) and attaches a custom op whose backward returns only the input gradients.
 //! With no tracked input the value is returned as is, so inference pays nothing.
 //!
-//! Which ops take the kernels is decided per family by `gate`, which checks each family
-//! against the composed op at its first use.
+//! Which ops take the kernels is decided per family by `crate::kernels::gate`, which checks
+//! each family against the composed op (`check_family`, here) at its first use.
 //!
 //! Here: the machinery every op shares (attaching a backward, running a CPU kernel on a
-//! tensor's storage); each op lives in its own file, its CPU kernels under `kernels/`.
+//! tensor's storage) and the families' first-use checks; each op lives in its own file.
+//! The kernels themselves (CPU and CUDA) and the gate are in `crate::kernels`.
+//!
+//! May import candle, `crate::kernels`, `crate::profile` and `crate::rng`.
 
 use std::sync::Mutex;
 
@@ -28,50 +31,15 @@ use candle_core::{
 
 mod attention;
 mod conv;
-mod cuda;
-mod gate;
 mod geglu;
-mod kernels;
 mod linear;
-pub(crate) mod multi_tensor;
 mod norm;
+
+use crate::kernels::gate::{self, Comparison, Family, Verdict};
+use crate::kernels::multi_tensor;
 
 pub use attention::{attention, use_reference_attention};
 pub use conv::{frozen_conv2d, images_within, upsample_nearest_2x};
-pub use cuda::limits::Resources as KernelResources;
-pub use gate::{
-    entries as kernel_states, recheck, sticky_error_hint, Comparison, Entry, Family, Verdict,
-};
-
-/// Whether `family` has kernels for `dev` in `dtype`, not switched off by the environment
-/// (`MAGICTAILOR_CUDA_KERNELS=0`) or the GPU's age.
-pub fn kernels_exist(family: Family, dev: &Device, dtype: DType) -> bool {
-    gate::exists(family, dev, dtype)
-}
-
-/// The SIMD level of the CPU kernels on this machine (AVX-512, AVX2+FMA or baseline).
-pub fn simd_level() -> &'static str {
-    kernels::simd_level()
-}
-
-/// The shared memory a block may opt into on `dev`, in bytes (0 off CUDA).
-pub fn gpu_shared_limit(dev: &Device) -> usize {
-    match dev {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => cuda::shared_limit(d),
-        _ => 0,
-    }
-}
-
-/// ptxas's report of the CUDA kernels compiled into this binary (none without
-/// `--features cuda`).
-pub fn compiled_kernels() -> Vec<KernelResources> {
-    #[cfg(feature = "cuda")]
-    let table = include_str!(concat!(env!("OUT_DIR"), "/kernel_resources.tsv"));
-    #[cfg(not(feature = "cuda"))]
-    let table = "";
-    cuda::limits::parse_table(table)
-}
 pub use geglu::geglu;
 pub use linear::{frozen_linear, lora_linear, LoraAdapter};
 pub use norm::{group_norm, layer_norm};
@@ -238,7 +206,18 @@ fn input_grad<G: Grad1>(op: &G, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Te
 /// Whether `family`'s kernels take `t` (checked at the family's first use on its device
 /// and dtype).
 fn kernel_takes(family: Family, t: &Tensor) -> bool {
-    gate::use_kernel(family, t.device(), t.dtype())
+    let (dev, dtype) = (t.device(), t.dtype());
+    gate::use_kernel(family, dev, dtype, || {
+        check_family(family, dev, dtype, false)
+    })
+}
+
+/// Runs `family`'s first-use check on `dev` in `dtype` now (again, if it ran before),
+/// records and returns its verdict.
+pub fn recheck(family: Family, dev: &Device, dtype: DType) -> Verdict {
+    gate::recheck(family, dev, dtype, || {
+        check_family(family, dev, dtype, false)
+    })
 }
 
 /// Whether `family`'s CPU kernels take `t`: f32 on the CPU, the family not switched off.

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device, Result, Shape, Tensor, D};
 
-use super::gate::{self, Comparison, Family};
-use super::kernels as cpu;
 use super::{cpu_kernel_takes, f32_or_wider, fused1, kernel2, to_vec_f32, Grad1};
+use crate::kernels::cpu;
+use crate::kernels::gate::{self, Comparison, Family};
 use crate::profile::Kind;
 
 // Norms. Statistics are recomputed in backward from the input rather than stored.
@@ -252,10 +252,10 @@ mod on_cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-    use super::super::cuda::{self, norm, Arg, Launch};
-    use super::super::kernels::GroupNormShape;
     use super::super::Backend;
     use super::{GroupNormParams, LayerNormGrad};
+    use crate::kernels::cpu::GroupNormShape;
+    use crate::kernels::cuda::{self, norm, Arg, Launch};
 
     /// Frozen affine parameters of `len` elements, in the kernels' storage type (a no-op
     /// when they already are).

@@ -2,10 +2,12 @@
 //! in f64 values and input gradients agree to rounding; in f32 (where the CPU kernels
 //! run) to f32 accuracy, relative to the largest entry.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::attention::attention_head_major;
 use super::*;
+use crate::testkit::reference;
+use crate::testkit::tolerance::rel_err_f64;
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     crate::rng::seeded_normal(seed, shape, &Device::Cpu)
@@ -17,12 +19,6 @@ fn randn(seed: u64, shape: &[usize]) -> Tensor {
 /// A frozen parameter in the dtype of the inputs.
 fn like(p: &Tensor, xs: &[Tensor]) -> Tensor {
     p.to_dtype(xs[0].dtype()).expect("cast")
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs()
-        .and_then(|a| a.flatten_all()?.max(0)?.to_scalar::<f64>())
-        .expect("max")
 }
 
 /// Compares `ours` with `reference` on inputs `xs`: outputs, and the gradient of a random
@@ -53,11 +49,11 @@ fn check(
     let (y2, g2) = run(&reference, DType::F64);
     for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-6)] {
         let (y1, g1) = run(&ours, dtype);
-        let dy = max_abs(&(&y1 - &y2).unwrap()) / max_abs(&y2).max(1e-30);
+        let dy = rel_err_f64(&y1, &y2);
         assert!(dy < tol, "{name} {dtype:?}: output differs by {dy:e}");
         for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
             assert_eq!(a.dims(), b.dims(), "{name}: gradient {i} shape");
-            let d = max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30);
+            let d = rel_err_f64(a, b);
             assert!(d < tol, "{name} {dtype:?}: gradient {i} differs by {d:e}");
         }
     }
@@ -176,19 +172,11 @@ fn upsample_matches_candle() {
 fn group_norm_matches_composed() {
     let (gamma, beta) = (randn(1, &[6]), randn(2, &[6]));
     for silu in [false, true] {
-        let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), 6, 3, 1e-6).unwrap();
         check(
             &format!("group norm silu={silu}"),
             &[randn(3, &[2, 6, 4, 3])],
             |x| group_norm(&x[0], &gamma, &beta, 3, 1e-6, silu),
-            |x| {
-                let y = candle_core::Module::forward(&gn, &x[0])?;
-                if silu {
-                    y.silu()
-                } else {
-                    Ok(y)
-                }
-            },
+            |x| reference::group_norm(&x[0], &gamma, &beta, 3, 1e-6, silu),
         );
     }
 }
@@ -200,7 +188,7 @@ fn layer_norm_matches_slow() {
         "layer norm",
         &[randn(3, &[2, 5, 8])],
         |x| layer_norm(&x[0], &like(&gamma, x), &like(&beta, x), 1e-5),
-        |x| candle_nn::ops::layer_norm_slow(&x[0], &gamma, &beta, 1e-5),
+        |x| reference::layer_norm(&x[0], &gamma, &beta, 1e-5),
     );
 }
 
@@ -210,29 +198,8 @@ fn geglu_matches_composed() {
         "geglu",
         &[randn(1, &[2, 3, 8])],
         |x| geglu(&x[0]),
-        // gelu spelled with erf: candle's own gelu_erf backward rounds 1/sqrt(2 pi) to
-        // 0.398942, a 4e-8 relative error.
-        |x| {
-            let gate = x[0].narrow(D::Minus1, 4, 4)?;
-            let gelu = ((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
-            x[0].narrow(D::Minus1, 0, 4)? * (gate * gelu?)?
-        },
+        |x| reference::geglu(&x[0]),
     );
-}
-
-/// Multi-head attention spelled out: split heads, softmax(scale q k^T) v, merge heads.
-fn naive_attention(x: &[Tensor], heads: usize, scale: f64) -> Result<Tensor> {
-    let split = |t: &Tensor| -> Result<Tensor> {
-        let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, heads, c / heads))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let (q, k, v) = (split(&x[0])?, split(&x[1])?, split(&x[2])?);
-    let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
-    let o = p.matmul(&v)?.transpose(1, 2)?;
-    let (b, n, h, d) = o.dims4()?;
-    o.reshape((b, n, h * d))
 }
 
 #[test]
@@ -248,7 +215,7 @@ fn attention_matches_naive_in_every_chunking() {
             &format!("attention rows={rows}"),
             &xs,
             |x| attention_head_major(&x[0], &x[1], &x[2], rows),
-            |x| naive_attention(x, 1, 1.0),
+            |x| reference::attention(&x[0], &x[1], &x[2], 1, 1.0),
         );
     }
 }
@@ -266,7 +233,7 @@ fn multi_head_attention_matches_naive_across_row_blocks() {
         "attention 150x70, 3 heads",
         &xs,
         |x| attention(&x[0], &x[1], &x[2], 3, 0.5),
-        |x| naive_attention(x, 3, 0.5),
+        |x| reference::attention(&x[0], &x[1], &x[2], 3, 0.5),
     );
 }
 
@@ -279,4 +246,44 @@ fn untracked_inputs_build_no_graph() {
     assert!(!attention(&q, &q, &q, 2, 1.0).unwrap().track_op());
     let q = q.to_dtype(DType::F32).unwrap();
     assert!(!attention(&q, &q, &q, 2, 1.0).unwrap().track_op());
+}
+
+/// Each CPU family passes its first-use check well within tolerance; the check is cheap.
+#[test]
+fn cpu_kernels_pass_their_first_use_check() {
+    for family in Family::ALL.into_iter().filter(|f| *f != Family::Optimizer) {
+        let verdict = recheck(family, &Device::Cpu, DType::F32);
+        let Verdict::Passed { max_err, seconds } = verdict else {
+            panic!("{family:?}: {verdict:?}")
+        };
+        eprintln!("{family:?}: max rel err {max_err:.2e} in {seconds:.3} s");
+        assert!(
+            max_err < family.tolerance(DType::F32) / 4.0,
+            "{family:?}: {max_err}"
+        );
+    }
+}
+
+/// On a GPU (`--features cuda` with one present; skipped without): every family's
+/// first-use check passes in every dtype, with the launch limits of the real device.
+#[cfg(feature = "cuda")]
+#[test]
+fn first_use_checks_pass_on_gpu() {
+    let Ok(dev) = Device::new_cuda(0) else {
+        eprintln!("no GPU: skipped");
+        return;
+    };
+    for family in Family::ALL {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            if !crate::kernels::kernels_exist(family, &dev, dtype) {
+                continue;
+            }
+            let verdict = recheck(family, &dev, dtype);
+            eprintln!("{family:?} {dtype:?}: {verdict:?}");
+            assert!(
+                matches!(verdict, Verdict::Passed { .. }),
+                "{family:?} {dtype:?}"
+            );
+        }
+    }
 }

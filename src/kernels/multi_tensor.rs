@@ -20,7 +20,10 @@ fn fused_on<'a>(ts: &[&'a Tensor]) -> Option<&'a Device> {
     let all = ts
         .iter()
         .all(|t| t.device().same_device(dev) && t.dtype() == DType::F32 && t.is_contiguous());
-    (dev.is_cuda() && all && gate::use_kernel(Family::Optimizer, dev, DType::F32)).then_some(dev)
+    (dev.is_cuda()
+        && all
+        && gate::use_kernel(Family::Optimizer, dev, DType::F32, || check(dev, false)))
+    .then_some(dev)
 }
 
 /// `t` with storage of its own on CUDA, where the fused kernels may later update the
@@ -160,7 +163,7 @@ pub(crate) fn sq_sums(grads: &[(&Tensor, usize)], groups: usize) -> Result<Vec<f
 /// The optimizer family's first-use check: the three kernels against candle's ops on
 /// tensors with partial chunks (one spanning two), two of three clipped; `big`: SD 2.1's
 /// LoRA set at rank 32 (about 25 M weights).
-pub(super) fn check(dev: &Device, big: bool) -> Result<Comparison> {
+pub(crate) fn check(dev: &Device, big: bool) -> Result<Comparison> {
     let sizes: Vec<usize> = if big {
         vec![320 * 32; 2400]
     } else {

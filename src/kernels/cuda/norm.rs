@@ -3,8 +3,8 @@
 
 use candle_core::{bail, DType, Result};
 
-use super::super::kernels::GroupNormShape;
 use super::{module, typed, Arg, Launch, Module};
+use crate::kernels::cpu::GroupNormShape;
 
 pub(crate) static MODULE: Module = module!("norm");
 

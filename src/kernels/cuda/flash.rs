@@ -30,7 +30,7 @@ const MAX_SHARED: usize = 227 * 1024;
 
 /// Attention over token-major `q: [batch, n, heads * d]` and `k, v: [batch, m, heads * d]`:
 /// the CPU kernel's shape.
-pub(crate) use super::super::kernels::AttnShape as Dims;
+pub(crate) use crate::kernels::cpu::AttnShape as Dims;
 
 /// Elements of the f32 `[batch * heads, n]` log-sum-exp and delta buffers.
 pub(crate) fn rows(s: &Dims) -> usize {

@@ -11,17 +11,22 @@
 //! build.rs compiles each `.cu` to a fatbin with sm_80 and sm_90 SASS and compute_80 PTX,
 //! checks ptxas's report of each kernel's registers and shared memory against the launch
 //! rules ([`limits`]), and keeps the report (`resources.tsv`) for the emulator.
+//!
+//! May import candle (cudarc under `--features cuda`), `half`, and `crate::kernels::cpu`
+//! (shapes shared with the CPU kernels); `limits.rs` imports nothing, as `build.rs`
+//! includes it. The emulator (`emu.*`) and the tests are built with the `testkit` feature
+//! only; the tests may also use `crate::testkit`, `crate::model::ops` and `crate::train`.
 
 // Without `--features cuda` only the emulator tests launch kernels.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 use candle_core::{bail, DType, Result};
 
-pub(super) mod adamw;
-pub(super) mod flash;
-pub(super) mod geglu;
+pub(crate) mod adamw;
+pub(crate) mod flash;
+pub(crate) mod geglu;
 pub(crate) mod limits;
-pub(super) mod norm;
+pub(crate) mod norm;
 
 /// A kernel argument, as the kernel's parameter list takes it.
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +46,7 @@ pub(crate) struct Module {
 
 macro_rules! module {
     ($name:literal) => {
-        $crate::model::ops::cuda::Module {
+        $crate::kernels::cuda::Module {
             name: $name,
             #[cfg(feature = "cuda")]
             fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".fatbin")),
@@ -133,7 +138,10 @@ mod device;
 #[cfg(feature = "cuda")]
 pub(crate) use device::{alloc, compute_major, input_ptr, output_ptr, run, shared_limit};
 
-#[cfg(kernel_emu)]
+// Only this crate's own tests run kernels on it; with `--features cuda` the lib the
+// test targets link (testkit on) has no other use for it.
+#[cfg(feature = "testkit")]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod emu;
 
 #[cfg(test)]

@@ -1,19 +1,21 @@
 //! Kernel tests' shared helpers, and GEGLU's tests. Each kernel is checked against the
-//! composed candle op in f32 and bf16 twice: on the CPU emulator (`cfg(kernel_emu)`, every
+//! composed candle op in f32 and bf16 twice: on the CPU emulator (the `testkit` feature, every
 //! `cargo test`) and on a GPU (`--features cuda` with one present; skipped without).
 //! Each kernel file has its own tests file beside this one using these helpers.
 
-use candle_core::{DType, Device, Tensor, D};
-#[cfg(kernel_emu)]
+use candle_core::{DType, Device, Tensor};
+#[cfg(feature = "testkit")]
 use half::{bf16, f16};
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 use super::emu::{ptr, run};
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 use super::geglu;
 use crate::rng::seeded_normal;
+use crate::testkit::reference;
+use crate::testkit::tolerance::rel_err;
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 /// A tensor's values in `dtype`'s storage (f32 or bf16), as the kernel reads them.
 pub(super) enum Host {
     F32(Vec<f32>),
@@ -21,7 +23,7 @@ pub(super) enum Host {
     F16(Vec<f16>),
 }
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 impl Host {
     pub(super) fn of(t: &Tensor, dtype: DType) -> Host {
         let t = t.to_dtype(dtype).unwrap().flatten_all().unwrap();
@@ -56,13 +58,6 @@ impl Host {
     }
 }
 
-/// max |a - b| / max |b|.
-pub(super) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    (diff / scale).unwrap().to_scalar::<f32>().unwrap()
-}
-
 /// The tolerance for results stored in `dtype` (one rounding of the output, plus slack).
 pub(super) fn tol(dtype: DType) -> f32 {
     if dtype == DType::F32 {
@@ -72,18 +67,7 @@ pub(super) fn tol(dtype: DType) -> f32 {
     }
 }
 
-fn composed_geglu(x: &Tensor) -> Tensor {
-    let inner = x.dim(D::Minus1).unwrap() / 2;
-    let h = x.narrow(D::Minus1, 0, inner).unwrap();
-    (h * x
-        .narrow(D::Minus1, inner, inner)
-        .unwrap()
-        .gelu_erf()
-        .unwrap())
-    .unwrap()
-}
-
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn geglu_matches_composed() {
     let (rows, inner) = (37, 40);
@@ -102,7 +86,7 @@ fn geglu_matches_composed() {
         run(&geglu::bwd(dtype, hx.arg(), hdy.arg(), dx.arg(), rows, inner).unwrap()).unwrap();
 
         let var = candle_core::Var::from_tensor(&x).unwrap();
-        let want = composed_geglu(var.as_tensor());
+        let want = reference::geglu(var.as_tensor()).unwrap();
         let grads = (&want * &dy)
             .unwrap()
             .sum_all()
@@ -117,7 +101,7 @@ fn geglu_matches_composed() {
     }
 }
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn emulator_refuses_wrong_launches() {
     let v = vec![0f32; 4];
@@ -163,7 +147,7 @@ fn geglu_on_gpu_matches_composed() {
         let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
         let dx = g.get(var.as_tensor()).unwrap();
         let xf = candle_core::Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
-        let want = composed_geglu(xf.as_tensor());
+        let want = reference::geglu(xf.as_tensor()).unwrap();
         let gw = (&want * dy.to_dtype(DType::F32).unwrap())
             .unwrap()
             .sum_all()
@@ -227,7 +211,7 @@ fn launch_limits_follow_cuda_rules() {
 /// report has it with the launch bound it was registered with. The attribute `device.rs`
 /// set before (the GPU's whole opt-in limit) is refused for the three kernels that declare
 /// static shared memory, on every GPU with more than 48 KB.
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn every_kernel_loads_on_each_gpu_and_the_old_attribute_would_not() {
     use super::emu::{kernels, reported, A100, H100, RTX_4090};
@@ -270,7 +254,7 @@ fn every_kernel_loads_on_each_gpu_and_the_old_attribute_would_not() {
 /// A launch over its kernel's bound, or asking for more shared memory than the GPU gives,
 /// is refused before it runs, naming the rule: flash attention's dK/dV tile in bf16 fits
 /// an A100's 163 KB, not an RTX 4090's 99 KB.
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 #[test]
 fn launches_beyond_a_kernel_limits_are_refused() {
     use super::emu::{run_on, A100, RTX_4090};

@@ -61,13 +61,13 @@ fn same(a: &[f32], b: &[f32], what: &str) {
     }
 }
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 mod emulated {
     use super::super::adamw::{self, Table};
     use super::super::emu::run;
     use super::super::Arg;
     use super::*;
-    use crate::model::ops::multi_tensor::ema_composed as ema_step;
+    use crate::kernels::multi_tensor::ema_composed as ema_step;
     use crate::train::optim::adamw_step;
 
     /// Small chunks, so the small tensors still take tens of blocks.
@@ -239,11 +239,11 @@ fn adamw_and_ema_on_gpu_match_the_cpu_path() {
             .zip(&gpu)
             .map(|(m, p)| (m, p.as_tensor()))
             .collect();
-        assert!(crate::model::ops::multi_tensor::fused_ema(&pairs, beta).unwrap());
+        assert!(crate::kernels::multi_tensor::fused_ema(&pairs, beta).unwrap());
         for (i, (m, c)) in m.iter().zip(&cpu).enumerate() {
             let half = (c.as_tensor() * 0.5).unwrap();
             let want =
-                crate::model::ops::multi_tensor::ema_composed(&half, c.as_tensor(), beta).unwrap();
+                crate::kernels::multi_tensor::ema_composed(&half, c.as_tensor(), beta).unwrap();
             same(&host(m), &host(&want), &format!("step {k}: EMA {i}"));
         }
     }

@@ -1,11 +1,13 @@
 //! norm.cu's tests: GroupNorm (+ SiLU) and LayerNorm, forward and backward, against the
 //! composed candle ops and their autograd gradients, in f32 and bf16.
-#![cfg(any(kernel_emu, feature = "cuda"))]
+#![cfg(any(feature = "testkit", feature = "cuda"))]
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::tests::{rel_err, tol};
+use super::tests::tol;
 use crate::rng::seeded_normal;
+use crate::testkit::reference;
+use crate::testkit::tolerance::rel_err;
 
 /// A seeded normal tensor `* scale + shift`, rounded to `dtype` and back to f32 (so the
 /// reference sees what the kernel reads).
@@ -24,18 +26,11 @@ fn composed_group_norm(
     groups: usize,
     silu: bool,
 ) -> Tensor {
-    let c = x.dim(1).unwrap();
-    let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, 1e-6).unwrap();
-    let y = candle_core::Module::forward(&gn, x).unwrap();
-    if silu {
-        y.silu().unwrap()
-    } else {
-        y
-    }
+    reference::group_norm(x, gamma, beta, groups, 1e-6, silu).unwrap()
 }
 
 fn composed_layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
-    candle_nn::ops::layer_norm_slow(x, gamma, beta, 1e-5).unwrap()
+    reference::layer_norm(x, gamma, beta, 1e-5).unwrap()
 }
 
 /// `op(x)` and dL/dx for L = sum(op(x) * dy), by candle's autograd.
@@ -71,14 +66,14 @@ const GROUP_CASES: [(usize, usize, usize, usize); 3] =
 /// 37 rows leave the last block partly empty.
 const LAYER_CASES: [(usize, usize); 2] = [(37, 37), (37, 320)];
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 mod emulated {
     use super::super::emu::run;
     use super::super::norm;
     use super::super::tests::Host;
     use super::super::Arg;
     use super::*;
-    use crate::model::ops::kernels::GroupNormShape;
+    use crate::kernels::cpu::GroupNormShape;
 
     /// The vector path needs 16-byte aligned buffers: make sure the pack cases take it.
     fn assert_aligned(hs: &[&Host]) {

@@ -8,6 +8,9 @@
 //! Here: the run-time SIMD dispatch, vectorizable exp/erf and reductions, and the raw
 //! GEMM wrapper; one file per op holds its kernels (declared after `dispatch!`, which
 //! they use).
+//!
+//! Plain functions on f32 slices: may import std, rayon and gemm only (no candle, nothing
+//! else of the crate).
 
 /// Runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU has them, else for the
 /// baseline x86-64.

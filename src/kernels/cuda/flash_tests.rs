@@ -1,35 +1,19 @@
 //! Flash attention's tests: the kernels against the composed softmax(scale q k^T) v and
 //! its autograd gradients, on the emulator (every launch builder, f32 tightly and bf16
 //! loosely) and through `attention()` on a GPU.
-#![cfg_attr(not(any(kernel_emu, feature = "cuda")), allow(dead_code))]
+#![cfg_attr(not(any(feature = "testkit", feature = "cuda")), allow(dead_code))]
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
-use super::tests::rel_err;
+use crate::testkit::reference;
+use crate::testkit::tolerance::rel_err;
 
-/// The composed reference on token-major `[b, tokens, heads * d]` tensors: the output,
-/// and the rows' log-sum-exp `[b * heads, n]`.
+/// The reference on token-major `[b, tokens, heads * d]` tensors: the output, and the
+/// rows' log-sum-exp `[b * heads, n]`.
 fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> (Tensor, Tensor) {
-    let split = |t: &Tensor| {
-        let (b, n, c) = t.dims3().unwrap();
-        let t = t.reshape((b, n, heads, c / heads)).unwrap();
-        t.transpose(1, 2).unwrap().contiguous().unwrap()
-    };
-    let (b, n, c) = q.dims3().unwrap();
-    let s = (split(q).matmul(&split(k).t().unwrap()).unwrap() * scale).unwrap();
-    let max = s.max_keepdim(D::Minus1).unwrap();
-    let sum = s
-        .broadcast_sub(&max)
-        .unwrap()
-        .exp()
-        .unwrap()
-        .sum_keepdim(D::Minus1);
-    let lse = (max + sum.unwrap().log().unwrap()).unwrap();
-    let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
-    let o = p.matmul(&split(v)).unwrap().transpose(1, 2).unwrap();
     (
-        o.reshape((b, n, c)).unwrap(),
-        lse.reshape((b * heads, n)).unwrap(),
+        reference::attention(q, k, v, heads, scale).unwrap(),
+        reference::attention_lse(q, k, heads, scale).unwrap(),
     )
 }
 
@@ -54,7 +38,7 @@ const CASES: [(usize, usize, usize, usize, usize); 6] = [
     (2, 1, 64, 64, 16),
 ];
 
-#[cfg(kernel_emu)]
+#[cfg(feature = "testkit")]
 mod emulated {
     use candle_core::{DType, Device, Result, Tensor, Var};
 
