@@ -8,6 +8,7 @@
 //! ```
 
 mod images;
+pub mod synthetic;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
