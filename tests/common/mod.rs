@@ -179,6 +179,7 @@ pub fn truncate_file(path: &Path, keep: usize) {
 // ---- Pair folders ---------------------------------------------------------------------
 
 /// Pair folders (`PairSpec`, `pair_folder`, `write_image`, `write_mask`): the test kit's.
+#[allow(unused_imports)] // not every test binary writes pairs
 pub use magictailor::testkit::pairs::*;
 
 /// A trained-looking folder `root/trained`: the fixture LoRA and embeddings, class words
