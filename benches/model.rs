@@ -24,8 +24,10 @@ use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
 use magictailor::model::scheduler::Ddim;
+use magictailor::model::tiny;
 use magictailor::profile;
 use magictailor::rng::seeded_normal;
+use serde_json::json;
 
 use magictailor::device::{peak_rss, reset_peak_rss as reset_peak};
 
@@ -36,6 +38,28 @@ fn peak_rss_mb() -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// The `mid` rows' U-Net: SD 2.1's structure at a quarter of its width
+/// (block_out_channels 80/160/320/320, head dim 16, 256-wide text features).
+fn mid_unet_config() -> serde_json::Value {
+    let mut c = tiny::unet_config();
+    c["block_out_channels"] = json!([80, 160, 320, 320]);
+    c["attention_head_dim"] = json!([5, 10, 20, 20]);
+    c["norm_num_groups"] = json!(16);
+    c["cross_attention_dim"] = json!(256);
+    c["sample_size"] = json!(32);
+    c
+}
+
+/// The `mid` rows' text encoder (with the tiny tokenizer; the VAE is the tiny one too).
+fn mid_text_encoder_config() -> serde_json::Value {
+    let mut c = tiny::text_encoder_config(tiny::tiny_vocab().0.len());
+    c["hidden_size"] = json!(256);
+    c["intermediate_size"] = json!(1024);
+    c["num_attention_heads"] = json!(4);
+    c["num_hidden_layers"] = json!(4);
+    c
 }
 
 /// Where and in which precision the rows run (`MAGICTAILOR_BENCH_DEVICE`, `..._DTYPE`).
@@ -200,7 +224,6 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
     );
 }
 
-/// A 3+3 pair folder of generated images (a disc on a background, the disc as mask).
 /// Seconds per warm-up step and per DS-Bal step of the real trainer (3+3 images).
 fn bench_train(
     tg: &Target,
@@ -275,7 +298,7 @@ fn bench_masks(
     let attention = s.elapsed().as_secs_f64() / n;
     let sam_file =
         std::env::temp_dir().join(format!("bench-sam-{}.safetensors", std::process::id()));
-    magictailor::model::tiny::write_sam(&sam_file, 0).unwrap();
+    magictailor::testkit::models::write_sam(&sam_file, 0).unwrap();
     let sam = Refiner::load(&sam_file.to_string_lossy(), &tg.dev).unwrap();
     let s = Instant::now();
     masks::compute(&sd, &data, &record, Some(&sam), false).unwrap();
@@ -292,7 +315,7 @@ fn bench_masks(
 fn ensure_full(dir: &std::path::Path) {
     let s = Instant::now();
     if !dir.join("model_index.json").is_file() {
-        magictailor::model::tiny::ensure_sd21_shapes(dir).expect("full model");
+        tiny::ensure_sd21_shapes(dir).expect("full model");
         println!(
             " full model (SD 2.1-base shapes, random f32) written in {:.1} s",
             s.elapsed().as_secs_f64()
@@ -328,19 +351,12 @@ fn main() {
     };
     let (tiny, mid, full) = (tmp.join("tiny"), tmp.join("mid"), tmp.join("full"));
     if wanted("tiny-unet") || wanted("tiny-train") {
-        magictailor::model::tiny::write(&tiny, 0).unwrap();
+        tiny::write(&tiny, 0).unwrap();
     }
     if wanted("mid-unet") || wanted("mid-train") || wanted("mid-masks") || wanted("naive-attention")
     {
-        let te_mid = magictailor::model::tiny::mid_text_encoder_config();
-        magictailor::model::tiny::write_with(
-            &mid,
-            0,
-            &magictailor::model::tiny::mid_unet_config(),
-            &magictailor::model::tiny::vae_config(),
-            &te_mid,
-        )
-        .unwrap();
+        let te_mid = mid_text_encoder_config();
+        tiny::write_with(&mid, 0, &mid_unet_config(), &tiny::vae_config(), &te_mid).unwrap();
     }
     // `full-model` alone writes it (scripts/gpu_bench.sh, before the timed processes).
     if ["full-model", "full-train", "full-ddim", "full-infer"]
@@ -355,7 +371,8 @@ fn main() {
         tg.dtype,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default (physical cores)".into())
     );
-    let pair = magictailor::model::tiny::write_pair(&tmp).expect("pair folder");
+    // The pair `doctor --estimate` trains on.
+    let pair = magictailor::data::synthetic::write_pair(&tmp).expect("pair folder");
     if wanted("tiny-unet") {
         reset_peak();
         bench(&tg, "tiny", &tiny, 16, 5);

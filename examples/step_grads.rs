@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
+use magictailor::testkit::pairs::{pair_folder, PairSpec};
 use magictailor::train::trainer::{Progress, Trainer};
 use magictailor::train::TrainConfig;
 
@@ -99,7 +100,7 @@ fn run(a: RunArgs) -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("step-grads-{}", std::process::id()));
     let pair = match &a.pair {
         Some(p) => p.clone(),
-        None => synthetic_pair(&tmp)?,
+        None => pair_folder(&tmp, &PairSpec::training()),
     };
     magictailor::model::ops::use_reference_attention(a.reference_attention);
     let device = magictailor::device::parse(&a.device)?;
@@ -132,29 +133,6 @@ fn prefixed(prefix: &str, t: HashMap<String, Tensor>) -> HashMap<String, Tensor>
     t.into_iter()
         .map(|(k, v)| (format!("{prefix}.{k}"), v))
         .collect()
-}
-
-/// person_k+hair_c: per sample two 80x64 pictures of a disc (its mask) on a background.
-fn synthetic_pair(root: &Path) -> Result<PathBuf> {
-    let dir = root.join("person_k+hair_c");
-    std::fs::create_dir_all(dir.join("masks"))?;
-    for (s, (name, colour)) in [("person_k", [200, 150, 120]), ("hair_c", [40, 30, 20])]
-        .into_iter()
-        .enumerate()
-    {
-        for k in 1..=2u32 {
-            let inside =
-                |x: u32, y: u32| (x as i64 - 40 - k as i64).pow(2) + (y as i64 - 32).pow(2) < 400;
-            let img = image::RgbImage::from_fn(80, 64, |x, y| {
-                image::Rgb(if inside(x, y) { colour } else { [90, 140, 200] })
-            });
-            let mask =
-                image::GrayImage::from_fn(80, 64, |x, y| image::Luma([255 * inside(x, y) as u8]));
-            img.save(dir.join(format!("{s}_{name}{k}.png")))?;
-            mask.save(dir.join(format!("masks/{s}_{name}{k}.png")))?;
-        }
-    }
-    Ok(dir)
 }
 
 fn compare(a: &Path, b: &Path) -> Result<()> {

@@ -401,7 +401,7 @@ fn sam_refines_with_box_and_point_prompts() {
     use magictailor::masks::sam::{prompts, Refiner};
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("mobile_sam-tiny-vitt.safetensors");
-    magictailor::model::tiny::write_sam(&file, 3).unwrap();
+    magictailor::testkit::models::write_sam(&file, 3).unwrap();
     // A folder holding one file loads like the file.
     let sam = Refiner::load(tmp.path().to_str().unwrap(), &Device::Cpu).unwrap();
     assert_eq!(sam.source, file);
@@ -428,7 +428,7 @@ fn masks_command_refines_with_sam() {
     spec.masks = false;
     let pair = pair_folder(tmp.path(), &spec);
     let sam = tmp.path().join("sam.safetensors");
-    magictailor::model::tiny::write_sam(&sam, 3).unwrap();
+    magictailor::testkit::models::write_sam(&sam, 3).unwrap();
     let o = quick_masks(
         &pair,
         &["--refine", "sam", "--sam-model", sam.to_str().unwrap()],

@@ -10,6 +10,7 @@
 //! May import only `error`.
 
 mod images;
+pub mod synthetic;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -52,7 +52,7 @@ fn measure_on(
     dtype: DType,
     resolution: usize,
 ) -> Result<Estimate> {
-    let pair = tiny::write_pair(root)?;
+    let pair = crate::data::synthetic::write_pair(root)?;
     let mut cfg = TrainConfig::new(pair, root.join("output"), model.to_string_lossy().into());
     (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (2, 2, resolution);
     (cfg.dtype, cfg.loss_scale) = (dtype, TrainConfig::default_loss_scale(dtype));

@@ -101,27 +101,6 @@ pub fn scheduler_config() -> serde_json::Value {
     })
 }
 
-/// A mid-size config for benchmarks: SD 2.1's structure at a quarter of its width
-/// (block_out_channels 80/160/320/320, head dim 16, 256-wide text features).
-pub fn mid_unet_config() -> serde_json::Value {
-    let mut c = unet_config();
-    c["block_out_channels"] = json!([80, 160, 320, 320]);
-    c["attention_head_dim"] = json!([5, 10, 20, 20]);
-    c["norm_num_groups"] = json!(16);
-    c["cross_attention_dim"] = json!(256);
-    c["sample_size"] = json!(32);
-    c
-}
-
-pub fn mid_text_encoder_config() -> serde_json::Value {
-    let mut c = text_encoder_config(tiny_vocab().0.len());
-    c["hidden_size"] = json!(256);
-    c["intermediate_size"] = json!(1024);
-    c["num_attention_heads"] = json!(4);
-    c["num_hidden_layers"] = json!(4);
-    c
-}
-
 /// Words whose BPE merges the tiny vocabulary contains (the rest are spelled by bytes).
 const TINY_WORDS: [&str; 16] = [
     "a", "photo", "of", "with", "the", "in", "snow", "person", "hair", "painting", "dog", "cat",
@@ -237,7 +216,7 @@ fn fill(seed: u64, name: &str, s: &Shape) -> candle_core::Result<Tensor> {
 }
 
 /// Builds a component through its real loader with random weights; returns the weights.
-fn random_weights(
+pub(crate) fn random_weights(
     seed: u64,
     build: impl FnOnce(&VarBuilder) -> candle_core::Result<()>,
 ) -> Result<HashMap<String, Tensor>> {
@@ -290,23 +269,15 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-/// Writes a random-weight MobileSAM (SAM with the TinyViT encoder) in candle's layout,
-/// as `lmz/candle-sam`'s `mobile_sam-tiny-vitt.safetensors`, for tests of `--refine sam`.
-pub fn write_sam(file: &Path, seed: u64) -> Result<()> {
-    let weights = random_weights(seed, |vb| {
-        candle_transformers::models::segment_anything::sam::Sam::new_tiny(vb.clone()).map(|_| ())
-    })?;
-    tensors::write(file, &weights, None)
-}
-
 /// Writes a complete tiny model in the diffusers layout into `dir`.
 pub fn write(dir: &Path, seed: u64) -> Result<()> {
     let te_cfg = text_encoder_config(tiny_vocab().0.len());
     write_with(dir, seed, &unet_config(), &vae_config(), &te_cfg)
 }
 
-/// Writes a random model of the given component configs (e.g. a mid-size one for
-/// benchmarks); the tokenizer is the tiny one, so `text_encoder.vocab_size` must match it.
+/// Writes a random model of the given component configs (SD 2.1-base's shapes, or the
+/// benches' mid size); the tokenizer is the tiny one, so `text_encoder.vocab_size` must
+/// cover it.
 pub fn write_with(
     dir: &Path,
     seed: u64,
@@ -449,32 +420,4 @@ fn cached_at(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<Path
         }
         Err(e) => Err(Error::io(IoOp::Rename, dir, e)),
     }
-}
-
-/// A 3+3 pair folder `person_k+hair_c` under `root` (128 px discs on a background, each
-/// disc its mask): the benches' and `doctor --estimate`'s training input.
-pub fn write_pair(root: &Path) -> Result<PathBuf> {
-    use image::{ImageBuffer, Luma, Rgb};
-    let dir = root.join("person_k+hair_c");
-    let masks = dir.join("masks");
-    std::fs::create_dir_all(&masks).map_err(|e| Error::io(IoOp::CreateDir, &masks, e))?;
-    for (s, name) in [(0u8, "person_k"), (1, "hair_c")] {
-        for k in 1..=3i32 {
-            let inside =
-                |x: u32, y: u32| (x as i32 - 64 - k * 4).pow(2) + (y as i32 - 64).pow(2) < 1600;
-            let img = ImageBuffer::from_fn(128, 128, |x, y| {
-                Rgb(if inside(x, y) {
-                    [200, 100, 50 * s]
-                } else {
-                    [90, 140, 200]
-                })
-            });
-            let mask = ImageBuffer::from_fn(128, 128, |x, y| Luma([255 * u8::from(inside(x, y))]));
-            let file = format!("{s}_{name}{k}.png");
-            img.save(dir.join(&file))
-                .and_then(|()| mask.save(masks.join(&file)))
-                .map_err(|e| Error::internal(format!("writing the pair image {file}: {e}")))?;
-        }
-    }
-    Ok(dir)
 }
