@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
-use magictailor::train::trainer::{Progress, Trainer};
+use magictailor::io::progress::Progress;
+use magictailor::train::trainer::Trainer;
 use magictailor::train::TrainConfig;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;

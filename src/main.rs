@@ -9,10 +9,10 @@ use magictailor::infer::many::{self, Many};
 use magictailor::infer::{self, InferOptions};
 use magictailor::interrupt::Interrupt;
 use magictailor::io::console;
+use magictailor::io::progress::Progress;
 use magictailor::masks::{AttentionOptions, MasksOptions};
 use magictailor::profile;
 use magictailor::train::dm_deg::Curve;
-use magictailor::train::trainer::Progress;
 use magictailor::train::TrainConfig;
 
 #[derive(Parser)]
@@ -558,7 +558,7 @@ fn train_cmd(a: TrainArgs, m: &clap::ArgMatches) -> magictailor::Result<()> {
     let device = magictailor::device::parse(&s.device)?;
     let stop = Interrupt::install(s.quiet)?;
     let prof = profile::Run::start();
-    magictailor::train::run(cfg, &device, s.progress(), a.resume, &stop)?;
+    magictailor::train::train(cfg, &device, s.progress(), a.resume, &stop)?;
     let prof = print_profile(prof);
     if !s.quiet && !s.json {
         console::line(out.display());
@@ -615,7 +615,7 @@ fn batch_cmd(a: BatchArgs, m: &clap::ArgMatches) -> magictailor::Result<u8> {
     };
     let device = magictailor::device::parse(&s.device)?;
     let stop = Interrupt::install(s.quiet)?;
-    let outcome = magictailor::batch::run(&template, &opts, &device, s.progress(), &stop)?;
+    let outcome = magictailor::batch::train_pairs(&template, &opts, &device, s.progress(), &stop)?;
     Ok(outcome.exit_code())
 }
 

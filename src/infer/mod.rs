@@ -168,7 +168,7 @@ fn from_checkpoint(
     }
     let rows = take("rows")?;
     let words: Vec<String> = (0..rows.dim(0)?)
-        .map(crate::train::objective::pseudo_word)
+        .map(crate::model::tokenizer::pseudo_word)
         .collect();
     sd.tokenizer.add_pseudo_words(&words)?;
     let token_table = take("table").ok();

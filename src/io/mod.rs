@@ -9,6 +9,7 @@ pub mod console;
 pub mod embeds;
 pub mod leftovers;
 pub mod lock;
+pub mod progress;
 pub mod run;
 pub mod tensors;
 pub mod ticker;
