@@ -202,3 +202,51 @@ impl Recipe {
         d > 0 && d < self.total_steps() && self.at(d + 1).first
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The phase, rate, switch and first DS-Bal step of every step, as the trainer
+    /// computed them from the settings before recipes.
+    #[test]
+    fn magictailor_phases_and_rates_follow_the_settings() {
+        for (warmup, dsbal) in [(0, 3), (2, 0), (2, 3), (3, 1)] {
+            for (ds_bal, released, scale_lr) in (0..8).map(|i| (i & 1 > 0, i & 2 > 0, i & 4 > 0)) {
+                let cfg = TrainConfig {
+                    warmup_steps: warmup,
+                    dsbal_steps: dsbal,
+                    ds_bal,
+                    released_script: released,
+                    scale_lr,
+                    ..TrainConfig::default()
+                };
+                let r = Recipe::magictailor(&cfg, 6);
+                let total = cfg.total_steps();
+                assert_eq!(r.total_steps(), total);
+                for d in 0..=total + 1 {
+                    let phase = match (d <= warmup, ds_bal) {
+                        (true, _) => Phase::WarmUp,
+                        (false, true) => Phase::DsBal,
+                        (false, false) => Phase::Joint,
+                    };
+                    let at = r.at(d);
+                    assert_eq!(at.phase(), phase, "step {d}");
+                    let scale = if scale_lr { 6.0 } else { 1.0 };
+                    let base = match phase {
+                        Phase::WarmUp => cfg.warmup_lr,
+                        _ if released && d != warmup + 1 => cfg.warmup_lr,
+                        _ => cfg.dsbal_lr,
+                    };
+                    if d > 0 {
+                        assert_eq!(at.lr(), base * scale, "step {d}");
+                        assert_eq!(r.switches_after(d), d == warmup && warmup < total);
+                    }
+                    if phase == Phase::DsBal {
+                        assert_eq!(at.first, d == warmup + 1, "step {d}");
+                    }
+                }
+            }
+        }
+    }
+}
