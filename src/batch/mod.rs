@@ -147,7 +147,10 @@ fn attempt(
     // anything is written.
     let mut t = match Trainer::setup(cfg.clone(), device, quiet_steps(progress), model) {
         Ok(t) => t,
-        Err(SetupError { error, model }) => return classify(failed(error), model),
+        Err(e) => {
+            let SetupError { error, model } = *e;
+            return classify(failed(error), model);
+        }
     };
     let lock = match claim(&out, opts.stale_after, progress) {
         Ok(l) => l,

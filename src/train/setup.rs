@@ -39,8 +39,8 @@ impl Trainer {
         device: &Device,
         progress: Progress,
         model: Option<StableDiffusion>,
-    ) -> std::result::Result<Self, SetupError> {
-        let fail = |error, model| SetupError { error, model };
+    ) -> std::result::Result<Self, Box<SetupError>> {
+        let fail = |error, model| Box::new(SetupError { error, model });
         let mut data = match cfg.validate().and_then(|()| load_pair(&cfg, device)) {
             Ok(data) => data,
             Err(e) => return Err(fail(e, model)),
