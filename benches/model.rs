@@ -233,10 +233,8 @@ fn bench_train(
     resolution: usize,
     reps: usize,
 ) {
-    use magictailor::train::{
-        trainer::{Progress, Trainer},
-        TrainConfig,
-    };
+    use magictailor::io::progress::Progress;
+    use magictailor::train::{trainer::Trainer, TrainConfig};
     let mut cfg = TrainConfig::new(
         pair.to_path_buf(),
         std::env::temp_dir().join("unused"),

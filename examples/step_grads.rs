@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
+use magictailor::io::progress::Progress;
 use magictailor::testkit::pairs::{pair_folder, PairSpec};
-use magictailor::train::trainer::{Progress, Trainer};
+use magictailor::train::trainer::Trainer;
 use magictailor::train::TrainConfig;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;

@@ -5,11 +5,9 @@ mod common;
 
 use candle_core::Device;
 use common::*;
+use magictailor::io::progress::Progress;
 use magictailor::profile::{self, Kind};
-use magictailor::train::{
-    trainer::{Progress, Trainer},
-    TrainConfig,
-};
+use magictailor::train::{trainer::Trainer, TrainConfig};
 
 fn trainer(root: &std::path::Path) -> Trainer {
     let pair = pair_folder(root, &PairSpec::training());

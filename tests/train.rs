@@ -8,10 +8,8 @@ use std::process::Output;
 
 use candle_core::{DType, Device};
 use common::*;
-use magictailor::train::{
-    trainer::{Progress, Trainer},
-    TrainConfig,
-};
+use magictailor::io::progress::Progress;
+use magictailor::train::{trainer::Trainer, TrainConfig};
 
 /// person_k+hair_c: 2 + 2 discs on a background (80x64 PNG), each disc its mask.
 fn make_pair(root: &Path) -> PathBuf {

@@ -4,6 +4,12 @@
 //! several GPUs of one box) can share one pair list and output root: a complete pair is
 //! skipped, an interrupted one resumes from its checkpoint, and the per-pair lock of
 //! `train` keeps two workers off the same pair.
+//!
+//! `mod.rs` plans, trains and records each pair ([`train_pairs`]), `pairs` lists and
+//! shards the pairs, `summary` writes the per-pair records. Each pair goes through
+//! `train`'s own setup (`Trainer::setup`) and loop (`train::driver`); batch may import
+//! `train`, `io`, `model::loader`, `interrupt` and `error`, and nothing imports batch
+//! but the command line.
 
 pub mod pairs;
 pub mod summary;
@@ -15,12 +21,13 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 use crate::interrupt::Interrupt;
+use crate::io::progress::Progress;
 use crate::io::{checkpoint, console, lock, run};
 use crate::model::loader::{loads_in_process, StableDiffusion};
-use crate::train::trainer::{load_model, load_pair, make_masks, Progress, Trainer};
-use crate::train::{
-    claim, finished, restore_latest, train_to_end, with_survivors, Continue, TrainConfig,
-};
+use crate::train::driver::{claim, finished, train_to_end, with_survivors, Continue};
+use crate::train::resume::restore_latest;
+use crate::train::setup::{load_pair, SetupError};
+use crate::train::{TrainConfig, Trainer};
 pub use pairs::Shard;
 use summary::{PairRecord, Status};
 
@@ -59,9 +66,9 @@ pub enum Plan {
     SkipHeld,
 }
 
-/// Trains this worker's shard of the pairs; every `train` setting of `template` applies
-/// to each pair (its instance and output folders are replaced).
-pub fn run(
+/// `magictailor batch`: trains this worker's shard of the pairs; every `train` setting of
+/// `template` applies to each pair (its instance and output folders are replaced).
+pub fn train_pairs(
     template: &TrainConfig,
     opts: &BatchOptions,
     device: &Device,
@@ -136,38 +143,32 @@ fn attempt(
     }
     // A pair resumed from a checkpoint says so when it fails to load.
     let failed = |e| with_survivors(e, &out, Continue::Batch);
-    // Bad input fails here, before the model loads or anything is written.
-    let mut data = match load_pair(&cfg, device) {
-        Ok(d) => d,
-        Err(e) => return classify(failed(e), model),
-    };
-    let sd = match model {
-        Some(sd) => sd,
-        None => match load_model(&cfg, device) {
-            Ok(sd) => sd,
-            Err(e) => return classify(failed(e), None),
-        },
-    };
-    let auto = match make_masks(&cfg, &sd, &mut data, quiet_steps(progress)) {
-        Ok(a) => a,
-        Err(e) => return classify(failed(e), Some(sd)),
+    // Bad input fails here, before the model loads (when it is not loaded yet) or
+    // anything is written.
+    let mut t = match Trainer::setup(cfg.clone(), device, quiet_steps(progress), model) {
+        Ok(t) => t,
+        Err(e) => {
+            let SetupError { error, model } = *e;
+            return classify(failed(error), model);
+        }
     };
     let lock = match claim(&out, opts.stale_after, progress) {
         Ok(l) => l,
-        Err(Error::Usage(_)) => return (Status::Skipped, Some(held_note()), Some(sd)),
-        Err(e) => return classify(e, Some(sd)),
+        Err(Error::Usage(_)) => return (Status::Skipped, Some(held_note()), Some(t.into_model())),
+        Err(e) => return classify(e, Some(t.into_model())),
     };
     // Under the lock: another worker may have finished it meanwhile.
     match is_complete(&cfg) {
-        Ok(true) => return (Status::Skipped, Some("complete".into()), Some(sd)),
+        Ok(true) => {
+            return (
+                Status::Skipped,
+                Some("complete".into()),
+                Some(t.into_model()),
+            )
+        }
         Ok(false) => {}
-        Err(e) => return classify(e, Some(sd)),
+        Err(e) => return classify(e, Some(t.into_model())),
     }
-    let mut t = match Trainer::with_model(cfg, sd, &data) {
-        Ok(t) => t,
-        Err(e) => return classify(failed(e), None),
-    };
-    t.auto_masks = auto;
     let result = resume_or_restart(&mut t, &out).and_then(|()| {
         train_to_end(
             &mut t,

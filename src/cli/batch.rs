@@ -53,6 +53,6 @@ pub(super) fn batch_cmd(a: BatchArgs, m: &clap::ArgMatches) -> magictailor::Resu
         dry_run: a.dry_run,
         stale_after: std::time::Duration::from_secs(a.lock_timeout.saturating_mul(60)),
     };
-    let outcome = magictailor::batch::run(&template, &opts, &device, s.progress(), &stop)?;
+    let outcome = magictailor::batch::train_pairs(&template, &opts, &device, s.progress(), &stop)?;
     Ok(outcome.exit_code())
 }

@@ -8,7 +8,7 @@ use magictailor::interrupt::Interrupt;
 use magictailor::io::console;
 use magictailor::profile;
 use magictailor::train::dm_deg::Curve;
-use magictailor::train::trainer::Progress;
+use magictailor::io::progress::Progress;
 use magictailor::train::TrainConfig;
 
 use super::{print_profile, Precision};
@@ -237,7 +237,7 @@ pub(super) fn train_cmd(a: TrainArgs, m: &clap::ArgMatches) -> magictailor::Resu
     let (cfg, device, stop) = s.resolve(instance_dir, a.output_dir, m)?;
     let out = cfg.output_dir.clone();
     let prof = profile::Run::start();
-    magictailor::train::run(cfg, &device, s.progress(), a.resume, &stop)?;
+    magictailor::train::train(cfg, &device, s.progress(), a.resume, &stop)?;
     let prof = print_profile(prof);
     if !s.quiet && !s.json {
         console::line(out.display());

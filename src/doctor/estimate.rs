@@ -10,8 +10,9 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use crate::error::Result;
+use crate::io::progress::Progress;
 use crate::model::tiny;
-use crate::train::trainer::{Progress, Trainer};
+use crate::train::trainer::Trainer;
 use crate::train::TrainConfig;
 
 const RESOLUTION: usize = 512;

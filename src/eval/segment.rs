@@ -15,7 +15,7 @@ use image::{DynamicImage, GrayImage, Luma, RgbImage};
 use crate::error::{Error, Result};
 use crate::masks::{self, AttentionOptions};
 use crate::model::loader::StableDiffusion;
-use crate::train::objective::pseudo_word;
+use crate::model::tokenizer::pseudo_word;
 
 /// One generated image and how it was made.
 pub struct Generated<'a> {

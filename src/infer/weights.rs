@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::io::{run, tensors};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
-use crate::train::objective::pseudo_word;
+use crate::model::tokenizer::pseudo_word;
 
 /// Where a personalized model's weights come from.
 #[derive(Debug, Clone, Default)]

@@ -12,6 +12,7 @@ pub mod embeds;
 pub mod leftovers;
 pub mod lock;
 pub mod png;
+pub mod progress;
 pub mod run;
 pub mod tensors;
 pub mod ticker;

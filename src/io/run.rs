@@ -11,6 +11,9 @@
 //!   train_log.jsonl                    one JSON object per step
 //!   segments.jsonl                     one JSON object per segment: command, host, version
 //!   checkpoints/step-NNNNNN.safetensors
+//!   samples/step-NNNNNN.png            sample grids drawn during training
+//!   loss.png                           the loss plot
+//!   tb/                                --tensorboard: TensorBoard event files
 //! ```
 
 use std::collections::BTreeMap;
@@ -34,6 +37,11 @@ pub const LOG: &str = "train_log.jsonl";
 /// One line per segment of the run (start, or resume): its command line and whence.
 pub const SEGMENTS: &str = "segments.jsonl";
 pub const CHECKPOINTS: &str = "checkpoints";
+/// Sample grids drawn during training, one per [`samples_file`].
+pub const SAMPLES_DIR: &str = "samples";
+pub const LOSS_PLOT: &str = "loss.png";
+/// `--tensorboard`: the event files.
+pub const TENSORBOARD_DIR: &str = "tb";
 
 /// The tensor name in [`TOKEN_TABLE`]: the text encoder's own, so the file reads as a
 /// partial text-encoder checkpoint.
@@ -216,4 +224,29 @@ pub fn trim_log(dir: &Path, step: usize) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     super::write_atomic(&file, kept.as_bytes())
+}
+
+/// The sample grid drawn after step `step`.
+pub fn samples_file(dir: &Path, step: usize) -> PathBuf {
+    dir.join(SAMPLES_DIR).join(format!("step-{step:06}.png"))
+}
+
+/// The pictures `dir` holds, relative to it, for `magictailor.json`: the sample grids,
+/// the loss plot and the TensorBoard folder.
+pub fn previews(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(dir.join(SAMPLES_DIR))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".png"))
+        .map(|n| format!("{SAMPLES_DIR}/{n}"))
+        .collect();
+    found.sort();
+    if dir.join(LOSS_PLOT).is_file() {
+        found.push(LOSS_PLOT.into());
+    }
+    if dir.join(TENSORBOARD_DIR).is_dir() {
+        found.push(format!("{TENSORBOARD_DIR}/"));
+    }
+    found
 }

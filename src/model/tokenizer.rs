@@ -311,6 +311,11 @@ impl TokenizerSettings {
     }
 }
 
+/// The pseudo-word of sample `i`: `<v0>` for the concept, `<v1>`, ... for components.
+pub fn pseudo_word(i: usize) -> String {
+    format!("<v{i}>")
+}
+
 /// The `<...>` words of `text`, once each, in order (BOS and EOS are not pseudo-words).
 pub fn pseudo_words_in(text: &str) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();

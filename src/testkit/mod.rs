@@ -7,3 +7,4 @@ pub mod models;
 pub mod pairs;
 pub mod reference;
 pub mod tolerance;
+pub mod train;

@@ -9,6 +9,7 @@ use super::augment::{color_jitter, flip_horizontal, Jitter};
 use super::config::TrainConfig;
 use super::ds_bal::{hardest_sample, per_sample_means, preserving_loss};
 use super::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
+use super::method::Draw;
 use super::noise::{NoiseSizes, StepNoise};
 use crate::data::PairDataset;
 use crate::error::{Error, Result};
@@ -16,18 +17,14 @@ use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
 use crate::model::probe::{AttnProbe, BlockKind};
+use crate::model::tokenizer::pseudo_word;
 use crate::rng::{step_rng, Stream};
-
-/// The pseudo-word of sample `i`: `<v0>` for the concept, `<v1>`, ... for components.
-pub fn pseudo_word(i: usize) -> String {
-    format!("<v{i}>")
-}
 
 /// Everything a step reads that does not change during training, on the device.
 pub struct Batch {
     pub pixels: Tensor,
     pub masks: Tensor,
-    /// Prompt ids `"A photo of <vN>"` per image, `[b, 77]`.
+    /// Each image's prompt ids (MagicTailor: `"A photo of <vN>"`), `[b, 77]`.
     pub ids: Tensor,
     /// Position of each image's own pseudo-word in its prompt.
     pub token_pos: Vec<usize>,
@@ -36,9 +33,13 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// All reference images in sample order, each prompted with its sample's pseudo-word
-    /// (which the tokenizer must already know).
-    pub fn new(sd: &StableDiffusion, data: &PairDataset) -> Result<Self> {
+    /// All reference images in sample order, each with `prompt` of its sample's
+    /// pseudo-word (which the tokenizer must already know).
+    pub fn new(
+        sd: &StableDiffusion,
+        data: &PairDataset,
+        prompt: fn(&str) -> String,
+    ) -> Result<Self> {
         let mut pixels = Vec::new();
         let mut masks = Vec::new();
         let mut ids = Vec::new();
@@ -48,7 +49,7 @@ impl Batch {
             pixels.push(im.pixels.clone());
             masks.push(im.mask.clone());
             let word = pseudo_word(s);
-            let prompt_ids = sd.tokenizer.encode(&format!("A photo of {word}"))?;
+            let prompt_ids = sd.tokenizer.encode(&prompt(&word))?;
             let word_id = sd.tokenizer.encode(&word)?[1];
             let pos = prompt_ids
                 .iter()
@@ -97,13 +98,15 @@ pub struct Noised {
     pub masks: Tensor,
 }
 
-/// Step `d`'s input: jitter and flip, DM-Deg outside the masks, VAE encode (a posterior
-/// sample), then DDPM noise at a random timestep per image. Every draw comes from the
-/// (seed, d) generators, so a resumed run draws the same. Also returns DM-Deg's alpha_d.
+/// Step `d`'s input as `draw` says: jitter and flip, DM-Deg outside the masks, VAE encode
+/// (a posterior sample), then DDPM noise at a random timestep per image. Every draw comes
+/// from the (seed, d) generators, so a resumed run draws the same. Also returns DM-Deg's
+/// alpha_d.
 pub fn noised_latents(
     sd: &StableDiffusion,
     batch: &Batch,
     cfg: &TrainConfig,
+    draw: &Draw,
     d: usize,
     noise: StepNoise,
 ) -> Result<(Noised, f64)> {
@@ -111,14 +114,14 @@ pub fn noised_latents(
     let [g, z_noise, eps] = noise.upload(dev)?;
     let (mut pixels, mut masks) = (batch.pixels.clone(), batch.masks.clone());
     let mut rng = step_rng(cfg.seed, d, Stream::Augment);
-    if cfg.jitter > 0.0 {
-        pixels = color_jitter(&pixels, &Jitter::draw(&mut rng, cfg.jitter))?;
+    if draw.jitter > 0.0 {
+        pixels = color_jitter(&pixels, &Jitter::draw(&mut rng, draw.jitter))?;
     }
-    if cfg.flip && rng.random_bool(0.5) {
+    if draw.flip && rng.random_bool(0.5) {
         pixels = flip_horizontal(&pixels)?;
         masks = flip_horizontal(&masks)?;
     }
-    let (deg, total) = (cfg.degradation(), cfg.total_steps());
+    let (deg, total) = (draw.degradation, cfg.total_steps());
     let degraded = deg.apply(&pixels, &masks, &g, d, total)?;
     let dist = sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?;
     if dist.mean.dims() != z_noise.dims() {

@@ -4,49 +4,23 @@
 //! Sampling draws its latents from its own seeds and changes no training state, so a run
 //! with samples gives the same weights as one without, and resume stays bit-identical.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use image::RgbImage;
 
 use super::config::TrainConfig;
-use super::objective::pseudo_word;
 use super::trainer::{StepLog, Trainer};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::infer::{decode, sample, to_images, Weights};
 use crate::io::png::png_bytes;
-use crate::io::{run, write_atomic};
-use crate::model::tokenizer::pseudo_words_in;
+use crate::io::run::{self, LOSS_PLOT, TENSORBOARD_DIR};
+use crate::io::write_atomic;
 use crate::preview::{grid::Grid, plot, tensorboard::EventWriter};
 
-pub const SAMPLES_DIR: &str = "samples";
-pub const LOSS_PLOT: &str = "loss.png";
-pub const TENSORBOARD_DIR: &str = "tb";
 /// Classifier-free guidance of the sample grids (inference's default).
 const GUIDANCE: f64 = 7.5;
-
-/// Refuses, before training starts, a sample prompt naming a pseudo-word this pair lacks.
-pub fn check_sample_prompts(cfg: &TrainConfig, n_samples: usize) -> Result<()> {
-    if cfg.sample_every == Some(0) {
-        return Ok(());
-    }
-    let words: Vec<String> = (0..n_samples).map(pseudo_word).collect();
-    for prompt in &cfg.sample_prompts {
-        let unknown: Vec<String> = (pseudo_words_in(prompt).into_iter())
-            .filter(|w| !words.contains(w))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(Error::usage(format!(
-                "the sample prompt {prompt:?} uses {}, but this pair trains only {}. Fix \
-                 --sample-prompts.",
-                unknown.join(", "),
-                words.join(", ")
-            )));
-        }
-    }
-    Ok(())
-}
 
 /// The per-run watchers: TensorBoard, if asked for.
 pub struct Watch {
@@ -85,17 +59,13 @@ impl Watch {
         let start = Instant::now();
         let grid = sample_grid(t)?;
         let png = png_bytes(&grid)?;
-        write_atomic(&samples_file(out, log.step), &png)?;
+        write_atomic(&run::samples_file(out, log.step), &png)?;
         if let Some(tb) = &mut self.tensorboard {
             tb.image("samples", log.step, &png, grid.width(), grid.height())?;
         }
         log.sample_seconds = Some(start.elapsed().as_secs_f64());
         Ok(())
     }
-}
-
-pub fn samples_file(out: &Path, step: usize) -> PathBuf {
-    out.join(SAMPLES_DIR).join(format!("step-{step:06}.png"))
 }
 
 /// A row per sample prompt, a column per seed, drawn with the current adapters and rows.
@@ -135,7 +105,7 @@ pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
         .iter()
         .map(|s| format!("seed {s}"))
         .collect();
-    let phase = super::trainer::Phase::at(cfg, t.step).name();
+    let phase = t.recipe.at(t.step).phase().name();
     let title = format!("step {} of {} ({phase})", t.step, cfg.total_steps());
     Grid {
         title: &title,
@@ -152,23 +122,4 @@ pub fn write_loss_plot(cfg: &TrainConfig, out: &Path) -> Result<()> {
     let switch = (cfg.ds_bal && cfg.dsbal_steps > 0).then_some(cfg.warmup_steps);
     let png = png_bytes(&plot::loss_plot(&log, switch)?)?;
     write_atomic(&out.join(LOSS_PLOT), &png)
-}
-
-/// The pictures a run folder holds, relative to it, for `magictailor.json`.
-pub fn previews(out: &Path) -> Vec<String> {
-    let mut found: Vec<String> = std::fs::read_dir(out.join(SAMPLES_DIR))
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".png"))
-        .map(|n| format!("{SAMPLES_DIR}/{n}"))
-        .collect();
-    found.sort();
-    if out.join(LOSS_PLOT).is_file() {
-        found.push(LOSS_PLOT.into());
-    }
-    if out.join(TENSORBOARD_DIR).is_dir() {
-        found.push(format!("{TENSORBOARD_DIR}/"));
-    }
-    found
 }

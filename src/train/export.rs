@@ -1,0 +1,77 @@
+//! What a finished run leaves for sampling: the adapters (peft and kohya layouts), the
+//! pseudo-word embeddings (ours and A1111's), the trained token table in released-script
+//! mode, and the run record `magictailor.json`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::trainer::Trainer;
+use crate::error::{Error, Result};
+use crate::io::{embeds, run, tensors};
+use crate::model::tokenizer::pseudo_word;
+
+impl Trainer {
+    /// Writes the adapters, embeddings and run record into `dir`, each file atomically.
+    pub fn export(&self, dir: &Path) -> Result<()> {
+        let targets = self.sd.unet.lora_targets();
+        let set = self.lora.as_set();
+        set.save_peft(&dir.join(run::LORA), &targets)?;
+        set.save_kohya(&dir.join(run::LORA_KOHYA), &targets)?;
+        let embeds = self.embeds()?;
+        embeds::save(&dir.join(run::EMBEDS), &embeds)?;
+        embeds::save_a1111(&dir.join(run::A1111_EMBEDS), &embeds)?;
+        if let Some(table) = &self.table {
+            // The released script saves and reloads the whole drifted table.
+            let t = HashMap::from([(run::TOKEN_TABLE_KEY.to_string(), table.as_detached_tensor())]);
+            tensors::write(&dir.join(run::TOKEN_TABLE), &t, None)?;
+        }
+        run::write_record(dir, &self.record(dir)?)
+    }
+
+    /// The pseudo-words' trained embeddings.
+    pub fn embeds(&self) -> Result<embeds::Embeds> {
+        (0..self.class_words.len())
+            .map(|i| Ok((pseudo_word(i), self.rows.as_tensor().get(i)?.detach())))
+            .collect()
+    }
+
+    fn record(&self, dir: &Path) -> Result<run::RunRecord> {
+        let tokens = (self.class_words.iter().enumerate())
+            .map(|(i, w)| (pseudo_word(i), w.clone()))
+            .collect();
+        // A local folder is recorded absolute, so the output folder works from anywhere.
+        let base = std::fs::canonicalize(&self.sd.source)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| self.sd.source.clone());
+        let config = serde_json::to_value(&self.cfg)
+            .map_err(|e| Error::internal(format!("serializing the settings: {e}")))?;
+        let kernels = crate::kernels::kernel_states()
+            .iter()
+            .map(|e| e.to_json())
+            .collect();
+        Ok(run::RunRecord {
+            base_model: base,
+            tokens,
+            steps_done: self.step,
+            config,
+            magictailor_version: env!("CARGO_PKG_VERSION").to_string(),
+            magictailor_commit: env!("MAGICTAILOR_COMMIT").to_string(),
+            segments: run::segments(dir)?,
+            previews: run::previews(dir),
+            masks: Some(self.masks_made_by()),
+            kernels,
+        })
+    }
+
+    /// How the masks were made, for `magictailor.json`.
+    fn masks_made_by(&self) -> serde_json::Value {
+        match &self.auto_masks {
+            Some(a) => serde_json::to_value(&a.record).unwrap_or_default(),
+            None if self.cfg.no_masks => serde_json::json!({"method": "whole images (--no-masks)"}),
+            None => serde_json::json!({
+                "method": "files",
+                "dir": self.cfg.instance_dir.join("masks"),
+            }),
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Checkpoints and resume: what a checkpoint holds (every trainable tensor, the momentum
+//! adapters, the optimizer state, the step), saving one with the settings that shape the
+//! result, and restoring the latest so a resumed run continues bit-identically.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor, Var};
+
+use super::ds_bal::MomentumLora;
+use super::segments;
+use super::trainer::Trainer;
+use crate::error::{Error, Result};
+use crate::io::{checkpoint, run};
+
+impl Trainer {
+    /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`, `rows`, and
+    /// `table` in released-script mode.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let lora = self.lora.modules.iter().flat_map(|m| {
+            [
+                (format!("lora.{}.A", m.path), m.a.clone()),
+                (format!("lora.{}.B", m.path), m.b.clone()),
+            ]
+        });
+        let text = [("rows", Some(&self.rows)), ("table", self.table.as_ref())];
+        let text = text
+            .into_iter()
+            .filter_map(|(name, v)| Some((name.to_string(), v?.clone())));
+        lora.chain(text).collect()
+    }
+
+    /// Everything resume needs, as named tensors.
+    pub fn checkpoint_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = (self.trainable().into_iter())
+            .map(|(name, v)| (name, v.as_detached_tensor()))
+            .collect();
+        if let Some(m) = &self.momentum {
+            for (name, t) in m.tensors()? {
+                out.insert(format!("momentum.{name}"), t);
+            }
+        }
+        for (k, v) in self.opt.state()? {
+            out.insert(format!("opt.{k}"), v);
+        }
+        let step = Tensor::new(self.step as u32, &self.sd.device)?;
+        out.insert("step".into(), step);
+        Ok(out)
+    }
+
+    /// Writes the checkpoint of the current step into `out`, with the settings that shape
+    /// the result in its header.
+    pub fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
+        let settings = serde_json::Value::Object(segments::fixed(&self.cfg)?).to_string();
+        let meta = HashMap::from([(segments::METADATA_KEY.to_string(), settings)]);
+        let file = checkpoint::save(out, self.step, &self.checkpoint_tensors()?, meta)?;
+        if let Some(keep) = self.cfg.keep_checkpoints {
+            checkpoint::prune(out, keep)?;
+        }
+        Ok(file)
+    }
+
+    /// Restores [`Self::checkpoint_tensors`]; `file` names the checkpoint in errors.
+    pub fn restore(&mut self, t: &HashMap<String, Tensor>, file: &Path) -> Result<()> {
+        let get = |k: &str| {
+            t.get(k).ok_or_else(|| {
+                Error::bad_file(
+                    file,
+                    format!(
+                        "the checkpoint {} lacks {k}: it is from another run or version. Start a new \
+                         run in another --output-dir.",
+                        file.display()
+                    ),
+                )
+            })
+        };
+        for m in &self.lora.modules {
+            m.a.set(get(&format!("lora.{}.A", m.path))?)?;
+            m.b.set(get(&format!("lora.{}.B", m.path))?)?;
+        }
+        self.rows.set(get("rows")?)?;
+        if let Some(table) = &self.table {
+            table.set(get("table")?)?;
+        }
+        if t.keys().any(|k| k.starts_with("momentum.")) {
+            let mut m = MomentumLora::copy_of(&self.lora)?;
+            m.load(|name| get(&format!("momentum.{name}")).cloned())?;
+            self.momentum = Some(m);
+        }
+        let opt: HashMap<String, Tensor> = t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        self.opt.load_state(&opt)?;
+        self.step = get("step")?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        Ok(())
+    }
+}
+
+/// Restores the latest checkpoint in `out`, if any, and drops log lines past it; refuses
+/// one that was trained with other settings.
+pub fn restore_latest(t: &mut Trainer, out: &Path) -> Result<bool> {
+    let Some(file) = checkpoint::latest(out)? else {
+        return Ok(false);
+    };
+    if let Some(text) = crate::io::tensors::metadata(&file, segments::METADATA_KEY)? {
+        let recorded: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| {
+                Error::bad_file(
+                    &file,
+                    format!("{}: unreadable settings: {e}", file.display()),
+                )
+            })?;
+        segments::check(
+            &t.cfg,
+            &recorded,
+            &format!("recorded in {}", file.display()),
+        )?;
+    }
+    t.restore(&checkpoint::load(&file, &t.sd.device)?, &file)?;
+    run::trim_log(out, t.step)?;
+    Ok(true)
+}

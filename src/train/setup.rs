@@ -1,0 +1,190 @@
+//! Setup, the one path `train` and `batch` both take from settings to a [`Trainer`]:
+//! every check of the settings and inputs, the pair folder's images and masks, the base
+//! model, masks a folder lacks, and the trainable weights' first values. Nothing is
+//! written here.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::TrainConfig;
+use super::method::Recipe;
+use super::noise::NoiseAhead;
+use super::objective::Batch;
+use super::trainer::{optimizer, Trainer};
+use crate::data::{MaskPolicy, PairDataset};
+use crate::error::{Error, Result};
+use crate::io::progress::Progress;
+use crate::masks::{self, auto::AutoMasks};
+use crate::model::loader::StableDiffusion;
+use crate::model::lora::TrainableLora;
+use crate::model::tokenizer::{pseudo_word, pseudo_words_in};
+
+/// A setup that failed, with the base model when it was loaded and survived, for the
+/// next pair.
+pub struct SetupError {
+    pub error: Error,
+    pub model: Option<StableDiffusion>,
+}
+
+impl Trainer {
+    /// [`Trainer::setup`] with a model of its own.
+    pub fn new(cfg: TrainConfig, device: &Device, progress: Progress) -> Result<Self> {
+        Self::setup(cfg, device, progress, None).map_err(|e| e.error)
+    }
+
+    /// Checks the settings, loads the pair folder (where bad input shows up, before the
+    /// model loads), then the base model unless `model` is it already, makes the masks
+    /// the folder lacks, and builds the trainer.
+    pub fn setup(
+        cfg: TrainConfig,
+        device: &Device,
+        progress: Progress,
+        model: Option<StableDiffusion>,
+    ) -> std::result::Result<Self, Box<SetupError>> {
+        let fail = |error, model| Box::new(SetupError { error, model });
+        let mut data = match cfg.validate().and_then(|()| load_pair(&cfg, device)) {
+            Ok(data) => data,
+            Err(e) => return Err(fail(e, model)),
+        };
+        let sd = match model {
+            Some(sd) => sd,
+            None => load_model(&cfg, device).map_err(|e| fail(e, None))?,
+        };
+        let auto = match make_masks(&cfg, &sd, &mut data, progress) {
+            Ok(auto) => auto,
+            Err(e) => return Err(fail(e, Some(sd))),
+        };
+        let mut t = Self::with_model(cfg, sd, &data).map_err(|e| fail(e, None))?;
+        t.auto_masks = auto;
+        Ok(t)
+    }
+
+    /// A trainer on the loaded model and pair `data` (`cfg.instance_dir`).
+    fn with_model(cfg: TrainConfig, mut sd: StableDiffusion, data: &PairDataset) -> Result<Self> {
+        let device = &sd.device.clone();
+        let recipe = Recipe::magictailor(&cfg, data.num_images());
+        let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
+        let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
+        check_sample_prompts(&cfg, words.len())?;
+        sd.tokenizer.add_pseudo_words(&words)?;
+        if cfg.sample_every != Some(0) {
+            for p in &cfg.sample_prompts {
+                if let Some(w) = sd.tokenizer.check_length(p, "the sample prompt")? {
+                    crate::io::console::note(format_args!("warning: {w}"));
+                }
+            }
+        }
+        let rows = init_rows(&sd, &class_words)?;
+        let batch = Batch::new(&sd, data, recipe.draw.prompt)?;
+        let last = recipe.total_steps();
+        let noise = NoiseAhead::new(cfg.seed, batch.noise_sizes(&sd)?, last);
+        let lora = TrainableLora::new(
+            &sd.unet.lora_targets(),
+            recipe.trains.lora_rank,
+            recipe.trains.lora_alpha,
+            cfg.seed,
+            device,
+            DType::F32,
+        )?;
+        let table = if recipe.trains.token_table {
+            let t = sd.text_encoder.token_table().to_dtype(DType::F32)?.copy()?;
+            Some(Var::from_tensor(&t)?)
+        } else {
+            None
+        };
+        let mut params = lora.vars();
+        params.push(rows.clone());
+        params.extend(table.clone());
+        let opt = optimizer(params)?;
+        Ok(Self {
+            cfg,
+            recipe,
+            sd,
+            batch,
+            noise,
+            lora,
+            rows,
+            table,
+            momentum: None,
+            opt,
+            step: 0,
+            class_words,
+            skipped_in_a_row: 0,
+            auto_masks: None,
+        })
+    }
+}
+
+/// Loads the base model the settings name, refusing a resolution its VAE cannot take.
+fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
+    let sd = StableDiffusion::load(&cfg.model, device, cfg.dtype)?;
+    let f = sd.vae_factor();
+    if !cfg.resolution.is_multiple_of(f) {
+        return Err(Error::usage(format!(
+            "--resolution {} is not a multiple of {f}, this model's VAE downscale factor: try {}.",
+            cfg.resolution,
+            (cfg.resolution / f).max(1) * f
+        )));
+    }
+    Ok(sd)
+}
+
+/// The reference images and masks of `cfg.instance_dir`: where bad input shows up.
+/// A folder without masks loads with whole images; [`make_masks`] then replaces them.
+pub fn load_pair(cfg: &TrainConfig, device: &Device) -> Result<PairDataset> {
+    let policy = if cfg.no_masks || masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
+        MaskPolicy::WholeImage
+    } else {
+        MaskPolicy::Required {
+            model: cfg.model.clone(),
+        }
+    };
+    PairDataset::load(&cfg.instance_dir, cfg.resolution, policy, device)
+}
+
+/// The masks of a pair folder that has none, from the base model's attention.
+fn make_masks(
+    cfg: &TrainConfig,
+    sd: &StableDiffusion,
+    data: &mut PairDataset,
+    progress: Progress,
+) -> Result<Option<AutoMasks>> {
+    if !masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
+        return Ok(None);
+    }
+    masks::auto::apply(sd, data, progress == Progress::Bar).map(Some)
+}
+
+/// Refuses, before training starts, a sample prompt naming a pseudo-word this pair lacks.
+fn check_sample_prompts(cfg: &TrainConfig, n_samples: usize) -> Result<()> {
+    if cfg.sample_every == Some(0) {
+        return Ok(());
+    }
+    let words: Vec<String> = (0..n_samples).map(pseudo_word).collect();
+    for prompt in &cfg.sample_prompts {
+        let unknown: Vec<String> = (pseudo_words_in(prompt).into_iter())
+            .filter(|w| !words.contains(w))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::usage(format!(
+                "the sample prompt {prompt:?} uses {}, but this pair trains only {}. Fix \
+                 --sample-prompts.",
+                unknown.join(", "),
+                words.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Pseudo-word rows start as the embedding of the first token of their class word.
+fn init_rows(sd: &StableDiffusion, class_words: &[String]) -> Result<Var> {
+    let mut rows = Vec::new();
+    for w in class_words {
+        let ids = sd.tokenizer.encode(w)?;
+        // ids[0] is BOS; ids[1] the first token of the word.
+        rows.push(sd.text_encoder.token_row(ids[1])?);
+    }
+    Ok(Var::from_tensor(
+        &Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?,
+    )?)
+}

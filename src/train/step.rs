@@ -1,0 +1,237 @@
+//! One optimizer step of a [`Trainer`], as its recipe says: the step's phase and rate,
+//! forward and backward, clipping, the update (or, on NaN or infinity, a skip or a
+//! stop), and the momentum adapters' update.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use super::ds_bal::MomentumLora;
+use super::method::Phase;
+use super::objective::{noised_latents, step_losses, StepLosses};
+use super::optim::{clip_coef, grad_norms, Clip};
+use super::trainer::{optimizer, StepLog, Trainer};
+use crate::error::{Error, Result};
+use crate::profile::{self, Kind};
+
+/// With f16 loss scaling, this many overflowed steps in a row stop the run: the scale
+/// cannot save it.
+pub const MAX_SKIPPED_IN_A_ROW: usize = 20;
+
+/// The logged loss terms as a message names them, in `StepLog` order.
+const TERMS: [&str; 4] = [
+    "the total loss",
+    "the masked diffusion loss L_diff",
+    "the attention loss L_attn",
+    "the preserving loss L_pres",
+];
+
+/// What one forward and backward pass gives.
+struct Pass {
+    grads: GradStore,
+    terms: Vec<f32>,
+    per_sample: Vec<f32>,
+    chosen: Option<usize>,
+    alpha_d: f64,
+}
+
+impl Trainer {
+    /// The learning rate of step `d`.
+    pub fn lr(&self, d: usize) -> f64 {
+        self.recipe.at(d).lr()
+    }
+
+    /// One optimizer step; returns what `train_log.jsonl` records.
+    pub fn train_step(&mut self) -> Result<StepLog> {
+        let d = self.step + 1;
+        let dev = self.sd.device.clone();
+        let _step = profile::scope(Kind::TrainStep, &dev);
+        let at = self.recipe.at(d);
+        let (phase, first_of_phase) = (at.phase(), at.first);
+        if first_of_phase && at.plan.fresh_optimizer {
+            self.opt = optimizer(self.opt_vars())?;
+        }
+        let Pass {
+            grads,
+            terms,
+            per_sample,
+            chosen,
+            alpha_d,
+        } = self.forward_backward(d, phase)?;
+        // As the released script: only the U-Net's (LoRA) gradients are clipped.
+        let clipping = profile::scope(Kind::GradClip, &dev);
+        let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
+        let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
+        let (lora_norm, text_norm) = (norms[0], norms[1]);
+        let clip = Clip {
+            params: &lora_vars,
+            coef: clip_coef(lora_norm, 1.0),
+        };
+        drop(clipping);
+        let lr = self.lr(d);
+        self.opt.config.lr = lr;
+        let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
+        if finite {
+            profile::time(Kind::Optimizer, &dev, || {
+                self.opt.step_clipped(&grads, Some(clip))
+            })?;
+            self.skipped_in_a_row = 0;
+        } else {
+            self.on_non_finite(d, &terms, lora_norm + text_norm)?;
+        }
+        drop(grads);
+        let momentum = &self.recipe.momentum;
+        if let Some(m) = self.momentum.as_mut().filter(|_| phase == Phase::DsBal) {
+            let _ema = profile::scope(Kind::Momentum, &dev);
+            if momentum.copy_at_first_update && first_of_phase {
+                *m = MomentumLora::copy_of(&self.lora)?;
+            } else {
+                m.update(&self.lora, momentum.ema_decay)?;
+            }
+        }
+        self.step = d;
+        Ok(StepLog {
+            step: d,
+            phase,
+            alpha_d,
+            lr,
+            loss: terms[0],
+            l_diff: terms[1],
+            l_attn: terms[2],
+            l_pres: terms[3],
+            per_sample,
+            chosen_sample: chosen,
+            grad_norm: lora_norm,
+            skipped: !finite,
+            sample_seconds: None,
+        })
+    }
+
+    /// The unclipped gradients of the next step's loss by [`Self::trainable`] name, without
+    /// updating anything (the step's noise depends only on seed and step, so
+    /// `train_step` then computes the same step): for comparing backends
+    /// (`examples/step_grads.rs`).
+    pub fn next_gradients(&mut self) -> Result<HashMap<String, Tensor>> {
+        let d = self.step + 1;
+        let grads = self.forward_backward(d, self.recipe.at(d).phase())?.grads;
+        let named = self.trainable().into_iter();
+        Ok(named
+            .filter_map(|(name, v)| Some((name, grads.get(v.as_tensor())?.detach())))
+            .collect())
+    }
+
+    /// Step `d`'s forward and backward: gradients (unscaled, unclipped) and the logged
+    /// values, read back in one device-to-host copy.
+    fn forward_backward(&mut self, d: usize, phase: Phase) -> Result<Pass> {
+        if phase == Phase::DsBal && self.momentum.is_none() {
+            self.momentum = Some(MomentumLora::copy_of(&self.lora)?);
+        }
+        let dev = self.sd.device.clone();
+        let (noised, alpha_d) = profile::time(Kind::Data, &dev, || {
+            let noise = self.noise.take(d)?;
+            noised_latents(
+                &self.sd,
+                &self.batch,
+                &self.cfg,
+                &self.recipe.draw,
+                d,
+                noise,
+            )
+        })?;
+        let online = self.lora.as_set();
+        let momentum = self
+            .momentum
+            .as_ref()
+            .filter(|_| phase == Phase::DsBal)
+            .map(|m| m.as_set());
+        let forward = profile::scope(Kind::ForwardLoss, &dev);
+        let StepLosses {
+            per_sample,
+            l_diff,
+            l_attn,
+            l_pres,
+            chosen,
+            loss,
+            ..
+        } = step_losses(
+            &self.sd,
+            &self.batch,
+            &noised,
+            &online,
+            self.text_params(),
+            momentum,
+            self.recipe.losses,
+        )?;
+        drop(forward);
+        let backward = profile::scope(Kind::Backward, &dev);
+        let grads = match self.cfg.loss_scale {
+            Some(scale) => {
+                let mut grads = (&loss * scale)?.backward()?;
+                unscale(&mut grads, &self.opt_vars(), scale)?;
+                grads
+            }
+            None => loss.backward()?,
+        };
+        drop(backward);
+        // The loss terms and the per-sample losses own the forward graph: read, then
+        // dropped here, before the optimizer runs.
+        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?.to_dtype(DType::F32)?;
+        let mut read = profile::time(Kind::HostRead, &dev, || {
+            Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
+                .detach()
+                .to_vec1::<f32>()
+        })?;
+        let per_sample = read.split_off(4);
+        Ok(Pass {
+            grads,
+            terms: read,
+            per_sample,
+            chosen,
+            alpha_d,
+        })
+    }
+
+    /// A step met NaN or infinity, before any weight changed. With f16 loss scaling an
+    /// overflow skips the update (up to [`MAX_SKIPPED_IN_A_ROW`] in a row); otherwise
+    /// training stops, naming the step and the first non-finite term.
+    fn on_non_finite(&mut self, d: usize, terms: &[f32], grad_norm: f64) -> Result<()> {
+        // A component names the cause better than the total it spoils.
+        let what = match [1, 2, 3, 0].into_iter().find(|&i| !terms[i].is_finite()) {
+            Some(i) => format!("{} is {}", TERMS[i], terms[i]),
+            None => format!("the gradient norm is {grad_norm}"),
+        };
+        let Some(scale) = self.cfg.loss_scale else {
+            return Err(Error::Diverged(format!(
+                "training diverged at step {d}: {what}. The step was not applied. Lower the \
+                 learning rate (--warmup-lr, --dsbal-lr){}.",
+                if self.cfg.dtype == DType::F32 {
+                    ""
+                } else {
+                    " or train in --dtype f32"
+                }
+            )));
+        };
+        self.skipped_in_a_row += 1;
+        if self.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW {
+            return Ok(());
+        }
+        Err(Error::Diverged(format!(
+            "training diverged: steps {}-{d} all overflowed in f16 at loss scale {scale} ({what} at \
+             step {d}), so their updates were skipped. Train in --dtype f32 (or bf16 on CUDA), or \
+             lower the learning rate (--warmup-lr, --dsbal-lr).",
+            d + 1 - self.skipped_in_a_row
+        )))
+    }
+}
+
+/// Divides the parameters' gradients by the loss scale.
+fn unscale(grads: &mut GradStore, params: &[Var], scale: f64) -> Result<()> {
+    for p in params {
+        if let Some(g) = grads.get(p.as_tensor()) {
+            let g = (g.detach() / scale)?;
+            grads.insert(p.as_tensor(), g);
+        }
+    }
+    Ok(())
+}
