@@ -72,7 +72,7 @@ pub fn read(dir: &Path) -> Result<RunInfo> {
 }
 
 fn checkpoint_settings(file: &Path) -> Result<Value> {
-    let text = crate::io::tensors::metadata(file, crate::train::segments::METADATA_KEY)?;
+    let text = crate::io::tensors::metadata(file, crate::io::checkpoint::SETTINGS_KEY)?;
     Ok(text
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null))

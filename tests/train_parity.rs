@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::{LoraModule, LoraSet, TrainableLora};
-use magictailor::train::objective::{step_losses, Batch, LossWeights, Noised, TextParams};
+use magictailor::train::method::LossWeights;
+use magictailor::train::objective::{step_losses, Batch, Noised, TextParams};
 
 fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()

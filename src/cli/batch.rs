@@ -26,7 +26,7 @@ pub(super) struct BatchArgs {
     #[arg(long)]
     dry_run: bool,
     /// Minutes without a heartbeat after which another worker's pair lock is stale.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = magictailor::io::lock::STALE_AFTER.as_secs() / 60)]
     lock_timeout: u64,
     /// Also run the paper's evaluation per pair (not built into batch: refused; run
     /// `magictailor eval --model-dir OUTPUT_ROOT/PAIR` per trained folder).

@@ -6,9 +6,9 @@ use clap::Args;
 use magictailor::infer::prompts::{self, PLACEHOLDER};
 use magictailor::interrupt::Interrupt;
 use magictailor::io::console;
+use magictailor::io::progress::Progress;
 use magictailor::profile;
 use magictailor::train::dm_deg::Curve;
-use magictailor::io::progress::Progress;
 use magictailor::train::TrainConfig;
 
 use super::{print_profile, Precision};

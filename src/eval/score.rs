@@ -109,11 +109,8 @@ pub(super) fn score_all(
     out: &Path,
     segmenter: &dyn Segmenter,
 ) -> Result<Vec<ImageScore>> {
-    let bar = crate::infer::progress_bar(
-        (prompts.len() * opts.seeds.len()) as u64,
-        "scoring",
-        opts.progress,
-    );
+    let total = (prompts.len() * opts.seeds.len()) as u64;
+    let bar = crate::io::progress::ticker("scoring", total, 0, 1, opts.progress);
     let mut scores = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let text = m

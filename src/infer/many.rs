@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::provenance::Provenance;
-use super::{progress_bar, seeded_latents, InferOptions, Personalized, Prompted, Sources};
+use super::{seeded_latents, InferOptions, Personalized, Prompted, Sources};
 use crate::error::{Error, Result};
 use crate::io::png::png_bytes;
 use crate::io::write_atomic;
@@ -83,7 +83,7 @@ pub(super) fn draw(
         .flat_map(|i| many.seeds.iter().map(move |&s| (i, s)))
         .filter(|&(i, s)| !image_file(&many.out_dir, i, s).is_file())
         .collect();
-    let bar = progress_bar(todo.len() as u64, "images", opts.progress);
+    let bar = crate::io::progress::ticker("images", todo.len() as u64, 0, 1, opts.progress);
     for (i, prompt) in many.prompts.iter().enumerate() {
         let seeds: Vec<u64> = todo.iter().filter(|t| t.0 == i).map(|t| t.1).collect();
         if seeds.is_empty() {

@@ -19,8 +19,7 @@ pub mod provenance;
 mod sampling;
 mod weights;
 pub use sampling::{
-    decode, denoise, progress_bar, sample, seeded_latents, to_images, Conditioning, Prompted,
-    Sampling, Weights,
+    decode, denoise, sample, seeded_latents, to_images, Conditioning, Prompted, Sampling, Weights,
 };
 pub use weights::{Personalized, Sources};
 

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 
 use super::provenance::Provenance;
-use super::{progress_bar, seeded_latents, InferOptions, One, Personalized, Prompted, Sources};
+use super::sampling::denoising_ticker;
+use super::{seeded_latents, InferOptions, One, Personalized, Prompted, Sources};
 use crate::error::{Error, Result};
 use crate::io::leftovers::{remove_orphans, Scope};
 use crate::io::{tensors, write_atomic};
@@ -33,7 +34,7 @@ pub(super) fn draw(
     p.weights().check_prompt(&one.prompt)?;
     let latents = initial_latents(p, opts, one)?;
     let prompted = Prompted::new(p, &one.prompt, &opts.sampling)?;
-    let bar = progress_bar(opts.sampling.steps as u64, "denoising", opts.progress);
+    let bar = denoising_ticker(opts.sampling.steps, opts.progress);
     let images = prompted.images(latents, || bar.inc(1))?;
     bar.finish();
     if let Some(dir) = one.out.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -293,7 +293,7 @@ pub fn sample(
     guidance: f64,
     progress: bool,
 ) -> Result<Tensor> {
-    let bar = progress_bar(steps as u64, "denoising", progress);
+    let bar = denoising_ticker(steps, progress);
     let c = w.condition(prompt, negative, guidance)?;
     let x = denoise(&c, None, latents, steps, || bar.inc(1))?;
     bar.finish();
@@ -345,9 +345,8 @@ fn ensure_finite(t: &Tensor, what: &str, dtype: DType) -> Result<()> {
     )))
 }
 
-/// Progress of `len` units of `what` (a bar, or lines off a terminal), when `show`.
-pub fn progress_bar(len: u64, what: &str, show: bool) -> crate::io::ticker::Ticker {
-    // Off a terminal, a line per 10 denoising steps at most; per image or mask, each.
-    let every = if what == "denoising" { 10 } else { 1 };
-    crate::io::ticker::Ticker::new(what, len, 0, every, show)
+/// Denoising progress over `steps`, when `show`: off a terminal, a line per 10 steps at
+/// most.
+pub(super) fn denoising_ticker(steps: usize, show: bool) -> crate::io::ticker::Ticker {
+    crate::io::progress::ticker("denoising", steps as u64, 0, 10, show)
 }

@@ -232,7 +232,7 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
             }
         )));
     }
-    let settings = tensors::metadata(&file, crate::train::segments::METADATA_KEY)?;
+    let settings = tensors::metadata(&file, crate::io::checkpoint::SETTINGS_KEY)?;
     let settings: serde_json::Value = settings
         .and_then(|s| serde_json::from_str(&s).ok())
         .ok_or_else(|| {

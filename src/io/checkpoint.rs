@@ -9,6 +9,11 @@ use candle_core::{Device, Tensor};
 use super::tensors;
 use crate::error::{Error, IoOp, Result};
 
+/// The metadata key under which a checkpoint holds the settings that fixed its run
+/// (`train::segments::fixed`), so a resume can refuse different ones and `infer` can
+/// sample it.
+pub const SETTINGS_KEY: &str = "magictailor_settings";
+
 pub fn dir(output: &Path) -> PathBuf {
     output.join(super::run::CHECKPOINTS)
 }

@@ -5,7 +5,7 @@
 //! (`sam.rs`). Masks are written at each image's own size (`folder.rs`) and read back
 //! like a user's, so `train` resizes and binarizes both the same way.
 //!
-//! May import `data`, `model`, `infer` (progress), `io`, `preview` and `rng`; `train` and
+//! May import `data`, `model`, `io`, `preview` and `rng`; `train` and
 //! `eval` import it.
 
 pub mod attention;
@@ -184,7 +184,7 @@ pub fn compute(
     sam: Option<&sam::Refiner>,
     progress: bool,
 ) -> Result<Vec<ImageMask>> {
-    let bar = crate::infer::progress_bar(data.num_images() as u64, "masks", progress);
+    let bar = crate::io::progress::ticker("masks", data.num_images() as u64, 0, 1, progress);
     let mut masks = pair::attention_masks(sd, data, &record.attention, |_| bar.inc(1))?;
     bar.finish();
     if let Some(sam) = sam {

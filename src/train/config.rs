@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::dm_deg::{Curve, Degradation};
 use crate::error::{Error, Result};
+use crate::infer::prompts::PLACEHOLDER;
+use crate::model::loader::check_side;
 
 /// Pixels per latent cell of every SD VAE; the loader re-checks it against the model.
 pub const SD_VAE_FACTOR: usize = 8;
@@ -119,14 +121,9 @@ impl Default for TrainConfig {
             dtype: DType::F32,
             loss_scale: None,
             sample_every: None,
-            sample_prompts: [
-                "<v0>",
-                "<v1>",
-                "<v0> with <v1>",
-                "<v0> with <v1>, on the beach",
-            ]
-            .map(String::from)
-            .to_vec(),
+            sample_prompts: ["<v0>", "<v1>", PLACEHOLDER, "<v0> with <v1>, on the beach"]
+                .map(String::from)
+                .to_vec(),
             sample_seeds: vec![0, 1],
             sample_steps: 25,
             tensorboard: false,
@@ -197,14 +194,12 @@ impl TrainConfig {
                 "--lora-rank 0: the adapters need a rank of at least 1 (the paper uses 32).".into(),
             );
         }
-        let f = SD_VAE_FACTOR;
-        if self.resolution == 0 || !self.resolution.is_multiple_of(f) {
-            return bad(format!(
-                "--resolution {} is not a positive multiple of {f}, the VAE's downscale factor: try {}.",
-                self.resolution,
-                (self.resolution / f).max(1) * f
-            ));
-        }
+        check_side(
+            "--resolution",
+            self.resolution,
+            SD_VAE_FACTOR,
+            SD_VAE_FACTOR,
+        )?;
         for (flag, v) in [
             ("--warmup-lr", self.warmup_lr),
             ("--dsbal-lr", self.dsbal_lr),

@@ -7,7 +7,15 @@ use serde::Serialize;
 
 use super::config::TrainConfig;
 use super::dm_deg::Degradation;
-use super::objective::LossWeights;
+
+/// The weights of the loss terms after the (masked) diffusion loss.
+#[derive(Debug, Clone, Copy)]
+pub struct LossWeights {
+    /// The cross-attention loss (0: off).
+    pub lambda_attn: f64,
+    /// DS-Bal's preserving regularization against the momentum adapters.
+    pub lambda_pres: f64,
+}
 
 /// A phase's objective, by the name `train_log.jsonl` and the progress bar show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

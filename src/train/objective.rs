@@ -9,7 +9,7 @@ use super::augment::{color_jitter, flip_horizontal, Jitter};
 use super::config::TrainConfig;
 use super::ds_bal::{hardest_sample, per_sample_means, preserving_loss};
 use super::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
-use super::method::Draw;
+use super::method::{Draw, LossWeights};
 use super::noise::{NoiseSizes, StepNoise};
 use crate::data::PairDataset;
 use crate::error::{Error, Result};
@@ -174,12 +174,6 @@ pub struct StepLosses {
 pub struct TextParams<'a> {
     pub rows: &'a Tensor,
     pub table: Option<&'a Tensor>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct LossWeights {
-    pub lambda_attn: f64,
-    pub lambda_pres: f64,
 }
 
 /// The objective of one step. Without `momentum` (warm-up, and the joint phase of the

@@ -52,7 +52,7 @@ impl Trainer {
     /// the result in its header.
     pub fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
         let settings = serde_json::Value::Object(segments::fixed(&self.cfg)?).to_string();
-        let meta = HashMap::from([(segments::METADATA_KEY.to_string(), settings)]);
+        let meta = HashMap::from([(crate::io::checkpoint::SETTINGS_KEY.to_string(), settings)]);
         let file = checkpoint::save(out, self.step, &self.checkpoint_tensors()?, meta)?;
         if let Some(keep) = self.cfg.keep_checkpoints {
             checkpoint::prune(out, keep)?;
@@ -103,7 +103,7 @@ pub fn restore_latest(t: &mut Trainer, out: &Path) -> Result<bool> {
     let Some(file) = checkpoint::latest(out)? else {
         return Ok(false);
     };
-    if let Some(text) = crate::io::tensors::metadata(&file, segments::METADATA_KEY)? {
+    if let Some(text) = crate::io::tensors::metadata(&file, crate::io::checkpoint::SETTINGS_KEY)? {
         let recorded: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
             .map_err(|e| {
                 Error::bad_file(

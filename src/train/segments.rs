@@ -21,9 +21,6 @@ const FREE: [&str; 8] = [
     "tensorboard",
 ];
 
-/// The checkpoint metadata key holding [`fixed`]'s JSON.
-pub const METADATA_KEY: &str = "magictailor_settings";
-
 /// The settings of `config` (a `TrainConfig` as JSON) that shape the result.
 pub fn fixed_of(config: &Value) -> Map<String, Value> {
     let mut m = config.as_object().cloned().unwrap_or_default();

@@ -87,7 +87,7 @@ fn normalize(mut m: Map<String, Value>, file: &Path) -> Result<Map<String, Value
         let dir = file.parent().unwrap_or(Path::new("."));
         let prompts = crate::infer::prompts::read_prompts(
             &dir.join(p),
-            "<v0> with <v1>",
+            crate::infer::prompts::PLACEHOLDER,
             "sample-prompts-file",
         )?;
         m.insert("sample_prompts".into(), prompts.into());

@@ -118,13 +118,7 @@ impl Trainer {
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load(&cfg.model, device, cfg.dtype)?;
     let f = sd.vae_factor();
-    if !cfg.resolution.is_multiple_of(f) {
-        return Err(Error::usage(format!(
-            "--resolution {} is not a multiple of {f}, this model's VAE downscale factor: try {}.",
-            cfg.resolution,
-            (cfg.resolution / f).max(1) * f
-        )));
-    }
+    crate::model::loader::check_side("--resolution", cfg.resolution, f, f)?;
     Ok(sd)
 }
 

@@ -19,9 +19,6 @@ use crate::io::run::{self, LOSS_PLOT, TENSORBOARD_DIR};
 use crate::io::write_atomic;
 use crate::preview::{grid::Grid, plot, tensorboard::EventWriter};
 
-/// Classifier-free guidance of the sample grids (inference's default).
-const GUIDANCE: f64 = 7.5;
-
 /// The per-run watchers: TensorBoard, if asked for.
 pub struct Watch {
     tensorboard: Option<EventWriter>,
@@ -95,7 +92,7 @@ pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
             "",
             noise.clone(),
             cfg.sample_steps,
-            GUIDANCE,
+            crate::infer::Sampling::default().guidance,
             false,
         )?;
         cells.extend(to_images(&decode(w, &x)?)?);
