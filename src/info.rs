@@ -8,6 +8,8 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::io::{checkpoint, run};
+use crate::train::method::Method;
+use crate::train::TrainConfig;
 
 /// What a run folder holds.
 #[derive(Debug)]
@@ -41,9 +43,7 @@ pub fn read(dir: &Path) -> Result<RunInfo> {
             )))
         }
     };
-    let total = (settings["warmup_steps"].as_u64())
-        .zip(settings["dsbal_steps"].as_u64())
-        .map(|(a, b)| (a + b) as usize);
+    let total = settings_of(&settings).map(|c| c.total_steps());
     let steps_done = match &record {
         Some(r) => r.steps_done,
         None => checkpoints.last().copied().unwrap_or(0),
@@ -71,6 +71,11 @@ pub fn read(dir: &Path) -> Result<RunInfo> {
     })
 }
 
+/// The recorded settings as the trainer reads them (a missing one at its default).
+fn settings_of(settings: &Value) -> Option<TrainConfig> {
+    serde_json::from_value(settings.clone()).ok()
+}
+
 fn checkpoint_settings(file: &Path) -> Result<Value> {
     let text = crate::io::tensors::metadata(file, crate::io::checkpoint::SETTINGS_KEY)?;
     Ok(text
@@ -80,9 +85,29 @@ fn checkpoint_settings(file: &Path) -> Result<Value> {
 
 impl RunInfo {
     fn method(&self) -> &'static str {
-        match self.settings["released_script"].as_bool() {
-            Some(true) => "MagicTailor (as the released script)",
+        let method = settings_of(&self.settings).map(|c| (c.method, c.released_script));
+        match method {
+            Some((Method::Ti, _)) => "Textual Inversion",
+            Some((Method::MagicTailor, true)) => "MagicTailor (as the released script)",
             _ => "MagicTailor",
+        }
+    }
+
+    /// The method's settings in a line.
+    fn settings_line(&self) -> String {
+        let s = &self.settings;
+        let (res, dtype) = (&s["resolution"], s["dtype"].as_str().unwrap_or("?"));
+        match settings_of(s) {
+            Some(c) if c.method.one_phase().is_some() => format!(
+                "{} steps of {} images, lr {}, {res} px, {dtype}",
+                c.steps(),
+                c.images_per_step(),
+                c.lr()
+            ),
+            _ => format!(
+                "{} warm-up + {} DS-Bal steps, lr {} / {}, LoRA rank {}, {res} px, {dtype}",
+                s["warmup_steps"], s["dsbal_steps"], s["warmup_lr"], s["dsbal_lr"], s["lora_rank"]
+            ),
         }
     }
 
@@ -120,32 +145,27 @@ impl RunInfo {
                 .collect();
             pairs.join(", ")
         };
-        let mut out =
-            vec![
-                format!("{}", self.dir.display()),
-                format!("  method:      {}", self.method()),
-                format!("  base model:  {}", s["model"].as_str().unwrap_or("?")),
-                format!(
-                    "  pair:        {}",
-                    s["instance_dir"].as_str().unwrap_or("?")
-                ),
-                format!("  words:       {words}"),
-                format!("  steps:       {} of {total} ({state})", self.steps_done),
-                format!(
-                "  settings:    {} warm-up + {} DS-Bal steps, lr {} / {}, LoRA rank {}, {} px, {}",
-                s["warmup_steps"], s["dsbal_steps"], s["warmup_lr"], s["dsbal_lr"], s["lora_rank"],
-                s["resolution"], s["dtype"].as_str().unwrap_or("?")
+        let mut out = vec![
+            format!("{}", self.dir.display()),
+            format!("  method:      {}", self.method()),
+            format!("  base model:  {}", s["model"].as_str().unwrap_or("?")),
+            format!(
+                "  pair:        {}",
+                s["instance_dir"].as_str().unwrap_or("?")
             ),
-                format!(
-                    "  outputs:     {}",
-                    if self.files.is_empty() {
-                        "none yet".into()
-                    } else {
-                        self.files.join(", ")
-                    }
-                ),
-                format!("  checkpoints: {:?}", self.checkpoints),
-            ];
+            format!("  words:       {words}"),
+            format!("  steps:       {} of {total} ({state})", self.steps_done),
+            format!("  settings:    {}", self.settings_line()),
+            format!(
+                "  outputs:     {}",
+                if self.files.is_empty() {
+                    "none yet".into()
+                } else {
+                    self.files.join(", ")
+                }
+            ),
+            format!("  checkpoints: {:?}", self.checkpoints),
+        ];
         for (i, seg) in self.segments.iter().enumerate() {
             let cmd: Vec<&str> = (seg["command"].as_array().into_iter().flatten())
                 .filter_map(Value::as_str)

@@ -25,6 +25,8 @@ pub enum Stream {
     Timesteps = 4,
     /// The diffusion noise eps.
     Eps = 5,
+    /// Which reference images a step trains on, and their prompt templates.
+    Pick = 6,
     /// Fixed noise of `Trainer::probe_loss`.
     Probe = 9,
 }

@@ -416,7 +416,8 @@ fn released_script_switch_reproduces_its_three_departures() {
     let table = released.table.as_ref().expect("trainable table");
     let unused = 300u32;
     let ids = released
-        .batch
+        .pool
+        .all
         .ids
         .flatten_all()
         .unwrap()

@@ -10,7 +10,7 @@ use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::TrainableLora;
 use magictailor::model::nn::Ctx;
 use magictailor::rng::seeded_normal;
-use magictailor::train::augment::{color_jitter, Jitter, JitterOp};
+use magictailor::train::augment::{color_jitter, flip_some, Jitter, JitterOp};
 use magictailor::train::dm_deg::Degradation;
 use magictailor::train::ds_bal::{hardest_sample, per_sample_means, preserving_loss, MomentumLora};
 use magictailor::train::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
@@ -567,4 +567,20 @@ fn clipping_covers_only_the_parameters_given() {
 
 fn vec_f64(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// TI's per-image flip: the flagged images mirrored, the others untouched.
+#[test]
+fn flip_some_mirrors_only_the_flagged_images() {
+    let x = Tensor::arange(0f32, 12.0, &Device::Cpu)
+        .unwrap()
+        .reshape((3, 1, 1, 4))
+        .unwrap();
+    let rows = |t: &Tensor| t.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    let y = flip_some(&x, &[true, false, true]).unwrap();
+    assert_eq!(
+        rows(&y),
+        [[3., 2., 1., 0.], [4., 5., 6., 7.], [11., 10., 9., 8.]]
+    );
+    assert_eq!(rows(&flip_some(&x, &[false; 3]).unwrap()), rows(&x));
 }

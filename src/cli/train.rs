@@ -8,7 +8,9 @@ use magictailor::interrupt::Interrupt;
 use magictailor::io::console;
 use magictailor::io::progress::Progress;
 use magictailor::profile;
+use magictailor::train::config::{flags_not_for, not_for_method};
 use magictailor::train::dm_deg::Curve;
+use magictailor::train::method::Method;
 use magictailor::train::TrainConfig;
 
 use super::{print_profile, Precision};
@@ -17,6 +19,14 @@ use super::{print_profile, Precision};
 fn d() -> TrainConfig {
     TrainConfig::default()
 }
+
+/// The defaults of Textual Inversion, the one-phase method so far.
+fn ti() -> magictailor::train::method::OnePhase {
+    Method::Ti.one_phase().expect("ti trains in one phase")
+}
+
+const MT: &str = "MagicTailor (--method magictailor)";
+const ONE: &str = "One-phase methods (--method ti)";
 
 #[derive(Args)]
 pub(super) struct TrainArgs {
@@ -44,49 +54,65 @@ pub(super) struct TrainSettings {
     /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
     #[arg(long, default_value_t = d().model)]
     model: String,
-    #[arg(long, default_value_t = d().warmup_steps)]
+    /// The personalization method: MagicTailor, or Textual Inversion (diffusers'
+    /// recipe with the masked diffusion loss). A flag of another method is refused.
+    #[arg(long, value_enum, default_value_t = d().method)]
+    method: Method,
+    /// Optimizer steps.
+    #[arg(long, help_heading = ONE, default_value_t = ti().steps)]
+    steps: usize,
+    /// Learning rate, multiplied by --images-per-step unless --no-scale-lr.
+    #[arg(long, help_heading = ONE, default_value_t = ti().lr)]
+    lr: f64,
+    /// Images per optimizer step, each drawn at random (the source's batch size times
+    /// its accumulated batches).
+    #[arg(long, help_heading = ONE, default_value_t = ti().images_per_step)]
+    images_per_step: usize,
+    #[arg(long, help_heading = MT, default_value_t = d().warmup_steps)]
     warmup_steps: usize,
-    #[arg(long, default_value_t = d().dsbal_steps)]
+    #[arg(long, help_heading = MT, default_value_t = d().dsbal_steps)]
     dsbal_steps: usize,
-    #[arg(long, default_value_t = d().warmup_lr)]
+    #[arg(long, help_heading = MT, default_value_t = d().warmup_lr)]
     warmup_lr: f64,
     /// The rate after warm-up (DS-Bal's, or the joint phase's with --no-ds-bal).
-    #[arg(long, default_value_t = d().dsbal_lr)]
+    #[arg(long, help_heading = MT, default_value_t = d().dsbal_lr)]
     dsbal_lr: f64,
-    /// Do not multiply the learning rates by the number of reference images (the paper does).
+    /// Do not multiply the learning rates by the images per step (all reference images
+    /// for MagicTailor); the paper and diffusers' scripts do.
     #[arg(long)]
     no_scale_lr: bool,
-    #[arg(long, default_value_t = d().lora_rank)]
+    #[arg(long, help_heading = MT, default_value_t = d().lora_rank)]
     lora_rank: usize,
     /// LoRA alpha (default: the rank, i.e. scale 1).
-    #[arg(long)]
+    #[arg(long, help_heading = MT)]
     lora_alpha: Option<f64>,
     /// Weight of the cross-attention loss (0 turns it off).
-    #[arg(long, default_value_t = d().lambda_attn)]
+    #[arg(long, help_heading = MT, default_value_t = d().lambda_attn)]
     lambda_attn: f64,
     /// Weight of DS-Bal's preserving regularization.
-    #[arg(long, default_value_t = d().lambda_pres)]
+    #[arg(long, help_heading = MT, default_value_t = d().lambda_pres)]
     lambda_pres: f64,
     /// DM-Deg's initial intensity.
-    #[arg(long, default_value_t = d().alpha)]
+    #[arg(long, help_heading = MT, default_value_t = d().alpha)]
     alpha: f64,
     /// DM-Deg's decay exponent.
-    #[arg(long, default_value_t = d().gamma)]
+    #[arg(long, help_heading = MT, default_value_t = d().gamma)]
     gamma: f64,
     /// DM-Deg intensity curve (the others are the paper's ablations).
-    #[arg(long, value_enum, default_value_t = d().dm_deg)]
+    #[arg(long, help_heading = MT, value_enum, default_value_t = d().dm_deg)]
     dm_deg: Curve,
     /// Ablation: after warm-up, keep training the warm-up objective (at --dsbal-lr)
     /// instead of DS-Bal; --ema-decay and --lambda-pres then do not apply and are refused.
-    #[arg(long)]
+    #[arg(long, help_heading = MT)]
     no_ds_bal: bool,
     /// Momentum (EMA) decay of DS-Bal's regularizer U-Net.
-    #[arg(long, default_value_t = d().ema_decay)]
+    #[arg(long, help_heading = MT, default_value_t = d().ema_decay)]
     ema_decay: f64,
     /// Colour-jitter strength (brightness, contrast, saturation); 0 turns it off.
-    #[arg(long, default_value_t = d().jitter)]
+    #[arg(long, help_heading = MT, default_value_t = d().jitter)]
     color_jitter: f64,
-    /// Do not flip the batch horizontally at random.
+    /// Do not flip horizontally at random (MagicTailor flips the whole batch, TI each
+    /// image, with probability 1/2).
     #[arg(long)]
     no_flip: bool,
     #[arg(long, default_value_t = d().seed)]
@@ -110,7 +136,7 @@ pub(super) struct TrainSettings {
     /// lasts one step, the momentum U-Net is hard-copied at its first update, and the whole
     /// token-embedding table is optimized (with weight decay) and exported, not only the
     /// pseudo-words.
-    #[arg(long)]
+    #[arg(long, help_heading = MT)]
     released_script: bool,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = magictailor::device::AUTO)]
@@ -162,6 +188,12 @@ impl TrainSettings {
             instance_dir,
             output_dir,
             model: self.model.clone(),
+            method: self.method,
+            // A one-phase method's settings are recorded as given, its defaults as None.
+            steps: (self.steps != ti().steps).then_some(self.steps),
+            lr: (self.lr != ti().lr).then_some(self.lr),
+            images_per_step: (self.images_per_step != ti().images_per_step)
+                .then_some(self.images_per_step),
             warmup_steps: self.warmup_steps,
             dsbal_steps: self.dsbal_steps,
             warmup_lr: self.warmup_lr,
@@ -214,6 +246,7 @@ impl TrainSettings {
     ) -> magictailor::Result<(TrainConfig, candle_core::Device, Interrupt)> {
         let cfg = self.config(instance_dir, output_dir)?;
         let cfg = with_settings_file(cfg, self.config.as_deref(), m)?;
+        refuse_typed_flags_of_other_methods(cfg.method, m)?;
         self.check(&cfg)?;
         let device = magictailor::device::parse(&self.device)?;
         Ok((cfg, device, Interrupt::install(self.quiet)?))
@@ -248,6 +281,26 @@ pub(super) fn train_cmd(a: TrainArgs, m: &clap::ArgMatches) -> magictailor::Resu
     Ok(())
 }
 
+/// Refuses a flag typed on the command line that `method` does not read, even at its
+/// default value (`TrainConfig::validate` catches the others, from any source, by value).
+fn refuse_typed_flags_of_other_methods(
+    method: Method,
+    m: &clap::ArgMatches,
+) -> magictailor::Result<()> {
+    let typed: Vec<&str> = (flags_not_for(method).into_iter())
+        .filter(|flag| given(m, &flag[2..].replace('-', "_")))
+        .collect();
+    if typed.is_empty() {
+        return Ok(());
+    }
+    Err(not_for_method(&typed, method))
+}
+
+/// Whether setting `id` was typed on the command line.
+fn given(m: &clap::ArgMatches, id: &str) -> bool {
+    m.try_get_raw(id).is_ok() && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+}
+
 /// `cfg` with the settings of `file` (`--config`) where the command line (`m`) gave none.
 fn with_settings_file(
     cfg: TrainConfig,
@@ -257,10 +310,6 @@ fn with_settings_file(
     let Some(file) = file else {
         return Ok(cfg);
     };
-    let given = |id: &str| {
-        m.try_get_raw(id).is_ok()
-            && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
-    };
     let settings = magictailor::train::settings_file::read(file)?;
-    magictailor::train::settings_file::overlay(&cfg, &settings, given)
+    magictailor::train::settings_file::overlay(&cfg, &settings, |id| given(m, id))
 }

@@ -109,6 +109,8 @@ fn from_checkpoint(
     device: &Device,
 ) -> Result<Personalized> {
     let mut t = crate::io::checkpoint::load(file, device)?;
+    // A method that trains no adapters (`ti`) checkpoints none.
+    let has_lora = t.keys().any(|k| k.starts_with("lora."));
     let mut take = |name: &str| {
         t.remove(name).ok_or_else(|| {
             Error::bad_file(
@@ -118,7 +120,7 @@ fn from_checkpoint(
         })
     };
     let mut lora = LoraSet::default();
-    for target in sd.unet.lora_targets() {
+    for target in sd.unet.lora_targets().into_iter().filter(|_| has_lora) {
         let (a, b) = (
             take(&format!("lora.{}.A", target.path))?,
             take(&format!("lora.{}.B", target.path))?,
@@ -134,7 +136,7 @@ fn from_checkpoint(
     let token_table = take("table").ok();
     Ok(Personalized {
         sd,
-        lora: Some(lora),
+        lora: has_lora.then_some(lora),
         extra_rows: Some(rows),
         token_table,
         class_words: src.class_words.clone(),

@@ -53,6 +53,10 @@ pub const TOKEN_TABLE_KEY: &str = "text_model.embeddings.token_embedding.weight"
 pub struct RunRecord {
     /// Hub id, or an absolute local folder.
     pub base_model: String,
+    /// The method as it ran: its name, what trained, its phases with their steps and
+    /// rates, and what a step drew (`train::method::Recipe::describe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<serde_json::Value>,
     #[serde(default)]
     /// Pseudo-word -> the class word it started from.
     pub tokens: BTreeMap<String, String>,

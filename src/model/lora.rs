@@ -440,6 +440,14 @@ impl TrainableLora {
         set
     }
 
+    /// No adapters, for a method that trains none.
+    pub fn none() -> Self {
+        Self {
+            modules: Vec::new(),
+            scale: 1.0,
+        }
+    }
+
     pub fn vars(&self) -> Vec<Var> {
         self.modules
             .iter()

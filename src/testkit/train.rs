@@ -13,7 +13,7 @@ impl Trainer {
     /// how well the pair is learned, comparable across steps.
     pub fn probe_loss(&self, timesteps: &[usize], seed: u64) -> Result<f32> {
         let dev = &self.sd.device;
-        let pixels = self.batch.pixels.to_dtype(self.cfg.dtype)?;
+        let pixels = self.pool.all.pixels.to_dtype(self.cfg.dtype)?;
         let z0 = (self.sd.vae.encode(&pixels)?.mean.to_dtype(DType::F32)?
             * self.sd.vae.config.scaling_factor)?;
         let eps = normal(&mut step_rng(seed, 0, Stream::Probe), z0.dims(), dev)?;
@@ -23,7 +23,7 @@ impl Trainer {
         let table = self.table.as_ref().map(|t| t.as_tensor().detach());
         let rows = self.rows.as_tensor().detach();
         let context = self.sd.text_encoder.forward_with_table(
-            &self.batch.ids,
+            &self.pool.all.ids,
             table.as_ref(),
             Some(&rows),
         )?;
@@ -37,7 +37,7 @@ impl Trainer {
             .unet
             .forward(&z_t.to_dtype(self.cfg.dtype)?, &t, &context, ctx)?
             .to_dtype(DType::F32)?;
-        let mask_latent = resize_nearest(&self.batch.masks, z_t.dim(2)?)?;
+        let mask_latent = resize_nearest(&self.pool.all.masks, z_t.dim(2)?)?;
         Ok(masked_diffusion_per_image(&pred, &eps, &mask_latent)?
             .mean_all()?
             .detach()

@@ -87,3 +87,15 @@ pub fn flip_horizontal(x: &Tensor) -> Result<Tensor> {
     let idx: Vec<u32> = (0..w as u32).rev().collect();
     x.index_select(&Tensor::from_vec(idx, w, x.device())?, 3)
 }
+
+/// `[b, c, h, w]` with the images whose flag is set flipped horizontally.
+pub fn flip_some(x: &Tensor, which: &[bool]) -> Result<Tensor> {
+    if !which.contains(&true) {
+        return Ok(x.clone());
+    }
+    let flipped = flip_horizontal(x)?;
+    let rows = (which.iter().enumerate())
+        .map(|(i, &f)| if f { &flipped } else { x }.narrow(0, i, 1))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
+}

@@ -7,6 +7,7 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use super::dm_deg::{Curve, Degradation};
+use super::method::Method;
 use crate::error::{Error, Result};
 use crate::infer::prompts::PLACEHOLDER;
 use crate::model::loader::check_side;
@@ -23,6 +24,14 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// Hub id, local diffusers folder, or `tiny-random`.
     pub model: String,
+    /// The personalization method; the settings below it name which they apply to.
+    pub method: Method,
+    /// One-phase methods (`ti`): steps, rate (before `scale_lr`) and images per step;
+    /// None takes the method's default ([`Method::one_phase`]).
+    pub steps: Option<usize>,
+    pub lr: Option<f64>,
+    pub images_per_step: Option<usize>,
+    // MagicTailor's own settings, up to `released_script` but for `seed` and `resolution`.
     pub warmup_steps: usize,
     pub dsbal_steps: usize,
     pub warmup_lr: f64,
@@ -96,6 +105,10 @@ impl Default for TrainConfig {
             instance_dir: PathBuf::new(),
             output_dir: PathBuf::from(crate::io::run::DEFAULT_DIR),
             model: crate::model::loader::DEFAULT_MODEL.to_string(),
+            method: Method::MagicTailor,
+            steps: None,
+            lr: None,
+            images_per_step: None,
             warmup_steps: 200,
             dsbal_steps: 300,
             warmup_lr: 1e-4,
@@ -158,13 +171,47 @@ impl TrainConfig {
     }
 
     pub fn total_steps(&self) -> usize {
-        self.warmup_steps + self.dsbal_steps
+        match self.method.one_phase() {
+            None => self.warmup_steps + self.dsbal_steps,
+            Some(_) => self.steps(),
+        }
+    }
+
+    /// The defaults of a one-phase method; MagicTailor's are unused placeholders.
+    fn one_phase(&self) -> super::method::OnePhase {
+        self.method.one_phase().unwrap_or(super::method::OnePhase {
+            steps: 0,
+            lr: 0.0,
+            images_per_step: 0,
+        })
+    }
+
+    /// A one-phase method's steps.
+    pub fn steps(&self) -> usize {
+        self.steps.unwrap_or(self.one_phase().steps)
+    }
+
+    /// A one-phase method's rate before `scale_lr`.
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or(self.one_phase().lr)
+    }
+
+    /// A one-phase method's images per step.
+    pub fn images_per_step(&self) -> usize {
+        self.images_per_step
+            .unwrap_or(self.one_phase().images_per_step)
+    }
+
+    /// The last step of MagicTailor's warm-up where DS-Bal (or the joint phase) follows.
+    pub fn phase_switch(&self) -> Option<usize> {
+        let (total, warmup) = (self.total_steps(), self.warmup_steps);
+        (self.method == Method::MagicTailor && warmup > 0 && warmup < total).then_some(warmup)
     }
 
     /// Whether step `d` renders a sample grid.
     pub fn samples_at(&self, d: usize) -> bool {
-        let (total, warmup) = (self.total_steps(), self.warmup_steps);
-        let switch = warmup > 0 && warmup < total && d == warmup;
+        let total = self.total_steps();
+        let switch = self.phase_switch() == Some(d);
         match self.sample_every {
             Some(0) => false,
             Some(n) => d.is_multiple_of(n) || switch || d == total,
@@ -184,10 +231,17 @@ impl TrainConfig {
     /// Refuses settings that cannot train, naming the flag and a value that works.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::usage(msg));
+        self.refuse_flags_of_other_methods()?;
         if self.total_steps() == 0 {
-            return bad(
-                "--warmup-steps and --dsbal-steps are both 0: there is nothing to train.".into(),
-            );
+            return bad(match self.method.one_phase() {
+                None => {
+                    "--warmup-steps and --dsbal-steps are both 0: there is nothing to train.".into()
+                }
+                Some(_) => "--steps 0: there is nothing to train.".into(),
+            });
+        }
+        if self.method.one_phase().is_some() && self.images_per_step() == 0 {
+            return bad("--images-per-step 0: a step needs at least one image.".into());
         }
         if self.lora_rank == 0 {
             return bad(
@@ -201,6 +255,7 @@ impl TrainConfig {
             SD_VAE_FACTOR,
         )?;
         for (flag, v) in [
+            ("--lr", self.lr.unwrap_or(0.0)),
             ("--warmup-lr", self.warmup_lr),
             ("--dsbal-lr", self.dsbal_lr),
             ("--lambda-attn", self.lambda_attn),
@@ -254,6 +309,47 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Refuses a setting the chosen method does not read, naming it and the method: it
+    /// would otherwise be silently ignored. A setting counts as given when it differs from
+    /// its default (from any source: flags, `--config`, a record); the CLI also refuses a
+    /// flag typed with its default value ([`applies`]).
+    fn refuse_flags_of_other_methods(&self) -> Result<()> {
+        let d = Self::default();
+        let set: Vec<&str> = (FLAGS_BY_METHOD.iter())
+            .filter(|(flag, _)| !applies(flag, self.method) && self.differs(flag, &d))
+            .map(|(flag, _)| *flag)
+            .collect();
+        if set.is_empty() {
+            return Ok(());
+        }
+        Err(not_for_method(&set, self.method))
+    }
+
+    /// Whether the setting of `flag` differs between `self` and `other`.
+    fn differs(&self, flag: &str, other: &Self) -> bool {
+        match flag {
+            "--steps" => self.steps != other.steps,
+            "--lr" => self.lr != other.lr,
+            "--images-per-step" => self.images_per_step != other.images_per_step,
+            "--warmup-steps" => self.warmup_steps != other.warmup_steps,
+            "--dsbal-steps" => self.dsbal_steps != other.dsbal_steps,
+            "--warmup-lr" => self.warmup_lr != other.warmup_lr,
+            "--dsbal-lr" => self.dsbal_lr != other.dsbal_lr,
+            "--lora-rank" => self.lora_rank != other.lora_rank,
+            "--lora-alpha" => self.lora_alpha != other.lora_alpha,
+            "--lambda-attn" => self.lambda_attn != other.lambda_attn,
+            "--lambda-pres" => self.lambda_pres != other.lambda_pres,
+            "--dm-deg" => self.dm_deg != other.dm_deg,
+            "--alpha" => self.alpha != other.alpha,
+            "--gamma" => self.gamma != other.gamma,
+            "--no-ds-bal" => self.ds_bal != other.ds_bal,
+            "--ema-decay" => self.ema_decay != other.ema_decay,
+            "--color-jitter" => self.jitter != other.jitter,
+            "--released-script" => self.released_script != other.released_script,
+            _ => false,
+        }
+    }
+
     /// `--no-ds-bal` turns off the phase that `--ema-decay` and `--lambda-pres` shape, so
     /// setting either is a mistake to name, not a value to drop silently.
     fn refuse_flags_without_ds_bal(&self) -> Result<()> {
@@ -281,6 +377,8 @@ impl TrainConfig {
     }
 
     /// Settings that are accepted but do something a user may not expect.
+    ///
+    /// (MagicTailor's warnings; a one-phase method has none of its own yet.)
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.no_masks {
@@ -293,4 +391,65 @@ impl TrainConfig {
         }
         out
     }
+}
+
+/// The settings only some methods read, by flag, with those methods.
+const FLAGS_BY_METHOD: [(&str, &[Method]); 18] = {
+    const MT: &[Method] = &[Method::MagicTailor];
+    const ONE: &[Method] = &[Method::Ti];
+    [
+        ("--steps", ONE),
+        ("--lr", ONE),
+        ("--images-per-step", ONE),
+        ("--warmup-steps", MT),
+        ("--dsbal-steps", MT),
+        ("--warmup-lr", MT),
+        ("--dsbal-lr", MT),
+        ("--lora-rank", MT),
+        ("--lora-alpha", MT),
+        ("--lambda-attn", MT),
+        ("--lambda-pres", MT),
+        ("--dm-deg", MT),
+        ("--alpha", MT),
+        ("--gamma", MT),
+        ("--no-ds-bal", MT),
+        ("--ema-decay", MT),
+        ("--color-jitter", MT),
+        ("--released-script", MT),
+    ]
+};
+
+/// The flags whose settings `method` does not read.
+pub fn flags_not_for(method: Method) -> Vec<&'static str> {
+    (FLAGS_BY_METHOD.iter())
+        .filter(|(_, methods)| !methods.contains(&method))
+        .map(|(flag, _)| *flag)
+        .collect()
+}
+
+/// Whether `method` reads the setting of `flag` (every flag not listed above applies to
+/// every method).
+pub fn applies(flag: &str, method: Method) -> bool {
+    (FLAGS_BY_METHOD.iter())
+        .find(|(f, _)| *f == flag)
+        .is_none_or(|(_, methods)| methods.contains(&method))
+}
+
+/// The error for `flags`, which `method` does not read.
+pub fn not_for_method(flags: &[&str], method: Method) -> Error {
+    let hint = match method.one_phase() {
+        Some(_) => " (it trains in one phase: --steps, --lr and --images-per-step set it)",
+        None => " (its phases take --warmup-steps/--dsbal-steps and --warmup-lr/--dsbal-lr)",
+    };
+    let (it, verb) = if flags.len() == 1 {
+        ("it", "does")
+    } else {
+        ("them", "do")
+    };
+    Error::usage(format!(
+        "--method {}: {} {verb} not apply to this method{hint}. Drop {it}, or choose the \
+         method {it} belongs to.",
+        method.name(),
+        flags.join(", ")
+    ))
 }

@@ -13,10 +13,12 @@ use crate::model::tokenizer::pseudo_word;
 impl Trainer {
     /// Writes the adapters, embeddings and run record into `dir`, each file atomically.
     pub fn export(&self, dir: &Path) -> Result<()> {
-        let targets = self.sd.unet.lora_targets();
-        let set = self.lora.as_set();
-        set.save_peft(&dir.join(run::LORA), &targets)?;
-        set.save_kohya(&dir.join(run::LORA_KOHYA), &targets)?;
+        if !self.lora.modules.is_empty() {
+            let targets = self.sd.unet.lora_targets();
+            let set = self.lora.as_set();
+            set.save_peft(&dir.join(run::LORA), &targets)?;
+            set.save_kohya(&dir.join(run::LORA_KOHYA), &targets)?;
+        }
         let embeds = self.embeds()?;
         embeds::save(&dir.join(run::EMBEDS), &embeds)?;
         embeds::save_a1111(&dir.join(run::A1111_EMBEDS), &embeds)?;
@@ -51,6 +53,7 @@ impl Trainer {
             .collect();
         Ok(run::RunRecord {
             base_model: base,
+            method: Some(self.recipe.describe(self.num_images())),
             tokens,
             steps_done: self.step,
             config,

@@ -1,12 +1,95 @@
 //! A training method as the step reads it: what trains, which losses with which weights,
-//! the phases in order, and what each step draws. [`Recipe::magictailor`] (warm-up, then
-//! DS-Bal or the joint phase of the `--no-ds-bal` ablation) is the one method so far; the
-//! step reads nothing method-specific from `TrainConfig` besides this value.
+//! the phases in order, and what each step draws. [`Recipe::new`] builds the recipe of
+//! `--method`: MagicTailor (warm-up, then DS-Bal or the joint phase of the `--no-ds-bal`
+//! ablation) or Textual Inversion. The step reads nothing method-specific from
+//! `TrainConfig` besides this value.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
-use super::dm_deg::Degradation;
+use super::dm_deg::{Curve, Degradation};
+
+/// `--method`: the personalization method a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Method {
+    /// MagicTailor (the paper): LoRA and pseudo-words, DM-Deg, warm-up then DS-Bal.
+    #[default]
+    #[serde(rename = "magictailor")]
+    #[value(name = "magictailor")]
+    MagicTailor,
+    /// Textual Inversion as diffusers' example trains it: only the pseudo-word rows.
+    #[serde(rename = "ti")]
+    #[value(name = "ti")]
+    Ti,
+}
+
+impl Method {
+    /// The name `--method` takes and the record shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::MagicTailor => "magictailor",
+            Method::Ti => "ti",
+        }
+    }
+
+    /// The defaults of a method trained in one phase (`--steps`, `--lr`,
+    /// `--images-per-step`); None for MagicTailor, whose two phases have flags of their own.
+    pub fn one_phase(self) -> Option<OnePhase> {
+        match self {
+            Method::MagicTailor => None,
+            // diffusers' README recipe: batch 1 with 4 accumulated, 3000 steps, lr 5e-4
+            // (scaled by the 4 images).
+            Method::Ti => Some(OnePhase {
+                steps: 3000,
+                lr: 5e-4,
+                images_per_step: 4,
+            }),
+        }
+    }
+}
+
+/// The defaults of a method trained in one phase.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OnePhase {
+    pub steps: usize,
+    /// Before `--scale-lr` multiplies it by the images per step.
+    pub lr: f64,
+    /// Images per optimizer step: a source's batch size times its accumulated batches
+    /// (the mean over them is the same gradient, as the U-Net has no batch statistics).
+    pub images_per_step: usize,
+}
+
+/// Textual Inversion's prompts, diffusers' `imagenet_templates_small` ("object"): one
+/// drawn per image per step, `{}` the pseudo-word.
+pub const TI_TEMPLATES: [&str; 27] = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+];
 
 /// The weights of the loss terms after the (masked) diffusion loss.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +110,8 @@ pub enum Phase {
     DsBal,
     /// `--no-ds-bal`: the warm-up objective, in a phase of its own.
     Joint,
+    /// Textual Inversion: the mean masked diffusion loss, only the pseudo-word rows train.
+    TextualInversion,
 }
 
 impl Phase {
@@ -36,6 +121,7 @@ impl Phase {
             Phase::WarmUp => "warm-up",
             Phase::DsBal => "ds-bal",
             Phase::Joint => "joint",
+            Phase::TextualInversion => "ti",
         }
     }
 }
@@ -65,12 +151,19 @@ pub struct PhasePlan {
 /// at the embedding of its class word's first token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trains {
-    /// LoRA adapters of this rank and alpha on every layer the U-Net's `lora_targets`
-    /// names; only their gradients are clipped (to norm 1).
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
+    /// LoRA adapters on every layer the U-Net's `lora_targets` names.
+    pub lora: Option<LoraShape>,
     /// Also the whole token-embedding table (`--released-script`).
     pub token_table: bool,
+}
+
+/// The rank and alpha of trained LoRA adapters; only their gradients are clipped, to
+/// `max_grad_norm`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraShape {
+    pub rank: usize,
+    pub alpha: f64,
+    pub max_grad_norm: f64,
 }
 
 /// The momentum adapters of DS-Bal phases: a copy of the online ones when the first
@@ -83,27 +176,66 @@ pub struct Momentum {
     pub copy_at_first_update: bool,
 }
 
-/// What a step draws: every reference image, each prompted with its sample's
+/// What a step draws: which reference images, each prompted with its sample's
 /// pseudo-word, augmented, then degraded outside its mask (DM-Deg).
 #[derive(Debug, Clone)]
 pub struct Draw {
-    /// The prompt of an image of the sample whose pseudo-word this is.
-    pub prompt: fn(&str) -> String,
+    pub pick: Pick,
+    pub prompts: Prompts,
     /// Colour-jitter strength; 0 is none.
     pub jitter: f64,
-    /// A horizontal flip of the whole batch with probability 1/2.
-    pub flip: bool,
+    pub flip: Flip,
     pub degradation: Degradation,
+}
+
+/// Which reference images a step trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Every image, in sample order.
+    All,
+    /// This many, each drawn uniformly from all images (with replacement).
+    Random(usize),
+}
+
+/// The prompt of an image, given its sample's pseudo-word.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompts {
+    /// Always this prompt.
+    Fixed(fn(&str) -> String),
+    /// A template drawn per image per step; `{}` is the pseudo-word.
+    Templates(&'static [&'static str]),
+}
+
+impl Prompts {
+    /// The first choice: the fixed prompt, or the first template.
+    pub fn first(&self, word: &str) -> String {
+        match self {
+            Prompts::Fixed(f) => f(word),
+            Prompts::Templates(t) => t[0].replace("{}", word),
+        }
+    }
+}
+
+/// The horizontal flip a step draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flip {
+    Off,
+    /// The whole batch with probability 1/2 (the released MagicTailor script).
+    Batch,
+    /// Each image with probability 1/2 (torchvision's `RandomHorizontalFlip` per item).
+    PerImage,
 }
 
 /// A training method, as the trainer runs it.
 #[derive(Debug, Clone)]
 pub struct Recipe {
+    pub method: Method,
     pub trains: Trains,
     /// The weights of L_attn and L_pres (L_diff weighs 1).
     pub losses: LossWeights,
     /// In order; step `d` (from 1) belongs to the first phase whose steps reach it.
     pub phases: Vec<PhasePlan>,
+    /// DS-Bal's momentum adapters (only read in DS-Bal phases).
     pub momentum: Momentum,
     pub draw: Draw,
 }
@@ -131,9 +263,17 @@ impl At<'_> {
 }
 
 impl Recipe {
+    /// The recipe of `cfg.method` on a folder of `n_images` reference images.
+    pub fn new(cfg: &TrainConfig, n_images: usize) -> Self {
+        match cfg.method {
+            Method::MagicTailor => Self::magictailor(cfg, n_images),
+            Method::Ti => Self::textual_inversion(cfg),
+        }
+    }
+
     /// MagicTailor (paper §3): `warmup_steps` of warm-up, then `dsbal_steps` of DS-Bal (or,
-    /// with `--no-ds-bal`, of the warm-up objective at the DS-Bal rate), on `n_images`
-    /// reference images (the rates' scale under `--scale-lr`).
+    /// with `--no-ds-bal`, of the warm-up objective at the DS-Bal rate), on all `n_images`
+    /// reference images each step (the rates' scale under `--scale-lr`).
     pub fn magictailor(cfg: &TrainConfig, n_images: usize) -> Self {
         let scale = if cfg.scale_lr { n_images as f64 } else { 1.0 };
         let second = if cfg.ds_bal {
@@ -158,9 +298,14 @@ impl Recipe {
             },
         ];
         Self {
+            method: Method::MagicTailor,
             trains: Trains {
-                lora_rank: cfg.lora_rank,
-                lora_alpha: cfg.lora_alpha,
+                // As the released script: only the U-Net's (LoRA) gradients are clipped.
+                lora: Some(LoraShape {
+                    rank: cfg.lora_rank,
+                    alpha: cfg.lora_alpha,
+                    max_grad_norm: 1.0,
+                }),
                 token_table: cfg.released_script,
             },
             losses: LossWeights {
@@ -173,11 +318,101 @@ impl Recipe {
                 copy_at_first_update: cfg.released_script,
             },
             draw: Draw {
-                prompt: |word| format!("A photo of {word}"),
+                pick: Pick::All,
+                prompts: Prompts::Fixed(|word| format!("A photo of {word}")),
                 jitter: cfg.jitter,
-                flip: cfg.flip,
+                flip: if cfg.flip { Flip::Batch } else { Flip::Off },
                 degradation: cfg.degradation(),
             },
+        }
+    }
+
+    /// Textual Inversion (Gal et al. 2022), as diffusers' `textual_inversion.py` trains
+    /// it, with the paper's masked diffusion loss (docs/method.md): only the pseudo-word
+    /// rows, AdamW (weight decay 1e-2, no clipping) at a constant rate, `images_per_step`
+    /// images a step drawn at random, each with a random template and its own flip.
+    pub fn textual_inversion(cfg: &TrainConfig) -> Self {
+        let per_step = cfg.images_per_step();
+        let scale = if cfg.scale_lr { per_step as f64 } else { 1.0 };
+        Self {
+            method: Method::Ti,
+            trains: Trains {
+                lora: None,
+                token_table: false,
+            },
+            losses: LossWeights {
+                lambda_attn: 0.0,
+                lambda_pres: 0.0,
+            },
+            phases: vec![PhasePlan {
+                phase: Phase::TextualInversion,
+                steps: cfg.steps(),
+                lr: cfg.lr() * scale,
+                lr_after_first: None,
+                fresh_optimizer: false,
+            }],
+            momentum: Momentum {
+                ema_decay: 0.0,
+                copy_at_first_update: false,
+            },
+            draw: Draw {
+                pick: Pick::Random(per_step),
+                prompts: Prompts::Templates(&TI_TEMPLATES),
+                jitter: 0.0,
+                flip: if cfg.flip { Flip::PerImage } else { Flip::Off },
+                degradation: Degradation::new(Curve::Off, 0.0, 0.0),
+            },
+        }
+    }
+
+    /// The recipe as `magictailor.json` records it, every default resolved.
+    pub fn describe(&self, n_images: usize) -> serde_json::Value {
+        let phases: Vec<serde_json::Value> = (self.phases.iter())
+            .map(|p| {
+                serde_json::json!({
+                    "phase": p.phase.name(),
+                    "steps": p.steps,
+                    "lr": p.lr,
+                    "lr_after_first": p.lr_after_first,
+                })
+            })
+            .collect();
+        let lora = self.trains.lora.as_ref().map(|l| {
+            serde_json::json!({"rank": l.rank, "alpha": l.alpha, "max_grad_norm": l.max_grad_norm})
+        });
+        let prompts = match self.draw.prompts {
+            Prompts::Fixed(f) => serde_json::json!({ "fixed": f("{}") }),
+            Prompts::Templates(t) => serde_json::json!({ "templates": t }),
+        };
+        serde_json::json!({
+            "name": self.method.name(),
+            "trains": {
+                "pseudo_word_rows": true,
+                "lora": lora,
+                "token_table": self.trains.token_table,
+            },
+            "loss_weights": {
+                "l_diff": 1.0,
+                "lambda_attn": self.losses.lambda_attn,
+                "lambda_pres": self.losses.lambda_pres,
+            },
+            "phases": phases,
+            "images_per_step": self.images_per_step(n_images),
+            "prompts": prompts,
+            "flip": match self.draw.flip {
+                Flip::Off => "off",
+                Flip::Batch => "batch",
+                Flip::PerImage => "per-image",
+            },
+            "color_jitter": self.draw.jitter,
+        })
+    }
+
+    /// Images a step trains on, out of `n_images`.
+    pub fn images_per_step(&self, n_images: usize) -> usize {
+        match self.draw.pick {
+            Pick::All => n_images,
+            Pick::Random(k) => k,
         }
     }
 
@@ -256,5 +491,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// diffusers' TI recipe: one phase of 3000 steps at 5e-4 x 4 images, only the rows,
+    /// four random images a step with templates and a flip each, no DM-Deg or jitter.
+    #[test]
+    fn textual_inversion_follows_the_diffusers_recipe() {
+        let mut cfg = TrainConfig {
+            method: Method::Ti,
+            ..TrainConfig::default()
+        };
+        let r = Recipe::new(&cfg, 6);
+        assert_eq!(r.total_steps(), 3000);
+        assert_eq!(cfg.total_steps(), 3000);
+        assert_eq!(r.phases.len(), 1);
+        assert_eq!(r.at(1).phase(), Phase::TextualInversion);
+        assert_eq!(r.at(3000).lr(), 5e-4 * 4.0);
+        assert!(r.trains.lora.is_none() && !r.trains.token_table);
+        assert_eq!(r.draw.pick, Pick::Random(4));
+        assert_eq!(r.images_per_step(6), 4);
+        assert_eq!(r.draw.flip, Flip::PerImage);
+        assert_eq!(r.draw.degradation, Degradation::Off);
+        assert_eq!((r.losses.lambda_attn, r.losses.lambda_pres), (0.0, 0.0));
+        assert!(!r.switches_after(1) && cfg.phase_switch().is_none());
+        (cfg.steps, cfg.lr, cfg.images_per_step, cfg.scale_lr) =
+            (Some(7), Some(1e-3), Some(2), false);
+        let r = Recipe::new(&cfg, 6);
+        assert_eq!(
+            (r.total_steps(), r.at(7).lr(), r.images_per_step(6)),
+            (7, 1e-3, 2)
+        );
+        assert_eq!(r.describe(6)["phases"][0]["steps"], 7);
     }
 }

@@ -1,15 +1,17 @@
-//! What one training step computes, given the weights: the reference batch, its
-//! augmented, degraded and noised latents (DM-Deg, eq. 4-5), and the loss terms
-//! (eq. 1-2 for warm-up, eq. 6-8 for DS-Bal).
+//! What one training step computes, given the weights: the step's batch drawn from the
+//! reference images, its augmented, degraded and noised latents (DM-Deg, eq. 4-5), and
+//! the loss terms (eq. 1-2 for warm-up, eq. 6-8 for DS-Bal).
+
+use std::borrow::Cow;
 
 use candle_core::{DType, Tensor};
 use rand::Rng;
 
-use super::augment::{color_jitter, flip_horizontal, Jitter};
+use super::augment::{color_jitter, flip_horizontal, flip_some, Jitter};
 use super::config::TrainConfig;
 use super::ds_bal::{hardest_sample, per_sample_means, preserving_loss};
 use super::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
-use super::method::{Draw, LossWeights};
+use super::method::{Draw, Flip, LossWeights, Pick, Prompts};
 use super::noise::{NoiseSizes, StepNoise};
 use crate::data::PairDataset;
 use crate::error::{Error, Result};
@@ -20,7 +22,8 @@ use crate::model::probe::{AttnProbe, BlockKind};
 use crate::model::tokenizer::pseudo_word;
 use crate::rng::{step_rng, Stream};
 
-/// Everything a step reads that does not change during training, on the device.
+/// The images one step trains on, on the device, with their prompts.
+#[derive(Clone)]
 pub struct Batch {
     pub pixels: Tensor,
     pub masks: Tensor,
@@ -33,60 +36,123 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// All reference images in sample order, each with `prompt` of its sample's
-    /// pseudo-word (which the tokenizer must already know).
-    pub fn new(
-        sd: &StableDiffusion,
-        data: &PairDataset,
-        prompt: fn(&str) -> String,
-    ) -> Result<Self> {
-        let mut pixels = Vec::new();
-        let mut masks = Vec::new();
-        let mut ids = Vec::new();
-        let mut token_pos = Vec::new();
-        let mut sample_of = Vec::new();
-        for (s, im) in data.images() {
-            pixels.push(im.pixels.clone());
-            masks.push(im.mask.clone());
-            let word = pseudo_word(s);
-            let prompt_ids = sd.tokenizer.encode(&prompt(&word))?;
-            let word_id = sd.tokenizer.encode(&word)?[1];
-            let pos = prompt_ids
-                .iter()
-                .position(|&i| i == word_id)
-                .ok_or_else(|| Error::internal(format!("{word} missing from its prompt")))?;
-            ids.extend(prompt_ids);
-            token_pos.push(pos);
-            sample_of.push(s);
-        }
-        let b = sample_of.len();
-        Ok(Self {
-            pixels: Tensor::stack(&pixels, 0)?,
-            masks: Tensor::stack(&masks, 0)?,
-            ids: Tensor::from_vec(ids, (b, sd.tokenizer.max_len()), &sd.device)?,
-            token_pos,
-            sample_of,
-            n_samples: data.samples.len(),
-        })
-    }
-
     pub fn len(&self) -> usize {
         self.sample_of.len()
-    }
-
-    /// The shapes of a step's noise: the pixels, and the latents the VAE encodes them to.
-    pub fn noise_sizes(&self, sd: &StableDiffusion) -> Result<NoiseSizes> {
-        let (b, c, h, w) = self.pixels.dims4()?;
-        let pixels = [b, c, h, w];
-        Ok(NoiseSizes {
-            pixels,
-            latents: sd.vae.latent_dims(&pixels),
-        })
     }
 
     pub fn is_empty(&self) -> bool {
         self.sample_of.is_empty()
     }
+}
+
+/// The reference images of a run, on the device, and the batch each step draws from
+/// them as the recipe's [`Draw`] says.
+pub struct Pool {
+    /// Every image in sample order, each prompted with [`Prompts::first`]: the batch of
+    /// every step of a method that trains on all images with a fixed prompt.
+    pub all: Batch,
+}
+
+impl Pool {
+    /// The images of `data`, whose pseudo-words the tokenizer must already know.
+    pub fn new(sd: &StableDiffusion, data: &PairDataset, prompts: Prompts) -> Result<Self> {
+        let (mut pixels, mut masks, mut sample_of) = (Vec::new(), Vec::new(), Vec::new());
+        for (s, im) in data.images() {
+            pixels.push(im.pixels.clone());
+            masks.push(im.mask.clone());
+            sample_of.push(s);
+        }
+        let prompted: Vec<(usize, String)> = (sample_of.iter())
+            .map(|&s| (s, prompts.first(&pseudo_word(s))))
+            .collect();
+        let (ids, token_pos) = prompt_ids(sd, &prompted)?;
+        Ok(Self {
+            all: Batch {
+                pixels: Tensor::stack(&pixels, 0)?,
+                masks: Tensor::stack(&masks, 0)?,
+                ids,
+                token_pos,
+                sample_of,
+                n_samples: data.samples.len(),
+            },
+        })
+    }
+
+    /// Step `d`'s batch: a pure function of (seed, d), so a resumed run draws the same.
+    pub fn batch(
+        &self,
+        sd: &StableDiffusion,
+        draw: &Draw,
+        seed: u64,
+        d: usize,
+    ) -> Result<Cow<'_, Batch>> {
+        if let (Pick::All, Prompts::Fixed(_)) = (draw.pick, draw.prompts) {
+            return Ok(Cow::Borrowed(&self.all));
+        }
+        let n = self.all.len();
+        let mut rng = step_rng(seed, d, Stream::Pick);
+        let picked: Vec<usize> = match draw.pick {
+            Pick::All => (0..n).collect(),
+            Pick::Random(k) => (0..k).map(|_| rng.random_range(0..n)).collect(),
+        };
+        let prompted: Vec<(usize, String)> = (picked.iter())
+            .map(|&i| {
+                let s = self.all.sample_of[i];
+                let word = pseudo_word(s);
+                let prompt = match draw.prompts {
+                    Prompts::Fixed(f) => f(&word),
+                    Prompts::Templates(t) => t[rng.random_range(0..t.len())].replace("{}", &word),
+                };
+                (s, prompt)
+            })
+            .collect();
+        let (ids, token_pos) = prompt_ids(sd, &prompted)?;
+        let idx = Tensor::from_vec(
+            picked.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            picked.len(),
+            &sd.device,
+        )?;
+        Ok(Cow::Owned(Batch {
+            pixels: self.all.pixels.index_select(&idx, 0)?,
+            masks: self.all.masks.index_select(&idx, 0)?,
+            ids,
+            token_pos,
+            sample_of: prompted.iter().map(|(s, _)| *s).collect(),
+            n_samples: self.all.n_samples,
+        }))
+    }
+
+    /// The shapes of a step's noise for `per_step` images: the pixels, and the latents
+    /// the VAE encodes them to.
+    pub fn noise_sizes(&self, sd: &StableDiffusion, per_step: usize) -> Result<NoiseSizes> {
+        let (_, c, h, w) = self.all.pixels.dims4()?;
+        let pixels = [per_step, c, h, w];
+        Ok(NoiseSizes {
+            pixels,
+            latents: sd.vae.latent_dims(&pixels),
+        })
+    }
+}
+
+/// The token ids `[b, 77]` of each (sample, prompt), and where each prompt holds its
+/// sample's pseudo-word.
+fn prompt_ids(sd: &StableDiffusion, prompted: &[(usize, String)]) -> Result<(Tensor, Vec<usize>)> {
+    let mut ids = Vec::new();
+    let mut token_pos = Vec::new();
+    for (s, prompt) in prompted {
+        let word = pseudo_word(*s);
+        let prompt_ids = sd.tokenizer.encode(prompt)?;
+        let word_id = sd.tokenizer.encode(&word)?[1];
+        let pos = prompt_ids
+            .iter()
+            .position(|&i| i == word_id)
+            .ok_or_else(|| Error::internal(format!("{word} missing from its prompt")))?;
+        ids.extend(prompt_ids);
+        token_pos.push(pos);
+    }
+    let b = prompted.len();
+    let ids = Tensor::from_vec(ids, (b, sd.tokenizer.max_len()), &sd.device)?;
+    Ok((ids, token_pos))
 }
 
 /// A step's noised latents: `z_t = add_noise(z0, eps, t)`, and the (augmented) masks at
@@ -117,9 +183,19 @@ pub fn noised_latents(
     if draw.jitter > 0.0 {
         pixels = color_jitter(&pixels, &Jitter::draw(&mut rng, draw.jitter))?;
     }
-    if draw.flip && rng.random_bool(0.5) {
-        pixels = flip_horizontal(&pixels)?;
-        masks = flip_horizontal(&masks)?;
+    match draw.flip {
+        Flip::Off => {}
+        Flip::Batch => {
+            if rng.random_bool(0.5) {
+                pixels = flip_horizontal(&pixels)?;
+                masks = flip_horizontal(&masks)?;
+            }
+        }
+        Flip::PerImage => {
+            let which: Vec<bool> = (0..batch.len()).map(|_| rng.random_bool(0.5)).collect();
+            pixels = flip_some(&pixels, &which)?;
+            masks = flip_some(&masks, &which)?;
+        }
     }
     let (deg, total) = (draw.degradation, cfg.total_steps());
     let degraded = deg.apply(&pixels, &masks, &g, d, total)?;

@@ -69,7 +69,12 @@ pub fn differences(now: &Map<String, Value>, recorded: &Map<String, Value>) -> V
 /// Refuses to go on with `cfg` a run started with `recorded` settings (from `source`: a
 /// checkpoint or the run record) where they differ.
 pub fn check(cfg: &TrainConfig, recorded: &Map<String, Value>, source: &str) -> Result<()> {
-    let diff = differences(&fixed(cfg)?, recorded);
+    // A setting newer than the run was, then, at its default.
+    let mut recorded = recorded.clone();
+    for (k, v) in fixed(&TrainConfig::default())? {
+        recorded.entry(k).or_insert(v);
+    }
+    let diff = differences(&fixed(cfg)?, &recorded);
     if diff.is_empty() {
         return Ok(());
     }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::config::TrainConfig;
 use super::method::Recipe;
 use super::noise::NoiseAhead;
-use super::objective::Batch;
+use super::objective::Pool;
 use super::trainer::{optimizer, Trainer};
 use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
@@ -61,7 +61,7 @@ impl Trainer {
     /// A trainer on the loaded model and pair `data` (`cfg.instance_dir`).
     fn with_model(cfg: TrainConfig, mut sd: StableDiffusion, data: &PairDataset) -> Result<Self> {
         let device = &sd.device.clone();
-        let recipe = Recipe::magictailor(&cfg, data.num_images());
+        let recipe = Recipe::new(&cfg, data.num_images());
         let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
         check_sample_prompts(&cfg, words.len())?;
@@ -74,17 +74,21 @@ impl Trainer {
             }
         }
         let rows = init_rows(&sd, &class_words)?;
-        let batch = Batch::new(&sd, data, recipe.draw.prompt)?;
+        let pool = Pool::new(&sd, data, recipe.draw.prompts)?;
         let last = recipe.total_steps();
-        let noise = NoiseAhead::new(cfg.seed, batch.noise_sizes(&sd)?, last);
-        let lora = TrainableLora::new(
-            &sd.unet.lora_targets(),
-            recipe.trains.lora_rank,
-            recipe.trains.lora_alpha,
-            cfg.seed,
-            device,
-            DType::F32,
-        )?;
+        let per_step = recipe.images_per_step(data.num_images());
+        let noise = NoiseAhead::new(cfg.seed, pool.noise_sizes(&sd, per_step)?, last);
+        let lora = match &recipe.trains.lora {
+            Some(shape) => TrainableLora::new(
+                &sd.unet.lora_targets(),
+                shape.rank,
+                shape.alpha,
+                cfg.seed,
+                device,
+                DType::F32,
+            )?,
+            None => TrainableLora::none(),
+        };
         let table = if recipe.trains.token_table {
             let t = sd.text_encoder.token_table().to_dtype(DType::F32)?.copy()?;
             Some(Var::from_tensor(&t)?)
@@ -99,7 +103,7 @@ impl Trainer {
             cfg,
             recipe,
             sd,
-            batch,
+            pool,
             noise,
             lora,
             rows,

@@ -59,22 +59,23 @@ impl Trainer {
             chosen,
             alpha_d,
         } = self.forward_backward(d, phase)?;
-        // As the released script: only the U-Net's (LoRA) gradients are clipped.
+        // Only the adapters' gradients are clipped (the recipe says to what norm).
         let clipping = profile::scope(Kind::GradClip, &dev);
         let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
         let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
         let (lora_norm, text_norm) = (norms[0], norms[1]);
-        let clip = Clip {
+        let clip = (self.recipe.trains.lora.as_ref()).map(|shape| Clip {
             params: &lora_vars,
-            coef: clip_coef(lora_norm, 1.0),
-        };
+            coef: clip_coef(lora_norm, shape.max_grad_norm),
+        });
         drop(clipping);
+        let grad_norm = if clip.is_some() { lora_norm } else { text_norm };
         let lr = self.lr(d);
         self.opt.config.lr = lr;
         let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
         if finite {
             profile::time(Kind::Optimizer, &dev, || {
-                self.opt.step_clipped(&grads, Some(clip))
+                self.opt.step_clipped(&grads, clip)
             })?;
             self.skipped_in_a_row = 0;
         } else {
@@ -102,7 +103,7 @@ impl Trainer {
             l_pres: terms[3],
             per_sample,
             chosen_sample: chosen,
-            grad_norm: lora_norm,
+            grad_norm,
             skipped: !finite,
             sample_seconds: None,
         })
@@ -128,16 +129,12 @@ impl Trainer {
             self.momentum = Some(MomentumLora::copy_of(&self.lora)?);
         }
         let dev = self.sd.device.clone();
-        let (noised, alpha_d) = profile::time(Kind::Data, &dev, || {
+        let (batch, noised, alpha_d) = profile::time(Kind::Data, &dev, || {
             let noise = self.noise.take(d)?;
-            noised_latents(
-                &self.sd,
-                &self.batch,
-                &self.cfg,
-                &self.recipe.draw,
-                d,
-                noise,
-            )
+            let batch = (self.pool).batch(&self.sd, &self.recipe.draw, self.cfg.seed, d)?;
+            let (noised, alpha_d) =
+                noised_latents(&self.sd, &batch, &self.cfg, &self.recipe.draw, d, noise)?;
+            Ok::<_, crate::error::Error>((batch, noised, alpha_d))
         })?;
         let online = self.lora.as_set();
         let momentum = self
@@ -156,7 +153,7 @@ impl Trainer {
             ..
         } = step_losses(
             &self.sd,
-            &self.batch,
+            &batch,
             &noised,
             &online,
             self.text_params(),
@@ -196,6 +193,10 @@ impl Trainer {
     /// overflow skips the update (up to [`MAX_SKIPPED_IN_A_ROW`] in a row); otherwise
     /// training stops, naming the step and the first non-finite term.
     fn on_non_finite(&mut self, d: usize, terms: &[f32], grad_norm: f64) -> Result<()> {
+        let rates = match self.cfg.method.one_phase() {
+            Some(_) => "--lr",
+            None => "--warmup-lr, --dsbal-lr",
+        };
         // A component names the cause better than the total it spoils.
         let what = match [1, 2, 3, 0].into_iter().find(|&i| !terms[i].is_finite()) {
             Some(i) => format!("{} is {}", TERMS[i], terms[i]),
@@ -204,7 +205,7 @@ impl Trainer {
         let Some(scale) = self.cfg.loss_scale else {
             return Err(Error::Diverged(format!(
                 "training diverged at step {d}: {what}. The step was not applied. Lower the \
-                 learning rate (--warmup-lr, --dsbal-lr){}.",
+                 learning rate ({rates}){}.",
                 if self.cfg.dtype == DType::F32 {
                     ""
                 } else {
@@ -219,7 +220,7 @@ impl Trainer {
         Err(Error::Diverged(format!(
             "training diverged: steps {}-{d} all overflowed in f16 at loss scale {scale} ({what} at \
              step {d}), so their updates were skipped. Train in --dtype f32 (or bf16 on CUDA), or \
-             lower the learning rate (--warmup-lr, --dsbal-lr).",
+             lower the learning rate ({rates}).",
             d + 1 - self.skipped_in_a_row
         )))
     }

@@ -10,7 +10,7 @@ use super::config::TrainConfig;
 use super::ds_bal::MomentumLora;
 use super::method::{Phase, Recipe};
 use super::noise::NoiseAhead;
-use super::objective::{Batch, TextParams};
+use super::objective::{Pool, TextParams};
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
 use crate::masks::auto::AutoMasks;
@@ -30,7 +30,8 @@ pub struct StepLog {
     pub l_pres: f32,
     pub per_sample: Vec<f32>,
     pub chosen_sample: Option<usize>,
-    /// The LoRA gradients' norm before clipping.
+    /// The gradient norm before clipping: of the adapters where the method trains some
+    /// (the norm clipping reads), else of the pseudo-word rows.
     pub grad_norm: f64,
     /// f16 only: the step overflowed and its update was skipped.
     pub skipped: bool,
@@ -44,9 +45,11 @@ pub struct Trainer {
     /// The method: what trains, the losses, the phases, what a step draws.
     pub recipe: Recipe,
     pub sd: StableDiffusion,
-    pub batch: Batch,
+    /// The reference images each step's batch is drawn from.
+    pub pool: Pool,
     /// Each step's host noise, the next one drawn while this one runs.
     pub(super) noise: NoiseAhead,
+    /// No modules where the method trains no adapters.
     pub lora: TrainableLora,
     pub rows: Var,
     /// Released-script mode: the whole token-embedding table, trained (with weight decay).
@@ -68,8 +71,9 @@ impl Trainer {
         self.sd
     }
 
+    /// The reference images of the pair.
     pub fn num_images(&self) -> usize {
-        self.batch.len()
+        self.pool.all.len()
     }
 
     /// The text-side parameters the optimizer updates: pseudo-word rows, then the table.

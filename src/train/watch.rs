@@ -116,7 +116,7 @@ pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
 /// Redraws `loss.png` from the run's log.
 pub fn write_loss_plot(cfg: &TrainConfig, out: &Path) -> Result<()> {
     let log = run::read_log(out)?;
-    let switch = (cfg.ds_bal && cfg.dsbal_steps > 0).then_some(cfg.warmup_steps);
+    let switch = cfg.phase_switch().filter(|_| cfg.ds_bal);
     let png = png_bytes(&plot::loss_plot(&log, switch)?)?;
     write_atomic(&out.join(LOSS_PLOT), &png)
 }

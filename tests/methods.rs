@@ -1,0 +1,336 @@
+//! `train --method`: the comparison methods on the tiny fixture model. What each trains
+//! (and what it leaves bit-identical), what it writes, its log and record, resume, the
+//! step's draw, and the refusal of another method's flags.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use common::*;
+use magictailor::io::progress::Progress;
+use magictailor::model::loader::StableDiffusion;
+use magictailor::train::method::{Method, TI_TEMPLATES};
+use magictailor::train::{trainer::Trainer, TrainConfig};
+
+/// `train --method ti` at 64 px, 4 steps of 3 images, a checkpoint every 2, JSON log.
+fn ti_args<'a>(pair: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
+    let more = [
+        "--method",
+        "ti",
+        "--steps",
+        "4",
+        "--images-per-step",
+        "3",
+        "--checkpoint-every",
+        "2",
+    ];
+    with_args(quiet_train_args(pair, out, model), &more)
+}
+
+fn record(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("magictailor.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The embedding of the first token of `word` in the tiny model's table.
+fn class_row(word: &str) -> Vec<f32> {
+    let sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
+    let id = sd.tokenizer.encode(word).unwrap()[1];
+    let row = sd.text_encoder.token_row(id).unwrap();
+    row.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn textual_inversion_trains_only_the_words_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let pair = pair.to_str().unwrap();
+    let model = tiny_sd();
+    let out = tmp.path().join("ti");
+    ok(&run_bin(
+        "train",
+        &ti_args(pair, out.to_str().unwrap(), &model),
+    ));
+
+    // One phase, the rate scaled by the images per step, no adapters.
+    let log = read_log(&out);
+    assert_eq!(log.len(), 4);
+    for l in &log {
+        assert_eq!(l["phase"], "ti");
+        assert!(
+            (l["lr"].as_f64().unwrap() - 3.0 * 5e-4).abs() < 1e-15,
+            "{l}"
+        );
+        assert_eq!(l["l_attn"], 0.0);
+        assert_eq!(l["l_pres"], 0.0);
+        assert!(
+            l["grad_norm"].as_f64().unwrap() > 0.0,
+            "the rows' gradient: {l}"
+        );
+    }
+    for f in ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"] {
+        assert!(
+            !out.join(f).exists(),
+            "TI trains no adapters, yet {f} exists"
+        );
+    }
+    let r = record(&out);
+    assert_eq!(r["method"]["name"], "ti");
+    assert!(r["method"]["trains"]["lora"].is_null());
+    assert_eq!(r["method"]["phases"][0]["steps"], 4);
+    assert_eq!(r["method"]["images_per_step"], 3);
+    assert_eq!(r["config"]["method"], "ti");
+
+    // The words moved away from their class words' rows.
+    let embeds = out.join("learned_embeds.safetensors");
+    let words = magictailor::io::embeds::load(&embeds, 32, &Device::Cpu).unwrap();
+    for ((word, row), class) in words.iter().zip(["person", "hair"]) {
+        let row: Vec<f32> = row.to_vec1().unwrap();
+        let start = class_row(class);
+        let moved = row.iter().zip(&start).map(|(a, b)| (a - b).abs());
+        assert!(moved.fold(0f32, f32::max) > 1e-4, "{word} did not train");
+    }
+
+    // `infer` on the folder is the base model with the words, bit for bit.
+    let png = |name: &str| tmp.path().join(name);
+    let draw = |extra: &[&str], out_png: &Path| {
+        let mut a = vec![
+            "--prompt",
+            "a photo of <v0>",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ];
+        a.extend([
+            "--steps",
+            "3",
+            "--quiet",
+            "--out",
+            out_png.to_str().unwrap(),
+        ]);
+        a.extend(extra);
+        ok(&run_bin("infer", &a));
+    };
+    draw(&["--model-dir", out.to_str().unwrap()], &png("dir.png"));
+    draw(
+        &["--model", &model, "--embeds", embeds.to_str().unwrap()],
+        &png("words.png"),
+    );
+    assert_eq!(read_bytes(&png("dir.png")), read_bytes(&png("words.png")));
+    // A checkpoint holds the rows and no adapters.
+    let dir = out.to_str().unwrap();
+    draw(
+        &["--model-dir", dir, "--checkpoint", "2"],
+        &png("step2.png"),
+    );
+
+    // Killed after step 2: the resumed run ends with the same words and losses.
+    let killed = tmp.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let first = "step-000002.safetensors";
+    std::fs::copy(
+        out.join("checkpoints").join(first),
+        killed.join("checkpoints").join(first),
+    )
+    .unwrap();
+    let mut args = ti_args(pair, killed.to_str().unwrap(), &model);
+    args.push("--resume");
+    ok(&run_bin("train", &args));
+    assert_eq!(
+        read_bytes(&killed.join("learned_embeds.safetensors")),
+        read_bytes(&embeds)
+    );
+    let steps = |run: &Path| -> Vec<(f64, f64)> {
+        (read_log(run).iter())
+            .map(|l| (l["step"].as_f64().unwrap(), l["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    // The killed folder kept no log: it holds the resumed steps 3 and 4.
+    assert_eq!(steps(&killed), steps(&out)[2..]);
+}
+
+/// A step draws its images and templates from (seed, step) alone; each prompt holds
+/// its own image's pseudo-word where the batch says.
+#[test]
+fn a_textual_inversion_step_draws_images_and_templates_by_seed_and_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let mut cfg = TrainConfig::new(pair, tmp.path().join("out"), tiny_sd());
+    (cfg.method, cfg.resolution, cfg.steps) = (Method::Ti, 64, Some(10));
+    let t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
+    let batch = |d: usize| {
+        let b = t.pool.batch(&t.sd, &t.recipe.draw, 0, d).unwrap();
+        let ids: Vec<Vec<u32>> = b.ids.to_vec2().unwrap();
+        (b.sample_of.clone(), b.token_pos.clone(), ids)
+    };
+    let word_ids: Vec<u32> = ["<v0>", "<v1>"]
+        .iter()
+        .map(|w| t.sd.tokenizer.encode(w).unwrap()[1])
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for d in 1..=10 {
+        let (samples, pos, ids) = batch(d);
+        assert_eq!(samples.len(), 4, "diffusers' 1 x 4 accumulated");
+        assert_eq!((samples.clone(), pos.clone(), ids.clone()), batch(d));
+        for ((s, p), ids) in samples.iter().zip(&pos).zip(&ids) {
+            assert_eq!(ids[*p], word_ids[*s], "step {d}: the image's own word");
+            seen.insert(ids[..*p].to_vec());
+        }
+    }
+    assert_ne!(batch(1), batch(2), "each step draws anew");
+    // Templates put different words before the pseudo-word.
+    assert!(
+        seen.len() > 5,
+        "only {} prompt openings in 40 draws",
+        seen.len()
+    );
+    assert_eq!(TI_TEMPLATES.len(), 27);
+}
+
+fn assert_refused(args: &[&str], out: &Path, needles: &[&str]) {
+    let o = run_bin("train", args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in: {err}");
+    }
+    assert!(!out.exists(), "a refused run writes nothing");
+}
+
+#[test]
+fn a_flag_of_another_method_is_refused_naming_the_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let out = tmp.path().join("out");
+    let base = quiet_train_args(pair, out.to_str().unwrap(), &model);
+    let ti = with_args(base.clone(), &["--method", "ti"]);
+
+    let a = with_args(ti.clone(), &["--warmup-steps", "10", "--lambda-attn", "0"]);
+    assert_refused(&a, &out, &["--method ti", "--warmup-steps, --lambda-attn"]);
+    // Typed at its default value, a flag is still one the method would ignore.
+    let a = with_args(ti.clone(), &["--lora-rank", "32"]);
+    assert_refused(&a, &out, &["--method ti", "--lora-rank"]);
+    let a = with_args(base.clone(), &["--steps", "5"]);
+    assert_refused(&a, &out, &["--method magictailor", "--steps"]);
+    let a = with_args(base.clone(), &["--images-per-step", "4"]);
+    assert_refused(&a, &out, &["--method magictailor", "--images-per-step"]);
+
+    // From a settings file, by value.
+    let file = tmp.path().join("ti.toml");
+    std::fs::write(&file, "method = \"ti\"\nema-decay = 0.5\n").unwrap();
+    let a = with_args(base.clone(), &["--config", file.to_str().unwrap()]);
+    assert_refused(&a, &out, &["--method ti", "--ema-decay"]);
+}
+
+/// One TI step against diffusers' `textual_inversion.py` written out in torch
+/// (scripts/make_method_fixtures.py): the rows' start, the masked loss, the rows'
+/// gradient, and the rows after AdamW, where diffusers steps the whole table and then
+/// restores every other row (the same update as stepping the rows alone).
+#[test]
+fn a_textual_inversion_step_matches_diffusers() {
+    use candle_core::{Tensor, Var};
+    use magictailor::model::lora::LoraSet;
+    use magictailor::train::method::LossWeights;
+    use magictailor::train::objective::{step_losses, Batch, Noised, TextParams};
+    use magictailor::train::optim::{AdamW, AdamWConfig};
+
+    let dev = Device::Cpu;
+    let r =
+        candle_core::safetensors::load(fixtures().join("method_steps.safetensors"), &dev).unwrap();
+    let get = |k: &str| r[&format!("ti.{k}")].clone();
+    let usizes = |k: &str| -> Vec<usize> {
+        let v: Vec<i64> = get(k).to_vec1().unwrap();
+        v.into_iter().map(|x| x as usize).collect()
+    };
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    sd.tokenizer
+        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+        .unwrap();
+    let prompts = [
+        "a photo of a <v0>",
+        "a rendering of a <v1>",
+        "the photo of a <v0>",
+        "a photo of my <v1>",
+    ];
+    let ids: Vec<u32> = prompts
+        .iter()
+        .flat_map(|p| sd.tokenizer.encode(p).unwrap())
+        .collect();
+    let want_ids: Vec<Vec<i64>> = get("ids").to_vec2().unwrap();
+    let ids = Tensor::from_vec(ids, (4, 77), &dev).unwrap();
+    let got_ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    for (g, w) in got_ids.iter().zip(&want_ids) {
+        assert!(
+            g.iter().zip(w).all(|(a, b)| *a as i64 == *b),
+            "{g:?} vs {w:?}"
+        );
+    }
+    let sample_of = usizes("sample_of");
+    let token_pos = (got_ids.iter().zip(&sample_of))
+        .map(|(ids, s)| {
+            let word = sd.tokenizer.encode(&format!("<v{s}>")).unwrap()[1];
+            ids.iter().position(|&i| i == word).unwrap()
+        })
+        .collect();
+    let batch = Batch {
+        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(), // unused: latents are given
+        masks: get("masks"),
+        ids,
+        token_pos,
+        sample_of,
+        n_samples: 2,
+    };
+    let noised = Noised {
+        z_t: get("z_t"),
+        eps: get("eps"),
+        timesteps: usizes("t"),
+        masks: get("masks"),
+    };
+
+    // The rows start at the class words' first tokens, as the trainer sets them.
+    let init: Vec<candle_core::Tensor> = ["person", "hair"]
+        .iter()
+        .map(|w| {
+            let id = sd.tokenizer.encode(w).unwrap()[1];
+            sd.text_encoder.token_row(id).unwrap()
+        })
+        .collect();
+    let rows = Var::from_tensor(&Tensor::stack(&init, 0).unwrap()).unwrap();
+    assert_eq!(max_abs_diff(rows.as_tensor(), &get("rows_init")), 0.0);
+
+    let none = LoraSet::default();
+    let text = TextParams {
+        rows: rows.as_tensor(),
+        table: None,
+    };
+    let w = LossWeights {
+        lambda_attn: 0.0,
+        lambda_pres: 0.0,
+    };
+    let losses = step_losses(&sd, &batch, &noised, &none, text, None, w).unwrap();
+    let loss: f32 = losses.loss.to_scalar().unwrap();
+    let want: f32 = get("loss").to_scalar().unwrap();
+    assert!(
+        (loss - want).abs() < 1e-6 * want.abs().max(1.0),
+        "loss {loss} vs {want}"
+    );
+    let grads = losses.loss.backward().unwrap();
+    let g = grads.get(rows.as_tensor()).unwrap();
+    let rel = max_abs_diff(g, &get("grad.rows")) / max_abs(&get("grad.rows"));
+    assert!(
+        rel < 1e-4,
+        "rows' gradient off by {rel} of its largest entry"
+    );
+
+    let config = AdamWConfig {
+        lr: 5e-4 * 4.0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(vec![rows.clone()], config).unwrap();
+    opt.step(&grads).unwrap();
+    let d = max_abs_diff(rows.as_tensor(), &get("rows_after"));
+    assert!(d < 1e-6, "rows after AdamW differ by {d}");
+}
