@@ -268,6 +268,46 @@ fn bench_train(
     });
 }
 
+/// Seconds per step of `train --method ti`: 4 images drawn from the pair, only the
+/// pseudo-word rows train (text encoder and U-Net backward, no adapters).
+fn bench_ti(
+    tg: &Target,
+    name: &str,
+    model: &std::path::Path,
+    pair: &std::path::Path,
+    resolution: usize,
+    reps: usize,
+) {
+    use magictailor::io::progress::Progress;
+    use magictailor::train::{method::Method, trainer::Trainer, TrainConfig};
+    let mut cfg = TrainConfig::new(
+        pair.to_path_buf(),
+        std::env::temp_dir().join("unused"),
+        model.to_string_lossy().into_owned(),
+    );
+    (cfg.method, cfg.steps, cfg.resolution) = (Method::Ti, Some(reps + 2), resolution);
+    (cfg.dtype, cfg.loss_scale) = (tg.dtype, TrainConfig::default_loss_scale(tg.dtype));
+    let per_step = cfg.images_per_step();
+    let mut t = Trainer::new(cfg, &tg.dev, Progress::Quiet).expect("trainer");
+    let times: Vec<f64> = (0..reps + 1)
+        .map(|_| {
+            let s = Instant::now();
+            t.train_step().unwrap();
+            tg.sync();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    println!(
+        "{name:>5} TI step, {per_step} images at {resolution} px: {:.3} s/step | {}",
+        median(times[1..].to_vec()),
+        tg.peak()
+    );
+    println!("{name} TI step, profiled:");
+    profile_once(|| {
+        t.train_step().unwrap();
+    });
+}
+
 /// Seconds per image of `magictailor masks` (attention, then with MobileSAM refinement)
 /// on the pair's 6 images, model loading excluded.
 fn bench_masks(
@@ -348,11 +388,17 @@ fn main() {
             && (filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str())))
     };
     let (tiny, mid, full) = (tmp.join("tiny"), tmp.join("mid"), tmp.join("full"));
-    if wanted("tiny-unet") || wanted("tiny-train") {
+    if wanted("tiny-unet") || wanted("tiny-train") || wanted("tiny-ti") {
         tiny::write(&tiny, 0).unwrap();
     }
-    if wanted("mid-unet") || wanted("mid-train") || wanted("mid-masks") || wanted("naive-attention")
-    {
+    let mid_rows = [
+        "mid-unet",
+        "mid-train",
+        "mid-ti",
+        "mid-masks",
+        "naive-attention",
+    ];
+    if mid_rows.iter().any(|r| wanted(r)) {
         let te_mid = mid_text_encoder_config();
         tiny::write_with(&mid, 0, &mid_unet_config(), &tiny::vae_config(), &te_mid).unwrap();
     }
@@ -379,6 +425,10 @@ fn main() {
         reset_peak();
         bench_train(&tg, "tiny", &tiny, &pair, 128, 5);
     }
+    if wanted("tiny-ti") {
+        reset_peak();
+        bench_ti(&tg, "tiny", &tiny, &pair, 128, 5);
+    }
     if wanted("mid-unet") {
         reset_peak();
         bench(&tg, "mid", &mid, 32, 3);
@@ -386,6 +436,10 @@ fn main() {
     if wanted("mid-train") {
         reset_peak();
         bench_train(&tg, "mid", &mid, &pair, 256, 3);
+    }
+    if wanted("mid-ti") {
+        reset_peak();
+        bench_ti(&tg, "mid", &mid, &pair, 256, 3);
     }
     if wanted("mid-masks") {
         reset_peak();

@@ -337,6 +337,56 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
           f" s/step | {peak()}")
 
 
+def bench_ti(name, model, pair, res, reps, per_step=4):
+    """diffusers' textual_inversion.py step with the paper's masked loss: 4 images drawn from
+    the pair (batch 1 x 4 accumulated, as one batch of 4), a flip each, AdamW over the whole
+    token table (lr 5e-4 x 4, weight decay 1e-2), every row but the two words restored."""
+    unet = load(UNet2DConditionModel, model / "unet")
+    vae = load(AutoencoderKL, model / "vae")
+    te = load(CLIPTextModel, model / "text_encoder")
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())
+    te.resize_token_embeddings(te.get_input_embeddings().weight.shape[0] + 2)
+    table = te.get_input_embeddings().weight
+    vocab = table.shape[0] - 2
+    table.requires_grad_(True)
+    original = table.detach().clone()
+    opt = torch.optim.AdamW([table], lr=5e-4 * per_step, weight_decay=1e-2)
+    pixels, masks = load_pair(pair, res)
+    n = pixels.shape[0]
+    sample_of = torch.tensor([0, 0, 0, 1, 1, 1], device=DEV)
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latent = res // 8
+
+    def step():
+        pick = torch.randint(0, n, (per_step,), device=DEV)
+        x, m = pixels[pick], masks[pick]
+        flip = torch.rand(per_step, device=DEV) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        m = torch.where(flip[:, None, None, None], m.flip(-1), m)
+        ids = torch.randint(0, vocab, (per_step, 77), device=DEV)
+        ids[:, 5] = vocab + sample_of[pick]
+        with torch.no_grad(), autocast():
+            z0 = vae.encode(x.to(DTYPE)).latent_dist.sample().float() * vae.config.scaling_factor
+        t = torch.randint(0, 1000, (per_step,), device=DEV)
+        eps = torch.randn_like(z0)
+        z_t = ddpm.add_noise(z0, eps, t)
+        with autocast():
+            ctx = te(ids).last_hidden_state
+            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
+        m_lat = F.interpolate(m, size=(latent, latent), mode="nearest")
+        loss = ((pred - eps) * m_lat).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            table[:vocab] = original[:vocab]
+
+    secs = timed(reps, step)
+    print(f"{name:>5} TI step, {per_step} images at {res} px: {secs:.3f} s/step | {peak()}")
+
+
 def main():
     global DEV, DTYPE
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -345,8 +395,8 @@ def main():
     ap.add_argument("configs", nargs="*", help="tiny, mid, full (default: tiny and mid on the CPU, full on CUDA)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
-    ap.add_argument("--rows", default="unet,train,infer",
-                    help="comma-separated: unet (fwd+bwd, DDIM step), train, infer (full only)")
+    ap.add_argument("--rows", default="unet,train,ti,infer",
+                    help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, infer (full only)")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -370,6 +420,9 @@ def main():
         if "train" in rows:
             reset_peak()
             bench_magictailor(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "ti" in rows:
+            reset_peak()
+            bench_ti(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
         if "infer" in rows and c.get("infer"):
             reset_peak()
             bench_infer(name, model, c["resolution"], c["reps"])

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Loads the LoRA and embeddings magictailor wrote into diffusers (run by hand).
 
-    cargo test --test formats --test train   # writes target/tmp/export-check/ and train-check/
+    cargo test --test formats --test train --test methods   # writes target/tmp/*-check/
     python scripts/check_rust_exports.py [target/tmp/export-check]
 
 Passes when diffusers, with magictailor's pytorch_lora_weights.safetensors (via peft) and
 learned_embeds.safetensors (via textual inversion), reproduces tests/fixtures/ddim_personal.png,
 and, for a folder written by `magictailor train` (target/tmp/train-check/), reproduces the
-image `magictailor infer --model-dir` drew from the same latents.
+image `magictailor infer --model-dir` drew from the same latents; and, for a `--method ti`
+folder (target/tmp/ti-check/), that its A1111 embedding files, loaded the way Textual
+Inversion's users load them, reproduce the image magictailor drew.
 """
 import os
 import sys
@@ -56,4 +58,17 @@ img = pipe("<v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale
 ours = np.asarray(Image.open(os.path.join(trained, "infer.png"))).astype(int)
 diff_t = np.abs(np.asarray(img).astype(int) - ours).max()
 print(f"trained folder: diffusers reproduces magictailor's image within {diff_t} levels")
-sys.exit(0 if diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 else 1)
+
+# A `--method ti` folder: no adapters, one A1111 file per word.
+ti = os.path.join(os.path.dirname(os.path.abspath(export)), "ti-check")
+pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+for word in ("v0", "v1"):
+    pipe.load_textual_inversion(os.path.join(ti, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
+img = pipe("a photo of <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
+           width=64).images[0]
+ours = np.asarray(Image.open(os.path.join(ti, "infer.png"))).astype(int)
+diff_ti = np.abs(np.asarray(img).astype(int) - ours).max()
+print(f"ti folder: diffusers reproduces magictailor's image within {diff_ti} levels")
+ok = diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
+sys.exit(0 if ok else 1)

@@ -126,6 +126,33 @@ fn textual_inversion_trains_only_the_words_and_resumes_exactly() {
         &png("step2.png"),
     );
 
+    // Leave the A1111 files and an image from fixed latents for
+    // scripts/check_rust_exports.py, which loads the files into diffusers
+    // (`load_textual_inversion(file, token=...)`) and must draw the same image.
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ti-check");
+    let _ = std::fs::remove_dir_all(&check);
+    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
+    let latents = fixtures().join("init_latents.safetensors");
+    let png = check.join("infer.png");
+    let a = [
+        "--model-dir",
+        dir,
+        "--prompt",
+        "a photo of <v0> with <v1>",
+        "--init-latents",
+        latents.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    ok(&run_bin("infer", &a));
+
     // Killed after step 2: the resumed run ends with the same words and losses.
     let killed = tmp.path().join("killed");
     std::fs::create_dir_all(killed.join("checkpoints")).unwrap();

@@ -31,7 +31,7 @@ const TERMS: [&str; 4] = [
 struct Pass {
     grads: GradStore,
     terms: Vec<f32>,
-    per_sample: Vec<f32>,
+    per_sample: Vec<Option<f32>>,
     chosen: Option<usize>,
     alpha_d: f64,
 }
@@ -179,7 +179,11 @@ impl Trainer {
                 .detach()
                 .to_vec1::<f32>()
         })?;
-        let per_sample = read.split_off(4);
+        // A sample the step drew no image of has no loss (not a loss of 0).
+        let drawn = |s: usize| batch.sample_of.contains(&s);
+        let per_sample = (read.split_off(4).into_iter().enumerate())
+            .map(|(s, l)| drawn(s).then_some(l))
+            .collect();
         Ok(Pass {
             grads,
             terms: read,

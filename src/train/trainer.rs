@@ -28,7 +28,9 @@ pub struct StepLog {
     pub l_diff: f32,
     pub l_attn: f32,
     pub l_pres: f32,
-    pub per_sample: Vec<f32>,
+    /// The mean loss of each sample's images in this step; None (null) where the step
+    /// drew none of its images (`ti`'s random draw).
+    pub per_sample: Vec<Option<f32>>,
     pub chosen_sample: Option<usize>,
     /// The gradient norm before clipping: of the adapters where the method trains some
     /// (the norm clipping reads), else of the pseudo-word rows.
