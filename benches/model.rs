@@ -224,6 +224,40 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
     );
 }
 
+/// The real trainer on the pair at `resolution`, with the settings `set` gives, in the
+/// bench's device and dtype (as `magictailor train --dtype ...` sets them).
+fn trainer(
+    tg: &Target,
+    model: &std::path::Path,
+    pair: &std::path::Path,
+    resolution: usize,
+    set: impl FnOnce(&mut magictailor::train::TrainConfig),
+) -> magictailor::train::Trainer {
+    use magictailor::io::progress::Progress;
+    use magictailor::train::{TrainConfig, Trainer};
+    let mut cfg = TrainConfig::new(
+        pair.to_path_buf(),
+        std::env::temp_dir().join("unused"),
+        model.to_string_lossy().into_owned(),
+    );
+    cfg.resolution = resolution;
+    (cfg.dtype, cfg.loss_scale) = (tg.dtype, TrainConfig::default_loss_scale(tg.dtype));
+    set(&mut cfg);
+    Trainer::new(cfg, &tg.dev, Progress::Quiet).expect("trainer")
+}
+
+/// Seconds of each of `n` steps of `t`.
+fn step_times(tg: &Target, t: &mut magictailor::train::Trainer, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let s = Instant::now();
+            t.train_step().unwrap();
+            tg.sync();
+            s.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
 /// Seconds per warm-up step and per DS-Bal step of the real trainer (3+3 images).
 fn bench_train(
     tg: &Target,
@@ -233,29 +267,12 @@ fn bench_train(
     resolution: usize,
     reps: usize,
 ) {
-    use magictailor::io::progress::Progress;
-    use magictailor::train::{trainer::Trainer, TrainConfig};
-    let mut cfg = TrainConfig::new(
-        pair.to_path_buf(),
-        std::env::temp_dir().join("unused"),
-        model.to_string_lossy().into_owned(),
-    );
-    (cfg.warmup_steps, cfg.dsbal_steps, cfg.resolution) = (reps + 1, reps + 2, resolution);
-    // One DS-Bal step more than timed: the profiled one. As `magictailor train --dtype ...` sets them.
-    (cfg.dtype, cfg.loss_scale) = (tg.dtype, TrainConfig::default_loss_scale(tg.dtype));
-    let mut t = Trainer::new(cfg, &tg.dev, Progress::Quiet).expect("trainer");
-    let mut times = |n: usize| -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let s = Instant::now();
-                t.train_step().unwrap();
-                tg.sync();
-                s.elapsed().as_secs_f64()
-            })
-            .collect()
-    };
-    let warm = times(reps + 1);
-    let dsbal = times(reps + 1);
+    // One DS-Bal step more than timed: the profiled one.
+    let mut t = trainer(tg, model, pair, resolution, |c| {
+        (c.warmup_steps, c.dsbal_steps) = (reps + 1, reps + 2)
+    });
+    let warm = step_times(tg, &mut t, reps + 1);
+    let dsbal = step_times(tg, &mut t, reps + 1);
     println!(
         "{name:>5} MagicTailor step, 3+3 images at {resolution} px: warm-up {:.3} s/step | DS-Bal {:.3} s/step | {}",
         median(warm[1..].to_vec()),
@@ -278,25 +295,12 @@ fn bench_ti(
     resolution: usize,
     reps: usize,
 ) {
-    use magictailor::io::progress::Progress;
-    use magictailor::train::{method::Method, trainer::Trainer, TrainConfig};
-    let mut cfg = TrainConfig::new(
-        pair.to_path_buf(),
-        std::env::temp_dir().join("unused"),
-        model.to_string_lossy().into_owned(),
-    );
-    (cfg.method, cfg.steps, cfg.resolution) = (Method::Ti, Some(reps + 2), resolution);
-    (cfg.dtype, cfg.loss_scale) = (tg.dtype, TrainConfig::default_loss_scale(tg.dtype));
-    let per_step = cfg.images_per_step();
-    let mut t = Trainer::new(cfg, &tg.dev, Progress::Quiet).expect("trainer");
-    let times: Vec<f64> = (0..reps + 1)
-        .map(|_| {
-            let s = Instant::now();
-            t.train_step().unwrap();
-            tg.sync();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
+    use magictailor::train::method::Method;
+    let mut t = trainer(tg, model, pair, resolution, |c| {
+        (c.method, c.steps) = (Method::Ti, Some(reps + 2))
+    });
+    let per_step = t.cfg.images_per_step();
+    let times = step_times(tg, &mut t, reps + 1);
     println!(
         "{name:>5} TI step, {per_step} images at {resolution} px: {:.3} s/step | {}",
         median(times[1..].to_vec()),
