@@ -9,7 +9,8 @@ learned_embeds.safetensors (via textual inversion), reproduces tests/fixtures/dd
 and, for a folder written by `magictailor train` (target/tmp/train-check/), reproduces the
 image `magictailor infer --model-dir` drew from the same latents; and, for a `--method ti`
 folder (target/tmp/ti-check/), that its A1111 embedding files, loaded the way Textual
-Inversion's users load them, reproduce the image magictailor drew.
+Inversion's users load them, reproduce the image magictailor drew; the same for a
+`--method dreambooth` folder's adapters (target/tmp/dreambooth-check/).
 """
 import os
 import sys
@@ -70,5 +71,19 @@ img = pipe("a photo of <v0> with <v1>", latents=lat, num_inference_steps=10, gui
 ours = np.asarray(Image.open(os.path.join(ti, "infer.png"))).astype(int)
 diff_ti = np.abs(np.asarray(img).astype(int) - ours).max()
 print(f"ti folder: diffusers reproduces magictailor's image within {diff_ti} levels")
+
+# A `--method dreambooth` folder: adapters on the attention projections, `<v0>` = "sks person".
+db = os.path.join(os.path.dirname(os.path.abspath(export)), "dreambooth-check")
+pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(db, weight_name="pytorch_lora_weights.safetensors")
+n_db = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
+img = pipe("a photo of sks person", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
+           width=64).images[0]
+ours = np.asarray(Image.open(os.path.join(db, "infer.png"))).astype(int)
+diff_db = np.abs(np.asarray(img).astype(int) - ours).max()
+print(f"dreambooth folder: diffusers loaded {n_db} LoRA modules; reproduces magictailor's image within "
+      f"{diff_db} levels")
 ok = diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
+ok = ok and diff_db <= 2 and n_db == 128
 sys.exit(0 if ok else 1)

@@ -98,9 +98,43 @@ def textual_inversion(out):
     })
 
 
+def dreambooth(out):
+    """diffusers' train_dreambooth_lora.py, one step's loss and gradients: peft LoRA of rank
+    4 (alpha 4, Gaussian A) on to_q/to_k/to_v/to_out.0 of every attention, B set to random
+    values here so both matrices get gradients; one image prompted "a photo of sks person";
+    the masked MSE on eps."""
+    from peft import LoraConfig
+
+    g = torch.Generator().manual_seed(12)
+    tok, te, unet, sched = load()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            p.requires_grad_(True)
+    ids = tok(["a photo of sks person"], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    z0, eps, t, masks = step_inputs(g, 1)
+    z_t = sched.add_noise(z0, eps, t)
+    with torch.no_grad():
+        ctx = te(ids)[0]
+    pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+    loss = masked_mse(pred, eps, masks)
+    loss.backward()
+    out.update({"db.ids": ids.to(torch.int64), "db.z_t": z_t, "db.eps": eps, "db.t": t.to(torch.int64),
+                "db.masks": masks, "db.loss": loss.detach()})
+    for n, p in lora.items():
+        module, which = n.split(".lora_")
+        out[f"db.{module}.{which[0]}"] = p.detach().clone()
+        out[f"db.grad.{module}.{which[0]}"] = p.grad.clone()
+
+
 def main():
     out = {}
     textual_inversion(out)
+    dreambooth(out)
     save_file({k: v.detach().contiguous() for k, v in out.items()}, os.path.join(ROOT, "method_steps.safetensors"))
     print("wrote", os.path.abspath(os.path.join(ROOT, "method_steps.safetensors")))
 

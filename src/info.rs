@@ -88,6 +88,7 @@ impl RunInfo {
         let method = settings_of(&self.settings).map(|c| (c.method, c.released_script));
         match method {
             Some((Method::Ti, _)) => "Textual Inversion",
+            Some((Method::DreamBooth, _)) => "DreamBooth-LoRA",
             Some((Method::MagicTailor, true)) => "MagicTailor (as the released script)",
             _ => "MagicTailor",
         }

@@ -361,3 +361,190 @@ fn a_textual_inversion_step_matches_diffusers() {
     let d = max_abs_diff(rows.as_tensor(), &get("rows_after"));
     assert!(d < 1e-6, "rows after AdamW differ by {d}");
 }
+
+/// DreamBooth-LoRA: adapters on the attention projections only, no rows; `<v0>` stands
+/// for "sks person" wherever a prompt is read, so `infer` on the folder is the base model
+/// with the adapters on the spelled-out prompt, byte for byte.
+#[test]
+fn dreambooth_trains_attention_adapters_and_names_samples_by_identifiers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    let out = tmp.path().join("db");
+    let more = [
+        "--method",
+        "dreambooth",
+        "--steps",
+        "3",
+        "--checkpoint-every",
+        "2",
+    ];
+    let args = with_args(quiet_train_args(pair, out.to_str().unwrap(), &model), &more);
+    ok(&run_bin("train", &args));
+
+    let log = read_log(&out);
+    assert_eq!(log.len(), 3);
+    for l in &log {
+        assert_eq!(l["phase"], "dreambooth");
+        assert_eq!(l["lr"], 1e-4);
+        assert!(l["grad_norm"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    assert!(!out.join("learned_embeds.safetensors").exists());
+    assert!(!out.join("embeddings").exists());
+    let r = record(&out);
+    assert_eq!(r["method"]["name"], "dreambooth");
+    assert_eq!(r["aliases"]["<v0>"], "sks person");
+    assert_eq!(r["aliases"]["<v1>"], "ohwx hair");
+    assert_eq!(r["method"]["trains"]["lora"]["rank"], 4);
+
+    // Only the attention projections carry adapters, at rank 4.
+    let lora = out.join("pytorch_lora_weights.safetensors");
+    let t = candle_core::safetensors::load(&lora, &Device::Cpu).unwrap();
+    assert!(!t.is_empty());
+    for (k, v) in &t {
+        let module = k.split(".lora_").next().unwrap();
+        let projection = ["to_q", "to_k", "to_v", "to_out.0"]
+            .iter()
+            .any(|p| module.ends_with(&format!(".{p}")));
+        assert!(projection, "{k} is not an attention projection");
+        if k.contains("lora_A") {
+            assert_eq!(v.dim(0).unwrap(), 4, "{k}");
+        }
+    }
+
+    let png = |name: &str| tmp.path().join(name);
+    let draw = |extra: &[&str], prompt: &str, out_png: &Path| {
+        let mut a = vec!["--prompt", prompt, "--width", "64", "--height", "64"];
+        a.extend([
+            "--steps",
+            "3",
+            "--quiet",
+            "--out",
+            out_png.to_str().unwrap(),
+        ]);
+        a.extend(extra);
+        ok(&run_bin("infer", &a));
+    };
+    let dir = out.to_str().unwrap();
+    draw(&["--model-dir", dir], "a photo of <v0>", &png("dir.png"));
+    let spelled = "a photo of sks person";
+    draw(
+        &["--model", &model, "--lora", lora.to_str().unwrap()],
+        spelled,
+        &png("spelled.png"),
+    );
+    // Pixels (the files' text chunks name the prompt as typed).
+    let pixels = |name: &str| read_png(&png(name));
+    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("spelled.png")), 0);
+    // The base model alone draws something else: the adapters trained.
+    draw(&["--model", &model], spelled, &png("base.png"));
+    assert!(png_max_diff(&pixels("dir.png"), &pixels("base.png")) > 0);
+    // A checkpoint of the finished run samples with the same names.
+    draw(
+        &["--model-dir", dir, "--checkpoint", "2"],
+        "a photo of <v0> with <v1>",
+        &png("step2.png"),
+    );
+
+    // Leave the adapters and an image from fixed latents for
+    // scripts/check_rust_exports.py, which loads the file with diffusers'
+    // `load_lora_weights` and draws "a photo of sks person".
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dreambooth-check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    std::fs::copy(&lora, check.join("pytorch_lora_weights.safetensors")).unwrap();
+    let latents = fixtures().join("init_latents.safetensors");
+    let fixed = [
+        "--init-latents",
+        latents.to_str().unwrap(),
+        "--guidance",
+        "7.5",
+    ];
+    let a = with_args(vec!["--model-dir", dir], &fixed);
+    let mut a = with_args(a, &["--prompt", "a photo of <v0>", "--steps", "10"]);
+    let out_png = check.join("infer.png");
+    a.extend([
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        out_png.to_str().unwrap(),
+    ]);
+    ok(&run_bin("infer", &a));
+}
+
+/// One DreamBooth-LoRA step against diffusers' `train_dreambooth_lora.py` written out in
+/// torch with peft (scripts/make_method_fixtures.py): the prompt's ids with `<v0>` as
+/// "sks person", the masked loss, and every adapter matrix's gradient.
+#[test]
+fn a_dreambooth_step_matches_diffusers() {
+    use candle_core::Tensor;
+    use magictailor::model::lora::{LoraModule, TrainableLora};
+    use magictailor::train::method::{LossWeights, ATTENTION_PROJECTIONS};
+    use magictailor::train::objective::{step_losses, Batch, Noised, TextParams};
+    use magictailor::train::setup::lora_targets;
+
+    let dev = Device::Cpu;
+    let r =
+        candle_core::safetensors::load(fixtures().join("method_steps.safetensors"), &dev).unwrap();
+    let get = |k: &str| r[&format!("db.{k}")].clone();
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    let alias = [("<v0>".to_string(), "sks person".to_string())];
+    sd.tokenizer.add_aliases(&alias).unwrap();
+    let ids = sd.tokenizer.encode("a photo of <v0>").unwrap();
+    let want: Vec<Vec<i64>> = get("ids").to_vec2().unwrap();
+    assert!(ids.iter().zip(&want[0]).all(|(a, b)| *a as i64 == *b));
+    let batch = Batch {
+        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(), // unused: latents are given
+        masks: get("masks"),
+        ids: Tensor::from_vec(ids, (1, 77), &dev).unwrap(),
+        token_pos: vec![4],
+        sample_of: vec![0],
+        n_samples: 1,
+    };
+    let t: Vec<i64> = get("t").to_vec1().unwrap();
+    let noised = Noised {
+        z_t: get("z_t"),
+        eps: get("eps"),
+        timesteps: t.into_iter().map(|x| x as usize).collect(),
+        masks: get("masks"),
+    };
+    let targets = lora_targets(&sd, Some(&ATTENTION_PROJECTIONS));
+    let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
+    let reference = r.keys().filter(|k| k.starts_with("db.grad.")).count() / 2;
+    assert_eq!(lora.modules.len(), reference, "the same adapted layers");
+    for LoraModule { path, a, b } in &lora.modules {
+        a.set(&get(&format!("{path}.A"))).unwrap();
+        b.set(&get(&format!("{path}.B"))).unwrap();
+    }
+    let rows = Tensor::zeros((0, 32), DType::F32, &dev).unwrap();
+    let text = TextParams {
+        rows: &rows,
+        table: None,
+    };
+    let w = LossWeights {
+        lambda_attn: 0.0,
+        lambda_pres: 0.0,
+    };
+    let losses = step_losses(&sd, &batch, &noised, &lora.as_set(), text, None, w).unwrap();
+    let (loss, want): (f32, f32) = (
+        losses.loss.to_scalar().unwrap(),
+        get("loss").to_scalar().unwrap(),
+    );
+    assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
+    let grads = losses.loss.backward().unwrap();
+    let mut worst = 0f32;
+    for LoraModule { path, a, b } in &lora.modules {
+        for (var, which) in [(a, "A"), (b, "B")] {
+            let want = get(&format!("grad.{path}.{which}"));
+            let got = grads.get(var.as_tensor()).unwrap();
+            worst = worst.max(max_abs_diff(got, &want) / max_abs(&want).max(1e-6));
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "worst adapter gradient error, relative: {worst}"
+    );
+}

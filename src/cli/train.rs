@@ -20,13 +20,8 @@ fn d() -> TrainConfig {
     TrainConfig::default()
 }
 
-/// The defaults of Textual Inversion, the one-phase method so far.
-fn ti() -> magictailor::train::method::OnePhase {
-    Method::Ti.one_phase().expect("ti trains in one phase")
-}
-
 const MT: &str = "MagicTailor (--method magictailor)";
-const ONE: &str = "One-phase methods (--method ti)";
+const ONE: &str = "One-phase methods (--method ti, dreambooth)";
 
 #[derive(Args)]
 pub(super) struct TrainArgs {
@@ -54,20 +49,22 @@ pub(super) struct TrainSettings {
     /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
     #[arg(long, default_value_t = d().model)]
     model: String,
-    /// The personalization method: MagicTailor, or Textual Inversion (diffusers'
-    /// recipe with the masked diffusion loss). A flag of another method is refused.
+    /// The personalization method: MagicTailor, Textual Inversion or DreamBooth-LoRA
+    /// (each as its source trains it, with the paper's masked diffusion loss). A flag of
+    /// another method is refused.
     #[arg(long, value_enum, default_value_t = d().method)]
     method: Method,
-    /// Optimizer steps.
-    #[arg(long, help_heading = ONE, default_value_t = ti().steps)]
-    steps: usize,
-    /// Learning rate, multiplied by --images-per-step unless --no-scale-lr.
-    #[arg(long, help_heading = ONE, default_value_t = ti().lr)]
-    lr: f64,
-    /// Images per optimizer step, each drawn at random (the source's batch size times
-    /// its accumulated batches).
-    #[arg(long, help_heading = ONE, default_value_t = ti().images_per_step)]
-    images_per_step: usize,
+    /// Optimizer steps [default: ti 3000, dreambooth 500].
+    #[arg(long, help_heading = ONE)]
+    steps: Option<usize>,
+    /// Learning rate, multiplied by --images-per-step unless --no-scale-lr [default: ti
+    /// 5e-4, dreambooth 1e-4].
+    #[arg(long, help_heading = ONE)]
+    lr: Option<f64>,
+    /// Images per optimizer step, each drawn at random: the source's batch size times its
+    /// accumulated batches [default: ti 4, dreambooth 1].
+    #[arg(long, help_heading = ONE)]
+    images_per_step: Option<usize>,
     #[arg(long, help_heading = MT, default_value_t = d().warmup_steps)]
     warmup_steps: usize,
     #[arg(long, help_heading = MT, default_value_t = d().dsbal_steps)]
@@ -189,11 +186,10 @@ impl TrainSettings {
             output_dir,
             model: self.model.clone(),
             method: self.method,
-            // A one-phase method's settings are recorded as given, its defaults as None.
-            steps: (self.steps != ti().steps).then_some(self.steps),
-            lr: (self.lr != ti().lr).then_some(self.lr),
-            images_per_step: (self.images_per_step != ti().images_per_step)
-                .then_some(self.images_per_step),
+            // Recorded as given; None takes the method's default.
+            steps: self.steps,
+            lr: self.lr,
+            images_per_step: self.images_per_step,
             warmup_steps: self.warmup_steps,
             dsbal_steps: self.dsbal_steps,
             warmup_lr: self.warmup_lr,

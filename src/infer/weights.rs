@@ -23,6 +23,9 @@ pub struct Sources {
     pub token_table: Option<PathBuf>,
     /// Pseudo-word -> class word, from a trained folder's record (for `--layout-steps`).
     pub class_words: std::collections::BTreeMap<String, String>,
+    /// Words that stand for other text in prompts, from the record (DreamBooth's
+    /// `<v0>` -> "sks person").
+    pub aliases: std::collections::BTreeMap<String, String>,
     /// A training checkpoint holding the adapters and pseudo-word rows (in place of
     /// `lora` and `embeds`), and the adapters' `alpha / rank`.
     pub checkpoint: Option<(PathBuf, f64)>,
@@ -43,6 +46,8 @@ pub struct Personalized {
 impl Personalized {
     pub fn load(src: &Sources, device: &Device, dtype: DType) -> Result<Self> {
         let mut sd = StableDiffusion::load(&src.model, device, dtype)?;
+        let aliases: Vec<(String, String)> = src.aliases.clone().into_iter().collect();
+        sd.tokenizer.add_aliases(&aliases)?;
         if let Some((file, scale)) = &src.checkpoint {
             return from_checkpoint(sd, file, *scale, src, device);
         }
@@ -109,8 +114,15 @@ fn from_checkpoint(
     device: &Device,
 ) -> Result<Personalized> {
     let mut t = crate::io::checkpoint::load(file, device)?;
-    // A method that trains no adapters (`ti`) checkpoints none.
-    let has_lora = t.keys().any(|k| k.starts_with("lora."));
+    // The layers the run adapted: all (MagicTailor), some (DreamBooth) or none (TI).
+    let adapted: std::collections::HashSet<String> = (t.keys())
+        .filter_map(|k| {
+            k.strip_prefix("lora.")?
+                .strip_suffix(".A")
+                .map(String::from)
+        })
+        .collect();
+    let has_lora = !adapted.is_empty();
     let mut take = |name: &str| {
         t.remove(name).ok_or_else(|| {
             Error::bad_file(
@@ -120,7 +132,7 @@ fn from_checkpoint(
         })
     };
     let mut lora = LoraSet::default();
-    for target in sd.unet.lora_targets().into_iter().filter(|_| has_lora) {
+    for target in (sd.unet.lora_targets().into_iter()).filter(|t| adapted.contains(&t.path)) {
         let (a, b) = (
             take(&format!("lora.{}.A", target.path))?,
             take(&format!("lora.{}.B", target.path))?,
@@ -130,14 +142,20 @@ fn from_checkpoint(
             crate::model::lora::LoraWeights { a, b, scale },
         );
     }
-    let rows = take("rows")?;
-    let words: Vec<String> = (0..rows.dim(0)?).map(pseudo_word).collect();
-    sd.tokenizer.add_pseudo_words(&words)?;
+    // A method that names samples by aliases trains no rows.
+    let rows = match src.aliases.is_empty() {
+        true => Some(take("rows")?),
+        false => None,
+    };
+    if let Some(rows) = &rows {
+        let words: Vec<String> = (0..rows.dim(0)?).map(pseudo_word).collect();
+        sd.tokenizer.add_pseudo_words(&words)?;
+    }
     let token_table = take("table").ok();
     Ok(Personalized {
         sd,
         lora: has_lora.then_some(lora),
-        extra_rows: Some(rows),
+        extra_rows: rows,
         token_table,
         class_words: src.class_words.clone(),
     })
@@ -189,6 +207,7 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
                 embeds: opts.embeds.clone(),
                 token_table: None,
                 class_words: Default::default(),
+                aliases: Default::default(),
                 checkpoint: None,
             });
         }
@@ -204,6 +223,7 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
         embeds: opts.embeds.clone().or(folder.embeds),
         token_table: folder.token_table,
         class_words: folder.record.tokens,
+        aliases: folder.record.aliases,
         checkpoint: None,
     })
 }
@@ -259,13 +279,15 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
             ))
         }
     };
-    let class_words = run::open(dir).map(|f| f.record.tokens).unwrap_or_default();
+    let record = run::open(dir).map(|f| f.record).ok();
+    let (class_words, aliases) = record.map(|r| (r.tokens, r.aliases)).unwrap_or_default();
     Ok(Sources {
         model,
         lora: None,
         embeds: None,
         token_table: None,
         class_words,
+        aliases,
         checkpoint: Some((file, alpha / rank)),
     })
 }

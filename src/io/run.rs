@@ -57,6 +57,9 @@ pub struct RunRecord {
     /// rates, and what a step drew (`train::method::Recipe::describe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<serde_json::Value>,
+    /// Words that stand for other text in prompts (DreamBooth: `<v0>` -> "sks person").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aliases: BTreeMap<String, String>,
     #[serde(default)]
     /// Pseudo-word -> the class word it started from.
     pub tokens: BTreeMap<String, String>,

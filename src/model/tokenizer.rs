@@ -3,6 +3,8 @@
 //!
 //! Pseudo-words (`<v0>`, `<v1>`, ...) are added tokens, never split. Their ids are
 //! remapped to `encoder_vocab + k`, so the text encoder reads them from its added rows.
+//! An alias (`<v0>` -> "sks person", DreamBooth's identifier) is text put in the word's
+//! place before tokenizing: prompts name every method's subjects the same way.
 
 use std::path::Path;
 
@@ -31,6 +33,8 @@ pub struct ClipTokenizer {
     eos_id: u32,
     max_len: usize,
     added: Vec<String>,
+    /// `<vN>` -> the text it stands for, in the order added.
+    aliases: Vec<(String, String)>,
 }
 
 impl ClipTokenizer {
@@ -79,6 +83,7 @@ impl ClipTokenizer {
             eos_id,
             max_len,
             added: Vec::new(),
+            aliases: Vec::new(),
         })
     }
 
@@ -114,6 +119,31 @@ impl ClipTokenizer {
         &self.added
     }
 
+    /// Makes each `(word, text)`'s word stand for its text in every prompt (DreamBooth's
+    /// identifiers: `<v0>` -> "sks person"). A word cannot be both an alias and a
+    /// pseudo-word with a row.
+    pub fn add_aliases(&mut self, aliases: &[(String, String)]) -> Result<()> {
+        for (word, text) in aliases {
+            if self.added.contains(word) {
+                return Err(Error::usage(format!(
+                    "{word} has an embedding row and an alias ({text:?}): a model takes one."
+                )));
+            }
+            self.aliases.retain(|(w, _)| w != word);
+            self.aliases.push((word.clone(), text.clone()));
+        }
+        Ok(())
+    }
+
+    /// `text` with every alias replaced by what it stands for.
+    fn expand(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (word, with) in &self.aliases {
+            out = out.replace(word.as_str(), with);
+        }
+        out
+    }
+
     fn pseudo_word_id(&self, w: &str) -> Option<u32> {
         self.added
             .iter()
@@ -125,7 +155,7 @@ impl ClipTokenizer {
     fn ids(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, true)
+            .encode(self.expand(text), true)
             .map_err(|e| Error::usage(format!("cannot tokenize {text:?}: {e}")))?;
         Ok(enc
             .get_ids()
@@ -206,7 +236,7 @@ impl ClipTokenizer {
 
     /// Words of the form `<...>` in a prompt that are not known pseudo-words.
     pub fn unknown_pseudo_words(&self, text: &str) -> Vec<String> {
-        let known = |w: &String| self.added.contains(w);
+        let known = |w: &String| self.added.contains(w) || self.aliases.iter().any(|(a, _)| a == w);
         pseudo_words_in(text)
             .into_iter()
             .filter(|w| !known(w))

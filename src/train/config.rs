@@ -396,7 +396,7 @@ impl TrainConfig {
 /// The settings only some methods read, by flag, with those methods.
 const FLAGS_BY_METHOD: [(&str, &[Method]); 18] = {
     const MT: &[Method] = &[Method::MagicTailor];
-    const ONE: &[Method] = &[Method::Ti];
+    const ONE: &[Method] = &[Method::Ti, Method::DreamBooth];
     [
         ("--steps", ONE),
         ("--lr", ONE),

@@ -13,15 +13,17 @@ use crate::model::tokenizer::pseudo_word;
 impl Trainer {
     /// Writes the adapters, embeddings and run record into `dir`, each file atomically.
     pub fn export(&self, dir: &Path) -> Result<()> {
-        if !self.lora.modules.is_empty() {
-            let targets = self.sd.unet.lora_targets();
+        if let Some(shape) = &self.recipe.trains.lora {
+            let targets = super::setup::lora_targets(&self.sd, shape.only);
             let set = self.lora.as_set();
             set.save_peft(&dir.join(run::LORA), &targets)?;
             set.save_kohya(&dir.join(run::LORA_KOHYA), &targets)?;
         }
-        let embeds = self.embeds()?;
-        embeds::save(&dir.join(run::EMBEDS), &embeds)?;
-        embeds::save_a1111(&dir.join(run::A1111_EMBEDS), &embeds)?;
+        if self.recipe.trains.rows {
+            let embeds = self.embeds()?;
+            embeds::save(&dir.join(run::EMBEDS), &embeds)?;
+            embeds::save_a1111(&dir.join(run::A1111_EMBEDS), &embeds)?;
+        }
         if let Some(table) = &self.table {
             // The released script saves and reloads the whole drifted table.
             let t = HashMap::from([(run::TOKEN_TABLE_KEY.to_string(), table.as_detached_tensor())]);
@@ -34,6 +36,15 @@ impl Trainer {
     pub fn embeds(&self) -> Result<embeds::Embeds> {
         (0..self.class_words.len())
             .map(|i| Ok((pseudo_word(i), self.rows.as_tensor().get(i)?.detach())))
+            .collect()
+    }
+
+    /// Each sample's word and the text it stands for, where the method names samples by
+    /// identifiers (`infer` and `eval` read them from the record).
+    fn aliases(&self) -> std::collections::BTreeMap<String, String> {
+        let ids = self.recipe.identifiers.unwrap_or_default();
+        (ids.iter().zip(&self.class_words).enumerate())
+            .map(|(i, (id, class))| (pseudo_word(i), format!("{id} {class}")))
             .collect()
     }
 
@@ -54,6 +65,7 @@ impl Trainer {
         Ok(run::RunRecord {
             base_model: base,
             method: Some(self.recipe.describe(self.num_images())),
+            aliases: self.aliases(),
             tokens,
             steps_done: self.step,
             config,

@@ -21,6 +21,11 @@ pub enum Method {
     #[serde(rename = "ti")]
     #[value(name = "ti")]
     Ti,
+    /// DreamBooth-LoRA as diffusers' example trains it: LoRA on the attention
+    /// projections, rare-token identifiers instead of new words.
+    #[serde(rename = "dreambooth")]
+    #[value(name = "dreambooth")]
+    DreamBooth,
 }
 
 impl Method {
@@ -29,6 +34,7 @@ impl Method {
         match self {
             Method::MagicTailor => "magictailor",
             Method::Ti => "ti",
+            Method::DreamBooth => "dreambooth",
         }
     }
 
@@ -44,6 +50,12 @@ impl Method {
                 lr: 5e-4,
                 images_per_step: 4,
             }),
+            // The README of train_dreambooth_lora.py: batch 1, 500 steps, lr 1e-4.
+            Method::DreamBooth => Some(OnePhase {
+                steps: 500,
+                lr: 1e-4,
+                images_per_step: 1,
+            }),
         }
     }
 }
@@ -58,6 +70,14 @@ pub struct OnePhase {
     /// (the mean over them is the same gradient, as the U-Net has no batch statistics).
     pub images_per_step: usize,
 }
+
+/// DreamBooth's identifiers, one per sample: rare tokens of CLIP's vocabulary that the
+/// community uses ("sks" is the DreamBooth README's), each followed by its class word.
+pub const DREAMBOOTH_IDENTIFIERS: [&str; 4] = ["sks", "ohwx", "zwx", "phol"];
+
+/// The layers DreamBooth-LoRA adapts: every attention's projections (diffusers'
+/// `target_modules`).
+pub const ATTENTION_PROJECTIONS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
 /// Textual Inversion's prompts, diffusers' `imagenet_templates_small` ("object"): one
 /// drawn per image per step, `{}` the pseudo-word.
@@ -112,6 +132,8 @@ pub enum Phase {
     Joint,
     /// Textual Inversion: the mean masked diffusion loss, only the pseudo-word rows train.
     TextualInversion,
+    /// DreamBooth-LoRA: the mean masked diffusion loss, only the adapters train.
+    DreamBooth,
 }
 
 impl Phase {
@@ -122,6 +144,7 @@ impl Phase {
             Phase::DsBal => "ds-bal",
             Phase::Joint => "joint",
             Phase::TextualInversion => "ti",
+            Phase::DreamBooth => "dreambooth",
         }
     }
 }
@@ -147,10 +170,12 @@ pub struct PhasePlan {
     pub fresh_optimizer: bool,
 }
 
-/// What the optimizer updates. Always one pseudo-word embedding row per sample, starting
-/// at the embedding of its class word's first token.
+/// What the optimizer updates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trains {
+    /// One pseudo-word embedding row per sample, starting at the embedding of its class
+    /// word's first token; off, the samples are named by `Recipe::identifiers`.
+    pub rows: bool,
     /// LoRA adapters on every layer the U-Net's `lora_targets` names.
     pub lora: Option<LoraShape>,
     /// Also the whole token-embedding table (`--released-script`).
@@ -164,6 +189,8 @@ pub struct LoraShape {
     pub rank: usize,
     pub alpha: f64,
     pub max_grad_norm: f64,
+    /// The U-Net's adaptable layers whose names end so; None: all of them.
+    pub only: Option<&'static [&'static str]>,
 }
 
 /// The momentum adapters of DS-Bal phases: a copy of the online ones when the first
@@ -231,6 +258,9 @@ pub enum Flip {
 pub struct Recipe {
     pub method: Method,
     pub trains: Trains,
+    /// Existing tokens naming the samples in place of trained rows (DreamBooth): sample
+    /// `s`'s word stands for `"{identifiers[s]} {class word}"`.
+    pub identifiers: Option<&'static [&'static str]>,
     /// The weights of L_attn and L_pres (L_diff weighs 1).
     pub losses: LossWeights,
     /// In order; step `d` (from 1) belongs to the first phase whose steps reach it.
@@ -268,6 +298,7 @@ impl Recipe {
         match cfg.method {
             Method::MagicTailor => Self::magictailor(cfg, n_images),
             Method::Ti => Self::textual_inversion(cfg),
+            Method::DreamBooth => Self::dreambooth(cfg),
         }
     }
 
@@ -300,14 +331,17 @@ impl Recipe {
         Self {
             method: Method::MagicTailor,
             trains: Trains {
+                rows: true,
                 // As the released script: only the U-Net's (LoRA) gradients are clipped.
                 lora: Some(LoraShape {
                     rank: cfg.lora_rank,
                     alpha: cfg.lora_alpha,
                     max_grad_norm: 1.0,
+                    only: None,
                 }),
                 token_table: cfg.released_script,
             },
+            identifiers: None,
             losses: LossWeights {
                 lambda_attn: cfg.lambda_attn,
                 lambda_pres: cfg.lambda_pres,
@@ -337,9 +371,11 @@ impl Recipe {
         Self {
             method: Method::Ti,
             trains: Trains {
+                rows: true,
                 lora: None,
                 token_table: false,
             },
+            identifiers: None,
             losses: LossWeights {
                 lambda_attn: 0.0,
                 lambda_pres: 0.0,
@@ -378,7 +414,12 @@ impl Recipe {
             })
             .collect();
         let lora = self.trains.lora.as_ref().map(|l| {
-            serde_json::json!({"rank": l.rank, "alpha": l.alpha, "max_grad_norm": l.max_grad_norm})
+            serde_json::json!({
+                "rank": l.rank,
+                "alpha": l.alpha,
+                "max_grad_norm": l.max_grad_norm,
+                "layers": l.only.map_or(serde_json::json!("all"), |o| serde_json::json!(o)),
+            })
         });
         let prompts = match self.draw.prompts {
             Prompts::Fixed(f) => serde_json::json!({ "fixed": f("{}") }),
@@ -387,7 +428,7 @@ impl Recipe {
         serde_json::json!({
             "name": self.method.name(),
             "trains": {
-                "pseudo_word_rows": true,
+                "pseudo_word_rows": self.trains.rows,
                 "lora": lora,
                 "token_table": self.trains.token_table,
             },
@@ -397,6 +438,7 @@ impl Recipe {
                 "lambda_pres": self.losses.lambda_pres,
             },
             "phases": phases,
+            "identifiers": self.identifiers,
             "images_per_step": self.images_per_step(n_images),
             "prompts": prompts,
             "flip": match self.draw.flip {
@@ -406,6 +448,52 @@ impl Recipe {
             },
             "color_jitter": self.draw.jitter,
         })
+    }
+
+    /// DreamBooth-LoRA, as diffusers' `train_dreambooth_lora.py` with its README recipe,
+    /// with the paper's masked diffusion loss (docs/method.md): LoRA of rank 4 (alpha 4,
+    /// A ~ N(0, 1/r), B = 0) on every attention's q/k/v/out projections, their gradients
+    /// clipped to norm 1, AdamW (weight decay 1e-2) at a constant 1e-4; one image a step,
+    /// prompted "a photo of {identifier} {class}"; no flip (the script has none).
+    pub fn dreambooth(cfg: &TrainConfig) -> Self {
+        let per_step = cfg.images_per_step();
+        let scale = if cfg.scale_lr { per_step as f64 } else { 1.0 };
+        Self {
+            method: Method::DreamBooth,
+            trains: Trains {
+                rows: false,
+                lora: Some(LoraShape {
+                    rank: 4,
+                    alpha: 4.0,
+                    max_grad_norm: 1.0,
+                    only: Some(&ATTENTION_PROJECTIONS),
+                }),
+                token_table: false,
+            },
+            identifiers: Some(&DREAMBOOTH_IDENTIFIERS),
+            losses: LossWeights {
+                lambda_attn: 0.0,
+                lambda_pres: 0.0,
+            },
+            phases: vec![PhasePlan {
+                phase: Phase::DreamBooth,
+                steps: cfg.steps(),
+                lr: cfg.lr() * scale,
+                lr_after_first: None,
+                fresh_optimizer: false,
+            }],
+            momentum: Momentum {
+                ema_decay: 0.0,
+                copy_at_first_update: false,
+            },
+            draw: Draw {
+                pick: Pick::Random(per_step),
+                prompts: Prompts::Fixed(|word| format!("a photo of {word}")),
+                jitter: 0.0,
+                flip: Flip::Off,
+                degradation: Degradation::new(Curve::Off, 0.0, 0.0),
+            },
+        }
     }
 
     /// Images a step trains on, out of `n_images`.

@@ -65,7 +65,7 @@ impl Trainer {
         let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
         check_sample_prompts(&cfg, words.len())?;
-        sd.tokenizer.add_pseudo_words(&words)?;
+        name_samples(&mut sd, &recipe, &words, &class_words)?;
         if cfg.sample_every != Some(0) {
             for p in &cfg.sample_prompts {
                 if let Some(w) = sd.tokenizer.check_length(p, "the sample prompt")? {
@@ -80,7 +80,7 @@ impl Trainer {
         let noise = NoiseAhead::new(cfg.seed, pool.noise_sizes(&sd, per_step)?, last);
         let lora = match &recipe.trains.lora {
             Some(shape) => TrainableLora::new(
-                &sd.unet.lora_targets(),
+                &lora_targets(&sd, shape.only),
                 shape.rank,
                 shape.alpha,
                 cfg.seed,
@@ -96,7 +96,7 @@ impl Trainer {
             None
         };
         let mut params = lora.vars();
-        params.push(rows.clone());
+        params.extend(recipe.trains.rows.then(|| rows.clone()));
         params.extend(table.clone());
         let opt = optimizer(params)?;
         Ok(Self {
@@ -116,6 +116,44 @@ impl Trainer {
             auto_masks: None,
         })
     }
+}
+
+/// Names each sample in prompts: a pseudo-word with a trained row, or (DreamBooth) an
+/// alias for its identifier and class word (`<v0>` -> "sks person").
+fn name_samples(
+    sd: &mut StableDiffusion,
+    recipe: &Recipe,
+    words: &[String],
+    class_words: &[String],
+) -> Result<()> {
+    let Some(ids) = recipe.identifiers else {
+        sd.tokenizer.add_pseudo_words(words)?;
+        return Ok(());
+    };
+    if words.len() > ids.len() {
+        return Err(Error::usage(format!(
+            "--method {} names at most {} samples (identifiers {}), but this pair has {}.",
+            recipe.method.name(),
+            ids.len(),
+            ids.join(", "),
+            words.len()
+        )));
+    }
+    let aliases: Vec<(String, String)> = (words.iter().zip(ids).zip(class_words))
+        .map(|((w, id), class)| (w.clone(), format!("{id} {class}")))
+        .collect();
+    sd.tokenizer.add_aliases(&aliases)
+}
+
+/// The U-Net's adaptable layers, or those whose names end in one of `only`.
+pub fn lora_targets(
+    sd: &StableDiffusion,
+    only: Option<&[&str]>,
+) -> Vec<crate::model::lora::LoraTarget> {
+    let keep = |path: &str| only.is_none_or(|o| o.iter().any(|s| path.ends_with(&format!(".{s}"))));
+    (sd.unet.lora_targets().into_iter())
+        .filter(|t| keep(&t.path))
+        .collect()
 }
 
 /// Loads the base model the settings name, refusing a resolution its VAE cannot take.

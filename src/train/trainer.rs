@@ -78,11 +78,11 @@ impl Trainer {
         self.pool.all.len()
     }
 
-    /// The text-side parameters the optimizer updates: pseudo-word rows, then the table.
+    /// The text-side parameters the optimizer updates: pseudo-word rows (where the method
+    /// trains them), then the table.
     pub(super) fn text_vars(&self) -> Vec<Var> {
-        std::iter::once(self.rows.clone())
-            .chain(self.table.clone())
-            .collect()
+        let rows = self.recipe.trains.rows.then(|| self.rows.clone());
+        rows.into_iter().chain(self.table.clone()).collect()
     }
 
     pub(super) fn text_params(&self) -> TextParams<'_> {
