@@ -285,28 +285,34 @@ fn bench_train(
     });
 }
 
-/// Seconds per step of `train --method ti`: 4 images drawn from the pair, only the
-/// pseudo-word rows train (text encoder and U-Net backward, no adapters).
-fn bench_ti(
+/// Seconds per step of a one-phase method: `ti` (4 images, only the pseudo-word rows
+/// train: text encoder and U-Net backward, no adapters) or `dreambooth` (1 image, rank-4
+/// LoRA on the attention projections).
+fn bench_one_phase(
     tg: &Target,
     name: &str,
+    method: magictailor::train::method::Method,
     model: &std::path::Path,
     pair: &std::path::Path,
     resolution: usize,
     reps: usize,
 ) {
-    use magictailor::train::method::Method;
     let mut t = trainer(tg, model, pair, resolution, |c| {
-        (c.method, c.steps) = (Method::Ti, Some(reps + 2))
+        (c.method, c.steps) = (method, Some(reps + 2))
     });
     let per_step = t.cfg.images_per_step();
     let times = step_times(tg, &mut t, reps + 1);
+    let label = match method.name() {
+        "ti" => "TI",
+        _ => "DreamBooth",
+    };
     println!(
-        "{name:>5} TI step, {per_step} images at {resolution} px: {:.3} s/step | {}",
+        "{name:>5} {label} step, {per_step} image{} at {resolution} px: {:.3} s/step | {}",
+        if per_step == 1 { "" } else { "s" },
         median(times[1..].to_vec()),
         tg.peak()
     );
-    println!("{name} TI step, profiled:");
+    println!("{name} {label} step, profiled:");
     profile_once(|| {
         t.train_step().unwrap();
     });
@@ -392,13 +398,15 @@ fn main() {
             && (filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str())))
     };
     let (tiny, mid, full) = (tmp.join("tiny"), tmp.join("mid"), tmp.join("full"));
-    if wanted("tiny-unet") || wanted("tiny-train") || wanted("tiny-ti") {
+    let tiny_rows = ["tiny-unet", "tiny-train", "tiny-ti", "tiny-dreambooth"];
+    if tiny_rows.iter().any(|r| wanted(r)) {
         tiny::write(&tiny, 0).unwrap();
     }
     let mid_rows = [
         "mid-unet",
         "mid-train",
         "mid-ti",
+        "mid-dreambooth",
         "mid-masks",
         "naive-attention",
     ];
@@ -429,9 +437,12 @@ fn main() {
         reset_peak();
         bench_train(&tg, "tiny", &tiny, &pair, 128, 5);
     }
-    if wanted("tiny-ti") {
-        reset_peak();
-        bench_ti(&tg, "tiny", &tiny, &pair, 128, 5);
+    use magictailor::train::method::Method;
+    for method in [Method::Ti, Method::DreamBooth] {
+        if wanted(&format!("tiny-{}", method.name())) {
+            reset_peak();
+            bench_one_phase(&tg, "tiny", method, &tiny, &pair, 128, 5);
+        }
     }
     if wanted("mid-unet") {
         reset_peak();
@@ -441,9 +452,11 @@ fn main() {
         reset_peak();
         bench_train(&tg, "mid", &mid, &pair, 256, 3);
     }
-    if wanted("mid-ti") {
-        reset_peak();
-        bench_ti(&tg, "mid", &mid, &pair, 256, 3);
+    for method in [Method::Ti, Method::DreamBooth] {
+        if wanted(&format!("mid-{}", method.name())) {
+            reset_peak();
+            bench_one_phase(&tg, "mid", method, &mid, &pair, 256, 3);
+        }
     }
     if wanted("mid-masks") {
         reset_peak();

@@ -387,6 +387,50 @@ def bench_ti(name, model, pair, res, reps, per_step=4):
     print(f"{name:>5} TI step, {per_step} images at {res} px: {secs:.3f} s/step | {peak()}")
 
 
+def bench_dreambooth(name, model, pair, res, reps):
+    """diffusers' train_dreambooth_lora.py step with the paper's masked loss: one image, the
+    frozen text encoder run on its prompt, peft LoRA rank 4 on every attention's
+    q/k/v/out, gradients clipped to 1, AdamW at 1e-4."""
+    unet = load(UNet2DConditionModel, model / "unet")
+    vae = load(AutoencoderKL, model / "vae")
+    te = load(CLIPTextModel, model / "text_encoder")
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    pixels, masks = load_pair(pair, res)
+    vocab = te.get_input_embeddings().weight.shape[0]
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latent = res // 8
+
+    def step():
+        pick = torch.randint(0, pixels.shape[0], (1,), device=DEV)
+        x, m = pixels[pick], masks[pick]
+        ids = torch.randint(0, vocab, (1, 77), device=DEV)
+        with torch.no_grad(), autocast():
+            z0 = vae.encode(x.to(DTYPE)).latent_dist.sample().float() * vae.config.scaling_factor
+            ctx = te(ids).last_hidden_state
+        t = torch.randint(0, 1000, (1,), device=DEV)
+        eps = torch.randn_like(z0)
+        z_t = ddpm.add_noise(z0, eps, t)
+        with autocast():
+            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
+        m_lat = F.interpolate(m, size=(latent, latent), mode="nearest")
+        loss = ((pred - eps) * m_lat).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    secs = timed(reps, step)
+    print(f"{name:>5} DreamBooth step, 1 image at {res} px: {secs:.3f} s/step | {peak()}")
+
+
 def main():
     global DEV, DTYPE
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -395,8 +439,8 @@ def main():
     ap.add_argument("configs", nargs="*", help="tiny, mid, full (default: tiny and mid on the CPU, full on CUDA)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
-    ap.add_argument("--rows", default="unet,train,ti,infer",
-                    help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, infer (full only)")
+    ap.add_argument("--rows", default="unet,train,ti,dreambooth,infer",
+                    help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, infer (full only)")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -423,6 +467,9 @@ def main():
         if "ti" in rows:
             reset_peak()
             bench_ti(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "dreambooth" in rows:
+            reset_peak()
+            bench_dreambooth(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
         if "infer" in rows and c.get("infer"):
             reset_peak()
             bench_infer(name, model, c["resolution"], c["reps"])
