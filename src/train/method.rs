@@ -366,22 +366,60 @@ impl Recipe {
     /// rows, AdamW (weight decay 1e-2, no clipping) at a constant rate, `images_per_step`
     /// images a step drawn at random, each with a random template and its own flip.
     pub fn textual_inversion(cfg: &TrainConfig) -> Self {
+        let trains = Trains {
+            rows: true,
+            lora: None,
+            token_table: false,
+        };
+        let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
+        let prompts = Prompts::Templates(&TI_TEMPLATES);
+        Self::one_phase(cfg, Phase::TextualInversion, trains, None, prompts, flip)
+    }
+
+    /// DreamBooth-LoRA, as diffusers' `train_dreambooth_lora.py` with its README recipe,
+    /// with the paper's masked diffusion loss (docs/method.md): LoRA of rank 4 (alpha 4,
+    /// A ~ N(0, 1/r), B = 0) on every attention's q/k/v/out projections, their gradients
+    /// clipped to norm 1, AdamW (weight decay 1e-2) at a constant 1e-4; one image a step,
+    /// prompted "a photo of {identifier} {class}"; no flip (the script has none).
+    pub fn dreambooth(cfg: &TrainConfig) -> Self {
+        let trains = Trains {
+            rows: false,
+            lora: Some(LoraShape {
+                rank: 4,
+                alpha: 4.0,
+                max_grad_norm: 1.0,
+                only: Some(&ATTENTION_PROJECTIONS),
+            }),
+            token_table: false,
+        };
+        let ids = Some(&DREAMBOOTH_IDENTIFIERS[..]);
+        let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
+        Self::one_phase(cfg, Phase::DreamBooth, trains, ids, prompts, Flip::Off)
+    }
+
+    /// A method of one phase: `cfg.steps()` steps at `cfg.lr()` (times the images per
+    /// step under `scale_lr`), the masked diffusion loss alone, `cfg.images_per_step()`
+    /// images drawn at random each step, no jitter and no DM-Deg.
+    fn one_phase(
+        cfg: &TrainConfig,
+        phase: Phase,
+        trains: Trains,
+        identifiers: Option<&'static [&'static str]>,
+        prompts: Prompts,
+        flip: Flip,
+    ) -> Self {
         let per_step = cfg.images_per_step();
         let scale = if cfg.scale_lr { per_step as f64 } else { 1.0 };
         Self {
-            method: Method::Ti,
-            trains: Trains {
-                rows: true,
-                lora: None,
-                token_table: false,
-            },
-            identifiers: None,
+            method: cfg.method,
+            trains,
+            identifiers,
             losses: LossWeights {
                 lambda_attn: 0.0,
                 lambda_pres: 0.0,
             },
             phases: vec![PhasePlan {
-                phase: Phase::TextualInversion,
+                phase,
                 steps: cfg.steps(),
                 lr: cfg.lr() * scale,
                 lr_after_first: None,
@@ -393,9 +431,9 @@ impl Recipe {
             },
             draw: Draw {
                 pick: Pick::Random(per_step),
-                prompts: Prompts::Templates(&TI_TEMPLATES),
+                prompts,
                 jitter: 0.0,
-                flip: if cfg.flip { Flip::PerImage } else { Flip::Off },
+                flip,
                 degradation: Degradation::new(Curve::Off, 0.0, 0.0),
             },
         }
@@ -448,52 +486,6 @@ impl Recipe {
             },
             "color_jitter": self.draw.jitter,
         })
-    }
-
-    /// DreamBooth-LoRA, as diffusers' `train_dreambooth_lora.py` with its README recipe,
-    /// with the paper's masked diffusion loss (docs/method.md): LoRA of rank 4 (alpha 4,
-    /// A ~ N(0, 1/r), B = 0) on every attention's q/k/v/out projections, their gradients
-    /// clipped to norm 1, AdamW (weight decay 1e-2) at a constant 1e-4; one image a step,
-    /// prompted "a photo of {identifier} {class}"; no flip (the script has none).
-    pub fn dreambooth(cfg: &TrainConfig) -> Self {
-        let per_step = cfg.images_per_step();
-        let scale = if cfg.scale_lr { per_step as f64 } else { 1.0 };
-        Self {
-            method: Method::DreamBooth,
-            trains: Trains {
-                rows: false,
-                lora: Some(LoraShape {
-                    rank: 4,
-                    alpha: 4.0,
-                    max_grad_norm: 1.0,
-                    only: Some(&ATTENTION_PROJECTIONS),
-                }),
-                token_table: false,
-            },
-            identifiers: Some(&DREAMBOOTH_IDENTIFIERS),
-            losses: LossWeights {
-                lambda_attn: 0.0,
-                lambda_pres: 0.0,
-            },
-            phases: vec![PhasePlan {
-                phase: Phase::DreamBooth,
-                steps: cfg.steps(),
-                lr: cfg.lr() * scale,
-                lr_after_first: None,
-                fresh_optimizer: false,
-            }],
-            momentum: Momentum {
-                ema_decay: 0.0,
-                copy_at_first_update: false,
-            },
-            draw: Draw {
-                pick: Pick::Random(per_step),
-                prompts: Prompts::Fixed(|word| format!("a photo of {word}")),
-                jitter: 0.0,
-                flip: Flip::Off,
-                degradation: Degradation::new(Curve::Off, 0.0, 0.0),
-            },
-        }
     }
 
     /// Images a step trains on, out of `n_images`.
