@@ -17,7 +17,8 @@ pub struct RunInfo {
     pub dir: PathBuf,
     /// The settings the run records (its record, else its latest checkpoint).
     pub settings: Value,
-    /// Pseudo-word -> class word, where the run finished.
+    /// Pseudo-word -> class word (or the text it stands for, DreamBooth), where the run
+    /// finished.
     pub tokens: Vec<(String, String)>,
     pub steps_done: usize,
     pub total_steps: Option<usize>,
@@ -57,7 +58,14 @@ pub fn read(dir: &Path) -> Result<RunInfo> {
     ];
     Ok(RunInfo {
         dir: dir.to_path_buf(),
-        tokens: (record.iter().flat_map(|r| r.tokens.clone())).collect(),
+        // What each word stands for: its alias (DreamBooth's "sks person"), else its class.
+        tokens: (record.iter())
+            .flat_map(|r| {
+                r.tokens
+                    .iter()
+                    .map(|(w, c)| (w.clone(), r.aliases.get(w).unwrap_or(c).clone()))
+            })
+            .collect(),
         finished: record.is_some() && total.is_some_and(|t| steps_done >= t),
         files: (outputs.iter())
             .filter(|f| dir.join(f).exists())
@@ -100,9 +108,10 @@ impl RunInfo {
         let (res, dtype) = (&s["resolution"], s["dtype"].as_str().unwrap_or("?"));
         match settings_of(s) {
             Some(c) if c.method.one_phase().is_some() => format!(
-                "{} steps of {} images, lr {}, {res} px, {dtype}",
+                "{} steps of {} image{}, lr {}, {res} px, {dtype}",
                 c.steps(),
                 c.images_per_step(),
+                if c.images_per_step() == 1 { "" } else { "s" },
                 c.lr()
             ),
             _ => format!(

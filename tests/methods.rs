@@ -446,6 +446,18 @@ fn dreambooth_trains_attention_adapters_and_names_samples_by_identifiers() {
         &png("step2.png"),
     );
 
+    // `eval` reads the same names from the record.
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "{}\n<v0> on the beach\n").unwrap();
+    let (clip, dino) = (fixture("tiny-clip"), fixture("tiny-dinov2"));
+    let mut e = vec!["--model-dir", dir, "--prompts-file", prompts.to_str().unwrap()];
+    e.extend(["--seeds", "0", "--steps", "2", "--width", "64", "--height", "64"]);
+    e.extend(["--clip-model", &clip, "--dino-model", &dino, "--json"]);
+    let o = run_bin("eval", &e);
+    ok(&o);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(report["protocol"]["seeds"] == serde_json::json!([0]), "{report}");
+
     // Leave the adapters and an image from fixed latents for
     // scripts/check_rust_exports.py, which loads the file with diffusers'
     // `load_lora_weights` and draws "a photo of sks person".
