@@ -450,13 +450,23 @@ fn dreambooth_trains_attention_adapters_and_names_samples_by_identifiers() {
     let prompts = tmp.path().join("prompts.txt");
     std::fs::write(&prompts, "{}\n<v0> on the beach\n").unwrap();
     let (clip, dino) = (fixture("tiny-clip"), fixture("tiny-dinov2"));
-    let mut e = vec!["--model-dir", dir, "--prompts-file", prompts.to_str().unwrap()];
-    e.extend(["--seeds", "0", "--steps", "2", "--width", "64", "--height", "64"]);
+    let mut e = vec![
+        "--model-dir",
+        dir,
+        "--prompts-file",
+        prompts.to_str().unwrap(),
+    ];
+    e.extend([
+        "--seeds", "0", "--steps", "2", "--width", "64", "--height", "64",
+    ]);
     e.extend(["--clip-model", &clip, "--dino-model", &dino, "--json"]);
     let o = run_bin("eval", &e);
     ok(&o);
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(report["protocol"]["seeds"] == serde_json::json!([0]), "{report}");
+    assert!(
+        report["protocol"]["seeds"] == serde_json::json!([0]),
+        "{report}"
+    );
 
     // Leave the adapters and an image from fixed latents for
     // scripts/check_rust_exports.py, which loads the file with diffusers'
@@ -559,4 +569,59 @@ fn a_dreambooth_step_matches_diffusers() {
         worst < 1e-4,
         "worst adapter gradient error, relative: {worst}"
     );
+}
+
+/// `batch --method ti` trains every pair with the method (one model load), and a re-run
+/// finds them finished.
+#[test]
+fn batch_trains_every_pair_with_the_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pairs");
+    for (concept, component) in [("person_a", "hair_a"), ("person_b", "hair_b")] {
+        let mut spec = PairSpec::training();
+        (spec.samples[0].0, spec.samples[1].0) = (concept, component);
+        pair_folder(&dir, &spec);
+    }
+    let (root, model) = (tmp.path().join("runs"), tiny_sd());
+    let (d, r) = (dir.to_str().unwrap(), root.to_str().unwrap());
+    let mut args = vec![
+        "--pairs",
+        d,
+        "--out-dir",
+        r,
+        "--model",
+        &model,
+        "--resolution",
+        "64",
+    ];
+    args.extend([
+        "--method",
+        "ti",
+        "--steps",
+        "2",
+        "--images-per-step",
+        "2",
+        "--quiet",
+    ]);
+    ok(&run_bin("batch", &args));
+    let text = std::fs::read_to_string(root.join("batch_summary.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = (text.lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["status"], "trained", "{l}");
+        assert_eq!(l["steps_done"], 2);
+        assert_eq!(l["total_steps"], 2);
+        let out = root.join(l["pair"].as_str().unwrap());
+        assert_eq!(record(&out)["method"]["name"], "ti");
+        assert!(out.join("learned_embeds.safetensors").exists());
+        assert!(!out.join("pytorch_lora_weights.safetensors").exists());
+    }
+    ok(&run_bin("batch", &args));
+    let text = std::fs::read_to_string(root.join("batch_summary.jsonl")).unwrap();
+    let again: Vec<serde_json::Value> = (text.lines().skip(2))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(again.iter().all(|l| l["status"] == "skipped"), "{again:?}");
 }
