@@ -446,6 +446,19 @@ fn dreambooth_trains_attention_adapters_and_names_samples_by_identifiers() {
         &png("step2.png"),
     );
 
+    // An unfinished run (no record yet): its checkpoint carries the names.
+    let unfinished = tmp.path().join("unfinished");
+    std::fs::create_dir_all(unfinished.join("checkpoints")).unwrap();
+    let ckpt = "checkpoints/step-000002.safetensors";
+    std::fs::copy(out.join(ckpt), unfinished.join(ckpt)).unwrap();
+    let u = unfinished.to_str().unwrap();
+    let args = ["--model-dir", u, "--checkpoint", "2"];
+    draw(&args, "a photo of <v0> with <v1>", &png("unfinished.png"));
+    assert_eq!(
+        png_max_diff(&pixels("step2.png"), &pixels("unfinished.png")),
+        0
+    );
+
     // `eval` reads the same names from the record.
     let prompts = tmp.path().join("prompts.txt");
     std::fs::write(&prompts, "{}\n<v0> on the beach\n").unwrap();

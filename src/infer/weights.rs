@@ -280,7 +280,16 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         }
     };
     let record = run::open(dir).map(|f| f.record).ok();
-    let (class_words, aliases) = record.map(|r| (r.tokens, r.aliases)).unwrap_or_default();
+    let (class_words, mut aliases) = record.map(|r| (r.tokens, r.aliases)).unwrap_or_default();
+    // An unfinished run has no record yet: its checkpoints carry the aliases.
+    if let Some(text) = tensors::metadata(&file, crate::io::checkpoint::ALIASES_KEY)? {
+        aliases = serde_json::from_str(&text).map_err(|e| {
+            Error::bad_file(
+                &file,
+                format!("{}: unreadable aliases: {e}", file.display()),
+            )
+        })?;
+    }
     Ok(Sources {
         model,
         lora: None,

@@ -13,6 +13,9 @@ use crate::error::{Error, IoOp, Result};
 /// (`train::segments::fixed`), so a resume can refuse different ones and `infer` can
 /// sample it.
 pub const SETTINGS_KEY: &str = "magictailor_settings";
+/// The header entry holding the words that stand for other text (DreamBooth's
+/// `<v0>` -> "sks person"), as JSON, so a checkpoint samples before the run has a record.
+pub const ALIASES_KEY: &str = "magictailor_aliases";
 
 pub fn dir(output: &Path) -> PathBuf {
     output.join(super::run::CHECKPOINTS)

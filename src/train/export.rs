@@ -41,7 +41,7 @@ impl Trainer {
 
     /// Each sample's word and the text it stands for, where the method names samples by
     /// identifiers (`infer` and `eval` read them from the record).
-    fn aliases(&self) -> std::collections::BTreeMap<String, String> {
+    pub(super) fn aliases(&self) -> std::collections::BTreeMap<String, String> {
         let ids = self.recipe.identifiers.unwrap_or_default();
         (ids.iter().zip(&self.class_words).enumerate())
             .map(|(i, (id, class))| (pseudo_word(i), format!("{id} {class}")))

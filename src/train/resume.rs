@@ -52,7 +52,13 @@ impl Trainer {
     /// the result in its header.
     pub fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
         let settings = serde_json::Value::Object(segments::fixed(&self.cfg)?).to_string();
-        let meta = HashMap::from([(crate::io::checkpoint::SETTINGS_KEY.to_string(), settings)]);
+        let mut meta = HashMap::from([(checkpoint::SETTINGS_KEY.to_string(), settings)]);
+        let aliases = self.aliases();
+        if !aliases.is_empty() {
+            let text = serde_json::to_string(&aliases)
+                .map_err(|e| crate::error::Error::internal(format!("serializing aliases: {e}")))?;
+            meta.insert(checkpoint::ALIASES_KEY.to_string(), text);
+        }
         let file = checkpoint::save(out, self.step, &self.checkpoint_tensors()?, meta)?;
         if let Some(keep) = self.cfg.keep_checkpoints {
             checkpoint::prune(out, keep)?;
