@@ -245,6 +245,23 @@ fn a_flag_of_another_method_is_refused_naming_the_method() {
     let a = with_args(base.clone(), &["--images-per-step", "4"]);
     assert_refused(&a, &out, &["--method magictailor", "--images-per-step"]);
 
+    // DreamBooth names four samples at most: refused from the folder alone, before any
+    // model loads (this model does not exist).
+    let mut five = PairSpec::training();
+    let extra = five.samples[1].1.clone();
+    for name in ["shirt_a", "hat_b", "bag_c"] {
+        five.samples.push((name, extra.clone()));
+    }
+    let many = pair_folder(tmp.path(), &five);
+    let missing = tmp.path().join("no-model").to_string_lossy().into_owned();
+    let a = quiet_train_args(many.to_str().unwrap(), out.to_str().unwrap(), &missing);
+    let a = with_args(a, &["--method", "dreambooth"]);
+    assert_refused(
+        &a,
+        &out,
+        &["--method dreambooth names at most 4 samples", "has 5"],
+    );
+
     // From a settings file, by value.
     let file = tmp.path().join("ti.toml");
     std::fs::write(&file, "method = \"ti\"\nema-decay = 0.5\n").unwrap();

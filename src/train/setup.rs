@@ -41,7 +41,10 @@ impl Trainer {
         model: Option<StableDiffusion>,
     ) -> std::result::Result<Self, Box<SetupError>> {
         let fail = |error, model| Box::new(SetupError { error, model });
-        let mut data = match cfg.validate().and_then(|()| load_pair(&cfg, device)) {
+        let loaded = (cfg.validate())
+            .and_then(|()| load_pair(&cfg, device))
+            .and_then(|data| check_against_pair(&cfg, &data).map(|()| data));
+        let mut data = match loaded {
             Ok(data) => data,
             Err(e) => return Err(fail(e, model)),
         };
@@ -64,7 +67,6 @@ impl Trainer {
         let recipe = Recipe::new(&cfg, data.num_images());
         let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
-        check_sample_prompts(&cfg, words.len())?;
         name_samples(&mut sd, &recipe, &words, &class_words)?;
         if cfg.sample_every != Some(0) {
             for p in &cfg.sample_prompts {
@@ -130,15 +132,6 @@ fn name_samples(
         sd.tokenizer.add_pseudo_words(words)?;
         return Ok(());
     };
-    if words.len() > ids.len() {
-        return Err(Error::usage(format!(
-            "--method {} names at most {} samples (identifiers {}), but this pair has {}.",
-            recipe.method.name(),
-            ids.len(),
-            ids.join(", "),
-            words.len()
-        )));
-    }
     let aliases: Vec<(String, String)> = (words.iter().zip(ids).zip(class_words))
         .map(|((w, id), class)| (w.clone(), format!("{id} {class}")))
         .collect();
@@ -188,6 +181,24 @@ fn make_masks(
         return Ok(None);
     }
     masks::auto::apply(sd, data, progress == Progress::Bar).map(Some)
+}
+
+/// The settings' checks that need the pair, before the model loads: sample prompts
+/// naming a word the pair lacks, and more samples than the method has identifiers.
+fn check_against_pair(cfg: &TrainConfig, data: &PairDataset) -> Result<()> {
+    let n = data.samples.len();
+    check_sample_prompts(cfg, n)?;
+    let recipe = Recipe::new(cfg, data.num_images());
+    match recipe.identifiers {
+        Some(ids) if n > ids.len() => Err(Error::usage(format!(
+            "--method {} names at most {} samples (identifiers {}), but {} has {n}.",
+            recipe.method.name(),
+            ids.len(),
+            ids.join(", "),
+            cfg.instance_dir.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses, before training starts, a sample prompt naming a pseudo-word this pair lacks.
