@@ -226,12 +226,17 @@ def load_pair(pair, res):
     return torch.stack(imgs).to(DEV), torch.stack(masks).to(DEV)
 
 
-def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
-    unet = load(UNet2DConditionModel, model / "unet")
-    vae = load(AutoencoderKL, model / "vae")
-    te = load(CLIPTextModel, model / "text_encoder")
-    for m in (unet, vae, te):
+def frozen(model):
+    """The U-Net, VAE and text encoder of `model`, none of them trainable."""
+    parts = (load(UNet2DConditionModel, model / "unet"), load(AutoencoderKL, model / "vae"),
+             load(CLIPTextModel, model / "text_encoder"))
+    for m in parts:
         m.requires_grad_(False)
+    return parts
+
+
+def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
+    unet, vae, te = frozen(model)
     lora(unet, "default")
     lora(unet, "momentum")
     unet.set_adapter("default")
@@ -341,11 +346,7 @@ def bench_ti(name, model, pair, res, reps, per_step=4):
     """diffusers' textual_inversion.py step with the paper's masked loss: 4 images drawn from
     the pair (batch 1 x 4 accumulated, as one batch of 4), a flip each, AdamW over the whole
     token table (lr 5e-4 x 4, weight decay 1e-2), every row but the two words restored."""
-    unet = load(UNet2DConditionModel, model / "unet")
-    vae = load(AutoencoderKL, model / "vae")
-    te = load(CLIPTextModel, model / "text_encoder")
-    for m in (unet, vae, te):
-        m.requires_grad_(False)
+    unet, vae, te = frozen(model)
     unet.set_attn_processor(AttnProcessor2_0())
     te.resize_token_embeddings(te.get_input_embeddings().weight.shape[0] + 2)
     table = te.get_input_embeddings().weight
@@ -391,11 +392,7 @@ def bench_dreambooth(name, model, pair, res, reps):
     """diffusers' train_dreambooth_lora.py step with the paper's masked loss: one image, the
     frozen text encoder run on its prompt, peft LoRA rank 4 on every attention's
     q/k/v/out, gradients clipped to 1, AdamW at 1e-4."""
-    unet = load(UNet2DConditionModel, model / "unet")
-    vae = load(AutoencoderKL, model / "vae")
-    te = load(CLIPTextModel, model / "text_encoder")
-    for m in (unet, vae, te):
-        m.requires_grad_(False)
+    unet, vae, te = frozen(model)
     unet.set_attn_processor(AttnProcessor2_0())
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))

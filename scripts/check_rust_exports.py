@@ -23,10 +23,18 @@ from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "..", "tests", "fixtures")
+
+
+def tiny_pipeline():
+    """The tiny fixture model as a diffusers pipeline, quiet."""
+    p = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
 export = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "target", "tmp", "export-check")
 
-pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
-pipe.set_progress_bar_config(disable=True)
+pipe = tiny_pipeline()
 pipe.load_lora_weights(export, weight_name="pytorch_lora_weights.safetensors")
 n_lora = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
 for tok, vec in load_file(os.path.join(export, "learned_embeds.safetensors")).items():
@@ -50,8 +58,7 @@ print(f"kohya file: diffusers loaded {n_kohya} LoRA modules; max pixel differenc
 
 # A folder written by `magictailor train`.
 trained = os.path.join(os.path.dirname(os.path.abspath(export)), "train-check")
-pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
-pipe.set_progress_bar_config(disable=True)
+pipe = tiny_pipeline()
 pipe.load_lora_weights(trained, weight_name="pytorch_lora_weights.safetensors")
 for tok, vec in load_file(os.path.join(trained, "learned_embeds.safetensors")).items():
     pipe.load_textual_inversion(vec, token=tok)
@@ -62,8 +69,7 @@ print(f"trained folder: diffusers reproduces magictailor's image within {diff_t}
 
 # A `--method ti` folder: no adapters, one A1111 file per word.
 ti = os.path.join(os.path.dirname(os.path.abspath(export)), "ti-check")
-pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
-pipe.set_progress_bar_config(disable=True)
+pipe = tiny_pipeline()
 for word in ("v0", "v1"):
     pipe.load_textual_inversion(os.path.join(ti, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
 img = pipe("a photo of <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
@@ -74,8 +80,7 @@ print(f"ti folder: diffusers reproduces magictailor's image within {diff_ti} lev
 
 # A `--method dreambooth` folder: adapters on the attention projections, `<v0>` = "sks person".
 db = os.path.join(os.path.dirname(os.path.abspath(export)), "dreambooth-check")
-pipe = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
-pipe.set_progress_bar_config(disable=True)
+pipe = tiny_pipeline()
 pipe.load_lora_weights(db, weight_name="pytorch_lora_weights.safetensors")
 n_db = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
 img = pipe("a photo of sks person", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,

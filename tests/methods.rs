@@ -278,17 +278,12 @@ fn a_textual_inversion_step_matches_diffusers() {
     use candle_core::{Tensor, Var};
     use magictailor::model::lora::LoraSet;
     use magictailor::train::method::LossWeights;
-    use magictailor::train::objective::{step_losses, Batch, Noised, TextParams};
+    use magictailor::train::objective::{step_losses, TextParams};
     use magictailor::train::optim::{AdamW, AdamWConfig};
 
     let dev = Device::Cpu;
-    let r =
-        candle_core::safetensors::load(fixtures().join("method_steps.safetensors"), &dev).unwrap();
-    let get = |k: &str| r[&format!("ti.{k}")].clone();
-    let usizes = |k: &str| -> Vec<usize> {
-        let v: Vec<i64> = get(k).to_vec1().unwrap();
-        v.into_iter().map(|x| x as usize).collect()
-    };
+    let step = ReferenceStep::load("ti");
+    let get = |k: &str| step.get(k);
     let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
     sd.tokenizer
         .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
@@ -299,40 +294,7 @@ fn a_textual_inversion_step_matches_diffusers() {
         "the photo of a <v0>",
         "a photo of my <v1>",
     ];
-    let ids: Vec<u32> = prompts
-        .iter()
-        .flat_map(|p| sd.tokenizer.encode(p).unwrap())
-        .collect();
-    let want_ids: Vec<Vec<i64>> = get("ids").to_vec2().unwrap();
-    let ids = Tensor::from_vec(ids, (4, 77), &dev).unwrap();
-    let got_ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
-    for (g, w) in got_ids.iter().zip(&want_ids) {
-        assert!(
-            g.iter().zip(w).all(|(a, b)| *a as i64 == *b),
-            "{g:?} vs {w:?}"
-        );
-    }
-    let sample_of = usizes("sample_of");
-    let token_pos = (got_ids.iter().zip(&sample_of))
-        .map(|(ids, s)| {
-            let word = sd.tokenizer.encode(&format!("<v{s}>")).unwrap()[1];
-            ids.iter().position(|&i| i == word).unwrap()
-        })
-        .collect();
-    let batch = Batch {
-        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(), // unused: latents are given
-        masks: get("masks"),
-        ids,
-        token_pos,
-        sample_of,
-        n_samples: 2,
-    };
-    let noised = Noised {
-        z_t: get("z_t"),
-        eps: get("eps"),
-        timesteps: usizes("t"),
-        masks: get("masks"),
-    };
+    let (batch, noised) = step.inputs(&sd, &prompts, step.usizes("sample_of"), 2);
 
     // The rows start at the class words' first tokens, as the trainer sets them.
     let init: Vec<candle_core::Tensor> = ["person", "hair"]
@@ -535,37 +497,19 @@ fn a_dreambooth_step_matches_diffusers() {
     use candle_core::Tensor;
     use magictailor::model::lora::{LoraModule, TrainableLora};
     use magictailor::train::method::{LossWeights, ATTENTION_PROJECTIONS};
-    use magictailor::train::objective::{step_losses, Batch, Noised, TextParams};
+    use magictailor::train::objective::{step_losses, TextParams};
     use magictailor::train::setup::lora_targets;
 
     let dev = Device::Cpu;
-    let r =
-        candle_core::safetensors::load(fixtures().join("method_steps.safetensors"), &dev).unwrap();
-    let get = |k: &str| r[&format!("db.{k}")].clone();
+    let step = ReferenceStep::load("db");
+    let get = |k: &str| step.get(k);
     let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
     let alias = [("<v0>".to_string(), "sks person".to_string())];
     sd.tokenizer.add_aliases(&alias).unwrap();
-    let ids = sd.tokenizer.encode("a photo of <v0>").unwrap();
-    let want: Vec<Vec<i64>> = get("ids").to_vec2().unwrap();
-    assert!(ids.iter().zip(&want[0]).all(|(a, b)| *a as i64 == *b));
-    let batch = Batch {
-        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(), // unused: latents are given
-        masks: get("masks"),
-        ids: Tensor::from_vec(ids, (1, 77), &dev).unwrap(),
-        token_pos: vec![4],
-        sample_of: vec![0],
-        n_samples: 1,
-    };
-    let t: Vec<i64> = get("t").to_vec1().unwrap();
-    let noised = Noised {
-        z_t: get("z_t"),
-        eps: get("eps"),
-        timesteps: t.into_iter().map(|x| x as usize).collect(),
-        masks: get("masks"),
-    };
+    let (batch, noised) = step.inputs(&sd, &["a photo of <v0>"], vec![0], 1);
     let targets = lora_targets(&sd, Some(&ATTENTION_PROJECTIONS));
     let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
-    let reference = r.keys().filter(|k| k.starts_with("db.grad.")).count() / 2;
+    let reference = step.count("grad.") / 2;
     assert_eq!(lora.modules.len(), reference, "the same adapted layers");
     for LoraModule { path, a, b } in &lora.modules {
         a.set(&get(&format!("{path}.A"))).unwrap();
@@ -654,4 +598,86 @@ fn batch_trains_every_pair_with_the_method() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(again.iter().all(|l| l["status"] == "skipped"), "{again:?}");
+}
+
+/// One method's reference step in `method_steps.safetensors` (scripts/make_method_fixtures.py),
+/// its tensors named without the method's prefix (`ti.`, `db.`).
+struct ReferenceStep(std::collections::HashMap<String, candle_core::Tensor>);
+
+impl ReferenceStep {
+    fn load(prefix: &str) -> Self {
+        let file = fixtures().join("method_steps.safetensors");
+        let all = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+        let pre = format!("{prefix}.");
+        Self(
+            (all.into_iter())
+                .filter_map(|(k, v)| Some((k.strip_prefix(&pre)?.to_string(), v)))
+                .collect(),
+        )
+    }
+
+    fn get(&self, k: &str) -> candle_core::Tensor {
+        self.0
+            .get(k)
+            .unwrap_or_else(|| panic!("the fixture lacks {k}"))
+            .clone()
+    }
+
+    fn usizes(&self, k: &str) -> Vec<usize> {
+        let v: Vec<i64> = self.get(k).to_vec1().unwrap();
+        v.into_iter().map(|x| x as usize).collect()
+    }
+
+    /// How many tensors' names start with `start`.
+    fn count(&self, start: &str) -> usize {
+        self.0.keys().filter(|k| k.starts_with(start)).count()
+    }
+
+    /// The step's batch (the prompts tokenized here, checked against the reference's ids,
+    /// each image's word found in its prompt) and its noised latents; the pixels are
+    /// unused, as the latents are given.
+    fn inputs(
+        &self,
+        sd: &StableDiffusion,
+        prompts: &[&str],
+        sample_of: Vec<usize>,
+        n_samples: usize,
+    ) -> (
+        magictailor::train::objective::Batch,
+        magictailor::train::objective::Noised,
+    ) {
+        use candle_core::Tensor;
+        use magictailor::train::objective::{Batch, Noised};
+        let ids: Vec<Vec<u32>> = (prompts.iter())
+            .map(|p| sd.tokenizer.encode(p).unwrap())
+            .collect();
+        let want: Vec<Vec<i64>> = self.get("ids").to_vec2().unwrap();
+        for (got, want) in ids.iter().zip(&want) {
+            let same = got.iter().zip(want).all(|(a, b)| *a as i64 == *b);
+            assert!(same, "{got:?} vs {want:?}");
+        }
+        let token_pos = (ids.iter().zip(&sample_of))
+            .map(|(ids, s)| {
+                let word = sd.tokenizer.encode(&format!("<v{s}>")).unwrap()[1];
+                ids.iter().position(|&i| i == word).unwrap()
+            })
+            .collect();
+        let flat: Vec<u32> = ids.concat();
+        let b = prompts.len();
+        let batch = Batch {
+            pixels: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+            masks: self.get("masks"),
+            ids: Tensor::from_vec(flat, (b, 77), &Device::Cpu).unwrap(),
+            token_pos,
+            sample_of,
+            n_samples,
+        };
+        let noised = Noised {
+            z_t: self.get("z_t"),
+            eps: self.get("eps"),
+            timesteps: self.usizes("t"),
+            masks: self.get("masks"),
+        };
+        (batch, noised)
+    }
 }

@@ -143,7 +143,7 @@ pub fn pair_folder(root: &Path, spec: &PairSpec) -> PathBuf {
     .unwrap_or_else(|e| panic!("writing a pair folder under {}: {e}", root.display()));
     if spec.other_masks {
         let others = dir.join("masks/others");
-        std::fs::create_dir_all(&others).unwrap();
+        std::fs::create_dir_all(&others).unwrap_or_else(|e| panic!("{}: {e}", others.display()));
         write_mask(&others.join("unrelated.png"), 10, 10, None);
     }
     dir
@@ -184,7 +184,7 @@ fn exif_rotated_jpeg(img: RgbImage) -> Vec<u8> {
             &mut std::io::Cursor::new(&mut jpeg),
             image::ImageFormat::Jpeg,
         )
-        .unwrap();
+        .expect("encoding a JPEG in memory");
     let mut tiff = b"II*\0\x08\0\0\0\x01\0".to_vec(); // little endian, IFD at 8, one entry
     tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]); // Orientation (0x0112), SHORT, 1, value 6
     tiff.extend([0, 0, 0, 0]); // no next IFD

@@ -95,29 +95,34 @@ impl Pool {
             Pick::All => (0..n).collect(),
             Pick::Random(k) => (0..k).map(|_| rng.random_range(0..n)).collect(),
         };
-        let prompted: Vec<(usize, String)> = (picked.iter())
-            .map(|&i| {
-                let s = self.all.sample_of[i];
-                let word = pseudo_word(s);
-                let prompt = match draw.prompts {
-                    Prompts::Fixed(f) => f(&word),
-                    Prompts::Templates(t) => t[rng.random_range(0..t.len())].replace("{}", &word),
-                };
-                (s, prompt)
-            })
-            .collect();
-        let (ids, token_pos) = prompt_ids(sd, &prompted)?;
         let idx = Tensor::from_vec(
             picked.iter().map(|&i| i as u32).collect::<Vec<_>>(),
             picked.len(),
             &sd.device,
         )?;
+        let sample_of: Vec<usize> = picked.iter().map(|&i| self.all.sample_of[i]).collect();
+        let (ids, token_pos) = match draw.prompts {
+            // Each image's fixed prompt is already tokenized in `all`.
+            Prompts::Fixed(_) => (
+                self.all.ids.index_select(&idx, 0)?,
+                picked.iter().map(|&i| self.all.token_pos[i]).collect(),
+            ),
+            Prompts::Templates(t) => {
+                let prompted: Vec<(usize, String)> = (sample_of.iter())
+                    .map(|&s| {
+                        let template = t[rng.random_range(0..t.len())];
+                        (s, template.replace("{}", &pseudo_word(s)))
+                    })
+                    .collect();
+                prompt_ids(sd, &prompted)?
+            }
+        };
         Ok(Cow::Owned(Batch {
             pixels: self.all.pixels.index_select(&idx, 0)?,
             masks: self.all.masks.index_select(&idx, 0)?,
             ids,
             token_pos,
-            sample_of: prompted.iter().map(|(s, _)| *s).collect(),
+            sample_of,
             n_samples: self.all.n_samples,
         }))
     }
