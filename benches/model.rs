@@ -199,6 +199,7 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
     let w = Weights {
         sd: &sd,
         lora: None,
+        tuned: None,
         extra_rows: None,
         token_table: None,
     };

@@ -97,6 +97,7 @@ impl RunInfo {
         match method {
             Some((Method::Ti, _)) => "Textual Inversion",
             Some((Method::DreamBooth, _)) => "DreamBooth-LoRA",
+            Some((Method::CustomDiffusion, _)) => "Custom Diffusion",
             Some((Method::MagicTailor, true)) => "MagicTailor (as the released script)",
             _ => "MagicTailor",
         }

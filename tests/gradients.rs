@@ -1,6 +1,7 @@
 //! Every gradient path the trainer relies on, against central finite differences in f64:
 //! LoRA A and B on self- and cross-attention q/k/v/out, proj_in/out and ff.net.2, the
-//! pseudo-word rows through the whole CLIP encoder, and the loss on recorded
+//! pseudo-word rows through the whole CLIP encoder, tuned whole matrices (Custom
+//! Diffusion's cross-attention keys and values), and the loss on recorded
 //! cross-attention maps. (candle's fused LayerNorm and softmax_last_dim would drop these
 //! silently; see docs/candle.md §1.)
 
@@ -12,11 +13,13 @@ use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::{LoraModule, TrainableLora};
 use magictailor::model::nn::Ctx;
 use magictailor::model::probe::{AttnProbe, BlockKind};
+use magictailor::model::tuned::TrainableTuned;
 use magictailor::rng::seeded_normal;
 
 struct Setup {
     sd: StableDiffusion,
     lora: TrainableLora,
+    tuned: TrainableTuned,
     rows: Var,
     ids: Tensor,
     x: Tensor,
@@ -69,6 +72,7 @@ fn setup() -> Setup {
         w_attn: f64n(4, &[2, 16, 77]),
         sd,
         lora,
+        tuned: TrainableTuned::none(),
         rows,
         ids,
     }
@@ -82,6 +86,7 @@ fn loss(s: &Setup) -> Tensor {
             .unwrap();
     let probe = AttnProbe::new(&[4], &[BlockKind::Down, BlockKind::Up]);
     let set = s.lora.as_set();
+    let tuned = s.tuned.as_set();
     let out =
         s.sd.unet
             .forward(
@@ -90,6 +95,7 @@ fn loss(s: &Setup) -> Tensor {
                 &ctx_text,
                 Ctx {
                     lora: Some(&set),
+                    tuned: Some(&tuned),
                     probe: Some(&probe),
                 },
             )
@@ -198,6 +204,35 @@ fn lora_and_token_row_gradients_match_finite_differences() {
     for v in s.lora.vars() {
         assert!(grads.get(v.as_tensor()).is_some());
     }
+}
+
+/// Tuned whole matrices (Custom Diffusion's cross-attention keys and values, here with the
+/// start-of-text token not held back): their gradients through attention, and the rows'
+/// through them. The layers' adapters stay in place, so a tuned layer that also applied
+/// its adapter would show as a wrong gradient.
+#[test]
+fn tuned_matrix_gradients_match_finite_differences() {
+    let mut s = setup();
+    let paths: Vec<String> = [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v",
+    ]
+    .map(String::from)
+    .into();
+    s.tuned = TrainableTuned::new(s.sd.unet.base_weights(&paths), false, DType::F64).unwrap();
+    assert_eq!(s.tuned.modules.len(), 2);
+    let grads = loss(&s).backward().unwrap();
+    for (path, var) in &s.tuned.modules.clone() {
+        for idx in [0, 7, 40] {
+            check(&s, path, var, &grads, idx);
+        }
+    }
+    for idx in [1, 32 + 5] {
+        check(&s, "token rows", &s.rows, &grads, idx);
+    }
+    // A tuned layer's adapter is not applied: its matrices get no gradient.
+    let a = |p: &str| (s.lora.modules.iter()).find(|m| m.path == p).unwrap().a.clone();
+    assert!(grads.get(a(&paths[0]).as_tensor()).is_none());
 }
 
 /// `resize_nearest` at non-integer factors (2x3 -> 5x7, as the U-Net upsamples odd

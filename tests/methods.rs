@@ -278,7 +278,7 @@ fn a_textual_inversion_step_matches_diffusers() {
     use candle_core::{Tensor, Var};
     use magictailor::model::lora::LoraSet;
     use magictailor::train::method::LossWeights;
-    use magictailor::train::objective::{step_losses, TextParams};
+    use magictailor::train::objective::{step_losses, Online, TextParams};
     use magictailor::train::optim::{AdamW, AdamWConfig};
 
     let dev = Device::Cpu;
@@ -316,7 +316,7 @@ fn a_textual_inversion_step_matches_diffusers() {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
     };
-    let losses = step_losses(&sd, &batch, &noised, &none, text, None, w).unwrap();
+    let losses = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
     let loss: f32 = losses.loss.to_scalar().unwrap();
     let want: f32 = get("loss").to_scalar().unwrap();
     assert!(
@@ -497,7 +497,7 @@ fn a_dreambooth_step_matches_diffusers() {
     use candle_core::Tensor;
     use magictailor::model::lora::{LoraModule, TrainableLora};
     use magictailor::train::method::{LossWeights, ATTENTION_PROJECTIONS};
-    use magictailor::train::objective::{step_losses, TextParams};
+    use magictailor::train::objective::{step_losses, Online, TextParams};
     use magictailor::train::setup::lora_targets;
 
     let dev = Device::Cpu;
@@ -524,7 +524,7 @@ fn a_dreambooth_step_matches_diffusers() {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
     };
-    let losses = step_losses(&sd, &batch, &noised, &lora.as_set(), text, None, w).unwrap();
+    let losses = step_losses(&sd, &batch, &noised, Online::lora(&lora.as_set()), text, None, w).unwrap();
     let (loss, want): (f32, f32) = (
         losses.loss.to_scalar().unwrap(),
         get("loss").to_scalar().unwrap(),

@@ -10,7 +10,7 @@ use common::*;
 use magictailor::model::loader::StableDiffusion;
 use magictailor::model::lora::{LoraModule, LoraSet, TrainableLora};
 use magictailor::train::method::LossWeights;
-use magictailor::train::objective::{step_losses, Batch, Noised, TextParams};
+use magictailor::train::objective::{step_losses, Batch, Noised, Online, TextParams};
 
 fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
@@ -90,7 +90,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         table: None,
     };
     let losses = |m: Option<&LoraSet>| {
-        step_losses(&sd, &batch, &noised, &lora.as_set(), text, m, w).unwrap()
+        step_losses(&sd, &batch, &noised, Online::lora(&lora.as_set()), text, m, w).unwrap()
     };
 
     // Warm-up step.

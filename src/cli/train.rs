@@ -21,7 +21,8 @@ fn d() -> TrainConfig {
 }
 
 const MT: &str = "MagicTailor (--method magictailor)";
-const ONE: &str = "One-phase methods (--method ti, dreambooth)";
+const ONE: &str = "One-phase methods (--method ti, dreambooth, custom-diffusion)";
+const CD: &str = "Custom Diffusion (--method custom-diffusion)";
 
 #[derive(Args)]
 pub(super) struct TrainArgs {
@@ -49,20 +50,20 @@ pub(super) struct TrainSettings {
     /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
     #[arg(long, default_value_t = d().model)]
     model: String,
-    /// The personalization method: MagicTailor, Textual Inversion or DreamBooth-LoRA
-    /// (each as its source trains it, with the paper's masked diffusion loss). A flag of
-    /// another method is refused.
+    /// The personalization method: MagicTailor, Textual Inversion, DreamBooth-LoRA or Custom
+    /// Diffusion (each as its source trains it, with the paper's masked diffusion loss). A
+    /// flag of another method is refused.
     #[arg(long, value_enum, default_value_t = d().method)]
     method: Method,
-    /// Optimizer steps [default: ti 3000, dreambooth 500].
+    /// Optimizer steps [default: ti 3000, dreambooth 500, custom-diffusion 250].
     #[arg(long, help_heading = ONE)]
     steps: Option<usize>,
     /// Learning rate, multiplied by --images-per-step unless --no-scale-lr [default: ti
-    /// 5e-4, dreambooth 1e-4].
+    /// 5e-4, dreambooth 1e-4, custom-diffusion 1e-4].
     #[arg(long, help_heading = ONE)]
     lr: Option<f64>,
     /// Images per optimizer step, each drawn at random: the source's batch size times its
-    /// accumulated batches [default: ti 4, dreambooth 1].
+    /// accumulated batches [default: ti 4, dreambooth 1, custom-diffusion 2].
     #[arg(long, help_heading = ONE)]
     images_per_step: Option<usize>,
     #[arg(long, help_heading = MT, default_value_t = d().warmup_steps)]
@@ -112,6 +113,10 @@ pub(super) struct TrainSettings {
     /// image, with probability 1/2).
     #[arg(long)]
     no_flip: bool,
+    /// Turn off Custom Diffusion's scale augmentation (each image shrunk onto a blank
+    /// canvas or enlarged and cropped, its prompt saying "a far away", "close up", ...).
+    #[arg(long, help_heading = CD)]
+    no_scale_aug: bool,
     #[arg(long, default_value_t = d().seed)]
     seed: u64,
     /// Training resolution in pixels, a multiple of 8.
@@ -212,6 +217,7 @@ impl TrainSettings {
             released_script: self.released_script,
             jitter: self.color_jitter,
             flip: !self.no_flip,
+            scale_aug: !self.no_scale_aug,
             dtype: self.dtype.dtype(),
             loss_scale: (self.loss_scale).or(TrainConfig::default_loss_scale(self.dtype.dtype())),
             sample_every: self.sample_every,

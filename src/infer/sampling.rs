@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::loader::{self, StableDiffusion};
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
+use crate::model::tuned::TunedSet;
 use crate::model::scheduler::Ddim;
 use crate::rng::seeded_normal;
 
@@ -137,6 +138,8 @@ impl<'a> Prompted<'a> {
 pub struct Weights<'a> {
     pub sd: &'a StableDiffusion,
     pub lora: Option<&'a LoraSet>,
+    /// Whole matrices in place of base weights (Custom Diffusion).
+    pub tuned: Option<&'a TunedSet>,
     /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
     pub extra_rows: Option<&'a Tensor>,
     pub token_table: Option<&'a Tensor>,
@@ -148,6 +151,7 @@ impl<'a> Weights<'a> {
         Weights {
             sd: self.sd,
             lora: None,
+            tuned: None,
             extra_rows: None,
             token_table: None,
         }
@@ -240,6 +244,7 @@ impl Conditioning<'_> {
         let ts = Tensor::from_vec(vec![t as f32; b], b, &w.sd.device)?;
         let ctx = Ctx {
             lora: w.lora,
+            tuned: w.tuned,
             probe: None,
         };
         let eps = (w.sd.unet)

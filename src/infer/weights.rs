@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::io::{run, tensors};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
+use crate::model::tuned::TunedSet;
 use crate::model::tokenizer::pseudo_word;
 
 /// Where a personalized model's weights come from.
@@ -21,6 +22,8 @@ pub struct Sources {
     pub embeds: Option<PathBuf>,
     /// The whole trained token-embedding table (`--released-script` runs).
     pub token_table: Option<PathBuf>,
+    /// Custom Diffusion's tuned key and value matrices.
+    pub custom_diffusion: Option<PathBuf>,
     /// Pseudo-word -> class word, from a trained folder's record (for `--layout-steps`).
     pub class_words: std::collections::BTreeMap<String, String>,
     /// Words that stand for other text in prompts, from the record (DreamBooth's
@@ -39,6 +42,8 @@ pub struct Personalized {
     pub extra_rows: Option<Tensor>,
     /// Replaces the text encoder's token table (`--released-script` runs).
     pub token_table: Option<Tensor>,
+    /// Whole matrices in place of base weights (Custom Diffusion).
+    pub tuned: Option<TunedSet>,
     /// Pseudo-word -> class word, when known (a trained folder).
     pub class_words: std::collections::BTreeMap<String, String>,
 }
@@ -59,6 +64,14 @@ impl Personalized {
             Some(f) => Some(load_token_table(f, sd.text_encoder.token_table(), device)?),
             None => None,
         };
+        let tuned = match &src.custom_diffusion {
+            Some(f) => Some(TunedSet::load_custom_diffusion(
+                f,
+                &sd.unet.lora_targets(),
+                device,
+            )?),
+            None => None,
+        };
         let extra_rows = match &src.embeds {
             Some(f) => {
                 let hidden = sd.text_encoder.config.hidden_size;
@@ -75,6 +88,7 @@ impl Personalized {
             lora,
             extra_rows,
             token_table,
+            tuned,
             class_words: src.class_words.clone(),
         })
     }
@@ -99,6 +113,7 @@ impl Personalized {
         super::Weights {
             sd: &self.sd,
             lora: self.lora.as_ref(),
+            tuned: self.tuned.as_ref(),
             extra_rows: self.extra_rows.as_ref(),
             token_table: self.token_table.as_ref(),
         }
@@ -152,11 +167,13 @@ fn from_checkpoint(
         sd.tokenizer.add_pseudo_words(&words)?;
     }
     let token_table = take("table").ok();
+    let tuned = TunedSet::from_checkpoint(&mut t)?;
     Ok(Personalized {
         sd,
         lora: has_lora.then_some(lora),
         extra_rows: rows,
         token_table,
+        tuned,
         class_words: src.class_words.clone(),
     })
 }
@@ -206,6 +223,7 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
                 lora: opts.lora.clone(),
                 embeds: opts.embeds.clone(),
                 token_table: None,
+                custom_diffusion: None,
                 class_words: Default::default(),
                 aliases: Default::default(),
                 checkpoint: None,
@@ -222,6 +240,7 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
         lora: opts.lora.clone().or(folder.lora),
         embeds: opts.embeds.clone().or(folder.embeds),
         token_table: folder.token_table,
+        custom_diffusion: folder.custom_diffusion,
         class_words: folder.record.tokens,
         aliases: folder.record.aliases,
         checkpoint: None,
@@ -295,6 +314,7 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         lora: None,
         embeds: None,
         token_table: None,
+        custom_diffusion: None,
         class_words,
         aliases,
         checkpoint: Some((file, alpha / rank)),

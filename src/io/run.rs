@@ -7,6 +7,8 @@
 //!   learned_embeds.safetensors         {"<v0>": [hidden], ...}
 //!   embeddings/v0.safetensors ...      one A1111/ComfyUI embedding per pseudo-word
 //!   token_embedding.safetensors        --released-script only: the whole trained table
+//!   pytorch_custom_diffusion_weights.safetensors
+//!                                      custom-diffusion only: the tuned k/v matrices
 //!   magictailor.json                   base model, tokens, settings, steps done
 //!   train_log.jsonl                    one JSON object per step
 //!   segments.jsonl                     one JSON object per segment: command, host, version
@@ -32,6 +34,8 @@ pub const LORA_KOHYA: &str = "lora_kohya.safetensors";
 pub const EMBEDS: &str = "learned_embeds.safetensors";
 pub const A1111_EMBEDS: &str = "embeddings";
 pub const TOKEN_TABLE: &str = "token_embedding.safetensors";
+/// Custom Diffusion's tuned matrices, as diffusers' `save_attn_procs` names them.
+pub const CUSTOM_DIFFUSION: &str = "pytorch_custom_diffusion_weights.safetensors";
 pub const RECORD: &str = "magictailor.json";
 pub const LOG: &str = "train_log.jsonl";
 /// One line per segment of the run (start, or resume): its command line and whence.
@@ -96,6 +100,7 @@ pub struct TrainedFolder {
     pub lora: Option<PathBuf>,
     pub embeds: Option<PathBuf>,
     pub token_table: Option<PathBuf>,
+    pub custom_diffusion: Option<PathBuf>,
 }
 
 /// True when `dir` exists and holds anything besides a run lock.
@@ -149,6 +154,7 @@ pub fn open(dir: &Path) -> Result<TrainedFolder> {
         lora: present(LORA),
         embeds: present(EMBEDS),
         token_table: present(TOKEN_TABLE),
+        custom_diffusion: present(CUSTOM_DIFFUSION),
     })
 }
 

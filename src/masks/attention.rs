@@ -148,6 +148,7 @@ fn layer_probs(
     );
     let ctx = Ctx {
         lora: None,
+        tuned: None,
         probe: Some(&probe),
     };
     sd.unet.forward(&image.z_t, &image.t, &context, ctx)?;

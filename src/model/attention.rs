@@ -70,8 +70,16 @@ impl Attention {
         let n = x.dim(1)?;
         let kv_in = context.unwrap_or(x);
         let q = self.to_q.forward(x, ctx)?;
-        let k = self.to_k.forward(kv_in, ctx)?;
-        let v = self.to_v.forward(kv_in, ctx)?;
+        let mut k = self.to_k.forward(kv_in, ctx)?;
+        let mut v = self.to_v.forward(kv_in, ctx)?;
+        if let (Some(tuned), Some(_)) = (ctx.tuned.filter(|t| t.hold_first_token), context) {
+            if tuned.get(&self.to_k.path).is_some() {
+                k = hold_first_token(&k)?;
+            }
+            if tuned.get(&self.to_v.path).is_some() {
+                v = hold_first_token(&v)?;
+            }
+        }
         if let (Some(probe), Some(_)) = (ctx.probe, context) {
             if probe.wants(kind, n) {
                 // The attention loss reads these probabilities, in the graph; the output
@@ -84,6 +92,13 @@ impl Attention {
         let out = ops::attention(&q, &k, &v, self.heads, self.scale)?;
         self.to_out.forward(&out, ctx)
     }
+}
+
+/// `[b, m, c]` whose first token passes no gradient back: Custom Diffusion's processor
+/// detaches the start-of-text token's keys and values of tuned layers.
+fn hold_first_token(t: &Tensor) -> Result<Tensor> {
+    let m = t.dim(1)?;
+    Tensor::cat(&[&t.narrow(1, 0, 1)?.detach(), &t.narrow(1, 1, m - 1)?], 1)
 }
 
 /// GEGLU feed-forward: `net.2(h * gelu(gate))` with `[h, gate] = net.0.proj(x)`.

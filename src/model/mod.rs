@@ -12,5 +12,6 @@ pub mod resnet;
 pub mod scheduler;
 pub mod tiny;
 pub mod tokenizer;
+pub mod tuned;
 pub mod unet;
 pub mod vae;

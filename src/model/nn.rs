@@ -8,12 +8,15 @@ use candle_nn::VarBuilder;
 use super::lora::LoraSet;
 use super::ops;
 use super::probe::AttnProbe;
+use super::tuned::TunedSet;
 
-/// What a forward pass carries besides activations: which adapter set is active and
-/// which cross-attention maps to record.
+/// What a forward pass carries besides activations: which adapter set and tuned weights
+/// are active and which cross-attention maps to record.
 #[derive(Clone, Copy, Default)]
 pub struct Ctx<'a> {
     pub lora: Option<&'a LoraSet>,
+    /// Full weights in place of some layers' base weights (these layers take no adapter).
+    pub tuned: Option<&'a TunedSet>,
     pub probe: Option<&'a AttnProbe>,
 }
 
@@ -54,6 +57,11 @@ impl Linear {
         })
     }
 
+    /// The base weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     pub fn in_dim(&self) -> usize {
         self.weight.dim(1).unwrap_or(0)
     }
@@ -62,6 +70,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        if let Some(w) = ctx.tuned.and_then(|set| set.get(&self.path)) {
+            return self.forward_tuned(x, w);
+        }
         match ctx.lora.and_then(|set| set.get(&self.path)) {
             Some(lora) => {
                 let adapter = ops::LoraAdapter {
@@ -72,6 +83,15 @@ impl Linear {
                 ops::lora_linear(x, &self.weight, self.bias.as_ref(), &adapter)
             }
             None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
+        }
+    }
+
+    /// `x W^T + b` with a tuned `W`, by candle's matmul, so `W` gets its gradient.
+    fn forward_tuned(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 }

@@ -177,7 +177,8 @@ impl UNet {
     }
 
     /// Every linear that a MagicTailor LoRA adapts, in a stable order.
-    pub fn lora_targets(&self) -> Vec<LoraTarget> {
+    /// The transformers' linear layers that can carry an adapter or be tuned, in order.
+    fn adaptable(&self) -> impl Iterator<Item = &Linear> {
         let blocks = self
             .down_blocks
             .iter()
@@ -186,12 +187,23 @@ impl UNet {
         let linears = blocks
             .flat_map(|b| b.attentions.iter())
             .flat_map(|t| t.lora_linears());
-        linears
-            .filter(|l| {
-                MAGICTAILOR_TARGETS
-                    .iter()
-                    .any(|s| l.path.ends_with(&format!(".{s}")))
-            })
+        linears.filter(|l| {
+            MAGICTAILOR_TARGETS
+                .iter()
+                .any(|s| l.path.ends_with(&format!(".{s}")))
+        })
+    }
+
+    /// The base weight of each adaptable layer named in `paths`, in the U-Net's order.
+    pub fn base_weights(&self, paths: &[String]) -> Vec<(String, Tensor)> {
+        (self.adaptable())
+            .filter(|l| paths.contains(&l.path))
+            .map(|l| (l.path.clone(), l.weight().clone()))
+            .collect()
+    }
+
+    pub fn lora_targets(&self) -> Vec<LoraTarget> {
+        self.adaptable()
             .map(|l| LoraTarget {
                 path: l.path.clone(),
                 in_dim: l.in_dim(),

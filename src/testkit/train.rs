@@ -30,6 +30,7 @@ impl Trainer {
         let set = self.lora.as_set();
         let ctx = Ctx {
             lora: Some(&set),
+            tuned: None,
             probe: None,
         };
         let pred = self

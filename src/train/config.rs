@@ -63,8 +63,11 @@ pub struct TrainConfig {
     pub released_script: bool,
     /// Colour-jitter strength: brightness, contrast and saturation factors in [1 - s, 1 + s].
     pub jitter: f64,
-    /// Flip the whole batch horizontally with probability 1/2.
+    /// Flip horizontally with probability 1/2 (MagicTailor the whole batch, one-phase
+    /// methods each image).
     pub flip: bool,
+    /// Custom Diffusion's scale augmentation (off: its `--noaug`).
+    pub scale_aug: bool,
     /// Precision of the frozen U-Net, VAE and text encoder; LoRA weights, pseudo-word
     /// rows, AdamW state and the losses stay f32.
     #[serde(serialize_with = "dtype_name", deserialize_with = "dtype_of")]
@@ -131,6 +134,7 @@ impl Default for TrainConfig {
             released_script: false,
             jitter: 0.1,
             flip: true,
+            scale_aug: true,
             dtype: DType::F32,
             loss_scale: None,
             sample_every: None,
@@ -346,6 +350,7 @@ impl TrainConfig {
             "--ema-decay" => self.ema_decay != other.ema_decay,
             "--color-jitter" => self.jitter != other.jitter,
             "--released-script" => self.released_script != other.released_script,
+            "--no-scale-aug" => self.scale_aug != other.scale_aug,
             _ => false,
         }
     }
@@ -394,9 +399,10 @@ impl TrainConfig {
 }
 
 /// The settings only some methods read, by flag, with those methods.
-const FLAGS_BY_METHOD: [(&str, &[Method]); 18] = {
+const FLAGS_BY_METHOD: [(&str, &[Method]); 19] = {
     const MT: &[Method] = &[Method::MagicTailor];
-    const ONE: &[Method] = &[Method::Ti, Method::DreamBooth];
+    const ONE: &[Method] = &[Method::Ti, Method::DreamBooth, Method::CustomDiffusion];
+    const CD: &[Method] = &[Method::CustomDiffusion];
     [
         ("--steps", ONE),
         ("--lr", ONE),
@@ -416,6 +422,7 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 18] = {
         ("--ema-decay", MT),
         ("--color-jitter", MT),
         ("--released-script", MT),
+        ("--no-scale-aug", CD),
     ]
 };
 

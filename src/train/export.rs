@@ -1,5 +1,5 @@
-//! What a finished run leaves for sampling: the adapters (peft and kohya layouts), the
-//! pseudo-word embeddings (ours and A1111's), the trained token table in released-script
+//! What a finished run leaves for sampling: the adapters (peft and kohya layouts), Custom
+//! Diffusion's tuned matrices (diffusers' layout), the pseudo-word embeddings (ours and A1111's), the trained token table in released-script
 //! mode, and the run record `magictailor.json`.
 
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::io::{embeds, run, tensors};
 use crate::model::tokenizer::pseudo_word;
+use crate::model::tuned;
 
 impl Trainer {
     /// Writes the adapters, embeddings and run record into `dir`, each file atomically.
@@ -18,6 +19,10 @@ impl Trainer {
             let set = self.lora.as_set();
             set.save_peft(&dir.join(run::LORA), &targets)?;
             set.save_kohya(&dir.join(run::LORA_KOHYA), &targets)?;
+        }
+        if !self.tuned.is_empty() {
+            let processors = tuned::processor_names(&self.sd.unet.lora_targets());
+            (self.tuned.detached()).save_custom_diffusion(&dir.join(run::CUSTOM_DIFFUSION), &processors)?;
         }
         if self.recipe.trains.rows {
             let embeds = self.embeds()?;

@@ -26,6 +26,11 @@ pub enum Method {
     #[serde(rename = "dreambooth")]
     #[value(name = "dreambooth")]
     DreamBooth,
+    /// Custom Diffusion as diffusers' example trains it: the cross-attentions' key and
+    /// value matrices in full, and modifier-word rows.
+    #[serde(rename = "custom-diffusion")]
+    #[value(name = "custom-diffusion")]
+    CustomDiffusion,
 }
 
 impl Method {
@@ -35,6 +40,7 @@ impl Method {
             Method::MagicTailor => "magictailor",
             Method::Ti => "ti",
             Method::DreamBooth => "dreambooth",
+            Method::CustomDiffusion => "custom-diffusion",
         }
     }
 
@@ -56,6 +62,13 @@ impl Method {
                 lr: 1e-4,
                 images_per_step: 1,
             }),
+            // The README of train_custom_diffusion.py: batch 2, 250 steps; the paper's rate
+            // (the README's is 1e-5, scaled by the batch).
+            Method::CustomDiffusion => Some(OnePhase {
+                steps: 250,
+                lr: 1e-4,
+                images_per_step: 2,
+            }),
         }
     }
 }
@@ -70,6 +83,14 @@ pub struct OnePhase {
     /// (the mean over them is the same gradient, as the U-Net has no batch statistics).
     pub images_per_step: usize,
 }
+
+/// Custom Diffusion's modifier words start from these tokens' rows, one per sample
+/// (`--initializer_token` of diffusers' script: "ktn+pll+ucd").
+pub const CUSTOM_DIFFUSION_INIT: [&str; 3] = ["ktn", "pll", "ucd"];
+
+/// The layers Custom Diffusion tunes in full (its `--freeze_model crossattn_kv`): every
+/// cross-attention's key and value projections.
+pub const CROSS_ATTENTION_KV: [&str; 2] = ["attn2.to_k", "attn2.to_v"];
 
 /// DreamBooth's identifiers, one per sample: rare tokens of CLIP's vocabulary that the
 /// community uses ("sks" is the DreamBooth README's), each followed by its class word.
@@ -134,6 +155,9 @@ pub enum Phase {
     TextualInversion,
     /// DreamBooth-LoRA: the mean masked diffusion loss, only the adapters train.
     DreamBooth,
+    /// Custom Diffusion: the mean masked diffusion loss; the cross-attention key/value
+    /// matrices and the modifier rows train.
+    CustomDiffusion,
 }
 
 impl Phase {
@@ -145,6 +169,7 @@ impl Phase {
             Phase::Joint => "joint",
             Phase::TextualInversion => "ti",
             Phase::DreamBooth => "dreambooth",
+            Phase::CustomDiffusion => "custom-diffusion",
         }
     }
 }
@@ -173,22 +198,43 @@ pub struct PhasePlan {
 /// What the optimizer updates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trains {
-    /// One pseudo-word embedding row per sample, starting at the embedding of its class
-    /// word's first token; off, the samples are named by `Recipe::identifiers`.
+    /// One pseudo-word embedding row per sample, starting as `row_init` says; off, the
+    /// samples are named by `Recipe::identifiers`.
     pub rows: bool,
+    pub row_init: RowInit,
     /// LoRA adapters on every layer the U-Net's `lora_targets` names.
     pub lora: Option<LoraShape>,
+    /// Whole matrices of the U-Net layers whose names end so, each starting as its base
+    /// weight.
+    pub tuned: Option<&'static [&'static str]>,
     /// Also the whole token-embedding table (`--released-script`).
     pub token_table: bool,
+    /// Gradient clipping, as the source's `clip_grad_norm_` call; None: none.
+    pub clip: Option<GradClip>,
 }
 
-/// The rank and alpha of trained LoRA adapters; only their gradients are clipped, to
-/// `max_grad_norm`.
+/// Where each sample's pseudo-word row starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowInit {
+    /// The embedding of the first token of its class word.
+    ClassWord,
+    /// Sample `s` from the embedding of token `words[s]`.
+    Words(&'static [&'static str]),
+}
+
+/// Which gradients are clipped together to a global norm: the U-Net's (adapters and tuned
+/// matrices), and with `with_text` the text side's too.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradClip {
+    pub max_norm: f64,
+    pub with_text: bool,
+}
+
+/// The rank and alpha of trained LoRA adapters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraShape {
     pub rank: usize,
     pub alpha: f64,
-    pub max_grad_norm: f64,
     /// The U-Net's adaptable layers whose names end so; None: all of them.
     pub only: Option<&'static [&'static str]>,
 }
@@ -212,6 +258,9 @@ pub struct Draw {
     /// Colour-jitter strength; 0 is none.
     pub jitter: f64,
     pub flip: Flip,
+    /// Custom Diffusion's scale augmentation: each image shrunk onto a blank canvas or
+    /// enlarged and cropped, its prompt prefixed to say so ([`super::augment::Rescale`]).
+    pub rescale: bool,
     pub degradation: Degradation,
 }
 
@@ -299,6 +348,7 @@ impl Recipe {
             Method::MagicTailor => Self::magictailor(cfg, n_images),
             Method::Ti => Self::textual_inversion(cfg),
             Method::DreamBooth => Self::dreambooth(cfg),
+            Method::CustomDiffusion => Self::custom_diffusion(cfg),
         }
     }
 
@@ -332,14 +382,19 @@ impl Recipe {
             method: Method::MagicTailor,
             trains: Trains {
                 rows: true,
-                // As the released script: only the U-Net's (LoRA) gradients are clipped.
+                row_init: RowInit::ClassWord,
                 lora: Some(LoraShape {
                     rank: cfg.lora_rank,
                     alpha: cfg.lora_alpha,
-                    max_grad_norm: 1.0,
                     only: None,
                 }),
+                tuned: None,
                 token_table: cfg.released_script,
+                // As the released script: only the U-Net's (LoRA) gradients are clipped.
+                clip: Some(GradClip {
+                    max_norm: 1.0,
+                    with_text: false,
+                }),
             },
             identifiers: None,
             losses: LossWeights {
@@ -356,6 +411,7 @@ impl Recipe {
                 prompts: Prompts::Fixed(|word| format!("A photo of {word}")),
                 jitter: cfg.jitter,
                 flip: if cfg.flip { Flip::Batch } else { Flip::Off },
+                rescale: false,
                 degradation: cfg.degradation(),
             },
         }
@@ -368,8 +424,11 @@ impl Recipe {
     pub fn textual_inversion(cfg: &TrainConfig) -> Self {
         let trains = Trains {
             rows: true,
+            row_init: RowInit::ClassWord,
             lora: None,
+            tuned: None,
             token_table: false,
+            clip: None,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Templates(&TI_TEMPLATES);
@@ -384,17 +443,48 @@ impl Recipe {
     pub fn dreambooth(cfg: &TrainConfig) -> Self {
         let trains = Trains {
             rows: false,
+            row_init: RowInit::ClassWord,
             lora: Some(LoraShape {
                 rank: 4,
                 alpha: 4.0,
-                max_grad_norm: 1.0,
                 only: Some(&ATTENTION_PROJECTIONS),
             }),
+            tuned: None,
             token_table: false,
+            clip: Some(GradClip {
+                max_norm: 1.0,
+                with_text: false,
+            }),
         };
         let ids = Some(&DREAMBOOTH_IDENTIFIERS[..]);
         let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
         Self::one_phase(cfg, Phase::DreamBooth, trains, ids, prompts, Flip::Off)
+    }
+
+    /// Custom Diffusion (Kumari et al. 2023), as diffusers' `train_custom_diffusion.py`
+    /// with its README recipe, the paper's rate and masked diffusion loss
+    /// (docs/method.md): every cross-attention's key and value matrices in full (the
+    /// start-of-text token's keys and values pass no gradient), one modifier row per
+    /// sample from "ktn", "pll", "ucd"; all their gradients clipped together to norm 1;
+    /// AdamW (weight decay 1e-2) at a constant rate; two images a step, each flipped and
+    /// rescaled at random, prompted "photo of a {word}" with the scale's prefix.
+    pub fn custom_diffusion(cfg: &TrainConfig) -> Self {
+        let trains = Trains {
+            rows: true,
+            row_init: RowInit::Words(&CUSTOM_DIFFUSION_INIT),
+            lora: None,
+            tuned: Some(&CROSS_ATTENTION_KV),
+            token_table: false,
+            clip: Some(GradClip {
+                max_norm: 1.0,
+                with_text: true,
+            }),
+        };
+        let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
+        let prompts = Prompts::Fixed(|word| format!("photo of a {word}"));
+        let mut r = Self::one_phase(cfg, Phase::CustomDiffusion, trains, None, prompts, flip);
+        r.draw.rescale = cfg.scale_aug;
+        r
     }
 
     /// A method of one phase: `cfg.steps()` steps at `cfg.lr()` (times the images per
@@ -434,6 +524,7 @@ impl Recipe {
                 prompts,
                 jitter: 0.0,
                 flip,
+                rescale: false,
                 degradation: Degradation::new(Curve::Off, 0.0, 0.0),
             },
         }
@@ -455,10 +546,19 @@ impl Recipe {
             serde_json::json!({
                 "rank": l.rank,
                 "alpha": l.alpha,
-                "max_grad_norm": l.max_grad_norm,
                 "layers": l.only.map_or(serde_json::json!("all"), |o| serde_json::json!(o)),
             })
         });
+        let clip = self.trains.clip.map(|c| {
+            serde_json::json!({
+                "max_norm": c.max_norm,
+                "of": if c.with_text { "all trained weights" } else { "the U-Net's" },
+            })
+        });
+        let row_init = match self.trains.row_init {
+            RowInit::ClassWord => serde_json::json!("class word"),
+            RowInit::Words(w) => serde_json::json!(w),
+        };
         let prompts = match self.draw.prompts {
             Prompts::Fixed(f) => serde_json::json!({ "fixed": f("{}") }),
             Prompts::Templates(t) => serde_json::json!({ "templates": t }),
@@ -467,9 +567,12 @@ impl Recipe {
             "name": self.method.name(),
             "trains": {
                 "pseudo_word_rows": self.trains.rows,
+                "rows_start_from": row_init,
                 "lora": lora,
+                "full_matrices": self.trains.tuned,
                 "token_table": self.trains.token_table,
             },
+            "grad_clip": clip,
             "loss_weights": {
                 "l_diff": 1.0,
                 "lambda_attn": self.losses.lambda_attn,
@@ -485,6 +588,7 @@ impl Recipe {
                 Flip::PerImage => "per-image",
             },
             "color_jitter": self.draw.jitter,
+            "scale_augmentation": self.draw.rescale,
         })
     }
 

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use candle_core::{DType, Tensor};
 use rand::Rng;
 
-use super::augment::{color_jitter, flip_horizontal, flip_some, Jitter};
+use super::augment::{color_jitter, flip_horizontal, flip_some, Jitter, Rescale};
 use super::config::TrainConfig;
 use super::ds_bal::{hardest_sample, per_sample_means, preserving_loss};
 use super::losses::{attention_loss, masked_diffusion_per_image, resize_nearest};
@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
+use crate::model::tuned::TunedSet;
 use crate::model::probe::{AttnProbe, BlockKind};
 use crate::model::tokenizer::pseudo_word;
 use crate::rng::{step_rng, Stream};
@@ -86,7 +87,7 @@ impl Pool {
         seed: u64,
         d: usize,
     ) -> Result<Cow<'_, Batch>> {
-        if let (Pick::All, Prompts::Fixed(_)) = (draw.pick, draw.prompts) {
+        if let (Pick::All, Prompts::Fixed(_), false) = (draw.pick, draw.prompts, draw.rescale) {
             return Ok(Cow::Borrowed(&self.all));
         }
         let n = self.all.len();
@@ -101,25 +102,38 @@ impl Pool {
             &sd.device,
         )?;
         let sample_of: Vec<usize> = picked.iter().map(|&i| self.all.sample_of[i]).collect();
+        let mut pixels = self.all.pixels.index_select(&idx, 0)?;
+        let mut masks = self.all.masks.index_select(&idx, 0)?;
+        let mut prefixes = Vec::new();
+        if draw.rescale {
+            (pixels, masks, prefixes) = rescaled(&pixels, &masks, sd.vae_factor(), &mut rng)?;
+        }
         let (ids, token_pos) = match draw.prompts {
             // Each image's fixed prompt is already tokenized in `all`.
-            Prompts::Fixed(_) => (
+            Prompts::Fixed(_) if prefixes.is_empty() => (
                 self.all.ids.index_select(&idx, 0)?,
                 picked.iter().map(|&i| self.all.token_pos[i]).collect(),
             ),
-            Prompts::Templates(t) => {
-                let prompted: Vec<(usize, String)> = (sample_of.iter())
-                    .map(|&s| {
-                        let template = t[rng.random_range(0..t.len())];
-                        (s, template.replace("{}", &pseudo_word(s)))
+            prompts => {
+                let prompted: Vec<(usize, String)> = (sample_of.iter().enumerate())
+                    .map(|(j, &s)| {
+                        let word = pseudo_word(s);
+                        let prompt = match prompts {
+                            Prompts::Fixed(f) => f(&word),
+                            Prompts::Templates(t) => {
+                                t[rng.random_range(0..t.len())].replace("{}", &word)
+                            }
+                        };
+                        let prefix = prefixes.get(j).copied().unwrap_or_default();
+                        (s, format!("{prefix}{prompt}"))
                     })
                     .collect();
                 prompt_ids(sd, &prompted)?
             }
         };
         Ok(Cow::Owned(Batch {
-            pixels: self.all.pixels.index_select(&idx, 0)?,
-            masks: self.all.masks.index_select(&idx, 0)?,
+            pixels,
+            masks,
             ids,
             token_pos,
             sample_of,
@@ -137,6 +151,26 @@ impl Pool {
             latents: sd.vae.latent_dims(&pixels),
         })
     }
+}
+
+/// Custom Diffusion's scale augmentation of each image ([`Rescale`]), and its prompt's
+/// prefix, drawn per image in the source's order.
+fn rescaled(
+    pixels: &Tensor,
+    masks: &Tensor,
+    factor: usize,
+    rng: &mut impl Rng,
+) -> Result<(Tensor, Tensor, Vec<&'static str>)> {
+    let size = pixels.dim(3)?;
+    let (mut px, mut mk, mut prefixes) = (Vec::new(), Vec::new(), Vec::new());
+    for j in 0..pixels.dim(0)? {
+        let r = Rescale::draw(rng, size);
+        let (p, m) = r.apply(&pixels.narrow(0, j, 1)?, &masks.narrow(0, j, 1)?, factor)?;
+        px.push(p);
+        mk.push(m);
+        prefixes.push(r.prefix(rng));
+    }
+    Ok((Tensor::cat(&px, 0)?, Tensor::cat(&mk, 0)?, prefixes))
 }
 
 /// The token ids `[b, 77]` of each (sample, prompt), and where each prompt holds its
@@ -249,6 +283,21 @@ pub struct StepLosses {
     pub loss: Tensor,
 }
 
+/// The U-Net weights of the online forward: adapters, and the tuned layers of a method
+/// that fine-tunes whole matrices.
+#[derive(Clone, Copy)]
+pub struct Online<'a> {
+    pub lora: &'a LoraSet,
+    pub tuned: Option<&'a TunedSet>,
+}
+
+impl<'a> Online<'a> {
+    /// Adapters only.
+    pub fn lora(lora: &'a LoraSet) -> Self {
+        Self { lora, tuned: None }
+    }
+}
+
 /// The trainable text-side parameters: the pseudo-word rows, and (released-script mode
 /// only) a trainable copy of the whole token-embedding table.
 #[derive(Clone, Copy)]
@@ -265,7 +314,7 @@ pub fn step_losses(
     sd: &StableDiffusion,
     batch: &Batch,
     noised: &Noised,
-    online: &LoraSet,
+    online: Online,
     text: TextParams,
     momentum: Option<&LoraSet>,
     w: LossWeights,
@@ -285,7 +334,8 @@ pub fn step_losses(
     let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
     // The maps cost a second QK^T and softmax per probed layer: only when their loss counts.
     let online_ctx = Ctx {
-        lora: Some(online),
+        lora: Some(online.lora),
+        tuned: online.tuned,
         probe: (w.lambda_attn > 0.0).then_some(&probe),
     };
     let pred = sd
@@ -309,6 +359,8 @@ pub fn step_losses(
         Some(mset) => {
             let momentum_ctx = Ctx {
                 lora: Some(mset),
+                // Only MagicTailor has momentum adapters, and it tunes no whole matrices.
+                tuned: None,
                 probe: None,
             };
             let mpred = sd

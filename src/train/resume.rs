@@ -12,10 +12,11 @@ use super::segments;
 use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::io::{checkpoint, run};
+use crate::model::tuned;
 
 impl Trainer {
-    /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`, `rows`, and
-    /// `table` in released-script mode.
+    /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`,
+    /// `tuned.<path>`, `rows`, and `table` in released-script mode.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let lora = self.lora.modules.iter().flat_map(|m| {
             [
@@ -23,11 +24,13 @@ impl Trainer {
                 (format!("lora.{}.B", m.path), m.b.clone()),
             ]
         });
+        let tuned = (self.tuned.modules.iter())
+            .map(|(path, v)| (format!("{}{path}", tuned::CHECKPOINT_PREFIX), v.clone()));
         let text = [("rows", Some(&self.rows)), ("table", self.table.as_ref())];
         let text = text
             .into_iter()
             .filter_map(|(name, v)| Some((name.to_string(), v?.clone())));
-        lora.chain(text).collect()
+        lora.chain(tuned).chain(text).collect()
     }
 
     /// Everything resume needs, as named tensors.
@@ -83,6 +86,9 @@ impl Trainer {
         for m in &self.lora.modules {
             m.a.set(get(&format!("lora.{}.A", m.path))?)?;
             m.b.set(get(&format!("lora.{}.B", m.path))?)?;
+        }
+        for (path, v) in &self.tuned.modules {
+            v.set(get(&format!("{}{path}", tuned::CHECKPOINT_PREFIX))?)?;
         }
         self.rows.set(get("rows")?)?;
         if let Some(table) = &self.table {

@@ -41,6 +41,7 @@ fn flag(key: &str) -> String {
         "scale_lr" => "--no-scale-lr".into(),
         "ds_bal" => "--no-ds-bal".into(),
         "flip" => "--no-flip".into(),
+        "scale_aug" => "--no-scale-aug".into(),
         "jitter" => "--color-jitter".into(),
         k => format!("--{}", k.replace('_', "-")),
     }

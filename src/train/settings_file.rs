@@ -13,12 +13,13 @@ use crate::error::{Error, Result};
 
 /// Keys of a file that name a flag spelled otherwise in `TrainConfig`: the flag, the
 /// field, and whether the flag negates the field.
-const RENAMED: [(&str, &str, bool); 5] = [
+const RENAMED: [(&str, &str, bool); 6] = [
     ("out_dir", "output_dir", false),
     ("color_jitter", "jitter", false),
     ("no_ds_bal", "ds_bal", true),
     ("no_scale_lr", "scale_lr", true),
     ("no_flip", "flip", true),
+    ("no_scale_aug", "scale_aug", true),
 ];
 
 /// The command-line flag id of `field` (how clap knows it was given).
@@ -28,6 +29,7 @@ pub fn flag_of(field: &str) -> &str {
         "ds_bal" => "no_ds_bal",
         "scale_lr" => "no_scale_lr",
         "flip" => "no_flip",
+        "scale_aug" => "no_scale_aug",
         f => f,
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::TrainConfig;
-use super::method::Recipe;
+use super::method::{Recipe, RowInit};
 use super::noise::NoiseAhead;
 use super::objective::Pool;
 use super::trainer::{optimizer, Trainer};
@@ -16,6 +16,7 @@ use crate::io::progress::Progress;
 use crate::masks::{self, auto::AutoMasks};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
+use crate::model::tuned::TrainableTuned;
 use crate::model::tokenizer::{pseudo_word, pseudo_words_in};
 
 /// A setup that failed, with the base model when it was loaded and survived, for the
@@ -75,7 +76,7 @@ impl Trainer {
                 }
             }
         }
-        let rows = init_rows(&sd, &class_words)?;
+        let rows = init_rows(&sd, recipe.trains.row_init, &class_words)?;
         let pool = Pool::new(&sd, data, recipe.draw.prompts)?;
         let last = recipe.total_steps();
         let per_step = recipe.images_per_step(data.num_images());
@@ -91,6 +92,15 @@ impl Trainer {
             )?,
             None => TrainableLora::none(),
         };
+        let tuned = match recipe.trains.tuned {
+            Some(only) => {
+                let paths: Vec<String> = (lora_targets(&sd, Some(only)).into_iter())
+                    .map(|t| t.path)
+                    .collect();
+                TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32)?
+            }
+            None => TrainableTuned::none(),
+        };
         let table = if recipe.trains.token_table {
             let t = sd.text_encoder.token_table().to_dtype(DType::F32)?.copy()?;
             Some(Var::from_tensor(&t)?)
@@ -98,6 +108,7 @@ impl Trainer {
             None
         };
         let mut params = lora.vars();
+        params.extend(tuned.vars());
         params.extend(recipe.trains.rows.then(|| rows.clone()));
         params.extend(table.clone());
         let opt = optimizer(params)?;
@@ -108,6 +119,7 @@ impl Trainer {
             pool,
             noise,
             lora,
+            tuned,
             rows,
             table,
             momentum: None,
@@ -189,12 +201,17 @@ fn check_against_pair(cfg: &TrainConfig, data: &PairDataset) -> Result<()> {
     let n = data.samples.len();
     check_sample_prompts(cfg, n)?;
     let recipe = Recipe::new(cfg, data.num_images());
-    match recipe.identifiers {
-        Some(ids) if n > ids.len() => Err(Error::usage(format!(
-            "--method {} names at most {} samples (identifiers {}), but {} has {n}.",
+    let words = match (recipe.identifiers, recipe.trains.row_init) {
+        (Some(ids), _) => Some(("identifiers", ids)),
+        (None, RowInit::Words(w)) if recipe.trains.rows => Some(("initial words", w)),
+        _ => None,
+    };
+    match words {
+        Some((what, w)) if n > w.len() => Err(Error::usage(format!(
+            "--method {} names at most {} samples ({what} {}), but {} has {n}.",
             recipe.method.name(),
-            ids.len(),
-            ids.join(", "),
+            w.len(),
+            w.join(", "),
             cfg.instance_dir.display()
         ))),
         _ => Ok(()),
@@ -223,11 +240,16 @@ fn check_sample_prompts(cfg: &TrainConfig, n_samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// Pseudo-word rows start as the embedding of the first token of their class word.
-fn init_rows(sd: &StableDiffusion, class_words: &[String]) -> Result<Var> {
+/// Pseudo-word rows start as the embedding of the first token of their class word, or of
+/// the recipe's words.
+fn init_rows(sd: &StableDiffusion, init: RowInit, class_words: &[String]) -> Result<Var> {
     let mut rows = Vec::new();
-    for w in class_words {
-        let ids = sd.tokenizer.encode(w)?;
+    for (s, class) in class_words.iter().enumerate() {
+        let word = match init {
+            RowInit::ClassWord => class.as_str(),
+            RowInit::Words(w) => w[s],
+        };
+        let ids = sd.tokenizer.encode(word)?;
         // ids[0] is BOS; ids[1] the first token of the word.
         rows.push(sd.text_encoder.token_row(ids[1])?);
     }

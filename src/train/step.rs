@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::ds_bal::MomentumLora;
 use super::method::Phase;
-use super::objective::{noised_latents, step_losses, StepLosses};
+use super::objective::{noised_latents, step_losses, Online, StepLosses};
 use super::optim::{clip_coef, grad_norms, Clip};
 use super::trainer::{optimizer, StepLog, Trainer};
 use crate::error::{Error, Result};
@@ -59,27 +59,35 @@ impl Trainer {
             chosen,
             alpha_d,
         } = self.forward_backward(d, phase)?;
-        // Only the adapters' gradients are clipped (the recipe says to what norm).
+        // The recipe says which gradients are clipped together, to what norm.
         let clipping = profile::scope(Kind::GradClip, &dev);
-        let (lora_vars, text_vars) = (self.lora.vars(), self.text_vars());
-        let norms = grad_norms(&grads, &[&lora_vars, &text_vars])?;
-        let (lora_norm, text_norm) = (norms[0], norms[1]);
-        let clip = (self.recipe.trains.lora.as_ref()).map(|shape| Clip {
-            params: &lora_vars,
-            coef: clip_coef(lora_norm, shape.max_grad_norm),
+        let (unet_vars, text_vars) = (self.unet_vars(), self.text_vars());
+        let norms = grad_norms(&grads, &[&unet_vars, &text_vars])?;
+        let (unet_norm, text_norm) = (norms[0], norms[1]);
+        let clipped = match self.recipe.trains.clip {
+            Some(c) if c.with_text => {
+                let both = [unet_vars.as_slice(), &text_vars].concat();
+                Some((both, unet_norm.hypot(text_norm), c.max_norm))
+            }
+            Some(c) => Some((unet_vars, unet_norm, c.max_norm)),
+            None => None,
+        };
+        let clip = (clipped.as_ref()).map(|(params, norm, max)| Clip {
+            params,
+            coef: clip_coef(*norm, *max),
         });
         drop(clipping);
-        let grad_norm = if clip.is_some() { lora_norm } else { text_norm };
+        let grad_norm = clipped.as_ref().map_or(text_norm, |(_, norm, _)| *norm);
         let lr = self.lr(d);
         self.opt.config.lr = lr;
-        let finite = terms.iter().all(|v| v.is_finite()) && (lora_norm + text_norm).is_finite();
+        let finite = terms.iter().all(|v| v.is_finite()) && (unet_norm + text_norm).is_finite();
         if finite {
             profile::time(Kind::Optimizer, &dev, || {
                 self.opt.step_clipped(&grads, clip)
             })?;
             self.skipped_in_a_row = 0;
         } else {
-            self.on_non_finite(d, &terms, lora_norm + text_norm)?;
+            self.on_non_finite(d, &terms, unet_norm + text_norm)?;
         }
         drop(grads);
         let momentum = &self.recipe.momentum;
@@ -137,6 +145,7 @@ impl Trainer {
             Ok::<_, crate::error::Error>((batch, noised, alpha_d))
         })?;
         let online = self.lora.as_set();
+        let tuned = self.tuned.as_set();
         let momentum = self
             .momentum
             .as_ref()
@@ -155,7 +164,10 @@ impl Trainer {
             &self.sd,
             &batch,
             &noised,
-            &online,
+            Online {
+                lora: &online,
+                tuned: (!tuned.is_empty()).then_some(&tuned),
+            },
             self.text_params(),
             momentum,
             self.recipe.losses,

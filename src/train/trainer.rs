@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::masks::auto::AutoMasks;
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
+use crate::model::tuned::TrainableTuned;
 
 /// One line of `train_log.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -32,8 +33,9 @@ pub struct StepLog {
     /// drew none of its images (`ti`'s random draw).
     pub per_sample: Vec<Option<f32>>,
     pub chosen_sample: Option<usize>,
-    /// The gradient norm before clipping: of the adapters where the method trains some
-    /// (the norm clipping reads), else of the pseudo-word rows.
+    /// The gradient norm before clipping: of what the method clips together (the U-Net's
+    /// adapters or tuned matrices, with the rows where it clips those too), else of the
+    /// pseudo-word rows.
     pub grad_norm: f64,
     /// f16 only: the step overflowed and its update was skipped.
     pub skipped: bool,
@@ -53,6 +55,8 @@ pub struct Trainer {
     pub(super) noise: NoiseAhead,
     /// No modules where the method trains no adapters.
     pub lora: TrainableLora,
+    /// Whole matrices of U-Net layers (Custom Diffusion); none for other methods.
+    pub tuned: TrainableTuned,
     pub rows: Var,
     /// Released-script mode: the whole token-embedding table, trained (with weight decay).
     pub table: Option<Var>,
@@ -92,10 +96,16 @@ impl Trainer {
         }
     }
 
-    /// Everything the optimizer updates, in its order: the LoRA matrices, then the text
-    /// side.
-    pub(super) fn opt_vars(&self) -> Vec<Var> {
+    /// The U-Net side the optimizer updates: the LoRA matrices, then the tuned matrices.
+    pub(super) fn unet_vars(&self) -> Vec<Var> {
         let mut v = self.lora.vars();
+        v.extend(self.tuned.vars());
+        v
+    }
+
+    /// Everything the optimizer updates, in its order: the U-Net side, then the text side.
+    pub(super) fn opt_vars(&self) -> Vec<Var> {
+        let mut v = self.unet_vars();
         v.extend(self.text_vars());
         v
     }

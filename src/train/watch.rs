@@ -70,11 +70,13 @@ impl Watch {
 pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
     let cfg = &t.cfg;
     let lora = t.lora.detached();
+    let tuned = t.tuned.detached();
     let rows = t.rows.as_detached_tensor();
     let table = t.table.as_ref().map(|v| v.as_detached_tensor());
     let w = Weights {
         sd: &t.sd,
         lora: Some(&lora),
+        tuned: (!tuned.is_empty()).then_some(&tuned),
         extra_rows: Some(&rows),
         token_table: table.as_ref(),
     };
