@@ -134,7 +134,7 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
                 &ctx6,
                 Ctx {
                     lora: Some(&set),
-                    probe: None,
+                    ..Ctx::default()
                 },
             )
             .unwrap();
@@ -168,7 +168,7 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
                 &ctx2,
                 Ctx {
                     lora: Some(&set),
-                    probe: None,
+                    ..Ctx::default()
                 },
             )
             .unwrap()

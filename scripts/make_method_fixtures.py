@@ -131,10 +131,111 @@ def dreambooth(out):
         out[f"db.grad.{module}.{which[0]}"] = p.grad.clone()
 
 
+def custom_diffusion(out):
+    """diffusers' train_custom_diffusion.py (--freeze_model crossattn_kv), one optimizer
+    step: CustomDiffusionAttnProcessor on every attention, the cross-attentions' key and
+    value matrices trained in full (set to their base plus noise here, so a forward that
+    used the base would show), two modifier words initialised from "ktn" and "pll"; two
+    images, the second with the scale augmentation's "close up " prefix; the masked MSE on
+    eps (the paper's eq. 1 in place of the source's valid-region loss); then the source's
+    clip of every trained gradient together to norm 1 and AdamW (lr 1e-4 x 2 images,
+    weight decay 1e-2) over the new rows and the matrices."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    g = torch.Generator().manual_seed(13)
+    tok, te, unet, sched = load()
+    words, inits = ["<v0>", "<v1>"], ["ktn", "pll"]
+    tok.add_tokens(words)
+    te.resize_token_embeddings(len(tok))
+    table = te.get_input_embeddings().weight
+    new = tok.convert_tokens_to_ids(words)
+    with torch.no_grad():
+        for w, c in zip(new, inits):
+            table[w] = table[tok.encode(c, add_special_tokens=False)[0]].clone()
+    rows_init = table[new].detach().clone()
+    table.requires_grad_(True)
+
+    st = unet.state_dict()
+    procs, tuned = {}, {}
+    for name in unet.attn_processors:
+        layer = name[: -len(".processor")]
+        if name.endswith("attn1.processor"):
+            procs[name] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+            continue
+        w_k, w_v = st[layer + ".to_k.weight"], st[layer + ".to_v.weight"]
+        p = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=False, hidden_size=w_k.shape[0],
+                                         cross_attention_dim=w_k.shape[1])
+        with torch.no_grad():
+            p.to_k_custom_diffusion.weight.copy_(w_k + 0.05 * torch.randn(w_k.shape, generator=g))
+            p.to_v_custom_diffusion.weight.copy_(w_v + 0.05 * torch.randn(w_v.shape, generator=g))
+        p.requires_grad_(True)
+        procs[name] = p
+        tuned[layer + ".to_k"] = p.to_k_custom_diffusion.weight
+        tuned[layer + ".to_v"] = p.to_v_custom_diffusion.weight
+    unet.set_attn_processor(procs)
+
+    prompts = ["photo of a <v0>", "close up photo of a <v1>"]
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    z0, eps, t, masks = step_inputs(g, len(prompts))
+    z_t = sched.add_noise(z0, eps, t)
+    pred = unet(z_t, t, encoder_hidden_states=te(ids)[0]).sample
+    loss = masked_mse(pred, eps, masks)
+    loss.backward()
+    # Only the new rows train (the source zeroes the other rows' gradients): they go to
+    # the optimizer as a parameter of their own, with their gradient.
+    rows = rows_init.clone().requires_grad_(True)
+    rows.grad = table.grad[new].clone()
+    params = [rows] + list(tuned.values())
+    out.update({"cd.ids": ids.to(torch.int64), "cd.sample_of": torch.tensor([0, 1]), "cd.z_t": z_t,
+                "cd.eps": eps, "cd.t": t.to(torch.int64), "cd.masks": masks, "cd.loss": loss.detach(),
+                "cd.rows_init": rows_init, "cd.grad.rows": rows.grad.clone()})
+    for path, w in tuned.items():
+        out[f"cd.{path}"] = w.detach().clone()
+        out[f"cd.grad.{path}"] = w.grad.clone()
+    out["cd.grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0).detach()
+    opt = torch.optim.AdamW(params, lr=1e-4 * 2, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt.step()
+    out["cd.rows_after"] = rows.detach().clone()
+    for path, w in tuned.items():
+        out[f"cd.after.{path}"] = w.detach().clone()
+
+
+def custom_diffusion_rescale(out):
+    """The scale augmentation of train_custom_diffusion.py's dataset (`preprocess`) on a
+    64 px image with a latent factor of 8: PIL's bilinear resize to the drawn side, then
+    placed on a zero canvas (a valid-region mask one latent cell inside the image) or
+    cropped (mask all ones). One shrunk, one enlarged and one equal side."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(14)
+    size, factor = 64, 8
+    img = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+    out["rescale.image"] = torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    for k, (side, top, left) in enumerate([(30, 7, 21), (83, 11, 4), (64, 0, 0)]):
+        outer, inner = (side, size) if side > size else (size, side)
+        assert 0 <= top <= outer - inner and 0 <= left <= outer - inner
+        resized = np.array(Image.fromarray(img).resize((side, side), resample=Image.BILINEAR))
+        resized = (resized / 127.5 - 1.0).astype(np.float32)
+        canvas = np.zeros((size, size, 3), dtype=np.float32)
+        mask = np.zeros((size // factor, size // factor))
+        if side > size:
+            canvas = resized[top:top + inner, left:left + inner, :]
+            mask = np.ones((size // factor, size // factor))
+        else:
+            canvas[top:top + inner, left:left + inner, :] = resized
+            mask[top // factor + 1:(top + side) // factor - 1, left // factor + 1:(left + side) // factor - 1] = 1.0
+        out[f"rescale.{k}.args"] = torch.tensor([side, top, left])
+        out[f"rescale.{k}.pixels"] = torch.from_numpy(np.ascontiguousarray(canvas)).permute(2, 0, 1).contiguous()
+        out[f"rescale.{k}.mask"] = torch.from_numpy(mask.astype(np.float32))
+
+
 def main():
     out = {}
     textual_inversion(out)
     dreambooth(out)
+    custom_diffusion(out)
+    custom_diffusion_rescale(out)
     save_file({k: v.detach().contiguous() for k, v in out.items()}, os.path.join(ROOT, "method_steps.safetensors"))
     print("wrote", os.path.abspath(os.path.join(ROOT, "method_steps.safetensors")))
 

@@ -39,7 +39,7 @@ fn lora_round_trips_through_peft_and_kohya_files() {
                 &ctx,
                 Ctx {
                     lora: Some(set),
-                    probe: None,
+                    ..Ctx::default()
                 },
             )
             .unwrap()

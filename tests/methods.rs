@@ -545,6 +545,278 @@ fn a_dreambooth_step_matches_diffusers() {
     );
 }
 
+/// Custom Diffusion: the cross-attentions' key and value matrices and the modifier rows
+/// train, nothing else; the matrices go out in diffusers' attention-processor layout,
+/// `infer` on the folder is the base model with those files, and a resumed run ends
+/// with the same files byte for byte.
+#[test]
+fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() {
+    use magictailor::model::tuned::TunedSet;
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    fn cd_args<'a>(pair: &'a str, out: &'a Path, model: &'a str) -> Vec<&'a str> {
+        let more = [
+            "--method",
+            "custom-diffusion",
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+        ];
+        with_args(quiet_train_args(pair, out.to_str().unwrap(), model), &more)
+    }
+    let out = tmp.path().join("cd");
+    ok(&run_bin("train", &cd_args(pair, &out, &model)));
+
+    let log = read_log(&out);
+    assert_eq!(log.len(), 4);
+    for l in &log {
+        assert_eq!(l["phase"], "custom-diffusion");
+        assert_eq!(l["lr"], 1e-4 * 2.0, "scaled by the two images a step");
+        assert!(l["grad_norm"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    let r = record(&out);
+    assert_eq!(r["method"]["name"], "custom-diffusion");
+    let m = &r["method"];
+    assert_eq!(m["trains"]["full_matrices"], serde_json::json!(["attn2.to_k", "attn2.to_v"]));
+    assert_eq!(m["trains"]["rows_start_from"][0], "ktn");
+    assert_eq!(m["grad_clip"]["of"], "all trained weights");
+    assert_eq!(m["scale_augmentation"], true);
+    for f in ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"] {
+        assert!(!out.join(f).exists(), "Custom Diffusion trains no adapters, yet {f} exists");
+    }
+
+    // The file holds every cross-attention's k and v, each moved off its base weight,
+    // and an empty entry for every self-attention's processor.
+    let cd = out.join("pytorch_custom_diffusion_weights.safetensors");
+    let t = candle_core::safetensors::load(&cd, &Device::Cpu).unwrap();
+    let base = candle_core::safetensors::load(
+        Path::new(&model).join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (mut tuned, mut empty) = (0, 0);
+    for (k, v) in &t {
+        if v.elem_count() == 0 {
+            assert!(k.ends_with("attn1.processor"), "{k}");
+            empty += 1;
+            continue;
+        }
+        let (attn, rest) = k.split_once(".processor.").unwrap();
+        assert!(attn.ends_with(".attn2"), "{k}");
+        let proj = rest.strip_suffix("_custom_diffusion.weight").unwrap();
+        let b = &base[&format!("{attn}.{proj}.weight")];
+        assert!(max_abs_diff(v, b) > 0.0, "{k} did not train");
+        tuned += 1;
+    }
+    assert!(tuned > 0 && tuned == 2 * empty, "{tuned} tuned, {empty} empty");
+    // The modifier rows moved off "ktn" and "pll".
+    let embeds = out.join("learned_embeds.safetensors");
+    let words = magictailor::io::embeds::load(&embeds, 32, &Device::Cpu).unwrap();
+    for ((word, row), init) in words.iter().zip(["ktn", "pll"]) {
+        let row: Vec<f32> = row.to_vec1().unwrap();
+        let moved = row.iter().zip(class_row(init)).map(|(a, b)| (a - b).abs());
+        assert!(moved.fold(0f32, f32::max) > 1e-4, "{word} did not train");
+    }
+
+    // `infer` on the folder is the base model with the two files, bit for bit; the base
+    // alone draws something else.
+    let png = |name: &str| tmp.path().join(name);
+    let draw = |extra: &[&str], out_png: &Path| {
+        let mut a = vec!["--prompt", "photo of a <v0>", "--width", "64", "--height", "64"];
+        a.extend(["--steps", "3", "--quiet", "--out", out_png.to_str().unwrap()]);
+        a.extend(extra);
+        ok(&run_bin("infer", &a));
+    };
+    let dir = out.to_str().unwrap();
+    draw(&["--model-dir", dir], &png("dir.png"));
+    let files = [
+        "--model",
+        &model,
+        "--custom-diffusion",
+        cd.to_str().unwrap(),
+        "--embeds",
+        embeds.to_str().unwrap(),
+    ];
+    draw(&files, &png("files.png"));
+    let pixels = |name: &str| read_png(&png(name));
+    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("files.png")), 0);
+    draw(&["--model", &model, "--embeds", embeds.to_str().unwrap()], &png("rows.png"));
+    assert!(png_max_diff(&pixels("dir.png"), &pixels("rows.png")) > 0, "the matrices count");
+    // The last checkpoint holds what the folder's files hold.
+    draw(&["--model-dir", dir, "--checkpoint", "4"], &png("step4.png"));
+    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("step4.png")), 0);
+    // A file for another U-Net is refused, naming it.
+    let sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
+    let targets = sd.unet.lora_targets();
+    assert!(TunedSet::load_custom_diffusion(&cd, &targets, &Device::Cpu).is_ok());
+    let e = TunedSet::load_custom_diffusion(&cd, &targets[..3], &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("pytorch_custom_diffusion_weights"), "{e}");
+
+    // Leave the files and an image from fixed latents for scripts/check_rust_exports.py,
+    // which loads them with diffusers' `load_attn_procs` and `load_textual_inversion`.
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("custom-diffusion-check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    std::fs::copy(&cd, check.join("pytorch_custom_diffusion_weights.safetensors")).unwrap();
+    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
+    let latents = fixtures().join("init_latents.safetensors");
+    let out_png = check.join("infer.png");
+    let a = [
+        "--model-dir",
+        dir,
+        "--prompt",
+        "photo of a <v0> with <v1>",
+        "--init-latents",
+        latents.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        out_png.to_str().unwrap(),
+    ];
+    ok(&run_bin("infer", &a));
+
+    // Killed after step 2: the resumed run writes the same files.
+    let killed = tmp.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let first = "checkpoints/step-000002.safetensors";
+    std::fs::copy(out.join(first), killed.join(first)).unwrap();
+    let mut args = cd_args(pair, &killed, &model);
+    args.push("--resume");
+    ok(&run_bin("train", &args));
+    for f in ["pytorch_custom_diffusion_weights.safetensors", "learned_embeds.safetensors"] {
+        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&out.join(f)), "{f}");
+    }
+}
+
+/// One Custom Diffusion step against diffusers' `train_custom_diffusion.py` with its
+/// attention processors (scripts/make_method_fixtures.py): the rows from "ktn" and "pll",
+/// the loss with the tuned key/value matrices (the start-of-text token's held back), every
+/// trained gradient, their joint norm, and the rows and matrices after the clipped AdamW
+/// step.
+#[test]
+fn a_custom_diffusion_step_matches_diffusers() {
+    use candle_core::Tensor;
+    use magictailor::model::lora::LoraSet;
+    use magictailor::model::tuned::TrainableTuned;
+    use magictailor::train::method::{LossWeights, CROSS_ATTENTION_KV, CUSTOM_DIFFUSION_INIT};
+    use magictailor::train::objective::{step_losses, Online, TextParams};
+    use magictailor::train::optim::{clip_coef, grad_norm, AdamW, AdamWConfig, Clip};
+    use magictailor::train::setup::lora_targets;
+
+    let dev = Device::Cpu;
+    let step = ReferenceStep::load("cd");
+    let get = |k: &str| step.get(k);
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    sd.tokenizer
+        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+        .unwrap();
+    let prompts = ["photo of a <v0>", "close up photo of a <v1>"];
+    let (batch, noised) = step.inputs(&sd, &prompts, vec![0, 1], 2);
+    let init: Vec<Tensor> = (CUSTOM_DIFFUSION_INIT[..2].iter())
+        .map(|w| {
+            let id = sd.tokenizer.encode(w).unwrap()[1];
+            sd.text_encoder.token_row(id).unwrap()
+        })
+        .collect();
+    let rows = candle_core::Var::from_tensor(&Tensor::stack(&init, 0).unwrap()).unwrap();
+    assert_eq!(max_abs_diff(rows.as_tensor(), &get("rows_init")), 0.0);
+
+    let paths: Vec<String> = (lora_targets(&sd, Some(&CROSS_ATTENTION_KV)).into_iter())
+        .map(|t| t.path)
+        .collect();
+    let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
+    assert_eq!(tuned.modules.len(), step.count("grad.") - 1, "the same tuned layers");
+    for (path, v) in &tuned.modules {
+        v.set(&get(path)).unwrap();
+    }
+    let (none, set) = (LoraSet::default(), tuned.as_set());
+    let online = Online {
+        lora: &none,
+        tuned: Some(&set),
+    };
+    let text = TextParams {
+        rows: rows.as_tensor(),
+        table: None,
+    };
+    let w = LossWeights {
+        lambda_attn: 0.0,
+        lambda_pres: 0.0,
+    };
+    let losses = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
+    let (loss, want): (f32, f32) = (
+        losses.loss.to_scalar().unwrap(),
+        get("loss").to_scalar().unwrap(),
+    );
+    assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
+    let grads = losses.loss.backward().unwrap();
+    let mut worst = 0f32;
+    let named = (tuned.modules.iter().map(|(p, v)| (p.as_str(), v))).chain([("rows", &rows)]);
+    for (name, var) in named {
+        let want = get(&format!("grad.{name}"));
+        let got = grads.get(var.as_tensor()).unwrap();
+        worst = worst.max(max_abs_diff(got, &want) / max_abs(&want).max(1e-6));
+    }
+    assert!(worst < 1e-4, "worst gradient error, relative: {worst}");
+
+    let mut params = vec![rows.clone()];
+    params.extend(tuned.vars());
+    let norm = grad_norm(&grads, &params).unwrap();
+    let want_norm: f32 = get("grad_norm").to_scalar().unwrap();
+    assert!(((norm as f32) - want_norm).abs() < 1e-4 * want_norm, "norm {norm} vs {want_norm}");
+    let config = AdamWConfig {
+        lr: 1e-4 * 2.0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(params.clone(), config).unwrap();
+    let clip = Clip {
+        params: &params,
+        coef: clip_coef(norm, 1.0),
+    };
+    opt.step_clipped(&grads, Some(clip)).unwrap();
+    let mut after = max_abs_diff(rows.as_tensor(), &get("rows_after"));
+    for (path, v) in &tuned.modules {
+        after = after.max(max_abs_diff(v.as_tensor(), &get(&format!("after.{path}"))));
+    }
+    assert!(after < 1e-6, "weights after the clipped AdamW step differ by {after}");
+}
+
+/// Custom Diffusion's scale augmentation against its dataset's `preprocess` (PIL's
+/// bilinear resize, then placed on a zero canvas or cropped, and the valid-region mask)
+/// for a shrunk, an enlarged and an unchanged side.
+#[test]
+fn custom_diffusion_rescaling_matches_its_dataset() {
+    use magictailor::train::augment::Rescale;
+    let step = ReferenceStep::load("rescale");
+    let image = step.get("image").unsqueeze(0).unwrap();
+    let ones = candle_core::Tensor::ones((1, 1, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    for k in 0..3 {
+        let [side, top, left] = step.usizes(&format!("{k}.args"))[..] else {
+            panic!("three args")
+        };
+        let r = Rescale {
+            size: 64,
+            side,
+            top,
+            left,
+        };
+        let (pixels, mask) = r.apply(&image, &ones, 8).unwrap();
+        let want = step.get(&format!("{k}.pixels")).unsqueeze(0).unwrap();
+        // PIL rounds its result to whole levels.
+        let d = max_abs_diff(&pixels, &want) * 127.5;
+        assert!(d <= 1.01, "side {side}: pixels differ by {d} levels");
+        let latent = magictailor::model::nn::resize_nearest(&mask, 8, 8).unwrap();
+        let want = step.get(&format!("{k}.mask")).reshape((1, 1, 8, 8)).unwrap();
+        assert_eq!(max_abs_diff(&latent, &want), 0.0, "side {side}: valid region");
+    }
+}
+
 /// `batch --method ti` trains every pair with the method (one model load), and a re-run
 /// finds them finished.
 #[test]

@@ -134,8 +134,8 @@ fn cross_attention_probe_matches_diffusers() {
             &t,
             &ctx,
             Ctx {
-                lora: None,
                 probe: Some(&probe),
+                ..Ctx::default()
             },
         )
         .unwrap();
@@ -182,7 +182,7 @@ fn lora_in_every_layout_matches_peft() {
                 &ctx,
                 Ctx {
                     lora: Some(&set),
-                    probe: None,
+                    ..Ctx::default()
                 },
             )
             .unwrap();

@@ -231,7 +231,7 @@ fn momentum_adapters_follow_the_ema_and_build_no_graph() {
     let forward = |set: &magictailor::model::lora::LoraSet| {
         let ctx = Ctx {
             lora: Some(set),
-            probe: None,
+            ..Ctx::default()
         };
         sd.unet
             .forward(

@@ -80,6 +80,10 @@ pub(super) struct InferArgs {
     /// Pseudo-word embeddings ({token: vector} safetensors).
     #[arg(long)]
     embeds: Option<PathBuf>,
+    /// Custom Diffusion's key and value matrices (`pytorch_custom_diffusion_weights`
+    /// safetensors, ours or diffusers' `save_attn_procs`).
+    #[arg(long)]
+    custom_diffusion: Option<PathBuf>,
     /// Sample a checkpoint of the --model-dir run (finished or not) instead of its final
     /// weights: step-N, N, or a checkpoint file.
     #[arg(long)]
@@ -169,6 +173,7 @@ impl InferArgs {
             model: self.model,
             lora: self.lora,
             embeds: self.embeds,
+            custom_diffusion: self.custom_diffusion,
             checkpoint: self.checkpoint,
             device: self.compute.device()?,
             dtype: self.compute.dtype.dtype(),

@@ -312,6 +312,7 @@ fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path) -> Result<usize>
         model: opts.model.clone(),
         lora: None,
         embeds: None,
+        custom_diffusion: None,
         checkpoint: None,
         device: opts.device.clone(),
         dtype: opts.dtype,

@@ -52,6 +52,8 @@ struct Entry<'a> {
     model: &'a str,
     lora: Option<String>,
     embeds: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    custom_diffusion: Option<String>,
     steps: usize,
     guidance: f64,
     width: usize,
@@ -127,6 +129,7 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
                 model: &src.model,
                 lora: path_str(&src.lora),
                 embeds: path_str(&src.embeds),
+                custom_diffusion: path_str(&src.custom_diffusion),
                 steps: o.steps,
                 guidance: o.guidance,
                 width: o.width,

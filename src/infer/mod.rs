@@ -37,6 +37,8 @@ pub struct InferOptions {
     pub model: Option<String>,
     pub lora: Option<PathBuf>,
     pub embeds: Option<PathBuf>,
+    /// Custom Diffusion's tuned matrices.
+    pub custom_diffusion: Option<PathBuf>,
     /// A checkpoint of `model_dir`'s run to sample instead of its final weights:
     /// `step-N`, `N`, or a checkpoint file.
     pub checkpoint: Option<String>,

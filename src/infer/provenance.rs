@@ -19,6 +19,7 @@ pub struct Provenance<'a> {
     model: &'a str,
     lora: Option<&'a Path>,
     embeds: Option<&'a Path>,
+    custom_diffusion: Option<&'a Path>,
 }
 
 impl<'a> Provenance<'a> {
@@ -31,6 +32,7 @@ impl<'a> Provenance<'a> {
             model: &src.model,
             lora: src.lora.as_deref(),
             embeds: src.embeds.as_deref(),
+            custom_diffusion: src.custom_diffusion.as_deref(),
         }
     }
 
@@ -60,6 +62,9 @@ impl<'a> Provenance<'a> {
         if let Some(e) = self.embeds {
             s.push_str(&format!(", Embeddings: {}", name(e)));
         }
+        if let Some(c) = self.custom_diffusion {
+            s.push_str(&format!(", Custom Diffusion: {}", name(c)));
+        }
         if o.layout_steps > 0 {
             s.push_str(&format!(", Layout steps: {}", o.layout_steps));
         }
@@ -85,6 +90,7 @@ impl<'a> Provenance<'a> {
             "base_model": self.model,
             "lora": self.lora,
             "embeds": self.embeds,
+            "custom_diffusion": self.custom_diffusion,
             "dtype": self.dtype.as_str(),
             "magictailor": env!("CARGO_PKG_VERSION"),
             "commit": env!("MAGICTAILOR_COMMIT"),

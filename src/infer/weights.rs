@@ -223,7 +223,7 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
                 lora: opts.lora.clone(),
                 embeds: opts.embeds.clone(),
                 token_table: None,
-                custom_diffusion: None,
+                custom_diffusion: opts.custom_diffusion.clone(),
                 class_words: Default::default(),
                 aliases: Default::default(),
                 checkpoint: None,
@@ -240,7 +240,7 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
         lora: opts.lora.clone().or(folder.lora),
         embeds: opts.embeds.clone().or(folder.embeds),
         token_table: folder.token_table,
-        custom_diffusion: folder.custom_diffusion,
+        custom_diffusion: opts.custom_diffusion.clone().or(folder.custom_diffusion),
         class_words: folder.record.tokens,
         aliases: folder.record.aliases,
         checkpoint: None,
@@ -250,9 +250,10 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
 /// A checkpoint of the run in `dir` (finished or not): its file, and from the settings it
 /// records, the base model and the adapters' scale.
 fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<Sources> {
-    if opts.lora.is_some() || opts.embeds.is_some() {
+    if opts.lora.is_some() || opts.embeds.is_some() || opts.custom_diffusion.is_some() {
         return Err(Error::usage(
-            "--checkpoint brings its own adapters and pseudo-words: drop --lora and --embeds.",
+            "--checkpoint brings its own trained weights and pseudo-words: drop --lora, --embeds \
+             and --custom-diffusion.",
         ));
     }
     let step = which.trim_start_matches("step-").parse::<usize>().ok();

@@ -154,7 +154,9 @@ impl Rescale {
         let resized = resized.broadcast_matmul(&r.t()?)?.to_dtype(pixels.dtype())?;
         let mask = crate::model::nn::resize_nearest(mask, side, side)?;
         if side > size {
-            let crop = |t: &Tensor| t.narrow(2, self.top, size)?.narrow(3, self.left, size);
+            let crop = |t: &Tensor| {
+                (t.narrow(2, self.top, size)?.narrow(3, self.left, size))?.contiguous()
+            };
             return Ok((crop(&resized)?, crop(&mask)?));
         }
         let (bottom, right) = (size - self.top - side, size - self.left - side);
