@@ -216,6 +216,55 @@ fn a_textual_inversion_step_draws_images_and_templates_by_seed_and_step() {
     assert_eq!(TI_TEMPLATES.len(), 27);
 }
 
+/// A Custom Diffusion step draws two rescaled images: a shrunk one is prompted "a far
+/// away" or "very small", an enlarged one "zoomed in" or "close up"; a shrunk image's
+/// mask is empty along the canvas's edges (the valid region stops a latent cell inside
+/// the image), an enlarged one's is not cut.
+#[test]
+fn a_custom_diffusion_step_rescales_and_prompts_by_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let mut cfg = TrainConfig::new(pair, tmp.path().join("out"), tiny_sd());
+    (cfg.method, cfg.resolution) = (Method::CustomDiffusion, 64);
+    let t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
+    let word = t.sd.tokenizer.encode("<v0>").unwrap()[1];
+    // A prompt's ids before its word.
+    let opening = |prefix: &str| {
+        let ids = t.sd.tokenizer.encode(&format!("{prefix}photo of a <v0>")).unwrap();
+        ids[..ids.iter().position(|&i| i == word).unwrap()].to_vec()
+    };
+    let kinds = [
+        ("shrunk", ["a far away ", "very small "]),
+        ("enlarged", ["zoomed in ", "close up "]),
+        ("same", ["", ""]),
+    ];
+    let mut count = std::collections::BTreeMap::new();
+    for d in 1..=30 {
+        let b = t.pool.batch(&t.sd, &t.recipe.draw, 0, d).unwrap();
+        assert_eq!(b.len(), 2);
+        let ids: Vec<Vec<u32>> = b.ids.to_vec2().unwrap();
+        for (j, ids) in ids.iter().enumerate() {
+            let head = &ids[..b.token_pos[j]];
+            let kind = (kinds.iter())
+                .find(|(_, p)| p.iter().any(|p| opening(p) == head))
+                .unwrap_or_else(|| panic!("step {d}: unexpected prompt {head:?}"))
+                .0;
+            *count.entry(kind).or_insert(0) += 1;
+            let mask = b.masks.get(j).unwrap().squeeze(0).unwrap();
+            let rim: f32 = [mask.get(0).unwrap(), mask.get(63).unwrap()]
+                .iter()
+                .map(|r| r.sum_all().unwrap().to_scalar::<f32>().unwrap())
+                .sum();
+            if kind == "shrunk" {
+                assert_eq!(rim, 0.0, "step {d}: a shrunk image's mask reaches the edge");
+            }
+        }
+        let again = t.pool.batch(&t.sd, &t.recipe.draw, 0, d).unwrap();
+        assert_eq!(max_abs_diff(&again.pixels, &b.pixels), 0.0, "step {d} redraws the same");
+    }
+    assert!(count["shrunk"] > 5 && count["enlarged"] > 2, "{count:?} of 60 images");
+}
+
 fn assert_refused(args: &[&str], out: &Path, needles: &[&str]) {
     let o = run_bin("train", args);
     let err = stderr(&o);
