@@ -10,7 +10,8 @@ and, for a folder written by `magictailor train` (target/tmp/train-check/), repr
 image `magictailor infer --model-dir` drew from the same latents; and, for a `--method ti`
 folder (target/tmp/ti-check/), that its A1111 embedding files, loaded the way Textual
 Inversion's users load them, reproduce the image magictailor drew; the same for a
-`--method dreambooth` folder's adapters (target/tmp/dreambooth-check/).
+`--method dreambooth` folder's adapters (target/tmp/dreambooth-check/), and a
+`--method custom-diffusion` folder's matrices and words (target/tmp/custom-diffusion-check/).
 """
 import os
 import sys
@@ -89,6 +90,27 @@ ours = np.asarray(Image.open(os.path.join(db, "infer.png"))).astype(int)
 diff_db = np.abs(np.asarray(img).astype(int) - ours).max()
 print(f"dreambooth folder: diffusers loaded {n_db} LoRA modules; reproduces magictailor's image within "
       f"{diff_db} levels")
+# A `--method custom-diffusion` folder: the cross-attentions' k/v matrices through the
+# attention-processor loader, the modifier words through textual inversion.
+cd = os.path.join(os.path.dirname(os.path.abspath(export)), "custom-diffusion-check")
+pipe = tiny_pipeline()
+# diffusers 0.42 sets the processors only when given the pipeline.
+pipe.unet.load_attn_procs(cd, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+n_cd = sum(1 for p in pipe.unet.attn_processors.values() if getattr(p, "train_kv", False))
+for word in ("v0", "v1"):
+    pipe.load_textual_inversion(os.path.join(cd, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
+img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
+           width=64).images[0]
+ours = np.asarray(Image.open(os.path.join(cd, "infer.png"))).astype(int)
+diff_cd = np.abs(np.asarray(img).astype(int) - ours).max()
+pipe = tiny_pipeline()
+for word in ("v0", "v1"):
+    pipe.load_textual_inversion(os.path.join(cd, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
+img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
+           width=64).images[0]
+words_only = np.abs(np.asarray(img).astype(int) - ours).max()
+print(f"custom-diffusion folder: diffusers set {n_cd} tuned cross-attention processors; reproduces "
+      f"magictailor's image within {diff_cd} levels (the words alone: {words_only} levels)")
 ok = diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
-ok = ok and diff_db <= 2 and n_db == 128
+ok = ok and diff_db <= 2 and n_db == 128 and diff_cd <= 2 and n_cd == 16 and words_only > 2
 sys.exit(0 if ok else 1)
