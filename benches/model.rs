@@ -305,7 +305,8 @@ fn bench_one_phase(
     let times = step_times(tg, &mut t, reps + 1);
     let label = match method.name() {
         "ti" => "TI",
-        _ => "DreamBooth",
+        "dreambooth" => "DreamBooth",
+        _ => "Custom Diffusion",
     };
     println!(
         "{name:>5} {label} step, {per_step} image{} at {resolution} px: {:.3} s/step | {}",
@@ -439,7 +440,7 @@ fn main() {
         bench_train(&tg, "tiny", &tiny, &pair, 128, 5);
     }
     use magictailor::train::method::Method;
-    for method in [Method::Ti, Method::DreamBooth] {
+    for method in [Method::Ti, Method::DreamBooth, Method::CustomDiffusion] {
         if wanted(&format!("tiny-{}", method.name())) {
             reset_peak();
             bench_one_phase(&tg, "tiny", method, &tiny, &pair, 128, 5);
@@ -453,7 +454,7 @@ fn main() {
         reset_peak();
         bench_train(&tg, "mid", &mid, &pair, 256, 3);
     }
-    for method in [Method::Ti, Method::DreamBooth] {
+    for method in [Method::Ti, Method::DreamBooth, Method::CustomDiffusion] {
         if wanted(&format!("mid-{}", method.name())) {
             reset_peak();
             bench_one_phase(&tg, "mid", method, &mid, &pair, 256, 3);

@@ -428,6 +428,70 @@ def bench_dreambooth(name, model, pair, res, reps):
     print(f"{name:>5} DreamBooth step, 1 image at {res} px: {secs:.3f} s/step | {peak()}")
 
 
+def bench_custom_diffusion(name, model, pair, res, reps, per_step=2):
+    """diffusers' train_custom_diffusion.py step (--freeze_model crossattn_kv) with the
+    paper's masked loss and rate: CustomDiffusionAttnProcessor on every attention, the
+    cross-attentions' key and value matrices trained in full, two new token rows (AdamW over
+    the whole token table, the other rows' gradients zeroed, as the script does); two
+    images, gradients of all trained weights clipped to 1 together, AdamW at 1e-4 x 2. The
+    scale augmentation runs on the host in the script's data loader and is left out."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    unet, vae, te = frozen(model)
+    st = unet.state_dict()
+    procs = {}
+    for pname in unet.attn_processors:
+        layer = pname[: -len(".processor")]
+        if pname.endswith("attn1.processor"):
+            procs[pname] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
+            continue
+        w_k = st[layer + ".to_k.weight"]
+        p = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=w_k.shape[0],
+                                            cross_attention_dim=w_k.shape[1])
+        p.load_state_dict({"to_k_custom_diffusion.weight": w_k,
+                           "to_v_custom_diffusion.weight": st[layer + ".to_v.weight"]})
+        procs[pname] = p.to(DEV).float()
+    unet.set_attn_processor(procs)
+    kv = [p for p in unet.attn_processors.values() for p in p.parameters()]
+    for p in kv:
+        p.requires_grad_(True)
+    te.resize_token_embeddings(te.get_input_embeddings().weight.shape[0] + 2)
+    table = te.get_input_embeddings().weight
+    vocab = table.shape[0] - 2
+    table.requires_grad_(True)
+    params = [table] + kv
+    opt = torch.optim.AdamW(params, lr=1e-4 * per_step, weight_decay=1e-2)
+    pixels, masks = load_pair(pair, res)
+    n = pixels.shape[0]
+    sample_of = torch.tensor([0, 0, 0, 1, 1, 1], device=DEV)
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latent = res // 8
+
+    def step():
+        pick = torch.randint(0, n, (per_step,), device=DEV)
+        x, m = pixels[pick], masks[pick]
+        ids = torch.randint(0, vocab, (per_step, 77), device=DEV)
+        ids[:, 5] = vocab + sample_of[pick]
+        with torch.no_grad(), autocast():
+            z0 = vae.encode(x.to(DTYPE)).latent_dist.sample().float() * vae.config.scaling_factor
+        t = torch.randint(0, 1000, (per_step,), device=DEV)
+        eps = torch.randn_like(z0)
+        z_t = ddpm.add_noise(z0, eps, t)
+        with autocast():
+            ctx = te(ids).last_hidden_state
+            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
+        m_lat = F.interpolate(m, size=(latent, latent), mode="nearest")
+        loss = ((pred - eps) * m_lat).pow(2).mean()
+        loss.backward()
+        table.grad[:vocab] = 0
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    secs = timed(reps, step)
+    print(f"{name:>5} Custom Diffusion step, {per_step} images at {res} px: {secs:.3f} s/step | {peak()}")
+
+
 def main():
     global DEV, DTYPE
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -436,8 +500,9 @@ def main():
     ap.add_argument("configs", nargs="*", help="tiny, mid, full (default: tiny and mid on the CPU, full on CUDA)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
-    ap.add_argument("--rows", default="unet,train,ti,dreambooth,infer",
-                    help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, infer (full only)")
+    ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,infer",
+                    help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
+                         "infer (full only)")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -467,6 +532,9 @@ def main():
         if "dreambooth" in rows:
             reset_peak()
             bench_dreambooth(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "custom-diffusion" in rows:
+            reset_peak()
+            bench_custom_diffusion(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
         if "infer" in rows and c.get("infer"):
             reset_peak()
             bench_infer(name, model, c["resolution"], c["reps"])
