@@ -222,16 +222,22 @@ fn tuned_matrix_gradients_match_finite_differences() {
     s.tuned = TrainableTuned::new(s.sd.unet.base_weights(&paths), false, DType::F64).unwrap();
     assert_eq!(s.tuned.modules.len(), 2);
     let grads = loss(&s).backward().unwrap();
-    for (path, var) in &s.tuned.modules.clone() {
+    for (name, var) in s.tuned.named() {
         for idx in [0, 7, 40] {
-            check(&s, path, var, &grads, idx);
+            check(&s, &name, &var, &grads, idx);
         }
     }
     for idx in [1, 32 + 5] {
         check(&s, "token rows", &s.rows, &grads, idx);
     }
     // A tuned layer's adapter is not applied: its matrices get no gradient.
-    let a = |p: &str| (s.lora.modules.iter()).find(|m| m.path == p).unwrap().a.clone();
+    let a = |p: &str| {
+        (s.lora.modules.iter())
+            .find(|m| m.path == p)
+            .unwrap()
+            .a
+            .clone()
+    };
     assert!(grads.get(a(&paths[0]).as_tensor()).is_none());
 }
 

@@ -230,7 +230,10 @@ fn a_custom_diffusion_step_rescales_and_prompts_by_scale() {
     let word = t.sd.tokenizer.encode("<v0>").unwrap()[1];
     // A prompt's ids before its word.
     let opening = |prefix: &str| {
-        let ids = t.sd.tokenizer.encode(&format!("{prefix}photo of a <v0>")).unwrap();
+        let ids =
+            t.sd.tokenizer
+                .encode(&format!("{prefix}photo of a <v0>"))
+                .unwrap();
         ids[..ids.iter().position(|&i| i == word).unwrap()].to_vec()
     };
     let kinds = [
@@ -260,9 +263,16 @@ fn a_custom_diffusion_step_rescales_and_prompts_by_scale() {
             }
         }
         let again = t.pool.batch(&t.sd, &t.recipe.draw, 0, d).unwrap();
-        assert_eq!(max_abs_diff(&again.pixels, &b.pixels), 0.0, "step {d} redraws the same");
+        assert_eq!(
+            max_abs_diff(&again.pixels, &b.pixels),
+            0.0,
+            "step {d} redraws the same"
+        );
     }
-    assert!(count["shrunk"] > 5 && count["enlarged"] > 2, "{count:?} of 60 images");
+    assert!(
+        count["shrunk"] > 5 && count["enlarged"] > 2,
+        "{count:?} of 60 images"
+    );
 }
 
 fn assert_refused(args: &[&str], out: &Path, needles: &[&str]) {
@@ -573,7 +583,16 @@ fn a_dreambooth_step_matches_diffusers() {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
     };
-    let losses = step_losses(&sd, &batch, &noised, Online::lora(&lora.as_set()), text, None, w).unwrap();
+    let losses = step_losses(
+        &sd,
+        &batch,
+        &noised,
+        Online::lora(&lora.as_set()),
+        text,
+        None,
+        w,
+    )
+    .unwrap();
     let (loss, want): (f32, f32) = (
         losses.loss.to_scalar().unwrap(),
         get("loss").to_scalar().unwrap(),
@@ -631,12 +650,18 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     let r = record(&out);
     assert_eq!(r["method"]["name"], "custom-diffusion");
     let m = &r["method"];
-    assert_eq!(m["trains"]["full_matrices"], serde_json::json!(["attn2.to_k", "attn2.to_v"]));
+    assert_eq!(
+        m["trains"]["full_matrices"],
+        serde_json::json!(["attn2.to_k", "attn2.to_v"])
+    );
     assert_eq!(m["trains"]["rows_start_from"][0], "ktn");
     assert_eq!(m["grad_clip"]["of"], "all trained weights");
     assert_eq!(m["scale_augmentation"], true);
     for f in ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"] {
-        assert!(!out.join(f).exists(), "Custom Diffusion trains no adapters, yet {f} exists");
+        assert!(
+            !out.join(f).exists(),
+            "Custom Diffusion trains no adapters, yet {f} exists"
+        );
     }
 
     // The file holds every cross-attention's k and v, each moved off its base weight,
@@ -662,7 +687,10 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
         assert!(max_abs_diff(v, b) > 0.0, "{k} did not train");
         tuned += 1;
     }
-    assert!(tuned > 0 && tuned == 2 * empty, "{tuned} tuned, {empty} empty");
+    assert!(
+        tuned > 0 && tuned == 2 * empty,
+        "{tuned} tuned, {empty} empty"
+    );
     // The modifier rows moved off "ktn" and "pll".
     let embeds = out.join("learned_embeds.safetensors");
     let words = magictailor::io::embeds::load(&embeds, 32, &Device::Cpu).unwrap();
@@ -676,8 +704,21 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     // alone draws something else.
     let png = |name: &str| tmp.path().join(name);
     let draw = |extra: &[&str], out_png: &Path| {
-        let mut a = vec!["--prompt", "photo of a <v0>", "--width", "64", "--height", "64"];
-        a.extend(["--steps", "3", "--quiet", "--out", out_png.to_str().unwrap()]);
+        let mut a = vec![
+            "--prompt",
+            "photo of a <v0>",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ];
+        a.extend([
+            "--steps",
+            "3",
+            "--quiet",
+            "--out",
+            out_png.to_str().unwrap(),
+        ]);
         a.extend(extra);
         ok(&run_bin("infer", &a));
     };
@@ -694,24 +735,40 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     draw(&files, &png("files.png"));
     let pixels = |name: &str| read_png(&png(name));
     assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("files.png")), 0);
-    draw(&["--model", &model, "--embeds", embeds.to_str().unwrap()], &png("rows.png"));
-    assert!(png_max_diff(&pixels("dir.png"), &pixels("rows.png")) > 0, "the matrices count");
+    draw(
+        &["--model", &model, "--embeds", embeds.to_str().unwrap()],
+        &png("rows.png"),
+    );
+    assert!(
+        png_max_diff(&pixels("dir.png"), &pixels("rows.png")) > 0,
+        "the matrices count"
+    );
     // The last checkpoint holds what the folder's files hold.
-    draw(&["--model-dir", dir, "--checkpoint", "4"], &png("step4.png"));
+    draw(
+        &["--model-dir", dir, "--checkpoint", "4"],
+        &png("step4.png"),
+    );
     assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("step4.png")), 0);
     // A file for another U-Net is refused, naming it.
     let sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
     let targets = sd.unet.lora_targets();
     assert!(TunedSet::load_custom_diffusion(&cd, &targets, &Device::Cpu).is_ok());
     let e = TunedSet::load_custom_diffusion(&cd, &targets[..3], &Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("pytorch_custom_diffusion_weights"), "{e}");
+    assert!(
+        e.to_string().contains("pytorch_custom_diffusion_weights"),
+        "{e}"
+    );
 
     // Leave the files and an image from fixed latents for scripts/check_rust_exports.py,
     // which loads them with diffusers' `load_attn_procs` and `load_textual_inversion`.
     let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("custom-diffusion-check");
     let _ = std::fs::remove_dir_all(&check);
     std::fs::create_dir_all(&check).unwrap();
-    std::fs::copy(&cd, check.join("pytorch_custom_diffusion_weights.safetensors")).unwrap();
+    std::fs::copy(
+        &cd,
+        check.join("pytorch_custom_diffusion_weights.safetensors"),
+    )
+    .unwrap();
     copy_dir(&out.join("embeddings"), &check.join("embeddings"));
     let latents = fixtures().join("init_latents.safetensors");
     let out_png = check.join("infer.png");
@@ -742,7 +799,10 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     let mut args = cd_args(pair, &killed, &model);
     args.push("--resume");
     ok(&run_bin("train", &args));
-    for f in ["pytorch_custom_diffusion_weights.safetensors", "learned_embeds.safetensors"] {
+    for f in [
+        "pytorch_custom_diffusion_weights.safetensors",
+        "learned_embeds.safetensors",
+    ] {
         assert_eq!(read_bytes(&killed.join(f)), read_bytes(&out.join(f)), "{f}");
     }
 }
@@ -784,9 +844,13 @@ fn a_custom_diffusion_step_matches_diffusers() {
         .map(|t| t.path)
         .collect();
     let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
-    assert_eq!(tuned.modules.len(), step.count("grad.") - 1, "the same tuned layers");
-    for (path, v) in &tuned.modules {
-        v.set(&get(path)).unwrap();
+    assert_eq!(
+        tuned.modules.len(),
+        step.count("grad.") - 1,
+        "the same tuned layers"
+    );
+    for m in &tuned.modules {
+        m.weight.set(&get(&m.path)).unwrap();
     }
     let (none, set) = (LoraSet::default(), tuned.as_set());
     let online = Online {
@@ -809,7 +873,8 @@ fn a_custom_diffusion_step_matches_diffusers() {
     assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
     let grads = losses.loss.backward().unwrap();
     let mut worst = 0f32;
-    let named = (tuned.modules.iter().map(|(p, v)| (p.as_str(), v))).chain([("rows", &rows)]);
+    let named =
+        (tuned.modules.iter().map(|m| (m.path.as_str(), &m.weight))).chain([("rows", &rows)]);
     for (name, var) in named {
         let want = get(&format!("grad.{name}"));
         let got = grads.get(var.as_tensor()).unwrap();
@@ -821,7 +886,10 @@ fn a_custom_diffusion_step_matches_diffusers() {
     params.extend(tuned.vars());
     let norm = grad_norm(&grads, &params).unwrap();
     let want_norm: f32 = get("grad_norm").to_scalar().unwrap();
-    assert!(((norm as f32) - want_norm).abs() < 1e-4 * want_norm, "norm {norm} vs {want_norm}");
+    assert!(
+        ((norm as f32) - want_norm).abs() < 1e-4 * want_norm,
+        "norm {norm} vs {want_norm}"
+    );
     let config = AdamWConfig {
         lr: 1e-4 * 2.0,
         ..Default::default()
@@ -833,10 +901,14 @@ fn a_custom_diffusion_step_matches_diffusers() {
     };
     opt.step_clipped(&grads, Some(clip)).unwrap();
     let mut after = max_abs_diff(rows.as_tensor(), &get("rows_after"));
-    for (path, v) in &tuned.modules {
-        after = after.max(max_abs_diff(v.as_tensor(), &get(&format!("after.{path}"))));
+    for m in &tuned.modules {
+        let want = get(&format!("after.{}", m.path));
+        after = after.max(max_abs_diff(m.weight.as_tensor(), &want));
     }
-    assert!(after < 1e-6, "weights after the clipped AdamW step differ by {after}");
+    assert!(
+        after < 1e-6,
+        "weights after the clipped AdamW step differ by {after}"
+    );
 }
 
 /// Custom Diffusion's scale augmentation against its dataset's `preprocess` (PIL's
@@ -864,8 +936,15 @@ fn custom_diffusion_rescaling_matches_its_dataset() {
         let d = max_abs_diff(&pixels, &want) * 127.5;
         assert!(d <= 1.01, "side {side}: pixels differ by {d} levels");
         let latent = magictailor::model::nn::resize_nearest(&mask, 8, 8).unwrap();
-        let want = step.get(&format!("{k}.mask")).reshape((1, 1, 8, 8)).unwrap();
-        assert_eq!(max_abs_diff(&latent, &want), 0.0, "side {side}: valid region");
+        let want = step
+            .get(&format!("{k}.mask"))
+            .reshape((1, 1, 8, 8))
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&latent, &want),
+            0.0,
+            "side {side}: valid region"
+        );
     }
 }
 

@@ -90,7 +90,16 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         table: None,
     };
     let losses = |m: Option<&LoraSet>| {
-        step_losses(&sd, &batch, &noised, Online::lora(&lora.as_set()), text, m, w).unwrap()
+        step_losses(
+            &sd,
+            &batch,
+            &noised,
+            Online::lora(&lora.as_set()),
+            text,
+            m,
+            w,
+        )
+        .unwrap()
     };
 
     // Warm-up step.

@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 use crate::model::loader::{self, StableDiffusion};
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
-use crate::model::tuned::TunedSet;
 use crate::model::scheduler::Ddim;
+use crate::model::tuned::TunedSet;
 use crate::rng::seeded_normal;
 
 use super::weights::Personalized;

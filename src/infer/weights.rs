@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::io::{run, tensors};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
-use crate::model::tuned::TunedSet;
 use crate::model::tokenizer::pseudo_word;
+use crate::model::tuned::TunedSet;
 
 /// Where a personalized model's weights come from.
 #[derive(Debug, Clone, Default)]

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use super::lora::LoraSet;
 use super::ops;
 use super::probe::AttnProbe;
-use super::tuned::TunedSet;
+use super::tuned::{Tuned, TunedSet};
 
 /// What a forward pass carries besides activations: which adapter set and tuned weights
 /// are active and which cross-attention maps to record.
@@ -62,6 +62,10 @@ impl Linear {
         &self.weight
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub fn in_dim(&self) -> usize {
         self.weight.dim(1).unwrap_or(0)
     }
@@ -70,8 +74,8 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        if let Some(w) = ctx.tuned.and_then(|set| set.get(&self.path)) {
-            return self.forward_tuned(x, w);
+        if let Some(t) = ctx.tuned.and_then(|set| set.get(&self.path)) {
+            return self.forward_tuned(x, t);
         }
         match ctx.lora.and_then(|set| set.get(&self.path)) {
             Some(lora) => {
@@ -86,12 +90,14 @@ impl Linear {
         }
     }
 
-    /// `x W^T + b` with a tuned `W`, by candle's matmul, so `W` gets its gradient.
-    fn forward_tuned(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+    /// `x W^T + b` with a tuned `W` (and `b`, where tuned), by candle's ops, so they get
+    /// their gradients.
+    fn forward_tuned(&self, x: &Tensor, t: &Tuned) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&t.weight.to_dtype(x.dtype())?.t()?)?;
+        match (&t.bias, &self.bias) {
+            (Some(b), _) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+            (None, Some(b)) => y.broadcast_add(b),
+            (None, None) => Ok(y),
         }
     }
 }

@@ -194,11 +194,12 @@ impl UNet {
         })
     }
 
-    /// The base weight of each adaptable layer named in `paths`, in the U-Net's order.
-    pub fn base_weights(&self, paths: &[String]) -> Vec<(String, Tensor)> {
+    /// The base weight and bias of each adaptable layer named in `paths`, in the U-Net's
+    /// order.
+    pub fn base_weights(&self, paths: &[String]) -> Vec<(String, Tensor, Option<Tensor>)> {
         (self.adaptable())
             .filter(|l| paths.contains(&l.path))
-            .map(|l| (l.path.clone(), l.weight().clone()))
+            .map(|l| (l.path.clone(), l.weight().clone(), l.bias().cloned()))
             .collect()
     }
 

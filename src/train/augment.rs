@@ -151,7 +151,9 @@ impl Rescale {
         let (size, side) = (self.size, self.side);
         let r = resize_matrix(size, side, pixels.device())?;
         let resized = r.broadcast_matmul(&pixels.to_dtype(DType::F32)?)?;
-        let resized = resized.broadcast_matmul(&r.t()?)?.to_dtype(pixels.dtype())?;
+        let resized = resized
+            .broadcast_matmul(&r.t()?)?
+            .to_dtype(pixels.dtype())?;
         let mask = crate::model::nn::resize_nearest(mask, side, side)?;
         if side > size {
             let crop = |t: &Tensor| {
@@ -171,7 +173,8 @@ impl Rescale {
     /// `[1, 1, size, size]`: ones on the latent cells rows and columns
     /// `top / f + 1 .. (top + side) / f - 1` (the source's slice), at pixel resolution.
     fn valid_region(&self, f: usize, device: &candle_core::Device) -> Result<Tensor> {
-        let cells = |start: usize| (start / f + 1) * f..((start + self.side) / f).saturating_sub(1) * f;
+        let cells =
+            |start: usize| (start / f + 1) * f..((start + self.side) / f).saturating_sub(1) * f;
         let (rows, cols) = (cells(self.top), cells(self.left));
         let n = self.size;
         let v: Vec<f32> = (0..n * n)

@@ -22,7 +22,8 @@ impl Trainer {
         }
         if !self.tuned.is_empty() {
             let processors = tuned::processor_names(&self.sd.unet.lora_targets());
-            (self.tuned.detached()).save_custom_diffusion(&dir.join(run::CUSTOM_DIFFUSION), &processors)?;
+            (self.tuned.detached())
+                .save_custom_diffusion(&dir.join(run::CUSTOM_DIFFUSION), &processors)?;
         }
         if self.recipe.trains.rows {
             let embeds = self.embeds()?;

@@ -18,9 +18,9 @@ use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
-use crate::model::tuned::TunedSet;
 use crate::model::probe::{AttnProbe, BlockKind};
 use crate::model::tokenizer::pseudo_word;
+use crate::model::tuned::TunedSet;
 use crate::rng::{step_rng, Stream};
 
 /// The images one step trains on, on the device, with their prompts.

@@ -12,11 +12,10 @@ use super::segments;
 use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::io::{checkpoint, run};
-use crate::model::tuned;
 
 impl Trainer {
     /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`,
-    /// `tuned.<path>`, `rows`, and `table` in released-script mode.
+    /// `tuned.<path>.weight`/`.bias`, `rows`, and `table` in released-script mode.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let lora = self.lora.modules.iter().flat_map(|m| {
             [
@@ -24,8 +23,7 @@ impl Trainer {
                 (format!("lora.{}.B", m.path), m.b.clone()),
             ]
         });
-        let tuned = (self.tuned.modules.iter())
-            .map(|(path, v)| (format!("{}{path}", tuned::CHECKPOINT_PREFIX), v.clone()));
+        let tuned = self.tuned.named();
         let text = [("rows", Some(&self.rows)), ("table", self.table.as_ref())];
         let text = text
             .into_iter()
@@ -87,8 +85,8 @@ impl Trainer {
             m.a.set(get(&format!("lora.{}.A", m.path))?)?;
             m.b.set(get(&format!("lora.{}.B", m.path))?)?;
         }
-        for (path, v) in &self.tuned.modules {
-            v.set(get(&format!("{}{path}", tuned::CHECKPOINT_PREFIX))?)?;
+        for (name, v) in self.tuned.named() {
+            v.set(get(&name)?)?;
         }
         self.rows.set(get("rows")?)?;
         if let Some(table) = &self.table {

@@ -16,8 +16,8 @@ use crate::io::progress::Progress;
 use crate::masks::{self, auto::AutoMasks};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
-use crate::model::tuned::TrainableTuned;
 use crate::model::tokenizer::{pseudo_word, pseudo_words_in};
+use crate::model::tuned::TrainableTuned;
 
 /// A setup that failed, with the base model when it was loaded and survived, for the
 /// next pair.
