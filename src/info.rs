@@ -98,6 +98,7 @@ impl RunInfo {
             Some((Method::Ti, _)) => "Textual Inversion",
             Some((Method::DreamBooth, _)) => "DreamBooth-LoRA",
             Some((Method::CustomDiffusion, _)) => "Custom Diffusion",
+            Some((Method::Clic, _)) => "CLiC",
             Some((Method::MagicTailor, true)) => "MagicTailor (as the released script)",
             _ => "MagicTailor",
         }

@@ -374,6 +374,7 @@ fn a_textual_inversion_step_matches_diffusers() {
     let w = LossWeights {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
+        clic: None,
     };
     let losses = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
     let loss: f32 = losses.loss.to_scalar().unwrap();
@@ -582,6 +583,7 @@ fn a_dreambooth_step_matches_diffusers() {
     let w = LossWeights {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
+        clic: None,
     };
     let losses = step_losses(
         &sd,
@@ -807,6 +809,134 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     }
 }
 
+/// CLiC: the cross-attentions' four projections (the out bias too) and the rows train,
+/// nothing else; each step logs its three terms; the files load back in `infer` as the
+/// folder; a resumed run ends with the same files byte for byte.
+#[test]
+fn clic_tunes_cross_attention_and_logs_its_three_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    fn clic_args<'a>(pair: &'a str, out: &'a Path, model: &'a str) -> Vec<&'a str> {
+        let more = [
+            "--method",
+            "clic",
+            "--steps",
+            "4",
+            "--lr",
+            "5e-3",
+            "--checkpoint-every",
+            "2",
+        ];
+        with_args(quiet_train_args(pair, out.to_str().unwrap(), model), &more)
+    }
+    let out = tmp.path().join("clic");
+    ok(&run_bin("train", &clic_args(pair, &out, &model)));
+
+    let log = read_log(&out);
+    assert_eq!(log.len(), 4);
+    for l in &log {
+        assert_eq!(l["phase"], "clic");
+        let (att, ctx, roi) = (
+            l["l_attn"].as_f64().unwrap(),
+            l["l_diff"].as_f64().unwrap(),
+            l["l_roi"].as_f64().unwrap(),
+        );
+        assert!(att > 0.0 && ctx > 0.0 && roi > 0.0, "{l}");
+        let total = 0.25 * att + 0.5 * ctx + 0.25 * roi;
+        assert!((l["loss"].as_f64().unwrap() - total).abs() < 1e-5 * total, "{l}");
+    }
+    let m = &record(&out)["method"];
+    assert_eq!(m["name"], "clic");
+    assert_eq!(m["weight_decay"], 0.1);
+    assert_eq!(m["trains"]["full_matrices"].as_array().unwrap().len(), 4);
+    assert_eq!(m["clic_loss_weights"]["context"], 0.5);
+
+    // q/k/v/out of every cross-attention, the out bias too, each moved off its base.
+    let cd = out.join("pytorch_custom_diffusion_weights.safetensors");
+    let t = candle_core::safetensors::load(&cd, &Device::Cpu).unwrap();
+    let base = candle_core::safetensors::load(
+        Path::new(&model).join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut tuned = std::collections::BTreeMap::new();
+    for (k, v) in t.iter().filter(|(_, v)| v.elem_count() > 0) {
+        let (attn, rest) = k.split_once(".processor.").unwrap();
+        let (proj, part) = rest.rsplit_once('.').unwrap();
+        let proj = proj.replace("_custom_diffusion", "");
+        let b = &base[&format!("{attn}.{proj}.{part}")];
+        assert!(max_abs_diff(v, b) > 0.0, "{k} did not train");
+        *tuned.entry(format!("{proj}.{part}")).or_insert(0) += 1;
+    }
+    let n = tuned["to_k.weight"];
+    for k in ["to_q.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"] {
+        assert_eq!(tuned[k], n, "{tuned:?}");
+    }
+
+    let png = |name: &str| tmp.path().join(name);
+    let draw = |extra: &[&str], out_png: &Path| {
+        let mut a = vec!["--prompt", "a photo of <v0>", "--width", "64", "--height", "64"];
+        a.extend(["--steps", "3", "--quiet", "--out", out_png.to_str().unwrap()]);
+        a.extend(extra);
+        ok(&run_bin("infer", &a));
+    };
+    let dir = out.to_str().unwrap();
+    draw(&["--model-dir", dir], &png("dir.png"));
+    let embeds = out.join("learned_embeds.safetensors");
+    let files = [
+        "--model",
+        &model,
+        "--custom-diffusion",
+        cd.to_str().unwrap(),
+        "--embeds",
+        embeds.to_str().unwrap(),
+    ];
+    draw(&files, &png("files.png"));
+    draw(&["--model-dir", dir, "--checkpoint", "4"], &png("step4.png"));
+    let pixels = |name: &str| read_png(&png(name));
+    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("files.png")), 0);
+    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("step4.png")), 0);
+
+    // Leave the files and an image for scripts/check_rust_exports.py.
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("clic-check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    std::fs::copy(&cd, check.join("pytorch_custom_diffusion_weights.safetensors")).unwrap();
+    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
+    let latents = fixtures().join("init_latents.safetensors");
+    let out_png = check.join("infer.png");
+    let a = [
+        "--model-dir",
+        dir,
+        "--prompt",
+        "a photo of <v0> with <v1>",
+        "--init-latents",
+        latents.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        out_png.to_str().unwrap(),
+    ];
+    ok(&run_bin("infer", &a));
+
+    let killed = tmp.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let first = "checkpoints/step-000002.safetensors";
+    std::fs::copy(out.join(first), killed.join(first)).unwrap();
+    let mut args = clic_args(pair, &killed, &model);
+    args.push("--resume");
+    ok(&run_bin("train", &args));
+    for f in ["pytorch_custom_diffusion_weights.safetensors", "learned_embeds.safetensors"] {
+        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&out.join(f)), "{f}");
+    }
+}
+
 /// One Custom Diffusion step against diffusers' `train_custom_diffusion.py` with its
 /// attention processors (scripts/make_method_fixtures.py): the rows from "ktn" and "pll",
 /// the loss with the tuned key/value matrices (the start-of-text token's held back), every
@@ -864,6 +994,7 @@ fn a_custom_diffusion_step_matches_diffusers() {
     let w = LossWeights {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
+        clic: None,
     };
     let losses = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
     let (loss, want): (f32, f32) = (
@@ -1074,6 +1205,7 @@ impl ReferenceStep {
             token_pos,
             sample_of,
             n_samples,
+            roi: None,
         };
         let noised = Noised {
             z_t: self.get("z_t"),

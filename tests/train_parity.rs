@@ -58,6 +58,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         token_pos: usizes(&r["token_pos"]),
         sample_of: usizes(&r["sample_of"]),
         n_samples: 2,
+        roi: None,
     };
     let noised = Noised {
         z_t: r["z_t"].clone(),
@@ -83,6 +84,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
     let w = LossWeights {
         lambda_attn: 0.01,
         lambda_pres: 0.2,
+        clic: None,
     };
 
     let text = TextParams {

@@ -467,7 +467,7 @@ fn jitter_draws_factors_in_range_and_every_order() {
     let mut orders: Vec<[JitterOp; 3]> = Vec::new();
     let (mut lo, mut hi) = (f32::MAX, f32::MIN);
     for seed in 0..200 {
-        let j = Jitter::draw(&mut StdRng::seed_from_u64(seed), s as f64);
+        let j = Jitter::draw(&mut StdRng::seed_from_u64(seed), [s as f64; 3]);
         for f in [j.brightness, j.contrast, j.saturation] {
             assert!((1.0 - s..=1.0 + s).contains(&f), "seed {seed}: factor {f}");
             (lo, hi) = (lo.min(f), hi.max(f));
@@ -489,7 +489,7 @@ fn jitter_draws_factors_in_range_and_every_order() {
         lo < 0.92 && hi > 1.08,
         "factors spread over the range: {lo}..{hi}"
     );
-    let off = Jitter::draw(&mut StdRng::seed_from_u64(0), 0.0);
+    let off = Jitter::draw(&mut StdRng::seed_from_u64(0), [0.0; 3]);
     assert_eq!(
         [off.brightness, off.contrast, off.saturation],
         [1.0; 3],

@@ -21,7 +21,7 @@ fn d() -> TrainConfig {
 }
 
 const MT: &str = "MagicTailor (--method magictailor)";
-const ONE: &str = "One-phase methods (--method ti, dreambooth, custom-diffusion)";
+const ONE: &str = "One-phase methods (--method ti, dreambooth, custom-diffusion, clic)";
 const CD: &str = "Custom Diffusion (--method custom-diffusion)";
 
 #[derive(Args)]
@@ -50,20 +50,20 @@ pub(super) struct TrainSettings {
     /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
     #[arg(long, default_value_t = d().model)]
     model: String,
-    /// The personalization method: MagicTailor, Textual Inversion, DreamBooth-LoRA or Custom
-    /// Diffusion (each as its source trains it, with the paper's masked diffusion loss). A
+    /// The personalization method: MagicTailor, Textual Inversion, DreamBooth-LoRA, Custom
+    /// Diffusion or CLiC (each as its source trains it, with the paper's adaptations). A
     /// flag of another method is refused.
     #[arg(long, value_enum, default_value_t = d().method)]
     method: Method,
-    /// Optimizer steps [default: ti 3000, dreambooth 500, custom-diffusion 250].
+    /// Optimizer steps [default: ti 3000, dreambooth 500, custom-diffusion 250, clic 500].
     #[arg(long, help_heading = ONE)]
     steps: Option<usize>,
     /// Learning rate, multiplied by --images-per-step unless --no-scale-lr [default: ti
-    /// 5e-4, dreambooth 1e-4, custom-diffusion 1e-4].
+    /// 5e-4, dreambooth 1e-4, custom-diffusion 1e-4, clic 5e-5].
     #[arg(long, help_heading = ONE)]
     lr: Option<f64>,
     /// Images per optimizer step, each drawn at random: the source's batch size times its
-    /// accumulated batches [default: ti 4, dreambooth 1, custom-diffusion 2].
+    /// accumulated batches [default: ti 4, dreambooth 1, custom-diffusion 2, clic 1].
     #[arg(long, help_heading = ONE)]
     images_per_step: Option<usize>,
     #[arg(long, help_heading = MT, default_value_t = d().warmup_steps)]

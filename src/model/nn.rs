@@ -193,6 +193,32 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(x, D::Minus1)
 }
 
+/// Bilinear resize of `[b, c, h, w]` to `[b, c, oh, ow]`, as torch's
+/// `F.interpolate(mode="bilinear", align_corners=False)` without antialiasing: two
+/// matrix products, so its backward is candle's matmul's.
+pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let rows = bilinear_matrix(h, oh, x)?;
+    let cols = bilinear_matrix(w, ow, x)?;
+    rows.broadcast_matmul(x)?.broadcast_matmul(&cols.t()?)
+}
+
+/// `[n_out, n_in]`: output i reads input `(i + 0.5) * n_in / n_out - 0.5` (clamped at 0)
+/// between its two neighbours.
+fn bilinear_matrix(n_in: usize, n_out: usize, like: &Tensor) -> Result<Tensor> {
+    let scale = n_in as f64 / n_out as f64;
+    let mut m = vec![0f32; n_out * n_in];
+    for o in 0..n_out {
+        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let i1 = (i0 + 1).min(n_in - 1);
+        let frac = (src - i0 as f64) as f32;
+        m[o * n_in + i0] += 1.0 - frac;
+        m[o * n_in + i1] += frac;
+    }
+    Tensor::from_vec(m, (n_out, n_in), like.device())?.to_dtype(like.dtype())
+}
+
 /// Nearest-neighbour resize of `[b, c, h, w]` to `[b, c, oh, ow]`, as torch's
 /// `F.interpolate(mode="nearest")`: output row i reads input row floor(i * h / oh).
 /// Built from `index_select`, so its backward is exact for any size (candle's

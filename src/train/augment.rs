@@ -30,11 +30,15 @@ pub struct Jitter {
 }
 
 impl Jitter {
-    /// Factors uniform in [1 - s, 1 + s] and a uniformly random order.
-    pub fn draw(rng: &mut impl Rng, strength: f64) -> Self {
-        let s = strength as f32;
-        let mut factor = || rng.random_range(1.0 - s..=1.0 + s);
-        let (brightness, contrast, saturation) = (factor(), factor(), factor());
+    /// Factors uniform in [1 - s, 1 + s] for the strengths of brightness, contrast and
+    /// saturation, and a uniformly random order.
+    pub fn draw(rng: &mut impl Rng, strengths: [f64; 3]) -> Self {
+        let mut factor = |s: f64| {
+            let s = s as f32;
+            rng.random_range(1.0 - s..=1.0 + s)
+        };
+        let [b, c, s] = strengths;
+        let (brightness, contrast, saturation) = (factor(b), factor(c), factor(s));
         let mut order = [
             JitterOp::Brightness,
             JitterOp::Contrast,

@@ -401,7 +401,12 @@ impl TrainConfig {
 /// The settings only some methods read, by flag, with those methods.
 const FLAGS_BY_METHOD: [(&str, &[Method]); 19] = {
     const MT: &[Method] = &[Method::MagicTailor];
-    const ONE: &[Method] = &[Method::Ti, Method::DreamBooth, Method::CustomDiffusion];
+    const ONE: &[Method] = &[
+        Method::Ti,
+        Method::DreamBooth,
+        Method::CustomDiffusion,
+        Method::Clic,
+    ];
     const CD: &[Method] = &[Method::CustomDiffusion];
     [
         ("--steps", ONE),

@@ -31,6 +31,11 @@ pub enum Method {
     #[serde(rename = "custom-diffusion")]
     #[value(name = "custom-diffusion")]
     CustomDiffusion,
+    /// CLiC as its authors' code trains it: the cross-attentions' q/k/v/out in full and
+    /// the words' rows, with its attention, context and region-of-interest losses.
+    #[serde(rename = "clic")]
+    #[value(name = "clic")]
+    Clic,
 }
 
 impl Method {
@@ -41,6 +46,7 @@ impl Method {
             Method::Ti => "ti",
             Method::DreamBooth => "dreambooth",
             Method::CustomDiffusion => "custom-diffusion",
+            Method::Clic => "clic",
         }
     }
 
@@ -69,6 +75,13 @@ impl Method {
                 lr: 1e-4,
                 images_per_step: 2,
             }),
+            // The authors' reproduce.sh: batch 1, 500 steps; the paper's rate (the
+            // script's is 1e-5).
+            Method::Clic => Some(OnePhase {
+                steps: 500,
+                lr: 5e-5,
+                images_per_step: 1,
+            }),
         }
     }
 }
@@ -91,6 +104,28 @@ pub const CUSTOM_DIFFUSION_INIT: [&str; 3] = ["ktn", "pll", "ucd"];
 /// The layers Custom Diffusion tunes in full (its `--freeze_model crossattn_kv`): every
 /// cross-attention's key and value projections.
 pub const CROSS_ATTENTION_KV: [&str; 2] = ["attn2.to_k", "attn2.to_v"];
+
+/// The layers CLiC tunes in full (its processors' `train_q_out`): every
+/// cross-attention's four projections, the output's bias too.
+pub const CROSS_ATTENTION_ALL: [&str; 4] = [
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+];
+
+/// CLiC's prompts for the region-of-interest image, one drawn per image per step, `{}`
+/// the word (its `reconstructor_prompts`).
+pub const CLIC_ROI_PROMPTS: [&str; 8] = [
+    "A photo of {}",
+    "A pattern of {}",
+    "{}",
+    "{} on a blank background",
+    "A photo of {} on a blank background",
+    "{} style",
+    "A photo of {} style",
+    "{} style on a blank background",
+];
 
 /// DreamBooth's identifiers, one per sample: rare tokens of CLIP's vocabulary that the
 /// community uses ("sks" is the DreamBooth README's), each followed by its class word.
@@ -139,6 +174,28 @@ pub struct LossWeights {
     pub lambda_attn: f64,
     /// DS-Bal's preserving regularization against the momentum adapters.
     pub lambda_pres: f64,
+    /// CLiC's objective in place of the masked diffusion loss and the two above.
+    pub clic: Option<ClicWeights>,
+}
+
+/// CLiC's loss: `attention * L_att + context * L_context + roi * L_RoI`; L_context weighs
+/// the background (mask below 0.05) by `background`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClicWeights {
+    pub attention: f64,
+    pub context: f64,
+    pub roi: f64,
+    pub background: f64,
+}
+
+impl ClicWeights {
+    /// The weights of the authors' reproduce.sh and the paper.
+    pub const PAPER: Self = Self {
+        attention: 0.25,
+        context: 0.5,
+        roi: 0.25,
+        background: 0.25,
+    };
 }
 
 /// A phase's objective, by the name `train_log.jsonl` and the progress bar show.
@@ -158,6 +215,8 @@ pub enum Phase {
     /// Custom Diffusion: the mean masked diffusion loss; the cross-attention key/value
     /// matrices and the modifier rows train.
     CustomDiffusion,
+    /// CLiC: its attention, context and region-of-interest losses.
+    Clic,
 }
 
 impl Phase {
@@ -170,6 +229,7 @@ impl Phase {
             Phase::TextualInversion => "ti",
             Phase::DreamBooth => "dreambooth",
             Phase::CustomDiffusion => "custom-diffusion",
+            Phase::Clic => "clic",
         }
     }
 }
@@ -211,6 +271,8 @@ pub struct Trains {
     pub token_table: bool,
     /// Gradient clipping, as the source's `clip_grad_norm_` call; None: none.
     pub clip: Option<GradClip>,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
 }
 
 /// Where each sample's pseudo-word row starts.
@@ -255,12 +317,16 @@ pub struct Momentum {
 pub struct Draw {
     pub pick: Pick,
     pub prompts: Prompts,
-    /// Colour-jitter strength; 0 is none.
-    pub jitter: f64,
+    /// Colour-jitter strengths of brightness, contrast and saturation (factors in
+    /// [1 - s, 1 + s], one set a step); all 0 is none.
+    pub jitter: [f64; 3],
     pub flip: Flip,
     /// Custom Diffusion's scale augmentation: each image shrunk onto a blank canvas or
     /// enlarged and cropped, its prompt prefixed to say so ([`super::augment::Rescale`]).
     pub rescale: bool,
+    /// CLiC: each image also goes in masked (grey outside its mask), prompted with one of
+    /// these templates, with the same noise and timestep.
+    pub roi: Option<&'static [&'static str]>,
     pub degradation: Degradation,
 }
 
@@ -349,6 +415,7 @@ impl Recipe {
             Method::Ti => Self::textual_inversion(cfg),
             Method::DreamBooth => Self::dreambooth(cfg),
             Method::CustomDiffusion => Self::custom_diffusion(cfg),
+            Method::Clic => Self::clic(cfg),
         }
     }
 
@@ -395,11 +462,13 @@ impl Recipe {
                     max_norm: 1.0,
                     with_text: false,
                 }),
+                weight_decay: 1e-2,
             },
             identifiers: None,
             losses: LossWeights {
                 lambda_attn: cfg.lambda_attn,
                 lambda_pres: cfg.lambda_pres,
+                clic: None,
             },
             phases,
             momentum: Momentum {
@@ -409,9 +478,10 @@ impl Recipe {
             draw: Draw {
                 pick: Pick::All,
                 prompts: Prompts::Fixed(|word| format!("A photo of {word}")),
-                jitter: cfg.jitter,
+                jitter: [cfg.jitter; 3],
                 flip: if cfg.flip { Flip::Batch } else { Flip::Off },
                 rescale: false,
+                roi: None,
                 degradation: cfg.degradation(),
             },
         }
@@ -429,6 +499,7 @@ impl Recipe {
             tuned: None,
             token_table: false,
             clip: None,
+            weight_decay: 1e-2,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Templates(&TI_TEMPLATES);
@@ -455,6 +526,7 @@ impl Recipe {
                 max_norm: 1.0,
                 with_text: false,
             }),
+            weight_decay: 1e-2,
         };
         let ids = Some(&DREAMBOOTH_IDENTIFIERS[..]);
         let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
@@ -479,11 +551,41 @@ impl Recipe {
                 max_norm: 1.0,
                 with_text: true,
             }),
+            weight_decay: 1e-2,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Fixed(|word| format!("photo of a {word}"));
         let mut r = Self::one_phase(cfg, Phase::CustomDiffusion, trains, None, prompts, flip);
         r.draw.rescale = cfg.scale_aug;
+        r
+    }
+
+    /// CLiC (Safaee et al. 2024), as its authors' `learning.py` trains it with their
+    /// reproduce.sh (`--instance_mode style --noaug`) and the paper's rate
+    /// (docs/method.md): every cross-attention's q/k/v/out in full (the out bias too; the
+    /// start-of-text token's keys and values pass no gradient) and one row per sample from
+    /// "ktn", "pll", "ucd"; its three losses; all gradients clipped together to norm 1;
+    /// AdamW with weight decay 0.1; one image a step with a brightness jitter of 0.5 and a
+    /// flip, and its masked copy prompted with a region-of-interest template.
+    pub fn clic(cfg: &TrainConfig) -> Self {
+        let trains = Trains {
+            rows: true,
+            row_init: RowInit::Words(&CUSTOM_DIFFUSION_INIT),
+            lora: None,
+            tuned: Some(&CROSS_ATTENTION_ALL),
+            token_table: false,
+            clip: Some(GradClip {
+                max_norm: 1.0,
+                with_text: true,
+            }),
+            weight_decay: 0.1,
+        };
+        let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
+        let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
+        let mut r = Self::one_phase(cfg, Phase::Clic, trains, None, prompts, flip);
+        r.losses.clic = Some(ClicWeights::PAPER);
+        r.draw.jitter = [0.5, 0.0, 0.0];
+        r.draw.roi = Some(&CLIC_ROI_PROMPTS);
         r
     }
 
@@ -507,6 +609,7 @@ impl Recipe {
             losses: LossWeights {
                 lambda_attn: 0.0,
                 lambda_pres: 0.0,
+                clic: None,
             },
             phases: vec![PhasePlan {
                 phase,
@@ -522,9 +625,10 @@ impl Recipe {
             draw: Draw {
                 pick: Pick::Random(per_step),
                 prompts,
-                jitter: 0.0,
+                jitter: [0.0; 3],
                 flip,
                 rescale: false,
+                roi: None,
                 degradation: Degradation::new(Curve::Off, 0.0, 0.0),
             },
         }
@@ -573,6 +677,13 @@ impl Recipe {
                 "token_table": self.trains.token_table,
             },
             "grad_clip": clip,
+            "weight_decay": self.trains.weight_decay,
+            "clic_loss_weights": self.losses.clic.map(|c| serde_json::json!({
+                "attention": c.attention,
+                "context": c.context,
+                "roi": c.roi,
+                "background": c.background,
+            })),
             "loss_weights": {
                 "l_diff": 1.0,
                 "lambda_attn": self.losses.lambda_attn,
@@ -587,8 +698,13 @@ impl Recipe {
                 Flip::Batch => "batch",
                 Flip::PerImage => "per-image",
             },
-            "color_jitter": self.draw.jitter,
+            "color_jitter": {
+                "brightness": self.draw.jitter[0],
+                "contrast": self.draw.jitter[1],
+                "saturation": self.draw.jitter[2],
+            },
             "scale_augmentation": self.draw.rescale,
+            "roi_prompts": self.draw.roi,
         })
     }
 

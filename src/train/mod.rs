@@ -5,8 +5,8 @@
 //!   `segments` (the settings a resume must not change);
 //! - the method: `method` (the [`method::Recipe`] the step reads: what trains, losses,
 //!   phases, draws), `objective` (a step's batch, noised latents and loss terms), with
-//!   its parts `augment`, `dm_deg`, `noise`, `losses`, `ds_bal`, and `optim` (AdamW,
-//!   clipping);
+//!   its parts `augment`, `dm_deg`, `noise`, `losses`, `ds_bal`, `clic` (CLiC's
+//!   objective), and `optim` (AdamW, clipping);
 //! - a run: `trainer` (the [`Trainer`] and the types its parts share), `setup` (settings
 //!   to trainer, for `train` and `batch`), `step` (one optimizer step), `resume`
 //!   (checkpoints), `export` (the finished folder), `watch` (sample grids, loss plot,
@@ -17,6 +17,7 @@
 //! `doctor` or the command line. Run-folder names come from `io::run`.
 
 pub mod augment;
+pub mod clic;
 pub mod config;
 pub mod dm_deg;
 pub mod driver;

@@ -34,6 +34,16 @@ pub struct Batch {
     pub token_pos: Vec<usize>,
     pub sample_of: Vec<usize>,
     pub n_samples: usize,
+    /// CLiC: each image's region-of-interest prompt, for its masked copy.
+    pub roi: Option<RoiPrompts>,
+}
+
+/// The prompts of a CLiC step's masked copies: ids `[b, 77]` and where each holds its
+/// image's word.
+#[derive(Clone)]
+pub struct RoiPrompts {
+    pub ids: Tensor,
+    pub token_pos: Vec<usize>,
 }
 
 impl Batch {
@@ -75,6 +85,7 @@ impl Pool {
                 token_pos,
                 sample_of,
                 n_samples: data.samples.len(),
+                roi: None,
             },
         })
     }
@@ -87,7 +98,8 @@ impl Pool {
         seed: u64,
         d: usize,
     ) -> Result<Cow<'_, Batch>> {
-        if let (Pick::All, Prompts::Fixed(_), false) = (draw.pick, draw.prompts, draw.rescale) {
+        let plain = !draw.rescale && draw.roi.is_none();
+        if let (Pick::All, Prompts::Fixed(_), true) = (draw.pick, draw.prompts, plain) {
             return Ok(Cow::Borrowed(&self.all));
         }
         let n = self.all.len();
@@ -131,6 +143,19 @@ impl Pool {
                 prompt_ids(sd, &prompted)?
             }
         };
+        let roi = match draw.roi {
+            Some(templates) => {
+                let prompted: Vec<(usize, String)> = (sample_of.iter())
+                    .map(|&s| {
+                        let t = templates[rng.random_range(0..templates.len())];
+                        (s, t.replace("{}", &pseudo_word(s)))
+                    })
+                    .collect();
+                let (ids, token_pos) = prompt_ids(sd, &prompted)?;
+                Some(RoiPrompts { ids, token_pos })
+            }
+            None => None,
+        };
         Ok(Cow::Owned(Batch {
             pixels,
             masks,
@@ -138,6 +163,7 @@ impl Pool {
             token_pos,
             sample_of,
             n_samples: self.all.n_samples,
+            roi,
         }))
     }
 
@@ -195,7 +221,8 @@ fn prompt_ids(sd: &StableDiffusion, prompted: &[(usize, String)]) -> Result<(Ten
 }
 
 /// A step's noised latents: `z_t = add_noise(z0, eps, t)`, and the (augmented) masks at
-/// pixel resolution.
+/// pixel resolution. A CLiC step's latents, noise and timesteps hold each image's masked
+/// copy after the images, with the same noise and timestep; its masks are the images'.
 pub struct Noised {
     pub z_t: Tensor,
     pub eps: Tensor,
@@ -219,7 +246,7 @@ pub fn noised_latents(
     let [g, z_noise, eps] = noise.upload(dev)?;
     let (mut pixels, mut masks) = (batch.pixels.clone(), batch.masks.clone());
     let mut rng = step_rng(cfg.seed, d, Stream::Augment);
-    if draw.jitter > 0.0 {
+    if draw.jitter.iter().any(|&s| s > 0.0) {
         pixels = color_jitter(&pixels, &Jitter::draw(&mut rng, draw.jitter))?;
     }
     match draw.flip {
@@ -237,7 +264,13 @@ pub fn noised_latents(
         }
     }
     let (deg, total) = (draw.degradation, cfg.total_steps());
-    let degraded = deg.apply(&pixels, &masks, &g, d, total)?;
+    let b = batch.len();
+    let mut degraded = deg.apply(&pixels, &masks, &g.narrow(0, 0, b)?, d, total)?;
+    if batch.roi.is_some() {
+        // The masked copy: 0 (mid-grey) outside the mask.
+        let masked = degraded.broadcast_mul(&masks.to_dtype(degraded.dtype())?)?;
+        degraded = Tensor::cat(&[&degraded, &masked], 0)?;
+    }
     let dist = sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?;
     if dist.mean.dims() != z_noise.dims() {
         return Err(Error::internal(format!(
@@ -252,9 +285,13 @@ pub fn noised_latents(
         * sd.vae.config.scaling_factor)?;
     let mut trng = step_rng(cfg.seed, d, Stream::Timesteps);
     let n_t = sd.schedule.num_train_timesteps();
-    let timesteps: Vec<usize> = (0..batch.len())
-        .map(|_| trng.random_range(0..n_t))
-        .collect();
+    let mut timesteps: Vec<usize> = (0..b).map(|_| trng.random_range(0..n_t)).collect();
+    let mut eps = eps;
+    if batch.roi.is_some() {
+        timesteps.extend_from_within(..);
+        let first = eps.narrow(0, 0, b)?;
+        eps = Tensor::cat(&[&first, &first], 0)?;
+    }
     let z_t = sd.schedule.add_noise(&z0, &eps, &timesteps)?;
     let noised = Noised {
         z_t,
@@ -279,6 +316,8 @@ pub struct StepLosses {
     pub l_diff: Tensor,
     pub l_attn: Tensor,
     pub l_pres: Tensor,
+    /// CLiC's region-of-interest loss.
+    pub l_roi: Option<Tensor>,
     pub chosen: Option<usize>,
     pub loss: Tensor,
 }
@@ -319,6 +358,9 @@ pub fn step_losses(
     momentum: Option<&LoraSet>,
     w: LossWeights,
 ) -> Result<StepLosses> {
+    if let Some(clic) = w.clic {
+        return super::clic::clic_losses(sd, batch, noised, online, text, clic);
+    }
     let dev = &sd.device;
     let ts: Vec<f32> = noised.timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::from_vec(ts, noised.timesteps.len(), dev)?;
@@ -395,6 +437,7 @@ pub fn step_losses(
         l_diff,
         l_attn,
         l_pres,
+        l_roi: None,
         chosen,
         loss,
     })

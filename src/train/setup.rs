@@ -80,7 +80,9 @@ impl Trainer {
         let pool = Pool::new(&sd, data, recipe.draw.prompts)?;
         let last = recipe.total_steps();
         let per_step = recipe.images_per_step(data.num_images());
-        let noise = NoiseAhead::new(cfg.seed, pool.noise_sizes(&sd, per_step)?, last);
+        // A CLiC step also encodes each image's masked copy.
+        let encoded = per_step * if recipe.draw.roi.is_some() { 2 } else { 1 };
+        let noise = NoiseAhead::new(cfg.seed, pool.noise_sizes(&sd, encoded)?, last);
         let lora = match &recipe.trains.lora {
             Some(shape) => TrainableLora::new(
                 &lora_targets(&sd, shape.only),
@@ -111,7 +113,7 @@ impl Trainer {
         params.extend(tuned.vars());
         params.extend(recipe.trains.rows.then(|| rows.clone()));
         params.extend(table.clone());
-        let opt = optimizer(params)?;
+        let opt = optimizer(params, recipe.trains.weight_decay)?;
         Ok(Self {
             cfg,
             recipe,

@@ -20,11 +20,12 @@ use crate::profile::{self, Kind};
 pub const MAX_SKIPPED_IN_A_ROW: usize = 20;
 
 /// The logged loss terms as a message names them, in `StepLog` order.
-const TERMS: [&str; 4] = [
+const TERMS: [&str; 5] = [
     "the total loss",
     "the masked diffusion loss L_diff",
     "the attention loss L_attn",
     "the preserving loss L_pres",
+    "the region-of-interest loss L_RoI",
 ];
 
 /// What one forward and backward pass gives.
@@ -50,7 +51,7 @@ impl Trainer {
         let at = self.recipe.at(d);
         let (phase, first_of_phase) = (at.phase(), at.first);
         if first_of_phase && at.plan.fresh_optimizer {
-            self.opt = optimizer(self.opt_vars())?;
+            self.opt = optimizer(self.opt_vars(), self.recipe.trains.weight_decay)?;
         }
         let Pass {
             grads,
@@ -109,6 +110,7 @@ impl Trainer {
             l_diff: terms[1],
             l_attn: terms[2],
             l_pres: terms[3],
+            l_roi: self.recipe.losses.clic.map(|_| terms[4]),
             per_sample,
             chosen_sample: chosen,
             grad_norm,
@@ -157,6 +159,7 @@ impl Trainer {
             l_diff,
             l_attn,
             l_pres,
+            l_roi,
             chosen,
             loss,
             ..
@@ -185,7 +188,12 @@ impl Trainer {
         drop(backward);
         // The loss terms and the per-sample losses own the forward graph: read, then
         // dropped here, before the optimizer runs.
-        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres], 0)?.to_dtype(DType::F32)?;
+        let l_roi = match l_roi {
+            Some(l) => l,
+            None => l_pres.zeros_like()?,
+        };
+        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres, &l_roi], 0)?;
+        let terms = terms.to_dtype(DType::F32)?;
         let mut read = profile::time(Kind::HostRead, &dev, || {
             Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
                 .detach()
@@ -193,7 +201,7 @@ impl Trainer {
         })?;
         // A sample the step drew no image of has no loss (not a loss of 0).
         let drawn = |s: usize| batch.sample_of.contains(&s);
-        let per_sample = (read.split_off(4).into_iter().enumerate())
+        let per_sample = (read.split_off(TERMS.len()).into_iter().enumerate())
             .map(|(s, l)| drawn(s).then_some(l))
             .collect();
         Ok(Pass {
@@ -214,7 +222,7 @@ impl Trainer {
             None => "--warmup-lr, --dsbal-lr",
         };
         // A component names the cause better than the total it spoils.
-        let what = match [1, 2, 3, 0].into_iter().find(|&i| !terms[i].is_finite()) {
+        let what = match [1, 2, 3, 4, 0].into_iter().find(|&i| !terms[i].is_finite()) {
             Some(i) => format!("{} is {}", TERMS[i], terms[i]),
             None => format!("the gradient norm is {grad_norm}"),
         };

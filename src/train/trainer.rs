@@ -29,6 +29,9 @@ pub struct StepLog {
     pub l_diff: f32,
     pub l_attn: f32,
     pub l_pres: f32,
+    /// CLiC's region-of-interest loss (its `l_diff` is L_context, `l_attn` L_att).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l_roi: Option<f32>,
     /// The mean loss of each sample's images in this step; None (null) where the step
     /// drew none of its images (`ti`'s random draw).
     pub per_sample: Vec<Option<f32>>,
@@ -111,10 +114,12 @@ impl Trainer {
     }
 }
 
-/// A new optimizer over `params` (its rate is set every step).
-pub(super) fn optimizer(params: Vec<Var>) -> Result<AdamW> {
+/// A new optimizer over `params` with the recipe's weight decay (its rate is set every
+/// step).
+pub(super) fn optimizer(params: Vec<Var>, weight_decay: f64) -> Result<AdamW> {
     let config = AdamWConfig {
         lr: 0.0,
+        weight_decay,
         ..Default::default()
     };
     Ok(AdamW::new(params, config)?)
