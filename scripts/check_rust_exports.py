@@ -11,7 +11,8 @@ image `magictailor infer --model-dir` drew from the same latents; and, for a `--
 folder (target/tmp/ti-check/), that its A1111 embedding files, loaded the way Textual
 Inversion's users load them, reproduce the image magictailor drew; the same for a
 `--method dreambooth` folder's adapters (target/tmp/dreambooth-check/), and a
-`--method custom-diffusion` folder's matrices and words (target/tmp/custom-diffusion-check/).
+`--method custom-diffusion` folder's matrices and words (target/tmp/custom-diffusion-check/),
+and a `--method clic` folder's (target/tmp/clic-check/).
 """
 import os
 import sys
@@ -111,6 +112,21 @@ img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, gui
 words_only = np.abs(np.asarray(img).astype(int) - ours).max()
 print(f"custom-diffusion folder: diffusers set {n_cd} tuned cross-attention processors; reproduces "
       f"magictailor's image within {diff_cd} levels (the words alone: {words_only} levels)")
+# A `--method clic` folder: q/k/v/out (with the out bias) of every cross-attention through
+# the same loader, whose processors then tune queries and outputs too.
+cl = os.path.join(os.path.dirname(os.path.abspath(export)), "clic-check")
+pipe = tiny_pipeline()
+pipe.unet.load_attn_procs(cl, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+n_cl = sum(1 for p in pipe.unet.attn_processors.values() if getattr(p, "train_q_out", False))
+for word in ("v0", "v1"):
+    pipe.load_textual_inversion(os.path.join(cl, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
+img = pipe("a photo of <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
+           width=64).images[0]
+ours = np.asarray(Image.open(os.path.join(cl, "infer.png"))).astype(int)
+diff_cl = np.abs(np.asarray(img).astype(int) - ours).max()
+print(f"clic folder: diffusers set {n_cl} processors tuning q/k/v/out; reproduces magictailor's image within "
+      f"{diff_cl} levels")
 ok = diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
 ok = ok and diff_db <= 2 and n_db == 128 and diff_cd <= 2 and n_cd == 16 and words_only > 2
+ok = ok and diff_cl <= 2 and n_cl == 16
 sys.exit(0 if ok else 1)

@@ -200,6 +200,105 @@ def custom_diffusion(out):
         out[f"cd.after.{path}"] = w.detach().clone()
 
 
+def clic(out):
+    """CLiC's learning.py ("style" mode), one optimizer step: Custom Diffusion's processors
+    with q/k/v/out of every cross-attention trained (train_q_out, the out bias too), from
+    their base weights; rows from "ktn", "pll"; one image prompted "a photo of <v0>" and its
+    masked copy (grey outside the mask) prompted "<v0> on a blank background", the same
+    noise and timestep, one U-Net pass over both. L_att: the word's head-averaged maps of
+    every up-block cross-attention of the first image, bilinear to the latent grid,
+    averaged, min-max normalised, MSE against the bilinear mask; L_context and L_RoI as the
+    source weighs them; 0.25 / 0.5 / 0.25. Then every gradient clipped together to 1 and
+    AdamW (lr 5e-5, weight decay 0.1)."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    g = torch.Generator().manual_seed(15)
+    tok, te, unet, sched = load()
+    words, inits = ["<v0>", "<v1>"], ["ktn", "pll"]
+    tok.add_tokens(words)
+    te.resize_token_embeddings(len(tok))
+    table = te.get_input_embeddings().weight
+    new = tok.convert_tokens_to_ids(words)
+    with torch.no_grad():
+        for w, c in zip(new, inits):
+            table[w] = table[tok.encode(c, add_special_tokens=False)[0]].clone()
+    rows_init = table[new].detach().clone()
+    table.requires_grad_(True)
+
+    st = unet.state_dict()
+    procs, tuned, maps = {}, {}, []
+    for name in unet.attn_processors:
+        layer = name[: -len(".processor")]
+        if name.endswith("attn1.processor"):
+            procs[name] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+            continue
+        w_k = st[layer + ".to_k.weight"]
+        p = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=True, hidden_size=w_k.shape[0],
+                                         cross_attention_dim=w_k.shape[1])
+        p.load_state_dict({"to_k_custom_diffusion.weight": w_k, "to_v_custom_diffusion.weight": st[layer + ".to_v.weight"],
+                           "to_q_custom_diffusion.weight": st[layer + ".to_q.weight"],
+                           "to_out_custom_diffusion.0.weight": st[layer + ".to_out.0.weight"],
+                           "to_out_custom_diffusion.0.bias": st[layer + ".to_out.0.bias"]})
+        p.requires_grad_(True)
+        procs[name] = p
+        tuned[layer + ".to_q.weight"] = p.to_q_custom_diffusion.weight
+        tuned[layer + ".to_k.weight"] = p.to_k_custom_diffusion.weight
+        tuned[layer + ".to_v.weight"] = p.to_v_custom_diffusion.weight
+        tuned[layer + ".to_out.0.weight"] = p.to_out_custom_diffusion[0].weight
+        tuned[layer + ".to_out.0.bias"] = p.to_out_custom_diffusion[0].bias
+    unet.set_attn_processor(procs)
+    # Record the up blocks' cross-attention probabilities, as CLiC's store does.
+    for mname, m in unet.named_modules():
+        if mname.startswith("up_blocks") and mname.endswith("attn2"):
+            orig, heads = m.get_attention_scores, m.heads
+            m.get_attention_scores = (lambda q, k, mask=None, orig=orig, heads=heads:
+                                      maps.append((orig(q, k, mask), heads)) or maps[-1][0])
+
+    prompts = ["a photo of <v0>", "<v0> on a blank background"]
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    z0, eps1, t1, masks = step_inputs(g, 2)
+    eps = torch.cat([eps1[:1], eps1[:1]])
+    t = torch.cat([t1[:1], t1[:1]])
+    z_t = sched.add_noise(z0, eps, t)
+    pred = unet(z_t, t, encoder_hidden_states=te(ids)[0]).sample.float()
+    latent = pred.shape[-1]
+    mask = masks[:1]
+    att_mask = F.interpolate(mask, size=(latent, latent), mode="bilinear", align_corners=False)
+    word = ids[0].tolist().index(new[0])
+    resized = []
+    for probs, heads in maps:
+        q = probs.shape[1]
+        side = int(round(q ** 0.5))
+        m = probs.reshape(2, heads, q, -1)[:1].mean(1)[:, :, word].reshape(1, 1, side, side)
+        resized.append(F.interpolate(m, size=(latent, latent), mode="bilinear", align_corners=False))
+    att = torch.stack(resized).mean(0)
+    att = (att - att.min()) / (att.max() - att.min())
+    l_att = F.mse_loss(att, att_mask)
+    cmask = att_mask.clone()
+    cmask[cmask < 0.05] = 0.25
+    def weighted(p, m):
+        e = F.mse_loss(p, eps[:1], reduction="none")
+        return ((e * m).sum([1, 2, 3]) / (m.sum([1, 2, 3]) + 1e-10)).mean()
+    l_ctx, l_roi = weighted(pred[:1], cmask), weighted(pred[1:], att_mask)
+    loss = 0.25 * l_att + 0.5 * l_ctx + 0.25 * l_roi
+    loss.backward()
+    rows = rows_init.clone().requires_grad_(True)
+    rows.grad = table.grad[new].clone()
+    params = [rows] + list(tuned.values())
+    out.update({"clic.ids": ids[:1].to(torch.int64), "clic.roi_ids": ids[1:].to(torch.int64),
+                "clic.z_t": z_t, "clic.eps": eps, "clic.t": t.to(torch.int64), "clic.masks": mask,
+                "clic.loss": loss.detach(), "clic.l_att": l_att.detach(), "clic.l_ctx": l_ctx.detach(),
+                "clic.l_roi": l_roi.detach(), "clic.rows_init": rows_init, "clic.grad.rows": rows.grad.clone()})
+    for name, w in tuned.items():
+        out[f"clic.grad.{name}"] = w.grad.clone()
+    out["clic.grad_norm"] = torch.nn.utils.clip_grad_norm_(params, 1.0).detach()
+    opt = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), weight_decay=0.1, eps=1e-8)
+    opt.step()
+    out["clic.rows_after"] = rows.detach().clone()
+    for name, w in tuned.items():
+        out[f"clic.after.{name}"] = w.detach().clone()
+
+
 def custom_diffusion_rescale(out):
     """The scale augmentation of train_custom_diffusion.py's dataset (`preprocess`) on a
     64 px image with a latent factor of 8: PIL's bilinear resize to the drawn side, then
@@ -236,6 +335,7 @@ def main():
     dreambooth(out)
     custom_diffusion(out)
     custom_diffusion_rescale(out)
+    clic(out)
     save_file({k: v.detach().contiguous() for k, v in out.items()}, os.path.join(ROOT, "method_steps.safetensors"))
     print("wrote", os.path.abspath(os.path.join(ROOT, "method_steps.safetensors")))
 

@@ -1042,6 +1042,112 @@ fn a_custom_diffusion_step_matches_diffusers() {
     );
 }
 
+/// One CLiC step against its authors' `learning.py` written out with diffusers' Custom
+/// Diffusion processors (scripts/make_method_fixtures.py): its three loss terms, every
+/// gradient (the rows, and q/k/v/out with the out bias of every cross-attention), their
+/// joint norm, and the weights after the clipped AdamW step (weight decay 0.1).
+#[test]
+fn a_clic_step_matches_the_authors_code() {
+    use candle_core::Tensor;
+    use magictailor::model::lora::LoraSet;
+    use magictailor::model::tuned::TrainableTuned;
+    use magictailor::train::method::{ClicWeights, LossWeights, CROSS_ATTENTION_ALL};
+    use magictailor::train::objective::{step_losses, Online, RoiPrompts, TextParams};
+    use magictailor::train::optim::{clip_coef, grad_norm, AdamW, AdamWConfig, Clip};
+    use magictailor::train::setup::lora_targets;
+
+    let dev = Device::Cpu;
+    let step = ReferenceStep::load("clic");
+    let get = |k: &str| step.get(k);
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    sd.tokenizer
+        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+        .unwrap();
+    let (mut batch, noised) = step.inputs(&sd, &["a photo of <v0>"], vec![0], 2);
+    let roi = sd.tokenizer.encode("<v0> on a blank background").unwrap();
+    let want: Vec<Vec<i64>> = get("roi_ids").to_vec2().unwrap();
+    assert!(roi.iter().zip(&want[0]).all(|(a, b)| *a as i64 == *b));
+    let word = sd.tokenizer.encode("<v0>").unwrap()[1];
+    batch.roi = Some(RoiPrompts {
+        token_pos: vec![roi.iter().position(|&i| i == word).unwrap()],
+        ids: Tensor::from_vec(roi, (1, 77), &dev).unwrap(),
+    });
+    let init: Vec<Tensor> = (["ktn", "pll"].iter())
+        .map(|w| {
+            let id = sd.tokenizer.encode(w).unwrap()[1];
+            sd.text_encoder.token_row(id).unwrap()
+        })
+        .collect();
+    let rows = candle_core::Var::from_tensor(&Tensor::stack(&init, 0).unwrap()).unwrap();
+    assert_eq!(max_abs_diff(rows.as_tensor(), &get("rows_init")), 0.0);
+    let paths: Vec<String> = (lora_targets(&sd, Some(&CROSS_ATTENTION_ALL)).into_iter())
+        .map(|t| t.path)
+        .collect();
+    let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
+    let named = tuned.named();
+    assert_eq!(named.len(), step.count("grad.") - 1, "the same tuned tensors");
+    let (none, set) = (LoraSet::default(), tuned.as_set());
+    let online = Online {
+        lora: &none,
+        tuned: Some(&set),
+    };
+    let text = TextParams {
+        rows: rows.as_tensor(),
+        table: None,
+    };
+    let w = LossWeights {
+        lambda_attn: 0.0,
+        lambda_pres: 0.0,
+        clic: Some(ClicWeights::PAPER),
+    };
+    let losses = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
+    let l_roi = losses.l_roi.clone().unwrap();
+    for (name, got, key) in [
+        ("L_att", &losses.l_attn, "l_att"),
+        ("L_context", &losses.l_diff, "l_ctx"),
+        ("L_RoI", &l_roi, "l_roi"),
+        ("the loss", &losses.loss, "loss"),
+    ] {
+        let (got, want): (f32, f32) = (got.to_scalar().unwrap(), get(key).to_scalar().unwrap());
+        assert!((got - want).abs() < 2e-6 * want.abs().max(1.0), "{name}: {got} vs {want}");
+    }
+    let grads = losses.loss.backward().unwrap();
+    let mut worst = (0f32, String::new());
+    let all = named.iter().map(|(n, v)| (n.strip_prefix("tuned.").unwrap(), v));
+    for (name, var) in all.chain([("rows", &rows)]) {
+        let want = get(&format!("grad.{name}"));
+        let got = grads.get(var.as_tensor()).unwrap();
+        let rel = max_abs_diff(got, &want) / max_abs(&want).max(1e-6);
+        if rel > worst.0 {
+            worst = (rel, name.to_string());
+        }
+    }
+    assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
+
+    let mut params = vec![rows.clone()];
+    params.extend(tuned.vars());
+    let norm = grad_norm(&grads, &params).unwrap();
+    let want_norm: f32 = get("grad_norm").to_scalar().unwrap();
+    assert!(((norm as f32) - want_norm).abs() < 1e-4 * want_norm, "norm {norm} vs {want_norm}");
+    let config = AdamWConfig {
+        lr: 5e-5,
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(params.clone(), config).unwrap();
+    let clip = Clip {
+        params: &params,
+        coef: clip_coef(norm, 1.0),
+    };
+    opt.step_clipped(&grads, Some(clip)).unwrap();
+    let mut after = max_abs_diff(rows.as_tensor(), &get("rows_after"));
+    for (name, v) in &named {
+        let want = get(&format!("after.{}", name.strip_prefix("tuned.").unwrap()));
+        after = after.max(max_abs_diff(v.as_tensor(), &want));
+    }
+    assert!(after < 1e-6, "weights after the clipped AdamW step differ by {after}");
+}
+
 /// Custom Diffusion's scale augmentation against its dataset's `preprocess` (PIL's
 /// bilinear resize, then placed on a zero canvas or cropped, and the valid-region mask)
 /// for a shrunk, an enlarged and an unchanged side.
