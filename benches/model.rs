@@ -306,7 +306,8 @@ fn bench_one_phase(
     let label = match method.name() {
         "ti" => "TI",
         "dreambooth" => "DreamBooth",
-        _ => "Custom Diffusion",
+        "custom-diffusion" => "Custom Diffusion",
+        _ => "CLiC",
     };
     println!(
         "{name:>5} {label} step, {per_step} image{} at {resolution} px: {:.3} s/step | {}",
@@ -440,7 +441,12 @@ fn main() {
         bench_train(&tg, "tiny", &tiny, &pair, 128, 5);
     }
     use magictailor::train::method::Method;
-    for method in [Method::Ti, Method::DreamBooth, Method::CustomDiffusion] {
+    for method in [
+        Method::Ti,
+        Method::DreamBooth,
+        Method::CustomDiffusion,
+        Method::Clic,
+    ] {
         if wanted(&format!("tiny-{}", method.name())) {
             reset_peak();
             bench_one_phase(&tg, "tiny", method, &tiny, &pair, 128, 5);
@@ -454,7 +460,12 @@ fn main() {
         reset_peak();
         bench_train(&tg, "mid", &mid, &pair, 256, 3);
     }
-    for method in [Method::Ti, Method::DreamBooth, Method::CustomDiffusion] {
+    for method in [
+        Method::Ti,
+        Method::DreamBooth,
+        Method::CustomDiffusion,
+        Method::Clic,
+    ] {
         if wanted(&format!("mid-{}", method.name())) {
             reset_peak();
             bench_one_phase(&tg, "mid", method, &mid, &pair, 256, 3);

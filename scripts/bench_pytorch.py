@@ -492,6 +492,90 @@ def bench_custom_diffusion(name, model, pair, res, reps, per_step=2):
     print(f"{name:>5} Custom Diffusion step, {per_step} images at {res} px: {secs:.3f} s/step | {peak()}")
 
 
+def bench_clic(name, model, pair, res, reps):
+    """CLiC's learning.py step (style mode) at the paper's rate: Custom Diffusion's
+    processors tuning q/k/v/out of every cross-attention, two new token rows; one image
+    with a brightness jitter and its masked copy through one U-Net pass, the up blocks'
+    cross-attention maps recorded for L_att, L_context and L_RoI, all gradients clipped
+    together, AdamW (5e-5, weight decay 0.1)."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    unet, vae, te = frozen(model)
+    st = unet.state_dict()
+    procs, maps = {}, []
+    for pname in unet.attn_processors:
+        layer = pname[: -len(".processor")]
+        if pname.endswith("attn1.processor"):
+            procs[pname] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+            continue
+        w_k = st[layer + ".to_k.weight"]
+        p = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=True, hidden_size=w_k.shape[0],
+                                         cross_attention_dim=w_k.shape[1])
+        p.load_state_dict({"to_k_custom_diffusion.weight": w_k, "to_v_custom_diffusion.weight": st[layer + ".to_v.weight"],
+                           "to_q_custom_diffusion.weight": st[layer + ".to_q.weight"],
+                           "to_out_custom_diffusion.0.weight": st[layer + ".to_out.0.weight"],
+                           "to_out_custom_diffusion.0.bias": st[layer + ".to_out.0.bias"]})
+        procs[pname] = p.to(DEV).float()
+    unet.set_attn_processor(procs)
+    for mname, m in unet.named_modules():
+        if mname.startswith("up_blocks") and mname.endswith("attn2"):
+            orig, heads = m.get_attention_scores, m.heads
+            m.get_attention_scores = (lambda q, k, mask=None, orig=orig, heads=heads:
+                                      maps.append((orig(q, k, mask), heads)) or maps[-1][0])
+    tuned = [p for p in unet.attn_processors.values() for p in p.parameters()]
+    for p in tuned:
+        p.requires_grad_(True)
+    te.resize_token_embeddings(te.get_input_embeddings().weight.shape[0] + 2)
+    table = te.get_input_embeddings().weight
+    vocab = table.shape[0] - 2
+    table.requires_grad_(True)
+    params = [table] + tuned
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1)
+    pixels, masks = load_pair(pair, res)
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latent = res // 8
+
+    def step():
+        pick = torch.randint(0, pixels.shape[0], (1,), device=DEV)
+        x, m = pixels[pick] * (0.5 + torch.rand(1, device=DEV)), masks[pick]
+        ids = torch.randint(0, vocab, (2, 77), device=DEV)
+        ids[:, 5] = vocab
+        with torch.no_grad(), autocast():
+            z0 = vae.encode(torch.cat([x, x * m]).to(DTYPE)).latent_dist.sample().float() * vae.config.scaling_factor
+        t = torch.randint(0, 1000, (1,), device=DEV).repeat(2)
+        eps = torch.randn_like(z0[:1]).repeat(2, 1, 1, 1)
+        z_t = ddpm.add_noise(z0, eps, t)
+        maps.clear()
+        with autocast():
+            ctx = te(ids).last_hidden_state
+            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
+        att_mask = F.interpolate(m, size=(latent, latent), mode="bilinear", align_corners=False)
+        resized = []
+        for probs, heads in maps:
+            q = probs.shape[1]
+            side = int(round(q ** 0.5))
+            a = probs.reshape(2, heads, q, -1)[:1].mean(1)[:, :, 5].reshape(1, 1, side, side).float()
+            resized.append(F.interpolate(a, size=(latent, latent), mode="bilinear", align_corners=False))
+        att = torch.stack(resized).mean(0)
+        att = (att - att.min()) / (att.max() - att.min())
+        cmask = att_mask.clone()
+        cmask[cmask < 0.05] = 0.25
+
+        def weighted(p, w):
+            e = F.mse_loss(p, eps[:1], reduction="none")
+            return ((e * w).sum([1, 2, 3]) / (w.sum([1, 2, 3]) + 1e-10)).mean()
+
+        loss = 0.25 * F.mse_loss(att, att_mask) + 0.5 * weighted(pred[:1], cmask) + 0.25 * weighted(pred[1:], att_mask)
+        loss.backward()
+        table.grad[:vocab] = 0
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    secs = timed(reps, step)
+    print(f"{name:>5} CLiC step, 1 image + its masked copy at {res} px: {secs:.3f} s/step | {peak()}")
+
+
 def main():
     global DEV, DTYPE
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -500,9 +584,9 @@ def main():
     ap.add_argument("configs", nargs="*", help="tiny, mid, full (default: tiny and mid on the CPU, full on CUDA)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
-    ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,infer",
+    ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,clic,infer",
                     help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
-                         "infer (full only)")
+                         "clic, infer (full only)")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -535,6 +619,9 @@ def main():
         if "custom-diffusion" in rows:
             reset_peak()
             bench_custom_diffusion(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "clic" in rows:
+            reset_peak()
+            bench_clic(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
         if "infer" in rows and c.get("infer"):
             reset_peak()
             bench_infer(name, model, c["resolution"], c["reps"])
