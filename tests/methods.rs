@@ -303,6 +303,12 @@ fn a_flag_of_another_method_is_refused_naming_the_method() {
     assert_refused(&a, &out, &["--method magictailor", "--steps"]);
     let a = with_args(base.clone(), &["--images-per-step", "4"]);
     assert_refused(&a, &out, &["--method magictailor", "--images-per-step"]);
+    // Custom Diffusion's own flag, and MagicTailor's jitter under CLiC (whose jitter is
+    // its source's).
+    let a = with_args(ti.clone(), &["--no-scale-aug"]);
+    assert_refused(&a, &out, &["--method ti", "--no-scale-aug"]);
+    let clic = with_args(base.clone(), &["--method", "clic", "--color-jitter", "0.2"]);
+    assert_refused(&clic, &out, &["--method clic", "--color-jitter"]);
 
     // DreamBooth names four samples at most: refused from the folder alone, before any
     // model loads (this model does not exist).
@@ -320,6 +326,13 @@ fn a_flag_of_another_method_is_refused_naming_the_method() {
         &out,
         &["--method dreambooth names at most 4 samples", "has 5"],
     );
+    // Custom Diffusion and CLiC start rows from three words.
+    for method in ["custom-diffusion", "clic"] {
+        let a = quiet_train_args(many.to_str().unwrap(), out.to_str().unwrap(), &missing);
+        let a = with_args(a, &["--method", method]);
+        let said = format!("--method {method} names at most 3 samples (initial words ktn, pll, ucd)");
+        assert_refused(&a, &out, &[said.as_str(), "has 5"]);
+    }
 
     // From a settings file, by value.
     let file = tmp.path().join("ti.toml");
