@@ -368,3 +368,140 @@ fn the_papers_prompts_are_built_in() {
     let source = m["protocol"]["prompts_file"].as_str().unwrap();
     assert!(source.starts_with("built-in"), "{source}");
 }
+
+/// `compare` over two methods x two pairs: Table 1's numbers are each method's mean ± std
+/// (population) over its pairs' overall means; the per-group tables and the page are
+/// written, and every image the page shows exists; runs evaluated under another protocol,
+/// or the same method and pair twice, are refused.
+#[test]
+fn compare_puts_methods_side_by_side_over_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path());
+    let p = prompts.to_str().unwrap();
+    let pairs_dir = tmp.path().join("pairs");
+    let mut runs = Vec::new();
+    // Two pairs with other reference images, so the pairs' scores differ.
+    let specs = [
+        PairSpec::training(),
+        PairSpec::discs((64, 64), Format::Png, 1),
+    ];
+    for (spec, (concept, component)) in specs
+        .into_iter()
+        .zip([("person_a", "hair_a"), ("person_b", "hair_b")])
+    {
+        let mut spec = spec;
+        (spec.samples[0].0, spec.samples[1].0) = (concept, component);
+        let pair = pair_folder(&pairs_dir, &spec);
+        for method in ["magictailor", "ti"] {
+            let root = tmp.path().join(format!("{method}-{concept}"));
+            let record = serde_json::json!({
+                "config": {"instance_dir": pair}, "method": {"name": method}
+            });
+            let dir = fixture_run(&root, record);
+            // "TI" draws without the adapters, so the methods' images differ.
+            if method == "ti" {
+                std::fs::remove_file(dir.join("pytorch_lora_weights.safetensors")).unwrap();
+            }
+            let mut a = eval_args(dir.to_str().unwrap(), p);
+            a.extend(["--segment", "none"]);
+            // TI's first evaluation at another guidance.
+            if method == "ti" {
+                a.extend(["--guidance", "3.0"]);
+            }
+            ok(&run_bin("eval", &a));
+            runs.push(dir);
+        }
+    }
+    let out = tmp.path().join("cmp");
+    let run_args = |runs: &[PathBuf], extra: &[&str]| {
+        let mut a: Vec<String> = runs.iter().map(|r| r.display().to_string()).collect();
+        a.extend(["--segment", "none", "--out-dir"].map(String::from));
+        a.push(out.display().to_string());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // TI was evaluated at another guidance: refused, naming the setting.
+    let a = run_args(&runs, &["--json"]);
+    let o = run_bin("compare", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("evaluated differently (protocol"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Re-evaluate TI's runs under the same protocol, into their own folders.
+    for dir in runs.iter().filter(|d| d.to_string_lossy().contains("ti-")) {
+        let _ = std::fs::remove_dir_all(dir.join("eval"));
+        let mut a = eval_args(dir.to_str().unwrap(), p);
+        a.extend(["--segment", "none"]);
+        ok(&run_bin("eval", &a));
+    }
+    let o = run_bin("compare", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&o);
+    let report = json_out(&o);
+    let methods = report["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["ti", "magictailor"],
+        "Table 1's order: baselines, then ours"
+    );
+    for m in methods {
+        let name = m["method"].as_str().unwrap();
+        assert_eq!(m["pairs"].as_array().unwrap().len(), 2);
+        let means: Vec<f64> = (report["runs"].as_array().unwrap().iter())
+            .filter(|r| r["method"] == name)
+            .map(|r| r["overall"]["dino"]["mean"].as_f64().unwrap())
+            .collect();
+        let mean = (means[0] + means[1]) / 2.0;
+        let std = (means[0] - means[1]).abs() / 2.0;
+        assert!(std > 0.0, "the pairs differ: {means:?}");
+        let got = &m["overall"]["dino"];
+        assert!(
+            (got["mean"].as_f64().unwrap() - mean).abs() < 1e-12,
+            "{got}"
+        );
+        assert!((got["std"].as_f64().unwrap() - std).abs() < 1e-12, "{got}");
+        assert!(m["groups"]["snow"]["dino"]["mean"].is_number(), "{m}");
+    }
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    for needle in [
+        "## Table 1",
+        "| ti | 2 |",
+        "| magictailor | 2 |",
+        "## snow",
+        "DreamSim",
+    ] {
+        assert!(md.contains(needle), "compare.md lacks {needle:?}:\n{md}");
+    }
+    let html = std::fs::read_to_string(out.join("compare.html")).unwrap();
+    assert!(html.contains("&lt;v0&gt;"), "prompts are escaped");
+    let srcs: Vec<&str> = html
+        .split("src=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap())
+        .collect();
+    // 2 pairs x (2 reference images + 2 prompts x 2 methods x 2 seeds).
+    assert!(srcs.len() >= 2 * (2 + 8), "{} images", srcs.len());
+    for s in srcs {
+        assert!(
+            out.join(s).is_file(),
+            "compare.html shows {s}, which does not exist"
+        );
+    }
+
+    // The same method and pair twice.
+    let twice = [runs[0].clone(), runs[0].clone()];
+    let a = run_args(&twice, &[]);
+    let o = run_bin("compare", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("are both --method magictailor on the pair"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -330,7 +330,8 @@ fn a_flag_of_another_method_is_refused_naming_the_method() {
     for method in ["custom-diffusion", "clic"] {
         let a = quiet_train_args(many.to_str().unwrap(), out.to_str().unwrap(), &missing);
         let a = with_args(a, &["--method", method]);
-        let said = format!("--method {method} names at most 3 samples (initial words ktn, pll, ucd)");
+        let said =
+            format!("--method {method} names at most 3 samples (initial words ktn, pll, ucd)");
         assert_refused(&a, &out, &[said.as_str(), "has 5"]);
     }
 
@@ -857,7 +858,10 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
         );
         assert!(att > 0.0 && ctx > 0.0 && roi > 0.0, "{l}");
         let total = 0.25 * att + 0.5 * ctx + 0.25 * roi;
-        assert!((l["loss"].as_f64().unwrap() - total).abs() < 1e-5 * total, "{l}");
+        assert!(
+            (l["loss"].as_f64().unwrap() - total).abs() < 1e-5 * total,
+            "{l}"
+        );
     }
     let m = &record(&out)["method"];
     assert_eq!(m["name"], "clic");
@@ -883,14 +887,32 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
         *tuned.entry(format!("{proj}.{part}")).or_insert(0) += 1;
     }
     let n = tuned["to_k.weight"];
-    for k in ["to_q.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"] {
+    for k in [
+        "to_q.weight",
+        "to_v.weight",
+        "to_out.0.weight",
+        "to_out.0.bias",
+    ] {
         assert_eq!(tuned[k], n, "{tuned:?}");
     }
 
     let png = |name: &str| tmp.path().join(name);
     let draw = |extra: &[&str], out_png: &Path| {
-        let mut a = vec!["--prompt", "a photo of <v0>", "--width", "64", "--height", "64"];
-        a.extend(["--steps", "3", "--quiet", "--out", out_png.to_str().unwrap()]);
+        let mut a = vec![
+            "--prompt",
+            "a photo of <v0>",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ];
+        a.extend([
+            "--steps",
+            "3",
+            "--quiet",
+            "--out",
+            out_png.to_str().unwrap(),
+        ]);
         a.extend(extra);
         ok(&run_bin("infer", &a));
     };
@@ -906,7 +928,10 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
         embeds.to_str().unwrap(),
     ];
     draw(&files, &png("files.png"));
-    draw(&["--model-dir", dir, "--checkpoint", "4"], &png("step4.png"));
+    draw(
+        &["--model-dir", dir, "--checkpoint", "4"],
+        &png("step4.png"),
+    );
     let pixels = |name: &str| read_png(&png(name));
     assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("files.png")), 0);
     assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("step4.png")), 0);
@@ -915,7 +940,11 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
     let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("clic-check");
     let _ = std::fs::remove_dir_all(&check);
     std::fs::create_dir_all(&check).unwrap();
-    std::fs::copy(&cd, check.join("pytorch_custom_diffusion_weights.safetensors")).unwrap();
+    std::fs::copy(
+        &cd,
+        check.join("pytorch_custom_diffusion_weights.safetensors"),
+    )
+    .unwrap();
     copy_dir(&out.join("embeddings"), &check.join("embeddings"));
     let latents = fixtures().join("init_latents.safetensors");
     let out_png = check.join("infer.png");
@@ -945,7 +974,10 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
     let mut args = clic_args(pair, &killed, &model);
     args.push("--resume");
     ok(&run_bin("train", &args));
-    for f in ["pytorch_custom_diffusion_weights.safetensors", "learned_embeds.safetensors"] {
+    for f in [
+        "pytorch_custom_diffusion_weights.safetensors",
+        "learned_embeds.safetensors",
+    ] {
         assert_eq!(read_bytes(&killed.join(f)), read_bytes(&out.join(f)), "{f}");
     }
 }
@@ -1098,7 +1130,11 @@ fn a_clic_step_matches_the_authors_code() {
         .collect();
     let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
     let named = tuned.named();
-    assert_eq!(named.len(), step.count("grad.") - 1, "the same tuned tensors");
+    assert_eq!(
+        named.len(),
+        step.count("grad.") - 1,
+        "the same tuned tensors"
+    );
     let (none, set) = (LoraSet::default(), tuned.as_set());
     let online = Online {
         lora: &none,
@@ -1122,11 +1158,16 @@ fn a_clic_step_matches_the_authors_code() {
         ("the loss", &losses.loss, "loss"),
     ] {
         let (got, want): (f32, f32) = (got.to_scalar().unwrap(), get(key).to_scalar().unwrap());
-        assert!((got - want).abs() < 2e-6 * want.abs().max(1.0), "{name}: {got} vs {want}");
+        assert!(
+            (got - want).abs() < 2e-6 * want.abs().max(1.0),
+            "{name}: {got} vs {want}"
+        );
     }
     let grads = losses.loss.backward().unwrap();
     let mut worst = (0f32, String::new());
-    let all = named.iter().map(|(n, v)| (n.strip_prefix("tuned.").unwrap(), v));
+    let all = named
+        .iter()
+        .map(|(n, v)| (n.strip_prefix("tuned.").unwrap(), v));
     for (name, var) in all.chain([("rows", &rows)]) {
         let want = get(&format!("grad.{name}"));
         let got = grads.get(var.as_tensor()).unwrap();
@@ -1141,7 +1182,10 @@ fn a_clic_step_matches_the_authors_code() {
     params.extend(tuned.vars());
     let norm = grad_norm(&grads, &params).unwrap();
     let want_norm: f32 = get("grad_norm").to_scalar().unwrap();
-    assert!(((norm as f32) - want_norm).abs() < 1e-4 * want_norm, "norm {norm} vs {want_norm}");
+    assert!(
+        ((norm as f32) - want_norm).abs() < 1e-4 * want_norm,
+        "norm {norm} vs {want_norm}"
+    );
     let config = AdamWConfig {
         lr: 5e-5,
         weight_decay: 0.1,
@@ -1158,7 +1202,10 @@ fn a_clic_step_matches_the_authors_code() {
         let want = get(&format!("after.{}", name.strip_prefix("tuned.").unwrap()));
         after = after.max(max_abs_diff(v.as_tensor(), &want));
     }
-    assert!(after < 1e-6, "weights after the clipped AdamW step differ by {after}");
+    assert!(
+        after < 1e-6,
+        "weights after the clipped AdamW step differ by {after}"
+    );
 }
 
 /// Custom Diffusion's scale augmentation against its dataset's `preprocess` (PIL's

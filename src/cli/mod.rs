@@ -9,6 +9,7 @@ use magictailor::io::console;
 use magictailor::profile;
 
 mod batch;
+mod compare;
 mod doctor;
 mod eval;
 mod infer;
@@ -53,6 +54,10 @@ enum Command {
     /// Score a trained folder as the paper does: CLIP-T, CLIP-I and DINO over the
     /// evaluation prompts x seeds (drawn here, or reused when already drawn).
     Eval(eval::EvalArgs),
+    /// Put evaluated runs side by side as the paper's Table 1: CLIP-T, CLIP-I and DINO per
+    /// method, mean ± std over pairs, overall and per aspect group (compare.md), and a page
+    /// with every prompt's images per method beside the reference images (compare.html).
+    Compare(compare::CompareArgs),
     /// Check this build and machine: the GPU and its libraries, each kernel family
     /// against candle's ops, the hub cache. Run it first; paste `--json` into bug reports.
     ///
@@ -143,6 +148,7 @@ pub fn run() -> ExitCode {
         Command::Batch(a) => batch::batch_cmd(a, sub),
         Command::Masks(a) => masks::masks_cmd(a).map(|()| 0),
         Command::Eval(a) => eval::eval_cmd(a).map(|()| 0),
+        Command::Compare(a) => compare::compare_cmd(a).map(|()| 0),
         Command::Doctor(a) => doctor::doctor_cmd(a),
         Command::Info(a) => info::info_cmd(a).map(|()| 0),
         Command::Completions(a) => {

@@ -208,7 +208,8 @@ fn is_image(p: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTS.contains(&e.to_string_lossy().to_lowercase().as_str()))
 }
 
-fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The image files directly in `dir`, sorted.
+pub(crate) fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(IoOp::List, dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))

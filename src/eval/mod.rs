@@ -16,6 +16,7 @@
 //! segmentation), `data`, `model`, `io` and `preview`; nothing but the CLI imports it.
 
 pub mod clip;
+pub mod compare;
 pub mod dino;
 pub mod hub;
 pub mod metrics;

@@ -58,7 +58,8 @@ pub fn clic_losses(
     let l_diff = per_image.mean_all()?;
     let l_roi = weighted_mse(&pred.narrow(0, b, b)?, &eps, &mask)?.mean_all()?;
     let loss = (((&l_attn * w.attention)? + (&l_diff * w.context)?)? + (&l_roi * w.roi)?)?;
-    let per_sample = super::ds_bal::per_sample_means(&per_image, &batch.sample_of, batch.n_samples)?;
+    let per_sample =
+        super::ds_bal::per_sample_means(&per_image, &batch.sample_of, batch.n_samples)?;
     Ok(StepLosses {
         per_image,
         per_sample,
@@ -105,7 +106,9 @@ fn attention_term(
         resized.push(resize_bilinear(&own, latent, latent)?);
     }
     if resized.is_empty() {
-        return Err(Error::internal("CLiC: no up-block cross-attention maps were recorded"));
+        return Err(Error::internal(
+            "CLiC: no up-block cross-attention maps were recorded",
+        ));
     }
     let mean = Tensor::stack(&resized, 0)?.mean(0)?.flatten_from(1)?;
     let lo = mean.min_keepdim(1)?;
@@ -117,7 +120,11 @@ fn attention_term(
 /// Per image: `sum((pred - eps)^2 * m) / (sum(m) + 1e-10)`, the numerator over the four
 /// latent channels and the denominator over the one-channel weights `m`.
 fn weighted_mse(pred: &Tensor, eps: &Tensor, m: &Tensor) -> Result<Tensor> {
-    let num = (pred - eps)?.sqr()?.broadcast_mul(m)?.flatten_from(1)?.sum(1)?;
+    let num = (pred - eps)?
+        .sqr()?
+        .broadcast_mul(m)?
+        .flatten_from(1)?
+        .sum(1)?;
     let den = (m.flatten_from(1)?.sum(1)? + 1e-10)?;
     Ok((num / den)?)
 }

@@ -107,12 +107,8 @@ pub const CROSS_ATTENTION_KV: [&str; 2] = ["attn2.to_k", "attn2.to_v"];
 
 /// The layers CLiC tunes in full (its processors' `train_q_out`): every
 /// cross-attention's four projections, the output's bias too.
-pub const CROSS_ATTENTION_ALL: [&str; 4] = [
-    "attn2.to_q",
-    "attn2.to_k",
-    "attn2.to_v",
-    "attn2.to_out.0",
-];
+pub const CROSS_ATTENTION_ALL: [&str; 4] =
+    ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"];
 
 /// CLiC's prompts for the region-of-interest image, one drawn per image per step, `{}`
 /// the word (its `reconstructor_prompts`).
