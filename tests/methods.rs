@@ -1300,6 +1300,81 @@ fn batch_trains_every_pair_with_the_method() {
     assert!(again.iter().all(|l| l["status"] == "skipped"), "{again:?}");
 }
 
+/// `batch --methods ti,dreambooth` trains the grid: every pair with every method, into
+/// `root/METHOD/PAIR/`, one model load; the summary names each run's folder and method; a
+/// re-run skips them all; a flag that does not apply to every listed method is refused.
+#[test]
+fn batch_trains_the_method_by_pair_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pairs");
+    for (concept, component) in [("person_a", "hair_a"), ("person_b", "hair_b")] {
+        let mut spec = PairSpec::training();
+        (spec.samples[0].0, spec.samples[1].0) = (concept, component);
+        pair_folder(&dir, &spec);
+    }
+    let (root, model) = (tmp.path().join("runs"), tiny_sd());
+    let (d, r) = (dir.to_str().unwrap(), root.to_str().unwrap());
+    let base = vec![
+        "--pairs",
+        d,
+        "--out-dir",
+        r,
+        "--model",
+        &model,
+        "--resolution",
+        "64",
+        "--quiet",
+    ];
+    let args = with_args(
+        base.clone(),
+        &["--methods", "ti,dreambooth", "--steps", "2"],
+    );
+    let o = run_bin("batch", &args);
+    let text = std::fs::read_to_string(root.join("batch_summary.jsonl")).unwrap_or_default();
+    assert!(o.status.success(), "{}\n{text}", stderr(&o));
+    let text = std::fs::read_to_string(root.join("batch_summary.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = (text.lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for l in &lines {
+        assert_eq!(l["status"], "trained", "{l}");
+        assert_eq!(
+            l["model_loads_in_process"], 1,
+            "one model load for the grid"
+        );
+        let folder = l["folder"].as_str().unwrap();
+        let method = l["method"].as_str().unwrap();
+        assert_eq!(folder, format!("{method}/{}", l["pair"].as_str().unwrap()));
+        let out = root.join(folder);
+        assert_eq!(record(&out)["method"]["name"], method);
+        assert_eq!(record(&out)["steps_done"], 2);
+    }
+    let md = std::fs::read_to_string(root.join("batch_summary.md")).unwrap();
+    assert!(md.contains("| ti/person_a+hair_a | ti | trained |"), "{md}");
+    ok(&run_bin("batch", &args));
+    let text = std::fs::read_to_string(root.join("batch_summary.jsonl")).unwrap();
+    assert!(
+        text.lines().skip(4).all(|l| l.contains("\"skipped\"")),
+        "{text}"
+    );
+
+    // --steps is not MagicTailor's.
+    let a = with_args(
+        base.clone(),
+        &["--methods", "ti,magictailor", "--steps", "2"],
+    );
+    let o = run_bin("batch", &a);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--method magictailor: --steps"),
+        "{}",
+        stderr(&o)
+    );
+    let a = with_args(base, &["--methods", "ti", "--method", "ti"]);
+    assert!(!run_bin("batch", &a).status.success());
+}
+
 /// One method's reference step in `method_steps.safetensors` (scripts/make_method_fixtures.py),
 /// its tensors named without the method's prefix (`ti.`, `db.`).
 struct ReferenceStep(std::collections::HashMap<String, candle_core::Tensor>);

@@ -25,6 +25,7 @@ use crate::io::progress::Progress;
 use crate::io::{checkpoint, console, lock, run};
 use crate::model::loader::{loads_in_process, StableDiffusion};
 use crate::train::driver::{claim, finished, train_to_end, with_survivors, Continue};
+use crate::train::method::Method;
 use crate::train::resume::restore_latest;
 use crate::train::setup::{load_pair, SetupError};
 use crate::train::{TrainConfig, Trainer};
@@ -37,6 +38,9 @@ pub struct BatchOptions {
     /// Each pair trains into `output_root/{pair name}/`.
     pub output_root: PathBuf,
     pub shard: Shard,
+    /// Train each pair with each of these methods, into `output_root/{method}/{pair}/`;
+    /// none: with the template's method, into `output_root/{pair}/`.
+    pub methods: Vec<Method>,
     /// List what would run and what would be skipped; train nothing.
     pub dry_run: bool,
     /// A lock silent for longer than this is taken over.
@@ -75,9 +79,19 @@ pub fn train_pairs(
     progress: Progress,
     stop: &Interrupt,
 ) -> Result<Outcome> {
-    template.validate()?;
-    let all = pairs::list(&opts.pairs)?;
-    let mine = opts.shard.take(&all);
+    for m in &opts.methods {
+        TrainConfig {
+            method: *m,
+            ..template.clone()
+        }
+        .validate()?;
+    }
+    if opts.methods.is_empty() {
+        template.validate()?;
+    }
+    let mine = opts
+        .shard
+        .take(&jobs(&pairs::list(&opts.pairs)?, &opts.methods));
     if opts.dry_run {
         return dry_run(template, opts, &mine, progress);
     }
@@ -85,13 +99,13 @@ pub fn train_pairs(
         .map_err(|e| Error::io(crate::error::IoOp::CreateDir, &opts.output_root, e))?;
     let mut model: Option<StableDiffusion> = None;
     let mut outcome = Outcome::default();
-    for (i, pair) in mine.iter().enumerate() {
-        let cfg = pair_config(template, pair, &opts.output_root);
+    for (i, (pair, method)) in mine.iter().enumerate() {
+        let cfg = pair_config(template, pair, *method, &opts.output_root);
         let started = Instant::now();
         let (status, note, loaded) =
             attempt(cfg.clone(), opts, device, progress, stop, model.take());
         model = loaded;
-        let record = record(&cfg, status, &note, started);
+        let record = record(&cfg, &opts.output_root, status, &note, started);
         summary::append(&opts.output_root, &record)?;
         summary::write_markdown(&opts.output_root)?;
         if progress != Progress::Quiet {
@@ -115,10 +129,30 @@ pub fn train_pairs(
     Ok(outcome)
 }
 
-fn pair_config(template: &TrainConfig, pair: &Path, root: &Path) -> TrainConfig {
+/// Every (pair, method) to train, pair by pair; a method of None is the template's.
+fn jobs(pairs: &[PathBuf], methods: &[Method]) -> Vec<(PathBuf, Option<Method>)> {
+    match methods {
+        [] => pairs.iter().map(|p| (p.clone(), None)).collect(),
+        _ => (pairs.iter())
+            .flat_map(|p| methods.iter().map(move |m| (p.clone(), Some(*m))))
+            .collect(),
+    }
+}
+
+fn pair_config(
+    template: &TrainConfig,
+    pair: &Path,
+    method: Option<Method>,
+    root: &Path,
+) -> TrainConfig {
+    let output_dir = match method {
+        Some(m) => root.join(m.name()).join(pairs::name(pair)),
+        None => root.join(pairs::name(pair)),
+    };
     TrainConfig {
         instance_dir: pair.to_path_buf(),
-        output_dir: root.join(pairs::name(pair)),
+        output_dir,
+        method: method.unwrap_or(template.method),
         ..template.clone()
     }
     .with_absolute_paths()
@@ -247,6 +281,7 @@ fn is_complete(cfg: &TrainConfig) -> Result<bool> {
 
 fn record(
     cfg: &TrainConfig,
+    root: &Path,
     status: Status,
     note: &Option<String>,
     started: Instant,
@@ -261,6 +296,14 @@ fn record(
         .unwrap_or(0) as usize;
     PairRecord {
         pair: pairs::name(&cfg.instance_dir),
+        method: cfg.method.name().to_string(),
+        folder: (cfg
+            .output_dir
+            .strip_prefix(std::path::absolute(root).unwrap_or_default()))
+        .map_or_else(
+            |_| pairs::name(&cfg.instance_dir),
+            |p| p.display().to_string(),
+        ),
         status,
         note: note.clone(),
         steps_done,
@@ -291,7 +334,7 @@ fn announce(i: usize, n: usize, r: &PairRecord, progress: Progress) {
     console::note(format_args!(
         "[{}/{n}] {} {status} ({}/{} steps, {:.0} s){note}",
         i + 1,
-        r.pair,
+        r.folder,
         r.steps_done,
         r.total_steps,
         r.seconds
@@ -301,11 +344,11 @@ fn announce(i: usize, n: usize, r: &PairRecord, progress: Progress) {
 fn dry_run(
     template: &TrainConfig,
     opts: &BatchOptions,
-    mine: &[PathBuf],
+    mine: &[(PathBuf, Option<Method>)],
     progress: Progress,
 ) -> Result<Outcome> {
-    for pair in mine {
-        let cfg = pair_config(template, pair, &opts.output_root);
+    for (pair, method) in mine {
+        let cfg = pair_config(template, pair, *method, &opts.output_root);
         // A pair to train is loaded as training loads it, so bad input shows now.
         let plan = plan(&cfg, opts.stale_after).and_then(|p| match p {
             Plan::Train | Plan::Resume { .. } => load_pair(&cfg, &Device::Cpu).map(|_| p),
@@ -319,11 +362,17 @@ fn dry_run(
             Err(e) if e.is_input_error() => format!("fail: {e}"),
             Err(e) => return Err(e),
         };
+        let name = pairs::name(pair);
         if progress == Progress::Json {
-            let line = serde_json::json!({ "pair": pairs::name(pair), "plan": what });
+            let line =
+                serde_json::json!({ "pair": name, "method": cfg.method.name(), "plan": what });
             console::line(line);
         } else {
-            console::line(format_args!("{}\t{what}", pairs::name(pair)));
+            let label = match method {
+                Some(m) => format!("{}/{name}", m.name()),
+                None => name,
+            };
+            console::line(format_args!("{label}\t{what}"));
         }
     }
     Ok(Outcome::default())

@@ -30,6 +30,12 @@ pub enum Status {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PairRecord {
     pub pair: String,
+    /// The method it trained with (`--methods` trains a pair once per method).
+    #[serde(default)]
+    pub method: String,
+    /// Its run folder below the output root: the pair, or `method/pair` under `--methods`.
+    #[serde(default)]
+    pub folder: String,
     pub status: Status,
     /// Why it was skipped, or the error.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,10 +61,10 @@ pub fn write_markdown(root: &Path) -> Result<()> {
     let latest: BTreeMap<String, PairRecord> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<PairRecord>(l).ok())
-        .map(|r| (r.pair.clone(), r))
+        .map(|r| (r.folder.clone(), r))
         .collect();
     let mut md = String::from(
-        "| pair | status | steps | loss | seconds | note |\n|---|---|---|---|---|---|\n",
+        "| run | method | status | steps | loss | seconds | note |\n|---|---|---|---|---|---|---|\n",
     );
     for r in latest.values() {
         let loss = (r.last_step.as_ref())
@@ -70,8 +76,8 @@ pub fn write_markdown(root: &Path) -> Result<()> {
             .unwrap_or_default();
         let note = r.note.as_deref().unwrap_or("").replace('|', "\\|");
         md.push_str(&format!(
-            "| {} | {status} | {}/{} | {loss} | {:.0} | {note} |\n",
-            r.pair, r.steps_done, r.total_steps, r.seconds
+            "| {} | {} | {status} | {}/{} | {loss} | {:.0} | {note} |\n",
+            r.folder, r.method, r.steps_done, r.total_steps, r.seconds
         ));
     }
     crate::io::write_atomic(&root.join(MARKDOWN), md.as_bytes())

@@ -28,6 +28,11 @@ pub(super) struct BatchArgs {
     /// Minutes without a heartbeat after which another worker's pair lock is stale.
     #[arg(long, default_value_t = magictailor::io::lock::STALE_AFTER.as_secs() / 60)]
     lock_timeout: u64,
+    /// Train every pair with each of these methods (comma-separated), into
+    /// OUT_DIR/{method}/{pair}/: the paper's comparison grid, one model load per worker.
+    /// Every flag given must apply to each of them. Instead of --method.
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "method")]
+    methods: Vec<magictailor::train::method::Method>,
     /// Also run the paper's evaluation per pair (not built into batch: refused; run
     /// `magictailor eval --model-dir OUTPUT_ROOT/PAIR` per trained folder).
     #[arg(long)]
@@ -44,12 +49,13 @@ pub(super) fn batch_cmd(a: BatchArgs, m: &clap::ArgMatches) -> magictailor::Resu
         ));
     }
     let s = &a.settings;
-    let (template, device, stop) = s.resolve(PathBuf::new(), PathBuf::new(), m)?;
+    let (template, device, stop) = s.resolve(PathBuf::new(), PathBuf::new(), &a.methods, m)?;
     let env = |k: &str| std::env::var(k).ok();
     let opts = BatchOptions {
         pairs: a.pairs,
         output_root: a.output_root,
         shard: Shard::resolve(a.shard_index, a.shard_count, env)?,
+        methods: a.methods,
         dry_run: a.dry_run,
         stale_after: std::time::Duration::from_secs(a.lock_timeout.saturating_mul(60)),
     };

@@ -238,17 +238,34 @@ impl TrainSettings {
         }
     }
 
-    /// The settings of the command line (`m`), over those of `--config`'s file, checked,
-    /// with their warnings printed; and the device, with Ctrl-C and SIGTERM caught.
+    /// The settings of the command line (`m`), over those of `--config`'s file, checked
+    /// for each of `methods` (none: the settings' own method), with their warnings
+    /// printed; and the device, with Ctrl-C and SIGTERM caught.
     pub(super) fn resolve(
         &self,
         instance_dir: PathBuf,
         output_dir: PathBuf,
+        methods: &[Method],
         m: &clap::ArgMatches,
     ) -> magictailor::Result<(TrainConfig, candle_core::Device, Interrupt)> {
         let cfg = self.config(instance_dir, output_dir)?;
-        let cfg = with_settings_file(cfg, self.config.as_deref(), m)?;
-        refuse_typed_flags_of_other_methods(cfg.method, m)?;
+        let mut cfg = with_settings_file(cfg, self.config.as_deref(), m)?;
+        if let Some(&first) = methods.first() {
+            cfg.method = first;
+        }
+        let own = [cfg.method];
+        for &method in if methods.is_empty() {
+            &own[..]
+        } else {
+            methods
+        } {
+            refuse_typed_flags_of_other_methods(method, m)?;
+            TrainConfig {
+                method,
+                ..cfg.clone()
+            }
+            .validate()?;
+        }
         self.check(&cfg)?;
         let device = magictailor::device::parse(&self.device)?;
         Ok((cfg, device, Interrupt::install(self.quiet)?))
@@ -269,7 +286,7 @@ impl TrainSettings {
 pub(super) fn train_cmd(a: TrainArgs, m: &clap::ArgMatches) -> magictailor::Result<()> {
     let s = &a.settings;
     let instance_dir = a.instance_dir.unwrap_or_default();
-    let (cfg, device, stop) = s.resolve(instance_dir, a.output_dir, m)?;
+    let (cfg, device, stop) = s.resolve(instance_dir, a.output_dir, &[], m)?;
     let out = cfg.output_dir.clone();
     let prof = profile::Run::start();
     magictailor::train::train(cfg, &device, s.progress(), a.resume, &stop)?;

@@ -27,6 +27,8 @@ pub const EOS: &str = "<|endoftext|>";
 
 pub struct ClipTokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` as loaded, before any pseudo-word: what [`Self::reset`] returns to.
+    loaded: tokenizers::Tokenizer,
     base_vocab: u32,
     encoder_vocab: u32,
     pad_id: u32,
@@ -76,6 +78,7 @@ impl ClipTokenizer {
             .unwrap_or(max_positions)
             .min(max_positions);
         Ok(Self {
+            loaded: inner.clone(),
             inner,
             base_vocab,
             encoder_vocab: encoder_vocab as u32,
@@ -85,6 +88,14 @@ impl ClipTokenizer {
             added: Vec::new(),
             aliases: Vec::new(),
         })
+    }
+
+    /// Forgets every pseudo-word and alias: the tokenizer as loaded, for the next run on
+    /// the same model (`batch` trains many pairs, and methods, with one model load).
+    pub fn reset(&mut self) {
+        self.inner = self.loaded.clone();
+        self.added.clear();
+        self.aliases.clear();
     }
 
     pub fn max_len(&self) -> usize {

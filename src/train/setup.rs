@@ -65,6 +65,8 @@ impl Trainer {
     /// A trainer on the loaded model and pair `data` (`cfg.instance_dir`).
     fn with_model(cfg: TrainConfig, mut sd: StableDiffusion, data: &PairDataset) -> Result<Self> {
         let device = &sd.device.clone();
+        // A model reused from the previous pair (`batch`) forgets that pair's words.
+        sd.tokenizer.reset();
         let recipe = Recipe::new(&cfg, data.num_images());
         let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
