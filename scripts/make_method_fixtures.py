@@ -131,6 +131,41 @@ def dreambooth(out):
         out[f"db.grad.{module}.{which[0]}"] = p.grad.clone()
 
 
+def dreambooth_prior(out):
+    """train_dreambooth_lora.py with --with_prior_preservation, one step's loss and
+    gradients: the instance image "a photo of sks person" (masked loss) and a class image
+    "a photo of person" (its whole-image loss), prior_loss_weight 1."""
+    from peft import LoraConfig
+
+    g = torch.Generator().manual_seed(16)
+    tok, te, unet, sched = load()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            p.requires_grad_(True)
+    ids = tok(["a photo of sks person", "a photo of person"], padding="max_length", max_length=77,
+              truncation=True, return_tensors="pt").input_ids
+    z0, eps, t, masks = step_inputs(g, 2)
+    masks[1] = 1.0  # the class image is learned whole
+    z_t = sched.add_noise(z0, eps, t)
+    with torch.no_grad():
+        ctx = te(ids)[0]
+    pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+    instance = masked_mse(pred[:1], eps[:1], masks[:1])
+    prior = F.mse_loss(pred[1:].float(), eps[1:].float(), reduction="mean")
+    loss = instance + 1.0 * prior
+    loss.backward()
+    out.update({"dbp.ids": ids.to(torch.int64), "dbp.z_t": z_t, "dbp.eps": eps, "dbp.t": t.to(torch.int64),
+                "dbp.masks": masks, "dbp.loss": loss.detach(), "dbp.l_prior": prior.detach()})
+    for n, p in lora.items():
+        module, which = n.split(".lora_")
+        out[f"dbp.{module}.{which[0]}"] = p.detach().clone()
+        out[f"dbp.grad.{module}.{which[0]}"] = p.grad.clone()
+
+
 def custom_diffusion(out):
     """diffusers' train_custom_diffusion.py (--freeze_model crossattn_kv), one optimizer
     step: CustomDiffusionAttnProcessor on every attention, the cross-attentions' key and
@@ -333,6 +368,7 @@ def main():
     out = {}
     textual_inversion(out)
     dreambooth(out)
+    dreambooth_prior(out)
     custom_diffusion(out)
     custom_diffusion_rescale(out)
     clic(out)

@@ -389,6 +389,7 @@ fn a_textual_inversion_step_matches_diffusers() {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
         clic: None,
+        prior: 0.0,
     };
     let losses = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
     let loss: f32 = losses.loss.to_scalar().unwrap();
@@ -563,11 +564,153 @@ fn dreambooth_trains_attention_adapters_and_names_samples_by_identifiers() {
     ok(&run_bin("infer", &a));
 }
 
+/// DreamBooth with prior preservation: the base model draws each class's images once
+/// (exactly what `infer` draws for "a photo of {class}" at the image's index as seed),
+/// every step adds as many of them, weighed apart in `l_prior`; a resumed run reuses
+/// them and ends with the same adapters; a folder drawn otherwise is refused; the flags
+/// need `--prior-preservation` and a method that has it.
+#[test]
+fn dreambooth_prior_preservation_draws_class_images_once_and_weighs_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    fn db_args<'a>(pair: &'a str, out: &'a Path, model: &'a str) -> Vec<&'a str> {
+        let more = [
+            "--method",
+            "dreambooth",
+            "--steps",
+            "3",
+            "--checkpoint-every",
+            "1",
+            "--prior-preservation",
+            "--class-images",
+            "2",
+            "--prior-loss-weight",
+            "0.5",
+        ];
+        with_args(quiet_train_args(pair, out.to_str().unwrap(), model), &more)
+    }
+    let out = tmp.path().join("db");
+    ok(&run_bin("train", &db_args(pair, &out, &model)));
+
+    for l in &read_log(&out) {
+        let (diff, prior) = (
+            l["l_diff"].as_f64().unwrap(),
+            l["l_prior"].as_f64().unwrap(),
+        );
+        assert!(prior > 0.0, "{l}");
+        assert!(
+            (l["loss"].as_f64().unwrap() - (diff + 0.5 * prior)).abs() < 1e-6,
+            "{l}"
+        );
+    }
+    let m = &record(&out)["method"]["prior_preservation"];
+    assert_eq!(m["class_images_per_sample"], 2);
+    assert_eq!(m["loss_weight"], 0.5);
+    for class in ["person", "hair"] {
+        let dir = out.join("class_images").join(class);
+        for k in 0..2 {
+            assert!(dir.join(format!("{k:04}.png")).is_file(), "{class} {k}");
+        }
+        assert!(!dir.join("0002.png").exists());
+    }
+    // A class image is `infer`'s image of its prompt and seed, pixel for pixel.
+    let png = tmp.path().join("person1.png");
+    let a = [
+        "--model",
+        &model,
+        "--prompt",
+        "a photo of person",
+        "--seed",
+        "1",
+        "--steps",
+        "50",
+        "--guidance",
+        "7.5",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    ok(&run_bin("infer", &a));
+    let drawn = read_png(&out.join("class_images/person/0001.png"));
+    assert_eq!(png_max_diff(&drawn, &read_png(&png)), 0);
+
+    // Resumed after step 1: the class images are reused, not redrawn, and the run ends the same.
+    let killed = tmp.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let first = "checkpoints/step-000001.safetensors";
+    std::fs::copy(out.join(first), killed.join(first)).unwrap();
+    copy_dir(&out.join("class_images"), &killed.join("class_images"));
+    let marker = killed.join("class_images/person/0000.png");
+    std::fs::write(
+        &marker,
+        read_bytes(&out.join("class_images/person/0000.png")),
+    )
+    .unwrap();
+    let before = std::fs::metadata(&marker).unwrap().modified().unwrap();
+    let mut args = db_args(pair, &killed, &model);
+    args.push("--resume");
+    ok(&run_bin("train", &args));
+    assert_eq!(
+        std::fs::metadata(&marker).unwrap().modified().unwrap(),
+        before
+    );
+    let lora = "pytorch_lora_weights.safetensors";
+    assert_eq!(read_bytes(&killed.join(lora)), read_bytes(&out.join(lora)));
+
+    // A class folder drawn at another resolution is refused, naming it.
+    let other = tmp.path().join("other");
+    let class_dir = out.join("class_images");
+    let mut a = db_args(pair, &other, &model);
+    a.extend(["--class-dir", class_dir.to_str().unwrap()]);
+    set_arg(&mut a, "--resolution", "32");
+    assert_refused(
+        &a,
+        &other,
+        &["holds class images drawn otherwise", "--class-dir"],
+    );
+    // The flags need --prior-preservation, and a method that has it.
+    let base = quiet_train_args(pair, other.to_str().unwrap(), &model);
+    let a = with_args(
+        base.clone(),
+        &["--method", "dreambooth", "--class-images", "5"],
+    );
+    assert_refused(
+        &a,
+        &other,
+        &["--class-images only shapes prior preservation"],
+    );
+    let a = with_args(base, &["--method", "ti", "--prior-preservation"]);
+    assert_refused(&a, &other, &["--method ti", "--prior-preservation"]);
+}
+
 /// One DreamBooth-LoRA step against diffusers' `train_dreambooth_lora.py` written out in
 /// torch with peft (scripts/make_method_fixtures.py): the prompt's ids with `<v0>` as
 /// "sks person", the masked loss, and every adapter matrix's gradient.
 #[test]
 fn a_dreambooth_step_matches_diffusers() {
+    dreambooth_step("db", &["a photo of <v0>"], 0.0);
+}
+
+/// The same with prior preservation: a class image "a photo of person" beside the
+/// instance image, its whole-image loss added at weight 1.
+#[test]
+fn a_dreambooth_step_with_prior_preservation_matches_diffusers() {
+    let l_prior = dreambooth_step("dbp", &["a photo of <v0>", "a photo of person"], 1.0);
+    let want: f32 = ReferenceStep::load("dbp")
+        .get("l_prior")
+        .to_scalar()
+        .unwrap();
+    assert!((l_prior - want).abs() < 1e-6, "l_prior {l_prior} vs {want}");
+}
+
+/// Checks the reference step `prefix` (its last image a class image when `prior > 0`);
+/// returns the class images' loss (0 without).
+fn dreambooth_step(prefix: &str, prompts: &[&str], prior: f64) -> f32 {
     use candle_core::Tensor;
     use magictailor::model::lora::{LoraModule, TrainableLora};
     use magictailor::train::method::{LossWeights, ATTENTION_PROJECTIONS};
@@ -575,12 +718,24 @@ fn a_dreambooth_step_matches_diffusers() {
     use magictailor::train::setup::lora_targets;
 
     let dev = Device::Cpu;
-    let step = ReferenceStep::load("db");
+    let step = ReferenceStep::load(prefix);
     let get = |k: &str| step.get(k);
     let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
     let alias = [("<v0>".to_string(), "sks person".to_string())];
     sd.tokenizer.add_aliases(&alias).unwrap();
-    let (batch, noised) = step.inputs(&sd, &["a photo of <v0>"], vec![0], 1);
+    let (mut batch, noised) = step.inputs(&sd, &prompts[..1], vec![0], 1);
+    if prior > 0.0 {
+        // The class image: its prompt names no word, so it is appended here.
+        let ids = sd.tokenizer.encode(prompts[1]).unwrap();
+        let want: Vec<Vec<i64>> = get("ids").to_vec2().unwrap();
+        assert!(ids.iter().zip(&want[1]).all(|(a, b)| *a as i64 == *b));
+        let ids = Tensor::from_vec(ids, (1, 77), &dev).unwrap();
+        batch.ids = Tensor::cat(&[&batch.ids, &ids], 0).unwrap();
+        batch.masks = get("masks");
+        batch.sample_of = vec![0, 0];
+        batch.token_pos.push(0);
+        batch.prior = 1;
+    }
     let targets = lora_targets(&sd, Some(&ATTENTION_PROJECTIONS));
     let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
     let reference = step.count("grad.") / 2;
@@ -598,6 +753,7 @@ fn a_dreambooth_step_matches_diffusers() {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
         clic: None,
+        prior,
     };
     let losses = step_losses(
         &sd,
@@ -627,6 +783,7 @@ fn a_dreambooth_step_matches_diffusers() {
         worst < 1e-4,
         "worst adapter gradient error, relative: {worst}"
     );
+    losses.l_prior.map_or(0.0, |l| l.to_scalar().unwrap())
 }
 
 /// Custom Diffusion: the cross-attentions' key and value matrices and the modifier rows
@@ -1040,6 +1197,7 @@ fn a_custom_diffusion_step_matches_diffusers() {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
         clic: None,
+        prior: 0.0,
     };
     let losses = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
     let (loss, want): (f32, f32) = (
@@ -1148,6 +1306,7 @@ fn a_clic_step_matches_the_authors_code() {
         lambda_attn: 0.0,
         lambda_pres: 0.0,
         clic: Some(ClicWeights::PAPER),
+        prior: 0.0,
     };
     let losses = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
     let l_roi = losses.l_roi.clone().unwrap();
@@ -1447,6 +1606,7 @@ impl ReferenceStep {
             sample_of,
             n_samples,
             roi: None,
+            prior: 0,
         };
         let noised = Noised {
             z_t: self.get("z_t"),

@@ -59,6 +59,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         sample_of: usizes(&r["sample_of"]),
         n_samples: 2,
         roi: None,
+        prior: 0,
     };
     let noised = Noised {
         z_t: r["z_t"].clone(),
@@ -85,6 +86,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         lambda_attn: 0.01,
         lambda_pres: 0.2,
         clic: None,
+        prior: 0.0,
     };
 
     let text = TextParams {

@@ -23,6 +23,7 @@ fn d() -> TrainConfig {
 const MT: &str = "MagicTailor (--method magictailor)";
 const ONE: &str = "One-phase methods (--method ti, dreambooth, custom-diffusion, clic)";
 const CD: &str = "Custom Diffusion (--method custom-diffusion)";
+const PRIOR: &str = "Prior preservation (--method dreambooth, custom-diffusion)";
 
 #[derive(Args)]
 pub(super) struct TrainArgs {
@@ -117,6 +118,20 @@ pub(super) struct TrainSettings {
     /// canvas or enlarged and cropped, its prompt saying "a far away", "close up", ...).
     #[arg(long, help_heading = CD)]
     no_scale_aug: bool,
+    /// Prior preservation: each step also trains on as many class images, drawn once by
+    /// the base model ("a photo of {class}", 50 DDIM steps, guidance 7.5) and reused.
+    #[arg(long, help_heading = PRIOR)]
+    prior_preservation: bool,
+    /// Class images per sample [default: dreambooth 100, custom-diffusion 200].
+    #[arg(long, help_heading = PRIOR, value_parser = clap::value_parser!(u64).range(1..))]
+    class_images: Option<u64>,
+    /// The class images' loss weight.
+    #[arg(long, help_heading = PRIOR, default_value_t = d().prior_loss_weight)]
+    prior_loss_weight: f64,
+    /// Where class images are drawn and reused [default: OUT_DIR/class_images]; share one
+    /// between runs on the same base model and resolution (e.g. a whole batch).
+    #[arg(long, help_heading = PRIOR)]
+    class_dir: Option<PathBuf>,
     #[arg(long, default_value_t = d().seed)]
     seed: u64,
     /// Training resolution in pixels, a multiple of 8.
@@ -218,6 +233,10 @@ impl TrainSettings {
             jitter: self.color_jitter,
             flip: !self.no_flip,
             scale_aug: !self.no_scale_aug,
+            prior_preservation: self.prior_preservation,
+            class_images: self.class_images.map(|n| n as usize),
+            prior_loss_weight: self.prior_loss_weight,
+            class_dir: self.class_dir.clone(),
             dtype: self.dtype.dtype(),
             loss_scale: (self.loss_scale).or(TrainConfig::default_loss_scale(self.dtype.dtype())),
             sample_every: self.sample_every,

@@ -7,6 +7,7 @@
 //!   learned_embeds.safetensors         {"<v0>": [hidden], ...}
 //!   embeddings/v0.safetensors ...      one A1111/ComfyUI embedding per pseudo-word
 //!   token_embedding.safetensors        --released-script only: the whole trained table
+//!   class_images/person/0000.png ...  --prior-preservation: the base model's class images
 //!   pytorch_custom_diffusion_weights.safetensors
 //!                                      custom-diffusion only: the tuned k/v matrices
 //!   magictailor.json                   base model, tokens, settings, steps done
@@ -34,6 +35,8 @@ pub const LORA_KOHYA: &str = "lora_kohya.safetensors";
 pub const EMBEDS: &str = "learned_embeds.safetensors";
 pub const A1111_EMBEDS: &str = "embeddings";
 pub const TOKEN_TABLE: &str = "token_embedding.safetensors";
+/// `--prior-preservation`'s class images, one folder per class word (unless `--class-dir`).
+pub const CLASS_IMAGES: &str = "class_images";
 /// Custom Diffusion's tuned matrices, as diffusers' `save_attn_procs` names them.
 pub const CUSTOM_DIFFUSION: &str = "pytorch_custom_diffusion_weights.safetensors";
 pub const RECORD: &str = "magictailor.json";

@@ -67,6 +67,7 @@ pub fn clic_losses(
         l_attn,
         l_pres: Tensor::zeros((), DType::F32, dev)?,
         l_roi: Some(l_roi),
+        l_prior: None,
         chosen: None,
         loss,
     })

@@ -68,6 +68,15 @@ pub struct TrainConfig {
     pub flip: bool,
     /// Custom Diffusion's scale augmentation (off: its `--noaug`).
     pub scale_aug: bool,
+    /// DreamBooth and Custom Diffusion: prior preservation with class images the base
+    /// model draws ("a photo of {class}"), each step as many as reference images.
+    pub prior_preservation: bool,
+    /// Class images per sample; None: the method's source's count.
+    pub class_images: Option<usize>,
+    pub prior_loss_weight: f64,
+    /// Where class images are drawn and reused; None: `OUTPUT/class_images/`. Runs on
+    /// the same base model and resolution can share one.
+    pub class_dir: Option<PathBuf>,
     /// Precision of the frozen U-Net, VAE and text encoder; LoRA weights, pseudo-word
     /// rows, AdamW state and the losses stay f32.
     #[serde(serialize_with = "dtype_name", deserialize_with = "dtype_of")]
@@ -135,6 +144,10 @@ impl Default for TrainConfig {
             jitter: 0.1,
             flip: true,
             scale_aug: true,
+            prior_preservation: false,
+            class_images: None,
+            prior_loss_weight: 1.0,
+            class_dir: None,
             dtype: DType::F32,
             loss_scale: None,
             sample_every: None,
@@ -166,6 +179,7 @@ impl TrainConfig {
         let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         self.instance_dir = abs(&self.instance_dir);
         self.output_dir = abs(&self.output_dir);
+        self.class_dir = self.class_dir.as_deref().map(abs);
         if std::path::Path::new(&self.model).is_dir() {
             self.model = abs(std::path::Path::new(&self.model))
                 .to_string_lossy()
@@ -303,6 +317,7 @@ impl TrainConfig {
             }
         }
         self.refuse_flags_without_ds_bal()?;
+        self.check_prior()?;
         if let Some(s) = self.loss_scale {
             if !(s.is_finite() && s > 0.0) {
                 return bad(format!(
@@ -351,8 +366,60 @@ impl TrainConfig {
             "--color-jitter" => self.jitter != other.jitter,
             "--released-script" => self.released_script != other.released_script,
             "--no-scale-aug" => self.scale_aug != other.scale_aug,
+            "--prior-preservation" => self.prior_preservation != other.prior_preservation,
+            "--class-images" => self.class_images != other.class_images,
+            "--prior-loss-weight" => self.prior_loss_weight != other.prior_loss_weight,
+            "--class-dir" => self.class_dir != other.class_dir,
             _ => false,
         }
+    }
+
+    /// The prior-preservation settings only apply with `--prior-preservation`.
+    fn check_prior(&self) -> Result<()> {
+        let w = self.prior_loss_weight;
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(Error::usage(format!(
+                "--prior-loss-weight {w}: expected a number >= 0 (the sources use 1)."
+            )));
+        }
+        if self.class_images == Some(0) {
+            return Err(Error::usage(
+                "--class-images 0: prior preservation needs at least one class image per sample.",
+            ));
+        }
+        let d = Self::default();
+        let set: Vec<&str> = [
+            ("--class-images", self.class_images.is_some()),
+            ("--prior-loss-weight", w != d.prior_loss_weight),
+            ("--class-dir", self.class_dir.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if self.prior_preservation || set.is_empty() {
+            return Ok(());
+        }
+        Err(Error::usage(format!(
+            "{} only {} prior preservation: add --prior-preservation, or drop {}.",
+            set.join(", "),
+            if set.len() == 1 { "shapes" } else { "shape" },
+            if set.len() == 1 { "it" } else { "them" }
+        )))
+    }
+
+    /// The class images per sample of `--prior-preservation`: the flag's, else the
+    /// method's source's (DreamBooth's `--num_class_images` 100, Custom Diffusion's 200).
+    pub fn class_images(&self) -> usize {
+        self.class_images.unwrap_or(match self.method {
+            Method::CustomDiffusion => 200,
+            _ => 100,
+        })
+    }
+
+    /// Where class images go: `--class-dir`, else `OUTPUT/class_images`.
+    pub fn class_dir(&self) -> PathBuf {
+        (self.class_dir.clone())
+            .unwrap_or_else(|| self.output_dir.join(crate::io::run::CLASS_IMAGES))
     }
 
     /// `--no-ds-bal` turns off the phase that `--ema-decay` and `--lambda-pres` shape, so
@@ -399,7 +466,7 @@ impl TrainConfig {
 }
 
 /// The settings only some methods read, by flag, with those methods.
-const FLAGS_BY_METHOD: [(&str, &[Method]); 19] = {
+const FLAGS_BY_METHOD: [(&str, &[Method]); 23] = {
     const MT: &[Method] = &[Method::MagicTailor];
     const ONE: &[Method] = &[
         Method::Ti,
@@ -408,6 +475,7 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 19] = {
         Method::Clic,
     ];
     const CD: &[Method] = &[Method::CustomDiffusion];
+    const PRIOR: &[Method] = &[Method::DreamBooth, Method::CustomDiffusion];
     [
         ("--steps", ONE),
         ("--lr", ONE),
@@ -428,6 +496,10 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 19] = {
         ("--color-jitter", MT),
         ("--released-script", MT),
         ("--no-scale-aug", CD),
+        ("--prior-preservation", PRIOR),
+        ("--class-images", PRIOR),
+        ("--prior-loss-weight", PRIOR),
+        ("--class-dir", PRIOR),
     ]
 };
 

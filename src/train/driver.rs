@@ -151,6 +151,7 @@ pub fn train_to_end(
     run::start_segment(out, t.step)?;
     // Every error of the loop goes through `with_survivors`.
     let mut steps = || -> Result<()> {
+        super::prior::prepare(t, progress)?;
         let total = t.cfg.total_steps();
         let every = t.cfg.checkpoint_every;
         if let Some(auto) = &t.auto_masks {

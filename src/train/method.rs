@@ -172,6 +172,8 @@ pub struct LossWeights {
     pub lambda_pres: f64,
     /// CLiC's objective in place of the masked diffusion loss and the two above.
     pub clic: Option<ClicWeights>,
+    /// Prior preservation: the class images' loss weight (0: none drawn).
+    pub prior: f64,
 }
 
 /// CLiC's loss: `attention * L_att + context * L_context + roi * L_RoI`; L_context weighs
@@ -364,6 +366,18 @@ pub enum Flip {
     PerImage,
 }
 
+/// Prior preservation's class images: drawn once by the base model, prompted with
+/// [`CLASS_PROMPT`], then as many a step as reference images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassImages {
+    pub per_sample: usize,
+    /// One folder per class word inside.
+    pub dir: std::path::PathBuf,
+}
+
+/// The class images' prompt, `{}` the class word (DreamBooth's README: "a photo of dog").
+pub const CLASS_PROMPT: &str = "a photo of {}";
+
 /// A training method, as the trainer runs it.
 #[derive(Debug, Clone)]
 pub struct Recipe {
@@ -379,6 +393,8 @@ pub struct Recipe {
     /// DS-Bal's momentum adapters (only read in DS-Bal phases).
     pub momentum: Momentum,
     pub draw: Draw,
+    /// Prior preservation's class images (their weight is `losses.prior`).
+    pub class_images: Option<ClassImages>,
 }
 
 /// Where a step falls in its recipe.
@@ -465,6 +481,7 @@ impl Recipe {
                 lambda_attn: cfg.lambda_attn,
                 lambda_pres: cfg.lambda_pres,
                 clic: None,
+                prior: 0.0,
             },
             phases,
             momentum: Momentum {
@@ -480,6 +497,7 @@ impl Recipe {
                 roi: None,
                 degradation: cfg.degradation(),
             },
+            class_images: None,
         }
     }
 
@@ -526,7 +544,19 @@ impl Recipe {
         };
         let ids = Some(&DREAMBOOTH_IDENTIFIERS[..]);
         let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
-        Self::one_phase(cfg, Phase::DreamBooth, trains, ids, prompts, Flip::Off)
+        Self::one_phase(cfg, Phase::DreamBooth, trains, ids, prompts, Flip::Off).with_prior(cfg)
+    }
+
+    /// `--prior-preservation`: class images and their loss weight.
+    fn with_prior(mut self, cfg: &TrainConfig) -> Self {
+        if cfg.prior_preservation {
+            self.class_images = Some(ClassImages {
+                per_sample: cfg.class_images(),
+                dir: cfg.class_dir(),
+            });
+            self.losses.prior = cfg.prior_loss_weight;
+        }
+        self
     }
 
     /// Custom Diffusion (Kumari et al. 2023), as diffusers' `train_custom_diffusion.py`
@@ -553,7 +583,7 @@ impl Recipe {
         let prompts = Prompts::Fixed(|word| format!("photo of a {word}"));
         let mut r = Self::one_phase(cfg, Phase::CustomDiffusion, trains, None, prompts, flip);
         r.draw.rescale = cfg.scale_aug;
-        r
+        r.with_prior(cfg)
     }
 
     /// CLiC (Safaee et al. 2024), as its authors' `learning.py` trains it with their
@@ -606,6 +636,7 @@ impl Recipe {
                 lambda_attn: 0.0,
                 lambda_pres: 0.0,
                 clic: None,
+                prior: 0.0,
             },
             phases: vec![PhasePlan {
                 phase,
@@ -627,6 +658,7 @@ impl Recipe {
                 roi: None,
                 degradation: Degradation::new(Curve::Off, 0.0, 0.0),
             },
+            class_images: None,
         }
     }
 
@@ -674,6 +706,12 @@ impl Recipe {
             },
             "grad_clip": clip,
             "weight_decay": self.trains.weight_decay,
+            "prior_preservation": self.class_images.as_ref().map(|c| serde_json::json!({
+                "class_images_per_sample": c.per_sample,
+                "prompt": CLASS_PROMPT,
+                "loss_weight": self.losses.prior,
+                "dir": c.dir,
+            })),
             "clic_loss_weights": self.losses.clic.map(|c| serde_json::json!({
                 "attention": c.attention,
                 "context": c.context,

@@ -36,6 +36,9 @@ pub struct Batch {
     pub n_samples: usize,
     /// CLiC: each image's region-of-interest prompt, for its masked copy.
     pub roi: Option<RoiPrompts>,
+    /// Prior preservation: the last this many images are class images (whole-image
+    /// masks, class prompts), weighed apart.
+    pub prior: usize,
 }
 
 /// The prompts of a CLiC step's masked copies: ids `[b, 77]` and where each holds its
@@ -51,6 +54,11 @@ impl Batch {
         self.sample_of.len()
     }
 
+    /// The reference images', before any class images.
+    pub fn instances(&self) -> usize {
+        self.len() - self.prior
+    }
+
     pub fn is_empty(&self) -> bool {
         self.sample_of.is_empty()
     }
@@ -62,6 +70,8 @@ pub struct Pool {
     /// Every image in sample order, each prompted with [`Prompts::first`]: the batch of
     /// every step of a method that trains on all images with a fixed prompt.
     pub all: Batch,
+    /// Prior preservation's class images (`train::prior` loads them once drawn).
+    pub class: Option<Batch>,
 }
 
 impl Pool {
@@ -86,7 +96,9 @@ impl Pool {
                 sample_of,
                 n_samples: data.samples.len(),
                 roi: None,
+                prior: 0,
             },
+            class: None,
         })
     }
 
@@ -98,7 +110,7 @@ impl Pool {
         seed: u64,
         d: usize,
     ) -> Result<Cow<'_, Batch>> {
-        let plain = !draw.rescale && draw.roi.is_none();
+        let plain = !draw.rescale && draw.roi.is_none() && self.class.is_none();
         if let (Pick::All, Prompts::Fixed(_), true) = (draw.pick, draw.prompts, plain) {
             return Ok(Cow::Borrowed(&self.all));
         }
@@ -156,7 +168,7 @@ impl Pool {
             }
             None => None,
         };
-        Ok(Cow::Owned(Batch {
+        let batch = Batch {
             pixels,
             masks,
             ids,
@@ -164,7 +176,12 @@ impl Pool {
             sample_of,
             n_samples: self.all.n_samples,
             roi,
-        }))
+            prior: 0,
+        };
+        match &self.class {
+            Some(class) => Ok(Cow::Owned(with_class_images(batch, class, &mut rng)?)),
+            None => Ok(Cow::Owned(batch)),
+        }
     }
 
     /// The shapes of a step's noise for `per_step` images: the pixels, and the latents
@@ -177,6 +194,30 @@ impl Pool {
             latents: sd.vae.latent_dims(&pixels),
         })
     }
+}
+
+/// `batch` followed by as many class images, each drawn uniformly from `class`.
+fn with_class_images(batch: Batch, class: &Batch, rng: &mut impl Rng) -> Result<Batch> {
+    let n = batch.len();
+    let picked: Vec<u32> = (0..n)
+        .map(|_| rng.random_range(0..class.len()) as u32)
+        .collect();
+    let idx = Tensor::from_vec(picked.clone(), n, class.pixels.device())?;
+    let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, &b.index_select(&idx, 0)?], 0);
+    let mut sample_of = batch.sample_of.clone();
+    sample_of.extend(picked.iter().map(|&i| class.sample_of[i as usize]));
+    let mut token_pos = batch.token_pos.clone();
+    token_pos.extend(picked.iter().map(|&i| class.token_pos[i as usize]));
+    Ok(Batch {
+        pixels: cat(&batch.pixels, &class.pixels)?,
+        masks: cat(&batch.masks, &class.masks)?,
+        ids: cat(&batch.ids, &class.ids)?,
+        token_pos,
+        sample_of,
+        n_samples: batch.n_samples,
+        roi: batch.roi,
+        prior: n,
+    })
 }
 
 /// Custom Diffusion's scale augmentation of each image ([`Rescale`]), and its prompt's
@@ -318,6 +359,8 @@ pub struct StepLosses {
     pub l_pres: Tensor,
     /// CLiC's region-of-interest loss.
     pub l_roi: Option<Tensor>,
+    /// Prior preservation's loss on the class images.
+    pub l_prior: Option<Tensor>,
     pub chosen: Option<usize>,
     pub loss: Tensor,
 }
@@ -385,7 +428,14 @@ pub fn step_losses(
         .forward(&z_t, &t, &context, online_ctx)?
         .to_dtype(DType::F32)?;
     let per_image = masked_diffusion_per_image(&pred, &noised.eps, &mask_latent)?;
-    let per_sample = per_sample_means(&per_image, &batch.sample_of, batch.n_samples)?;
+    // Class images (prior preservation) are weighed apart; the rest is the pair's.
+    let n = batch.instances();
+    let l_prior = match batch.prior {
+        0 => None,
+        p => Some(per_image.narrow(0, n, p)?.mean_all()?),
+    };
+    let per_image = per_image.narrow(0, 0, n)?;
+    let per_sample = per_sample_means(&per_image, &batch.sample_of[..n], batch.n_samples)?;
     let l_attn = if w.lambda_attn > 0.0 {
         let maps = probe
             .take()
@@ -430,7 +480,10 @@ pub fn step_losses(
             None,
         ),
     };
-    let loss = ((&l_diff + (&l_pres * w.lambda_pres)?)? + (&l_attn * w.lambda_attn)?)?;
+    let mut loss = ((&l_diff + (&l_pres * w.lambda_pres)?)? + (&l_attn * w.lambda_attn)?)?;
+    if let Some(l) = &l_prior {
+        loss = (loss + (l * w.prior)?)?;
+    }
     Ok(StepLosses {
         per_image,
         per_sample,
@@ -438,6 +491,7 @@ pub fn step_losses(
         l_attn,
         l_pres,
         l_roi: None,
+        l_prior,
         chosen,
         loss,
     })

@@ -58,6 +58,9 @@ impl Trainer {
             Err(e) => return Err(fail(e, Some(sd))),
         };
         let mut t = Self::with_model(cfg, sd, &data).map_err(|e| fail(e, None))?;
+        if let Err(e) = super::prior::check(&t) {
+            return Err(fail(e, Some(t.into_model())));
+        }
         t.auto_masks = auto;
         Ok(t)
     }
@@ -82,8 +85,10 @@ impl Trainer {
         let pool = Pool::new(&sd, data, recipe.draw.prompts)?;
         let last = recipe.total_steps();
         let per_step = recipe.images_per_step(data.num_images());
-        // A CLiC step also encodes each image's masked copy.
-        let encoded = per_step * if recipe.draw.roi.is_some() { 2 } else { 1 };
+        // A CLiC step also encodes each image's masked copy; prior preservation as many
+        // class images.
+        let doubled = recipe.draw.roi.is_some() || recipe.class_images.is_some();
+        let encoded = per_step * if doubled { 2 } else { 1 };
         let noise = NoiseAhead::new(cfg.seed, pool.noise_sizes(&sd, encoded)?, last);
         let lora = match &recipe.trains.lora {
             Some(shape) => TrainableLora::new(

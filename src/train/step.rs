@@ -20,12 +20,13 @@ use crate::profile::{self, Kind};
 pub const MAX_SKIPPED_IN_A_ROW: usize = 20;
 
 /// The logged loss terms as a message names them, in `StepLog` order.
-const TERMS: [&str; 5] = [
+const TERMS: [&str; 6] = [
     "the total loss",
     "the masked diffusion loss L_diff",
     "the attention loss L_attn",
     "the preserving loss L_pres",
     "the region-of-interest loss L_RoI",
+    "the class images' loss",
 ];
 
 /// What one forward and backward pass gives.
@@ -111,6 +112,7 @@ impl Trainer {
             l_attn: terms[2],
             l_pres: terms[3],
             l_roi: self.recipe.losses.clic.map(|_| terms[4]),
+            l_prior: self.recipe.class_images.as_ref().map(|_| terms[5]),
             per_sample,
             chosen_sample: chosen,
             grad_norm,
@@ -160,6 +162,7 @@ impl Trainer {
             l_attn,
             l_pres,
             l_roi,
+            l_prior,
             chosen,
             loss,
             ..
@@ -188,11 +191,12 @@ impl Trainer {
         drop(backward);
         // The loss terms and the per-sample losses own the forward graph: read, then
         // dropped here, before the optimizer runs.
-        let l_roi = match l_roi {
-            Some(l) => l,
-            None => l_pres.zeros_like()?,
+        let or_zero = |l: Option<Tensor>| match l {
+            Some(l) => Ok(l),
+            None => l_pres.zeros_like(),
         };
-        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres, &l_roi], 0)?;
+        let (l_roi, l_prior) = (or_zero(l_roi)?, or_zero(l_prior)?);
+        let terms = Tensor::stack(&[&loss, &l_diff, &l_attn, &l_pres, &l_roi, &l_prior], 0)?;
         let terms = terms.to_dtype(DType::F32)?;
         let mut read = profile::time(Kind::HostRead, &dev, || {
             Tensor::cat(&[&terms, &per_sample.to_dtype(DType::F32)?], 0)?
@@ -200,7 +204,7 @@ impl Trainer {
                 .to_vec1::<f32>()
         })?;
         // A sample the step drew no image of has no loss (not a loss of 0).
-        let drawn = |s: usize| batch.sample_of.contains(&s);
+        let drawn = |s: usize| batch.sample_of[..batch.instances()].contains(&s);
         let per_sample = (read.split_off(TERMS.len()).into_iter().enumerate())
             .map(|(s, l)| drawn(s).then_some(l))
             .collect();
@@ -222,7 +226,10 @@ impl Trainer {
             None => "--warmup-lr, --dsbal-lr",
         };
         // A component names the cause better than the total it spoils.
-        let what = match [1, 2, 3, 4, 0].into_iter().find(|&i| !terms[i].is_finite()) {
+        let what = match [1, 2, 3, 4, 5, 0]
+            .into_iter()
+            .find(|&i| !terms[i].is_finite())
+        {
             Some(i) => format!("{} is {}", TERMS[i], terms[i]),
             None => format!("the gradient norm is {grad_norm}"),
         };

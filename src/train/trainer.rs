@@ -32,6 +32,9 @@ pub struct StepLog {
     /// CLiC's region-of-interest loss (its `l_diff` is L_context, `l_attn` L_att).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l_roi: Option<f32>,
+    /// Prior preservation's loss on the class images (weighed by `--prior-loss-weight`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l_prior: Option<f32>,
     /// The mean loss of each sample's images in this step; None (null) where the step
     /// drew none of its images (`ti`'s random draw).
     pub per_sample: Vec<Option<f32>>,

@@ -1,0 +1,173 @@
+//! Prior preservation (DreamBooth, Custom Diffusion; `--prior-preservation`): class images
+//! the base model draws once per class word ("a photo of {class}", DDIM, seed = the
+//! image's index), kept in the class folder and reused by resumes and by other runs that
+//! share the folder, then handed to the pool, which draws as many a step as reference
+//! images.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+
+use super::method::CLASS_PROMPT;
+use super::objective::Batch;
+use super::trainer::Trainer;
+use crate::data::load_rgb;
+use crate::error::{Error, Result};
+use crate::infer::{decode, sample, to_images, Weights};
+use crate::io::png::png_bytes;
+use crate::io::progress::Progress;
+use crate::io::{console, write_atomic};
+
+/// DDIM steps and guidance of a class image (diffusers' pipeline defaults, which the
+/// scripts' class-image generation uses).
+pub const STEPS: usize = 50;
+pub const GUIDANCE: f64 = 7.5;
+
+/// What a class folder's images were drawn with; a folder drawn otherwise is refused.
+const INFO: &str = "class_images.json";
+
+/// Draws the class images the run lacks and puts them all in the pool; nothing without
+/// `--prior-preservation`. Runs after the run folder is claimed: it writes.
+pub fn prepare(t: &mut Trainer, progress: Progress) -> Result<()> {
+    let Some(c) = t.recipe.class_images.clone() else {
+        return Ok(());
+    };
+    let mut files = Vec::new();
+    for (s, class) in t.class_words.clone().iter().enumerate() {
+        let dir = class_folder(&c.dir, class);
+        record_info(&dir, &info(t, class))?;
+        let missing: Vec<usize> = (0..c.per_sample)
+            .filter(|&k| !image(&dir, k).is_file())
+            .collect();
+        draw(t, class, &dir, &missing, progress)?;
+        files.extend((0..c.per_sample).map(|k| (s, image(&dir, k))));
+    }
+    t.pool.class = Some(load(t, &files)?);
+    Ok(())
+}
+
+/// Refuses, before anything is written, class folders drawn otherwise than this run
+/// would draw them.
+pub fn check(t: &Trainer) -> Result<()> {
+    let Some(c) = &t.recipe.class_images else {
+        return Ok(());
+    };
+    for class in &t.class_words {
+        let dir = class_folder(&c.dir, class);
+        let file = dir.join(INFO);
+        if !file.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::read(&file, e))?;
+        let have: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+                path: file.clone(),
+                msg: e.to_string(),
+            })?;
+        let want = info(t, class);
+        if have != want {
+            return Err(Error::usage(format!(
+                "{} holds class images drawn otherwise ({have}) than this run would draw them \
+                 ({want}). Give this run its own --class-dir.",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn class_folder(dir: &Path, class: &str) -> PathBuf {
+    dir.join(class.replace(['/', '\\'], "_"))
+}
+
+fn image(dir: &Path, k: usize) -> PathBuf {
+    dir.join(format!("{k:04}.png"))
+}
+
+/// The settings that shape a class image.
+fn info(t: &Trainer, class: &str) -> serde_json::Value {
+    serde_json::json!({
+        "base_model": t.sd.source,
+        "prompt": CLASS_PROMPT.replace("{}", class),
+        "resolution": t.cfg.resolution,
+        "dtype": t.cfg.dtype.as_str(),
+        "sampler": "DDIM, eta 0",
+        "steps": STEPS,
+        "guidance": GUIDANCE,
+        "seed": "the image's index",
+    })
+}
+
+/// Records how `dir`'s images are drawn ([`check`] has compared an existing record).
+fn record_info(dir: &Path, want: &serde_json::Value) -> Result<()> {
+    let file = dir.join(INFO);
+    if file.is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(crate::error::IoOp::CreateDir, dir, e))?;
+    let text = serde_json::to_string_pretty(want)
+        .map_err(|e| Error::internal(format!("serializing {INFO}: {e}")))?;
+    write_atomic(&file, text.as_bytes())
+}
+
+/// Draws image `k` of `missing` with the base model alone.
+fn draw(t: &Trainer, class: &str, dir: &Path, missing: &[usize], progress: Progress) -> Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if progress != Progress::Quiet {
+        console::note(format_args!(
+            "drawing {} class image(s) of {class:?} into {} (prior preservation)",
+            missing.len(),
+            dir.display()
+        ));
+    }
+    let w = Weights {
+        sd: &t.sd,
+        lora: None,
+        tuned: None,
+        extra_rows: None,
+        token_table: None,
+    };
+    let prompt = CLASS_PROMPT.replace("{}", class);
+    let latent = t.cfg.resolution / t.sd.vae_factor();
+    let shape = (1, t.sd.unet.config.in_channels, latent, latent);
+    let bar = progress.ticker("class image", missing.len() as u64, 0, 1);
+    for &k in missing {
+        let noise = crate::rng::seeded_normal(k as u64, shape, &t.sd.device)?;
+        let x = sample(w, &prompt, "", noise, STEPS, GUIDANCE, false)?;
+        let img = to_images(&decode(w, &x)?)?
+            .pop()
+            .ok_or_else(|| Error::internal("no class image decoded"))?;
+        write_atomic(&image(dir, k), &png_bytes(&img)?)?;
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok(())
+}
+
+/// The class images as a batch: whole-image masks, each prompted with its class.
+fn load(t: &Trainer, files: &[(usize, PathBuf)]) -> Result<Batch> {
+    let (sd, res) = (&t.sd, t.cfg.resolution);
+    let mut pixels = Vec::new();
+    let mut ids = Vec::new();
+    for (s, file) in files {
+        pixels.push(load_rgb(file, res, &sd.device)?);
+        ids.extend(
+            sd.tokenizer
+                .encode(&CLASS_PROMPT.replace("{}", &t.class_words[*s]))?,
+        );
+    }
+    let n = files.len();
+    Ok(Batch {
+        pixels: Tensor::stack(&pixels, 0)?,
+        masks: Tensor::ones((n, 1, res, res), DType::F32, &sd.device)?,
+        ids: Tensor::from_vec(ids, (n, sd.tokenizer.max_len()), &sd.device)?,
+        // No pseudo-word in a class prompt (and no attention loss reads it).
+        token_pos: vec![0; n],
+        sample_of: files.iter().map(|(s, _)| *s).collect(),
+        n_samples: t.class_words.len(),
+        roi: None,
+        prior: 0,
+    })
+}
