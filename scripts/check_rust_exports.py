@@ -112,6 +112,19 @@ img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, gui
 words_only = np.abs(np.asarray(img).astype(int) - ours).max()
 print(f"custom-diffusion folder: diffusers set {n_cd} tuned cross-attention processors; reproduces "
       f"magictailor's image within {diff_cd} levels (the words alone: {words_only} levels)")
+# The same run's --export-full U-Net folder, in place of the pipeline's U-Net.
+from diffusers import UNet2DConditionModel
+
+pipe = tiny_pipeline()
+pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(cd, "full"), subfolder="unet")
+for word in ("v0", "v1"):
+    pipe.load_textual_inversion(os.path.join(cd, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
+img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
+           width=64).images[0]
+ours = np.asarray(Image.open(os.path.join(cd, "infer.png"))).astype(int)
+diff_full = np.abs(np.asarray(img).astype(int) - ours).max()
+print(f"custom-diffusion --export-full unet/: diffusers reproduces magictailor's image within {diff_full} levels")
+
 # A `--method clic` folder: q/k/v/out (with the out bias) of every cross-attention through
 # the same loader, whose processors then tune queries and outputs too.
 cl = os.path.join(os.path.dirname(os.path.abspath(export)), "clic-check")
@@ -128,5 +141,5 @@ print(f"clic folder: diffusers set {n_cl} processors tuning q/k/v/out; reproduce
       f"{diff_cl} levels")
 ok = diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
 ok = ok and diff_db <= 2 and n_db == 128 and diff_cd <= 2 and n_cd == 16 and words_only > 2
-ok = ok and diff_cl <= 2 and n_cl == 16
+ok = ok and diff_cl <= 2 and n_cl == 16 and diff_full <= 2
 sys.exit(0 if ok else 1)

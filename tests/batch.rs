@@ -97,7 +97,7 @@ fn three_pairs_train_with_one_model_load_and_a_rerun_skips_them() {
     }
     let table = std::fs::read_to_string(root.join("batch_summary.md")).unwrap();
     assert!(
-        table.contains("| person_b+hair_b | trained | 4/4 |"),
+        table.contains("| person_b+hair_b | magictailor | trained | 4/4 |"),
         "{table}"
     );
 

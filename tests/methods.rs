@@ -922,6 +922,46 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
         &png("step4.png"),
     );
     assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("step4.png")), 0);
+    // --export-full: the base U-Net with the tuned matrices merged in, every other tensor
+    // the base's bit for bit.
+    let full = tmp.path().join("full");
+    let cd_full = tmp.path().join("cd-full");
+    let export = ["--export-full", full.to_str().unwrap()];
+    let a = with_args(cd_args(pair, &cd_full, &model), &export);
+    ok(&run_bin("train", &a));
+    let merged = candle_core::safetensors::load(
+        full.join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(full.join("unet/config.json").is_file());
+    assert_eq!(merged.len(), base.len());
+    let mut replaced = 0;
+    for (k, v) in &merged {
+        let cd_key = k.rsplit_once('.').and_then(|(path, part)| {
+            let (attn, proj) = path.rsplit_once('.')?;
+            Some(format!("{attn}.processor.{proj}_custom_diffusion.{part}"))
+        });
+        match cd_key.and_then(|c| t.get(&c)) {
+            Some(tuned) => {
+                assert_eq!(max_abs_diff(v, tuned), 0.0, "{k}");
+                replaced += 1;
+            }
+            None => assert_eq!(max_abs_diff(v, &base[k]), 0.0, "{k} changed"),
+        }
+    }
+    assert_eq!(replaced, tuned, "every tuned matrix merged");
+    // A flag of the tuned methods only.
+    let x = tmp.path().join("x");
+    let ti = ["--method", "ti", "--export-full", "y"];
+    let a = with_args(quiet_train_args(pair, x.to_str().unwrap(), &model), &ti);
+    let o = run_bin("train", &a);
+    assert!(
+        stderr(&o).contains("--method ti: --export-full"),
+        "{}",
+        stderr(&o)
+    );
+
     // A file for another U-Net is refused, naming it.
     let sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
     let targets = sd.unet.lora_targets();
@@ -943,6 +983,8 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     )
     .unwrap();
     copy_dir(&out.join("embeddings"), &check.join("embeddings"));
+    // The same run's --export-full U-Net (the training is deterministic).
+    copy_dir(&full.join("unet"), &check.join("full/unet"));
     let latents = fixtures().join("init_latents.safetensors");
     let out_png = check.join("infer.png");
     let a = [

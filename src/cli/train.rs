@@ -132,6 +132,11 @@ pub(super) struct TrainSettings {
     /// between runs on the same base model and resolution (e.g. a whole batch).
     #[arg(long, help_heading = PRIOR)]
     class_dir: Option<PathBuf>,
+    /// Custom Diffusion and CLiC: also write the base U-Net with the tuned matrices merged
+    /// in, as a diffusers `DIR/unet/` folder (a full copy of the U-Net; the run folder
+    /// keeps only the tuned matrices).
+    #[arg(long, value_name = "DIR")]
+    export_full: Option<PathBuf>,
     #[arg(long, default_value_t = d().seed)]
     seed: u64,
     /// Training resolution in pixels, a multiple of 8.
@@ -237,6 +242,7 @@ impl TrainSettings {
             class_images: self.class_images.map(|n| n as usize),
             prior_loss_weight: self.prior_loss_weight,
             class_dir: self.class_dir.clone(),
+            export_full: self.export_full.clone(),
             dtype: self.dtype.dtype(),
             loss_scale: (self.loss_scale).or(TrainConfig::default_loss_scale(self.dtype.dtype())),
             sample_every: self.sample_every,

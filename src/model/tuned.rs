@@ -7,7 +7,7 @@
 //! the weight gradient that the frozen ops (`ops::frozen_linear`) leave out by design.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -175,6 +175,49 @@ impl TunedSet {
         }
         tensors::write(file, &out, None)
     }
+}
+
+/// Writes `out/unet/` as a diffusers U-Net folder: the base U-Net of the model folder
+/// `base` (its `config.json` and every tensor, in the base's dtype) with the tuned layers'
+/// weights in place of the base's. The result loads with `UNet2DConditionModel
+/// .from_pretrained(out, subfolder="unet")`, alone or in place of a pipeline's U-Net.
+pub fn export_unet(base: &Path, tuned: &TunedSet, out: &Path) -> Result<PathBuf> {
+    let dir = out.join("unet");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(crate::error::IoOp::CreateDir, &dir, e))?;
+    let mut merged = HashMap::new();
+    for file in super::loader::weight_files(base, "unet")? {
+        merged.extend(
+            candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
+                Error::bad_file(&file, format!("cannot read {}: {e}", file.display()))
+            })?,
+        );
+    }
+    for (path, layer) in &tuned.layers {
+        let parts = [
+            ("weight", Some(&layer.weight)),
+            ("bias", layer.bias.as_ref()),
+        ];
+        for (part, t) in parts {
+            let Some(t) = t else { continue };
+            let key = format!("{path}.{part}");
+            let dtype = (merged.get(&key))
+                .ok_or_else(|| Error::internal(format!("the base U-Net has no {key}")))?
+                .dtype();
+            merged.insert(
+                key,
+                t.to_device(&Device::Cpu)?.to_dtype(dtype)?.contiguous()?,
+            );
+        }
+    }
+    tensors::write(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        &merged,
+        None,
+    )?;
+    let config = base.join("unet").join("config.json");
+    let text = std::fs::read(&config).map_err(|e| Error::read(&config, e))?;
+    crate::io::write_atomic(&dir.join("config.json"), &text)?;
+    Ok(dir)
 }
 
 /// `...attn2.processor.to_k_custom_diffusion.weight` -> (`...attn2.to_k`, false);

@@ -77,6 +77,9 @@ pub struct TrainConfig {
     /// Where class images are drawn and reused; None: `OUTPUT/class_images/`. Runs on
     /// the same base model and resolution can share one.
     pub class_dir: Option<PathBuf>,
+    /// Methods that tune whole matrices: also write the base U-Net with them merged in,
+    /// as a diffusers `unet/` folder in this folder.
+    pub export_full: Option<PathBuf>,
     /// Precision of the frozen U-Net, VAE and text encoder; LoRA weights, pseudo-word
     /// rows, AdamW state and the losses stay f32.
     #[serde(serialize_with = "dtype_name", deserialize_with = "dtype_of")]
@@ -148,6 +151,7 @@ impl Default for TrainConfig {
             class_images: None,
             prior_loss_weight: 1.0,
             class_dir: None,
+            export_full: None,
             dtype: DType::F32,
             loss_scale: None,
             sample_every: None,
@@ -180,6 +184,7 @@ impl TrainConfig {
         self.instance_dir = abs(&self.instance_dir);
         self.output_dir = abs(&self.output_dir);
         self.class_dir = self.class_dir.as_deref().map(abs);
+        self.export_full = self.export_full.as_deref().map(abs);
         if std::path::Path::new(&self.model).is_dir() {
             self.model = abs(std::path::Path::new(&self.model))
                 .to_string_lossy()
@@ -370,6 +375,7 @@ impl TrainConfig {
             "--class-images" => self.class_images != other.class_images,
             "--prior-loss-weight" => self.prior_loss_weight != other.prior_loss_weight,
             "--class-dir" => self.class_dir != other.class_dir,
+            "--export-full" => self.export_full != other.export_full,
             _ => false,
         }
     }
@@ -466,7 +472,7 @@ impl TrainConfig {
 }
 
 /// The settings only some methods read, by flag, with those methods.
-const FLAGS_BY_METHOD: [(&str, &[Method]); 23] = {
+const FLAGS_BY_METHOD: [(&str, &[Method]); 24] = {
     const MT: &[Method] = &[Method::MagicTailor];
     const ONE: &[Method] = &[
         Method::Ti,
@@ -476,6 +482,7 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 23] = {
     ];
     const CD: &[Method] = &[Method::CustomDiffusion];
     const PRIOR: &[Method] = &[Method::DreamBooth, Method::CustomDiffusion];
+    const TUNED: &[Method] = &[Method::CustomDiffusion, Method::Clic];
     [
         ("--steps", ONE),
         ("--lr", ONE),
@@ -500,6 +507,7 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 23] = {
         ("--class-images", PRIOR),
         ("--prior-loss-weight", PRIOR),
         ("--class-dir", PRIOR),
+        ("--export-full", TUNED),
     ]
 };
 

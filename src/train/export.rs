@@ -22,8 +22,12 @@ impl Trainer {
         }
         if !self.tuned.is_empty() {
             let processors = tuned::processor_names(&self.sd.unet.lora_targets());
-            (self.tuned.detached())
-                .save_custom_diffusion(&dir.join(run::CUSTOM_DIFFUSION), &processors)?;
+            let set = self.tuned.detached();
+            set.save_custom_diffusion(&dir.join(run::CUSTOM_DIFFUSION), &processors)?;
+            if let Some(full) = &self.cfg.export_full {
+                let base = crate::model::loader::resolve(&self.sd.source)?;
+                tuned::export_unet(&base, &set, full)?;
+            }
         }
         if self.recipe.trains.rows {
             let embeds = self.embeds()?;

@@ -10,8 +10,9 @@ use super::TrainConfig;
 use crate::error::{Error, Result};
 
 /// Settings that cannot change the trained weights.
-const FREE: [&str; 8] = [
+const FREE: [&str; 9] = [
     "output_dir",
+    "export_full",
     "checkpoint_every",
     "keep_checkpoints",
     "sample_every",
