@@ -873,55 +873,9 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
         assert!(moved.fold(0f32, f32::max) > 1e-4, "{word} did not train");
     }
 
-    // `infer` on the folder is the base model with the two files, bit for bit; the base
-    // alone draws something else.
-    let png = |name: &str| tmp.path().join(name);
-    let draw = |extra: &[&str], out_png: &Path| {
-        let mut a = vec![
-            "--prompt",
-            "photo of a <v0>",
-            "--width",
-            "64",
-            "--height",
-            "64",
-        ];
-        a.extend([
-            "--steps",
-            "3",
-            "--quiet",
-            "--out",
-            out_png.to_str().unwrap(),
-        ]);
-        a.extend(extra);
-        ok(&run_bin("infer", &a));
-    };
-    let dir = out.to_str().unwrap();
-    draw(&["--model-dir", dir], &png("dir.png"));
-    let files = [
-        "--model",
-        &model,
-        "--custom-diffusion",
-        cd.to_str().unwrap(),
-        "--embeds",
-        embeds.to_str().unwrap(),
-    ];
-    draw(&files, &png("files.png"));
-    let pixels = |name: &str| read_png(&png(name));
-    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("files.png")), 0);
-    draw(
-        &["--model", &model, "--embeds", embeds.to_str().unwrap()],
-        &png("rows.png"),
-    );
-    assert!(
-        png_max_diff(&pixels("dir.png"), &pixels("rows.png")) > 0,
-        "the matrices count"
-    );
-    // The last checkpoint holds what the folder's files hold.
-    draw(
-        &["--model-dir", dir, "--checkpoint", "4"],
-        &png("step4.png"),
-    );
-    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("step4.png")), 0);
+    // `infer` on the folder is the base model with the two files, bit for bit, and the
+    // words alone draw something else.
+    tuned_folder_draws_as_its_files(tmp.path(), &out, &model, "photo of a <v0>", 4);
     // --export-full: the base U-Net with the tuned matrices merged in, every other tensor
     // the base's bit for bit.
     let full = tmp.path().join("full");
@@ -972,54 +926,13 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
         "{e}"
     );
 
-    // Leave the files and an image from fixed latents for scripts/check_rust_exports.py,
-    // which loads them with diffusers' `load_attn_procs` and `load_textual_inversion`.
-    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("custom-diffusion-check");
-    let _ = std::fs::remove_dir_all(&check);
-    std::fs::create_dir_all(&check).unwrap();
-    std::fs::copy(
-        &cd,
-        check.join("pytorch_custom_diffusion_weights.safetensors"),
-    )
-    .unwrap();
-    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
-    // The same run's --export-full U-Net (the training is deterministic).
+    // Leave the files, the same run's --export-full U-Net (training is deterministic) and
+    // an image for scripts/check_rust_exports.py.
+    let check = leave_tuned_check(&out, "custom-diffusion-check", "photo of a <v0> with <v1>");
     copy_dir(&full.join("unet"), &check.join("full/unet"));
-    let latents = fixtures().join("init_latents.safetensors");
-    let out_png = check.join("infer.png");
-    let a = [
-        "--model-dir",
-        dir,
-        "--prompt",
-        "photo of a <v0> with <v1>",
-        "--init-latents",
-        latents.to_str().unwrap(),
-        "--steps",
-        "10",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-        "--out",
-        out_png.to_str().unwrap(),
-    ];
-    ok(&run_bin("infer", &a));
-
-    // Killed after step 2: the resumed run writes the same files.
     let killed = tmp.path().join("killed");
-    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
-    let first = "checkpoints/step-000002.safetensors";
-    std::fs::copy(out.join(first), killed.join(first)).unwrap();
-    let mut args = cd_args(pair, &killed, &model);
-    args.push("--resume");
-    ok(&run_bin("train", &args));
-    for f in [
-        "pytorch_custom_diffusion_weights.safetensors",
-        "learned_embeds.safetensors",
-    ] {
-        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&out.join(f)), "{f}");
-    }
+    let args = cd_args(pair, &killed, &model);
+    resumed_after_step_2_ends_the_same(&out, &killed, args, &[TUNED_FILE, EMBEDS_FILE]);
 }
 
 /// CLiC: the cross-attentions' four projections (the out bias too) and the rows train,
@@ -1095,90 +1008,11 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
         assert_eq!(tuned[k], n, "{tuned:?}");
     }
 
-    let png = |name: &str| tmp.path().join(name);
-    let draw = |extra: &[&str], out_png: &Path| {
-        let mut a = vec![
-            "--prompt",
-            "a photo of <v0>",
-            "--width",
-            "64",
-            "--height",
-            "64",
-        ];
-        a.extend([
-            "--steps",
-            "3",
-            "--quiet",
-            "--out",
-            out_png.to_str().unwrap(),
-        ]);
-        a.extend(extra);
-        ok(&run_bin("infer", &a));
-    };
-    let dir = out.to_str().unwrap();
-    draw(&["--model-dir", dir], &png("dir.png"));
-    let embeds = out.join("learned_embeds.safetensors");
-    let files = [
-        "--model",
-        &model,
-        "--custom-diffusion",
-        cd.to_str().unwrap(),
-        "--embeds",
-        embeds.to_str().unwrap(),
-    ];
-    draw(&files, &png("files.png"));
-    draw(
-        &["--model-dir", dir, "--checkpoint", "4"],
-        &png("step4.png"),
-    );
-    let pixels = |name: &str| read_png(&png(name));
-    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("files.png")), 0);
-    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("step4.png")), 0);
-
-    // Leave the files and an image for scripts/check_rust_exports.py.
-    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("clic-check");
-    let _ = std::fs::remove_dir_all(&check);
-    std::fs::create_dir_all(&check).unwrap();
-    std::fs::copy(
-        &cd,
-        check.join("pytorch_custom_diffusion_weights.safetensors"),
-    )
-    .unwrap();
-    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
-    let latents = fixtures().join("init_latents.safetensors");
-    let out_png = check.join("infer.png");
-    let a = [
-        "--model-dir",
-        dir,
-        "--prompt",
-        "a photo of <v0> with <v1>",
-        "--init-latents",
-        latents.to_str().unwrap(),
-        "--steps",
-        "10",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-        "--out",
-        out_png.to_str().unwrap(),
-    ];
-    ok(&run_bin("infer", &a));
-
+    tuned_folder_draws_as_its_files(tmp.path(), &out, &model, "a photo of <v0>", 4);
+    leave_tuned_check(&out, "clic-check", "a photo of <v0> with <v1>");
     let killed = tmp.path().join("killed");
-    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
-    let first = "checkpoints/step-000002.safetensors";
-    std::fs::copy(out.join(first), killed.join(first)).unwrap();
-    let mut args = clic_args(pair, &killed, &model);
-    args.push("--resume");
-    ok(&run_bin("train", &args));
-    for f in [
-        "pytorch_custom_diffusion_weights.safetensors",
-        "learned_embeds.safetensors",
-    ] {
-        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&out.join(f)), "{f}");
-    }
+    let args = clic_args(pair, &killed, &model);
+    resumed_after_step_2_ends_the_same(&out, &killed, args, &[TUNED_FILE, EMBEDS_FILE]);
 }
 
 /// One Custom Diffusion step against diffusers' `train_custom_diffusion.py` with its
@@ -1574,6 +1408,104 @@ fn batch_trains_the_method_by_pair_grid() {
     );
     let a = with_args(base, &["--methods", "ti", "--method", "ti"]);
     assert!(!run_bin("batch", &a).status.success());
+}
+
+const TUNED_FILE: &str = "pytorch_custom_diffusion_weights.safetensors";
+const EMBEDS_FILE: &str = "learned_embeds.safetensors";
+
+/// `infer` at 64 px, 3 steps, of `prompt` with `extra` flags, into `png`.
+fn draw_64(extra: &[&str], prompt: &str, png: &Path) {
+    let mut a = vec!["--prompt", prompt, "--width", "64", "--height", "64"];
+    a.extend(["--steps", "3", "--quiet", "--out", png.to_str().unwrap()]);
+    a.extend(extra);
+    ok(&run_bin("infer", &a));
+}
+
+/// A tuned method's finished folder `out` (last step `last`): `infer` on it draws what the
+/// base model with its matrices file and words draws, and what its last checkpoint draws;
+/// the words alone draw something else.
+fn tuned_folder_draws_as_its_files(tmp: &Path, out: &Path, model: &str, prompt: &str, last: usize) {
+    let png = |name: &str| tmp.join(name);
+    let (dir, step) = (out.to_str().unwrap(), last.to_string());
+    let (cd, embeds) = (out.join(TUNED_FILE), out.join(EMBEDS_FILE));
+    let (cd, embeds) = (cd.to_str().unwrap(), embeds.to_str().unwrap());
+    draw_64(&["--model-dir", dir], prompt, &png("dir.png"));
+    let files = [
+        "--model",
+        model,
+        "--custom-diffusion",
+        cd,
+        "--embeds",
+        embeds,
+    ];
+    draw_64(&files, prompt, &png("files.png"));
+    draw_64(
+        &["--model-dir", dir, "--checkpoint", &step],
+        prompt,
+        &png("last.png"),
+    );
+    draw_64(
+        &["--model", model, "--embeds", embeds],
+        prompt,
+        &png("rows.png"),
+    );
+    let pixels = |name: &str| read_png(&png(name));
+    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("files.png")), 0);
+    assert_eq!(png_max_diff(&pixels("dir.png"), &pixels("last.png")), 0);
+    assert!(
+        png_max_diff(&pixels("dir.png"), &pixels("rows.png")) > 0,
+        "the matrices count"
+    );
+}
+
+/// Leaves `out`'s matrices file, A1111 words and `infer`'s image of `prompt` from fixed
+/// latents in `target/tmp/{name}/` for scripts/check_rust_exports.py, which loads the
+/// files with diffusers' `load_attn_procs` and `load_textual_inversion`; returns the folder.
+fn leave_tuned_check(out: &Path, name: &str, prompt: &str) -> std::path::PathBuf {
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    std::fs::copy(out.join(TUNED_FILE), check.join(TUNED_FILE)).unwrap();
+    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
+    let latents = fixtures().join("init_latents.safetensors");
+    let png = check.join("infer.png");
+    let a = [
+        "--model-dir",
+        out.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--init-latents",
+        latents.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    ok(&run_bin("infer", &a));
+    check
+}
+
+/// `out` killed after step 2 (only that checkpoint left in `killed`) and resumed with
+/// `args` plus `--resume` ends with the same `files`, byte for byte.
+fn resumed_after_step_2_ends_the_same(
+    out: &Path,
+    killed: &Path,
+    mut args: Vec<&str>,
+    files: &[&str],
+) {
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let first = "checkpoints/step-000002.safetensors";
+    std::fs::copy(out.join(first), killed.join(first)).unwrap();
+    args.push("--resume");
+    ok(&run_bin("train", &args));
+    for f in files {
+        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&out.join(f)), "{f}");
+    }
 }
 
 /// One method's reference step in `method_steps.safetensors` (scripts/make_method_fixtures.py),
