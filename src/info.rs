@@ -55,6 +55,8 @@ pub fn read(dir: &Path) -> Result<RunInfo> {
         run::EMBEDS,
         run::TOKEN_TABLE,
         run::A1111_EMBEDS,
+        run::CUSTOM_DIFFUSION,
+        run::CLASS_IMAGES,
     ];
     Ok(RunInfo {
         dir: dir.to_path_buf(),
