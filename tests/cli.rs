@@ -753,3 +753,107 @@ fn small_infer<'a>(model: &'a str, prompt: &'a str, out: &'a str) -> Vec<&'a str
         &size,
     )
 }
+
+/// A hand-made hub cache in `cache` holding the tiny model as `owner/tiny` at `main`.
+fn hub_cache(cache: &Path) {
+    let repo = cache.join("models--owner--tiny");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(Path::new(&tiny_sd()), &repo.join("snapshots").join(sha));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+}
+
+/// A command with no hub variable of the machine's, plus `vars`.
+fn hub_command(subcommand: &str, args: &[&str], vars: &[(&str, &Path)]) -> std::process::Command {
+    let mut c = bin_command(subcommand, args);
+    for v in [
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_ENDPOINT",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_TOKEN_PATH",
+        "XDG_CACHE_HOME",
+    ] {
+        c.env_remove(v);
+    }
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    c
+}
+
+/// The hub settings as Python's huggingface_hub reads them: a cache named by
+/// HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE or HF_HOME/hub serves a hub id offline;
+/// HF_ENDPOINT's mirror is where a download goes (and the error names it); `doctor`
+/// reports the cache's variable, the endpoint and where the token comes from, never the
+/// token itself.
+#[test]
+fn hub_settings_follow_huggingface_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    hub_cache(&home.join("hub"));
+    let png = dir.path().join("out.png");
+    let args = [
+        "--model",
+        "owner/tiny",
+        "--prompt",
+        "a photo",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    let cache = home.join("hub");
+    for var in [
+        ("HF_HUB_CACHE", &cache),
+        ("HUGGINGFACE_HUB_CACHE", &cache),
+        ("HF_HOME", &home),
+    ] {
+        let o = hub_command("infer", &args, &[(var.0, var.1.as_path())])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}: {}", var.0, stderr(&o));
+    }
+    // Not in this cache, online, through a mirror that does not answer: it was asked.
+    let empty = dir.path().join("empty");
+    let mut c = hub_command("infer", &args, &[("HF_HUB_CACHE", &empty)]);
+    let o = c
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("http://127.0.0.1:9 (HF_ENDPOINT)"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = hub_command("doctor", &["--json"], &[("HF_HUB_CACHE", &cache)])
+        .env("HF_TOKEN", "hf_secret_value")
+        .env("HF_ENDPOINT", "https://mirror.example/")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !out.contains("hf_secret_value"),
+        "the token is never printed"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("\"hub\""))
+        .unwrap_or_else(|| panic!("{out}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let hub = &v["hub"];
+    assert_eq!(hub["cache"], cache.to_str().unwrap());
+    assert_eq!(hub["cache_source"], "HF_HUB_CACHE");
+    assert_eq!(hub["endpoint"], "https://mirror.example");
+    assert_eq!(hub["token_from"], "HF_TOKEN");
+}

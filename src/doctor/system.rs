@@ -314,6 +314,10 @@ pub struct HubInfo {
     pub cache: PathBuf,
     /// Which environment variable set the cache folder, or that it is the default.
     pub source: String,
+    /// `HF_ENDPOINT`'s mirror, or the hub.
+    pub endpoint: String,
+    /// Where the token comes from (never the token itself), if any.
+    pub token_from: Option<String>,
     pub offline: bool,
     /// The default model's snapshot folder, where it is complete in the cache.
     pub default_model: std::result::Result<PathBuf, String>,
@@ -322,19 +326,10 @@ pub struct HubInfo {
 
 pub fn hub() -> HubInfo {
     use crate::model::loader::{cached_snapshot, DEFAULT_MODEL};
-    let cache = hf_hub::Cache::from_env().path().clone();
-    let source = match std::env::var("HF_HOME") {
-        Ok(h) => format!("HF_HOME={h}"),
-        Err(_) => "default (HF_HOME unset)".into(),
-    };
+    let env = crate::model::hub_env::HubEnv::from_env();
+    let (cache, source) = (env.cache.clone(), env.cache_from.clone());
     let mut notes = Vec::new();
-    if let Ok(c) = std::env::var("HF_HUB_CACHE") {
-        notes.push(format!(
-            "HF_HUB_CACHE={c} is not read (magictailor's hub client uses HF_HOME/hub): set \
-             HF_HOME to its parent folder to share Python's cache"
-        ));
-    }
-    let offline = crate::model::loader::offline();
+    let offline = env.offline;
     let default_model = cached_snapshot(DEFAULT_MODEL);
     if let Err(why) = &default_model {
         notes.push(if offline {
@@ -346,6 +341,8 @@ pub fn hub() -> HubInfo {
     HubInfo {
         cache,
         source,
+        endpoint: env.endpoint,
+        token_from: env.token_from,
         offline,
         default_model,
         notes,
@@ -365,6 +362,13 @@ impl HubInfo {
                     "no"
                 }
             ),
+            format!("endpoint: {}", self.endpoint),
+            format!(
+                "token: {}",
+                self.token_from
+                    .as_deref()
+                    .map_or("none".to_string(), |f| format!("from {f}"))
+            ),
         ];
         if let Ok(p) = &self.default_model {
             l.push(format!("{DEFAULT_MODEL}: cached at {}", p.display()));
@@ -377,6 +381,8 @@ impl HubInfo {
         json!({
             "cache": self.cache,
             "cache_source": self.source,
+            "endpoint": self.endpoint,
+            "token_from": self.token_from,
             "offline": self.offline,
             "default_model": crate::model::loader::DEFAULT_MODEL,
             "default_model_cached": self.default_model.as_ref().ok(),

@@ -108,8 +108,10 @@ fn missing(id: &str, revision: &str, file: &str, w: &Wanted) -> Error {
 
 fn hub_error(id: &str, w: &Wanted, e: impl std::fmt::Display) -> Error {
     Error::ModelNotFound(format!(
-        "could not fetch the {} model {id} from the Hugging Face hub ({e}). Without network access, \
+        "could not fetch the {} model {id} from {} ({e}). Without network access, \
          download it elsewhere and pass its folder with {}.",
-        w.what, w.flag
+        w.what,
+        crate::model::loader::hub_name(),
+        w.flag
     ))
 }

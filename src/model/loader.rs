@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 
 use super::clip::ClipTextModel;
 use super::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use super::hub_env::HubEnv;
 use super::scheduler::NoiseSchedule;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
@@ -261,9 +262,9 @@ pub(crate) fn looks_like_hub_id(s: &str) -> bool {
         && !s.starts_with('.')
 }
 
+/// `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set: the local cache only.
 pub(crate) fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
+    HubEnv::from_env().offline
 }
 
 /// One hub repo's files at one revision, from the local hf-hub cache first, downloaded
@@ -283,15 +284,12 @@ impl Hub {
             hf_hub::RepoType::Model,
             revision.to_string(),
         );
-        let cache = hf_hub::Cache::from_env();
-        let cached = cache.repo(repo.clone());
-        let api = if offline() {
+        let env = HubEnv::from_env();
+        let cached = env.cache().repo(repo.clone());
+        let api = if env.offline {
             None
         } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-                .with_progress(true)
-                .build()?;
-            Some(api.repo(repo))
+            Some(env.api().with_progress(true).build()?.repo(repo))
         };
         Ok(Self { cached, api })
     }
@@ -318,8 +316,9 @@ impl Hub {
 pub fn hub_file(id: &str, file: &str, flag: &str) -> Result<PathBuf> {
     let fetch_error = |e: HubError| {
         Error::ModelNotFound(format!(
-            "could not fetch {file} of {id} from the Hugging Face hub ({e}). Without network access, \
-             download it elsewhere and pass the file with {flag}."
+            "could not fetch {file} of {id} from {} ({e}). Without network access, \
+             download it elsewhere and pass the file with {flag}.",
+            hub_name()
         ))
     };
     let found = Hub::new(id, "main")
@@ -341,7 +340,11 @@ pub fn hub_file(id: &str, file: &str, flag: &str) -> Result<PathBuf> {
 /// `train` and `infer` read; else what is missing.
 pub fn cached_snapshot(id: &str) -> std::result::Result<PathBuf, String> {
     let repo = hf_hub::Repo::model(id.to_string());
-    let Some(index) = hf_hub::Cache::from_env().repo(repo).get("model_index.json") else {
+    let Some(index) = HubEnv::from_env()
+        .cache()
+        .repo(repo)
+        .get("model_index.json")
+    else {
         return Err("not in the cache".into());
     };
     let root = index.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -414,7 +417,16 @@ fn missing_on_hub(id: &str, file: &str) -> Error {
 
 fn hub_error(id: &str, e: impl std::fmt::Display) -> Error {
     Error::ModelNotFound(format!(
-        "could not fetch {id} from the Hugging Face hub ({e}). Without network access, download the model \
-         elsewhere and pass its folder with --model DIR (or set HF_HUB_OFFLINE=1 to use only the local cache)."
+        "could not fetch {id} from {} ({e}). Without network access, download the model \
+         elsewhere and pass its folder with --model DIR (or set HF_HUB_OFFLINE=1 to use only the local cache).",
+        hub_name()
     ))
+}
+
+/// The hub as messages name it: the mirror `HF_ENDPOINT` names, if any.
+pub(crate) fn hub_name() -> String {
+    match HubEnv::from_env().endpoint.as_str() {
+        super::hub_env::DEFAULT_ENDPOINT => "the Hugging Face hub".into(),
+        other => format!("the hub at {other} (HF_ENDPOINT)"),
+    }
 }
