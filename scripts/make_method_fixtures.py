@@ -166,6 +166,52 @@ def dreambooth_prior(out):
         out[f"dbp.grad.{module}.{which[0]}"] = p.grad.clone()
 
 
+def v_prediction(out):
+    """The tiny model as a v-prediction model (SD 2.x 768's scheduler setting): a 10-step
+    DDIM image of diffusers' pipeline from the committed initial latents, and one
+    DreamBooth-LoRA step whose target is diffusers' `get_velocity` (the masked loss against
+    v). Only the scheduler's prediction_type differs from tiny-sd."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    pipe.set_progress_bar_config(disable=True)
+    lat = load_file(os.path.join(ROOT, "init_latents.safetensors"))["latents"]
+    img = pipe("a photo of a dog", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
+               width=64).images[0]
+    import numpy as np
+    out["vp.image"] = torch.from_numpy(np.asarray(img).copy())
+
+    g = torch.Generator().manual_seed(17)
+    tok, te, unet, sched = load()
+    sched = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            p.requires_grad_(True)
+    ids = tok(["a photo of sks person"], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    z0, eps, t, masks = step_inputs(g, 1)
+    z_t = sched.add_noise(z0, eps, t)
+    target = sched.get_velocity(z0, eps, t)
+    with torch.no_grad():
+        ctx = te(ids)[0]
+    pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+    loss = masked_mse(pred, target, masks)
+    loss.backward()
+    out.update({"vp.ids": ids.to(torch.int64), "vp.z0": z0, "vp.z_t": z_t, "vp.eps": eps,
+                "vp.target": target, "vp.t": t.to(torch.int64), "vp.masks": masks, "vp.loss": loss.detach()})
+    for n, p in lora.items():
+        module, which = n.split(".lora_")
+        out[f"vp.{module}.{which[0]}"] = p.detach().clone()
+        out[f"vp.grad.{module}.{which[0]}"] = p.grad.clone()
+
+
 def custom_diffusion(out):
     """diffusers' train_custom_diffusion.py (--freeze_model crossattn_kv), one optimizer
     step: CustomDiffusionAttnProcessor on every attention, the cross-attentions' key and
@@ -369,6 +415,7 @@ def main():
     textual_inversion(out)
     dreambooth(out)
     dreambooth_prior(out)
+    v_prediction(out)
     custom_diffusion(out)
     custom_diffusion_rescale(out)
     clic(out)

@@ -64,6 +64,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
     let noised = Noised {
         z_t: r["z_t"].clone(),
         eps: r["eps"].clone(),
+        target: r["eps"].clone(),
         timesteps: usizes(&r["t"]),
         masks: r["masks"].clone(),
     };

@@ -17,6 +17,8 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// Scores and softmax in f32 for half-precision weights (`upcast_attention`).
+    upcast: bool,
 }
 
 impl Attention {
@@ -49,7 +51,14 @@ impl Attention {
             to_out: Linear::load(&vb.pp("to_out").pp("0"), dim, dim, true)?,
             heads,
             scale: 1.0 / ((dim / heads) as f64).sqrt(),
+            upcast: false,
         })
+    }
+
+    /// With `upcast_attention`: scores and softmax in f32.
+    fn upcast(mut self, upcast: bool) -> Self {
+        self.upcast = upcast;
+        self
     }
 
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
@@ -80,6 +89,14 @@ impl Attention {
                 v = hold_first_token(&v)?;
             }
         }
+        let dtype = q.dtype();
+        let (q, k, v) = match self.upcast && dtype != candle_core::DType::F32 {
+            true => {
+                let f32 = candle_core::DType::F32;
+                (q.to_dtype(f32)?, k.to_dtype(f32)?, v.to_dtype(f32)?)
+            }
+            false => (q, k, v),
+        };
         if let (Some(probe), Some(_)) = (ctx.probe, context) {
             if probe.wants(kind, n) {
                 // The attention loss reads these probabilities, in the graph; the output
@@ -89,7 +106,7 @@ impl Attention {
                 probe.record(&self.path, probs.mean(1)?);
             }
         }
-        let out = ops::attention(&q, &k, &v, self.heads, self.scale)?;
+        let out = ops::attention(&q, &k, &v, self.heads, self.scale)?.to_dtype(dtype)?;
         self.to_out.forward(&out, ctx)
     }
 }
@@ -134,12 +151,18 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn load(vb: &VarBuilder, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
+    fn load(
+        vb: &VarBuilder,
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: LayerNorm::load(&vb.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(&vb.pp("attn1"), dim, None, heads)?,
+            attn1: Attention::load(&vb.pp("attn1"), dim, None, heads)?.upcast(upcast),
             norm2: LayerNorm::load(&vb.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::load(&vb.pp("attn2"), dim, Some(context_dim), heads)?,
+            attn2: Attention::load(&vb.pp("attn2"), dim, Some(context_dim), heads)?.upcast(upcast),
             norm3: LayerNorm::load(&vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::load(&vb.pp("ff"), dim)?,
         })
@@ -174,6 +197,8 @@ pub struct Transformer2DConfig {
     pub context_dim: usize,
     pub groups: usize,
     pub linear_projection: bool,
+    /// The U-Net's `upcast_attention`.
+    pub upcast: bool,
 }
 
 impl Transformer2D {
@@ -193,6 +218,7 @@ impl Transformer2D {
                     c,
                     cfg.heads,
                     cfg.context_dim,
+                    cfg.upcast,
                 )
             })
             .collect::<Result<Vec<_>>>()?;

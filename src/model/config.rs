@@ -87,6 +87,9 @@ pub struct UNetConfig {
     // Options we refuse when set to anything but the SD default.
     #[serde(default)]
     pub center_input_sample: bool,
+    /// Attention scores in f32 whatever the weights' precision (SD 2.x 768).
+    #[serde(default)]
+    pub upcast_attention: bool,
     #[serde(default)]
     pub dual_cross_attention: bool,
     #[serde(default)]
@@ -395,10 +398,9 @@ fn default_leading() -> String {
 impl SchedulerConfig {
     pub fn validate(&self, file: &Path) -> Result<()> {
         let bad = |what: String| Err(Error::unsupported(file, what));
-        if self.prediction_type != "epsilon" {
+        if !matches!(self.prediction_type.as_str(), "epsilon" | "v_prediction") {
             return bad(format!(
-                "prediction_type {:?}: magictailor implements epsilon prediction (SD 2.1-base); \
-                 v-prediction models such as stable-diffusion-2-1 (768 px) are not supported yet",
+                "prediction_type {:?}: magictailor implements epsilon and v_prediction",
                 self.prediction_type
             ));
         }
@@ -414,8 +416,13 @@ impl SchedulerConfig {
         ) {
             return bad(format!("timestep_spacing {:?}", self.timestep_spacing));
         }
-        if self.thresholding || self.rescale_betas_zero_snr || self.trained_betas.is_some() {
-            return bad("thresholding, rescale_betas_zero_snr or trained_betas".into());
+        if self.rescale_betas_zero_snr {
+            return bad(
+                "rescale_betas_zero_snr (zero terminal SNR schedules) is not implemented".into(),
+            );
+        }
+        if self.thresholding || self.trained_betas.is_some() {
+            return bad("thresholding or trained_betas".into());
         }
         Ok(())
     }

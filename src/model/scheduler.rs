@@ -45,6 +45,39 @@ impl NoiseSchedule {
         self.config.num_train_timesteps
     }
 
+    /// The model predicts v (`v_prediction`, SD 2.x 768) rather than the noise.
+    pub fn predicts_v(&self) -> bool {
+        self.config.prediction_type == "v_prediction"
+    }
+
+    /// `sqrt(a_t)` and `sqrt(1 - a_t)` per sample, `[b, 1, 1, 1]` in `like`'s dtype.
+    fn coefficients(&self, timesteps: &[usize], like: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (mut s, mut r) = (Vec::with_capacity(timesteps.len()), Vec::new());
+        for &t in timesteps {
+            let a = *self
+                .alphas_cumprod
+                .get(t)
+                .ok_or_else(|| candle_core::Error::Msg(format!("timestep {t} out of range")))?;
+            s.push(a.sqrt());
+            r.push((1.0 - a).sqrt());
+        }
+        let shape = (timesteps.len(), 1, 1, 1);
+        let s = Tensor::from_vec(s, shape, like.device())?.to_dtype(like.dtype())?;
+        let r = Tensor::from_vec(r, shape, like.device())?.to_dtype(like.dtype())?;
+        Ok((s, r))
+    }
+
+    /// What the model is trained to predict for `x0` noised with `noise` at `timesteps`:
+    /// the noise, or (v-prediction) `sqrt(a_t) noise - sqrt(1 - a_t) x0` (diffusers'
+    /// `get_velocity`).
+    pub fn target(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        if !self.predicts_v() {
+            return Ok(noise.clone());
+        }
+        let (s, r) = self.coefficients(timesteps, x0)?;
+        noise.broadcast_mul(&s)? - x0.broadcast_mul(&r)?
+    }
+
     /// `sqrt(a_t) x0 + sqrt(1 - a_t) noise`, with one timestep per sample (`t: [b]`).
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
         let b = x0.dim(0)?;
@@ -54,18 +87,7 @@ impl NoiseSchedule {
                 timesteps.len()
             );
         }
-        let (mut s, mut r) = (Vec::with_capacity(b), Vec::with_capacity(b));
-        for &t in timesteps {
-            let a = *self
-                .alphas_cumprod
-                .get(t)
-                .ok_or_else(|| candle_core::Error::Msg(format!("timestep {t} out of range")))?;
-            s.push(a.sqrt());
-            r.push((1.0 - a).sqrt());
-        }
-        let shape = (b, 1, 1, 1);
-        let s = Tensor::from_vec(s, shape, x0.device())?.to_dtype(x0.dtype())?;
-        let r = Tensor::from_vec(r, shape, x0.device())?.to_dtype(x0.dtype())?;
+        let (s, r) = self.coefficients(timesteps, x0)?;
         x0.broadcast_mul(&s)? + noise.broadcast_mul(&r)?
     }
 }
@@ -125,15 +147,23 @@ impl Ddim {
         &self.timesteps
     }
 
-    /// One denoising step from `x_t` given predicted noise `eps`.
-    pub fn step(&self, eps: &Tensor, t: usize, x: &Tensor) -> Result<Tensor> {
+    /// One denoising step from `x_t` given the model's output: the noise, or v under
+    /// v-prediction (as diffusers' `DDIMScheduler.step`).
+    pub fn step(&self, output: &Tensor, t: usize, x: &Tensor) -> Result<Tensor> {
         let ac = &self.schedule.alphas_cumprod;
         let a_t = ac[t.min(ac.len() - 1)] as f64;
         let a_prev = match t.checked_sub(self.step_ratio) {
             Some(p) => ac[p] as f64,
             None => self.final_alpha_cumprod as f64,
         };
-        let mut x0 = ((x - (eps * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?;
+        let (mut x0, eps) = if self.schedule.predicts_v() {
+            let x0 = ((x * a_t.sqrt())? - (output * (1.0 - a_t).sqrt())?)?;
+            let eps = ((output * a_t.sqrt())? + (x * (1.0 - a_t).sqrt())?)?;
+            (x0, eps)
+        } else {
+            let x0 = ((x - (output * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?;
+            (x0, output.clone())
+        };
         if self.schedule.config.clip_sample {
             x0 = x0.clamp(-1f32, 1f32)?;
         }

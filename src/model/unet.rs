@@ -65,6 +65,7 @@ impl UNet {
                     context_dim: cfg.cross_attention_dim,
                     groups,
                     linear_projection: cfg.use_linear_projection,
+                    upcast: cfg.upcast_attention,
                 },
             )
         };

@@ -48,7 +48,8 @@ pub fn clic_losses(
     };
     let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
     let pred = (sd.unet.forward(&z_t, &t, &context, ctx)?).to_dtype(DType::F32)?;
-    let eps = noised.eps.narrow(0, 0, b)?;
+    // The image's target stands for its masked copy's too, as the source computes it once.
+    let eps = noised.target.narrow(0, 0, b)?;
     let mask = resize_bilinear(&noised.masks, latent, latent)?;
 
     let l_attn = attention_term(&probe, &batch.token_pos, &mask, latent)?;

@@ -267,6 +267,8 @@ fn prompt_ids(sd: &StableDiffusion, prompted: &[(usize, String)]) -> Result<(Ten
 pub struct Noised {
     pub z_t: Tensor,
     pub eps: Tensor,
+    /// What the U-Net is trained to predict: `eps`, or v under v-prediction.
+    pub target: Tensor,
     pub timesteps: Vec<usize>,
     pub masks: Tensor,
 }
@@ -334,9 +336,11 @@ pub fn noised_latents(
         eps = Tensor::cat(&[&first, &first], 0)?;
     }
     let z_t = sd.schedule.add_noise(&z0, &eps, &timesteps)?;
+    let target = sd.schedule.target(&z0, &eps, &timesteps)?;
     let noised = Noised {
         z_t,
         eps,
+        target,
         timesteps,
         masks,
     };
@@ -427,7 +431,7 @@ pub fn step_losses(
         .unet
         .forward(&z_t, &t, &context, online_ctx)?
         .to_dtype(DType::F32)?;
-    let per_image = masked_diffusion_per_image(&pred, &noised.eps, &mask_latent)?;
+    let per_image = masked_diffusion_per_image(&pred, &noised.target, &mask_latent)?;
     // Class images (prior preservation) are weighed apart; the rest is the pair's.
     let n = batch.instances();
     let l_prior = match batch.prior {
