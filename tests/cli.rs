@@ -347,15 +347,24 @@ fn bad_input_gets_clear_errors() {
         "is not a trained magictailor folder",
     );
 
-    // A v-prediction model (e.g. SD 2.1 at 768 px) is refused by name.
-    let vpred = dir.path().join("vpred");
-    copy_dir(Path::new(&tiny), &vpred);
-    let cfg = vpred.join("scheduler/scheduler_config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"epsilon\"", "\"v_prediction\"");
-    std::fs::write(&cfg, text).unwrap();
-    assert_refused(&base_args(vpred.to_str().unwrap(), o), &out, "v-prediction");
+    // Schedules magictailor does not implement are refused by name: sample prediction,
+    // zero terminal SNR (v-prediction loads: tests/methods.rs).
+    for (from, to, said) in [
+        ("\"epsilon\"", "\"sample\"", "prediction_type \"sample\""),
+        (
+            "\"rescale_betas_zero_snr\": false",
+            "\"rescale_betas_zero_snr\": true",
+            "zero terminal SNR",
+        ),
+    ] {
+        let other = dir.path().join("schedule");
+        let _ = std::fs::remove_dir_all(&other);
+        copy_dir(Path::new(&tiny), &other);
+        let cfg = other.join("scheduler/scheduler_config.json");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(from, to);
+        std::fs::write(&cfg, text).unwrap();
+        assert_refused(&base_args(other.to_str().unwrap(), o), &out, said);
+    }
 
     // A LoRA for another model.
     let mut a = base_args("tiny-random", o);
