@@ -54,6 +54,29 @@ def masked_mse(pred, eps, masks):
     return ((pred.float() - eps.float()) * m).pow(2).mean()
 
 
+def attention_lora(unet, g):
+    """DreamBooth-LoRA's adapters (peft, rank 4, alpha 4) on every attention's q/k/v/out,
+    set to random values here so both matrices get gradients; returns them by name."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for p in lora.values():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            p.requires_grad_(True)
+    return lora
+
+
+def save_lora(out, prefix, lora):
+    """Each adapter matrix and its gradient, as `{prefix}.{module}.A` / `.grad.`."""
+    for n, p in lora.items():
+        module, which = n.split(".lora_")
+        out[f"{prefix}.{module}.{which[0]}"] = p.detach().clone()
+        out[f"{prefix}.grad.{module}.{which[0]}"] = p.grad.clone()
+
+
 def textual_inversion(out):
     """diffusers' textual_inversion.py, one optimizer step: two placeholder tokens added
     to the tokenizer, their rows initialised from the class words' tokens, the whole
@@ -103,17 +126,9 @@ def dreambooth(out):
     4 (alpha 4, Gaussian A) on to_q/to_k/to_v/to_out.0 of every attention, B set to random
     values here so both matrices get gradients; one image prompted "a photo of sks person";
     the masked MSE on eps."""
-    from peft import LoraConfig
-
     g = torch.Generator().manual_seed(12)
     tok, te, unet, sched = load()
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-    with torch.no_grad():
-        for n, p in lora.items():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            p.requires_grad_(True)
+    lora = attention_lora(unet, g)
     ids = tok(["a photo of sks person"], padding="max_length", max_length=77, truncation=True,
               return_tensors="pt").input_ids
     z0, eps, t, masks = step_inputs(g, 1)
@@ -125,27 +140,16 @@ def dreambooth(out):
     loss.backward()
     out.update({"db.ids": ids.to(torch.int64), "db.z_t": z_t, "db.eps": eps, "db.t": t.to(torch.int64),
                 "db.masks": masks, "db.loss": loss.detach()})
-    for n, p in lora.items():
-        module, which = n.split(".lora_")
-        out[f"db.{module}.{which[0]}"] = p.detach().clone()
-        out[f"db.grad.{module}.{which[0]}"] = p.grad.clone()
+    save_lora(out, "db", lora)
 
 
 def dreambooth_prior(out):
     """train_dreambooth_lora.py with --with_prior_preservation, one step's loss and
     gradients: the instance image "a photo of sks person" (masked loss) and a class image
     "a photo of person" (its whole-image loss), prior_loss_weight 1."""
-    from peft import LoraConfig
-
     g = torch.Generator().manual_seed(16)
     tok, te, unet, sched = load()
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-    with torch.no_grad():
-        for n, p in lora.items():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            p.requires_grad_(True)
+    lora = attention_lora(unet, g)
     ids = tok(["a photo of sks person", "a photo of person"], padding="max_length", max_length=77,
               truncation=True, return_tensors="pt").input_ids
     z0, eps, t, masks = step_inputs(g, 2)
@@ -160,10 +164,7 @@ def dreambooth_prior(out):
     loss.backward()
     out.update({"dbp.ids": ids.to(torch.int64), "dbp.z_t": z_t, "dbp.eps": eps, "dbp.t": t.to(torch.int64),
                 "dbp.masks": masks, "dbp.loss": loss.detach(), "dbp.l_prior": prior.detach()})
-    for n, p in lora.items():
-        module, which = n.split(".lora_")
-        out[f"dbp.{module}.{which[0]}"] = p.detach().clone()
-        out[f"dbp.grad.{module}.{which[0]}"] = p.grad.clone()
+    save_lora(out, "dbp", lora)
 
 
 def v_prediction(out):
@@ -172,7 +173,6 @@ def v_prediction(out):
     DreamBooth-LoRA step whose target is diffusers' `get_velocity` (the masked loss against
     v). Only the scheduler's prediction_type differs from tiny-sd."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
@@ -187,13 +187,7 @@ def v_prediction(out):
     g = torch.Generator().manual_seed(17)
     tok, te, unet, sched = load()
     sched = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-    with torch.no_grad():
-        for n, p in lora.items():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            p.requires_grad_(True)
+    lora = attention_lora(unet, g)
     ids = tok(["a photo of sks person"], padding="max_length", max_length=77, truncation=True,
               return_tensors="pt").input_ids
     z0, eps, t, masks = step_inputs(g, 1)
@@ -206,10 +200,7 @@ def v_prediction(out):
     loss.backward()
     out.update({"vp.ids": ids.to(torch.int64), "vp.z0": z0, "vp.z_t": z_t, "vp.eps": eps,
                 "vp.target": target, "vp.t": t.to(torch.int64), "vp.masks": masks, "vp.loss": loss.detach()})
-    for n, p in lora.items():
-        module, which = n.split(".lora_")
-        out[f"vp.{module}.{which[0]}"] = p.detach().clone()
-        out[f"vp.grad.{module}.{which[0]}"] = p.grad.clone()
+    save_lora(out, "vp", lora)
 
 
 def custom_diffusion(out):

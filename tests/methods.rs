@@ -869,22 +869,9 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     let tmp = tempfile::tempdir().unwrap();
     let pair = pair_folder(tmp.path(), &PairSpec::training());
     let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
-    fn cd_args<'a>(pair: &'a str, out: &'a Path, model: &'a str) -> Vec<&'a str> {
-        let more = [
-            "--method",
-            "custom-diffusion",
-            "--steps",
-            "4",
-            // Large, so the matrices move far enough to change what a check draws.
-            "--lr",
-            "5e-3",
-            "--checkpoint-every",
-            "2",
-        ];
-        with_args(quiet_train_args(pair, out.to_str().unwrap(), model), &more)
-    }
+    let cd_args = |out| tuned_args("custom-diffusion", pair, out, &model);
     let out = tmp.path().join("cd");
-    ok(&run_bin("train", &cd_args(pair, &out, &model)));
+    ok(&run_bin("train", &cd_args(&out)));
 
     let log = read_log(&out);
     assert_eq!(log.len(), 4);
@@ -912,27 +899,13 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
 
     // The file holds every cross-attention's k and v, each moved off its base weight,
     // and an empty entry for every self-attention's processor.
-    let cd = out.join("pytorch_custom_diffusion_weights.safetensors");
-    let t = candle_core::safetensors::load(&cd, &Device::Cpu).unwrap();
-    let base = candle_core::safetensors::load(
-        Path::new(&model).join("unet/diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let (mut tuned, mut empty) = (0, 0);
-    for (k, v) in &t {
-        if v.elem_count() == 0 {
-            assert!(k.ends_with("attn1.processor"), "{k}");
-            empty += 1;
-            continue;
-        }
-        let (attn, rest) = k.split_once(".processor.").unwrap();
-        assert!(attn.ends_with(".attn2"), "{k}");
-        let proj = rest.strip_suffix("_custom_diffusion.weight").unwrap();
-        let b = &base[&format!("{attn}.{proj}.weight")];
-        assert!(max_abs_diff(v, b) > 0.0, "{k} did not train");
-        tuned += 1;
-    }
+    let cd = out.join(TUNED_FILE);
+    let (t, base, counts, empty) = tuned_tensors(&out, &model);
+    let tuned = counts.values().sum::<usize>();
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["to_k.weight", "to_v.weight"]
+    );
     assert!(
         tuned > 0 && tuned == 2 * empty,
         "{tuned} tuned, {empty} empty"
@@ -954,7 +927,7 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     let full = tmp.path().join("full");
     let cd_full = tmp.path().join("cd-full");
     let export = ["--export-full", full.to_str().unwrap()];
-    let a = with_args(cd_args(pair, &cd_full, &model), &export);
+    let a = with_args(cd_args(&cd_full), &export);
     ok(&run_bin("train", &a));
     let merged = candle_core::safetensors::load(
         full.join("unet/diffusion_pytorch_model.safetensors"),
@@ -1004,7 +977,7 @@ fn custom_diffusion_tunes_cross_attention_keys_and_values_and_resumes_exactly() 
     let check = leave_tuned_check(&out, "custom-diffusion-check", "photo of a <v0> with <v1>");
     copy_dir(&full.join("unet"), &check.join("full/unet"));
     let killed = tmp.path().join("killed");
-    let args = cd_args(pair, &killed, &model);
+    let args = cd_args(&killed);
     resumed_after_step_2_ends_the_same(&out, &killed, args, &[TUNED_FILE, EMBEDS_FILE]);
 }
 
@@ -1016,21 +989,9 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = pair_folder(tmp.path(), &PairSpec::training());
     let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
-    fn clic_args<'a>(pair: &'a str, out: &'a Path, model: &'a str) -> Vec<&'a str> {
-        let more = [
-            "--method",
-            "clic",
-            "--steps",
-            "4",
-            "--lr",
-            "5e-3",
-            "--checkpoint-every",
-            "2",
-        ];
-        with_args(quiet_train_args(pair, out.to_str().unwrap(), model), &more)
-    }
+    let clic_args = |out| tuned_args("clic", pair, out, &model);
     let out = tmp.path().join("clic");
-    ok(&run_bin("train", &clic_args(pair, &out, &model)));
+    ok(&run_bin("train", &clic_args(&out)));
 
     let log = read_log(&out);
     assert_eq!(log.len(), 4);
@@ -1055,22 +1016,7 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
     assert_eq!(m["clic_loss_weights"]["context"], 0.5);
 
     // q/k/v/out of every cross-attention, the out bias too, each moved off its base.
-    let cd = out.join("pytorch_custom_diffusion_weights.safetensors");
-    let t = candle_core::safetensors::load(&cd, &Device::Cpu).unwrap();
-    let base = candle_core::safetensors::load(
-        Path::new(&model).join("unet/diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut tuned = std::collections::BTreeMap::new();
-    for (k, v) in t.iter().filter(|(_, v)| v.elem_count() > 0) {
-        let (attn, rest) = k.split_once(".processor.").unwrap();
-        let (proj, part) = rest.rsplit_once('.').unwrap();
-        let proj = proj.replace("_custom_diffusion", "");
-        let b = &base[&format!("{attn}.{proj}.{part}")];
-        assert!(max_abs_diff(v, b) > 0.0, "{k} did not train");
-        *tuned.entry(format!("{proj}.{part}")).or_insert(0) += 1;
-    }
+    let (_, _, tuned, _) = tuned_tensors(&out, &model);
     let n = tuned["to_k.weight"];
     for k in [
         "to_q.weight",
@@ -1084,7 +1030,7 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
     tuned_folder_draws_as_its_files(tmp.path(), &out, &model, "a photo of <v0>", 4);
     leave_tuned_check(&out, "clic-check", "a photo of <v0> with <v1>");
     let killed = tmp.path().join("killed");
-    let args = clic_args(pair, &killed, &model);
+    let args = clic_args(&killed);
     resumed_after_step_2_ends_the_same(&out, &killed, args, &[TUNED_FILE, EMBEDS_FILE]);
 }
 
@@ -1485,6 +1431,57 @@ fn batch_trains_the_method_by_pair_grid() {
 
 const TUNED_FILE: &str = "pytorch_custom_diffusion_weights.safetensors";
 const EMBEDS_FILE: &str = "learned_embeds.safetensors";
+
+/// `train --method METHOD` of a tuned method at 64 px: 4 steps at a rate large enough to
+/// move the matrices visibly, a checkpoint every 2.
+fn tuned_args<'a>(method: &'a str, pair: &'a str, out: &'a Path, model: &'a str) -> Vec<&'a str> {
+    let more = [
+        "--method",
+        method,
+        "--steps",
+        "4",
+        "--lr",
+        "5e-3",
+        "--checkpoint-every",
+        "2",
+    ];
+    with_args(quiet_train_args(pair, out.to_str().unwrap(), model), &more)
+}
+
+type Tensors = std::collections::HashMap<String, candle_core::Tensor>;
+
+/// A tuned run's matrices file and the base U-Net's tensors, after checking that every
+/// tuned tensor is a cross-attention's and moved off its base; with how many there are
+/// of each `proj.part` and how many processors have an empty entry.
+fn tuned_tensors(
+    out: &Path,
+    model: &str,
+) -> (
+    Tensors,
+    Tensors,
+    std::collections::BTreeMap<String, usize>,
+    usize,
+) {
+    let t = candle_core::safetensors::load(out.join(TUNED_FILE), &Device::Cpu).unwrap();
+    let unet = Path::new(model).join("unet/diffusion_pytorch_model.safetensors");
+    let base = candle_core::safetensors::load(unet, &Device::Cpu).unwrap();
+    let (mut counts, mut empty) = (std::collections::BTreeMap::new(), 0);
+    for (k, v) in &t {
+        if v.elem_count() == 0 {
+            assert!(k.ends_with("attn1.processor"), "{k}");
+            empty += 1;
+            continue;
+        }
+        let (attn, rest) = k.split_once(".processor.").unwrap();
+        assert!(attn.ends_with(".attn2"), "{k}");
+        let (proj, part) = rest.rsplit_once('.').unwrap();
+        let proj = proj.replace("_custom_diffusion", "");
+        let b = &base[&format!("{attn}.{proj}.{part}")];
+        assert!(max_abs_diff(v, b) > 0.0, "{k} did not train");
+        *counts.entry(format!("{proj}.{part}")).or_insert(0) += 1;
+    }
+    (t, base, counts, empty)
+}
 
 /// `infer` at 64 px, 3 steps, of `prompt` with `extra` flags, into `png`.
 fn draw_64(extra: &[&str], prompt: &str, png: &Path) {
