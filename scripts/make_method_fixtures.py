@@ -203,6 +203,46 @@ def v_prediction(out):
     save_lora(out, "vp", lora)
 
 
+def custom_processors(unet, train_q_out, noise=None):
+    """diffusers' Custom Diffusion processors on every attention: those of the
+    cross-attentions tune k and v (and with `train_q_out` q and out with its bias) from
+    their base weights, plus 0.05 N(0, 1) on k and v where `noise` (a generator) is given.
+    Returns the tuned parameters by `<layer>.<proj>.<weight|bias>`."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    st = unet.state_dict()
+    procs, tuned = {}, {}
+    for name in unet.attn_processors:
+        layer = name[: -len(".processor")]
+        if name.endswith("attn1.processor"):
+            procs[name] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+            continue
+        w_k = st[layer + ".to_k.weight"]
+        p = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=train_q_out, hidden_size=w_k.shape[0],
+                                         cross_attention_dim=w_k.shape[1])
+        weights = {"to_k_custom_diffusion.weight": w_k, "to_v_custom_diffusion.weight": st[layer + ".to_v.weight"]}
+        if train_q_out:
+            weights.update({"to_q_custom_diffusion.weight": st[layer + ".to_q.weight"],
+                            "to_out_custom_diffusion.0.weight": st[layer + ".to_out.0.weight"],
+                            "to_out_custom_diffusion.0.bias": st[layer + ".to_out.0.bias"]})
+        p.load_state_dict(weights)
+        if noise is not None:
+            with torch.no_grad():
+                for w in (p.to_k_custom_diffusion.weight, p.to_v_custom_diffusion.weight):
+                    w.add_(0.05 * torch.randn(w.shape, generator=noise))
+        p.requires_grad_(True)
+        procs[name] = p
+        if train_q_out:
+            tuned[layer + ".to_q.weight"] = p.to_q_custom_diffusion.weight
+        tuned[layer + ".to_k.weight"] = p.to_k_custom_diffusion.weight
+        tuned[layer + ".to_v.weight"] = p.to_v_custom_diffusion.weight
+        if train_q_out:
+            tuned[layer + ".to_out.0.weight"] = p.to_out_custom_diffusion[0].weight
+            tuned[layer + ".to_out.0.bias"] = p.to_out_custom_diffusion[0].bias
+    unet.set_attn_processor(procs)
+    return tuned
+
+
 def custom_diffusion(out):
     """diffusers' train_custom_diffusion.py (--freeze_model crossattn_kv), one optimizer
     step: CustomDiffusionAttnProcessor on every attention, the cross-attentions' key and
@@ -212,8 +252,6 @@ def custom_diffusion(out):
     eps (the paper's eq. 1 in place of the source's valid-region loss); then the source's
     clip of every trained gradient together to norm 1 and AdamW (lr 1e-4 x 2 images,
     weight decay 1e-2) over the new rows and the matrices."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
-
     g = torch.Generator().manual_seed(13)
     tok, te, unet, sched = load()
     words, inits = ["<v0>", "<v1>"], ["ktn", "pll"]
@@ -227,24 +265,7 @@ def custom_diffusion(out):
     rows_init = table[new].detach().clone()
     table.requires_grad_(True)
 
-    st = unet.state_dict()
-    procs, tuned = {}, {}
-    for name in unet.attn_processors:
-        layer = name[: -len(".processor")]
-        if name.endswith("attn1.processor"):
-            procs[name] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
-            continue
-        w_k, w_v = st[layer + ".to_k.weight"], st[layer + ".to_v.weight"]
-        p = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=False, hidden_size=w_k.shape[0],
-                                         cross_attention_dim=w_k.shape[1])
-        with torch.no_grad():
-            p.to_k_custom_diffusion.weight.copy_(w_k + 0.05 * torch.randn(w_k.shape, generator=g))
-            p.to_v_custom_diffusion.weight.copy_(w_v + 0.05 * torch.randn(w_v.shape, generator=g))
-        p.requires_grad_(True)
-        procs[name] = p
-        tuned[layer + ".to_k"] = p.to_k_custom_diffusion.weight
-        tuned[layer + ".to_v"] = p.to_v_custom_diffusion.weight
-    unet.set_attn_processor(procs)
+    tuned = {k[: -len(".weight")]: p for k, p in custom_processors(unet, train_q_out=False, noise=g).items()}
 
     prompts = ["photo of a <v0>", "close up photo of a <v1>"]
     ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -282,8 +303,6 @@ def clic(out):
     averaged, min-max normalised, MSE against the bilinear mask; L_context and L_RoI as the
     source weighs them; 0.25 / 0.5 / 0.25. Then every gradient clipped together to 1 and
     AdamW (lr 5e-5, weight decay 0.1)."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
-
     g = torch.Generator().manual_seed(15)
     tok, te, unet, sched = load()
     words, inits = ["<v0>", "<v1>"], ["ktn", "pll"]
@@ -297,28 +316,7 @@ def clic(out):
     rows_init = table[new].detach().clone()
     table.requires_grad_(True)
 
-    st = unet.state_dict()
-    procs, tuned, maps = {}, {}, []
-    for name in unet.attn_processors:
-        layer = name[: -len(".processor")]
-        if name.endswith("attn1.processor"):
-            procs[name] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
-            continue
-        w_k = st[layer + ".to_k.weight"]
-        p = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=True, hidden_size=w_k.shape[0],
-                                         cross_attention_dim=w_k.shape[1])
-        p.load_state_dict({"to_k_custom_diffusion.weight": w_k, "to_v_custom_diffusion.weight": st[layer + ".to_v.weight"],
-                           "to_q_custom_diffusion.weight": st[layer + ".to_q.weight"],
-                           "to_out_custom_diffusion.0.weight": st[layer + ".to_out.0.weight"],
-                           "to_out_custom_diffusion.0.bias": st[layer + ".to_out.0.bias"]})
-        p.requires_grad_(True)
-        procs[name] = p
-        tuned[layer + ".to_q.weight"] = p.to_q_custom_diffusion.weight
-        tuned[layer + ".to_k.weight"] = p.to_k_custom_diffusion.weight
-        tuned[layer + ".to_v.weight"] = p.to_v_custom_diffusion.weight
-        tuned[layer + ".to_out.0.weight"] = p.to_out_custom_diffusion[0].weight
-        tuned[layer + ".to_out.0.bias"] = p.to_out_custom_diffusion[0].bias
-    unet.set_attn_processor(procs)
+    tuned, maps = custom_processors(unet, train_q_out=True), []
     # Record the up blocks' cross-attention probabilities, as CLiC's store does.
     for mname, m in unet.named_modules():
         if mname.startswith("up_blocks") and mname.endswith("attn2"):
