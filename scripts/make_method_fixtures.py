@@ -265,7 +265,7 @@ def custom_diffusion(out):
     rows_init = table[new].detach().clone()
     table.requires_grad_(True)
 
-    tuned = {k[: -len(".weight")]: p for k, p in custom_processors(unet, train_q_out=False, noise=g).items()}
+    tuned = custom_processors(unet, train_q_out=False, noise=g)
 
     prompts = ["photo of a <v0>", "close up photo of a <v1>"]
     ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

@@ -1041,103 +1041,17 @@ fn clic_tunes_cross_attention_and_logs_its_three_losses() {
 /// step.
 #[test]
 fn a_custom_diffusion_step_matches_diffusers() {
-    use candle_core::Tensor;
-    use magictailor::model::lora::LoraSet;
-    use magictailor::model::tuned::TrainableTuned;
-    use magictailor::train::method::{LossWeights, CROSS_ATTENTION_KV, CUSTOM_DIFFUSION_INIT};
-    use magictailor::train::objective::{step_losses, Online, TextParams};
-    use magictailor::train::optim::{clip_coef, grad_norm, AdamW, AdamWConfig, Clip};
-    use magictailor::train::setup::lora_targets;
-
-    let dev = Device::Cpu;
-    let step = ReferenceStep::load("cd");
-    let get = |k: &str| step.get(k);
-    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
-    sd.tokenizer
-        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
-        .unwrap();
+    use magictailor::train::method::CROSS_ATTENTION_KV;
+    let t = TunedStep::load("cd", &CROSS_ATTENTION_KV);
     let prompts = ["photo of a <v0>", "close up photo of a <v1>"];
-    let (batch, noised) = step.inputs(&sd, &prompts, vec![0, 1], 2);
-    let init: Vec<Tensor> = (CUSTOM_DIFFUSION_INIT[..2].iter())
-        .map(|w| {
-            let id = sd.tokenizer.encode(w).unwrap()[1];
-            sd.text_encoder.token_row(id).unwrap()
-        })
-        .collect();
-    let rows = candle_core::Var::from_tensor(&Tensor::stack(&init, 0).unwrap()).unwrap();
-    assert_eq!(max_abs_diff(rows.as_tensor(), &get("rows_init")), 0.0);
-
-    let paths: Vec<String> = (lora_targets(&sd, Some(&CROSS_ATTENTION_KV)).into_iter())
-        .map(|t| t.path)
-        .collect();
-    let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
-    assert_eq!(
-        tuned.modules.len(),
-        step.count("grad.") - 1,
-        "the same tuned layers"
-    );
-    for m in &tuned.modules {
-        m.weight.set(&get(&m.path)).unwrap();
-    }
-    let (none, set) = (LoraSet::default(), tuned.as_set());
-    let online = Online {
-        lora: &none,
-        tuned: Some(&set),
-    };
-    let text = TextParams {
-        rows: rows.as_tensor(),
-        table: None,
-    };
-    let w = LossWeights {
-        lambda_attn: 0.0,
-        lambda_pres: 0.0,
-        clic: None,
-        prior: 0.0,
-    };
-    let losses = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
+    let (batch, noised) = t.step.inputs(&t.sd, &prompts, vec![0, 1], 2);
+    let losses = t.losses(&batch, &noised, None);
     let (loss, want): (f32, f32) = (
         losses.loss.to_scalar().unwrap(),
-        get("loss").to_scalar().unwrap(),
+        t.step.get("loss").to_scalar().unwrap(),
     );
     assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
-    let grads = losses.loss.backward().unwrap();
-    let mut worst = 0f32;
-    let named =
-        (tuned.modules.iter().map(|m| (m.path.as_str(), &m.weight))).chain([("rows", &rows)]);
-    for (name, var) in named {
-        let want = get(&format!("grad.{name}"));
-        let got = grads.get(var.as_tensor()).unwrap();
-        worst = worst.max(max_abs_diff(got, &want) / max_abs(&want).max(1e-6));
-    }
-    assert!(worst < 1e-4, "worst gradient error, relative: {worst}");
-
-    let mut params = vec![rows.clone()];
-    params.extend(tuned.vars());
-    let norm = grad_norm(&grads, &params).unwrap();
-    let want_norm: f32 = get("grad_norm").to_scalar().unwrap();
-    assert!(
-        ((norm as f32) - want_norm).abs() < 1e-4 * want_norm,
-        "norm {norm} vs {want_norm}"
-    );
-    let config = AdamWConfig {
-        lr: 1e-4 * 2.0,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(params.clone(), config).unwrap();
-    let clip = Clip {
-        params: &params,
-        coef: clip_coef(norm, 1.0),
-    };
-    opt.step_clipped(&grads, Some(clip)).unwrap();
-    let mut after = max_abs_diff(rows.as_tensor(), &get("rows_after"));
-    for m in &tuned.modules {
-        let want = get(&format!("after.{}", m.path));
-        after = after.max(max_abs_diff(m.weight.as_tensor(), &want));
-    }
-    assert!(
-        after < 1e-6,
-        "weights after the clipped AdamW step differ by {after}"
-    );
+    t.check_update(&losses.loss, 1e-4 * 2.0, 1e-2);
 }
 
 /// One CLiC step against its authors' `learning.py` written out with diffusers' Custom
@@ -1147,63 +1061,20 @@ fn a_custom_diffusion_step_matches_diffusers() {
 #[test]
 fn a_clic_step_matches_the_authors_code() {
     use candle_core::Tensor;
-    use magictailor::model::lora::LoraSet;
-    use magictailor::model::tuned::TrainableTuned;
-    use magictailor::train::method::{ClicWeights, LossWeights, CROSS_ATTENTION_ALL};
-    use magictailor::train::objective::{step_losses, Online, RoiPrompts, TextParams};
-    use magictailor::train::optim::{clip_coef, grad_norm, AdamW, AdamWConfig, Clip};
-    use magictailor::train::setup::lora_targets;
+    use magictailor::train::method::{ClicWeights, CROSS_ATTENTION_ALL};
+    use magictailor::train::objective::RoiPrompts;
 
-    let dev = Device::Cpu;
-    let step = ReferenceStep::load("clic");
-    let get = |k: &str| step.get(k);
-    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
-    sd.tokenizer
-        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
-        .unwrap();
-    let (mut batch, noised) = step.inputs(&sd, &["a photo of <v0>"], vec![0], 2);
-    let roi = sd.tokenizer.encode("<v0> on a blank background").unwrap();
-    let want: Vec<Vec<i64>> = get("roi_ids").to_vec2().unwrap();
+    let t = TunedStep::load("clic", &CROSS_ATTENTION_ALL);
+    let (mut batch, noised) = t.step.inputs(&t.sd, &["a photo of <v0>"], vec![0], 2);
+    let roi = t.sd.tokenizer.encode("<v0> on a blank background").unwrap();
+    let want: Vec<Vec<i64>> = t.step.get("roi_ids").to_vec2().unwrap();
     assert!(roi.iter().zip(&want[0]).all(|(a, b)| *a as i64 == *b));
-    let word = sd.tokenizer.encode("<v0>").unwrap()[1];
+    let word = t.sd.tokenizer.encode("<v0>").unwrap()[1];
     batch.roi = Some(RoiPrompts {
         token_pos: vec![roi.iter().position(|&i| i == word).unwrap()],
-        ids: Tensor::from_vec(roi, (1, 77), &dev).unwrap(),
+        ids: Tensor::from_vec(roi, (1, 77), &Device::Cpu).unwrap(),
     });
-    let init: Vec<Tensor> = (["ktn", "pll"].iter())
-        .map(|w| {
-            let id = sd.tokenizer.encode(w).unwrap()[1];
-            sd.text_encoder.token_row(id).unwrap()
-        })
-        .collect();
-    let rows = candle_core::Var::from_tensor(&Tensor::stack(&init, 0).unwrap()).unwrap();
-    assert_eq!(max_abs_diff(rows.as_tensor(), &get("rows_init")), 0.0);
-    let paths: Vec<String> = (lora_targets(&sd, Some(&CROSS_ATTENTION_ALL)).into_iter())
-        .map(|t| t.path)
-        .collect();
-    let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
-    let named = tuned.named();
-    assert_eq!(
-        named.len(),
-        step.count("grad.") - 1,
-        "the same tuned tensors"
-    );
-    let (none, set) = (LoraSet::default(), tuned.as_set());
-    let online = Online {
-        lora: &none,
-        tuned: Some(&set),
-    };
-    let text = TextParams {
-        rows: rows.as_tensor(),
-        table: None,
-    };
-    let w = LossWeights {
-        lambda_attn: 0.0,
-        lambda_pres: 0.0,
-        clic: Some(ClicWeights::PAPER),
-        prior: 0.0,
-    };
-    let losses = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
+    let losses = t.losses(&batch, &noised, Some(ClicWeights::PAPER));
     let l_roi = losses.l_roi.clone().unwrap();
     for (name, got, key) in [
         ("L_att", &losses.l_attn, "l_att"),
@@ -1211,55 +1082,147 @@ fn a_clic_step_matches_the_authors_code() {
         ("L_RoI", &l_roi, "l_roi"),
         ("the loss", &losses.loss, "loss"),
     ] {
-        let (got, want): (f32, f32) = (got.to_scalar().unwrap(), get(key).to_scalar().unwrap());
+        let got: f32 = got.to_scalar().unwrap();
+        let want: f32 = t.step.get(key).to_scalar().unwrap();
         assert!(
             (got - want).abs() < 2e-6 * want.abs().max(1.0),
             "{name}: {got} vs {want}"
         );
     }
-    let grads = losses.loss.backward().unwrap();
-    let mut worst = (0f32, String::new());
-    let all = named
-        .iter()
-        .map(|(n, v)| (n.strip_prefix("tuned.").unwrap(), v));
-    for (name, var) in all.chain([("rows", &rows)]) {
-        let want = get(&format!("grad.{name}"));
-        let got = grads.get(var.as_tensor()).unwrap();
-        let rel = max_abs_diff(got, &want) / max_abs(&want).max(1e-6);
-        if rel > worst.0 {
-            worst = (rel, name.to_string());
+    t.check_update(&losses.loss, 5e-5, 0.1);
+}
+
+/// A tuned method's reference step: the tiny model with `<v0>`, `<v1>` as rows from "ktn"
+/// and "pll", and the layers `only` names tuned, at the fixture's values where it records
+/// them (else at the base's).
+struct TunedStep {
+    step: ReferenceStep,
+    sd: StableDiffusion,
+    rows: candle_core::Var,
+    tuned: magictailor::model::tuned::TrainableTuned,
+}
+
+impl TunedStep {
+    fn load(prefix: &str, only: &[&str]) -> Self {
+        use magictailor::model::tuned::TrainableTuned;
+        use magictailor::train::method::CUSTOM_DIFFUSION_INIT;
+        let step = ReferenceStep::load(prefix);
+        let mut sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
+        sd.tokenizer
+            .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+            .unwrap();
+        let init: Vec<candle_core::Tensor> = (CUSTOM_DIFFUSION_INIT[..2].iter())
+            .map(|w| {
+                let id = sd.tokenizer.encode(w).unwrap()[1];
+                sd.text_encoder.token_row(id).unwrap()
+            })
+            .collect();
+        let rows = candle_core::Tensor::stack(&init, 0).unwrap();
+        assert_eq!(max_abs_diff(&rows, &step.get("rows_init")), 0.0);
+        let paths: Vec<String> = (magictailor::train::setup::lora_targets(&sd, Some(only)))
+            .into_iter()
+            .map(|t| t.path)
+            .collect();
+        let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
+        assert_eq!(
+            tuned.named().len(),
+            step.count("grad.") - 1,
+            "the same tuned tensors"
+        );
+        for (name, v) in tuned.named() {
+            if let Some(w) = step.0.get(name.strip_prefix("tuned.").unwrap()) {
+                v.set(w).unwrap();
+            }
+        }
+        Self {
+            step,
+            sd,
+            rows: candle_core::Var::from_tensor(&rows).unwrap(),
+            tuned,
         }
     }
-    assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
 
-    let mut params = vec![rows.clone()];
-    params.extend(tuned.vars());
-    let norm = grad_norm(&grads, &params).unwrap();
-    let want_norm: f32 = get("grad_norm").to_scalar().unwrap();
-    assert!(
-        ((norm as f32) - want_norm).abs() < 1e-4 * want_norm,
-        "norm {norm} vs {want_norm}"
-    );
-    let config = AdamWConfig {
-        lr: 5e-5,
-        weight_decay: 0.1,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(params.clone(), config).unwrap();
-    let clip = Clip {
-        params: &params,
-        coef: clip_coef(norm, 1.0),
-    };
-    opt.step_clipped(&grads, Some(clip)).unwrap();
-    let mut after = max_abs_diff(rows.as_tensor(), &get("rows_after"));
-    for (name, v) in &named {
-        let want = get(&format!("after.{}", name.strip_prefix("tuned.").unwrap()));
-        after = after.max(max_abs_diff(v.as_tensor(), &want));
+    fn losses(
+        &self,
+        batch: &magictailor::train::objective::Batch,
+        noised: &magictailor::train::objective::Noised,
+        clic: Option<magictailor::train::method::ClicWeights>,
+    ) -> magictailor::train::objective::StepLosses {
+        use magictailor::train::objective::{step_losses, Online, TextParams};
+        let (none, set) = (
+            magictailor::model::lora::LoraSet::default(),
+            self.tuned.as_set(),
+        );
+        let online = Online {
+            lora: &none,
+            tuned: Some(&set),
+        };
+        let text = TextParams {
+            rows: self.rows.as_tensor(),
+            table: None,
+        };
+        let w = magictailor::train::method::LossWeights {
+            lambda_attn: 0.0,
+            lambda_pres: 0.0,
+            clic,
+            prior: 0.0,
+        };
+        step_losses(&self.sd, batch, noised, online, text, None, w).unwrap()
     }
-    assert!(
-        after < 1e-6,
-        "weights after the clipped AdamW step differ by {after}"
-    );
+
+    /// Every gradient of `loss` (1e-4 of its largest entry), their joint norm (1e-4), and
+    /// the weights after AdamW (`lr`, `weight_decay`) with the joint clip to 1 (1e-6).
+    fn check_update(&self, loss: &candle_core::Tensor, lr: f64, weight_decay: f64) {
+        use magictailor::train::optim::{clip_coef, grad_norm, AdamW, AdamWConfig, Clip};
+        let get = |k: &str| self.step.get(k);
+        let grads = loss.backward().unwrap();
+        let named: Vec<(String, candle_core::Var)> = (self.tuned.named().into_iter())
+            .map(|(n, v)| (n.strip_prefix("tuned.").unwrap().to_string(), v))
+            .chain([("rows".to_string(), self.rows.clone())])
+            .collect();
+        let mut worst = (0f32, String::new());
+        for (name, var) in &named {
+            let want = get(&format!("grad.{name}"));
+            let got = grads.get(var.as_tensor()).unwrap();
+            let rel = max_abs_diff(got, &want) / max_abs(&want).max(1e-6);
+            if rel > worst.0 {
+                worst = (rel, name.clone());
+            }
+        }
+        assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
+        let mut params = vec![self.rows.clone()];
+        params.extend(self.tuned.vars());
+        let norm = grad_norm(&grads, &params).unwrap();
+        let want_norm: f32 = get("grad_norm").to_scalar().unwrap();
+        assert!(
+            ((norm as f32) - want_norm).abs() < 1e-4 * want_norm,
+            "norm {norm} vs {want_norm}"
+        );
+        let config = AdamWConfig {
+            lr,
+            weight_decay,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(params.clone(), config).unwrap();
+        let clip = Clip {
+            params: &params,
+            coef: clip_coef(norm, 1.0),
+        };
+        opt.step_clipped(&grads, Some(clip)).unwrap();
+        let mut after = 0f32;
+        for (name, v) in &named {
+            let key = if name == "rows" {
+                "rows_after".to_string()
+            } else {
+                format!("after.{name}")
+            };
+            after = after.max(max_abs_diff(v.as_tensor(), &get(&key)));
+        }
+        assert!(
+            after < 1e-6,
+            "weights after the clipped AdamW step differ by {after}"
+        );
+    }
 }
 
 /// Custom Diffusion's scale augmentation against its dataset's `preprocess` (PIL's
