@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -69,74 +69,69 @@ ours = np.asarray(Image.open(os.path.join(trained, "infer.png"))).astype(int)
 diff_t = np.abs(np.asarray(img).astype(int) - ours).max()
 print(f"trained folder: diffusers reproduces magictailor's image within {diff_t} levels")
 
+
+def words(pipe, folder):
+    """`<v0>`, `<v1>` from a folder's A1111 files, the way Textual Inversion's users load them."""
+    for word in ("v0", "v1"):
+        pipe.load_textual_inversion(os.path.join(folder, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
+
+
+def levels(pipe, prompt, folder):
+    """How far diffusers' image of `prompt` from the fixed latents is from the `infer.png`
+    magictailor drew into `folder`, in uint8 levels."""
+    img = pipe(prompt, latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64, width=64).images[0]
+    ours = np.asarray(Image.open(os.path.join(folder, "infer.png"))).astype(int)
+    return np.abs(np.asarray(img).astype(int) - ours).max()
+
+
+def check_dir(name):
+    return os.path.join(os.path.dirname(os.path.abspath(export)), name)
+
+
 # A `--method ti` folder: no adapters, one A1111 file per word.
-ti = os.path.join(os.path.dirname(os.path.abspath(export)), "ti-check")
+ti = check_dir("ti-check")
 pipe = tiny_pipeline()
-for word in ("v0", "v1"):
-    pipe.load_textual_inversion(os.path.join(ti, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
-img = pipe("a photo of <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
-           width=64).images[0]
-ours = np.asarray(Image.open(os.path.join(ti, "infer.png"))).astype(int)
-diff_ti = np.abs(np.asarray(img).astype(int) - ours).max()
+words(pipe, ti)
+diff_ti = levels(pipe, "a photo of <v0> with <v1>", ti)
 print(f"ti folder: diffusers reproduces magictailor's image within {diff_ti} levels")
 
 # A `--method dreambooth` folder: adapters on the attention projections, `<v0>` = "sks person".
-db = os.path.join(os.path.dirname(os.path.abspath(export)), "dreambooth-check")
+db = check_dir("dreambooth-check")
 pipe = tiny_pipeline()
 pipe.load_lora_weights(db, weight_name="pytorch_lora_weights.safetensors")
 n_db = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
-img = pipe("a photo of sks person", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
-           width=64).images[0]
-ours = np.asarray(Image.open(os.path.join(db, "infer.png"))).astype(int)
-diff_db = np.abs(np.asarray(img).astype(int) - ours).max()
+diff_db = levels(pipe, "a photo of sks person", db)
 print(f"dreambooth folder: diffusers loaded {n_db} LoRA modules; reproduces magictailor's image within "
       f"{diff_db} levels")
+
 # A `--method custom-diffusion` folder: the cross-attentions' k/v matrices through the
-# attention-processor loader, the modifier words through textual inversion.
-cd = os.path.join(os.path.dirname(os.path.abspath(export)), "custom-diffusion-check")
+# attention-processor loader (diffusers 0.42 sets them only when given the pipeline), the
+# words through textual inversion; then the words alone, and the --export-full U-Net.
+cd = check_dir("custom-diffusion-check")
 pipe = tiny_pipeline()
-# diffusers 0.42 sets the processors only when given the pipeline.
 pipe.unet.load_attn_procs(cd, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
 n_cd = sum(1 for p in pipe.unet.attn_processors.values() if getattr(p, "train_kv", False))
-for word in ("v0", "v1"):
-    pipe.load_textual_inversion(os.path.join(cd, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
-img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
-           width=64).images[0]
-ours = np.asarray(Image.open(os.path.join(cd, "infer.png"))).astype(int)
-diff_cd = np.abs(np.asarray(img).astype(int) - ours).max()
+words(pipe, cd)
+diff_cd = levels(pipe, "photo of a <v0> with <v1>", cd)
 pipe = tiny_pipeline()
-for word in ("v0", "v1"):
-    pipe.load_textual_inversion(os.path.join(cd, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
-img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
-           width=64).images[0]
-words_only = np.abs(np.asarray(img).astype(int) - ours).max()
+words(pipe, cd)
+words_only = levels(pipe, "photo of a <v0> with <v1>", cd)
 print(f"custom-diffusion folder: diffusers set {n_cd} tuned cross-attention processors; reproduces "
       f"magictailor's image within {diff_cd} levels (the words alone: {words_only} levels)")
-# The same run's --export-full U-Net folder, in place of the pipeline's U-Net.
-from diffusers import UNet2DConditionModel
-
 pipe = tiny_pipeline()
 pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(cd, "full"), subfolder="unet")
-for word in ("v0", "v1"):
-    pipe.load_textual_inversion(os.path.join(cd, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
-img = pipe("photo of a <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
-           width=64).images[0]
-ours = np.asarray(Image.open(os.path.join(cd, "infer.png"))).astype(int)
-diff_full = np.abs(np.asarray(img).astype(int) - ours).max()
+words(pipe, cd)
+diff_full = levels(pipe, "photo of a <v0> with <v1>", cd)
 print(f"custom-diffusion --export-full unet/: diffusers reproduces magictailor's image within {diff_full} levels")
 
 # A `--method clic` folder: q/k/v/out (with the out bias) of every cross-attention through
 # the same loader, whose processors then tune queries and outputs too.
-cl = os.path.join(os.path.dirname(os.path.abspath(export)), "clic-check")
+cl = check_dir("clic-check")
 pipe = tiny_pipeline()
 pipe.unet.load_attn_procs(cl, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
 n_cl = sum(1 for p in pipe.unet.attn_processors.values() if getattr(p, "train_q_out", False))
-for word in ("v0", "v1"):
-    pipe.load_textual_inversion(os.path.join(cl, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
-img = pipe("a photo of <v0> with <v1>", latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64,
-           width=64).images[0]
-ours = np.asarray(Image.open(os.path.join(cl, "infer.png"))).astype(int)
-diff_cl = np.abs(np.asarray(img).astype(int) - ours).max()
+words(pipe, cl)
+diff_cl = levels(pipe, "a photo of <v0> with <v1>", cl)
 print(f"clic folder: diffusers set {n_cl} processors tuning q/k/v/out; reproduces magictailor's image within "
       f"{diff_cl} levels")
 ok = diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
