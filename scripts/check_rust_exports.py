@@ -12,7 +12,8 @@ folder (target/tmp/ti-check/), that its A1111 embedding files, loaded the way Te
 Inversion's users load them, reproduce the image magictailor drew; the same for a
 `--method dreambooth` folder's adapters (target/tmp/dreambooth-check/), and a
 `--method custom-diffusion` folder's matrices and words (target/tmp/custom-diffusion-check/),
-and a `--method clic` folder's (target/tmp/clic-check/).
+and a `--method clic` folder's (target/tmp/clic-check/), and an SD 1.x run's adapters (peft and
+kohya files) and words (target/tmp/sd1-check/).
 """
 import os
 import sys
@@ -27,9 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "..", "tests", "fixtures")
 
 
-def tiny_pipeline():
-    """The tiny fixture model as a diffusers pipeline, quiet."""
-    p = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, "tiny-sd"), safety_checker=None)
+def tiny_pipeline(family=""):
+    """The tiny fixture model (SD 2.x, or `sd1`) as a diffusers pipeline, quiet."""
+    p = StableDiffusionPipeline.from_pretrained(os.path.join(FIX, family, "tiny-sd"), safety_checker=None)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -76,10 +77,10 @@ def words(pipe, folder):
         pipe.load_textual_inversion(os.path.join(folder, "embeddings", f"{word}.safetensors"), token=f"<{word}>")
 
 
-def levels(pipe, prompt, folder):
+def levels(pipe, prompt, folder, latents=None):
     """How far diffusers' image of `prompt` from the fixed latents is from the `infer.png`
     magictailor drew into `folder`, in uint8 levels."""
-    img = pipe(prompt, latents=lat, num_inference_steps=10, guidance_scale=7.5, height=64, width=64).images[0]
+    img = pipe(prompt, latents=lat if latents is None else latents, num_inference_steps=10, guidance_scale=7.5, height=64, width=64).images[0]
     ours = np.asarray(Image.open(os.path.join(folder, "infer.png"))).astype(int)
     return np.abs(np.asarray(img).astype(int) - ours).max()
 
@@ -134,7 +135,21 @@ words(pipe, cl)
 diff_cl = levels(pipe, "a photo of <v0> with <v1>", cl)
 print(f"clic folder: diffusers set {n_cl} processors tuning q/k/v/out; reproduces magictailor's image within "
       f"{diff_cl} levels")
-ok = diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
+# An SD 1.x run (1x1-conv projections: 4-D adapters), through the peft and kohya files.
+sd1 = check_dir("sd1-check")
+lat1 = load_file(os.path.join(FIX, "sd1", "init_latents.safetensors"))["latents"]
+diff_sd1 = {}
+for f in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+    pipe = tiny_pipeline("sd1")
+    pipe.load_lora_weights(sd1, weight_name=f)
+    n = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A"))
+    for tok, vec in load_file(os.path.join(sd1, "learned_embeds.safetensors")).items():
+        pipe.load_textual_inversion(vec, token=tok)
+    diff_sd1[f] = (n, levels(pipe, "<v0> with <v1>", sd1, lat1))
+    print(f"sd1 folder, {f}: diffusers loaded {n} LoRA modules; reproduces magictailor's image within "
+          f"{diff_sd1[f][1]} levels")
+ok = all(n == 176 and d <= 2 for n, d in diff_sd1.values())
+ok = ok and diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
 ok = ok and diff_db <= 2 and n_db == 128 and diff_cd <= 2 and n_cd == 16 and words_only > 2
 ok = ok and diff_cl <= 2 and n_cl == 16 and diff_full <= 2
 sys.exit(0 if ok else 1)

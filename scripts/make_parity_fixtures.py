@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
 """Reference fixtures for magictailor's parity tests (run by hand, not by CI).
 
-Builds a tiny Stable Diffusion 2.1-family model with diffusers/transformers, saves it in
-the diffusers layout under tests/fixtures/tiny-sd/, and records what the reference
-implementation computes on it into tests/fixtures/parity.safetensors (+ a LoRA in three
-layouts, pseudo-word embeddings, and two 10-step DDIM images as PNG).
+Builds a tiny Stable Diffusion model of each family with diffusers/transformers, saves it
+in the diffusers layout under tests/fixtures/[FAMILY/]tiny-sd/, and records what the
+reference implementation computes on it into parity.safetensors next to it (+ a LoRA in
+three layouts, pseudo-word embeddings, two 10-step DDIM images as PNG and one training
+step). SD 2.x's files sit at the top of tests/fixtures/, SD 1.x's under tests/fixtures/sd1/.
 
     pip install torch diffusers transformers peft safetensors
-    python scripts/make_parity_fixtures.py
+    python scripts/make_parity_fixtures.py [sd2|sd1 ...]   # default: every family
 
 Versions used for the committed fixtures: see tests/fixtures/VERSIONS.txt.
 """
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -26,7 +28,15 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
-MODEL = os.path.join(ROOT, "tiny-sd")
+# What tells the families apart, at tiny size.
+FAMILIES = {
+    # SD 2.x: linear projections, a GELU text encoder padded with "!", heads per block.
+    "sd2": dict(root=ROOT, channels=(8, 16, 16, 16), heads=(2, 2, 4, 4), linear_proj=True, act="gelu", pad="!"),
+    # SD 1.x: 1x1-conv projections, quick_gelu, 8 heads in every block (diffusers' legacy
+    # `attention_head_dim`), padded with the end-of-text token.
+    "sd1": dict(root=os.path.join(ROOT, "sd1"), channels=(16, 16, 16, 16), heads=8, linear_proj=False,
+                act="quick_gelu", pad="<|endoftext|>"),
+}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
 WORDS = ["a", "photo", "of", "with", "the", "in", "snow", "person", "hair", "painting",
          "dog", "cat", "on", "beach", "red", "style"]
@@ -77,25 +87,27 @@ def jitter_(module, scale=0.05):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-def build_model():
+def build_model(fam):
     torch.manual_seed(0)
+    root, model = fam["root"], os.path.join(fam["root"], "tiny-sd")
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16, 16, 16), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=fam["channels"], layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True, norm_num_groups=4,
+        cross_attention_dim=32, attention_head_dim=fam["heads"], use_linear_projection=fam["linear_proj"],
+        norm_num_groups=4,
     )
     vae = AutoencoderKL(
         block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
     )
-    tok_dir = os.path.join(ROOT, "_tok")
+    tok_dir = os.path.join(root, "_tok")
     vocab_size = tiny_vocab(tok_dir)
-    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), pad_token="!",
-                              model_max_length=77)
+    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
+                              pad_token=fam["pad"], model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=vocab_size - 2,
+        max_position_embeddings=77, hidden_act=fam["act"], layer_norm_eps=1e-5, bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1, pad_token_id=0, projection_dim=32,
     ))
     for m in (unet, vae, text_encoder):
@@ -106,11 +118,11 @@ def build_model():
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    shutil.rmtree(MODEL, ignore_errors=True)
-    pipe.save_pretrained(MODEL, safe_serialization=True)
+    shutil.rmtree(model, ignore_errors=True)
+    pipe.save_pretrained(model, safe_serialization=True)
     # Keep the slow-tokenizer files next to tokenizer.json so both load paths are tested.
     for f in ("vocab.json", "merges.txt"):
-        shutil.copy(os.path.join(tok_dir, f), os.path.join(MODEL, "tokenizer", f))
+        shutil.copy(os.path.join(tok_dir, f), os.path.join(model, "tokenizer", f))
     shutil.rmtree(tok_dir)
     return pipe
 
@@ -139,8 +151,9 @@ def encode(pipe, prompts):
         return ids, pipe.text_encoder(ids)[0]
 
 
-def main():
-    pipe = build_model()
+def main(fam):
+    pipe = build_model(fam)
+    root, model = fam["root"], os.path.join(fam["root"], "tiny-sd")
     out = {}
     g = torch.Generator().manual_seed(42)
 
@@ -174,7 +187,7 @@ def main():
         out["unet_lora_out"] = unet(x, t, encoder_hidden_states=ctx).sample
     peft_sd = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(
-        ROOT, unet_lora_layers=peft_sd, weight_name="lora_peft.safetensors",
+        root, unet_lora_layers=peft_sd, weight_name="lora_peft.safetensors",
         unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8, "target_modules": TARGETS},
     )
     kohya, old = {}, {}
@@ -185,10 +198,10 @@ def main():
         kohya[f"{kname}.lora_{'down' if down else 'up'}.weight"] = v.contiguous()
         kohya[f"{kname}.alpha"] = torch.tensor(8.0)
         old[f"unet.{module}.lora.{'down' if down else 'up'}.weight"] = v.contiguous()
-    save_file(kohya, os.path.join(ROOT, "lora_kohya.safetensors"))
+    save_file(kohya, os.path.join(root, "lora_kohya.safetensors"))
     # Old diffusers files carry no alpha: their scale is 1, so scale B by alpha/r = 2 to keep the same map.
     old = {k: (2 * v if ".up." in k else v) for k, v in old.items()}
-    save_file(old, os.path.join(ROOT, "lora_diffusers_old.safetensors"))
+    save_file(old, os.path.join(root, "lora_diffusers_old.safetensors"))
     unet.delete_adapters("default") if hasattr(unet, "delete_adapters") else None
 
     # VAE encode (mean, std) and decode.
@@ -201,42 +214,50 @@ def main():
 
     # Pseudo-words: text features with two new tokens.
     emb = {"<v0>": torch.randn(32, generator=g), "<v1>": torch.randn(32, generator=g)}
-    save_file({k: v.contiguous() for k, v in emb.items()}, os.path.join(ROOT, "learned_embeds.safetensors"))
+    save_file({k: v.contiguous() for k, v in emb.items()}, os.path.join(root, "learned_embeds.safetensors"))
 
     # 10-step DDIM with guidance from fixed latents: base model, then with LoRA + embeddings.
     lat = torch.randn(1, 4, 8, 8, generator=g)
-    save_file({"latents": lat.contiguous()}, os.path.join(ROOT, "init_latents.safetensors"))
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
+    save_file({"latents": lat.contiguous()}, os.path.join(root, "init_latents.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     run = dict(num_inference_steps=10, guidance_scale=7.5, height=64, width=64)
     image = pipe("a photo of a dog", latents=lat.clone(), **run).images[0]
-    image.save(os.path.join(ROOT, "ddim_base.png"))
-    pipe.load_lora_weights(ROOT, weight_name="lora_peft.safetensors")
+    image.save(os.path.join(root, "ddim_base.png"))
+    pipe.load_lora_weights(root, weight_name="lora_peft.safetensors")
     for tok, vec in emb.items():
         pipe.load_textual_inversion(vec, token=tok)
     prompt = "<v0> with <v1>, in the snow"
     ids, hidden = encode(pipe, [prompt])
     out["pseudo_token_ids"], out["te_hidden_pseudo"] = ids.to(torch.int64), hidden
     image = pipe(prompt, latents=lat.clone(), **run).images[0]
-    image.save(os.path.join(ROOT, "ddim_personal.png"))
+    image.save(os.path.join(root, "ddim_personal.png"))
 
-    save_file({k: v.detach().contiguous().to(v.dtype) for k, v in out.items()}, os.path.join(ROOT, "parity.safetensors"),
+    save_file({k: v.detach().contiguous().to(v.dtype) for k, v in out.items()}, os.path.join(root, "parity.safetensors"),
               metadata={"attn_probs_layer": name})
+    print("fixtures written to", os.path.abspath(root))
+
+
+def write_versions():
+    """The first paragraph of VERSIONS.txt is this script's; the other scripts' stay."""
     import diffusers, peft, transformers
-    with open(os.path.join(ROOT, "VERSIONS.txt"), "w") as f:
+    path = os.path.join(ROOT, "VERSIONS.txt")
+    rest = open(path).read().split("\n\n", 1)[1] if os.path.exists(path) else ""
+    with open(path, "w") as f:
         f.write(f"torch {torch.__version__}\ndiffusers {diffusers.__version__}\n"
                 f"transformers {transformers.__version__}\npeft {peft.__version__}\nnumpy {np.__version__}\n")
-    print("fixtures written to", os.path.abspath(ROOT))
+        f.write("\n" + rest if rest else "")
 
 
-def training_step_fixture():
+def training_step_fixture(fam):
     """One warm-up step's loss terms and gradients, and one DS-Bal step's L_diff-max and
     L_pres, on the tiny model with the fixture LoRA and pseudo-words (docs/method.md, eq. 1-2, 6-8;
     losses written here from the formulas, independently of magictailor's code)."""
     g = torch.Generator().manual_seed(7)
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
-    pipe.load_lora_weights(ROOT, weight_name="lora_peft.safetensors")
-    for tok, vec in load_file(os.path.join(ROOT, "learned_embeds.safetensors")).items():
+    root, model = fam["root"], os.path.join(fam["root"], "tiny-sd")
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.load_lora_weights(root, weight_name="lora_peft.safetensors")
+    for tok, vec in load_file(os.path.join(root, "learned_embeds.safetensors")).items():
         pipe.load_textual_inversion(vec, token=tok)
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     prompts, sample_of = ["A photo of <v0>", "A photo of <v0>", "A photo of <v1>"], [0, 0, 1]
@@ -301,11 +322,13 @@ def training_step_fixture():
     for n, v in momentum.items():
         module, which = n.split(".lora_")
         peft_momentum[f"unet.{module}.lora_{which[0]}.weight"] = v.contiguous()
-    save_file(peft_momentum, os.path.join(ROOT, "lora_momentum.safetensors"),
+    save_file(peft_momentum, os.path.join(root, "lora_momentum.safetensors"),
               metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8})})
-    save_file({k: v.detach().clone().contiguous() for k, v in out.items()}, os.path.join(ROOT, "train_step.safetensors"))
+    save_file({k: v.detach().clone().contiguous() for k, v in out.items()}, os.path.join(root, "train_step.safetensors"))
 
 
 if __name__ == "__main__":
-    main()
-    training_step_fixture()
+    for family in sys.argv[1:] or FAMILIES:
+        main(FAMILIES[family])
+        training_step_fixture(FAMILIES[family])
+    write_versions()

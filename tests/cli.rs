@@ -11,7 +11,12 @@ use common::*;
 /// Runs `infer` like the reference run: the fixture latents, 10 DDIM steps, 64 px.
 /// `model` selects the weights (`--model DIR` or `--model-dir DIR`, plus any extras).
 fn infer_like_reference(model: &[&str], out: &Path, prompt: &str) -> Output {
-    let latents = fixture("init_latents.safetensors");
+    infer_like(&SD2, model, out, prompt)
+}
+
+/// The same, with a family's fixture latents.
+fn infer_like(fam: &Family, model: &[&str], out: &Path, prompt: &str) -> Output {
+    let latents = fam.arg("init_latents.safetensors");
     let mut args = vec![
         "--init-latents",
         &latents,
@@ -31,58 +36,70 @@ fn infer_like_reference(model: &[&str], out: &Path, prompt: &str) -> Output {
 #[test]
 fn infer_reproduces_diffusers_image() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("base.png");
-    let o = infer_like_reference(&["--model", &tiny_sd()], &out, "a photo of a dog");
-    assert!(o.status.success(), "{}", stderr(&o));
-    let d = png_max_diff(
-        &read_png(&out),
-        &read_png(&fixtures().join("ddim_base.png")),
-    );
-    assert!(d <= 2, "max pixel difference {d} levels");
+    for fam in &FAMILIES {
+        let out = dir.path().join("base.png");
+        let o = infer_like(fam, &["--model", &fam.model()], &out, "a photo of a dog");
+        assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
+        let d = png_max_diff(&read_png(&out), &read_png(&fam.path("ddim_base.png")));
+        assert!(d <= 2, "{}: max pixel difference {d} levels", fam.name);
+    }
 }
 
 #[test]
 fn infer_reproduces_diffusers_image_with_lora_and_embeddings() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("personal.png");
-    let lora = fixture("lora_peft.safetensors");
-    let embeds = fixture("learned_embeds.safetensors");
-    let model = ["--model", &tiny_sd(), "--lora", &lora, "--embeds", &embeds];
-    let o = infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
-    assert!(o.status.success(), "{}", stderr(&o));
-    let got = read_png(&out);
-    let d = png_max_diff(&got, &read_png(&fixtures().join("ddim_personal.png")));
-    assert!(d <= 2, "max pixel difference {d} levels");
-    // And the personalization matters: the base image differs a lot.
-    assert!(png_max_diff(&got, &read_png(&fixtures().join("ddim_base.png"))) > 20);
+    for fam in &FAMILIES {
+        let out = dir.path().join("personal.png");
+        let (lora, embeds) = (
+            fam.arg("lora_peft.safetensors"),
+            fam.arg("learned_embeds.safetensors"),
+        );
+        let model = [
+            "--model",
+            &fam.model(),
+            "--lora",
+            &lora,
+            "--embeds",
+            &embeds,
+        ];
+        let o = infer_like(fam, &model, &out, "<v0> with <v1>, in the snow");
+        assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
+        let got = read_png(&out);
+        let d = png_max_diff(&got, &read_png(&fam.path("ddim_personal.png")));
+        assert!(d <= 2, "{}: max pixel difference {d} levels", fam.name);
+        // And the personalization matters: the base image differs a lot.
+        assert!(png_max_diff(&got, &read_png(&fam.path("ddim_base.png"))) > 20);
+    }
 }
 
 #[test]
 fn half_precision_infer_stays_close_to_the_reference_image() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("f16.png");
-    let lora = fixture("lora_peft.safetensors");
-    let embeds = fixture("learned_embeds.safetensors");
-    let model = [
-        "--model",
-        &tiny_sd(),
-        "--lora",
-        &lora,
-        "--embeds",
-        &embeds,
-        "--dtype",
-        "f16",
-    ];
-    let o = infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
-    assert!(o.status.success(), "{}", stderr(&o));
-    let d = png_max_diff(
-        &read_png(&out),
-        &read_png(&fixtures().join("ddim_personal.png")),
-    );
-    assert!(
-        d <= 4,
-        "f16 vs diffusers f32: max pixel difference {d} levels (measured 2)"
-    );
+    for fam in &FAMILIES {
+        let out = dir.path().join("f16.png");
+        let (lora, embeds) = (
+            fam.arg("lora_peft.safetensors"),
+            fam.arg("learned_embeds.safetensors"),
+        );
+        let model = [
+            "--model",
+            &fam.model(),
+            "--lora",
+            &lora,
+            "--embeds",
+            &embeds,
+            "--dtype",
+            "f16",
+        ];
+        let o = infer_like(fam, &model, &out, "<v0> with <v1>, in the snow");
+        assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
+        let d = png_max_diff(&read_png(&out), &read_png(&fam.path("ddim_personal.png")));
+        assert!(
+            d <= 4,
+            "{}: f16 vs diffusers f32: max pixel difference {d} levels (measured 2)",
+            fam.name
+        );
+    }
     // bf16 needs CUDA (candle's CPU conv has none): refused with the way out.
     let bf16 = ["--model", &tiny_sd(), "--dtype", "bf16", "--device", "cpu"];
     let o = infer_like_reference(&bf16, &dir.path().join("no.png"), "a dog");

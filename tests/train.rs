@@ -256,6 +256,61 @@ fn a_trained_folder_feeds_infer_and_logs_every_step() {
     ok(&infer(&args, &check.join("infer.png")));
 }
 
+/// SD 1.x (1x1-conv projections, quick_gelu, end-of-text padding) trains and samples
+/// end to end. Leaves the run and an image from fixed latents in target/tmp/sd1-check/
+/// for scripts/check_rust_exports.py, which loads the run into diffusers' SD 1.x tiny
+/// pipeline and must reproduce that image.
+#[test]
+fn an_sd1_model_trains_and_its_files_feed_infer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let out = tmp.path().join("run");
+    let model = SD1.model();
+    ok(&train(&short_run_args(
+        pair.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &model,
+    )));
+    assert_eq!(read_log(&out).len(), 8);
+    // The adapters of the 1x1-conv projections are 4-D, as peft and kohya store them.
+    let lora =
+        candle_core::safetensors::load(out.join("pytorch_lora_weights.safetensors"), &Device::Cpu)
+            .unwrap();
+    let proj = "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight";
+    assert_eq!(lora[proj].dims(), [32, 16, 1, 1], "rank 32, 16 channels in");
+
+    let check = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sd1-check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    for f in [
+        "pytorch_lora_weights.safetensors",
+        "lora_kohya.safetensors",
+        "learned_embeds.safetensors",
+    ] {
+        std::fs::copy(out.join(f), check.join(f)).unwrap();
+    }
+    let latents = SD1.arg("init_latents.safetensors");
+    let png = check.join("infer.png");
+    let args = [
+        "--model-dir",
+        out.to_str().unwrap(),
+        "--init-latents",
+        &latents,
+        "--steps",
+        "10",
+        "--prompt",
+        "<v0> with <v1>",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        png.to_str().unwrap(),
+    ];
+    ok(&run_bin("infer", &args));
+}
+
 #[test]
 fn half_precision_training_stays_close_to_f32() {
     let tmp = tempfile::tempdir().unwrap();

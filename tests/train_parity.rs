@@ -1,5 +1,5 @@
 //! One training step against a PyTorch/peft computation of the same formulas on the same
-//! tiny model (scripts/make_parity_fixtures.py, `training_step_fixture`): the warm-up
+//! tiny model of each base family (scripts/make_parity_fixtures.py, `training_step_fixture`): the warm-up
 //! step's loss terms and the gradients of every LoRA matrix and of the pseudo-word rows,
 //! and the DS-Bal step's per-sample losses, chosen sample, L_diff-max and L_pres.
 
@@ -28,10 +28,15 @@ fn usizes(t: &Tensor) -> Vec<usize> {
 
 #[test]
 fn warm_up_and_ds_bal_steps_match_pytorch() {
+    for fam in &FAMILIES {
+        steps_match_pytorch(fam);
+    }
+}
+
+fn steps_match_pytorch(fam: &Family) {
     let dev = Device::Cpu;
-    let r =
-        candle_core::safetensors::load(fixtures().join("train_step.safetensors"), &dev).unwrap();
-    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    let r = candle_core::safetensors::load(fam.path("train_step.safetensors"), &dev).unwrap();
+    let mut sd = StableDiffusion::load(&fam.model(), &dev, DType::F32).unwrap();
     sd.tokenizer
         .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
         .unwrap();
@@ -71,8 +76,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
 
     // Online adapters = the fixture LoRA, as trainable Vars; rows = the fixture embeddings.
     let targets = sd.unet.lora_targets();
-    let fixture_lora =
-        LoraSet::load(&fixtures().join("lora_peft.safetensors"), &targets, &dev).unwrap();
+    let fixture_lora = LoraSet::load(&fam.path("lora_peft.safetensors"), &targets, &dev).unwrap();
     let lora = TrainableLora::new(&targets, 4, 8.0, 0, &dev, DType::F32).unwrap();
     for LoraModule { path, a, b } in &lora.modules {
         let w = fixture_lora.get(path).unwrap();
@@ -80,8 +84,7 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
         b.set(&w.b).unwrap();
     }
     let embeds =
-        magictailor::io::embeds::load(&fixtures().join("learned_embeds.safetensors"), 32, &dev)
-            .unwrap();
+        magictailor::io::embeds::load(&fam.path("learned_embeds.safetensors"), 32, &dev).unwrap();
     let rows = Var::from_tensor(&Tensor::stack(&[&embeds[0].1, &embeds[1].1], 0).unwrap()).unwrap();
     let w = LossWeights {
         lambda_attn: 0.01,
@@ -114,13 +117,18 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
     let d_loss = (scalar(&warm.loss) - scalar(&r["loss"])).abs();
     assert!(
         d_img < 1e-6 && d_attn < 1e-5 && d_loss < 1e-6,
-        "per-image {d_img}, L_attn {d_attn}, loss {d_loss}"
+        "{}: per-image {d_img}, L_attn {d_attn}, loss {d_loss}",
+        fam.name
     );
     let grads = warm.loss.backward().unwrap();
     let mut worst = 0f32;
     for LoraModule { path, a, b } in &lora.modules {
         for (var, which) in [(a, "A"), (b, "B")] {
-            let want = &r[&format!("grad.{path}.{which}")];
+            // SD 1.x's 1x1-conv projections: peft's adapters are [r, in, 1, 1], ours 2-D.
+            let want = r[&format!("grad.{path}.{which}")]
+                .reshape(var.dims())
+                .unwrap();
+            let want = &want;
             let got = grads.get(var.as_tensor()).unwrap();
             // Floor: the mid block's self-attention sees one token, so its q/k
             // gradients are exactly 0 in PyTorch and ~1e-12 rounding noise here.
@@ -130,19 +138,19 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
     }
     assert!(
         worst < 1e-4,
-        "worst LoRA gradient error relative to its largest entry: {worst}"
+        "{}: worst LoRA gradient error relative to its largest entry: {worst}",
+        fam.name
     );
     let rows_grad = grads.get(rows.as_tensor()).unwrap();
     let rel = max_abs_diff(rows_grad, &r["grad.rows"]) / max_abs(&r["grad.rows"]);
-    assert!(rel < 1e-5, "pseudo-word row gradient relative error {rel}");
+    assert!(
+        rel < 1e-5,
+        "{}: pseudo-word row gradient relative error {rel}",
+        fam.name
+    );
 
     // DS-Bal step against the fixture momentum adapters.
-    let momentum = LoraSet::load(
-        &fixtures().join("lora_momentum.safetensors"),
-        &targets,
-        &dev,
-    )
-    .unwrap();
+    let momentum = LoraSet::load(&fam.path("lora_momentum.safetensors"), &targets, &dev).unwrap();
     let ds = losses(Some(&momentum));
     assert!(max_abs_diff(&ds.per_sample, &r["per_sample"]) < 1e-6);
     assert_eq!(
@@ -153,7 +161,8 @@ fn warm_up_and_ds_bal_steps_match_pytorch() {
     let d_pres = (scalar(&ds.l_pres) - scalar(&r["l_pres"])).abs() / scalar(&r["l_pres"]);
     assert!(
         d_max < 1e-6 && d_pres < 2e-5,
-        "L_diff-max {d_max}, L_pres relative {d_pres}"
+        "{}: L_diff-max {d_max}, L_pres relative {d_pres}",
+        fam.name
     );
-    eprintln!("warm-up: per-image {d_img:e}, L_attn {d_attn:e}, loss {d_loss:e}; grads: LoRA {worst:e}, rows {rel:e}; DS-Bal: L_max {d_max:e}, L_pres rel {d_pres:e}");
+    eprintln!("{}: warm-up: per-image {d_img:e}, L_attn {d_attn:e}, loss {d_loss:e}; grads: LoRA {worst:e}, rows {rel:e}; DS-Bal: L_max {d_max:e}, L_pres rel {d_pres:e}", fam.name);
 }

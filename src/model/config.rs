@@ -127,6 +127,14 @@ impl UNetConfig {
             .unwrap_or(&self.attention_head_dim)
             .get(i)
     }
+    /// Whether level `i` holds transformers: its down block, its up block (up blocks run
+    /// in reverse) or, at the last level, the mid block.
+    fn has_attention(&self, i: usize) -> bool {
+        let n = self.n_blocks();
+        i + 1 == n
+            || self.down_block_types[i] == "CrossAttnDownBlock2D"
+            || self.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D"
+    }
     pub fn transformer_layers(&self, i: usize) -> usize {
         self.transformer_layers_per_block.get(i)
     }
@@ -166,7 +174,9 @@ impl UNetConfig {
                     self.norm_num_groups
                 ));
             }
-            if !c.is_multiple_of(self.heads(i)) {
+            // Only levels with attention split into heads: diffusers' own SD 1.x test
+            // configs pair 8 heads with 4-channel blocks that have none.
+            if self.has_attention(i) && !c.is_multiple_of(self.heads(i)) {
                 return bad(format!(
                     "{} heads do not divide block_out_channels[{i}] = {c}",
                     self.heads(i)
@@ -435,4 +445,41 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unet(channels: &str, down: &str, up: &str, heads: usize) -> UNetConfig {
+        serde_json::from_str(&format!(
+            r#"{{"in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+                "cross_attention_dim": 32, "norm_num_groups": 2, "attention_head_dim": {heads},
+                "block_out_channels": {channels}, "down_block_types": {down},
+                "up_block_types": {up}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn heads_need_to_divide_only_levels_with_attention() {
+        let file = Path::new("unet/config.json");
+        // diffusers' SD 1.x test U-Net: 8 heads, a 4-channel level without attention.
+        let (down, up) = (
+            r#"["DownBlock2D", "CrossAttnDownBlock2D"]"#,
+            r#"["CrossAttnUpBlock2D", "UpBlock2D"]"#,
+        );
+        unet("[4, 8]", down, up, 8).validate(file).unwrap();
+        // The same level with attention in its up block is refused, naming the level.
+        let up_attn = r#"["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]"#;
+        let e = unet("[4, 8]", down, up_attn, 8).validate(file).unwrap_err();
+        assert!(e.to_string().contains("block_out_channels[0] = 4"), "{e}");
+        // The last level always has attention: the mid block's.
+        let no_attn = r#"["DownBlock2D", "DownBlock2D"]"#;
+        let up_none = r#"["UpBlock2D", "UpBlock2D"]"#;
+        let e = unet("[8, 4]", no_attn, up_none, 8)
+            .validate(file)
+            .unwrap_err();
+        assert!(e.to_string().contains("block_out_channels[1] = 4"), "{e}");
+    }
 }

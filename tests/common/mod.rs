@@ -16,8 +16,43 @@ pub fn tiny_sd() -> String {
 }
 
 pub fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("parity.safetensors"), &Device::Cpu)
-        .expect("parity fixture")
+    SD2.reference()
+}
+
+/// One base family's parity fixtures (scripts/make_parity_fixtures.py): a tiny model in
+/// `DIR/tiny-sd` and what diffusers computed on it, under the same file names per family.
+pub struct Family {
+    pub name: &'static str,
+    dir: &'static str,
+}
+
+/// SD 2.x (linear projections, GELU text encoder, "!" padding) at the top of tests/fixtures.
+pub const SD2: Family = Family {
+    name: "SD 2.x",
+    dir: "",
+};
+/// SD 1.x (1x1-conv projections, quick_gelu, 8 heads, end-of-text padding) under sd1/.
+pub const SD1: Family = Family {
+    name: "SD 1.x",
+    dir: "sd1",
+};
+pub const FAMILIES: [Family; 2] = [SD2, SD1];
+
+impl Family {
+    pub fn path(&self, name: &str) -> PathBuf {
+        fixtures().join(self.dir).join(name)
+    }
+    /// A fixture file's path as the string a command line takes.
+    pub fn arg(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+    pub fn model(&self) -> String {
+        self.arg("tiny-sd")
+    }
+    pub fn reference(&self) -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(self.path("parity.safetensors"), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{} parity fixture: {e}", self.name))
+    }
 }
 
 /// Largest |a - b| over all elements; largest |x| (to show a difference is small relative
