@@ -1,15 +1,20 @@
 //! Finds a model in the diffusers folder layout (local folder, hub repo id, or the
-//! built-in `tiny-random`) and loads every component from its own `config.json`.
+//! built-in `tiny-random`) and loads every component from its own `config.json`; or a
+//! single-file checkpoint, read in place (`single_file`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
 
 use super::clip::ClipTextModel;
 use super::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use super::hub_env::HubEnv;
 use super::scheduler::NoiseSchedule;
+use super::single_file::{Checkpoint, Component, Family};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae::Vae;
@@ -39,7 +44,8 @@ const WEIGHT_NAMES: [&str; 2] = ["diffusion_pytorch_model", "model"];
 pub struct StableDiffusion {
     /// How the user named the model (hub id or path), recorded in outputs.
     pub source: String,
-    pub root: PathBuf,
+    /// Where its weights and configs were read from.
+    pub origin: Origin,
     pub unet: UNet,
     pub vae: Vae,
     pub text_encoder: ClipTextModel,
@@ -47,6 +53,30 @@ pub struct StableDiffusion {
     pub schedule: NoiseSchedule,
     pub device: Device,
     pub dtype: DType,
+}
+
+/// Where a loaded model's weights live.
+pub enum Origin {
+    /// A diffusers folder.
+    Folder(PathBuf),
+    /// A single-file checkpoint, with the U-Net's config text and `layers_per_block`
+    /// (to name its weights as diffusers does).
+    SingleFile {
+        checkpoint: Arc<Checkpoint>,
+        unet_config: String,
+        layers_per_block: usize,
+    },
+}
+
+/// What a single-file checkpoint needs beside its weights; empty for a diffusers folder,
+/// which carries both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SingleFileOptions {
+    /// A diffusers folder whose configs and tokenizer describe the file (its weights, if
+    /// any, are not read); None: the family's bundled configs.
+    pub model_config: Option<PathBuf>,
+    /// `epsilon` or `v_prediction`, where the weights cannot tell (SD 2.x).
+    pub prediction_type: Option<String>,
 }
 
 /// How many times this process loaded a model: batch runs load one for many pairs.
@@ -57,7 +87,19 @@ pub fn loads_in_process() -> usize {
 }
 
 impl StableDiffusion {
+    /// A diffusers folder, hub id or `tiny-random`, or a single `.safetensors` checkpoint
+    /// with the family's bundled configs.
     pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(model, &SingleFileOptions::default(), device, dtype)
+    }
+
+    /// [`StableDiffusion::load`], with what a single-file checkpoint needs.
+    pub fn load_with(
+        model: &str,
+        single: &SingleFileOptions,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         // Refused before anything is downloaded or read.
         if dtype == DType::BF16 && device.is_cpu() {
             return Err(Error::usage(
@@ -65,8 +107,14 @@ impl StableDiffusion {
                  --dtype f16 or f32 on the CPU.",
             ));
         }
-        let root = resolve(model)?;
-        let sd = load_from_root(model, &root, device, dtype)?;
+        let sd = match single_file_path(model)? {
+            Some(file) => load_single_file(model, &file, single, device, dtype)?,
+            None => {
+                single.refuse_for_folder(model)?;
+                let root = resolve(model)?;
+                load_from_root(model, &root, device, dtype)?
+            }
+        };
         LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(sd)
     }
@@ -74,6 +122,50 @@ impl StableDiffusion {
     /// Pixels per latent cell (8 for SD).
     pub fn vae_factor(&self) -> usize {
         self.vae.config.downscale_factor()
+    }
+
+    /// The base U-Net's tensors under diffusers' names, as stored, and its config text
+    /// (`--export-full`).
+    pub fn base_unet(&self) -> Result<(HashMap<String, Tensor>, String)> {
+        match &self.origin {
+            Origin::Folder(root) => {
+                let mut tensors = HashMap::new();
+                for file in weight_files(root, "unet")? {
+                    tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(
+                        |e| Error::bad_file(&file, format!("cannot read {}: {e}", file.display())),
+                    )?);
+                }
+                let config = root.join("unet").join("config.json");
+                let text = std::fs::read_to_string(&config).map_err(|e| Error::read(&config, e))?;
+                Ok((tensors, text))
+            }
+            Origin::SingleFile {
+                checkpoint,
+                unet_config,
+                layers_per_block,
+            } => Ok((
+                checkpoint.tensors(Component::Unet, *layers_per_block)?,
+                unet_config.clone(),
+            )),
+        }
+    }
+}
+
+impl SingleFileOptions {
+    /// A diffusers folder says both itself: settings for a single file are refused, not
+    /// ignored.
+    fn refuse_for_folder(&self, model: &str) -> Result<()> {
+        let flag = if self.model_config.is_some() {
+            "--model-config"
+        } else if self.prediction_type.is_some() {
+            "--prediction-type"
+        } else {
+            return Ok(());
+        };
+        Err(Error::usage(format!(
+            "{flag} describes a single-file checkpoint, but {model} is a diffusers model: its \
+             own configs (unet/config.json, scheduler/scheduler_config.json) say that. Drop {flag}."
+        )))
     }
 }
 
@@ -91,6 +183,96 @@ pub fn check_side(flag: &str, pixels: usize, factor: usize, min: usize) -> Resul
     )))
 }
 
+/// Every component's config and the tokenizer folder.
+struct Configs {
+    unet: UNetConfig,
+    vae: VaeConfig,
+    text: ClipTextConfig,
+    scheduler: SchedulerConfig,
+    tokenizer: PathBuf,
+}
+
+impl Configs {
+    /// The configs of a diffusers folder (`root/unet/config.json`, ...), checked.
+    fn read(root: &Path) -> Result<Self> {
+        let path = |c: &str, f: &str| root.join(c).join(f);
+        let configs = Self {
+            unet: read_json(&path("unet", "config.json"))?,
+            vae: read_json(&path("vae", "config.json"))?,
+            text: read_json(&path("text_encoder", "config.json"))?,
+            scheduler: read_json(&path("scheduler", "scheduler_config.json"))?,
+            tokenizer: root.join("tokenizer"),
+        };
+        configs.check(
+            |c| {
+                path(
+                    c,
+                    if c == "scheduler" {
+                        "scheduler_config.json"
+                    } else {
+                        "config.json"
+                    },
+                )
+            },
+            root,
+        )?;
+        Ok(configs)
+    }
+
+    /// Each config valid, and the components made for one another.
+    fn check(&self, file: impl Fn(&str) -> PathBuf, root: &Path) -> Result<()> {
+        self.unet.validate(&file("unet"))?;
+        self.vae.validate(&file("vae"))?;
+        self.text.validate(&file("text_encoder"))?;
+        self.scheduler.validate(&file("scheduler"))?;
+        if self.unet.cross_attention_dim != self.text.hidden_size {
+            return Err(Error::mismatch(
+                root,
+                format!(
+                    "{}: the U-Net attends to {}-wide text features but the text encoder produces {}: \
+                     the components come from different models.",
+                    root.display(),
+                    self.unet.cross_attention_dim,
+                    self.text.hidden_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builds the model from checked configs and each component's weights.
+fn assemble(
+    source: &str,
+    origin: Origin,
+    c: Configs,
+    weights: impl Fn(&str) -> Result<VarBuilder<'static>>,
+    fits: impl Fn(&str, candle_core::Error) -> Error,
+    device: &Device,
+    dtype: DType,
+) -> Result<StableDiffusion> {
+    let unet = UNet::load(&weights("unet")?, &c.unet).map_err(|e| fits("unet", e))?;
+    let vae = Vae::load(&weights("vae")?, &c.vae).map_err(|e| fits("vae", e))?;
+    let text_encoder = ClipTextModel::load(&weights("text_encoder")?, &c.text)
+        .map_err(|e| fits("text_encoder", e))?;
+    let tokenizer = ClipTokenizer::load(
+        &c.tokenizer,
+        c.text.vocab_size,
+        c.text.max_position_embeddings,
+    )?;
+    Ok(StableDiffusion {
+        source: source.to_string(),
+        origin,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        schedule: NoiseSchedule::new(&c.scheduler),
+        device: device.clone(),
+        dtype,
+    })
+}
+
 fn load_from_root(
     source: &str,
     root: &Path,
@@ -100,55 +282,180 @@ fn load_from_root(
     if !root.join("model_index.json").is_file() && !root.join("unet").is_dir() {
         return Err(Error::ModelNotFound(format!(
             "{} is not a diffusers model folder: it has no model_index.json and no unet/ folder. \
-             Pass the folder that holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/.",
+             Pass the folder that holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/, \
+             or a single-file .safetensors checkpoint.",
             root.display()
         )));
     }
-    let cfg_path = |c: &str, f: &str| root.join(c).join(f);
-
-    let unet_cfg: UNetConfig = read_json(&cfg_path("unet", "config.json"))?;
-    unet_cfg.validate(&cfg_path("unet", "config.json"))?;
-    let vae_cfg: VaeConfig = read_json(&cfg_path("vae", "config.json"))?;
-    vae_cfg.validate(&cfg_path("vae", "config.json"))?;
-    let te_cfg: ClipTextConfig = read_json(&cfg_path("text_encoder", "config.json"))?;
-    te_cfg.validate(&cfg_path("text_encoder", "config.json"))?;
-    let sched_cfg: SchedulerConfig = read_json(&cfg_path("scheduler", "scheduler_config.json"))?;
-    sched_cfg.validate(&cfg_path("scheduler", "scheduler_config.json"))?;
-    if unet_cfg.cross_attention_dim != te_cfg.hidden_size {
-        return Err(Error::mismatch(
-            root,
-            format!(
-                "{}: the U-Net attends to {}-wide text features but the text encoder produces {}: \
-             the components come from different models.",
-                root.display(),
-                unet_cfg.cross_attention_dim,
-                te_cfg.hidden_size
-            ),
-        ));
-    }
-
-    let unet = UNet::load(&weights(root, "unet", device, dtype)?, &unet_cfg)
-        .map_err(|e| weight_error(root, "unet", e))?;
-    let vae = Vae::load(&weights(root, "vae", device, dtype)?, &vae_cfg)
-        .map_err(|e| weight_error(root, "vae", e))?;
-    let text_encoder = ClipTextModel::load(&weights(root, "text_encoder", device, dtype)?, &te_cfg)
-        .map_err(|e| weight_error(root, "text_encoder", e))?;
-    let tokenizer = ClipTokenizer::load(
-        &root.join("tokenizer"),
-        te_cfg.vocab_size,
-        te_cfg.max_position_embeddings,
-    )?;
-    Ok(StableDiffusion {
-        source: source.to_string(),
-        root: root.to_path_buf(),
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
-        schedule: NoiseSchedule::new(&sched_cfg),
-        device: device.clone(),
+    let configs = Configs::read(root)?;
+    assemble(
+        source,
+        Origin::Folder(root.to_path_buf()),
+        configs,
+        |c| weights(root, c, device, dtype),
+        |c, e| weight_error(root, c, e),
+        device,
         dtype,
-    })
+    )
+}
+
+/// `model` as a single-file checkpoint: a `.safetensors` file. Pickled checkpoints are
+/// refused by name; anything else is not one.
+fn single_file_path(model: &str) -> Result<Option<PathBuf>> {
+    let path = Path::new(model);
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("safetensors") if path.is_file() => Ok(Some(path.to_path_buf())),
+        Some("safetensors") => Err(Error::ModelNotFound(format!(
+            "the checkpoint {model} does not exist."
+        ))),
+        Some("ckpt" | "pt" | "pth" | "bin") if path.is_file() => Err(Error::unsupported(
+            path,
+            "a pickled checkpoint: magictailor never loads pickle (it can run code). Use the \
+             model's .safetensors file, or convert it once with a tool you trust"
+                .into(),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// A single-file checkpoint with its family's configs (or `--model-config`'s).
+fn load_single_file(
+    source: &str,
+    file: &Path,
+    single: &SingleFileOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<StableDiffusion> {
+    let checkpoint = Arc::new(Checkpoint::open(file)?);
+    let (configs, unet_config) = match &single.model_config {
+        Some(dir) => single_file_configs_from(dir, single)?,
+        None => bundled_configs(&checkpoint, single)?,
+    };
+    let (per_block, levels) = (
+        configs.unet.layers_per_block,
+        configs.vae.block_out_channels.len(),
+    );
+    let origin = Origin::SingleFile {
+        checkpoint: checkpoint.clone(),
+        unet_config,
+        layers_per_block: per_block,
+    };
+    let family = checkpoint.family.name();
+    let described_by = match &single.model_config {
+        Some(dir) => format!("the configs in {}", dir.display()),
+        None => format!("the bundled {family} configs"),
+    };
+    assemble(
+        source,
+        origin,
+        configs,
+        |c| {
+            let (component, n) = match c {
+                "unet" => (Component::Unet, per_block),
+                "vae" => (Component::Vae, levels),
+                _ => (Component::TextEncoder, 0),
+            };
+            Ok(checkpoint.weights(component, n, device, dtype))
+        },
+        |c, e| {
+            Error::mismatch(
+                file,
+                format!(
+                    "{}: the {c} weights of this {family} checkpoint do not fit {described_by} ({}). \
+                     A model of another size needs --model-config DIR, a diffusers folder whose \
+                     configs describe it.",
+                    file.display(),
+                    crate::error::brief(&e)
+                ),
+            )
+        },
+        device,
+        dtype,
+    )
+}
+
+/// `--model-config DIR`: a diffusers folder's configs and tokenizer, and the prediction
+/// type from `--prediction-type` where given.
+fn single_file_configs_from(dir: &Path, single: &SingleFileOptions) -> Result<(Configs, String)> {
+    if !dir.join("unet").join("config.json").is_file() {
+        return Err(Error::usage(format!(
+            "--model-config {}: expected a diffusers folder with unet/config.json, vae/, \
+             text_encoder/, tokenizer/ and scheduler/ (weights are not needed).",
+            dir.display()
+        )));
+    }
+    let mut configs = Configs::read(dir)?;
+    if let Some(p) = &single.prediction_type {
+        configs.scheduler.prediction_type = p.clone();
+        configs.scheduler.validate(Path::new("--prediction-type"))?;
+    }
+    let file = dir.join("unet").join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::read(&file, e))?;
+    Ok((configs, text))
+}
+
+/// The family's bundled configs, sized for its prediction type, with the tokenizer of
+/// the family's hub repo (downloaded once into the hub cache).
+fn bundled_configs(ckpt: &Checkpoint, single: &SingleFileOptions) -> Result<(Configs, String)> {
+    let family = ckpt.family;
+    let mut all: serde_json::Value = serde_json::from_str(family.bundled_configs())
+        .map_err(|e| Error::internal(format!("bundled {} configs: {e}", family.name())))?;
+    let prediction = match (&single.prediction_type, family) {
+        (Some(p), _) => p.clone(),
+        (None, Family::Sd1) => "epsilon".to_string(),
+        (None, Family::Sd2) => {
+            return Err(Error::usage(format!(
+                "{} is an SD 2.x checkpoint, whose weights do not say what the U-Net predicts: \
+                 pass --prediction-type epsilon (2.x-base, 512 px) or --prediction-type \
+                 v_prediction (2.x at 768 px, and most fine-tunes of it).",
+                ckpt.file.display()
+            )))
+        }
+    };
+    if prediction == "v_prediction" {
+        // SD 2.x at 768 px: the sizes and attention upcast of stabilityai/stable-diffusion-2-1.
+        all["unet"]["sample_size"] = 96.into();
+        all["unet"]["upcast_attention"] = true.into();
+        all["vae"]["sample_size"] = 768.into();
+    }
+    all["scheduler"]["prediction_type"] = prediction.into();
+    let configs = Configs {
+        unet: bundled(&all, "unet")?,
+        vae: bundled(&all, "vae")?,
+        text: bundled(&all, "text_encoder")?,
+        scheduler: bundled(&all, "scheduler")?,
+        tokenizer: family_tokenizer(family)?,
+    };
+    let name = |c: &str| {
+        PathBuf::from(format!(
+            "--prediction-type / bundled {} {c} config",
+            family.name()
+        ))
+    };
+    configs.check(name, &ckpt.file)?;
+    let unet_text = serde_json::to_string_pretty(&all["unet"])
+        .map_err(|e| Error::internal(format!("bundled unet config: {e}")))?;
+    Ok((configs, unet_text))
+}
+
+fn bundled<T: serde::de::DeserializeOwned>(all: &serde_json::Value, component: &str) -> Result<T> {
+    serde_json::from_value(all[component].clone())
+        .map_err(|e| Error::internal(format!("bundled {component} config: {e}")))
+}
+
+/// The tokenizer files of the family's hub repo, from the cache or downloaded.
+fn family_tokenizer(family: Family) -> Result<PathBuf> {
+    let flag = "--model-config DIR (a diffusers folder with the family's configs and tokenizer/)";
+    let mut dir = PathBuf::new();
+    for f in COMPONENT_FILES[3].1 {
+        let path = hub_file(family.tokenizer_repo(), &format!("tokenizer/{f}"), flag)?;
+        dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    Ok(dir)
 }
 
 fn weight_error(root: &Path, component: &str, e: candle_core::Error) -> Error {

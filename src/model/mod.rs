@@ -11,6 +11,7 @@ pub mod ops;
 pub mod probe;
 pub mod resnet;
 pub mod scheduler;
+pub mod single_file;
 pub mod tiny;
 pub mod tokenizer;
 pub mod tuned;

@@ -177,21 +177,18 @@ impl TunedSet {
     }
 }
 
-/// Writes `out/unet/` as a diffusers U-Net folder: the base U-Net of the model folder
-/// `base` (its `config.json` and every tensor, in the base's dtype) with the tuned layers'
-/// weights in place of the base's. The result loads with `UNet2DConditionModel
-/// .from_pretrained(out, subfolder="unet")`, alone or in place of a pipeline's U-Net.
-pub fn export_unet(base: &Path, tuned: &TunedSet, out: &Path) -> Result<PathBuf> {
+/// Writes `out/unet/` as a diffusers U-Net folder: the base U-Net of `base` (its config
+/// and every tensor, in the base's dtype) with the tuned layers' weights in place of the
+/// base's. The result loads with `UNet2DConditionModel.from_pretrained(out,
+/// subfolder="unet")`, alone or in place of a pipeline's U-Net.
+pub fn export_unet(
+    base: &super::loader::StableDiffusion,
+    tuned: &TunedSet,
+    out: &Path,
+) -> Result<PathBuf> {
     let dir = out.join("unet");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(crate::error::IoOp::CreateDir, &dir, e))?;
-    let mut merged = HashMap::new();
-    for file in super::loader::weight_files(base, "unet")? {
-        merged.extend(
-            candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
-                Error::bad_file(&file, format!("cannot read {}: {e}", file.display()))
-            })?,
-        );
-    }
+    let (mut merged, config) = base.base_unet()?;
     for (path, layer) in &tuned.layers {
         let parts = [
             ("weight", Some(&layer.weight)),
@@ -214,9 +211,7 @@ pub fn export_unet(base: &Path, tuned: &TunedSet, out: &Path) -> Result<PathBuf>
         &merged,
         None,
     )?;
-    let config = base.join("unet").join("config.json");
-    let text = std::fs::read(&config).map_err(|e| Error::read(&config, e))?;
-    crate::io::write_atomic(&dir.join("config.json"), &text)?;
+    crate::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
     Ok(dir)
 }
 

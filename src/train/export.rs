@@ -25,8 +25,7 @@ impl Trainer {
             let set = self.tuned.detached();
             set.save_custom_diffusion(&dir.join(run::CUSTOM_DIFFUSION), &processors)?;
             if let Some(full) = &self.cfg.export_full {
-                let base = crate::model::loader::resolve(&self.sd.source)?;
-                tuned::export_unet(&base, &set, full)?;
+                tuned::export_unet(&self.sd, &set, full)?;
             }
         }
         if self.recipe.trains.rows {
