@@ -148,3 +148,175 @@ fn what_is_not_a_loadable_checkpoint_is_refused_by_name() {
         "{e}"
     );
 }
+
+// ---- Through the binary ---------------------------------------------------------------
+
+/// `infer` from the family's fixture latents (10 DDIM steps, 64 px) with `model` args.
+fn draw(fam: &Family, model: &[&str], prompt: &str, out: &std::path::Path) -> std::process::Output {
+    let latents = fam.arg("init_latents.safetensors");
+    let mut args = vec!["--init-latents", &latents, "--steps", "10", "--width", "64"];
+    args.extend(["--height", "64", "--quiet", "--prompt", prompt]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(model);
+    run_bin("infer", &args)
+}
+
+#[test]
+fn infer_draws_the_same_image_from_a_single_file_as_from_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    for fam in &FAMILIES {
+        let (single, config) = (fam.arg("single.safetensors"), fam.model());
+        let from_file = dir.path().join("file.png");
+        let args = ["--model", &single, "--model-config", &config];
+        ok(&draw(fam, &args, "a photo of a dog", &from_file));
+        let from_folder = dir.path().join("folder.png");
+        ok(&draw(
+            fam,
+            &["--model", &config],
+            "a photo of a dog",
+            &from_folder,
+        ));
+        assert_eq!(read_png(&from_file), read_png(&from_folder), "{}", fam.name);
+        let d = png_max_diff(&read_png(&from_file), &read_png(&fam.path("ddim_base.png")));
+        assert!(d <= 2, "{}: {d} levels from diffusers' image", fam.name);
+    }
+}
+
+/// A run on a single file records what the file needs; `infer --model-dir` reloads it
+/// from the record alone, and draws what the same adapters draw on the folder.
+#[test]
+fn a_run_on_a_single_file_records_what_it_needs_and_infer_reloads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let run = dir.path().join("run");
+    let (single, config) = (SD1.arg("single.safetensors"), SD1.model());
+    let mut args = quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), &single);
+    args.extend([
+        "--model-config",
+        &config,
+        "--warmup-steps",
+        "2",
+        "--dsbal-steps",
+        "2",
+    ]);
+    ok(&run_bin("train", &args));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("magictailor.json")).unwrap())
+            .unwrap();
+    let absolute = |p: &str| {
+        std::fs::canonicalize(p)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    assert_eq!(record["base_model"], absolute(&single));
+    assert_eq!(record["model_config"], absolute(&config));
+    assert_eq!(record["config"]["model_config"], config.as_str());
+
+    let png = |name: &str| dir.path().join(name);
+    let run_dir = run.to_str().unwrap();
+    ok(&draw(
+        &SD1,
+        &["--model-dir", run_dir],
+        "<v0> with <v1>",
+        &png("file.png"),
+    ));
+    let on_folder = ["--model-dir", run_dir, "--model", &config];
+    ok(&draw(
+        &SD1,
+        &on_folder,
+        "<v0> with <v1>",
+        &png("folder.png"),
+    ));
+    assert_eq!(read_png(&png("file.png")), read_png(&png("folder.png")));
+    // The settings describe --model: without it they are refused, not ignored.
+    let o = draw(
+        &SD1,
+        &["--model-dir", run_dir, "--model-config", &config],
+        "a",
+        &png("x.png"),
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("pass it too"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!png("x.png").exists());
+}
+
+#[test]
+fn single_file_settings_for_a_folder_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let run = dir.path().join("run");
+    let model = SD1.model();
+    let mut args = quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), &model);
+    args.extend(["--prediction-type", "v_prediction"]);
+    let o = run_bin("train", &args);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--prediction-type describes a single-file checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!run.exists(), "nothing written");
+}
+
+/// The bundled SD 1.x configs, with the tokenizer from a hand-made hub cache of the
+/// family's repo: the tiny file does not fit them, and the error says what does.
+#[test]
+fn bundled_configs_take_the_tokenizer_from_the_hub_cache_and_name_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let repo = cache.join("models--stable-diffusion-v1-5--stable-diffusion-v1-5");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(
+        &SD1.path("tiny-sd/tokenizer"),
+        &repo.join("snapshots").join(sha).join("tokenizer"),
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+    let out = dir.path().join("never.png");
+    let o = draw(
+        &SD1,
+        &["--model", &SD1.arg("single.safetensors")],
+        "a",
+        &out,
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    // Without the cache the tokenizer cannot be had offline.
+    assert!(
+        e.contains("stable-diffusion-v1-5") && e.contains("--model-config"),
+        "{e}"
+    );
+    let mut c = bin_command("infer", &[]);
+    let latents = SD1.arg("init_latents.safetensors");
+    let single = SD1.arg("single.safetensors");
+    c.args([
+        "--model",
+        &single,
+        "--prompt",
+        "a",
+        "--init-latents",
+        &latents,
+    ]);
+    c.args([
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let o = c.env("HF_HUB_CACHE", &cache).output().unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("do not fit the bundled SD 1.x configs") && e.contains("--model-config DIR"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

@@ -65,6 +65,8 @@ pub(super) struct EvalArgs {
     /// The base model, when the one magictailor.json names has moved.
     #[arg(long)]
     model: Option<String>,
+    #[command(flatten)]
+    single_file: super::SingleFileArgs,
     /// CLIP for CLIP-T and CLIP-I: a transformers CLIPModel folder or hub id.
     #[arg(long, default_value_t = d().clip_model)]
     clip_model: String,
@@ -88,6 +90,7 @@ impl EvalArgs {
     fn options(self) -> magictailor::Result<EvalOptions> {
         Ok(EvalOptions {
             model_dir: self.model_dir,
+            single_file: self.single_file.options_for(self.model.as_deref())?,
             model: self.model,
             instance_dir: self.instance_dir,
             prompts_file: self.prompts,

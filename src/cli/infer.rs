@@ -70,10 +70,13 @@ pub(super) struct InferArgs {
     /// [default: outputs/magictailor, unless --model is given alone].
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// The base model (hub repo id, local diffusers folder, or `tiny-random`): alone, sample
-    /// it; with --model-dir, use it in place of the base model the folder names.
+    /// The base model (hub repo id, local diffusers folder, single-file .safetensors
+    /// checkpoint, or `tiny-random`): alone, sample it; with --model-dir, use it in place of
+    /// the base model the folder names.
     #[arg(long)]
     model: Option<String>,
+    #[command(flatten)]
+    single_file: super::SingleFileArgs,
     /// LoRA file (peft, older diffusers or kohya layout).
     #[arg(long)]
     lora: Option<PathBuf>,
@@ -170,6 +173,7 @@ impl InferArgs {
                 layout_steps: self.layout_steps,
             },
             model_dir: self.model_dir,
+            single_file: self.single_file.options_for(self.model.as_deref())?,
             model: self.model,
             lora: self.lora,
             embeds: self.embeds,

@@ -37,9 +37,12 @@ pub(super) struct MasksArgs {
     /// Make only the masks the folder lacks; the others stay as they are.
     #[arg(long)]
     missing: bool,
-    /// The Stable Diffusion model whose attention is read (folder or hub id).
+    /// The Stable Diffusion model whose attention is read (folder, hub id or single-file
+    /// checkpoint).
     #[arg(long, default_value_t = TrainConfig::default().model)]
     model: String,
+    #[command(flatten)]
+    single_file: super::SingleFileArgs,
     /// The square each image is cropped to, as `train --resolution`.
     #[arg(long, default_value_t = AttentionOptions::default().resolution)]
     resolution: usize,
@@ -71,6 +74,7 @@ pub(super) fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
     let opts = MasksOptions {
         instance_dir: a.instance_dir,
         out: a.out,
+        single_file: a.single_file.options(),
         model: a.model,
         attention: AttentionOptions {
             resolution: a.resolution,

@@ -93,6 +93,45 @@ impl Compute {
     }
 }
 
+/// What a single-file checkpoint (`--model FILE.safetensors`) needs beside its weights.
+#[derive(Args)]
+struct SingleFileArgs {
+    /// For a single-file --model: a diffusers folder whose configs and tokenizer describe
+    /// it (a model of non-standard size; its weights are not read) [default: the family's
+    /// bundled configs].
+    #[arg(long, value_name = "DIR")]
+    model_config: Option<std::path::PathBuf>,
+    /// For a single-file --model: what its U-Net predicts, which SD 2.x weights do not
+    /// tell (2.x-base: epsilon; 2.x at 768 px: v_prediction).
+    #[arg(long, value_parser = ["epsilon", "v_prediction"])]
+    prediction_type: Option<String>,
+}
+
+impl SingleFileArgs {
+    fn options(&self) -> magictailor::model::loader::SingleFileOptions {
+        magictailor::model::loader::SingleFileOptions {
+            model_config: self.model_config.clone(),
+            prediction_type: self.prediction_type.clone(),
+        }
+    }
+
+    /// For commands whose --model is optional (a trained folder's record names the base
+    /// and what it needs): the settings describe --model, so they need it.
+    fn options_for(
+        &self,
+        model: Option<&str>,
+    ) -> magictailor::Result<magictailor::model::loader::SingleFileOptions> {
+        let opts = self.options();
+        if model.is_none() && opts != Default::default() {
+            return Err(magictailor::Error::usage(
+                "--model-config and --prediction-type describe a single-file --model: pass it \
+                 too (a trained folder's magictailor.json records what its own base needs).",
+            ));
+        }
+        Ok(opts)
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Precision {
     F32,

@@ -48,9 +48,12 @@ pub(super) struct TrainSettings {
     /// a run's magictailor.json to redo it. Flags given here win.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Base model: hub repo id, local diffusers folder, or `tiny-random`.
+    /// Base model: hub repo id, local diffusers folder, single-file .safetensors
+    /// checkpoint, or `tiny-random`.
     #[arg(long, default_value_t = d().model)]
     model: String,
+    #[command(flatten)]
+    single_file: super::SingleFileArgs,
     /// The personalization method: MagicTailor, Textual Inversion, DreamBooth-LoRA, Custom
     /// Diffusion or CLiC (each as its source trains it, with the paper's adaptations). A
     /// flag of another method is refused.
@@ -210,6 +213,7 @@ impl TrainSettings {
             instance_dir,
             output_dir,
             model: self.model.clone(),
+            single_file: self.single_file.options(),
             method: self.method,
             // Recorded as given; None takes the method's default.
             steps: self.steps,

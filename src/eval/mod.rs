@@ -37,6 +37,7 @@ use crate::infer::many::{image_file, Many};
 use crate::infer::prompts::{self, PLACEHOLDER};
 use crate::infer::{self, InferOptions, Mode, Sampling};
 use crate::io::run;
+use crate::model::loader::SingleFileOptions;
 use crate::model::tokenizer::pseudo_words_in;
 use segment::Segmenter;
 
@@ -48,6 +49,8 @@ pub struct EvalOptions {
     pub model_dir: PathBuf,
     /// Replaces the base model the folder names (it moved).
     pub model: Option<String>,
+    /// What a single-file `model` needs beside its weights.
+    pub single_file: SingleFileOptions,
     /// The pair folder; default: the one magictailor.json records.
     pub instance_dir: Option<PathBuf>,
     /// `None`: the paper's prompts ([`PAPER_PROMPTS`]).
@@ -72,6 +75,7 @@ impl EvalOptions {
         Self {
             model_dir: PathBuf::from(run::DEFAULT_DIR),
             model: None,
+            single_file: SingleFileOptions::default(),
             instance_dir: None,
             prompts_file: None,
             placeholder: PLACEHOLDER.into(),
@@ -118,9 +122,13 @@ pub struct Outcome {
 /// The attention segmenter for the run `opts` scores: its base model and pseudo-words.
 pub fn attention_segmenter(opts: &EvalOptions) -> Result<segment::Attention> {
     let record = run::open(&opts.model_dir)?.record;
-    let model = opts.model.clone().unwrap_or(record.base_model);
+    let (model, single_file) = match &opts.model {
+        Some(m) => (m.clone(), opts.single_file.clone()),
+        None => (record.base_model, record.single_file),
+    };
     Ok(segment::Attention::new(
         &model,
+        single_file,
         record.tokens,
         &opts.device,
         opts.dtype,
@@ -311,6 +319,7 @@ fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path) -> Result<usize>
         sampling: opts.sampling.clone(),
         model_dir: Some(opts.model_dir.clone()),
         model: opts.model.clone(),
+        single_file: opts.single_file.clone(),
         lora: None,
         embeds: None,
         custom_diffusion: None,

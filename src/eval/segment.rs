@@ -14,7 +14,7 @@ use image::{DynamicImage, GrayImage, Luma, RgbImage};
 
 use crate::error::{Error, Result};
 use crate::masks::{self, AttentionOptions};
-use crate::model::loader::StableDiffusion;
+use crate::model::loader::{SingleFileOptions, StableDiffusion};
 use crate::model::tokenizer::pseudo_word;
 
 /// One generated image and how it was made.
@@ -53,6 +53,7 @@ impl Segmenter for WholeImage {
 /// earlier checks never load it.
 pub struct Attention {
     model: String,
+    single_file: SingleFileOptions,
     /// Pseudo-word -> class word, from the run's magictailor.json.
     classes: BTreeMap<String, String>,
     device: Device,
@@ -63,12 +64,14 @@ pub struct Attention {
 impl Attention {
     pub fn new(
         model: &str,
+        single_file: SingleFileOptions,
         classes: BTreeMap<String, String>,
         device: &Device,
         dtype: DType,
     ) -> Self {
         Self {
             model: model.to_string(),
+            single_file,
             classes,
             device: device.clone(),
             dtype,
@@ -80,7 +83,8 @@ impl Attention {
         if let Some(sd) = self.sd.get() {
             return Ok(sd);
         }
-        let sd = StableDiffusion::load(&self.model, &self.device, self.dtype)?;
+        let sd =
+            StableDiffusion::load_with(&self.model, &self.single_file, &self.device, self.dtype)?;
         Ok(self.sd.get_or_init(|| sd))
     }
 }

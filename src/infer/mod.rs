@@ -35,6 +35,8 @@ pub struct InferOptions {
     /// The base model: alone, sample it (plus `lora`/`embeds`); with `model_dir`, use it
     /// instead of the one the folder names (it moved) with the folder's adapters.
     pub model: Option<String>,
+    /// What a single-file `model` needs beside its weights.
+    pub single_file: crate::model::loader::SingleFileOptions,
     pub lora: Option<PathBuf>,
     pub embeds: Option<PathBuf>,
     /// Custom Diffusion's tuned matrices.

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::InferOptions;
 use crate::error::{Error, Result};
 use crate::io::{run, tensors};
-use crate::model::loader::StableDiffusion;
+use crate::model::loader::{SingleFileOptions, StableDiffusion};
 use crate::model::lora::LoraSet;
 use crate::model::tokenizer::pseudo_word;
 use crate::model::tuned::TunedSet;
@@ -16,8 +16,10 @@ use crate::model::tuned::TunedSet;
 /// Where a personalized model's weights come from.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
-    /// Hub id, local diffusers folder, or `tiny-random`.
+    /// Hub id, local diffusers folder, `tiny-random`, or a single `.safetensors` file.
     pub model: String,
+    /// What a single-file `model` needs beside its weights.
+    pub single_file: SingleFileOptions,
     pub lora: Option<PathBuf>,
     pub embeds: Option<PathBuf>,
     /// The whole trained token-embedding table (`--released-script` runs).
@@ -50,7 +52,7 @@ pub struct Personalized {
 
 impl Personalized {
     pub fn load(src: &Sources, device: &Device, dtype: DType) -> Result<Self> {
-        let mut sd = StableDiffusion::load(&src.model, device, dtype)?;
+        let mut sd = StableDiffusion::load_with(&src.model, &src.single_file, device, dtype)?;
         let aliases: Vec<(String, String)> = src.aliases.clone().into_iter().collect();
         sd.tokenizer.add_aliases(&aliases)?;
         if let Some((file, scale)) = &src.checkpoint {
@@ -220,6 +222,7 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
             }
             return Ok(Sources {
                 model: model.clone(),
+                single_file: opts.single_file.clone(),
                 lora: opts.lora.clone(),
                 embeds: opts.embeds.clone(),
                 token_table: None,
@@ -235,8 +238,13 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
         return checkpoint_sources(&dir, which, opts);
     }
     let folder = run::open(&dir)?;
+    let (model, single_file) = match &opts.model {
+        Some(m) => (m.clone(), opts.single_file.clone()),
+        None => (folder.record.base_model, folder.record.single_file),
+    };
     Ok(Sources {
-        model: opts.model.clone().unwrap_or(folder.record.base_model),
+        model,
+        single_file,
         lora: opts.lora.clone().or(folder.lora),
         embeds: opts.embeds.clone().or(folder.embeds),
         token_table: folder.token_table,
@@ -245,6 +253,11 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
         aliases: folder.record.aliases,
         checkpoint: None,
     })
+}
+
+/// What a checkpoint's settings say a single-file base model needs.
+fn recorded_single_file(settings: &serde_json::Value) -> SingleFileOptions {
+    serde_json::from_value(settings.clone()).unwrap_or_default()
 }
 
 /// A checkpoint of the run in `dir` (finished or not): its file, and from the settings it
@@ -290,8 +303,8 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
     let rank = settings["lora_rank"].as_f64().unwrap_or(1.0).max(1.0);
     let alpha = settings["lora_alpha"].as_f64().unwrap_or(rank);
     let model = match (&opts.model, settings["model"].as_str()) {
-        (Some(m), _) => m.clone(),
-        (None, Some(m)) => m.to_string(),
+        (Some(m), _) => (m.clone(), opts.single_file.clone()),
+        (None, Some(m)) => (m.to_string(), recorded_single_file(&settings)),
         (None, None) => {
             return Err(Error::bad_file(
                 &file,
@@ -310,8 +323,10 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
             )
         })?;
     }
+    let (model, single_file) = model;
     Ok(Sources {
         model,
+        single_file,
         lora: None,
         embeds: None,
         token_table: None,

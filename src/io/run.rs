@@ -58,8 +58,11 @@ pub const TOKEN_TABLE_KEY: &str = "text_model.embeddings.token_embedding.weight"
 /// Sampling needs only `base_model`, so the rest may be missing from a hand-written one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
-    /// Hub id, or an absolute local folder.
+    /// Hub id, or an absolute local folder or single-file checkpoint.
     pub base_model: String,
+    /// A single-file base model's configs folder and prediction type, when given.
+    #[serde(flatten)]
+    pub single_file: crate::model::loader::SingleFileOptions,
     /// The method as it ran: its name, what trained, its phases with their steps and
     /// rates, and what a step drew (`train::method::Recipe::describe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

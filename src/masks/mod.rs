@@ -62,6 +62,8 @@ pub struct MasksOptions {
     /// Where the masks go; `None`: `{instance_dir}/masks`.
     pub out: Option<PathBuf>,
     pub model: String,
+    /// What a single-file `model` needs beside its weights.
+    pub single_file: crate::model::loader::SingleFileOptions,
     pub attention: AttentionOptions,
     /// `--refine sam`: the SAM weights (a folder, a file or a hub id).
     pub sam_model: Option<String>,
@@ -113,7 +115,7 @@ pub fn make_masks(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
             target.join(format!("{}.png", data::PREVIEW_STEM)),
         ));
     }
-    let sd = StableDiffusion::load(&opts.model, &opts.device, opts.dtype)?;
+    let sd = StableDiffusion::load_with(&opts.model, &opts.single_file, &opts.device, opts.dtype)?;
     check_resolution(&sd, opts.attention.resolution)?;
     check_timesteps(&sd, &opts.attention.timesteps)?;
     let sam = opts

@@ -74,8 +74,10 @@ pub enum Origin {
 pub struct SingleFileOptions {
     /// A diffusers folder whose configs and tokenizer describe the file (its weights, if
     /// any, are not read); None: the family's bundled configs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_config: Option<PathBuf>,
     /// `epsilon` or `v_prediction`, where the weights cannot tell (SD 2.x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction_type: Option<String>,
 }
 
@@ -152,6 +154,15 @@ impl StableDiffusion {
 }
 
 impl SingleFileOptions {
+    /// With `model_config` made absolute, so a record works from anywhere.
+    pub fn absolute(&self) -> Self {
+        Self {
+            model_config: (self.model_config.as_ref())
+                .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())),
+            prediction_type: self.prediction_type.clone(),
+        }
+    }
+
     /// A diffusers folder says both itself: settings for a single file are refused, not
     /// ignored.
     fn refuse_for_folder(&self, model: &str) -> Result<()> {
@@ -402,11 +413,9 @@ fn single_file_configs_from(dir: &Path, single: &SingleFileOptions) -> Result<(C
 /// the family's hub repo (downloaded once into the hub cache).
 fn bundled_configs(ckpt: &Checkpoint, single: &SingleFileOptions) -> Result<(Configs, String)> {
     let family = ckpt.family;
-    let mut all: serde_json::Value = serde_json::from_str(family.bundled_configs())
-        .map_err(|e| Error::internal(format!("bundled {} configs: {e}", family.name())))?;
     let prediction = match (&single.prediction_type, family) {
-        (Some(p), _) => p.clone(),
-        (None, Family::Sd1) => "epsilon".to_string(),
+        (Some(p), _) => p.as_str(),
+        (None, Family::Sd1) => "epsilon",
         (None, Family::Sd2) => {
             return Err(Error::usage(format!(
                 "{} is an SD 2.x checkpoint, whose weights do not say what the U-Net predicts: \
@@ -416,7 +425,17 @@ fn bundled_configs(ckpt: &Checkpoint, single: &SingleFileOptions) -> Result<(Con
             )))
         }
     };
-    if prediction == "v_prediction" {
+    let (mut configs, unet_text) = family_configs(family, prediction)?;
+    configs.tokenizer = family_tokenizer(family)?;
+    Ok((configs, unet_text))
+}
+
+/// The family's bundled configs for `prediction` (no tokenizer yet), checked, and the
+/// U-Net's config text.
+fn family_configs(family: Family, prediction: &str) -> Result<(Configs, String)> {
+    let mut all: serde_json::Value = serde_json::from_str(family.bundled_configs())
+        .map_err(|e| Error::internal(format!("bundled {} configs: {e}", family.name())))?;
+    if family == Family::Sd2 && prediction == "v_prediction" {
         // SD 2.x at 768 px: the sizes and attention upcast of stabilityai/stable-diffusion-2-1.
         all["unet"]["sample_size"] = 96.into();
         all["unet"]["upcast_attention"] = true.into();
@@ -428,7 +447,7 @@ fn bundled_configs(ckpt: &Checkpoint, single: &SingleFileOptions) -> Result<(Con
         vae: bundled(&all, "vae")?,
         text: bundled(&all, "text_encoder")?,
         scheduler: bundled(&all, "scheduler")?,
-        tokenizer: family_tokenizer(family)?,
+        tokenizer: PathBuf::new(),
     };
     let name = |c: &str| {
         PathBuf::from(format!(
@@ -436,7 +455,7 @@ fn bundled_configs(ckpt: &Checkpoint, single: &SingleFileOptions) -> Result<(Con
             family.name()
         ))
     };
-    configs.check(name, &ckpt.file)?;
+    configs.check(name, Path::new(family.name()))?;
     let unet_text = serde_json::to_string_pretty(&all["unet"])
         .map_err(|e| Error::internal(format!("bundled unet config: {e}")))?;
     Ok((configs, unet_text))
@@ -450,11 +469,14 @@ fn bundled<T: serde::de::DeserializeOwned>(all: &serde_json::Value, component: &
 /// The tokenizer files of the family's hub repo, from the cache or downloaded.
 fn family_tokenizer(family: Family) -> Result<PathBuf> {
     let flag = "--model-config DIR (a diffusers folder with the family's configs and tokenizer/)";
+    let repo = family.tokenizer_repo();
     let mut dir = PathBuf::new();
-    for f in COMPONENT_FILES[3].1 {
-        let path = hub_file(family.tokenizer_repo(), &format!("tokenizer/{f}"), flag)?;
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+        let path = hub_file(repo, &format!("tokenizer/{f}"), flag)?;
         dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     }
+    // Older saves keep the pad token here; newer ones have none.
+    let _ = hub_file(repo, "tokenizer/special_tokens_map.json", flag);
     Ok(dir)
 }
 
@@ -735,5 +757,26 @@ pub(crate) fn hub_name() -> String {
     match HubEnv::from_env().endpoint.as_str() {
         super::hub_env::DEFAULT_ENDPOINT => "the Hugging Face hub".into(),
         other => format!("the hub at {other} (HF_ENDPOINT)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_family_configs_parse_and_fit_together() {
+        for (family, width) in [(Family::Sd1, 768), (Family::Sd2, 1024)] {
+            for prediction in ["epsilon", "v_prediction"] {
+                let (c, text) = family_configs(family, prediction).unwrap();
+                assert_eq!(c.text.hidden_size, width);
+                assert_eq!(c.scheduler.prediction_type, prediction);
+                assert_eq!(c.vae.downscale_factor(), 8);
+                let v = family == Family::Sd2 && prediction == "v_prediction";
+                assert_eq!(c.unet.upcast_attention, v);
+                assert_eq!(text.contains("\"sample_size\": 96"), v, "{text}");
+            }
+        }
+        assert!(family_configs(Family::Sd2, "sample").is_err());
     }
 }

@@ -10,7 +10,7 @@ use super::dm_deg::{Curve, Degradation};
 use super::method::Method;
 use crate::error::{Error, Result};
 use crate::infer::prompts::PLACEHOLDER;
-use crate::model::loader::check_side;
+use crate::model::loader::{check_side, SingleFileOptions};
 
 /// Pixels per latent cell of every SD VAE; the loader re-checks it against the model.
 pub const SD_VAE_FACTOR: usize = 8;
@@ -22,8 +22,11 @@ pub const SD_VAE_FACTOR: usize = 8;
 pub struct TrainConfig {
     pub instance_dir: PathBuf,
     pub output_dir: PathBuf,
-    /// Hub id, local diffusers folder, or `tiny-random`.
+    /// Hub id, local diffusers folder, `tiny-random`, or a single `.safetensors` file.
     pub model: String,
+    /// What a single-file `model` needs beside its weights.
+    #[serde(flatten)]
+    pub single_file: SingleFileOptions,
     /// The personalization method; the settings below it name which they apply to.
     pub method: Method,
     /// One-phase methods (`ti`): steps, rate (before `scale_lr`) and images per step;
@@ -120,6 +123,7 @@ impl Default for TrainConfig {
             instance_dir: PathBuf::new(),
             output_dir: PathBuf::from(crate::io::run::DEFAULT_DIR),
             model: crate::model::loader::DEFAULT_MODEL.to_string(),
+            single_file: SingleFileOptions::default(),
             method: Method::MagicTailor,
             steps: None,
             lr: None,

@@ -73,6 +73,7 @@ impl Trainer {
             .collect();
         Ok(run::RunRecord {
             base_model: base,
+            single_file: self.cfg.single_file.absolute(),
             method: Some(self.recipe.describe(self.num_images())),
             aliases: self.aliases(),
             tokens,

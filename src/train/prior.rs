@@ -86,7 +86,7 @@ fn image(dir: &Path, k: usize) -> PathBuf {
 
 /// The settings that shape a class image.
 fn info(t: &Trainer, class: &str) -> serde_json::Value {
-    serde_json::json!({
+    let mut info = serde_json::json!({
         "base_model": t.sd.source,
         "prompt": CLASS_PROMPT.replace("{}", class),
         "resolution": t.cfg.resolution,
@@ -95,7 +95,12 @@ fn info(t: &Trainer, class: &str) -> serde_json::Value {
         "steps": STEPS,
         "guidance": GUIDANCE,
         "seed": "the image's index",
-    })
+    });
+    // A single-file base is described by its configs and prediction type too.
+    if t.cfg.single_file != Default::default() {
+        info["single_file"] = serde_json::json!(t.cfg.single_file.absolute());
+    }
+    info
 }
 
 /// Records how `dir`'s images are drawn ([`check`] has compared an existing record).
