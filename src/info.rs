@@ -162,7 +162,11 @@ impl RunInfo {
         let mut out = vec![
             format!("{}", self.dir.display()),
             format!("  method:      {}", self.method()),
-            format!("  base model:  {}", s["model"].as_str().unwrap_or("?")),
+            format!(
+                "  base model:  {}{}",
+                s["model"].as_str().unwrap_or("?"),
+                single_file(s)
+            ),
             format!(
                 "  pair:        {}",
                 s["instance_dir"].as_str().unwrap_or("?")
@@ -193,5 +197,21 @@ impl RunInfo {
             ));
         }
         out.join("\n")
+    }
+}
+
+/// What a single-file base model was described with, as it follows the model's name.
+fn single_file(settings: &Value) -> String {
+    let mut parts = vec![];
+    if let Some(dir) = settings["model_config"].as_str() {
+        parts.push(format!("configs from {dir}"));
+    }
+    if let Some(p) = settings["prediction_type"].as_str() {
+        parts.push(format!("predicts {p}"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
     }
 }
