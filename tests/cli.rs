@@ -883,3 +883,55 @@ fn hub_settings_follow_huggingface_hub() {
     assert_eq!(hub["endpoint"], "https://mirror.example");
     assert_eq!(hub["token_from"], "HF_TOKEN");
 }
+
+/// Without --width/--height (infer) or --resolution (train, masks), images take the
+/// model's own size, as diffusers' pipelines do: its U-Net's sample_size in latent cells
+/// times the VAE's factor (the tiny model with 12 cells: 96 px). A size typed, or one in a
+/// `--config` file, wins.
+#[test]
+fn default_sizes_come_from_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-12");
+    copy_dir(Path::new(&tiny_sd()), &model);
+    let config = model.join("unet/config.json");
+    let mut unet: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    unet["sample_size"] = 12.into();
+    std::fs::write(&config, unet.to_string()).unwrap();
+    let model = model.to_str().unwrap();
+
+    let png = dir.path().join("a.png");
+    let args = ["--model", model, "--prompt", "a", "--steps", "2", "--quiet"];
+    ok(&run_bin(
+        "infer",
+        &with_args(args.to_vec(), &["--out", png.to_str().unwrap()]),
+    ));
+    assert_eq!(read_png(&png).dimensions(), (96, 96));
+    let more = ["--width", "64", "--out", png.to_str().unwrap()];
+    ok(&run_bin("infer", &with_args(args.to_vec(), &more)));
+    assert_eq!(read_png(&png).dimensions(), (64, 96));
+
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let train = |out: &Path, extra: &[&str]| {
+        let mut a = vec!["--instance-dir", pair.to_str().unwrap(), "--model", model];
+        a.extend([
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--warmup-steps",
+            "1",
+        ]);
+        a.extend(["--dsbal-steps", "1", "--sample-every", "0"]);
+        a.extend(extra);
+        ok(&run_bin("train", &a));
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("magictailor.json")).unwrap())
+                .unwrap();
+        record["config"]["resolution"].as_u64().unwrap()
+    };
+    assert_eq!(train(&dir.path().join("native"), &[]), 96);
+    let settings = dir.path().join("settings.json");
+    std::fs::write(&settings, r#"{"resolution": 64}"#).unwrap();
+    let from_file = ["--config", settings.to_str().unwrap()];
+    assert_eq!(train(&dir.path().join("file"), &from_file), 64);
+}

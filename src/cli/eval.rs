@@ -52,10 +52,12 @@ pub(super) struct EvalArgs {
     steps: u64,
     #[arg(long, default_value_t = s().guidance)]
     guidance: f64,
-    #[arg(long, default_value_t = s().width)]
-    width: usize,
-    #[arg(long, default_value_t = s().height)]
-    height: usize,
+    /// [default: the base model's own size, as `infer`]
+    #[arg(long)]
+    width: Option<usize>,
+    /// [default: the base model's own size]
+    #[arg(long)]
+    height: Option<usize>,
     /// Images denoised, and scored, together.
     #[arg(long, default_value_t = d().batch_size as u64, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
@@ -87,7 +89,20 @@ pub(super) struct EvalArgs {
 }
 
 impl EvalArgs {
+    /// The options, images sized as the base model's own where --width or --height is
+    /// not given (read from its configs).
     fn options(self) -> magictailor::Result<EvalOptions> {
+        let (width, height) = (self.width, self.height);
+        let mut opts = self.given_options()?;
+        if width.is_none() || height.is_none() {
+            let side = magictailor::eval::native_side(&opts)?;
+            opts.sampling.width = width.unwrap_or(side);
+            opts.sampling.height = height.unwrap_or(side);
+        }
+        Ok(opts)
+    }
+
+    fn given_options(self) -> magictailor::Result<EvalOptions> {
         Ok(EvalOptions {
             model_dir: self.model_dir,
             single_file: self.single_file.options_for(self.model.as_deref())?,
@@ -99,8 +114,8 @@ impl EvalArgs {
             sampling: Sampling {
                 steps: self.steps as usize,
                 guidance: self.guidance,
-                width: self.width,
-                height: self.height,
+                width: self.width.unwrap_or(s().width),
+                height: self.height.unwrap_or(s().height),
                 layout_steps: self.layout_steps,
                 ..s()
             },

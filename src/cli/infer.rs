@@ -59,10 +59,12 @@ pub(super) struct InferArgs {
     guidance: f64,
     #[arg(long, default_value_t = One::default().seed)]
     seed: u64,
-    #[arg(long, default_value_t = s().width)]
-    width: usize,
-    #[arg(long, default_value_t = s().height)]
-    height: usize,
+    /// [default: the base model's own size, its U-Net's sample_size times the VAE's factor]
+    #[arg(long)]
+    width: Option<usize>,
+    /// [default: the base model's own size]
+    #[arg(long)]
+    height: Option<usize>,
     /// Output PNG; with several images, files are numbered (result-0.png, ...).
     #[arg(long, default_value_os_t = One::default().out)]
     out: PathBuf,
@@ -161,15 +163,28 @@ impl InferArgs {
         }))
     }
 
+    /// The options, images sized as the base model's own where --width or --height is
+    /// not given (read from its configs).
     fn options(self) -> magictailor::Result<InferOptions> {
+        let (width, height) = (self.width, self.height);
+        let mut opts = self.given_options()?;
+        if width.is_none() || height.is_none() {
+            let side = magictailor::infer::native_side(&opts)?;
+            opts.sampling.width = width.unwrap_or(side);
+            opts.sampling.height = height.unwrap_or(side);
+        }
+        Ok(opts)
+    }
+
+    fn given_options(self) -> magictailor::Result<InferOptions> {
         Ok(InferOptions {
             mode: self.mode()?,
             sampling: Sampling {
                 negative_prompt: self.negative_prompt,
                 steps: self.steps as usize,
                 guidance: self.guidance,
-                width: self.width,
-                height: self.height,
+                width: self.width.unwrap_or(s().width),
+                height: self.height.unwrap_or(s().height),
                 layout_steps: self.layout_steps,
             },
             model_dir: self.model_dir,

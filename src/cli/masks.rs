@@ -43,9 +43,10 @@ pub(super) struct MasksArgs {
     model: String,
     #[command(flatten)]
     single_file: super::SingleFileArgs,
-    /// The square each image is cropped to, as `train --resolution`.
-    #[arg(long, default_value_t = AttentionOptions::default().resolution)]
-    resolution: usize,
+    /// The square each image is cropped to, as `train --resolution` [default: the
+    /// model's own size, as train's].
+    #[arg(long)]
+    resolution: Option<usize>,
     /// Diffusion timesteps whose attention is averaged: a list like 200,400,600 or 100..110.
     #[arg(long, default_value_t = timesteps_spec())]
     timesteps: String,
@@ -71,13 +72,18 @@ pub(super) struct MasksArgs {
 
 pub(super) fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
     let timesteps = prompts::parse_list(&a.timesteps, "--timesteps")?;
+    let single_file = a.single_file.options();
+    let resolution = match a.resolution {
+        Some(r) => r,
+        None => magictailor::model::loader::native_side(&a.model, &single_file)?,
+    };
     let opts = MasksOptions {
         instance_dir: a.instance_dir,
         out: a.out,
-        single_file: a.single_file.options(),
+        single_file,
         model: a.model,
         attention: AttentionOptions {
-            resolution: a.resolution,
+            resolution,
             timesteps: timesteps.into_iter().map(|t| t as usize).collect(),
             seed: a.seed,
         },

@@ -7,6 +7,7 @@ use magictailor::infer::prompts::{self, PLACEHOLDER};
 use magictailor::interrupt::Interrupt;
 use magictailor::io::console;
 use magictailor::io::progress::Progress;
+use magictailor::model::loader::native_side;
 use magictailor::profile;
 use magictailor::train::config::{flags_not_for, not_for_method};
 use magictailor::train::dm_deg::Curve;
@@ -142,9 +143,11 @@ pub(super) struct TrainSettings {
     export_full: Option<PathBuf>,
     #[arg(long, default_value_t = d().seed)]
     seed: u64,
-    /// Training resolution in pixels, a multiple of 8.
-    #[arg(long, default_value_t = d().resolution)]
-    resolution: usize,
+    /// Training resolution in pixels, a multiple of 8 [default: the model's own size, its
+    /// U-Net's sample_size times the VAE's factor: 512 for SD 1.x and 2.x-base, 768 for
+    /// 2.x at 768 px].
+    #[arg(long)]
+    resolution: Option<usize>,
     /// Use whole images instead of masks (lets the background leak in); without it, a
     /// folder with no masks/ gets them from the base model's attention.
     #[arg(long)]
@@ -234,7 +237,7 @@ impl TrainSettings {
             ds_bal: !self.no_ds_bal,
             ema_decay: self.ema_decay,
             seed: self.seed,
-            resolution: self.resolution,
+            resolution: self.resolution.unwrap_or(d().resolution),
             no_masks: self.no_masks,
             checkpoint_every: self.checkpoint_every,
             keep_checkpoints: self.keep_checkpoints.map(|n| n as usize),
@@ -278,7 +281,10 @@ impl TrainSettings {
         m: &clap::ArgMatches,
     ) -> magictailor::Result<(TrainConfig, candle_core::Device, Interrupt)> {
         let cfg = self.config(instance_dir, output_dir)?;
-        let mut cfg = with_settings_file(cfg, self.config.as_deref(), m)?;
+        let (mut cfg, file) = with_settings_file(cfg, self.config.as_deref(), m)?;
+        if !given(m, "resolution") && !file.contains_key("resolution") {
+            cfg.resolution = native_side(&cfg.model, &cfg.single_file)?;
+        }
         if let Some(&first) = methods.first() {
             cfg.method = first;
         }
@@ -349,15 +355,17 @@ fn given(m: &clap::ArgMatches, id: &str) -> bool {
     m.try_get_raw(id).is_ok() && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
 }
 
-/// `cfg` with the settings of `file` (`--config`) where the command line (`m`) gave none.
+/// `cfg` with the settings of `file` (`--config`) where the command line (`m`) gave none,
+/// and the file's settings (none without a file).
 fn with_settings_file(
     cfg: TrainConfig,
     file: Option<&std::path::Path>,
     m: &clap::ArgMatches,
-) -> magictailor::Result<TrainConfig> {
+) -> magictailor::Result<(TrainConfig, serde_json::Map<String, serde_json::Value>)> {
     let Some(file) = file else {
-        return Ok(cfg);
+        return Ok((cfg, Default::default()));
     };
     let settings = magictailor::train::settings_file::read(file)?;
-    magictailor::train::settings_file::overlay(&cfg, &settings, |id| given(m, id))
+    let cfg = magictailor::train::settings_file::overlay(&cfg, &settings, |id| given(m, id))?;
+    Ok((cfg, settings))
 }

@@ -122,10 +122,7 @@ pub struct Outcome {
 /// The attention segmenter for the run `opts` scores: its base model and pseudo-words.
 pub fn attention_segmenter(opts: &EvalOptions) -> Result<segment::Attention> {
     let record = run::open(&opts.model_dir)?.record;
-    let (model, single_file) = match &opts.model {
-        Some(m) => (m.clone(), opts.single_file.clone()),
-        None => (record.base_model, record.single_file),
-    };
+    let (model, single_file) = base_model(opts, &record);
     Ok(segment::Attention::new(
         &model,
         single_file,
@@ -133,6 +130,22 @@ pub fn attention_segmenter(opts: &EvalOptions) -> Result<segment::Attention> {
         &opts.device,
         opts.dtype,
     ))
+}
+
+/// The base model of the run `opts` scores (`opts.model` where given) and what a single
+/// file of it needs.
+fn base_model(opts: &EvalOptions, record: &run::RunRecord) -> (String, SingleFileOptions) {
+    match &opts.model {
+        Some(m) => (m.clone(), opts.single_file.clone()),
+        None => (record.base_model.clone(), record.single_file.clone()),
+    }
+}
+
+/// The image side of the run's base model, from its configs ([`crate::model::loader::native_side`]).
+pub fn native_side(opts: &EvalOptions) -> Result<usize> {
+    let record = run::open(&opts.model_dir)?.record;
+    let (model, single_file) = base_model(opts, &record);
+    crate::model::loader::native_side(&model, &single_file)
 }
 
 pub fn evaluate(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome> {

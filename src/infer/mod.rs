@@ -82,6 +82,13 @@ impl Default for One {
     }
 }
 
+/// The image side of the base model `opts` samples, from its configs alone: its U-Net's
+/// `sample_size` times the VAE's factor (diffusers' pipelines' default size).
+pub fn native_side(opts: &InferOptions) -> Result<usize> {
+    let src = weights::sources(opts)?;
+    crate::model::loader::native_side(&src.model, &src.single_file)
+}
+
 /// Draws what `opts.mode` asks for; returns the image files.
 pub fn infer(opts: &InferOptions) -> Result<Vec<PathBuf>> {
     opts.sampling.check()?;

@@ -180,6 +180,43 @@ impl SingleFileOptions {
     }
 }
 
+/// The image side `model` was trained at, read from its configs alone (no weights): the
+/// U-Net's `sample_size` in latent cells times the VAE's factor, as diffusers' pipelines
+/// size their images (512 for SD 1.x and 2.x-base, 768 for 2.x at 768 px). A hub model's
+/// two config files are fetched, not the model.
+pub fn native_side(model: &str, single: &SingleFileOptions) -> Result<usize> {
+    let (unet, vae): (UNetConfig, VaeConfig) =
+        match (single_file_path(model)?, &single.model_config) {
+            (Some(_), Some(dir)) | (None, Some(dir)) => configs_in(dir)?,
+            (Some(file), None) => {
+                let family = Checkpoint::family_of(&file)?;
+                let prediction = single.prediction_type.as_deref().unwrap_or("epsilon");
+                let (c, _) = family_configs(family, prediction)?;
+                (c.unet, c.vae)
+            }
+            (None, None)
+                if model != TINY_RANDOM
+                    && !Path::new(model).exists()
+                    && looks_like_hub_id(model) =>
+            {
+                let flag = "--model";
+                (
+                    read_json(&hub_file(model, "unet/config.json", flag)?)?,
+                    read_json(&hub_file(model, "vae/config.json", flag)?)?,
+                )
+            }
+            (None, None) => configs_in(&resolve(model)?)?,
+        };
+    let cells = unet.sample_size.unwrap_or(64);
+    Ok(cells * vae.downscale_factor())
+}
+
+fn configs_in(root: &Path) -> Result<(UNetConfig, VaeConfig)> {
+    let unet = root.join("unet").join("config.json");
+    let vae = root.join("vae").join("config.json");
+    Ok((read_json(&unet)?, read_json(&vae)?))
+}
+
 /// Refuses an image side (`flag`'s value, in pixels) that is not a whole number of latent
 /// cells of `factor` pixels, or is under `min` pixels, naming the nearest size that works.
 pub fn check_side(flag: &str, pixels: usize, factor: usize, min: usize) -> Result<()> {

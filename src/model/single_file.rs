@@ -117,11 +117,7 @@ impl Checkpoint {
     /// with no U-Net or no text encoder, an inpainting model).
     pub fn open(file: &Path) -> Result<Self> {
         crate::io::tensors::check(file)?;
-        // SAFETY: memory-mapped read-only; magictailor never writes a model while it loads.
-        let st = unsafe { MmapedSafetensors::new(file) }
-            .map_err(|e| Error::bad_file(file, format!("cannot read {}: {e}", file.display())))?;
-        let keys: Vec<String> = st.tensors().into_iter().map(|(k, _)| k).collect();
-        let family = Family::detect(file, &keys.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let (st, keys, family) = mapped(file)?;
         let conv_in = format!("{UNET}input_blocks.0.0.weight");
         if let Ok(view) = st.get(&conv_in) {
             let channels = view.shape().get(1).copied().unwrap_or(0);
@@ -138,6 +134,11 @@ impl Checkpoint {
             st: Arc::new(st),
             keys,
         })
+    }
+
+    /// The family of `file` from its header alone (no tensor is read).
+    pub fn family_of(file: &Path) -> Result<Family> {
+        mapped(file).map(|(_, _, family)| family)
     }
 
     /// `component`'s weights under diffusers' names. `levels` tells the original block
@@ -174,6 +175,16 @@ impl Checkpoint {
         }
         Ok(out)
     }
+}
+
+/// `file` memory-mapped, its tensor names and its family.
+fn mapped(file: &Path) -> Result<(MmapedSafetensors, Vec<String>, Family)> {
+    // SAFETY: memory-mapped read-only; magictailor never writes a model while it loads.
+    let st = unsafe { MmapedSafetensors::new(file) }
+        .map_err(|e| Error::bad_file(file, format!("cannot read {}: {e}", file.display())))?;
+    let keys: Vec<String> = st.tensors().into_iter().map(|(k, _)| k).collect();
+    let family = Family::detect(file, &keys.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok((st, keys, family))
 }
 
 /// A component's view of the file under diffusers' names.
