@@ -8,29 +8,9 @@ use std::process::Output;
 
 use common::*;
 
-/// Runs `infer` like the reference run: the fixture latents, 10 DDIM steps, 64 px.
-/// `model` selects the weights (`--model DIR` or `--model-dir DIR`, plus any extras).
+/// Runs `infer` like the SD 2.x reference run (`Family::infer_like_reference`).
 fn infer_like_reference(model: &[&str], out: &Path, prompt: &str) -> Output {
-    infer_like(&SD2, model, out, prompt)
-}
-
-/// The same, with a family's fixture latents.
-fn infer_like(fam: &Family, model: &[&str], out: &Path, prompt: &str) -> Output {
-    let latents = fam.arg("init_latents.safetensors");
-    let mut args = vec![
-        "--init-latents",
-        &latents,
-        "--steps",
-        "10",
-        "--guidance",
-        "7.5",
-    ];
-    args.extend([
-        "--width", "64", "--height", "64", "--quiet", "--prompt", prompt,
-    ]);
-    args.extend(["--out", out.to_str().unwrap()]);
-    args.extend(model);
-    run_bin("infer", &args)
+    SD2.infer_like_reference(model, out, prompt)
 }
 
 #[test]
@@ -38,7 +18,7 @@ fn infer_reproduces_diffusers_image() {
     let dir = tempfile::tempdir().unwrap();
     for fam in &FAMILIES {
         let out = dir.path().join("base.png");
-        let o = infer_like(fam, &["--model", &fam.model()], &out, "a photo of a dog");
+        let o = fam.infer_like_reference(&["--model", &fam.model()], &out, "a photo of a dog");
         assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
         let d = png_max_diff(&read_png(&out), &read_png(&fam.path("ddim_base.png")));
         assert!(d <= 2, "{}: max pixel difference {d} levels", fam.name);
@@ -62,7 +42,7 @@ fn infer_reproduces_diffusers_image_with_lora_and_embeddings() {
             "--embeds",
             &embeds,
         ];
-        let o = infer_like(fam, &model, &out, "<v0> with <v1>, in the snow");
+        let o = fam.infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
         assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
         let got = read_png(&out);
         let d = png_max_diff(&got, &read_png(&fam.path("ddim_personal.png")));
@@ -91,7 +71,7 @@ fn half_precision_infer_stays_close_to_the_reference_image() {
             "--dtype",
             "f16",
         ];
-        let o = infer_like(fam, &model, &out, "<v0> with <v1>, in the snow");
+        let o = fam.infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
         assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
         let d = png_max_diff(&read_png(&out), &read_png(&fam.path("ddim_personal.png")));
         assert!(

@@ -151,14 +151,9 @@ fn what_is_not_a_loadable_checkpoint_is_refused_by_name() {
 
 // ---- Through the binary ---------------------------------------------------------------
 
-/// `infer` from the family's fixture latents (10 DDIM steps, 64 px) with `model` args.
+/// `infer` as the reference images were drawn, with `model` args.
 fn draw(fam: &Family, model: &[&str], prompt: &str, out: &std::path::Path) -> std::process::Output {
-    let latents = fam.arg("init_latents.safetensors");
-    let mut args = vec!["--init-latents", &latents, "--steps", "10", "--width", "64"];
-    args.extend(["--height", "64", "--quiet", "--prompt", prompt]);
-    args.extend(["--out", out.to_str().unwrap()]);
-    args.extend(model);
-    run_bin("infer", &args)
+    fam.infer_like_reference(model, out, prompt)
 }
 
 #[test]

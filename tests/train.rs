@@ -289,26 +289,8 @@ fn an_sd1_model_trains_and_its_files_feed_infer() {
     ] {
         std::fs::copy(out.join(f), check.join(f)).unwrap();
     }
-    let latents = SD1.arg("init_latents.safetensors");
-    let png = check.join("infer.png");
-    let args = [
-        "--model-dir",
-        out.to_str().unwrap(),
-        "--init-latents",
-        &latents,
-        "--steps",
-        "10",
-        "--prompt",
-        "<v0> with <v1>",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-        "--out",
-        png.to_str().unwrap(),
-    ];
-    ok(&run_bin("infer", &args));
+    let run = ["--model-dir", out.to_str().unwrap()];
+    ok(&SD1.infer_like_reference(&run, &check.join("infer.png"), "<v0> with <v1>"));
 }
 
 #[test]

@@ -94,6 +94,7 @@ impl EvalArgs {
     fn options(self) -> magictailor::Result<EvalOptions> {
         let (width, height) = (self.width, self.height);
         let mut opts = self.given_options()?;
+        opts.sampling.check()?;
         if width.is_none() || height.is_none() {
             let side = magictailor::eval::native_side(&opts)?;
             opts.sampling.width = width.unwrap_or(side);

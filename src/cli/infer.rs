@@ -168,6 +168,7 @@ impl InferArgs {
     fn options(self) -> magictailor::Result<InferOptions> {
         let (width, height) = (self.width, self.height);
         let mut opts = self.given_options()?;
+        magictailor::infer::check(&opts)?;
         if width.is_none() || height.is_none() {
             let side = magictailor::infer::native_side(&opts)?;
             opts.sampling.width = width.unwrap_or(side);

@@ -75,7 +75,11 @@ pub(super) fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
     let single_file = a.single_file.options();
     let resolution = match a.resolution {
         Some(r) => r,
-        None => magictailor::model::loader::native_side(&a.model, &single_file)?,
+        None => {
+            // A missing or misnamed pair folder is said before the model is read.
+            magictailor::data::class_words(&a.instance_dir)?;
+            magictailor::model::loader::native_side(&a.model, &single_file)?
+        }
     };
     let opts = MasksOptions {
         instance_dir: a.instance_dir,

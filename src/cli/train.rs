@@ -282,9 +282,6 @@ impl TrainSettings {
     ) -> magictailor::Result<(TrainConfig, candle_core::Device, Interrupt)> {
         let cfg = self.config(instance_dir, output_dir)?;
         let (mut cfg, file) = with_settings_file(cfg, self.config.as_deref(), m)?;
-        if !given(m, "resolution") && !file.contains_key("resolution") {
-            cfg.resolution = native_side(&cfg.model, &cfg.single_file)?;
-        }
         if let Some(&first) = methods.first() {
             cfg.method = first;
         }
@@ -300,6 +297,15 @@ impl TrainSettings {
                 ..cfg.clone()
             }
             .validate()?;
+        }
+        // The model's own size, once everything that can be refused unread is checked
+        // (train's pair folder too; batch checks each of its pairs later).
+        if !given(m, "resolution") && !file.contains_key("resolution") {
+            if !cfg.instance_dir.as_os_str().is_empty() {
+                magictailor::data::class_words(&cfg.instance_dir)?;
+            }
+            cfg.resolution = native_side(&cfg.model, &cfg.single_file)?;
+            cfg.validate()?;
         }
         self.check(&cfg)?;
         let device = magictailor::device::parse(&self.device)?;

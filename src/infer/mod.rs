@@ -89,12 +89,18 @@ pub fn native_side(opts: &InferOptions) -> Result<usize> {
     crate::model::loader::native_side(&src.model, &src.single_file)
 }
 
-/// Draws what `opts.mode` asks for; returns the image files.
-pub fn infer(opts: &InferOptions) -> Result<Vec<PathBuf>> {
+/// What is refused before anything is read: the sampling values and the output name.
+pub fn check(opts: &InferOptions) -> Result<()> {
     opts.sampling.check()?;
     if let Mode::One(one) = &opts.mode {
         one::check_out(one)?;
     }
+    Ok(())
+}
+
+/// Draws what `opts.mode` asks for; returns the image files.
+pub fn infer(opts: &InferOptions) -> Result<Vec<PathBuf>> {
+    check(opts)?;
     let src = weights::sources(opts)?;
     let p = Personalized::load(&src, &opts.device, opts.dtype)?;
     p.weights().check_prompt(&opts.sampling.negative_prompt)?;

@@ -49,6 +49,27 @@ impl Family {
     pub fn model(&self) -> String {
         self.arg("tiny-sd")
     }
+    /// `magictailor infer` as the family's reference images were drawn: its fixture
+    /// latents, 10 DDIM steps, guidance 7.5, 64 px; `model` selects the weights
+    /// (`--model DIR`, `--model-dir DIR`, plus any extras).
+    pub fn infer_like_reference(&self, model: &[&str], out: &Path, prompt: &str) -> Output {
+        let latents = self.arg("init_latents.safetensors");
+        let mut args = vec![
+            "--init-latents",
+            &latents,
+            "--steps",
+            "10",
+            "--guidance",
+            "7.5",
+        ];
+        args.extend([
+            "--width", "64", "--height", "64", "--quiet", "--prompt", prompt,
+        ]);
+        args.extend(["--out", out.to_str().expect("a UTF-8 path")]);
+        args.extend(model);
+        run_bin("infer", &args)
+    }
+
     pub fn reference(&self) -> HashMap<String, Tensor> {
         candle_core::safetensors::load(self.path("parity.safetensors"), &Device::Cpu)
             .unwrap_or_else(|e| panic!("{} parity fixture: {e}", self.name))
