@@ -30,18 +30,8 @@ fn infer_reproduces_diffusers_image_with_lora_and_embeddings() {
     let dir = tempfile::tempdir().unwrap();
     for fam in &FAMILIES {
         let out = dir.path().join("personal.png");
-        let (lora, embeds) = (
-            fam.arg("lora_peft.safetensors"),
-            fam.arg("learned_embeds.safetensors"),
-        );
-        let model = [
-            "--model",
-            &fam.model(),
-            "--lora",
-            &lora,
-            "--embeds",
-            &embeds,
-        ];
+        let args = fam.personal_args();
+        let model: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = fam.infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
         assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
         let got = read_png(&out);
@@ -57,20 +47,9 @@ fn half_precision_infer_stays_close_to_the_reference_image() {
     let dir = tempfile::tempdir().unwrap();
     for fam in &FAMILIES {
         let out = dir.path().join("f16.png");
-        let (lora, embeds) = (
-            fam.arg("lora_peft.safetensors"),
-            fam.arg("learned_embeds.safetensors"),
-        );
-        let model = [
-            "--model",
-            &fam.model(),
-            "--lora",
-            &lora,
-            "--embeds",
-            &embeds,
-            "--dtype",
-            "f16",
-        ];
+        let args = fam.personal_args();
+        let mut model: Vec<&str> = args.iter().map(String::as_str).collect();
+        model.extend(["--dtype", "f16"]);
         let o = fam.infer_like_reference(&model, &out, "<v0> with <v1>, in the snow");
         assert!(o.status.success(), "{}: {}", fam.name, stderr(&o));
         let d = png_max_diff(&read_png(&out), &read_png(&fam.path("ddim_personal.png")));

@@ -70,6 +70,20 @@ impl Family {
         run_bin("infer", &args)
     }
 
+    /// `--model`, `--lora` and `--embeds` of the fixture model, LoRA and pseudo-words.
+    pub fn personal_args(&self) -> Vec<String> {
+        let (lora, embeds) = ("lora_peft.safetensors", "learned_embeds.safetensors");
+        let args = [
+            "--model",
+            &self.model(),
+            "--lora",
+            &self.arg(lora),
+            "--embeds",
+            &self.arg(embeds),
+        ];
+        args.iter().map(|a| a.to_string()).collect()
+    }
+
     pub fn reference(&self) -> HashMap<String, Tensor> {
         candle_core::safetensors::load(self.path("parity.safetensors"), &Device::Cpu)
             .unwrap_or_else(|e| panic!("{} parity fixture: {e}", self.name))
