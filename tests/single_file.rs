@@ -136,6 +136,13 @@ fn what_is_not_a_loadable_checkpoint_is_refused_by_name() {
         e.contains("--model-config describes a single-file checkpoint"),
         "{e}"
     );
+    // A U-Net alone: no text encoder to take prompts.
+    let unet_only = dir.path().join("unet_only.safetensors");
+    let t = Tensor::zeros((4, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let tensors = std::collections::HashMap::from([(keys[0].to_string(), t)]);
+    candle_core::safetensors::save(&tensors, &unet_only).unwrap();
+    let e = refused(unet_only.to_str().unwrap(), &single);
+    assert!(e.contains("without a text encoder"), "{e}");
     // Pickle.
     let ckpt = dir.path().join("model.ckpt");
     std::fs::write(&ckpt, b"PK").unwrap();
@@ -314,4 +321,20 @@ fn bundled_configs_take_the_tokenizer_from_the_hub_cache_and_name_the_way_out() 
         "{e}"
     );
     assert!(!out.exists());
+}
+
+/// Adapters trained on one family do not load on another: SD 1.x's 1x1-conv projection
+/// adapters on SD 2.x's linear ones are refused, naming the file.
+#[test]
+fn an_sd1_lora_on_an_sd2_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never.png");
+    let lora = SD1.arg("lora_peft.safetensors");
+    let o = SD2.infer_like_reference(&["--model", &SD2.model(), "--lora", &lora], &out, "a");
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("lora_peft.safetensors"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked") && !out.exists(), "{e}");
 }
