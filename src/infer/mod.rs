@@ -19,7 +19,8 @@ pub mod provenance;
 mod sampling;
 mod weights;
 pub use sampling::{
-    decode, denoise, sample, seeded_latents, to_images, Conditioning, Prompted, Sampling, Weights,
+    decode, denoise, invert, sample, seeded_latents, to_images, Conditioning, Prompted, Sampling,
+    Weights,
 };
 pub use weights::{Personalized, Sources};
 

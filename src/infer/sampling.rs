@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::loader::{self, StableDiffusion};
 use crate::model::lora::LoraSet;
 use crate::model::nn::Ctx;
-use crate::model::scheduler::Ddim;
+use crate::model::scheduler::{Ddim, DdimInverse};
 use crate::model::tuned::TunedSet;
 use crate::rng::seeded_normal;
 
@@ -284,6 +284,22 @@ pub fn denoise(
         };
         x = ddim.step(&eps, t, &x)?;
         on_step();
+    }
+    Ok(x)
+}
+
+/// DDIM inversion of clean `latents` over `steps` (diffusers' `DDIMInverseScheduler`):
+/// the noised latents that DDIM sampling with `cond` over as many steps starts from to
+/// draw them again (approximately: each step reads the model one timestep ahead).
+/// Layout-and-Retouch starts its layout and reference paths from such latents.
+pub fn invert(cond: &Conditioning, latents: Tensor, steps: usize) -> Result<Tensor> {
+    let sd = cond.weights.sd;
+    let inverse =
+        DdimInverse::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
+    let context = cond.context(latents.dim(0)?)?;
+    let mut x = latents;
+    for &t in inverse.timesteps() {
+        x = inverse.step(&cond.eps(&x, t, &context)?, t, &x)?;
     }
     Ok(x)
 }

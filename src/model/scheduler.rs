@@ -171,6 +171,85 @@ impl Ddim {
     }
 }
 
+/// DDIM run backwards, as diffusers' `DDIMInverseScheduler`: from a clean latent up the
+/// sampler's timesteps to the noised latent DDIM sampling starts from. Each step moves
+/// from `t - ratio` (clean before the first) to `t`, reading the model's output at `t`
+/// on the latent it starts from (the usual approximation: the output at the start's
+/// timestep is not yet known).
+pub struct DdimInverse {
+    schedule: NoiseSchedule,
+    /// Ascending: where each step ends (and where the model is asked).
+    timesteps: Vec<usize>,
+    step_ratio: usize,
+    initial_alpha_cumprod: f32,
+}
+
+impl DdimInverse {
+    pub fn new(schedule: &NoiseSchedule, steps: usize) -> Result<Self> {
+        let cfg = &schedule.config;
+        let n = cfg.num_train_timesteps;
+        if steps == 0 || steps > n {
+            candle_core::bail!("the number of steps must be between 1 and {n}, got {steps}");
+        }
+        let timesteps: Vec<usize> = match cfg.timestep_spacing.as_str() {
+            "leading" => (0..steps)
+                .map(|i| i * (n / steps) + cfg.steps_offset)
+                .collect(),
+            "trailing" => {
+                let ratio = n as f64 / steps as f64;
+                let mut v: Vec<usize> = (0..steps)
+                    .map(|i| ((n as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
+                    .collect();
+                v.reverse();
+                v
+            }
+            other => candle_core::bail!(
+                "DDIM inversion takes leading or trailing timestep spacing (diffusers' \
+                 DDIMInverseScheduler), not {other:?}"
+            ),
+        };
+        let initial_alpha_cumprod = if cfg.set_alpha_to_one {
+            1.0
+        } else {
+            schedule.alphas_cumprod[0]
+        };
+        Ok(Self {
+            schedule: schedule.clone(),
+            timesteps,
+            step_ratio: n / steps,
+            initial_alpha_cumprod,
+        })
+    }
+
+    pub fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    /// One step up to `t` from `x` (at `t - ratio`), given the model's output at `t`.
+    pub fn step(&self, output: &Tensor, t: usize, x: &Tensor) -> Result<Tensor> {
+        let ac = &self.schedule.alphas_cumprod;
+        let a_from = match t.checked_sub(self.step_ratio) {
+            Some(p) => ac[p.min(ac.len() - 1)] as f64,
+            None => self.initial_alpha_cumprod as f64,
+        };
+        let a_to = ac[t.min(ac.len() - 1)] as f64;
+        let (x0, eps) = if self.schedule.predicts_v() {
+            let x0 = ((x * a_from.sqrt())? - (output * (1.0 - a_from).sqrt())?)?;
+            let eps = ((output * a_from.sqrt())? + (x * (1.0 - a_from).sqrt())?)?;
+            (x0, eps)
+        } else {
+            let x0 = ((x - (output * (1.0 - a_from).sqrt())?)? / a_from.sqrt())?;
+            (x0, output.clone())
+        };
+        let x0 = if self.schedule.config.clip_sample {
+            x0.clamp(-1f32, 1f32)?
+        } else {
+            x0
+        };
+        (x0 * a_to.sqrt())? + (eps * (1.0 - a_to).sqrt())?
+    }
+}
+
 /// `torch.linspace` in f32: `start + i * (end - start) / (n - 1)`, symmetric from both ends.
 fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
@@ -187,4 +266,42 @@ fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn schedule(spacing: &str) -> NoiseSchedule {
+        let mut cfg = crate::model::tiny::scheduler_config();
+        cfg["timestep_spacing"] = spacing.into();
+        NoiseSchedule::new(&serde_json::from_value(cfg).unwrap())
+    }
+
+    /// With the same noise estimate at both ends, an inversion step undoes a DDIM step
+    /// exactly; and the inverse walks the sampler's timesteps in reverse.
+    #[test]
+    fn an_inversion_step_undoes_a_ddim_step() {
+        for spacing in ["leading", "trailing"] {
+            let s = schedule(spacing);
+            let (ddim, inverse) = (
+                Ddim::new(&s, 10).unwrap(),
+                DdimInverse::new(&s, 10).unwrap(),
+            );
+            let mut up = inverse.timesteps().to_vec();
+            up.reverse();
+            assert_eq!(up, ddim.timesteps(), "{spacing}");
+            let dev = &Device::Cpu;
+            let x = Tensor::randn(0f32, 1., (1, 4, 4, 4), dev).unwrap();
+            let eps = Tensor::randn(0f32, 1., (1, 4, 4, 4), dev).unwrap();
+            for &t in ddim.timesteps() {
+                let down = ddim.step(&eps, t, &x).unwrap();
+                let back = inverse.step(&eps, t, &down).unwrap();
+                let d = (back - &x).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{spacing} t={t}");
+            }
+        }
+        assert!(DdimInverse::new(&schedule("linspace"), 10).is_err());
+    }
 }
