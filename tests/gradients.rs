@@ -97,6 +97,7 @@ fn loss(s: &Setup) -> Tensor {
                     lora: Some(&set),
                     tuned: Some(&tuned),
                     probe: Some(&probe),
+                    added: None,
                 },
             )
             .unwrap();

@@ -246,6 +246,7 @@ impl Conditioning<'_> {
             lora: w.lora,
             tuned: w.tuned,
             probe: None,
+            added: None,
         };
         let eps = (w.sd.unet)
             .forward(&input.to_dtype(w.sd.dtype)?, &ts, context, ctx)?

@@ -26,8 +26,25 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `[projection, hidden]`: `CLIPTextModelWithProjection`'s (SDXL's second encoder).
+    text_projection: Option<Tensor>,
     /// `[1, 1, positions, positions]` additive mask, made once on the model's device.
     causal_mask: Tensor,
+}
+
+/// Every layer's output (`hidden[0]` the embeddings', as transformers' `hidden_states`)
+/// and the last after the final LayerNorm.
+pub struct TextStates {
+    pub hidden: Vec<Tensor>,
+    pub last: Tensor,
+}
+
+impl TextStates {
+    /// The second-to-last layer's output, without the final LayerNorm: what SDXL
+    /// conditions on.
+    pub fn penultimate(&self) -> &Tensor {
+        &self.hidden[self.hidden.len().saturating_sub(2)]
+    }
 }
 
 impl EncoderLayer {
@@ -74,6 +91,13 @@ impl EncoderLayer {
 
 impl ClipTextModel {
     pub fn load(vb: &VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let text_projection = match vb.contains_tensor("text_projection.weight") {
+            true => Some(vb.get(
+                (cfg.projection_dim, cfg.hidden_size),
+                "text_projection.weight",
+            )?),
+            false => None,
+        };
         // transformers < 5 saves under `text_model.`; transformers 5 saves without it.
         let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
             vb.clone()
@@ -98,6 +122,7 @@ impl ClipTextModel {
                 cfg.hidden_size,
                 cfg.layer_norm_eps,
             )?,
+            text_projection,
             causal_mask: causal_mask(cfg.max_position_embeddings, DType::F32, vb.device())?,
         })
     }
@@ -184,6 +209,35 @@ impl ClipTextModel {
         table: Option<&Tensor>,
         extra: Option<&Tensor>,
     ) -> Result<Tensor> {
+        Ok(self.forward_states(ids, table, extra)?.last)
+    }
+
+    /// The projected pooled output `[b, projection]`: the final hidden state (`last`) at
+    /// each row's first end-of-text token, found by position (pseudo-words have larger
+    /// ids than end-of-text, so transformers' `argmax` would find them).
+    pub fn pooled(&self, last: &Tensor, ids: &Tensor, eos_id: u32) -> Result<Tensor> {
+        let Some(projection) = &self.text_projection else {
+            candle_core::bail!("this text encoder has no text_projection (not SDXL's second)");
+        };
+        let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let mut picked = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let at = row
+                .iter()
+                .position(|&id| id == eos_id)
+                .unwrap_or(row.len() - 1);
+            picked.push(last.get(i)?.get(at)?);
+        }
+        Tensor::stack(&picked, 0)?.matmul(&projection.t()?)
+    }
+
+    /// Every layer's output and the final one after the LayerNorm ([`TextStates`]).
+    pub fn forward_states(
+        &self,
+        ids: &Tensor,
+        table: Option<&Tensor>,
+        extra: Option<&Tensor>,
+    ) -> Result<TextStates> {
         let _p = crate::profile::scope(crate::profile::Kind::TextEncoder, ids.device());
         let (_, n) = ids.dims2()?;
         if n > self.config.max_position_embeddings {
@@ -203,10 +257,13 @@ impl ClipTextModel {
             .narrow(2, 0, n)?
             .narrow(3, 0, n)?
             .to_dtype(x.dtype())?;
+        let mut hidden = vec![x.clone()];
         for layer in &self.layers {
             x = layer.forward(&x, &mask, &self.config)?;
+            hidden.push(x.clone());
         }
-        self.final_layer_norm.forward(&x)
+        let last = self.final_layer_norm.forward(&x)?;
+        Ok(TextStates { hidden, last })
     }
 }
 

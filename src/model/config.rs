@@ -98,8 +98,16 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
+    /// SDXL's `text_time`: the pooled text embedding and six size/crop numbers, projected
+    /// and added to the timestep embedding.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// The sinusoidal width of each of the six numbers (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// The pooled text width plus six times `addition_time_embed_dim` (SDXL: 2816).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     #[serde(default)]
@@ -200,8 +208,12 @@ impl UNetConfig {
                 "class embeddings",
             ),
             (
-                self.addition_embed_type.is_some(),
-                "addition_embed_type (SDXL-style conditioning)",
+                self.addition_embed_type.as_deref().is_some_and(|t| t != "text_time")
+                    || (self.addition_embed_type.is_some()
+                        && (self.addition_time_embed_dim.is_none()
+                            || self.projection_class_embeddings_input_dim.is_none())),
+                "addition_embed_type other than SDXL's \"text_time\" (with addition_time_embed_dim and \
+                 projection_class_embeddings_input_dim)",
             ),
             (self.encoder_hid_dim.is_some(), "encoder_hid_dim"),
             (self.time_cond_proj_dim.is_some(), "time_cond_proj_dim"),
@@ -326,6 +338,9 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub architectures: Vec<String>,
+    /// `CLIPTextModelWithProjection`'s output width (SDXL's second encoder).
+    #[serde(default)]
+    pub projection_dim: usize,
 }
 
 fn default_quick_gelu() -> String {

@@ -273,6 +273,14 @@ impl Configs {
         self.vae.validate(&file("vae"))?;
         self.text.validate(&file("text_encoder"))?;
         self.scheduler.validate(&file("scheduler"))?;
+        if self.unet.addition_embed_type.is_some() {
+            return Err(Error::unsupported(
+                root,
+                "an SDXL model (two text encoders, added size conditioning): its U-Net and \
+                 text encoders load as parts, but prompts, train and infer do not take SDXL yet"
+                    .into(),
+            ));
+        }
         if self.unet.cross_attention_dim != self.text.hidden_size {
             return Err(Error::mismatch(
                 root,

@@ -18,6 +18,17 @@ pub struct Ctx<'a> {
     /// Full weights in place of some layers' base weights (these layers take no adapter).
     pub tuned: Option<&'a TunedSet>,
     pub probe: Option<&'a AttnProbe>,
+    /// SDXL's added conditioning, for U-Nets that take it.
+    pub added: Option<&'a AddedCond>,
+}
+
+/// SDXL's added conditioning: the second text encoder's pooled, projected output
+/// `[b, pooled]` and the six numbers `[b, 6]` (original height and width, crop top and
+/// left, target height and width).
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
 }
 
 /// A linear layer that may carry a LoRA adapter, found by its diffusers module path.

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::attention::{Transformer2D, Transformer2DConfig};
 use super::config::UNetConfig;
 use super::lora::{LoraTarget, MAGICTAILOR_TARGETS};
-use super::nn::{group_norm, Conv2d, Ctx, GroupNorm, Linear};
+use super::nn::{group_norm, AddedCond, Conv2d, Ctx, GroupNorm, Linear};
 use super::probe::BlockKind;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
@@ -34,17 +34,69 @@ pub struct UNet {
     dtype: DType,
     /// Sinusoidal timestep frequencies `[1, c0 / 2]`, made once on the model's device.
     time_freqs: Tensor,
+    /// SDXL's `text_time` conditioning, when the config has it.
+    added: Option<AddedEmbedding>,
+}
+
+/// SDXL's `add_time_proj` (sinusoids of the six numbers) and `add_embedding` (a two-layer
+/// MLP from them and the pooled text to the timestep embedding's width).
+#[derive(Debug, Clone)]
+struct AddedEmbedding {
+    freqs: Tensor,
+    linear_1: Linear,
+    linear_2: Linear,
 }
 
 /// diffusers' `get_timestep_embedding` frequencies, f32 throughout and in its order of
 /// operations, so the features match bit for bit.
-fn time_frequencies(cfg: &UNetConfig, device: &candle_core::Device) -> Result<Tensor> {
-    let half = cfg.block_out_channels[0] / 2;
+fn time_frequencies(dim: usize, cfg: &UNetConfig, device: &candle_core::Device) -> Result<Tensor> {
+    let half = dim / 2;
     let shift = cfg.freq_shift as f32;
     let exponent: Vec<f32> = (0..half)
         .map(|i| ((-(10000f32.ln()) * i as f32) / (half as f32 - shift)).exp())
         .collect();
     Tensor::from_vec(exponent, (1, half), device)
+}
+
+/// `[sin, cos]` (or `[cos, sin]`) of `values` (any shape, flattened to `[n]`) times
+/// `freqs` `[1, half]`: `[n, 2 half]`, in f32.
+fn sinusoids(values: &Tensor, freqs: &Tensor, flip_sin_to_cos: bool) -> Result<Tensor> {
+    let args = (values.flatten_all()?.to_dtype(DType::F32)?.unsqueeze(1)?).broadcast_mul(freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)
+    }
+}
+
+impl AddedEmbedding {
+    fn load(vb: &VarBuilder, cfg: &UNetConfig, temb_dim: usize) -> Result<Option<Self>> {
+        let (Some(dim), Some(input)) = (
+            cfg.addition_time_embed_dim,
+            cfg.projection_class_embeddings_input_dim,
+        ) else {
+            return Ok(None);
+        };
+        let add = vb.pp("add_embedding");
+        Ok(Some(Self {
+            freqs: time_frequencies(dim, cfg, vb.device())?,
+            linear_1: Linear::load(&add.pp("linear_1"), input, temb_dim, true)?,
+            linear_2: Linear::load(&add.pp("linear_2"), temb_dim, temb_dim, true)?,
+        }))
+    }
+
+    /// `linear_2(silu(linear_1([text_embeds, sinusoids(time_ids)])))`, as diffusers'
+    /// `text_time` branch of `get_aug_embed`.
+    fn forward(&self, cond: &AddedCond, flip: bool, ctx: Ctx) -> Result<Tensor> {
+        let b = cond.time_ids.dim(0)?;
+        let dtype = self.linear_1.weight().dtype();
+        let times = sinusoids(&cond.time_ids, &self.freqs, flip)?.reshape((b, ()))?;
+        let x =
+            Tensor::cat(&[&cond.text_embeds.to_dtype(DType::F32)?, &times], 1)?.to_dtype(dtype)?;
+        let h = self.linear_1.forward(&x, ctx)?.silu()?;
+        self.linear_2.forward(&h, ctx)
+    }
 }
 
 impl UNet {
@@ -173,7 +225,8 @@ impl UNet {
             conv_norm_out: group_norm(&vb.pp("conv_norm_out"), groups, ch[0], eps)?,
             conv_out: Conv2d::load(&vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
             dtype: vb.dtype(),
-            time_freqs: time_frequencies(cfg, vb.device())?,
+            time_freqs: time_frequencies(ch[0], cfg, vb.device())?,
+            added: AddedEmbedding::load(vb, cfg, temb_dim)?,
         })
     }
 
@@ -218,17 +271,25 @@ impl UNet {
 
     /// Sinusoidal timestep features `[b, c0]`, as diffusers' `get_timestep_embedding`.
     fn time_features(&self, timesteps: &Tensor) -> Result<Tensor> {
-        let args = timesteps
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?
-            .broadcast_mul(&self.time_freqs)?;
-        let (sin, cos) = (args.sin()?, args.cos()?);
-        let emb = if self.config.flip_sin_to_cos {
-            Tensor::cat(&[cos, sin], D::Minus1)?
-        } else {
-            Tensor::cat(&[sin, cos], D::Minus1)?
-        };
-        emb.to_dtype(self.dtype())
+        sinusoids(timesteps, &self.time_freqs, self.config.flip_sin_to_cos)?.to_dtype(self.dtype())
+    }
+
+    /// The timestep embedding (before the resnets' SiLU), plus SDXL's added conditioning.
+    fn time_embedding(&self, timesteps: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let temb = self.time_features(timesteps)?;
+        let temb = self.time_linear_1.forward(&temb, ctx)?.silu()?;
+        let temb = self.time_linear_2.forward(&temb, ctx)?;
+        match (&self.added, ctx.added) {
+            (None, None) => Ok(temb),
+            (Some(add), Some(cond)) => {
+                temb + add.forward(cond, self.config.flip_sin_to_cos, ctx)?
+            }
+            (Some(_), None) => candle_core::bail!(
+                "this U-Net (addition_embed_type text_time, SDXL) needs the pooled text and size \
+                 conditioning"
+            ),
+            (None, Some(_)) => candle_core::bail!("added conditioning given to a U-Net without it"),
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -245,9 +306,7 @@ impl UNet {
         ctx: Ctx,
     ) -> Result<Tensor> {
         let _p = crate::profile::scope(crate::profile::Kind::UNet, x.device());
-        let temb = self.time_features(timesteps)?;
-        let temb = self.time_linear_1.forward(&temb, ctx)?.silu()?;
-        let temb = self.time_linear_2.forward(&temb, ctx)?;
+        let temb = self.time_embedding(timesteps, ctx)?;
         let temb = temb.silu()?; // every resnet applies silu before its projection
         let temb = Some(&temb);
 

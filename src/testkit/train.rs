@@ -32,6 +32,7 @@ impl Trainer {
             lora: Some(&set),
             tuned: None,
             probe: None,
+            added: None,
         };
         let pred = self
             .sd

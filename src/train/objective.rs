@@ -426,6 +426,7 @@ pub fn step_losses(
         lora: Some(online.lora),
         tuned: online.tuned,
         probe: (w.lambda_attn > 0.0).then_some(&probe),
+        added: None,
     };
     let pred = sd
         .unet
@@ -458,6 +459,7 @@ pub fn step_losses(
                 // Only MagicTailor has momentum adapters, and it tunes no whole matrices.
                 tuned: None,
                 probe: None,
+                added: None,
             };
             let mpred = sd
                 .unet
