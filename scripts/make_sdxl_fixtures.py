@@ -9,7 +9,8 @@ added time conditioning, two text encoders of which the second projects its pool
 output, an fp32-upcast VAE) and records into tests/fixtures/sdxl/parity.safetensors:
 - each text encoder's penultimate hidden states (what SDXL conditions on), the second's
   projected pooled output at the end-of-text position;
-- the U-Net's output for per-sample timesteps with `text_embeds` and `time_ids`.
+- the U-Net's output for per-sample timesteps with `text_embeds` and `time_ids`;
+- and `ddim_base.png`, 10 DDIM steps with guidance 7.5 from the recorded latents.
 """
 import os
 import shutil
@@ -92,6 +93,15 @@ def main():
                 "unet_time_ids": time_ids})
     out["unet_out"] = pipe.unet(x, t, encoder_hidden_states=ctx,
                                 added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+    # A 10-step DDIM image with guidance from fixed latents, as the SDXL pipeline draws it
+    # (zero negative conditioning for the empty negative prompt, size ids from the image).
+    lat = torch.randn(1, 4, 8, 8, generator=g)
+    out["init_latents"] = lat
+    pipe = StableDiffusionXLPipeline.from_pretrained(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of a dog", latents=lat.clone(), num_inference_steps=10, guidance_scale=7.5, height=64,
+                 width=64).images[0]
+    image.save(os.path.join(ROOT, "ddim_base.png"))
     save_file({k: v.clone().contiguous() for k, v in out.items()}, os.path.join(ROOT, "parity.safetensors"))
     print("SDXL fixtures written to", os.path.abspath(ROOT))
 

@@ -2,13 +2,14 @@
 //! guidance over borrowed weights (and Layout-and-Retouch's step blend, stage 1: the
 //! first K steps with the base model on the class-word prompt), VAE decode, pixels.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::loader::{self, StableDiffusion};
 use crate::model::lora::LoraSet;
-use crate::model::nn::Ctx;
+use crate::model::nn::{AddedCond, Ctx};
 use crate::model::scheduler::{Ddim, DdimInverse};
+use crate::model::tokenizer::ClipTokenizer;
 use crate::model::tuned::TunedSet;
 use crate::rng::seeded_normal;
 
@@ -159,14 +160,44 @@ impl<'a> Weights<'a> {
 
     /// Text features `[n, tokens, hidden]` for each prompt.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
-        let tok = &self.sd.tokenizer;
-        let mut ids = Vec::new();
-        for p in prompts {
-            ids.extend(tok.encode(p)?);
-        }
-        let ids = Tensor::from_vec(ids, (prompts.len(), tok.max_len()), &self.sd.device)?;
+        Ok(self.encode_text(prompts)?.0)
+    }
+
+    /// Text features `[n, tokens, hidden]` for each prompt, and SDXL's pooled projection
+    /// `[n, pooled]`: its two encoders' penultimate states side by side, as diffusers'
+    /// `encode_prompt`.
+    pub fn encode_text(&self, prompts: &[&str]) -> Result<(Tensor, Option<Tensor>)> {
+        let ids = |tok: &ClipTokenizer| -> Result<Tensor> {
+            let mut ids = Vec::new();
+            for p in prompts {
+                ids.extend(tok.encode(p)?);
+            }
+            Ok(Tensor::from_vec(
+                ids,
+                (prompts.len(), tok.max_len()),
+                &self.sd.device,
+            )?)
+        };
         let te = &self.sd.text_encoder;
-        Ok(te.forward_with_table(&ids, self.token_table, self.extra_rows)?)
+        let ids_1 = ids(&self.sd.tokenizer)?;
+        let Some((te_2, tok_2)) = &self.sd.text_encoder_2 else {
+            let hidden = te.forward_with_table(&ids_1, self.token_table, self.extra_rows)?;
+            return Ok((hidden, None));
+        };
+        if self.extra_rows.is_some() || self.token_table.is_some() {
+            return Err(Error::usage(
+                "pseudo-words on SDXL need a row in each text encoder, which is not built yet: \
+                 sample SDXL without --embeds or a trained folder's words.",
+            ));
+        }
+        let ids_2 = ids(tok_2)?;
+        let (s_1, s_2) = (
+            te.forward_states(&ids_1, None, None)?,
+            te_2.forward_states(&ids_2, None, None)?,
+        );
+        let hidden = Tensor::cat(&[s_1.penultimate(), s_2.penultimate()], D::Minus1)?;
+        let pooled = te_2.pooled(&s_2.last, &ids_2, tok_2.eos_id())?;
+        Ok((hidden, Some(pooled)))
     }
 
     /// Refuses `<...>` words the model does not know, listing the ones it does.
@@ -198,14 +229,28 @@ impl<'a> Weights<'a> {
         negative: &str,
         guidance: f64,
     ) -> Result<Conditioning<'a>> {
+        let (cond, pooled) = self.encode_text(&[prompt])?;
+        // SDXL conditions an empty negative prompt on zeros (`force_zeros_for_empty_prompt`).
+        let zeros =
+            self.sd.is_sdxl() && negative.is_empty() && self.sd.force_zeros_for_empty_prompt;
         let uncond = match guidance > 1.0 {
-            true => Some(self.encode_prompts(&[negative])?),
             false => None,
+            true if zeros => Some((
+                cond.zeros_like()?,
+                pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+            )),
+            true => Some(self.encode_text(&[negative])?),
+        };
+        let (uncond, uncond_pooled) = match uncond {
+            Some((u, p)) => (Some(u), p),
+            None => (None, None),
         };
         Ok(Conditioning {
             weights: *self,
-            cond: self.encode_prompts(&[prompt])?,
+            cond,
             uncond,
+            pooled,
+            uncond_pooled,
             guidance,
         })
     }
@@ -217,6 +262,9 @@ pub struct Conditioning<'a> {
     pub weights: Weights<'a>,
     pub cond: Tensor,
     pub uncond: Option<Tensor>,
+    /// SDXL's pooled projections of the prompt and the negative prompt `[1, pooled]`.
+    pub pooled: Option<Tensor>,
+    pub uncond_pooled: Option<Tensor>,
     pub guidance: f64,
 }
 
@@ -231,6 +279,32 @@ impl Conditioning<'_> {
         })
     }
 
+    /// SDXL's added conditioning for latents `x: [n, c, h, w]`, in [`Self::context`]'s
+    /// order: the pooled projections, and the sizes as the SDXL pipeline gives them by
+    /// default (original = target = the image's, no crop).
+    fn added(&self, x: &Tensor) -> Result<Option<AddedCond>> {
+        let Some(pooled) = &self.pooled else {
+            return Ok(None);
+        };
+        let n = x.dim(0)?;
+        let f = self.weights.sd.vae_factor();
+        let (h, w) = ((x.dim(2)? * f) as f32, (x.dim(3)? * f) as f32);
+        let text_embeds = match &self.uncond_pooled {
+            Some(u) => Tensor::cat(&[u.repeat((n, 1))?, pooled.repeat((n, 1))?], 0)?,
+            None if self.uncond.is_some() => {
+                return Err(Error::internal("SDXL guidance without a pooled negative"))
+            }
+            None => pooled.repeat((n, 1))?,
+        };
+        let b = text_embeds.dim(0)?;
+        let sizes = [h, w, 0.0, 0.0, h, w].repeat(b);
+        let time_ids = Tensor::from_vec(sizes, (b, 6), x.device())?;
+        Ok(Some(AddedCond {
+            text_embeds,
+            time_ids,
+        }))
+    }
+
     /// One guided noise prediction for latents `x: [n, ...]` at timestep `t`, with
     /// `context` from [`Self::context`].
     fn eps(&self, x: &Tensor, t: usize, context: &Tensor) -> Result<Tensor> {
@@ -242,11 +316,12 @@ impl Conditioning<'_> {
         };
         let b = input.dim(0)?;
         let ts = Tensor::from_vec(vec![t as f32; b], b, &w.sd.device)?;
+        let added = self.added(x)?;
         let ctx = Ctx {
             lora: w.lora,
             tuned: w.tuned,
             probe: None,
-            added: None,
+            added: added.as_ref(),
         };
         let eps = (w.sd.unet)
             .forward(&input.to_dtype(w.sd.dtype)?, &ts, context, ctx)?
@@ -326,9 +401,8 @@ pub fn sample(
 pub fn decode(w: Weights, latents: &Tensor) -> Result<Tensor> {
     ensure_finite(latents, "the denoised latents", w.sd.dtype)?;
     let z = (latents / w.sd.vae.config.scaling_factor)?;
-    let x = (w.sd.vae)
-        .decode(&z.to_dtype(w.sd.dtype)?)?
-        .to_dtype(DType::F32)?;
+    // The VAE casts to its own precision (f32 for SDXL's under f16).
+    let x = w.sd.vae.decode(&z)?.to_dtype(DType::F32)?;
     ensure_finite(&x, "the decoded images", w.sd.dtype)?;
     let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok((x * 255.0)?.round()?.to_dtype(DType::U8)?)

@@ -283,6 +283,9 @@ pub struct VaeConfig {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// Decode in f32 whatever the model's precision (SDXL's pipeline reads it).
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
 }
 
 fn default_scaling() -> f64 {

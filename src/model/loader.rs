@@ -50,6 +50,10 @@ pub struct StableDiffusion {
     pub vae: Vae,
     pub text_encoder: ClipTextModel,
     pub tokenizer: ClipTokenizer,
+    /// SDXL's second text encoder (OpenCLIP, with its pooled projection) and tokenizer.
+    pub text_encoder_2: Option<(ClipTextModel, ClipTokenizer)>,
+    /// SDXL: an empty negative prompt conditions on zeros (`model_index.json`).
+    pub force_zeros_for_empty_prompt: bool,
     pub schedule: NoiseSchedule,
     pub device: Device,
     pub dtype: DType,
@@ -119,6 +123,23 @@ impl StableDiffusion {
         };
         LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(sd)
+    }
+
+    /// SDXL: two text encoders and the U-Net's added size conditioning.
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
+    /// Refuses SDXL where `what` does not take it yet.
+    pub fn refuse_sdxl(&self, what: &str) -> Result<()> {
+        if !self.is_sdxl() {
+            return Ok(());
+        }
+        Err(Error::usage(format!(
+            "{} is an SDXL model: {what} does not take SDXL yet (infer does, without \
+             pseudo-words).",
+            self.source
+        )))
     }
 
     /// Pixels per latent cell (8 for SD).
@@ -238,6 +259,9 @@ struct Configs {
     text: ClipTextConfig,
     scheduler: SchedulerConfig,
     tokenizer: PathBuf,
+    /// SDXL's second text encoder and its tokenizer folder.
+    text_2: Option<(ClipTextConfig, PathBuf)>,
+    force_zeros_for_empty_prompt: bool,
 }
 
 impl Configs {
@@ -250,6 +274,11 @@ impl Configs {
             text: read_json(&path("text_encoder", "config.json"))?,
             scheduler: read_json(&path("scheduler", "scheduler_config.json"))?,
             tokenizer: root.join("tokenizer"),
+            text_2: match path("text_encoder_2", "config.json") {
+                f if f.is_file() => Some((read_json(&f)?, root.join("tokenizer_2"))),
+                _ => None,
+            },
+            force_zeros_for_empty_prompt: force_zeros(&root.join("model_index.json"))?,
         };
         configs.check(
             |c| {
@@ -273,15 +302,21 @@ impl Configs {
         self.vae.validate(&file("vae"))?;
         self.text.validate(&file("text_encoder"))?;
         self.scheduler.validate(&file("scheduler"))?;
-        if self.unet.addition_embed_type.is_some() {
-            return Err(Error::unsupported(
-                root,
-                "an SDXL model (two text encoders, added size conditioning): its U-Net and \
-                 text encoders load as parts, but prompts, train and infer do not take SDXL yet"
-                    .into(),
-            ));
-        }
-        if self.unet.cross_attention_dim != self.text.hidden_size {
+        let text_width = match &self.text_2 {
+            Some((t2, _)) => {
+                t2.validate(&file("text_encoder_2"))?;
+                self.check_sdxl(t2, root)?;
+                self.text.hidden_size + t2.hidden_size
+            }
+            None if self.unet.addition_embed_type.is_some() => {
+                return Err(Error::unsupported(
+                    root,
+                    "an SDXL U-Net (added size conditioning) without text_encoder_2/".into(),
+                ))
+            }
+            None => self.text.hidden_size,
+        };
+        if self.unet.cross_attention_dim != text_width {
             return Err(Error::mismatch(
                 root,
                 format!(
@@ -289,7 +324,33 @@ impl Configs {
                      the components come from different models.",
                     root.display(),
                     self.unet.cross_attention_dim,
-                    self.text.hidden_size
+                    text_width
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// SDXL's U-Net takes the second encoder's pooled projection and six sizes.
+    fn check_sdxl(&self, t2: &ClipTextConfig, root: &Path) -> Result<()> {
+        let (Some(time), Some(input)) = (
+            self.unet.addition_time_embed_dim,
+            self.unet.projection_class_embeddings_input_dim,
+        ) else {
+            return Err(Error::unsupported(
+                root,
+                "a second text encoder without SDXL's added conditioning in the U-Net".into(),
+            ));
+        };
+        if t2.projection_dim + 6 * time != input {
+            return Err(Error::mismatch(
+                root,
+                format!(
+                    "{}: the U-Net's added conditioning takes {input} numbers, but the second text \
+                     encoder's {} pooled ones and six sizes of {time} make {}.",
+                    root.display(),
+                    t2.projection_dim,
+                    t2.projection_dim + 6 * time
                 ),
             ));
         }
@@ -297,25 +358,45 @@ impl Configs {
     }
 }
 
+/// SDXL pipelines' `force_zeros_for_empty_prompt` (true unless `model_index.json` says).
+fn force_zeros(model_index: &Path) -> Result<bool> {
+    if !model_index.is_file() {
+        return Ok(true);
+    }
+    let v: serde_json::Value = read_json(model_index)?;
+    Ok(v["force_zeros_for_empty_prompt"].as_bool().unwrap_or(true))
+}
+
 /// Builds the model from checked configs and each component's weights.
 fn assemble(
     source: &str,
     origin: Origin,
     c: Configs,
-    weights: impl Fn(&str) -> Result<VarBuilder<'static>>,
+    weights: impl Fn(&str, DType) -> Result<VarBuilder<'static>>,
     fits: impl Fn(&str, candle_core::Error) -> Error,
     device: &Device,
     dtype: DType,
 ) -> Result<StableDiffusion> {
-    let unet = UNet::load(&weights("unet")?, &c.unet).map_err(|e| fits("unet", e))?;
-    let vae = Vae::load(&weights("vae")?, &c.vae).map_err(|e| fits("vae", e))?;
-    let text_encoder = ClipTextModel::load(&weights("text_encoder")?, &c.text)
+    let unet = UNet::load(&weights("unet", dtype)?, &c.unet).map_err(|e| fits("unet", e))?;
+    // SDXL's pipeline decodes in f32 under f16 (its VAE overflows in half precision).
+    let upcast = c.text_2.is_some() && c.vae.force_upcast && dtype == DType::F16;
+    let vae_dtype = if upcast { DType::F32 } else { dtype };
+    let vae = Vae::load(&weights("vae", vae_dtype)?, &c.vae).map_err(|e| fits("vae", e))?;
+    let text_encoder = ClipTextModel::load(&weights("text_encoder", dtype)?, &c.text)
         .map_err(|e| fits("text_encoder", e))?;
     let tokenizer = ClipTokenizer::load(
         &c.tokenizer,
         c.text.vocab_size,
         c.text.max_position_embeddings,
     )?;
+    let text_encoder_2 = match &c.text_2 {
+        Some((cfg, dir)) => Some((
+            ClipTextModel::load(&weights("text_encoder_2", dtype)?, cfg)
+                .map_err(|e| fits("text_encoder_2", e))?,
+            ClipTokenizer::load(dir, cfg.vocab_size, cfg.max_position_embeddings)?,
+        )),
+        None => None,
+    };
     Ok(StableDiffusion {
         source: source.to_string(),
         origin,
@@ -323,6 +404,8 @@ fn assemble(
         vae,
         text_encoder,
         tokenizer,
+        text_encoder_2,
+        force_zeros_for_empty_prompt: c.force_zeros_for_empty_prompt,
         schedule: NoiseSchedule::new(&c.scheduler),
         device: device.clone(),
         dtype,
@@ -348,7 +431,7 @@ fn load_from_root(
         source,
         Origin::Folder(root.to_path_buf()),
         configs,
-        |c| weights(root, c, device, dtype),
+        |c, dtype| weights(root, c, device, dtype),
         |c, e| weight_error(root, c, e),
         device,
         dtype,
@@ -409,7 +492,7 @@ fn load_single_file(
         source,
         origin,
         configs,
-        |c| {
+        |c, dtype| {
             let (component, n) = match c {
                 "unet" => (Component::Unet, per_block),
                 "vae" => (Component::Vae, levels),
@@ -493,6 +576,8 @@ fn family_configs(family: Family, prediction: &str) -> Result<(Configs, String)>
         text: bundled(&all, "text_encoder")?,
         scheduler: bundled(&all, "scheduler")?,
         tokenizer: PathBuf::new(),
+        text_2: None,
+        force_zeros_for_empty_prompt: true,
     };
     let name = |c: &str| {
         PathBuf::from(format!(
@@ -754,15 +839,28 @@ fn fetch_from_hub(id: &str) -> Result<PathBuf> {
         }
     };
     need("model_index.json", true)?;
-    for (component, files) in COMPONENT_FILES {
+    // SDXL's second text encoder and tokenizer, when the pipeline lists them.
+    let index: serde_json::Value = match get("model_index.json")? {
+        Some(p) => read_json(&p)?,
+        None => serde_json::Value::Null,
+    };
+    let mut components = COMPONENT_FILES.to_vec();
+    if index.get("text_encoder_2").is_some_and(|v| !v.is_null()) {
+        components.push(("text_encoder_2", COMPONENT_FILES[2].1));
+        components.push(("tokenizer_2", COMPONENT_FILES[3].1));
+    }
+    for (component, files) in components {
+        // A tokenizer saved by transformers 5 may have only tokenizer.json.
+        let whole = component.starts_with("tokenizer")
+            && need(&format!("{component}/tokenizer.json"), false)?;
         for f in files {
-            let required = !f.ends_with("_map.json") && !f.starts_with("tokenizer_config");
-            need(&format!("{component}/{f}"), required)?;
+            let optional = f.ends_with("_map.json") || f.starts_with("tokenizer_config");
+            need(&format!("{component}/{f}"), !optional && !whole)?;
         }
-        if component == "tokenizer" || component == "scheduler" {
+        if component.starts_with("tokenizer") || component == "scheduler" {
             continue;
         }
-        let stem = if component == "text_encoder" {
+        let stem = if component.starts_with("text_encoder") {
             "model"
         } else {
             "diffusion_pytorch_model"

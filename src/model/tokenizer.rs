@@ -98,6 +98,11 @@ impl ClipTokenizer {
         self.aliases.clear();
     }
 
+    /// The end-of-text token's id (SDXL pools the hidden state at its first place).
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_len
     }

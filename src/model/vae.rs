@@ -2,7 +2,7 @@
 //! Frozen in MagicTailor, so written for inference (no adapters), with both the old
 //! (`query/key/value/proj_attn`) and new (`to_q/.../to_out.0`) attention weight names.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::VaeConfig;
@@ -132,6 +132,8 @@ pub struct Vae {
     dec_conv_out: Conv2d,
     /// Bytes of full-resolution activation coded at a time ([`ACTIVATION_BUDGET`]).
     slice_budget: usize,
+    /// The weights' precision: inputs are cast to it (SDXL's VAE stays f32 under f16).
+    dtype: DType,
 }
 
 impl Vae {
@@ -194,6 +196,7 @@ impl Vae {
 
         Ok(Self {
             config: cfg.clone(),
+            dtype: vb.dtype(),
             enc_conv_in: Conv2d::load(&enc.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             enc_blocks,
             enc_mid: Mid::load(&enc.pp("mid_block"), ch[n - 1], cfg)?,
@@ -241,6 +244,7 @@ impl Vae {
     /// Pixels in [-1, 1], `[b, 3, H, W]` -> the latent distribution (unscaled).
     pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
         let _p = crate::profile::scope(crate::profile::Kind::VaeEncode, x.device());
+        let x = &x.to_dtype(self.dtype)?;
         let dists = self
             .slices(x, x.dim(2)? * x.dim(3)?)?
             .iter()
@@ -258,6 +262,7 @@ impl Vae {
     /// Unscaled latents -> pixels in roughly [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let _p = crate::profile::scope(crate::profile::Kind::VaeDecode, z.device());
+        let z = &z.to_dtype(self.dtype)?;
         let halvings = self.config.block_out_channels.len().saturating_sub(1);
         let pixels = (z.dim(2)? << halvings) * (z.dim(3)? << halvings);
         let images = self

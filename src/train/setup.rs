@@ -173,6 +173,7 @@ pub fn lora_targets(
 /// Loads the base model the settings name, refusing a resolution its VAE cannot take.
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
+    sd.refuse_sdxl("train")?;
     let f = sd.vae_factor();
     crate::model::loader::check_side("--resolution", cfg.resolution, f, f)?;
     Ok(sd)
