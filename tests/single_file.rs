@@ -103,7 +103,7 @@ fn what_is_not_a_loadable_checkpoint_is_refused_by_name() {
         e.contains("a LoRA, not a base model") && e.contains("--lora"),
         "{e}"
     );
-    // SDXL's text encoders.
+    // An SDXL-family file without the base's two text encoders (a refiner's layout).
     let xl = dir.path().join("xl.safetensors");
     let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
     let keys = [
@@ -337,4 +337,75 @@ fn an_sd1_lora_on_an_sd2_model_is_refused() {
         "{e}"
     );
     assert!(!e.contains("panicked") && !out.exists(), "{e}");
+}
+
+/// SDXL's single file (written by diffusers' SDXL conversion script): both text encoders,
+/// the projection stored transposed, the U-Net's `label_emb`, read to the folder's model
+/// bit for bit; `infer` from it draws the folder's image exactly.
+#[test]
+fn an_sdxl_single_file_loads_to_its_folder_bit_for_bit() {
+    let folder = fixtures().join("sdxl/tiny-sdxl");
+    let single = SingleFileOptions {
+        model_config: Some(folder.clone()),
+        prediction_type: None,
+    };
+    let file = fixture("sdxl/single.safetensors");
+    let a = load(
+        folder.to_str().unwrap(),
+        &SingleFileOptions::default(),
+        DType::F32,
+    );
+    let b = load(&file, &single, DType::F32);
+    assert!(b.is_sdxl());
+    let r =
+        candle_core::safetensors::load(fixtures().join("sdxl/parity.safetensors"), &Device::Cpu)
+            .unwrap();
+    let outputs = |sd: &StableDiffusion| -> Vec<Tensor> {
+        let w = magictailor::infer::Weights {
+            sd,
+            lora: None,
+            tuned: None,
+            extra_rows: None,
+            token_table: None,
+        };
+        let (hidden, pooled) = w.encode_text(&["a photo of a dog", ""]).unwrap();
+        let added = magictailor::model::nn::AddedCond {
+            text_embeds: r["unet_text_embeds"].clone(),
+            time_ids: r["unet_time_ids"].clone(),
+        };
+        let ctx = Ctx {
+            added: Some(&added),
+            ..Ctx::default()
+        };
+        let unet = sd
+            .unet
+            .forward(&r["unet_x"], &r["unet_t"], &r["unet_ctx"], ctx)
+            .unwrap();
+        let decoded = sd.vae.decode(&r["unet_x"]).unwrap();
+        vec![hidden, pooled.unwrap(), unet, decoded]
+    };
+    assert_identical(&outputs(&a), &outputs(&b), "SDXL");
+
+    let dir = tempfile::tempdir().unwrap();
+    let draw = |model: &[&str], out: &std::path::Path| {
+        let mut args = vec![
+            "--prompt",
+            "a photo of a dog",
+            "--steps",
+            "3",
+            "--width",
+            "64",
+        ];
+        args.extend(["--height", "64", "--quiet", "--out", out.to_str().unwrap()]);
+        args.extend(model);
+        ok(&run_bin("infer", &args));
+        read_png(out)
+    };
+    let config = folder.to_string_lossy().into_owned();
+    let from_file = draw(
+        &["--model", &file, "--model-config", &config],
+        &dir.path().join("f.png"),
+    );
+    let from_folder = draw(&["--model", &config], &dir.path().join("d.png"));
+    assert_eq!(from_file, from_folder);
 }

@@ -496,6 +496,7 @@ fn load_single_file(
             let (component, n) = match c {
                 "unet" => (Component::Unet, per_block),
                 "vae" => (Component::Vae, levels),
+                "text_encoder_2" => (Component::TextEncoder2, 0),
                 _ => (Component::TextEncoder, 0),
             };
             Ok(checkpoint.weights(component, n, device, dtype))
@@ -543,7 +544,7 @@ fn bundled_configs(ckpt: &Checkpoint, single: &SingleFileOptions) -> Result<(Con
     let family = ckpt.family;
     let prediction = match (&single.prediction_type, family) {
         (Some(p), _) => p.as_str(),
-        (None, Family::Sd1) => "epsilon",
+        (None, Family::Sd1 | Family::Sdxl) => "epsilon",
         (None, Family::Sd2) => {
             return Err(Error::usage(format!(
                 "{} is an SD 2.x checkpoint, whose weights do not say what the U-Net predicts: \
@@ -554,7 +555,10 @@ fn bundled_configs(ckpt: &Checkpoint, single: &SingleFileOptions) -> Result<(Con
         }
     };
     let (mut configs, unet_text) = family_configs(family, prediction)?;
-    configs.tokenizer = family_tokenizer(family)?;
+    configs.tokenizer = family_tokenizer(family, "tokenizer")?;
+    if let Some((_, dir)) = &mut configs.text_2 {
+        *dir = family_tokenizer(family, "tokenizer_2")?;
+    }
     Ok((configs, unet_text))
 }
 
@@ -576,7 +580,10 @@ fn family_configs(family: Family, prediction: &str) -> Result<(Configs, String)>
         text: bundled(&all, "text_encoder")?,
         scheduler: bundled(&all, "scheduler")?,
         tokenizer: PathBuf::new(),
-        text_2: None,
+        text_2: match all.get("text_encoder_2") {
+            Some(_) => Some((bundled(&all, "text_encoder_2")?, PathBuf::new())),
+            None => None,
+        },
         force_zeros_for_empty_prompt: true,
     };
     let name = |c: &str| {
@@ -597,16 +604,16 @@ fn bundled<T: serde::de::DeserializeOwned>(all: &serde_json::Value, component: &
 }
 
 /// The tokenizer files of the family's hub repo, from the cache or downloaded.
-fn family_tokenizer(family: Family) -> Result<PathBuf> {
+fn family_tokenizer(family: Family, folder: &str) -> Result<PathBuf> {
     let flag = "--model-config DIR (a diffusers folder with the family's configs and tokenizer/)";
     let repo = family.tokenizer_repo();
     let mut dir = PathBuf::new();
     for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
-        let path = hub_file(repo, &format!("tokenizer/{f}"), flag)?;
+        let path = hub_file(repo, &format!("{folder}/{f}"), flag)?;
         dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     }
     // Older saves keep the pad token here; newer ones have none.
-    let _ = hub_file(repo, "tokenizer/special_tokens_map.json", flag);
+    let _ = hub_file(repo, &format!("{folder}/special_tokens_map.json"), flag);
     Ok(dir)
 }
 
@@ -909,7 +916,7 @@ mod tests {
 
     #[test]
     fn bundled_family_configs_parse_and_fit_together() {
-        for (family, width) in [(Family::Sd1, 768), (Family::Sd2, 1024)] {
+        for (family, width) in [(Family::Sd1, 768), (Family::Sd2, 1024), (Family::Sdxl, 768)] {
             for prediction in ["epsilon", "v_prediction"] {
                 let (c, text) = family_configs(family, prediction).unwrap();
                 assert_eq!(c.text.hidden_size, width);
@@ -918,6 +925,7 @@ mod tests {
                 let v = family == Family::Sd2 && prediction == "v_prediction";
                 assert_eq!(c.unet.upcast_attention, v);
                 assert_eq!(text.contains("\"sample_size\": 96"), v, "{text}");
+                assert_eq!(c.text_2.is_some(), family == Family::Sdxl);
             }
         }
         assert!(family_configs(Family::Sd2, "sample").is_err());

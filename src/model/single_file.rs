@@ -24,6 +24,8 @@ const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
 const CLIP: &str = "cond_stage_model.transformer.";
 const OPEN_CLIP: &str = "cond_stage_model.model.";
+const XL_CLIP: &str = "conditioner.embedders.0.transformer.";
+const XL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 /// The model families a single file can hold that magictailor loads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub enum Family {
     Sd1,
     /// OpenCLIP ViT-H text encoder (`cond_stage_model.model.*`, fused attention).
     Sd2,
+    /// CLIP ViT-L and OpenCLIP ViT-bigG (`conditioner.embedders.{0,1}.*`).
+    Sdxl,
 }
 
 impl Family {
@@ -39,6 +43,7 @@ impl Family {
         match self {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
         }
     }
 
@@ -48,6 +53,7 @@ impl Family {
         match self {
             Family::Sd1 => "stable-diffusion-v1-5/stable-diffusion-v1-5",
             Family::Sd2 => "stabilityai/stable-diffusion-2-1-base",
+            Family::Sdxl => "stabilityai/stable-diffusion-xl-base-1.0",
         }
     }
 
@@ -57,6 +63,7 @@ impl Family {
         match self {
             Family::Sd1 => include_str!("single_file/sd1.json"),
             Family::Sd2 => include_str!("single_file/sd2.json"),
+            Family::Sdxl => include_str!("single_file/sdxl.json"),
         }
     }
 
@@ -64,8 +71,11 @@ impl Family {
     fn detect(file: &Path, keys: &[&str]) -> Result<Self> {
         let has = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
         let refuse = |what: &str| Err(Error::unsupported(file, what.to_string()));
-        if has("conditioner.embedders.") {
-            return refuse("an SDXL single-file checkpoint (`conditioner.embedders.*`): SDXL is not supported yet");
+        if has("conditioner.embedders.") && !(has(XL_CLIP) && has(XL_OPEN_CLIP)) {
+            return refuse(
+                "an SDXL-family checkpoint without both of SDXL base's text encoders (a refiner?): \
+                 only base models are supported",
+            );
         }
         if !has(UNET) {
             let lora = keys.iter().any(|k| k.contains("lora_"));
@@ -76,7 +86,9 @@ impl Family {
             };
             return refuse(what);
         }
-        if has(OPEN_CLIP) {
+        if has(XL_OPEN_CLIP) {
+            Ok(Family::Sdxl)
+        } else if has(OPEN_CLIP) {
             Ok(Family::Sd2)
         } else if has(CLIP) {
             Ok(Family::Sd1)
@@ -94,6 +106,8 @@ enum Part {
     Squeeze,
     /// Row block `i` of 3 (OpenCLIP's q, k, v fused into `in_proj`).
     Third(usize),
+    /// Stored `[in, out]` (OpenCLIP's `text_projection`), read as a linear's `[out, in]`.
+    Transpose,
 }
 
 /// A single-file checkpoint, opened (memory-mapped) and its family known.
@@ -110,6 +124,8 @@ pub enum Component {
     Unet,
     Vae,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Checkpoint {
@@ -239,6 +255,7 @@ fn cut(t: Tensor, part: Part) -> candle_core::Result<Tensor> {
             let n = t.dim(0)? / 3;
             t.narrow(0, i * n, n)
         }
+        Part::Transpose => t.t()?.contiguous(),
     }
 }
 
@@ -252,6 +269,8 @@ fn diffusers_names(
     levels: usize,
 ) -> Vec<(String, Part)> {
     let whole = |n: Option<String>| n.map(|n| vec![(n, Part::Whole)]).unwrap_or_default();
+    // Older transformers saved CLIP without the `text_model.` wrapper.
+    let unwrapped = |k: &str| k.strip_prefix("text_model.").unwrap_or(k).to_string();
     match component {
         Component::Unet => whole(key.strip_prefix(UNET).and_then(|k| unet_name(k, levels))),
         Component::Vae => key
@@ -260,14 +279,17 @@ fn diffusers_names(
             .into_iter()
             .collect(),
         Component::TextEncoder => match family {
-            Family::Sd1 => whole(key.strip_prefix(CLIP).map(|k| {
-                // Older transformers saved without the `text_model.` wrapper.
-                k.strip_prefix("text_model.").unwrap_or(k).to_string()
-            })),
+            Family::Sd1 => whole(key.strip_prefix(CLIP).map(unwrapped)),
             Family::Sd2 => key
                 .strip_prefix(OPEN_CLIP)
                 .map(open_clip_names)
                 .unwrap_or_default(),
+            Family::Sdxl => whole(key.strip_prefix(XL_CLIP).map(unwrapped)),
+        },
+        Component::TextEncoder2 => match key.strip_prefix(XL_OPEN_CLIP) {
+            Some("text_projection") => vec![("text_projection.weight".into(), Part::Transpose)],
+            Some(k) if family == Family::Sdxl => open_clip_names(k),
+            _ => vec![],
         },
     }
 }
@@ -308,6 +330,16 @@ fn unet_name(key: &str, layers_per_block: usize) -> Option<String> {
     match (head[0], head[1]) {
         ("time_embed", "0") => return Some(format!("time_embedding.linear_1.{rest}")),
         ("time_embed", "2") => return Some(format!("time_embedding.linear_2.{rest}")),
+        // SDXL's added conditioning MLP.
+        ("label_emb", "0") => {
+            let (layer, tail) = rest.split_once('.')?;
+            let linear = match layer {
+                "0" => "linear_1",
+                "2" => "linear_2",
+                _ => return None,
+            };
+            return Some(format!("add_embedding.{linear}.{tail}"));
+        }
         ("out", "0") => return Some(format!("conv_norm_out.{rest}")),
         ("out", "2") => return Some(format!("conv_out.{rest}")),
         ("middle_block", m) => {
@@ -515,6 +547,13 @@ mod tests {
             ),
             ("time_embed.2.weight", "time_embedding.linear_2.weight"),
             ("out.0.bias", "conv_norm_out.bias"),
+            ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
+            ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
+            // SDXL: the deepest level has attention, so its upsampler is module 2.
+            (
+                "output_blocks.2.2.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
         ];
         for (old, new) in cases {
             assert_eq!(unet_name(old, 2).as_deref(), Some(new), "{old}");
@@ -581,6 +620,16 @@ mod tests {
             "encoder.layers.0.mlp.fc2.bias"
         );
         assert!(open_clip_names("text_projection").is_empty());
+        let projection = diffusers_names(
+            Component::TextEncoder2,
+            Family::Sdxl,
+            "conditioner.embedders.1.model.text_projection",
+            0,
+        );
+        assert_eq!(
+            projection,
+            [("text_projection.weight".to_string(), Part::Transpose)]
+        );
     }
 
     #[test]
