@@ -91,7 +91,9 @@ impl EncoderLayer {
 
 impl ClipTextModel {
     pub fn load(vb: &VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let text_projection = match vb.contains_tensor("text_projection.weight") {
+        // `CLIPTextModelWithProjection` (SDXL's second encoder) projects its pooled output.
+        let with_projection = (cfg.architectures.iter()).any(|a| a.contains("WithProjection"));
+        let text_projection = match with_projection {
             true => Some(vb.get(
                 (cfg.projection_dim, cfg.hidden_size),
                 "text_projection.weight",

@@ -364,12 +364,13 @@ impl ClipTextConfig {
                 "num_attention_heads does not divide hidden_size".into(),
             ));
         }
-        if self
-            .architectures
-            .iter()
-            .any(|a| a.contains("WithProjection"))
+        if (self.architectures.iter()).any(|a| a.contains("WithProjection"))
+            && self.projection_dim == 0
         {
-            // Fine: the projection is simply not used for conditioning.
+            return Err(Error::unsupported(
+                file,
+                "a CLIPTextModelWithProjection without projection_dim".into(),
+            ));
         }
         Ok(())
     }
