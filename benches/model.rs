@@ -1,7 +1,9 @@
 //! `cargo bench`: seconds per MagicTailor training step (warm-up and DS-Bal, 3+3 images),
 //! per U-Net forward+backward with LoRA (rank 32 at the MagicTailor targets, batch 6) and
 //! per DDIM step (CFG, batch 2), for the tiny and a mid-size config, with each row's peak
-//! resident memory; and the mid step with naive attention, for the memory it costs.
+//! resident memory; and the mid step with naive attention, for the memory it costs. The
+//! `sdxl` rows: SDXL's structure at a quarter of its width (U-Net fwd+bwd, DDIM step, a
+//! whole 50-step sampling at 256 px).
 //!
 //! `MAGICTAILOR_BENCH_DEVICE=cuda` (and `MAGICTAILOR_BENCH_DTYPE=bf16|f16|f32`) runs the
 //! rows on that device and adds the `full` rows: SD 2.1-base's full topology with random
@@ -50,6 +52,43 @@ fn mid_unet_config() -> serde_json::Value {
     c["cross_attention_dim"] = json!(256);
     c["sample_size"] = json!(32);
     c
+}
+
+/// The `sdxl` rows' U-Net: SDXL's structure (3 levels, the first without attention,
+/// 1/2/10 transformer blocks, the added size-and-text conditioning) at a quarter of its
+/// width: 80/160/320 channels, head dim 16, 512-wide text features (192 + 320).
+fn sdxl_unet_config() -> serde_json::Value {
+    let mut c = mid_unet_config();
+    c["block_out_channels"] = json!([80, 160, 320]);
+    c["attention_head_dim"] = json!([5, 10, 20]);
+    c["down_block_types"] = json!([
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D"
+    ]);
+    c["up_block_types"] = json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]);
+    c["transformer_layers_per_block"] = json!([1, 2, 10]);
+    c["cross_attention_dim"] = json!(512);
+    c["addition_embed_type"] = json!("text_time");
+    c["addition_time_embed_dim"] = json!(64);
+    c["projection_class_embeddings_input_dim"] = json!(320 + 6 * 64);
+    c
+}
+
+/// The `sdxl` rows' text encoders: CLIP-L's and OpenCLIP-bigG's shapes at a quarter width
+/// and 4 layers, the second projecting its pooled output.
+fn sdxl_text_encoder_configs() -> (serde_json::Value, serde_json::Value) {
+    let mut one = mid_text_encoder_config();
+    one["hidden_size"] = json!(192);
+    one["intermediate_size"] = json!(768);
+    let mut two = mid_text_encoder_config();
+    two["hidden_size"] = json!(320);
+    two["intermediate_size"] = json!(1280);
+    two["num_attention_heads"] = json!(5);
+    two["projection_dim"] = json!(320);
+    two["hidden_act"] = json!("gelu");
+    two["architectures"] = json!(["CLIPTextModelWithProjection"]);
+    (one, two)
 }
 
 /// The `mid` rows' text encoder (with the tiny tokenizer; the VAE is the tiny one too).
@@ -113,7 +152,7 @@ impl Target {
 fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
     let (dev, dtype) = (&tg.dev, tg.dtype);
     let sd = StableDiffusion::load(dir.to_str().unwrap(), dev, dtype).expect("model");
-    let hidden = sd.text_encoder.config.hidden_size;
+    let hidden = sd.unet.config.cross_attention_dim;
     // LoRA weights stay f32 whatever the model's dtype, as the trainer keeps them.
     let lora = TrainableLora::new(&sd.unet.lora_targets(), 32, 32.0, 0, dev, DType::F32).unwrap();
     let normal = |seed, shape: &[usize]| {
@@ -122,6 +161,17 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
             .unwrap()
     };
     let ctx6 = normal(1, &[6, 77, hidden]);
+    // SDXL's added conditioning: pooled text and the six sizes of the image.
+    let added = |b: usize| {
+        let pooled = sd.text_encoder_2.as_ref()?.0.config.projection_dim;
+        let side = (latent * 8) as f32;
+        let sizes = [side, side, 0., 0., side, side].repeat(b);
+        Some(magictailor::model::nn::AddedCond {
+            text_embeds: seeded_normal(6, (b, pooled), dev).unwrap(),
+            time_ids: Tensor::from_vec(sizes, (b, 6), dev).unwrap(),
+        })
+    };
+    let (added6, added2) = (added(6), added(2));
     let x6 = normal(2, &[6, 4, latent, latent]);
     let t6 = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], dev).unwrap();
     let mut train_once = || {
@@ -134,6 +184,7 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
                 &ctx6,
                 Ctx {
                     lora: Some(&set),
+                    added: added6.as_ref(),
                     ..Ctx::default()
                 },
             )
@@ -168,6 +219,7 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
                 &ctx2,
                 Ctx {
                     lora: Some(&set),
+                    added: added2.as_ref(),
                     ..Ctx::default()
                 },
             )
@@ -482,6 +534,21 @@ fn main() {
         reset_peak();
         bench_train(&tg, "mid, naive attention,", &mid, &pair, 256, 2);
         magictailor::model::ops::use_reference_attention(false);
+    }
+    if wanted("sdxl-unet") || wanted("sdxl-infer") {
+        let sdxl = tmp.join("sdxl");
+        let (te, te2) = sdxl_text_encoder_configs();
+        let mut vae = tiny::vae_config();
+        vae["scaling_factor"] = json!(0.13025);
+        tiny::write_sdxl(&sdxl, 0, &sdxl_unet_config(), &vae, &te, &te2).unwrap();
+        if wanted("sdxl-unet") {
+            reset_peak();
+            bench(&tg, "sdxl", &sdxl, 32, 3);
+        }
+        if wanted("sdxl-infer") {
+            reset_peak();
+            bench_infer(&tg, "sdxl", &sdxl, 32, 2);
+        }
     }
     // The full rows, one process each in scripts/gpu_bench.sh so that each has its own
     // nvidia-smi peak.

@@ -31,6 +31,7 @@ memory and, when nvidia-smi is there, the GPU's peak memory.used (CUDA context i
 polled every 50 ms.
 """
 import argparse
+import json
 import gc
 import math
 import resource
@@ -56,6 +57,8 @@ CONFIGS = {
     "tiny": dict(resolution=128, reps=5),
     "mid": dict(resolution=256, reps=3),
     "full": dict(resolution=512, reps=3, infer=True),
+    # SDXL's structure at a quarter width (benches/model.rs, `sdxl` rows).
+    "sdxl": dict(resolution=256, reps=3, infer=True, infer_reps=2),
 }
 # Set by main(): where the rows run, the frozen weights' dtype, and whether to autocast.
 DEV = torch.device("cpu")
@@ -159,14 +162,26 @@ def load(cls, path):
     return cls.from_pretrained(path, dtype=DTYPE).to(DEV)
 
 
+def added(unet, b, latent):
+    """SDXL's added conditioning (pooled text, the image's six sizes); {} for SD."""
+    c = unet.config
+    if c.addition_embed_type != "text_time":
+        return {}
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    side = float(latent * 8)
+    sizes = torch.tensor([[side, side, 0.0, 0.0, side, side]] * b, device=DEV)
+    return {"added_cond_kwargs": {"text_embeds": torch.randn(b, pooled, device=DEV), "time_ids": sizes}}
+
+
 def bench_unet(name, unet, latent, reps):
     d = unet.config.cross_attention_dim
     x6, ctx6 = torch.randn(6, 4, latent, latent, device=DEV), torch.randn(6, 77, d, device=DEV)
     t6 = torch.tensor([10, 200, 400, 600, 800, 990], device=DEV)
+    added6, added2 = added(unet, 6, latent), added(unet, 2, latent)
 
     def train_step():
         with autocast():
-            loss = unet(x6, t6, encoder_hidden_states=ctx6).sample.float().pow(2).mean()
+            loss = unet(x6, t6, encoder_hidden_states=ctx6, **added6).sample.float().pow(2).mean()
         loss.backward()
         unet.zero_grad(set_to_none=True)
 
@@ -177,7 +192,7 @@ def bench_unet(name, unet, latent, reps):
 
     def ddim_step():
         with torch.no_grad(), autocast():
-            eps = unet(torch.cat([x1, x1]), t2, encoder_hidden_states=ctx2).sample.float()
+            eps = unet(torch.cat([x1, x1]), t2, encoder_hidden_states=ctx2, **added2).sample.float()
             u, cnd = eps.chunk(2)
             sched.step(u + 7.5 * (cnd - u), 501, x1)
 
@@ -205,9 +220,12 @@ class ProbeProcessor:
 
 def bench_infer(name, model, res, reps, steps=50):
     """What `magictailor infer` does after loading: diffusers' pipeline, output as numpy."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=DTYPE, safety_checker=None).to(DEV)
+    # The folder's own pipeline class (SD, or SDXL for the `sdxl` rows).
+    extra = {} if "XL" in json.loads((Path(model) / "model_index.json").read_text())["_class_name"] else {
+        "safety_checker": None}
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPE, **extra).to(DEV)
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator(DEV).manual_seed(0)
     secs = timed(reps, lambda: pipe("a photo of a dog", height=res, width=res, num_inference_steps=steps,
@@ -624,7 +642,7 @@ def main():
             bench_clic(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
         if "infer" in rows and c.get("infer"):
             reset_peak()
-            bench_infer(name, model, c["resolution"], c["reps"])
+            bench_infer(name, model, c["resolution"], c.get("infer_reps", c["reps"]))
 
 
 if __name__ == "__main__":

@@ -359,6 +359,53 @@ pub fn write_with(
     Ok(())
 }
 
+/// An SDXL-layout folder of random weights: [`write_with`]'s components (`unet_cfg` with
+/// SDXL's added conditioning) plus a second text encoder with its pooled projection
+/// (`te2_cfg`) and a second tokenizer padding with "!", listed in `model_index.json` as
+/// diffusers' `StableDiffusionXLPipeline` lists them.
+pub fn write_sdxl(
+    dir: &Path,
+    seed: u64,
+    unet_cfg: &serde_json::Value,
+    vae_cfg: &serde_json::Value,
+    te_cfg: &serde_json::Value,
+    te2_cfg: &serde_json::Value,
+) -> Result<()> {
+    write_with(dir, seed, unet_cfg, vae_cfg, te_cfg)?;
+    write_json(&dir.join("text_encoder_2/config.json"), te2_cfg)?;
+    let t2: ClipTextConfig = parse(te2_cfg)?;
+    let te2 = random_weights(seed + 3, |vb| ClipTextModel::load(vb, &t2).map(|_| ()))?;
+    tensors::write(&dir.join("text_encoder_2/model.safetensors"), &te2, None)?;
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ] {
+        let (from, to) = (
+            dir.join("tokenizer").join(f),
+            dir.join("tokenizer_2").join(f),
+        );
+        std::fs::create_dir_all(dir.join("tokenizer_2"))
+            .map_err(|e| Error::io(crate::error::IoOp::CreateDir, &dir.join("tokenizer_2"), e))?;
+        std::fs::copy(&from, &to).map_err(|e| Error::read(&from, e))?;
+    }
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": true,
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        }),
+    )
+}
+
 /// The built-in `tiny-random` model, written once into the temp folder.
 pub fn ensure_cached() -> Result<PathBuf> {
     cached(&format!("magictailor-tiny-random-v{TINY_VERSION}"), |dir| {
