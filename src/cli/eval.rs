@@ -95,11 +95,8 @@ impl EvalArgs {
         let (width, height) = (self.width, self.height);
         let mut opts = self.given_options()?;
         opts.sampling.check()?;
-        if width.is_none() || height.is_none() {
-            let side = magictailor::eval::native_side(&opts)?;
-            opts.sampling.width = width.unwrap_or(side);
-            opts.sampling.height = height.unwrap_or(side);
-        }
+        let (w, h) = super::sides(width, height, || magictailor::eval::native_side(&opts))?;
+        (opts.sampling.width, opts.sampling.height) = (w, h);
         Ok(opts)
     }
 

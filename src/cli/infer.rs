@@ -169,11 +169,8 @@ impl InferArgs {
         let (width, height) = (self.width, self.height);
         let mut opts = self.given_options()?;
         magictailor::infer::check(&opts)?;
-        if width.is_none() || height.is_none() {
-            let side = magictailor::infer::native_side(&opts)?;
-            opts.sampling.width = width.unwrap_or(side);
-            opts.sampling.height = height.unwrap_or(side);
-        }
+        let (w, h) = super::sides(width, height, || magictailor::infer::native_side(&opts))?;
+        (opts.sampling.width, opts.sampling.height) = (w, h);
         Ok(opts)
     }
 

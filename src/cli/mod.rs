@@ -132,6 +132,20 @@ impl SingleFileArgs {
     }
 }
 
+/// `--width`/`--height` as given, the model's own side (`native`, read only when one is
+/// missing) for the others.
+fn sides(
+    width: Option<usize>,
+    height: Option<usize>,
+    native: impl FnOnce() -> magictailor::Result<usize>,
+) -> magictailor::Result<(usize, usize)> {
+    if let (Some(w), Some(h)) = (width, height) {
+        return Ok((w, h));
+    }
+    let side = native()?;
+    Ok((width.unwrap_or(side), height.unwrap_or(side)))
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Precision {
     F32,

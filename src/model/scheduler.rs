@@ -45,6 +45,25 @@ impl NoiseSchedule {
         self.config.num_train_timesteps
     }
 
+    /// The clean sample and the noise that the model's `output` on `x` (at cumulative
+    /// alpha `a`) stands for: the noise itself, or v under v-prediction; the clean
+    /// sample clipped to [-1, 1] where the config says (diffusers' DDIM, both ways).
+    fn x0_and_eps(&self, output: &Tensor, x: &Tensor, a: f64) -> Result<(Tensor, Tensor)> {
+        let (x0, eps) = if self.predicts_v() {
+            let x0 = ((x * a.sqrt())? - (output * (1.0 - a).sqrt())?)?;
+            let eps = ((output * a.sqrt())? + (x * (1.0 - a).sqrt())?)?;
+            (x0, eps)
+        } else {
+            let x0 = ((x - (output * (1.0 - a).sqrt())?)? / a.sqrt())?;
+            (x0, output.clone())
+        };
+        let x0 = match self.config.clip_sample {
+            true => x0.clamp(-1f32, 1f32)?,
+            false => x0,
+        };
+        Ok((x0, eps))
+    }
+
     /// The model predicts v (`v_prediction`, SD 2.x 768) rather than the noise.
     pub fn predicts_v(&self) -> bool {
         self.config.prediction_type == "v_prediction"
@@ -156,17 +175,7 @@ impl Ddim {
             Some(p) => ac[p] as f64,
             None => self.final_alpha_cumprod as f64,
         };
-        let (mut x0, eps) = if self.schedule.predicts_v() {
-            let x0 = ((x * a_t.sqrt())? - (output * (1.0 - a_t).sqrt())?)?;
-            let eps = ((output * a_t.sqrt())? + (x * (1.0 - a_t).sqrt())?)?;
-            (x0, eps)
-        } else {
-            let x0 = ((x - (output * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?;
-            (x0, output.clone())
-        };
-        if self.schedule.config.clip_sample {
-            x0 = x0.clamp(-1f32, 1f32)?;
-        }
+        let (x0, eps) = self.schedule.x0_and_eps(output, x, a_t)?;
         (x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?
     }
 }
@@ -185,39 +194,22 @@ pub struct DdimInverse {
 }
 
 impl DdimInverse {
+    /// The sampler's timesteps in reverse; linspace spacing is refused, as diffusers'
+    /// `DDIMInverseScheduler` does.
     pub fn new(schedule: &NoiseSchedule, steps: usize) -> Result<Self> {
-        let cfg = &schedule.config;
-        let n = cfg.num_train_timesteps;
-        if steps == 0 || steps > n {
-            candle_core::bail!("the number of steps must be between 1 and {n}, got {steps}");
-        }
-        let timesteps: Vec<usize> = match cfg.timestep_spacing.as_str() {
-            "leading" => (0..steps)
-                .map(|i| i * (n / steps) + cfg.steps_offset)
-                .collect(),
-            "trailing" => {
-                let ratio = n as f64 / steps as f64;
-                let mut v: Vec<usize> = (0..steps)
-                    .map(|i| ((n as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
-                    .collect();
-                v.reverse();
-                v
-            }
-            other => candle_core::bail!(
+        let spacing = schedule.config.timestep_spacing.as_str();
+        if !matches!(spacing, "leading" | "trailing") {
+            candle_core::bail!(
                 "DDIM inversion takes leading or trailing timestep spacing (diffusers' \
-                 DDIMInverseScheduler), not {other:?}"
-            ),
-        };
-        let initial_alpha_cumprod = if cfg.set_alpha_to_one {
-            1.0
-        } else {
-            schedule.alphas_cumprod[0]
-        };
+                 DDIMInverseScheduler), not {spacing:?}"
+            );
+        }
+        let ddim = Ddim::new(schedule, steps)?;
         Ok(Self {
             schedule: schedule.clone(),
-            timesteps,
-            step_ratio: n / steps,
-            initial_alpha_cumprod,
+            timesteps: ddim.timesteps.iter().rev().copied().collect(),
+            step_ratio: ddim.step_ratio,
+            initial_alpha_cumprod: ddim.final_alpha_cumprod,
         })
     }
 
@@ -233,19 +225,7 @@ impl DdimInverse {
             None => self.initial_alpha_cumprod as f64,
         };
         let a_to = ac[t.min(ac.len() - 1)] as f64;
-        let (x0, eps) = if self.schedule.predicts_v() {
-            let x0 = ((x * a_from.sqrt())? - (output * (1.0 - a_from).sqrt())?)?;
-            let eps = ((output * a_from.sqrt())? + (x * (1.0 - a_from).sqrt())?)?;
-            (x0, eps)
-        } else {
-            let x0 = ((x - (output * (1.0 - a_from).sqrt())?)? / a_from.sqrt())?;
-            (x0, output.clone())
-        };
-        let x0 = if self.schedule.config.clip_sample {
-            x0.clamp(-1f32, 1f32)?
-        } else {
-            x0
-        };
+        let (x0, eps) = self.schedule.x0_and_eps(output, x, a_from)?;
         (x0 * a_to.sqrt())? + (eps * (1.0 - a_to).sqrt())?
     }
 }
