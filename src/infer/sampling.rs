@@ -268,9 +268,24 @@ pub struct Conditioning<'a> {
     pub guidance: f64,
 }
 
+/// What every U-Net call of one denoising reads besides the latents: the text context and
+/// SDXL's added conditioning, built once per denoising, not per step.
+struct StepInputs {
+    context: Tensor,
+    added: Option<AddedCond>,
+}
+
 impl Conditioning<'_> {
+    /// The step inputs for latents `x: [n, c, h, w]`.
+    fn inputs(&self, x: &Tensor) -> Result<StepInputs> {
+        Ok(StepInputs {
+            context: self.context(x.dim(0)?)?,
+            added: self.added(x)?,
+        })
+    }
+
     /// The U-Net's context for `n` images: `[uncond x n, cond x n]` with guidance, else
-    /// `[cond x n]`. Built once per denoising, not per step.
+    /// `[cond x n]`.
     fn context(&self, n: usize) -> Result<Tensor> {
         let repeat = |c: &Tensor| c.repeat((n, 1, 1));
         Ok(match &self.uncond {
@@ -306,8 +321,8 @@ impl Conditioning<'_> {
     }
 
     /// One guided noise prediction for latents `x: [n, ...]` at timestep `t`, with
-    /// `context` from [`Self::context`].
-    fn eps(&self, x: &Tensor, t: usize, context: &Tensor) -> Result<Tensor> {
+    /// `inputs` from [`Self::inputs`].
+    fn eps(&self, x: &Tensor, t: usize, inputs: &StepInputs) -> Result<Tensor> {
         let w = &self.weights;
         let n = x.dim(0)?;
         let input = match self.uncond {
@@ -316,15 +331,14 @@ impl Conditioning<'_> {
         };
         let b = input.dim(0)?;
         let ts = Tensor::from_vec(vec![t as f32; b], b, &w.sd.device)?;
-        let added = self.added(x)?;
         let ctx = Ctx {
             lora: w.lora,
             tuned: w.tuned,
             probe: None,
-            added: added.as_ref(),
+            added: inputs.added.as_ref(),
         };
         let eps = (w.sd.unet)
-            .forward(&input.to_dtype(w.sd.dtype)?, &ts, context, ctx)?
+            .forward(&input.to_dtype(w.sd.dtype)?, &ts, &inputs.context, ctx)?
             .to_dtype(DType::F32)?;
         if self.uncond.is_none() {
             return Ok(eps);
@@ -345,18 +359,17 @@ pub fn denoise(
 ) -> Result<Tensor> {
     let sd = main.weights.sd;
     let ddim = Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
-    let n = latents.dim(0)?;
-    let main_context = main.context(n)?;
+    let main_inputs = main.inputs(&latents)?;
     let layout = match layout {
-        Some((base, k)) => Some((base, base.context(n)?, k)),
+        Some((base, k)) => Some((base, base.inputs(&latents)?, k)),
         None => None,
     };
     let mut x = latents;
     for (i, &t) in ddim.timesteps().iter().enumerate() {
         let _p = crate::profile::scope(crate::profile::Kind::DenoiseStep, &sd.device);
         let eps = match &layout {
-            Some((base, context, k)) if i < *k => base.eps(&x, t, context)?,
-            _ => main.eps(&x, t, &main_context)?,
+            Some((base, inputs, k)) if i < *k => base.eps(&x, t, inputs)?,
+            _ => main.eps(&x, t, &main_inputs)?,
         };
         x = ddim.step(&eps, t, &x)?;
         on_step();
@@ -372,10 +385,10 @@ pub fn invert(cond: &Conditioning, latents: Tensor, steps: usize) -> Result<Tens
     let sd = cond.weights.sd;
     let inverse =
         DdimInverse::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
-    let context = cond.context(latents.dim(0)?)?;
+    let inputs = cond.inputs(&latents)?;
     let mut x = latents;
     for &t in inverse.timesteps() {
-        x = inverse.step(&cond.eps(&x, t, &context)?, t, &x)?;
+        x = inverse.step(&cond.eps(&x, t, &inputs)?, t, &x)?;
     }
     Ok(x)
 }
