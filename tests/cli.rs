@@ -565,21 +565,6 @@ fn out_of_range_values_are_refused_before_loading() {
     );
 }
 
-/// The text chunks of a PNG, by keyword, read with the png crate's own decoder.
-fn png_text(path: &Path) -> std::collections::HashMap<String, String> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let reader = decoder.read_info().unwrap();
-    let info = reader.info();
-    let mut out = std::collections::HashMap::new();
-    for t in &info.uncompressed_latin1_text {
-        out.insert(t.keyword.clone(), t.text.clone());
-    }
-    for t in &info.utf8_text {
-        out.insert(t.keyword.clone(), t.get_text().unwrap());
-    }
-    out
-}
-
 /// Image i of `--num-images` has seed + i and can be drawn again alone; an image drawn
 /// alone is byte-identical however it was asked for; every PNG says what made it.
 #[test]

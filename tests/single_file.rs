@@ -171,6 +171,10 @@ fn infer_draws_the_same_image_from_a_single_file_as_from_its_folder() {
         let from_file = dir.path().join("file.png");
         let args = ["--model", &single, "--model-config", &config];
         ok(&draw(fam, &args, "a photo of a dog", &from_file));
+        // The PNG says what the file needed.
+        let made: serde_json::Value =
+            serde_json::from_str(&png_text(&from_file)["magictailor"]).unwrap();
+        assert_eq!(made["model_config"], config.as_str());
         let from_folder = dir.path().join("folder.png");
         ok(&draw(
             fam,
@@ -262,6 +266,43 @@ fn single_file_settings_for_a_folder_are_refused_before_anything_is_written() {
         stderr(&o)
     );
     assert!(!run.exists(), "nothing written");
+    // Before any model is read: with a model that does not exist, the flag is what is
+    // refused, in every command that takes it.
+    let absent = dir.path().join("no-model");
+    let absent = absent.to_str().unwrap();
+    let png = dir.path().join("x.png");
+    let flag = ["--prediction-type", "epsilon"];
+    let refusals = [
+        (
+            "infer",
+            vec![
+                "--model",
+                absent,
+                "--prompt",
+                "a",
+                "--out",
+                png.to_str().unwrap(),
+            ],
+        ),
+        (
+            "masks",
+            vec!["--model", absent, "--instance-dir", pair.to_str().unwrap()],
+        ),
+        (
+            "train",
+            quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), absent),
+        ),
+    ];
+    for (command, mut args) in refusals {
+        args.extend(flag);
+        let o = run_bin(command, &args);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.contains("--prediction-type describes"),
+            "{command}: {e}"
+        );
+    }
+    assert!(!run.exists() && !png.exists() && !pair.join("masks/preview.png").exists());
 }
 
 /// The bundled SD 1.x configs, with the tokenizer from a hand-made hub cache of the

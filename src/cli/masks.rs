@@ -73,6 +73,7 @@ pub(super) struct MasksArgs {
 pub(super) fn masks_cmd(a: MasksArgs) -> magictailor::Result<()> {
     let timesteps = prompts::parse_list(&a.timesteps, "--timesteps")?;
     let single_file = a.single_file.options();
+    magictailor::model::loader::check_single_file_options(&a.model, &single_file)?;
     let resolution = match a.resolution {
         Some(r) => r,
         None => {

@@ -116,7 +116,8 @@ impl SingleFileArgs {
     }
 
     /// For commands whose --model is optional (a trained folder's record names the base
-    /// and what it needs): the settings describe --model, so they need it.
+    /// and what it needs): the settings describe --model, so they need it, and it must be
+    /// a single file.
     fn options_for(
         &self,
         model: Option<&str>,
@@ -127,6 +128,9 @@ impl SingleFileArgs {
                 "--model-config and --prediction-type describe a single-file --model: pass it \
                  too (a trained folder's magictailor.json records what its own base needs).",
             ));
+        }
+        if let Some(m) = model {
+            magictailor::model::loader::check_single_file_options(m, &opts)?;
         }
         Ok(opts)
     }

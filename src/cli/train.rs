@@ -282,6 +282,7 @@ impl TrainSettings {
     ) -> magictailor::Result<(TrainConfig, candle_core::Device, Interrupt)> {
         let cfg = self.config(instance_dir, output_dir)?;
         let (mut cfg, file) = with_settings_file(cfg, self.config.as_deref(), m)?;
+        magictailor::model::loader::check_single_file_options(&cfg.model, &cfg.single_file)?;
         if let Some(&first) = methods.first() {
             cfg.method = first;
         }

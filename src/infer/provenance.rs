@@ -17,6 +17,8 @@ pub struct Provenance<'a> {
     dtype: DType,
     /// The base model (hub id or folder), as the sources name it.
     model: &'a str,
+    /// What a single-file base needs beside its weights (empty for a folder).
+    single_file: &'a crate::model::loader::SingleFileOptions,
     lora: Option<&'a Path>,
     embeds: Option<&'a Path>,
     custom_diffusion: Option<&'a Path>,
@@ -30,6 +32,7 @@ impl<'a> Provenance<'a> {
             sampling: &opts.sampling,
             dtype: opts.dtype,
             model: &src.model,
+            single_file: &src.single_file,
             lora: src.lora.as_deref(),
             embeds: src.embeds.as_deref(),
             custom_diffusion: src.custom_diffusion.as_deref(),
@@ -77,7 +80,7 @@ impl<'a> Provenance<'a> {
 
     fn json(&self) -> serde_json::Value {
         let o = self.sampling;
-        json!({
+        let mut record = json!({
             "prompt": self.prompt,
             "negative_prompt": o.negative_prompt,
             "seed": self.seed,
@@ -94,6 +97,14 @@ impl<'a> Provenance<'a> {
             "dtype": self.dtype.as_str(),
             "magictailor": env!("CARGO_PKG_VERSION"),
             "commit": env!("MAGICTAILOR_COMMIT"),
-        })
+        });
+        // A single-file base is only reproducible with its configs and prediction type.
+        if let Some(dir) = &self.single_file.model_config {
+            record["model_config"] = json!(dir);
+        }
+        if let Some(p) = &self.single_file.prediction_type {
+            record["prediction_type"] = json!(p);
+        }
+        record
     }
 }

@@ -116,7 +116,7 @@ impl StableDiffusion {
         let sd = match single_file_path(model)? {
             Some(file) => load_single_file(model, &file, single, device, dtype)?,
             None => {
-                single.refuse_for_folder(model)?;
+                check_single_file_options(model, single)?;
                 let root = resolve(model)?;
                 load_from_root(model, &root, device, dtype)?
             }
@@ -171,6 +171,16 @@ impl StableDiffusion {
                 unet_config.clone(),
             )),
         }
+    }
+}
+
+/// Refuses `--model-config` and `--prediction-type` for a `model` that is not a
+/// single-file checkpoint: called by the commands before anything is read or loaded.
+pub fn check_single_file_options(model: &str, single: &SingleFileOptions) -> Result<()> {
+    let ext = Path::new(model).extension().and_then(|e| e.to_str());
+    match ext.is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+        true => Ok(()),
+        false => single.refuse_for_folder(model),
     }
 }
 

@@ -116,6 +116,21 @@ pub fn png_max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
         .unwrap_or(0)
 }
 
+/// The text chunks of a PNG, by keyword, read with the png crate's own decoder.
+pub fn png_text(path: &Path) -> std::collections::HashMap<String, String> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    let mut out = std::collections::HashMap::new();
+    for t in &info.uncompressed_latin1_text {
+        out.insert(t.keyword.clone(), t.text.clone());
+    }
+    for t in &info.utf8_text {
+        out.insert(t.keyword.clone(), t.get_text().unwrap());
+    }
+    out
+}
+
 /// The path of a fixture file, as the string a command line takes.
 pub fn fixture(name: &str) -> String {
     fixtures().join(name).to_string_lossy().into_owned()
