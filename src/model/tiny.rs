@@ -376,19 +376,17 @@ pub fn write_sdxl(
     let t2: ClipTextConfig = parse(te2_cfg)?;
     let te2 = random_weights(seed + 3, |vb| ClipTextModel::load(vb, &t2).map(|_| ()))?;
     tensors::write(&dir.join("text_encoder_2/model.safetensors"), &te2, None)?;
+    let tok_2 = dir.join("tokenizer_2");
+    std::fs::create_dir_all(&tok_2)
+        .map_err(|e| Error::io(crate::error::IoOp::CreateDir, &tok_2, e))?;
     for f in [
         "vocab.json",
         "merges.txt",
         "special_tokens_map.json",
         "tokenizer_config.json",
     ] {
-        let (from, to) = (
-            dir.join("tokenizer").join(f),
-            dir.join("tokenizer_2").join(f),
-        );
-        std::fs::create_dir_all(dir.join("tokenizer_2"))
-            .map_err(|e| Error::io(crate::error::IoOp::CreateDir, &dir.join("tokenizer_2"), e))?;
-        std::fs::copy(&from, &to).map_err(|e| Error::read(&from, e))?;
+        let from = dir.join("tokenizer").join(f);
+        std::fs::copy(&from, tok_2.join(f)).map_err(|e| Error::read(&from, e))?;
     }
     write_json(
         &dir.join("model_index.json"),
