@@ -9,7 +9,7 @@
 //! rows on that device and adds the `full` rows: SD 2.1-base's full topology with random
 //! weights at 512 px (training steps, DDIM step, a whole 50-step sampling). On CUDA the
 //! peak memory is not read here (candle keeps no allocator statistics):
-//! `scripts/gpu_bench.sh` polls nvidia-smi around each bench process.
+//! `scripts/gpu_session.sh` polls nvidia-smi around each bench process.
 //!
 //! After its timed repetitions each row runs once more with profiling on and prints
 //! where that repetition's time went (`magictailor::profile`); the timings themselves
@@ -469,7 +469,7 @@ fn main() {
         let te_mid = mid_text_encoder_config();
         tiny::write_with(&mid, 0, &mid_unet_config(), &tiny::vae_config(), &te_mid).unwrap();
     }
-    // `full-model` alone writes it (scripts/gpu_bench.sh, before the timed processes).
+    // `full-model` alone writes it (scripts/gpu_session.sh, before the timed processes).
     if ["full-model", "full-train", "full-ddim", "full-infer"]
         .iter()
         .any(|r| wanted(r))
@@ -550,7 +550,7 @@ fn main() {
             bench_infer(&tg, "sdxl", &sdxl, 32, 2);
         }
     }
-    // The full rows, one process each in scripts/gpu_bench.sh so that each has its own
+    // The full rows, one process each in scripts/gpu_session.sh so that each has its own
     // nvidia-smi peak.
     if wanted("full-train") {
         bench_train(&tg, "full", &full, &pair, 512, 3);

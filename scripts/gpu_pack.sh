@@ -3,7 +3,7 @@
 # bench binary, the unit tests (with the GPU kernel tests) and examples/step_grads, and
 # packs them, xz-compressed, with the wheels the GPU machine lacks (diffusers,
 # importlib_metadata, and CUDA 13's compute-sanitizer) into gpu-pack/ (git-ignored), which
-# the device tool carries for scripts/gpu_check.sh and scripts/gpu_bench.sh.
+# the device tool carries for scripts/gpu_session.sh.
 # Nothing can be downloaded on the GPU machine, so everything it needs comes from here.
 #
 #   scripts/gpu_pack.sh            # cold CUDA build: ~20 min on 2 cores; warm: a few minutes
@@ -11,7 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ci=${MAGICTAILOR_CI_CACHE:-$HOME/.cache/magictailor-ci}
 pack=gpu-pack
-eval "$(scripts/cuda_toolchain.sh "$ci/cuda")"
+# The toolchain script reads cudarc's sources; a failure must stop here (inside `eval
+# "$(...)"` it would not), not as a missing nvcc deep in the build.
+cargo fetch --locked
+toolchain=$(scripts/cuda_toolchain.sh "$ci/cuda")
+eval "$toolchain"
 # A target dir of its own: the cuda feature would otherwise rebuild candle in ./target.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ci/target-cuda}
 # The executable cargo built for target $1 (cargo's JSON messages on stdin).
@@ -25,7 +29,7 @@ for line in sys.stdin:
 }
 json=--message-format=json-render-diagnostics
 bench=$(cargo bench --features cuda --bench model --no-run $json | executable model)
-# The unit tests with the GPU ones (`*_on_gpu_*`, skipped without a GPU), for gpu_check.sh.
+# The unit tests with the GPU ones (`*_on_gpu_*`, skipped without a GPU), for gpu_session.sh.
 tests=$(cargo test --release --features cuda --lib --no-run $json | executable magictailor)
 grads=$(cargo build --release --features cuda --example step_grads $json | executable step_grads)
 main=$(cargo build --release --features cuda --bin magictailor $json | executable magictailor)
