@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE (no GPU needed) before a GPU session: builds the CUDA binary (for `doctor`), the
 # bench binary, the unit tests (with the GPU kernel tests) and examples/step_grads, and
-# packs them, xz-compressed, with the wheels the GPU machine lacks (diffusers,
-# importlib_metadata, and CUDA 13's compute-sanitizer) into gpu-pack/ (git-ignored), which
+# packs them, xz-compressed, with the wheels the GPU machine lacks (diffusers and
+# importlib_metadata; its image has compute-sanitizer) into gpu-pack/ (git-ignored), which
 # the device tool carries for scripts/gpu_session.sh.
 # Nothing can be downloaded on the GPU machine, so everything it needs comes from here.
 #
@@ -42,12 +42,12 @@ strip -o "$pack/model-bench" "$bench"
 strip -o "$pack/lib-tests" "$tests"
 strip -o "$pack/step-grads" "$grads"
 strip -o "$pack/magictailor" "$main"
-xz -T0 -6 -f "$pack/model-bench" "$pack/lib-tests" "$pack/step-grads" "$pack/magictailor"
+# -9e: the pack, the wheels and the tree must fit the 64 MiB a device call carries.
+xz -T0 -9e -f "$pack/model-bench" "$pack/lib-tests" "$pack/step-grads" "$pack/magictailor"
 # diffusers is pure Python; its other needs (torch, transformers, huggingface_hub,
 # safetensors, zipp, ...) are already on the GPU machine (device KINDS.md).
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$pack/wheels" \
-  "diffusers${DIFFUSERS_VERSION:+==$DIFFUSERS_VERSION}" importlib_metadata \
-  "nvidia-cuda-sanitizer-api==13.0.*"
+  "diffusers${DIFFUSERS_VERSION:+==$DIFFUSERS_VERSION}" importlib_metadata
 git rev-parse --short HEAD >"$pack/commit"
 git diff --quiet HEAD -- src benches Cargo.toml Cargo.lock || echo "+uncommitted" >>"$pack/commit"
 du -sh "$pack"/* "$pack/wheels"/*
