@@ -170,6 +170,9 @@ __device__ void online_softmax(const float *s, T *p, float *o_acc, unsigned ldo,
     }
     sum = warp_sum(sum);
     for (unsigned c = lane; c < dp; c += 32) o_acc[r * ldo + c] *= alpha;
+    // Every lane has read the row's old max before lane 0 overwrites it: a shuffle orders
+    // no memory (compute-sanitizer's racecheck flagged this read/write pair on an H200).
+    __syncwarp();
     if (lane == 0) {
       row_max[r] = new_max;
       row_sum[r] = old_sum * alpha + sum;
