@@ -254,6 +254,7 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
         tuned: None,
         extra_rows: None,
         token_table: None,
+        vico: None,
     };
     let latents = seeded_normal(5, (1, 4, latent, latent), &tg.dev).unwrap();
     let secs = tg.time(reps, || {

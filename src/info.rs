@@ -101,6 +101,7 @@ impl RunInfo {
             Some((Method::DreamBooth, _)) => "DreamBooth-LoRA",
             Some((Method::CustomDiffusion, _)) => "Custom Diffusion",
             Some((Method::Clic, _)) => "CLiC",
+            Some((Method::Vico, _)) => "ViCo",
             Some((Method::MagicTailor, true)) => "MagicTailor (as the released script)",
             _ => "MagicTailor",
         }

@@ -98,6 +98,7 @@ fn loss(s: &Setup) -> Tensor {
                     tuned: Some(&tuned),
                     probe: Some(&probe),
                     added: None,
+                    vico: None,
                 },
             )
             .unwrap();

@@ -390,6 +390,7 @@ fn a_textual_inversion_step_matches_diffusers() {
         lambda_pres: 0.0,
         clic: None,
         prior: 0.0,
+        vico_reg: None,
     };
     let losses = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
     let loss: f32 = losses.loss.to_scalar().unwrap();
@@ -827,6 +828,7 @@ fn dreambooth_step(prefix: &str, prompts: &[&str], prior: f64) -> f32 {
         lambda_pres: 0.0,
         clic: None,
         prior,
+        vico_reg: None,
     };
     let losses = step_losses(
         &sd,
@@ -1156,6 +1158,7 @@ impl TunedStep {
         let online = Online {
             lora: &none,
             tuned: Some(&set),
+            vico: None,
         };
         let text = TextParams {
             rows: self.rows.as_tensor(),
@@ -1166,6 +1169,7 @@ impl TunedStep {
             lambda_pres: 0.0,
             clic,
             prior: 0.0,
+            vico_reg: None,
         };
         step_losses(&self.sd, batch, noised, online, text, None, w).unwrap()
     }
@@ -1614,6 +1618,7 @@ impl ReferenceStep {
             n_samples,
             roi: None,
             prior: 0,
+            reference: None,
         };
         let noised = Noised {
             z_t: self.get("z_t"),
@@ -1626,6 +1631,7 @@ impl ReferenceStep {
                 .unwrap_or_else(|| self.get("eps")),
             timesteps: self.usizes("t"),
             masks: self.get("masks"),
+            reference: None,
         };
         (batch, noised)
     }

@@ -408,6 +408,7 @@ fn an_sdxl_single_file_loads_to_its_folder_bit_for_bit() {
             tuned: None,
             extra_rows: None,
             token_table: None,
+            vico: None,
         };
         let (hidden, pooled) = w.encode_text(&["a photo of a dog", ""]).unwrap();
         let added = magictailor::model::nn::AddedCond {

@@ -65,6 +65,7 @@ fn steps_match_pytorch(fam: &Family) {
         n_samples: 2,
         roi: None,
         prior: 0,
+        reference: None,
     };
     let noised = Noised {
         z_t: r["z_t"].clone(),
@@ -72,6 +73,7 @@ fn steps_match_pytorch(fam: &Family) {
         target: r["eps"].clone(),
         timesteps: usizes(&r["t"]),
         masks: r["masks"].clone(),
+        reference: None,
     };
 
     // Online adapters = the fixture LoRA, as trainable Vars; rows = the fixture embeddings.
@@ -91,6 +93,7 @@ fn steps_match_pytorch(fam: &Family) {
         lambda_pres: 0.2,
         clic: None,
         prior: 0.0,
+        vico_reg: None,
     };
 
     let text = TextParams {

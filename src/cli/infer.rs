@@ -89,6 +89,14 @@ pub(super) struct InferArgs {
     /// safetensors, ours or diffusers' `save_attn_procs`).
     #[arg(long)]
     custom_diffusion: Option<PathBuf>,
+    /// ViCo's image cross-attention blocks (`vico_blocks.safetensors`; a trained ViCo
+    /// folder's are picked up).
+    #[arg(long)]
+    vico_blocks: Option<PathBuf>,
+    /// ViCo's reference image of a pseudo-word, repeated in order (<v0>'s first); by
+    /// default the trained folder's first image of each sample.
+    #[arg(long = "reference", value_name = "IMAGE")]
+    references: Vec<PathBuf>,
     /// Sample a checkpoint of the --model-dir run (finished or not) instead of its final
     /// weights: step-N, N, or a checkpoint file.
     #[arg(long)]
@@ -191,6 +199,8 @@ impl InferArgs {
             lora: self.lora,
             embeds: self.embeds,
             custom_diffusion: self.custom_diffusion,
+            vico_blocks: self.vico_blocks,
+            references: self.references,
             checkpoint: self.checkpoint,
             device: self.compute.device()?,
             dtype: self.compute.dtype.dtype(),

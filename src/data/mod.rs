@@ -19,7 +19,8 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, IoOp, Result};
 pub use images::{
-    crop_square, image_size, load_mask, load_rgb, mask_tensor, rgb_image, rgb_tensor,
+    crop_square, image_size, load_mask, load_rgb, load_rgb_sized, mask_tensor, rgb_image,
+    rgb_tensor,
 };
 
 const IMAGE_EXTS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
@@ -179,28 +180,44 @@ pub fn class_words(dir: &Path) -> Result<Vec<String>> {
                 dir.display()
             )));
         }
+        // A folder of one sample (ViCo's and DreamBench's layout: `dog_a/0_*.jpg`).
+        let files = image_files(dir)?;
+        if !files.is_empty() && files.iter().all(|f| sample_index(f) == Some(0)) {
+            return Ok(vec![sample_word(&name)?]);
+        }
         return Err(Error::usage(format!(
             "the folder name {name:?} ({}) does not name its samples: MagicTailor pair folders are named \
-             {{concept}}_{{id}}+{{component}}_{{id}}, e.g. person_k+hair_c. Rename the folder.",
+             {{concept}}_{{id}}+{{component}}_{{id}}, e.g. person_k+hair_c (a folder of one sample, \
+             e.g. dog_a, holds only images named 0_*). Rename the folder.",
             dir.display()
         )));
     }
-    name.split('+')
-        .map(|part| {
-            let word = match part.rsplit_once('_') {
-                Some((w, _id)) if !w.is_empty() => w,
-                _ => part,
-            };
-            let word = word.replace('_', " ").trim().to_string();
-            if word.is_empty() {
-                Err(Error::usage(format!(
-                    "the folder name {name:?} has an empty sample name between '+' signs."
-                )))
-            } else {
-                Ok(word)
-            }
-        })
-        .collect()
+    name.split('+').map(sample_word).collect()
+}
+
+/// The class word of one part of a folder name: `teddy_bear_a` -> "teddy bear".
+fn sample_word(part: &str) -> Result<String> {
+    let word = match part.rsplit_once('_') {
+        Some((w, _id)) if !w.is_empty() => w,
+        _ => part,
+    };
+    let word = word.replace('_', " ").trim().to_string();
+    if word.is_empty() {
+        return Err(Error::usage(format!(
+            "the folder name part {part:?} has an empty sample name."
+        )));
+    }
+    Ok(word)
+}
+
+/// The first image of each sample of the folder `dir` (its reference by default, ViCo).
+pub fn first_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let words = class_words(dir)?;
+    let by_sample = group_by_sample(&image_files(dir)?, &words, dir)?;
+    Ok(by_sample
+        .into_values()
+        .filter_map(|v| v.into_iter().next())
+        .collect())
 }
 
 fn is_image(p: &Path) -> bool {

@@ -336,6 +336,8 @@ fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path) -> Result<usize>
         lora: None,
         embeds: None,
         custom_diffusion: None,
+        vico_blocks: None,
+        references: Vec::new(),
         checkpoint: None,
         device: opts.device.clone(),
         dtype: opts.dtype,

@@ -17,6 +17,7 @@ mod one;
 pub mod prompts;
 pub mod provenance;
 mod sampling;
+pub mod vico;
 mod weights;
 pub use sampling::{
     decode, denoise, invert, sample, seeded_latents, to_images, Conditioning, Prompted, Sampling,
@@ -42,6 +43,11 @@ pub struct InferOptions {
     pub embeds: Option<PathBuf>,
     /// Custom Diffusion's tuned matrices.
     pub custom_diffusion: Option<PathBuf>,
+    /// ViCo's image cross-attention blocks (a trained ViCo folder's by default).
+    pub vico_blocks: Option<PathBuf>,
+    /// ViCo's reference image per pseudo-word, in order (by default the trained folder's
+    /// first image of each sample).
+    pub references: Vec<PathBuf>,
     /// A checkpoint of `model_dir`'s run to sample instead of its final weights:
     /// `step-N`, `N`, or a checkpoint file.
     pub checkpoint: Option<String>,

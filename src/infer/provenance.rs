@@ -22,6 +22,8 @@ pub struct Provenance<'a> {
     lora: Option<&'a Path>,
     embeds: Option<&'a Path>,
     custom_diffusion: Option<&'a Path>,
+    vico_blocks: Option<&'a Path>,
+    references: &'a [std::path::PathBuf],
 }
 
 impl<'a> Provenance<'a> {
@@ -36,6 +38,8 @@ impl<'a> Provenance<'a> {
             lora: src.lora.as_deref(),
             embeds: src.embeds.as_deref(),
             custom_diffusion: src.custom_diffusion.as_deref(),
+            vico_blocks: src.vico_blocks.as_deref(),
+            references: &src.references,
         }
     }
 
@@ -68,6 +72,11 @@ impl<'a> Provenance<'a> {
         if let Some(c) = self.custom_diffusion {
             s.push_str(&format!(", Custom Diffusion: {}", name(c)));
         }
+        if let Some(v) = self.vico_blocks {
+            s.push_str(&format!(", ViCo: {}", name(v)));
+            let refs: Vec<String> = self.references.iter().map(|p| name(p)).collect();
+            s.push_str(&format!(", References: {}", refs.join(" ")));
+        }
         if o.layout_steps > 0 {
             s.push_str(&format!(", Layout steps: {}", o.layout_steps));
         }
@@ -94,6 +103,8 @@ impl<'a> Provenance<'a> {
             "lora": self.lora,
             "embeds": self.embeds,
             "custom_diffusion": self.custom_diffusion,
+            "vico_blocks": self.vico_blocks,
+            "references": self.references,
             "dtype": self.dtype.as_str(),
             "magictailor": env!("CARGO_PKG_VERSION"),
             "commit": env!("MAGICTAILOR_COMMIT"),

@@ -11,6 +11,7 @@ use crate::model::nn::{AddedCond, Ctx};
 use crate::model::scheduler::{Ddim, DdimInverse};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::tuned::TunedSet;
+use crate::model::vico::{Plug, Routing};
 use crate::rng::seeded_normal;
 
 use super::weights::Personalized;
@@ -144,6 +145,8 @@ pub struct Weights<'a> {
     /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
     pub extra_rows: Option<&'a Tensor>,
     pub token_table: Option<&'a Tensor>,
+    /// ViCo's blocks and reference images.
+    pub vico: Option<&'a super::vico::Visual>,
 }
 
 impl<'a> Weights<'a> {
@@ -155,6 +158,7 @@ impl<'a> Weights<'a> {
             tuned: None,
             extra_rows: None,
             token_table: None,
+            vico: None,
         }
     }
 
@@ -245,6 +249,14 @@ impl<'a> Weights<'a> {
             Some((u, p)) => (Some(u), p),
             None => (None, None),
         };
+        let visual = match self.vico {
+            Some(v) => Some(v.rows(
+                self.sd,
+                (prompt, &cond),
+                (uncond.as_ref()).map(|u| (negative, u)),
+            )?),
+            None => None,
+        };
         Ok(Conditioning {
             weights: *self,
             cond,
@@ -252,6 +264,7 @@ impl<'a> Weights<'a> {
             pooled,
             uncond_pooled,
             guidance,
+            visual,
         })
     }
 }
@@ -266,6 +279,8 @@ pub struct Conditioning<'a> {
     pub pooled: Option<Tensor>,
     pub uncond_pooled: Option<Tensor>,
     pub guidance: f64,
+    /// ViCo: the references this prompt sees.
+    visual: Option<super::vico::VisualRows>,
 }
 
 /// What every U-Net call of one denoising reads besides the latents: the text context and
@@ -273,14 +288,24 @@ pub struct Conditioning<'a> {
 struct StepInputs {
     context: Tensor,
     added: Option<AddedCond>,
+    /// ViCo: the reference rows' clean latents, their text context, and who sees whom.
+    visual: Option<(Tensor, Tensor, Routing)>,
 }
 
 impl Conditioning<'_> {
     /// The step inputs for latents `x: [n, c, h, w]`.
     fn inputs(&self, x: &Tensor) -> Result<StepInputs> {
+        let visual = match (&self.visual, self.weights.vico) {
+            (Some(_), Some(_)) if self.pooled.is_some() => {
+                return Err(Error::usage("ViCo's blocks are not built for SDXL."))
+            }
+            (Some(rows), Some(v)) => Some(v.step_rows(self.weights.sd, rows, x)?),
+            _ => None,
+        };
         Ok(StepInputs {
             context: self.context(x.dim(0)?)?,
             added: self.added(x)?,
+            visual,
         })
     }
 
@@ -330,15 +355,37 @@ impl Conditioning<'_> {
             None => x.clone(),
         };
         let b = input.dim(0)?;
-        let ts = Tensor::from_vec(vec![t as f32; b], b, &w.sd.device)?;
+        let timesteps = |rows: usize| Tensor::from_vec(vec![t as f32; rows], rows, &w.sd.device);
+        let plug = match (&inputs.visual, w.vico) {
+            (Some((refs, context, routing)), Some(v)) => {
+                // The references' pass, once for the whole batch; its tokens feed the blocks.
+                let plug = Plug::new(&v.blocks, routing.clone());
+                let ctx = Ctx {
+                    lora: w.lora,
+                    tuned: w.tuned,
+                    vico: Some(&plug),
+                    ..Ctx::default()
+                };
+                (w.sd.unet).forward(refs, &timesteps(refs.dim(0)?)?, context, ctx)?;
+                plug.start_drawing();
+                Some(plug)
+            }
+            _ => None,
+        };
         let ctx = Ctx {
             lora: w.lora,
             tuned: w.tuned,
             probe: None,
             added: inputs.added.as_ref(),
+            vico: plug.as_ref(),
         };
         let eps = (w.sd.unet)
-            .forward(&input.to_dtype(w.sd.dtype)?, &ts, &inputs.context, ctx)?
+            .forward(
+                &input.to_dtype(w.sd.dtype)?,
+                &timesteps(b)?,
+                &inputs.context,
+                ctx,
+            )?
             .to_dtype(DType::F32)?;
         if self.uncond.is_none() {
             return Ok(eps);

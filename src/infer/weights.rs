@@ -34,6 +34,10 @@ pub struct Sources {
     /// A training checkpoint holding the adapters and pseudo-word rows (in place of
     /// `lora` and `embeds`), and the adapters' `alpha / rank`.
     pub checkpoint: Option<(PathBuf, f64)>,
+    /// ViCo's image cross-attention blocks (a checkpoint holds its own).
+    pub vico_blocks: Option<PathBuf>,
+    /// ViCo's reference image of each sample, in order.
+    pub references: Vec<PathBuf>,
 }
 
 /// A model ready to sample: base weights, optional adapters, added pseudo-words.
@@ -48,6 +52,8 @@ pub struct Personalized {
     pub tuned: Option<TunedSet>,
     /// Pseudo-word -> class word, when known (a trained folder).
     pub class_words: std::collections::BTreeMap<String, String>,
+    /// ViCo's blocks and references.
+    pub vico: Option<super::vico::Visual>,
 }
 
 impl Personalized {
@@ -85,6 +91,18 @@ impl Personalized {
             }
             None => None,
         };
+        let vico =
+            match &src.vico_blocks {
+                Some(f) => {
+                    let t = tensors::read_floats(f, device, &[])?;
+                    Some(visual(&sd, t, f, src, device)?)
+                }
+                None if !src.references.is_empty() => return Err(Error::usage(
+                    "--reference conditions ViCo's image cross-attention blocks, and this model \
+                     has none: sample a ViCo run (--model-dir) or pass --vico-blocks.",
+                )),
+                None => None,
+            };
         Ok(Self {
             sd,
             lora,
@@ -92,6 +110,7 @@ impl Personalized {
             token_table,
             tuned,
             class_words: src.class_words.clone(),
+            vico,
         })
     }
 
@@ -118,6 +137,7 @@ impl Personalized {
             tuned: self.tuned.as_ref(),
             extra_rows: self.extra_rows.as_ref(),
             token_table: self.token_table.as_ref(),
+            vico: self.vico.as_ref(),
         }
     }
 }
@@ -170,6 +190,20 @@ fn from_checkpoint(
     }
     let token_table = take("table").ok();
     let tuned = TunedSet::from_checkpoint(&mut t)?;
+    let blocks: std::collections::HashMap<String, Tensor> = (t.iter())
+        .filter_map(|(k, v)| Some((k.strip_prefix("vico.")?.to_string(), v.clone())))
+        .collect();
+    let vico = match blocks.is_empty() {
+        true if !src.references.is_empty() => {
+            return Err(Error::usage(format!(
+                "--reference conditions ViCo's image cross-attention blocks, and {} holds none \
+                 (it is not a ViCo run's).",
+                file.display()
+            )))
+        }
+        true => None,
+        false => Some(visual(&sd, blocks, file, src, device)?),
+    };
     Ok(Personalized {
         sd,
         lora: has_lora.then_some(lora),
@@ -177,6 +211,37 @@ fn from_checkpoint(
         token_table,
         tuned,
         class_words: src.class_words.clone(),
+        vico,
+    })
+}
+
+/// ViCo's blocks from `tensors` (read from `file`) at this U-Net's sites, with the
+/// references of `src`.
+fn visual(
+    sd: &StableDiffusion,
+    tensors: std::collections::HashMap<String, Tensor>,
+    file: &Path,
+    src: &Sources,
+    device: &Device,
+) -> Result<super::vico::Visual> {
+    let sites = crate::model::vico::sites(&sd.unet);
+    let blocks = crate::model::vico::Blocks::from_tensors(&tensors, file, &sites, device)?;
+    if src.references.is_empty() {
+        return Err(Error::usage(
+            "ViCo's blocks need a reference image per sample: pass --reference IMAGE (one per \
+             pseudo-word, in order), or sample a trained folder whose images are still where it \
+             was trained.",
+        ));
+    }
+    if let Some(missing) = src.references.iter().find(|p| !p.is_file()) {
+        return Err(Error::usage(format!(
+            "the reference image {} does not exist.",
+            missing.display()
+        )));
+    }
+    Ok(super::vico::Visual {
+        blocks,
+        references: src.references.clone(),
     })
 }
 
@@ -230,6 +295,8 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
                 class_words: Default::default(),
                 aliases: Default::default(),
                 checkpoint: None,
+                vico_blocks: opts.vico_blocks.clone(),
+                references: opts.references.clone(),
             });
         }
         (None, None) => PathBuf::from(run::DEFAULT_DIR),
@@ -252,7 +319,23 @@ pub fn sources(opts: &InferOptions) -> Result<Sources> {
         class_words: folder.record.tokens,
         aliases: folder.record.aliases,
         checkpoint: None,
+        vico_blocks: opts.vico_blocks.clone().or(folder.vico_blocks),
+        references: references(opts, &folder.record.config)?,
     })
+}
+
+/// ViCo's references: `--reference`, else the first image of each sample of the folder the
+/// run trained on (none if the settings name no folder that still exists).
+fn references(opts: &InferOptions, settings: &serde_json::Value) -> Result<Vec<PathBuf>> {
+    if !opts.references.is_empty() {
+        return Ok(opts.references.clone());
+    }
+    match settings["instance_dir"].as_str().map(PathBuf::from) {
+        Some(dir) if dir.is_dir() && settings["method"] == "vico" => {
+            crate::data::first_images(&dir)
+        }
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// What a checkpoint's settings say a single-file base model needs.
@@ -324,6 +407,7 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         })?;
     }
     let (model, single_file) = model;
+    let references = references(opts, &settings)?;
     Ok(Sources {
         model,
         single_file,
@@ -334,5 +418,7 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         class_words,
         aliases,
         checkpoint: Some((file, alpha / rank)),
+        vico_blocks: None,
+        references,
     })
 }

@@ -39,6 +39,8 @@ pub const TOKEN_TABLE: &str = "token_embedding.safetensors";
 pub const CLASS_IMAGES: &str = "class_images";
 /// Custom Diffusion's tuned matrices, as diffusers' `save_attn_procs` names them.
 pub const CUSTOM_DIFFUSION: &str = "pytorch_custom_diffusion_weights.safetensors";
+/// ViCo's image cross-attention blocks, named `<transformer>.image_cross_attention.<param>`.
+pub const VICO_BLOCKS: &str = "vico_blocks.safetensors";
 pub const RECORD: &str = "magictailor.json";
 pub const LOG: &str = "train_log.jsonl";
 /// One line per segment of the run (start, or resume): its command line and whence.
@@ -107,6 +109,7 @@ pub struct TrainedFolder {
     pub embeds: Option<PathBuf>,
     pub token_table: Option<PathBuf>,
     pub custom_diffusion: Option<PathBuf>,
+    pub vico_blocks: Option<PathBuf>,
 }
 
 /// True when `dir` exists and holds anything besides a run lock.
@@ -161,6 +164,7 @@ pub fn open(dir: &Path) -> Result<TrainedFolder> {
         embeds: present(EMBEDS),
         token_table: present(TOKEN_TABLE),
         custom_diffusion: present(CUSTOM_DIFFUSION),
+        vico_blocks: present(VICO_BLOCKS),
     })
 }
 

@@ -151,6 +151,7 @@ fn layer_probs(
         tuned: None,
         probe: Some(&probe),
         added: None,
+        vico: None,
     };
     sd.unet.forward(&image.z_t, &image.t, &context, ctx)?;
     let maps = probe.take();

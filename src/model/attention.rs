@@ -1,7 +1,7 @@
 //! Attention and the transformer blocks of the U-Net; cross-attention layers feed the
 //! probe (`probe.rs`) the probabilities MagicTailor's attention loss reads.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::nn::{group_norm, softmax_last, Ctx, GroupNorm, LayerNorm, Linear};
@@ -90,9 +90,9 @@ impl Attention {
             }
         }
         let dtype = q.dtype();
-        let (q, k, v) = match self.upcast && dtype != candle_core::DType::F32 {
+        let (q, k, v) = match self.upcast && dtype != DType::F32 {
             true => {
-                let f32 = candle_core::DType::F32;
+                let f32 = DType::F32;
                 (q.to_dtype(f32)?, k.to_dtype(f32)?, v.to_dtype(f32)?)
             }
             false => (q, k, v),
@@ -104,6 +104,20 @@ impl Attention {
                 let q = self.split_heads(&(&q * self.scale)?)?;
                 let probs = softmax_last(&q.matmul(&self.split_heads(&k)?.t()?)?)?;
                 probe.record(&self.path, probs.mean(1)?);
+            }
+        }
+        if let (Some(plug), Some(_)) = (ctx.vico, context) {
+            if plug.wants(&self.path) {
+                // ViCo's mask and L_reg read the references' maps, in the graph (f32, or
+                // f64 for finite differences).
+                let q = self.split_heads(&(&q * self.scale)?)?;
+                let scores = q.matmul(&self.split_heads(&k)?.t()?)?;
+                let up = if dtype == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                plug.record(&self.path, softmax_last(&scores)?.mean(1)?.to_dtype(up)?);
             }
         }
         let out = ops::attention(&q, &k, &v, self.heads, self.scale)?.to_dtype(dtype)?;
@@ -184,6 +198,10 @@ impl BasicTransformerBlock {
 /// residual. A 1x1-conv projection (SD 1.x) is the same map as a linear on channels.
 #[derive(Debug, Clone)]
 pub struct Transformer2D {
+    /// Its module path (`up_blocks.1.attentions.1`), width and heads.
+    pub path: String,
+    pub channels: usize,
+    pub heads: usize,
     norm: GroupNorm,
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
@@ -223,6 +241,9 @@ impl Transformer2D {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            path: vb.prefix(),
+            channels: c,
+            heads: cfg.heads,
             norm: group_norm(&vb.pp("norm"), cfg.groups, c, 1e-6)?,
             proj_in: proj("proj_in")?,
             blocks,
@@ -258,6 +279,9 @@ impl Transformer2D {
         let mut t = self.proj_in.forward(&tokens, ctx)?;
         for block in &self.blocks {
             t = block.forward(&t, context, kind, ctx)?;
+            if let Some(plug) = ctx.vico {
+                t = plug.apply(&self.path, &t)?;
+            }
         }
         let t = self.proj_out.forward(&t, ctx)?;
         t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + x

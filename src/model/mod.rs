@@ -17,3 +17,4 @@ pub mod tokenizer;
 pub mod tuned;
 pub mod unet;
 pub mod vae;
+pub mod vico;

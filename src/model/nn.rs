@@ -20,6 +20,8 @@ pub struct Ctx<'a> {
     pub probe: Option<&'a AttnProbe>,
     /// SDXL's added conditioning, for U-Nets that take it.
     pub added: Option<&'a AddedCond>,
+    /// ViCo's image cross-attention blocks and reference rows.
+    pub vico: Option<&'a super::vico::Plug<'a>>,
 }
 
 /// SDXL's added conditioning: the second text encoder's pooled, projected output

@@ -250,6 +250,15 @@ impl UNet {
 
     /// The base weight and bias of each adaptable layer named in `paths`, in the U-Net's
     /// order.
+    /// Every spatial transformer in running order (encoder, middle, decoder), each with
+    /// whether it is the decoder's.
+    pub fn transformers(&self) -> Vec<(bool, &Transformer2D)> {
+        let down = self.down_blocks.iter().chain([&self.mid_block]);
+        let down = down.flat_map(|b| b.attentions.iter()).map(|t| (false, t));
+        let up = self.up_blocks.iter().flat_map(|b| b.attentions.iter());
+        down.chain(up.map(|t| (true, t))).collect()
+    }
+
     pub fn base_weights(&self, paths: &[String]) -> Vec<(String, Tensor, Option<Tensor>)> {
         (self.adaptable())
             .filter(|l| paths.contains(&l.path))

@@ -33,6 +33,7 @@ impl Trainer {
             tuned: None,
             probe: None,
             added: None,
+            vico: None,
         };
         let pred = self
             .sd

@@ -380,6 +380,8 @@ impl TrainConfig {
             "--prior-loss-weight" => self.prior_loss_weight != other.prior_loss_weight,
             "--class-dir" => self.class_dir != other.class_dir,
             "--export-full" => self.export_full != other.export_full,
+            "--no-masks" => self.no_masks != other.no_masks,
+            "--no-flip" => self.flip != other.flip,
             _ => false,
         }
     }
@@ -476,11 +478,27 @@ impl TrainConfig {
 }
 
 /// The settings only some methods read, by flag, with those methods.
-const FLAGS_BY_METHOD: [(&str, &[Method]); 24] = {
+const FLAGS_BY_METHOD: [(&str, &[Method]); 26] = {
     const MT: &[Method] = &[Method::MagicTailor];
     const ONE: &[Method] = &[
         Method::Ti,
         Method::DreamBooth,
+        Method::CustomDiffusion,
+        Method::Clic,
+        Method::Vico,
+    ];
+    // ViCo's loss reads no masks.
+    const MASKED: &[Method] = &[
+        Method::MagicTailor,
+        Method::Ti,
+        Method::DreamBooth,
+        Method::CustomDiffusion,
+        Method::Clic,
+    ];
+    // DreamBooth's and ViCo's sources flip nothing.
+    const FLIPPED: &[Method] = &[
+        Method::MagicTailor,
+        Method::Ti,
         Method::CustomDiffusion,
         Method::Clic,
     ];
@@ -512,6 +530,8 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 24] = {
         ("--prior-loss-weight", PRIOR),
         ("--class-dir", PRIOR),
         ("--export-full", TUNED),
+        ("--no-masks", MASKED),
+        ("--no-flip", FLIPPED),
     ]
 };
 

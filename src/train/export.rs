@@ -28,6 +28,12 @@ impl Trainer {
                 tuned::export_unet(&self.sd, &set, full)?;
             }
         }
+        if let Some(blocks) = &self.vico {
+            let t = (blocks.named().into_iter())
+                .map(|(name, v)| (name, v.as_detached_tensor()))
+                .collect();
+            tensors::write(&dir.join(run::VICO_BLOCKS), &t, None)?;
+        }
         if self.recipe.trains.rows {
             let embeds = self.embeds()?;
             embeds::save(&dir.join(run::EMBEDS), &embeds)?;

@@ -36,6 +36,11 @@ pub enum Method {
     #[serde(rename = "clic")]
     #[value(name = "clic")]
     Clic,
+    /// ViCo as its authors' code trains it: the pseudo-word rows and image cross-attention
+    /// blocks that see a reference image; the U-Net and text encoder stay frozen.
+    #[serde(rename = "vico")]
+    #[value(name = "vico")]
+    Vico,
 }
 
 impl Method {
@@ -47,7 +52,14 @@ impl Method {
             Method::DreamBooth => "dreambooth",
             Method::CustomDiffusion => "custom-diffusion",
             Method::Clic => "clic",
+            Method::Vico => "vico",
         }
+    }
+
+    /// Whether its loss reads the images' masks (ViCo's does not: its folder needs none,
+    /// and none are made).
+    pub fn reads_masks(self) -> bool {
+        self != Method::Vico
     }
 
     /// The defaults of a method trained in one phase (`--steps`, `--lr`,
@@ -81,6 +93,13 @@ impl Method {
                 steps: 500,
                 lr: 5e-5,
                 images_per_step: 1,
+            }),
+            // The authors' config: 400 steps (they evaluate step 399's checkpoint), 4
+            // images a step, the row's rate 5e-3 scaled by them.
+            Method::Vico => Some(OnePhase {
+                steps: 400,
+                lr: 5e-3,
+                images_per_step: 4,
             }),
         }
     }
@@ -174,6 +193,8 @@ pub struct LossWeights {
     pub clic: Option<ClicWeights>,
     /// Prior preservation: the class images' loss weight (0: none drawn).
     pub prior: f64,
+    /// ViCo's objective: plain eps-MSE + this weight times L_reg, through the blocks.
+    pub vico_reg: Option<f64>,
 }
 
 /// CLiC's loss: `attention * L_att + context * L_context + roi * L_RoI`; L_context weighs
@@ -215,6 +236,8 @@ pub enum Phase {
     CustomDiffusion,
     /// CLiC: its attention, context and region-of-interest losses.
     Clic,
+    /// ViCo: the diffusion loss through the image cross-attention blocks, + L_reg.
+    Vico,
 }
 
 impl Phase {
@@ -228,6 +251,7 @@ impl Phase {
             Phase::DreamBooth => "dreambooth",
             Phase::CustomDiffusion => "custom-diffusion",
             Phase::Clic => "clic",
+            Phase::Vico => "vico",
         }
     }
 }
@@ -271,6 +295,9 @@ pub struct Trains {
     pub clip: Option<GradClip>,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
+    /// ViCo's image cross-attention blocks, at this fixed rate (the phase's rate is the
+    /// rows').
+    pub vico_blocks: Option<f64>,
 }
 
 /// Where each sample's pseudo-word row starts.
@@ -325,6 +352,9 @@ pub struct Draw {
     /// CLiC: each image also goes in masked (grey outside its mask), prompted with one of
     /// these templates, with the same noise and timestep.
     pub roi: Option<&'static [&'static str]>,
+    /// ViCo: each image comes with a reference, another image of its own sample (itself
+    /// where the sample has one), drawn per step.
+    pub reference: bool,
     pub degradation: Degradation,
 }
 
@@ -428,6 +458,7 @@ impl Recipe {
             Method::DreamBooth => Self::dreambooth(cfg),
             Method::CustomDiffusion => Self::custom_diffusion(cfg),
             Method::Clic => Self::clic(cfg),
+            Method::Vico => Self::vico(cfg),
         }
     }
 
@@ -475,6 +506,7 @@ impl Recipe {
                     with_text: false,
                 }),
                 weight_decay: 1e-2,
+                vico_blocks: None,
             },
             identifiers: None,
             losses: LossWeights {
@@ -482,6 +514,7 @@ impl Recipe {
                 lambda_pres: cfg.lambda_pres,
                 clic: None,
                 prior: 0.0,
+                vico_reg: None,
             },
             phases,
             momentum: Momentum {
@@ -495,6 +528,7 @@ impl Recipe {
                 flip: if cfg.flip { Flip::Batch } else { Flip::Off },
                 rescale: false,
                 roi: None,
+                reference: false,
                 degradation: cfg.degradation(),
             },
             class_images: None,
@@ -514,6 +548,7 @@ impl Recipe {
             token_table: false,
             clip: None,
             weight_decay: 1e-2,
+            vico_blocks: None,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Templates(&TI_TEMPLATES);
@@ -541,6 +576,7 @@ impl Recipe {
                 with_text: false,
             }),
             weight_decay: 1e-2,
+            vico_blocks: None,
         };
         let ids = Some(&DREAMBOOTH_IDENTIFIERS[..]);
         let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
@@ -578,6 +614,7 @@ impl Recipe {
                 with_text: true,
             }),
             weight_decay: 1e-2,
+            vico_blocks: None,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Fixed(|word| format!("photo of a {word}"));
@@ -605,6 +642,7 @@ impl Recipe {
                 with_text: true,
             }),
             weight_decay: 0.1,
+            vico_blocks: None,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
@@ -612,6 +650,29 @@ impl Recipe {
         r.losses.clic = Some(ClicWeights::PAPER);
         r.draw.jitter = [0.5, 0.0, 0.0];
         r.draw.roi = Some(&CLIC_ROI_PROMPTS);
+        r
+    }
+
+    /// ViCo (Hao et al. 2023), as its authors' code trains it (docs/method.md): the
+    /// pseudo-word rows (from the class word) at the phase's rate and the image
+    /// cross-attention blocks at 1e-5, AdamW with weight decay 1e-2, no clipping; four
+    /// images a step, each with a template prompt, no flip, and its reference; eps-MSE +
+    /// 5e-4 L_reg.
+    pub fn vico(cfg: &TrainConfig) -> Self {
+        let trains = Trains {
+            rows: true,
+            row_init: RowInit::ClassWord,
+            lora: None,
+            tuned: None,
+            token_table: false,
+            clip: None,
+            weight_decay: 1e-2,
+            vico_blocks: Some(1e-5),
+        };
+        let prompts = Prompts::Templates(&TI_TEMPLATES);
+        let mut r = Self::one_phase(cfg, Phase::Vico, trains, None, prompts, Flip::Off);
+        r.losses.vico_reg = Some(crate::model::vico::REG_WEIGHT);
+        r.draw.reference = true;
         r
     }
 
@@ -637,6 +698,7 @@ impl Recipe {
                 lambda_pres: 0.0,
                 clic: None,
                 prior: 0.0,
+                vico_reg: None,
             },
             phases: vec![PhasePlan {
                 phase,
@@ -656,6 +718,7 @@ impl Recipe {
                 flip,
                 rescale: false,
                 roi: None,
+                reference: false,
                 degradation: Degradation::new(Curve::Off, 0.0, 0.0),
             },
             class_images: None,
@@ -739,6 +802,12 @@ impl Recipe {
             },
             "scale_augmentation": self.draw.rescale,
             "roi_prompts": self.draw.roi,
+            "vico": self.trains.vico_blocks.map(|lr| serde_json::json!({
+                "block_lr": lr,
+                "reg_weight": self.losses.vico_reg,
+                "otsu_levels": crate::model::vico::OTSU_LEVELS,
+                "reference": "another image of the image's own sample, drawn per step",
+            })),
         })
     }
 
@@ -856,5 +925,26 @@ mod tests {
             (7, 1e-3, 2)
         );
         assert_eq!(r.describe(6)["phases"][0]["steps"], 7);
+    }
+
+    /// The authors' ViCo config: 400 steps of 4 images, the row at 5e-3 x 4, the blocks
+    /// at 1e-5, weight decay 1e-2, no clipping, no flip, TI's templates, a reference per
+    /// image, 5e-4 L_reg.
+    #[test]
+    fn vico_follows_its_authors_config() {
+        let cfg = TrainConfig {
+            method: Method::Vico,
+            ..TrainConfig::default()
+        };
+        let r = Recipe::new(&cfg, 6);
+        assert_eq!((r.total_steps(), r.at(1).lr()), (400, 5e-3 * 4.0));
+        assert_eq!(r.trains.vico_blocks, Some(1e-5));
+        assert!(r.trains.rows && r.trains.lora.is_none() && r.trains.tuned.is_none());
+        assert_eq!((r.trains.clip, r.trains.weight_decay), (None, 1e-2));
+        assert_eq!((r.draw.pick, r.draw.flip), (Pick::Random(4), Flip::Off));
+        assert!(r.draw.reference && matches!(r.draw.prompts, Prompts::Templates(_)));
+        assert_eq!(r.losses.vico_reg, Some(5e-4));
+        assert!(!Method::Vico.reads_masks() && Method::Ti.reads_masks());
+        assert_eq!(r.describe(6)["vico"]["block_lr"], 1e-5);
     }
 }

@@ -37,6 +37,7 @@ pub mod settings_file;
 pub mod setup;
 pub mod step;
 pub mod trainer;
+pub mod vico;
 pub mod watch;
 
 pub use config::TrainConfig;

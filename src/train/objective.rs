@@ -39,6 +39,8 @@ pub struct Batch {
     /// Prior preservation: the last this many images are class images (whole-image
     /// masks, class prompts), weighed apart.
     pub prior: usize,
+    /// ViCo: each image's reference image, `[b, 3, h, w]`.
+    pub reference: Option<Tensor>,
 }
 
 /// The prompts of a CLiC step's masked copies: ids `[b, 77]` and where each holds its
@@ -97,6 +99,7 @@ impl Pool {
                 n_samples: data.samples.len(),
                 roi: None,
                 prior: 0,
+                reference: None,
             },
             class: None,
         })
@@ -155,6 +158,14 @@ impl Pool {
                 prompt_ids(sd, &prompted)?
             }
         };
+        let reference = match draw.reference {
+            true => {
+                let refs = self.references(&picked, &mut rng);
+                let idx = Tensor::from_vec(refs, picked.len(), &sd.device)?;
+                Some(self.all.pixels.index_select(&idx, 0)?)
+            }
+            false => None,
+        };
         let roi = match draw.roi {
             Some(templates) => {
                 let prompted: Vec<(usize, String)> = (sample_of.iter())
@@ -177,11 +188,29 @@ impl Pool {
             n_samples: self.all.n_samples,
             roi,
             prior: 0,
+            reference,
         };
         match &self.class {
             Some(class) => Ok(Cow::Owned(with_class_images(batch, class, &mut rng)?)),
             None => Ok(Cow::Owned(batch)),
         }
+    }
+
+    /// For each picked image (an index into `all`), another image of its own sample drawn
+    /// uniformly; itself where its sample has one image.
+    fn references(&self, picked: &[usize], rng: &mut impl Rng) -> Vec<u32> {
+        let of = &self.all.sample_of;
+        (picked.iter())
+            .map(|&i| {
+                let others: Vec<usize> = (0..of.len())
+                    .filter(|&j| j != i && of[j] == of[i])
+                    .collect();
+                match others.is_empty() {
+                    true => i as u32,
+                    false => others[rng.random_range(0..others.len())] as u32,
+                }
+            })
+            .collect()
     }
 
     /// The shapes of a step's noise for `per_step` images: the pixels, and the latents
@@ -217,6 +246,7 @@ fn with_class_images(batch: Batch, class: &Batch, rng: &mut impl Rng) -> Result<
         n_samples: batch.n_samples,
         roi: batch.roi,
         prior: n,
+        reference: None,
     })
 }
 
@@ -271,6 +301,8 @@ pub struct Noised {
     pub target: Tensor,
     pub timesteps: Vec<usize>,
     pub masks: Tensor,
+    /// ViCo: each image's reference as a clean latent (a posterior sample, scaled).
+    pub reference: Option<Tensor>,
 }
 
 /// Step `d`'s input as `draw` says: jitter and flip, DM-Deg outside the masks, VAE encode
@@ -314,6 +346,10 @@ pub fn noised_latents(
         let masked = degraded.broadcast_mul(&masks.to_dtype(degraded.dtype())?)?;
         degraded = Tensor::cat(&[&degraded, &masked], 0)?;
     }
+    if let Some(r) = &batch.reference {
+        // Encoded with the images, each its own posterior noise; never degraded.
+        degraded = Tensor::cat(&[&degraded, &r.to_dtype(degraded.dtype())?], 0)?;
+    }
     let dist = sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?;
     if dist.mean.dims() != z_noise.dims() {
         return Err(Error::internal(format!(
@@ -322,14 +358,22 @@ pub fn noised_latents(
             z_noise.dims()
         )));
     }
-    let z0 = (dist
+    let mut z0 = (dist
         .sample_with(&z_noise.to_dtype(cfg.dtype)?)?
         .to_dtype(DType::F32)?
         * sd.vae.config.scaling_factor)?;
+    let mut eps = eps;
+    let reference = match &batch.reference {
+        Some(_) => {
+            let r = z0.narrow(0, b, b)?;
+            (z0, eps) = (z0.narrow(0, 0, b)?, eps.narrow(0, 0, b)?);
+            Some(r)
+        }
+        None => None,
+    };
     let mut trng = step_rng(cfg.seed, d, Stream::Timesteps);
     let n_t = sd.schedule.num_train_timesteps();
     let mut timesteps: Vec<usize> = (0..b).map(|_| trng.random_range(0..n_t)).collect();
-    let mut eps = eps;
     if batch.roi.is_some() {
         timesteps.extend_from_within(..);
         let first = eps.narrow(0, 0, b)?;
@@ -343,6 +387,7 @@ pub fn noised_latents(
         target,
         timesteps,
         masks,
+        reference,
     };
     Ok((noised, deg.alpha(d, total)))
 }
@@ -375,12 +420,18 @@ pub struct StepLosses {
 pub struct Online<'a> {
     pub lora: &'a LoraSet,
     pub tuned: Option<&'a TunedSet>,
+    /// ViCo's image cross-attention blocks.
+    pub vico: Option<&'a crate::model::vico::Blocks>,
 }
 
 impl<'a> Online<'a> {
     /// Adapters only.
     pub fn lora(lora: &'a LoraSet) -> Self {
-        Self { lora, tuned: None }
+        Self {
+            lora,
+            tuned: None,
+            vico: None,
+        }
     }
 }
 
@@ -408,6 +459,9 @@ pub fn step_losses(
     if let Some(clic) = w.clic {
         return super::clic::clic_losses(sd, batch, noised, online, text, clic);
     }
+    if let (Some(weight), Some(blocks)) = (w.vico_reg, online.vico) {
+        return super::vico::vico_losses(sd, batch, noised, text, blocks, weight);
+    }
     let dev = &sd.device;
     let ts: Vec<f32> = noised.timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::from_vec(ts, noised.timesteps.len(), dev)?;
@@ -427,6 +481,7 @@ pub fn step_losses(
         tuned: online.tuned,
         probe: (w.lambda_attn > 0.0).then_some(&probe),
         added: None,
+        vico: None,
     };
     let pred = sd
         .unet
@@ -460,6 +515,7 @@ pub fn step_losses(
                 tuned: None,
                 probe: None,
                 added: None,
+                vico: None,
             };
             let mpred = sd
                 .unet

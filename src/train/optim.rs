@@ -30,12 +30,18 @@ impl Default for AdamWConfig {
     }
 }
 
+/// A parameter's index, its gradient this step, and whether it is clipped.
+type Present = (usize, Tensor, bool);
+
 pub struct AdamW {
     params: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: usize,
     pub config: AdamWConfig,
+    /// Parameters updated at a rate of their own instead of `config.lr` (a second
+    /// parameter group, as torch's `AdamW([{...}, {...}])`).
+    fixed_lr: HashMap<TensorId, f64>,
 }
 
 impl AdamW {
@@ -49,7 +55,15 @@ impl AdamW {
             v,
             step: 0,
             config,
+            fixed_lr: HashMap::new(),
         })
+    }
+
+    /// Updates `params` at `lr` from now on, whatever `config.lr` says.
+    pub fn fix_lr(&mut self, params: &[Var], lr: f64) {
+        for p in params {
+            self.fixed_lr.insert(p.as_tensor().id(), lr);
+        }
     }
 
     pub fn steps_taken(&self) -> usize {
@@ -71,23 +85,37 @@ impl AdamW {
             .map(|c| c.params.iter().map(|p| p.as_tensor().id()).collect())
             .unwrap_or_default();
         let coef = clip.map_or(1.0, |c| c.coef);
-        let mut present = Vec::new();
+        // One group per rate: the parameters at `config.lr`, then each fixed rate's.
+        let mut groups: Vec<(f64, Vec<Present>)> = Vec::new();
         for (i, p) in self.params.iter().enumerate() {
             if let Some(g) = grads.get(p.as_tensor()) {
                 let id = p.as_tensor().id();
-                present.push((i, g.detach().contiguous()?, clipped.contains(&id)));
+                let lr = self.fixed_lr.get(&id).copied().unwrap_or(self.config.lr);
+                let entry = (i, g.detach().contiguous()?, clipped.contains(&id));
+                match groups.iter_mut().find(|(r, _)| *r == lr) {
+                    Some((_, group)) => group.push(entry),
+                    None => groups.push((lr, vec![entry])),
+                }
             }
         }
-        let step = adamw_step(&self.config, self.step, coef);
+        for (lr, present) in groups {
+            let config = AdamWConfig { lr, ..self.config };
+            self.update(&present, &adamw_step(&config, self.step, coef))?;
+        }
+        Ok(())
+    }
+
+    /// One rate's update of `present` (parameter index, gradient, clipped).
+    fn update(&mut self, present: &[Present], step: &AdamWStep) -> Result<()> {
         let slots: Vec<Slot> = (present.iter())
             .map(|(i, g, clipped)| self.slot(*i, g, *clipped))
             .collect();
-        if multi_tensor::fused_adamw(&slots, &step)? {
+        if multi_tensor::fused_adamw(&slots, step)? {
             return Ok(());
         }
         // One tensor at a time: the old values are freed as the new ones come.
-        for (i, g, clipped) in &present {
-            let [p, m, v] = adamw_composed(&self.slot(*i, g, *clipped), &step)?;
+        for (i, g, clipped) in present {
+            let [p, m, v] = adamw_composed(&self.slot(*i, g, *clipped), step)?;
             self.params[*i].set(&p)?;
             (self.m[*i], self.v[*i]) = (m, v);
         }
@@ -221,5 +249,36 @@ pub(crate) fn adamw_step(c: &AdamWConfig, step: usize, coef: f64) -> AdamWStep {
         weight_decay: c.weight_decay,
         step,
         coef,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A parameter with a fixed rate moves by that rate, the others by `config.lr`: one
+    /// AdamW step moves each entry by lr * g / (|g| + eps), about lr for |g| >> eps.
+    #[test]
+    fn a_fixed_rate_is_a_second_parameter_group() {
+        let dev = Device::Cpu;
+        let (a, b) = (
+            Var::new(&[1f32, 1.0], &dev).unwrap(),
+            Var::new(&[1f32, 1.0], &dev).unwrap(),
+        );
+        let config = AdamWConfig {
+            lr: 2e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![a.clone(), b.clone()], config).unwrap();
+        opt.fix_lr(std::slice::from_ref(&b), 1e-5);
+        let loss = (a.as_tensor().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+        let moved = |v: &Var| 1.0 - v.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((moved(&a) - 2e-2).abs() < 1e-6, "{}", moved(&a));
+        assert!((moved(&b) - 1e-5).abs() < 1e-7, "{}", moved(&b));
+        // The moments and step count stay one state: a checkpoint restores both groups.
+        assert_eq!(opt.state().unwrap().len(), 5);
     }
 }

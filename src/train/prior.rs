@@ -133,6 +133,7 @@ fn draw(t: &Trainer, class: &str, dir: &Path, missing: &[usize], progress: Progr
         tuned: None,
         extra_rows: None,
         token_table: None,
+        vico: None,
     };
     let prompt = CLASS_PROMPT.replace("{}", class);
     let latent = t.cfg.resolution / t.sd.vae_factor();
@@ -174,5 +175,6 @@ fn load(t: &Trainer, files: &[(usize, PathBuf)]) -> Result<Batch> {
         n_samples: t.class_words.len(),
         roi: None,
         prior: 0,
+        reference: None,
     })
 }

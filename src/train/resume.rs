@@ -15,7 +15,8 @@ use crate::io::{checkpoint, run};
 
 impl Trainer {
     /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`,
-    /// `tuned.<path>.weight`/`.bias`, `rows`, and `table` in released-script mode.
+    /// `tuned.<path>.weight`/`.bias`, `vico.<path>.image_cross_attention.<name>`, `rows`,
+    /// and `table` in released-script mode.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let lora = self.lora.modules.iter().flat_map(|m| {
             [
@@ -24,11 +25,13 @@ impl Trainer {
             ]
         });
         let tuned = self.tuned.named();
+        let vico = (self.vico.iter()).flat_map(|b| b.named());
+        let vico = vico.map(|(name, v)| (format!("vico.{name}"), v.clone()));
         let text = [("rows", Some(&self.rows)), ("table", self.table.as_ref())];
         let text = text
             .into_iter()
             .filter_map(|(name, v)| Some((name.to_string(), v?.clone())));
-        lora.chain(tuned).chain(text).collect()
+        lora.chain(tuned).chain(vico).chain(text).collect()
     }
 
     /// Everything resume needs, as named tensors.
@@ -87,6 +90,9 @@ impl Trainer {
         }
         for (name, v) in self.tuned.named() {
             v.set(get(&name)?)?;
+        }
+        for (name, v) in self.vico.iter().flat_map(|b| b.named()) {
+            v.set(get(&format!("vico.{name}"))?)?;
         }
         self.rows.set(get("rows")?)?;
         if let Some(table) = &self.table {

@@ -18,6 +18,7 @@ use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
 use crate::model::tokenizer::{pseudo_word, pseudo_words_in};
 use crate::model::tuned::TrainableTuned;
+use crate::model::vico;
 
 /// A setup that failed, with the base model when it was loaded and survived, for the
 /// next pair.
@@ -42,13 +43,14 @@ impl Trainer {
         model: Option<StableDiffusion>,
     ) -> std::result::Result<Self, Box<SetupError>> {
         let fail = |error, model| Box::new(SetupError { error, model });
-        let loaded = (cfg.validate())
-            .and_then(|()| load_pair(&cfg, device))
-            .and_then(|data| check_against_pair(&cfg, &data).map(|()| data));
-        let mut data = match loaded {
+        let mut data = match cfg.validate().and_then(|()| load_pair(&cfg, device)) {
             Ok(data) => data,
             Err(e) => return Err(fail(e, model)),
         };
+        let cfg = one_sample_prompts(cfg, data.samples.len());
+        if let Err(e) = check_against_pair(&cfg, &data) {
+            return Err(fail(e, model));
+        }
         let sd = match model {
             Some(sd) => sd,
             None => load_model(&cfg, device).map_err(|e| fail(e, None))?,
@@ -85,9 +87,10 @@ impl Trainer {
         let pool = Pool::new(&sd, data, recipe.draw.prompts)?;
         let last = recipe.total_steps();
         let per_step = recipe.images_per_step(data.num_images());
-        // A CLiC step also encodes each image's masked copy; prior preservation as many
-        // class images.
-        let doubled = recipe.draw.roi.is_some() || recipe.class_images.is_some();
+        // A CLiC step also encodes each image's masked copy, prior preservation as many
+        // class images, ViCo each image's reference.
+        let doubled =
+            recipe.draw.roi.is_some() || recipe.class_images.is_some() || recipe.draw.reference;
         let encoded = per_step * if doubled { 2 } else { 1 };
         let noise = NoiseAhead::new(cfg.seed, pool.noise_sizes(&sd, encoded)?, last);
         let lora = match &recipe.trains.lora {
@@ -116,11 +119,24 @@ impl Trainer {
         } else {
             None
         };
+        let vico = match recipe.trains.vico_blocks {
+            Some(_) => Some(vico::Blocks::init(
+                &vico::sites(&sd.unet),
+                cfg.seed,
+                device,
+                DType::F32,
+            )?),
+            None => None,
+        };
         let mut params = lora.vars();
         params.extend(tuned.vars());
+        params.extend(vico.iter().flat_map(|b| b.vars()));
         params.extend(recipe.trains.rows.then(|| rows.clone()));
         params.extend(table.clone());
-        let opt = optimizer(params, recipe.trains.weight_decay)?;
+        let mut opt = optimizer(params, recipe.trains.weight_decay)?;
+        if let (Some(blocks), Some(lr)) = (&vico, recipe.trains.vico_blocks) {
+            opt.fix_lr(&blocks.vars(), lr);
+        }
         Ok(Self {
             cfg,
             recipe,
@@ -129,6 +145,7 @@ impl Trainer {
             noise,
             lora,
             tuned,
+            vico,
             rows,
             table,
             momentum: None,
@@ -182,7 +199,8 @@ fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
 /// The reference images and masks of `cfg.instance_dir`: where bad input shows up.
 /// A folder without masks loads with whole images; [`make_masks`] then replaces them.
 pub fn load_pair(cfg: &TrainConfig, device: &Device) -> Result<PairDataset> {
-    let policy = if cfg.no_masks || masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
+    let whole = cfg.no_masks || !cfg.method.reads_masks();
+    let policy = if whole || masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
         MaskPolicy::WholeImage
     } else {
         MaskPolicy::Required {
@@ -199,16 +217,32 @@ fn make_masks(
     data: &mut PairDataset,
     progress: Progress,
 ) -> Result<Option<AutoMasks>> {
-    if !masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
+    if !cfg.method.reads_masks() || !masks::auto::needed(&cfg.instance_dir, cfg.no_masks)? {
         return Ok(None);
     }
     masks::auto::apply(sd, data, progress == Progress::Bar).map(Some)
+}
+
+/// A folder of one sample samples the default prompts that name only `<v0>`.
+fn one_sample_prompts(mut cfg: TrainConfig, n_samples: usize) -> TrainConfig {
+    if n_samples == 1 && cfg.sample_prompts == TrainConfig::default().sample_prompts {
+        cfg.sample_prompts.retain(|p| !p.contains("<v1>"));
+    }
+    cfg
 }
 
 /// The settings' checks that need the pair, before the model loads: sample prompts
 /// naming a word the pair lacks, and more samples than the method has identifiers.
 fn check_against_pair(cfg: &TrainConfig, data: &PairDataset) -> Result<()> {
     let n = data.samples.len();
+    if n < 2 && cfg.method == crate::train::method::Method::MagicTailor {
+        return Err(Error::usage(format!(
+            "{} holds one sample; MagicTailor learns a concept and a component. Name the pair \
+             folder {{concept}}_{{id}}+{{component}}_{{id}}, or train one sample with another \
+             --method (ti, dreambooth, custom-diffusion, clic, vico).",
+            cfg.instance_dir.display()
+        )));
+    }
     check_sample_prompts(cfg, n)?;
     let recipe = Recipe::new(cfg, data.num_images());
     let words = match (recipe.identifiers, recipe.trains.row_init) {

@@ -173,6 +173,7 @@ impl Trainer {
             Online {
                 lora: &online,
                 tuned: (!tuned.is_empty()).then_some(&tuned),
+                vico: self.vico.as_ref(),
             },
             self.text_params(),
             momentum,

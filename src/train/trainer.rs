@@ -26,7 +26,9 @@ pub struct StepLog {
     pub alpha_d: f64,
     pub lr: f64,
     pub loss: f32,
+    /// The diffusion loss (CLiC: L_context; ViCo: its unmasked eps-MSE).
     pub l_diff: f32,
+    /// The attention loss (CLiC: L_att; ViCo: L_reg, before its weight).
     pub l_attn: f32,
     pub l_pres: f32,
     /// CLiC's region-of-interest loss (its `l_diff` is L_context, `l_attn` L_att).
@@ -63,6 +65,8 @@ pub struct Trainer {
     pub lora: TrainableLora,
     /// Whole matrices of U-Net layers (Custom Diffusion); none for other methods.
     pub tuned: TrainableTuned,
+    /// ViCo's image cross-attention blocks; None for other methods.
+    pub vico: Option<crate::model::vico::Blocks>,
     pub rows: Var,
     /// Released-script mode: the whole token-embedding table, trained (with weight decay).
     pub table: Option<Var>,
@@ -102,10 +106,12 @@ impl Trainer {
         }
     }
 
-    /// The U-Net side the optimizer updates: the LoRA matrices, then the tuned matrices.
+    /// The U-Net side the optimizer updates: the LoRA matrices, the tuned matrices, then
+    /// ViCo's blocks.
     pub(super) fn unet_vars(&self) -> Vec<Var> {
         let mut v = self.lora.vars();
         v.extend(self.tuned.vars());
+        v.extend(self.vico.iter().flat_map(|b| b.vars()));
         v
     }
 

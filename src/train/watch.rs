@@ -73,12 +73,21 @@ pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
     let tuned = t.tuned.detached();
     let rows = t.rows.as_detached_tensor();
     let table = t.table.as_ref().map(|v| v.as_detached_tensor());
+    // ViCo samples with its current blocks and each sample's first image as reference.
+    let visual = match &t.vico {
+        Some(blocks) => Some(crate::infer::vico::Visual {
+            blocks: blocks.clone(),
+            references: crate::data::first_images(&cfg.instance_dir)?,
+        }),
+        None => None,
+    };
     let w = Weights {
         sd: &t.sd,
         lora: Some(&lora),
         tuned: (!tuned.is_empty()).then_some(&tuned),
         extra_rows: Some(&rows),
         token_table: table.as_ref(),
+        vico: visual.as_ref(),
     };
     let latent = cfg.resolution / t.sd.vae_factor();
     let channels = t.sd.unet.config.in_channels;

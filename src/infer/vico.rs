@@ -1,0 +1,153 @@
+//! `infer --reference`: ViCo's visual condition at sampling time. Each sample's reference
+//! image goes through the VAE (a posterior sample, from a fixed seed) once per denoising
+//! at the sampling size; at every step its clean latent runs as extra rows of the same
+//! U-Net call, at the step's timestep, once per text context (the prompt's, and the
+//! negative prompt's under guidance) for the whole batch, not per image.
+//!
+//! A prompt's references are those of the pseudo-words it names, in order, each masked by
+//! its word's attention; a prompt that names none sees every reference, masked by its
+//! end-of-text token. The negative prompt sees the same references, masked by its own
+//! end-of-text token (the authors' code reads the prompt's word position there, which for
+//! SD 1.x's end-of-text padding is the same token).
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::loader::StableDiffusion;
+use crate::model::tokenizer::pseudo_words_in;
+use crate::model::vico::{Blocks, Routing};
+use crate::rng::seeded_normal;
+
+/// The seed of every reference's VAE posterior sample (plus its sample index).
+const POSTERIOR_SEED: u64 = 0x5669_436f;
+
+/// The blocks and each sample's reference image, in sample order (`<v0>`'s first).
+pub struct Visual {
+    pub blocks: Blocks,
+    pub references: Vec<PathBuf>,
+}
+
+/// One prompt's references: per row of the prompt's branch, the sample and the position
+/// whose attention masks it; and the rows' text context `[cond refs + uncond refs, ...]`.
+pub struct VisualRows {
+    cond: Vec<(usize, usize)>,
+    uncond: Vec<(usize, usize)>,
+    context: Tensor,
+}
+
+impl Visual {
+    /// The references `prompt` (and, under guidance, `negative`) sees, with their text
+    /// context: `cond` and `uncond` are the prompts' features `[1, tokens, hidden]`.
+    pub fn rows(
+        &self,
+        sd: &StableDiffusion,
+        (prompt, cond): (&str, &Tensor),
+        negative: Option<(&str, &Tensor)>,
+    ) -> Result<VisualRows> {
+        let tok = &sd.tokenizer;
+        let ids = tok.encode(prompt)?;
+        let eot =
+            |ids: &[u32]| (ids.iter().skip(1).position(|&i| i == tok.eos_id())).map(|p| p + 1);
+        let words = pseudo_words_in(prompt);
+        let mut cond_rows = Vec::new();
+        for word in &words {
+            let sample = sample_of(word)?;
+            if sample >= self.references.len() {
+                return Err(Error::usage(format!(
+                    "the prompt names {word}, but there are {} reference image(s): give one \
+                     --reference per pseudo-word, in order.",
+                    self.references.len()
+                )));
+            }
+            let id = tok.encode(word)?[1];
+            let pos = ids.iter().position(|&i| i == id).ok_or_else(|| {
+                Error::internal(format!("{word} is not among the prompt's tokens"))
+            })?;
+            if !cond_rows.iter().any(|&(s, _)| s == sample) {
+                cond_rows.push((sample, pos));
+            }
+        }
+        if cond_rows.is_empty() {
+            let pos = eot(&ids).ok_or_else(|| Error::internal("a prompt without end-of-text"))?;
+            cond_rows = (0..self.references.len()).map(|s| (s, pos)).collect();
+        }
+        let mut context = vec![cond.repeat((cond_rows.len(), 1, 1))?];
+        let uncond_rows = match negative {
+            Some((text, features)) => {
+                let pos = eot(&tok.encode(text)?)
+                    .ok_or_else(|| Error::internal("a negative prompt without end-of-text"))?;
+                context.push(features.repeat((cond_rows.len(), 1, 1))?);
+                cond_rows.iter().map(|&(s, _)| (s, pos)).collect()
+            }
+            None => Vec::new(),
+        };
+        Ok(VisualRows {
+            cond: cond_rows,
+            uncond: uncond_rows,
+            context: Tensor::cat(&context, 0)?,
+        })
+    }
+
+    /// The reference rows' latents `[refs, c, h, w]` at the sampling size of `x: [n, c, h,
+    /// w]`, in `rows`' order, their text context, and the routing of `n` images
+    /// (`[uncond x n, cond x n]` rows under guidance, else `[cond x n]`).
+    pub fn step_rows(
+        &self,
+        sd: &StableDiffusion,
+        rows: &VisualRows,
+        x: &Tensor,
+    ) -> Result<(Tensor, Tensor, Routing)> {
+        let (n, _, h, w) = x.dims4()?;
+        let f = sd.vae_factor();
+        let mut latents = Vec::new();
+        for (s, _) in rows.cond.iter().chain(&rows.uncond) {
+            latents.push(self.latent(sd, *s, (h * f, w * f))?);
+        }
+        let (rc, ru) = (rows.cond.len(), rows.uncond.len());
+        let guided = ru > 0;
+        let cond_refs: Vec<usize> = (0..rc).collect();
+        let uncond_refs: Vec<usize> = (rc..rc + ru).collect();
+        let mut refs_of = Vec::new();
+        if guided {
+            refs_of.extend(std::iter::repeat_n(uncond_refs, n));
+        }
+        refs_of.extend(std::iter::repeat_n(cond_refs, n));
+        let routing = Routing {
+            refs_of,
+            mask_token: rows
+                .cond
+                .iter()
+                .chain(&rows.uncond)
+                .map(|&(_, p)| p)
+                .collect(),
+            reg_eot: None,
+        };
+        let latents = Tensor::cat(&latents, 0)?.to_dtype(sd.dtype)?;
+        Ok((latents, rows.context.clone(), routing))
+    }
+
+    /// Sample `s`'s reference as a clean latent `[1, c, h/f, w/f]` at `(height, width)`
+    /// pixels: its VAE posterior sample, scaled.
+    fn latent(
+        &self,
+        sd: &StableDiffusion,
+        s: usize,
+        (height, width): (usize, usize),
+    ) -> Result<Tensor> {
+        let path = &self.references[s];
+        let pixels = crate::data::load_rgb_sized(path, width, height, &sd.device)?;
+        let dist = sd.vae.encode(&pixels.unsqueeze(0)?.to_dtype(sd.dtype)?)?;
+        let noise = seeded_normal(POSTERIOR_SEED + s as u64, dist.mean.dims(), &sd.device)?;
+        let z = dist.sample_with(&noise.to_dtype(dist.mean.dtype())?)?;
+        Ok((z.to_dtype(DType::F32)? * sd.vae.config.scaling_factor)?)
+    }
+}
+
+/// `<vN>` -> N.
+fn sample_of(word: &str) -> Result<usize> {
+    (word.strip_prefix("<v").and_then(|w| w.strip_suffix('>')))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::internal(format!("{word} is not a pseudo-word")))
+}

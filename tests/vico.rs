@@ -1,0 +1,472 @@
+//! ViCo (`train --method vico`, `infer --reference`): where the blocks sit, their and the
+//! pseudo-word's gradients through both paths against finite differences, blocks that
+//! pass their input through leave sampling unchanged bit for bit, and a run on a pair and
+//! on a one-sample folder trains only the rows and blocks and samples with references.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use magictailor::infer::vico::Visual;
+use magictailor::infer::{sample, Weights};
+use magictailor::model::loader::StableDiffusion;
+use magictailor::model::nn::Ctx;
+use magictailor::model::vico::{self, Blocks, Plug, Routing};
+use magictailor::rng::seeded_normal;
+
+/// person_k+hair_c: 2 + 2 discs on a background (80x64 PNG).
+fn make_pair(root: &Path) -> std::path::PathBuf {
+    pair_folder(root, &PairSpec::training())
+}
+
+#[test]
+fn blocks_sit_in_the_decoders_even_transformers() {
+    let sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
+    let sites = vico::sites(&sd.unet);
+    let paths: Vec<&str> = sites.iter().map(|s| s.path.as_str()).collect();
+    // Running ids 8, 10, 12, 14 of SD's 16 transformers (6 down, 1 mid, 9 up).
+    assert_eq!(
+        paths,
+        [
+            "up_blocks.1.attentions.1",
+            "up_blocks.2.attentions.0",
+            "up_blocks.2.attentions.2",
+            "up_blocks.3.attentions.1"
+        ]
+    );
+    let widths: Vec<usize> = sites.iter().map(|s| s.dim).collect();
+    assert_eq!(widths, [16, 16, 16, 8]);
+}
+
+/// The tiny model in f64 with two pseudo-words, blocks that are not zero, two drawn rows
+/// and their two references.
+struct Setup {
+    sd: StableDiffusion,
+    blocks: Blocks,
+    rows: Var,
+    ids: Tensor,
+    x: Tensor,
+    x_ref: Tensor,
+    t: Tensor,
+    w_out: Tensor,
+}
+
+fn setup() -> Setup {
+    let dev = Device::Cpu;
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F64).unwrap();
+    sd.tokenizer
+        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+        .unwrap();
+    let blocks = Blocks::init(&vico::sites(&sd.unet), 3, &dev, DType::F64).unwrap();
+    let f64n = |seed, shape: &[usize]| {
+        (seeded_normal(seed, shape, &dev).unwrap())
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let rows = Var::from_tensor(&f64n(1, &[2, 32])).unwrap();
+    let ids: Vec<u32> = ["a photo of <v0>", "a dog with <v1>"]
+        .iter()
+        .flat_map(|p| sd.tokenizer.encode(p).unwrap())
+        .collect();
+    Setup {
+        ids: Tensor::from_vec(ids, (2, 77), &dev).unwrap(),
+        x: f64n(2, &[2, 4, 8, 8]),
+        x_ref: f64n(6, &[2, 4, 8, 8]),
+        t: Tensor::new(&[37f64, 801.], &dev).unwrap(),
+        w_out: f64n(4, &[2, 4, 8, 8]),
+        sd,
+        blocks,
+        rows,
+    }
+}
+
+/// What one reference pass and drawn pass give: a scalar of the drawn rows' output, L_reg,
+/// and L_reg's word and end-of-text maps per block.
+struct Pass {
+    main: Tensor,
+    reg: Tensor,
+    maps: Vec<(Tensor, Tensor)>,
+}
+
+fn pass(s: &Setup) -> Pass {
+    let text = (s.sd.text_encoder)
+        .forward(&s.ids, Some(s.rows.as_tensor()))
+        .unwrap();
+    let routing = Routing {
+        refs_of: vec![vec![0], vec![1]],
+        mask_token: vec![4, 4],
+        reg_eot: Some(vec![5, 5]),
+    };
+    let plug = Plug::new(&s.blocks, routing);
+    let ctx = Ctx {
+        vico: Some(&plug),
+        ..Ctx::default()
+    };
+    (s.sd.unet).forward(&s.x_ref, &s.t, &text, ctx).unwrap();
+    plug.start_drawing();
+    let out = s.sd.unet.forward(&s.x, &s.t, &text, ctx).unwrap();
+    let terms = plug.take_reg();
+    assert_eq!(terms.len(), 4, "one L_reg term per block");
+    Pass {
+        main: (out * &s.w_out).unwrap().sum_all().unwrap(),
+        reg: Tensor::stack(&terms, 0).unwrap().sum_all().unwrap(),
+        maps: plug.take_reg_maps(),
+    }
+}
+
+/// L_reg with the end-of-text maps held at `eot`: what its stop-gradient differentiates.
+fn reg_against(maps: &[(Tensor, Tensor)], eot: &[Tensor]) -> f64 {
+    let over_max = |m: &Tensor| m.broadcast_div(&m.max_keepdim(1).unwrap()).unwrap();
+    (maps.iter().zip(eot))
+        .map(|((word, _), e)| {
+            let d = (over_max(word) - over_max(e)).unwrap();
+            d.sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// d value / d var[idx] against a central difference; `value` reads a pass.
+fn check(
+    s: &Setup,
+    name: &str,
+    var: &Var,
+    grad: &Tensor,
+    idx: usize,
+    value: &dyn Fn(&Pass) -> f64,
+) {
+    let analytic = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap()[idx];
+    let orig = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let h = 1e-5;
+    let at = |delta: f64| {
+        let mut v = orig.clone();
+        v[idx] += delta;
+        var.set(&Tensor::from_vec(v, var.shape().clone(), &Device::Cpu).unwrap())
+            .unwrap();
+        value(&pass(s))
+    };
+    let numeric = (at(h) - at(-h)) / (2.0 * h);
+    var.set(&Tensor::from_vec(orig, var.shape().clone(), &Device::Cpu).unwrap())
+        .unwrap();
+    let err = (analytic - numeric).abs() / numeric.abs().max(1e-4);
+    assert!(
+        err < 1e-5,
+        "{name}[{idx}]: analytic {analytic}, numeric {numeric}, rel err {err}"
+    );
+}
+
+#[test]
+fn block_and_row_gradients_match_finite_differences() {
+    let s = setup();
+    let base = pass(&s);
+    assert!(base.reg.to_scalar::<f64>().unwrap() > 0.0);
+    // The end-of-text maps pass no gradient: the difference quotient holds them fixed.
+    let eot: Vec<Tensor> = base.maps.iter().map(|(_, e)| e.clone()).collect();
+    let scalar = |t: &Tensor| t.to_scalar::<f64>().unwrap();
+    // L_reg reaches the rows only through the reference pass's cross-attention.
+    let g = base.reg.backward().unwrap();
+    let g_rows = g.get(s.rows.as_tensor()).expect("L_reg: no row gradient");
+    for idx in [3, 40] {
+        check(&s, "rows (L_reg)", &s.rows, g_rows, idx, &|p| {
+            reg_against(&p.maps, &eot)
+        });
+    }
+    let total = (&base.main + (&base.reg * 10.0).unwrap()).unwrap();
+    let g = total.backward().unwrap();
+    let value = |p: &Pass| scalar(&p.main) + 10.0 * reg_against(&p.maps, &eot);
+    for idx in [3, 40] {
+        let g_rows = g.get(s.rows.as_tensor()).unwrap();
+        check(&s, "rows", &s.rows, g_rows, idx, &value);
+    }
+    let named = s.blocks.named();
+    for (suffix, idx) in [
+        (
+            "up_blocks.1.attentions.1.image_cross_attention.attn2.to_k.weight",
+            7,
+        ),
+        (
+            "up_blocks.2.attentions.2.image_cross_attention.attn1.to_v.weight",
+            5,
+        ),
+        (
+            "up_blocks.3.attentions.1.image_cross_attention.norm2.weight",
+            2,
+        ),
+        (
+            "up_blocks.2.attentions.0.image_cross_attention.ff.net.0.proj.bias",
+            9,
+        ),
+        (
+            "up_blocks.3.attentions.1.image_cross_attention.attn2.to_out.0.bias",
+            1,
+        ),
+    ] {
+        let (name, var) = named.iter().find(|(n, _)| n == suffix).unwrap();
+        let grad = g
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        check(&s, name, var, grad, idx, &value);
+    }
+}
+
+/// A 64 px PNG of flat colour halves, for a reference.
+fn write_reference(path: &Path) {
+    let img = image::RgbImage::from_fn(64, 64, |x, _| {
+        if x < 32 {
+            image::Rgb([200, 40, 40])
+        } else {
+            image::Rgb([20, 90, 220])
+        }
+    });
+    img.save(path).unwrap();
+}
+
+#[test]
+fn blocks_that_pass_their_input_through_leave_sampling_unchanged() {
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    sd.tokenizer
+        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+        .unwrap();
+    let rows = seeded_normal(1, (2, 32), &dev).unwrap();
+    let blocks = Blocks::init(&vico::sites(&sd.unet), 0, &dev, DType::F32).unwrap();
+    let refs = [tmp.path().join("a.png"), tmp.path().join("b.png")];
+    refs.iter().for_each(|p| write_reference(p));
+    let visual = Visual {
+        blocks,
+        references: refs.to_vec(),
+    };
+    let plain = Weights {
+        sd: &sd,
+        lora: None,
+        tuned: None,
+        extra_rows: Some(&rows),
+        token_table: None,
+        vico: None,
+    };
+    let with = Weights {
+        vico: Some(&visual),
+        ..plain
+    };
+    let latents = seeded_normal(5, (2, 4, 8, 8), &dev).unwrap();
+    let draw = |w: Weights, prompt: &str| {
+        sample(w, prompt, "", latents.clone(), 4, 7.5, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for prompt in ["<v0> with <v1>, in the snow", "a photo of <v1>", "a dog"] {
+        // Random blocks change the picture...
+        assert_ne!(draw(with, prompt), draw(plain, prompt), "{prompt}");
+    }
+    visual.blocks.zero_outputs().unwrap();
+    for prompt in ["<v0> with <v1>, in the snow", "a photo of <v1>", "a dog"] {
+        // ...blocks whose branches output zero do not, to the bit.
+        assert_eq!(draw(with, prompt), draw(plain, prompt), "{prompt}");
+    }
+}
+
+#[test]
+fn a_prompt_naming_a_word_without_a_reference_is_refused() {
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    sd.tokenizer
+        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+        .unwrap();
+    let rows = seeded_normal(1, (2, 32), &dev).unwrap();
+    let one = tmp.path().join("a.png");
+    write_reference(&one);
+    let visual = Visual {
+        blocks: Blocks::init(&vico::sites(&sd.unet), 0, &dev, DType::F32).unwrap(),
+        references: vec![one],
+    };
+    let w = Weights {
+        sd: &sd,
+        lora: None,
+        tuned: None,
+        extra_rows: Some(&rows),
+        token_table: None,
+        vico: Some(&visual),
+    };
+    let latents = seeded_normal(5, (1, 4, 8, 8), &dev).unwrap();
+    let err = sample(w, "<v0> with <v1>", "", latents, 2, 7.5, false).unwrap_err();
+    assert!(err.to_string().contains("--reference"), "{err}");
+}
+
+/// `train --method vico` on a pair and on a one-sample folder: only the rows and blocks
+/// are written, the record says what ran, and the run samples with its references.
+#[test]
+fn vico_trains_and_samples_on_a_pair_and_on_one_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_sd();
+    let pair = make_pair(tmp.path());
+    let single = tmp.path().join("dog_a");
+    std::fs::create_dir_all(&single).unwrap();
+    for (k, f) in std::fs::read_dir(&pair)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("0_"))
+        .enumerate()
+    {
+        std::fs::copy(&f, single.join(format!("0_{k}.png"))).unwrap();
+    }
+    for (dir, words) in [(&pair, 2), (&single, 1)] {
+        let out = tmp.path().join(format!("run{words}"));
+        let args = with_args(
+            quiet_train_args(dir.to_str().unwrap(), out.to_str().unwrap(), &model),
+            &["--method", "vico", "--steps", "2", "--images-per-step", "2"],
+        );
+        ok(&run_bin("train", &args));
+        let blocks = magictailor::io::tensors::read_floats(
+            &out.join("vico_blocks.safetensors"),
+            &Device::Cpu,
+            &[],
+        )
+        .unwrap();
+        // 4 blocks of 3 norms (2 each), 2 attentions (5 each), a feed-forward (4).
+        assert_eq!(
+            blocks.len(),
+            4 * 20,
+            "{:?}",
+            blocks.keys().take(3).collect::<Vec<_>>()
+        );
+        assert!(!out.join("pytorch_lora_weights.safetensors").exists());
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("magictailor.json")).unwrap()).unwrap();
+        assert_eq!(record["method"]["name"], "vico");
+        assert_eq!(record["method"]["vico"]["block_lr"], 1e-5);
+        let log = read_log(&out);
+        assert_eq!(log.len(), 2);
+        assert!(log[1]["l_attn"].as_f64().unwrap() > 0.0, "L_reg is logged");
+        let prompt = if words == 2 {
+            "<v0> with <v1>"
+        } else {
+            "a photo of <v0>"
+        };
+        let png = out.join("sample.png");
+        ok(&run_bin(
+            "infer",
+            &[
+                "--model-dir",
+                out.to_str().unwrap(),
+                "--prompt",
+                prompt,
+                "--steps",
+                "3",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--out",
+                png.to_str().unwrap(),
+            ],
+        ));
+        let text = png_text(&png);
+        let refs = text["magictailor"].clone();
+        assert!(refs.contains("\"references\":[\""), "{refs}");
+    }
+}
+
+/// Flags ViCo does not read are refused, and `--reference` needs blocks.
+#[test]
+fn vico_refuses_what_it_would_ignore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_sd();
+    let pair = make_pair(tmp.path());
+    let out = tmp.path().join("run");
+    for extra in [
+        &["--no-masks"][..],
+        &["--no-flip"],
+        &["--lambda-attn", "0.1"],
+    ] {
+        let mut args = quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model);
+        args.extend(["--method", "vico"]);
+        args.extend(extra);
+        let o = run_bin("train", &args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--method vico"), "{}", stderr(&o));
+    }
+    let img = tmp.path().join("r.png");
+    write_reference(&img);
+    let o = run_bin(
+        "infer",
+        &[
+            "--model",
+            &model,
+            "--prompt",
+            "a dog",
+            "--reference",
+            img.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--out",
+            tmp.path().join("x.png").to_str().unwrap(),
+        ],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("--reference"), "{}", stderr(&o));
+}
+
+/// A ViCo trainer updates only the rows and the blocks: after two steps the base U-Net
+/// and text encoder give the same bits as before.
+#[test]
+fn training_leaves_the_base_model_untouched() {
+    use magictailor::io::progress::Progress;
+    use magictailor::train::{method::Method, trainer::Trainer, TrainConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let mut cfg = TrainConfig::new(pair, tmp.path().join("out"), tiny_sd());
+    (cfg.method, cfg.steps, cfg.images_per_step, cfg.resolution) =
+        (Method::Vico, Some(2), Some(2), 64);
+    cfg.sample_every = Some(0);
+    let mut t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
+    let names: Vec<String> = t.trainable().into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.iter().all(|n| n == "rows" || n.starts_with("vico.")),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 1 + 4 * 20);
+    let probe = |t: &Trainer| {
+        let dev = Device::Cpu;
+        let ids: Vec<u32> = t.sd.tokenizer.encode("a photo of a dog").unwrap();
+        let ids = Tensor::from_vec(ids, (1, 77), &dev).unwrap();
+        let text = t.sd.text_encoder.forward(&ids, None).unwrap();
+        let x = seeded_normal(9, (1, 4, 8, 8), &dev).unwrap();
+        let ts = Tensor::new(&[500f32], &dev).unwrap();
+        let out = t.sd.unet.forward(&x, &ts, &text, Ctx::default()).unwrap();
+        [text, out].map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    };
+    let before = probe(&t);
+    let blocks_before = t.vico.as_ref().unwrap().vars()[5]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for _ in 0..2 {
+        t.train_step().unwrap();
+    }
+    assert_eq!(probe(&t), before);
+    let blocks_after = t.vico.as_ref().unwrap().vars()[5]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_ne!(blocks_before, blocks_after, "the blocks train");
+}
