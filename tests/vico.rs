@@ -470,3 +470,105 @@ fn training_leaves_the_base_model_untouched() {
         .unwrap();
     assert_ne!(blocks_before, blocks_after, "the blocks train");
 }
+
+/// One training step against the authors' step written in torch on diffusers' U-Net
+/// (`scripts/make_vico_fixture.py`): the same blocks, rows, latents, noise and timesteps
+/// give the same loss terms and gradients of the rows and every block tensor (which a
+/// different Otsu mask at any block would change).
+#[test]
+fn a_step_matches_the_reference_written_in_torch() {
+    use magictailor::train::objective::{Batch, Noised, TextParams};
+    let dev = Device::Cpu;
+    let r = candle_core::safetensors::load(fixtures().join("vico_step.safetensors"), &dev).unwrap();
+    let usizes = |name: &str| -> Vec<usize> {
+        (r[name]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap())
+        .into_iter()
+        .map(|v| v as usize)
+        .collect()
+    };
+    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
+    let ids = sd
+        .tokenizer
+        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
+        .unwrap();
+    let fixture_ids = r["ids"].to_dtype(DType::U32).unwrap();
+    for (row, prompt) in ["a photo of a <v0>", "a rendering of a <v1>"]
+        .iter()
+        .enumerate()
+    {
+        let ours = sd.tokenizer.encode(prompt).unwrap();
+        assert_eq!(
+            ours,
+            fixture_ids.get(row).unwrap().to_vec1::<u32>().unwrap(),
+            "{ids:?}"
+        );
+    }
+    let blocks: std::collections::HashMap<String, Tensor> = (r.iter())
+        .filter_map(|(k, v)| Some((k.strip_prefix("block.")?.to_string(), v.clone())))
+        .collect();
+    let sites = vico::sites(&sd.unet);
+    let blocks = Blocks::from_tensors(&blocks, Path::new("vico_step"), &sites, &dev).unwrap();
+    let rows = Var::from_tensor(&r["rows"]).unwrap();
+    let b = 2;
+    let batch = Batch {
+        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
+        masks: Tensor::zeros((b, 1, 64, 64), DType::F32, &dev).unwrap(),
+        ids: fixture_ids,
+        token_pos: usizes("word_pos"),
+        sample_of: vec![0, 1],
+        n_samples: 2,
+        roi: None,
+        prior: 0,
+        reference: None,
+    };
+    let noised = Noised {
+        z_t: r["z_t"].clone(),
+        eps: r["eps"].clone(),
+        target: r["eps"].clone(),
+        timesteps: usizes("t"),
+        masks: Tensor::zeros((b, 1, 64, 64), DType::F32, &dev).unwrap(),
+        reference: Some(r["reference"].clone()),
+    };
+    let text = TextParams {
+        rows: rows.as_tensor(),
+        table: None,
+    };
+    let losses =
+        magictailor::train::vico::vico_losses(&sd, &batch, &noised, text, &blocks, 5e-4).unwrap();
+    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    for (name, ours) in [
+        ("loss", &losses.loss),
+        ("l_diff", &losses.l_diff),
+        ("l_reg", &losses.l_attn),
+    ] {
+        let (a, want) = (scalar(ours), scalar(&r[name]));
+        assert!(
+            (a - want).abs() <= 1e-5 * want.abs().max(1e-3),
+            "{name}: {a} vs {want}"
+        );
+    }
+    assert_eq!(
+        magictailor::train::vico::end_of_text(&batch.ids, sd.tokenizer.eos_id()).unwrap(),
+        usizes("eot_pos")
+    );
+    let grads = losses.loss.backward().unwrap();
+    let mut checked = 0;
+    let mut compare = |name: &str, var: &Var| {
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let want = &r[&format!("grad.{name}")];
+        let err = magictailor::testkit::tolerance::rel_err(got, want);
+        assert!(err < 1e-4, "{name}: relative error {err}");
+        checked += 1;
+    };
+    compare("rows", &rows);
+    for (name, var) in blocks.named() {
+        compare(&name, var);
+    }
+    assert_eq!(checked, 1 + 4 * 20);
+}

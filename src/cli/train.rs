@@ -22,7 +22,7 @@ fn d() -> TrainConfig {
 }
 
 const MT: &str = "MagicTailor (--method magictailor)";
-const ONE: &str = "One-phase methods (--method ti, dreambooth, custom-diffusion, clic)";
+const ONE: &str = "One-phase methods (--method ti, dreambooth, custom-diffusion, clic, vico)";
 const CD: &str = "Custom Diffusion (--method custom-diffusion)";
 const PRIOR: &str = "Prior preservation (--method dreambooth, custom-diffusion)";
 
@@ -60,15 +60,18 @@ pub(super) struct TrainSettings {
     /// flag of another method is refused.
     #[arg(long, value_enum, default_value_t = d().method)]
     method: Method,
-    /// Optimizer steps [default: ti 3000, dreambooth 500, custom-diffusion 250, clic 500].
+    /// Optimizer steps [default: ti 3000, dreambooth 500, custom-diffusion 250, clic 500,
+    /// vico 400].
     #[arg(long, help_heading = ONE)]
     steps: Option<usize>,
     /// Learning rate, multiplied by --images-per-step unless --no-scale-lr [default: ti
-    /// 5e-4, dreambooth 1e-4, custom-diffusion 1e-4, clic 5e-5].
+    /// 5e-4, dreambooth 1e-4, custom-diffusion 1e-4, clic 5e-5, vico 5e-3 (its pseudo-word;
+    /// its blocks train at 1e-5)].
     #[arg(long, help_heading = ONE)]
     lr: Option<f64>,
     /// Images per optimizer step, each drawn at random: the source's batch size times its
-    /// accumulated batches [default: ti 4, dreambooth 1, custom-diffusion 2, clic 1].
+    /// accumulated batches [default: ti 4, dreambooth 1, custom-diffusion 2, clic 1, vico
+    /// 4].
     #[arg(long, help_heading = ONE)]
     images_per_step: Option<usize>,
     #[arg(long, help_heading = MT, default_value_t = d().warmup_steps)]

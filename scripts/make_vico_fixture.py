@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""A reference ViCo training step (`train --method vico`), run by hand, not by CI.
+
+ViCo (Hao et al. 2023, github.com/haoosz/ViCo) is built on the LDM codebase, not on
+diffusers, so its step is written here from its authors' code with torch and diffusers'
+U-Net on the tiny model of tests/fixtures/tiny-sd/: an image cross-attention block (an
+LDM `BasicTransformerBlock` with its cross-attention onto the reference's tokens) after the
+transformer block of the decoder's transformers with an even running id; the reference's
+clean latent through the same U-Net first, its cross-attention map of the pseudo-word
+thresholded with their 10-level Otsu into the keys' mask; the loss eps-MSE + 5e-4 L_reg.
+Nothing here is shared with the Rust side: the test compares two independent computations.
+Writes tests/fixtures/vico_step.safetensors (inputs, the blocks as initialised, the loss
+terms, every gradient).
+
+    pip install torch diffusers transformers safetensors
+    python scripts/make_vico_fixture.py
+
+Versions used for the committed fixture: tests/fixtures/VERSIONS.txt.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+MODEL = os.path.join(ROOT, "tiny-sd")
+torch.set_num_threads(2)
+
+# The decoder transformers with an even running id (8, 10, 12, 14 of SD's 16).
+SITES = ["up_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.2",
+         "up_blocks.3.attentions.1"]
+
+
+class CrossAttention(nn.Module):
+    """LDM's CrossAttention: no q/k/v bias, an output bias, masked keys filled with the
+    lowest float before the softmax."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        b, h = x.shape[0], self.heads
+        split = lambda t: t.reshape(b, t.shape[1], h, -1).transpose(1, 2)
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        sim = q @ k.transpose(-1, -2) * self.scale
+        if mask is not None:
+            sim = sim.masked_fill(~mask[:, None, None, :], -torch.finfo(sim.dtype).max)
+        out = (sim.softmax(-1) @ v).transpose(1, 2).reshape(b, x.shape[1], -1)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim * 8)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class ImageCrossBlock(nn.Module):
+    """The authors' `image_cross_attention`: an LDM BasicTransformerBlock whose attn2 reads
+    the reference's tokens (context_dim None: the layer's width); torch's default init."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1, self.attn2 = CrossAttention(dim, heads), CrossAttention(dim, heads)
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(GEGLU(dim), nn.Identity(), nn.Linear(dim * 4, dim))
+
+    def forward(self, x, context, mask):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context=context, mask=mask) + x
+        return self.ff.net(self.norm3(x)) + x
+
+
+def otsu(maps, levels=10):
+    """The authors' `otsu`: per row, min-max normalised, the level t/10 with the largest
+    between-class variance (strictly larger wins; an empty class gives NaN, which never
+    wins), values below it 0, above it 1, equal ones left as they are."""
+    norm = (maps - maps.min(-1, keepdim=True)[0]) / (maps.max(-1, keepdim=True)[0] - maps.min(-1, keepdim=True)[0])
+    out = []
+    for row in norm:
+        best, cut = 0.0, 0.0
+        for t in range(levels):
+            low, high = row[row < t / levels], row[row >= t / levels]
+            g = (low.numel() / row.numel()) * (high.numel() / row.numel()) * (low.mean() - high.mean()) ** 2
+            if g > best:
+                best, cut = g, t / levels
+        r = row.clone()
+        r[r < cut] = 0
+        r[r > cut] = 1
+        out.append(r)
+    return torch.stack(out).bool()
+
+
+class Probe:
+    """An attention processor on each site's attn2 that keeps the head-mean probabilities
+    (the authors' `return_attn`) while computing the layer as diffusers does."""
+
+    def __init__(self):
+        self.maps = {}
+
+    def processor(self, name):
+        probe = self
+
+        class Proc:
+            def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+                b, n, _ = hidden_states.shape
+                ctx = encoder_hidden_states
+                split = lambda t: t.reshape(b, t.shape[1], attn.heads, -1).transpose(1, 2)
+                q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(ctx)), split(attn.to_v(ctx))
+                p = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+                probe.maps[name] = p.mean(1)
+                out = (p @ v).transpose(1, 2).reshape(b, n, -1)
+                return attn.to_out[1](attn.to_out[0](out))
+
+        return Proc()
+
+
+def main():
+    g = torch.Generator().manual_seed(24)
+    tok = CLIPTokenizer.from_pretrained(MODEL, subfolder="tokenizer")
+    te = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
+    sched = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
+    for m in (te, unet):
+        m.requires_grad_(False)
+
+    # Two samples' words, their rows trainable; each image's prompt names its own word.
+    words = ["<v0>", "<v1>"]
+    tok.add_tokens(words)
+    te.resize_token_embeddings(len(tok))
+    new = tok.convert_tokens_to_ids(words)
+    table = te.get_input_embeddings().weight
+    rows = (0.3 * torch.randn(2, table.shape[1], generator=g)).requires_grad_(True)
+    base = table.detach().clone()
+    prompts = ["a photo of a <v0>", "a rendering of a <v1>"]
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    word_pos = [int((r == w).nonzero()[0]) for r, w in zip(ids, new)]
+    eot_pos = [int((r == tok.eos_token_id).nonzero()[0]) for r in ids]
+
+    # The rows enter the table differentiably: the rest of it is the frozen base.
+    emb = te.get_input_embeddings()
+    full = torch.cat([base[: new[0]], rows], 0)
+    emb.forward = lambda x: F.embedding(x, full)
+    text = te(ids)[0]
+
+    # Blocks at the sites, torch's default init from the generator's seed.
+    torch.manual_seed(7)
+    blocks = {}
+    for s in SITES:
+        t2d = unet.get_submodule(s)
+        proj = t2d.proj_in
+        dim = proj.out_features if isinstance(proj, nn.Linear) else proj.out_channels
+        heads = t2d.transformer_blocks[0].attn1.heads
+        blocks[s] = ImageCrossBlock(dim, heads)
+
+    b = len(prompts)
+    z0, zr, eps = (torch.randn(b, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.randint(0, 1000, (b,), generator=g)
+    z_t = sched.add_noise(z0, eps, t)
+
+    probe = Probe()
+    unet.set_attn_processor({name: (probe.processor(name[: -len(".processor")])
+                                    if any(name.startswith(s + ".") for s in SITES) and ".attn2." in name
+                                    else unet.attn_processors[name])
+                             for name in unet.attn_processors})
+    state = {"mode": "ref", "tokens": {}, "masks": {}, "reg": []}
+
+    def hook(site):
+        def after_block(module, args, out):
+            if state["mode"] == "ref":
+                attn = probe.maps[site + ".transformer_blocks.0.attn2"].transpose(1, 2)  # b, 77, n
+                ph = attn[torch.arange(b), word_pos]
+                eot = attn[torch.arange(b), eot_pos].detach()
+                state["reg"].append(F.mse_loss(ph / ph.max(-1, keepdim=True)[0], eot / eot.max(-1, keepdim=True)[0]))
+                state["masks"][site] = otsu(ph.detach())
+                state["tokens"][site] = out
+                return out
+            return blocks[site](out, state["tokens"][site], state["masks"][site])
+        return after_block
+
+    for s in SITES:
+        unet.get_submodule(s).transformer_blocks[0].register_forward_hook(hook(s))
+
+    unet(zr, t, encoder_hidden_states=text)  # the reference pass
+    state["mode"] = "main"
+    pred = unet(z_t, t, encoder_hidden_states=text).sample
+    l_diff = F.mse_loss(pred, eps)
+    l_reg = sum(state["reg"])
+    loss = l_diff + 5e-4 * l_reg
+    params = {f"{s}.image_cross_attention.{n}": p for s, blk in blocks.items() for n, p in blk.named_parameters()}
+    init = {k: v.detach().clone() for k, v in params.items()}
+    loss.backward()
+
+    out = {"ids": ids.to(torch.int64), "word_pos": torch.tensor(word_pos), "eot_pos": torch.tensor(eot_pos),
+           "rows": rows.detach(), "z_t": z_t, "eps": eps, "reference": zr, "t": t.to(torch.int64),
+           "loss": loss.detach(), "l_diff": l_diff.detach(), "l_reg": l_reg.detach(), "grad.rows": rows.grad}
+    out.update({f"block.{k}": v for k, v in init.items()})
+    out.update({f"grad.{k}": p.grad for k, p in params.items()})
+    out.update({f"mask.{s}": m.to(torch.uint8) for s, m in state["masks"].items()})
+    path = os.path.join(ROOT, "vico_step.safetensors")
+    save_file({k: v.detach().contiguous() for k, v in out.items()}, path)
+    print("wrote", os.path.abspath(path), f"loss {loss.item():.6f} l_reg {l_reg.item():.6f}",
+          "kept", {s: int(m.sum()) for s, m in state["masks"].items()})
+
+
+if __name__ == "__main__":
+    main()
