@@ -246,7 +246,6 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
 /// prompt through the text encoder, `steps` DDIM steps with CFG 7.5, VAE decode, pixels
 /// to the host (as diffusers' pipeline with `output_type="np"`).
 fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: usize) {
-    let steps = 50;
     let sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
     let w = Weights {
         sd: &sd,
@@ -256,23 +255,55 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
         token_table: None,
         vico: None,
     };
+    let secs = time_infer(tg, w, "a photo of a dog", latent, reps);
+    println!(
+        "{name:>5} infer at {} px: 50 DDIM steps, CFG 7.5, + VAE decode: {secs:.3} s/image | {}",
+        latent * 8,
+        tg.peak()
+    );
+}
+
+/// Seconds per image of a 50-step sampling with CFG 7.5 of `prompt`, decoded to pixels.
+fn time_infer(tg: &Target, w: Weights, prompt: &str, latent: usize, reps: usize) -> f64 {
     let latents = seeded_normal(5, (1, 4, latent, latent), &tg.dev).unwrap();
-    let secs = tg.time(reps, || {
-        let x = sample(
-            w,
-            "a photo of a dog",
-            "",
-            latents.clone(),
-            steps,
-            7.5,
-            false,
-        )
-        .expect("sampling");
+    tg.time(reps, || {
+        let x = sample(w, prompt, "", latents.clone(), 50, 7.5, false).expect("sampling");
         let pixels = decode(w, &x).expect("decode");
         pixels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    });
+    })
+}
+
+/// `infer --reference` after loading: [`bench_infer`] with ViCo's blocks (new ones) and
+/// the pair's first image as `<v0>`'s reference (the reference pass once per step for
+/// both texts).
+fn bench_vico_infer(
+    tg: &Target,
+    name: &str,
+    dir: &std::path::Path,
+    pair: &std::path::Path,
+    latent: usize,
+) {
+    use magictailor::model::vico;
+    let mut sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
+    sd.tokenizer.add_pseudo_words(&["<v0>".into()]).unwrap();
+    let hidden = sd.text_encoder.config.hidden_size;
+    let rows = seeded_normal(1, (1, hidden), &tg.dev).unwrap();
+    let blocks = vico::Blocks::init(&vico::sites(&sd.unet), 0, &tg.dev, DType::F32).unwrap();
+    let visual = magictailor::infer::vico::Visual {
+        blocks,
+        references: magictailor::data::first_images(pair).unwrap()[..1].to_vec(),
+    };
+    let w = Weights {
+        sd: &sd,
+        lora: None,
+        tuned: None,
+        extra_rows: Some(&rows),
+        token_table: None,
+        vico: Some(&visual),
+    };
+    let secs = time_infer(tg, w, "a photo of <v0>", latent, 1);
     println!(
-        "{name:>5} infer at {} px: {steps} DDIM steps, CFG 7.5, + VAE decode: {secs:.3} s/image | {}",
+        "{name:>5} ViCo infer at {} px: 50 DDIM steps, CFG 7.5, + VAE decode: {secs:.3} s/image | {}",
         latent * 8,
         tg.peak()
     );
@@ -360,7 +391,8 @@ fn bench_one_phase(
         "ti" => "TI",
         "dreambooth" => "DreamBooth",
         "custom-diffusion" => "Custom Diffusion",
-        _ => "CLiC",
+        "clic" => "CLiC",
+        _ => "ViCo",
     };
     println!(
         "{name:>5} {label} step, {per_step} image{} at {resolution} px: {:.3} s/step | {}",
@@ -454,7 +486,15 @@ fn main() {
             && (filters.is_empty() || filters.iter().any(|f| row.contains(f.as_str())))
     };
     let (tiny, mid, full) = (tmp.join("tiny"), tmp.join("mid"), tmp.join("full"));
-    let tiny_rows = ["tiny-unet", "tiny-train", "tiny-ti", "tiny-dreambooth"];
+    let tiny_rows = [
+        "tiny-unet",
+        "tiny-train",
+        "tiny-ti",
+        "tiny-dreambooth",
+        "tiny-custom-diffusion",
+        "tiny-clic",
+        "tiny-vico",
+    ];
     if tiny_rows.iter().any(|r| wanted(r)) {
         tiny::write(&tiny, 0).unwrap();
     }
@@ -463,6 +503,10 @@ fn main() {
         "mid-train",
         "mid-ti",
         "mid-dreambooth",
+        "mid-custom-diffusion",
+        "mid-clic",
+        "mid-vico",
+        "mid-vico-infer",
         "mid-masks",
         "naive-attention",
     ];
@@ -471,9 +515,15 @@ fn main() {
         tiny::write_with(&mid, 0, &mid_unet_config(), &tiny::vae_config(), &te_mid).unwrap();
     }
     // `full-model` alone writes it (scripts/gpu_session.sh, before the timed processes).
-    if ["full-model", "full-train", "full-ddim", "full-infer"]
-        .iter()
-        .any(|r| wanted(r))
+    if [
+        "full-model",
+        "full-train",
+        "full-vico",
+        "full-ddim",
+        "full-infer",
+    ]
+    .iter()
+    .any(|r| wanted(r))
     {
         ensure_full(&full);
     }
@@ -499,6 +549,7 @@ fn main() {
         Method::DreamBooth,
         Method::CustomDiffusion,
         Method::Clic,
+        Method::Vico,
     ] {
         if wanted(&format!("tiny-{}", method.name())) {
             reset_peak();
@@ -518,11 +569,16 @@ fn main() {
         Method::DreamBooth,
         Method::CustomDiffusion,
         Method::Clic,
+        Method::Vico,
     ] {
         if wanted(&format!("mid-{}", method.name())) {
             reset_peak();
             bench_one_phase(&tg, "mid", method, &mid, &pair, 256, 3);
         }
+    }
+    if wanted("mid-vico-infer") {
+        reset_peak();
+        bench_vico_infer(&tg, "mid", &mid, &pair, 32);
     }
     if wanted("mid-masks") {
         reset_peak();
@@ -555,6 +611,9 @@ fn main() {
     // nvidia-smi peak.
     if wanted("full-train") {
         bench_train(&tg, "full", &full, &pair, 512, 3);
+    }
+    if wanted("full-vico") {
+        bench_one_phase(&tg, "full", Method::Vico, &full, &pair, 512, 3);
     }
     if wanted("full-ddim") {
         bench(&tg, "full", &full, 64, 5);

@@ -406,6 +406,96 @@ def bench_ti(name, model, pair, res, reps, per_step=4):
     print(f"{name:>5} TI step, {per_step} images at {res} px: {secs:.3f} s/step | {peak()}")
 
 
+def vico_setup(model):
+    """The frozen parts, two pseudo-word rows (fp32, trainable) in the text encoder's table,
+    and ViCo's blocks (fp32) installed on the U-Net (scripts/make_vico_fixture.py)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from make_vico_fixture import ViCo, site_blocks
+
+    unet, vae, te = frozen(model)
+    emb = te.get_input_embeddings()
+    vocab = emb.weight.shape[0]
+    rows = torch.randn(2, emb.weight.shape[1], device=DEV, requires_grad=True)
+    emb.forward = lambda x: F.embedding(x, torch.cat([emb.weight, rows.to(emb.weight.dtype)]))
+    blocks = {s: b.to(DEV) for s, b in site_blocks(unet).items()}
+    return unet, vae, te, rows, vocab, blocks, ViCo(unet, blocks)
+
+
+def bench_vico(name, model, pair, res, reps, per_step=4):
+    """The authors' ViCo step: 4 images drawn from the pair, each with a reference drawn
+    from its own sample's other images (posterior samples, no grad), the reference pass,
+    then the images through the blocks; eps-MSE + 5e-4 L_reg; AdamW with the row at 5e-3 x
+    4 and the blocks at 1e-5, weight decay 1e-2, no clipping."""
+    unet, vae, te, rows, vocab, blocks, vico = vico_setup(model)
+    params = [p for b in blocks.values() for p in b.parameters()]
+    opt = torch.optim.AdamW([{"params": [rows], "lr": 5e-3 * per_step}, {"params": params}], lr=1e-5,
+                            weight_decay=1e-2)
+    pixels, _ = load_pair(pair, res)
+    sample_of = [0, 0, 0, 1, 1, 1]
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+    def step():
+        pick = torch.randint(0, len(sample_of), (per_step,)).tolist()
+        refs = [int(np.random.choice([j for j in range(len(sample_of))
+                                      if j != i and sample_of[j] == sample_of[i]])) for i in pick]
+        ids = torch.randint(0, vocab, (per_step, 77), device=DEV)
+        ids[:, 5] = torch.tensor([vocab + sample_of[i] for i in pick], device=DEV)
+        with torch.no_grad(), autocast():
+            z = vae.encode(pixels[pick + refs].to(DTYPE)).latent_dist.sample().float() * vae.config.scaling_factor
+        z0, zr = z[:per_step], z[per_step:]
+        t = torch.randint(0, 1000, (per_step,), device=DEV)
+        eps = torch.randn_like(z0)
+        z_t = ddpm.add_noise(z0, eps, t)
+        with autocast():
+            ctx = te(ids).last_hidden_state
+            vico.reference([5] * per_step, [6] * per_step)
+            unet(zr, t, encoder_hidden_states=ctx)
+            vico.drawing()
+            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
+        loss = F.mse_loss(pred, eps) + 5e-4 * sum(r.float() for r in vico.reg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    secs = timed(reps, step)
+    print(f"{name:>5} ViCo step, {per_step} images at {res} px: {secs:.3f} s/step | {peak()}")
+
+
+def bench_vico_infer(name, model, pair, res, reps, steps=50):
+    """`infer --reference` after loading: the prompt and empty prompt encoded, the reference
+    (a posterior sample) encoded once, then per DDIM step the reference pass for both
+    texts (one batch of 2) and the guided pass through the blocks; VAE decode."""
+    unet, vae, te, rows, vocab, blocks, vico = vico_setup(model)
+    pixels, _ = load_pair(pair, res)
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    # Stand-ins for "" and "a photo of <v0>" (the small configs' vocabularies are tiny).
+    ids = torch.randint(0, vocab, (2, 77), device=DEV)
+    ids[1, 4] = vocab
+    latent = res // 8
+
+    def run():
+        with torch.no_grad(), autocast():
+            ctx = te(ids).last_hidden_state  # [empty, prompt]
+            zr = vae.encode(pixels[:1].to(DTYPE)).latent_dist.sample() * vae.config.scaling_factor
+            zr = zr.repeat(2, 1, 1, 1)
+            x = torch.randn(1, 4, latent, latent, device=DEV)
+            ddim.set_timesteps(steps)
+            for t in ddim.timesteps:
+                vico.reference([1, 4], [1, 5])
+                unet(zr, t, encoder_hidden_states=ctx)
+                vico.drawing()
+                e = unet(torch.cat([x, x]).to(DTYPE), t, encoder_hidden_states=ctx).sample.float()
+                e = e[0:1] + 7.5 * (e[1:2] - e[0:1])
+                x = ddim.step(e, t, x).prev_sample
+            vae.decode((x / vae.config.scaling_factor).to(DTYPE)).sample.float().cpu().numpy()
+
+    secs = timed(reps, run)
+    print(f"{name:>5} ViCo infer at {res} px: {steps} DDIM steps, CFG 7.5, + VAE decode: {secs:.3f} s/image"
+          f" | {peak()}")
+
+
 def bench_dreambooth(name, model, pair, res, reps):
     """diffusers' train_dreambooth_lora.py step with the paper's masked loss: one image, the
     frozen text encoder run on its prompt, peft LoRA rank 4 on every attention's
@@ -602,9 +692,9 @@ def main():
     ap.add_argument("configs", nargs="*", help="tiny, mid, full (default: tiny and mid on the CPU, full on CUDA)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
-    ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,clic,infer",
+    ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,clic,vico,vico-infer,infer",
                     help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
-                         "clic, infer (full only)")
+                         "clic, vico, vico-infer, infer (full only)")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -640,6 +730,12 @@ def main():
         if "clic" in rows:
             reset_peak()
             bench_clic(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "vico" in rows:
+            reset_peak()
+            bench_vico(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "vico-infer" in rows:
+            reset_peak()
+            bench_vico_infer(name, model, a.root / "person_k+hair_c", c["resolution"], 1)
         if "infer" in rows and c.get("infer"):
             reset_peak()
             bench_infer(name, model, c["resolution"], c.get("infer_reps", c["reps"]))

@@ -104,15 +104,34 @@ def otsu(maps, levels=10):
     return torch.stack(out).bool()
 
 
-class Probe:
-    """An attention processor on each site's attn2 that keeps the head-mean probabilities
-    (the authors' `return_attn`) while computing the layer as diffusers does."""
+class ViCo:
+    """ViCo on a diffusers U-Net: an attention processor on each site's attn2 that keeps the
+    head-mean probabilities (the authors' `return_attn`), and a forward hook on each site's
+    transformer block. In the reference pass (`reference(...)`) the hook records the
+    tokens, the Otsu mask of row i's map of its word (position `word_pos[i]`) and L_reg's
+    term (against `eot_pos[i]`); in the drawn pass (`drawing()`) it puts row i through the
+    site's block onto reference row i's tokens."""
 
-    def __init__(self):
-        self.maps = {}
+    def __init__(self, unet, blocks):
+        self.blocks, self.maps, self.tokens, self.masks, self.reg = blocks, {}, {}, {}, []
+        self.mode, self.word_pos, self.eot_pos = "ref", None, None
+        procs = {}
+        for name, proc in unet.attn_processors.items():
+            layer = name[: -len(".processor")]
+            site = any(layer.startswith(s + ".") for s in blocks) and layer.endswith(".attn2")
+            procs[name] = self._probe(layer) if site else proc
+        unet.set_attn_processor(procs)
+        for s in blocks:
+            unet.get_submodule(s).transformer_blocks[0].register_forward_hook(self._hook(s))
 
-    def processor(self, name):
-        probe = self
+    def reference(self, word_pos, eot_pos):
+        self.mode, self.word_pos, self.eot_pos, self.reg = "ref", word_pos, eot_pos, []
+
+    def drawing(self):
+        self.mode = "main"
+
+    def _probe(self, layer):
+        vico = self
 
         class Proc:
             def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
@@ -121,11 +140,36 @@ class Probe:
                 split = lambda t: t.reshape(b, t.shape[1], attn.heads, -1).transpose(1, 2)
                 q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(ctx)), split(attn.to_v(ctx))
                 p = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
-                probe.maps[name] = p.mean(1)
+                if vico.mode == "ref":
+                    vico.maps[layer] = p.mean(1).float()
                 out = (p @ v).transpose(1, 2).reshape(b, n, -1)
                 return attn.to_out[1](attn.to_out[0](out))
 
         return Proc()
+
+    def _hook(self, site):
+        def after_block(module, args, out):
+            if self.mode == "ref":
+                attn = self.maps[site + ".transformer_blocks.0.attn2"].transpose(1, 2)  # b, 77, n
+                rows = torch.arange(out.shape[0], device=out.device)
+                ph, eot = attn[rows, self.word_pos], attn[rows, self.eot_pos].detach()
+                self.reg.append(F.mse_loss(ph / ph.max(-1, keepdim=True)[0], eot / eot.max(-1, keepdim=True)[0]))
+                self.masks[site] = otsu(ph.detach())
+                self.tokens[site] = out
+                return out
+            return self.blocks[site](out, self.tokens[site].to(out.dtype), self.masks[site])
+        return after_block
+
+
+def site_blocks(unet):
+    """A new block at each site, torch's default init."""
+    blocks = {}
+    for s in SITES:
+        t2d = unet.get_submodule(s)
+        proj = t2d.proj_in
+        dim = proj.out_features if isinstance(proj, nn.Linear) else proj.out_channels
+        blocks[s] = ImageCrossBlock(dim, t2d.transformer_blocks[0].attn1.heads)
+    return blocks
 
 
 def main():
@@ -156,49 +200,22 @@ def main():
     emb.forward = lambda x: F.embedding(x, full)
     text = te(ids)[0]
 
-    # Blocks at the sites, torch's default init from the generator's seed.
+    # Blocks at the sites, torch's default init from a fixed seed.
     torch.manual_seed(7)
-    blocks = {}
-    for s in SITES:
-        t2d = unet.get_submodule(s)
-        proj = t2d.proj_in
-        dim = proj.out_features if isinstance(proj, nn.Linear) else proj.out_channels
-        heads = t2d.transformer_blocks[0].attn1.heads
-        blocks[s] = ImageCrossBlock(dim, heads)
+    blocks = site_blocks(unet)
 
     b = len(prompts)
     z0, zr, eps = (torch.randn(b, 4, 8, 8, generator=g) for _ in range(3))
     t = torch.randint(0, 1000, (b,), generator=g)
     z_t = sched.add_noise(z0, eps, t)
 
-    probe = Probe()
-    unet.set_attn_processor({name: (probe.processor(name[: -len(".processor")])
-                                    if any(name.startswith(s + ".") for s in SITES) and ".attn2." in name
-                                    else unet.attn_processors[name])
-                             for name in unet.attn_processors})
-    state = {"mode": "ref", "tokens": {}, "masks": {}, "reg": []}
-
-    def hook(site):
-        def after_block(module, args, out):
-            if state["mode"] == "ref":
-                attn = probe.maps[site + ".transformer_blocks.0.attn2"].transpose(1, 2)  # b, 77, n
-                ph = attn[torch.arange(b), word_pos]
-                eot = attn[torch.arange(b), eot_pos].detach()
-                state["reg"].append(F.mse_loss(ph / ph.max(-1, keepdim=True)[0], eot / eot.max(-1, keepdim=True)[0]))
-                state["masks"][site] = otsu(ph.detach())
-                state["tokens"][site] = out
-                return out
-            return blocks[site](out, state["tokens"][site], state["masks"][site])
-        return after_block
-
-    for s in SITES:
-        unet.get_submodule(s).transformer_blocks[0].register_forward_hook(hook(s))
-
+    vico = ViCo(unet, blocks)
+    vico.reference(word_pos, eot_pos)
     unet(zr, t, encoder_hidden_states=text)  # the reference pass
-    state["mode"] = "main"
+    vico.drawing()
     pred = unet(z_t, t, encoder_hidden_states=text).sample
     l_diff = F.mse_loss(pred, eps)
-    l_reg = sum(state["reg"])
+    l_reg = sum(vico.reg)
     loss = l_diff + 5e-4 * l_reg
     params = {f"{s}.image_cross_attention.{n}": p for s, blk in blocks.items() for n, p in blk.named_parameters()}
     init = {k: v.detach().clone() for k, v in params.items()}
@@ -209,11 +226,11 @@ def main():
            "loss": loss.detach(), "l_diff": l_diff.detach(), "l_reg": l_reg.detach(), "grad.rows": rows.grad}
     out.update({f"block.{k}": v for k, v in init.items()})
     out.update({f"grad.{k}": p.grad for k, p in params.items()})
-    out.update({f"mask.{s}": m.to(torch.uint8) for s, m in state["masks"].items()})
+    out.update({f"mask.{s}": m.to(torch.uint8) for s, m in vico.masks.items()})
     path = os.path.join(ROOT, "vico_step.safetensors")
     save_file({k: v.detach().contiguous() for k, v in out.items()}, path)
     print("wrote", os.path.abspath(path), f"loss {loss.item():.6f} l_reg {l_reg.item():.6f}",
-          "kept", {s: int(m.sum()) for s, m in state["masks"].items()})
+          "kept", {s: int(m.sum()) for s, m in vico.masks.items()})
 
 
 if __name__ == "__main__":

@@ -379,14 +379,13 @@ impl Conditioning<'_> {
             added: inputs.added.as_ref(),
             vico: plug.as_ref(),
         };
+        // Detached: ViCo's blocks are trainable Vars, whose graph would otherwise chain
+        // every step's activations to the next through the latents.
+        let input = input.to_dtype(w.sd.dtype)?;
         let eps = (w.sd.unet)
-            .forward(
-                &input.to_dtype(w.sd.dtype)?,
-                &timesteps(b)?,
-                &inputs.context,
-                ctx,
-            )?
-            .to_dtype(DType::F32)?;
+            .forward(&input, &timesteps(b)?, &inputs.context, ctx)?
+            .to_dtype(DType::F32)?
+            .detach();
         if self.uncond.is_none() {
             return Ok(eps);
         }
