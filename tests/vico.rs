@@ -350,6 +350,12 @@ fn vico_trains_and_samples_on_a_pair_and_on_one_sample() {
             serde_json::from_slice(&std::fs::read(out.join("magictailor.json")).unwrap()).unwrap();
         assert_eq!(record["method"]["name"], "vico");
         assert_eq!(record["method"]["vico"]["block_lr"], 1e-5);
+        assert_eq!(
+            record["method"]["vico"]["layers"][3],
+            "up_blocks.3.attentions.1"
+        );
+        let refs = record["method"]["vico"]["references"].as_array().unwrap();
+        assert_eq!(refs.len(), words);
         let log = read_log(&out);
         assert_eq!(log.len(), 2);
         assert!(log[1]["l_attn"].as_f64().unwrap() > 0.0, "L_reg is logged");
@@ -379,6 +385,38 @@ fn vico_trains_and_samples_on_a_pair_and_on_one_sample() {
         let text = png_text(&png);
         let refs = text["magictailor"].clone();
         assert!(refs.contains("\"references\":[\""), "{refs}");
+        if words == 2 {
+            // Many prompts and seeds in batches, with a step blend's layout stage.
+            let prompts = tmp.path().join("prompts.txt");
+            std::fs::write(&prompts, "<v0> with <v1>\na photo of <v1>\n").unwrap();
+            let many = out.join("many");
+            ok(&run_bin(
+                "infer",
+                &[
+                    "--model-dir",
+                    out.to_str().unwrap(),
+                    "--prompts-file",
+                    prompts.to_str().unwrap(),
+                    "--seeds",
+                    "0,1",
+                    "--batch-size",
+                    "2",
+                    "--layout-steps",
+                    "1",
+                    "--steps",
+                    "3",
+                    "--width",
+                    "64",
+                    "--height",
+                    "64",
+                    "--out-dir",
+                    many.to_str().unwrap(),
+                    "--quiet",
+                ],
+            ));
+            let manifest = std::fs::read_to_string(many.join("manifest.jsonl")).unwrap();
+            assert_eq!(manifest.lines().count(), 4, "{manifest}");
+        }
     }
 }
 

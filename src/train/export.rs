@@ -77,10 +77,18 @@ impl Trainer {
             .iter()
             .map(|e| e.to_json())
             .collect();
+        let mut method = self.recipe.describe(self.num_images());
+        if let Some(blocks) = &self.vico {
+            let sites: Vec<&str> = blocks.blocks.iter().map(|b| b.site.path.as_str()).collect();
+            method["vico"]["layers"] = serde_json::json!(sites);
+            // What `infer` reads by default: each sample's first image.
+            method["vico"]["references"] =
+                serde_json::json!(crate::data::first_images(&self.cfg.instance_dir)?);
+        }
         Ok(run::RunRecord {
             base_model: base,
             single_file: self.cfg.single_file.absolute(),
-            method: Some(self.recipe.describe(self.num_images())),
+            method: Some(method),
             aliases: self.aliases(),
             tokens,
             steps_done: self.step,
