@@ -232,35 +232,44 @@ fn write_reference(path: &Path) {
     img.save(path).unwrap();
 }
 
-#[test]
-fn blocks_that_pass_their_input_through_leave_sampling_unchanged() {
+/// The tiny model (f32) knowing `<v0>` and `<v1>`, their rows, and new blocks with the
+/// given number of references (flat colour PNGs in `dir`).
+fn sampler(dir: &Path, references: usize) -> (StableDiffusion, Tensor, Visual) {
     let dev = Device::Cpu;
-    let tmp = tempfile::tempdir().unwrap();
     let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
     sd.tokenizer
         .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
         .unwrap();
     let rows = seeded_normal(1, (2, 32), &dev).unwrap();
+    let references: Vec<_> = (0..references)
+        .map(|i| dir.join(format!("ref{i}.png")))
+        .collect();
+    references.iter().for_each(|p| write_reference(p));
     let blocks = Blocks::init(&vico::sites(&sd.unet), 0, &dev, DType::F32).unwrap();
-    let refs = [tmp.path().join("a.png"), tmp.path().join("b.png")];
-    refs.iter().for_each(|p| write_reference(p));
-    let visual = Visual {
-        blocks,
-        references: refs.to_vec(),
-    };
-    let plain = Weights {
-        sd: &sd,
+    (sd, rows, Visual { blocks, references })
+}
+
+/// Sampling weights of the base model with `rows` and, optionally, ViCo.
+fn weights<'a>(sd: &'a StableDiffusion, rows: &'a Tensor, vico: Option<&'a Visual>) -> Weights<'a> {
+    Weights {
+        sd,
         lora: None,
         tuned: None,
-        extra_rows: Some(&rows),
+        extra_rows: Some(rows),
         token_table: None,
-        vico: None,
-    };
-    let with = Weights {
-        vico: Some(&visual),
-        ..plain
-    };
-    let latents = seeded_normal(5, (2, 4, 8, 8), &dev).unwrap();
+        vico,
+    }
+}
+
+#[test]
+fn blocks_that_pass_their_input_through_leave_sampling_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sd, rows, visual) = sampler(tmp.path(), 2);
+    let (plain, with) = (
+        weights(&sd, &rows, None),
+        weights(&sd, &rows, Some(&visual)),
+    );
+    let latents = seeded_normal(5, (2, 4, 8, 8), &Device::Cpu).unwrap();
     let draw = |w: Weights, prompt: &str| {
         sample(w, prompt, "", latents.clone(), 4, 7.5, false)
             .unwrap()
@@ -282,28 +291,10 @@ fn blocks_that_pass_their_input_through_leave_sampling_unchanged() {
 
 #[test]
 fn a_prompt_naming_a_word_without_a_reference_is_refused() {
-    let dev = Device::Cpu;
     let tmp = tempfile::tempdir().unwrap();
-    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
-    sd.tokenizer
-        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
-        .unwrap();
-    let rows = seeded_normal(1, (2, 32), &dev).unwrap();
-    let one = tmp.path().join("a.png");
-    write_reference(&one);
-    let visual = Visual {
-        blocks: Blocks::init(&vico::sites(&sd.unet), 0, &dev, DType::F32).unwrap(),
-        references: vec![one],
-    };
-    let w = Weights {
-        sd: &sd,
-        lora: None,
-        tuned: None,
-        extra_rows: Some(&rows),
-        token_table: None,
-        vico: Some(&visual),
-    };
-    let latents = seeded_normal(5, (1, 4, 8, 8), &dev).unwrap();
+    let (sd, rows, visual) = sampler(tmp.path(), 1);
+    let latents = seeded_normal(5, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let w = weights(&sd, &rows, Some(&visual));
     let err = sample(w, "<v0> with <v1>", "", latents, 2, 7.5, false).unwrap_err();
     assert!(err.to_string().contains("--reference"), "{err}");
 }
