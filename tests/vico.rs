@@ -376,6 +376,21 @@ fn vico_trains_and_samples_on_a_pair_and_on_one_sample() {
         let text = png_text(&png);
         let refs = text["magictailor"].clone();
         assert!(refs.contains("\"references\":[\""), "{refs}");
+        // More references than words would leave some unused: refused.
+        let img = tmp.path().join("extra.png");
+        write_reference(&img);
+        let mut args = vec!["--model-dir", out.to_str().unwrap(), "--prompt", prompt];
+        for _ in 0..=words {
+            args.extend(["--reference", img.to_str().unwrap()]);
+        }
+        args.extend(["--out", png.to_str().unwrap()]);
+        let o = run_bin("infer", &args);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("one --reference per word"),
+            "{}",
+            stderr(&o)
+        );
         if words == 2 {
             // Many prompts and seeds in batches, with a step blend's layout stage.
             let prompts = tmp.path().join("prompts.txt");

@@ -233,6 +233,14 @@ fn visual(
              was trained.",
         ));
     }
+    let words = sd.tokenizer.pseudo_words().len();
+    if words > 0 && src.references.len() > words {
+        return Err(Error::usage(format!(
+            "{} reference images for {words} pseudo-words: give one --reference per word, in \
+             order (<v0>'s first).",
+            src.references.len()
+        )));
+    }
     if let Some(missing) = src.references.iter().find(|p| !p.is_file()) {
         return Err(Error::usage(format!(
             "the reference image {} does not exist.",
