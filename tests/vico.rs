@@ -616,3 +616,37 @@ fn a_step_matches_the_reference_written_in_torch() {
     }
     assert_eq!(checked, 1 + 4 * 20);
 }
+
+/// `batch --method vico` trains every pair folder of a directory, each into its own run
+/// folder with the blocks.
+#[test]
+fn batch_trains_vico_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pairs");
+    make_pair(&root);
+    let out = tmp.path().join("runs");
+    let model = tiny_sd();
+    let args = [
+        "--pairs",
+        root.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--model",
+        &model,
+        "--resolution",
+        "64",
+        "--method",
+        "vico",
+        "--steps",
+        "1",
+        "--images-per-step",
+        "2",
+        "--quiet",
+    ];
+    ok(&run_bin("batch", &args));
+    let run = out.join("person_k+hair_c");
+    assert!(run.join("vico_blocks.safetensors").is_file());
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("magictailor.json")).unwrap()).unwrap();
+    assert_eq!(record["method"]["name"], "vico");
+}
