@@ -650,3 +650,49 @@ fn batch_trains_vico_runs() {
         serde_json::from_slice(&std::fs::read(run.join("magictailor.json")).unwrap()).unwrap();
     assert_eq!(record["method"]["name"], "vico");
 }
+
+/// `eval` on a ViCo run draws its prompts with the run's references and scores them.
+#[test]
+fn eval_scores_a_vico_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_sd();
+    let pair = make_pair(tmp.path());
+    let out = tmp.path().join("run");
+    let args = with_args(
+        quiet_train_args(pair.to_str().unwrap(), out.to_str().unwrap(), &model),
+        &["--method", "vico", "--steps", "1", "--images-per-step", "2"],
+    );
+    ok(&run_bin("train", &args));
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "{}, in the snow\n<v1>\n").unwrap();
+    let (clip, dino) = (fixture("tiny-clip"), fixture("tiny-dinov2"));
+    let o = run_bin(
+        "eval",
+        &[
+            "--model-dir",
+            out.to_str().unwrap(),
+            "--prompts-file",
+            prompts.to_str().unwrap(),
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--clip-model",
+            &clip,
+            "--dino-model",
+            &dino,
+            "--segment",
+            "none",
+            "--json",
+        ],
+    );
+    ok(&o);
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["images"].as_array().unwrap().len(), 2, "{m}");
+    let png = out.join("eval/k0/prompt00/seed00.png");
+    assert!(png_text(&png)["magictailor"].contains("\"references\":[\""));
+}
