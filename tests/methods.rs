@@ -1619,6 +1619,7 @@ impl ReferenceStep {
             roi: None,
             prior: 0,
             reference: None,
+            posterior: None,
         };
         let noised = Noised {
             z_t: self.get("z_t"),

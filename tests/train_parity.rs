@@ -66,6 +66,7 @@ fn steps_match_pytorch(fam: &Family) {
         roi: None,
         prior: 0,
         reference: None,
+        posterior: None,
     };
     let noised = Noised {
         z_t: r["z_t"].clone(),

@@ -568,6 +568,7 @@ fn a_step_matches_the_reference_written_in_torch() {
         roi: None,
         prior: 0,
         reference: None,
+        posterior: None,
     };
     let noised = Noised {
         z_t: r["z_t"].clone(),
@@ -695,4 +696,56 @@ fn eval_scores_a_vico_run() {
     assert_eq!(m["images"].as_array().unwrap().len(), 2, "{m}");
     let png = out.join("eval/k0/prompt00/seed00.png");
     assert!(png_text(&png)["magictailor"].contains("\"references\":[\""));
+}
+
+/// A clean draw (ViCo's, DreamBooth's) samples posteriors the pool encoded once: the
+/// step's latents and references are what encoding them in the step gives.
+#[test]
+fn cached_posteriors_give_the_latents_encoding_gives() {
+    use magictailor::io::progress::Progress;
+    use magictailor::train::noise::StepNoise;
+    use magictailor::train::objective::noised_latents;
+    use magictailor::train::{method::Method, trainer::Trainer, TrainConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = make_pair(tmp.path());
+    let mut cfg = TrainConfig::new(pair, tmp.path().join("out"), tiny_sd());
+    (cfg.method, cfg.steps, cfg.images_per_step, cfg.resolution) =
+        (Method::Vico, Some(2), Some(2), 64);
+    let t = Trainer::new(cfg, &Device::Cpu, Progress::Quiet).unwrap();
+    assert!(t.recipe.draw.is_clean());
+    let batch = t
+        .pool
+        .batch(&t.sd, &t.recipe.draw, 0, 1)
+        .unwrap()
+        .into_owned();
+    assert!(batch.posterior.is_some());
+    let sizes = t.pool.noise_sizes(&t.sd, 4).unwrap();
+    let noised = |b: &magictailor::train::objective::Batch| {
+        let noise = StepNoise::draw(0, 1, sizes);
+        noised_latents(&t.sd, b, &t.cfg, &t.recipe.draw, 1, noise)
+            .unwrap()
+            .0
+    };
+    let cached = noised(&batch);
+    let encoded = noised(&magictailor::train::objective::Batch {
+        posterior: None,
+        ..batch.clone()
+    });
+    let err = |a: &Tensor, b: &Tensor| magictailor::testkit::tolerance::rel_err(a, b);
+    assert!(err(&cached.z_t, &encoded.z_t) < 1e-5);
+    let refs = (cached.reference.unwrap(), encoded.reference.unwrap());
+    assert!(err(&refs.0, &refs.1) < 1e-5);
+    // Draws that augment encode every step.
+    let dreambooth = TrainConfig {
+        method: Method::DreamBooth,
+        ..TrainConfig::default()
+    };
+    assert!(magictailor::train::method::Recipe::new(&dreambooth, 4)
+        .draw
+        .is_clean());
+    assert!(
+        !magictailor::train::method::Recipe::new(&TrainConfig::default(), 4)
+            .draw
+            .is_clean()
+    );
 }

@@ -358,6 +358,18 @@ pub struct Draw {
     pub degradation: Degradation,
 }
 
+impl Draw {
+    /// Every image goes to the VAE as it is on disk: no jitter, flip, rescale, masked copy
+    /// or DM-Deg, so each image's posterior is the same every step.
+    pub fn is_clean(&self) -> bool {
+        self.jitter.iter().all(|&s| s == 0.0)
+            && self.flip == Flip::Off
+            && !self.rescale
+            && self.roi.is_none()
+            && self.degradation == Degradation::Off
+    }
+}
+
 /// Which reference images a step trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {

@@ -176,5 +176,6 @@ fn load(t: &Trainer, files: &[(usize, PathBuf)]) -> Result<Batch> {
         roi: None,
         prior: 0,
         reference: None,
+        posterior: None,
     })
 }

@@ -84,7 +84,11 @@ impl Trainer {
             }
         }
         let rows = init_rows(&sd, recipe.trains.row_init, &class_words)?;
-        let pool = Pool::new(&sd, data, recipe.draw.prompts)?;
+        let mut pool = Pool::new(&sd, data, recipe.draw.prompts)?;
+        // Class images (prior preservation) join the batch later, encoded each step.
+        if recipe.class_images.is_none() {
+            pool.cache_posteriors(&sd, &recipe.draw, cfg.dtype)?;
+        }
         let last = recipe.total_steps();
         let per_step = recipe.images_per_step(data.num_images());
         // A CLiC step also encodes each image's masked copy, prior preservation as many
