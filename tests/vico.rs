@@ -464,6 +464,41 @@ fn vico_refuses_what_it_would_ignore() {
     );
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("--reference"), "{}", stderr(&o));
+    // Refused before any model is read: a missing model is not what it reports.
+    let missing = tmp.path().join("no-model");
+    let o = run_bin(
+        "infer",
+        &[
+            "--model",
+            missing.to_str().unwrap(),
+            "--prompt",
+            "a dog",
+            "--reference",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--reference conditions"),
+        "{}",
+        stderr(&o)
+    );
+    // A checkpoint brings its own blocks.
+    let o = run_bin(
+        "infer",
+        &[
+            "--model-dir",
+            out.to_str().unwrap(),
+            "--checkpoint",
+            "1",
+            "--vico-blocks",
+            img.to_str().unwrap(),
+            "--prompt",
+            "a dog",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--vico-blocks"), "{}", stderr(&o));
 }
 
 /// A ViCo trainer updates only the rows and the blocks: after two steps the base U-Net

@@ -91,18 +91,16 @@ impl Personalized {
             }
             None => None,
         };
-        let vico =
-            match &src.vico_blocks {
-                Some(f) => {
-                    let t = tensors::read_floats(f, device, &[])?;
-                    Some(visual(&sd, t, f, src, device)?)
-                }
-                None if !src.references.is_empty() => return Err(Error::usage(
-                    "--reference conditions ViCo's image cross-attention blocks, and this model \
-                     has none: sample a ViCo run (--model-dir) or pass --vico-blocks.",
-                )),
-                None => None,
-            };
+        let vico = match &src.vico_blocks {
+            Some(f) => {
+                let t = tensors::read_floats(f, device, &[])?;
+                Some(visual(&sd, t, f, src, device)?)
+            }
+            None => {
+                check_references(src, 0)?;
+                None
+            }
+        };
         Ok(Self {
             sd,
             lora,
@@ -233,24 +231,39 @@ fn visual(
              was trained.",
         ));
     }
-    let words = sd.tokenizer.pseudo_words().len();
-    if words > 0 && src.references.len() > words {
-        return Err(Error::usage(format!(
-            "{} reference images for {words} pseudo-words: give one --reference per word, in \
-             order (<v0>'s first).",
-            src.references.len()
-        )));
-    }
-    if let Some(missing) = src.references.iter().find(|p| !p.is_file()) {
+    // The words an embeddings file brought are known only now.
+    check_references(src, sd.tokenizer.pseudo_words().len())?;
+    Ok(super::vico::Visual {
+        blocks,
+        references: src.references.clone(),
+    })
+}
+
+/// `src`'s references as far as they can be checked without the model (`sources` calls
+/// this before anything loads): each file exists, no more of them than `words` pseudo-words
+/// (where known, else 0), and blocks (or a checkpoint, which may hold some) to condition.
+fn check_references(src: &Sources, words: usize) -> Result<()> {
+    let refs = &src.references;
+    if let Some(missing) = refs.iter().find(|p| !p.is_file()) {
         return Err(Error::usage(format!(
             "the reference image {} does not exist.",
             missing.display()
         )));
     }
-    Ok(super::vico::Visual {
-        blocks,
-        references: src.references.clone(),
-    })
+    if words > 0 && refs.len() > words {
+        return Err(Error::usage(format!(
+            "{} reference images for {words} pseudo-words: give one --reference per word, in \
+             order (<v0>'s first).",
+            refs.len()
+        )));
+    }
+    if !refs.is_empty() && src.vico_blocks.is_none() && src.checkpoint.is_none() {
+        return Err(Error::usage(
+            "--reference conditions ViCo's image cross-attention blocks, and this model has \
+             none: sample a ViCo run (--model-dir) or pass --vico-blocks.",
+        ));
+    }
+    Ok(())
 }
 
 /// A trained table must have the base table's shape: same vocabulary, same width.
@@ -285,6 +298,13 @@ fn load_token_table(file: &Path, base: &Tensor, device: &Device) -> Result<Tenso
 /// Where the weights come from: a trained folder (whose base model `--model` may
 /// replace), or `--model` alone; `--lora`/`--embeds` override the folder's files.
 pub fn sources(opts: &InferOptions) -> Result<Sources> {
+    let src = sources_unchecked(opts)?;
+    // A trained folder's record names its words; an embeddings file's are read at load.
+    check_references(&src, src.class_words.len())?;
+    Ok(src)
+}
+
+fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
     let dir = match (&opts.model_dir, &opts.model) {
         (Some(dir), _) => dir.clone(),
         (None, Some(model)) => {
@@ -354,10 +374,14 @@ fn recorded_single_file(settings: &serde_json::Value) -> SingleFileOptions {
 /// A checkpoint of the run in `dir` (finished or not): its file, and from the settings it
 /// records, the base model and the adapters' scale.
 fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<Sources> {
-    if opts.lora.is_some() || opts.embeds.is_some() || opts.custom_diffusion.is_some() {
+    if opts.lora.is_some()
+        || opts.embeds.is_some()
+        || opts.custom_diffusion.is_some()
+        || opts.vico_blocks.is_some()
+    {
         return Err(Error::usage(
-            "--checkpoint brings its own trained weights and pseudo-words: drop --lora, --embeds \
-             and --custom-diffusion.",
+            "--checkpoint brings its own trained weights and pseudo-words: drop --lora, --embeds, \
+             --custom-diffusion and --vico-blocks.",
         ));
     }
     let step = which.trim_start_matches("step-").parse::<usize>().ok();
