@@ -289,10 +289,8 @@ fn bench_vico_infer(
     let hidden = sd.text_encoder.config.hidden_size;
     let rows = seeded_normal(1, (1, hidden), &tg.dev).unwrap();
     let blocks = vico::Blocks::init(&vico::sites(&sd.unet), 0, &tg.dev, DType::F32).unwrap();
-    let visual = magictailor::infer::vico::Visual {
-        blocks,
-        references: magictailor::data::first_images(pair).unwrap()[..1].to_vec(),
-    };
+    let references = magictailor::data::first_images(pair).unwrap()[..1].to_vec();
+    let visual = magictailor::infer::vico::Visual::new(&blocks, references);
     let w = Weights {
         sd: &sd,
         lora: None,

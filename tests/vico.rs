@@ -105,7 +105,7 @@ fn pass(s: &Setup) -> Pass {
         ..Ctx::default()
     };
     (s.sd.unet).forward(&s.x_ref, &s.t, &text, ctx).unwrap();
-    plug.start_drawing();
+    plug.start_drawing().unwrap();
     let out = s.sd.unet.forward(&s.x, &s.t, &text, ctx).unwrap();
     let terms = plug.take_reg();
     assert_eq!(terms.len(), 4, "one L_reg term per block");
@@ -246,7 +246,7 @@ fn sampler(dir: &Path, references: usize) -> (StableDiffusion, Tensor, Visual) {
         .collect();
     references.iter().for_each(|p| write_reference(p));
     let blocks = Blocks::init(&vico::sites(&sd.unet), 0, &dev, DType::F32).unwrap();
-    (sd, rows, Visual { blocks, references })
+    (sd, rows, Visual::new(&blocks, references))
 }
 
 /// Sampling weights of the base model with `rows` and, optionally, ViCo.
@@ -632,7 +632,7 @@ fn a_step_matches_the_reference_written_in_torch() {
         );
     }
     assert_eq!(
-        magictailor::train::vico::end_of_text(&batch.ids, sd.tokenizer.eos_id()).unwrap(),
+        magictailor::train::vico::end_of_text(&batch.ids, &sd.tokenizer).unwrap(),
         usizes("eot_pos")
     );
     let grads = losses.loss.backward().unwrap();

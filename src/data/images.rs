@@ -86,15 +86,20 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
 
 /// Short side to `size` (bilinear with antialiasing, as torchvision's Resize), centre crop.
 fn square(img: &DynamicImage, size: usize) -> DynamicImage {
+    cover(img, size, size)
+}
+
+/// Scaled (bilinear with antialiasing) to cover `width x height`, then centre-cropped to it.
+fn cover(img: &DynamicImage, width: usize, height: usize) -> DynamicImage {
     let (w, h) = (img.width() as f64, img.height() as f64);
-    let scale = size as f64 / w.min(h);
+    let scale = (width as f64 / w).max(height as f64 / h);
     let (nw, nh) = (
-        ((w * scale).round() as u32).max(size as u32),
-        ((h * scale).round() as u32).max(size as u32),
+        ((w * scale).round() as u32).max(width as u32),
+        ((h * scale).round() as u32).max(height as u32),
     );
     let resized = img.resize_exact(nw, nh, FilterType::Triangle);
-    let (x, y) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
-    resized.crop_imm(x, y, size as u32, size as u32)
+    let (x, y) = ((nw - width as u32) / 2, (nh - height as u32) / 2);
+    resized.crop_imm(x, y, width as u32, height as u32)
 }
 
 /// An image's size after EXIF rotation, as `load_rgb` sees it.
@@ -117,38 +122,21 @@ pub fn load_rgb(path: &Path, size: usize, device: &Device) -> Result<Tensor> {
 /// `[3, height, width]` in [-1, 1]: the image scaled to cover `width x height`, then
 /// centre-cropped to it (a square side gives [`load_rgb`]'s pixels).
 pub fn load_rgb_sized(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    if width == height {
-        return load_rgb(path, width, device);
-    }
-    let img = decode(path)?;
-    let (w, h) = (img.width() as f64, img.height() as f64);
-    let scale = (width as f64 / w).max(height as f64 / h);
-    let (nw, nh) = (
-        ((w * scale).round() as u32).max(width as u32),
-        ((h * scale).round() as u32).max(height as u32),
-    );
-    let resized = img.resize_exact(nw, nh, FilterType::Triangle);
-    let (x, y) = ((nw - width as u32) / 2, (nh - height as u32) / 2);
-    let rgb = resized
-        .crop_imm(x, y, width as u32, height as u32)
-        .to_rgb8();
-    let data: Vec<f32> = (rgb.into_raw().into_iter())
-        .map(|v| v as f32 / 127.5 - 1.0)
-        .collect();
-    Ok(Tensor::from_vec(data, (height, width, 3), device)?
-        .permute((2, 0, 1))?
-        .contiguous()?)
+    pixels(&cover(&decode(path)?, width, height), device)
 }
 
 /// [`load_rgb`] of an image already in memory.
 pub fn rgb_tensor(img: &DynamicImage, size: usize, device: &Device) -> Result<Tensor> {
-    let rgb = square(img, size).to_rgb8();
-    let data: Vec<f32> = rgb
-        .into_raw()
-        .into_iter()
+    pixels(&square(img, size), device)
+}
+
+/// `[3, h, w]` in [-1, 1] of an image as it is.
+fn pixels(img: &DynamicImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data: Vec<f32> = (img.to_rgb8().into_raw().into_iter())
         .map(|v| v as f32 / 127.5 - 1.0)
         .collect();
-    Ok(Tensor::from_vec(data, (size, size, 3), device)?
+    Ok(Tensor::from_vec(data, (h, w, 3), device)?
         .permute((2, 0, 1))?
         .contiguous()?)
 }

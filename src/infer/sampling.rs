@@ -367,7 +367,7 @@ impl Conditioning<'_> {
                     ..Ctx::default()
                 };
                 (w.sd.unet).forward(refs, &timesteps(refs.dim(0)?)?, context, ctx)?;
-                plug.start_drawing();
+                plug.start_drawing()?;
                 Some(plug)
             }
             _ => None,
@@ -379,13 +379,10 @@ impl Conditioning<'_> {
             added: inputs.added.as_ref(),
             vico: plug.as_ref(),
         };
-        // Detached: ViCo's blocks are trainable Vars, whose graph would otherwise chain
-        // every step's activations to the next through the latents.
         let input = input.to_dtype(w.sd.dtype)?;
         let eps = (w.sd.unet)
             .forward(&input, &timesteps(b)?, &inputs.context, ctx)?
-            .to_dtype(DType::F32)?
-            .detach();
+            .to_dtype(DType::F32)?;
         if self.uncond.is_none() {
             return Ok(eps);
         }

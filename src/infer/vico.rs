@@ -1,8 +1,8 @@
 //! `infer --reference`: ViCo's visual condition at sampling time. Each sample's reference
-//! image goes through the VAE (a posterior sample, from a fixed seed) once per denoising
-//! at the sampling size; at every step its clean latent runs as extra rows of the same
-//! U-Net call, at the step's timestep, once per text context (the prompt's, and the
-//! negative prompt's under guidance) for the whole batch, not per image.
+//! image goes through the VAE (a posterior sample, from a fixed seed) once per command and
+//! sampling size; at every step its clean latent runs through the U-Net before the images
+//! (the reference pass), at the step's timestep, once per text context (the prompt's, and
+//! the negative prompt's under guidance) for the whole batch, not per image.
 //!
 //! A prompt's references are those of the pseudo-words it names, in order, each masked by
 //! its word's attention; a prompt that names none sees every reference, masked by its
@@ -10,6 +10,8 @@
 //! end-of-text token (the authors' code reads the prompt's word position there, which for
 //! SD 1.x's end-of-text padding is the same token).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
@@ -27,6 +29,20 @@ const POSTERIOR_SEED: u64 = 0x5669_436f;
 pub struct Visual {
     pub blocks: Blocks,
     pub references: Vec<PathBuf>,
+    /// Each reference's latent by (sample, height, width): encoded once for every batch
+    /// and prompt of a command.
+    latents: RefCell<HashMap<(usize, usize, usize), Tensor>>,
+}
+
+impl Visual {
+    /// Sampling with `blocks` (read frozen: no graph through them) and `references`.
+    pub fn new(blocks: &Blocks, references: Vec<PathBuf>) -> Self {
+        Self {
+            blocks: blocks.frozen(),
+            references,
+            latents: Default::default(),
+        }
+    }
 }
 
 /// One prompt's references: per row of the prompt's branch, the sample and the position
@@ -48,8 +64,6 @@ impl Visual {
     ) -> Result<VisualRows> {
         let tok = &sd.tokenizer;
         let ids = tok.encode(prompt)?;
-        let eot =
-            |ids: &[u32]| (ids.iter().skip(1).position(|&i| i == tok.eos_id())).map(|p| p + 1);
         let words = pseudo_words_in(prompt);
         let mut cond_rows = Vec::new();
         for word in &words {
@@ -70,13 +84,14 @@ impl Visual {
             }
         }
         if cond_rows.is_empty() {
-            let pos = eot(&ids).ok_or_else(|| Error::internal("a prompt without end-of-text"))?;
+            let pos = (tok.end_of_text(&ids))
+                .ok_or_else(|| Error::internal("a prompt without end-of-text"))?;
             cond_rows = (0..self.references.len()).map(|s| (s, pos)).collect();
         }
         let mut context = vec![cond.repeat((cond_rows.len(), 1, 1))?];
         let uncond_rows = match negative {
             Some((text, features)) => {
-                let pos = eot(&tok.encode(text)?)
+                let pos = (tok.end_of_text(&tok.encode(text)?))
                     .ok_or_else(|| Error::internal("a negative prompt without end-of-text"))?;
                 context.push(features.repeat((cond_rows.len(), 1, 1))?);
                 cond_rows.iter().map(|&(s, _)| (s, pos)).collect()
@@ -136,12 +151,19 @@ impl Visual {
         s: usize,
         (height, width): (usize, usize),
     ) -> Result<Tensor> {
+        if let Some(z) = self.latents.borrow().get(&(s, height, width)) {
+            return Ok(z.clone());
+        }
         let path = &self.references[s];
         let pixels = crate::data::load_rgb_sized(path, width, height, &sd.device)?;
         let dist = sd.vae.encode(&pixels.unsqueeze(0)?.to_dtype(sd.dtype)?)?;
         let noise = seeded_normal(POSTERIOR_SEED + s as u64, dist.mean.dims(), &sd.device)?;
         let z = dist.sample_with(&noise.to_dtype(dist.mean.dtype())?)?;
-        Ok((z.to_dtype(DType::F32)? * sd.vae.config.scaling_factor)?)
+        let z = (z.to_dtype(DType::F32)? * sd.vae.config.scaling_factor)?;
+        self.latents
+            .borrow_mut()
+            .insert((s, height, width), z.clone());
+        Ok(z)
     }
 }
 

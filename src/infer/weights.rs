@@ -233,10 +233,7 @@ fn visual(
     }
     // The words an embeddings file brought are known only now.
     check_references(src, sd.tokenizer.pseudo_words().len())?;
-    Ok(super::vico::Visual {
-        blocks,
-        references: src.references.clone(),
-    })
+    Ok(super::vico::Visual::new(&blocks, src.references.clone()))
 }
 
 /// `src`'s references as far as they can be checked without the model (`sources` calls

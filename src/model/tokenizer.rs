@@ -103,6 +103,12 @@ impl ClipTokenizer {
         self.eos_id
     }
 
+    /// The position of the first end-of-text token after the start token in `ids` (a
+    /// prompt's encoding): where its text ends.
+    pub fn end_of_text(&self, ids: &[u32]) -> Option<usize> {
+        (ids.iter().skip(1).position(|&i| i == self.eos_id)).map(|p| p + 1)
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_len
     }

@@ -86,6 +86,8 @@ fn parameter_shapes(dim: usize) -> Vec<(String, Vec<usize>)> {
 pub struct Block {
     pub site: Site,
     vars: BTreeMap<String, Var>,
+    /// Read detached: sampling builds no graph through the weights ([`Blocks::frozen`]).
+    frozen: bool,
 }
 
 impl Block {
@@ -93,7 +95,10 @@ impl Block {
         let v = self.vars.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!("{}.{BLOCK}: no {name}", self.site.path))
         })?;
-        v.as_tensor().to_dtype(dtype)
+        match self.frozen {
+            true => v.as_tensor().detach().to_dtype(dtype),
+            false => v.as_tensor().to_dtype(dtype),
+        }
     }
 
     fn linear(&self, x: &Tensor, name: &str, bias: bool) -> candle_core::Result<Tensor> {
@@ -219,6 +224,7 @@ impl Blocks {
                 Ok(Block {
                     site: site.clone(),
                     vars,
+                    frozen: false,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -265,9 +271,23 @@ impl Blocks {
             blocks.push(Block {
                 site: site.clone(),
                 vars,
+                frozen: false,
             });
         }
         Ok(Self { blocks })
+    }
+
+    /// The same weights (shared, not copied) read without a graph: for sampling, where a
+    /// trainable weight would chain every step's activations to the next through the
+    /// latents.
+    pub fn frozen(&self) -> Self {
+        let blocks = (self.blocks.iter())
+            .map(|b| Block {
+                frozen: true,
+                ..b.clone()
+            })
+            .collect();
+        Self { blocks }
     }
 
     pub fn get(&self, path: &str) -> Option<&Block> {
@@ -322,12 +342,14 @@ pub struct Routing {
     pub reg_eot: Option<Vec<usize>>,
 }
 
-/// What the reference pass leaves at one block application: its tokens `[refs, n, dim]`
-/// and their keep mask `[refs, n]`.
+/// What the reference pass leaves at one block application: its tokens `[refs, n, dim]`,
+/// the word's map `[refs, n]` (detached), and the keep mask thresholded from it when the
+/// drawn pass starts.
 struct Recorded {
     path: String,
     tokens: Tensor,
-    keep: Tensor,
+    word: Tensor,
+    keep: Option<Tensor>,
 }
 
 /// What two U-Net calls carry for ViCo (`Ctx::vico`). First the reference pass (the
@@ -360,9 +382,30 @@ impl<'a> Plug<'a> {
         }
     }
 
-    /// The reference pass is over: the next U-Net call is the drawn rows'.
-    pub fn start_drawing(&self) {
+    /// The reference pass is over: every site's Otsu mask is thresholded (on the host,
+    /// from one read back of all sites' maps) and the next U-Net call is the drawn rows'.
+    pub fn start_drawing(&self) -> candle_core::Result<()> {
         self.drawing.set(true);
+        let mut recorded = self.recorded.borrow_mut();
+        let Some(first) = recorded.front() else {
+            return Ok(());
+        };
+        let dev = first.word.device().clone();
+        let words: Vec<&Tensor> = recorded.iter().map(|r| &r.word).collect();
+        let maps = Tensor::cat(&words, 1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut offset = 0;
+        for r in recorded.iter_mut() {
+            let n = r.word.dim(1)?;
+            let keep: Vec<f32> = (maps.iter())
+                .flat_map(|row| otsu_levels(&row[offset..offset + n], OTSU_LEVELS))
+                .map(|k| if k { 1.0 } else { 0.0 })
+                .collect();
+            r.keep = Some(Tensor::from_vec(keep, (maps.len(), n), &dev)?);
+            offset += n;
+        }
+        Ok(())
     }
 
     /// The reference pass wants the cross-attention at `attn_path`: it sits in a
@@ -424,7 +467,8 @@ impl<'a> Plug<'a> {
         self.recorded.borrow_mut().push_back(Recorded {
             path: path.to_string(),
             tokens: tokens.clone(),
-            keep: otsu_mask(&word.detach())?,
+            word: word.detach(),
+            keep: None,
         });
         Ok(tokens.clone())
     }
@@ -456,17 +500,9 @@ impl<'a> Plug<'a> {
         let (n, dim) = (rec.tokens.dim(1)?, rec.tokens.dim(2)?);
         let kv = (rec.tokens.index_select(&idx, 0)?).reshape((rows, most * n, dim))?;
         let pad = Tensor::from_vec(pad, (rows * most, 1), dev)?;
-        let keep = rec.keep.index_select(&idx, 0)?.broadcast_mul(&pad)?;
+        let keep = (rec.keep.as_ref())
+            .ok_or_else(|| candle_core::Error::Msg("ViCo: drawing before start_drawing".into()))?;
+        let keep = keep.index_select(&idx, 0)?.broadcast_mul(&pad)?;
         block.forward(tokens, &kv, &keep.reshape((rows, most * n))?)
     }
-}
-
-/// `[refs, n]` 0/1: each row's Otsu mask ([`otsu_levels`]), computed on the host.
-fn otsu_mask(word: &Tensor) -> candle_core::Result<Tensor> {
-    let rows = word.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let keep: Vec<f32> = (rows.iter())
-        .flat_map(|r| otsu_levels(r, OTSU_LEVELS))
-        .map(|k| if k { 1.0 } else { 0.0 })
-        .collect();
-    Tensor::from_vec(keep, word.dims2()?, word.device())
 }

@@ -37,8 +37,7 @@ pub fn clic_losses(
         .ok_or_else(|| Error::internal("a CLiC step without its region-of-interest prompts"))?;
     let ids = Tensor::cat(&[&batch.ids, &roi.ids], 0)?;
     let context = (sd.text_encoder).forward_with_table(&ids, text.table, Some(text.rows))?;
-    let ts: Vec<f32> = noised.timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(ts, noised.timesteps.len(), dev)?;
+    let t = noised.timestep_tensor(dev)?;
     let latent = noised.z_t.dim(2)?;
     let probe = AttnProbe::new(&grid_sides(latent), &[BlockKind::Up]);
     let ctx = Ctx {

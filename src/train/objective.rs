@@ -344,6 +344,14 @@ pub struct Noised {
     pub reference: Option<Tensor>,
 }
 
+impl Noised {
+    /// The timesteps as the U-Net takes them, `[b]` f32 on `device`.
+    pub fn timestep_tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let ts: Vec<f32> = self.timesteps.iter().map(|&t| t as f32).collect();
+        Ok(Tensor::from_vec(ts, self.timesteps.len(), device)?)
+    }
+}
+
 /// Step `d`'s input as `draw` says: jitter and flip, DM-Deg outside the masks, VAE encode
 /// (a posterior sample), then DDPM noise at a random timestep per image. Every draw comes
 /// from the (seed, d) generators, so a resumed run draws the same. Also returns DM-Deg's
@@ -505,8 +513,7 @@ pub fn step_losses(
         return super::vico::vico_losses(sd, batch, noised, text, blocks, weight);
     }
     let dev = &sd.device;
-    let ts: Vec<f32> = noised.timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(ts, noised.timesteps.len(), dev)?;
+    let t = noised.timestep_tensor(dev)?;
     let latent_side = noised.z_t.dim(2)?;
     let mask_latent = resize_nearest(&noised.masks, latent_side)?;
     let attn_side = attention_side(latent_side);

@@ -14,6 +14,7 @@ use super::objective::{Batch, Noised, StepLosses, TextParams};
 use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 use crate::model::nn::Ctx;
+use crate::model::tokenizer::ClipTokenizer;
 use crate::model::vico::{Blocks, Plug, Routing};
 
 /// The loss terms of one ViCo step: `l_diff` holds the eps-MSE, `l_attn` L_reg (summed
@@ -31,12 +32,11 @@ pub fn vico_losses(
     let reference = (noised.reference.as_ref())
         .ok_or_else(|| Error::internal("a ViCo step without its references"))?;
     let context = (sd.text_encoder).forward_with_table(&batch.ids, text.table, Some(text.rows))?;
-    let ts: Vec<f32> = noised.timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(ts, b, dev)?;
+    let t = noised.timestep_tensor(dev)?;
     let routing = Routing {
         refs_of: (0..b).map(|i| vec![i]).collect(),
         mask_token: batch.token_pos.clone(),
-        reg_eot: Some(end_of_text(&batch.ids, sd.tokenizer.eos_id())?),
+        reg_eot: Some(end_of_text(&batch.ids, &sd.tokenizer)?),
     };
     let plug = Plug::new(blocks, routing);
     let ctx = Ctx {
@@ -47,7 +47,7 @@ pub fn vico_losses(
     // The reference pass: its output is not read, its tokens at the sites are.
     sd.unet
         .forward(&reference.to_dtype(dtype)?, &t, &context, ctx)?;
-    plug.start_drawing();
+    plug.start_drawing()?;
     let pred = sd
         .unet
         .forward(&noised.z_t.to_dtype(dtype)?, &t, &context, ctx)?;
@@ -75,12 +75,12 @@ pub fn vico_losses(
     })
 }
 
-/// Each prompt's first end-of-text position in `ids: [b, len]`.
-pub fn end_of_text(ids: &Tensor, eos: u32) -> Result<Vec<usize>> {
+/// Each prompt's end-of-text position in `ids: [b, len]`.
+pub fn end_of_text(ids: &Tensor, tok: &ClipTokenizer) -> Result<Vec<usize>> {
     let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-    rows.iter()
+    (rows.iter())
         .map(|r| {
-            (r.iter().skip(1).position(|&id| id == eos).map(|p| p + 1))
+            (tok.end_of_text(r))
                 .ok_or_else(|| Error::internal("a prompt without its end-of-text token"))
         })
         .collect()

@@ -75,10 +75,10 @@ pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
     let table = t.table.as_ref().map(|v| v.as_detached_tensor());
     // ViCo samples with its current blocks and each sample's first image as reference.
     let visual = match &t.vico {
-        Some(blocks) => Some(crate::infer::vico::Visual {
-            blocks: blocks.clone(),
-            references: crate::data::first_images(&cfg.instance_dir)?,
-        }),
+        Some(blocks) => Some(crate::infer::vico::Visual::new(
+            blocks,
+            crate::data::first_images(&cfg.instance_dir)?,
+        )),
         None => None,
     };
     let w = Weights {
