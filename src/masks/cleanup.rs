@@ -52,6 +52,18 @@ impl Binary {
         }
     }
 
+    /// Without its 4-connected regions of fewer than `min_area` pixels.
+    pub fn without_regions_below(&self, min_area: usize) -> Binary {
+        let mut bits = self.bits.clone();
+        for region in self.regions(true).iter().filter(|g| g.len() < min_area) {
+            region.iter().for_each(|&i| bits[i] = false);
+        }
+        Binary {
+            bits,
+            ..self.clone()
+        }
+    }
+
     /// Intersection over union with `other` (same size); 1 for two empty masks.
     pub fn iou(&self, other: &Binary) -> f64 {
         let both = self.bits.iter().zip(&other.bits);

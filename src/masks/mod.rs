@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod auto;
+pub mod blend;
 pub mod cleanup;
 pub mod folder;
 pub mod otsu;
