@@ -97,8 +97,7 @@ fn loss(s: &Setup) -> Tensor {
                     lora: Some(&set),
                     tuned: Some(&tuned),
                     probe: Some(&probe),
-                    added: None,
-                    vico: None,
+                    ..Ctx::default()
                 },
             )
             .unwrap();

@@ -48,6 +48,10 @@ pub(super) struct EvalArgs {
     /// Layout-and-Retouch's step blend (as `infer --layout-steps`); each K has its own folder.
     #[arg(long, default_value_t = s().layout_steps)]
     layout_steps: usize,
+    /// Layout-and-Retouch's retouch stage (as `infer --retouch`), references from the pair
+    /// folder; its images go to their own folder (eval/kK-retouch).
+    #[command(flatten)]
+    retouch: super::infer::RetouchArgs,
     #[arg(long, default_value_t = s().steps as u64, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
     #[arg(long, default_value_t = s().guidance)]
@@ -115,6 +119,7 @@ impl EvalArgs {
                 width: self.width.unwrap_or(s().width),
                 height: self.height.unwrap_or(s().height),
                 layout_steps: self.layout_steps,
+                retouch: self.retouch.options(self.steps as usize),
                 ..s()
             },
             batch_size: self.batch_size as usize,

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 use magictailor::infer::many::Many;
+use magictailor::infer::one::{companion, COMPANION_LAYOUT, COMPANION_MASK};
 use magictailor::infer::prompts::{self, PLACEHOLDER};
+use magictailor::infer::retouch::Retouch;
 use magictailor::infer::{InferOptions, Mode, One, Sampling};
 use magictailor::io::console;
 use magictailor::profile;
@@ -48,6 +50,12 @@ pub(super) struct InferArgs {
     /// personalized model.
     #[arg(long, default_value_t = s().layout_steps)]
     layout_steps: usize,
+    #[command(flatten)]
+    retouch: RetouchArgs,
+    /// With --retouch: each image's blend mask beside it (NAME-mask.png; white keeps the
+    /// retouched output, black the layout's).
+    #[arg(long, requires = "retouch")]
+    save_masks: bool,
     #[arg(long, default_value_t = s().negative_prompt)]
     negative_prompt: String,
     #[arg(long, default_value_t = One::default().num_images as u64, value_parser = clap::value_parser!(u64).range(1..))]
@@ -93,8 +101,8 @@ pub(super) struct InferArgs {
     /// folder's are picked up).
     #[arg(long)]
     vico_blocks: Option<PathBuf>,
-    /// ViCo's reference image of a pseudo-word, repeated in order (<v0>'s first); by
-    /// default the trained folder's first image of each sample.
+    /// The reference image of a pseudo-word (ViCo's, or --retouch's), repeated in order
+    /// (<v0>'s first); by default the trained folder's first image of each sample.
     #[arg(long = "reference", value_name = "IMAGE")]
     references: Vec<PathBuf>,
     /// Sample a checkpoint of the --model-dir run (finished or not) instead of its final
@@ -114,6 +122,55 @@ pub(super) struct InferArgs {
     /// Print nothing but errors.
     #[arg(long)]
     quiet: bool,
+}
+
+/// Layout-and-Retouch's second stage (`infer` and `eval`).
+#[derive(Args)]
+pub(super) struct RetouchArgs {
+    /// Layout-and-Retouch's retouch stage: redraw the image (the layout, from
+    /// --layout-steps) with each named pseudo-word's reference image swapped into its
+    /// self-attention and blended by a subject mask; the layout image is kept beside it
+    /// (NAME-layout.png).
+    #[arg(long)]
+    retouch: bool,
+    /// With --retouch: the first steps whose self-attention reads the layout's keys and
+    /// values (the references' after) [default: a fifth of --steps].
+    #[arg(long, requires = "retouch")]
+    swap_layout_steps: Option<usize>,
+    /// With --retouch: the step from which the self-attention outputs are blended with the
+    /// layout's by the subject mask [default: a fifth of --steps].
+    #[arg(long, requires = "retouch", conflicts_with = "no_blend")]
+    blend_from: Option<usize>,
+    /// With --retouch: no attention swap (an ablation).
+    #[arg(long, requires = "retouch", conflicts_with = "swap_layout_steps")]
+    no_swap: bool,
+    /// With --retouch: no mask blend (an ablation).
+    #[arg(long, requires = "retouch")]
+    no_blend: bool,
+    /// With --retouch: refine the attention masks with SAM's segments of the layout image.
+    #[arg(long, requires = "retouch", value_enum)]
+    refine: Option<super::masks::Refine>,
+    /// SAM weights in candle's layout (as `masks --sam-model`).
+    #[arg(long, requires = "refine", default_value = magictailor::masks::sam::DEFAULT_MODEL)]
+    sam_model: String,
+}
+
+impl RetouchArgs {
+    pub(super) fn options(&self, steps: usize) -> Option<Retouch> {
+        if !self.retouch {
+            return None;
+        }
+        let d = Retouch::defaults(steps);
+        Some(Retouch {
+            swap: !self.no_swap,
+            layout_swap_steps: self.swap_layout_steps.unwrap_or(d.layout_swap_steps),
+            blend_from: match self.no_blend {
+                true => steps,
+                false => self.blend_from.unwrap_or(d.blend_from),
+            },
+            sam_model: self.refine.map(|_| self.sam_model.clone()),
+        })
+    }
 }
 
 /// The flags that only a `--prompts-file` run uses.
@@ -192,6 +249,7 @@ impl InferArgs {
                 width: self.width.unwrap_or(s().width),
                 height: self.height.unwrap_or(s().height),
                 layout_steps: self.layout_steps,
+                retouch: self.retouch.options(self.steps as usize),
             },
             model_dir: self.model_dir,
             single_file: self.single_file.options_for(self.model.as_deref())?,
@@ -205,6 +263,7 @@ impl InferArgs {
             device: self.compute.device()?,
             dtype: self.compute.dtype.dtype(),
             progress: !self.quiet,
+            save_masks: self.save_masks,
         })
     }
 }
@@ -220,7 +279,14 @@ pub(super) fn infer_cmd(a: InferArgs, m: &clap::ArgMatches) -> magictailor::Resu
         (Mode::One(one), true) => {
             for (i, p) in written.iter().enumerate() {
                 let seed = one.seed + i as u64;
-                console::line(serde_json::json!({"image": p, "prompt": one.prompt, "seed": seed}));
+                let mut line = serde_json::json!({"image": p, "prompt": one.prompt, "seed": seed});
+                if opts.sampling.retouch.is_some() {
+                    line["layout"] = serde_json::json!(companion(p, COMPANION_LAYOUT));
+                }
+                if opts.save_masks {
+                    line["mask"] = serde_json::json!(companion(p, COMPANION_MASK));
+                }
+                console::line(line);
             }
         }
         (Mode::Many(many), true) => {

@@ -18,7 +18,7 @@ fn timesteps_spec() -> String {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum Refine {
+pub(super) enum Refine {
     /// Segment Anything, prompted with the attention mask's box and strongest points.
     Sam,
 }

@@ -93,7 +93,13 @@ impl EvalOptions {
 
     pub fn out_dir(&self) -> PathBuf {
         (self.out_dir.clone()).unwrap_or_else(|| {
-            (self.model_dir.join("eval")).join(format!("k{}", self.sampling.layout_steps))
+            let retouched = if self.sampling.retouch.is_some() {
+                "-retouch"
+            } else {
+                ""
+            };
+            let name = format!("k{}{retouched}", self.sampling.layout_steps);
+            (self.model_dir.join("eval")).join(name)
         })
     }
 }
@@ -168,7 +174,7 @@ pub fn evaluate(opts: &EvalOptions, segmenter: &dyn Segmenter) -> Result<Outcome
     let out = opts.out_dir();
     crate::io::leftovers::remove_orphans(&out, crate::io::leftovers::Scope::Run);
     check_existing(&out, opts, &prompts)?;
-    let generated = generate(opts, &prompts, &out)?;
+    let generated = generate(opts, &prompts, &out, &pair)?;
     let masks_used = pair.join("masks").is_dir();
     let models = score::Models {
         clip: &clip,
@@ -307,7 +313,8 @@ fn check_existing(out: &Path, opts: &EvalOptions, prompts: &[Prompt]) -> Result<
             && e["guidance"] == o.guidance
             && e["width"] == o.width
             && e["height"] == o.height
-            && e["layout_steps"] == o.layout_steps;
+            && e["layout_steps"] == o.layout_steps
+            && e["retouch"] == serde_json::json!(o.retouch);
         if !same {
             return Err(Error::usage(format!(
                 "{} holds images drawn with other settings ({line}); they would be scored as if drawn \
@@ -320,7 +327,7 @@ fn check_existing(out: &Path, opts: &EvalOptions, prompts: &[Prompt]) -> Result<
 }
 
 /// Draws the missing images with `infer --prompts-file`'s code; returns how many.
-fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path) -> Result<usize> {
+fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path, pair: &Path) -> Result<usize> {
     let missing = (0..prompts.len())
         .flat_map(|i| opts.seeds.iter().map(move |&s| (i, s)))
         .filter(|&(i, s)| !image_file(out, i, s).is_file())
@@ -337,11 +344,16 @@ fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path) -> Result<usize>
         embeds: None,
         custom_diffusion: None,
         vico_blocks: None,
-        references: Vec::new(),
+        // The retouch stage's references: the first image of each sample of the pair scored.
+        references: match opts.sampling.retouch {
+            Some(_) => crate::data::first_images(pair)?,
+            None => Vec::new(),
+        },
         checkpoint: None,
         device: opts.device.clone(),
         dtype: opts.dtype,
         progress: opts.progress,
+        save_masks: false,
         mode: Mode::Many(Many {
             batch_size: opts.batch_size.max(1),
             out_dir: out.to_path_buf(),

@@ -122,7 +122,8 @@ fn metrics_json(ctx: &Context) -> serde_json::Value {
         "protocol": {
             "prompts_file": super::prompts_source(o.prompts_file.as_deref()), "placeholder": o.placeholder,
             "seeds": o.seeds, "steps": s.steps, "guidance": s.guidance, "width": s.width,
-            "height": s.height, "layout_steps": s.layout_steps, "sampler": "DDIM, eta 0",
+            "height": s.height, "layout_steps": s.layout_steps, "retouch": s.retouch,
+            "sampler": "DDIM, eta 0",
         },
         "reference_segmentation": if ctx.reference_masks { "masks" } else { "none" },
         "generated_segmentation": ctx.segmentation,
@@ -154,7 +155,7 @@ fn row(name: &str, s: &Summary) -> String {
 fn summary_md(ctx: &Context) -> String {
     let o = ctx.opts;
     let mut md = format!(
-        "# magictailor eval: {}\n\n{} seeds x {} prompts, {} DDIM steps, guidance {}, {}x{}, layout steps {}.\n\
+        "# magictailor eval: {}\n\n{} seeds x {} prompts, {} DDIM steps, guidance {}, {}x{}, layout steps {}{}.\n\
          CLIP: `{}`; DINO: `{}`. Reference segmentation: {}; generated-image segmentation: {}.\n\
          Mean ± std over images. CLIP-I and DINO: mean over the samples a prompt names.\n\n\
          | | images | CLIP-T | CLIP-I | DINO |\n|---|---|---|---|---|\n",
@@ -166,6 +167,15 @@ fn summary_md(ctx: &Context) -> String {
         o.sampling.width,
         o.sampling.height,
         o.sampling.layout_steps,
+        match &o.sampling.retouch {
+            Some(r) => format!(
+                ", retouched (layout keys {} steps, blend from step {}, swap {})",
+                r.layout_swap_steps,
+                r.blend_from,
+                if r.swap { "on" } else { "off" }
+            ),
+            None => String::new(),
+        },
         o.clip_model,
         o.dino_model,
         if ctx.reference_masks { "masks/" } else { "none (whole images)" },

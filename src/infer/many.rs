@@ -59,6 +59,13 @@ struct Entry<'a> {
     width: usize,
     height: usize,
     layout_steps: usize,
+    /// The retouch stage's settings and the layout image it retouched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retouch: Option<&'a super::retouch::Retouch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mask: Option<String>,
 }
 
 /// Where image `seed` of prompt `prompt` goes (eval reads the same names).
@@ -94,10 +101,11 @@ pub(super) fn draw(
         let prompted = Prompted::new(p, prompt, &opts.sampling)?;
         for chunk in seeds.chunks(many.batch_size.max(1)) {
             let noise = seeded_latents(chunk, shape, &p.sd.device)?;
-            for (img, &s) in prompted.images(noise, || {})?.iter().zip(chunk) {
+            let drawn = prompted.draw(noise, || {})?;
+            for (j, &s) in chunk.iter().enumerate() {
                 let made = Provenance::new(prompt, s, opts, src);
-                let png = crate::io::png::png_with_text(img, &made.chunks())?;
-                write_atomic(&image_file(&many.out_dir, i, s), &png)?;
+                let file = image_file(&many.out_dir, i, s);
+                super::one::write_drawn(&drawn, j, &file, &made, opts.save_masks)?;
             }
             bar.inc(chunk.len() as u64);
         }
@@ -135,6 +143,19 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
                 width: o.width,
                 height: o.height,
                 layout_steps: o.layout_steps,
+                retouch: o.retouch.as_ref(),
+                layout: (o.retouch.is_some()).then(|| {
+                    format!(
+                        "prompt{i:02}/seed{seed:02}-{}.png",
+                        super::one::COMPANION_LAYOUT
+                    )
+                }),
+                mask: (o.retouch.is_some() && opts.save_masks).then(|| {
+                    format!(
+                        "prompt{i:02}/seed{seed:02}-{}.png",
+                        super::one::COMPANION_MASK
+                    )
+                }),
             };
             let line = serde_json::to_string(&entry)
                 .map_err(|e| Error::internal(format!("serializing the manifest: {e}")))?;

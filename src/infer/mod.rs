@@ -13,15 +13,17 @@ use candle_core::{DType, Device};
 use crate::error::Result;
 
 pub mod many;
-mod one;
+pub mod one;
 pub mod prompts;
 pub mod provenance;
+pub mod references;
+pub mod retouch;
 mod sampling;
 pub mod vico;
 mod weights;
 pub use sampling::{
-    decode, denoise, invert, sample, seeded_latents, to_images, Conditioning, Prompted, Sampling,
-    Weights,
+    decode, denoise, invert, invert_path, sample, seeded_latents, to_images, Conditioning, Drawn,
+    Prompted, Sampling, Weights,
 };
 pub use weights::{Personalized, Sources};
 
@@ -56,6 +58,8 @@ pub struct InferOptions {
     pub dtype: DType,
     pub progress: bool,
     pub mode: Mode,
+    /// With `--retouch`: each image's blend mask beside it (`name-mask.png`).
+    pub save_masks: bool,
 }
 
 /// What is drawn: one prompt, or every prompt of a file with every seed.
@@ -109,8 +113,11 @@ pub fn check(opts: &InferOptions) -> Result<()> {
 pub fn infer(opts: &InferOptions) -> Result<Vec<PathBuf>> {
     check(opts)?;
     let src = weights::sources(opts)?;
-    let p = Personalized::load(&src, &opts.device, opts.dtype)?;
+    let mut p = Personalized::load(&src, &opts.device, opts.dtype)?;
     p.weights().check_prompt(&opts.sampling.negative_prompt)?;
+    if let Some(r) = &opts.sampling.retouch {
+        p.retouch = Some(retouch::stage(&p, &src, r, &opts.device)?);
+    }
     match &opts.mode {
         Mode::One(one) => one::draw(&p, opts, one, &src),
         Mode::Many(m) => many::draw(&p, opts, m, &src),

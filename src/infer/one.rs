@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 
 use super::provenance::Provenance;
 use super::sampling::denoising_ticker;
-use super::{seeded_latents, InferOptions, One, Personalized, Prompted, Sources};
+use super::{seeded_latents, Drawn, InferOptions, One, Personalized, Prompted, Sources};
 use crate::error::{Error, Result};
 use crate::io::leftovers::{remove_orphans, Scope};
 use crate::io::{tensors, write_atomic};
@@ -34,18 +34,60 @@ pub(super) fn draw(
     p.weights().check_prompt(&one.prompt)?;
     let latents = initial_latents(p, opts, one)?;
     let prompted = Prompted::new(p, &one.prompt, &opts.sampling)?;
-    let bar = denoising_ticker(opts.sampling.steps, opts.progress);
-    let images = prompted.images(latents, || bar.inc(1))?;
+    let bar = denoising_ticker(prompted.total_steps(), opts.progress);
+    let drawn = prompted.draw(latents, || bar.inc(1))?;
     bar.finish();
     if let Some(dir) = one.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         remove_orphans(dir, Scope::Folder);
     }
-    let paths = output_paths(&one.out, images.len());
-    for (i, (img, path)) in images.iter().zip(&paths).enumerate() {
+    let paths = output_paths(&one.out, drawn.images.len());
+    for (i, path) in paths.iter().enumerate() {
         let made = Provenance::new(&one.prompt, one.seed + i as u64, opts, src);
-        write_atomic(path, &crate::io::png::png_with_text(img, &made.chunks())?)?;
+        write_drawn(&drawn, i, path, &made, opts.save_masks)?;
     }
     Ok(paths)
+}
+
+/// Image `i` of `drawn` at `path`, after its companions (the layout image, the blend
+/// mask on request) so that an existing image means a complete set.
+pub(super) fn write_drawn(
+    drawn: &Drawn,
+    i: usize,
+    path: &Path,
+    made: &Provenance,
+    save_masks: bool,
+) -> Result<()> {
+    let chunks = made.chunks();
+    if let Some(layouts) = &drawn.layouts {
+        let png = crate::io::png::png_with_text(&layouts[i], &chunks)?;
+        write_atomic(&companion(path, COMPANION_LAYOUT), &png)?;
+    }
+    if let (true, Some(masks)) = (save_masks, &drawn.masks) {
+        let (w, h) = drawn.images[i].dimensions();
+        let preview = crate::preview::mask_image(&masks[i], drawn.mask_size, (w, h));
+        write_atomic(
+            &companion(path, COMPANION_MASK),
+            &crate::io::png::png_bytes(&preview)?,
+        )?;
+    }
+    write_atomic(
+        path,
+        &crate::io::png::png_with_text(&drawn.images[i], &chunks)?,
+    )
+}
+
+/// The retouch stage's layout image beside an image (`result-layout.png`).
+pub const COMPANION_LAYOUT: &str = "layout";
+/// Its blend mask (`--save-masks`).
+pub const COMPANION_MASK: &str = "mask";
+
+/// `dir/name-{what}.png` beside `dir/name.png`.
+pub fn companion(image: &Path, what: &str) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    image.with_file_name(format!("{stem}-{what}.png"))
 }
 
 /// Seeded Gaussian latents (image i from seed + i, so each can be drawn again alone with

@@ -80,6 +80,17 @@ impl<'a> Provenance<'a> {
         if o.layout_steps > 0 {
             s.push_str(&format!(", Layout steps: {}", o.layout_steps));
         }
+        if let Some(r) = &o.retouch {
+            let refs: Vec<String> = self.references.iter().map(|p| name(p)).collect();
+            s.push_str(&format!(
+                ", Retouch: swap {}, layout keys {} steps, blend from step {}, SAM: {}, References: {}",
+                if r.swap { "on" } else { "off" },
+                r.layout_swap_steps,
+                r.blend_from,
+                r.sam_model.as_deref().unwrap_or("none"),
+                refs.join(" ")
+            ));
+        }
         s.push_str(&format!(
             ", Version: magictailor {}",
             env!("CARGO_PKG_VERSION")
@@ -99,6 +110,7 @@ impl<'a> Provenance<'a> {
             "width": o.width,
             "height": o.height,
             "layout_steps": o.layout_steps,
+            "retouch": o.retouch,
             "base_model": self.model,
             "lora": self.lora,
             "embeds": self.embeds,

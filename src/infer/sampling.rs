@@ -28,6 +28,8 @@ pub struct Sampling {
     /// Layout-and-Retouch's step blend: the first K DDIM steps with the base model on the
     /// prompt with class words in place of the pseudo-words. 0: off.
     pub layout_steps: usize,
+    /// Layout-and-Retouch's second stage on the layout image (None: off).
+    pub retouch: Option<super::retouch::Retouch>,
 }
 
 impl Default for Sampling {
@@ -40,6 +42,7 @@ impl Default for Sampling {
             width: 512,
             height: 512,
             layout_steps: 0,
+            retouch: None,
         }
     }
 }
@@ -70,7 +73,10 @@ impl Sampling {
                 self.layout_steps, self.steps
             )));
         }
-        Ok(())
+        match &self.retouch {
+            Some(r) => r.check(self.steps),
+            None => Ok(()),
+        }
     }
 
     /// One image's latent shape `(channels, height / f, width / f)` on `sd`.
@@ -102,6 +108,16 @@ pub struct Prompted<'a> {
     main: Conditioning<'a>,
     layout: Option<(Conditioning<'a>, usize)>,
     steps: usize,
+    retouch: Option<super::retouch::Prompt<'a>>,
+}
+
+/// What one batch of a prompt drew: the images and, when retouched, the layout images
+/// and each image's last blend mask (latent-sized, row-major, `mask_size` = `(h, w)`).
+pub struct Drawn {
+    pub images: Vec<image::RgbImage>,
+    pub layouts: Option<Vec<image::RgbImage>>,
+    pub masks: Option<Vec<Vec<f32>>>,
+    pub mask_size: (usize, usize),
 }
 
 impl<'a> Prompted<'a> {
@@ -119,18 +135,45 @@ impl<'a> Prompted<'a> {
                 Some((base, k))
             }
         };
+        let retouch = match &s.retouch {
+            Some(r) => Some(super::retouch::Prompt::new(p, prompt, r)?),
+            None => None,
+        };
         Ok(Self {
             main,
             layout,
             steps: s.steps,
+            retouch,
         })
     }
 
-    /// The denoised latents, then decoded to images; `on_step` runs after every step.
-    pub fn images(&self, latents: Tensor, on_step: impl FnMut()) -> Result<Vec<image::RgbImage>> {
+    /// Denoising steps per image batch, retouch included (for progress).
+    pub fn total_steps(&self) -> usize {
+        self.steps * (1 + self.retouch.is_some() as usize)
+    }
+
+    /// The denoised latents, decoded to images; then, with the retouch stage, those
+    /// images (the layouts) retouched. `on_step` runs after every step.
+    pub fn draw(&self, latents: Tensor, mut on_step: impl FnMut()) -> Result<Drawn> {
         let layout = self.layout.as_ref().map(|(c, k)| (c, *k));
-        let x = denoise(&self.main, layout, latents, self.steps, on_step)?;
-        to_images(&decode(self.main.weights, &x)?)
+        let (_, _, h, w) = latents.dims4()?;
+        let x = denoise(&self.main, layout, latents, self.steps, &mut on_step)?;
+        let pixels = decode(self.main.weights, &x)?;
+        let Some(r) = &self.retouch else {
+            return Ok(Drawn {
+                images: to_images(&pixels)?,
+                layouts: None,
+                masks: None,
+                mask_size: (h, w),
+            });
+        };
+        let done = r.retouch(&self.main, &x, &pixels, self.steps, on_step)?;
+        Ok(Drawn {
+            images: to_images(&decode(self.main.weights, &done.latents)?)?,
+            layouts: Some(to_images(&pixels)?),
+            masks: done.masks,
+            mask_size: (h, w),
+        })
     }
 }
 
@@ -311,7 +354,7 @@ impl Conditioning<'_> {
 
     /// The U-Net's context for `n` images: `[uncond x n, cond x n]` with guidance, else
     /// `[cond x n]`.
-    fn context(&self, n: usize) -> Result<Tensor> {
+    pub(super) fn context(&self, n: usize) -> Result<Tensor> {
         let repeat = |c: &Tensor| c.repeat((n, 1, 1));
         Ok(match &self.uncond {
             Some(u) => Tensor::cat(&[repeat(u)?, repeat(&self.cond)?], 0)?,
@@ -378,6 +421,7 @@ impl Conditioning<'_> {
             probe: None,
             added: inputs.added.as_ref(),
             vico: plug.as_ref(),
+            swap: None,
         };
         let input = input.to_dtype(w.sd.dtype)?;
         let eps = (w.sd.unet)
@@ -425,15 +469,23 @@ pub fn denoise(
 /// draw them again (approximately: each step reads the model one timestep ahead).
 /// Layout-and-Retouch starts its layout and reference paths from such latents.
 pub fn invert(cond: &Conditioning, latents: Tensor, steps: usize) -> Result<Tensor> {
+    (invert_path(cond, latents, steps)?.pop())
+        .ok_or_else(|| Error::usage("--steps: DDIM inversion needs at least one step"))
+}
+
+/// [`invert`]'s latent at each of its timesteps (ascending), the noisiest last.
+pub fn invert_path(cond: &Conditioning, latents: Tensor, steps: usize) -> Result<Vec<Tensor>> {
     let sd = cond.weights.sd;
     let inverse =
         DdimInverse::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
     let inputs = cond.inputs(&latents)?;
     let mut x = latents;
+    let mut path = Vec::with_capacity(steps);
     for &t in inverse.timesteps() {
         x = inverse.step(&cond.eps(&x, t, &inputs)?, t, &x)?;
+        path.push(x.clone());
     }
-    Ok(x)
+    Ok(path)
 }
 
 /// DDIM from `latents` with classifier-free guidance (skipped when `guidance <= 1`).

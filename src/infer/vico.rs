@@ -10,28 +10,21 @@
 //! end-of-text token (the authors' code reads the prompt's word position there, which for
 //! SD 1.x's end-of-text padding is the same token).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
+use super::references::References;
 use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 use crate::model::tokenizer::pseudo_words_in;
 use crate::model::vico::{Blocks, Routing};
-use crate::rng::seeded_normal;
-
-/// The seed of every reference's VAE posterior sample (plus its sample index).
-const POSTERIOR_SEED: u64 = 0x5669_436f;
 
 /// The blocks and each sample's reference image, in sample order (`<v0>`'s first).
 pub struct Visual {
     pub blocks: Blocks,
-    pub references: Vec<PathBuf>,
-    /// Each reference's latent by (sample, height, width): encoded once for every batch
-    /// and prompt of a command.
-    latents: RefCell<HashMap<(usize, usize, usize), Tensor>>,
+    /// Encoded once for every batch and prompt of a command.
+    pub references: References,
 }
 
 impl Visual {
@@ -39,8 +32,7 @@ impl Visual {
     pub fn new(blocks: &Blocks, references: Vec<PathBuf>) -> Self {
         Self {
             blocks: blocks.frozen(),
-            references,
-            latents: Default::default(),
+            references: References::new(references),
         }
     }
 }
@@ -118,7 +110,7 @@ impl Visual {
         let f = sd.vae_factor();
         let mut latents = Vec::new();
         for (s, _) in rows.cond.iter().chain(&rows.uncond) {
-            latents.push(self.latent(sd, *s, (h * f, w * f))?);
+            latents.push(self.references.latent(sd, *s, (h * f, w * f))?);
         }
         let (rc, ru) = (rows.cond.len(), rows.uncond.len());
         let guided = ru > 0;
@@ -142,33 +134,10 @@ impl Visual {
         let latents = Tensor::cat(&latents, 0)?.to_dtype(sd.dtype)?;
         Ok((latents, rows.context.clone(), routing))
     }
-
-    /// Sample `s`'s reference as a clean latent `[1, c, h/f, w/f]` at `(height, width)`
-    /// pixels: its VAE posterior sample, scaled.
-    fn latent(
-        &self,
-        sd: &StableDiffusion,
-        s: usize,
-        (height, width): (usize, usize),
-    ) -> Result<Tensor> {
-        if let Some(z) = self.latents.borrow().get(&(s, height, width)) {
-            return Ok(z.clone());
-        }
-        let path = &self.references[s];
-        let pixels = crate::data::load_rgb_sized(path, width, height, &sd.device)?;
-        let dist = sd.vae.encode(&pixels.unsqueeze(0)?.to_dtype(sd.dtype)?)?;
-        let noise = seeded_normal(POSTERIOR_SEED + s as u64, dist.mean.dims(), &sd.device)?;
-        let z = dist.sample_with(&noise.to_dtype(dist.mean.dtype())?)?;
-        let z = (z.to_dtype(DType::F32)? * sd.vae.config.scaling_factor)?;
-        self.latents
-            .borrow_mut()
-            .insert((s, height, width), z.clone());
-        Ok(z)
-    }
 }
 
 /// `<vN>` -> N.
-fn sample_of(word: &str) -> Result<usize> {
+pub(super) fn sample_of(word: &str) -> Result<usize> {
     (word.strip_prefix("<v").and_then(|w| w.strip_suffix('>')))
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| Error::internal(format!("{word} is not a pseudo-word")))

@@ -36,8 +36,10 @@ pub struct Sources {
     pub checkpoint: Option<(PathBuf, f64)>,
     /// ViCo's image cross-attention blocks (a checkpoint holds its own).
     pub vico_blocks: Option<PathBuf>,
-    /// ViCo's reference image of each sample, in order.
+    /// The reference image of each sample, in order (ViCo's, or the retouch stage's).
     pub references: Vec<PathBuf>,
+    /// The references feed `--retouch` (not only ViCo's blocks).
+    pub retouch: bool,
 }
 
 /// A model ready to sample: base weights, optional adapters, added pseudo-words.
@@ -54,6 +56,8 @@ pub struct Personalized {
     pub class_words: std::collections::BTreeMap<String, String>,
     /// ViCo's blocks and references.
     pub vico: Option<super::vico::Visual>,
+    /// The retouch stage's references and segmenter (`infer` sets it).
+    pub retouch: Option<super::retouch::Stage>,
 }
 
 impl Personalized {
@@ -109,6 +113,7 @@ impl Personalized {
             tuned,
             class_words: src.class_words.clone(),
             vico,
+            retouch: None,
         })
     }
 
@@ -192,7 +197,7 @@ fn from_checkpoint(
         .filter_map(|(k, v)| Some((k.strip_prefix("vico.")?.to_string(), v.clone())))
         .collect();
     let vico = match blocks.is_empty() {
-        true if !src.references.is_empty() => {
+        true if !src.references.is_empty() && !src.retouch => {
             return Err(Error::usage(format!(
                 "--reference conditions ViCo's image cross-attention blocks, and {} holds none \
                  (it is not a ViCo run's).",
@@ -210,6 +215,7 @@ fn from_checkpoint(
         tuned,
         class_words: src.class_words.clone(),
         vico,
+        retouch: None,
     })
 }
 
@@ -254,7 +260,13 @@ fn check_references(src: &Sources, words: usize) -> Result<()> {
             refs.len()
         )));
     }
-    if !refs.is_empty() && src.vico_blocks.is_none() && src.checkpoint.is_none() {
+    if src.retouch && src.vico_blocks.is_some() {
+        return Err(Error::usage(
+            "--retouch on ViCo's image cross-attention blocks is not built: retouch a run of \
+             another method.",
+        ));
+    }
+    if !refs.is_empty() && src.vico_blocks.is_none() && src.checkpoint.is_none() && !src.retouch {
         return Err(Error::usage(
             "--reference conditions ViCo's image cross-attention blocks, and this model has \
              none: sample a ViCo run (--model-dir) or pass --vico-blocks.",
@@ -322,6 +334,7 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
                 checkpoint: None,
                 vico_blocks: opts.vico_blocks.clone(),
                 references: opts.references.clone(),
+                retouch: opts.sampling.retouch.is_some(),
             });
         }
         (None, None) => PathBuf::from(run::DEFAULT_DIR),
@@ -346,19 +359,20 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
         checkpoint: None,
         vico_blocks: opts.vico_blocks.clone().or(folder.vico_blocks),
         references: references(opts, &folder.record.config)?,
+        retouch: opts.sampling.retouch.is_some(),
     })
 }
 
-/// ViCo's references: `--reference`, else the first image of each sample of the folder the
-/// run trained on (none if the settings name no folder that still exists).
+/// The references (ViCo's, or the retouch stage's): `--reference`, else the first image of
+/// each sample of the folder the run trained on (none if the settings name no folder that
+/// still exists).
 fn references(opts: &InferOptions, settings: &serde_json::Value) -> Result<Vec<PathBuf>> {
     if !opts.references.is_empty() {
         return Ok(opts.references.clone());
     }
+    let wanted = settings["method"] == "vico" || opts.sampling.retouch.is_some();
     match settings["instance_dir"].as_str().map(PathBuf::from) {
-        Some(dir) if dir.is_dir() && settings["method"] == "vico" => {
-            crate::data::first_images(&dir)
-        }
+        Some(dir) if dir.is_dir() && wanted => crate::data::first_images(&dir),
         _ => Ok(Vec::new()),
     }
 }
@@ -449,5 +463,6 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         checkpoint: Some((file, alpha / rank)),
         vico_blocks: None,
         references,
+        retouch: opts.sampling.retouch.is_some(),
     })
 }

@@ -150,8 +150,7 @@ fn layer_probs(
         lora: None,
         tuned: None,
         probe: Some(&probe),
-        added: None,
-        vico: None,
+        ..Ctx::default()
     };
     sd.unet.forward(&image.z_t, &image.t, &context, ctx)?;
     let maps = probe.take();

@@ -120,7 +120,17 @@ impl Attention {
                 plug.record(&self.path, softmax_last(&scores)?.mean(1)?.to_dtype(up)?);
             }
         }
-        let out = ops::attention(&q, &k, &v, self.heads, self.scale)?.to_dtype(dtype)?;
+        let swapped = match (ctx.swap, context) {
+            (Some(swap), None) => {
+                swap.self_attention(&self.path, (&q, &k, &v), self.heads, self.scale)?
+            }
+            _ => None,
+        };
+        let out = match swapped {
+            Some(out) => out,
+            None => ops::attention(&q, &k, &v, self.heads, self.scale)?,
+        };
+        let out = out.to_dtype(dtype)?;
         self.to_out.forward(&out, ctx)
     }
 }

@@ -12,6 +12,7 @@ pub mod probe;
 pub mod resnet;
 pub mod scheduler;
 pub mod single_file;
+pub mod swap;
 pub mod tiny;
 pub mod tokenizer;
 pub mod tuned;

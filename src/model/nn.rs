@@ -22,6 +22,8 @@ pub struct Ctx<'a> {
     pub added: Option<&'a AddedCond>,
     /// ViCo's image cross-attention blocks and reference rows.
     pub vico: Option<&'a super::vico::Plug<'a>>,
+    /// Layout-and-Retouch's attention swap and blend.
+    pub swap: Option<&'a super::swap::Swap>,
 }
 
 /// SDXL's added conditioning: the second text encoder's pooled, projected output

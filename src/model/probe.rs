@@ -22,6 +22,8 @@ pub enum BlockKind {
 pub struct AttnProbe {
     pub sides: Vec<usize>,
     pub kinds: Vec<BlockKind>,
+    /// The query counts recorded (`side * side` for each side, or any grid's `h * w`).
+    queries: Vec<usize>,
     maps: RefCell<Vec<(String, Tensor)>>,
 }
 
@@ -30,11 +32,19 @@ impl AttnProbe {
         Self {
             sides: sides.to_vec(),
             kinds: kinds.to_vec(),
+            queries: sides.iter().map(|s| s * s).collect(),
             maps: RefCell::new(Vec::new()),
         }
     }
+    /// Records the layers with `queries` queries (grids that need not be square).
+    pub fn for_queries(queries: &[usize], kinds: &[BlockKind]) -> Self {
+        Self {
+            queries: queries.to_vec(),
+            ..Self::new(&[], kinds)
+        }
+    }
     pub(crate) fn wants(&self, kind: BlockKind, queries: usize) -> bool {
-        self.kinds.contains(&kind) && self.sides.iter().any(|s| s * s == queries)
+        self.kinds.contains(&kind) && self.queries.contains(&queries)
     }
     pub(crate) fn record(&self, path: &str, probs: Tensor) {
         self.maps.borrow_mut().push((path.to_string(), probs));

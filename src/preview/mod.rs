@@ -23,3 +23,21 @@ pub(crate) fn font() -> Result<()> {
     ok.then_some(())
         .ok_or_else(|| Error::internal("the built-in font does not parse"))
 }
+
+/// A soft mask in [0, 1] on a `(h, w)` grid (row-major) as a grey image of `(width,
+/// height)` pixels, each pixel its cell's value (nearest): white keeps the image's own,
+/// black takes the layout's.
+pub fn mask_image(
+    mask: &[f32],
+    (h, w): (usize, usize),
+    (width, height): (u32, u32),
+) -> image::GrayImage {
+    image::GrayImage::from_fn(width, height, |x, y| {
+        let (cy, cx) = (
+            y as usize * h / height as usize,
+            x as usize * w / width as usize,
+        );
+        let v = mask.get(cy * w + cx).copied().unwrap_or(0.0);
+        image::Luma([(v.clamp(0.0, 1.0) * 255.0).round() as u8])
+    })
+}

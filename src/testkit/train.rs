@@ -32,8 +32,7 @@ impl Trainer {
             lora: Some(&set),
             tuned: None,
             probe: None,
-            added: None,
-            vico: None,
+            ..Ctx::default()
         };
         let pred = self
             .sd

@@ -44,8 +44,7 @@ pub fn clic_losses(
         lora: Some(online.lora),
         tuned: online.tuned,
         probe: Some(&probe),
-        added: None,
-        vico: None,
+        ..Ctx::default()
     };
     let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
     let pred = (sd.unet.forward(&z_t, &t, &context, ctx)?).to_dtype(DType::F32)?;

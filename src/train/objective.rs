@@ -529,8 +529,7 @@ pub fn step_losses(
         lora: Some(online.lora),
         tuned: online.tuned,
         probe: (w.lambda_attn > 0.0).then_some(&probe),
-        added: None,
-        vico: None,
+        ..Ctx::default()
     };
     let pred = sd
         .unet
@@ -563,8 +562,7 @@ pub fn step_losses(
                 // Only MagicTailor has momentum adapters, and it tunes no whole matrices.
                 tuned: None,
                 probe: None,
-                added: None,
-                vico: None,
+                ..Ctx::default()
             };
             let mpred = sd
                 .unet

@@ -1,0 +1,528 @@
+//! `infer --retouch`: Layout-and-Retouch's second stage (seed 002, §3.2.2). The layout
+//! image (stage 1, `--layout-steps`) is redrawn with the subjects' details from their
+//! reference images while keeping its structure and background.
+//!
+//! Three paths run over the same DDIM steps, batched into one U-Net call per step:
+//! - the layout path: the layout latent's DDIM inversion, read back step by step;
+//! - each named pseudo-word's reference path: its reference image's inversion, likewise
+//!   (computed once per command, whatever the prompts and seeds);
+//! - the target path: from the layout's inverted noise, the personalized model on the
+//!   prompt with guidance.
+//!
+//! The target's self-attention reads the layout path's keys and values for the first
+//! `layout_swap_steps` steps and every reference's after (`model::swap`); from
+//! `blend_from` on, each self-attention output is blended with the layout path's by the
+//! adaptive mask (`masks::blend`) of the subjects, made from the target's cross-attention
+//! on their words at the previous step and, with a SAM model, the layout image's segments.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+
+use super::references::References;
+use super::sampling::{invert_path, Conditioning};
+use super::vico::sample_of;
+use super::weights::Personalized;
+use crate::error::{Error, Result};
+use crate::masks::cleanup::Binary;
+use crate::masks::sam::Refiner;
+use crate::model::loader::StableDiffusion;
+use crate::model::nn::Ctx;
+use crate::model::probe::{AttnProbe, BlockKind};
+use crate::model::scheduler::Ddim;
+use crate::model::swap::{swap_layers, Source, Swap};
+use crate::model::tokenizer::pseudo_words_in;
+
+/// The retouch stage's settings (recorded in every image it draws).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Retouch {
+    /// Whether the target's self-attention reads other paths' keys and values at all.
+    pub swap: bool,
+    /// The first steps, in which it reads the layout path's; after, the references'.
+    pub layout_swap_steps: usize,
+    /// The step from which the target's self-attention outputs are blended with the
+    /// layout path's (`steps`: never).
+    pub blend_from: usize,
+    /// Segment Anything weights for the layout image's segment masks (None: the
+    /// attention masks alone).
+    pub sam_model: Option<String>,
+}
+
+impl Retouch {
+    /// Our defaults for `steps` DDIM steps (the paper's values did not survive
+    /// extraction): the layout's keys and values for the first fifth, the blend from
+    /// there on.
+    pub fn defaults(steps: usize) -> Self {
+        Self {
+            swap: true,
+            layout_swap_steps: steps / 5,
+            blend_from: steps / 5,
+            sam_model: None,
+        }
+    }
+
+    pub fn check(&self, steps: usize) -> Result<()> {
+        for (flag, v) in [
+            ("--swap-layout-steps", self.layout_swap_steps),
+            ("--blend-from", self.blend_from),
+        ] {
+            if v > steps {
+                return Err(Error::usage(format!(
+                    "{flag} {v} is more than --steps {steps}."
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What retouching reads that no prompt changes, built once per command: the references,
+/// their inverted paths, and SAM.
+pub struct Stage {
+    references: References,
+    sam: Option<Refiner>,
+    /// Each reference's path, latents in sampling order, by (sample, h, w, steps).
+    paths: RefCell<HashMap<(usize, usize, usize, usize), Rc<Vec<Tensor>>>>,
+}
+
+impl Stage {
+    pub fn new(references: Vec<std::path::PathBuf>, sam: Option<Refiner>) -> Self {
+        Self {
+            references: References::new(references),
+            sam,
+            paths: Default::default(),
+        }
+    }
+}
+
+/// The retouch stage of `p` (loaded from `src`): its references, and SAM when `r` names a
+/// model. Refuses what it cannot retouch.
+pub fn stage(
+    p: &Personalized,
+    src: &super::Sources,
+    r: &Retouch,
+    device: &candle_core::Device,
+) -> Result<Stage> {
+    if p.sd.is_sdxl() {
+        return Err(Error::usage("--retouch is not built for SDXL yet."));
+    }
+    if p.vico.is_some() {
+        return Err(Error::usage(
+            "--retouch on ViCo's image cross-attention blocks is not built: retouch a run of \
+             another method.",
+        ));
+    }
+    if src.references.is_empty() {
+        return Err(Error::usage(
+            "--retouch needs a reference image per pseudo-word: pass --reference IMAGE (one per \
+             word, in order), or sample a trained folder whose images are still where it was \
+             trained.",
+        ));
+    }
+    let sam = match &r.sam_model {
+        Some(spec) => Some(Refiner::load(spec, device)?),
+        None => {
+            crate::io::console::note(format_args!(
+                "warning: --retouch without --sam-model: the blend masks come from attention alone."
+            ));
+            None
+        }
+    };
+    Ok(Stage::new(src.references.clone(), sam))
+}
+
+/// A pseudo-word the prompt names: its sample, its tokens' positions in the prompt, and
+/// its reference path's conditioning.
+struct Word<'a> {
+    sample: usize,
+    positions: Vec<usize>,
+    cond: Conditioning<'a>,
+}
+
+/// One prompt's retouch: the layout path's conditioning (the personalized model on the
+/// prompt, unguided, so that the inversion reads back) and the named words.
+pub(super) struct Prompt<'a> {
+    stage: &'a Stage,
+    opts: Retouch,
+    layout: Conditioning<'a>,
+    words: Vec<Word<'a>>,
+}
+
+/// The retouched latents and, per image, the last blend mask at the latent's size (None
+/// when nothing was blended).
+pub(super) struct Retouched {
+    pub latents: Tensor,
+    pub masks: Option<Vec<Vec<f32>>>,
+}
+
+impl<'a> Prompt<'a> {
+    pub fn new(p: &'a Personalized, prompt: &str, opts: &Retouch) -> Result<Self> {
+        let stage = p
+            .retouch
+            .as_ref()
+            .ok_or_else(|| Error::internal("--retouch without its references loaded"))?;
+        let w = p.weights();
+        let tok = &p.sd.tokenizer;
+        let mut words = Vec::new();
+        for word in pseudo_words_in(prompt) {
+            let sample = sample_of(&word)?;
+            if sample >= stage.references.len() {
+                return Err(Error::usage(format!(
+                    "the prompt names {word}, but there are {} reference image(s): give one \
+                     --reference per pseudo-word, in order (<v0>'s first).",
+                    stage.references.len()
+                )));
+            }
+            if words.iter().any(|w: &Word| w.sample == sample) {
+                continue;
+            }
+            let at = prompt.find(&word).unwrap_or(0);
+            let positions = tok
+                .word_positions(prompt[..at].trim_end(), &word)?
+                .ok_or_else(|| Error::internal(format!("{word} has no tokens in {prompt:?}")))?;
+            let cond = w.condition(&format!("a photo of {word}"), "", 1.0)?;
+            words.push(Word {
+                sample,
+                positions,
+                cond,
+            });
+        }
+        if words.is_empty() {
+            return Err(Error::usage(format!(
+                "--retouch redraws the subjects of the prompt's pseudo-words, and {prompt:?} \
+                 names none."
+            )));
+        }
+        Ok(Self {
+            stage,
+            opts: opts.clone(),
+            layout: w.condition(prompt, "", 1.0)?,
+            words,
+        })
+    }
+
+    /// Retouches the layout latents `z: [n, c, h, w]` with `main` (the prompt's guided
+    /// conditioning); `layout_pixels` (`[n, 3, H, W]` u8) feed SAM. `on_step` runs after
+    /// every step.
+    pub fn retouch(
+        &self,
+        main: &Conditioning,
+        z: &Tensor,
+        layout_pixels: &Tensor,
+        steps: usize,
+        mut on_step: impl FnMut(),
+    ) -> Result<Retouched> {
+        let sd = main.weights.sd;
+        let ddim =
+            Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
+        let (n, _, h, w) = z.dims4()?;
+        let layout = sampling_order(invert_path(&self.layout, z.clone(), steps)?);
+        let refs = (self.words.iter())
+            .map(|word| self.reference_path(sd, word, (h, w), steps))
+            .collect::<Result<Vec<_>>>()?;
+        let k = refs.len();
+        let guided = main.uncond.is_some();
+        let targets = if guided { 2 * n } else { n };
+        let mut contexts = vec![self.layout.cond.repeat((n, 1, 1))?];
+        contexts.extend(self.words.iter().map(|w| w.cond.cond.clone()));
+        contexts.push(main.context(n)?);
+        let context = Tensor::cat(&contexts, 0)?.to_dtype(sd.dtype)?;
+        let layout_of: Vec<u32> = (0..targets).map(|j| (j % n) as u32).collect();
+        let ref_rows: Vec<u32> = (n..n + k).map(|r| r as u32).collect();
+        let layers = swap_layers(&sd.unet);
+        let grids = grids(&sd.unet, (h, w));
+        let map_queries = grids[2.min(grids.len() - 1)];
+        let mut x = layout[0].clone();
+        let mut maps: Option<Vec<Vec<Vec<f32>>>> = None;
+        let mut segments: Option<Vec<Vec<Option<Binary>>>> = None;
+        let mut last_masks = None;
+        for (i, &t) in ddim.timesteps().iter().enumerate() {
+            let source = match (self.opts.swap, i < self.opts.layout_swap_steps) {
+                (false, _) => None,
+                (true, true) => Some(Source::Layout),
+                (true, false) => Some(Source::References),
+            };
+            let mut swap = Swap::new(n + k, layout_of.clone(), ref_rows.clone())
+                .swapping(source, layers.clone());
+            if let (true, Some(m)) = (i >= self.opts.blend_from, &maps) {
+                if segments.is_none() {
+                    segments = Some(self.segments(m, layout_pixels, (h, w), map_queries)?);
+                }
+                let masks = self.blend_masks(m, segments.as_deref(), (h, w), map_queries);
+                swap = swap.blending(per_grid(&masks, (h, w), &grids, guided, sd)?);
+                last_masks = Some(masks);
+            }
+            let probe = AttnProbe::for_queries(&[map_queries.0 * map_queries.1], &[BlockKind::Up]);
+            let mut rows = vec![layout[i].clone()];
+            rows.extend(refs.iter().map(|r| r[i].clone()));
+            rows.push(x.clone());
+            if guided {
+                rows.push(x.clone());
+            }
+            let rows = Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?;
+            let b = rows.dim(0)?;
+            let ts = Tensor::from_vec(vec![t as f32; b], b, &sd.device)?;
+            let ctx = Ctx {
+                lora: main.weights.lora,
+                tuned: main.weights.tuned,
+                probe: Some(&probe),
+                swap: Some(&swap),
+                ..Ctx::default()
+            };
+            let eps = sd
+                .unet
+                .forward(&rows, &ts, &context, ctx)?
+                .to_dtype(DType::F32)?;
+            let eps = eps.narrow(0, n + k, targets)?;
+            let eps = match guided {
+                true => {
+                    let (u, c) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
+                    (&u + ((c - &u)? * main.guidance)?)?
+                }
+                false => eps,
+            };
+            x = ddim.step(&eps, t, &x)?;
+            maps = Some(self.word_maps(probe.take(), n + k + targets - n, n)?);
+            on_step();
+        }
+        Ok(Retouched {
+            latents: x,
+            masks: last_masks,
+        })
+    }
+
+    /// The reference path of `word`'s sample at latent size `(h, w)`: its clean latent's
+    /// inversion with the personalized model on "a photo of <vN>", cached for the command.
+    fn reference_path(
+        &self,
+        sd: &StableDiffusion,
+        word: &Word,
+        (h, w): (usize, usize),
+        steps: usize,
+    ) -> Result<Rc<Vec<Tensor>>> {
+        let key = (word.sample, h, w, steps);
+        if let Some(p) = self.stage.paths.borrow().get(&key) {
+            return Ok(p.clone());
+        }
+        let f = sd.vae_factor();
+        let z = (self.stage.references).latent(sd, word.sample, (h * f, w * f))?;
+        let path = Rc::new(sampling_order(invert_path(&word.cond, z, steps)?));
+        self.stage.paths.borrow_mut().insert(key, path.clone());
+        Ok(path)
+    }
+
+    /// Per image, per word: its cross-attention map (queries of the recorded grid), the
+    /// probabilities on its tokens averaged over them and over the recorded layers, from
+    /// the conditional target rows (`first` to `first + n`).
+    fn word_maps(
+        &self,
+        recorded: Vec<(String, Tensor)>,
+        first: usize,
+        n: usize,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let layers = recorded.len().max(1) as f32;
+        let mut out = vec![Vec::new(); n];
+        for (j, per_word) in out.iter_mut().enumerate() {
+            for word in &self.words {
+                let mut sum: Option<Vec<f32>> = None;
+                for (_, probs) in &recorded {
+                    let row = probs.get(first + j)?.to_dtype(DType::F32)?;
+                    let idx = Tensor::new(
+                        word.positions
+                            .iter()
+                            .map(|&p| p as u32)
+                            .collect::<Vec<_>>()
+                            .as_slice(),
+                        row.device(),
+                    )?;
+                    let m = row.index_select(&idx, 1)?.mean(1)?.to_vec1::<f32>()?;
+                    sum = Some(match sum {
+                        Some(s) => s.iter().zip(&m).map(|(a, b)| a + b).collect(),
+                        None => m,
+                    });
+                }
+                let map = sum
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|v| v / layers)
+                    .collect();
+                per_word.push(map);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per image, per word: SAM's segment of the layout image, prompted by the word's
+    /// attention mask (None without a SAM model).
+    fn segments(
+        &self,
+        maps: &[Vec<Vec<f32>>],
+        layout_pixels: &Tensor,
+        (h, w): (usize, usize),
+        grid: (usize, usize),
+    ) -> Result<Vec<Vec<Option<Binary>>>> {
+        let Some(sam) = &self.stage.sam else {
+            return Ok(vec![vec![None; self.words.len()]; maps.len()]);
+        };
+        let (_, _, ph, pw) = layout_pixels.dims4()?;
+        let mut out = Vec::new();
+        for (j, per_word) in maps.iter().enumerate() {
+            let pixels = ((layout_pixels.get(j)?.to_dtype(DType::F32)? / 127.5)? - 1.0)?;
+            let mut row = Vec::new();
+            for map in per_word {
+                let soft = resize(map, grid, (ph, pw));
+                let attention = crate::masks::binarize(&soft, pw, ph);
+                if attention.area() == 0 {
+                    row.push(None);
+                    continue;
+                }
+                let (bbox, points) = crate::masks::sam::prompts(&attention, &soft);
+                let (proposals, scores) = sam.proposals(&pixels, bbox, &points)?;
+                let chosen = crate::masks::sam::choose(&proposals, &scores, &attention);
+                row.push(chosen.map(|i| shrink_binary(&proposals[i], (h, w))));
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    /// Per image, the adaptive blend mask at latent size: each word's (its attention map
+    /// thresholded by Otsu and cleaned, OR its segment), the largest value over words.
+    fn blend_masks(
+        &self,
+        maps: &[Vec<Vec<f32>>],
+        segments: Option<&[Vec<Option<Binary>>]>,
+        (h, w): (usize, usize),
+        grid: (usize, usize),
+    ) -> Vec<Vec<f32>> {
+        (maps.iter().enumerate())
+            .map(|(j, per_word)| {
+                let mut mask = vec![0f32; h * w];
+                for (i, map) in per_word.iter().enumerate() {
+                    let attention = crate::masks::binarize(&resize(map, grid, (h, w)), w, h);
+                    let segment = segments.and_then(|s| s[j][i].as_ref());
+                    let soft = crate::masks::blend::adaptive(&attention, segment);
+                    mask.iter_mut().zip(soft).for_each(|(m, v)| *m = m.max(v));
+                }
+                mask
+            })
+            .collect()
+    }
+}
+
+/// Every sampling timestep's latent of an inversion path (ascending timesteps): the path
+/// in the sampler's order.
+fn sampling_order(mut path: Vec<Tensor>) -> Vec<Tensor> {
+    path.reverse();
+    path
+}
+
+/// The query grids `(h, w)` of the U-Net's levels for latents `(h, w)`, finest first.
+fn grids(unet: &crate::model::unet::UNet, (h, w): (usize, usize)) -> Vec<(usize, usize)> {
+    let levels = unet.config.block_out_channels.len();
+    let mut out = vec![(h, w)];
+    for _ in 1..levels {
+        let (a, b) = out[out.len() - 1];
+        out.push((a.div_ceil(2), b.div_ceil(2)));
+    }
+    out
+}
+
+/// Masks at latent size `(h, w)` -> per grid's query count, `[targets, queries, 1]`
+/// (each image's mask for its unconditional and conditional rows).
+fn per_grid(
+    masks: &[Vec<f32>],
+    (h, w): (usize, usize),
+    grids: &[(usize, usize)],
+    guided: bool,
+    sd: &StableDiffusion,
+) -> Result<HashMap<usize, Tensor>> {
+    let mut out = HashMap::new();
+    for &g in grids {
+        let mut rows: Vec<f32> = Vec::new();
+        let copies = if guided { 2 } else { 1 };
+        for _ in 0..copies {
+            for m in masks {
+                rows.extend(area_average(m, (h, w), g));
+            }
+        }
+        let t = Tensor::from_vec(rows, (copies * masks.len(), g.0 * g.1, 1), &sd.device)?;
+        out.insert(g.0 * g.1, t);
+    }
+    Ok(out)
+}
+
+/// `src` (`from` rows x cols) averaged over the cells of a `to` grid.
+fn area_average(src: &[f32], from: (usize, usize), to: (usize, usize)) -> Vec<f32> {
+    let mut sum = vec![0f32; to.0 * to.1];
+    let mut count = vec![0f32; to.0 * to.1];
+    for y in 0..from.0 {
+        for x in 0..from.1 {
+            let cell = (y * to.0 / from.0) * to.1 + x * to.1 / from.1;
+            sum[cell] += src[y * from.1 + x];
+            count[cell] += 1.0;
+        }
+    }
+    sum.iter()
+        .zip(&count)
+        .map(|(s, c)| s / c.max(1.0))
+        .collect()
+}
+
+/// A soft map on grid `from` resized bilinearly (pixel centres, edges clamped) to `to`.
+fn resize(map: &[f32], from: (usize, usize), to: (usize, usize)) -> Vec<f32> {
+    let axis = |o: usize, n_from: usize, n_to: usize| {
+        let x =
+            ((o as f32 + 0.5) * n_from as f32 / n_to as f32 - 0.5).clamp(0.0, (n_from - 1) as f32);
+        let i = x.floor() as usize;
+        (i, (i + 1).min(n_from - 1), x - i as f32)
+    };
+    let mut out = Vec::with_capacity(to.0 * to.1);
+    for y in 0..to.0 {
+        let (y0, y1, fy) = axis(y, from.0, to.0);
+        for x in 0..to.1 {
+            let (x0, x1, fx) = axis(x, from.1, to.1);
+            let at = |yy: usize, xx: usize| map[yy * from.1 + xx];
+            let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+            let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+/// A pixel-size mask at latent size: a cell is inside when most of its pixels are.
+fn shrink_binary(m: &Binary, (h, w): (usize, usize)) -> Binary {
+    let soft: Vec<f32> = m.bits.iter().map(|&b| b as u8 as f32).collect();
+    let avg = area_average(&soft, (m.height, m.width), (h, w));
+    Binary {
+        width: w,
+        height: h,
+        bits: avg.iter().map(|&v| v >= 0.5).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn area_average_and_resize_keep_constants_and_means() {
+        let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        assert_eq!(
+            area_average(&src, (4, 4), (2, 2)),
+            vec![2.5, 4.5, 10.5, 12.5]
+        );
+        assert_eq!(area_average(&src, (4, 4), (4, 4)), src);
+        assert!(resize(&[0.25; 6], (2, 3), (5, 7))
+            .iter()
+            .all(|&v| v == 0.25));
+        assert_eq!(
+            resize(&[0.0, 1.0], (1, 2), (1, 4)),
+            vec![0.0, 0.25, 0.75, 1.0]
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! Layout-and-Retouch's multi-source attention swap (seed 002, §3.2.2), inside the
+//! U-Net's self-attention. One U-Net call carries every path of a retouch step: the
+//! source rows first (each image's layout path, then the references' paths), then the
+//! target rows (the images being retouched, unconditional then conditional under
+//! guidance). Sources attend to themselves, as they would alone; a target's queries
+//! attend to the keys and values of its layout path in the early steps and of every
+//! reference together later (MasaCtrl's mutual self-attention, in MasaCtrl's layers);
+//! where a blend mask is set, a target's output is `M out + (1 - M) out_layout` in every
+//! self-attention layer.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{Result, Tensor};
+
+use super::ops;
+use super::unet::UNet;
+
+/// Whose keys and values a target's self-attention reads in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Its own image's layout path.
+    Layout,
+    /// Every reference path's, side by side.
+    References,
+}
+
+/// One retouch step's attention control.
+pub struct Swap {
+    /// Source rows at the front of the batch; the rest are targets.
+    sources: usize,
+    /// Per target row, its layout row.
+    layout_of: Vec<u32>,
+    /// The reference rows.
+    references: Vec<u32>,
+    /// Transformers whose self-attention swaps (module paths).
+    layers: HashSet<String>,
+    /// Whose keys and values the targets read this step (None: their own).
+    source: Option<Source>,
+    /// Per query count (a layer's `h * w`), the targets' blend masks `[targets, n, 1]`.
+    blend: HashMap<usize, Tensor>,
+    /// Tests: each blended or swapped layer's (path, targets' output, their layouts').
+    recorded: Option<RefCell<Vec<(String, Tensor, Tensor)>>>,
+}
+
+impl Swap {
+    /// `sources` rows, then targets whose layout rows are `layout_of`; `references` are
+    /// source rows too. Swaps nothing and blends nothing until told.
+    pub fn new(sources: usize, layout_of: Vec<u32>, references: Vec<u32>) -> Self {
+        Self {
+            sources,
+            layout_of,
+            references,
+            layers: HashSet::new(),
+            source: None,
+            blend: HashMap::new(),
+            recorded: None,
+        }
+    }
+
+    /// Swap keys and values from `source` in `layers` (transformer paths).
+    pub fn swapping(mut self, source: Option<Source>, layers: HashSet<String>) -> Self {
+        self.source = source;
+        self.layers = layers;
+        self
+    }
+
+    /// Blend with the layout by `masks` (per query count, `[targets, n, 1]`).
+    pub fn blending(mut self, masks: HashMap<usize, Tensor>) -> Self {
+        self.blend = masks;
+        self
+    }
+
+    /// Keep every changed layer's outputs, for [`Self::take_recorded`].
+    pub fn recording(mut self) -> Self {
+        self.recorded = Some(RefCell::new(Vec::new()));
+        self
+    }
+
+    pub fn take_recorded(&self) -> Vec<(String, Tensor, Tensor)> {
+        (self.recorded.as_ref())
+            .map(|r| std::mem::take(&mut *r.borrow_mut()))
+            .unwrap_or_default()
+    }
+
+    fn swaps(&self, path: &str) -> bool {
+        self.source.is_some() && (self.layers.iter()).any(|l| path.starts_with(l.as_str()))
+    }
+
+    /// The self-attention of `q, k, v: [b, n, dim]` at module `path`, or None where this
+    /// layer is left alone (the caller attends as usual).
+    pub(crate) fn self_attention(
+        &self,
+        path: &str,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        heads: usize,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        let n = q.dim(1)?;
+        let mask = self.blend.get(&n);
+        let swap = self.swaps(path);
+        if mask.is_none() && !swap {
+            return Ok(None);
+        }
+        let (s, t) = (self.sources, q.dim(0)? - self.sources);
+        let rows = |x: &Tensor, a, len| x.narrow(0, a, len);
+        let out_src = ops::attention(
+            &rows(q, 0, s)?,
+            &rows(k, 0, s)?,
+            &rows(v, 0, s)?,
+            heads,
+            scale,
+        )?;
+        let (k_t, v_t) = match (swap, self.source) {
+            (true, Some(Source::Layout)) => {
+                let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
+                (k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)
+            }
+            (true, Some(Source::References)) => {
+                (self.side_by_side(k, t)?, self.side_by_side(v, t)?)
+            }
+            _ => (rows(k, s, t)?, rows(v, s, t)?),
+        };
+        let mut out_t = ops::attention(&rows(q, s, t)?, &k_t, &v_t, heads, scale)?;
+        let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
+        let out_layout = out_src.index_select(&idx, 0)?;
+        if let Some(m) = mask {
+            let m = m.to_dtype(out_t.dtype())?;
+            out_t = (&out_layout + m.broadcast_mul(&(&out_t - &out_layout)?)?)?;
+        }
+        if let Some(r) = &self.recorded {
+            r.borrow_mut()
+                .push((path.to_string(), out_t.clone(), out_layout));
+        }
+        Ok(Some(Tensor::cat(&[&out_src, &out_t], 0)?))
+    }
+
+    /// The reference rows of `x: [b, n, dim]` side by side `[t, refs * n, dim]`, for each
+    /// of `t` targets.
+    fn side_by_side(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let (_, n, d) = x.dims3()?;
+        let idx = Tensor::new(self.references.as_slice(), x.device())?;
+        let refs = x
+            .index_select(&idx, 0)?
+            .reshape((1, self.references.len() * n, d))?;
+        refs.repeat((t, 1, 1))
+    }
+}
+
+/// The transformers whose self-attention swaps: the decoder's, outside its coarsest level
+/// with attention. For SD 1.x and 2.x these are MasaCtrl's layers 10 to 15 of 16 (running
+/// order), `up_blocks.2` and `up_blocks.3`: 32x32 and 64x64 queries at 512 px.
+pub fn swap_layers(unet: &UNet) -> HashSet<String> {
+    let decoder: Vec<&str> = (unet.transformers().into_iter())
+        .filter(|(up, _)| *up)
+        .map(|(_, t)| t.path.as_str())
+        .collect();
+    let level = |p: &str| p.split('.').nth(1).map(str::to_string);
+    let coarsest = decoder.first().and_then(|p| level(p));
+    (decoder.into_iter())
+        .filter(|p| level(p) != coarsest)
+        .map(String::from)
+        .collect()
+}
