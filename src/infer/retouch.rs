@@ -84,9 +84,11 @@ impl Retouch {
 pub struct Stage {
     references: References,
     sam: Option<Refiner>,
-    /// Each reference's path, latents in sampling order, by (sample, h, w, steps).
-    paths: RefCell<HashMap<(usize, usize, usize, usize), Rc<Vec<Tensor>>>>,
+    paths: RefCell<Paths>,
 }
+
+/// Each reference's path, latents in sampling order, by (sample, h, w, steps).
+type Paths = HashMap<(usize, usize, usize, usize), Rc<Vec<Tensor>>>;
 
 impl Stage {
     pub fn new(references: Vec<std::path::PathBuf>, sam: Option<Refiner>) -> Self {
