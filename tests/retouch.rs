@@ -443,3 +443,41 @@ fn retouch_refuses_what_it_cannot_do() {
     );
     assert!(!out.exists(), "nothing written");
 }
+
+/// `--refine sam`: SAM segments the layout image (a random tiny SAM here), the record
+/// names it, and no warning says the masks are attention alone; a non-square size is
+/// refused before anything loads.
+#[test]
+fn refine_sam_segments_the_layout_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture_run(tmp.path(), serde_json::json!({}));
+    let sam = tmp.path().join("sam.safetensors");
+    magictailor::testkit::models::write_sam(&sam, 3).unwrap();
+    let out = tmp.path().join("s.png");
+    let r = refs();
+    let mut args = vec![
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "<v0> with <v1>",
+        "--retouch",
+        "--refine",
+        "sam",
+        "--sam-model",
+        sam.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(r.iter().map(String::as_str));
+    let o = infer(&args);
+    ok(&o);
+    assert!(!stderr(&o).contains("attention alone"), "{}", stderr(&o));
+    let made: serde_json::Value = serde_json::from_str(&png_text(&out)["magictailor"]).unwrap();
+    assert_eq!(made["retouch"]["sam_model"], sam.display().to_string());
+    let o = run_bin("infer", &[&args[..], &["--width", "128"]].concat());
+    assert!(
+        stderr(&o).contains("--refine sam segments square images"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -113,6 +113,13 @@ pub fn check(opts: &InferOptions) -> Result<()> {
 pub fn infer(opts: &InferOptions) -> Result<Vec<PathBuf>> {
     check(opts)?;
     let src = weights::sources(opts)?;
+    if opts.sampling.retouch.is_some() {
+        let prompts: Vec<&str> = match &opts.mode {
+            Mode::One(one) => vec![one.prompt.as_str()],
+            Mode::Many(m) => m.prompts.iter().map(String::as_str).collect(),
+        };
+        retouch::check_prompts(prompts, &src.references)?;
+    }
     let mut p = Personalized::load(&src, &opts.device, opts.dtype)?;
     p.weights().check_prompt(&opts.sampling.negative_prompt)?;
     if let Some(r) = &opts.sampling.retouch {

@@ -64,7 +64,14 @@ impl Retouch {
         }
     }
 
-    pub fn check(&self, steps: usize) -> Result<()> {
+    /// Refuses settings that cannot run on `steps` DDIM steps at `(width, height)`.
+    pub fn check(&self, steps: usize, (width, height): (usize, usize)) -> Result<()> {
+        if self.sam_model.is_some() && width != height {
+            return Err(Error::usage(format!(
+                "--refine sam segments square images (SAM's input), and this one is \
+                 {width}x{height}: drop --refine, or make --width and --height equal."
+            )));
+        }
         for (flag, v) in [
             ("--swap-layout-steps", self.layout_swap_steps),
             ("--blend-from", self.blend_from),
@@ -100,6 +107,40 @@ impl Stage {
     }
 }
 
+/// Refuses, before any model loads, prompts the stage cannot retouch with `references`:
+/// one that names no pseudo-word, or one without its reference image.
+pub fn check_prompts<'p>(
+    prompts: impl IntoIterator<Item = &'p str>,
+    references: &[std::path::PathBuf],
+) -> Result<()> {
+    if references.is_empty() {
+        return Err(Error::usage(
+            "--retouch needs a reference image per pseudo-word: pass --reference IMAGE (one per \
+             word, in order), or sample a trained folder whose images are still where it was \
+             trained.",
+        ));
+    }
+    for prompt in prompts {
+        let words = pseudo_words_in(prompt);
+        if words.is_empty() {
+            return Err(Error::usage(format!(
+                "--retouch redraws the subjects of the prompt's pseudo-words, and {prompt:?} \
+                 names none."
+            )));
+        }
+        for word in words {
+            if sample_of(&word)? >= references.len() {
+                return Err(Error::usage(format!(
+                    "{prompt:?} names {word}, but there are {} reference image(s): give one \
+                     --reference per pseudo-word, in order (<v0>'s first).",
+                    references.len()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The retouch stage of `p` (loaded from `src`): its references, and SAM when `r` names a
 /// model. Refuses what it cannot retouch.
 pub fn stage(
@@ -115,13 +156,6 @@ pub fn stage(
         return Err(Error::usage(
             "--retouch on ViCo's image cross-attention blocks is not built: retouch a run of \
              another method.",
-        ));
-    }
-    if src.references.is_empty() {
-        return Err(Error::usage(
-            "--retouch needs a reference image per pseudo-word: pass --reference IMAGE (one per \
-             word, in order), or sample a trained folder whose images are still where it was \
-             trained.",
         ));
     }
     let sam = match &r.sam_model {
@@ -172,11 +206,7 @@ impl<'a> Prompt<'a> {
         for word in pseudo_words_in(prompt) {
             let sample = sample_of(&word)?;
             if sample >= stage.references.len() {
-                return Err(Error::usage(format!(
-                    "the prompt names {word}, but there are {} reference image(s): give one \
-                     --reference per pseudo-word, in order (<v0>'s first).",
-                    stage.references.len()
-                )));
+                return Err(Error::internal(format!("{word} has no reference image")));
             }
             if words.iter().any(|w: &Word| w.sample == sample) {
                 continue;
@@ -193,10 +223,7 @@ impl<'a> Prompt<'a> {
             });
         }
         if words.is_empty() {
-            return Err(Error::usage(format!(
-                "--retouch redraws the subjects of the prompt's pseudo-words, and {prompt:?} \
-                 names none."
-            )));
+            return Err(Error::internal(format!("{prompt:?} names no pseudo-word")));
         }
         Ok(Self {
             stage,

@@ -74,7 +74,7 @@ impl Sampling {
             )));
         }
         match &self.retouch {
-            Some(r) => r.check(self.steps),
+            Some(r) => r.check(self.steps, (self.width, self.height)),
             None => Ok(()),
         }
     }
