@@ -505,3 +505,29 @@ fn compare_puts_methods_side_by_side_over_pairs() {
         stderr(&o)
     );
 }
+
+/// `eval --retouch`: the retouched images (references from the pair folder) go to their
+/// own folder, each beside its layout; the report records the stage; the same folder
+/// with other retouch settings is refused.
+#[test]
+fn eval_retouch_scores_retouched_images_in_their_own_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = trained(tmp.path());
+    let prompts = prompts_file(tmp.path());
+    let (d, p) = (dir.to_str().unwrap(), prompts.to_str().unwrap());
+    let args = with_args(eval_args(d, p), &["--json", "--segment", "none", "--retouch"]);
+    let o = run_bin("eval", &args);
+    ok(&o);
+    let m = json_out(&o);
+    let out = dir.join("eval/k0-retouch");
+    for f in ["prompt00/seed00.png", "prompt00/seed00-layout.png", "metrics-none.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(!dir.join("eval/k0").exists());
+    assert_eq!(m["protocol"]["retouch"]["layout_swap_steps"], 0);
+    assert_eq!(m["images"].as_array().unwrap().len(), 4);
+    let mut other = args.clone();
+    other.extend(["--swap-layout-steps", "1"]);
+    let refused = run_bin("eval", &other);
+    assert!(stderr(&refused).contains("other settings"), "{}", stderr(&refused));
+}
