@@ -307,6 +307,64 @@ fn bench_vico_infer(
     );
 }
 
+/// `infer --retouch` after loading, against plain `infer` on the same model and prompt:
+/// seconds per image (stage 1, the layout's inversion and the three-path retouch) and
+/// peak memory, with `<v0>` a random row and the pair's first image its reference. The
+/// first image also inverts the reference (once per command); the second reads it back.
+fn bench_retouch(
+    tg: &Target,
+    name: &str,
+    dir: &std::path::Path,
+    pair: &std::path::Path,
+    latent: usize,
+) {
+    use magictailor::infer::retouch::{Retouch, Stage};
+    use magictailor::infer::{Personalized, Prompted, Sampling};
+    let mut sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
+    sd.tokenizer.add_pseudo_words(&["<v0>".into()]).unwrap();
+    let hidden = sd.text_encoder.config.hidden_size;
+    let references = magictailor::data::first_images(pair).unwrap()[..1].to_vec();
+    let mut p = Personalized {
+        sd,
+        lora: None,
+        extra_rows: Some(seeded_normal(1, (1, hidden), &tg.dev).unwrap()),
+        token_table: None,
+        tuned: None,
+        class_words: Default::default(),
+        vico: None,
+        retouch: None,
+    };
+    p.retouch = Some(Stage::new(references, None));
+    let side = latent * p.sd.vae_factor();
+    let plain = Sampling {
+        width: side,
+        height: side,
+        ..Sampling::default()
+    };
+    let retouched = Sampling {
+        retouch: Some(Retouch::defaults(plain.steps)),
+        ..plain.clone()
+    };
+    let noise = seeded_normal(5, (1, 4, latent, latent), &tg.dev).unwrap();
+    let draw = |s: &Sampling| {
+        let t = Instant::now();
+        let prompted = Prompted::new(&p, "a photo of <v0>", s).expect("prompt");
+        prompted.draw(noise.clone(), || {}).expect("draw");
+        tg.sync();
+        t.elapsed().as_secs_f64()
+    };
+    reset_peak();
+    let plain_s = draw(&plain);
+    let plain_peak = tg.peak();
+    reset_peak();
+    let (first, second) = (draw(&retouched), draw(&retouched));
+    println!(
+        "{name:>5} infer at {side} px, 50 DDIM steps, CFG 7.5, + VAE decode: plain {plain_s:.3} s/image ({plain_peak}) | \
+         --retouch {first:.3} s first image, {second:.3} s after (the reference's inversion kept) | {}",
+        tg.peak()
+    );
+}
+
 /// The real trainer on the pair at `resolution`, with the settings `set` gives, in the
 /// bench's device and dtype (as `magictailor train --dtype ...` sets them).
 fn trainer(
@@ -505,6 +563,7 @@ fn main() {
         "mid-clic",
         "mid-vico",
         "mid-vico-infer",
+        "mid-retouch",
         "mid-masks",
         "naive-attention",
     ];
@@ -577,6 +636,9 @@ fn main() {
     if wanted("mid-vico-infer") {
         reset_peak();
         bench_vico_infer(&tg, "mid", &mid, &pair, 32);
+    }
+    if wanted("mid-retouch") {
+        bench_retouch(&tg, "mid", &mid, &pair, 64);
     }
     if wanted("mid-masks") {
         reset_peak();

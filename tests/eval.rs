@@ -515,12 +515,19 @@ fn eval_retouch_scores_retouched_images_in_their_own_folder() {
     let (dir, _) = trained(tmp.path());
     let prompts = prompts_file(tmp.path());
     let (d, p) = (dir.to_str().unwrap(), prompts.to_str().unwrap());
-    let args = with_args(eval_args(d, p), &["--json", "--segment", "none", "--retouch"]);
+    let args = with_args(
+        eval_args(d, p),
+        &["--json", "--segment", "none", "--retouch"],
+    );
     let o = run_bin("eval", &args);
     ok(&o);
     let m = json_out(&o);
     let out = dir.join("eval/k0-retouch");
-    for f in ["prompt00/seed00.png", "prompt00/seed00-layout.png", "metrics-none.json"] {
+    for f in [
+        "prompt00/seed00.png",
+        "prompt00/seed00-layout.png",
+        "metrics-none.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert!(!dir.join("eval/k0").exists());
@@ -529,5 +536,9 @@ fn eval_retouch_scores_retouched_images_in_their_own_folder() {
     let mut other = args.clone();
     other.extend(["--swap-layout-steps", "1"]);
     let refused = run_bin("eval", &other);
-    assert!(stderr(&refused).contains("other settings"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("other settings"),
+        "{}",
+        stderr(&refused)
+    );
 }

@@ -249,18 +249,18 @@ impl<'a> Prompt<'a> {
             Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
         let (n, _, h, w) = z.dims4()?;
         let layout = sampling_order(invert_path(&self.layout, z.clone(), steps)?);
-        let refs = (self.words.iter())
-            .map(|word| self.reference_path(sd, word, (h, w), steps))
-            .collect::<Result<Vec<_>>>()?;
-        let k = refs.len();
+        // The references are read only in the swap's second part.
+        let reads_refs = self.opts.swap && self.opts.layout_swap_steps < steps;
+        let refs = match reads_refs {
+            true => (self.words.iter())
+                .map(|word| self.reference_path(sd, word, (h, w), steps))
+                .collect::<Result<Vec<_>>>()?,
+            false => Vec::new(),
+        };
         let guided = main.uncond.is_some();
         let targets = if guided { 2 * n } else { n };
-        let mut contexts = vec![self.layout.cond.repeat((n, 1, 1))?];
-        contexts.extend(self.words.iter().map(|w| w.cond.cond.clone()));
-        contexts.push(main.context(n)?);
-        let context = Tensor::cat(&contexts, 0)?.to_dtype(sd.dtype)?;
-        let layout_of: Vec<u32> = (0..targets).map(|j| (j % n) as u32).collect();
-        let ref_rows: Vec<u32> = (n..n + k).map(|r| r as u32).collect();
+        let layout_context = self.layout.cond.repeat((n, 1, 1))?;
+        let target_context = main.context(n)?;
         let layers = swap_layers(&sd.unet);
         let grids = grids(&sd.unet, (h, w));
         let map_queries = grids[2.min(grids.len() - 1)];
@@ -269,14 +269,38 @@ impl<'a> Prompt<'a> {
         let mut segments: Option<Vec<Vec<Option<Binary>>>> = None;
         let mut last_masks = None;
         for (i, &t) in ddim.timesteps().iter().enumerate() {
+            let blending = i >= self.opts.blend_from && maps.is_some();
             let source = match (self.opts.swap, i < self.opts.layout_swap_steps) {
                 (false, _) => None,
                 (true, true) => Some(Source::Layout),
                 (true, false) => Some(Source::References),
             };
-            let mut swap = Swap::new(n + k, layout_of.clone(), ref_rows.clone())
-                .swapping(source, layers.clone());
-            if let (true, Some(m)) = (i >= self.opts.blend_from, &maps) {
+            // Each step carries only the source rows it reads: none at all is the target
+            // path alone, call for call.
+            let (mut rows, mut contexts) = (Vec::new(), Vec::new());
+            let with_layout = blending || source == Some(Source::Layout);
+            if with_layout {
+                rows.push(layout[i].clone());
+                contexts.push(layout_context.clone());
+            }
+            let first_ref = if with_layout { n } else { 0 };
+            if source == Some(Source::References) {
+                rows.extend(refs.iter().map(|r| r[i].clone()));
+                contexts.extend(self.words.iter().map(|w| w.cond.cond.clone()));
+            }
+            let sources = first_ref
+                + if source == Some(Source::References) {
+                    refs.len()
+                } else {
+                    0
+                };
+            let layout_of: Vec<u32> = match with_layout {
+                true => (0..targets).map(|j| (j % n) as u32).collect(),
+                false => Vec::new(),
+            };
+            let ref_rows: Vec<u32> = (first_ref..sources).map(|r| r as u32).collect();
+            let mut swap = Swap::new(sources, layout_of, ref_rows).swapping(source, layers.clone());
+            if let (true, Some(m)) = (blending, &maps) {
                 if segments.is_none() {
                     segments = Some(self.segments(m, layout_pixels, (h, w), map_queries)?);
                 }
@@ -284,28 +308,25 @@ impl<'a> Prompt<'a> {
                 swap = swap.blending(per_grid(&masks, (h, w), &grids, guided, sd)?);
                 last_masks = Some(masks);
             }
-            let probe = AttnProbe::for_queries(&[map_queries.0 * map_queries.1], &[BlockKind::Up]);
-            let mut rows = vec![layout[i].clone()];
-            rows.extend(refs.iter().map(|r| r[i].clone()));
             rows.push(x.clone());
             if guided {
                 rows.push(x.clone());
             }
+            contexts.push(target_context.clone());
             let rows = Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?;
+            let context = Tensor::cat(&contexts, 0)?.to_dtype(sd.dtype)?;
             let b = rows.dim(0)?;
             let ts = Tensor::from_vec(vec![t as f32; b], b, &sd.device)?;
+            let probe = AttnProbe::for_queries(&[map_queries.0 * map_queries.1], &[BlockKind::Up]);
             let ctx = Ctx {
                 lora: main.weights.lora,
                 tuned: main.weights.tuned,
                 probe: Some(&probe),
-                swap: Some(&swap),
+                swap: (sources > 0).then_some(&swap),
                 ..Ctx::default()
             };
-            let eps = sd
-                .unet
-                .forward(&rows, &ts, &context, ctx)?
-                .to_dtype(DType::F32)?;
-            let eps = eps.narrow(0, n + k, targets)?;
+            let eps = (sd.unet.forward(&rows, &ts, &context, ctx)?).to_dtype(DType::F32)?;
+            let eps = eps.narrow(0, sources, targets)?;
             let eps = match guided {
                 true => {
                     let (u, c) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
@@ -314,7 +335,7 @@ impl<'a> Prompt<'a> {
                 false => eps,
             };
             x = ddim.step(&eps, t, &x)?;
-            maps = Some(self.word_maps(probe.take(), n + k + targets - n, n)?);
+            maps = Some(self.word_maps(probe.take(), sources + targets - n, n)?);
             on_step();
         }
         Ok(Retouched {

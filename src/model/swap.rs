@@ -29,7 +29,7 @@ pub enum Source {
 pub struct Swap {
     /// Source rows at the front of the batch; the rest are targets.
     sources: usize,
-    /// Per target row, its layout row.
+    /// Per target row, its layout row (empty: the batch carries no layout rows).
     layout_of: Vec<u32>,
     /// The reference rows.
     references: Vec<u32>,
@@ -122,15 +122,22 @@ impl Swap {
             _ => (rows(k, s, t)?, rows(v, s, t)?),
         };
         let mut out_t = ops::attention(&rows(q, s, t)?, &k_t, &v_t, heads, scale)?;
-        let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
-        let out_layout = out_src.index_select(&idx, 0)?;
+        let out_layout = match self.layout_of.is_empty() {
+            true => None,
+            false => {
+                let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
+                Some(out_src.index_select(&idx, 0)?)
+            }
+        };
         if let Some(m) = mask {
+            let layout = (out_layout.as_ref())
+                .ok_or_else(|| candle_core::Error::Msg("a blend without layout rows".into()))?;
             let m = m.to_dtype(out_t.dtype())?;
-            out_t = (&out_layout + m.broadcast_mul(&(&out_t - &out_layout)?)?)?;
+            out_t = (layout + m.broadcast_mul(&(&out_t - layout)?)?)?;
         }
-        if let Some(r) = &self.recorded {
+        if let (Some(r), Some(layout)) = (&self.recorded, out_layout) {
             r.borrow_mut()
-                .push((path.to_string(), out_t.clone(), out_layout));
+                .push((path.to_string(), out_t.clone(), layout));
         }
         Ok(Some(Tensor::cat(&[&out_src, &out_t], 0)?))
     }
