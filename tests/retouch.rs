@@ -480,3 +480,69 @@ fn refine_sam_segments_the_layout_image() {
         stderr(&o)
     );
 }
+
+/// Every method's trained folder retouches (ViCo's is refused by name), each with its
+/// pair folder's first image per sample as the references: DreamBooth's identifiers
+/// ("sks person") are masked by their tokens like a pseudo-word's row.
+#[test]
+fn every_methods_run_retouches_with_its_pairs_first_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = pair_folder(tmp.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
+    for method in [
+        "magictailor",
+        "ti",
+        "dreambooth",
+        "custom-diffusion",
+        "clic",
+        "vico",
+    ] {
+        let out = tmp.path().join(method);
+        let steps: &[&str] = match method {
+            "magictailor" => &["--warmup-steps", "1", "--dsbal-steps", "1"],
+            _ => &["--method", method, "--steps", "1"],
+        };
+        ok(&run_bin(
+            "train",
+            &with_args(quiet_train_args(pair, out.to_str().unwrap(), &model), steps),
+        ));
+        let image = out.join("r.png");
+        let args = [
+            "--model-dir",
+            out.to_str().unwrap(),
+            "--prompt",
+            "<v0> with <v1>",
+            "--retouch",
+            "--layout-steps",
+            "1",
+            "--quiet",
+            "--out",
+            image.to_str().unwrap(),
+        ];
+        let o = infer(&args);
+        if method == "vico" {
+            assert!(stderr(&o).contains("--retouch on ViCo"), "{}", stderr(&o));
+            continue;
+        }
+        ok(&o);
+        assert!(out.join("r-layout.png").is_file(), "{method}");
+        let made: serde_json::Value =
+            serde_json::from_str(&png_text(&image)["magictailor"]).unwrap();
+        assert_eq!(made["references"].as_array().unwrap().len(), 2, "{method}");
+    }
+}
+
+/// An alias's positions are those of the text it stands for (DreamBooth's identifiers).
+#[test]
+fn an_alias_is_found_by_its_texts_tokens() {
+    let mut sd = StableDiffusion::load(&tiny_sd(), &Device::Cpu, DType::F32).unwrap();
+    let text = "sks tall dark person";
+    let spelled = sd.tokenizer.word_positions("a photo of", text).unwrap();
+    let raw = sd.tokenizer.word_positions("a photo of", "<v0>").unwrap();
+    assert_ne!(raw, spelled, "the test needs a text of another length");
+    let alias = [("<v0>".to_string(), text.to_string())];
+    sd.tokenizer.add_aliases(&alias).unwrap();
+    let aliased = sd.tokenizer.word_positions("a photo of", "<v0>").unwrap();
+    assert!(spelled.is_some());
+    assert_eq!(aliased, spelled);
+}

@@ -231,15 +231,15 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
-    /// The positions (in `encode(prompt)`) of `word`'s tokens, where `prompt` is
-    /// `before` followed by a space and `word`. `None` when the word has no token of its
-    /// own in this vocabulary (it tokenizes to nothing, to the unknown token, or past the
-    /// model length).
+    /// The positions (in `encode(prompt)`) of `word`'s tokens (an alias's: those of its
+    /// text), where `prompt` is `before` followed by a space and `word`. `None` when the
+    /// word has no token of its own in this vocabulary (it tokenizes to nothing, to the
+    /// unknown token, or past the model length).
     pub fn word_positions(&self, before: &str, word: &str) -> Result<Option<Vec<usize>>> {
         let raw = |text: &str| -> Result<Vec<u32>> {
             let enc = self
                 .inner
-                .encode(text, true)
+                .encode(self.expand(text), true)
                 .map_err(|e| Error::usage(format!("cannot tokenize {text:?}: {e}")))?;
             let mut ids = enc.get_ids().to_vec();
             ids.pop(); // EOS
