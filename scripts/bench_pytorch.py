@@ -496,6 +496,162 @@ def bench_vico_infer(name, model, pair, res, reps, steps=50):
           f" | {peak()}")
 
 
+class RetouchState:
+    """What every attention processor of one retouch step reads (set per step)."""
+
+    def __init__(self):
+        self.sources, self.layout_of, self.ref_rows, self.source = 0, [], [], None
+        self.masks, self.maps, self.map_queries, self.cond_rows = {}, [], 0, slice(0)
+
+
+class RetouchProcessor:
+    """Self-attention of a retouch step: source rows attend to themselves; target rows to
+    the layout's or the references' keys and values (in `swaps` layers), blended with the
+    layout's output by the step's mask. Cross-attention records the conditional targets'
+    maps at the mask's grid (decoder only)."""
+
+    def __init__(self, st, swaps, up):
+        self.st, self.swaps, self.up = st, swaps, up
+
+    def __call__(self, attn, hs, encoder_hidden_states=None, attention_mask=None, temb=None):
+        st, h = self.st, attn.heads
+        heads = lambda x: x.view(x.shape[0], x.shape[1], h, -1).transpose(1, 2)
+        merge = lambda x: x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+        sdpa = lambda q, k, v: merge(F.scaled_dot_product_attention(heads(q), heads(k), heads(v)))
+        q = attn.to_q(hs)
+        if encoder_hidden_states is not None:
+            k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+            if self.up and hs.shape[1] == st.map_queries:
+                probs = (heads(q[st.cond_rows]) * attn.scale) @ heads(k[st.cond_rows]).transpose(-1, -2)
+                st.maps.append(probs.softmax(-1).mean(1).float())
+            return attn.to_out[0](sdpa(q, k, v))
+        k, v = attn.to_k(hs), attn.to_v(hs)
+        s, n = st.sources, hs.shape[1]
+        if s == 0:
+            return attn.to_out[0](sdpa(q, k, v))
+        out_src = sdpa(q[:s], k[:s], v[:s])
+        if self.swaps and st.source == "layout":
+            kt, vt = k[st.layout_of], v[st.layout_of]
+        elif self.swaps and st.source == "refs":
+            t = q.shape[0] - s
+            side = lambda x: x[st.ref_rows].reshape(1, -1, x.shape[-1]).expand(t, -1, -1)
+            kt, vt = side(k), side(v)
+        else:
+            kt, vt = k[s:], v[s:]
+        out_t = sdpa(q[s:], kt, vt)
+        if n in st.masks:
+            lay = out_src[st.layout_of]
+            out_t = lay + st.masks[n].to(out_t.dtype) * (out_t - lay)
+        return attn.to_out[0](torch.cat([out_src, out_t]))
+
+
+def blend_mask(m, side):
+    """Layout-and-Retouch's adaptive mask of one word's map [q] on a `side` latent: Otsu,
+    distance transform scaled to [0.5, 1] inside, the attention's pixels 1."""
+    g = int(math.isqrt(m.numel()))
+    soft = F.interpolate(m.view(1, 1, g, g), size=(side, side), mode="bilinear", align_corners=False).flatten()
+    hist, edges = np.histogram(soft.cpu().numpy(), bins=256)
+    w = np.cumsum(hist) / hist.sum()
+    mu = np.cumsum(hist * edges[:-1]) / hist.sum()
+    between = (mu[-1] * w - mu) ** 2 / np.maximum(w * (1 - w), 1e-12)
+    inside = soft > float(edges[np.argmax(between) + 1])
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    pts = torch.stack([ys.flatten(), xs.flatten()], 1).float().to(soft.device)
+    out = torch.zeros_like(soft)
+    if inside.any() and (~inside).any():
+        d = torch.cdist(pts[inside], pts[~inside]).min(1).values
+        out[inside] = 0.5 + 0.5 * (d - d.min()) / (d.max() - d.min()).clamp_min(1e-6)
+    out[inside] = 1.0
+    return out
+
+
+def bench_retouch(name, model, pair, res, steps=50):
+    """`infer --retouch` after loading, as benches/model.rs's `mid-retouch` row: stage 1
+    (CFG), the layout's DDIM inversion (unguided, trajectory kept), the reference's (first
+    image only), then 50 steps of [layout, reference, target x 2] through one U-Net call with
+    the swap (layout keys for the first fifth) and, from there, the blend; VAE decode."""
+    from diffusers import DDIMInverseScheduler
+
+    unet, vae, te = frozen(model)
+    st = RetouchState()
+    procs = {}
+    for key in unet.attn_processors:
+        up, level = key.startswith("up_blocks"), key.split(".")[1]
+        procs[key] = RetouchProcessor(st, up and level in ("2", "3"), up)
+    unet.set_attn_processor(procs)
+    pixels, _ = load_pair(pair, res)
+    cfg = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)
+    ddim, inverse = DDIMScheduler(**cfg), DDIMInverseScheduler(**cfg)
+    vocab = te.config.vocab_size
+    ids = torch.randint(0, vocab, (3, 77), device=DEV)  # "", the prompt, "a photo of <v0>"
+    latent, k_layout = res // 8, steps // 5
+    cache = {}
+
+    def invert(z, ctx):
+        inverse.set_timesteps(steps)
+        path = []
+        for t in inverse.timesteps:
+            z = inverse.step(unet(z.to(DTYPE), t, encoder_hidden_states=ctx).sample.float(), t, z).prev_sample
+            path.append(z)
+        return path[::-1]
+
+    def run():
+        with torch.no_grad(), autocast():
+            ctx = te(ids).last_hidden_state
+            x = torch.randn(1, 4, latent, latent, device=DEV)
+            ddim.set_timesteps(steps)
+            for t in ddim.timesteps:
+                e = unet(torch.cat([x, x]).to(DTYPE), t, encoder_hidden_states=ctx[:2]).sample.float()
+                x = ddim.step(e[:1] + 7.5 * (e[1:] - e[:1]), t, x).prev_sample
+            layout_pixels = vae.decode((x / vae.config.scaling_factor).to(DTYPE)).sample.float()
+            layout = invert(x, ctx[1:2])
+            if "ref" not in cache:
+                zr = vae.encode(pixels[:1].to(DTYPE)).latent_dist.sample() * vae.config.scaling_factor
+                cache["ref"] = invert(zr.float(), ctx[2:3])
+            ref = cache["ref"]
+            x, maps = layout[0], None
+            ddim.set_timesteps(steps)
+            for i, t in enumerate(ddim.timesteps):
+                blending = i >= k_layout and maps is not None
+                source = "layout" if i < k_layout else "refs"
+                rows, ctxs = [], []
+                if blending or source == "layout":
+                    rows.append(layout[i]); ctxs.append(ctx[1:2])
+                if source == "refs":
+                    rows.append(ref[i]); ctxs.append(ctx[2:3])
+                st.sources, st.source = len(rows), source
+                st.layout_of = [0, 0] if (blending or source == "layout") else []
+                st.ref_rows = [st.sources - 1] if source == "refs" else []
+                st.masks = {}
+                if blending:
+                    m = blend_mask(maps, latent)
+                    for g in (latent, latent // 2, latent // 4, latent // 8):
+                        cell = F.adaptive_avg_pool2d(m.view(1, 1, latent, latent), g).flatten()
+                        st.masks[g * g] = cell.view(1, -1, 1).expand(2, -1, 1)
+                st.map_queries, st.cond_rows, st.maps = (latent // 4) ** 2, slice(st.sources + 1, st.sources + 2), []
+                rows += [x, x]
+                ctxs += [ctx[0:1], ctx[1:2]]
+                e = unet(torch.cat(rows).to(DTYPE), t, encoder_hidden_states=torch.cat(ctxs)).sample.float()
+                e = e[st.sources:]
+                x = ddim.step(e[:1] + 7.5 * (e[1:] - e[:1]), t, x).prev_sample
+                maps = torch.stack(st.maps).mean(0)[0, :, 4]  # the word's token
+            st.sources, st.map_queries = 0, 0
+            vae.decode((x / vae.config.scaling_factor).to(DTYPE)).sample.float().cpu().numpy()
+            del layout_pixels
+
+    t0 = time.perf_counter()
+    run()
+    sync()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run()
+    sync()
+    after = time.perf_counter() - t0
+    print(f"{name:>5} --retouch at {res} px, 50 DDIM steps, CFG 7.5: {first:.3f} s first image, {after:.3f} s"
+          f" after (the reference's inversion kept) | {peak()}")
+
+
 def bench_dreambooth(name, model, pair, res, reps):
     """diffusers' train_dreambooth_lora.py step with the paper's masked loss: one image, the
     frozen text encoder run on its prompt, peft LoRA rank 4 on every attention's
@@ -694,7 +850,7 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
     ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,clic,vico,vico-infer,infer",
                     help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
-                         "clic, vico, vico-infer, infer (full only)")
+                         "clic, vico, vico-infer, infer (full only), retouch (at 512 px, and plain infer beside it)")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -736,6 +892,11 @@ def main():
         if "vico-infer" in rows:
             reset_peak()
             bench_vico_infer(name, model, a.root / "person_k+hair_c", c["resolution"], 1)
+        if "retouch" in rows:
+            reset_peak()
+            bench_retouch(name, model, a.root / "person_k+hair_c", 512)
+            reset_peak()
+            bench_infer(name, model, 512, 1)
         if "infer" in rows and c.get("infer"):
             reset_peak()
             bench_infer(name, model, c["resolution"], c.get("infer_reps", c["reps"]))
