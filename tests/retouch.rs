@@ -179,6 +179,7 @@ fn without_swap_and_blend_the_retouch_is_the_target_path_alone() {
         layout_swap_steps: 0,
         blend_from: steps,
         sam_model: None,
+        kv_cache_mb: 0,
     };
     let p = personalized(&off);
     let prompt = "<v0> with <v1>";
@@ -545,4 +546,36 @@ fn an_alias_is_found_by_its_texts_tokens() {
     let aliased = sd.tokenizer.word_positions("a photo of", "<v0>").unwrap();
     assert!(spelled.is_some());
     assert_eq!(aliased, spelled);
+}
+
+/// The references' kept keys and values (computed once, one reference at a time) give the
+/// image the references riding in every batch give, up to the GEMMs' rounding of another
+/// batch size (README, *What holds for reproducing an image*).
+#[test]
+fn kept_reference_keys_give_the_image_of_references_in_the_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture_run(tmp.path(), serde_json::json!({}));
+    let r = refs();
+    let draw = |name: &str, cache: &str| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "--model-dir",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "<v0> with <v1>",
+            "--retouch",
+            "--reference-cache-mb",
+            cache,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(r.iter().map(String::as_str));
+        ok(&infer(&args));
+        read_png(&out)
+    };
+    let (kept, rows) = (draw("kept.png", "2048"), draw("rows.png", "0"));
+    let d = png_max_diff(&kept, &rows);
+    eprintln!("kept keys vs references in the batch: max {d} level(s)");
+    assert!(d <= 1, "{d}");
 }

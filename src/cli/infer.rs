@@ -153,6 +153,11 @@ pub(super) struct RetouchArgs {
     /// SAM weights in candle's layout (as `masks --sam-model`).
     #[arg(long, requires = "refine", default_value = magictailor::masks::sam::DEFAULT_MODEL)]
     sam_model: String,
+    /// With --retouch: memory (MiB) for the references' keys and values at every step,
+    /// computed once and kept for every image of the command; 0 runs the references with
+    /// each batch instead.
+    #[arg(long, requires = "retouch", default_value_t = magictailor::infer::retouch::KV_CACHE_MB)]
+    reference_cache_mb: usize,
 }
 
 impl RetouchArgs {
@@ -169,6 +174,7 @@ impl RetouchArgs {
                 false => self.blend_from.unwrap_or(d.blend_from),
             },
             sam_model: self.refine.map(|_| self.sam_model.clone()),
+            kv_cache_mb: self.reference_cache_mb,
         })
     }
 }

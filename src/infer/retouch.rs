@@ -33,7 +33,7 @@ use crate::model::loader::StableDiffusion;
 use crate::model::nn::Ctx;
 use crate::model::probe::{AttnProbe, BlockKind};
 use crate::model::scheduler::Ddim;
-use crate::model::swap::{swap_layers, Source, Swap};
+use crate::model::swap::{swap_layers, KeysValues, Source, Swap};
 use crate::model::tokenizer::pseudo_words_in;
 
 /// The retouch stage's settings (recorded in every image it draws).
@@ -49,7 +49,14 @@ pub struct Retouch {
     /// Segment Anything weights for the layout image's segment masks (None: the
     /// attention masks alone).
     pub sam_model: Option<String>,
+    /// Memory for the references' keys and values per step, kept for every image of the
+    /// command (MiB; 0: none, the references ride in every step's batch).
+    pub kv_cache_mb: usize,
 }
+
+/// [`Retouch::kv_cache_mb`]'s default: SD 2.x at 512 px keeps about 24 MiB per reference
+/// and step in bf16 (47 in f32), so one reference's 40 steps fit in bf16.
+pub const KV_CACHE_MB: usize = 2048;
 
 impl Retouch {
     /// Our defaults for `steps` DDIM steps (the paper's values did not survive
@@ -61,6 +68,7 @@ impl Retouch {
             layout_swap_steps: steps / 5,
             blend_from: steps / 5,
             sam_model: None,
+            kv_cache_mb: KV_CACHE_MB,
         }
     }
 
@@ -91,18 +99,37 @@ impl Retouch {
 pub struct Stage {
     references: References,
     sam: Option<Refiner>,
-    paths: RefCell<Paths>,
+    paths: RefCell<HashMap<PathKey, Rc<Vec<Tensor>>>>,
+    kv: RefCell<KvCache>,
 }
 
-/// Each reference's path, latents in sampling order, by (sample, h, w, steps).
-type Paths = HashMap<(usize, usize, usize, usize), Rc<Vec<Tensor>>>;
+/// A reference path: (sample, latent height, latent width, steps).
+type PathKey = (usize, usize, usize, usize);
+
+/// The references' self-attention keys and values at the swap layers, per path and step
+/// (None: not kept), within a memory limit.
+struct KvCache {
+    limit: usize,
+    used: usize,
+    steps: HashMap<PathKey, Rc<Vec<Option<KeysValues>>>>,
+}
 
 impl Stage {
-    pub fn new(references: Vec<std::path::PathBuf>, sam: Option<Refiner>) -> Self {
+    /// `kv_cache_mb`: see [`Retouch::kv_cache_mb`].
+    pub fn new(
+        references: Vec<std::path::PathBuf>,
+        sam: Option<Refiner>,
+        kv_cache_mb: usize,
+    ) -> Self {
         Self {
             references: References::new(references),
             sam,
             paths: Default::default(),
+            kv: RefCell::new(KvCache {
+                limit: kv_cache_mb << 20,
+                used: 0,
+                steps: HashMap::new(),
+            }),
         }
     }
 }
@@ -167,7 +194,7 @@ pub fn stage(
             None
         }
     };
-    Ok(Stage::new(src.references.clone(), sam))
+    Ok(Stage::new(src.references.clone(), sam, r.kv_cache_mb))
 }
 
 /// A pseudo-word the prompt names: its sample, its tokens' positions in the prompt, and
@@ -257,6 +284,10 @@ impl<'a> Prompt<'a> {
                 .collect::<Result<Vec<_>>>()?,
             false => Vec::new(),
         };
+        let kv = (self.words.iter())
+            .zip(&refs)
+            .map(|(word, path)| self.reference_kv(main, word, path, (h, w), steps))
+            .collect::<Result<Vec<_>>>()?;
         let guided = main.uncond.is_some();
         let targets = if guided { 2 * n } else { n };
         let layout_context = self.layout.cond.repeat((n, 1, 1))?;
@@ -284,22 +315,25 @@ impl<'a> Prompt<'a> {
                 contexts.push(layout_context.clone());
             }
             let first_ref = if with_layout { n } else { 0 };
-            if source == Some(Source::References) {
+            let cached = match source {
+                Some(Source::References) => side_by_side(&kv, i)?,
+                _ => None,
+            };
+            let ref_rows_here = source == Some(Source::References) && cached.is_none();
+            if ref_rows_here {
                 rows.extend(refs.iter().map(|r| r[i].clone()));
                 contexts.extend(self.words.iter().map(|w| w.cond.cond.clone()));
             }
-            let sources = first_ref
-                + if source == Some(Source::References) {
-                    refs.len()
-                } else {
-                    0
-                };
+            let sources = first_ref + if ref_rows_here { refs.len() } else { 0 };
             let layout_of: Vec<u32> = match with_layout {
                 true => (0..targets).map(|j| (j % n) as u32).collect(),
                 false => Vec::new(),
             };
             let ref_rows: Vec<u32> = (first_ref..sources).map(|r| r as u32).collect();
-            let mut swap = Swap::new(sources, layout_of, ref_rows).swapping(source, layers.clone());
+            let uses_cache = cached.is_some();
+            let mut swap = Swap::new(sources, layout_of, ref_rows)
+                .swapping(source, layers.clone())
+                .with_cached(cached.unwrap_or_default());
             if let (true, Some(m)) = (blending, &maps) {
                 if segments.is_none() {
                     segments = Some(self.segments(m, layout_pixels, (h, w), map_queries)?);
@@ -322,7 +356,7 @@ impl<'a> Prompt<'a> {
                 lora: main.weights.lora,
                 tuned: main.weights.tuned,
                 probe: Some(&probe),
-                swap: (sources > 0).then_some(&swap),
+                swap: (sources > 0 || uses_cache).then_some(&swap),
                 ..Ctx::default()
             };
             let eps = (sd.unet.forward(&rows, &ts, &context, ctx)?).to_dtype(DType::F32)?;
@@ -342,6 +376,59 @@ impl<'a> Prompt<'a> {
             latents: x,
             masks: last_masks,
         })
+    }
+
+    /// The keys and values of `word`'s reference path (`path`) at the swap layers, per
+    /// step of the swap's second part, kept for the command while the cache has room: its
+    /// own pass through the U-Net (with `main`'s adapters), one reference at a time, so
+    /// that what is kept does not depend on the batch that asked first.
+    fn reference_kv(
+        &self,
+        main: &Conditioning,
+        word: &Word,
+        path: &[Tensor],
+        (h, w): (usize, usize),
+        steps: usize,
+    ) -> Result<Rc<Vec<Option<KeysValues>>>> {
+        let key = (word.sample, h, w, steps);
+        if let Some(kept) = self.stage.kv.borrow().steps.get(&key) {
+            return Ok(kept.clone());
+        }
+        let sd = main.weights.sd;
+        let ddim =
+            Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
+        let layers = swap_layers(&sd.unet);
+        let context = word.cond.cond.to_dtype(sd.dtype)?;
+        let mut kept = vec![None; steps];
+        let mut cache = self.stage.kv.borrow_mut();
+        let timesteps = ddim.timesteps().iter().enumerate();
+        for (i, &t) in timesteps.skip(self.opts.layout_swap_steps) {
+            if cache.used >= cache.limit {
+                break;
+            }
+            let swap = Swap::capturing(layers.clone());
+            let ctx = Ctx {
+                lora: main.weights.lora,
+                tuned: main.weights.tuned,
+                swap: Some(&swap),
+                ..Ctx::default()
+            };
+            let ts = Tensor::from_vec(vec![t as f32], 1, &sd.device)?;
+            (sd.unet).forward(&path[i].to_dtype(sd.dtype)?, &ts, &context, ctx)?;
+            let kv = swap.take_captured();
+            let bytes: usize = (kv.values())
+                .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+                .sum();
+            if cache.used + bytes > cache.limit {
+                cache.used = cache.limit; // full: later references keep nothing either
+                break;
+            }
+            cache.used += bytes;
+            kept[i] = Some(kv);
+        }
+        let kept = Rc::new(kept);
+        cache.steps.insert(key, kept.clone());
+        Ok(kept)
     }
 
     /// The reference path of `word`'s sample at latent size `(h, w)`: its clean latent's
@@ -461,6 +548,29 @@ impl<'a> Prompt<'a> {
             })
             .collect()
     }
+}
+
+/// Step `i`'s kept keys and values of every word's reference, side by side per layer
+/// (`[1, refs * n, dim]`), or None unless all of them are kept.
+fn side_by_side(kv: &[Rc<Vec<Option<KeysValues>>>], i: usize) -> Result<Option<KeysValues>> {
+    let Some(steps) = (kv.iter().map(|w| w[i].as_ref())).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    let Some(first) = steps.first() else {
+        return Ok(None);
+    };
+    let mut out = KeysValues::new();
+    for path in first.keys() {
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for s in &steps {
+            let (k, v) =
+                (s.get(path)).ok_or_else(|| Error::internal(format!("no keys kept at {path}")))?;
+            ks.push(k.clone());
+            vs.push(v.clone());
+        }
+        out.insert(path.clone(), (Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?));
+    }
+    Ok(Some(out))
 }
 
 /// Every sampling timestep's latent of an inversion path (ascending timesteps): the path

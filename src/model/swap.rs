@@ -39,9 +39,17 @@ pub struct Swap {
     source: Option<Source>,
     /// Per query count (a layer's `h * w`), the targets' blend masks `[targets, n, 1]`.
     blend: HashMap<usize, Tensor>,
+    /// The references' keys and values read from a cache instead of rows, per layer
+    /// path: `[1, refs * n, dim]` each.
+    cached: HashMap<String, (Tensor, Tensor)>,
+    /// A references' own pass: every swap layer's keys and values, kept for the cache.
+    captured: Option<RefCell<KeysValues>>,
     /// Tests: each blended or swapped layer's (path, targets' output, their layouts').
     recorded: Option<RefCell<Vec<(String, Tensor, Tensor)>>>,
 }
+
+/// Keys and values `[b, n, dim]` per self-attention module path.
+pub type KeysValues = HashMap<String, (Tensor, Tensor)>;
 
 impl Swap {
     /// `sources` rows, then targets whose layout rows are `layout_of`; `references` are
@@ -54,8 +62,33 @@ impl Swap {
             layers: HashSet::new(),
             source: None,
             blend: HashMap::new(),
+            cached: HashMap::new(),
+            captured: None,
             recorded: None,
         }
+    }
+
+    /// A pass that changes nothing and keeps the keys and values of `layers`' self-attention
+    /// ([`Self::take_captured`]).
+    pub fn capturing(layers: HashSet<String>) -> Self {
+        Self {
+            layers,
+            captured: Some(RefCell::new(HashMap::new())),
+            ..Self::new(0, Vec::new(), Vec::new())
+        }
+    }
+
+    pub fn take_captured(&self) -> KeysValues {
+        (self.captured.as_ref())
+            .map(|c| std::mem::take(&mut *c.borrow_mut()))
+            .unwrap_or_default()
+    }
+
+    /// Read the references' keys and values from `cached` (per path, `[1, refs * n, dim]`)
+    /// instead of reference rows.
+    pub fn with_cached(mut self, cached: KeysValues) -> Self {
+        self.cached = cached;
+        self
     }
 
     /// Swap keys and values from `source` in `layers` (transformer paths).
@@ -83,8 +116,12 @@ impl Swap {
             .unwrap_or_default()
     }
 
+    fn in_layers(&self, path: &str) -> bool {
+        (self.layers.iter()).any(|l| path.starts_with(l.as_str()))
+    }
+
     fn swaps(&self, path: &str) -> bool {
-        self.source.is_some() && (self.layers.iter()).any(|l| path.starts_with(l.as_str()))
+        self.source.is_some() && self.in_layers(path)
     }
 
     /// The self-attention of `q, k, v: [b, n, dim]` at module `path`, or None where this
@@ -96,6 +133,13 @@ impl Swap {
         heads: usize,
         scale: f64,
     ) -> Result<Option<Tensor>> {
+        if let Some(c) = &self.captured {
+            if self.in_layers(path) {
+                c.borrow_mut()
+                    .insert(path.to_string(), (k.clone(), v.clone()));
+            }
+            return Ok(None);
+        }
         let n = q.dim(1)?;
         let mask = self.blend.get(&n);
         let swap = self.swaps(path);
@@ -104,30 +148,34 @@ impl Swap {
         }
         let (s, t) = (self.sources, q.dim(0)? - self.sources);
         let rows = |x: &Tensor, a, len| x.narrow(0, a, len);
-        let out_src = ops::attention(
-            &rows(q, 0, s)?,
-            &rows(k, 0, s)?,
-            &rows(v, 0, s)?,
-            heads,
-            scale,
-        )?;
+        let out_src = match s {
+            0 => None,
+            _ => Some(ops::attention(
+                &rows(q, 0, s)?,
+                &rows(k, 0, s)?,
+                &rows(v, 0, s)?,
+                heads,
+                scale,
+            )?),
+        };
         let (k_t, v_t) = match (swap, self.source) {
             (true, Some(Source::Layout)) => {
                 let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
                 (k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)
             }
-            (true, Some(Source::References)) => {
-                (self.side_by_side(k, t)?, self.side_by_side(v, t)?)
-            }
+            (true, Some(Source::References)) => match self.cached.get(path) {
+                Some((ck, cv)) => (ck.repeat((t, 1, 1))?, cv.repeat((t, 1, 1))?),
+                None => (self.side_by_side(k, t)?, self.side_by_side(v, t)?),
+            },
             _ => (rows(k, s, t)?, rows(v, s, t)?),
         };
         let mut out_t = ops::attention(&rows(q, s, t)?, &k_t, &v_t, heads, scale)?;
-        let out_layout = match self.layout_of.is_empty() {
-            true => None,
-            false => {
+        let out_layout = match (&out_src, self.layout_of.is_empty()) {
+            (Some(src), false) => {
                 let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
-                Some(out_src.index_select(&idx, 0)?)
+                Some(src.index_select(&idx, 0)?)
             }
+            _ => None,
         };
         if let Some(m) = mask {
             let layout = (out_layout.as_ref())
@@ -139,7 +187,10 @@ impl Swap {
             r.borrow_mut()
                 .push((path.to_string(), out_t.clone(), layout));
         }
-        Ok(Some(Tensor::cat(&[&out_src, &out_t], 0)?))
+        Ok(Some(match out_src {
+            Some(src) => Tensor::cat(&[&src, &out_t], 0)?,
+            None => out_t,
+        }))
     }
 
     /// The reference rows of `x: [b, n, dim]` side by side `[t, refs * n, dim]`, for each
