@@ -318,7 +318,7 @@ fn bench_retouch(
     pair: &std::path::Path,
     latent: usize,
 ) {
-    use magictailor::infer::retouch::{Retouch, Stage};
+    use magictailor::infer::retouch::{self, Retouch, Stage};
     use magictailor::infer::{Personalized, Prompted, Sampling};
     let mut sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
     sd.tokenizer.add_pseudo_words(&["<v0>".into()]).unwrap();
@@ -334,7 +334,7 @@ fn bench_retouch(
         vico: None,
         retouch: None,
     };
-    p.retouch = Some(Stage::new(references, None));
+    p.retouch = Some(Stage::new(references, None, retouch::KV_CACHE_MB));
     let side = latent * p.sd.vae_factor();
     let plain = Sampling {
         width: side,
