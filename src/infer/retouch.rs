@@ -16,7 +16,7 @@
 //! on their words at the previous step and, with a SAM model, the layout image's segments.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use candle_core::{DType, Tensor};
@@ -189,7 +189,7 @@ pub fn stage(
         Some(spec) => Some(Refiner::load(spec, device)?),
         None => {
             crate::io::console::note(format_args!(
-                "warning: --retouch without --sam-model: the blend masks come from attention alone."
+                "warning: --retouch without --refine sam: the blend masks come from attention alone."
             ));
             None
         }
@@ -275,8 +275,57 @@ impl<'a> Prompt<'a> {
         let ddim =
             Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
         let (n, _, h, w) = z.dims4()?;
+        let paths = self.paths(main, z, steps)?;
+        let guided = main.uncond.is_some();
+        let grids = grids(&sd.unet, (h, w));
+        let map_grid = grids[2.min(grids.len() - 1)];
+        let mut x = paths.layout[0].clone();
+        let mut maps: Option<Vec<Vec<Vec<f32>>>> = None;
+        let mut segments: Option<Vec<Vec<Option<Binary>>>> = None;
+        let mut last_masks = None;
+        for (i, &t) in ddim.timesteps().iter().enumerate() {
+            let masks = match (i >= self.opts.blend_from, &maps) {
+                (true, Some(m)) => {
+                    if segments.is_none() {
+                        segments = Some(self.segments(m, layout_pixels, (h, w), map_grid)?);
+                    }
+                    Some(self.blend_masks(m, segments.as_deref(), (h, w), map_grid))
+                }
+                _ => None,
+            };
+            let blend = match &masks {
+                Some(m) => Some(per_grid(m, (h, w), &grids, guided, sd)?),
+                None => None,
+            };
+            let step = paths.step(i, &x, self.source_at(i), blend)?;
+            let probe = AttnProbe::for_queries(&[map_grid.0 * map_grid.1], &[BlockKind::Up]);
+            let eps = step.eps(main, t, &probe)?;
+            x = ddim.step(&eps, t, &x)?;
+            maps = Some(self.word_maps(probe.take(), step.sources + step.targets - n, n)?);
+            last_masks = masks.or(last_masks);
+            on_step();
+        }
+        Ok(Retouched {
+            latents: x,
+            masks: last_masks,
+        })
+    }
+
+    /// Whose keys and values the target reads at step `i`.
+    fn source_at(&self, i: usize) -> Option<Source> {
+        match (self.opts.swap, i < self.opts.layout_swap_steps) {
+            (false, _) => None,
+            (true, true) => Some(Source::Layout),
+            (true, false) => Some(Source::References),
+        }
+    }
+
+    /// The sources of retouching `z`: the layout's inversion path, and (when the swap
+    /// reads them) the references' paths and kept keys and values.
+    fn paths(&self, main: &'a Conditioning, z: &Tensor, steps: usize) -> Result<Paths<'a>> {
+        let sd = main.weights.sd;
+        let (n, _, h, w) = z.dims4()?;
         let layout = sampling_order(invert_path(&self.layout, z.clone(), steps)?);
-        // The references are read only in the swap's second part.
         let reads_refs = self.opts.swap && self.opts.layout_swap_steps < steps;
         let refs = match reads_refs {
             true => (self.words.iter())
@@ -288,93 +337,17 @@ impl<'a> Prompt<'a> {
             .zip(&refs)
             .map(|(word, path)| self.reference_kv(main, word, path, (h, w), steps))
             .collect::<Result<Vec<_>>>()?;
-        let guided = main.uncond.is_some();
-        let targets = if guided { 2 * n } else { n };
-        let layout_context = self.layout.cond.repeat((n, 1, 1))?;
-        let target_context = main.context(n)?;
-        let layers = swap_layers(&sd.unet);
-        let grids = grids(&sd.unet, (h, w));
-        let map_queries = grids[2.min(grids.len() - 1)];
-        let mut x = layout[0].clone();
-        let mut maps: Option<Vec<Vec<Vec<f32>>>> = None;
-        let mut segments: Option<Vec<Vec<Option<Binary>>>> = None;
-        let mut last_masks = None;
-        for (i, &t) in ddim.timesteps().iter().enumerate() {
-            let blending = i >= self.opts.blend_from && maps.is_some();
-            let source = match (self.opts.swap, i < self.opts.layout_swap_steps) {
-                (false, _) => None,
-                (true, true) => Some(Source::Layout),
-                (true, false) => Some(Source::References),
-            };
-            // Each step carries only the source rows it reads: none at all is the target
-            // path alone, call for call.
-            let (mut rows, mut contexts) = (Vec::new(), Vec::new());
-            let with_layout = blending || source == Some(Source::Layout);
-            if with_layout {
-                rows.push(layout[i].clone());
-                contexts.push(layout_context.clone());
-            }
-            let first_ref = if with_layout { n } else { 0 };
-            let cached = match source {
-                Some(Source::References) => side_by_side(&kv, i)?,
-                _ => None,
-            };
-            let ref_rows_here = source == Some(Source::References) && cached.is_none();
-            if ref_rows_here {
-                rows.extend(refs.iter().map(|r| r[i].clone()));
-                contexts.extend(self.words.iter().map(|w| w.cond.cond.clone()));
-            }
-            let sources = first_ref + if ref_rows_here { refs.len() } else { 0 };
-            let layout_of: Vec<u32> = match with_layout {
-                true => (0..targets).map(|j| (j % n) as u32).collect(),
-                false => Vec::new(),
-            };
-            let ref_rows: Vec<u32> = (first_ref..sources).map(|r| r as u32).collect();
-            let uses_cache = cached.is_some();
-            let mut swap = Swap::new(sources, layout_of, ref_rows)
-                .swapping(source, layers.clone())
-                .with_cached(cached.unwrap_or_default());
-            if let (true, Some(m)) = (blending, &maps) {
-                if segments.is_none() {
-                    segments = Some(self.segments(m, layout_pixels, (h, w), map_queries)?);
-                }
-                let masks = self.blend_masks(m, segments.as_deref(), (h, w), map_queries);
-                swap = swap.blending(per_grid(&masks, (h, w), &grids, guided, sd)?);
-                last_masks = Some(masks);
-            }
-            rows.push(x.clone());
-            if guided {
-                rows.push(x.clone());
-            }
-            contexts.push(target_context.clone());
-            let rows = Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?;
-            let context = Tensor::cat(&contexts, 0)?.to_dtype(sd.dtype)?;
-            let b = rows.dim(0)?;
-            let ts = Tensor::from_vec(vec![t as f32; b], b, &sd.device)?;
-            let probe = AttnProbe::for_queries(&[map_queries.0 * map_queries.1], &[BlockKind::Up]);
-            let ctx = Ctx {
-                lora: main.weights.lora,
-                tuned: main.weights.tuned,
-                probe: Some(&probe),
-                swap: (sources > 0 || uses_cache).then_some(&swap),
-                ..Ctx::default()
-            };
-            let eps = (sd.unet.forward(&rows, &ts, &context, ctx)?).to_dtype(DType::F32)?;
-            let eps = eps.narrow(0, sources, targets)?;
-            let eps = match guided {
-                true => {
-                    let (u, c) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
-                    (&u + ((c - &u)? * main.guidance)?)?
-                }
-                false => eps,
-            };
-            x = ddim.step(&eps, t, &x)?;
-            maps = Some(self.word_maps(probe.take(), sources + targets - n, n)?);
-            on_step();
-        }
-        Ok(Retouched {
-            latents: x,
-            masks: last_masks,
+        Ok(Paths {
+            sd,
+            layout,
+            refs,
+            kv,
+            layout_context: self.layout.cond.repeat((n, 1, 1))?,
+            ref_contexts: self.words.iter().map(|w| w.cond.cond.clone()).collect(),
+            target_context: main.context(n)?,
+            layers: swap_layers(&sd.unet),
+            n,
+            targets: if main.uncond.is_some() { 2 * n } else { n },
         })
     }
 
@@ -547,6 +520,116 @@ impl<'a> Prompt<'a> {
                 mask
             })
             .collect()
+    }
+}
+
+/// What every step of one batch's retouch reads besides the targets: the source paths
+/// (latents in sampling order), the references' kept keys and values, the contexts.
+struct Paths<'a> {
+    sd: &'a StableDiffusion,
+    layout: Vec<Tensor>,
+    refs: Vec<Rc<Vec<Tensor>>>,
+    kv: Vec<Rc<Vec<Option<KeysValues>>>>,
+    layout_context: Tensor,
+    ref_contexts: Vec<Tensor>,
+    target_context: Tensor,
+    layers: HashSet<String>,
+    /// Images, and target rows (`2 n` under guidance).
+    n: usize,
+    targets: usize,
+}
+
+/// One step's U-Net call: the source rows it reads, then the targets (`x` once, or
+/// unconditional and conditional), and the attention control.
+struct Step<'p> {
+    paths: &'p Paths<'p>,
+    rows: Tensor,
+    context: Tensor,
+    swap: Swap,
+    /// Leading source rows; the control is off when there are none and nothing is kept.
+    sources: usize,
+    targets: usize,
+    active: bool,
+}
+
+impl Paths<'_> {
+    /// Step `i` for targets at `x`, reading `source`, blending by `blend` (per query count):
+    /// only the source rows the step reads ride along; none at all is the target path
+    /// alone, call for call.
+    fn step(
+        &self,
+        i: usize,
+        x: &Tensor,
+        source: Option<Source>,
+        blend: Option<HashMap<usize, Tensor>>,
+    ) -> Result<Step<'_>> {
+        let (mut rows, mut contexts) = (Vec::new(), Vec::new());
+        let with_layout = blend.is_some() || source == Some(Source::Layout);
+        if with_layout {
+            rows.push(self.layout[i].clone());
+            contexts.push(self.layout_context.clone());
+        }
+        let first_ref = if with_layout { self.n } else { 0 };
+        let kept = match source {
+            Some(Source::References) => side_by_side(&self.kv, i)?,
+            _ => None,
+        };
+        let ref_rows = source == Some(Source::References) && kept.is_none();
+        if ref_rows {
+            rows.extend(self.refs.iter().map(|r| r[i].clone()));
+            contexts.extend(self.ref_contexts.iter().cloned());
+        }
+        let sources = first_ref + if ref_rows { self.refs.len() } else { 0 };
+        let layout_of: Vec<u32> = match with_layout {
+            true => (0..self.targets).map(|j| (j % self.n) as u32).collect(),
+            false => Vec::new(),
+        };
+        let active = sources > 0 || kept.is_some();
+        let mut swap = Swap::new(
+            sources,
+            layout_of,
+            (first_ref..sources).map(|r| r as u32).collect(),
+        )
+        .swapping(source, self.layers.clone())
+        .with_cached(kept.unwrap_or_default());
+        if let Some(b) = blend {
+            swap = swap.blending(b);
+        }
+        rows.extend(std::iter::repeat_n(x.clone(), self.targets / self.n));
+        contexts.push(self.target_context.clone());
+        Ok(Step {
+            paths: self,
+            rows: Tensor::cat(&rows, 0)?.to_dtype(self.sd.dtype)?,
+            context: Tensor::cat(&contexts, 0)?.to_dtype(self.sd.dtype)?,
+            swap,
+            sources,
+            targets: self.targets,
+            active,
+        })
+    }
+}
+
+impl Step<'_> {
+    /// The targets' guided noise prediction at timestep `t`, `probe` recording.
+    fn eps(&self, main: &Conditioning, t: usize, probe: &AttnProbe) -> Result<Tensor> {
+        let sd = self.paths.sd;
+        let b = self.rows.dim(0)?;
+        let ts = Tensor::from_vec(vec![t as f32; b], b, &sd.device)?;
+        let ctx = Ctx {
+            lora: main.weights.lora,
+            tuned: main.weights.tuned,
+            probe: Some(probe),
+            swap: self.active.then_some(&self.swap),
+            ..Ctx::default()
+        };
+        let eps = (sd.unet.forward(&self.rows, &ts, &self.context, ctx)?).to_dtype(DType::F32)?;
+        let eps = eps.narrow(0, self.sources, self.targets)?;
+        let n = self.paths.n;
+        if main.uncond.is_none() {
+            return Ok(eps);
+        }
+        let (u, c) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
+        Ok((&u + ((c - &u)? * main.guidance)?)?)
     }
 }
 
