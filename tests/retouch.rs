@@ -151,7 +151,7 @@ fn blend_masks_of_zero_give_the_layouts_outputs_in_every_layer() {
 
 /// The fixture personalization (LoRA and two pseudo-words) on the tiny model, with the
 /// two eval images as references.
-fn personalized(retouch: &Retouch) -> Personalized {
+fn personalized(retouch: &Retouch, steps: usize) -> Personalized {
     let src = Sources {
         model: tiny_sd(),
         lora: Some(fixtures().join("lora_peft.safetensors")),
@@ -164,7 +164,7 @@ fn personalized(retouch: &Retouch) -> Personalized {
         ..Default::default()
     };
     let mut p = Personalized::load(&src, &Device::Cpu, DType::F32).unwrap();
-    p.retouch = Some(retouch::stage(&p, &src, retouch, &Device::Cpu).unwrap());
+    p.retouch = Some(retouch::stage(&p, &src, retouch, steps, &Device::Cpu).unwrap());
     p
 }
 
@@ -181,7 +181,7 @@ fn without_swap_and_blend_the_retouch_is_the_target_path_alone() {
         sam_model: None,
         kv_cache_mb: 0,
     };
-    let p = personalized(&off);
+    let p = personalized(&off, steps);
     let prompt = "<v0> with <v1>";
     let sampling = Sampling {
         steps,
@@ -279,6 +279,9 @@ fn infer_retouch_writes_both_images_deterministically() {
     assert_eq!(made["retouch"]["layout_swap_steps"], 1);
     assert_eq!(made["retouch"]["blend_from"], 1);
     assert_eq!(made["references"].as_array().unwrap().len(), 2);
+    let layout_made: serde_json::Value =
+        serde_json::from_str(&png_text(&layout)["magictailor"]).unwrap();
+    assert_eq!(layout_made["image"], "layout: stage 1, before the retouch");
     let bytes = [read_bytes(&out), read_bytes(&layout), read_bytes(&mask)];
     draw(&out, &retouch);
     assert!(bytes == [read_bytes(&out), read_bytes(&layout), read_bytes(&mask)]);
@@ -441,7 +444,56 @@ fn retouch_refuses_what_it_cannot_do() {
         ],
         "--blend-from 9 is more than --steps 6",
     );
+    refused(
+        &[
+            "--model-dir",
+            d,
+            "--prompt",
+            "<dog>",
+            "--retouch",
+            "--reference",
+            r0,
+            "--out",
+            o,
+        ],
+        "not a pseudo-word",
+    );
+    let two = ["--reference", r0, "--reference", r1];
+    let base = [
+        "--model-dir",
+        d,
+        "--prompt",
+        "<v0>",
+        "--retouch",
+        "--out",
+        o,
+    ];
+    refused(
+        &[&base[..], &two, &["--blend-from", "0"]].concat(),
+        "step 1 at the earliest",
+    );
+    refused(
+        &[&base[..], &two, &["--no-blend", "--save-masks"]].concat(),
+        "--no-blend",
+    );
+    refused(
+        &[&base[..], &two, &["--no-swap", "--reference-cache-mb", "9"]].concat(),
+        "--no-swap",
+    );
     assert!(!out.exists(), "nothing written");
+    // Nothing blended: no mask, and the JSON names none.
+    let o = infer(
+        &[
+            &base[..],
+            &two,
+            &["--blend-from", "6", "--save-masks", "--json"],
+        ]
+        .concat(),
+    );
+    ok(&o);
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(line.get("mask").is_none(), "{line}");
+    assert!(!tmp.path().join("x-mask.png").exists());
 }
 
 /// `--refine sam`: SAM segments the layout image (a random tiny SAM here), the record

@@ -54,7 +54,7 @@ pub(super) struct InferArgs {
     retouch: RetouchArgs,
     /// With --retouch: each image's blend mask beside it (NAME-mask.png; white keeps the
     /// retouched output, black the layout's).
-    #[arg(long, requires = "retouch")]
+    #[arg(long, requires = "retouch", conflicts_with = "no_blend")]
     save_masks: bool,
     #[arg(long, default_value_t = s().negative_prompt)]
     negative_prompt: String,
@@ -148,7 +148,7 @@ pub(super) struct RetouchArgs {
     #[arg(long, requires = "retouch")]
     no_blend: bool,
     /// With --retouch: refine the attention masks with SAM's segments of the layout image.
-    #[arg(long, requires = "retouch", value_enum)]
+    #[arg(long, requires = "retouch", value_enum, conflicts_with = "no_blend")]
     refine: Option<super::masks::Refine>,
     /// SAM weights in candle's layout (as `masks --sam-model`).
     #[arg(long, requires = "refine", default_value = magictailor::masks::sam::DEFAULT_MODEL)]
@@ -156,7 +156,12 @@ pub(super) struct RetouchArgs {
     /// With --retouch: memory (MiB) for the references' keys and values at every step,
     /// computed once and kept for every image of the command; 0 runs the references with
     /// each batch instead.
-    #[arg(long, requires = "retouch", default_value_t = magictailor::infer::retouch::KV_CACHE_MB)]
+    #[arg(
+        long,
+        requires = "retouch",
+        conflicts_with = "no_swap",
+        default_value_t = magictailor::infer::retouch::KV_CACHE_MB
+    )]
     reference_cache_mb: usize,
 }
 
@@ -289,8 +294,9 @@ pub(super) fn infer_cmd(a: InferArgs, m: &clap::ArgMatches) -> magictailor::Resu
                 if opts.sampling.retouch.is_some() {
                     line["layout"] = serde_json::json!(companion(p, COMPANION_LAYOUT));
                 }
-                if opts.save_masks {
-                    line["mask"] = serde_json::json!(companion(p, COMPANION_MASK));
+                let mask = companion(p, COMPANION_MASK);
+                if opts.save_masks && mask.is_file() {
+                    line["mask"] = serde_json::json!(mask);
                 }
                 console::line(line);
             }

@@ -288,6 +288,22 @@ fn check_classes(tokens: &BTreeMap<String, String>, refs: &PairDataset, pair: &P
     Ok(())
 }
 
+/// A manifest's retouch settings against the asked ones, leaving out the key cache's size
+/// (memory, not what is drawn).
+fn same_retouch(
+    recorded: &serde_json::Value,
+    asked: Option<&crate::infer::retouch::Retouch>,
+) -> bool {
+    let without_cache = |v: serde_json::Value| match v {
+        serde_json::Value::Object(mut m) => {
+            m.remove("kv_cache_mb");
+            serde_json::Value::Object(m)
+        }
+        other => other,
+    };
+    without_cache(recorded.clone()) == without_cache(serde_json::json!(asked))
+}
+
 /// Existing images are reused only if the manifest says they were drawn as asked.
 fn check_existing(out: &Path, opts: &EvalOptions, prompts: &[Prompt]) -> Result<()> {
     let manifest = out.join("manifest.jsonl");
@@ -314,7 +330,7 @@ fn check_existing(out: &Path, opts: &EvalOptions, prompts: &[Prompt]) -> Result<
             && e["width"] == o.width
             && e["height"] == o.height
             && e["layout_steps"] == o.layout_steps
-            && e["retouch"] == serde_json::json!(o.retouch);
+            && same_retouch(&e["retouch"], o.retouch.as_ref());
         if !same {
             return Err(Error::usage(format!(
                 "{} holds images drawn with other settings ({line}); they would be scored as if drawn \

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::one::{COMPANION_LAYOUT, COMPANION_MASK};
 use super::provenance::Provenance;
 use super::{seeded_latents, InferOptions, Personalized, Prompted, Sources};
 use crate::error::{Error, Result};
@@ -144,18 +145,9 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
                 height: o.height,
                 layout_steps: o.layout_steps,
                 retouch: o.retouch.as_ref(),
-                layout: (o.retouch.is_some()).then(|| {
-                    format!(
-                        "prompt{i:02}/seed{seed:02}-{}.png",
-                        super::one::COMPANION_LAYOUT
-                    )
-                }),
-                mask: (o.retouch.is_some() && opts.save_masks).then(|| {
-                    format!(
-                        "prompt{i:02}/seed{seed:02}-{}.png",
-                        super::one::COMPANION_MASK
-                    )
-                }),
+                layout: (o.retouch.is_some()).then(|| companion(i, seed, COMPANION_LAYOUT)),
+                mask: Some(companion(i, seed, COMPANION_MASK))
+                    .filter(|m| opts.save_masks && many.out_dir.join(m).is_file()),
             };
             let line = serde_json::to_string(&entry)
                 .map_err(|e| Error::internal(format!("serializing the manifest: {e}")))?;
@@ -164,6 +156,11 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
         }
     }
     write_atomic(&many.out_dir.join("manifest.jsonl"), text.as_bytes())
+}
+
+/// The manifest's name of image `seed` of prompt `i`'s companion `what`.
+fn companion(i: usize, seed: u64, what: &str) -> String {
+    format!("prompt{i:02}/seed{seed:02}-{what}.png")
 }
 
 /// `promptNN/grid.png`: the prompt's images, 8 seeds a row, labelled.

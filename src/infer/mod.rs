@@ -123,7 +123,13 @@ pub fn infer(opts: &InferOptions) -> Result<Vec<PathBuf>> {
     let mut p = Personalized::load(&src, &opts.device, opts.dtype)?;
     p.weights().check_prompt(&opts.sampling.negative_prompt)?;
     if let Some(r) = &opts.sampling.retouch {
-        p.retouch = Some(retouch::stage(&p, &src, r, &opts.device)?);
+        p.retouch = Some(retouch::stage(
+            &p,
+            &src,
+            r,
+            opts.sampling.steps,
+            &opts.device,
+        )?);
     }
     match &opts.mode {
         Mode::One(one) => one::draw(&p, opts, one, &src),

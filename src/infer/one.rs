@@ -59,7 +59,7 @@ pub(super) fn write_drawn(
 ) -> Result<()> {
     let chunks = made.chunks();
     if let Some(layouts) = &drawn.layouts {
-        let png = crate::io::png::png_with_text(&layouts[i], &chunks)?;
+        let png = crate::io::png::png_with_text(&layouts[i], &made.layout_chunks())?;
         write_atomic(&companion(path, COMPANION_LAYOUT), &png)?;
     }
     if let (true, Some(masks)) = (save_masks, &drawn.masks) {

@@ -51,6 +51,20 @@ impl<'a> Provenance<'a> {
         ]
     }
 
+    /// [`Self::chunks`] for the retouch stage's layout image: the same settings, marked as
+    /// the image the retouch started from.
+    pub fn layout_chunks(&self) -> Vec<(String, String)> {
+        let mut record = self.json();
+        record["image"] = json!("layout: stage 1, before the retouch");
+        vec![
+            (
+                "parameters".into(),
+                format!("{}, Image: layout before the retouch", self.a1111()),
+            ),
+            ("magictailor".into(), record.to_string()),
+        ]
+    }
+
     /// A1111's layout: the prompt, the negative prompt, then `Key: value` pairs.
     fn a1111(&self) -> String {
         let o = self.sampling;

@@ -34,7 +34,7 @@ use crate::model::nn::Ctx;
 use crate::model::probe::{AttnProbe, BlockKind};
 use crate::model::scheduler::Ddim;
 use crate::model::swap::{swap_layers, KeysValues, Source, Swap};
-use crate::model::tokenizer::pseudo_words_in;
+use crate::model::tokenizer::{pseudo_word, pseudo_words_in};
 
 /// The retouch stage's settings (recorded in every image it draws).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -61,12 +61,12 @@ pub const KV_CACHE_MB: usize = 2048;
 impl Retouch {
     /// Our defaults for `steps` DDIM steps (the paper's values did not survive
     /// extraction): the layout's keys and values for the first fifth, the blend from
-    /// there on.
+    /// there on (from step 1 at least: the mask reads the previous step's attention).
     pub fn defaults(steps: usize) -> Self {
         Self {
             swap: true,
             layout_swap_steps: steps / 5,
-            blend_from: steps / 5,
+            blend_from: (steps / 5).max(1),
             sam_model: None,
             kv_cache_mb: KV_CACHE_MB,
         }
@@ -79,6 +79,12 @@ impl Retouch {
                 "--refine sam segments square images (SAM's input), and this one is \
                  {width}x{height}: drop --refine, or make --width and --height equal."
             )));
+        }
+        if self.blend_from == 0 {
+            return Err(Error::usage(
+                "--blend-from 0: the blend mask comes from the previous step's attention, so the \
+                 blend starts at step 1 at the earliest.",
+            ));
         }
         for (flag, v) in [
             ("--swap-layout-steps", self.layout_swap_steps),
@@ -106,13 +112,17 @@ pub struct Stage {
 /// A reference path: (sample, latent height, latent width, steps).
 type PathKey = (usize, usize, usize, usize);
 
-/// The references' self-attention keys and values at the swap layers, per path and step
-/// (None: not kept), within a memory limit.
+/// The references' self-attention keys and values at the swap layers, per sampling size
+/// and step, within a memory limit.
 struct KvCache {
     limit: usize,
     used: usize,
-    steps: HashMap<PathKey, Rc<Vec<Option<KeysValues>>>>,
+    /// By (latent height, latent width, steps).
+    steps: HashMap<(usize, usize, usize), Kept>,
 }
+
+/// Per step, every reference's keys and values in sample order (None: not kept).
+type Kept = Rc<Vec<Option<Vec<KeysValues>>>>;
 
 impl Stage {
     /// `kv_cache_mb`: see [`Retouch::kv_cache_mb`].
@@ -156,7 +166,12 @@ pub fn check_prompts<'p>(
             )));
         }
         for word in words {
-            if sample_of(&word)? >= references.len() {
+            let Ok(sample) = sample_of(&word) else {
+                return Err(Error::usage(format!(
+                    "{prompt:?} names {word}, which is not a pseudo-word (<v0>, <v1>, ...)."
+                )));
+            };
+            if sample >= references.len() {
                 return Err(Error::usage(format!(
                     "{prompt:?} names {word}, but there are {} reference image(s): give one \
                      --reference per pseudo-word, in order (<v0>'s first).",
@@ -174,6 +189,7 @@ pub fn stage(
     p: &Personalized,
     src: &super::Sources,
     r: &Retouch,
+    steps: usize,
     device: &candle_core::Device,
 ) -> Result<Stage> {
     if p.sd.is_sdxl() {
@@ -185,8 +201,11 @@ pub fn stage(
              another method.",
         ));
     }
+    let blends = r.blend_from < steps;
     let sam = match &r.sam_model {
-        Some(spec) => Some(Refiner::load(spec, device)?),
+        Some(spec) if blends => Some(Refiner::load(spec, device)?),
+        Some(_) => None,
+        None if !blends => None,
         None => {
             crate::io::console::note(format_args!(
                 "warning: --retouch without --refine sam: the blend masks come from attention alone."
@@ -194,15 +213,25 @@ pub fn stage(
             None
         }
     };
+    // Each reference's path is conditioned on its own pseudo-word.
+    let tok = &p.sd.tokenizer;
+    if let Some(s) =
+        (0..src.references.len()).find(|&s| !tok.unknown_pseudo_words(&pseudo_word(s)).is_empty())
+    {
+        return Err(Error::usage(format!(
+            "{} reference images, and this model has no {}: give one --reference per pseudo-word, \
+             in order (<v0>'s first).",
+            src.references.len(),
+            pseudo_word(s)
+        )));
+    }
     Ok(Stage::new(src.references.clone(), sam, r.kv_cache_mb))
 }
 
-/// A pseudo-word the prompt names: its sample, its tokens' positions in the prompt, and
-/// its reference path's conditioning.
-struct Word<'a> {
+/// A pseudo-word the prompt names: its sample and its tokens' positions in the prompt.
+struct Word {
     sample: usize,
     positions: Vec<usize>,
-    cond: Conditioning<'a>,
 }
 
 /// One prompt's retouch: the layout path's conditioning (the personalized model on the
@@ -211,7 +240,9 @@ pub(super) struct Prompt<'a> {
     stage: &'a Stage,
     opts: Retouch,
     layout: Conditioning<'a>,
-    words: Vec<Word<'a>>,
+    words: Vec<Word>,
+    /// Every reference path's conditioning ("a photo of <vN>"), in sample order.
+    ref_conds: Vec<Conditioning<'a>>,
 }
 
 /// The retouched latents and, per image, the last blend mask at the latent's size (None
@@ -242,21 +273,20 @@ impl<'a> Prompt<'a> {
             let positions = tok
                 .word_positions(prompt[..at].trim_end(), &word)?
                 .ok_or_else(|| Error::internal(format!("{word} has no tokens in {prompt:?}")))?;
-            let cond = w.condition(&format!("a photo of {word}"), "", 1.0)?;
-            words.push(Word {
-                sample,
-                positions,
-                cond,
-            });
+            words.push(Word { sample, positions });
         }
         if words.is_empty() {
             return Err(Error::internal(format!("{prompt:?} names no pseudo-word")));
         }
+        let ref_conds = (0..stage.references.len())
+            .map(|s| w.condition(&format!("a photo of {}", pseudo_word(s)), "", 1.0))
+            .collect::<Result<_>>()?;
         Ok(Self {
             stage,
             opts: opts.clone(),
             layout: w.condition(prompt, "", 1.0)?,
             words,
+            ref_conds,
         })
     }
 
@@ -275,7 +305,7 @@ impl<'a> Prompt<'a> {
         let ddim =
             Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
         let (n, _, h, w) = z.dims4()?;
-        let paths = self.paths(main, z, steps)?;
+        let paths = self.paths(main, z, steps, &mut on_step)?;
         let guided = main.uncond.is_some();
         let grids = grids(&sd.unet, (h, w));
         let map_grid = grids[2.min(grids.len() - 1)];
@@ -298,10 +328,14 @@ impl<'a> Prompt<'a> {
                 None => None,
             };
             let step = paths.step(i, &x, self.source_at(i), blend)?;
-            let probe = AttnProbe::for_queries(&[map_grid.0 * map_grid.1], &[BlockKind::Up]);
-            let eps = step.eps(main, t, &probe)?;
+            // The maps feed the next step's mask: read only from the step before the blend.
+            let probe = (i + 1 >= self.opts.blend_from)
+                .then(|| AttnProbe::for_queries(&[map_grid.0 * map_grid.1], &[BlockKind::Up]));
+            let eps = step.eps(main, t, probe.as_ref())?;
             x = ddim.step(&eps, t, &x)?;
-            maps = Some(self.word_maps(probe.take(), step.sources + step.targets - n, n)?);
+            if let Some(probe) = probe {
+                maps = Some(self.word_maps(probe.take(), step.sources + step.targets - n, n)?);
+            }
             last_masks = masks.or(last_masks);
             on_step();
         }
@@ -322,28 +356,38 @@ impl<'a> Prompt<'a> {
 
     /// The sources of retouching `z`: the layout's inversion path, and (when the swap
     /// reads them) the references' paths and kept keys and values.
-    fn paths(&self, main: &'a Conditioning, z: &Tensor, steps: usize) -> Result<Paths<'a>> {
+    fn paths(
+        &self,
+        main: &'a Conditioning,
+        z: &Tensor,
+        steps: usize,
+        on_step: impl FnMut(),
+    ) -> Result<Paths<'a>> {
         let sd = main.weights.sd;
         let (n, _, h, w) = z.dims4()?;
-        let layout = sampling_order(invert_path(&self.layout, z.clone(), steps)?);
+        let layout = sampling_order(invert_path(&self.layout, z.clone(), steps, on_step)?);
         let reads_refs = self.opts.swap && self.opts.layout_swap_steps < steps;
-        let refs = match reads_refs {
-            true => (self.words.iter())
-                .map(|word| self.reference_path(sd, word, (h, w), steps))
-                .collect::<Result<Vec<_>>>()?,
-            false => Vec::new(),
+        let (refs, kv) = match reads_refs {
+            true => {
+                let all = (0..self.ref_conds.len())
+                    .map(|s| self.reference_path(sd, s, (h, w), steps))
+                    .collect::<Result<Vec<_>>>()?;
+                let kv = self.reference_kv(main, &all, (h, w), steps)?;
+                let named = self.words.iter().map(|w| all[w.sample].clone()).collect();
+                (named, Some(kv))
+            }
+            false => (Vec::new(), None),
         };
-        let kv = (self.words.iter())
-            .zip(&refs)
-            .map(|(word, path)| self.reference_kv(main, word, path, (h, w), steps))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Paths {
             sd,
             layout,
             refs,
             kv,
+            samples: self.words.iter().map(|w| w.sample).collect(),
             layout_context: self.layout.cond.repeat((n, 1, 1))?,
-            ref_contexts: self.words.iter().map(|w| w.cond.cond.clone()).collect(),
+            ref_contexts: (self.words.iter())
+                .map(|w| self.ref_conds[w.sample].cond.clone())
+                .collect(),
             target_context: main.context(n)?,
             layers: swap_layers(&sd.unet),
             n,
@@ -351,19 +395,18 @@ impl<'a> Prompt<'a> {
         })
     }
 
-    /// The keys and values of `word`'s reference path (`path`) at the swap layers, per
-    /// step of the swap's second part, kept for the command while the cache has room: its
-    /// own pass through the U-Net (with `main`'s adapters), one reference at a time, so
-    /// that what is kept does not depend on the batch that asked first.
+    /// Every reference's keys and values at the swap layers, per step of the swap's second
+    /// part, kept for the command: each from its own pass through the U-Net (with
+    /// `main`'s adapters), a step kept only when all references' fit in the cache, so
+    /// that what is kept depends neither on the batch nor on the prompt that asked first.
     fn reference_kv(
         &self,
         main: &Conditioning,
-        word: &Word,
-        path: &[Tensor],
+        paths: &[Rc<Vec<Tensor>>],
         (h, w): (usize, usize),
         steps: usize,
-    ) -> Result<Rc<Vec<Option<KeysValues>>>> {
-        let key = (word.sample, h, w, steps);
+    ) -> Result<Kept> {
+        let key = (h, w, steps);
         if let Some(kept) = self.stage.kv.borrow().steps.get(&key) {
             return Ok(kept.clone());
         }
@@ -371,55 +414,60 @@ impl<'a> Prompt<'a> {
         let ddim =
             Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
         let layers = swap_layers(&sd.unet);
-        let context = word.cond.cond.to_dtype(sd.dtype)?;
         let mut kept = vec![None; steps];
         let mut cache = self.stage.kv.borrow_mut();
+        // Every step costs the same: known after the first.
+        let mut per_step = 0;
         let timesteps = ddim.timesteps().iter().enumerate();
         for (i, &t) in timesteps.skip(self.opts.layout_swap_steps) {
-            if cache.used >= cache.limit {
+            if cache.used + per_step > cache.limit {
                 break;
             }
-            let swap = Swap::capturing(layers.clone());
-            let ctx = Ctx {
-                lora: main.weights.lora,
-                tuned: main.weights.tuned,
-                swap: Some(&swap),
-                ..Ctx::default()
-            };
-            let ts = Tensor::from_vec(vec![t as f32], 1, &sd.device)?;
-            (sd.unet).forward(&path[i].to_dtype(sd.dtype)?, &ts, &context, ctx)?;
-            let kv = swap.take_captured();
-            let bytes: usize = (kv.values())
+            let mut step = Vec::with_capacity(paths.len());
+            for (path, cond) in paths.iter().zip(&self.ref_conds) {
+                let swap = Swap::capturing(layers.clone());
+                let ctx = Ctx {
+                    lora: main.weights.lora,
+                    tuned: main.weights.tuned,
+                    swap: Some(&swap),
+                    ..Ctx::default()
+                };
+                let ts = Tensor::from_vec(vec![t as f32], 1, &sd.device)?;
+                let context = cond.cond.to_dtype(sd.dtype)?;
+                (sd.unet).forward(&path[i].to_dtype(sd.dtype)?, &ts, &context, ctx)?;
+                step.push(swap.take_captured());
+            }
+            per_step = (step.iter().flat_map(|kv| kv.values()))
                 .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
                 .sum();
-            if cache.used + bytes > cache.limit {
-                cache.used = cache.limit; // full: later references keep nothing either
+            if cache.used + per_step > cache.limit {
                 break;
             }
-            cache.used += bytes;
-            kept[i] = Some(kv);
+            cache.used += per_step;
+            kept[i] = Some(step);
         }
         let kept = Rc::new(kept);
         cache.steps.insert(key, kept.clone());
         Ok(kept)
     }
 
-    /// The reference path of `word`'s sample at latent size `(h, w)`: its clean latent's
-    /// inversion with the personalized model on "a photo of <vN>", cached for the command.
+    /// The reference path of sample `s` at latent size `(h, w)`: its clean latent's
+    /// inversion with the personalized model on "a photo of <vN>", kept for the command.
     fn reference_path(
         &self,
         sd: &StableDiffusion,
-        word: &Word,
+        s: usize,
         (h, w): (usize, usize),
         steps: usize,
     ) -> Result<Rc<Vec<Tensor>>> {
-        let key = (word.sample, h, w, steps);
+        let key = (s, h, w, steps);
         if let Some(p) = self.stage.paths.borrow().get(&key) {
             return Ok(p.clone());
         }
         let f = sd.vae_factor();
-        let z = (self.stage.references).latent(sd, word.sample, (h * f, w * f))?;
-        let path = Rc::new(sampling_order(invert_path(&word.cond, z, steps)?));
+        let z = (self.stage.references).latent(sd, s, (h * f, w * f))?;
+        let path = invert_path(&self.ref_conds[s], z, steps, || {})?;
+        let path = Rc::new(sampling_order(path));
         self.stage.paths.borrow_mut().insert(key, path.clone());
         Ok(path)
     }
@@ -433,7 +481,13 @@ impl<'a> Prompt<'a> {
         first: usize,
         n: usize,
     ) -> Result<Vec<Vec<Vec<f32>>>> {
-        let layers = recorded.len().max(1) as f32;
+        if recorded.is_empty() {
+            return Err(Error::usage(
+                "--retouch reads the subjects' cross-attention in the decoder at a quarter of the \
+                 latent's size, and this U-Net has none there.",
+            ));
+        }
+        let layers = recorded.len() as f32;
         let mut out = vec![Vec::new(); n];
         for (j, per_word) in out.iter_mut().enumerate() {
             for word in &self.words {
@@ -528,8 +582,10 @@ impl<'a> Prompt<'a> {
 struct Paths<'a> {
     sd: &'a StableDiffusion,
     layout: Vec<Tensor>,
+    /// The named words' reference paths, and their samples.
     refs: Vec<Rc<Vec<Tensor>>>,
-    kv: Vec<Rc<Vec<Option<KeysValues>>>>,
+    samples: Vec<usize>,
+    kv: Option<Kept>,
     layout_context: Tensor,
     ref_contexts: Vec<Tensor>,
     target_context: Tensor,
@@ -571,7 +627,10 @@ impl Paths<'_> {
         }
         let first_ref = if with_layout { self.n } else { 0 };
         let kept = match source {
-            Some(Source::References) => side_by_side(&self.kv, i)?,
+            Some(Source::References) => match &self.kv {
+                Some(kv) => side_by_side(kv[i].as_deref(), &self.samples)?,
+                None => None,
+            },
             _ => None,
         };
         let ref_rows = source == Some(Source::References) && kept.is_none();
@@ -611,14 +670,14 @@ impl Paths<'_> {
 
 impl Step<'_> {
     /// The targets' guided noise prediction at timestep `t`, `probe` recording.
-    fn eps(&self, main: &Conditioning, t: usize, probe: &AttnProbe) -> Result<Tensor> {
+    fn eps(&self, main: &Conditioning, t: usize, probe: Option<&AttnProbe>) -> Result<Tensor> {
         let sd = self.paths.sd;
         let b = self.rows.dim(0)?;
         let ts = Tensor::from_vec(vec![t as f32; b], b, &sd.device)?;
         let ctx = Ctx {
             lora: main.weights.lora,
             tuned: main.weights.tuned,
-            probe: Some(probe),
+            probe,
             swap: self.active.then_some(&self.swap),
             ..Ctx::default()
         };
@@ -633,21 +692,21 @@ impl Step<'_> {
     }
 }
 
-/// Step `i`'s kept keys and values of every word's reference, side by side per layer
-/// (`[1, refs * n, dim]`), or None unless all of them are kept.
-fn side_by_side(kv: &[Rc<Vec<Option<KeysValues>>>], i: usize) -> Result<Option<KeysValues>> {
-    let Some(steps) = (kv.iter().map(|w| w[i].as_ref())).collect::<Option<Vec<_>>>() else {
+/// A step's kept keys and values of the references of `samples`, side by side per layer
+/// (`[1, refs * n, dim]`), or None when the step has none kept.
+fn side_by_side(step: Option<&[KeysValues]>, samples: &[usize]) -> Result<Option<KeysValues>> {
+    let Some(step) = step else {
         return Ok(None);
     };
-    let Some(first) = steps.first() else {
+    let Some(&first) = samples.first() else {
         return Ok(None);
     };
     let mut out = KeysValues::new();
-    for path in first.keys() {
+    for path in step[first].keys() {
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        for s in &steps {
-            let (k, v) =
-                (s.get(path)).ok_or_else(|| Error::internal(format!("no keys kept at {path}")))?;
+        for &s in samples {
+            let (k, v) = (step[s].get(path))
+                .ok_or_else(|| Error::internal(format!("no keys kept at {path}")))?;
             ks.push(k.clone());
             vs.push(v.clone());
         }

@@ -147,9 +147,11 @@ impl<'a> Prompted<'a> {
         })
     }
 
-    /// Denoising steps per image batch, retouch included (for progress).
+    /// Model steps per image batch (for progress): stage 1's, and with the retouch stage
+    /// the layout's inversion and the retouch (a reference's inversion, once per command,
+    /// is not counted).
     pub fn total_steps(&self) -> usize {
-        self.steps * (1 + self.retouch.is_some() as usize)
+        self.steps * (1 + 2 * self.retouch.is_some() as usize)
     }
 
     /// The denoised latents, decoded to images; then, with the retouch stage, those
@@ -469,12 +471,18 @@ pub fn denoise(
 /// draw them again (approximately: each step reads the model one timestep ahead).
 /// Layout-and-Retouch starts its layout and reference paths from such latents.
 pub fn invert(cond: &Conditioning, latents: Tensor, steps: usize) -> Result<Tensor> {
-    (invert_path(cond, latents, steps)?.pop())
+    (invert_path(cond, latents, steps, || {})?.pop())
         .ok_or_else(|| Error::usage("--steps: DDIM inversion needs at least one step"))
 }
 
-/// [`invert`]'s latent at each of its timesteps (ascending), the noisiest last.
-pub fn invert_path(cond: &Conditioning, latents: Tensor, steps: usize) -> Result<Vec<Tensor>> {
+/// [`invert`]'s latent at each of its timesteps (ascending), the noisiest last; `on_step`
+/// runs after every step.
+pub fn invert_path(
+    cond: &Conditioning,
+    latents: Tensor,
+    steps: usize,
+    mut on_step: impl FnMut(),
+) -> Result<Vec<Tensor>> {
     let sd = cond.weights.sd;
     let inverse =
         DdimInverse::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
@@ -484,6 +492,7 @@ pub fn invert_path(cond: &Conditioning, latents: Tensor, steps: usize) -> Result
     for &t in inverse.timesteps() {
         x = inverse.step(&cond.eps(&x, t, &inputs)?, t, &x)?;
         path.push(x.clone());
+        on_step();
     }
     Ok(path)
 }
