@@ -273,6 +273,21 @@ fn time_infer(tg: &Target, w: Weights, prompt: &str, latent: usize, reps: usize)
     })
 }
 
+/// The model in `dir` with one pseudo-word `<v0>` (a random row) and the pair's first
+/// image as its reference.
+fn one_word(
+    tg: &Target,
+    dir: &std::path::Path,
+    pair: &std::path::Path,
+) -> (StableDiffusion, Tensor, Vec<std::path::PathBuf>) {
+    let mut sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
+    sd.tokenizer.add_pseudo_words(&["<v0>".into()]).unwrap();
+    let hidden = sd.text_encoder.config.hidden_size;
+    let rows = seeded_normal(1, (1, hidden), &tg.dev).unwrap();
+    let references = magictailor::data::first_images(pair).unwrap()[..1].to_vec();
+    (sd, rows, references)
+}
+
 /// `infer --reference` after loading: [`bench_infer`] with ViCo's blocks (new ones) and
 /// the pair's first image as `<v0>`'s reference (the reference pass once per step for
 /// both texts).
@@ -284,12 +299,8 @@ fn bench_vico_infer(
     latent: usize,
 ) {
     use magictailor::model::vico;
-    let mut sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
-    sd.tokenizer.add_pseudo_words(&["<v0>".into()]).unwrap();
-    let hidden = sd.text_encoder.config.hidden_size;
-    let rows = seeded_normal(1, (1, hidden), &tg.dev).unwrap();
+    let (sd, rows, references) = one_word(tg, dir, pair);
     let blocks = vico::Blocks::init(&vico::sites(&sd.unet), 0, &tg.dev, DType::F32).unwrap();
-    let references = magictailor::data::first_images(pair).unwrap()[..1].to_vec();
     let visual = magictailor::infer::vico::Visual::new(&blocks, references);
     let w = Weights {
         sd: &sd,
@@ -320,14 +331,11 @@ fn bench_retouch(
 ) {
     use magictailor::infer::retouch::{self, Retouch, Stage};
     use magictailor::infer::{Personalized, Prompted, Sampling};
-    let mut sd = StableDiffusion::load(dir.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
-    sd.tokenizer.add_pseudo_words(&["<v0>".into()]).unwrap();
-    let hidden = sd.text_encoder.config.hidden_size;
-    let references = magictailor::data::first_images(pair).unwrap()[..1].to_vec();
+    let (sd, rows, references) = one_word(tg, dir, pair);
     let mut p = Personalized {
         sd,
         lora: None,
-        extra_rows: Some(seeded_normal(1, (1, hidden), &tg.dev).unwrap()),
+        extra_rows: Some(rows),
         token_table: None,
         tuned: None,
         class_words: Default::default(),

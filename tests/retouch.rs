@@ -353,143 +353,63 @@ fn refused(args: &[&str], needle: &str) {
 fn retouch_refuses_what_it_cannot_do() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixture_run(tmp.path(), serde_json::json!({}));
-    let d = dir.to_str().unwrap();
     let out = tmp.path().join("x.png");
-    let o = out.to_str().unwrap();
     let r = refs();
+    let with = |prompt: &str, extra: &[&str]| -> Vec<String> {
+        let base = [
+            "--model-dir",
+            dir.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--out",
+        ];
+        let base = base
+            .iter()
+            .map(|a| a.to_string())
+            .chain([out.display().to_string()]);
+        base.chain(extra.iter().map(|a| a.to_string())).collect()
+    };
+    let refused = |args: Vec<String>, needle: &str| {
+        refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle)
+    };
     let (r0, r1) = (r[1].as_str(), r[3].as_str());
+    let one = ["--retouch", "--reference", r0];
+    let two = ["--retouch", "--reference", r0, "--reference", r1];
     // Flags of the stage without it.
-    refused(
-        &[
-            "--model-dir",
-            d,
-            "--prompt",
-            "<v0>",
-            "--save-masks",
-            "--out",
-            o,
-        ],
-        "--retouch",
-    );
-    refused(
-        &[
-            "--model-dir",
-            d,
-            "--prompt",
-            "<v0>",
-            "--blend-from",
-            "2",
-            "--out",
-            o,
-        ],
-        "--retouch",
-    );
+    refused(with("<v0>", &["--save-masks"]), "--retouch");
+    refused(with("<v0>", &["--blend-from", "2"]), "--retouch");
     // No reference images (the fixture run records no pair folder).
+    refused(with("<v0>", &["--retouch"]), "reference image");
+    // A prompt without pseudo-words; a word without a reference; a typo.
+    refused(with("a dog", &one), "names none");
+    refused(with("<v1>", &one), "1 reference image(s)");
+    refused(with("<dog>", &one), "not a pseudo-word");
+    let more = |extra: &[&'static str]| -> Vec<&str> {
+        two.iter().copied().chain(extra.iter().copied()).collect()
+    };
     refused(
-        &[
-            "--model-dir",
-            d,
-            "--prompt",
-            "<v0>",
-            "--retouch",
-            "--out",
-            o,
-        ],
-        "reference image",
-    );
-    // A prompt without pseudo-words; a word without a reference.
-    refused(
-        &[
-            "--model-dir",
-            d,
-            "--prompt",
-            "a dog",
-            "--retouch",
-            "--reference",
-            r0,
-            "--out",
-            o,
-        ],
-        "names none",
-    );
-    refused(
-        &[
-            "--model-dir",
-            d,
-            "--prompt",
-            "<v1>",
-            "--retouch",
-            "--reference",
-            r0,
-            "--out",
-            o,
-        ],
-        "1 reference image(s)",
-    );
-    refused(
-        &[
-            "--model-dir",
-            d,
-            "--prompt",
-            "<v0>",
-            "--retouch",
-            "--reference",
-            r0,
-            "--reference",
-            r1,
-            "--blend-from",
-            "9",
-            "--out",
-            o,
-        ],
+        with("<v0>", &more(&["--blend-from", "9"])),
         "--blend-from 9 is more than --steps 6",
     );
     refused(
-        &[
-            "--model-dir",
-            d,
-            "--prompt",
-            "<dog>",
-            "--retouch",
-            "--reference",
-            r0,
-            "--out",
-            o,
-        ],
-        "not a pseudo-word",
-    );
-    let two = ["--reference", r0, "--reference", r1];
-    let base = [
-        "--model-dir",
-        d,
-        "--prompt",
-        "<v0>",
-        "--retouch",
-        "--out",
-        o,
-    ];
-    refused(
-        &[&base[..], &two, &["--blend-from", "0"]].concat(),
+        with("<v0>", &more(&["--blend-from", "0"])),
         "step 1 at the earliest",
     );
     refused(
-        &[&base[..], &two, &["--no-blend", "--save-masks"]].concat(),
+        with("<v0>", &more(&["--no-blend", "--save-masks"])),
         "--no-blend",
     );
     refused(
-        &[&base[..], &two, &["--no-swap", "--reference-cache-mb", "9"]].concat(),
+        with("<v0>", &more(&["--no-swap", "--reference-cache-mb", "9"])),
         "--no-swap",
     );
     assert!(!out.exists(), "nothing written");
     // Nothing blended: no mask, and the JSON names none.
-    let o = infer(
-        &[
-            &base[..],
-            &two,
-            &["--blend-from", "6", "--save-masks", "--json"],
-        ]
-        .concat(),
+    let args = with(
+        "<v0>",
+        &more(&["--blend-from", "6", "--save-masks", "--json"]),
     );
+    let o = infer(&args.iter().map(String::as_str).collect::<Vec<_>>());
     ok(&o);
     let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(line.get("mask").is_none(), "{line}");

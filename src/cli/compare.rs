@@ -16,7 +16,8 @@ pub(super) struct CompareArgs {
     /// Where compare.md, compare.html and compare.json go.
     #[arg(long = "out-dir", alias = "out", default_value = "outputs/compare")]
     out_dir: PathBuf,
-    /// The eval folder of a trained folder: k0, or kN for `eval --layout-steps N`.
+    /// The eval folder of a trained folder: k0, kN for `eval --layout-steps N`, kN-retouch
+    /// for `eval --retouch`.
     #[arg(long, default_value = "k0")]
     eval: String,
     /// Which report of an eval folder: attention (metrics.json) or none

@@ -43,7 +43,8 @@ pub struct CompareOptions {
     /// Trained folders (their `eval/<eval>/` report is read), eval folders, or
     /// `metrics.json` files.
     pub runs: Vec<PathBuf>,
-    /// The eval folder inside a trained folder: `k0` unless `eval --layout-steps` was set.
+    /// The eval folder inside a trained folder: `k0` unless `eval --layout-steps` or
+    /// `--retouch` was set (`kN`, `kN-retouch`).
     pub eval: String,
     /// Which report of an eval folder: "attention" (`metrics.json`) or "none".
     pub segmentation: String,
