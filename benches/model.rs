@@ -586,6 +586,7 @@ fn main() {
         "full-vico",
         "full-ddim",
         "full-infer",
+        "full-retouch",
     ]
     .iter()
     .any(|r| wanted(r))
@@ -688,6 +689,9 @@ fn main() {
     }
     if wanted("full-infer") {
         bench_infer(&tg, "full", &full, 64, 3);
+    }
+    if wanted("full-retouch") {
+        bench_retouch(&tg, "full", &full, &pair, 64);
     }
     if keep.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);

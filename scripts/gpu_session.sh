@@ -13,7 +13,8 @@
 #  4. on a random full-size SD 2.1-base at 512 px: the training step with our kernels and
 #     with candle's composed ops (MAGICTAILOR_CUDA_KERNELS=0), PyTorch fp16 + diffusers on
 #     the same model and pair, a U-Net fwd+bwd, a DDIM step and a 50-step sampling; then
-#     one markdown table (table.md, printed);
+#     `infer --retouch` against the same computation in PyTorch (logs only); one markdown
+#     table (table.md, printed);
 #  5. what is left of the budget: the kernel tests under compute-sanitizer's memcheck,
 #     8-warp flash blocks, racecheck and synccheck.
 #
@@ -54,6 +55,8 @@ export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step torch 200 python3 scripts/bench_pytorch.py "$work" full --device cuda --dtype fp16 --rows unet,train,infer
 step ours-ddim 90 "$work/model-bench" full-ddim
 step ours-infer 120 "$work/model-bench" full-infer
+step ours-retouch 150 "$work/model-bench" full-retouch
+step torch-retouch 240 python3 scripts/bench_pytorch.py "$work" full --device cuda --dtype fp16 --rows retouch
 python3 scripts/gpu_table.py "$logs" "$dtype" | tee "$logs/table.md"
 [ -z "${OUT:-}" ] || cp "$logs/table.md" "$OUT/"
 
