@@ -396,9 +396,9 @@ impl<'a> Prompt<'a> {
     }
 
     /// Every reference's keys and values at the swap layers, per step of the swap's second
-    /// part, kept for the command: each from its own pass through the U-Net (with
-    /// `main`'s adapters), a step kept only when all references' fit in the cache, so
-    /// that what is kept depends neither on the batch nor on the prompt that asked first.
+    /// part, kept for the command: from the references' own pass through the U-Net (all of
+    /// them, with `main`'s adapters), a step kept only when they fit in the cache, so that
+    /// what is kept depends neither on the batch nor on the prompt that asked first.
     fn reference_kv(
         &self,
         main: &Conditioning,
@@ -423,20 +423,34 @@ impl<'a> Prompt<'a> {
             if cache.used + per_step > cache.limit {
                 break;
             }
-            let mut step = Vec::with_capacity(paths.len());
-            for (path, cond) in paths.iter().zip(&self.ref_conds) {
-                let swap = Swap::capturing(layers.clone());
-                let ctx = Ctx {
-                    lora: main.weights.lora,
-                    tuned: main.weights.tuned,
-                    swap: Some(&swap),
-                    ..Ctx::default()
-                };
-                let ts = Tensor::from_vec(vec![t as f32], 1, &sd.device)?;
-                let context = cond.cond.to_dtype(sd.dtype)?;
-                (sd.unet).forward(&path[i].to_dtype(sd.dtype)?, &ts, &context, ctx)?;
-                step.push(swap.take_captured());
-            }
+            // Every reference in one call: the same batch whichever prompt asks.
+            let rows = paths.iter().map(|p| p[i].clone()).collect::<Vec<_>>();
+            let contexts = self
+                .ref_conds
+                .iter()
+                .map(|c| c.cond.clone())
+                .collect::<Vec<_>>();
+            let swap = Swap::capturing(layers.clone());
+            let ctx = Ctx {
+                lora: main.weights.lora,
+                tuned: main.weights.tuned,
+                swap: Some(&swap),
+                ..Ctx::default()
+            };
+            let ts = Tensor::from_vec(vec![t as f32; rows.len()], rows.len(), &sd.device)?;
+            let context = Tensor::cat(&contexts, 0)?.to_dtype(sd.dtype)?;
+            let rows = Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?;
+            (sd.unet).forward(&rows, &ts, &context, ctx)?;
+            let all = swap.take_captured();
+            let step = (0..paths.len())
+                .map(|r| {
+                    (all.iter())
+                        .map(|(path, (k, v))| {
+                            Ok((path.clone(), (k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)))
+                        })
+                        .collect::<Result<KeysValues>>()
+                })
+                .collect::<Result<Vec<_>>>()?;
             per_step = (step.iter().flat_map(|kv| kv.values()))
                 .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
                 .sum();
