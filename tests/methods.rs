@@ -125,6 +125,18 @@ fn textual_inversion_trains_only_the_words_and_resumes_exactly() {
         &["--model-dir", dir, "--checkpoint", "2"],
         &png("step2.png"),
     );
+    // The image says which checkpoint drew it.
+    let made: serde_json::Value =
+        serde_json::from_str(&png_text(&png("step2.png"))["magictailor"]).unwrap();
+    let file = made["checkpoint"].as_str().unwrap_or_default();
+    assert!(
+        file.ends_with(".safetensors") && file.contains('2'),
+        "{made}"
+    );
+    assert!(png_text(&png("step2.png"))["parameters"].contains(", Checkpoint: "));
+    assert!(png_text(&png("dir.png"))["magictailor"]
+        .find("checkpoint")
+        .is_none());
 
     // Leave the A1111 files and an image from fixed latents for
     // scripts/check_rust_exports.py, which loads the files into diffusers

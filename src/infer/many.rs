@@ -55,6 +55,9 @@ struct Entry<'a> {
     embeds: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     custom_diffusion: Option<String>,
+    /// The training checkpoint sampled instead of the final weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint: Option<String>,
     steps: usize,
     guidance: f64,
     width: usize,
@@ -139,6 +142,10 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
                 lora: path_str(&src.lora),
                 embeds: path_str(&src.embeds),
                 custom_diffusion: path_str(&src.custom_diffusion),
+                checkpoint: src
+                    .checkpoint
+                    .as_ref()
+                    .map(|(f, _)| f.display().to_string()),
                 steps: o.steps,
                 guidance: o.guidance,
                 width: o.width,

@@ -24,6 +24,8 @@ pub struct Provenance<'a> {
     custom_diffusion: Option<&'a Path>,
     vico_blocks: Option<&'a Path>,
     references: &'a [std::path::PathBuf],
+    /// The training checkpoint sampled instead of a folder's final weights.
+    checkpoint: Option<&'a Path>,
 }
 
 impl<'a> Provenance<'a> {
@@ -40,6 +42,7 @@ impl<'a> Provenance<'a> {
             custom_diffusion: src.custom_diffusion.as_deref(),
             vico_blocks: src.vico_blocks.as_deref(),
             references: &src.references,
+            checkpoint: src.checkpoint.as_ref().map(|(f, _)| f.as_path()),
         }
     }
 
@@ -91,6 +94,9 @@ impl<'a> Provenance<'a> {
             let refs: Vec<String> = self.references.iter().map(|p| name(p)).collect();
             s.push_str(&format!(", References: {}", refs.join(" ")));
         }
+        if let Some(c) = self.checkpoint {
+            s.push_str(&format!(", Checkpoint: {}", name(c)));
+        }
         if o.layout_steps > 0 {
             s.push_str(&format!(", Layout steps: {}", o.layout_steps));
         }
@@ -141,6 +147,9 @@ impl<'a> Provenance<'a> {
         }
         if let Some(p) = &self.single_file.prediction_type {
             record["prediction_type"] = json!(p);
+        }
+        if let Some(c) = self.checkpoint {
+            record["checkpoint"] = json!(c);
         }
         record
     }
