@@ -252,6 +252,7 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
         lora: None,
         tuned: None,
         extra_rows: None,
+        extra_rows_2: None,
         token_table: None,
         vico: None,
     };
@@ -307,6 +308,7 @@ fn bench_vico_infer(
         lora: None,
         tuned: None,
         extra_rows: Some(&rows),
+        extra_rows_2: None,
         token_table: None,
         vico: Some(&visual),
     };
@@ -336,6 +338,7 @@ fn bench_retouch(
         sd,
         lora: None,
         extra_rows: Some(rows),
+        extra_rows_2: None,
         token_table: None,
         tuned: None,
         class_words: Default::default(),

@@ -16,6 +16,7 @@ use magictailor::model::config::{read_json, ClipTextConfig, UNetConfig};
 use magictailor::model::nn::{AddedCond, Ctx};
 use magictailor::model::tokenizer::ClipTokenizer;
 use magictailor::model::unet::UNet;
+use magictailor::testkit::tolerance::max_abs_diff;
 
 fn dir(component: &str) -> PathBuf {
     fixtures().join("sdxl/tiny-sdxl").join(component)
@@ -115,7 +116,7 @@ fn tiny_sdxl() -> String {
 
 /// `infer` on the SDXL folder as the pipeline drew `ddim_base.png`: 10 DDIM steps,
 /// guidance 7.5, 64 px, the recorded latents.
-fn infer_sdxl(extra: &[&str], out: &std::path::Path) -> std::process::Output {
+fn infer_sdxl(prompt: &str, extra: &[&str], out: &std::path::Path) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let latents = dir.path().join("latents.safetensors");
     let lat = reference()["init_latents"].clone();
@@ -125,14 +126,7 @@ fn infer_sdxl(extra: &[&str], out: &std::path::Path) -> std::process::Output {
     )
     .unwrap();
     let model = tiny_sdxl();
-    let mut args = vec![
-        "--model",
-        &model,
-        "--prompt",
-        "a photo of a dog",
-        "--steps",
-        "10",
-    ];
+    let mut args = vec!["--model", &model, "--prompt", prompt, "--steps", "10"];
     args.extend([
         "--guidance",
         "7.5",
@@ -159,16 +153,60 @@ fn infer_draws_diffusers_sdxl_image() {
     let dir = tempfile::tempdir().unwrap();
     let want = read_png(&fixtures().join("sdxl/ddim_base.png"));
     let out = dir.path().join("xl.png");
-    ok(&infer_sdxl(&[], &out));
+    ok(&infer_sdxl("a photo of a dog", &[], &out));
     let d = png_max_diff(&read_png(&out), &want);
     assert!(d <= 2, "SDXL image: {d} levels from diffusers'");
     // f16 weights, the VAE kept in f32 as the pipeline's force_upcast does.
-    ok(&infer_sdxl(&["--dtype", "f16"], &out));
+    ok(&infer_sdxl("a photo of a dog", &["--dtype", "f16"], &out));
     let d = png_max_diff(&read_png(&out), &want);
     assert!(
         d <= 4,
         "SDXL f16 image: {d} levels from diffusers' f32 (measured 1)"
     );
+}
+
+/// An SDXL embedding (`clip_l` and `clip_g`, as diffusers and A1111 store one) gives its
+/// word a row in each text encoder: the prompt's features, the pooled projection and the
+/// image as diffusers' `load_textual_inversion` into both encoders gives them
+/// (scripts/make_sdxl_embeds_fixture.py); an SD 1.x/2.x embedding is refused by name.
+#[test]
+fn an_sdxl_embedding_matches_diffusers_textual_inversion() {
+    use magictailor::infer::{Personalized, Sources};
+    let r = candle_core::safetensors::load(
+        fixtures().join("sdxl/embeds_parity.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let embeds = fixtures().join("sdxl/v0.safetensors");
+    let src = Sources {
+        model: tiny_sdxl(),
+        embeds: Some(embeds.clone()),
+        ..Default::default()
+    };
+    let p = Personalized::load(&src, &Device::Cpu, DType::F32).unwrap();
+    let prompt = "a photo of <v0>, in snow";
+    let (hidden, pooled) = p.weights().encode_text(&[prompt]).unwrap();
+    let d = max_abs_diff(&hidden, &r["prompt_embeds"]);
+    let e = max_abs_diff(&pooled.unwrap(), &r["pooled"]);
+    eprintln!("SDXL embedding: features {d:e}, pooled {e:e} from diffusers'");
+    assert!(d < 1e-5 && e < 1e-5, "features {d}, pooled {e}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("xl.png");
+    ok(&infer_sdxl(
+        prompt,
+        &["--embeds", embeds.to_str().unwrap()],
+        &out,
+    ));
+    let want = read_png(&fixtures().join("sdxl/ddim_embeds.png"));
+    let d = png_max_diff(&read_png(&out), &want);
+    eprintln!("SDXL image with an embedding: {d} level(s) from diffusers'");
+    assert!(
+        d <= 2,
+        "SDXL image with an embedding: {d} levels from diffusers'"
+    );
+    let sd2 = fixtures().join("learned_embeds.safetensors");
+    let o = infer_sdxl(prompt, &["--embeds", sd2.to_str().unwrap()], &out);
+    assert!(stderr(&o).contains("clip_l and clip_g"), "{}", stderr(&o));
 }
 
 /// An SDXL repo in the hub cache brings its second text encoder and tokenizer.

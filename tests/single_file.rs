@@ -407,6 +407,7 @@ fn an_sdxl_single_file_loads_to_its_folder_bit_for_bit() {
             lora: None,
             tuned: None,
             extra_rows: None,
+            extra_rows_2: None,
             token_table: None,
             vico: None,
         };

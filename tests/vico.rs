@@ -256,6 +256,7 @@ fn weights<'a>(sd: &'a StableDiffusion, rows: &'a Tensor, vico: Option<&'a Visua
         lora: None,
         tuned: None,
         extra_rows: Some(rows),
+        extra_rows_2: None,
         token_table: None,
         vico,
     }

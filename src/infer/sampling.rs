@@ -189,6 +189,8 @@ pub struct Weights<'a> {
     pub tuned: Option<&'a TunedSet>,
     /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
     pub extra_rows: Option<&'a Tensor>,
+    /// The same pseudo-words' rows in SDXL's second text encoder, `[k, hidden_2]`.
+    pub extra_rows_2: Option<&'a Tensor>,
     pub token_table: Option<&'a Tensor>,
     /// ViCo's blocks and reference images.
     pub vico: Option<&'a super::vico::Visual>,
@@ -202,6 +204,7 @@ impl<'a> Weights<'a> {
             lora: None,
             tuned: None,
             extra_rows: None,
+            extra_rows_2: None,
             token_table: None,
             vico: None,
         }
@@ -233,16 +236,16 @@ impl<'a> Weights<'a> {
             let hidden = te.forward_with_table(&ids_1, self.token_table, self.extra_rows)?;
             return Ok((hidden, None));
         };
-        if self.extra_rows.is_some() || self.token_table.is_some() {
+        if self.token_table.is_some() || self.extra_rows.is_some() != self.extra_rows_2.is_some() {
             return Err(Error::usage(
-                "pseudo-words on SDXL need a row in each text encoder, which is not built yet: \
-                 sample SDXL without --embeds or a trained folder's words.",
+                "pseudo-words on SDXL need a row in each text encoder (an SDXL embedding's \
+                 clip_l and clip_g).",
             ));
         }
         let ids_2 = ids(tok_2)?;
         let (s_1, s_2) = (
-            te.forward_states(&ids_1, None, None)?,
-            te_2.forward_states(&ids_2, None, None)?,
+            te.forward_states(&ids_1, None, self.extra_rows)?,
+            te_2.forward_states(&ids_2, None, self.extra_rows_2)?,
         );
         let hidden = Tensor::cat(&[s_1.penultimate(), s_2.penultimate()], D::Minus1)?;
         let pooled = te_2.pooled(&s_2.last, &ids_2, tok_2.eos_id())?;

@@ -48,6 +48,8 @@ pub struct Personalized {
     pub lora: Option<LoraSet>,
     /// Embedding rows of the pseudo-words, `[k, hidden]`, in tokenizer order.
     pub extra_rows: Option<Tensor>,
+    /// Their rows in SDXL's second text encoder, `[k, hidden_2]`.
+    pub extra_rows_2: Option<Tensor>,
     /// Replaces the text encoder's token table (`--released-script` runs).
     pub token_table: Option<Tensor>,
     /// Whole matrices in place of base weights (Custom Diffusion).
@@ -84,16 +86,9 @@ impl Personalized {
             )?),
             None => None,
         };
-        let extra_rows = match &src.embeds {
-            Some(f) => {
-                let hidden = sd.text_encoder.config.hidden_size;
-                let list = crate::io::embeds::load(f, hidden, device)?;
-                let words: Vec<String> = list.iter().map(|(w, _)| w.clone()).collect();
-                sd.tokenizer.add_pseudo_words(&words)?;
-                let rows: Vec<Tensor> = list.into_iter().map(|(_, v)| v).collect();
-                Some(Tensor::stack(&rows, 0)?)
-            }
-            None => None,
+        let (extra_rows, extra_rows_2) = match &src.embeds {
+            Some(f) => load_embeds(&mut sd, f, device)?,
+            None => (None, None),
         };
         let vico = match &src.vico_blocks {
             Some(f) => {
@@ -109,6 +104,7 @@ impl Personalized {
             sd,
             lora,
             extra_rows,
+            extra_rows_2,
             token_table,
             tuned,
             class_words: src.class_words.clone(),
@@ -139,10 +135,33 @@ impl Personalized {
             lora: self.lora.as_ref(),
             tuned: self.tuned.as_ref(),
             extra_rows: self.extra_rows.as_ref(),
+            extra_rows_2: self.extra_rows_2.as_ref(),
             token_table: self.token_table.as_ref(),
             vico: self.vico.as_ref(),
         }
     }
+}
+
+/// The pseudo-words of the embeddings file `f`, added to `sd`'s tokenizers, and their rows
+/// (in each text encoder, for SDXL).
+fn load_embeds(
+    sd: &mut StableDiffusion,
+    f: &Path,
+    device: &Device,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let hidden = sd.text_encoder.config.hidden_size;
+    if let Some((te_2, tok_2)) = &mut sd.text_encoder_2 {
+        let widths = (hidden, te_2.config.hidden_size);
+        let (word, l, g) = crate::io::embeds::load_sdxl(f, widths, device)?;
+        sd.tokenizer.add_pseudo_words(std::slice::from_ref(&word))?;
+        tok_2.add_pseudo_words(&[word])?;
+        return Ok((Some(l.unsqueeze(0)?), Some(g.unsqueeze(0)?)));
+    }
+    let list = crate::io::embeds::load(f, hidden, device)?;
+    let words: Vec<String> = list.iter().map(|(w, _)| w.clone()).collect();
+    sd.tokenizer.add_pseudo_words(&words)?;
+    let rows: Vec<Tensor> = list.into_iter().map(|(_, v)| v).collect();
+    Ok((Some(Tensor::stack(&rows, 0)?), None))
 }
 
 /// The weights a training checkpoint holds, as a trained folder's files would give them.
@@ -211,6 +230,7 @@ fn from_checkpoint(
         sd,
         lora: has_lora.then_some(lora),
         extra_rows: rows,
+        extra_rows_2: None,
         token_table,
         tuned,
         class_words: src.class_words.clone(),

@@ -3,6 +3,8 @@
 //! `learned_embeds.safetensors` maps each token string to its vector (`[hidden]`), the
 //! layout diffusers' textual-inversion training writes. A1111/ComfyUI read one embedding
 //! per file (`emb_params: [1, hidden]`, named by the file); `save_a1111` writes those.
+//! SDXL's (diffusers' and A1111's) hold a row per text encoder, `clip_l` and `clip_g`, one
+//! word per file, named by the file.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,12 +23,7 @@ pub fn load(file: &Path, hidden: usize, device: &Device) -> Result<Embeds> {
     for (key, t) in tensors {
         // A1111 files hold one embedding under a fixed key; its token is the file stem.
         let token = if key == "emb_params" || key == "*" {
-            format!(
-                "<{}>",
-                file.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            )
+            token_of(file)
         } else {
             key
         };
@@ -53,6 +50,52 @@ pub fn load(file: &Path, hidden: usize, device: &Device) -> Result<Embeds> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// The word an A1111 file stands for: its name (`v0.safetensors` -> `<v0>`).
+fn token_of(file: &Path) -> String {
+    let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+    format!("<{}>", stem.unwrap_or_default())
+}
+
+/// An SDXL embedding: its word (named by the file) and its rows for the first (`clip_l`,
+/// `hidden` wide) and second (`clip_g`, `hidden_2`) text encoders.
+pub fn load_sdxl(
+    file: &Path,
+    (hidden, hidden_2): (usize, usize),
+    device: &Device,
+) -> Result<(String, Tensor, Tensor)> {
+    let mut t = tensors::read_floats(file, device, &[])?;
+    let (Some(l), Some(g)) = (t.remove("clip_l"), t.remove("clip_g")) else {
+        let mut keys: Vec<String> = t.keys().cloned().collect();
+        keys.sort();
+        return Err(Error::mismatch(
+            file,
+            format!(
+                "{}: an SDXL model takes embeddings with a row per text encoder (tensors clip_l \
+                 and clip_g, as diffusers and A1111 write them); this file holds {keys:?} \
+                 (an embedding for SD 1.x or 2.x?).",
+                file.display()
+            ),
+        ));
+    };
+    let row = |t: Tensor, width: usize, name: &str| -> Result<Tensor> {
+        let v = t.to_dtype(DType::F32)?.flatten_all()?;
+        if v.dim(0)? != width {
+            return Err(Error::mismatch(
+                file,
+                format!(
+                    "{}: {name} has {} values but its text encoder is {width} wide (another base \
+                     model?). Multi-vector embeddings are not supported.",
+                    file.display(),
+                    v.dim(0)?
+                ),
+            ));
+        }
+        Ok(v)
+    };
+    let (l, g) = (row(l, hidden, "clip_l")?, row(g, hidden_2, "clip_g")?);
+    Ok((token_of(file), l, g))
 }
 
 pub fn save(file: &Path, embeds: &Embeds) -> Result<()> {

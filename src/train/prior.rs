@@ -132,6 +132,7 @@ fn draw(t: &Trainer, class: &str, dir: &Path, missing: &[usize], progress: Progr
         lora: None,
         tuned: None,
         extra_rows: None,
+        extra_rows_2: None,
         token_table: None,
         vico: None,
     };

@@ -86,6 +86,7 @@ pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
         lora: Some(&lora),
         tuned: (!tuned.is_empty()).then_some(&tuned),
         extra_rows: Some(&rows),
+        extra_rows_2: None,
         token_table: table.as_ref(),
         vico: visual.as_ref(),
     };
