@@ -403,17 +403,19 @@ fn retouch_refuses_what_it_cannot_do() {
         with("<v0>", &more(&["--no-swap", "--reference-cache-mb", "9"])),
         "--no-swap",
     );
-    assert!(!out.exists(), "nothing written");
-    // Nothing blended: no mask, and the JSON names none.
-    let args = with(
-        "<v0>",
-        &more(&["--blend-from", "6", "--save-masks", "--json"]),
+    // What applies only to a blend, or only to the references' part, where there is none.
+    refused(
+        with("<v0>", &more(&["--blend-from", "6", "--save-masks"])),
+        "nothing is blended",
     );
-    let o = infer(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    ok(&o);
-    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(line.get("mask").is_none(), "{line}");
-    assert!(!tmp.path().join("x-mask.png").exists());
+    let sam = ["--blend-from", "6", "--refine", "sam"];
+    refused(with("<v0>", &more(&sam)), "nothing is blended");
+    let all_layout = ["--swap-layout-steps", "6", "--reference-cache-mb", "9"];
+    refused(
+        with("<v0>", &more(&all_layout)),
+        "read only after --swap-layout-steps",
+    );
+    assert!(!out.exists(), "nothing written");
 }
 
 /// `--refine sam`: SAM segments the layout image (a random tiny SAM here), the record

@@ -119,7 +119,7 @@ impl EvalArgs {
                 width: self.width.unwrap_or(s().width),
                 height: self.height.unwrap_or(s().height),
                 layout_steps: self.layout_steps,
-                retouch: self.retouch.options(self.steps as usize),
+                retouch: self.retouch.options(self.steps as usize)?,
                 ..s()
             },
             batch_size: self.batch_size as usize,

@@ -156,31 +156,34 @@ pub(super) struct RetouchArgs {
     /// With --retouch: memory (MiB) for the references' keys and values at every step,
     /// computed once and kept for every image of the command; 0 runs the references with
     /// each batch instead.
-    #[arg(
-        long,
-        requires = "retouch",
-        conflicts_with = "no_swap",
-        default_value_t = magictailor::infer::retouch::KV_CACHE_MB
-    )]
-    reference_cache_mb: usize,
+    /// [default: 2048]
+    #[arg(long, requires = "retouch", conflicts_with = "no_swap")]
+    reference_cache_mb: Option<usize>,
 }
 
 impl RetouchArgs {
-    pub(super) fn options(&self, steps: usize) -> Option<Retouch> {
+    pub(super) fn options(&self, steps: usize) -> magictailor::Result<Option<Retouch>> {
         if !self.retouch {
-            return None;
+            return Ok(None);
         }
         let d = Retouch::defaults(steps);
-        Some(Retouch {
+        let layout_swap_steps = self.swap_layout_steps.unwrap_or(d.layout_swap_steps);
+        if let (Some(mb), true) = (self.reference_cache_mb, layout_swap_steps >= steps) {
+            return Err(magictailor::Error::usage(format!(
+                "--reference-cache-mb {mb} keeps the references' keys, which are read only after \
+                 --swap-layout-steps ({layout_swap_steps} of --steps {steps}): drop it."
+            )));
+        }
+        Ok(Some(Retouch {
             swap: !self.no_swap,
-            layout_swap_steps: self.swap_layout_steps.unwrap_or(d.layout_swap_steps),
+            layout_swap_steps,
             blend_from: match self.no_blend {
                 true => steps,
                 false => self.blend_from.unwrap_or(d.blend_from),
             },
             sam_model: self.refine.map(|_| self.sam_model.clone()),
-            kv_cache_mb: self.reference_cache_mb,
-        })
+            kv_cache_mb: self.reference_cache_mb.unwrap_or(d.kv_cache_mb),
+        }))
     }
 }
 
@@ -260,7 +263,7 @@ impl InferArgs {
                 width: self.width.unwrap_or(s().width),
                 height: self.height.unwrap_or(s().height),
                 layout_steps: self.layout_steps,
-                retouch: self.retouch.options(self.steps as usize),
+                retouch: self.retouch.options(self.steps as usize)?,
             },
             model_dir: self.model_dir,
             single_file: self.single_file.options_for(self.model.as_deref())?,

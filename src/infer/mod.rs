@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub mod many;
 pub mod one;
@@ -103,6 +103,14 @@ pub fn native_side(opts: &InferOptions) -> Result<usize> {
 /// What is refused before anything is read: the sampling values and the output name.
 pub fn check(opts: &InferOptions) -> Result<()> {
     opts.sampling.check()?;
+    let blends =
+        (opts.sampling.retouch.as_ref()).is_some_and(|r| r.blend_from < opts.sampling.steps);
+    if opts.save_masks && !blends {
+        return Err(Error::usage(
+            "--save-masks writes each image's blend mask, and nothing is blended (--no-blend, or \
+             --blend-from at --steps): drop --save-masks, or blend earlier.",
+        ));
+    }
     if let Mode::One(one) = &opts.mode {
         one::check_out(one)?;
     }

@@ -80,6 +80,13 @@ impl Retouch {
                  {width}x{height}: drop --refine, or make --width and --height equal."
             )));
         }
+        if self.sam_model.is_some() && self.blend_from >= steps {
+            return Err(Error::usage(format!(
+                "--refine sam segments the layout image for the blend mask, and nothing is \
+                 blended (--blend-from {} of --steps {steps}): drop --refine, or blend earlier.",
+                self.blend_from
+            )));
+        }
         if self.blend_from == 0 {
             return Err(Error::usage(
                 "--blend-from 0: the blend mask comes from the previous step's attention, so the \
