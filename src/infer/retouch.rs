@@ -27,6 +27,7 @@ use super::sampling::{invert_path, Conditioning};
 use super::vico::sample_of;
 use super::weights::Personalized;
 use crate::error::{Error, Result};
+use crate::masks::attention::bilinear;
 use crate::masks::cleanup::Binary;
 use crate::masks::sam::Refiner;
 use crate::model::loader::StableDiffusion;
@@ -128,8 +129,9 @@ struct KvCache {
     steps: HashMap<(usize, usize, usize), Kept>,
 }
 
-/// Per step, every reference's keys and values in sample order (None: not kept).
-type Kept = Rc<Vec<Option<Vec<KeysValues>>>>;
+/// Per step, every reference's keys and values (`[refs, n, dim]` per layer, in sample
+/// order; None: not kept).
+type Kept = Rc<Vec<Option<KeysValues>>>;
 
 impl Stage {
     /// `kv_cache_mb`: see [`Retouch::kv_cache_mb`].
@@ -448,17 +450,8 @@ impl<'a> Prompt<'a> {
             let context = Tensor::cat(&contexts, 0)?.to_dtype(sd.dtype)?;
             let rows = Tensor::cat(&rows, 0)?.to_dtype(sd.dtype)?;
             (sd.unet).forward(&rows, &ts, &context, ctx)?;
-            let all = swap.take_captured();
-            let step = (0..paths.len())
-                .map(|r| {
-                    (all.iter())
-                        .map(|(path, (k, v))| {
-                            Ok((path.clone(), (k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)))
-                        })
-                        .collect::<Result<KeysValues>>()
-                })
-                .collect::<Result<Vec<_>>>()?;
-            per_step = (step.iter().flat_map(|kv| kv.values()))
+            let step = swap.take_captured();
+            per_step = (step.values())
                 .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
                 .sum();
             if cache.used + per_step > cache.limit {
@@ -495,7 +488,7 @@ impl<'a> Prompt<'a> {
 
     /// Per image, per word: its cross-attention map (queries of the recorded grid), the
     /// probabilities on its tokens averaged over them and over the recorded layers, from
-    /// the conditional target rows (`first` to `first + n`).
+    /// the conditional target rows (`first` to `first + n`); one read to the host.
     fn word_maps(
         &self,
         recorded: Vec<(String, Tensor)>,
@@ -508,36 +501,18 @@ impl<'a> Prompt<'a> {
                  latent's size, and this U-Net has none there.",
             ));
         }
-        let layers = recorded.len() as f32;
-        let mut out = vec![Vec::new(); n];
-        for (j, per_word) in out.iter_mut().enumerate() {
-            for word in &self.words {
-                let mut sum: Option<Vec<f32>> = None;
-                for (_, probs) in &recorded {
-                    let row = probs.get(first + j)?.to_dtype(DType::F32)?;
-                    let idx = Tensor::new(
-                        word.positions
-                            .iter()
-                            .map(|&p| p as u32)
-                            .collect::<Vec<_>>()
-                            .as_slice(),
-                        row.device(),
-                    )?;
-                    let m = row.index_select(&idx, 1)?.mean(1)?.to_vec1::<f32>()?;
-                    sum = Some(match sum {
-                        Some(s) => s.iter().zip(&m).map(|(a, b)| a + b).collect(),
-                        None => m,
-                    });
-                }
-                let map = sum
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|v| v / layers)
-                    .collect();
-                per_word.push(map);
-            }
-        }
-        Ok(out)
+        let rows = (recorded.iter())
+            .map(|(_, probs)| Ok(probs.narrow(0, first, n)?.to_dtype(DType::F32)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mean = (Tensor::stack(&rows, 0)?.mean(0))?; // [n, queries, tokens]
+        let words = (self.words.iter())
+            .map(|w| {
+                let idx: Vec<u32> = w.positions.iter().map(|&p| p as u32).collect();
+                let idx = Tensor::new(idx.as_slice(), mean.device())?;
+                Ok(mean.index_select(&idx, 2)?.mean(2)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&words, 1)?.to_vec3::<f32>()?) // [n, words, queries]
     }
 
     /// Per image, per word: SAM's segment of the layout image, prompted by the word's
@@ -558,7 +533,7 @@ impl<'a> Prompt<'a> {
             let pixels = ((layout_pixels.get(j)?.to_dtype(DType::F32)? / 127.5)? - 1.0)?;
             let mut row = Vec::new();
             for map in per_word {
-                let soft = resize(map, grid, (ph, pw));
+                let soft = bilinear(map, grid, (ph, pw));
                 let attention = crate::masks::binarize(&soft, pw, ph);
                 if attention.area() == 0 {
                     row.push(None);
@@ -587,7 +562,7 @@ impl<'a> Prompt<'a> {
             .map(|(j, per_word)| {
                 let mut mask = vec![0f32; h * w];
                 for (i, map) in per_word.iter().enumerate() {
-                    let attention = crate::masks::binarize(&resize(map, grid, (h, w)), w, h);
+                    let attention = crate::masks::binarize(&bilinear(map, grid, (h, w)), w, h);
                     let segment = segments.and_then(|s| s[j][i].as_ref());
                     let soft = crate::masks::blend::adaptive(&attention, segment);
                     mask.iter_mut().zip(soft).for_each(|(m, v)| *m = m.max(v));
@@ -649,7 +624,7 @@ impl Paths<'_> {
         let first_ref = if with_layout { self.n } else { 0 };
         let kept = match source {
             Some(Source::References) => match &self.kv {
-                Some(kv) => side_by_side(kv[i].as_deref(), &self.samples)?,
+                Some(kv) => side_by_side(kv[i].as_ref(), &self.samples)?,
                 None => None,
             },
             _ => None,
@@ -714,26 +689,27 @@ impl Step<'_> {
 }
 
 /// A step's kept keys and values of the references of `samples`, side by side per layer
-/// (`[1, refs * n, dim]`), or None when the step has none kept.
-fn side_by_side(step: Option<&[KeysValues]>, samples: &[usize]) -> Result<Option<KeysValues>> {
+/// (`[1, refs * n, dim]`: a view when they are all the references in order), or None when
+/// the step has none kept.
+fn side_by_side(step: Option<&KeysValues>, samples: &[usize]) -> Result<Option<KeysValues>> {
     let Some(step) = step else {
         return Ok(None);
     };
-    let Some(&first) = samples.first() else {
-        return Ok(None);
+    let pick = |t: &Tensor| -> Result<Tensor> {
+        let (refs, n, d) = t.dims3()?;
+        let t = match samples.iter().copied().eq(0..refs) {
+            true => t.clone(),
+            false => {
+                let idx: Vec<u32> = samples.iter().map(|&s| s as u32).collect();
+                t.index_select(&Tensor::new(idx.as_slice(), t.device())?, 0)?
+            }
+        };
+        Ok(t.reshape((1, samples.len() * n, d))?)
     };
-    let mut out = KeysValues::new();
-    for path in step[first].keys() {
-        let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        for &s in samples {
-            let (k, v) = (step[s].get(path))
-                .ok_or_else(|| Error::internal(format!("no keys kept at {path}")))?;
-            ks.push(k.clone());
-            vs.push(v.clone());
-        }
-        out.insert(path.clone(), (Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?));
-    }
-    Ok(Some(out))
+    let kept = (step.iter())
+        .map(|(path, (k, v))| Ok((path.clone(), (pick(k)?, pick(v)?))))
+        .collect::<Result<KeysValues>>()?;
+    Ok(Some(kept))
 }
 
 /// Every sampling timestep's latent of an inversion path (ascending timesteps): the path
@@ -795,28 +771,6 @@ fn area_average(src: &[f32], from: (usize, usize), to: (usize, usize)) -> Vec<f3
         .collect()
 }
 
-/// A soft map on grid `from` resized bilinearly (pixel centres, edges clamped) to `to`.
-fn resize(map: &[f32], from: (usize, usize), to: (usize, usize)) -> Vec<f32> {
-    let axis = |o: usize, n_from: usize, n_to: usize| {
-        let x =
-            ((o as f32 + 0.5) * n_from as f32 / n_to as f32 - 0.5).clamp(0.0, (n_from - 1) as f32);
-        let i = x.floor() as usize;
-        (i, (i + 1).min(n_from - 1), x - i as f32)
-    };
-    let mut out = Vec::with_capacity(to.0 * to.1);
-    for y in 0..to.0 {
-        let (y0, y1, fy) = axis(y, from.0, to.0);
-        for x in 0..to.1 {
-            let (x0, x1, fx) = axis(x, from.1, to.1);
-            let at = |yy: usize, xx: usize| map[yy * from.1 + xx];
-            let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
-            let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
-            out.push(top * (1.0 - fy) + bottom * fy);
-        }
-    }
-    out
-}
-
 /// A pixel-size mask at latent size: a cell is inside when most of its pixels are.
 fn shrink_binary(m: &Binary, (h, w): (usize, usize)) -> Binary {
     let soft: Vec<f32> = m.bits.iter().map(|&b| b as u8 as f32).collect();
@@ -833,18 +787,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn area_average_and_resize_keep_constants_and_means() {
+    fn area_average_and_bilinear_keep_constants_and_means() {
         let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
         assert_eq!(
             area_average(&src, (4, 4), (2, 2)),
             vec![2.5, 4.5, 10.5, 12.5]
         );
         assert_eq!(area_average(&src, (4, 4), (4, 4)), src);
-        assert!(resize(&[0.25; 6], (2, 3), (5, 7))
+        assert!(bilinear(&[0.25; 6], (2, 3), (5, 7))
             .iter()
             .all(|&v| v == 0.25));
         assert_eq!(
-            resize(&[0.0, 1.0], (1, 2), (1, 4)),
+            bilinear(&[0.0, 1.0], (1, 2), (1, 4)),
             vec![0.0, 0.25, 0.75, 1.0]
         );
     }

@@ -178,7 +178,7 @@ fn average(probs: &[Tensor], positions: &[usize], res: usize) -> Result<SoftMap>
             p.device(),
         )?;
         let word = p.index_select(&idx, 2)?.mean(2)?.mean(0)?;
-        let up = bilinear(&word.to_vec1::<f32>()?, side, res);
+        let up = bilinear(&word.to_vec1::<f32>()?, (side, side), (res, res));
         for (a, v) in acc.iter_mut().zip(up) {
             *a += v;
         }
@@ -190,21 +190,21 @@ fn average(probs: &[Tensor], positions: &[usize], res: usize) -> Result<SoftMap>
     })
 }
 
-/// Bilinear upsampling of a `side x side` grid to `res x res`, sampling at pixel centres
+/// Bilinear resampling of a `from` = (rows, cols) grid to `to`, sampling at pixel centres
 /// (align_corners = false, edges clamped).
-pub fn bilinear(grid: &[f32], side: usize, res: usize) -> Vec<f32> {
-    let scale = side as f32 / res as f32;
-    let coord = |o: usize| {
-        let x = ((o as f32 + 0.5) * scale - 0.5).clamp(0.0, (side - 1) as f32);
-        let i = (x.floor() as usize).min(side - 1);
-        (i, (i + 1).min(side - 1), x - i as f32)
+pub fn bilinear(grid: &[f32], from: (usize, usize), to: (usize, usize)) -> Vec<f32> {
+    let coord = |o: usize, n_from: usize, n_to: usize| {
+        let x =
+            ((o as f32 + 0.5) * n_from as f32 / n_to as f32 - 0.5).clamp(0.0, (n_from - 1) as f32);
+        let i = (x.floor() as usize).min(n_from - 1);
+        (i, (i + 1).min(n_from - 1), x - i as f32)
     };
-    let cols: Vec<_> = (0..res).map(coord).collect();
-    let mut out = Vec::with_capacity(res * res);
-    for y in 0..res {
-        let (y0, y1, fy) = coord(y);
+    let cols: Vec<_> = (0..to.1).map(|x| coord(x, from.1, to.1)).collect();
+    let mut out = Vec::with_capacity(to.0 * to.1);
+    for y in 0..to.0 {
+        let (y0, y1, fy) = coord(y, from.0, to.0);
         for &(x0, x1, fx) in &cols {
-            let at = |yy: usize, xx: usize| grid[yy * side + xx];
+            let at = |yy: usize, xx: usize| grid[yy * from.1 + xx];
             let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
             let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
             out.push(top * (1.0 - fy) + bottom * fy);
@@ -219,9 +219,11 @@ mod tests {
 
     #[test]
     fn bilinear_keeps_constants_and_interpolates() {
-        assert!(bilinear(&[0.25; 4], 2, 8).iter().all(|&v| v == 0.25));
+        assert!(bilinear(&[0.25; 4], (2, 2), (8, 8))
+            .iter()
+            .all(|&v| v == 0.25));
         // A left-right ramp stays monotone and symmetric.
-        let up = bilinear(&[0.0, 1.0, 0.0, 1.0], 2, 4);
+        let up = bilinear(&[0.0, 1.0, 0.0, 1.0], (2, 2), (4, 4));
         assert_eq!(&up[..4], &[0.0, 0.25, 0.75, 1.0]);
         assert_eq!(&up[..4], &up[12..]);
     }

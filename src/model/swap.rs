@@ -8,10 +8,10 @@
 //! where a blend mask is set, a target's output is `M out + (1 - M) out_layout` in every
 //! self-attention layer.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use super::ops;
 use super::unet::UNet;
@@ -46,6 +46,9 @@ pub struct Swap {
     captured: Option<RefCell<KeysValues>>,
     /// Tests: each blended or swapped layer's (path, targets' output, their layouts').
     recorded: Option<RefCell<Vec<(String, Tensor, Tensor)>>>,
+    /// `layout_of` and `references` on the device, made at the first layer that reads them.
+    layout_idx: OnceCell<Tensor>,
+    refs_idx: OnceCell<Tensor>,
 }
 
 /// Keys and values `[b, n, dim]` per self-attention module path.
@@ -65,7 +68,18 @@ impl Swap {
             cached: HashMap::new(),
             captured: None,
             recorded: None,
+            layout_idx: OnceCell::new(),
+            refs_idx: OnceCell::new(),
         }
+    }
+
+    /// `rows` as an index tensor on `device`, made once.
+    fn index<'s>(cell: &'s OnceCell<Tensor>, rows: &[u32], device: &Device) -> Result<&'s Tensor> {
+        if let Some(t) = cell.get() {
+            return Ok(t);
+        }
+        let t = Tensor::new(rows, device)?;
+        Ok(cell.get_or_init(|| t))
     }
 
     /// A pass that changes nothing and keeps the keys and values of `layers`' self-attention
@@ -160,8 +174,8 @@ impl Swap {
         };
         let (k_t, v_t) = match (swap, self.source) {
             (true, Some(Source::Layout)) => {
-                let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
-                (k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)
+                let idx = Self::index(&self.layout_idx, &self.layout_of, q.device())?;
+                (k.index_select(idx, 0)?, v.index_select(idx, 0)?)
             }
             (true, Some(Source::References)) => match self.cached.get(path) {
                 Some((ck, cv)) => (ck.repeat((t, 1, 1))?, cv.repeat((t, 1, 1))?),
@@ -172,8 +186,8 @@ impl Swap {
         let mut out_t = ops::attention(&rows(q, s, t)?, &k_t, &v_t, heads, scale)?;
         let out_layout = match (&out_src, self.layout_of.is_empty()) {
             (Some(src), false) => {
-                let idx = Tensor::new(self.layout_of.as_slice(), q.device())?;
-                Some(src.index_select(&idx, 0)?)
+                let idx = Self::index(&self.layout_idx, &self.layout_of, q.device())?;
+                Some(src.index_select(idx, 0)?)
             }
             _ => None,
         };
@@ -197,9 +211,9 @@ impl Swap {
     /// of `t` targets.
     fn side_by_side(&self, x: &Tensor, t: usize) -> Result<Tensor> {
         let (_, n, d) = x.dims3()?;
-        let idx = Tensor::new(self.references.as_slice(), x.device())?;
+        let idx = Self::index(&self.refs_idx, &self.references, x.device())?;
         let refs = x
-            .index_select(&idx, 0)?
+            .index_select(idx, 0)?
             .reshape((1, self.references.len() * n, d))?;
         refs.repeat((t, 1, 1))
     }
