@@ -300,6 +300,23 @@ pub struct Trains {
     pub vico_blocks: Option<f64>,
 }
 
+impl Trains {
+    /// The pseudo-word rows alone, from their class words, AdamW with weight decay 1e-2
+    /// and no clipping (Textual Inversion's; ViCo adds its blocks).
+    fn words_only() -> Self {
+        Self {
+            rows: true,
+            row_init: RowInit::ClassWord,
+            lora: None,
+            tuned: None,
+            token_table: false,
+            clip: None,
+            weight_decay: 1e-2,
+            vico_blocks: None,
+        }
+    }
+}
+
 /// Where each sample's pseudo-word row starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowInit {
@@ -552,16 +569,7 @@ impl Recipe {
     /// rows, AdamW (weight decay 1e-2, no clipping) at a constant rate, `images_per_step`
     /// images a step drawn at random, each with a random template and its own flip.
     pub fn textual_inversion(cfg: &TrainConfig) -> Self {
-        let trains = Trains {
-            rows: true,
-            row_init: RowInit::ClassWord,
-            lora: None,
-            tuned: None,
-            token_table: false,
-            clip: None,
-            weight_decay: 1e-2,
-            vico_blocks: None,
-        };
+        let trains = Trains::words_only();
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Templates(&TI_TEMPLATES);
         Self::one_phase(cfg, Phase::TextualInversion, trains, None, prompts, flip)
@@ -672,14 +680,8 @@ impl Recipe {
     /// 5e-4 L_reg.
     pub fn vico(cfg: &TrainConfig) -> Self {
         let trains = Trains {
-            rows: true,
-            row_init: RowInit::ClassWord,
-            lora: None,
-            tuned: None,
-            token_table: false,
-            clip: None,
-            weight_decay: 1e-2,
             vico_blocks: Some(1e-5),
+            ..Trains::words_only()
         };
         let prompts = Prompts::Templates(&TI_TEMPLATES);
         let mut r = Self::one_phase(cfg, Phase::Vico, trains, None, prompts, Flip::Off);

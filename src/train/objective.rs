@@ -393,13 +393,15 @@ pub fn noised_latents(
         let masked = degraded.broadcast_mul(&masks.to_dtype(degraded.dtype())?)?;
         degraded = Tensor::cat(&[&degraded, &masked], 0)?;
     }
-    if let Some(r) = &batch.reference {
-        // Encoded with the images, each its own posterior noise; never degraded.
-        degraded = Tensor::cat(&[&degraded, &r.to_dtype(degraded.dtype())?], 0)?;
-    }
     let dist = match &batch.posterior {
         Some(cached) => cached.clone(),
-        None => sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?,
+        None => {
+            if let Some(r) = &batch.reference {
+                // Encoded with the images, each its own posterior noise; never degraded.
+                degraded = Tensor::cat(&[&degraded, &r.to_dtype(degraded.dtype())?], 0)?;
+            }
+            sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?
+        }
     };
     if dist.mean.dims() != z_noise.dims() {
         return Err(Error::internal(format!(
