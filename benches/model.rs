@@ -473,6 +473,50 @@ fn bench_one_phase(
     });
 }
 
+/// Seconds per Break-A-Scene phase-2 step (every weight, or `lora` adapters of that rank)
+/// on one sample's images, so every step trains one image, as the source's batch of 1;
+/// prior preservation off (its class image would double the batch on both sides).
+fn bench_break_a_scene(
+    tg: &Target,
+    name: &str,
+    model: &std::path::Path,
+    pair: &std::path::Path,
+    resolution: usize,
+    reps: usize,
+    lora: Option<usize>,
+) {
+    let mut t = trainer(tg, model, pair, resolution, |c| {
+        c.method = magictailor::train::method::Method::BreakAScene;
+        (c.phase1_steps, c.phase2_steps) = (0, reps + 2);
+        (c.no_prior_preservation, c.phase2_lora) = (true, lora);
+    });
+    let times = step_times(tg, &mut t, reps + 1);
+    let what = match lora {
+        Some(r) => format!("LoRA r{r} + words"),
+        None => "every U-Net and text-encoder weight + words".into(),
+    };
+    println!(
+        "{name:>5} Break-A-Scene phase-2 step ({what}), 1 image at {resolution} px: {:.3} s/step | {}",
+        median(times[1..].to_vec()),
+        tg.peak()
+    );
+}
+
+/// The first sample of `pair` as a folder of its own (`person_k/`, images and masks).
+fn one_sample(pair: &std::path::Path) -> std::path::PathBuf {
+    let dir = pair.with_file_name("person_k");
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    for sub in ["", "masks"] {
+        for e in std::fs::read_dir(pair.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().to_string_lossy().starts_with("0_") {
+                std::fs::copy(e.path(), dir.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    dir
+}
+
 /// Seconds per image of `magictailor masks` (attention, then with MobileSAM refinement)
 /// on the pair's 6 images, model loading excluded.
 fn bench_masks(
@@ -573,6 +617,8 @@ fn main() {
         "mid-custom-diffusion",
         "mid-clic",
         "mid-vico",
+        "mid-break-a-scene",
+        "mid-break-a-scene-lora",
         "mid-vico-infer",
         "mid-retouch",
         "mid-masks",
@@ -644,6 +690,16 @@ fn main() {
             reset_peak();
             bench_one_phase(&tg, "mid", method, &mid, &pair, 256, 3);
         }
+    }
+    if wanted("mid-break-a-scene") {
+        let one = one_sample(&pair);
+        reset_peak();
+        bench_break_a_scene(&tg, "mid", &mid, &one, 256, 3, None);
+    }
+    if wanted("mid-break-a-scene-lora") {
+        let one = one_sample(&pair);
+        reset_peak();
+        bench_break_a_scene(&tg, "mid", &mid, &one, 256, 3, Some(4));
     }
     if wanted("mid-vico-infer") {
         reset_peak();

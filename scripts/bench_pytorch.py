@@ -840,6 +840,79 @@ def bench_clic(name, model, pair, res, reps):
     print(f"{name:>5} CLiC step, 1 image + its masked copy at {res} px: {secs:.3f} s/step | {peak()}")
 
 
+def bench_break_a_scene(name, model, pair, res, reps, lora_rank=None):
+    """Break-A-Scene's phase-2 step (google/break-a-scene train.py) with the paper's masked
+    loss, as benches/model.rs's `mid-break-a-scene` rows: one image of one sample, every
+    U-Net and text-encoder parameter trainable (or, with `lora_rank`, peft adapters on the
+    U-Net's attention layers and the word's row), the cross-attention loss on the latent/4
+    maps at 1e-2, every gradient clipped to 1 together, AdamW (weight decay 1e-2) at 2e-6
+    (adapters 1e-4); no prior preservation, as the Rust row."""
+    unet, vae, te = frozen(model)
+    text = getattr(te, "text_model", te)  # transformers < 5 nests the modules one deeper
+    table = text.embeddings.token_embedding
+    row = torch.nn.Parameter(table.weight[:1].detach().float().clone())
+
+    class Table(torch.nn.Module):
+        def forward(self, ids):
+            return F.embedding(ids, torch.cat([table.weight, row.to(table.weight.dtype)]))
+
+    text.embeddings.token_embedding = Table()
+    if lora_rank is None:
+        for m in (unet, te):
+            m.float().requires_grad_(True)
+        params = list(unet.parameters()) + list(te.parameters()) + [row]
+        lr = 2e-6
+    else:
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=TARGETS,
+                                    init_lora_weights="gaussian"))
+        params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        params.append(row)
+        lr = 1e-4
+    latent = res // 8
+    side = max(latent // 4, 1)
+    maps = []
+    unet.set_attn_processor({n: ProbeProcessor(maps) if "attn2" in n and not n.startswith("mid_block")
+                             else AttnProcessor2_0() for n in unet.attn_processors})
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    pixels, masks = load_pair(pair, res)
+    vocab = table.weight.shape[0]
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+    def step():
+        pick = torch.randint(0, pixels.shape[0], (1,), device=DEV)
+        x, m = pixels[pick], masks[pick]
+        if torch.rand(()) < 0.5:
+            x, m = x.flip(-1), m.flip(-1)
+        ids = torch.randint(0, vocab, (1, 77), device=DEV)
+        ids[0, 4] = vocab
+        with torch.no_grad(), autocast():
+            z0 = vae.encode(x.to(DTYPE)).latent_dist.sample().float() * vae.config.scaling_factor
+        t = torch.randint(0, 1000, (1,), device=DEV)
+        eps = torch.randn_like(z0)
+        z_t = ddpm.add_noise(z0, eps, t)
+        maps.clear()
+        with autocast():
+            ctx = te(ids).last_hidden_state
+            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
+        m_lat = F.interpolate(m, size=(latent, latent), mode="nearest")
+        loss = ((pred - eps) * m_lat).pow(2).mean()
+        own = torch.stack([mp[:, :, 4] for mp in maps if mp.shape[1] == side * side]).float().mean(0)
+        own = own / own.amax(dim=1, keepdim=True).clamp_min(1e-8)
+        m_small = F.interpolate(m, size=(side, side), mode="nearest").flatten(1)
+        loss = loss + 0.01 * (own - m_small).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    secs = timed(reps, step)
+    what = "every U-Net and text-encoder weight + words" if lora_rank is None else f"LoRA r{lora_rank} + words"
+    print(f"{name:>5} Break-A-Scene phase-2 step ({what}), 1 image at {res} px: {secs:.3f} s/step | {peak()}")
+
+
 def main():
     global DEV, DTYPE
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -850,7 +923,8 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
     ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,clic,vico,vico-infer,infer",
                     help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
-                         "clic, vico, vico-infer, infer (full only), retouch (at 512 px, and plain infer beside it)")
+                         "clic, vico, vico-infer, infer (full only), retouch (at 512 px, and plain infer beside it), "
+                         "break-a-scene, break-a-scene-lora")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -889,6 +963,12 @@ def main():
         if "vico" in rows:
             reset_peak()
             bench_vico(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
+        if "break-a-scene" in rows:
+            reset_peak()
+            bench_break_a_scene(name, model, a.root / "person_k", c["resolution"], c["reps"])
+        if "break-a-scene-lora" in rows:
+            reset_peak()
+            bench_break_a_scene(name, model, a.root / "person_k", c["resolution"], c["reps"], lora_rank=4)
         if "vico-infer" in rows:
             reset_peak()
             bench_vico_infer(name, model, a.root / "person_k+hair_c", c["resolution"], 1)

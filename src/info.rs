@@ -56,6 +56,7 @@ pub fn read(dir: &Path) -> Result<RunInfo> {
         run::TOKEN_TABLE,
         run::A1111_EMBEDS,
         run::CUSTOM_DIFFUSION,
+        run::FULL_DELTA,
         run::CLASS_IMAGES,
     ];
     Ok(RunInfo {
@@ -102,6 +103,7 @@ impl RunInfo {
             Some((Method::CustomDiffusion, _)) => "Custom Diffusion",
             Some((Method::Clic, _)) => "CLiC",
             Some((Method::Vico, _)) => "ViCo",
+            Some((Method::BreakAScene, _)) => "Break-A-Scene",
             Some((Method::MagicTailor, true)) => "MagicTailor (as the released script)",
             _ => "MagicTailor",
         }
@@ -118,6 +120,17 @@ impl RunInfo {
                 c.images_per_step(),
                 if c.images_per_step() == 1 { "" } else { "s" },
                 c.lr()
+            ),
+            Some(c) if c.method == Method::BreakAScene => format!(
+                "{} token + {} {} steps, lr {} / {}, {res} px, {dtype}",
+                c.phase1_steps,
+                c.phase2_steps,
+                match c.phase2_lora {
+                    Some(r) => format!("LoRA rank {r}"),
+                    None => "full-weight".into(),
+                },
+                c.phase1_lr,
+                c.phase2_lr()
             ),
             _ => format!(
                 "{} warm-up + {} DS-Bal steps, lr {} / {}, LoRA rank {}, {res} px, {dtype}",

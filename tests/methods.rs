@@ -403,6 +403,7 @@ fn a_textual_inversion_step_matches_diffusers() {
         clic: None,
         prior: 0.0,
         vico_reg: None,
+        attn_summed: false,
     };
     let losses = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
     let loss: f32 = losses.loss.to_scalar().unwrap();
@@ -841,6 +842,7 @@ fn dreambooth_step(prefix: &str, prompts: &[&str], prior: f64) -> f32 {
         clic: None,
         prior,
         vico_reg: None,
+        attn_summed: false,
     };
     let losses = step_losses(
         &sd,
@@ -1171,6 +1173,7 @@ impl TunedStep {
             lora: &none,
             tuned: Some(&set),
             vico: None,
+            full: None,
         };
         let text = TextParams {
             rows: self.rows.as_tensor(),
@@ -1182,6 +1185,7 @@ impl TunedStep {
             clic,
             prior: 0.0,
             vico_reg: None,
+            attn_summed: false,
         };
         step_losses(&self.sd, batch, noised, online, text, None, w).unwrap()
     }

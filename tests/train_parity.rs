@@ -95,6 +95,7 @@ fn steps_match_pytorch(fam: &Family) {
         clic: None,
         prior: 0.0,
         vico_reg: None,
+        attn_summed: false,
     };
 
     let text = TextParams {

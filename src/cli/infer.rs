@@ -97,6 +97,10 @@ pub(super) struct InferArgs {
     /// safetensors, ours or diffusers' `save_attn_procs`).
     #[arg(long)]
     custom_diffusion: Option<PathBuf>,
+    /// A full fine-tune's changes to the base U-Net and text encoder
+    /// (`full_weights_delta.safetensors`, Break-A-Scene's), added to --model's weights.
+    #[arg(long)]
+    full_delta: Option<PathBuf>,
     /// ViCo's image cross-attention blocks (`vico_blocks.safetensors`; a trained ViCo
     /// folder's are picked up).
     #[arg(long)]
@@ -271,6 +275,7 @@ impl InferArgs {
             lora: self.lora,
             embeds: self.embeds,
             custom_diffusion: self.custom_diffusion,
+            full_delta: self.full_delta,
             vico_blocks: self.vico_blocks,
             references: self.references,
             checkpoint: self.checkpoint,

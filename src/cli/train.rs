@@ -24,7 +24,9 @@ fn d() -> TrainConfig {
 const MT: &str = "MagicTailor (--method magictailor)";
 const ONE: &str = "One-phase methods (--method ti, dreambooth, custom-diffusion, clic, vico)";
 const CD: &str = "Custom Diffusion (--method custom-diffusion)";
-const PRIOR: &str = "Prior preservation (--method dreambooth, custom-diffusion)";
+const PRIOR: &str =
+    "Prior preservation (--method dreambooth, custom-diffusion; on for break-a-scene)";
+const BAS: &str = "Break-A-Scene (--method break-a-scene)";
 
 #[derive(Args)]
 pub(super) struct TrainArgs {
@@ -56,8 +58,8 @@ pub(super) struct TrainSettings {
     #[command(flatten)]
     single_file: super::SingleFileArgs,
     /// The personalization method: MagicTailor, Textual Inversion, DreamBooth-LoRA, Custom
-    /// Diffusion or CLiC (each as its source trains it, with the paper's adaptations). A
-    /// flag of another method is refused.
+    /// Diffusion, CLiC, ViCo or Break-A-Scene (each as its source trains it, with the
+    /// paper's adaptations). A flag of another method is refused.
     #[arg(long, value_enum, default_value_t = d().method)]
     method: Method,
     /// Optimizer steps [default: ti 3000, dreambooth 500, custom-diffusion 250, clic 500,
@@ -92,7 +94,8 @@ pub(super) struct TrainSettings {
     /// LoRA alpha (default: the rank, i.e. scale 1).
     #[arg(long, help_heading = MT)]
     lora_alpha: Option<f64>,
-    /// Weight of the cross-attention loss (0 turns it off).
+    /// Weight of the cross-attention loss, MagicTailor's and Break-A-Scene's (0 turns it
+    /// off).
     #[arg(long, help_heading = MT, default_value_t = d().lambda_attn)]
     lambda_attn: f64,
     /// Weight of DS-Bal's preserving regularization.
@@ -121,6 +124,27 @@ pub(super) struct TrainSettings {
     /// image, with probability 1/2).
     #[arg(long)]
     no_flip: bool,
+    /// Phase 1: steps that train only the pseudo-words.
+    #[arg(long, help_heading = BAS, default_value_t = d().phase1_steps)]
+    phase1_steps: usize,
+    #[arg(long, help_heading = BAS, default_value_t = d().phase1_lr)]
+    phase1_lr: f64,
+    /// Phase 2: steps that train every U-Net and text-encoder weight and the pseudo-words,
+    /// with a new optimizer.
+    #[arg(long, help_heading = BAS, default_value_t = d().phase2_steps)]
+    phase2_steps: usize,
+    /// Phase 2's rate [default: 2e-6, the source's; 1e-4 with --phase2-lora].
+    #[arg(long, help_heading = BAS)]
+    phase2_lr: Option<f64>,
+    /// Phase 2 trains LoRA adapters of this rank on the U-Net (and the pseudo-words)
+    /// instead of every weight: for GPUs that cannot hold a full fine-tune.
+    #[arg(long, help_heading = BAS, value_name = "RANK",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    phase2_lora: Option<u64>,
+    /// Turn off the source's prior preservation (100 class images of "a photo at the
+    /// beach" drawn once by the base model, one in every step).
+    #[arg(long, help_heading = BAS)]
+    no_prior_preservation: bool,
     /// Turn off Custom Diffusion's scale augmentation (each image shrunk onto a blank
     /// canvas or enlarged and cropped, its prompt saying "a far away", "close up", ...).
     #[arg(long, help_heading = CD)]
@@ -129,7 +153,8 @@ pub(super) struct TrainSettings {
     /// the base model ("a photo of {class}", 50 DDIM steps, guidance 7.5) and reused.
     #[arg(long, help_heading = PRIOR)]
     prior_preservation: bool,
-    /// Class images per sample [default: dreambooth 100, custom-diffusion 200].
+    /// Class images per class prompt [default: dreambooth 100 and custom-diffusion 200 per
+    /// sample, break-a-scene 100].
     #[arg(long, help_heading = PRIOR, value_parser = clap::value_parser!(u64).range(1..))]
     class_images: Option<u64>,
     /// The class images' loss weight.
@@ -139,9 +164,9 @@ pub(super) struct TrainSettings {
     /// between runs on the same base model and resolution (e.g. a whole batch).
     #[arg(long, help_heading = PRIOR)]
     class_dir: Option<PathBuf>,
-    /// Custom Diffusion and CLiC: also write the base U-Net with the tuned matrices merged
-    /// in, as a diffusers `DIR/unet/` folder (a full copy of the U-Net; the run folder
-    /// keeps only the tuned matrices).
+    /// Custom Diffusion, CLiC and Break-A-Scene: also write the base U-Net with the tuned
+    /// weights merged in, as a diffusers `DIR/unet/` folder (Break-A-Scene also
+    /// `DIR/text_encoder/`): full copies; the run folder keeps only the changes.
     #[arg(long, value_name = "DIR")]
     export_full: Option<PathBuf>,
     #[arg(long, default_value_t = d().seed)]
@@ -248,6 +273,12 @@ impl TrainSettings {
             jitter: self.color_jitter,
             flip: !self.no_flip,
             scale_aug: !self.no_scale_aug,
+            phase1_steps: self.phase1_steps,
+            phase1_lr: self.phase1_lr,
+            phase2_steps: self.phase2_steps,
+            phase2_lr: self.phase2_lr,
+            phase2_lora: self.phase2_lora.map(|r| r as usize),
+            no_prior_preservation: self.no_prior_preservation,
             prior_preservation: self.prior_preservation,
             class_images: self.class_images.map(|n| n as usize),
             prior_loss_weight: self.prior_loss_weight,

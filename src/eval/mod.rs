@@ -359,6 +359,7 @@ fn generate(opts: &EvalOptions, prompts: &[Prompt], out: &Path, pair: &Path) -> 
         lora: None,
         embeds: None,
         custom_diffusion: None,
+        full_delta: None,
         vico_blocks: None,
         // The retouch stage's references: the first image of each sample of the pair scored.
         references: match opts.sampling.retouch {

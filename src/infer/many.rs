@@ -55,6 +55,8 @@ struct Entry<'a> {
     embeds: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     custom_diffusion: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full_delta: Option<String>,
     /// The training checkpoint sampled instead of the final weights.
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint: Option<String>,
@@ -142,6 +144,7 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
                 lora: path_str(&src.lora),
                 embeds: path_str(&src.embeds),
                 custom_diffusion: path_str(&src.custom_diffusion),
+                full_delta: path_str(&src.full_delta),
                 checkpoint: src
                     .checkpoint
                     .as_ref()

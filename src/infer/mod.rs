@@ -45,6 +45,8 @@ pub struct InferOptions {
     pub embeds: Option<PathBuf>,
     /// Custom Diffusion's tuned matrices.
     pub custom_diffusion: Option<PathBuf>,
+    /// A full fine-tune's changes to the base weights (Break-A-Scene's).
+    pub full_delta: Option<PathBuf>,
     /// ViCo's image cross-attention blocks (a trained ViCo folder's by default).
     pub vico_blocks: Option<PathBuf>,
     /// ViCo's reference image per pseudo-word, in order (by default the trained folder's

@@ -22,6 +22,7 @@ pub struct Provenance<'a> {
     lora: Option<&'a Path>,
     embeds: Option<&'a Path>,
     custom_diffusion: Option<&'a Path>,
+    full_delta: Option<&'a Path>,
     vico_blocks: Option<&'a Path>,
     references: &'a [std::path::PathBuf],
     /// The training checkpoint sampled instead of a folder's final weights.
@@ -40,6 +41,7 @@ impl<'a> Provenance<'a> {
             lora: src.lora.as_deref(),
             embeds: src.embeds.as_deref(),
             custom_diffusion: src.custom_diffusion.as_deref(),
+            full_delta: src.full_delta.as_deref(),
             vico_blocks: src.vico_blocks.as_deref(),
             references: &src.references,
             checkpoint: src.checkpoint.as_ref().map(|(f, _)| f.as_path()),
@@ -89,6 +91,9 @@ impl<'a> Provenance<'a> {
         if let Some(c) = self.custom_diffusion {
             s.push_str(&format!(", Custom Diffusion: {}", name(c)));
         }
+        if let Some(f) = self.full_delta {
+            s.push_str(&format!(", Full weights: {}", name(f)));
+        }
         if let Some(v) = self.vico_blocks {
             s.push_str(&format!(", ViCo: {}", name(v)));
             let refs: Vec<String> = self.references.iter().map(|p| name(p)).collect();
@@ -135,6 +140,7 @@ impl<'a> Provenance<'a> {
             "lora": self.lora,
             "embeds": self.embeds,
             "custom_diffusion": self.custom_diffusion,
+            "full_delta": self.full_delta,
             "vico_blocks": self.vico_blocks,
             "references": self.references,
             "dtype": self.dtype.as_str(),

@@ -26,6 +26,8 @@ pub struct Sources {
     pub token_table: Option<PathBuf>,
     /// Custom Diffusion's tuned key and value matrices.
     pub custom_diffusion: Option<PathBuf>,
+    /// A full fine-tune's changes to the base U-Net and text encoder (Break-A-Scene).
+    pub full_delta: Option<PathBuf>,
     /// Pseudo-word -> class word, from a trained folder's record (for `--layout-steps`).
     pub class_words: std::collections::BTreeMap<String, String>,
     /// Words that stand for other text in prompts, from the record (DreamBooth's
@@ -69,6 +71,9 @@ impl Personalized {
         sd.tokenizer.add_aliases(&aliases)?;
         if let Some((file, scale)) = &src.checkpoint {
             return from_checkpoint(sd, file, *scale, src, device);
+        }
+        if let Some(f) = &src.full_delta {
+            crate::model::full::apply_delta(&mut sd, f)?;
         }
         let lora = match &src.lora {
             Some(f) => Some(LoraSet::load(f, &sd.unet.lora_targets(), device)?),
@@ -212,6 +217,16 @@ fn from_checkpoint(
     }
     let token_table = take("table").ok();
     let tuned = TunedSet::from_checkpoint(&mut t)?;
+    // A full fine-tune's checkpoint holds its whole U-Net and text encoder.
+    let mut full: std::collections::HashMap<String, Tensor> = (t.iter())
+        .filter_map(|(k, v)| Some((k.strip_prefix("full.")?.to_string(), v.clone())))
+        .collect();
+    if !full.is_empty() {
+        let weights = crate::model::full::FullWeights::of(&sd)?;
+        weights.restore(&mut full)?;
+        sd.unet = weights.unet(sd.dtype, false)?;
+        sd.text_encoder = weights.text_encoder(sd.dtype, false)?;
+    }
     let blocks: std::collections::HashMap<String, Tensor> = (t.iter())
         .filter_map(|(k, v)| Some((k.strip_prefix("vico.")?.to_string(), v.clone())))
         .collect();
@@ -349,6 +364,7 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
                 embeds: opts.embeds.clone(),
                 token_table: None,
                 custom_diffusion: opts.custom_diffusion.clone(),
+                full_delta: opts.full_delta.clone(),
                 class_words: Default::default(),
                 aliases: Default::default(),
                 checkpoint: None,
@@ -374,6 +390,7 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
         embeds: opts.embeds.clone().or(folder.embeds),
         token_table: folder.token_table,
         custom_diffusion: opts.custom_diffusion.clone().or(folder.custom_diffusion),
+        full_delta: opts.full_delta.clone().or(folder.full_delta),
         class_words: folder.record.tokens,
         aliases: folder.record.aliases,
         checkpoint: None,
@@ -408,11 +425,12 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
     if opts.lora.is_some()
         || opts.embeds.is_some()
         || opts.custom_diffusion.is_some()
+        || opts.full_delta.is_some()
         || opts.vico_blocks.is_some()
     {
         return Err(Error::usage(
             "--checkpoint brings its own trained weights and pseudo-words: drop --lora, --embeds, \
-             --custom-diffusion and --vico-blocks.",
+             --custom-diffusion, --full-delta and --vico-blocks.",
         ));
     }
     let step = which.trim_start_matches("step-").parse::<usize>().ok();
@@ -478,6 +496,7 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         embeds: None,
         token_table: None,
         custom_diffusion: None,
+        full_delta: None,
         class_words,
         aliases,
         checkpoint: Some((file, alpha / rank)),

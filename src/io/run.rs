@@ -41,6 +41,9 @@ pub const CLASS_IMAGES: &str = "class_images";
 pub const CUSTOM_DIFFUSION: &str = "pytorch_custom_diffusion_weights.safetensors";
 /// ViCo's image cross-attention blocks, named `<transformer>.image_cross_attention.<param>`.
 pub const VICO_BLOCKS: &str = "vico_blocks.safetensors";
+/// A full fine-tune's trained weights minus the base's (`unet.<key>`,
+/// `text_encoder.<key>`), for the tensors that changed (Break-A-Scene).
+pub const FULL_DELTA: &str = "full_weights_delta.safetensors";
 pub const RECORD: &str = "magictailor.json";
 pub const LOG: &str = "train_log.jsonl";
 /// One line per segment of the run (start, or resume): its command line and whence.
@@ -110,6 +113,7 @@ pub struct TrainedFolder {
     pub token_table: Option<PathBuf>,
     pub custom_diffusion: Option<PathBuf>,
     pub vico_blocks: Option<PathBuf>,
+    pub full_delta: Option<PathBuf>,
 }
 
 /// True when `dir` exists and holds anything besides a run lock.
@@ -165,6 +169,7 @@ pub fn open(dir: &Path) -> Result<TrainedFolder> {
         token_table: present(TOKEN_TABLE),
         custom_diffusion: present(CUSTOM_DIFFUSION),
         vico_blocks: present(VICO_BLOCKS),
+        full_delta: present(FULL_DELTA),
     })
 }
 

@@ -152,12 +152,7 @@ impl StableDiffusion {
     pub fn base_unet(&self) -> Result<(HashMap<String, Tensor>, String)> {
         match &self.origin {
             Origin::Folder(root) => {
-                let mut tensors = HashMap::new();
-                for file in weight_files(root, "unet")? {
-                    tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(
-                        |e| Error::bad_file(&file, format!("cannot read {}: {e}", file.display())),
-                    )?);
-                }
+                let tensors = component_tensors(root, "unet")?;
                 let config = root.join("unet").join("config.json");
                 let text = std::fs::read_to_string(&config).map_err(|e| Error::read(&config, e))?;
                 Ok((tensors, text))
@@ -172,6 +167,29 @@ impl StableDiffusion {
             )),
         }
     }
+
+    /// The base text encoder's tensors, as stored on the CPU, under the names its loader
+    /// reads (a folder's as saved, with or without `text_model.`; a single file's as
+    /// renamed for diffusers).
+    pub fn base_text_encoder(&self) -> Result<HashMap<String, Tensor>> {
+        match &self.origin {
+            Origin::Folder(root) => component_tensors(root, "text_encoder"),
+            Origin::SingleFile { checkpoint, .. } => checkpoint.tensors(Component::TextEncoder, 0),
+        }
+    }
+}
+
+/// Every tensor of a diffusers folder's `component`, as stored, on the CPU.
+fn component_tensors(root: &Path, component: &str) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    for file in weight_files(root, component)? {
+        tensors.extend(
+            candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
+                Error::bad_file(&file, format!("cannot read {}: {e}", file.display()))
+            })?,
+        );
+    }
+    Ok(tensors)
 }
 
 /// Refuses `--model-config` and `--prediction-type` for a `model` that is not a

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod full;
 pub mod hub_env;
 pub mod loader;
 pub mod lora;

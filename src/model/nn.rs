@@ -1,14 +1,18 @@
 //! Layers written for training: frozen base weights go through `ops`, whose backward
 //! returns only input gradients; everything else has a correct backward in candle 0.11
 //! (no fused LayerNorm or `softmax_last_dim` without one; see docs/candle.md §1).
+//!
+//! A layer whose weight trains (a `Var`, or made from one: cast, reshaped; full
+//! fine-tuning, `full.rs`) computes with differentiable ops instead, so its weight and
+//! bias get gradients.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::lora::LoraSet;
 use super::ops;
 use super::probe::AttnProbe;
-use super::tuned::{Tuned, TunedSet};
+use super::tuned::TunedSet;
 
 /// What a forward pass carries besides activations: which adapter set and tuned weights
 /// are active and which cross-attention maps to record.
@@ -33,6 +37,37 @@ pub struct Ctx<'a> {
 pub struct AddedCond {
     pub text_embeds: Tensor,
     pub time_ids: Tensor,
+}
+
+/// Whether `w` trains: it is a `Var` or was computed from one.
+fn trains(w: &Tensor) -> bool {
+    w.track_op()
+}
+
+/// The dtype norm statistics are computed in: f32, or f64 for f64 inputs.
+fn stats_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension, by differentiable ops.
+fn standardize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// `x W^T + b` by candle's ops (weights cast to `x`'s dtype), so `W` and `b` get their
+/// gradients.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+        None => Ok(y),
+    }
 }
 
 /// A linear layer that may carry a LoRA adapter, found by its diffusers module path.
@@ -90,9 +125,17 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
         if let Some(t) = ctx.tuned.and_then(|set| set.get(&self.path)) {
-            return self.forward_tuned(x, t);
+            // A tuned weight (and bias, where tuned), by candle's ops.
+            return linear(x, &t.weight, t.bias.as_ref().or(self.bias.as_ref()));
         }
-        match ctx.lora.and_then(|set| set.get(&self.path)) {
+        let lora = ctx.lora.and_then(|set| set.get(&self.path));
+        if trains(&self.weight) || self.bias.as_ref().is_some_and(trains) {
+            let y = linear(x, &self.weight, self.bias.as_ref())?;
+            let Some(lora) = lora else { return Ok(y) };
+            let down = linear(x, &lora.a, None)?;
+            return y + (linear(&down, &lora.b, None)? * lora.scale)?;
+        }
+        match lora {
             Some(lora) => {
                 let adapter = ops::LoraAdapter {
                     a: &lora.a,
@@ -102,17 +145,6 @@ impl Linear {
                 ops::lora_linear(x, &self.weight, self.bias.as_ref(), &adapter)
             }
             None => ops::frozen_linear(x, &self.weight, self.bias.as_ref()),
-        }
-    }
-
-    /// `x W^T + b` with a tuned `W` (and `b`, where tuned), by candle's ops, so they get
-    /// their gradients.
-    fn forward_tuned(&self, x: &Tensor, t: &Tuned) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&t.weight.to_dtype(x.dtype())?.t()?)?;
-        match (&t.bias, &self.bias) {
-            (Some(b), _) => y.broadcast_add(&b.to_dtype(x.dtype())?),
-            (None, Some(b)) => y.broadcast_add(b),
-            (None, None) => Ok(y),
         }
     }
 }
@@ -145,7 +177,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::frozen_conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
+        let (w, b, s, p) = (&self.weight, &self.bias, self.stride, self.padding);
+        if trains(w) || trains(b) {
+            return ops::trained_conv2d(x, w, b, s, p);
+        }
+        ops::frozen_conv2d(x, w, b, s, p)
     }
 }
 
@@ -159,11 +195,24 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+        self.apply(x, false)
     }
     /// `silu(norm(x))` as one op.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+        self.apply(x, true)
+    }
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        if !(trains(w) || trains(b)) {
+            return ops::group_norm(x, w, b, self.groups, self.eps, silu);
+        }
+        let (n, c, acc) = (x.dim(0)?, x.dim(1)?, stats_dtype(x.dtype()));
+        let xhat = standardize(&x.to_dtype(acc)?.reshape((n, self.groups, ()))?, self.eps)?;
+        let y = (xhat.reshape((n, c, ()))?)
+            .broadcast_mul(&w.to_dtype(acc)?.reshape((1, c, 1))?)?
+            .broadcast_add(&b.to_dtype(acc)?.reshape((1, c, 1))?)?;
+        let y = if silu { y.silu()? } else { y };
+        y.reshape(x.shape())?.to_dtype(x.dtype())
     }
 }
 
@@ -179,7 +228,7 @@ pub fn group_norm(vb: &VarBuilder, groups: usize, channels: usize, eps: f64) -> 
     })
 }
 
-/// LayerNorm over the last dimension (frozen affine parameters).
+/// LayerNorm over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -199,7 +248,17 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        let (w, b) = (&self.weight, &self.bias);
+        if !(trains(w) || trains(b)) {
+            return ops::layer_norm(x, w, b, self.eps);
+        }
+        // Never candle_nn's fused layer_norm here: it has no backward. eps rounded to f32
+        // as the frozen op takes it, so both compute the same function in f64 too.
+        let acc = stats_dtype(x.dtype());
+        standardize(&x.to_dtype(acc)?, self.eps as f32 as f64)?
+            .broadcast_mul(&w.to_dtype(acc)?)?
+            .broadcast_add(&b.to_dtype(acc)?)?
+            .to_dtype(x.dtype())
     }
 }
 

@@ -71,6 +71,16 @@ pub struct TrainConfig {
     pub flip: bool,
     /// Custom Diffusion's scale augmentation (off: its `--noaug`).
     pub scale_aug: bool,
+    // Break-A-Scene's phases: the rows alone, then every weight (or adapters).
+    pub phase1_steps: usize,
+    pub phase1_lr: f64,
+    pub phase2_steps: usize,
+    /// None: 2e-6 (the source's), or with `phase2_lora` DreamBooth-LoRA's 1e-4.
+    pub phase2_lr: Option<f64>,
+    /// Phase 2 trains LoRA adapters of this rank on the U-Net instead of every weight.
+    pub phase2_lora: Option<usize>,
+    /// Break-A-Scene without its prior preservation (on in the source).
+    pub no_prior_preservation: bool,
     /// DreamBooth and Custom Diffusion: prior preservation with class images the base
     /// model draws ("a photo of {class}"), each step as many as reference images.
     pub prior_preservation: bool,
@@ -151,6 +161,12 @@ impl Default for TrainConfig {
             jitter: 0.1,
             flip: true,
             scale_aug: true,
+            phase1_steps: 400,
+            phase1_lr: 5e-4,
+            phase2_steps: 400,
+            phase2_lr: None,
+            phase2_lora: None,
+            no_prior_preservation: false,
             prior_preservation: false,
             class_images: None,
             prior_loss_weight: 1.0,
@@ -199,8 +215,27 @@ impl TrainConfig {
 
     pub fn total_steps(&self) -> usize {
         match self.method.one_phase() {
+            None if self.method == Method::BreakAScene => self.phase1_steps + self.phase2_steps,
             None => self.warmup_steps + self.dsbal_steps,
             Some(_) => self.steps(),
+        }
+    }
+
+    /// Break-A-Scene's phase 2 rate.
+    pub fn phase2_lr(&self) -> f64 {
+        let default = match self.phase2_lora {
+            Some(_) => super::method::BAS_LORA_LR,
+            None => 2e-6,
+        };
+        self.phase2_lr.unwrap_or(default)
+    }
+
+    /// Prior preservation is on: with `--prior-preservation`, or for Break-A-Scene
+    /// unless `--no-prior-preservation`.
+    pub fn prior_on(&self) -> bool {
+        match self.method {
+            Method::BreakAScene => !self.no_prior_preservation,
+            _ => self.prior_preservation,
         }
     }
 
@@ -229,10 +264,16 @@ impl TrainConfig {
             .unwrap_or(self.one_phase().images_per_step)
     }
 
-    /// The last step of MagicTailor's warm-up where DS-Bal (or the joint phase) follows.
+    /// The last step of a first phase that another follows: MagicTailor's warm-up,
+    /// Break-A-Scene's phase 1.
     pub fn phase_switch(&self) -> Option<usize> {
-        let (total, warmup) = (self.total_steps(), self.warmup_steps);
-        (self.method == Method::MagicTailor && warmup > 0 && warmup < total).then_some(warmup)
+        let total = self.total_steps();
+        let first = match self.method {
+            Method::MagicTailor => self.warmup_steps,
+            Method::BreakAScene => self.phase1_steps,
+            _ => return None,
+        };
+        (first > 0 && first < total).then_some(first)
     }
 
     /// Whether step `d` renders a sample grid.
@@ -261,6 +302,10 @@ impl TrainConfig {
         self.refuse_flags_of_other_methods()?;
         if self.total_steps() == 0 {
             return bad(match self.method.one_phase() {
+                None if self.method == Method::BreakAScene => {
+                    "--phase1-steps and --phase2-steps are both 0: there is nothing to train."
+                        .into()
+                }
                 None => {
                     "--warmup-steps and --dsbal-steps are both 0: there is nothing to train.".into()
                 }
@@ -269,6 +314,9 @@ impl TrainConfig {
         }
         if self.method.one_phase().is_some() && self.images_per_step() == 0 {
             return bad("--images-per-step 0: a step needs at least one image.".into());
+        }
+        if self.phase2_lora == Some(0) {
+            return bad("--phase2-lora 0: adapters need a rank of at least 1 (e.g. 4).".into());
         }
         if self.lora_rank == 0 {
             return bad(
@@ -285,6 +333,8 @@ impl TrainConfig {
             ("--lr", self.lr.unwrap_or(0.0)),
             ("--warmup-lr", self.warmup_lr),
             ("--dsbal-lr", self.dsbal_lr),
+            ("--phase1-lr", self.phase1_lr),
+            ("--phase2-lr", self.phase2_lr.unwrap_or(0.0)),
             ("--lambda-attn", self.lambda_attn),
             ("--lambda-pres", self.lambda_pres),
             ("--alpha", self.alpha),
@@ -379,6 +429,12 @@ impl TrainConfig {
             "--class-images" => self.class_images != other.class_images,
             "--prior-loss-weight" => self.prior_loss_weight != other.prior_loss_weight,
             "--class-dir" => self.class_dir != other.class_dir,
+            "--phase1-steps" => self.phase1_steps != other.phase1_steps,
+            "--phase1-lr" => self.phase1_lr != other.phase1_lr,
+            "--phase2-steps" => self.phase2_steps != other.phase2_steps,
+            "--phase2-lr" => self.phase2_lr != other.phase2_lr,
+            "--phase2-lora" => self.phase2_lora != other.phase2_lora,
+            "--no-prior-preservation" => self.no_prior_preservation != other.no_prior_preservation,
             "--export-full" => self.export_full != other.export_full,
             "--no-masks" => self.no_masks != other.no_masks,
             "--no-flip" => self.flip != other.flip,
@@ -408,19 +464,25 @@ impl TrainConfig {
         .into_iter()
         .filter_map(|(flag, set)| set.then_some(flag))
         .collect();
-        if self.prior_preservation || set.is_empty() {
+        if self.prior_on() || set.is_empty() {
             return Ok(());
         }
+        let (shape, it) = match set.len() {
+            1 => ("shapes", "it"),
+            _ => ("shape", "them"),
+        };
+        let turn_on = match self.method {
+            Method::BreakAScene => "drop --no-prior-preservation",
+            _ => "add --prior-preservation",
+        };
         Err(Error::usage(format!(
-            "{} only {} prior preservation: add --prior-preservation, or drop {}.",
+            "{} only {shape} prior preservation: {turn_on}, or drop {it}.",
             set.join(", "),
-            if set.len() == 1 { "shapes" } else { "shape" },
-            if set.len() == 1 { "it" } else { "them" }
         )))
     }
 
-    /// The class images per sample of `--prior-preservation`: the flag's, else the
-    /// method's source's (DreamBooth's `--num_class_images` 100, Custom Diffusion's 200).
+    /// The class images per class prompt: the flag's, else the method's source's
+    /// (DreamBooth's and Break-A-Scene's `--num_class_images` 100, Custom Diffusion's 200).
     pub fn class_images(&self) -> usize {
         self.class_images.unwrap_or(match self.method {
             Method::CustomDiffusion => 200,
@@ -478,8 +540,11 @@ impl TrainConfig {
 }
 
 /// The settings only some methods read, by flag, with those methods.
-const FLAGS_BY_METHOD: [(&str, &[Method]); 26] = {
+const FLAGS_BY_METHOD: [(&str, &[Method]); 32] = {
     const MT: &[Method] = &[Method::MagicTailor];
+    const BAS: &[Method] = &[Method::BreakAScene];
+    // Both weigh the cross-attention loss at 16x16.
+    const ATTN: &[Method] = &[Method::MagicTailor, Method::BreakAScene];
     const ONE: &[Method] = &[
         Method::Ti,
         Method::DreamBooth,
@@ -494,6 +559,7 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 26] = {
         Method::DreamBooth,
         Method::CustomDiffusion,
         Method::Clic,
+        Method::BreakAScene,
     ];
     // DreamBooth's and ViCo's sources flip nothing.
     const FLIPPED: &[Method] = &[
@@ -501,10 +567,18 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 26] = {
         Method::Ti,
         Method::CustomDiffusion,
         Method::Clic,
+        Method::BreakAScene,
     ];
     const CD: &[Method] = &[Method::CustomDiffusion];
+    // Prior preservation off by default: `--prior-preservation` turns it on.
     const PRIOR: &[Method] = &[Method::DreamBooth, Method::CustomDiffusion];
-    const TUNED: &[Method] = &[Method::CustomDiffusion, Method::Clic];
+    // The settings of the class images, wherever prior preservation can be on.
+    const CLASS: &[Method] = &[
+        Method::DreamBooth,
+        Method::CustomDiffusion,
+        Method::BreakAScene,
+    ];
+    const TUNED: &[Method] = &[Method::CustomDiffusion, Method::Clic, Method::BreakAScene];
     [
         ("--steps", ONE),
         ("--lr", ONE),
@@ -515,7 +589,7 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 26] = {
         ("--dsbal-lr", MT),
         ("--lora-rank", MT),
         ("--lora-alpha", MT),
-        ("--lambda-attn", MT),
+        ("--lambda-attn", ATTN),
         ("--lambda-pres", MT),
         ("--dm-deg", MT),
         ("--alpha", MT),
@@ -526,9 +600,15 @@ const FLAGS_BY_METHOD: [(&str, &[Method]); 26] = {
         ("--released-script", MT),
         ("--no-scale-aug", CD),
         ("--prior-preservation", PRIOR),
-        ("--class-images", PRIOR),
-        ("--prior-loss-weight", PRIOR),
-        ("--class-dir", PRIOR),
+        ("--class-images", CLASS),
+        ("--prior-loss-weight", CLASS),
+        ("--class-dir", CLASS),
+        ("--phase1-steps", BAS),
+        ("--phase1-lr", BAS),
+        ("--phase2-steps", BAS),
+        ("--phase2-lr", BAS),
+        ("--phase2-lora", BAS),
+        ("--no-prior-preservation", BAS),
         ("--export-full", TUNED),
         ("--no-masks", MASKED),
         ("--no-flip", FLIPPED),
@@ -555,6 +635,9 @@ pub fn applies(flag: &str, method: Method) -> bool {
 pub fn not_for_method(flags: &[&str], method: Method) -> Error {
     let hint = match method.one_phase() {
         Some(_) => " (it trains in one phase: --steps, --lr and --images-per-step set it)",
+        None if method == Method::BreakAScene => {
+            " (its phases take --phase1-steps/--phase2-steps and --phase1-lr/--phase2-lr)"
+        }
         None => " (its phases take --warmup-steps/--dsbal-steps and --warmup-lr/--dsbal-lr)",
     };
     let (it, verb) = if flags.len() == 1 {

@@ -1,6 +1,7 @@
 //! What a finished run leaves for sampling: the adapters (peft and kohya layouts), Custom
-//! Diffusion's tuned matrices (diffusers' layout), the pseudo-word embeddings (ours and A1111's), the trained token table in released-script
-//! mode, and the run record `magictailor.json`.
+//! Diffusion's tuned matrices (diffusers' layout), a full fine-tune's changes to the base
+//! (Break-A-Scene), the pseudo-word embeddings (ours and A1111's), the trained token
+//! table in released-script mode, and the run record `magictailor.json`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,6 +27,13 @@ impl Trainer {
             set.save_custom_diffusion(&dir.join(run::CUSTOM_DIFFUSION), &processors)?;
             if let Some(full) = &self.cfg.export_full {
                 tuned::export_unet(&self.sd, &set, full)?;
+            }
+        }
+        if let Some(full) = &self.full {
+            // Only the changes: `infer` adds them to the base it loads.
+            tensors::write(&dir.join(run::FULL_DELTA), &full.delta(&self.sd)?, None)?;
+            if let Some(folder) = &self.cfg.export_full {
+                full.export_folders(&self.sd, folder)?;
             }
         }
         if let Some(blocks) = &self.vico {

@@ -1,8 +1,8 @@
 //! A training method as the step reads it: what trains, which losses with which weights,
 //! the phases in order, and what each step draws. [`Recipe::new`] builds the recipe of
 //! `--method`: MagicTailor (warm-up, then DS-Bal or the joint phase of the `--no-ds-bal`
-//! ablation) or Textual Inversion. The step reads nothing method-specific from
-//! `TrainConfig` besides this value.
+//! ablation), Break-A-Scene's two phases, or one of the one-phase methods. The step reads
+//! nothing method-specific from `TrainConfig` besides this value.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +41,12 @@ pub enum Method {
     #[serde(rename = "vico")]
     #[value(name = "vico")]
     Vico,
+    /// Break-A-Scene as its authors' code trains it: the pseudo-word rows, then every
+    /// U-Net and text-encoder weight (or, with `--phase2-lora`, adapters), with its
+    /// attention loss and prior preservation.
+    #[serde(rename = "break-a-scene")]
+    #[value(name = "break-a-scene")]
+    BreakAScene,
 }
 
 impl Method {
@@ -53,6 +59,7 @@ impl Method {
             Method::CustomDiffusion => "custom-diffusion",
             Method::Clic => "clic",
             Method::Vico => "vico",
+            Method::BreakAScene => "break-a-scene",
         }
     }
 
@@ -63,10 +70,11 @@ impl Method {
     }
 
     /// The defaults of a method trained in one phase (`--steps`, `--lr`,
-    /// `--images-per-step`); None for MagicTailor, whose two phases have flags of their own.
+    /// `--images-per-step`); None for MagicTailor and Break-A-Scene, whose two phases
+    /// have flags of their own.
     pub fn one_phase(self) -> Option<OnePhase> {
         match self {
-            Method::MagicTailor => None,
+            Method::MagicTailor | Method::BreakAScene => None,
             // diffusers' README recipe: batch 1 with 4 accumulated, 3000 steps, lr 5e-4
             // (scaled by the 4 images).
             Method::Ti => Some(OnePhase {
@@ -115,6 +123,14 @@ pub struct OnePhase {
     /// (the mean over them is the same gradient, as the U-Net has no batch statistics).
     pub images_per_step: usize,
 }
+
+/// Break-A-Scene's class images' prompt (its `--class_prompt` default), one set for every
+/// pair.
+pub const BAS_CLASS_PROMPT: &str = "a photo at the beach";
+
+/// Break-A-Scene's phase 2 rate with `--phase2-lora`: DreamBooth-LoRA's (the source's
+/// 2e-6 is a full fine-tuning rate, far too small for adapters that start at zero).
+pub const BAS_LORA_LR: f64 = 1e-4;
 
 /// Custom Diffusion's modifier words start from these tokens' rows, one per sample
 /// (`--initializer_token` of diffusers' script: "ktn+pll+ucd").
@@ -195,6 +211,9 @@ pub struct LossWeights {
     pub prior: f64,
     /// ViCo's objective: plain eps-MSE + this weight times L_reg, through the blocks.
     pub vico_reg: Option<f64>,
+    /// L_attn sums over the step's words instead of averaging over its images
+    /// (Break-A-Scene's, one word per image here).
+    pub attn_summed: bool,
 }
 
 /// CLiC's loss: `attention * L_att + context * L_context + roi * L_RoI`; L_context weighs
@@ -238,6 +257,11 @@ pub enum Phase {
     Clic,
     /// ViCo: the diffusion loss through the image cross-attention blocks, + L_reg.
     Vico,
+    /// Break-A-Scene's phase 1: only the pseudo-word rows train.
+    BasTokens,
+    /// Break-A-Scene's phase 2: every U-Net and text-encoder weight (or adapters), with
+    /// the rows.
+    BasWeights,
 }
 
 impl Phase {
@@ -252,6 +276,8 @@ impl Phase {
             Phase::CustomDiffusion => "custom-diffusion",
             Phase::Clic => "clic",
             Phase::Vico => "vico",
+            Phase::BasTokens => "bas-tokens",
+            Phase::BasWeights => "bas-weights",
         }
     }
 }
@@ -275,6 +301,9 @@ pub struct PhasePlan {
     /// The phase starts with a new optimizer (moments and step count from zero) instead
     /// of continuing the previous phase's.
     pub fresh_optimizer: bool,
+    /// The U-Net side (adapters, tuned or full weights) trains in this phase; off, only
+    /// the pseudo-word rows do (Break-A-Scene's phase 1).
+    pub trains_weights: bool,
 }
 
 /// What the optimizer updates.
@@ -298,6 +327,9 @@ pub struct Trains {
     /// ViCo's image cross-attention blocks, at this fixed rate (the phase's rate is the
     /// rows').
     pub vico_blocks: Option<f64>,
+    /// Every U-Net and text-encoder weight, token table included (Break-A-Scene's phase
+    /// 2), made when the first phase that trains weights starts.
+    pub full: bool,
 }
 
 impl Trains {
@@ -313,6 +345,7 @@ impl Trains {
             clip: None,
             weight_decay: 1e-2,
             vico_blocks: None,
+            full: false,
         }
     }
 }
@@ -394,6 +427,9 @@ pub enum Pick {
     All,
     /// This many, each drawn uniformly from all images (with replacement).
     Random(usize),
+    /// Break-A-Scene's union sampling: k drawn uniformly from 1..=samples, then a random
+    /// k-subset of the samples, one image of each drawn uniformly.
+    Union,
 }
 
 /// The prompt of an image, given its sample's pseudo-word.
@@ -425,13 +461,37 @@ pub enum Flip {
     PerImage,
 }
 
-/// Prior preservation's class images: drawn once by the base model, prompted with
-/// [`CLASS_PROMPT`], then as many a step as reference images.
+/// Prior preservation's class images: drawn once by the base model, then mixed into
+/// every step's batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassImages {
-    pub per_sample: usize,
-    /// One folder per class word inside.
+    /// Images per class prompt.
+    pub count: usize,
+    /// One folder per class prompt inside.
     pub dir: std::path::PathBuf,
+    pub prompt: ClassPrompt,
+    /// Class images a step draws: as many as reference images (None), or this many.
+    pub per_step: Option<usize>,
+}
+
+/// What the class images show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassPrompt {
+    /// [`CLASS_PROMPT`] with each sample's class word: one set per sample (DreamBooth,
+    /// Custom Diffusion).
+    OfClassWord,
+    /// One prompt for the whole run (Break-A-Scene's [`BAS_CLASS_PROMPT`]).
+    Fixed(&'static str),
+}
+
+impl ClassPrompt {
+    /// The prompt of the class images standing beside a sample of `class`.
+    pub fn text(self, class: &str) -> String {
+        match self {
+            ClassPrompt::OfClassWord => CLASS_PROMPT.replace("{}", class),
+            ClassPrompt::Fixed(p) => p.to_string(),
+        }
+    }
 }
 
 /// The class images' prompt, `{}` the class word (DreamBooth's README: "a photo of dog").
@@ -488,6 +548,7 @@ impl Recipe {
             Method::CustomDiffusion => Self::custom_diffusion(cfg),
             Method::Clic => Self::clic(cfg),
             Method::Vico => Self::vico(cfg),
+            Method::BreakAScene => Self::break_a_scene(cfg),
         }
     }
 
@@ -508,6 +569,7 @@ impl Recipe {
                 lr: cfg.warmup_lr * scale,
                 lr_after_first: None,
                 fresh_optimizer: false,
+                trains_weights: true,
             },
             PhasePlan {
                 phase: second,
@@ -515,6 +577,7 @@ impl Recipe {
                 lr: cfg.dsbal_lr * scale,
                 lr_after_first: cfg.released_script.then_some(cfg.warmup_lr * scale),
                 fresh_optimizer: false,
+                trains_weights: true,
             },
         ];
         Self {
@@ -536,6 +599,7 @@ impl Recipe {
                 }),
                 weight_decay: 1e-2,
                 vico_blocks: None,
+                full: false,
             },
             identifiers: None,
             losses: LossWeights {
@@ -544,6 +608,7 @@ impl Recipe {
                 clic: None,
                 prior: 0.0,
                 vico_reg: None,
+                attn_summed: false,
             },
             phases,
             momentum: Momentum {
@@ -597,6 +662,7 @@ impl Recipe {
             }),
             weight_decay: 1e-2,
             vico_blocks: None,
+            full: false,
         };
         let ids = Some(&DREAMBOOTH_IDENTIFIERS[..]);
         let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
@@ -607,8 +673,10 @@ impl Recipe {
     fn with_prior(mut self, cfg: &TrainConfig) -> Self {
         if cfg.prior_preservation {
             self.class_images = Some(ClassImages {
-                per_sample: cfg.class_images(),
+                count: cfg.class_images(),
                 dir: cfg.class_dir(),
+                prompt: ClassPrompt::OfClassWord,
+                per_step: None,
             });
             self.losses.prior = cfg.prior_loss_weight;
         }
@@ -635,6 +703,7 @@ impl Recipe {
             }),
             weight_decay: 1e-2,
             vico_blocks: None,
+            full: false,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Fixed(|word| format!("photo of a {word}"));
@@ -663,6 +732,7 @@ impl Recipe {
             }),
             weight_decay: 0.1,
             vico_blocks: None,
+            full: false,
         };
         let flip = if cfg.flip { Flip::PerImage } else { Flip::Off };
         let prompts = Prompts::Fixed(|word| format!("a photo of {word}"));
@@ -690,6 +760,83 @@ impl Recipe {
         r
     }
 
+    /// Break-A-Scene (Avrahami et al. 2023), as its authors' `train.py` trains it, with
+    /// the paper's masked diffusion loss and one pseudo-word per sample (docs/method.md):
+    /// phase 1 trains only the rows (from the class words); phase 2 starts a new AdamW
+    /// over every U-Net and text-encoder weight, the token table and the rows included
+    /// (with `--phase2-lora`, U-Net adapters and the rows). Both phases: weight decay
+    /// 1e-2, every gradient clipped together to norm 1, constant rates, union sampling
+    /// with a flip per image, L_attn summed over the step's words, and prior preservation
+    /// on "a photo at the beach" images, one a step.
+    pub fn break_a_scene(cfg: &TrainConfig) -> Self {
+        let lora = cfg.phase2_lora.map(|rank| LoraShape {
+            rank,
+            alpha: rank as f64,
+            only: None,
+        });
+        let trains = Trains {
+            rows: true,
+            row_init: RowInit::ClassWord,
+            full: lora.is_none(),
+            lora,
+            tuned: None,
+            token_table: false,
+            clip: Some(GradClip {
+                max_norm: 1.0,
+                with_text: true,
+            }),
+            weight_decay: 1e-2,
+            vico_blocks: None,
+        };
+        let plan = |phase, steps, lr, trains_weights| PhasePlan {
+            phase,
+            steps,
+            lr,
+            lr_after_first: None,
+            fresh_optimizer: trains_weights,
+            trains_weights,
+        };
+        let phases = vec![
+            plan(Phase::BasTokens, cfg.phase1_steps, cfg.phase1_lr, false),
+            plan(Phase::BasWeights, cfg.phase2_steps, cfg.phase2_lr(), true),
+        ];
+        let prior = cfg.prior_on();
+        Self {
+            method: Method::BreakAScene,
+            trains,
+            identifiers: None,
+            losses: LossWeights {
+                lambda_attn: cfg.lambda_attn,
+                lambda_pres: 0.0,
+                clic: None,
+                prior: if prior { cfg.prior_loss_weight } else { 0.0 },
+                vico_reg: None,
+                attn_summed: true,
+            },
+            phases,
+            momentum: Momentum {
+                ema_decay: 0.0,
+                copy_at_first_update: false,
+            },
+            draw: Draw {
+                pick: Pick::Union,
+                prompts: Prompts::Fixed(|word| format!("a photo of {word}")),
+                jitter: [0.0; 3],
+                flip: if cfg.flip { Flip::PerImage } else { Flip::Off },
+                rescale: false,
+                roi: None,
+                reference: false,
+                degradation: Degradation::new(Curve::Off, 0.0, 0.0),
+            },
+            class_images: prior.then(|| ClassImages {
+                count: cfg.class_images(),
+                dir: cfg.class_dir(),
+                prompt: ClassPrompt::Fixed(BAS_CLASS_PROMPT),
+                per_step: Some(1),
+            }),
+        }
+    }
+
     /// A method of one phase: `cfg.steps()` steps at `cfg.lr()` (times the images per
     /// step under `scale_lr`), the masked diffusion loss alone, `cfg.images_per_step()`
     /// images drawn at random each step, no jitter and no DM-Deg.
@@ -713,6 +860,7 @@ impl Recipe {
                 clic: None,
                 prior: 0.0,
                 vico_reg: None,
+                attn_summed: false,
             },
             phases: vec![PhasePlan {
                 phase,
@@ -720,6 +868,7 @@ impl Recipe {
                 lr: cfg.lr() * scale,
                 lr_after_first: None,
                 fresh_optimizer: false,
+                trains_weights: true,
             }],
             momentum: Momentum {
                 ema_decay: 0.0,
@@ -779,13 +928,15 @@ impl Recipe {
                 "rows_start_from": row_init,
                 "lora": lora,
                 "full_matrices": self.trains.tuned,
+                "every_unet_and_text_encoder_weight": self.trains.full,
                 "token_table": self.trains.token_table,
             },
             "grad_clip": clip,
             "weight_decay": self.trains.weight_decay,
             "prior_preservation": self.class_images.as_ref().map(|c| serde_json::json!({
-                "class_images_per_sample": c.per_sample,
-                "prompt": CLASS_PROMPT,
+                "class_images_per_prompt": c.count,
+                "prompt": c.prompt.text("{}"),
+                "per_step": c.per_step.map_or(serde_json::json!("as many as reference images"), |n| serde_json::json!(n)),
                 "loss_weight": self.losses.prior,
                 "dir": c.dir,
             })),
@@ -799,10 +950,18 @@ impl Recipe {
                 "l_diff": 1.0,
                 "lambda_attn": self.losses.lambda_attn,
                 "lambda_pres": self.losses.lambda_pres,
+                "l_attn_over_words": if self.losses.attn_summed { "sum" } else { "mean" },
             },
             "phases": phases,
             "identifiers": self.identifiers,
-            "images_per_step": self.images_per_step(n_images),
+            "images_per_step": match self.draw.pick {
+                Pick::Union => serde_json::json!("one image of each sample in a random non-empty subset"),
+                _ => serde_json::json!(self.images_per_step(n_images)),
+            },
+            "trains_weights_in_phases": (self.phases.iter())
+                .filter(|p| p.trains_weights)
+                .map(|p| p.phase.name())
+                .collect::<Vec<_>>(),
             "prompts": prompts,
             "flip": match self.draw.flip {
                 Flip::Off => "off",
@@ -825,11 +984,20 @@ impl Recipe {
         })
     }
 
-    /// Images a step trains on, out of `n_images`.
+    /// Images a step trains on, out of `n_images` (union sampling: at most one per
+    /// sample, so at most `n_images`).
     pub fn images_per_step(&self, n_images: usize) -> usize {
         match self.draw.pick {
-            Pick::All => n_images,
+            Pick::All | Pick::Union => n_images,
             Pick::Random(k) => k,
+        }
+    }
+
+    /// The most images a step trains on, out of `n_images` of `n_samples` samples.
+    pub fn max_images_per_step(&self, n_images: usize, n_samples: usize) -> usize {
+        match self.draw.pick {
+            Pick::Union => n_samples.min(n_images),
+            _ => self.images_per_step(n_images),
         }
     }
 

@@ -78,6 +78,8 @@ pub struct Pool {
     pub all: Batch,
     /// Prior preservation's class images (`train::prior` loads them once drawn).
     pub class: Option<Batch>,
+    /// Class images a step draws: as many as reference images (None), or this many.
+    pub class_per_step: Option<usize>,
 }
 
 impl Pool {
@@ -107,6 +109,7 @@ impl Pool {
                 posterior: None,
             },
             class: None,
+            class_per_step: None,
         })
     }
 
@@ -127,6 +130,7 @@ impl Pool {
         let picked: Vec<usize> = match draw.pick {
             Pick::All => (0..n).collect(),
             Pick::Random(k) => (0..k).map(|_| rng.random_range(0..n)).collect(),
+            Pick::Union => union_draw(&self.all.sample_of, self.all.n_samples, &mut rng),
         };
         let idx = Tensor::from_vec(
             picked.iter().map(|&i| i as u32).collect::<Vec<_>>(),
@@ -197,7 +201,10 @@ impl Pool {
             posterior: self.posteriors(&picked, reference_idx.as_deref())?,
         };
         match &self.class {
-            Some(class) => Ok(Cow::Owned(with_class_images(batch, class, &mut rng)?)),
+            Some(class) => {
+                let k = self.class_per_step.unwrap_or(batch.len());
+                Ok(Cow::Owned(with_class_images(batch, class, k, &mut rng)?))
+            }
             None => Ok(Cow::Owned(batch)),
         }
     }
@@ -263,13 +270,34 @@ impl Pool {
     }
 }
 
-/// `batch` followed by as many class images, each drawn uniformly from `class`.
-fn with_class_images(batch: Batch, class: &Batch, rng: &mut impl Rng) -> Result<Batch> {
-    let n = batch.len();
-    let picked: Vec<u32> = (0..n)
+/// Break-A-Scene's union sampling: k uniform in 1..=n_samples, a uniform k-subset of the
+/// samples (partial Fisher-Yates), then one image of each, uniform among its images;
+/// indices into `sample_of`, in sample order.
+fn union_draw(sample_of: &[usize], n_samples: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let k = rng.random_range(1..=n_samples);
+    let mut samples: Vec<usize> = (0..n_samples).collect();
+    for i in 0..k {
+        let j = rng.random_range(i..n_samples);
+        samples.swap(i, j);
+    }
+    let mut chosen = samples[..k].to_vec();
+    chosen.sort_unstable();
+    (chosen.into_iter())
+        .map(|s| {
+            let images: Vec<usize> = (0..sample_of.len())
+                .filter(|&i| sample_of[i] == s)
+                .collect();
+            images[rng.random_range(0..images.len())]
+        })
+        .collect()
+}
+
+/// `batch` followed by `k` class images, each drawn uniformly from `class`.
+fn with_class_images(batch: Batch, class: &Batch, k: usize, rng: &mut impl Rng) -> Result<Batch> {
+    let picked: Vec<u32> = (0..k)
         .map(|_| rng.random_range(0..class.len()) as u32)
         .collect();
-    let idx = Tensor::from_vec(picked.clone(), n, class.pixels.device())?;
+    let idx = Tensor::from_vec(picked.clone(), k, class.pixels.device())?;
     let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, &b.index_select(&idx, 0)?], 0);
     let mut sample_of = batch.sample_of.clone();
     sample_of.extend(picked.iter().map(|&i| class.sample_of[i as usize]));
@@ -283,7 +311,7 @@ fn with_class_images(batch: Batch, class: &Batch, rng: &mut impl Rng) -> Result<
         sample_of,
         n_samples: batch.n_samples,
         roi: batch.roi,
-        prior: n,
+        prior: k,
         reference: None,
         posterior: None,
     })
@@ -403,6 +431,13 @@ pub fn noised_latents(
             sd.vae.encode(&degraded.to_dtype(cfg.dtype)?)?
         }
     };
+    // A union draw trains on fewer images than the step's noise was drawn for: it takes
+    // the first rows.
+    let rows = dist.mean.dim(0)?;
+    let (z_noise, eps) = match z_noise.dim(0)? > rows {
+        true => (z_noise.narrow(0, 0, rows)?, eps.narrow(0, 0, rows)?),
+        false => (z_noise, eps),
+    };
     if dist.mean.dims() != z_noise.dims() {
         return Err(Error::internal(format!(
             "latents {:?} but posterior noise {:?}",
@@ -474,6 +509,15 @@ pub struct Online<'a> {
     pub tuned: Option<&'a TunedSet>,
     /// ViCo's image cross-attention blocks.
     pub vico: Option<&'a crate::model::vico::Blocks>,
+    /// A U-Net and text encoder over trained full weights, in place of the base's
+    /// (Break-A-Scene's phase 2).
+    pub full: Option<&'a Finetuned>,
+}
+
+/// The U-Net and text encoder a full fine-tune's step runs, built over its weights.
+pub struct Finetuned {
+    pub unet: crate::model::unet::UNet,
+    pub text_encoder: crate::model::clip::ClipTextModel,
 }
 
 impl<'a> Online<'a> {
@@ -483,6 +527,7 @@ impl<'a> Online<'a> {
             lora,
             tuned: None,
             vico: None,
+            full: None,
         }
     }
 }
@@ -520,12 +565,14 @@ pub fn step_losses(
     let mask_latent = resize_nearest(&noised.masks, latent_side)?;
     let attn_side = attention_side(latent_side);
 
-    let context = sd
-        .text_encoder
-        .forward_with_table(&batch.ids, text.table, Some(text.rows))?;
+    let (unet, text_encoder) = match online.full {
+        Some(f) => (&f.unet, &f.text_encoder),
+        None => (&sd.unet, &sd.text_encoder),
+    };
+    let context = text_encoder.forward_with_table(&batch.ids, text.table, Some(text.rows))?;
     let probe = AttnProbe::new(&[attn_side], &[BlockKind::Down, BlockKind::Up]);
     // The U-Net runs in the model's precision; losses are computed in f32.
-    let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;
+    let z_t = noised.z_t.to_dtype(unet.dtype())?;
     // The maps cost a second QK^T and softmax per probed layer: only when their loss counts.
     let online_ctx = Ctx {
         lora: Some(online.lora),
@@ -533,10 +580,7 @@ pub fn step_losses(
         probe: (w.lambda_attn > 0.0).then_some(&probe),
         ..Ctx::default()
     };
-    let pred = sd
-        .unet
-        .forward(&z_t, &t, &context, online_ctx)?
-        .to_dtype(DType::F32)?;
+    let pred = (unet.forward(&z_t, &t, &context, online_ctx)?).to_dtype(DType::F32)?;
     let per_image = masked_diffusion_per_image(&pred, &noised.target, &mask_latent)?;
     // Class images (prior preservation) are weighed apart; the rest is the pair's.
     let n = batch.instances();
@@ -547,13 +591,16 @@ pub fn step_losses(
     let per_image = per_image.narrow(0, 0, n)?;
     let per_sample = per_sample_means(&per_image, &batch.sample_of[..n], batch.n_samples)?;
     let l_attn = if w.lambda_attn > 0.0 {
-        let maps = probe
-            .take()
-            .into_iter()
-            .map(|(_, m)| m.to_dtype(DType::F32))
+        // The reference images' maps: class images name no word.
+        let maps = (probe.take().into_iter())
+            .map(|(_, m)| m.narrow(0, 0, n)?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let mask_small = resize_nearest(&noised.masks, attn_side)?;
-        attention_loss(&maps, &batch.token_pos, &mask_small)?
+        let mask_small = resize_nearest(&noised.masks.narrow(0, 0, n)?, attn_side)?;
+        let mean = attention_loss(&maps, &batch.token_pos[..n], &mask_small)?;
+        match w.attn_summed {
+            true => (mean * n as f64)?,
+            false => mean,
+        }
     } else {
         Tensor::zeros((), DType::F32, dev)?
     };

@@ -1,14 +1,15 @@
-//! Prior preservation (DreamBooth, Custom Diffusion; `--prior-preservation`): class images
-//! the base model draws once per class word ("a photo of {class}", DDIM, seed = the
-//! image's index), kept in the class folder and reused by resumes and by other runs that
-//! share the folder, then handed to the pool, which draws as many a step as reference
-//! images.
+//! Prior preservation (DreamBooth, Custom Diffusion with `--prior-preservation`;
+//! Break-A-Scene unless `--no-prior-preservation`): class images the base model draws
+//! once per class prompt ("a photo of {class}" per sample, or Break-A-Scene's one "a photo
+//! at the beach"; DDIM, seed = the image's index), kept in the class folder and reused by
+//! resumes and by other runs that share the folder, then handed to the pool, which draws
+//! them into every step.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
-use super::method::CLASS_PROMPT;
+use super::method::ClassImages;
 use super::objective::Batch;
 use super::trainer::Trainer;
 use crate::data::load_rgb;
@@ -33,17 +34,31 @@ pub fn prepare(t: &mut Trainer, progress: Progress) -> Result<()> {
         return Ok(());
     };
     let mut files = Vec::new();
-    for (s, class) in t.class_words.clone().iter().enumerate() {
-        let dir = class_folder(&c.dir, class);
-        record_info(&dir, &info(t, class))?;
-        let missing: Vec<usize> = (0..c.per_sample)
+    for (s, prompt) in prompts(t, &c) {
+        let dir = class_folder(&c.dir, &prompt);
+        record_info(&dir, &info(t, &prompt))?;
+        let missing: Vec<usize> = (0..c.count)
             .filter(|&k| !image(&dir, k).is_file())
             .collect();
-        draw(t, class, &dir, &missing, progress)?;
-        files.extend((0..c.per_sample).map(|k| (s, image(&dir, k))));
+        draw(t, &prompt, &dir, &missing, progress)?;
+        files.extend((0..c.count).map(|k| (s, prompt.clone(), image(&dir, k))));
     }
     t.pool.class = Some(load(t, &files)?);
+    t.pool.class_per_step = c.per_step;
     Ok(())
+}
+
+/// Each class prompt with the sample its images stand beside: one per sample, or one
+/// for the run (beside sample 0; no per-sample statistic reads class images).
+fn prompts(t: &Trainer, c: &ClassImages) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = Vec::new();
+    for (s, class) in t.class_words.iter().enumerate() {
+        let prompt = c.prompt.text(class);
+        if !out.iter().any(|(_, p)| *p == prompt) {
+            out.push((s, prompt));
+        }
+    }
+    out
 }
 
 /// Refuses, before anything is written, class folders drawn otherwise than this run
@@ -52,8 +67,8 @@ pub fn check(t: &Trainer) -> Result<()> {
     let Some(c) = &t.recipe.class_images else {
         return Ok(());
     };
-    for class in &t.class_words {
-        let dir = class_folder(&c.dir, class);
+    for (_, prompt) in prompts(t, c) {
+        let dir = class_folder(&c.dir, &prompt);
         let file = dir.join(INFO);
         if !file.is_file() {
             continue;
@@ -64,7 +79,7 @@ pub fn check(t: &Trainer) -> Result<()> {
                 path: file.clone(),
                 msg: e.to_string(),
             })?;
-        let want = info(t, class);
+        let want = info(t, &prompt);
         if have != want {
             return Err(Error::usage(format!(
                 "{} holds class images drawn otherwise ({have}) than this run would draw them \
@@ -76,8 +91,11 @@ pub fn check(t: &Trainer) -> Result<()> {
     Ok(())
 }
 
-fn class_folder(dir: &Path, class: &str) -> PathBuf {
-    dir.join(class.replace(['/', '\\'], "_"))
+/// The folder of a class prompt's images: named by its class word ("a photo of {class}",
+/// as before there were other prompts), or by the whole prompt.
+fn class_folder(dir: &Path, prompt: &str) -> PathBuf {
+    let name = prompt.strip_prefix("a photo of ").unwrap_or(prompt);
+    dir.join(name.replace(['/', '\\'], "_"))
 }
 
 fn image(dir: &Path, k: usize) -> PathBuf {
@@ -85,10 +103,10 @@ fn image(dir: &Path, k: usize) -> PathBuf {
 }
 
 /// The settings that shape a class image.
-fn info(t: &Trainer, class: &str) -> serde_json::Value {
+fn info(t: &Trainer, prompt: &str) -> serde_json::Value {
     let mut info = serde_json::json!({
         "base_model": t.sd.source,
-        "prompt": CLASS_PROMPT.replace("{}", class),
+        "prompt": prompt,
         "resolution": t.cfg.resolution,
         "dtype": t.cfg.dtype.as_str(),
         "sampler": "DDIM, eta 0",
@@ -116,13 +134,19 @@ fn record_info(dir: &Path, want: &serde_json::Value) -> Result<()> {
 }
 
 /// Draws image `k` of `missing` with the base model alone.
-fn draw(t: &Trainer, class: &str, dir: &Path, missing: &[usize], progress: Progress) -> Result<()> {
+fn draw(
+    t: &Trainer,
+    prompt: &str,
+    dir: &Path,
+    missing: &[usize],
+    progress: Progress,
+) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
     if progress != Progress::Quiet {
         console::note(format_args!(
-            "drawing {} class image(s) of {class:?} into {} (prior preservation)",
+            "drawing {} class image(s) of {prompt:?} into {} (prior preservation)",
             missing.len(),
             dir.display()
         ));
@@ -136,13 +160,12 @@ fn draw(t: &Trainer, class: &str, dir: &Path, missing: &[usize], progress: Progr
         token_table: None,
         vico: None,
     };
-    let prompt = CLASS_PROMPT.replace("{}", class);
     let latent = t.cfg.resolution / t.sd.vae_factor();
     let shape = (1, t.sd.unet.config.in_channels, latent, latent);
     let bar = progress.ticker("class image", missing.len() as u64, 0, 1);
     for &k in missing {
         let noise = crate::rng::seeded_normal(k as u64, shape, &t.sd.device)?;
-        let x = sample(w, &prompt, "", noise, STEPS, GUIDANCE, false)?;
+        let x = sample(w, prompt, "", noise, STEPS, GUIDANCE, false)?;
         let img = to_images(&decode(w, &x)?)?
             .pop()
             .ok_or_else(|| Error::internal("no class image decoded"))?;
@@ -153,17 +176,14 @@ fn draw(t: &Trainer, class: &str, dir: &Path, missing: &[usize], progress: Progr
     Ok(())
 }
 
-/// The class images as a batch: whole-image masks, each prompted with its class.
-fn load(t: &Trainer, files: &[(usize, PathBuf)]) -> Result<Batch> {
+/// The class images as a batch: whole-image masks, each with its prompt.
+fn load(t: &Trainer, files: &[(usize, String, PathBuf)]) -> Result<Batch> {
     let (sd, res) = (&t.sd, t.cfg.resolution);
     let mut pixels = Vec::new();
     let mut ids = Vec::new();
-    for (s, file) in files {
+    for (_, prompt, file) in files {
         pixels.push(load_rgb(file, res, &sd.device)?);
-        ids.extend(
-            sd.tokenizer
-                .encode(&CLASS_PROMPT.replace("{}", &t.class_words[*s]))?,
-        );
+        ids.extend(sd.tokenizer.encode(prompt)?);
     }
     let n = files.len();
     Ok(Batch {
@@ -172,7 +192,7 @@ fn load(t: &Trainer, files: &[(usize, PathBuf)]) -> Result<Batch> {
         ids: Tensor::from_vec(ids, (n, sd.tokenizer.max_len()), &sd.device)?,
         // No pseudo-word in a class prompt (and no attention loss reads it).
         token_pos: vec![0; n],
-        sample_of: files.iter().map(|(s, _)| *s).collect(),
+        sample_of: files.iter().map(|(s, _, _)| *s).collect(),
         n_samples: t.class_words.len(),
         roi: None,
         prior: 0,

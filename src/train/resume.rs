@@ -13,10 +13,14 @@ use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::io::{checkpoint, run};
 
+/// The checkpoint names of a full fine-tune's weights start so.
+const FULL: &str = "full.";
+
 impl Trainer {
     /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`,
-    /// `tuned.<path>.weight`/`.bias`, `vico.<path>.image_cross_attention.<name>`, `rows`,
-    /// and `table` in released-script mode.
+    /// `tuned.<path>.weight`/`.bias`, `vico.<path>.image_cross_attention.<name>`,
+    /// `full.unet.<key>`/`full.text_encoder.<key>` once a full fine-tune has started,
+    /// `rows`, and `table` in released-script mode.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let lora = self.lora.modules.iter().flat_map(|m| {
             [
@@ -31,7 +35,13 @@ impl Trainer {
         let text = text
             .into_iter()
             .filter_map(|(name, v)| Some((name.to_string(), v?.clone())));
-        lora.chain(tuned).chain(vico).chain(text).collect()
+        let full = (self.full.iter()).flat_map(|f| f.named());
+        let full = full.map(|(name, v)| (format!("{FULL}{name}"), v));
+        lora.chain(tuned)
+            .chain(vico)
+            .chain(full)
+            .chain(text)
+            .collect()
     }
 
     /// Everything resume needs, as named tensors.
@@ -94,6 +104,15 @@ impl Trainer {
         for (name, v) in self.vico.iter().flat_map(|b| b.named()) {
             v.set(get(&format!("vico.{name}"))?)?;
         }
+        if t.keys().any(|k| k.starts_with(FULL)) {
+            let mut full: HashMap<String, Tensor> = (t.iter())
+                .filter_map(|(k, v)| Some((k.strip_prefix(FULL)?.to_string(), v.clone())))
+                .collect();
+            self.start_full()?;
+            if let Some(f) = &self.full {
+                f.restore(&mut full)?;
+            }
+        }
         self.rows.set(get("rows")?)?;
         if let Some(table) = &self.table {
             table.set(get("table")?)?;
@@ -107,8 +126,11 @@ impl Trainer {
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))
             .collect();
-        self.opt.load_state(&opt)?;
         self.step = get("step")?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        // The optimizer of the saved step's phase (Break-A-Scene's second has other
+        // parameters than its first).
+        self.opt = self.optimizer_for(self.step.max(1))?;
+        self.opt.load_state(&opt)?;
         Ok(())
     }
 }

@@ -90,7 +90,7 @@ impl Trainer {
             pool.cache_posteriors(&sd, &recipe.draw, cfg.dtype)?;
         }
         let last = recipe.total_steps();
-        let per_step = recipe.images_per_step(data.num_images());
+        let per_step = recipe.max_images_per_step(data.num_images(), data.samples.len());
         // A CLiC step also encodes each image's masked copy, prior preservation as many
         // class images, ViCo each image's reference.
         let doubled =
@@ -132,16 +132,8 @@ impl Trainer {
             )?),
             None => None,
         };
-        let mut params = lora.vars();
-        params.extend(tuned.vars());
-        params.extend(vico.iter().flat_map(|b| b.vars()));
-        params.extend(recipe.trains.rows.then(|| rows.clone()));
-        params.extend(table.clone());
-        let mut opt = optimizer(params, recipe.trains.weight_decay)?;
-        if let (Some(blocks), Some(lr)) = (&vico, recipe.trains.vico_blocks) {
-            opt.fix_lr(&blocks.vars(), lr);
-        }
-        Ok(Self {
+        let weight_decay = recipe.trains.weight_decay;
+        let mut t = Self {
             cfg,
             recipe,
             sd,
@@ -152,13 +144,25 @@ impl Trainer {
             vico,
             rows,
             table,
+            full: None,
             momentum: None,
-            opt,
+            opt: optimizer(Vec::new(), weight_decay)?,
             step: 0,
             class_words,
             skipped_in_a_row: 0,
             auto_masks: None,
-        })
+        };
+        t.opt = t.optimizer_for(1)?;
+        Ok(t)
+    }
+
+    /// A new optimizer over what step `d` trains (ViCo's blocks at their own rate).
+    pub(super) fn optimizer_for(&self, d: usize) -> Result<super::optim::AdamW> {
+        let mut opt = optimizer(self.opt_vars(d), self.recipe.trains.weight_decay)?;
+        if let (Some(blocks), Some(lr)) = (&self.vico, self.recipe.trains.vico_blocks) {
+            opt.fix_lr(&blocks.vars(), lr);
+        }
+        Ok(opt)
     }
 }
 

@@ -8,11 +8,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::ds_bal::MomentumLora;
-use super::method::Phase;
-use super::objective::{noised_latents, step_losses, Online, StepLosses};
+use super::method::{Method, Phase};
+use super::objective::{noised_latents, step_losses, Finetuned, Online, StepLosses};
 use super::optim::{clip_coef, grad_norms, Clip};
-use super::trainer::{optimizer, StepLog, Trainer};
+use super::trainer::{StepLog, Trainer};
 use crate::error::{Error, Result};
+use crate::model::full::FullWeights;
+use crate::model::lora::LoraSet;
 use crate::profile::{self, Kind};
 
 /// With f16 loss scaling, this many overflowed steps in a row stop the run: the scale
@@ -51,8 +53,12 @@ impl Trainer {
         let _step = profile::scope(Kind::TrainStep, &dev);
         let at = self.recipe.at(d);
         let (phase, first_of_phase) = (at.phase(), at.first);
-        if first_of_phase && at.plan.fresh_optimizer {
-            self.opt = optimizer(self.opt_vars(), self.recipe.trains.weight_decay)?;
+        let (weights, fresh) = (at.plan.trains_weights, at.plan.fresh_optimizer);
+        if first_of_phase && weights && self.recipe.trains.full {
+            self.start_full()?;
+        }
+        if first_of_phase && fresh {
+            self.opt = self.optimizer_for(d)?;
         }
         let Pass {
             grads,
@@ -63,7 +69,7 @@ impl Trainer {
         } = self.forward_backward(d, phase)?;
         // The recipe says which gradients are clipped together, to what norm.
         let clipping = profile::scope(Kind::GradClip, &dev);
-        let (unet_vars, text_vars) = (self.unet_vars(), self.text_vars());
+        let (unet_vars, text_vars) = (self.unet_vars(d), self.text_vars(d));
         let norms = grad_norms(&grads, &[&unet_vars, &text_vars])?;
         let (unet_norm, text_norm) = (norms[0], norms[1]);
         let clipped = match self.recipe.trains.clip {
@@ -121,6 +127,14 @@ impl Trainer {
         })
     }
 
+    /// Makes the full weights from the base model, where a run starts training them.
+    pub(super) fn start_full(&mut self) -> Result<()> {
+        if self.full.is_none() {
+            self.full = Some(FullWeights::of(&self.sd)?);
+        }
+        Ok(())
+    }
+
     /// The unclipped gradients of the next step's loss by [`Self::trainable`] name, without
     /// updating anything (the step's noise depends only on seed and step, so
     /// `train_step` then computes the same step): for comparing backends
@@ -148,8 +162,20 @@ impl Trainer {
                 noised_latents(&self.sd, &batch, &self.cfg, &self.recipe.draw, d, noise)?;
             Ok::<_, crate::error::Error>((batch, noised, alpha_d))
         })?;
-        let online = self.lora.as_set();
+        // A phase that trains only the rows runs the base U-Net (adapters start at zero).
+        let weights = self.trains_weights(d);
+        let online = match weights {
+            true => self.lora.as_set(),
+            false => LoraSet::default(),
+        };
         let tuned = self.tuned.as_set();
+        let full = match (&self.full, weights) {
+            (Some(f), true) => Some(Finetuned {
+                unet: f.unet(self.cfg.dtype, true)?,
+                text_encoder: f.text_encoder(self.cfg.dtype, true)?,
+            }),
+            _ => None,
+        };
         let momentum = self
             .momentum
             .as_ref()
@@ -174,8 +200,9 @@ impl Trainer {
                 lora: &online,
                 tuned: (!tuned.is_empty()).then_some(&tuned),
                 vico: self.vico.as_ref(),
+                full: full.as_ref(),
             },
-            self.text_params(),
+            self.text_params(d),
             momentum,
             self.recipe.losses,
         )?;
@@ -184,7 +211,7 @@ impl Trainer {
         let grads = match self.cfg.loss_scale {
             Some(scale) => {
                 let mut grads = (&loss * scale)?.backward()?;
-                unscale(&mut grads, &self.opt_vars(), scale)?;
+                unscale(&mut grads, &self.opt_vars(d), scale)?;
                 grads
             }
             None => loss.backward()?,
@@ -222,9 +249,10 @@ impl Trainer {
     /// overflow skips the update (up to [`MAX_SKIPPED_IN_A_ROW`] in a row); otherwise
     /// training stops, naming the step and the first non-finite term.
     fn on_non_finite(&mut self, d: usize, terms: &[f32], grad_norm: f64) -> Result<()> {
-        let rates = match self.cfg.method.one_phase() {
-            Some(_) => "--lr",
-            None => "--warmup-lr, --dsbal-lr",
+        let rates = match self.cfg.method {
+            Method::MagicTailor => "--warmup-lr, --dsbal-lr",
+            Method::BreakAScene => "--phase1-lr, --phase2-lr",
+            _ => "--lr",
         };
         // A component names the cause better than the total it spoils.
         let what = match [1, 2, 3, 4, 5, 0]

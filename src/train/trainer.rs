@@ -14,6 +14,7 @@ use super::objective::{Pool, TextParams};
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
 use crate::masks::auto::AutoMasks;
+use crate::model::full::FullWeights;
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
 use crate::model::tuned::TrainableTuned;
@@ -70,6 +71,9 @@ pub struct Trainer {
     pub rows: Var,
     /// Released-script mode: the whole token-embedding table, trained (with weight decay).
     pub table: Option<Var>,
+    /// Every U-Net and text-encoder weight (Break-A-Scene's phase 2), made when the first
+    /// phase that trains them starts.
+    pub full: Option<FullWeights>,
     pub momentum: Option<MomentumLora>,
     pub(super) opt: AdamW,
     pub step: usize,
@@ -92,33 +96,63 @@ impl Trainer {
         self.pool.all.len()
     }
 
-    /// The text-side parameters the optimizer updates: pseudo-word rows (where the method
-    /// trains them), then the table.
-    pub(super) fn text_vars(&self) -> Vec<Var> {
+    /// Step `d` trains the U-Net side (adapters, tuned or full weights), not only the
+    /// pseudo-word rows.
+    pub(super) fn trains_weights(&self, d: usize) -> bool {
+        self.recipe.at(d).plan.trains_weights
+    }
+
+    /// The full weights under `prefix` ("unet." or "text_encoder."), where step `d` trains
+    /// them.
+    fn full_vars(&self, d: usize, prefix: &str) -> Vec<Var> {
+        let full = self.full.as_ref().filter(|_| self.trains_weights(d));
+        (full.into_iter().flat_map(|f| f.named()))
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// The text-side parameters step `d` updates: pseudo-word rows (where the method
+    /// trains them), the table, then a full fine-tune's text encoder.
+    pub(super) fn text_vars(&self, d: usize) -> Vec<Var> {
         let rows = self.recipe.trains.rows.then(|| self.rows.clone());
-        rows.into_iter().chain(self.table.clone()).collect()
-    }
-
-    pub(super) fn text_params(&self) -> TextParams<'_> {
-        TextParams {
-            rows: self.rows.as_tensor(),
-            table: self.table.as_ref().map(|t| t.as_tensor()),
-        }
-    }
-
-    /// The U-Net side the optimizer updates: the LoRA matrices, the tuned matrices, then
-    /// ViCo's blocks.
-    pub(super) fn unet_vars(&self) -> Vec<Var> {
-        let mut v = self.lora.vars();
-        v.extend(self.tuned.vars());
-        v.extend(self.vico.iter().flat_map(|b| b.vars()));
+        let mut v: Vec<Var> = rows.into_iter().chain(self.table.clone()).collect();
+        v.extend(self.full_vars(d, "text_encoder."));
         v
     }
 
-    /// Everything the optimizer updates, in its order: the U-Net side, then the text side.
-    pub(super) fn opt_vars(&self) -> Vec<Var> {
-        let mut v = self.unet_vars();
-        v.extend(self.text_vars());
+    /// The text side a forward pass reads; a full fine-tune's token table where step `d`
+    /// trains it.
+    pub(super) fn text_params(&self, d: usize) -> TextParams<'_> {
+        let full = self.full.as_ref().filter(|_| self.trains_weights(d));
+        let table = match full {
+            Some(f) => Some(f.token_table().as_tensor()),
+            None => self.table.as_ref().map(|t| t.as_tensor()),
+        };
+        TextParams {
+            rows: self.rows.as_tensor(),
+            table,
+        }
+    }
+
+    /// The U-Net side step `d` updates: the LoRA matrices, the tuned matrices, ViCo's
+    /// blocks, then a full fine-tune's U-Net; none in a phase that trains only the rows.
+    pub(super) fn unet_vars(&self, d: usize) -> Vec<Var> {
+        if !self.trains_weights(d) {
+            return Vec::new();
+        }
+        let mut v = self.lora.vars();
+        v.extend(self.tuned.vars());
+        v.extend(self.vico.iter().flat_map(|b| b.vars()));
+        v.extend(self.full_vars(d, "unet."));
+        v
+    }
+
+    /// Everything step `d`'s optimizer updates, in its order: the U-Net side, then the
+    /// text side.
+    pub(super) fn opt_vars(&self, d: usize) -> Vec<Var> {
+        let mut v = self.unet_vars(d);
+        v.extend(self.text_vars(d));
         v
     }
 }

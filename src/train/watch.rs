@@ -35,7 +35,7 @@ impl Watch {
 
     /// After a step: its scalars to TensorBoard, and a sample grid when one is due
     /// (its time goes into the step's log line).
-    pub fn after_step(&mut self, t: &Trainer, log: &mut StepLog, out: &Path) -> Result<()> {
+    pub fn after_step(&mut self, t: &mut Trainer, log: &mut StepLog, out: &Path) -> Result<()> {
         if let Some(tb) = &mut self.tensorboard {
             let scalars = [
                 ("loss/total", log.loss),
@@ -65,9 +65,23 @@ impl Watch {
     }
 }
 
-/// A row per sample prompt, a column per seed, drawn with the current adapters and rows.
+/// A row per sample prompt, a column per seed, drawn with the current adapters and rows
+/// (and a full fine-tune's current U-Net and text encoder, swapped in for the grid).
 /// Column `s` of a prompt is what `infer --seed s` draws with the same weights.
-pub fn sample_grid(t: &Trainer) -> Result<RgbImage> {
+pub fn sample_grid(t: &mut Trainer) -> Result<RgbImage> {
+    let Some(full) = &t.full else {
+        return draw_grid(t);
+    };
+    let dtype = t.cfg.dtype;
+    let (unet, text_encoder) = (full.unet(dtype, false)?, full.text_encoder(dtype, false)?);
+    let unet = std::mem::replace(&mut t.sd.unet, unet);
+    let text_encoder = std::mem::replace(&mut t.sd.text_encoder, text_encoder);
+    let grid = draw_grid(t);
+    (t.sd.unet, t.sd.text_encoder) = (unet, text_encoder);
+    grid
+}
+
+fn draw_grid(t: &Trainer) -> Result<RgbImage> {
     let cfg = &t.cfg;
     let lora = t.lora.detached();
     let tuned = t.tuned.detached();

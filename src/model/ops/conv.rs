@@ -1,10 +1,13 @@
 //! Frozen 2D convolution and nearest 2x upsampling. Backward returns only dL/dx (the
 //! kernel is frozen), as a convolution of the output gradient with the flipped kernel
-//! rather than candle's naive CPU `conv_transpose2d`.
+//! rather than candle's naive CPU `conv_transpose2d`. And the convolution whose kernel
+//! and bias train too (full fine-tuning), with the same dL/dx.
 
-use candle_core::{Result, Shape, Tensor};
+use std::sync::Mutex;
 
-use super::{attach1, fused1, on_cpu_f32, to_vec_f32, with_f32, Grad1};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{attach1, copy_value, fused1, on_cpu_f32, to_vec_f32, with_f32, Grad1};
 use crate::kernels::cpu;
 use crate::profile::Kind;
 
@@ -187,6 +190,133 @@ pub fn frozen_conv2d(
     })
 }
 
+// Convolution with a trained kernel and bias: candle's own `Conv2D` backward would
+// compute dL/dx by its naive CPU `conv_transpose2d`; this one takes `ConvGrad`'s.
+
+struct TrainedConv {
+    value: Mutex<Option<Tensor>>,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp3 for TrainedConv {
+    fn name(&self) -> &'static str {
+        "trained-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_value(&self.value)
+    }
+    /// Each gradient only for an input that tracks one.
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope(Kind::ConvBwd, x.device());
+        let (s, p, g) = (self.stride, self.padding, g.detach());
+        let dx = match x.track_op() {
+            true => {
+                let frozen = ConvGrad {
+                    w: w.detach(),
+                    b: b.detach(),
+                    stride: s,
+                    padding: p,
+                };
+                Some(frozen.grad(&x.detach(), y, &g)?)
+            }
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(kernel_grad(&x.detach(), &g, w.dim(2)?, s, p)?),
+            false => None,
+        };
+        let db = match b.track_op() {
+            true => Some(g.sum((0, 2, 3))?),
+            false => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// dL/dW `[co, ci, k, k]` of a convolution of `x [b, ci, h, w]` with output gradient
+/// `g [b, co, oh, ow]`: per tap, `g` times the input window that tap read, summed over
+/// images and positions, one GEMM `[co, n] @ [n, ci]` (n = b·oh·ow) per tap.
+fn kernel_grad(x: &Tensor, g: &Tensor, k: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (b, ci, h, w) = x.dims4()?;
+    let (_, co, oh, ow) = g.dims4()?;
+    let n = b * oh * ow;
+    let g = g.to_dtype(x.dtype())?.transpose(0, 1)?.reshape((co, n))?;
+    // Zeros past the padding so every tap's window of `stride * out` rows fits.
+    let (bottom, right) = (
+        (k - 1 + stride * oh).saturating_sub(h + padding),
+        (k - 1 + stride * ow).saturating_sub(w + padding),
+    );
+    let xp = x
+        .pad_with_zeros(2, padding, bottom)?
+        .pad_with_zeros(3, padding, right)?;
+    let mut taps = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        for kx in 0..k {
+            let mut win = xp.narrow(2, ky, stride * oh)?.narrow(3, kx, stride * ow)?;
+            if stride > 1 {
+                win = (win.reshape((b, ci, oh, stride, ow, stride))?)
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?;
+            }
+            let win = win.transpose(0, 1)?.reshape((ci, n))?;
+            taps.push(g.matmul(&win.t()?)?);
+        }
+    }
+    Tensor::stack(&taps, 2)?.reshape((co, ci, k, k))
+}
+
+/// A 2D convolution whose kernel `w` and bias `b` get gradients (where they track), as
+/// well as `x`.
+pub fn trained_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let _p = crate::profile::scope(Kind::ConvFwd, x.device());
+    let (w, b) = (w.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+    let value = conv2d_value(x, &w.detach(), stride, padding)?
+        .broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?;
+    if !(x.track_op() || w.track_op() || b.track_op()) {
+        return Ok(value);
+    }
+    let op = TrainedConv {
+        value: Mutex::new(Some(value)),
+        stride,
+        padding,
+    };
+    x.apply_op3(&w, &b, op)
+}
+
 #[derive(Clone)]
 struct Upsample2xGrad;
 
@@ -210,9 +340,56 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device, Tensor, Var};
 
-    use super::conv2d_sliced;
+    use super::{conv2d_sliced, trained_conv2d};
+
+    /// The trained convolution's value and its gradients for x, kernel and bias equal
+    /// candle's own `conv2d` + bias and its backward: 3x3 "same", strided (even, odd and
+    /// non-square inputs) and 1x1, in f64 and f32.
+    #[test]
+    fn trained_conv_matches_candles_backward() {
+        let dev = Device::Cpu;
+        let cases = [
+            // (b, ci, co, h, w, k, stride, padding)
+            (2, 3, 4, 8, 8, 3, 1, 1),
+            (1, 2, 3, 7, 5, 3, 1, 1),
+            (2, 3, 3, 8, 8, 3, 2, 1),
+            (1, 2, 2, 7, 7, 3, 2, 1),
+            (2, 3, 4, 8, 6, 3, 2, 1),
+            (2, 5, 3, 6, 6, 1, 1, 0),
+        ];
+        for dtype in [DType::F64, DType::F32] {
+            for (i, &(b, ci, co, h, w, k, s, p)) in cases.iter().enumerate() {
+                let t = |seed: u64, dims: &[usize]| {
+                    let t = crate::rng::seeded_normal(seed, dims, &dev).unwrap();
+                    Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+                };
+                let (x, wt, bias) = (t(1, &[b, ci, h, w]), t(2, &[co, ci, k, k]), t(3, &[co]));
+                let ours = trained_conv2d(&x, &wt, &bias, s, p).unwrap();
+                let theirs = (x.conv2d(&wt, p, s, 1, 1).unwrap())
+                    .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                    .unwrap();
+                let probe = t(4, ours.dims());
+                let loss = |y: &Tensor| (y * probe.as_tensor()).unwrap().sum_all().unwrap();
+                let (g1, g2) = (
+                    loss(&ours).backward().unwrap(),
+                    loss(&theirs).backward().unwrap(),
+                );
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
+                let close = |a: &Tensor, b: &Tensor, what: &str| {
+                    let d = crate::testkit::tolerance::rel_err_f64(a, b);
+                    assert!(d <= tol, "case {i} {dtype:?} {what}: relative error {d}");
+                };
+                close(&ours, &theirs, "value");
+                for (v, what) in [(&x, "dx"), (&wt, "dw"), (&bias, "db")] {
+                    let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                    assert_eq!(a.dims(), b.dims(), "case {i} {what}");
+                    close(a, b, what);
+                }
+            }
+        }
+    }
 
     /// Slices of the batch give the whole batch's output bit for bit, including a short
     /// last slice, for the 3x3 "same" and the strided unpadded convs.

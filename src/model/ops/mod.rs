@@ -39,7 +39,7 @@ use crate::kernels::gate::{self, Comparison, Family, Verdict};
 use crate::kernels::multi_tensor;
 
 pub use attention::{attention, use_reference_attention};
-pub use conv::{frozen_conv2d, images_within, upsample_nearest_2x};
+pub use conv::{frozen_conv2d, images_within, trained_conv2d, upsample_nearest_2x};
 pub use geglu::geglu;
 pub use linear::{frozen_linear, lora_linear, LoraAdapter};
 pub use norm::{group_norm, layer_norm};
