@@ -500,6 +500,10 @@ fn bench_break_a_scene(
         median(times[1..].to_vec()),
         tg.peak()
     );
+    println!("{name} Break-A-Scene phase-2 step, profiled:");
+    profile_once(|| {
+        t.train_step().unwrap();
+    });
 }
 
 /// The first sample of `pair` as a folder of its own (`person_k/`, images and masks).
@@ -617,7 +621,7 @@ fn main() {
         "mid-custom-diffusion",
         "mid-clic",
         "mid-vico",
-        "mid-break-a-scene",
+        "mid-break-a-scene-full",
         "mid-break-a-scene-lora",
         "mid-vico-infer",
         "mid-retouch",
@@ -691,7 +695,7 @@ fn main() {
             bench_one_phase(&tg, "mid", method, &mid, &pair, 256, 3);
         }
     }
-    if wanted("mid-break-a-scene") {
+    if wanted("mid-break-a-scene-full") {
         let one = one_sample(&pair);
         reset_peak();
         bench_break_a_scene(&tg, "mid", &mid, &one, 256, 3, None);

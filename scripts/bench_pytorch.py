@@ -924,7 +924,7 @@ def main():
     ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,clic,vico,vico-infer,infer",
                     help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
                          "clic, vico, vico-infer, infer (full only), retouch (at 512 px, and plain infer beside it), "
-                         "break-a-scene, break-a-scene-lora")
+                         "break-a-scene-full, break-a-scene-lora")
     a = ap.parse_args()
     if set(a.configs) - set(CONFIGS):
         ap.error(f"configs are {', '.join(CONFIGS)}")
@@ -963,7 +963,7 @@ def main():
         if "vico" in rows:
             reset_peak()
             bench_vico(name, model, a.root / "person_k+hair_c", c["resolution"], c["reps"])
-        if "break-a-scene" in rows:
+        if "break-a-scene-full" in rows:
             reset_peak()
             bench_break_a_scene(name, model, a.root / "person_k", c["resolution"], c["reps"])
         if "break-a-scene-lora" in rows:

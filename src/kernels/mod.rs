@@ -16,7 +16,7 @@
 //! `crate::model` or `crate::train` (their tests excepted, which compare with the ops and
 //! the optimizer).
 
-use candle_core::{DType, Device};
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
 pub(crate) mod cpu;
 pub(crate) mod cuda;
@@ -54,4 +54,29 @@ pub fn compiled_kernels() -> Vec<KernelResources> {
     #[cfg(not(feature = "cuda"))]
     let table = "";
     cuda::limits::parse_table(table)
+}
+
+/// The f32 data of a contiguous CPU tensor layout.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("cpu kernel expects contiguous f32 data"),
+    }
+}
+
+/// `f` over the f32 data of CPU tensors (made contiguous first).
+pub(crate) fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(s) => slices.push(f32_slice(s, layout)?),
+            _ => bail!("cpu kernel expects CPU data"),
+        }
+    }
+    Ok(f(&slices))
 }

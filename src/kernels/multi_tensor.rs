@@ -103,6 +103,37 @@ pub(crate) fn adamw_composed(slot: &Slot, s: &AdamWStep) -> Result<[Tensor; 3]> 
     Ok([(decayed - (update * s.lr)?)?, m, v])
 }
 
+/// Whether the CPU kernels take `t`: f32 on the CPU.
+fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// One AdamW step of `slot` by the CPU kernel (one pass, rounded as [`adamw_composed`]),
+/// where it takes the tensors: the new parameter and moments.
+pub(crate) fn cpu_adamw(slot: &Slot, s: &AdamWStep) -> Result<Option<[Tensor; 3]>> {
+    let ts = [slot.p, slot.g, slot.m, slot.v];
+    if !ts.iter().all(|t| on_cpu_f32(t)) {
+        return Ok(None);
+    }
+    let h = s.hyper();
+    let scalars = super::cpu::AdamWScalars {
+        coef: slot.clipped.then_some(h.coef),
+        b1: h.b1,
+        omb1: h.omb1,
+        b2: h.b2,
+        omb2: h.omb2,
+        inv_bc1: h.inv_bc1,
+        inv_bc2: h.inv_bc2,
+        eps: h.eps,
+        decay: h.decay,
+        lr: h.lr,
+    };
+    let out = super::with_f32(&ts, |t| super::cpu::adamw(t[0], t[1], t[2], t[3], &scalars))?;
+    let shape = slot.p.shape();
+    let [p, m, v] = out.map(|x| Tensor::from_vec(x, shape, &Device::Cpu));
+    Ok(Some([p?, m?, v?]))
+}
+
 /// One AdamW step over all `slots` in one launch, where the fused kernel takes them.
 /// `false`: it did not (not on CUDA, kernels off, or its launch failed and switched them
 /// off), and the caller takes the step with [`adamw_composed`].
@@ -148,6 +179,12 @@ pub(crate) fn sq_sums(grads: &[(&Tensor, usize)], groups: usize) -> Result<Vec<f
     }
     let mut sums = vec![0f64; groups];
     if grads.is_empty() {
+        return Ok(sums);
+    }
+    if ts.iter().all(|t| on_cpu_f32(t)) {
+        for (g, gi) in grads {
+            sums[*gi] += super::with_f32(&[g], |x| super::cpu::sq_sum(x[0]))?;
+        }
         return Ok(sums);
     }
     let sq = (grads.iter())
@@ -347,5 +384,56 @@ mod on_cuda {
     }
     pub fn ema(_: &[(&Tensor, &Tensor)], _: f64) -> Result<()> {
         bail!("built without CUDA")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU kernel's AdamW step is the composed ops' bit for bit: clipped or not,
+    /// across chunk boundaries, with -0 gradients and zero moments.
+    #[test]
+    fn cpu_adamw_rounds_as_the_composed_ops() {
+        let dev = Device::Cpu;
+        let t = |seed, n: usize, scale| gate::input(seed, &[n], scale, 0.0, &dev, DType::F32);
+        for (n, clipped) in [(37, false), (40_000, true), (16_384, false)] {
+            let (p, mut g, m) = (
+                t(1, n, 0.1).unwrap(),
+                t(2, n, 0.01).unwrap(),
+                t(3, n, 0.01).unwrap(),
+            );
+            let v = t(4, n, 0.01).unwrap().sqr().unwrap();
+            if n == 37 {
+                g = (g * 0.0).unwrap().neg().unwrap(); // -0
+            }
+            let slot = Slot {
+                p: &p,
+                g: &g,
+                m: &m,
+                v: &v,
+                clipped,
+            };
+            for step in [1, 7] {
+                let s = AdamWStep {
+                    lr: 2e-6,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 1e-2,
+                    step,
+                    coef: 0.37,
+                };
+                let got = cpu_adamw(&slot, &s).unwrap().unwrap();
+                let want = adamw_composed(&slot, &s).unwrap();
+                for (a, b) in got.iter().zip(&want) {
+                    let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "n {n}"
+                    );
+                }
+            }
+        }
     }
 }

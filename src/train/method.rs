@@ -933,13 +933,7 @@ impl Recipe {
             },
             "grad_clip": clip,
             "weight_decay": self.trains.weight_decay,
-            "prior_preservation": self.class_images.as_ref().map(|c| serde_json::json!({
-                "class_images_per_prompt": c.count,
-                "prompt": c.prompt.text("{}"),
-                "per_step": c.per_step.map_or(serde_json::json!("as many as reference images"), |n| serde_json::json!(n)),
-                "loss_weight": self.losses.prior,
-                "dir": c.dir,
-            })),
+            "prior_preservation": self.class_images.as_ref().map(|c| self.describe_prior(c)),
             "clic_loss_weights": self.losses.clic.map(|c| serde_json::json!({
                 "attention": c.attention,
                 "context": c.context,
@@ -982,6 +976,26 @@ impl Recipe {
                 "reference": "another image of the image's own sample, drawn per step",
             })),
         })
+    }
+
+    /// Prior preservation as the record shows it.
+    fn describe_prior(&self, c: &ClassImages) -> serde_json::Value {
+        let count = match c.prompt {
+            ClassPrompt::OfClassWord => "class_images_per_sample",
+            ClassPrompt::Fixed(_) => "class_images",
+        };
+        let per_step = match c.per_step {
+            Some(n) => serde_json::json!(n),
+            None => serde_json::json!("as many as reference images"),
+        };
+        let mut out = serde_json::json!({
+            "prompt": c.prompt.text("{}"),
+            "per_step": per_step,
+            "loss_weight": self.losses.prior,
+            "dir": c.dir,
+        });
+        out[count] = serde_json::json!(c.count);
+        out
     }
 
     /// Images a step trains on, out of `n_images` (union sampling: at most one per
@@ -1107,6 +1121,42 @@ mod tests {
             (7, 1e-3, 2)
         );
         assert_eq!(r.describe(6)["phases"][0]["steps"], 7);
+    }
+
+    /// The authors' Break-A-Scene run: 400 steps of the rows alone at 5e-4, then 400 of
+    /// every weight at 2e-6 with a new optimizer; all gradients clipped together; union
+    /// draws; the summed attention loss; one beach image a step. `--phase2-lora` swaps
+    /// the full weights for adapters at 1e-4.
+    #[test]
+    fn break_a_scene_follows_its_authors_run() {
+        let mut cfg = TrainConfig {
+            method: Method::BreakAScene,
+            ..TrainConfig::default()
+        };
+        let r = Recipe::new(&cfg, 6);
+        assert_eq!((r.total_steps(), cfg.total_steps()), (800, 800));
+        assert_eq!(
+            (r.at(400).phase(), r.at(401).phase()),
+            (Phase::BasTokens, Phase::BasWeights)
+        );
+        assert_eq!((r.at(1).lr(), r.at(800).lr()), (5e-4, 2e-6));
+        assert!(!r.phases[0].trains_weights && r.phases[1].trains_weights);
+        assert!(r.phases[1].fresh_optimizer && r.switches_after(400));
+        assert_eq!(cfg.phase_switch(), Some(400));
+        assert!(r.trains.full && r.trains.rows && r.trains.lora.is_none());
+        assert_eq!(r.trains.clip.map(|c| c.with_text), Some(true));
+        assert_eq!((r.draw.pick, r.draw.flip), (Pick::Union, Flip::PerImage));
+        assert!(r.losses.attn_summed && r.losses.lambda_attn == 0.01);
+        let class = r.class_images.as_ref().unwrap();
+        assert_eq!((class.count, class.per_step), (100, Some(1)));
+        assert_eq!(class.prompt.text("person"), "a photo at the beach");
+        assert_eq!(r.max_images_per_step(6, 2), 2);
+        cfg.phase2_lora = Some(4);
+        cfg.no_prior_preservation = true;
+        let r = Recipe::new(&cfg, 6);
+        assert!(!r.trains.full && r.trains.lora.as_ref().is_some_and(|l| l.rank == 4));
+        assert_eq!(r.at(401).lr(), BAS_LORA_LR);
+        assert!(r.class_images.is_none() && r.losses.prior == 0.0);
     }
 
     /// The authors' ViCo config: 400 steps of 4 images, the row at 5e-3 x 4, the blocks

@@ -654,3 +654,34 @@ pub fn step_losses(
         loss,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::union_draw;
+    use crate::rng::{step_rng, Stream};
+
+    /// Every non-empty subset of the samples comes up, about as often as the source's
+    /// draw makes it (k uniform, then a uniform k-subset: {0}, {1} 1/4 each, {0, 1}
+    /// 1/2); one image per chosen sample, in sample order, every image drawn.
+    #[test]
+    fn union_draws_subsets_as_the_source_and_one_image_per_sample() {
+        let sample_of = [0, 0, 0, 1, 1];
+        let mut subsets = std::collections::HashMap::new();
+        let mut images = [0usize; 5];
+        for d in 1..=4000 {
+            let picked = union_draw(&sample_of, 2, &mut step_rng(7, d, Stream::Pick));
+            let samples: Vec<usize> = picked.iter().map(|&i| sample_of[i]).collect();
+            assert!(samples.windows(2).all(|w| w[0] < w[1]), "{samples:?}");
+            *subsets.entry(samples).or_insert(0usize) += 1;
+            picked.iter().for_each(|&i| images[i] += 1);
+        }
+        let share = |s: &[usize]| subsets[s] as f64 / 4000.0;
+        assert!((share(&[0]) - 0.25).abs() < 0.03, "{subsets:?}");
+        assert!((share(&[1]) - 0.25).abs() < 0.03, "{subsets:?}");
+        assert!((share(&[0, 1]) - 0.5).abs() < 0.03, "{subsets:?}");
+        assert!(images.iter().all(|&n| n > 500), "{images:?}");
+        // A pure function of (seed, step): a resumed run draws the same.
+        let again = |d| union_draw(&sample_of, 2, &mut step_rng(7, d, Stream::Pick));
+        assert_eq!(again(5), again(5));
+    }
+}

@@ -115,7 +115,11 @@ impl AdamW {
         }
         // One tensor at a time: the old values are freed as the new ones come.
         for (i, g, clipped) in present {
-            let [p, m, v] = adamw_composed(&self.slot(*i, g, *clipped), step)?;
+            let slot = self.slot(*i, g, *clipped);
+            let [p, m, v] = match multi_tensor::cpu_adamw(&slot, step)? {
+                Some(new) => new,
+                None => adamw_composed(&slot, step)?,
+            };
             self.params[*i].set(&p)?;
             (self.m[*i], self.v[*i]) = (m, v);
         }

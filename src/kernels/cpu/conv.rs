@@ -60,6 +60,36 @@ pub fn im2col(x: &[f32], s: &ConvShape) -> Vec<f32> {
     cols
 }
 
+/// dL/dW `[co, c k k]` of the convolution of `x` `[b, c, h, w]` whose output gradient is
+/// `g` `[b, co, oh, ow]`: `g` as `[co, b oh ow]` times the columns' transpose, one GEMM.
+pub fn conv2d_kernel_grad(x: &[f32], g: &[f32], co: usize, s: &ConvShape) -> Vec<f32> {
+    let (oh, ow) = s.out_hw();
+    let ohw = oh * ow;
+    let batch = x.len() / (s.channels * s.h * s.w);
+    let n = batch * ohw;
+    let mut gt = vec![0f32; co * n];
+    gt.par_chunks_mut(n).enumerate().for_each(|(o, row)| {
+        for (i, dst) in row.chunks_mut(ohw).enumerate() {
+            dst.copy_from_slice(&g[(i * co + o) * ohw..][..ohw]);
+        }
+    });
+    let cols = im2col(x, s);
+    let kk = s.channels * s.k * s.k;
+    let mut dw = vec![0f32; co * kk];
+    mm_par(
+        (co, kk, n),
+        &mut dw,
+        (kk, 1),
+        false,
+        &gt,
+        (n, 1),
+        &cols,
+        (1, n),
+        1.0,
+    );
+    dw
+}
+
 /// `wt[i, o, y, x] = w[o, i, kh-1-y, kw-1-x]` for `w: [co, ci, kh, kw]`.
 pub fn flip_transpose(w: &[f32], co: usize, ci: usize, kh: usize, kw: usize) -> Vec<f32> {
     let taps = kh * kw;

@@ -1,7 +1,7 @@
 //! f32 CPU kernels for the parts of `ops` that candle runs as many separate passes
 //! (each a fresh allocation) with scalar libm `exp`/`erf`: flash-style attention forward
-//! and backward, GroupNorm(+SiLU) forward and backward, GEGLU forward and backward, and
-//! the im2col gather of a convolution. Rows are split over rayon's threads; the loops are
+//! and backward, GroupNorm(+SiLU) forward and backward, GEGLU forward and backward, the
+//! im2col gather of a convolution, and the optimizer's AdamW and gradient norms. Rows are split over rayon's threads; the loops are
 //! written so LLVM vectorizes them, and compiled again for AVX2+FMA and AVX-512, picked
 //! at run time.
 //!
@@ -158,12 +158,14 @@ mod conv;
 mod geglu;
 mod linear;
 mod norm;
+mod optim;
 
 pub use attention::{attention_bwd, attention_fwd, AttnShape};
-pub use conv::{conv2d, flip_transpose, ConvShape};
+pub use conv::{conv2d, conv2d_kernel_grad, flip_transpose, ConvShape};
 pub use geglu::{geglu_bwd, geglu_fwd};
 pub use linear::{lora_linear_bwd, lora_linear_fwd, LoraDims};
 pub use norm::{group_norm_bwd, group_norm_fwd, layer_norm_bwd, layer_norm_fwd, GroupNormShape};
+pub use optim::{adamw, sq_sum, AdamWScalars};
 
 /// `dst[m x n] = acc * dst + beta * lhs[m x k] @ rhs[k x n]` through raw pointers, with
 /// (row, column) strides, threaded as `par` says.

@@ -267,6 +267,18 @@ impl CustomOp3 for TrainedConv {
 fn kernel_grad(x: &Tensor, g: &Tensor, k: usize, stride: usize, padding: usize) -> Result<Tensor> {
     let (b, ci, h, w) = x.dims4()?;
     let (_, co, oh, ow) = g.dims4()?;
+    if on_cpu_f32(x) && on_cpu_f32(g) {
+        let shape = cpu::ConvShape {
+            channels: ci,
+            h,
+            w,
+            k,
+            stride,
+            padding,
+        };
+        let dw = with_f32(&[x, g], |t| cpu::conv2d_kernel_grad(t[0], t[1], co, &shape))?;
+        return Tensor::from_vec(dw, (co, ci, k, k), x.device());
+    }
     let n = b * oh * ow;
     let g = g.to_dtype(x.dtype())?.transpose(0, 1)?.reshape((co, n))?;
     // Zeros past the padding so every tap's window of `stride * out` rows fits.

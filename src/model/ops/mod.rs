@@ -37,6 +37,7 @@ mod norm;
 
 use crate::kernels::gate::{self, Comparison, Family, Verdict};
 use crate::kernels::multi_tensor;
+use crate::kernels::{f32_slice, with_f32};
 
 pub use attention::{attention, use_reference_attention};
 pub use conv::{frozen_conv2d, images_within, trained_conv2d, upsample_nearest_2x};
@@ -70,14 +71,6 @@ impl Backend for CudaStorage {
 // ---------------------------------------------------------------------------------------
 // CPU kernels (kernels/) as graph-free custom ops on contiguous f32 tensors.
 
-/// The f32 data of a contiguous CPU tensor layout.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("cpu kernel expects contiguous f32 data"),
-    }
-}
-
 /// Whether the CPU kernels apply: f32 tensors on the CPU.
 fn on_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
@@ -88,23 +81,6 @@ fn on_cpu_f32(t: &Tensor) -> bool {
 fn kernel2(x: &Tensor, y: &Tensor, f: impl FnOnce(&[f32], &[f32]) -> Vec<f32>) -> Result<Tensor> {
     let v = with_f32(&[x, y], |t| f(t[0], t[1]))?;
     Tensor::from_vec(v, x.shape(), x.device())
-}
-
-/// `f` over the f32 data of CPU tensors (made contiguous first).
-fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
-    let ts = ts
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        match &**storage {
-            Storage::Cpu(s) => slices.push(f32_slice(s, layout)?),
-            _ => bail!("cpu kernel expects CPU data"),
-        }
-    }
-    Ok(f(&slices))
 }
 
 /// A three-input op's CPU gradients as tensors shaped like its inputs.
