@@ -6,7 +6,7 @@
 //! fine-tuning, `full.rs`) computes with differentiable ops instead, so its weight and
 //! bias get gradients.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::lora::LoraSet;
@@ -44,20 +44,11 @@ fn trains(w: &Tensor) -> bool {
     w.track_op()
 }
 
-/// The dtype norm statistics are computed in: f32, or f64 for f64 inputs.
-fn stats_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-/// `(x - mean) / sqrt(var + eps)` over the last dimension, by differentiable ops.
-fn standardize(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)
+/// `xhat * w + b`, the `[c]` weight and bias shaped `like` to broadcast over `xhat` (in
+/// its dtype), by differentiable ops.
+fn affine(xhat: &Tensor, w: &Tensor, b: &Tensor, like: &[usize]) -> Result<Tensor> {
+    let shaped = |t: &Tensor| t.to_dtype(xhat.dtype())?.reshape(like);
+    xhat.broadcast_mul(&shaped(w)?)?.broadcast_add(&shaped(b)?)
 }
 
 /// `x W^T + b` by candle's ops (weights cast to `x`'s dtype), so `W` and `b` get their
@@ -206,13 +197,18 @@ impl GroupNorm {
         if !(trains(w) || trains(b)) {
             return ops::group_norm(x, w, b, self.groups, self.eps, silu);
         }
-        let (n, c, acc) = (x.dim(0)?, x.dim(1)?, stats_dtype(x.dtype()));
-        let xhat = standardize(&x.to_dtype(acc)?.reshape((n, self.groups, ()))?, self.eps)?;
-        let y = (xhat.reshape((n, c, ()))?)
-            .broadcast_mul(&w.to_dtype(acc)?.reshape((1, c, 1))?)?
-            .broadcast_add(&b.to_dtype(acc)?.reshape((1, c, 1))?)?;
-        let y = if silu { y.silu()? } else { y };
-        y.reshape(x.shape())?.to_dtype(x.dtype())
+        // The fused op normalizes (its backward gives dL/dx); the affine part, by
+        // broadcasts, gives the weight and bias theirs.
+        let (c, one) = (w.dim(0)?, Tensor::ones(w.dim(0)?, x.dtype(), x.device())?);
+        let xhat = ops::group_norm(x, &one, &one.zeros_like()?, self.groups, self.eps, false)?;
+        let mut like = vec![1; x.rank()];
+        like[1] = c;
+        let y = affine(&xhat, w, b, &like)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -252,13 +248,10 @@ impl Module for LayerNorm {
         if !(trains(w) || trains(b)) {
             return ops::layer_norm(x, w, b, self.eps);
         }
-        // Never candle_nn's fused layer_norm here: it has no backward. eps rounded to f32
-        // as the frozen op takes it, so both compute the same function in f64 too.
-        let acc = stats_dtype(x.dtype());
-        standardize(&x.to_dtype(acc)?, self.eps as f32 as f64)?
-            .broadcast_mul(&w.to_dtype(acc)?)?
-            .broadcast_add(&b.to_dtype(acc)?)?
-            .to_dtype(x.dtype())
+        // As GroupNorm: the fused op normalizes, broadcasts apply the weight and bias.
+        let one = Tensor::ones(w.dim(0)?, x.dtype(), x.device())?;
+        let xhat = ops::layer_norm(x, &one, &one.zeros_like()?, self.eps)?;
+        affine(&xhat, w, b, &[w.dim(0)?])
     }
 }
 
