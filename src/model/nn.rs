@@ -51,10 +51,14 @@ fn affine(xhat: &Tensor, w: &Tensor, b: &Tensor, like: &[usize]) -> Result<Tenso
     xhat.broadcast_mul(&shaped(w)?)?.broadcast_add(&shaped(b)?)
 }
 
-/// `x W^T + b` by candle's ops (weights cast to `x`'s dtype), so `W` and `b` get their
-/// gradients.
+/// `x W^T + b` (weights cast to `x`'s dtype) by differentiable ops, so `W` and `b` get
+/// their gradients: a trained `W` through `ops::trained_linear`.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
+    let w = w.to_dtype(x.dtype())?;
+    let y = match trains(&w) {
+        true => ops::trained_linear(x, &w)?,
+        false => x.broadcast_matmul(&w.t()?)?,
+    };
     match b {
         Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
         None => Ok(y),

@@ -168,3 +168,78 @@ pub fn lora_linear(
         x.contiguous()?.apply_op3_no_bwd(&a, &b, &op)
     }
 }
+
+// Trained linear (full fine-tuning): y = x W^T, backward dL/dx = g W and dL/dW = g^T x as
+// two 2-D GEMMs (candle's broadcast matmul would materialize the weight's gradient per
+// batch entry and transpose it).
+
+struct TrainedLinear {
+    value: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle_core::CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "trained-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        super::copy_value(&self.value)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        super::copy_value(&self.value)
+    }
+    /// Each gradient only for an input that tracks one.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope(crate::profile::Kind::LinearBwd, x.device());
+        let (n, k) = w.dims2()?;
+        let g = g.detach().reshape((g.elem_count() / n, n))?;
+        let dx = match x.track_op() {
+            true => Some(g.matmul(&w.detach())?.reshape(x.shape())?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(
+                g.t()?
+                    .matmul(&x.detach().reshape((x.elem_count() / k, k))?)?,
+            ),
+            false => None,
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `x @ w^T` over the last dimension where `w` trains (and `x` may): its gradient and
+/// `x`'s by one GEMM each.
+pub fn trained_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Kind::LinearFwd, x.device());
+    let (n, k) = w.dims2()?;
+    let x = x.contiguous()?;
+    let mut out = x.dims().to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    let value = (x.detach().reshape((x.elem_count() / k, k))?)
+        .matmul(&w.detach().t()?)?
+        .reshape(out)?;
+    let op = TrainedLinear {
+        value: std::sync::Mutex::new(Some(value)),
+    };
+    x.apply_op2(w, op)
+}

@@ -42,7 +42,7 @@ use crate::kernels::{f32_slice, with_f32};
 pub use attention::{attention, use_reference_attention};
 pub use conv::{frozen_conv2d, images_within, trained_conv2d, upsample_nearest_2x};
 pub use geglu::geglu;
-pub use linear::{frozen_linear, lora_linear, LoraAdapter};
+pub use linear::{frozen_linear, lora_linear, trained_linear, LoraAdapter};
 pub use norm::{group_norm, layer_norm};
 
 /// One backend's storage, picked out of a tensor's `Storage`.
