@@ -116,19 +116,9 @@ pub(crate) fn cpu_adamw(slot: &Slot, s: &AdamWStep) -> Result<Option<[Tensor; 3]
         return Ok(None);
     }
     let h = s.hyper();
-    let scalars = super::cpu::AdamWScalars {
-        coef: slot.clipped.then_some(h.coef),
-        b1: h.b1,
-        omb1: h.omb1,
-        b2: h.b2,
-        omb2: h.omb2,
-        inv_bc1: h.inv_bc1,
-        inv_bc2: h.inv_bc2,
-        eps: h.eps,
-        decay: h.decay,
-        lr: h.lr,
-    };
-    let out = super::with_f32(&ts, |t| super::cpu::adamw(t[0], t[1], t[2], t[3], &scalars))?;
+    let out = super::with_f32(&ts, |t| {
+        super::cpu::adamw((t[0], t[1], t[2], t[3]), &h, slot.clipped)
+    })?;
     let shape = slot.p.shape();
     let [p, m, v] = out.map(|x| Tensor::from_vec(x, shape, &Device::Cpu));
     Ok(Some([p?, m?, v?]))

@@ -219,16 +219,8 @@ impl SimpleBackend for Renamed {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            let key = &self.map[name].0;
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name} (the file's {key})"),
-                expected: s,
-                got: t.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(t)
+        let key = &self.map[name].0;
+        shaped(t, s, || format!("{name} (the file's {key})"))
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -244,6 +236,24 @@ impl SimpleBackend for Renamed {
     fn contains_tensor(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }
+}
+
+/// `t` where it has shape `want`; else the error candle's own backends give, naming
+/// `what`.
+pub(crate) fn shaped(
+    t: Tensor,
+    want: Shape,
+    what: impl FnOnce() -> String,
+) -> candle_core::Result<Tensor> {
+    if t.shape() == &want {
+        return Ok(t);
+    }
+    Err(candle_core::Error::UnexpectedShape {
+        msg: format!("shape mismatch for {}", what()),
+        expected: want,
+        got: t.shape().clone(),
+    }
+    .bt())
 }
 
 fn cut(t: Tensor, part: Part) -> candle_core::Result<Tensor> {

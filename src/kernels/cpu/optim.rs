@@ -8,11 +8,11 @@ use rayon::prelude::*;
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 14;
 
-/// AdamW's scalars, each already rounded to f32 as candle rounds a scalar operand.
-#[derive(Debug, Clone, Copy)]
+/// AdamW's per-step scalars, each cast from f64 to f32 as candle casts a scalar operand.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWScalars {
-    /// The gradient's scale (clipping); `None`: not scaled.
-    pub coef: Option<f32>,
+    /// The clipped tensors' gradient scale.
+    pub coef: f32,
     pub b1: f32,
     pub omb1: f32,
     pub b2: f32,
@@ -20,6 +20,7 @@ pub struct AdamWScalars {
     pub inv_bc1: f32,
     pub inv_bc2: f32,
     pub eps: f32,
+    /// `1 - lr * weight_decay`.
     pub decay: f32,
     pub lr: f32,
 }
@@ -30,9 +31,14 @@ fn affine(x: f32, mul: f32, add: f32) -> f32 {
     x * mul + add
 }
 
-/// One AdamW step: the new parameter and moments, rounded exactly as the composed ops
-/// (`multi_tensor::adamw_composed`) and the CUDA kernel (`adamw.cu`).
-pub fn adamw(p: &[f32], g: &[f32], m: &[f32], v: &[f32], s: &AdamWScalars) -> [Vec<f32>; 3] {
+/// One AdamW step, the gradient scaled by `s.coef` where `clipped`: the new parameter and
+/// moments, rounded exactly as the composed ops (`multi_tensor::adamw_composed`) and the
+/// CUDA kernel (`adamw.cu`).
+pub fn adamw(
+    (p, g, m, v): (&[f32], &[f32], &[f32], &[f32]),
+    s: &AdamWScalars,
+    clipped: bool,
+) -> [Vec<f32>; 3] {
     let n = p.len();
     let (mut po, mut mo, mut vo) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     (po.par_chunks_mut(CHUNK).zip(mo.par_chunks_mut(CHUNK)))
@@ -45,7 +51,7 @@ pub fn adamw(p: &[f32], g: &[f32], m: &[f32], v: &[f32], s: &AdamWScalars) -> [V
                 &g[at..at + po.len()],
                 &m[at..at + po.len()],
                 &v[at..at + po.len()],
-                s,
+                (s, clipped),
                 [po, mo, vo]
             ))
         });
@@ -53,12 +59,19 @@ pub fn adamw(p: &[f32], g: &[f32], m: &[f32], v: &[f32], s: &AdamWScalars) -> [V
 }
 
 #[inline(always)]
-fn adamw_chunk(p: &[f32], g: &[f32], m: &[f32], v: &[f32], s: &AdamWScalars, out: [&mut [f32]; 3]) {
+fn adamw_chunk(
+    p: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+    (s, clipped): (&AdamWScalars, bool),
+    out: [&mut [f32]; 3],
+) {
     let [po, mo, vo] = out;
     for i in 0..p.len() {
-        let gi = match s.coef {
-            Some(c) => affine(g[i], c, 0.0),
-            None => g[i],
+        let gi = match clipped {
+            true => affine(g[i], s.coef, 0.0),
+            false => g[i],
         };
         let mi = affine(m[i], s.b1, 0.0) + affine(gi, s.omb1, 0.0);
         let vi = affine(v[i], s.b2, 0.0) + affine(gi * gi, s.omb2, 0.0);

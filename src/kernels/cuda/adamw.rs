@@ -109,22 +109,8 @@ pub(crate) fn sq_sums(
     )
 }
 
-/// AdamW's per-step scalars in f32, each cast from f64 as candle casts a scalar operand.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Hyper {
-    /// The clipped tensors' gradient scale.
-    pub coef: f32,
-    pub b1: f32,
-    pub omb1: f32,
-    pub b2: f32,
-    pub omb2: f32,
-    pub inv_bc1: f32,
-    pub inv_bc2: f32,
-    pub eps: f32,
-    /// `1 - lr * weight_decay`.
-    pub decay: f32,
-    pub lr: f32,
-}
+/// AdamW's per-step scalars in f32 (the CPU kernel's too).
+pub(crate) use crate::kernels::cpu::AdamWScalars as Hyper;
 
 /// One AdamW step over segments (p, g, m, v), tag 1 marking a clipped gradient.
 pub(crate) fn step(t: &Table, table: u64, h: &Hyper) -> Result<Launch> {

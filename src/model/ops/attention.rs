@@ -7,9 +7,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var, D,
 };
 
-use super::{
-    copy_value, cpu_kernel_takes, f32_or_wider, f32_slice, grads3, kernel_takes, with_f32,
-};
+use super::{cpu_kernel_takes, f32_or_wider, f32_slice, grads3, kernel_takes, with_f32};
 use crate::kernels::cpu;
 use crate::kernels::gate::{self, Comparison, Family};
 
@@ -67,28 +65,7 @@ impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "attention"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_value(&self.value)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_value(&self.value)
-    }
+    precomputed_fwd!(_a _al, _b _bl, _c _cl);
     #[allow(clippy::type_complexity)]
     fn bwd(
         &self,

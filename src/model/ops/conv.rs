@@ -5,9 +5,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp3, Result, Shape, Tensor};
 
-use super::{attach1, copy_value, fused1, on_cpu_f32, to_vec_f32, with_f32, Grad1};
+use super::{attach1, fused1, on_cpu_f32, to_vec_f32, with_f32, Grad1};
 use crate::kernels::cpu;
 use crate::profile::Kind;
 
@@ -203,28 +203,7 @@ impl CustomOp3 for TrainedConv {
     fn name(&self) -> &'static str {
         "trained-conv2d"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_value(&self.value)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_value(&self.value)
-    }
+    precomputed_fwd!(_a _al, _b _bl, _c _cl);
     /// Each gradient only for an input that tracks one.
     #[allow(clippy::type_complexity)]
     fn bwd(

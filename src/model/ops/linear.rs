@@ -181,24 +181,7 @@ impl candle_core::CustomOp2 for TrainedLinear {
     fn name(&self) -> &'static str {
         "trained-linear"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        super::copy_value(&self.value)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        super::copy_value(&self.value)
-    }
+    precomputed_fwd!(_x _xl, _w _wl);
     /// Each gradient only for an input that tracks one.
     fn bwd(
         &self,

@@ -29,6 +29,25 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
 };
 
+/// `cpu_fwd` and `cuda_fwd` of a custom op whose value was computed beforehand (its
+/// `value` field, handed over by [`copy_value`]): one `storage layout` name pair per input.
+macro_rules! precomputed_fwd {
+    ($($s:ident $l:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::model::ops::copy_value(&self.value)
+        }
+        fn cuda_fwd(
+            &self,
+            $($s: &candle_core::CudaStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $crate::model::ops::copy_value(&self.value)
+        }
+    };
+}
+
 mod attention;
 mod conv;
 mod geglu;
@@ -324,12 +343,7 @@ impl<G: Grad1> CustomOp1 for Attach1<G> {
     fn name(&self) -> &'static str {
         G::NAME
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        copy_value(&self.value)
-    }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        copy_value(&self.value)
-    }
+    precomputed_fwd!(_x _xl);
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         input_grad(&self.grad, x, y, g).map(Some)
     }
