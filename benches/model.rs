@@ -640,6 +640,8 @@ fn main() {
         "full-ddim",
         "full-infer",
         "full-retouch",
+        "full-break-a-scene-full",
+        "full-break-a-scene-lora",
     ]
     .iter()
     .any(|r| wanted(r))
@@ -755,6 +757,14 @@ fn main() {
     }
     if wanted("full-retouch") {
         bench_retouch(&tg, "full", &full, &pair, 64);
+    }
+    for (row, lora) in [
+        ("full-break-a-scene-full", None),
+        ("full-break-a-scene-lora", Some(4)),
+    ] {
+        if wanted(row) {
+            bench_break_a_scene(&tg, "full", &full, &one_sample(&pair), 512, 3, lora);
+        }
     }
     if keep.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);

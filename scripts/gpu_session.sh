@@ -59,6 +59,11 @@ step ours-retouch 150 "$work/model-bench" full-retouch
 step torch-retouch 240 python3 scripts/bench_pytorch.py "$work" full --device cuda --dtype fp16 --rows retouch
 python3 scripts/gpu_table.py "$logs" "$dtype" | tee "$logs/table.md"
 [ -z "${OUT:-}" ] || cp "$logs/table.md" "$OUT/"
+# Break-A-Scene's phase-2 step at 512 px: every weight (~27 GB expected in bf16) and LoRA.
+step ours-bas-full 200 "$work/model-bench" full-break-a-scene-full
+step ours-bas-lora 150 "$work/model-bench" full-break-a-scene-lora
+step torch-bas 300 python3 scripts/bench_pytorch.py "$work" full --device cuda --dtype fp16 \
+  --rows break-a-scene-full,break-a-scene-lora
 
 [ -z "$cs" ] || step memcheck 90 "$cs" --tool memcheck --error-exitcode 9 "$work/lib-tests" on_gpu --test-threads=1
 
