@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Loads the LoRA and embeddings magictailor wrote into diffusers (run by hand).
 
-    cargo test --test formats --test train --test methods   # writes target/tmp/*-check/
+    cargo test --test formats --test train --test methods --test break_a_scene   # writes target/tmp/*-check/
     python scripts/check_rust_exports.py [target/tmp/export-check]
 
 Passes when diffusers, with magictailor's pytorch_lora_weights.safetensors (via peft) and
@@ -12,8 +12,9 @@ folder (target/tmp/ti-check/), that its A1111 embedding files, loaded the way Te
 Inversion's users load them, reproduce the image magictailor drew; the same for a
 `--method dreambooth` folder's adapters (target/tmp/dreambooth-check/), and a
 `--method custom-diffusion` folder's matrices and words (target/tmp/custom-diffusion-check/),
-and a `--method clic` folder's (target/tmp/clic-check/), and an SD 1.x run's adapters (peft and
-kohya files) and words (target/tmp/sd1-check/).
+and a `--method clic` folder's (target/tmp/clic-check/), a `--method break-a-scene` folder's
+--export-full U-Net and text encoder with its words (target/tmp/break-a-scene-check/), and an
+SD 1.x run's adapters (peft and kohya files) and words (target/tmp/sd1-check/).
 """
 import os
 import sys
@@ -135,6 +136,22 @@ words(pipe, cl)
 diff_cl = levels(pipe, "a photo of <v0> with <v1>", cl)
 print(f"clic folder: diffusers set {n_cl} processors tuning q/k/v/out; reproduces magictailor's image within "
       f"{diff_cl} levels")
+# A `--method break-a-scene` folder's --export-full U-Net and text encoder (every weight
+# trained) with its A1111 words; then the words alone on the base.
+from transformers import CLIPTextModel  # noqa: E402
+
+bas = check_dir("break-a-scene-check")
+pipe = tiny_pipeline()
+pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(bas, "full"), subfolder="unet")
+pipe.text_encoder = CLIPTextModel.from_pretrained(os.path.join(bas, "full"), subfolder="text_encoder")
+words(pipe, bas)
+diff_bas = levels(pipe, "<v0> with <v1>", bas)
+pipe = tiny_pipeline()
+words(pipe, bas)
+words_only = levels(pipe, "<v0> with <v1>", bas)
+print(f"break-a-scene --export-full unet/ + text_encoder/: diffusers reproduces magictailor's image within "
+      f"{diff_bas} levels (the words alone on the base: {words_only} levels)")
+
 # An SD 1.x run (1x1-conv projections: 4-D adapters), through the peft and kohya files.
 sd1 = check_dir("sd1-check")
 lat1 = load_file(os.path.join(FIX, "sd1", "init_latents.safetensors"))["latents"]
