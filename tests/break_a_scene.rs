@@ -182,7 +182,9 @@ fn break_a_scene_trains_the_words_then_every_weight_and_resumes_exactly() {
     assert!(full.join("unet/config.json").is_file());
     assert!(full.join("text_encoder/model.safetensors").is_file());
     assert!(full.join("text_encoder/config.json").is_file());
-    leave_check(&out, &full);
+    // For scripts/check_rust_exports.py, which draws it with diffusers from these folders.
+    let check = leave_check(&out, "break-a-scene-check", "<v0> with <v1>");
+    copy_dir(&full, &check.join("full"));
 
     // Killed at the switch (step 2) or inside phase 2 (step 3): the same files.
     for step in [2, 3] {
@@ -203,36 +205,6 @@ fn break_a_scene_trains_the_words_then_every_weight_and_resumes_exactly() {
             );
         }
     }
-}
-
-/// Leaves the `--export-full` folders, the A1111 words and `infer`'s image from fixed
-/// latents in `target/tmp/break-a-scene-check/` for scripts/check_rust_exports.py, which
-/// draws it with diffusers from those folders.
-fn leave_check(out: &Path, full: &Path) {
-    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("break-a-scene-check");
-    let _ = std::fs::remove_dir_all(&check);
-    copy_dir(full, &check.join("full"));
-    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
-    let latents = fixtures().join("init_latents.safetensors");
-    let png = check.join("infer.png");
-    let a = [
-        "--model-dir",
-        out.to_str().unwrap(),
-        "--prompt",
-        "<v0> with <v1>",
-        "--init-latents",
-        latents.to_str().unwrap(),
-        "--steps",
-        "10",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-        "--out",
-        png.to_str().unwrap(),
-    ];
-    ok(&run_bin("infer", &a));
 }
 
 /// `--phase2-lora`: phase 2 trains U-Net adapters (and the words) at DreamBooth-LoRA's

@@ -271,3 +271,21 @@ pub fn fixture_run(root: &Path, extra: serde_json::Value) -> PathBuf {
     std::fs::write(dir.join("magictailor.json"), record.to_string()).unwrap();
     dir
 }
+
+/// A fresh `target/tmp/{name}/` for scripts/check_rust_exports.py, holding the A1111
+/// words of the trained folder `out` and `infer`'s image of `prompt` from the fixed
+/// latents (10 steps, 64 px) as `infer.png`.
+pub fn leave_check(out: &Path, name: &str, prompt: &str) -> PathBuf {
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    copy_dir(&out.join("embeddings"), &check.join("embeddings"));
+    let latents = fixtures().join("init_latents.safetensors");
+    let png = check.join("infer.png");
+    let mut a = vec!["--model-dir", out.to_str().unwrap(), "--prompt", prompt];
+    a.extend(["--init-latents", latents.to_str().unwrap(), "--steps", "10"]);
+    a.extend(["--width", "64", "--height", "64", "--quiet"]);
+    a.extend(["--out", png.to_str().unwrap()]);
+    ok(&run_bin("infer", &a));
+    check
+}
