@@ -209,6 +209,36 @@ fn an_sdxl_embedding_matches_diffusers_textual_inversion() {
     assert!(stderr(&o).contains("clip_l and clip_g"), "{}", stderr(&o));
 }
 
+/// A LoRA in kohya's SDXL naming (the original layout's `input_blocks_4_1_...`, as
+/// sd-scripts writes SDXL adapters) draws what diffusers draws after its own kohya
+/// conversion (scripts/make_sdxl_lora_fixture.py: 220 modules, alpha 8 on rank 4; the
+/// image is 76 levels from the plain one); the same file on SD 2.x is refused by name.
+#[test]
+fn a_kohya_sdxl_lora_draws_as_diffusers_loads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = fixtures().join("sdxl/lora_kohya_sdxl.safetensors");
+    let lora = lora.to_str().unwrap();
+    let out = dir.path().join("xl.png");
+    ok(&infer_sdxl("a photo of a dog", &["--lora", lora], &out));
+    let want = read_png(&fixtures().join("sdxl/ddim_lora_kohya.png"));
+    let d = png_max_diff(&read_png(&out), &want);
+    eprintln!("SDXL image with a kohya LoRA: {d} level(s) from diffusers'");
+    assert!(
+        d <= 2,
+        "SDXL image with a kohya LoRA: {d} levels from diffusers'"
+    );
+    let (png, sd2) = (dir.path().join("sd2.png"), tiny_sd());
+    let mut a = vec!["--model", &sd2, "--prompt", "a dog", "--steps", "2"];
+    a.extend(["--width", "64", "--height", "64", "--quiet", "--lora", lora]);
+    a.extend(["--out", png.to_str().unwrap()]);
+    let o = run_bin("infer", &a);
+    assert!(
+        !o.status.success() && stderr(&o).contains("lora_kohya_sdxl"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// An SDXL repo in the hub cache brings its second text encoder and tokenizer.
 #[test]
 fn an_sdxl_hub_repo_loads_from_the_cache() {

@@ -32,6 +32,9 @@ pub struct LoraTarget {
     pub out_dim: usize,
     /// Stored as a 1x1 convolution (SD 1.x `proj_in`/`proj_out`): adapters are 4-D on disk.
     pub conv: bool,
+    /// The layer's path in the original (SGM/LDM) layout, which kohya's SDXL files name
+    /// (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`).
+    pub original: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -90,8 +93,13 @@ impl LoraSet {
         })?;
         let by_path: HashMap<&str, &LoraTarget> =
             targets.iter().map(|t| (t.path.as_str(), t)).collect();
-        let by_kohya: HashMap<String, &LoraTarget> =
-            targets.iter().map(|t| (kohya_name(&t.path), t)).collect();
+        // kohya names a layer by its diffusers path (SD 1.x/2.x) or its original one (SDXL).
+        let by_kohya: HashMap<String, &LoraTarget> = (targets.iter())
+            .flat_map(|t| {
+                let original = t.original.as_deref().map(|o| (kohya_name(o), t));
+                std::iter::once((kohya_name(&t.path), t)).chain(original)
+            })
+            .collect();
         let mut pairs: BTreeMap<String, Halves> = BTreeMap::new();
         for (key, t) in &tensors {
             let Some((module, part)) = parse_key(key, format) else {

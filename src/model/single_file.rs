@@ -330,6 +330,25 @@ fn resnet(rest: &str) -> String {
     rest.to_string()
 }
 
+/// A diffusers path inside one of the U-Net's transformers (`down_blocks.1.attentions.0.
+/// proj_in`) in the original layout (`input_blocks.4.1.proj_in`): the names kohya's SDXL
+/// LoRA files use. The inverse of [`unet_name`] there; None elsewhere.
+pub fn original_transformer_path(path: &str, layers_per_block: usize) -> Option<String> {
+    let per = layers_per_block + 1;
+    if let Some(rest) = path.strip_prefix("mid_block.attentions.0.") {
+        return Some(format!("middle_block.1.{rest}"));
+    }
+    let (head, rest) = fields(path, 4)?;
+    let (level, j): (usize, usize) = (head[1].parse().ok()?, head[3].parse().ok()?);
+    match (head[0], head[2]) {
+        ("down_blocks", "attentions") => {
+            Some(format!("input_blocks.{}.1.{rest}", 1 + level * per + j))
+        }
+        ("up_blocks", "attentions") => Some(format!("output_blocks.{}.1.{rest}", level * per + j)),
+        _ => None,
+    }
+}
+
 /// `key` (without `model.diffusion_model.`) in diffusers' U-Net naming. The original
 /// numbers the encoder's and decoder's modules in one sequence each: per level,
 /// `layers_per_block` resnets (with their transformers) and then the resampler (the
@@ -506,6 +525,33 @@ fn open_clip_names(key: &str) -> Vec<(String, Part)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every transformer path of an SDXL-shaped U-Net (2 and 3 layers per block) goes to
+    /// the original layout and back; other modules have no transformer path.
+    #[test]
+    fn transformer_paths_go_to_the_original_layout_and_back() {
+        let paths = [
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
+            "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+            "up_blocks.0.attentions.2.proj_out",
+            "up_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+        ];
+        for per in [2, 3] {
+            for p in paths {
+                let original = original_transformer_path(p, per).unwrap();
+                assert_eq!(unet_name(&original, per).as_deref(), Some(p), "{original}");
+            }
+        }
+        assert_eq!(
+            original_transformer_path(paths[0], 2).as_deref(),
+            Some("input_blocks.4.1.transformer_blocks.0.attn1.to_q")
+        );
+        assert_eq!(
+            original_transformer_path("down_blocks.1.resnets.0.conv1", 2),
+            None
+        );
+    }
 
     #[test]
     fn original_unet_names_map_to_diffusers_for_two_layers_per_block() {

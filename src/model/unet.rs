@@ -274,6 +274,10 @@ impl UNet {
                 out_dim: l.out_dim(),
                 conv: !self.config.use_linear_projection
                     && (l.path.ends_with(".proj_in") || l.path.ends_with(".proj_out")),
+                original: super::single_file::original_transformer_path(
+                    &l.path,
+                    self.config.layers_per_block,
+                ),
             })
             .collect()
     }
