@@ -2,7 +2,8 @@
 //! (scripts/make_sdxl_fixtures.py): the two tokenizers (padding differently), each text
 //! encoder's penultimate hidden states, the second's projected pooled output, and the
 //! U-Net with its added size-and-text conditioning; and `infer`'s whole SDXL path
-//! against the SDXL pipeline's image. `train` does not take SDXL yet and says so.
+//! against the SDXL pipeline's image. `train --method ti` on SDXL: its step against
+//! torch's, its files and resume; other methods refuse SDXL by name.
 
 mod common;
 
@@ -276,9 +277,202 @@ fn train_on_sdxl_is_refused_by_name() {
     let o = run_bin("train", &args);
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("train does not take SDXL yet"),
+        stderr(&o).contains("train (other than --method ti) does not take SDXL yet"),
         "{}",
         stderr(&o)
     );
     assert!(!run.join("magictailor.json").exists());
+}
+
+/// Textual Inversion's SDXL step (scripts/make_sdxl_ti_fixture.py: two images, each word
+/// with a row in each encoder, the masked loss) against torch's: the prompts as both
+/// tokenizers give them, the loss, and both rows' gradients.
+#[test]
+fn an_sdxl_textual_inversion_step_matches_torch() {
+    use magictailor::model::loader::StableDiffusion;
+    use magictailor::train::method::LossWeights;
+    use magictailor::train::objective::{step_losses, Batch, Noised, Online, TextParams};
+    let dev = Device::Cpu;
+    let f =
+        candle_core::safetensors::load(fixtures().join("sdxl/ti_step.safetensors"), &dev).unwrap();
+    let mut sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
+    let words = ["<v0>".to_string(), "<v1>".to_string()];
+    sd.tokenizer.add_pseudo_words(&words).unwrap();
+    sd.text_encoder_2
+        .as_mut()
+        .unwrap()
+        .1
+        .add_pseudo_words(&words)
+        .unwrap();
+    let prompts = ["a photo of <v0>", "a photo of <v1>"];
+    let ids = |tok: &ClipTokenizer, want: &Tensor| {
+        let ids: Vec<u32> = prompts
+            .iter()
+            .flat_map(|p| tok.encode(p).unwrap())
+            .collect();
+        let want: Vec<u32> = (want.to_dtype(DType::U32).unwrap().flatten_all().unwrap())
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ids, want, "token ids");
+        Tensor::from_vec(ids, (2, 77), &dev).unwrap()
+    };
+    let (ids_1, ids_2) = (
+        ids(&sd.tokenizer, &f["ids_1"]),
+        ids(&sd.text_encoder_2.as_ref().unwrap().1, &f["ids_2"]),
+    );
+    let batch = Batch {
+        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
+        masks: f["masks"].clone(),
+        ids: ids_1,
+        ids_2: Some(ids_2),
+        token_pos: vec![4, 4],
+        sample_of: vec![0, 1],
+        n_samples: 2,
+        roi: None,
+        prior: 0,
+        reference: None,
+        posterior: None,
+    };
+    let t: Vec<i64> = f["t"].to_vec1().unwrap();
+    let noised = Noised {
+        z_t: f["z_t"].clone(),
+        eps: f["eps"].clone(),
+        target: f["eps"].clone(),
+        timesteps: t.iter().map(|&x| x as usize).collect(),
+        masks: f["masks"].clone(),
+        reference: None,
+    };
+    let rows = candle_core::Var::from_tensor(&f["rows_1"]).unwrap();
+    let rows_2 = candle_core::Var::from_tensor(&f["rows_2"]).unwrap();
+    let text = TextParams {
+        rows: rows.as_tensor(),
+        table: None,
+        rows_2: Some(rows_2.as_tensor()),
+    };
+    let w = LossWeights {
+        lambda_attn: 0.0,
+        lambda_pres: 0.0,
+        clic: None,
+        prior: 0.0,
+        vico_reg: None,
+        attn_summed: false,
+    };
+    let none = magictailor::model::lora::LoraSet::default();
+    let l = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
+    let (loss, want): (f32, f32) = (l.loss.to_scalar().unwrap(), f["loss"].to_scalar().unwrap());
+    assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
+    let grads = l.loss.backward().unwrap();
+    for (var, key) in [(&rows, "grad_1"), (&rows_2, "grad_2")] {
+        let got = grads.get(var.as_tensor()).unwrap();
+        let err = max_abs_diff(got, &f[key]) / magictailor::testkit::tolerance::max_abs(&f[key]);
+        eprintln!("{key}: relative error {err:e}");
+        assert!(err < 1e-4, "{key}: relative error {err}");
+    }
+}
+
+/// `train --method ti` on the tiny SDXL pipeline: both rows of each word train; the
+/// folder holds diffusers' two files and A1111/ComfyUI's SDXL embeddings (clip_l,
+/// clip_g), which `infer --embeds` reads to the folder's image; the last checkpoint draws
+/// the same; a run killed after step 2 resumes to the same files.
+#[test]
+fn textual_inversion_trains_on_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
+    let run = dir.path().join("run");
+    let steps = [
+        "--method",
+        "ti",
+        "--steps",
+        "3",
+        "--lr",
+        "5e-3",
+        "--checkpoint-every",
+        "1",
+    ];
+    let args = |out: &std::path::Path| {
+        let mut a = quiet_train_args(&pair, out.to_str().unwrap(), &model);
+        a.extend(steps);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let a = args(&run);
+    ok(&run_bin(
+        "train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    for f in ["learned_embeds.safetensors", "learned_embeds_2.safetensors"] {
+        let t = candle_core::safetensors::load(run.join(f), &Device::Cpu).unwrap();
+        assert_eq!(t.len(), 2, "{f}");
+    }
+    let v0 = run.join("embeddings/v0.safetensors");
+    let a1111 = candle_core::safetensors::load(&v0, &Device::Cpu).unwrap();
+    assert_eq!(a1111["clip_l"].dims(), [1, 32]);
+    assert_eq!(a1111["clip_g"].dims(), [1, 32]);
+    // Both encoders' rows moved off their class words.
+    let c1 = candle_core::safetensors::load(
+        run.join("checkpoints/step-000001.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let c3 = candle_core::safetensors::load(
+        run.join("checkpoints/step-000003.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for k in ["rows", "rows_2"] {
+        assert!(max_abs_diff(&c1[k], &c3[k]) > 0.0, "{k} did not train");
+    }
+    let prompt = "a photo of <v0>";
+    let (a, b, c) = (
+        dir.path().join("a.png"),
+        dir.path().join("b.png"),
+        dir.path().join("c.png"),
+    );
+    let run_s = run.to_str().unwrap();
+    ok(&infer_sdxl_run(&["--model-dir", run_s], prompt, &a));
+    ok(&infer_sdxl(prompt, &["--embeds", v0.to_str().unwrap()], &b));
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s, "--checkpoint", "3"],
+        prompt,
+        &c,
+    ));
+    let (a, b, c) = (read_png(&a), read_png(&b), read_png(&c));
+    assert_eq!(png_max_diff(&a, &b), 0, "the folder vs its A1111 file");
+    assert_eq!(png_max_diff(&a, &c), 0, "the folder vs its last checkpoint");
+    // Killed after step 2: the same files.
+    let killed = dir.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let name = "checkpoints/step-000002.safetensors";
+    std::fs::copy(run.join(name), killed.join(name)).unwrap();
+    let mut a = args(&killed);
+    a.push("--resume".into());
+    ok(&run_bin(
+        "train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    for f in ["learned_embeds.safetensors", "learned_embeds_2.safetensors"] {
+        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&run.join(f)), "{f}");
+    }
+}
+
+/// `infer` of a trained SDXL folder (`extra` names it) from the recorded latents.
+fn infer_sdxl_run(extra: &[&str], prompt: &str, out: &std::path::Path) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let latents = dir.path().join("latents.safetensors");
+    let lat = reference()["init_latents"].clone();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), lat)]),
+        &latents,
+    )
+    .unwrap();
+    let mut args = vec!["--prompt", prompt, "--steps", "10", "--guidance", "7.5"];
+    args.extend(["--width", "64", "--height", "64", "--quiet"]);
+    args.extend([
+        "--init-latents",
+        latents.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    args.extend(extra);
+    run_bin("infer", &args)
 }

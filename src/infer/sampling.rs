@@ -2,7 +2,7 @@
 //! guidance over borrowed weights (and Layout-and-Retouch's step blend, stage 1: the
 //! first K steps with the base model on the class-word prompt), VAE decode, pixels.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::loader::{self, StableDiffusion};
@@ -232,7 +232,7 @@ impl<'a> Weights<'a> {
         };
         let te = &self.sd.text_encoder;
         let ids_1 = ids(&self.sd.tokenizer)?;
-        let Some((te_2, tok_2)) = &self.sd.text_encoder_2 else {
+        let Some((_, tok_2)) = &self.sd.text_encoder_2 else {
             let hidden = te.forward_with_table(&ids_1, self.token_table, self.extra_rows)?;
             return Ok((hidden, None));
         };
@@ -243,12 +243,9 @@ impl<'a> Weights<'a> {
             ));
         }
         let ids_2 = ids(tok_2)?;
-        let (s_1, s_2) = (
-            te.forward_states(&ids_1, None, self.extra_rows)?,
-            te_2.forward_states(&ids_2, None, self.extra_rows_2)?,
-        );
-        let hidden = Tensor::cat(&[s_1.penultimate(), s_2.penultimate()], D::Minus1)?;
-        let pooled = te_2.pooled(&s_2.last, &ids_2, tok_2.eos_id())?;
+        let (hidden, pooled) =
+            self.sd
+                .encode_sdxl(&ids_1, &ids_2, self.extra_rows, self.extra_rows_2)?;
         Ok((hidden, Some(pooled)))
     }
 
@@ -376,7 +373,6 @@ impl Conditioning<'_> {
         };
         let n = x.dim(0)?;
         let f = self.weights.sd.vae_factor();
-        let (h, w) = ((x.dim(2)? * f) as f32, (x.dim(3)? * f) as f32);
         let text_embeds = match &self.uncond_pooled {
             Some(u) => Tensor::cat(&[u.repeat((n, 1))?, pooled.repeat((n, 1))?], 0)?,
             None if self.uncond.is_some() => {
@@ -384,13 +380,8 @@ impl Conditioning<'_> {
             }
             None => pooled.repeat((n, 1))?,
         };
-        let b = text_embeds.dim(0)?;
-        let sizes = [h, w, 0.0, 0.0, h, w].repeat(b);
-        let time_ids = Tensor::from_vec(sizes, (b, 6), x.device())?;
-        Ok(Some(AddedCond {
-            text_embeds,
-            time_ids,
-        }))
+        let size = (x.dim(2)? * f, x.dim(3)? * f);
+        Ok(Some(AddedCond::uncropped(text_embeds, size)?))
     }
 
     /// One guided noise prediction for latents `x: [n, ...]` at timestep `t`, with

@@ -22,6 +22,8 @@ pub struct Sources {
     pub single_file: SingleFileOptions,
     pub lora: Option<PathBuf>,
     pub embeds: Option<PathBuf>,
+    /// SDXL: a trained folder's rows of the same words in the second text encoder.
+    pub embeds_2: Option<PathBuf>,
     /// The whole trained token-embedding table (`--released-script` runs).
     pub token_table: Option<PathBuf>,
     /// Custom Diffusion's tuned key and value matrices.
@@ -92,7 +94,7 @@ impl Personalized {
             None => None,
         };
         let (extra_rows, extra_rows_2) = match &src.embeds {
-            Some(f) => load_embeds(&mut sd, f, device)?,
+            Some(f) => load_embeds(&mut sd, f, src.embeds_2.as_deref(), device)?,
             None => (None, None),
         };
         let vico = match &src.vico_blocks {
@@ -148,13 +150,39 @@ impl Personalized {
 }
 
 /// The pseudo-words of the embeddings file `f`, added to `sd`'s tokenizers, and their rows
-/// (in each text encoder, for SDXL).
+/// (in each text encoder, for SDXL: from an SDXL embedding, or `f` and a trained folder's
+/// second file `f_2`).
 fn load_embeds(
     sd: &mut StableDiffusion,
     f: &Path,
+    f_2: Option<&Path>,
     device: &Device,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let hidden = sd.text_encoder.config.hidden_size;
+    if let (Some((te_2, tok_2)), Some(f_2)) = (&mut sd.text_encoder_2, f_2) {
+        let (list, list_2) = (
+            crate::io::embeds::load(f, hidden, device)?,
+            crate::io::embeds::load(f_2, te_2.config.hidden_size, device)?,
+        );
+        let words: Vec<String> = list.iter().map(|(w, _)| w.clone()).collect();
+        if list_2.iter().map(|(w, _)| w).ne(words.iter()) {
+            return Err(Error::mismatch(
+                f_2,
+                format!(
+                    "{} names other words than {} (from another run?).",
+                    f_2.display(),
+                    f.display()
+                ),
+            ));
+        }
+        sd.tokenizer.add_pseudo_words(&words)?;
+        tok_2.add_pseudo_words(&words)?;
+        let stack = |l: Vec<(String, Tensor)>| -> Result<Tensor> {
+            let rows: Vec<Tensor> = l.into_iter().map(|(_, v)| v).collect();
+            Ok(Tensor::stack(&rows, 0)?)
+        };
+        return Ok((Some(stack(list)?), Some(stack(list_2)?)));
+    }
     if let Some((te_2, tok_2)) = &mut sd.text_encoder_2 {
         let widths = (hidden, te_2.config.hidden_size);
         let (word, l, g) = crate::io::embeds::load_sdxl(f, widths, device)?;
@@ -211,9 +239,14 @@ fn from_checkpoint(
         true => Some(take("rows")?),
         false => None,
     };
+    // SDXL runs have the words' rows in the second text encoder too.
+    let rows_2 = take("rows_2").ok();
     if let Some(rows) = &rows {
         let words: Vec<String> = (0..rows.dim(0)?).map(pseudo_word).collect();
         sd.tokenizer.add_pseudo_words(&words)?;
+        if let (Some((_, tok_2)), Some(_)) = (&mut sd.text_encoder_2, &rows_2) {
+            tok_2.add_pseudo_words(&words)?;
+        }
     }
     let token_table = take("table").ok();
     let tuned = TunedSet::from_checkpoint(&mut t)?;
@@ -245,7 +278,7 @@ fn from_checkpoint(
         sd,
         lora: has_lora.then_some(lora),
         extra_rows: rows,
-        extra_rows_2: None,
+        extra_rows_2: rows_2,
         token_table,
         tuned,
         class_words: src.class_words.clone(),
@@ -362,6 +395,7 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
                 single_file: opts.single_file.clone(),
                 lora: opts.lora.clone(),
                 embeds: opts.embeds.clone(),
+                embeds_2: None,
                 token_table: None,
                 custom_diffusion: opts.custom_diffusion.clone(),
                 full_delta: opts.full_delta.clone(),
@@ -388,6 +422,8 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
         single_file,
         lora: opts.lora.clone().or(folder.lora),
         embeds: opts.embeds.clone().or(folder.embeds),
+        // The folder's second file goes with its first.
+        embeds_2: folder.embeds_2.filter(|_| opts.embeds.is_none()),
         token_table: folder.token_table,
         custom_diffusion: opts.custom_diffusion.clone().or(folder.custom_diffusion),
         full_delta: opts.full_delta.clone().or(folder.full_delta),
@@ -494,6 +530,7 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         single_file,
         lora: None,
         embeds: None,
+        embeds_2: None,
         token_table: None,
         custom_diffusion: None,
         full_delta: None,

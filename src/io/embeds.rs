@@ -103,15 +103,36 @@ pub fn save(file: &Path, embeds: &Embeds) -> Result<()> {
     tensors::write(file, &map, None)
 }
 
+/// SDXL: one `<dir>/<name>.safetensors` per token holding its row in each text encoder,
+/// `clip_l: [1, hidden]` and `clip_g: [1, hidden_2]`, as A1111, ComfyUI and diffusers
+/// read SDXL embeddings ([`load_sdxl`] reads them back).
+pub fn save_a1111_sdxl(dir: &Path, embeds: &Embeds, embeds_2: &Embeds) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for ((token, l), (_, g)) in embeds.iter().zip(embeds_2) {
+        let file = dir.join(format!("{}.safetensors", file_stem(token)));
+        let map = HashMap::from([
+            ("clip_l".to_string(), l.unsqueeze(0)?),
+            ("clip_g".to_string(), g.unsqueeze(0)?),
+        ]);
+        tensors::write(&file, &map, None)?;
+        files.push(file);
+    }
+    Ok(files)
+}
+
+/// The file name of a token's embedding: `<v0>` -> `v0`.
+fn file_stem(token: &str) -> String {
+    token
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect()
+}
+
 /// One `<dir>/<name>.safetensors` per token (`<v0>` -> `v0.safetensors`) for A1111/ComfyUI.
 pub fn save_a1111(dir: &Path, embeds: &Embeds) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for (token, v) in embeds {
-        let name: String = token
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-            .collect();
-        let file = dir.join(format!("{name}.safetensors"));
+        let file = dir.join(format!("{}.safetensors", file_stem(token)));
         let mut map = HashMap::new();
         map.insert("emb_params".to_string(), v.unsqueeze(0)?);
         tensors::write(&file, &map, None)?;

@@ -33,6 +33,9 @@ pub const DEFAULT_DIR: &str = "outputs/magictailor";
 pub const LORA: &str = "pytorch_lora_weights.safetensors";
 pub const LORA_KOHYA: &str = "lora_kohya.safetensors";
 pub const EMBEDS: &str = "learned_embeds.safetensors";
+/// SDXL: the words' rows in the second text encoder, as diffusers' SDXL Textual Inversion
+/// names its file.
+pub const EMBEDS_2: &str = "learned_embeds_2.safetensors";
 pub const A1111_EMBEDS: &str = "embeddings";
 pub const TOKEN_TABLE: &str = "token_embedding.safetensors";
 /// `--prior-preservation`'s class images, one folder per class word (unless `--class-dir`).
@@ -110,6 +113,7 @@ pub struct TrainedFolder {
     pub record: RunRecord,
     pub lora: Option<PathBuf>,
     pub embeds: Option<PathBuf>,
+    pub embeds_2: Option<PathBuf>,
     pub token_table: Option<PathBuf>,
     pub custom_diffusion: Option<PathBuf>,
     pub vico_blocks: Option<PathBuf>,
@@ -166,6 +170,7 @@ pub fn open(dir: &Path) -> Result<TrainedFolder> {
         record,
         lora: present(LORA),
         embeds: present(EMBEDS),
+        embeds_2: present(EMBEDS_2),
         token_table: present(TOKEN_TABLE),
         custom_diffusion: present(CUSTOM_DIFFUSION),
         vico_blocks: present(VICO_BLOCKS),

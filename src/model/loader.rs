@@ -125,6 +125,29 @@ impl StableDiffusion {
         Ok(sd)
     }
 
+    /// SDXL's text features `[b, tokens, hidden]` of token ids of each tokenizer, with the
+    /// pseudo-words' rows of each encoder: both encoders' penultimate states side by side,
+    /// and the second's pooled projection at its end-of-text token, as diffusers'
+    /// `encode_prompt`. Differentiable in the rows.
+    pub fn encode_sdxl(
+        &self,
+        ids: &Tensor,
+        ids_2: &Tensor,
+        rows: Option<&Tensor>,
+        rows_2: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (te_2, tok_2) = (self.text_encoder_2.as_ref())
+            .ok_or_else(|| Error::internal("SDXL text features of a model with one encoder"))?;
+        let s_1 = self.text_encoder.forward_states(ids, None, rows)?;
+        let s_2 = te_2.forward_states(ids_2, None, rows_2)?;
+        let hidden = Tensor::cat(
+            &[s_1.penultimate(), s_2.penultimate()],
+            candle_core::D::Minus1,
+        )?;
+        let pooled = te_2.pooled(&s_2.last, ids_2, tok_2.eos_id())?;
+        Ok((hidden, pooled))
+    }
+
     /// SDXL: two text encoders and the U-Net's added size conditioning.
     pub fn is_sdxl(&self) -> bool {
         self.text_encoder_2.is_some()
@@ -136,8 +159,7 @@ impl StableDiffusion {
             return Ok(());
         }
         Err(Error::usage(format!(
-            "{} is an SDXL model: {what} does not take SDXL yet (infer does, without \
-             pseudo-words).",
+            "{} is an SDXL model: {what} does not take SDXL yet (infer does).",
             self.source
         )))
     }

@@ -39,6 +39,21 @@ pub struct AddedCond {
     pub time_ids: Tensor,
 }
 
+impl AddedCond {
+    /// The pooled projections `[b, pooled]` with the sizes SDXL's pipeline gives by
+    /// default: original = target = `(h, w)` pixels, no crop.
+    pub fn uncropped(text_embeds: Tensor, (h, w): (usize, usize)) -> Result<Self> {
+        let b = text_embeds.dim(0)?;
+        let (h, w) = (h as f32, w as f32);
+        let sizes = [h, w, 0.0, 0.0, h, w].repeat(b);
+        let time_ids = Tensor::from_vec(sizes, (b, 6), text_embeds.device())?;
+        Ok(Self {
+            text_embeds,
+            time_ids,
+        })
+    }
+}
+
 /// Whether `w` trains: it is a `Var` or was computed from one.
 fn trains(w: &Tensor) -> bool {
     w.track_op()

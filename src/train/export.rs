@@ -12,6 +12,13 @@ use crate::io::{embeds, run, tensors};
 use crate::model::tokenizer::pseudo_word;
 use crate::model::tuned;
 
+/// Each row of `rows` with its pseudo-word.
+fn rows_of(rows: &candle_core::Var) -> Result<embeds::Embeds> {
+    (0..rows.dim(0)?)
+        .map(|i| Ok((pseudo_word(i), rows.as_tensor().get(i)?.detach())))
+        .collect()
+}
+
 impl Trainer {
     /// Writes the adapters, embeddings and run record into `dir`, each file atomically.
     pub fn export(&self, dir: &Path) -> Result<()> {
@@ -45,7 +52,14 @@ impl Trainer {
         if self.recipe.trains.rows {
             let embeds = self.embeds()?;
             embeds::save(&dir.join(run::EMBEDS), &embeds)?;
-            embeds::save_a1111(&dir.join(run::A1111_EMBEDS), &embeds)?;
+            match &self.rows_2 {
+                None => embeds::save_a1111(&dir.join(run::A1111_EMBEDS), &embeds)?,
+                Some(rows_2) => {
+                    let embeds_2 = rows_of(rows_2)?;
+                    embeds::save(&dir.join(run::EMBEDS_2), &embeds_2)?;
+                    embeds::save_a1111_sdxl(&dir.join(run::A1111_EMBEDS), &embeds, &embeds_2)?
+                }
+            };
         }
         if let Some(table) = &self.table {
             // The released script saves and reloads the whole drifted table.
@@ -57,9 +71,7 @@ impl Trainer {
 
     /// The pseudo-words' trained embeddings.
     pub fn embeds(&self) -> Result<embeds::Embeds> {
-        (0..self.class_words.len())
-            .map(|i| Ok((pseudo_word(i), self.rows.as_tensor().get(i)?.detach())))
-            .collect()
+        rows_of(&self.rows)
     }
 
     /// Each sample's word and the text it stands for, where the method names samples by

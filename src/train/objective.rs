@@ -17,7 +17,7 @@ use crate::data::PairDataset;
 use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::LoraSet;
-use crate::model::nn::Ctx;
+use crate::model::nn::{AddedCond, Ctx};
 use crate::model::probe::{AttnProbe, BlockKind};
 use crate::model::tokenizer::pseudo_word;
 use crate::model::tuned::TunedSet;
@@ -31,6 +31,8 @@ pub struct Batch {
     pub masks: Tensor,
     /// Each image's prompt ids (MagicTailor: `"A photo of <vN>"`), `[b, 77]`.
     pub ids: Tensor,
+    /// SDXL: the same prompts by the second tokenizer.
+    pub ids_2: Option<Tensor>,
     /// Position of each image's own pseudo-word in its prompt.
     pub token_pos: Vec<usize>,
     pub sample_of: Vec<usize>,
@@ -94,12 +96,17 @@ impl Pool {
         let prompted: Vec<(usize, String)> = (sample_of.iter())
             .map(|&s| (s, prompts.first(&pseudo_word(s))))
             .collect();
-        let (ids, token_pos) = prompt_ids(sd, &prompted)?;
+        let Tokens {
+            ids,
+            ids_2,
+            token_pos,
+        } = prompt_ids(sd, &prompted)?;
         Ok(Self {
             all: Batch {
                 pixels: Tensor::stack(&pixels, 0)?,
                 masks: Tensor::stack(&masks, 0)?,
                 ids,
+                ids_2,
                 token_pos,
                 sample_of,
                 n_samples: data.samples.len(),
@@ -144,12 +151,19 @@ impl Pool {
         if draw.rescale {
             (pixels, masks, prefixes) = rescaled(&pixels, &masks, sd.vae_factor(), &mut rng)?;
         }
-        let (ids, token_pos) = match draw.prompts {
+        let Tokens {
+            ids,
+            ids_2,
+            token_pos,
+        } = match draw.prompts {
             // Each image's fixed prompt is already tokenized in `all`.
-            Prompts::Fixed(_) if prefixes.is_empty() => (
-                self.all.ids.index_select(&idx, 0)?,
-                picked.iter().map(|&i| self.all.token_pos[i]).collect(),
-            ),
+            Prompts::Fixed(_) if prefixes.is_empty() => Tokens {
+                ids: self.all.ids.index_select(&idx, 0)?,
+                ids_2: (self.all.ids_2.as_ref())
+                    .map(|t| t.index_select(&idx, 0))
+                    .transpose()?,
+                token_pos: picked.iter().map(|&i| self.all.token_pos[i]).collect(),
+            },
             prompts => {
                 let prompted: Vec<(usize, String)> = (sample_of.iter().enumerate())
                     .map(|(j, &s)| {
@@ -183,7 +197,7 @@ impl Pool {
                         (s, t.replace("{}", &pseudo_word(s)))
                     })
                     .collect();
-                let (ids, token_pos) = prompt_ids(sd, &prompted)?;
+                let Tokens { ids, token_pos, .. } = prompt_ids(sd, &prompted)?;
                 Some(RoiPrompts { ids, token_pos })
             }
             None => None,
@@ -192,6 +206,7 @@ impl Pool {
             pixels,
             masks,
             ids,
+            ids_2,
             token_pos,
             sample_of,
             n_samples: self.all.n_samples,
@@ -307,6 +322,10 @@ fn with_class_images(batch: Batch, class: &Batch, k: usize, rng: &mut impl Rng) 
         pixels: cat(&batch.pixels, &class.pixels)?,
         masks: cat(&batch.masks, &class.masks)?,
         ids: cat(&batch.ids, &class.ids)?,
+        ids_2: match (&batch.ids_2, &class.ids_2) {
+            (Some(a), Some(b)) => Some(cat(a, b)?),
+            _ => None,
+        },
         token_pos,
         sample_of,
         n_samples: batch.n_samples,
@@ -337,12 +356,22 @@ fn rescaled(
     Ok((Tensor::cat(&px, 0)?, Tensor::cat(&mk, 0)?, prefixes))
 }
 
-/// The token ids `[b, 77]` of each (sample, prompt), and where each prompt holds its
-/// sample's pseudo-word.
-fn prompt_ids(sd: &StableDiffusion, prompted: &[(usize, String)]) -> Result<(Tensor, Vec<usize>)> {
-    let mut ids = Vec::new();
+/// Prompts as a step's text encoders take them.
+struct Tokens {
+    ids: Tensor,
+    ids_2: Option<Tensor>,
+    token_pos: Vec<usize>,
+}
+
+/// The token ids `[b, 77]` of each (sample, prompt) (by each tokenizer, for SDXL), and
+/// where each prompt holds its sample's pseudo-word.
+fn prompt_ids(sd: &StableDiffusion, prompted: &[(usize, String)]) -> Result<Tokens> {
+    let (mut ids, mut ids_2) = (Vec::new(), Vec::new());
     let mut token_pos = Vec::new();
     for (s, prompt) in prompted {
+        if let Some((_, tok_2)) = &sd.text_encoder_2 {
+            ids_2.extend(tok_2.encode(prompt)?);
+        }
         let word = pseudo_word(*s);
         let prompt_ids = sd.tokenizer.encode(prompt)?;
         let word_id = sd.tokenizer.encode(&word)?[1];
@@ -354,8 +383,15 @@ fn prompt_ids(sd: &StableDiffusion, prompted: &[(usize, String)]) -> Result<(Ten
         token_pos.push(pos);
     }
     let b = prompted.len();
-    let ids = Tensor::from_vec(ids, (b, sd.tokenizer.max_len()), &sd.device)?;
-    Ok((ids, token_pos))
+    let ids_2 = match &sd.text_encoder_2 {
+        Some((_, tok_2)) => Some(Tensor::from_vec(ids_2, (b, tok_2.max_len()), &sd.device)?),
+        None => None,
+    };
+    Ok(Tokens {
+        ids: Tensor::from_vec(ids, (b, sd.tokenizer.max_len()), &sd.device)?,
+        ids_2,
+        token_pos,
+    })
 }
 
 /// A step's noised latents: `z_t = add_noise(z0, eps, t)`, and the (augmented) masks at
@@ -532,12 +568,32 @@ impl<'a> Online<'a> {
     }
 }
 
-/// The trainable text-side parameters: the pseudo-word rows, and (released-script mode
-/// only) a trainable copy of the whole token-embedding table.
+/// The trainable text-side parameters: the pseudo-word rows, (released-script mode
+/// only) a trainable copy of the whole token-embedding table, and SDXL's rows in its
+/// second text encoder.
 #[derive(Clone, Copy)]
 pub struct TextParams<'a> {
     pub rows: &'a Tensor,
     pub table: Option<&'a Tensor>,
+    pub rows_2: Option<&'a Tensor>,
+}
+
+/// The step's text features, and SDXL's added conditioning (the pooled projections,
+/// each image's sizes as its square training crop).
+fn text_conditioning(
+    sd: &StableDiffusion,
+    text_encoder: &crate::model::clip::ClipTextModel,
+    batch: &Batch,
+    text: TextParams,
+    latent_side: usize,
+) -> Result<(Tensor, Option<AddedCond>)> {
+    let Some(ids_2) = &batch.ids_2 else {
+        let context = text_encoder.forward_with_table(&batch.ids, text.table, Some(text.rows))?;
+        return Ok((context, None));
+    };
+    let (context, pooled) = sd.encode_sdxl(&batch.ids, ids_2, Some(text.rows), text.rows_2)?;
+    let side = latent_side * sd.vae_factor();
+    Ok((context, Some(AddedCond::uncropped(pooled, (side, side))?)))
 }
 
 /// The objective of one step. Without `momentum` (warm-up, and the joint phase of the
@@ -569,7 +625,7 @@ pub fn step_losses(
         Some(f) => (&f.unet, &f.text_encoder),
         None => (&sd.unet, &sd.text_encoder),
     };
-    let context = text_encoder.forward_with_table(&batch.ids, text.table, Some(text.rows))?;
+    let (context, added) = text_conditioning(sd, text_encoder, batch, text, latent_side)?;
     let probe = AttnProbe::new(&[attn_side], &[BlockKind::Down, BlockKind::Up]);
     // The U-Net runs in the model's precision; losses are computed in f32.
     let z_t = noised.z_t.to_dtype(unet.dtype())?;
@@ -578,6 +634,7 @@ pub fn step_losses(
         lora: Some(online.lora),
         tuned: online.tuned,
         probe: (w.lambda_attn > 0.0).then_some(&probe),
+        added: added.as_ref(),
         ..Ctx::default()
     };
     let pred = (unet.forward(&z_t, &t, &context, online_ctx)?).to_dtype(DType::F32)?;

@@ -179,17 +179,23 @@ fn draw(
 /// The class images as a batch: whole-image masks, each with its prompt.
 fn load(t: &Trainer, files: &[(usize, String, PathBuf)]) -> Result<Batch> {
     let (sd, res) = (&t.sd, t.cfg.resolution);
-    let mut pixels = Vec::new();
-    let mut ids = Vec::new();
+    let (mut pixels, mut ids, mut ids_2) = (Vec::new(), Vec::new(), Vec::new());
     for (_, prompt, file) in files {
         pixels.push(load_rgb(file, res, &sd.device)?);
         ids.extend(sd.tokenizer.encode(prompt)?);
+        if let Some((_, tok_2)) = &sd.text_encoder_2 {
+            ids_2.extend(tok_2.encode(prompt)?);
+        }
     }
     let n = files.len();
     Ok(Batch {
         pixels: Tensor::stack(&pixels, 0)?,
         masks: Tensor::ones((n, 1, res, res), DType::F32, &sd.device)?,
         ids: Tensor::from_vec(ids, (n, sd.tokenizer.max_len()), &sd.device)?,
+        ids_2: match &sd.text_encoder_2 {
+            Some((_, tok_2)) => Some(Tensor::from_vec(ids_2, (n, tok_2.max_len()), &sd.device)?),
+            None => None,
+        },
         // No pseudo-word in a class prompt (and no attention loss reads it).
         token_pos: vec![0; n],
         sample_of: files.iter().map(|(s, _, _)| *s).collect(),

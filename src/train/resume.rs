@@ -31,7 +31,11 @@ impl Trainer {
         let tuned = self.tuned.named();
         let vico = (self.vico.iter()).flat_map(|b| b.named());
         let vico = vico.map(|(name, v)| (format!("vico.{name}"), v.clone()));
-        let text = [("rows", Some(&self.rows)), ("table", self.table.as_ref())];
+        let text = [
+            ("rows", Some(&self.rows)),
+            ("rows_2", self.rows_2.as_ref()),
+            ("table", self.table.as_ref()),
+        ];
         let text = text
             .into_iter()
             .filter_map(|(name, v)| Some((name.to_string(), v?.clone())));
@@ -114,6 +118,9 @@ impl Trainer {
             }
         }
         self.rows.set(get("rows")?)?;
+        if let Some(rows_2) = &self.rows_2 {
+            rows_2.set(get("rows_2")?)?;
+        }
         if let Some(table) = &self.table {
             table.set(get("table")?)?;
         }

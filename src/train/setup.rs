@@ -72,6 +72,9 @@ impl Trainer {
         let device = &sd.device.clone();
         // A model reused from the previous pair (`batch`) forgets that pair's words.
         sd.tokenizer.reset();
+        if let Some((_, tok_2)) = &mut sd.text_encoder_2 {
+            tok_2.reset();
+        }
         let recipe = Recipe::new(&cfg, data.num_images());
         let class_words: Vec<String> = data.samples.iter().map(|s| s.class_word.clone()).collect();
         let words: Vec<String> = (0..class_words.len()).map(pseudo_word).collect();
@@ -84,6 +87,7 @@ impl Trainer {
             }
         }
         let rows = init_rows(&sd, recipe.trains.row_init, &class_words)?;
+        let rows_2 = init_rows_2(&sd, &class_words)?;
         let mut pool = Pool::new(&sd, data, recipe.draw.prompts)?;
         // Class images (prior preservation) join the batch later, encoded each step.
         if recipe.class_images.is_none() {
@@ -143,6 +147,7 @@ impl Trainer {
             tuned,
             vico,
             rows,
+            rows_2,
             table,
             full: None,
             momentum: None,
@@ -176,6 +181,9 @@ fn name_samples(
 ) -> Result<()> {
     let Some(ids) = recipe.identifiers else {
         sd.tokenizer.add_pseudo_words(words)?;
+        if let Some((_, tok_2)) = &mut sd.text_encoder_2 {
+            tok_2.add_pseudo_words(words)?;
+        }
         return Ok(());
     };
     let aliases: Vec<(String, String)> = (words.iter().zip(ids).zip(class_words))
@@ -198,7 +206,9 @@ pub fn lora_targets(
 /// Loads the base model the settings name, refusing a resolution its VAE cannot take.
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
-    sd.refuse_sdxl("train")?;
+    if cfg.method != crate::train::method::Method::Ti {
+        sd.refuse_sdxl("train (other than --method ti)")?;
+    }
     let f = sd.vae_factor();
     crate::model::loader::check_side("--resolution", cfg.resolution, f, f)?;
     Ok(sd)
@@ -290,6 +300,22 @@ fn check_sample_prompts(cfg: &TrainConfig, n_samples: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// SDXL: each pseudo-word's row in the second text encoder, from its class word's first
+/// token there (diffusers' SDXL Textual Inversion initialises both alike).
+fn init_rows_2(sd: &StableDiffusion, class_words: &[String]) -> Result<Option<Var>> {
+    let Some((te_2, tok_2)) = &sd.text_encoder_2 else {
+        return Ok(None);
+    };
+    let mut rows = Vec::new();
+    for class in class_words {
+        // ids[0] is BOS; ids[1] the first token of the word.
+        rows.push(te_2.token_row(tok_2.encode(class)?[1])?);
+    }
+    Ok(Some(Var::from_tensor(
+        &Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?,
+    )?))
 }
 
 /// Pseudo-word rows start as the embedding of the first token of their class word, or of

@@ -69,6 +69,8 @@ pub struct Trainer {
     /// ViCo's image cross-attention blocks; None for other methods.
     pub vico: Option<crate::model::vico::Blocks>,
     pub rows: Var,
+    /// SDXL: the pseudo-words' rows in the second text encoder.
+    pub rows_2: Option<Var>,
     /// Released-script mode: the whole token-embedding table, trained (with weight decay).
     pub table: Option<Var>,
     /// Every U-Net and text-encoder weight (Break-A-Scene's phase 2), made when the first
@@ -115,8 +117,15 @@ impl Trainer {
     /// The text-side parameters step `d` updates: pseudo-word rows (where the method
     /// trains them), the table, then a full fine-tune's text encoder.
     pub(super) fn text_vars(&self, d: usize) -> Vec<Var> {
-        let rows = self.recipe.trains.rows.then(|| self.rows.clone());
-        let mut v: Vec<Var> = rows.into_iter().chain(self.table.clone()).collect();
+        let rows = (self
+            .recipe
+            .trains
+            .rows
+            .then(|| [Some(self.rows.clone()), self.rows_2.clone()]))
+        .into_iter()
+        .flatten()
+        .flatten();
+        let mut v: Vec<Var> = rows.chain(self.table.clone()).collect();
         v.extend(self.full_vars(d, "text_encoder."));
         v
     }
@@ -132,6 +141,7 @@ impl Trainer {
         TextParams {
             rows: self.rows.as_tensor(),
             table,
+            rows_2: self.rows_2.as_ref().map(|v| v.as_tensor()),
         }
     }
 

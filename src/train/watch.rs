@@ -86,6 +86,7 @@ fn draw_grid(t: &Trainer) -> Result<RgbImage> {
     let lora = t.lora.detached();
     let tuned = t.tuned.detached();
     let rows = t.rows.as_detached_tensor();
+    let rows_2 = t.rows_2.as_ref().map(|v| v.as_detached_tensor());
     let table = t.table.as_ref().map(|v| v.as_detached_tensor());
     // ViCo samples with its current blocks and each sample's first image as reference.
     let visual = match &t.vico {
@@ -100,7 +101,7 @@ fn draw_grid(t: &Trainer) -> Result<RgbImage> {
         lora: Some(&lora),
         tuned: (!tuned.is_empty()).then_some(&tuned),
         extra_rows: Some(&rows),
-        extra_rows_2: None,
+        extra_rows_2: rows_2.as_ref(),
         token_table: table.as_ref(),
         vico: visual.as_ref(),
     };
