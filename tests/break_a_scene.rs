@@ -353,6 +353,7 @@ fn a_break_a_scene_step_matches_torch() {
         pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
         masks: get("masks"),
         ids: Tensor::from_vec(ids.concat(), (3, 77), &dev).unwrap(),
+        ids_2: None,
         token_pos,
         sample_of: vec![0, 1, 0],
         n_samples: 2,
@@ -384,6 +385,7 @@ fn a_break_a_scene_step_matches_torch() {
     let text = TextParams {
         rows: rows.as_tensor(),
         table: Some(full.token_table().as_tensor()),
+        rows_2: None,
     };
     let w = LossWeights {
         lambda_attn: 0.01,

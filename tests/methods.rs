@@ -396,6 +396,7 @@ fn a_textual_inversion_step_matches_diffusers() {
     let text = TextParams {
         rows: rows.as_tensor(),
         table: None,
+        rows_2: None,
     };
     let w = LossWeights {
         lambda_attn: 0.0,
@@ -835,6 +836,7 @@ fn dreambooth_step(prefix: &str, prompts: &[&str], prior: f64) -> f32 {
     let text = TextParams {
         rows: &rows,
         table: None,
+        rows_2: None,
     };
     let w = LossWeights {
         lambda_attn: 0.0,
@@ -1178,6 +1180,7 @@ impl TunedStep {
         let text = TextParams {
             rows: self.rows.as_tensor(),
             table: None,
+            rows_2: None,
         };
         let w = magictailor::train::method::LossWeights {
             lambda_attn: 0.0,
@@ -1606,6 +1609,7 @@ impl ReferenceStep {
             pixels: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
             masks: self.get("masks"),
             ids: Tensor::from_vec(flat, (b, 77), &Device::Cpu).unwrap(),
+            ids_2: None,
             token_pos,
             sample_of,
             n_samples,

@@ -60,6 +60,7 @@ fn steps_match_pytorch(fam: &Family) {
         pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(), // unused: latents are given
         masks: r["masks"].clone(),
         ids,
+        ids_2: None,
         token_pos: usizes(&r["token_pos"]),
         sample_of: usizes(&r["sample_of"]),
         n_samples: 2,
@@ -101,6 +102,7 @@ fn steps_match_pytorch(fam: &Family) {
     let text = TextParams {
         rows: rows.as_tensor(),
         table: None,
+        rows_2: None,
     };
     let losses = |m: Option<&LoraSet>| {
         step_losses(

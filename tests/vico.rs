@@ -598,6 +598,7 @@ fn a_step_matches_the_reference_written_in_torch() {
         pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
         masks: Tensor::zeros((b, 1, 64, 64), DType::F32, &dev).unwrap(),
         ids: fixture_ids,
+        ids_2: None,
         token_pos: usizes("word_pos"),
         sample_of: vec![0, 1],
         n_samples: 2,
@@ -617,6 +618,7 @@ fn a_step_matches_the_reference_written_in_torch() {
     let text = TextParams {
         rows: rows.as_tensor(),
         table: None,
+        rows_2: None,
     };
     let losses =
         magictailor::train::vico::vico_losses(&sd, &batch, &noised, text, &blocks, 5e-4).unwrap();
