@@ -53,6 +53,7 @@ pub fn read(dir: &Path) -> Result<RunInfo> {
         run::LORA,
         run::LORA_KOHYA,
         run::EMBEDS,
+        run::EMBEDS_2,
         run::TOKEN_TABLE,
         run::A1111_EMBEDS,
         run::CUSTOM_DIFFUSION,
