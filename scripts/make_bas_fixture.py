@@ -27,30 +27,14 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from make_method_fixtures import masked_mse, step_inputs  # the same inputs and loss
 from transformers import CLIPTextModel, CLIPTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 MODEL = os.path.join(ROOT, "tiny-sd")
 torch.set_num_threads(2)
 LAMBDA_PRIOR, LAMBDA_ATTN = 1.0, 1e-2
-
-
-def step_inputs(g, b):
-    """make_method_fixtures.py's: latents, noise, timesteps and rectangular masks."""
-    z0, eps = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    masks = torch.zeros(b, 1, 64, 64)
-    boxes = [(8, 40, 16, 56), (20, 64, 0, 30), (0, 24, 10, 50), (30, 60, 30, 60)]
-    for i in range(b):
-        y0, y1, x0, x1 = boxes[i % len(boxes)]
-        masks[i, :, y0:y1, x0:x1] = 1
-    return z0, eps, t, masks
-
-
-def masked_mse(pred, eps, masks):
-    """make_method_fixtures.py's: masked-out zeros count in the mean."""
-    m = F.interpolate(masks, size=pred.shape[-2:], mode="nearest")
-    return ((pred.float() - eps.float()) * m).pow(2).mean()
 
 
 class Probe:

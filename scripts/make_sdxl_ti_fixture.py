@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
+
+from make_method_fixtures import masked_mse, step_inputs  # the same inputs and loss
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "sdxl")
@@ -37,26 +39,6 @@ WORDS = ["<v0>", "<v1>"]
 PROMPTS = ["a photo of <v0>", "a photo of <v1>"]
 SIZE = 64
 torch.set_num_threads(2)
-
-
-def step_inputs(g, b):
-    """Latents, noise, timesteps and rectangular masks (64 px images, 8x8 latents), as in
-    make_method_fixtures.py."""
-    z0, eps = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    masks = torch.zeros(b, 1, 64, 64)
-    boxes = [(8, 40, 16, 56), (20, 64, 0, 30), (0, 24, 10, 50), (30, 60, 30, 60)]
-    for i in range(b):
-        y0, y1, x0, x1 = boxes[i % len(boxes)]
-        masks[i, :, y0:y1, x0:x1] = 1
-    return z0, eps, t, masks
-
-
-def masked_mse(pred, eps, masks):
-    """The paper's eq. 1 as the released script computes it: ((pred - eps) * M)^2 averaged
-    over every latent element, masked-out zeros included."""
-    m = F.interpolate(masks, size=pred.shape[-2:], mode="nearest")
-    return ((pred.float() - eps.float()) * m).pow(2).mean()
 
 
 def add_words(tok, te, g):

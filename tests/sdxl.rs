@@ -118,33 +118,8 @@ fn tiny_sdxl() -> String {
 /// `infer` on the SDXL folder as the pipeline drew `ddim_base.png`: 10 DDIM steps,
 /// guidance 7.5, 64 px, the recorded latents.
 fn infer_sdxl(prompt: &str, extra: &[&str], out: &std::path::Path) -> std::process::Output {
-    let dir = tempfile::tempdir().unwrap();
-    let latents = dir.path().join("latents.safetensors");
-    let lat = reference()["init_latents"].clone();
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents".to_string(), lat)]),
-        &latents,
-    )
-    .unwrap();
     let model = tiny_sdxl();
-    let mut args = vec!["--model", &model, "--prompt", prompt, "--steps", "10"];
-    args.extend([
-        "--guidance",
-        "7.5",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--quiet",
-    ]);
-    args.extend([
-        "--init-latents",
-        latents.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    args.extend(extra);
-    run_bin("infer", &args)
+    infer_sdxl_run(&[&["--model", model.as_str()], extra].concat(), prompt, out)
 }
 
 /// The whole SDXL text-to-image path: both encoders, the zero negative conditioning of
@@ -455,7 +430,8 @@ fn textual_inversion_trains_on_sdxl() {
     }
 }
 
-/// `infer` of a trained SDXL folder (`extra` names it) from the recorded latents.
+/// `infer` from the recorded latents as `infer_sdxl`, the model (a base or a trained
+/// folder) named by `extra`.
 fn infer_sdxl_run(extra: &[&str], prompt: &str, out: &std::path::Path) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let latents = dir.path().join("latents.safetensors");
