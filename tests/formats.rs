@@ -51,7 +51,7 @@ fn lora_round_trips_through_peft_and_kohya_files() {
     let peft = dir.join("pytorch_lora_weights.safetensors");
     let kohya = dir.join("lora_kohya.safetensors");
     original.save_peft(&peft, &targets).unwrap();
-    original.save_kohya(&kohya, &targets).unwrap();
+    original.save_kohya(&kohya, &targets, false).unwrap();
 
     // Pure peft keys, nothing else (diffusers silently drops modules from mixed files).
     let saved = candle_core::safetensors::load(&peft, &Device::Cpu).unwrap();

@@ -252,7 +252,7 @@ fn train_on_sdxl_is_refused_by_name() {
     let o = run_bin("train", &args);
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("train (other than --method ti) does not take SDXL yet"),
+        stderr(&o).contains("train (other than --method ti and dreambooth) does not take SDXL yet"),
         "{}",
         stderr(&o)
     );
@@ -451,4 +451,146 @@ fn infer_sdxl_run(extra: &[&str], prompt: &str, out: &std::path::Path) -> std::p
     ]);
     args.extend(extra);
     run_bin("infer", &args)
+}
+
+/// `train --method dreambooth` on the tiny SDXL: adapters on the attention projections,
+/// the identifiers standing for the words in both encoders; the folder's peft file and
+/// its kohya file (in SDXL's original-layout names, as sd-scripts writes them) draw what
+/// the folder draws, and the base alone draws something else.
+#[test]
+fn dreambooth_lora_trains_on_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
+    let run = dir.path().join("run");
+    let mut a = quiet_train_args(&pair, run.to_str().unwrap(), &model);
+    a.extend(["--method", "dreambooth", "--steps", "2", "--lr", "1e-2"]);
+    ok(&run_bin("train", &a));
+    let kohya = run.join("lora_kohya.safetensors");
+    let keys = candle_core::safetensors::load(&kohya, &Device::Cpu).unwrap();
+    let original = [
+        "lora_unet_input_blocks_",
+        "lora_unet_middle_block_",
+        "lora_unet_output_blocks_",
+    ];
+    assert!(!keys.is_empty());
+    assert!(
+        keys.keys()
+            .all(|k| original.iter().any(|o| k.starts_with(o))),
+        "{:?}",
+        keys.keys().next()
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("magictailor.json")).unwrap())
+            .unwrap();
+    let text = record["aliases"]["<v0>"].as_str().unwrap().to_string();
+    let prompt = format!("a photo of {text}");
+    let png = |n: &str| dir.path().join(n);
+    let run_s = run.to_str().unwrap();
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s],
+        "a photo of <v0>",
+        &png("dir.png"),
+    ));
+    let peft = run.join("pytorch_lora_weights.safetensors");
+    for (file, name) in [(&peft, "peft.png"), (&kohya, "kohya.png")] {
+        ok(&infer_sdxl(
+            &prompt,
+            &["--lora", file.to_str().unwrap()],
+            &png(name),
+        ));
+        let d = png_max_diff(&read_png(&png("dir.png")), &read_png(&png(name)));
+        assert_eq!(d, 0, "{name} vs the folder");
+    }
+    ok(&infer_sdxl(&prompt, &[], &png("base.png")));
+    assert!(png_max_diff(&read_png(&png("dir.png")), &read_png(&png("base.png"))) > 0);
+}
+
+/// DreamBooth-LoRA's SDXL step (scripts/make_sdxl_dreambooth_fixture.py, after
+/// `train_dreambooth_lora_sdxl.py` with the masked loss): one image of "a photo of sks
+/// person", adapters on every attention's q/k/v/out; the loss and every adapter
+/// gradient against torch's.
+#[test]
+fn an_sdxl_dreambooth_step_matches_torch() {
+    use magictailor::model::loader::StableDiffusion;
+    use magictailor::model::lora::{LoraModule, TrainableLora};
+    use magictailor::train::method::{LossWeights, ATTENTION_PROJECTIONS};
+    use magictailor::train::objective::{step_losses, Batch, Noised, Online, TextParams};
+    use magictailor::train::setup::lora_targets;
+    let dev = Device::Cpu;
+    let f =
+        candle_core::safetensors::load(fixtures().join("sdxl/dreambooth_step.safetensors"), &dev)
+            .unwrap();
+    let sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
+    let prompt = "a photo of sks person";
+    let ids = |tok: &ClipTokenizer, want: &Tensor| {
+        let ids = tok.encode(prompt).unwrap();
+        let want: Vec<u32> = (want.to_dtype(DType::U32).unwrap().flatten_all().unwrap())
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ids, want, "token ids");
+        Tensor::from_vec(ids, (1, 77), &dev).unwrap()
+    };
+    let batch = Batch {
+        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
+        masks: f["masks"].clone(),
+        ids: ids(&sd.tokenizer, &f["ids_1"]),
+        ids_2: Some(ids(&sd.text_encoder_2.as_ref().unwrap().1, &f["ids_2"])),
+        token_pos: vec![0],
+        sample_of: vec![0],
+        n_samples: 1,
+        roi: None,
+        prior: 0,
+        reference: None,
+        posterior: None,
+    };
+    let t: Vec<i64> = f["t"].to_vec1().unwrap();
+    let noised = Noised {
+        z_t: f["z_t"].clone(),
+        eps: f["eps"].clone(),
+        target: f["eps"].clone(),
+        timesteps: t.iter().map(|&x| x as usize).collect(),
+        masks: f["masks"].clone(),
+        reference: None,
+    };
+    let targets = lora_targets(&sd, Some(&ATTENTION_PROJECTIONS));
+    let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
+    assert_eq!(lora.modules.len(), 176, "the same adapted layers");
+    for LoraModule { path, a, b } in &lora.modules {
+        a.set(&f[&format!("{path}.A")]).unwrap();
+        b.set(&f[&format!("{path}.B")]).unwrap();
+    }
+    let none = Tensor::zeros((0, 32), DType::F32, &dev).unwrap();
+    let text = TextParams {
+        rows: &none,
+        table: None,
+        rows_2: Some(&none),
+    };
+    let w = LossWeights {
+        lambda_attn: 0.0,
+        lambda_pres: 0.0,
+        clic: None,
+        prior: 0.0,
+        vico_reg: None,
+        attn_summed: false,
+    };
+    let set = lora.as_set();
+    let l = step_losses(&sd, &batch, &noised, Online::lora(&set), text, None, w).unwrap();
+    let (loss, want): (f32, f32) = (l.loss.to_scalar().unwrap(), f["loss"].to_scalar().unwrap());
+    assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
+    let grads = l.loss.backward().unwrap();
+    let mut worst = 0f32;
+    for LoraModule { path, a, b } in &lora.modules {
+        for (var, which) in [(a, "A"), (b, "B")] {
+            let want = &f[&format!("grad.{path}.{which}")];
+            let got = grads.get(var.as_tensor()).unwrap();
+            let tol = magictailor::testkit::tolerance::max_abs(want).max(1e-8);
+            worst = worst.max(max_abs_diff(got, want) / tol);
+        }
+    }
+    eprintln!("SDXL DreamBooth step: loss {loss} vs {want}, worst gradient error {worst:e}");
+    assert!(
+        worst < 1e-4,
+        "worst adapter gradient error, relative: {worst}"
+    );
 }

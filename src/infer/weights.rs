@@ -71,6 +71,9 @@ impl Personalized {
         let mut sd = StableDiffusion::load_with(&src.model, &src.single_file, device, dtype)?;
         let aliases: Vec<(String, String)> = src.aliases.clone().into_iter().collect();
         sd.tokenizer.add_aliases(&aliases)?;
+        if let Some((_, tok_2)) = &mut sd.text_encoder_2 {
+            tok_2.add_aliases(&aliases)?;
+        }
         if let Some((file, scale)) = &src.checkpoint {
             return from_checkpoint(sd, file, *scale, src, device);
         }

@@ -243,13 +243,17 @@ impl LoraSet {
     }
 
     /// Kohya layout (`lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha`), which
-    /// ComfyUI and A1111 load.
-    pub fn save_kohya(&self, file: &Path, targets: &[LoraTarget]) -> Result<()> {
+    /// ComfyUI and A1111 load; with `original`, layers named by their original path, as
+    /// sd-scripts names SDXL's (`lora_unet_input_blocks_4_1_...`).
+    pub fn save_kohya(&self, file: &Path, targets: &[LoraTarget], original: bool) -> Result<()> {
         let mut out = HashMap::new();
         for t in targets {
             if let Some(w) = self.get(&t.path) {
                 let (a, b) = shaped_for_disk(w, t)?;
-                let name = kohya_name(&t.path);
+                let name = match (original, &t.original) {
+                    (true, Some(o)) => kohya_name(o),
+                    _ => kohya_name(&t.path),
+                };
                 let alpha = w.scale * w.a.dim(0)? as f64;
                 out.insert(format!("{name}.lora_down.weight"), a);
                 out.insert(format!("{name}.lora_up.weight"), b);

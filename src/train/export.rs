@@ -26,7 +26,8 @@ impl Trainer {
             let targets = super::setup::lora_targets(&self.sd, shape.only);
             let set = self.lora.as_set();
             set.save_peft(&dir.join(run::LORA), &targets)?;
-            set.save_kohya(&dir.join(run::LORA_KOHYA), &targets)?;
+            // kohya names SDXL's layers by the original layout (sd-scripts' SDXL U-Net).
+            set.save_kohya(&dir.join(run::LORA_KOHYA), &targets, self.sd.is_sdxl())?;
         }
         if !self.tuned.is_empty() {
             let processors = tuned::processor_names(&self.sd.unet.lora_targets());

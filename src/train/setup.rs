@@ -189,6 +189,9 @@ fn name_samples(
     let aliases: Vec<(String, String)> = (words.iter().zip(ids).zip(class_words))
         .map(|((w, id), class)| (w.clone(), format!("{id} {class}")))
         .collect();
+    if let Some((_, tok_2)) = &mut sd.text_encoder_2 {
+        tok_2.add_aliases(&aliases)?;
+    }
     sd.tokenizer.add_aliases(&aliases)
 }
 
@@ -206,8 +209,9 @@ pub fn lora_targets(
 /// Loads the base model the settings name, refusing a resolution its VAE cannot take.
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
-    if cfg.method != crate::train::method::Method::Ti {
-        sd.refuse_sdxl("train (other than --method ti)")?;
+    use crate::train::method::Method;
+    if !matches!(cfg.method, Method::Ti | Method::DreamBooth) {
+        sd.refuse_sdxl("train (other than --method ti and dreambooth)")?;
     }
     let f = sd.vae_factor();
     crate::model::loader::check_side("--resolution", cfg.resolution, f, f)?;
