@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Loads the LoRA and embeddings magictailor wrote into diffusers (run by hand).
 
-    cargo test --test formats --test train --test methods --test break_a_scene   # writes target/tmp/*-check/
+    cargo test --test formats --test train --test methods --test break_a_scene --test sdxl   # writes target/tmp/*-check/
     python scripts/check_rust_exports.py [target/tmp/export-check]
 
 Passes when diffusers, with magictailor's pytorch_lora_weights.safetensors (via peft) and
@@ -13,8 +13,9 @@ Inversion's users load them, reproduce the image magictailor drew; the same for 
 `--method dreambooth` folder's adapters (target/tmp/dreambooth-check/), and a
 `--method custom-diffusion` folder's matrices and words (target/tmp/custom-diffusion-check/),
 and a `--method clic` folder's (target/tmp/clic-check/), a `--method break-a-scene` folder's
---export-full U-Net and text encoder with its words (target/tmp/break-a-scene-check/), and an
-SD 1.x run's adapters (peft and kohya files) and words (target/tmp/sd1-check/).
+--export-full U-Net and text encoder with its words (target/tmp/break-a-scene-check/), an SDXL
+DreamBooth run's kohya and peft files (target/tmp/sdxl-dreambooth-check/), and an SD 1.x run's
+adapters (peft and kohya files) and words (target/tmp/sd1-check/).
 """
 import os
 import sys
@@ -151,6 +152,24 @@ words(pipe, bas)
 words_only = levels(pipe, "<v0> with <v1>", bas)
 print(f"break-a-scene --export-full unet/ + text_encoder/: diffusers reproduces magictailor's image within "
       f"{diff_bas} levels (the words alone on the base: {words_only} levels)")
+
+# A `--method dreambooth` run on the tiny SDXL: its kohya file (SDXL's original-layout
+# names) through diffusers' own kohya conversion, and its peft file.
+from diffusers import StableDiffusionXLPipeline  # noqa: E402
+
+xl = check_dir("sdxl-dreambooth-check")
+xl_lat = load_file(os.path.join(FIX, "sdxl", "parity.safetensors"))["init_latents"]
+xl_prompt = open(os.path.join(xl, "prompt.txt")).read()
+for weights in ("lora_kohya.safetensors", "pytorch_lora_weights.safetensors"):
+    xp = StableDiffusionXLPipeline.from_pretrained(os.path.join(FIX, "sdxl", "tiny-sdxl"))
+    xp.set_progress_bar_config(disable=True)
+    xp.load_lora_weights(xl, weight_name=weights)
+    n_xl = sum(1 for n, _ in xp.unet.named_modules() if n.endswith("lora_A"))
+    img = xp(xl_prompt, latents=xl_lat.clone(), num_inference_steps=10, guidance_scale=7.5, height=64,
+             width=64).images[0]
+    ours = np.asarray(Image.open(os.path.join(xl, "infer.png"))).astype(int)
+    print(f"sdxl dreambooth {weights}: diffusers loaded {n_xl} LoRA modules; reproduces magictailor's image "
+          f"within {np.abs(np.asarray(img).astype(int) - ours).max()} levels")
 
 # An SD 1.x run (1x1-conv projections: 4-D adapters), through the peft and kohya files.
 sd1 = check_dir("sd1-check")

@@ -504,6 +504,15 @@ fn dreambooth_lora_trains_on_sdxl() {
     }
     ok(&infer_sdxl(&prompt, &[], &png("base.png")));
     assert!(png_max_diff(&read_png(&png("dir.png")), &read_png(&png("base.png"))) > 0);
+    // For scripts/check_rust_exports.py: diffusers' own kohya and peft loaders draw it.
+    let check = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdxl-dreambooth-check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check).unwrap();
+    for f in ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"] {
+        std::fs::copy(run.join(f), check.join(f)).unwrap();
+    }
+    std::fs::copy(png("dir.png"), check.join("infer.png")).unwrap();
+    std::fs::write(check.join("prompt.txt"), &prompt).unwrap();
 }
 
 /// DreamBooth-LoRA's SDXL step (scripts/make_sdxl_dreambooth_fixture.py, after
