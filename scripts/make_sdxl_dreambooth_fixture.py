@@ -29,16 +29,14 @@ Versions used for the committed fixture: tests/fixtures/VERSIONS.txt.
 import os
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from make_method_fixtures import masked_mse, step_inputs  # the same inputs and loss
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from make_sdxl_ti_fixture import load_sdxl
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "sdxl")
-MODEL = os.path.join(ROOT, "tiny-sdxl")
 PROMPT = "a photo of sks person"
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 RANK, ALPHA = 4, 4
@@ -48,15 +46,7 @@ torch.set_num_threads(2)
 
 def main():
     g = torch.Generator().manual_seed(43)
-    tok_1 = CLIPTokenizer.from_pretrained(MODEL, subfolder="tokenizer")
-    tok_2 = CLIPTokenizer.from_pretrained(MODEL, subfolder="tokenizer_2")
-    te_1 = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder", torch_dtype=torch.float32)
-    te_2 = CLIPTextModelWithProjection.from_pretrained(MODEL, subfolder="text_encoder_2", torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet", torch_dtype=torch.float32)
-    sched = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
-    for m in (te_1, te_2, unet):
-        m.requires_grad_(False)
-        m.eval()
+    tok_1, tok_2, te_1, te_2, unet, sched = load_sdxl()
 
     # The adapter, then seeded values for both matrices (sorted module order: A, then B).
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS))

@@ -55,8 +55,9 @@ def add_words(tok, te, g):
     return new, rows, table
 
 
-def main():
-    g = torch.Generator().manual_seed(41)
+def load_sdxl():
+    """The tiny SDXL pipeline's parts in f32, frozen: both tokenizers and text encoders, the
+    U-Net and the training scheduler."""
     tok_1 = CLIPTokenizer.from_pretrained(MODEL, subfolder="tokenizer")
     tok_2 = CLIPTokenizer.from_pretrained(MODEL, subfolder="tokenizer_2")
     te_1 = CLIPTextModel.from_pretrained(MODEL, subfolder="text_encoder", torch_dtype=torch.float32)
@@ -66,6 +67,12 @@ def main():
     for m in (te_1, te_2, unet):
         m.requires_grad_(False)
         m.eval()
+    return tok_1, tok_2, te_1, te_2, unet, sched
+
+
+def main():
+    g = torch.Generator().manual_seed(41)
+    tok_1, tok_2, te_1, te_2, unet, sched = load_sdxl()
 
     new_1, rows_1, table_1 = add_words(tok_1, te_1, g)
     new_2, rows_2, table_2 = add_words(tok_2, te_2, g)

@@ -266,7 +266,7 @@ fn train_on_sdxl_is_refused_by_name() {
 fn an_sdxl_textual_inversion_step_matches_torch() {
     use magictailor::model::loader::StableDiffusion;
     use magictailor::train::method::LossWeights;
-    use magictailor::train::objective::{step_losses, Batch, Noised, Online, TextParams};
+    use magictailor::train::objective::{step_losses, Online, TextParams};
     let dev = Device::Cpu;
     let f =
         candle_core::safetensors::load(fixtures().join("sdxl/ti_step.safetensors"), &dev).unwrap();
@@ -279,44 +279,7 @@ fn an_sdxl_textual_inversion_step_matches_torch() {
         .1
         .add_pseudo_words(&words)
         .unwrap();
-    let prompts = ["a photo of <v0>", "a photo of <v1>"];
-    let ids = |tok: &ClipTokenizer, want: &Tensor| {
-        let ids: Vec<u32> = prompts
-            .iter()
-            .flat_map(|p| tok.encode(p).unwrap())
-            .collect();
-        let want: Vec<u32> = (want.to_dtype(DType::U32).unwrap().flatten_all().unwrap())
-            .to_vec1()
-            .unwrap();
-        assert_eq!(ids, want, "token ids");
-        Tensor::from_vec(ids, (2, 77), &dev).unwrap()
-    };
-    let (ids_1, ids_2) = (
-        ids(&sd.tokenizer, &f["ids_1"]),
-        ids(&sd.text_encoder_2.as_ref().unwrap().1, &f["ids_2"]),
-    );
-    let batch = Batch {
-        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
-        masks: f["masks"].clone(),
-        ids: ids_1,
-        ids_2: Some(ids_2),
-        token_pos: vec![4, 4],
-        sample_of: vec![0, 1],
-        n_samples: 2,
-        roi: None,
-        prior: 0,
-        reference: None,
-        posterior: None,
-    };
-    let t: Vec<i64> = f["t"].to_vec1().unwrap();
-    let noised = Noised {
-        z_t: f["z_t"].clone(),
-        eps: f["eps"].clone(),
-        target: f["eps"].clone(),
-        timesteps: t.iter().map(|&x| x as usize).collect(),
-        masks: f["masks"].clone(),
-        reference: None,
-    };
+    let (batch, noised) = step_inputs(&f, &sd, &["a photo of <v0>", "a photo of <v1>"]);
     let rows = candle_core::Var::from_tensor(&f["rows_1"]).unwrap();
     let rows_2 = candle_core::Var::from_tensor(&f["rows_2"]).unwrap();
     let text = TextParams {
@@ -524,44 +487,14 @@ fn an_sdxl_dreambooth_step_matches_torch() {
     use magictailor::model::loader::StableDiffusion;
     use magictailor::model::lora::{LoraModule, TrainableLora};
     use magictailor::train::method::{LossWeights, ATTENTION_PROJECTIONS};
-    use magictailor::train::objective::{step_losses, Batch, Noised, Online, TextParams};
+    use magictailor::train::objective::{step_losses, Online, TextParams};
     use magictailor::train::setup::lora_targets;
     let dev = Device::Cpu;
     let f =
         candle_core::safetensors::load(fixtures().join("sdxl/dreambooth_step.safetensors"), &dev)
             .unwrap();
     let sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
-    let prompt = "a photo of sks person";
-    let ids = |tok: &ClipTokenizer, want: &Tensor| {
-        let ids = tok.encode(prompt).unwrap();
-        let want: Vec<u32> = (want.to_dtype(DType::U32).unwrap().flatten_all().unwrap())
-            .to_vec1()
-            .unwrap();
-        assert_eq!(ids, want, "token ids");
-        Tensor::from_vec(ids, (1, 77), &dev).unwrap()
-    };
-    let batch = Batch {
-        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
-        masks: f["masks"].clone(),
-        ids: ids(&sd.tokenizer, &f["ids_1"]),
-        ids_2: Some(ids(&sd.text_encoder_2.as_ref().unwrap().1, &f["ids_2"])),
-        token_pos: vec![0],
-        sample_of: vec![0],
-        n_samples: 1,
-        roi: None,
-        prior: 0,
-        reference: None,
-        posterior: None,
-    };
-    let t: Vec<i64> = f["t"].to_vec1().unwrap();
-    let noised = Noised {
-        z_t: f["z_t"].clone(),
-        eps: f["eps"].clone(),
-        target: f["eps"].clone(),
-        timesteps: t.iter().map(|&x| x as usize).collect(),
-        masks: f["masks"].clone(),
-        reference: None,
-    };
+    let (batch, noised) = step_inputs(&f, &sd, &["a photo of sks person"]);
     let targets = lora_targets(&sd, Some(&ATTENTION_PROJECTIONS));
     let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
     assert_eq!(lora.modules.len(), 176, "the same adapted layers");
@@ -602,4 +535,54 @@ fn an_sdxl_dreambooth_step_matches_torch() {
         worst < 1e-4,
         "worst adapter gradient error, relative: {worst}"
     );
+}
+
+/// A reference step's batch and noised latents: `prompts` (image i of sample i), their
+/// ids by both tokenizers checked against the fixture's, each word at position 4 (where
+/// one stands); the pixels are unused, as the latents are given.
+fn step_inputs(
+    f: &std::collections::HashMap<String, Tensor>,
+    sd: &magictailor::model::loader::StableDiffusion,
+    prompts: &[&str],
+) -> (
+    magictailor::train::objective::Batch,
+    magictailor::train::objective::Noised,
+) {
+    use magictailor::train::objective::{Batch, Noised};
+    let dev = Device::Cpu;
+    let b = prompts.len();
+    let ids = |tok: &ClipTokenizer, want: &Tensor| {
+        let ids: Vec<u32> = prompts
+            .iter()
+            .flat_map(|p| tok.encode(p).unwrap())
+            .collect();
+        let want: Vec<u32> = (want.to_dtype(DType::U32).unwrap().flatten_all().unwrap())
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ids, want, "token ids");
+        Tensor::from_vec(ids, (b, 77), &dev).unwrap()
+    };
+    let batch = Batch {
+        pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
+        masks: f["masks"].clone(),
+        ids: ids(&sd.tokenizer, &f["ids_1"]),
+        ids_2: Some(ids(&sd.text_encoder_2.as_ref().unwrap().1, &f["ids_2"])),
+        token_pos: vec![4; b],
+        sample_of: (0..b).collect(),
+        n_samples: b,
+        roi: None,
+        prior: 0,
+        reference: None,
+        posterior: None,
+    };
+    let t: Vec<i64> = f["t"].to_vec1().unwrap();
+    let noised = Noised {
+        z_t: f["z_t"].clone(),
+        eps: f["eps"].clone(),
+        target: f["eps"].clone(),
+        timesteps: t.iter().map(|&x| x as usize).collect(),
+        masks: f["masks"].clone(),
+        reference: None,
+    };
+    (batch, noised)
 }
