@@ -14,8 +14,10 @@ use crate::data::{MaskPolicy, PairDataset};
 use crate::error::{Error, Result};
 use crate::io::progress::Progress;
 use crate::masks::{self, auto::AutoMasks};
+use crate::model::clip::ClipTextModel;
 use crate::model::loader::StableDiffusion;
 use crate::model::lora::TrainableLora;
+use crate::model::tokenizer::ClipTokenizer;
 use crate::model::tokenizer::{pseudo_word, pseudo_words_in};
 use crate::model::tuned::TrainableTuned;
 use crate::model::vico;
@@ -86,8 +88,11 @@ impl Trainer {
                 }
             }
         }
-        let rows = init_rows(&sd, recipe.trains.row_init, &class_words)?;
-        let rows_2 = init_rows_2(&sd, &class_words)?;
+        let init = recipe.trains.row_init;
+        let rows = init_rows((&sd.text_encoder, &sd.tokenizer), init, &class_words)?;
+        let rows_2 = (sd.text_encoder_2.as_ref())
+            .map(|(te, tok)| init_rows((te, tok), init, &class_words))
+            .transpose()?;
         let mut pool = Pool::new(&sd, data, recipe.draw.prompts)?;
         // Class images (prior preservation) join the batch later, encoded each step.
         if recipe.class_images.is_none() {
@@ -306,34 +311,22 @@ fn check_sample_prompts(cfg: &TrainConfig, n_samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// SDXL: each pseudo-word's row in the second text encoder, from its class word's first
-/// token there (diffusers' SDXL Textual Inversion initialises both alike).
-fn init_rows_2(sd: &StableDiffusion, class_words: &[String]) -> Result<Option<Var>> {
-    let Some((te_2, tok_2)) = &sd.text_encoder_2 else {
-        return Ok(None);
-    };
-    let mut rows = Vec::new();
-    for class in class_words {
-        // ids[0] is BOS; ids[1] the first token of the word.
-        rows.push(te_2.token_row(tok_2.encode(class)?[1])?);
-    }
-    Ok(Some(Var::from_tensor(
-        &Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?,
-    )?))
-}
-
-/// Pseudo-word rows start as the embedding of the first token of their class word, or of
-/// the recipe's words.
-fn init_rows(sd: &StableDiffusion, init: RowInit, class_words: &[String]) -> Result<Var> {
+/// Pseudo-word rows of the text encoder `te` (with its tokenizer `tok`) start as the
+/// embedding of the first token of their class word, or of the recipe's words. SDXL's
+/// second encoder starts its rows alike, from its own table.
+fn init_rows(
+    (te, tok): (&ClipTextModel, &ClipTokenizer),
+    init: RowInit,
+    class_words: &[String],
+) -> Result<Var> {
     let mut rows = Vec::new();
     for (s, class) in class_words.iter().enumerate() {
         let word = match init {
             RowInit::ClassWord => class.as_str(),
             RowInit::Words(w) => w[s],
         };
-        let ids = sd.tokenizer.encode(word)?;
         // ids[0] is BOS; ids[1] the first token of the word.
-        rows.push(sd.text_encoder.token_row(ids[1])?);
+        rows.push(te.token_row(tok.encode(word)?[1])?);
     }
     Ok(Var::from_tensor(
         &Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?,
