@@ -389,11 +389,9 @@ fn a_break_a_scene_step_matches_torch() {
     };
     let w = LossWeights {
         lambda_attn: 0.01,
-        lambda_pres: 0.0,
-        clic: None,
         prior: 1.0,
-        vico_reg: None,
         attn_summed: true,
+        ..LossWeights::default()
     };
     let l = step_losses(&sd, &batch, &noised, online, text, None, w).unwrap();
     let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();

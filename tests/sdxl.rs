@@ -287,14 +287,7 @@ fn an_sdxl_textual_inversion_step_matches_torch() {
         table: None,
         rows_2: Some(rows_2.as_tensor()),
     };
-    let w = LossWeights {
-        lambda_attn: 0.0,
-        lambda_pres: 0.0,
-        clic: None,
-        prior: 0.0,
-        vico_reg: None,
-        attn_summed: false,
-    };
+    let w = LossWeights::default();
     let none = magictailor::model::lora::LoraSet::default();
     let l = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
     let (loss, want): (f32, f32) = (l.loss.to_scalar().unwrap(), f["loss"].to_scalar().unwrap());
@@ -508,14 +501,7 @@ fn an_sdxl_dreambooth_step_matches_torch() {
         table: None,
         rows_2: Some(&none),
     };
-    let w = LossWeights {
-        lambda_attn: 0.0,
-        lambda_pres: 0.0,
-        clic: None,
-        prior: 0.0,
-        vico_reg: None,
-        attn_summed: false,
-    };
+    let w = LossWeights::default();
     let set = lora.as_set();
     let l = step_losses(&sd, &batch, &noised, Online::lora(&set), text, None, w).unwrap();
     let (loss, want): (f32, f32) = (l.loss.to_scalar().unwrap(), f["loss"].to_scalar().unwrap());

@@ -379,6 +379,18 @@ fn load_token_table(file: &Path, base: &Tensor, device: &Device) -> Result<Tenso
 /// replace), or `--model` alone; `--lora`/`--embeds` override the folder's files.
 pub fn sources(opts: &InferOptions) -> Result<Sources> {
     let src = sources_unchecked(opts)?;
+    // A weights file named wrong fails here, before the base model loads.
+    let files = [
+        &src.lora,
+        &src.embeds,
+        &src.embeds_2,
+        &src.custom_diffusion,
+        &src.full_delta,
+        &src.vico_blocks,
+    ];
+    for f in files.into_iter().flatten() {
+        tensors::require_file(f)?;
+    }
     // A trained folder's record names its words; an embeddings file's are read at load.
     check_references(&src, src.class_words.len())?;
     Ok(src)

@@ -14,12 +14,7 @@ const MAX_HEADER: u64 = 100_000_000;
 
 /// Loads a whole safetensors file, naming it on failure (truncated, not safetensors...).
 pub fn read(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    if !file.is_file() {
-        return Err(Error::bad_file(
-            file,
-            format!("{} does not exist or is not a file.", file.display()),
-        ));
-    }
+    require_file(file)?;
     check(file)?;
     candle_core::safetensors::load(file, device).map_err(|e| {
         Error::bad_file(
@@ -134,6 +129,17 @@ fn read_header(file: &Path) -> Result<Header> {
         )));
     }
     Ok(Header { json, data_start })
+}
+
+/// Refuses a path that is not a file, naming it.
+pub fn require_file(file: &Path) -> Result<()> {
+    if file.is_file() {
+        return Ok(());
+    }
+    Err(Error::bad_file(
+        file,
+        format!("{} does not exist or is not a file.", file.display()),
+    ))
 }
 
 /// Checks that the header parses, every tensor's bytes lie inside the file, and no

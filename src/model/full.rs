@@ -88,6 +88,16 @@ impl FullWeights {
         &self.token_table
     }
 
+    /// The U-Net's Vars, by key.
+    pub fn unet_vars(&self) -> Vec<Var> {
+        self.unet.values().cloned().collect()
+    }
+
+    /// The text encoder's Vars, by key.
+    pub fn text_vars(&self) -> Vec<Var> {
+        self.text.values().cloned().collect()
+    }
+
     /// Every Var by name: the U-Net's as `unet.<key>`, then the text encoder's as
     /// `text_encoder.<key>`, each sorted by key: checkpoint names and optimizer order.
     pub fn named(&self) -> Vec<(String, Var)> {

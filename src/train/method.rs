@@ -198,8 +198,9 @@ pub const TI_TEMPLATES: [&str; 27] = [
     "a photo of a small {}",
 ];
 
-/// The weights of the loss terms after the (masked) diffusion loss.
-#[derive(Debug, Clone, Copy)]
+/// The weights of the loss terms after the (masked) diffusion loss; the default is the
+/// masked diffusion loss alone.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct LossWeights {
     /// The cross-attention loss (0: off).
     pub lambda_attn: f64,
@@ -807,11 +808,9 @@ impl Recipe {
             identifiers: None,
             losses: LossWeights {
                 lambda_attn: cfg.lambda_attn,
-                lambda_pres: 0.0,
-                clic: None,
                 prior: if prior { cfg.prior_loss_weight } else { 0.0 },
-                vico_reg: None,
                 attn_summed: true,
+                ..LossWeights::default()
             },
             phases,
             momentum: Momentum {
@@ -854,14 +853,7 @@ impl Recipe {
             method: cfg.method,
             trains,
             identifiers,
-            losses: LossWeights {
-                lambda_attn: 0.0,
-                lambda_pres: 0.0,
-                clic: None,
-                prior: 0.0,
-                vico_reg: None,
-                attn_summed: false,
-            },
+            losses: LossWeights::default(),
             phases: vec![PhasePlan {
                 phase,
                 steps: cfg.steps(),

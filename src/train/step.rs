@@ -169,12 +169,12 @@ impl Trainer {
             false => LoraSet::default(),
         };
         let tuned = self.tuned.as_set();
-        let full = match (&self.full, weights) {
-            (Some(f), true) => Some(Finetuned {
+        let full = match self.full_at(d) {
+            Some(f) => Some(Finetuned {
                 unet: f.unet(self.cfg.dtype, true)?,
                 text_encoder: f.text_encoder(self.cfg.dtype, true)?,
             }),
-            _ => None,
+            None => None,
         };
         let momentum = self
             .momentum

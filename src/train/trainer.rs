@@ -104,14 +104,9 @@ impl Trainer {
         self.recipe.at(d).plan.trains_weights
     }
 
-    /// The full weights under `prefix` ("unet." or "text_encoder."), where step `d` trains
-    /// them.
-    fn full_vars(&self, d: usize, prefix: &str) -> Vec<Var> {
-        let full = self.full.as_ref().filter(|_| self.trains_weights(d));
-        (full.into_iter().flat_map(|f| f.named()))
-            .filter(|(name, _)| name.starts_with(prefix))
-            .map(|(_, v)| v)
-            .collect()
+    /// The full weights, where step `d` trains them.
+    pub(super) fn full_at(&self, d: usize) -> Option<&FullWeights> {
+        self.full.as_ref().filter(|_| self.trains_weights(d))
     }
 
     /// The text-side parameters step `d` updates: pseudo-word rows (where the method
@@ -126,15 +121,18 @@ impl Trainer {
         .flatten()
         .flatten();
         let mut v: Vec<Var> = rows.chain(self.table.clone()).collect();
-        v.extend(self.full_vars(d, "text_encoder."));
+        v.extend(
+            self.full_at(d)
+                .map(FullWeights::text_vars)
+                .unwrap_or_default(),
+        );
         v
     }
 
     /// The text side a forward pass reads; a full fine-tune's token table where step `d`
     /// trains it.
     pub(super) fn text_params(&self, d: usize) -> TextParams<'_> {
-        let full = self.full.as_ref().filter(|_| self.trains_weights(d));
-        let table = match full {
+        let table = match self.full_at(d) {
             Some(f) => Some(f.token_table().as_tensor()),
             None => self.table.as_ref().map(|t| t.as_tensor()),
         };
@@ -154,7 +152,11 @@ impl Trainer {
         let mut v = self.lora.vars();
         v.extend(self.tuned.vars());
         v.extend(self.vico.iter().flat_map(|b| b.vars()));
-        v.extend(self.full_vars(d, "unet."));
+        v.extend(
+            self.full_at(d)
+                .map(FullWeights::unet_vars)
+                .unwrap_or_default(),
+        );
         v
     }
 
