@@ -14,7 +14,8 @@ Inversion's users load them, reproduce the image magictailor drew; the same for 
 `--method custom-diffusion` folder's matrices and words (target/tmp/custom-diffusion-check/),
 and a `--method clic` folder's (target/tmp/clic-check/), a `--method break-a-scene` folder's
 --export-full U-Net and text encoder with its words (target/tmp/break-a-scene-check/), an SDXL
-DreamBooth run's kohya and peft files (target/tmp/sdxl-dreambooth-check/), and an SD 1.x run's
+DreamBooth run's kohya and peft files (target/tmp/sdxl-dreambooth-check/), an SDXL MagicTailor
+run's kohya file and A1111 words (target/tmp/sdxl-magictailor-check/), and an SD 1.x run's
 adapters (peft and kohya files) and words (target/tmp/sd1-check/).
 """
 import os
@@ -171,6 +172,26 @@ for weights in ("lora_kohya.safetensors", "pytorch_lora_weights.safetensors"):
     print(f"sdxl dreambooth {weights}: diffusers loaded {n_xl} LoRA modules; reproduces magictailor's image "
           f"within {np.abs(np.asarray(img).astype(int) - ours).max()} levels")
 
+# A MagicTailor run on the tiny SDXL: its kohya file through diffusers' kohya conversion,
+# each word's A1111 file split into its clip_l and clip_g rows, as diffusers' SDXL
+# textual-inversion docs load them.
+mt = check_dir("sdxl-magictailor-check")
+xp = StableDiffusionXLPipeline.from_pretrained(os.path.join(FIX, "sdxl", "tiny-sdxl"))
+xp.set_progress_bar_config(disable=True)
+xp.load_lora_weights(mt, weight_name="lora_kohya.safetensors")
+n_mt = sum(1 for n, _ in xp.unet.named_modules() if n.endswith("lora_A"))
+for word in ("v0", "v1"):
+    e = load_file(os.path.join(mt, "embeddings", f"{word}.safetensors"))
+    xp.load_textual_inversion(e["clip_l"], token=f"<{word}>", text_encoder=xp.text_encoder, tokenizer=xp.tokenizer)
+    xp.load_textual_inversion(e["clip_g"], token=f"<{word}>", text_encoder=xp.text_encoder_2,
+                              tokenizer=xp.tokenizer_2)
+img = xp(open(os.path.join(mt, "prompt.txt")).read(), latents=xl_lat.clone(), num_inference_steps=10,
+         guidance_scale=7.5, height=64, width=64).images[0]
+ours = np.asarray(Image.open(os.path.join(mt, "infer.png"))).astype(int)
+diff_mt = np.abs(np.asarray(img).astype(int) - ours).max()
+print(f"sdxl magictailor kohya + A1111 words: diffusers loaded {n_mt} LoRA modules; reproduces magictailor's "
+      f"image within {diff_mt} levels")
+
 # An SD 1.x run (1x1-conv projections: 4-D adapters), through the peft and kohya files.
 sd1 = check_dir("sd1-check")
 lat1 = load_file(os.path.join(FIX, "sd1", "init_latents.safetensors"))["latents"]
@@ -187,5 +208,5 @@ for f in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
 ok = all(n == 176 and d <= 2 for n, d in diff_sd1.values())
 ok = ok and diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
 ok = ok and diff_db <= 2 and n_db == 128 and diff_cd <= 2 and n_cd == 16 and words_only > 2
-ok = ok and diff_cl <= 2 and n_cl == 16 and diff_full <= 2
+ok = ok and diff_cl <= 2 and n_cl == 16 and diff_full <= 2 and diff_mt <= 2 and n_mt == 220
 sys.exit(0 if ok else 1)

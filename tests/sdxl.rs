@@ -241,22 +241,126 @@ fn an_sdxl_hub_repo_loads_from_the_cache() {
     assert_eq!(read_png(&out).dimensions(), (128, 128));
 }
 
-/// What does not take SDXL yet says so, before anything is written.
+/// What does not take SDXL yet says so, before anything is written: a method, and the
+/// released script's token table (the first encoder's alone).
 #[test]
 fn train_on_sdxl_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let pair = pair_folder(dir.path(), &PairSpec::training());
     let run = dir.path().join("run");
     let model = tiny_sdxl();
-    let args = quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), &model);
-    let o = run_bin("train", &args);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("train (other than --method ti and dreambooth) does not take SDXL yet"),
+    for (extra, says) in [
+        (
+            &["--method", "vico"][..],
+            "train --method vico does not take SDXL yet",
+        ),
+        (
+            &["--released-script"][..],
+            "--released-script does not take SDXL yet",
+        ),
+    ] {
+        let args = quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), &model);
+        let o = run_bin("train", &with_args(args, extra));
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+        assert!(!run.join("magictailor.json").exists());
+    }
+}
+
+/// `train` (MagicTailor) on the tiny SDXL, with masks made from its attention: adapters
+/// named by SDXL's original layout in the kohya file, each word's rows in both encoders;
+/// the folder and its last checkpoint draw the same image; a run killed
+/// after step 3 (in the warm-up) resumes to byte-identical files.
+#[test]
+fn magictailor_trains_on_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = PairSpec::training();
+    spec.masks = false;
+    let pair = pair_folder(dir.path(), &spec);
+    let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let out = out.to_str().unwrap();
+        (short_run_args(&pair, out, &model).into_iter())
+            .map(String::from)
+            .collect()
+    };
+    let run = dir.path().join("run");
+    let a = args(&run);
+    ok(&run_bin(
+        "train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("magictailor.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        record["masks"]["method"], "attention",
         "{}",
-        stderr(&o)
+        record["masks"]
     );
-    assert!(!run.join("magictailor.json").exists());
+    let kohya =
+        candle_core::safetensors::load(run.join("lora_kohya.safetensors"), &Device::Cpu).unwrap();
+    assert!(
+        kohya.keys().all(|k| !k.contains("down_blocks")),
+        "original-layout names"
+    );
+    for f in ["learned_embeds.safetensors", "learned_embeds_2.safetensors"] {
+        let t = candle_core::safetensors::load(run.join(f), &Device::Cpu).unwrap();
+        assert_eq!(t.len(), 2, "{f}");
+    }
+    let prompt = "<v0> with <v1>";
+    let png = |n: &str| dir.path().join(n);
+    let run_s = run.to_str().unwrap();
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s],
+        prompt,
+        &png("dir.png"),
+    ));
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s, "--checkpoint", "8"],
+        prompt,
+        &png("ckpt.png"),
+    ));
+    let dir_png = read_png(&png("dir.png"));
+    assert_eq!(png_max_diff(&dir_png, &read_png(&png("ckpt.png"))), 0);
+    // The adapters trained (B starts at 0).
+    let up = (kohya.iter())
+        .find(|(k, _)| k.ends_with("lora_up.weight"))
+        .unwrap()
+        .1;
+    assert!(magictailor::testkit::tolerance::max_abs(up) > 0.0);
+    // Killed after step 3: the same files.
+    let killed = dir.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let name = "checkpoints/step-000003.safetensors";
+    std::fs::copy(run.join(name), killed.join(name)).unwrap();
+    let mut a = args(&killed);
+    a.push("--resume".into());
+    ok(&run_bin(
+        "train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    for f in [
+        "pytorch_lora_weights.safetensors",
+        "learned_embeds.safetensors",
+        "learned_embeds_2.safetensors",
+    ] {
+        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&run.join(f)), "{f}");
+    }
+    // For scripts/check_rust_exports.py: diffusers draws it from the kohya file and the
+    // A1111 words.
+    let check = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdxl-magictailor-check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(check.join("embeddings")).unwrap();
+    for f in [
+        "lora_kohya.safetensors",
+        "embeddings/v0.safetensors",
+        "embeddings/v1.safetensors",
+    ] {
+        std::fs::copy(run.join(f), check.join(f)).unwrap();
+    }
+    std::fs::copy(png("dir.png"), check.join("infer.png")).unwrap();
+    std::fs::write(check.join("prompt.txt"), prompt).unwrap();
 }
 
 /// Textual Inversion's SDXL step (scripts/make_sdxl_ti_fixture.py: two images, each word
@@ -279,7 +383,7 @@ fn an_sdxl_textual_inversion_step_matches_torch() {
         .1
         .add_pseudo_words(&words)
         .unwrap();
-    let (batch, noised) = step_inputs(&f, &sd, &["a photo of <v0>", "a photo of <v1>"]);
+    let (batch, noised) = step_inputs(&f, &sd, &["a photo of <v0>", "a photo of <v1>"], &[0, 1]);
     let rows = candle_core::Var::from_tensor(&f["rows_1"]).unwrap();
     let rows_2 = candle_core::Var::from_tensor(&f["rows_2"]).unwrap();
     let text = TextParams {
@@ -487,7 +591,7 @@ fn an_sdxl_dreambooth_step_matches_torch() {
         candle_core::safetensors::load(fixtures().join("sdxl/dreambooth_step.safetensors"), &dev)
             .unwrap();
     let sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
-    let (batch, noised) = step_inputs(&f, &sd, &["a photo of sks person"]);
+    let (batch, noised) = step_inputs(&f, &sd, &["a photo of sks person"], &[0]);
     let targets = lora_targets(&sd, Some(&ATTENTION_PROJECTIONS));
     let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
     assert_eq!(lora.modules.len(), 176, "the same adapted layers");
@@ -523,13 +627,15 @@ fn an_sdxl_dreambooth_step_matches_torch() {
     );
 }
 
-/// A reference step's batch and noised latents: `prompts` (image i of sample i), their
+/// A reference step's batch and noised latents: `prompts` (image i of sample
+/// `sample_of[i]`), their
 /// ids by both tokenizers checked against the fixture's, each word at position 4 (where
 /// one stands); the pixels are unused, as the latents are given.
 fn step_inputs(
     f: &std::collections::HashMap<String, Tensor>,
     sd: &magictailor::model::loader::StableDiffusion,
     prompts: &[&str],
+    sample_of: &[usize],
 ) -> (
     magictailor::train::objective::Batch,
     magictailor::train::objective::Noised,
@@ -554,8 +660,8 @@ fn step_inputs(
         ids: ids(&sd.tokenizer, &f["ids_1"]),
         ids_2: Some(ids(&sd.text_encoder_2.as_ref().unwrap().1, &f["ids_2"])),
         token_pos: vec![4; b],
-        sample_of: (0..b).collect(),
-        n_samples: b,
+        sample_of: sample_of.to_vec(),
+        n_samples: sample_of.iter().max().map_or(0, |m| m + 1),
         roi: None,
         prior: 0,
         reference: None,
@@ -571,4 +677,103 @@ fn step_inputs(
         reference: None,
     };
     (batch, noised)
+}
+
+/// MagicTailor's SDXL steps (scripts/make_sdxl_magictailor_fixture.py): three images of
+/// two samples, a row per word in each encoder, adapters on every layer MagicTailor
+/// adapts, and L_attn on the latent/4 level's maps (down_blocks.2 and up_blocks.0, every
+/// transformer layer). The warm-up step's loss terms and gradients, then the DS-Bal
+/// step's per-sample losses, chosen sample, L_diff-max and L_pres, against torch's.
+#[test]
+fn an_sdxl_magictailor_step_matches_torch() {
+    use magictailor::model::loader::StableDiffusion;
+    use magictailor::model::lora::{LoraModule, TrainableLora};
+    use magictailor::train::method::LossWeights;
+    use magictailor::train::objective::{step_losses, Online, TextParams};
+    use magictailor::train::setup::lora_targets;
+    let dev = Device::Cpu;
+    let f =
+        candle_core::safetensors::load(fixtures().join("sdxl/magictailor_step.safetensors"), &dev)
+            .unwrap();
+    let mut sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
+    let words = ["<v0>".to_string(), "<v1>".to_string()];
+    sd.tokenizer.add_pseudo_words(&words).unwrap();
+    (sd.text_encoder_2.as_mut().unwrap().1)
+        .add_pseudo_words(&words)
+        .unwrap();
+    let prompts = ["a photo of <v0>", "a photo of <v0>", "a photo of <v1>"];
+    let (batch, noised) = step_inputs(&f, &sd, &prompts, &[0, 0, 1]);
+    let targets = lora_targets(&sd, None);
+    let set_from = |prefix: &str| {
+        let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
+        for LoraModule { path, a, b } in &lora.modules {
+            a.set(&f[&format!("{prefix}{path}.A")]).unwrap();
+            b.set(&f[&format!("{prefix}{path}.B")]).unwrap();
+        }
+        lora
+    };
+    let (lora, momentum) = (set_from(""), set_from("mom.").detached());
+    assert_eq!(lora.modules.len(), 220, "the same adapted layers");
+    let rows = candle_core::Var::from_tensor(&f["rows_1"]).unwrap();
+    let rows_2 = candle_core::Var::from_tensor(&f["rows_2"]).unwrap();
+    let text = TextParams {
+        rows: rows.as_tensor(),
+        table: None,
+        rows_2: Some(rows_2.as_tensor()),
+    };
+    let w = LossWeights {
+        lambda_attn: 0.01,
+        lambda_pres: 0.2,
+        ..LossWeights::default()
+    };
+    let set = lora.as_set();
+    let losses = |m| step_losses(&sd, &batch, &noised, Online::lora(&set), text, m, w).unwrap();
+    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+
+    let warm = losses(None);
+    let d_img = max_abs_diff(&warm.per_image, &f["per_image"]);
+    let d_attn = (scalar(&warm.l_attn) - scalar(&f["l_attn"])).abs();
+    let d_loss = (scalar(&warm.loss) - scalar(&f["loss"])).abs();
+    assert!(
+        d_img < 1e-6 && d_attn < 1e-5 && d_loss < 1e-6,
+        "per-image {d_img}, L_attn {d_attn}, loss {d_loss}"
+    );
+    let grads = warm.loss.backward().unwrap();
+    let rel = |got: &Tensor, want: &Tensor| {
+        max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8)
+    };
+    let mut worst = 0f32;
+    for LoraModule { path, a, b } in &lora.modules {
+        for (var, which) in [(a, "A"), (b, "B")] {
+            let got = grads.get(var.as_tensor()).unwrap();
+            worst = worst.max(rel(got, &f[&format!("grad.{path}.{which}")]));
+        }
+    }
+    let (g1, g2) = (
+        rel(grads.get(rows.as_tensor()).unwrap(), &f["grad_1"]),
+        rel(grads.get(rows_2.as_tensor()).unwrap(), &f["grad_2"]),
+    );
+    assert!(
+        worst < 1e-4,
+        "worst adapter gradient error, relative: {worst}"
+    );
+    assert!(
+        g1 < 1e-4 && g2 < 1e-4,
+        "row gradients, relative: {g1}, {g2}"
+    );
+
+    let ds = losses(Some(&momentum));
+    assert!(max_abs_diff(&ds.per_sample, &f["per_sample"]) < 1e-6);
+    let chosen: i64 = f["chosen"].to_scalar().unwrap();
+    assert_eq!(ds.chosen, Some(chosen as usize));
+    let d_max = (scalar(&ds.l_diff) - scalar(&f["l_diff_max"])).abs();
+    let d_pres = (scalar(&ds.l_pres) - scalar(&f["l_pres"])).abs() / scalar(&f["l_pres"]);
+    assert!(
+        d_max < 1e-6 && d_pres < 2e-5,
+        "L_diff-max {d_max}, L_pres relative {d_pres}"
+    );
+    eprintln!(
+        "SDXL MagicTailor: per-image {d_img:e}, L_attn {d_attn:e}, loss {d_loss:e}; grads: \
+         LoRA {worst:e}, rows {g1:e} {g2:e}; DS-Bal: L_max {d_max:e}, L_pres rel {d_pres:e}"
+    );
 }

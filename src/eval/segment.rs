@@ -85,7 +85,6 @@ impl Attention {
         }
         let sd =
             StableDiffusion::load_with(&self.model, &self.single_file, &self.device, self.dtype)?;
-        sd.refuse_sdxl("eval's attention segmentation")?;
         Ok(self.sd.get_or_init(|| sd))
     }
 }

@@ -197,10 +197,10 @@ pub struct Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    /// The frozen base model alone: no adapters, no pseudo-words.
-    pub fn base(&self) -> Weights<'a> {
+    /// `sd` alone: no adapters, no pseudo-words.
+    pub fn plain(sd: &'a StableDiffusion) -> Self {
         Weights {
-            sd: self.sd,
+            sd,
             lora: None,
             tuned: None,
             extra_rows: None,
@@ -208,6 +208,11 @@ impl<'a> Weights<'a> {
             token_table: None,
             vico: None,
         }
+    }
+
+    /// The frozen base model alone: no adapters, no pseudo-words.
+    pub fn base(&self) -> Weights<'a> {
+        Self::plain(self.sd)
     }
 
     /// Text features `[n, tokens, hidden]` for each prompt.

@@ -4,11 +4,11 @@
 //! attention probabilities over heads, the two finest cross-attention grids below the
 //! latent's and the timesteps.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
-use crate::model::nn::Ctx;
+use crate::model::nn::{AddedCond, Ctx};
 use crate::model::probe::{AttnProbe, BlockKind};
 use crate::rng::seeded_normal;
 
@@ -51,6 +51,8 @@ pub fn probe_sides(latent_side: usize) -> [usize; 2] {
 pub struct EncodedPrompt {
     /// `[1, tokens, dim]`.
     context: Tensor,
+    /// SDXL's pooled projection `[1, pooled]`.
+    pooled: Option<Tensor>,
     words: Vec<Vec<usize>>,
 }
 
@@ -67,8 +69,6 @@ pub fn encode_prompt(
     prompt: &str,
     words: &[WordAt],
 ) -> Result<EncodedPrompt> {
-    let ids = sd.tokenizer.encode(prompt)?;
-    let ids = Tensor::new(ids.as_slice(), &sd.device)?.unsqueeze(0)?;
     let words = words
         .iter()
         .map(|w| {
@@ -77,8 +77,10 @@ pub fn encode_prompt(
                 .ok_or_else(|| unknown_word(&w.word))
         })
         .collect::<Result<_>>()?;
+    let (context, pooled) = crate::infer::Weights::plain(sd).encode_text(&[prompt])?;
     Ok(EncodedPrompt {
-        context: sd.text_encoder.forward(&ids, None)?,
+        context,
+        pooled,
         words,
     })
 }
@@ -146,10 +148,13 @@ fn layer_probs(
         &probe_sides(image.z_t.dim(2)?),
         &[BlockKind::Down, BlockKind::Up],
     );
+    // SDXL: the image's own square as its size, as training conditions it.
+    let added = (prompt.pooled.as_ref())
+        .map(|p| AddedCond::uncropped(p.repeat((n, 1))?, (image.res, image.res)))
+        .transpose()?;
     let ctx = Ctx {
-        lora: None,
-        tuned: None,
         probe: Some(&probe),
+        added: added.as_ref(),
         ..Ctx::default()
     };
     sd.unet.forward(&image.z_t, &image.t, &context, ctx)?;
@@ -166,28 +171,44 @@ fn layer_probs(
         .collect::<candle_core::Result<_>>()?)
 }
 
-/// The mean over layers and timesteps of the mean over `positions` (a word's tokens),
-/// each layer upsampled bilinearly to `res x res` first.
+/// The mean over grids of the mean over that grid's layers and the timesteps of the mean
+/// over `positions` (a word's tokens), each layer upsampled bilinearly to `res x res`
+/// first. Grids weigh alike however many layers they hold: SDXL has 10 transformer
+/// layers per attention at latent/4 and 2 at latent/2, SD 1.x/2.x one at each.
 fn average(probs: &[Tensor], positions: &[usize], res: usize) -> Result<SoftMap> {
-    let mut acc = vec![0f32; res * res];
+    let idx = Tensor::new(
+        positions.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    let mut grids: Vec<(usize, Vec<f32>, usize)> = Vec::new(); // (queries, sum, layers)
     for p in probs {
         let (_, q, _) = p.dims3()?;
         let side = (q as f64).sqrt().round() as usize;
-        let idx = Tensor::new(
-            positions.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            p.device(),
-        )?;
-        let word = p.index_select(&idx, 2)?.mean(2)?.mean(0)?;
+        let word = p
+            .index_select(&idx.to_device(p.device())?, 2)?
+            .mean(2)?
+            .mean(0)?;
         let up = bilinear(&word.to_vec1::<f32>()?, (side, side), (res, res));
+        let at = match grids.iter().position(|g| g.0 == q) {
+            Some(i) => i,
+            None => {
+                grids.push((q, vec![0f32; res * res], 0));
+                grids.len() - 1
+            }
+        };
+        let (_, acc, layers) = &mut grids[at];
         for (a, v) in acc.iter_mut().zip(up) {
             *a += v;
         }
+        *layers += 1;
     }
-    let k = probs.len() as f32;
-    Ok(SoftMap {
-        side: res,
-        values: acc.into_iter().map(|v| v / k).collect(),
-    })
+    let mut values = vec![0f32; res * res];
+    for (_, acc, layers) in &grids {
+        for (v, a) in values.iter_mut().zip(acc) {
+            *v += a / *layers as f32 / grids.len() as f32;
+        }
+    }
+    Ok(SoftMap { side: res, values })
 }
 
 /// Bilinear resampling of a `from` = (rows, cols) grid to `to`, sampling at pixel centres

@@ -117,7 +117,6 @@ pub fn make_masks(opts: &MasksOptions) -> Result<(Vec<Written>, PathBuf)> {
         ));
     }
     let sd = StableDiffusion::load_with(&opts.model, &opts.single_file, &opts.device, opts.dtype)?;
-    sd.refuse_sdxl("masks")?;
     check_resolution(&sd, opts.attention.resolution)?;
     check_timesteps(&sd, &opts.attention.timesteps)?;
     let sam = opts

@@ -52,6 +52,14 @@ impl AddedCond {
             time_ids,
         })
     }
+
+    /// The same conditioning cut from the graph (for a forward that must not train).
+    pub fn detach(&self) -> Self {
+        Self {
+            text_embeds: self.text_embeds.detach(),
+            time_ids: self.time_ids.detach(),
+        }
+    }
 }
 
 /// Whether `w` trains: it is a `Var` or was computed from one.

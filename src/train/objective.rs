@@ -663,11 +663,15 @@ pub fn step_losses(
     };
     let (l_diff, l_pres, chosen) = match momentum {
         Some(mset) => {
+            // The momentum U-Net's prediction is a target: no gradient through SDXL's
+            // pooled projection either.
+            let added = added.as_ref().map(AddedCond::detach);
             let momentum_ctx = Ctx {
                 lora: Some(mset),
                 // Only MagicTailor has momentum adapters, and it tunes no whole matrices.
                 tuned: None,
                 probe: None,
+                added: added.as_ref(),
                 ..Ctx::default()
             };
             let mpred = sd

@@ -151,15 +151,7 @@ fn draw(
             dir.display()
         ));
     }
-    let w = Weights {
-        sd: &t.sd,
-        lora: None,
-        tuned: None,
-        extra_rows: None,
-        extra_rows_2: None,
-        token_table: None,
-        vico: None,
-    };
+    let w = Weights::plain(&t.sd);
     let latent = t.cfg.resolution / t.sd.vae_factor();
     let shape = (1, t.sd.unet.config.in_channels, latent, latent);
     let bar = progress.ticker("class image", missing.len() as u64, 0, 1);

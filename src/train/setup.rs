@@ -215,8 +215,15 @@ pub fn lora_targets(
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
     use crate::train::method::Method;
-    if !matches!(cfg.method, Method::Ti | Method::DreamBooth) {
-        sd.refuse_sdxl("train (other than --method ti and dreambooth)")?;
+    if !matches!(
+        cfg.method,
+        Method::MagicTailor | Method::Ti | Method::DreamBooth
+    ) {
+        sd.refuse_sdxl(&format!("train --method {}", cfg.method.name()))?;
+    }
+    if cfg.released_script {
+        // Its trainable token table is the first encoder's alone.
+        sd.refuse_sdxl("--released-script")?;
     }
     let f = sd.vae_factor();
     crate::model::loader::check_side("--resolution", cfg.resolution, f, f)?;
