@@ -15,7 +15,9 @@ Inversion's users load them, reproduce the image magictailor drew; the same for 
 and a `--method clic` folder's (target/tmp/clic-check/), a `--method break-a-scene` folder's
 --export-full U-Net and text encoder with its words (target/tmp/break-a-scene-check/), an SDXL
 DreamBooth run's kohya and peft files (target/tmp/sdxl-dreambooth-check/), an SDXL MagicTailor
-run's kohya file and A1111 words (target/tmp/sdxl-magictailor-check/), and an SD 1.x run's
+run's kohya file and A1111 words (target/tmp/sdxl-magictailor-check/), SDXL Custom Diffusion
+and CLiC runs' matrices and words (target/tmp/sdxl-custom-diffusion-check/, sdxl-clic-check/),
+and an SD 1.x run's
 adapters (peft and kohya files) and words (target/tmp/sd1-check/).
 """
 import os
@@ -150,9 +152,9 @@ words(pipe, bas)
 diff_bas = levels(pipe, "<v0> with <v1>", bas)
 pipe = tiny_pipeline()
 words(pipe, bas)
-words_only = levels(pipe, "<v0> with <v1>", bas)
+bas_words_only = levels(pipe, "<v0> with <v1>", bas)
 print(f"break-a-scene --export-full unet/ + text_encoder/: diffusers reproduces magictailor's image within "
-      f"{diff_bas} levels (the words alone on the base: {words_only} levels)")
+      f"{diff_bas} levels (the words alone on the base: {bas_words_only} levels)")
 
 # A `--method dreambooth` run on the tiny SDXL: its kohya file (SDXL's original-layout
 # names) through diffusers' own kohya conversion, and its peft file.
@@ -175,22 +177,41 @@ for weights in ("lora_kohya.safetensors", "pytorch_lora_weights.safetensors"):
 # A MagicTailor run on the tiny SDXL: its kohya file through diffusers' kohya conversion,
 # each word's A1111 file split into its clip_l and clip_g rows, as diffusers' SDXL
 # textual-inversion docs load them.
-mt = check_dir("sdxl-magictailor-check")
-xp = StableDiffusionXLPipeline.from_pretrained(os.path.join(FIX, "sdxl", "tiny-sdxl"))
-xp.set_progress_bar_config(disable=True)
-xp.load_lora_weights(mt, weight_name="lora_kohya.safetensors")
+def sdxl_words_levels(folder, load):
+    """The tiny SDXL pipeline with `load(pipe)` applied and each word's A1111 file split
+    into its clip_l and clip_g rows (as diffusers' SDXL textual-inversion docs load them):
+    how far its image is from magictailor's `infer.png`, in uint8 levels; and the pipe."""
+    xp = StableDiffusionXLPipeline.from_pretrained(os.path.join(FIX, "sdxl", "tiny-sdxl"))
+    xp.set_progress_bar_config(disable=True)
+    load(xp)
+    for word in ("v0", "v1"):
+        e = load_file(os.path.join(folder, "embeddings", f"{word}.safetensors"))
+        xp.load_textual_inversion(e["clip_l"], token=f"<{word}>", text_encoder=xp.text_encoder,
+                                  tokenizer=xp.tokenizer)
+        xp.load_textual_inversion(e["clip_g"], token=f"<{word}>", text_encoder=xp.text_encoder_2,
+                                  tokenizer=xp.tokenizer_2)
+    img = xp(open(os.path.join(folder, "prompt.txt")).read(), latents=xl_lat.clone(), num_inference_steps=10,
+             guidance_scale=7.5, height=64, width=64).images[0]
+    ours = np.asarray(Image.open(os.path.join(folder, "infer.png"))).astype(int)
+    return np.abs(np.asarray(img).astype(int) - ours).max(), xp
+
+
+diff_mt, xp = sdxl_words_levels(check_dir("sdxl-magictailor-check"),
+                                lambda p: p.load_lora_weights(check_dir("sdxl-magictailor-check"),
+                                                              weight_name="lora_kohya.safetensors"))
 n_mt = sum(1 for n, _ in xp.unet.named_modules() if n.endswith("lora_A"))
-for word in ("v0", "v1"):
-    e = load_file(os.path.join(mt, "embeddings", f"{word}.safetensors"))
-    xp.load_textual_inversion(e["clip_l"], token=f"<{word}>", text_encoder=xp.text_encoder, tokenizer=xp.tokenizer)
-    xp.load_textual_inversion(e["clip_g"], token=f"<{word}>", text_encoder=xp.text_encoder_2,
-                              tokenizer=xp.tokenizer_2)
-img = xp(open(os.path.join(mt, "prompt.txt")).read(), latents=xl_lat.clone(), num_inference_steps=10,
-         guidance_scale=7.5, height=64, width=64).images[0]
-ours = np.asarray(Image.open(os.path.join(mt, "infer.png"))).astype(int)
-diff_mt = np.abs(np.asarray(img).astype(int) - ours).max()
 print(f"sdxl magictailor kohya + A1111 words: diffusers loaded {n_mt} LoRA modules; reproduces magictailor's "
       f"image within {diff_mt} levels")
+# Custom Diffusion and CLiC runs on the tiny SDXL: their matrices through the
+# attention-processor loader, their words as above.
+diff_xt = {}
+for method in ("custom-diffusion", "clic"):
+    folder = check_dir(f"sdxl-{method}-check")
+    diff_xt[method], xp = sdxl_words_levels(folder, lambda p: p.unet.load_attn_procs(
+        folder, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=p))
+    n = sum(1 for p in xp.unet.attn_processors.values() if getattr(p, "train_kv", False))
+    print(f"sdxl {method}: diffusers set {n} tuned cross-attention processors; reproduces magictailor's image "
+          f"within {diff_xt[method]} levels")
 
 # An SD 1.x run (1x1-conv projections: 4-D adapters), through the peft and kohya files.
 sd1 = check_dir("sd1-check")
@@ -208,5 +229,5 @@ for f in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
 ok = all(n == 176 and d <= 2 for n, d in diff_sd1.values())
 ok = ok and diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
 ok = ok and diff_db <= 2 and n_db == 128 and diff_cd <= 2 and n_cd == 16 and words_only > 2
-ok = ok and diff_cl <= 2 and n_cl == 16 and diff_full <= 2 and diff_mt <= 2 and n_mt == 220
+ok = ok and diff_cl <= 2 and n_cl == 16 and diff_full <= 2 and diff_bas <= 2 and diff_mt <= 2 and n_mt == 220 and max(diff_xt.values()) <= 2
 sys.exit(0 if ok else 1)

@@ -293,6 +293,44 @@ def custom_diffusion(out):
         out[f"cd.after.{path}"] = w.detach().clone()
 
 
+def record_up_cross_attention(unet):
+    """A list that collects (probabilities, heads) of every up-block cross-attention in
+    forward order, as CLiC's store does."""
+    maps = []
+    for mname, m in unet.named_modules():
+        if mname.startswith("up_blocks") and mname.endswith("attn2"):
+            orig, heads = m.get_attention_scores, m.heads
+            m.get_attention_scores = (lambda q, k, mask=None, orig=orig, heads=heads:
+                                      maps.append((orig(q, k, mask), heads)) or maps[-1][0])
+    return maps
+
+
+def clic_terms(pred, eps, mask, maps, word):
+    """CLiC's losses of one image (pred[:1]) and its masked copy (pred[1:]) against noise
+    `eps`: L_att from the first image's `word` maps (bilinear to the latent grid, averaged,
+    min-max normalised) against the bilinear `mask`, L_context with the background at 0.25,
+    L_RoI, and 0.25 / 0.5 / 0.25 of them."""
+    latent = pred.shape[-1]
+    att_mask = F.interpolate(mask, size=(latent, latent), mode="bilinear", align_corners=False)
+    resized = []
+    for probs, heads in maps:
+        q = probs.shape[1]
+        side = int(round(q ** 0.5))
+        m = probs.reshape(2, heads, q, -1)[:1].mean(1)[:, :, word].reshape(1, 1, side, side)
+        resized.append(F.interpolate(m, size=(latent, latent), mode="bilinear", align_corners=False))
+    att = torch.stack(resized).mean(0)
+    att = (att - att.min()) / (att.max() - att.min())
+    l_att = F.mse_loss(att, att_mask)
+    cmask = att_mask.clone()
+    cmask[cmask < 0.05] = 0.25
+
+    def weighted(p, m):
+        e = F.mse_loss(p, eps, reduction="none")
+        return ((e * m).sum([1, 2, 3]) / (m.sum([1, 2, 3]) + 1e-10)).mean()
+    l_ctx, l_roi = weighted(pred[:1], cmask), weighted(pred[1:], att_mask)
+    return l_att, l_ctx, l_roi, 0.25 * l_att + 0.5 * l_ctx + 0.25 * l_roi
+
+
 def clic(out):
     """CLiC's learning.py ("style" mode), one optimizer step: Custom Diffusion's processors
     with q/k/v/out of every cross-attention trained (train_q_out, the out bias too), from
@@ -316,13 +354,8 @@ def clic(out):
     rows_init = table[new].detach().clone()
     table.requires_grad_(True)
 
-    tuned, maps = custom_processors(unet, train_q_out=True), []
-    # Record the up blocks' cross-attention probabilities, as CLiC's store does.
-    for mname, m in unet.named_modules():
-        if mname.startswith("up_blocks") and mname.endswith("attn2"):
-            orig, heads = m.get_attention_scores, m.heads
-            m.get_attention_scores = (lambda q, k, mask=None, orig=orig, heads=heads:
-                                      maps.append((orig(q, k, mask), heads)) or maps[-1][0])
+    tuned = custom_processors(unet, train_q_out=True)
+    maps = record_up_cross_attention(unet)
 
     prompts = ["a photo of <v0>", "<v0> on a blank background"]
     ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -331,26 +364,8 @@ def clic(out):
     t = torch.cat([t1[:1], t1[:1]])
     z_t = sched.add_noise(z0, eps, t)
     pred = unet(z_t, t, encoder_hidden_states=te(ids)[0]).sample.float()
-    latent = pred.shape[-1]
     mask = masks[:1]
-    att_mask = F.interpolate(mask, size=(latent, latent), mode="bilinear", align_corners=False)
-    word = ids[0].tolist().index(new[0])
-    resized = []
-    for probs, heads in maps:
-        q = probs.shape[1]
-        side = int(round(q ** 0.5))
-        m = probs.reshape(2, heads, q, -1)[:1].mean(1)[:, :, word].reshape(1, 1, side, side)
-        resized.append(F.interpolate(m, size=(latent, latent), mode="bilinear", align_corners=False))
-    att = torch.stack(resized).mean(0)
-    att = (att - att.min()) / (att.max() - att.min())
-    l_att = F.mse_loss(att, att_mask)
-    cmask = att_mask.clone()
-    cmask[cmask < 0.05] = 0.25
-    def weighted(p, m):
-        e = F.mse_loss(p, eps[:1], reduction="none")
-        return ((e * m).sum([1, 2, 3]) / (m.sum([1, 2, 3]) + 1e-10)).mean()
-    l_ctx, l_roi = weighted(pred[:1], cmask), weighted(pred[1:], att_mask)
-    loss = 0.25 * l_att + 0.5 * l_ctx + 0.25 * l_roi
+    l_att, l_ctx, l_roi, loss = clic_terms(pred, eps[:1], mask, maps, ids[0].tolist().index(new[0]))
     loss.backward()
     rows = rows_init.clone().requires_grad_(True)
     rows.grad = table.grad[new].clone()

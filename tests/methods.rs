@@ -1091,6 +1091,7 @@ fn a_clic_step_matches_the_authors_code() {
     batch.roi = Some(RoiPrompts {
         token_pos: vec![roi.iter().position(|&i| i == word).unwrap()],
         ids: Tensor::from_vec(roi, (1, 77), &Device::Cpu).unwrap(),
+        ids_2: None,
     });
     let losses = t.losses(&batch, &noised, Some(ClicWeights::PAPER));
     let l_roi = losses.l_roi.clone().unwrap();

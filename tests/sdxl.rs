@@ -349,18 +349,90 @@ fn magictailor_trains_on_sdxl() {
     }
     // For scripts/check_rust_exports.py: diffusers draws it from the kohya file and the
     // A1111 words.
-    let check = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdxl-magictailor-check");
+    leave_check(
+        &run,
+        "sdxl-magictailor",
+        &["lora_kohya.safetensors"],
+        &png("dir.png"),
+        prompt,
+    );
+}
+
+/// Leaves a run's `files`, its A1111 words, `infer`'s image and its prompt in
+/// `target/tmp/{name}-check/`, for scripts/check_rust_exports.py to draw with diffusers.
+fn leave_check(
+    run: &std::path::Path,
+    name: &str,
+    files: &[&str],
+    png: &std::path::Path,
+    prompt: &str,
+) {
+    let check = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-check"));
     let _ = std::fs::remove_dir_all(&check);
     std::fs::create_dir_all(check.join("embeddings")).unwrap();
-    for f in [
-        "lora_kohya.safetensors",
-        "embeddings/v0.safetensors",
-        "embeddings/v1.safetensors",
-    ] {
+    let words = ["embeddings/v0.safetensors", "embeddings/v1.safetensors"];
+    for f in files.iter().chain(&words) {
         std::fs::copy(run.join(f), check.join(f)).unwrap();
     }
-    std::fs::copy(png("dir.png"), check.join("infer.png")).unwrap();
+    std::fs::copy(png, check.join("infer.png")).unwrap();
     std::fs::write(check.join("prompt.txt"), prompt).unwrap();
+}
+
+/// `train --method custom-diffusion` and `--method clic` on the tiny SDXL: the matrices
+/// file tunes SDXL's cross-attentions (context width 64 = 32 + 32), each word has a row in
+/// each encoder, and the folder draws what its last checkpoint draws.
+#[test]
+fn the_tuned_methods_train_on_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
+    for (method, tuned, prompt) in [
+        ("custom-diffusion", 44, "photo of a <v0> with <v1>"),
+        ("clic", 110, "a photo of <v0> with <v1>"),
+    ] {
+        let run = dir.path().join(method);
+        let run_s = run.to_str().unwrap();
+        let more = ["--method", method, "--steps", "3", "--lr", "5e-3"];
+        ok(&run_bin(
+            "train",
+            &with_args(quiet_train_args(&pair, run_s, &model), &more),
+        ));
+        let file = "pytorch_custom_diffusion_weights.safetensors";
+        let t = candle_core::safetensors::load(run.join(file), &Device::Cpu).unwrap();
+        let to_k = (t.iter())
+            .find(|(k, _)| k.ends_with("attn2.processor.to_k_custom_diffusion.weight"))
+            .unwrap();
+        assert_eq!(to_k.1.dim(1).unwrap(), 64, "{}", to_k.0);
+        assert_eq!(
+            t.values().filter(|v| v.elem_count() > 0).count(),
+            tuned,
+            "{method}"
+        );
+        for f in ["learned_embeds.safetensors", "learned_embeds_2.safetensors"] {
+            let e = candle_core::safetensors::load(run.join(f), &Device::Cpu).unwrap();
+            assert_eq!(e.len(), 2, "{method}: {f}");
+        }
+        let png = |n: &str| dir.path().join(format!("{method}-{n}"));
+        ok(&infer_sdxl_run(
+            &["--model-dir", run_s],
+            prompt,
+            &png("dir.png"),
+        ));
+        ok(&infer_sdxl_run(
+            &["--model-dir", run_s, "--checkpoint", "3"],
+            prompt,
+            &png("last.png"),
+        ));
+        let d = png_max_diff(&read_png(&png("dir.png")), &read_png(&png("last.png")));
+        assert_eq!(d, 0, "{method}: the folder vs its last checkpoint");
+        leave_check(
+            &run,
+            &format!("sdxl-{method}"),
+            &[file],
+            &png("dir.png"),
+            prompt,
+        );
+    }
 }
 
 /// Textual Inversion's SDXL step (scripts/make_sdxl_ti_fixture.py: two images, each word
@@ -776,4 +848,153 @@ fn an_sdxl_magictailor_step_matches_torch() {
         "SDXL MagicTailor: per-image {d_img:e}, L_attn {d_attn:e}, loss {d_loss:e}; grads: \
          LoRA {worst:e}, rows {g1:e} {g2:e}; DS-Bal: L_max {d_max:e}, L_pres rel {d_pres:e}"
     );
+}
+
+/// Custom Diffusion's SDXL step (scripts/make_sdxl_tuned_fixture.py): every
+/// cross-attention's key and value matrices tuned, a row per word in each encoder; the
+/// loss and every gradient against torch's.
+#[test]
+fn an_sdxl_custom_diffusion_step_matches_torch() {
+    use magictailor::train::method::CROSS_ATTENTION_KV;
+    let s = TunedSdxlStep::load("cd", &CROSS_ATTENTION_KV);
+    let prompts = ["photo of a <v0>", "close up photo of a <v1>"];
+    let (batch, noised) = step_inputs(&s.f, &s.sd, &prompts, &[0, 1]);
+    s.check(&batch, &noised, None, &["loss"]);
+}
+
+/// CLiC's SDXL step (scripts/make_sdxl_tuned_fixture.py): q/k/v/out of every
+/// cross-attention tuned, the image and its masked copy with their prompts by both
+/// tokenizers, L_att on every up-block cross-attention layer; the three loss terms and
+/// every gradient against torch's.
+#[test]
+fn an_sdxl_clic_step_matches_torch() {
+    use magictailor::train::method::{ClicWeights, CROSS_ATTENTION_ALL};
+    use magictailor::train::objective::RoiPrompts;
+    let s = TunedSdxlStep::load("clic", &CROSS_ATTENTION_ALL);
+    let prompts = ["a photo of <v0>", "<v0> on a blank background"];
+    // Both prompts' ids and latents are the fixture's; the first is the image's.
+    let (both, noised) = step_inputs(&s.f, &s.sd, &prompts, &[0, 0]);
+    let first = |t: &Tensor, i: usize| t.narrow(0, i, 1).unwrap();
+    let mut batch = both.clone();
+    batch.ids = first(&both.ids, 0);
+    batch.ids_2 = both.ids_2.as_ref().map(|t| first(t, 0));
+    batch.token_pos = vec![4];
+    batch.sample_of = vec![0];
+    batch.n_samples = 1;
+    batch.roi = Some(RoiPrompts {
+        ids: first(&both.ids, 1),
+        ids_2: both.ids_2.as_ref().map(|t| first(t, 1)),
+        token_pos: vec![1],
+    });
+    let terms = ["loss", "l_att", "l_ctx", "l_roi"];
+    s.check(&batch, &noised, Some(ClicWeights::PAPER), &terms);
+}
+
+/// A tuned method's SDXL reference step: the tiny SDXL with `<v0>`, `<v1>` in both
+/// tokenizers, the fixture's rows, and the layers `only` names tuned at the fixture's values.
+struct TunedSdxlStep {
+    f: std::collections::HashMap<String, Tensor>,
+    sd: magictailor::model::loader::StableDiffusion,
+    rows: [candle_core::Var; 2],
+    tuned: magictailor::model::tuned::TrainableTuned,
+}
+
+impl TunedSdxlStep {
+    fn load(prefix: &str, only: &[&str]) -> Self {
+        use magictailor::model::tuned::TrainableTuned;
+        let dev = Device::Cpu;
+        let file = fixtures().join("sdxl/tuned_steps.safetensors");
+        let pre = format!("{prefix}.");
+        let f: std::collections::HashMap<_, _> = (candle_core::safetensors::load(file, &dev))
+            .unwrap()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&pre)?.to_string(), v)))
+            .collect();
+        let mut sd =
+            magictailor::model::loader::StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32)
+                .unwrap();
+        let words = ["<v0>".to_string(), "<v1>".to_string()];
+        sd.tokenizer.add_pseudo_words(&words).unwrap();
+        (sd.text_encoder_2.as_mut().unwrap().1)
+            .add_pseudo_words(&words)
+            .unwrap();
+        let paths: Vec<String> = (magictailor::train::setup::lora_targets(&sd, Some(only)))
+            .into_iter()
+            .map(|t| t.path)
+            .collect();
+        let tuned = TrainableTuned::new(sd.unet.base_weights(&paths), true, DType::F32).unwrap();
+        let n_grads = f.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(tuned.named().len(), n_grads, "the same tuned tensors");
+        for (name, v) in tuned.named() {
+            v.set(&f[name.strip_prefix("tuned.").unwrap()]).unwrap();
+        }
+        let var = |k: &str| candle_core::Var::from_tensor(&f[k]).unwrap();
+        let rows = [var("rows_1"), var("rows_2")];
+        Self { f, sd, rows, tuned }
+    }
+
+    /// The step's `terms` (the loss, then CLiC's L_att, L_context, L_RoI) to 2e-6 of their
+    /// size, and every gradient (the tuned tensors', both rows') to 1e-4 of its largest entry.
+    fn check(
+        &self,
+        batch: &magictailor::train::objective::Batch,
+        noised: &magictailor::train::objective::Noised,
+        clic: Option<magictailor::train::method::ClicWeights>,
+        terms: &[&str],
+    ) {
+        use magictailor::train::method::LossWeights;
+        use magictailor::train::objective::{step_losses, Online, TextParams};
+        let (none, set) = (
+            magictailor::model::lora::LoraSet::default(),
+            self.tuned.as_set(),
+        );
+        let online = Online {
+            tuned: Some(&set),
+            ..Online::lora(&none)
+        };
+        let text = TextParams {
+            rows: self.rows[0].as_tensor(),
+            table: None,
+            rows_2: Some(self.rows[1].as_tensor()),
+        };
+        let w = LossWeights {
+            lambda_attn: 0.0,
+            clic,
+            ..LossWeights::default()
+        };
+        let l = step_losses(&self.sd, batch, noised, online, text, None, w).unwrap();
+        let got = [
+            Some(&l.loss),
+            Some(&l.l_attn),
+            Some(&l.l_diff),
+            l.l_roi.as_ref(),
+        ];
+        for (key, got) in terms.iter().zip(got) {
+            let got: f32 = got.unwrap().to_scalar().unwrap();
+            let want: f32 = self.f[*key].to_scalar().unwrap();
+            assert!(
+                (got - want).abs() < 2e-6 * want.abs().max(1.0),
+                "{key}: {got} vs {want}"
+            );
+        }
+        let grads = l.loss.backward().unwrap();
+        let named = (self.tuned.named().into_iter())
+            .map(|(n, v)| (format!("grad.{}", n.strip_prefix("tuned.").unwrap()), v))
+            .chain([
+                ("grad_1".into(), self.rows[0].clone()),
+                ("grad_2".into(), self.rows[1].clone()),
+            ]);
+        let mut worst = (0f32, String::new());
+        for (key, var) in named {
+            let want = &self.f[&key];
+            let got = grads.get(var.as_tensor()).unwrap();
+            let rel =
+                max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8);
+            if rel > worst.0 {
+                worst = (rel, key);
+            }
+        }
+        eprintln!("SDXL tuned step: worst gradient error {worst:?}");
+        assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
+    }
 }

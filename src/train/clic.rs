@@ -36,14 +36,25 @@ pub fn clic_losses(
     let roi = (batch.roi.as_ref())
         .ok_or_else(|| Error::internal("a CLiC step without its region-of-interest prompts"))?;
     let ids = Tensor::cat(&[&batch.ids, &roi.ids], 0)?;
-    let context = (sd.text_encoder).forward_with_table(&ids, text.table, Some(text.rows))?;
+    let ids_2 = match (&batch.ids_2, &roi.ids_2) {
+        (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 0)?),
+        _ => None,
+    };
     let t = noised.timestep_tensor(dev)?;
     let latent = noised.z_t.dim(2)?;
+    let (context, added) = super::objective::text_conditioning(
+        sd,
+        &sd.text_encoder,
+        (&ids, ids_2.as_ref()),
+        text,
+        latent,
+    )?;
     let probe = AttnProbe::new(&grid_sides(latent), &[BlockKind::Up]);
     let ctx = Ctx {
         lora: Some(online.lora),
         tuned: online.tuned,
         probe: Some(&probe),
+        added: added.as_ref(),
         ..Ctx::default()
     };
     let z_t = noised.z_t.to_dtype(sd.unet.dtype())?;

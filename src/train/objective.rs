@@ -54,6 +54,8 @@ pub struct Batch {
 #[derive(Clone)]
 pub struct RoiPrompts {
     pub ids: Tensor,
+    /// SDXL: the same prompts by the second tokenizer.
+    pub ids_2: Option<Tensor>,
     pub token_pos: Vec<usize>,
 }
 
@@ -197,8 +199,16 @@ impl Pool {
                         (s, t.replace("{}", &pseudo_word(s)))
                     })
                     .collect();
-                let Tokens { ids, token_pos, .. } = prompt_ids(sd, &prompted)?;
-                Some(RoiPrompts { ids, token_pos })
+                let Tokens {
+                    ids,
+                    ids_2,
+                    token_pos,
+                } = prompt_ids(sd, &prompted)?;
+                Some(RoiPrompts {
+                    ids,
+                    ids_2,
+                    token_pos,
+                })
             }
             None => None,
         };
@@ -580,18 +590,18 @@ pub struct TextParams<'a> {
 
 /// The step's text features, and SDXL's added conditioning (the pooled projections,
 /// each image's sizes as its square training crop).
-fn text_conditioning(
+pub(super) fn text_conditioning(
     sd: &StableDiffusion,
     text_encoder: &crate::model::clip::ClipTextModel,
-    batch: &Batch,
+    (ids, ids_2): (&Tensor, Option<&Tensor>),
     text: TextParams,
     latent_side: usize,
 ) -> Result<(Tensor, Option<AddedCond>)> {
-    let Some(ids_2) = &batch.ids_2 else {
-        let context = text_encoder.forward_with_table(&batch.ids, text.table, Some(text.rows))?;
+    let Some(ids_2) = ids_2 else {
+        let context = text_encoder.forward_with_table(ids, text.table, Some(text.rows))?;
         return Ok((context, None));
     };
-    let (context, pooled) = sd.encode_sdxl(&batch.ids, ids_2, Some(text.rows), text.rows_2)?;
+    let (context, pooled) = sd.encode_sdxl(ids, ids_2, Some(text.rows), text.rows_2)?;
     let side = latent_side * sd.vae_factor();
     Ok((context, Some(AddedCond::uncropped(pooled, (side, side))?)))
 }
@@ -625,7 +635,13 @@ pub fn step_losses(
         Some(f) => (&f.unet, &f.text_encoder),
         None => (&sd.unet, &sd.text_encoder),
     };
-    let (context, added) = text_conditioning(sd, text_encoder, batch, text, latent_side)?;
+    let (context, added) = text_conditioning(
+        sd,
+        text_encoder,
+        (&batch.ids, batch.ids_2.as_ref()),
+        text,
+        latent_side,
+    )?;
     let probe = AttnProbe::new(&[attn_side], &[BlockKind::Down, BlockKind::Up]);
     // The U-Net runs in the model's precision; losses are computed in f32.
     let z_t = noised.z_t.to_dtype(unet.dtype())?;
