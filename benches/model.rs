@@ -3,7 +3,7 @@
 //! per DDIM step (CFG, batch 2), for the tiny and a mid-size config, with each row's peak
 //! resident memory; and the mid step with naive attention, for the memory it costs. The
 //! `sdxl` rows: SDXL's structure at a quarter of its width (U-Net fwd+bwd, DDIM step, a
-//! whole 50-step sampling at 256 px).
+//! whole 50-step sampling, a MagicTailor training step, at 256 px).
 //!
 //! `MAGICTAILOR_BENCH_DEVICE=cuda` (and `MAGICTAILOR_BENCH_DTYPE=bf16|f16|f32`) runs the
 //! rows on that device and adds the `full` rows: SD 2.1-base's full topology with random
@@ -726,7 +726,7 @@ fn main() {
         bench_train(&tg, "mid, naive attention,", &mid, &pair, 256, 2);
         magictailor::model::ops::use_reference_attention(false);
     }
-    if wanted("sdxl-unet") || wanted("sdxl-infer") {
+    if wanted("sdxl-unet") || wanted("sdxl-infer") || wanted("sdxl-train") {
         let sdxl = tmp.join("sdxl");
         let (te, te2) = sdxl_text_encoder_configs();
         let mut vae = tiny::vae_config();
@@ -739,6 +739,10 @@ fn main() {
         if wanted("sdxl-infer") {
             reset_peak();
             bench_infer(&tg, "sdxl", &sdxl, 32, 2);
+        }
+        if wanted("sdxl-train") {
+            reset_peak();
+            bench_train(&tg, "sdxl", &sdxl, &pair, 256, 3);
         }
     }
     // The full rows, one process each in scripts/gpu_session.sh so that each has its own

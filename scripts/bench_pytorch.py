@@ -50,7 +50,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.models.attention_processor import AttnProcessor2_0
 from peft import LoraConfig
 from PIL import Image
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
 CONFIGS = {
@@ -253,6 +253,42 @@ def frozen(model):
     return parts
 
 
+def with_rows(te):
+    """Two pseudo-words as trainable fp32 rows appended to `te`'s frozen token table;
+    returns the rows and the table's size."""
+    text = getattr(te, "text_model", te)  # transformers < 5 nests the modules one deeper
+    table = text.embeddings.token_embedding
+    rows = torch.nn.Parameter(table.weight[:2].detach().float().clone())
+
+    class Table(torch.nn.Module):
+        def forward(self, ids):
+            return F.embedding(ids, torch.cat([table.weight, rows]))
+
+    text.embeddings.token_embedding = Table()
+    return rows, table.weight.shape[0]
+
+
+def text_side(model, te):
+    """The pseudo-word rows of every text encoder of `model` (SDXL's second one loaded
+    here), the vocabulary size, and `encode(ids, res)`: the U-Net's context and keyword
+    arguments (SDXL: both encoders' penultimate states, the pooled projection, the sizes)."""
+    rows, vocab = with_rows(te)
+    if not (model / "text_encoder_2").exists():
+        return [rows], vocab, lambda ids, res: (te(ids).last_hidden_state, {})
+    te_2 = load(CLIPTextModelWithProjection, model / "text_encoder_2")
+    te_2.requires_grad_(False)
+    rows_2, _ = with_rows(te_2)
+
+    def encode(ids, res):
+        h1 = te(ids, output_hidden_states=True).hidden_states[-2]
+        out = te_2(ids, output_hidden_states=True)
+        sizes = torch.tensor([[res, res, 0.0, 0.0, res, res]] * ids.shape[0], device=DEV)
+        cond = {"text_embeds": out.text_embeds, "time_ids": sizes}
+        return torch.cat([h1, out.hidden_states[-2]], -1), {"added_cond_kwargs": cond}
+
+    return [rows, rows_2], vocab, encode
+
+
 def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
     unet, vae, te = frozen(model)
     lora(unet, "default")
@@ -264,17 +300,8 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
     momentum = {n.replace(".default.", ".momentum."): p for n, p in online.items()}
     momentum = {n: dict(unet.named_parameters())[n] for n in momentum}
 
-    # Two pseudo-words as trainable rows appended to the frozen token table.
-    text = getattr(te, "text_model", te)  # transformers < 5 nests the modules one deeper
-    table = text.embeddings.token_embedding
-    rows = torch.nn.Parameter(table.weight[:2].detach().float().clone())
-
-    class Table(torch.nn.Module):
-        def forward(self, ids):
-            return F.embedding(ids, torch.cat([table.weight, rows]))
-
-    text.embeddings.token_embedding = Table()
-    vocab = table.weight.shape[0]
+    # Two pseudo-words as trainable rows appended to each frozen token table.
+    rows, vocab, encode = text_side(model, te)
     ids = torch.randint(0, vocab, (6, 77), device=DEV)
     token_pos = [5] * 6
     ids[:3, 5], ids[3:, 5] = vocab, vocab + 1
@@ -291,7 +318,7 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
     pixels, masks = load_pair(pair, res)
     sample_of = torch.tensor([0, 0, 0, 1, 1, 1], device=DEV)
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    params = list(online.values()) + [rows]
+    params = list(online.values()) + rows
     opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.01)
     scaler = torch.amp.GradScaler(DEV.type, enabled=DTYPE == torch.float16)
     state = {"d": 0}
@@ -321,8 +348,8 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
         m_lat = F.interpolate(m, size=(latent, latent), mode="nearest")
         maps.clear()
         with autocast():
-            ctx = te(ids).last_hidden_state
-            pred = unet(z_t, t, encoder_hidden_states=ctx).sample.float()
+            ctx, added = encode(ids, res)
+            pred = unet(z_t, t, encoder_hidden_states=ctx, **added).sample.float()
         per_image = ((pred - eps) * m_lat).pow(2).flatten(1).mean(1)
         ps = per_sample(per_image)
         own = [mp[torch.arange(b), :, token_pos] for mp in maps if mp.shape[1] == side * side]
@@ -334,7 +361,7 @@ def bench_magictailor(name, model, pair, res, reps, steps=500, warmup=200):
             chosen = int(ps.argmax())
             unet.set_adapter("momentum")
             with torch.no_grad(), autocast():
-                mpred = unet(z_t, t, encoder_hidden_states=ctx.detach()).sample.float()
+                mpred = unet(z_t, t, encoder_hidden_states=ctx.detach(), **added).sample.float()
             unet.set_adapter("default")
             for p in online.values():
                 p.requires_grad_(True)
