@@ -251,8 +251,8 @@ fn train_on_sdxl_is_refused_by_name() {
     let model = tiny_sdxl();
     for (extra, says) in [
         (
-            &["--method", "vico"][..],
-            "train --method vico does not take SDXL yet",
+            &["--method", "break-a-scene"][..],
+            "train --method break-a-scene does not take SDXL yet",
         ),
         (
             &["--released-script"][..],
@@ -997,4 +997,50 @@ impl TunedSdxlStep {
         eprintln!("SDXL tuned step: worst gradient error {worst:?}");
         assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
     }
+}
+
+/// `train --method vico` on the tiny SDXL: a block at each of its three sites, each word's
+/// rows in both encoders; `infer` on the folder (its blocks, its first images as the
+/// references) draws what its last checkpoint draws.
+#[test]
+fn vico_trains_on_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let more = ["--method", "vico", "--steps", "3", "--lr", "5e-3"];
+    ok(&run_bin(
+        "train",
+        &with_args(quiet_train_args(&pair, run_s, &model), &more),
+    ));
+    let blocks =
+        candle_core::safetensors::load(run.join("vico_blocks.safetensors"), &Device::Cpu).unwrap();
+    let sites: std::collections::BTreeSet<&str> = (blocks.keys())
+        .map(|k| k.split(".image_cross_attention.").next().unwrap())
+        .collect();
+    let want = [
+        "up_blocks.0.attentions.1",
+        "up_blocks.1.attentions.0",
+        "up_blocks.1.attentions.2",
+    ];
+    assert_eq!(sites.into_iter().collect::<Vec<_>>(), want);
+    let e = candle_core::safetensors::load(run.join("learned_embeds_2.safetensors"), &Device::Cpu);
+    assert_eq!(e.unwrap().len(), 2);
+    let prompt = "<v0> with <v1>";
+    let png = |n: &str| dir.path().join(n);
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s],
+        prompt,
+        &png("dir.png"),
+    ));
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s, "--checkpoint", "3"],
+        prompt,
+        &png("last.png"),
+    ));
+    assert_eq!(
+        png_max_diff(&read_png(&png("dir.png")), &read_png(&png("last.png"))),
+        0
+    );
 }

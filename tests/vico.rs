@@ -551,15 +551,22 @@ fn training_leaves_the_base_model_untouched() {
     assert_ne!(blocks_before, blocks_after, "the blocks train");
 }
 
-/// One training step against the authors' step written in torch on diffusers' U-Net
-/// (`scripts/make_vico_fixture.py`): the same blocks, rows, latents, noise and timesteps
-/// give the same loss terms and gradients of the rows and every block tensor (which a
-/// different Otsu mask at any block would change).
+/// One ViCo step against the authors' code written out in torch
+/// (scripts/make_vico_fixture.py): the loss terms, the end-of-text positions, and the
+/// gradients of the rows and of every block parameter (which a different Otsu mask at any
+/// block would change); on SD 2.x and on SDXL (three sites, each block after its
+/// transformer's last layer, rows in both encoders).
 #[test]
 fn a_step_matches_the_reference_written_in_torch() {
+    step_matches_torch("vico_step.safetensors", &tiny_sd(), 4);
+    let sdxl = fixtures().join("sdxl/tiny-sdxl");
+    step_matches_torch("sdxl/vico_step.safetensors", sdxl.to_str().unwrap(), 3);
+}
+
+fn step_matches_torch(fixture: &str, model: &str, n_sites: usize) {
     use magictailor::train::objective::{Batch, Noised, TextParams};
     let dev = Device::Cpu;
-    let r = candle_core::safetensors::load(fixtures().join("vico_step.safetensors"), &dev).unwrap();
+    let r = candle_core::safetensors::load(fixtures().join(fixture), &dev).unwrap();
     let usizes = |name: &str| -> Vec<usize> {
         (r[name]
             .to_dtype(DType::U32)
@@ -570,35 +577,37 @@ fn a_step_matches_the_reference_written_in_torch() {
         .map(|v| v as usize)
         .collect()
     };
-    let mut sd = StableDiffusion::load(&tiny_sd(), &dev, DType::F32).unwrap();
-    let ids = sd
-        .tokenizer
-        .add_pseudo_words(&["<v0>".into(), "<v1>".into()])
-        .unwrap();
-    let fixture_ids = r["ids"].to_dtype(DType::U32).unwrap();
-    for (row, prompt) in ["a photo of a <v0>", "a rendering of a <v1>"]
-        .iter()
-        .enumerate()
-    {
-        let ours = sd.tokenizer.encode(prompt).unwrap();
-        assert_eq!(
-            ours,
-            fixture_ids.get(row).unwrap().to_vec1::<u32>().unwrap(),
-            "{ids:?}"
-        );
+    let mut sd = StableDiffusion::load(model, &dev, DType::F32).unwrap();
+    let words = ["<v0>".to_string(), "<v1>".to_string()];
+    sd.tokenizer.add_pseudo_words(&words).unwrap();
+    if let Some((_, tok_2)) = &mut sd.text_encoder_2 {
+        tok_2.add_pseudo_words(&words).unwrap();
     }
+    let prompts = ["a photo of a <v0>", "a rendering of a <v1>"];
+    let fixture_ids = |key: &str, tok: &magictailor::model::tokenizer::ClipTokenizer| {
+        let ids = r[key].to_dtype(DType::U32).unwrap();
+        for (row, prompt) in prompts.iter().enumerate() {
+            let want = ids.get(row).unwrap().to_vec1::<u32>().unwrap();
+            assert_eq!(tok.encode(prompt).unwrap(), want, "{key}");
+        }
+        ids
+    };
+    let ids = fixture_ids("ids", &sd.tokenizer);
+    let ids_2 = (sd.text_encoder_2.as_ref()).map(|(_, tok)| fixture_ids("ids_2", tok));
     let blocks: std::collections::HashMap<String, Tensor> = (r.iter())
         .filter_map(|(k, v)| Some((k.strip_prefix("block.")?.to_string(), v.clone())))
         .collect();
     let sites = vico::sites(&sd.unet);
-    let blocks = Blocks::from_tensors(&blocks, Path::new("vico_step"), &sites, &dev).unwrap();
+    assert_eq!(sites.len(), n_sites);
+    let blocks = Blocks::from_tensors(&blocks, Path::new(fixture), &sites, &dev).unwrap();
     let rows = Var::from_tensor(&r["rows"]).unwrap();
+    let rows_2 = r.get("rows_2").map(|t| Var::from_tensor(t).unwrap());
     let b = 2;
     let batch = Batch {
         pixels: Tensor::zeros(1, DType::F32, &dev).unwrap(),
         masks: Tensor::zeros((b, 1, 64, 64), DType::F32, &dev).unwrap(),
-        ids: fixture_ids,
-        ids_2: None,
+        ids,
+        ids_2,
         token_pos: usizes("word_pos"),
         sample_of: vec![0, 1],
         n_samples: 2,
@@ -618,7 +627,7 @@ fn a_step_matches_the_reference_written_in_torch() {
     let text = TextParams {
         rows: rows.as_tensor(),
         table: None,
-        rows_2: None,
+        rows_2: rows_2.as_ref().map(|v| v.as_tensor()),
     };
     let losses =
         magictailor::train::vico::vico_losses(&sd, &batch, &noised, text, &blocks, 5e-4).unwrap();
@@ -631,7 +640,7 @@ fn a_step_matches_the_reference_written_in_torch() {
         let (a, want) = (scalar(ours), scalar(&r[name]));
         assert!(
             (a - want).abs() <= 1e-5 * want.abs().max(1e-3),
-            "{name}: {a} vs {want}"
+            "{fixture}: {name}: {a} vs {want}"
         );
     }
     assert_eq!(
@@ -639,6 +648,7 @@ fn a_step_matches_the_reference_written_in_torch() {
         usizes("eot_pos")
     );
     let grads = losses.loss.backward().unwrap();
+    let mut worst = 0f32;
     let mut checked = 0;
     let mut compare = |name: &str, var: &Var| {
         let got = grads
@@ -646,14 +656,19 @@ fn a_step_matches_the_reference_written_in_torch() {
             .unwrap_or_else(|| panic!("{name}: no gradient"));
         let want = &r[&format!("grad.{name}")];
         let err = magictailor::testkit::tolerance::rel_err(got, want);
-        assert!(err < 1e-4, "{name}: relative error {err}");
+        assert!(err < 1e-4, "{fixture}: {name}: relative error {err}");
+        worst = worst.max(err);
         checked += 1;
     };
     compare("rows", &rows);
+    if let Some(rows_2) = &rows_2 {
+        compare("rows_2", rows_2);
+    }
     for (name, var) in blocks.named() {
         compare(&name, var);
     }
-    assert_eq!(checked, 1 + 4 * 20);
+    assert_eq!(checked, 1 + usize::from(rows_2.is_some()) + n_sites * 20);
+    eprintln!("{fixture}: worst gradient error {worst:e}");
 }
 
 /// `batch --method vico` trains every pair folder of a directory, each into its own run

@@ -11,7 +11,7 @@ use crate::model::nn::{AddedCond, Ctx};
 use crate::model::scheduler::{Ddim, DdimInverse};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::tuned::TunedSet;
-use crate::model::vico::{Plug, Routing};
+use crate::model::vico::Plug;
 use crate::rng::seeded_normal;
 
 use super::weights::Personalized;
@@ -302,8 +302,8 @@ impl<'a> Weights<'a> {
         let visual = match self.vico {
             Some(v) => Some(v.rows(
                 self.sd,
-                (prompt, &cond),
-                (uncond.as_ref()).map(|u| (negative, u)),
+                (prompt, (&cond, pooled.as_ref())),
+                (uncond.as_ref()).map(|u| (negative, (u, uncond_pooled.as_ref()))),
             )?),
             None => None,
         };
@@ -338,17 +338,14 @@ pub struct Conditioning<'a> {
 struct StepInputs {
     context: Tensor,
     added: Option<AddedCond>,
-    /// ViCo: the reference rows' clean latents, their text context, and who sees whom.
-    visual: Option<(Tensor, Tensor, Routing)>,
+    /// ViCo: the references' call at each step.
+    visual: Option<super::vico::ReferencePass>,
 }
 
 impl Conditioning<'_> {
     /// The step inputs for latents `x: [n, c, h, w]`.
     fn inputs(&self, x: &Tensor) -> Result<StepInputs> {
         let visual = match (&self.visual, self.weights.vico) {
-            (Some(_), Some(_)) if self.pooled.is_some() => {
-                return Err(Error::usage("ViCo's blocks are not built for SDXL."))
-            }
             (Some(rows), Some(v)) => Some(v.step_rows(self.weights.sd, rows, x)?),
             _ => None,
         };
@@ -401,16 +398,18 @@ impl Conditioning<'_> {
         let b = input.dim(0)?;
         let timesteps = |rows: usize| Tensor::from_vec(vec![t as f32; rows], rows, &w.sd.device);
         let plug = match (&inputs.visual, w.vico) {
-            (Some((refs, context, routing)), Some(v)) => {
+            (Some(pass), Some(v)) => {
                 // The references' pass, once for the whole batch; its tokens feed the blocks.
-                let plug = Plug::new(&v.blocks, routing.clone());
+                let plug = Plug::new(&v.blocks, pass.routing.clone());
                 let ctx = Ctx {
                     lora: w.lora,
                     tuned: w.tuned,
                     vico: Some(&plug),
+                    added: pass.added.as_ref(),
                     ..Ctx::default()
                 };
-                (w.sd.unet).forward(refs, &timesteps(refs.dim(0)?)?, context, ctx)?;
+                let refs = &pass.latents;
+                (w.sd.unet).forward(refs, &timesteps(refs.dim(0)?)?, &pass.context, ctx)?;
                 plug.start_drawing()?;
                 Some(plug)
             }

@@ -17,8 +17,18 @@ use candle_core::Tensor;
 use super::references::References;
 use crate::error::{Error, Result};
 use crate::model::loader::StableDiffusion;
+use crate::model::nn::AddedCond;
 use crate::model::tokenizer::pseudo_words_in;
 use crate::model::vico::{Blocks, Routing};
+
+/// What the references' U-Net call at one step reads: their clean latents, text context,
+/// SDXL's added conditioning, and which references each drawn row sees.
+pub struct ReferencePass {
+    pub latents: Tensor,
+    pub context: Tensor,
+    pub added: Option<AddedCond>,
+    pub routing: Routing,
+}
 
 /// The blocks and each sample's reference image, in sample order (`<v0>`'s first).
 pub struct Visual {
@@ -38,21 +48,26 @@ impl Visual {
 }
 
 /// One prompt's references: per row of the prompt's branch, the sample and the position
-/// whose attention masks it; and the rows' text context `[cond refs + uncond refs, ...]`.
+/// whose attention masks it; and the rows' text context `[cond refs + uncond refs, ...]`
+/// (and SDXL's pooled projections, in the same order).
 pub struct VisualRows {
     cond: Vec<(usize, usize)>,
     uncond: Vec<(usize, usize)>,
     context: Tensor,
+    pooled: Option<Tensor>,
 }
+
+/// A prompt's text features `[1, tokens, hidden]` and (SDXL) pooled projection `[1, pooled]`.
+pub type Features<'a> = (&'a Tensor, Option<&'a Tensor>);
 
 impl Visual {
     /// The references `prompt` (and, under guidance, `negative`) sees, with their text
-    /// context: `cond` and `uncond` are the prompts' features `[1, tokens, hidden]`.
+    /// context, from each prompt's features.
     pub fn rows(
         &self,
         sd: &StableDiffusion,
-        (prompt, cond): (&str, &Tensor),
-        negative: Option<(&str, &Tensor)>,
+        (prompt, cond): (&str, Features),
+        negative: Option<(&str, Features)>,
     ) -> Result<VisualRows> {
         let tok = &sd.tokenizer;
         let ids = tok.encode(prompt)?;
@@ -80,32 +95,42 @@ impl Visual {
                 .ok_or_else(|| Error::internal("a prompt without end-of-text"))?;
             cond_rows = (0..self.references.len()).map(|s| (s, pos)).collect();
         }
-        let mut context = vec![cond.repeat((cond_rows.len(), 1, 1))?];
+        let k = cond_rows.len();
+        let (mut context, mut pooled) = (vec![cond.0.repeat((k, 1, 1))?], vec![cond.1]);
         let uncond_rows = match negative {
             Some((text, features)) => {
                 let pos = (tok.end_of_text(&tok.encode(text)?))
                     .ok_or_else(|| Error::internal("a negative prompt without end-of-text"))?;
-                context.push(features.repeat((cond_rows.len(), 1, 1))?);
+                context.push(features.0.repeat((k, 1, 1))?);
+                pooled.push(features.1);
                 cond_rows.iter().map(|&(s, _)| (s, pos)).collect()
             }
             None => Vec::new(),
+        };
+        let pooled = match pooled.into_iter().collect::<Option<Vec<_>>>() {
+            Some(p) => Some(Tensor::cat(
+                &(p.iter().map(|t| t.repeat((k, 1)))).collect::<candle_core::Result<Vec<_>>>()?,
+                0,
+            )?),
+            None => None,
         };
         Ok(VisualRows {
             cond: cond_rows,
             uncond: uncond_rows,
             context: Tensor::cat(&context, 0)?,
+            pooled,
         })
     }
 
     /// The reference rows' latents `[refs, c, h, w]` at the sampling size of `x: [n, c, h,
-    /// w]`, in `rows`' order, their text context, and the routing of `n` images
-    /// (`[uncond x n, cond x n]` rows under guidance, else `[cond x n]`).
+    /// w]`, in `rows`' order, their text context (and SDXL's added conditioning), and the
+    /// routing of `n` images (`[uncond x n, cond x n]` rows under guidance, else `[cond x n]`).
     pub fn step_rows(
         &self,
         sd: &StableDiffusion,
         rows: &VisualRows,
         x: &Tensor,
-    ) -> Result<(Tensor, Tensor, Routing)> {
+    ) -> Result<ReferencePass> {
         let (n, _, h, w) = x.dims4()?;
         let f = sd.vae_factor();
         let mut latents = Vec::new();
@@ -132,7 +157,15 @@ impl Visual {
             reg_eot: None,
         };
         let latents = Tensor::cat(&latents, 0)?.to_dtype(sd.dtype)?;
-        Ok((latents, rows.context.clone(), routing))
+        let added = (rows.pooled.clone())
+            .map(|p| AddedCond::uncropped(p, (h * f, w * f)))
+            .transpose()?;
+        Ok(ReferencePass {
+            latents,
+            context: rows.context.clone(),
+            added,
+            routing,
+        })
     }
 }
 

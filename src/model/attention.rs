@@ -261,6 +261,11 @@ impl Transformer2D {
         })
     }
 
+    /// How many transformer layers it holds.
+    pub fn layers(&self) -> usize {
+        self.blocks.len()
+    }
+
     pub fn lora_linears(&self) -> Vec<&Linear> {
         let mut v = vec![&self.proj_in];
         for b in &self.blocks {
@@ -289,9 +294,10 @@ impl Transformer2D {
         let mut t = self.proj_in.forward(&tokens, ctx)?;
         for block in &self.blocks {
             t = block.forward(&t, context, kind, ctx)?;
-            if let Some(plug) = ctx.vico {
-                t = plug.apply(&self.path, &t)?;
-            }
+        }
+        // ViCo's block sees the transformer's finished tokens, once.
+        if let Some(plug) = ctx.vico {
+            t = plug.apply(&self.path, &t)?;
         }
         let t = self.proj_out.forward(&t, ctx)?;
         t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + x

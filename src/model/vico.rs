@@ -37,13 +37,17 @@ pub struct Site {
     pub path: String,
     pub dim: usize,
     pub heads: usize,
+    /// The cross-attention whose map masks the reference: the transformer's last layer's
+    /// (its only one on SD 1.x and 2.x; SDXL's have 2 or 10).
+    pub attn: String,
 }
 
 /// The transformers that carry a block: those of the decoder whose running id is even,
 /// counting every spatial transformer of the U-Net from the encoder's first (the authors'
 /// `image_cross=id_attention % 2 == 0` in the output blocks). For SD 1.x and 2.x: ids 8,
 /// 10, 12, 14 = `up_blocks.1.attentions.1`, `up_blocks.2.attentions.0`,
-/// `up_blocks.2.attentions.2`, `up_blocks.3.attentions.1`.
+/// `up_blocks.2.attentions.2`, `up_blocks.3.attentions.1`; for SDXL, ids 6, 8, 10 =
+/// `up_blocks.0.attentions.1`, `up_blocks.1.attentions.0`, `up_blocks.1.attentions.2`.
 pub fn sites(unet: &UNet) -> Vec<Site> {
     let all = unet.transformers();
     let decoder_from = all.iter().position(|(up, _)| *up).unwrap_or(all.len());
@@ -53,6 +57,7 @@ pub fn sites(unet: &UNet) -> Vec<Site> {
             path: t.path.clone(),
             dim: t.channels,
             heads: t.heads,
+            attn: format!("{}.transformer_blocks.{}.attn2", t.path, t.layers() - 1),
         })
         .collect()
 }
@@ -408,14 +413,10 @@ impl<'a> Plug<'a> {
         Ok(())
     }
 
-    /// The reference pass wants the cross-attention at `attn_path`: it sits in a
-    /// transformer that carries a block.
+    /// The reference pass wants the cross-attention at `attn_path`: the one whose map a
+    /// block reads.
     pub(crate) fn wants(&self, attn_path: &str) -> bool {
-        !self.drawing.get()
-            && (self.blocks.blocks.iter()).any(|b| {
-                attn_path.starts_with(&b.site.path)
-                    && attn_path[b.site.path.len()..].starts_with('.')
-            })
+        !self.drawing.get() && (self.blocks.blocks.iter()).any(|b| b.site.attn == attn_path)
     }
 
     /// Records the reference rows' head-averaged probabilities `[refs, n, tokens]`.
@@ -434,8 +435,8 @@ impl<'a> Plug<'a> {
         std::mem::take(&mut *self.reg_maps.borrow_mut())
     }
 
-    /// After a transformer block of the transformer at `path`, on its tokens `[rows, n,
-    /// dim]`: records the references (reference pass), or puts the drawn rows through the
+    /// After the last transformer block of the transformer at `path`, on its tokens
+    /// `[rows, n, dim]`: records the references (reference pass), or puts the drawn rows through the
     /// site's block (drawn pass). Tokens of a transformer without a block pass unchanged.
     pub(crate) fn apply(&self, path: &str, tokens: &Tensor) -> candle_core::Result<Tensor> {
         let Some(block) = self.blocks.get(path) else {

@@ -215,7 +215,7 @@ pub fn lora_targets(
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
     use crate::train::method::Method;
-    if matches!(cfg.method, Method::Vico | Method::BreakAScene) {
+    if cfg.method == Method::BreakAScene {
         sd.refuse_sdxl(&format!("train --method {}", cfg.method.name()))?;
     }
     if cfg.released_script {

@@ -31,7 +31,14 @@ pub fn vico_losses(
     let b = batch.len();
     let reference = (noised.reference.as_ref())
         .ok_or_else(|| Error::internal("a ViCo step without its references"))?;
-    let context = (sd.text_encoder).forward_with_table(&batch.ids, text.table, Some(text.rows))?;
+    let latent = noised.z_t.dim(2)?;
+    let (context, added) = super::objective::text_conditioning(
+        sd,
+        &sd.text_encoder,
+        (&batch.ids, batch.ids_2.as_ref()),
+        text,
+        latent,
+    )?;
     let t = noised.timestep_tensor(dev)?;
     let routing = Routing {
         refs_of: (0..b).map(|i| vec![i]).collect(),
@@ -41,6 +48,7 @@ pub fn vico_losses(
     let plug = Plug::new(blocks, routing);
     let ctx = Ctx {
         vico: Some(&plug),
+        added: added.as_ref(),
         ..Ctx::default()
     };
     let dtype = sd.unet.dtype();
