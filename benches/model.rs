@@ -171,7 +171,7 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
             time_ids: Tensor::from_vec(sizes, (b, 6), dev).unwrap(),
         })
     };
-    let (added6, added2) = (added(6), added(2));
+    let added6 = added(6);
     let x6 = normal(2, &[6, 4, latent, latent]);
     let t6 = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], dev).unwrap();
     let mut train_once = || {
@@ -200,36 +200,8 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
         assert!(grads.get(lora.modules[0].a.as_tensor()).is_some());
     };
     let train = tg.time(reps, &mut train_once);
-
-    let ctx2 = normal(3, &[2, 77, hidden]);
-    // The latents stay f32 between steps and the U-Net sees them in its dtype, as in infer.
-    let x1 = seeded_normal(4, (1, 4, latent, latent), dev).unwrap();
-    let ddim = Ddim::new(&sd.schedule, 50).unwrap();
     let set = lora.as_set();
-    let mut step_once = || {
-        let input = Tensor::cat(&[&x1, &x1], 0)
-            .and_then(|t| t.to_dtype(dtype))
-            .unwrap();
-        let t = Tensor::new(&[500f32, 500.], dev).unwrap();
-        let eps = sd
-            .unet
-            .forward(
-                &input,
-                &t,
-                &ctx2,
-                Ctx {
-                    lora: Some(&set),
-                    added: added2.as_ref(),
-                    ..Ctx::default()
-                },
-            )
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let (u, c) = (eps.narrow(0, 0, 1).unwrap(), eps.narrow(0, 1, 1).unwrap());
-        let eps = (&u + ((c - &u).unwrap() * 7.5).unwrap()).unwrap();
-        ddim.step(&eps, 501, &x1).unwrap();
-    };
+    let mut step_once = ddim_step(tg, &sd, Some(&set), latent);
     let step = tg.time(reps, &mut step_once);
     println!(
         "{name:>5} latent {latent}x{latent} ({} px): U-Net fwd+bwd, LoRA r32, batch 6: {train:.3} s/step | DDIM step, CFG batch 2: {step:.3} s/step | {}",
@@ -240,6 +212,72 @@ fn bench(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, reps: us
     profile_once(train_once);
     println!("{name} DDIM step, profiled:");
     profile_once(step_once);
+}
+
+/// One DDIM step of `sd`'s U-Net (with `lora`, if any) at `latent`, CFG batch 2, from
+/// fixed latents and random text features.
+fn ddim_step<'a>(
+    tg: &'a Target,
+    sd: &'a StableDiffusion,
+    lora: Option<&'a magictailor::model::lora::LoraSet>,
+    latent: usize,
+) -> impl FnMut() + 'a {
+    let (dev, dtype) = (&tg.dev, tg.dtype);
+    let hidden = sd.unet.config.cross_attention_dim;
+    let ctx2 = seeded_normal(3, (2, 77, hidden), dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    // SDXL's added conditioning: pooled text and the six sizes of the image.
+    let added2 = sd.text_encoder_2.as_ref().map(|(te, _)| {
+        let side = (latent * 8) as f32;
+        magictailor::model::nn::AddedCond {
+            text_embeds: seeded_normal(6, (2, te.config.projection_dim), dev).unwrap(),
+            time_ids: Tensor::from_vec([side, side, 0., 0., side, side].repeat(2), (2, 6), dev)
+                .unwrap(),
+        }
+    });
+    // The latents stay f32 between steps and the U-Net sees them in its dtype, as in infer.
+    let x1 = seeded_normal(4, (1, 4, latent, latent), dev).unwrap();
+    let ddim = Ddim::new(&sd.schedule, 50).unwrap();
+    move || {
+        let input = Tensor::cat(&[&x1, &x1], 0)
+            .and_then(|t| t.to_dtype(dtype))
+            .unwrap();
+        let t = Tensor::new(&[500f32, 500.], dev).unwrap();
+        let ctx = Ctx {
+            lora,
+            added: added2.as_ref(),
+            ..Ctx::default()
+        };
+        let eps = (sd.unet.forward(&input, &t, &ctx2, ctx))
+            .and_then(|e| e.to_dtype(DType::F32))
+            .unwrap();
+        let (u, c) = (eps.narrow(0, 0, 1).unwrap(), eps.narrow(0, 1, 1).unwrap());
+        let eps = (&u + ((c - &u).unwrap() * 7.5).unwrap()).unwrap();
+        ddim.step(&eps, 501, &x1).unwrap();
+    }
+}
+
+/// Seconds per DDIM step of SDXL-base's U-Net (random weights of the real shape) at 1024
+/// px, CFG batch 2, no adapters; the time to load it; and the peak memory.
+fn bench_xl_1024(tg: &Target, dir: &std::path::Path, reps: usize) {
+    let s = Instant::now();
+    let model = tiny::ensure_sdxl_unet_shapes(dir).expect("SDXL-shaped model");
+    println!(
+        " SDXL-base U-Net shapes ready in {:.1} s",
+        s.elapsed().as_secs_f64()
+    );
+    reset_peak();
+    let s = Instant::now();
+    let sd = StableDiffusion::load(model.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
+    let load = s.elapsed().as_secs_f64();
+    let mut step_once = ddim_step(tg, &sd, None, 128);
+    let step = tg.time(reps, &mut step_once);
+    println!(
+        "xl1024 SDXL-base U-Net at 1024 px: load {load:.1} s | DDIM step, CFG batch 2: {step:.3} s/step | {}",
+        tg.peak()
+    );
 }
 
 /// Seconds per image of what `magictailor infer` does after loading: prompt and empty
@@ -744,6 +782,10 @@ fn main() {
             reset_peak();
             bench_train(&tg, "sdxl", &sdxl, &pair, 256, 3);
         }
+    }
+    // Not in a plain `cargo bench`: 10 GB to write and two minutes a step on 2 cores.
+    if filters.iter().any(|f| f == "xl1024-ddim") {
+        bench_xl_1024(&tg, &tmp.join("xl1024"), 2);
     }
     // The full rows, one process each in scripts/gpu_session.sh so that each has its own
     // nvidia-smi peak.

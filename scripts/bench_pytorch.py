@@ -59,6 +59,8 @@ CONFIGS = {
     "full": dict(resolution=512, reps=3, infer=True),
     # SDXL's structure at a quarter width (benches/model.rs, `sdxl` rows).
     "sdxl": dict(resolution=256, reps=3, infer=True, infer_reps=2),
+    # SDXL-base's U-Net at its real shape (`cargo bench -- xl1024-ddim`), row `ddim` only.
+    "xl1024": dict(resolution=1024, reps=2),
 }
 # Set by main(): where the rows run, the frozen weights' dtype, and whether to autocast.
 DEV = torch.device("cpu")
@@ -177,7 +179,7 @@ def bench_unet(name, unet, latent, reps):
     d = unet.config.cross_attention_dim
     x6, ctx6 = torch.randn(6, 4, latent, latent, device=DEV), torch.randn(6, 77, d, device=DEV)
     t6 = torch.tensor([10, 200, 400, 600, 800, 990], device=DEV)
-    added6, added2 = added(unet, 6, latent), added(unet, 2, latent)
+    added6 = added(unet, 6, latent)
 
     def train_step():
         with autocast():
@@ -185,8 +187,17 @@ def bench_unet(name, unet, latent, reps):
         loss.backward()
         unet.zero_grad(set_to_none=True)
 
+    tr, st = timed(reps, train_step), ddim_seconds(unet, latent, reps)
+    print(f"{name:>5} latent {latent}x{latent} ({latent * 8} px): U-Net fwd+bwd, LoRA r32, batch 6: {tr:.3f} s/step"
+          f" | DDIM step, CFG batch 2: {st:.3f} s/step | {peak()}")
+
+
+def ddim_seconds(unet, latent, reps):
+    """Seconds per DDIM step of `unet` at `latent`, CFG batch 2, from random latents and text."""
+    added2 = added(unet, 2, latent)
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     sched.set_timesteps(50)
+    d = unet.config.cross_attention_dim
     x1, ctx2 = torch.randn(1, 4, latent, latent, device=DEV), torch.randn(2, 77, d, device=DEV)
     t2 = torch.tensor([500, 500], device=DEV)
 
@@ -196,9 +207,7 @@ def bench_unet(name, unet, latent, reps):
             u, cnd = eps.chunk(2)
             sched.step(u + 7.5 * (cnd - u), 501, x1)
 
-    tr, st = timed(reps, train_step), timed(reps, ddim_step)
-    print(f"{name:>5} latent {latent}x{latent} ({latent * 8} px): U-Net fwd+bwd, LoRA r32, batch 6: {tr:.3f} s/step"
-          f" | DDIM step, CFG batch 2: {st:.3f} s/step | {peak()}")
+    return timed(reps, ddim_step)
 
 
 class ProbeProcessor:
@@ -949,7 +958,7 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["f32", "fp16"], default="f32", help="the frozen weights' dtype")
     ap.add_argument("--rows", default="unet,train,ti,dreambooth,custom-diffusion,clic,vico,vico-infer,infer",
-                    help="comma-separated: unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
+                    help="comma-separated: ddim (the U-Net's DDIM step alone), unet (fwd+bwd, DDIM step), train, ti, dreambooth, custom-diffusion, "
                          "clic, vico, vico-infer, infer (full only), retouch (at 512 px, and plain infer beside it), "
                          "break-a-scene-full, break-a-scene-lora")
     a = ap.parse_args()
@@ -965,6 +974,16 @@ def main():
     for name in only:
         c = CONFIGS[name]
         model = a.root / name
+        if "ddim" in rows:
+            # The U-Net alone, no adapters: SDXL-base's shapes at 1024 px (`xl1024`).
+            reset_peak()
+            start = time.perf_counter()
+            unet = load(UNet2DConditionModel, model / "unet")
+            load_s = time.perf_counter() - start
+            st = ddim_seconds(unet, c["resolution"] // 8, c["reps"])
+            print(f"{name} U-Net at {c['resolution']} px: load {load_s:.1f} s | DDIM step, CFG batch 2: {st:.3f} s/step"
+                  f" | {peak()}")
+            del unet
         if "unet" in rows:
             reset_peak()
             unet = load(UNet2DConditionModel, model / "unet")

@@ -436,6 +436,25 @@ pub fn sd21_base_configs() -> [serde_json::Value; 3] {
     [unet, vae, te]
 }
 
+/// SDXL-base's U-Net (2.6 G parameters, 10.3 GB of f32, from the bundled configs) with
+/// random weights, written once into `dir`, beside one-layer text encoders of SDXL's
+/// widths and the tiny VAE: for timing the U-Net at 1024 px, which reads nothing else.
+pub fn ensure_sdxl_unet_shapes(dir: &Path) -> Result<PathBuf> {
+    let bundled: serde_json::Value = serde_json::from_str(include_str!("single_file/sdxl.json"))
+        .map_err(|e| Error::internal(format!("the bundled SDXL configs: {e}")))?;
+    let (mut te, mut te2) = (
+        bundled["text_encoder"].clone(),
+        bundled["text_encoder_2"].clone(),
+    );
+    for c in [&mut te, &mut te2] {
+        c["num_hidden_layers"] = json!(1);
+        c["vocab_size"] = json!(tiny_vocab().0.len());
+    }
+    let mut vae = vae_config();
+    vae["scaling_factor"] = json!(0.13025);
+    cached_at(dir, |d| write_sdxl(d, 0, &bundled["unet"], &vae, &te, &te2))
+}
+
 /// A random model of SD 2.1-base's shapes (5.2 GB of f32), written once into `dir`.
 pub fn ensure_sd21_shapes(dir: &Path) -> Result<PathBuf> {
     let [unet, vae, te] = sd21_base_configs();
