@@ -979,10 +979,11 @@ def main():
             reset_peak()
             start = time.perf_counter()
             unet = load(UNet2DConditionModel, model / "unet")
-            load_s = time.perf_counter() - start
+            load_s, load_peak = time.perf_counter() - start, peak()
+            reset_peak()
             st = ddim_seconds(unet, c["resolution"] // 8, c["reps"])
-            print(f"{name} U-Net at {c['resolution']} px: load {load_s:.1f} s | DDIM step, CFG batch 2: {st:.3f} s/step"
-                  f" | {peak()}")
+            print(f"{name} U-Net at {c['resolution']} px: load {load_s:.1f} s, {load_peak} | DDIM step, CFG batch 2:"
+                  f" {st:.3f} s/step | steps' {peak()}")
             del unet
         if "unet" in rows:
             reset_peak()

@@ -252,7 +252,7 @@ fn train_on_sdxl_is_refused_by_name() {
     for (extra, says) in [
         (
             &["--method", "break-a-scene"][..],
-            "train --method break-a-scene does not take SDXL yet",
+            "Break-A-Scene's phase 2 fine-tunes every U-Net and text-encoder weight",
         ),
         (
             &["--released-script"][..],
@@ -1036,6 +1036,94 @@ fn vico_trains_on_sdxl() {
     ));
     ok(&infer_sdxl_run(
         &["--model-dir", run_s, "--checkpoint", "3"],
+        prompt,
+        &png("last.png"),
+    ));
+    assert_eq!(
+        png_max_diff(&read_png(&png("dir.png")), &read_png(&png("last.png"))),
+        0
+    );
+}
+
+/// `train --method break-a-scene --phase2-lora 4` on the tiny SDXL, with prior
+/// preservation's class images drawn by the SDXL base: the rows train in both encoders,
+/// then the adapters join; the folder draws what its last checkpoint draws. Without
+/// `--phase2-lora`, the full fine-tune is refused by name before anything is written.
+#[test]
+fn break_a_scene_trains_adapters_on_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = pair_folder(dir.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let phases = [
+        "--phase1-steps",
+        "2",
+        "--phase2-steps",
+        "2",
+        "--class-images",
+        "2",
+    ];
+    let args = |extra: &[&'static str]| {
+        let a = with_args(
+            quiet_train_args(&pair, run_s, &model),
+            &["--method", "break-a-scene"],
+        );
+        with_args(with_args(a, &phases), extra)
+    };
+    let o = run_bin("train", &args(&[]));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("add --phase2-lora"), "{}", stderr(&o));
+    assert!(!run.exists() || !run.join("magictailor.json").exists());
+    ok(&run_bin("train", &args(&["--phase2-lora", "4"])));
+    let classes = std::fs::read_dir(run.join("class_images/a photo at the beach")).unwrap();
+    let pngs = classes.filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .path()
+            .extension()
+            .is_some_and(|x| x == "png")
+    });
+    assert_eq!(pngs.count(), 2);
+    let c2 = candle_core::safetensors::load(
+        run.join("checkpoints/step-000002.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let c4 = candle_core::safetensors::load(
+        run.join("checkpoints/step-000004.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        max_abs_diff(&c2["rows_2"], &c4["rows_2"]) > 0.0,
+        "the second encoder's rows train"
+    );
+    let kohya =
+        candle_core::safetensors::load(run.join("lora_kohya.safetensors"), &Device::Cpu).unwrap();
+    let up = (kohya.iter())
+        .find(|(k, _)| k.ends_with("lora_up.weight"))
+        .unwrap();
+    assert!(
+        up.0.starts_with("lora_unet_input_blocks_")
+            || up.0.starts_with("lora_unet_output_blocks_")
+            || up.0.starts_with("lora_unet_middle_block_"),
+        "{}",
+        up.0
+    );
+    assert!(
+        magictailor::testkit::tolerance::max_abs(up.1) > 0.0,
+        "the adapters train in phase 2"
+    );
+    let prompt = "<v0> with <v1>";
+    let png = |n: &str| dir.path().join(n);
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s],
+        prompt,
+        &png("dir.png"),
+    ));
+    ok(&infer_sdxl_run(
+        &["--model-dir", run_s, "--checkpoint", "4"],
         prompt,
         &png("last.png"),
     ));

@@ -215,8 +215,14 @@ pub fn lora_targets(
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
     use crate::train::method::Method;
-    if cfg.method == Method::BreakAScene {
-        sd.refuse_sdxl(&format!("train --method {}", cfg.method.name()))?;
+    if cfg.method == Method::BreakAScene && cfg.phase2_lora.is_none() && sd.is_sdxl() {
+        return Err(Error::usage(format!(
+            "{} is an SDXL model: Break-A-Scene's phase 2 fine-tunes every U-Net and \
+             text-encoder weight, which is not built for SDXL's two encoders yet (and needs \
+             about 54 GB of f32 weights, gradients and moments there). Train its adapters instead: add \
+             --phase2-lora 4.",
+            sd.source
+        )));
     }
     if cfg.released_script {
         // Its trainable token table is the first encoder's alone.
