@@ -309,20 +309,7 @@ fn magictailor_trains_on_sdxl() {
         assert_eq!(t.len(), 2, "{f}");
     }
     let prompt = "<v0> with <v1>";
-    let png = |n: &str| dir.path().join(n);
-    let run_s = run.to_str().unwrap();
-    ok(&infer_sdxl_run(
-        &["--model-dir", run_s],
-        prompt,
-        &png("dir.png"),
-    ));
-    ok(&infer_sdxl_run(
-        &["--model-dir", run_s, "--checkpoint", "8"],
-        prompt,
-        &png("ckpt.png"),
-    ));
-    let dir_png = read_png(&png("dir.png"));
-    assert_eq!(png_max_diff(&dir_png, &read_png(&png("ckpt.png"))), 0);
+    let drawn = draws_as_its_last_checkpoint(dir.path(), &run, 8, prompt);
     // The adapters trained (B starts at 0).
     let up = (kohya.iter())
         .find(|(k, _)| k.ends_with("lora_up.weight"))
@@ -353,9 +340,31 @@ fn magictailor_trains_on_sdxl() {
         &run,
         "sdxl-magictailor",
         &["lora_kohya.safetensors"],
-        &png("dir.png"),
+        &drawn,
         prompt,
     );
+}
+
+/// `infer --model-dir run` of `prompt` draws exactly what `--checkpoint last` draws
+/// (both into `tmp`, named after the run); returns the folder's image.
+fn draws_as_its_last_checkpoint(
+    tmp: &std::path::Path,
+    run: &std::path::Path,
+    last: usize,
+    prompt: &str,
+) -> std::path::PathBuf {
+    let name = run.file_name().unwrap().to_string_lossy();
+    let (folder, ckpt) = (
+        tmp.join(format!("{name}.png")),
+        tmp.join(format!("{name}-last.png")),
+    );
+    let (run, last) = (run.to_str().unwrap(), last.to_string());
+    ok(&infer_sdxl_run(&["--model-dir", run], prompt, &folder));
+    let from_checkpoint = ["--model-dir", run, "--checkpoint", &last];
+    ok(&infer_sdxl_run(&from_checkpoint, prompt, &ckpt));
+    let d = png_max_diff(&read_png(&folder), &read_png(&ckpt));
+    assert_eq!(d, 0, "{run}: the folder vs its last checkpoint");
+    folder
 }
 
 /// Leaves a run's `files`, its A1111 words, `infer`'s image and its prompt in
@@ -412,26 +421,8 @@ fn the_tuned_methods_train_on_sdxl() {
             let e = candle_core::safetensors::load(run.join(f), &Device::Cpu).unwrap();
             assert_eq!(e.len(), 2, "{method}: {f}");
         }
-        let png = |n: &str| dir.path().join(format!("{method}-{n}"));
-        ok(&infer_sdxl_run(
-            &["--model-dir", run_s],
-            prompt,
-            &png("dir.png"),
-        ));
-        ok(&infer_sdxl_run(
-            &["--model-dir", run_s, "--checkpoint", "3"],
-            prompt,
-            &png("last.png"),
-        ));
-        let d = png_max_diff(&read_png(&png("dir.png")), &read_png(&png("last.png")));
-        assert_eq!(d, 0, "{method}: the folder vs its last checkpoint");
-        leave_check(
-            &run,
-            &format!("sdxl-{method}"),
-            &[file],
-            &png("dir.png"),
-            prompt,
-        );
+        let drawn = draws_as_its_last_checkpoint(dir.path(), &run, 3, prompt);
+        leave_check(&run, &format!("sdxl-{method}"), &[file], &drawn, prompt);
     }
 }
 
@@ -1027,22 +1018,7 @@ fn vico_trains_on_sdxl() {
     assert_eq!(sites.into_iter().collect::<Vec<_>>(), want);
     let e = candle_core::safetensors::load(run.join("learned_embeds_2.safetensors"), &Device::Cpu);
     assert_eq!(e.unwrap().len(), 2);
-    let prompt = "<v0> with <v1>";
-    let png = |n: &str| dir.path().join(n);
-    ok(&infer_sdxl_run(
-        &["--model-dir", run_s],
-        prompt,
-        &png("dir.png"),
-    ));
-    ok(&infer_sdxl_run(
-        &["--model-dir", run_s, "--checkpoint", "3"],
-        prompt,
-        &png("last.png"),
-    ));
-    assert_eq!(
-        png_max_diff(&read_png(&png("dir.png")), &read_png(&png("last.png"))),
-        0
-    );
+    draws_as_its_last_checkpoint(dir.path(), &run, 3, "<v0> with <v1>");
 }
 
 /// `train --method break-a-scene --phase2-lora 4` on the tiny SDXL, with prior
@@ -1115,20 +1091,5 @@ fn break_a_scene_trains_adapters_on_sdxl() {
         magictailor::testkit::tolerance::max_abs(up.1) > 0.0,
         "the adapters train in phase 2"
     );
-    let prompt = "<v0> with <v1>";
-    let png = |n: &str| dir.path().join(n);
-    ok(&infer_sdxl_run(
-        &["--model-dir", run_s],
-        prompt,
-        &png("dir.png"),
-    ));
-    ok(&infer_sdxl_run(
-        &["--model-dir", run_s, "--checkpoint", "4"],
-        prompt,
-        &png("last.png"),
-    ));
-    assert_eq!(
-        png_max_diff(&read_png(&png("dir.png")), &read_png(&png("last.png"))),
-        0
-    );
+    draws_as_its_last_checkpoint(dir.path(), &run, 4, "<v0> with <v1>");
 }
