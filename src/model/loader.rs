@@ -736,17 +736,13 @@ fn weights(
     for f in &files {
         crate::io::tensors::check(f)?;
     }
-    // SAFETY: the files are memory-mapped read-only; magictailor never writes to a model
-    // folder while it is loaded.
-    unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
-        Error::bad_file(
-            &root.join(component),
-            format!(
-                "cannot read the {component} weights in {}: {e}",
-                root.join(component).display()
-            ),
-        )
-    })
+    // Read tensor by tensor, not memory-mapped: see `FileTensors`.
+    let backend = crate::io::tensors::FileTensors::open(&files)?;
+    Ok(VarBuilder::from_backend(
+        Box::new(backend),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// Turns what the user passed as `--model` into a local folder.

@@ -13,12 +13,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::{Error, Result};
+use crate::io::tensors::FileTensors;
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
@@ -110,11 +110,11 @@ enum Part {
     Transpose,
 }
 
-/// A single-file checkpoint, opened (memory-mapped) and its family known.
+/// A single-file checkpoint, opened (its header read) and its family known.
 pub struct Checkpoint {
     pub file: PathBuf,
     pub family: Family,
-    st: Arc<MmapedSafetensors>,
+    st: Arc<FileTensors>,
     keys: Vec<String>,
 }
 
@@ -133,10 +133,10 @@ impl Checkpoint {
     /// with no U-Net or no text encoder, an inpainting model).
     pub fn open(file: &Path) -> Result<Self> {
         crate::io::tensors::check(file)?;
-        let (st, keys, family) = mapped(file)?;
+        let (st, keys, family) = opened(file)?;
         let conv_in = format!("{UNET}input_blocks.0.0.weight");
-        if let Ok(view) = st.get(&conv_in) {
-            let channels = view.shape().get(1).copied().unwrap_or(0);
+        if let Some(shape) = st.shape(&conv_in) {
+            let channels = shape.get(1).copied().unwrap_or(0);
             if channels != 4 {
                 return Err(Error::unsupported(
                     file,
@@ -154,7 +154,7 @@ impl Checkpoint {
 
     /// The family of `file` from its header alone (no tensor is read).
     pub fn family_of(file: &Path) -> Result<Family> {
-        mapped(file).map(|(_, _, family)| family)
+        opened(file).map(|(_, _, family)| family)
     }
 
     /// `component`'s weights under diffusers' names. `levels` tells the original block
@@ -193,19 +193,17 @@ impl Checkpoint {
     }
 }
 
-/// `file` memory-mapped, its tensor names and its family.
-fn mapped(file: &Path) -> Result<(MmapedSafetensors, Vec<String>, Family)> {
-    // SAFETY: memory-mapped read-only; magictailor never writes a model while it loads.
-    let st = unsafe { MmapedSafetensors::new(file) }
-        .map_err(|e| Error::bad_file(file, format!("cannot read {}: {e}", file.display())))?;
-    let keys: Vec<String> = st.tensors().into_iter().map(|(k, _)| k).collect();
+/// `file` opened for reading tensor by tensor, its tensor names and its family.
+fn opened(file: &Path) -> Result<(FileTensors, Vec<String>, Family)> {
+    let st = FileTensors::open(&[file.to_path_buf()])?;
+    let keys = st.names();
     let family = Family::detect(file, &keys.iter().map(String::as_str).collect::<Vec<_>>())?;
     Ok((st, keys, family))
 }
 
 /// A component's view of the file under diffusers' names.
 struct Renamed {
-    st: Arc<MmapedSafetensors>,
+    st: Arc<FileTensors>,
     map: HashMap<String, (String, Part)>,
 }
 
