@@ -269,7 +269,8 @@ fn train_on_sdxl_is_refused_by_name() {
 
 /// `train` (MagicTailor) on the tiny SDXL, with masks made from its attention: adapters
 /// named by SDXL's original layout in the kohya file, each word's rows in both encoders;
-/// the folder and its last checkpoint draw the same image; a run killed
+/// the folder, its last checkpoint, and the base with its kohya file and its pair of word
+/// files draw the same image; a run killed
 /// after step 3 (in the warm-up) resumes to byte-identical files.
 #[test]
 fn magictailor_trains_on_sdxl() {
@@ -310,6 +311,21 @@ fn magictailor_trains_on_sdxl() {
     }
     let prompt = "<v0> with <v1>";
     let drawn = draws_as_its_last_checkpoint(dir.path(), &run, 8, prompt);
+    // The base with the run's kohya file and diffusers' pair of word files (`--embeds`
+    // names the first; the second is found beside it).
+    let (lora, embeds) = (
+        run.join("lora_kohya.safetensors"),
+        run.join("learned_embeds.safetensors"),
+    );
+    let files = dir.path().join("files.png");
+    let extra = [
+        "--lora",
+        lora.to_str().unwrap(),
+        "--embeds",
+        embeds.to_str().unwrap(),
+    ];
+    ok(&infer_sdxl(prompt, &extra, &files));
+    assert_eq!(png_max_diff(&read_png(&drawn), &read_png(&files)), 0);
     // The adapters trained (B starts at 0).
     let up = (kohya.iter())
         .find(|(k, _)| k.ends_with("lora_up.weight"))

@@ -153,8 +153,8 @@ impl Personalized {
 }
 
 /// The pseudo-words of the embeddings file `f`, added to `sd`'s tokenizers, and their rows
-/// (in each text encoder, for SDXL: from an SDXL embedding, or `f` and a trained folder's
-/// second file `f_2`).
+/// (in each text encoder, for SDXL: from an SDXL embedding, or `f` and its second file
+/// `f_2`: a trained folder's, or the one beside `f`).
 fn load_embeds(
     sd: &mut StableDiffusion,
     f: &Path,
@@ -162,7 +162,11 @@ fn load_embeds(
     device: &Device,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let hidden = sd.text_encoder.config.hidden_size;
-    if let (Some((te_2, tok_2)), Some(f_2)) = (&mut sd.text_encoder_2, f_2) {
+    let beside = (sd.text_encoder_2.is_some() && f_2.is_none())
+        .then(|| second_of_pair(f))
+        .transpose()?
+        .flatten();
+    if let (Some((te_2, tok_2)), Some(f_2)) = (&mut sd.text_encoder_2, f_2.or(beside.as_deref())) {
         let (list, list_2) = (
             crate::io::embeds::load(f, hidden, device)?,
             crate::io::embeds::load(f_2, te_2.config.hidden_size, device)?,
@@ -198,6 +202,25 @@ fn load_embeds(
     sd.tokenizer.add_pseudo_words(&words)?;
     let rows: Vec<Tensor> = list.into_iter().map(|(_, v)| v).collect();
     Ok((Some(Tensor::stack(&rows, 0)?), None))
+}
+
+/// SDXL: the second file of diffusers' pair (`learned_embeds.safetensors` beside
+/// `learned_embeds_2.safetensors`, as its SDXL textual-inversion script and `train` write
+/// them) when `f` holds words rather than an A1111 file's `clip_l` and `clip_g`.
+fn second_of_pair(f: &Path) -> Result<Option<PathBuf>> {
+    crate::io::tensors::require_file(f)?;
+    let header = crate::io::tensors::header(f)?;
+    if header.get("clip_l").is_some() {
+        return Ok(None);
+    }
+    let (Some(stem), Some(ext)) = (f.file_stem(), f.extension()) else {
+        return Ok(None);
+    };
+    let mut name = stem.to_os_string();
+    name.push("_2.");
+    name.push(ext);
+    let second = f.with_file_name(name);
+    Ok(second.is_file().then_some(second))
 }
 
 /// The weights a training checkpoint holds, as a trained folder's files would give them.
