@@ -1109,3 +1109,81 @@ fn break_a_scene_trains_adapters_on_sdxl() {
     );
     draws_as_its_last_checkpoint(dir.path(), &run, 4, "<v0> with <v1>");
 }
+
+/// Break-A-Scene's phase-2 step with `--phase2-lora` on SDXL
+/// (scripts/make_sdxl_bas_fixture.py): two instance images with their words and a beach
+/// class image learned whole; the masked loss, the prior loss, L_attn summed over the
+/// words on the latent/4 maps; every adapter's and both rows' gradients against torch's.
+#[test]
+fn an_sdxl_break_a_scene_lora_step_matches_torch() {
+    use magictailor::model::lora::{LoraModule, TrainableLora};
+    use magictailor::train::method::LossWeights;
+    use magictailor::train::objective::{step_losses, Online, TextParams};
+    use magictailor::train::setup::lora_targets;
+    let dev = Device::Cpu;
+    let f = candle_core::safetensors::load(fixtures().join("sdxl/bas_lora_step.safetensors"), &dev)
+        .unwrap();
+    let mut sd =
+        magictailor::model::loader::StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
+    let words = ["<v0>".to_string(), "<v1>".to_string()];
+    sd.tokenizer.add_pseudo_words(&words).unwrap();
+    (sd.text_encoder_2.as_mut().unwrap().1)
+        .add_pseudo_words(&words)
+        .unwrap();
+    let prompts = ["a photo of <v0>", "a photo of <v1>", "a photo at the beach"];
+    let (mut batch, noised) = step_inputs(&f, &sd, &prompts, &[0, 1, 0]);
+    (batch.prior, batch.n_samples) = (1, 2);
+    let lora = TrainableLora::new(&lora_targets(&sd, None), 4, 4.0, 0, &dev, DType::F32).unwrap();
+    for LoraModule { path, a, b } in &lora.modules {
+        a.set(&f[&format!("{path}.A")]).unwrap();
+        b.set(&f[&format!("{path}.B")]).unwrap();
+    }
+    let rows = [&f["rows_1"], &f["rows_2"]].map(|t| candle_core::Var::from_tensor(t).unwrap());
+    let text = TextParams {
+        rows: rows[0].as_tensor(),
+        table: None,
+        rows_2: Some(rows[1].as_tensor()),
+    };
+    let w = LossWeights {
+        lambda_attn: 0.01,
+        attn_summed: true,
+        prior: 1.0,
+        ..LossWeights::default()
+    };
+    let set = lora.as_set();
+    let l = step_losses(&sd, &batch, &noised, Online::lora(&set), text, None, w).unwrap();
+    let l_prior = l.l_prior.clone().unwrap();
+    for (key, got) in [
+        ("loss", &l.loss),
+        ("l_diff", &l.l_diff),
+        ("l_prior", &l_prior),
+    ] {
+        let (got, want): (f32, f32) = (got.to_scalar().unwrap(), f[key].to_scalar().unwrap());
+        assert!(
+            (got - want).abs() < 2e-6 * want.abs().max(1.0),
+            "{key}: {got} vs {want}"
+        );
+    }
+    // Ours is the mean over the words times their count: the source's sum.
+    let (attn, want): (f32, f32) = (
+        l.l_attn.to_scalar().unwrap(),
+        f["l_attn"].to_scalar().unwrap(),
+    );
+    assert!((attn - want).abs() < 1e-5, "L_attn {attn} vs {want}");
+    let grads = l.loss.backward().unwrap();
+    let rel = |got: &Tensor, want: &Tensor| {
+        max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8)
+    };
+    let mut worst = 0f32;
+    for LoraModule { path, a, b } in &lora.modules {
+        for (var, which) in [(a, "A"), (b, "B")] {
+            let got = grads.get(var.as_tensor()).unwrap();
+            worst = worst.max(rel(got, &f[&format!("grad.{path}.{which}")]));
+        }
+    }
+    for (var, key) in rows.iter().zip(["grad_1", "grad_2"]) {
+        worst = worst.max(rel(grads.get(var.as_tensor()).unwrap(), &f[key]));
+    }
+    eprintln!("SDXL Break-A-Scene LoRA step: worst gradient error {worst:e}");
+    assert!(worst < 1e-4, "worst gradient error, relative: {worst}");
+}

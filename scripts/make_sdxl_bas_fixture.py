@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""One Break-A-Scene phase-2 step with `--phase2-lora` on the tiny SDXL model, as PyTorch
+computes it (run by hand).
+
+    python scripts/make_sdxl_bas_fixture.py      # after make_sdxl_fixtures.py
+
+make_bas_fixture.py's step (the masked diffusion loss of two instance images, each with
+its own word; the prior loss of a "a photo at the beach" class image, learned whole; the
+attention loss summed over the two words, each word's map over its max against its
+nearest mask), with this project's `--phase2-lora` in place of the full fine-tune and on
+SDXL:
+
+- "<v0>", "<v1>" in both tokenizers with rows 0.1 N(0, 1) in each encoder's table
+  (make_sdxl_ti_fixture.add_words), the tables requiring grad;
+- peft LoRA r 4, alpha 4 (alpha = rank) on every layer MagicTailor adapts, A and B set to
+  0.3 N(0, 1) in sorted name order;
+- SDXL's conditioning (make_sdxl_tuned_fixture.conditioning);
+- L_attn's maps: SDXL's latent/4 level, every transformer layer of down_blocks.2 and
+  up_blocks.0 (make_sdxl_magictailor_fixture's).
+
+Saves tests/fixtures/sdxl/bas_lora_step.safetensors: the inputs (ids_1, ids_2, z_t, eps,
+t, masks, rows_1, rows_2), `loss`, `l_diff`, `l_prior`, `l_attn`, both rows' gradients
+(`grad_1`, `grad_2`) and every adapter with its gradients (`{path}.A|B`,
+`grad.{path}.A|B`). Nothing is shared with the Rust side.
+
+Versions used for the committed fixture: tests/fixtures/VERSIONS.txt.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+
+from make_method_fixtures import masked_mse, step_inputs
+from make_parity_fixtures import TARGETS, ProbsRecorder
+from make_sdxl_magictailor_fixture import ATTN_BLOCKS
+from make_sdxl_tuned_fixture import conditioning, prepared
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "sdxl")
+PROMPTS = ["a photo of <v0>", "a photo of <v1>", "a photo at the beach"]
+LAMBDA_PRIOR, LAMBDA_ATTN = 1.0, 1e-2
+torch.set_num_threads(2)
+
+
+def main():
+    g, parts, (new_1, rows_1, table_1), (new_2, rows_2, table_2) = prepared(61)
+    unet, sched = parts[4], parts[5]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
+    mods = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    lora = {}
+    with torch.no_grad():
+        for name in sorted(mods):
+            a, b = mods[name].lora_A["default"].weight, mods[name].lora_B["default"].weight
+            for p in (a, b):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+                p.requires_grad_(True)
+            lora[name] = (a, b)
+    store = {}
+    unet.set_attn_processor({n: ProbsRecorder(n.removesuffix(".processor"), store) for n in unet.attn_processors})
+
+    ids_1, ids_2, hidden, cond = conditioning(parts, PROMPTS)
+    word_pos = [ids_1[i].tolist().index(new_1[i]) for i in range(2)]
+    z0, eps, t, masks = step_inputs(g, 3)
+    masks[2] = 1.0  # the class image is learned whole
+    z_t = sched.add_noise(z0, eps, t)
+
+    pred = unet(z_t, t, hidden, added_cond_kwargs=cond).sample.float()
+    l_diff = masked_mse(pred[:2], eps[:2], masks[:2])
+    l_prior = F.mse_loss(pred[2], eps[2].float(), reduction="mean")
+    maps = [m for n, m in store.items() if n.startswith(ATTN_BLOCKS)]
+    assert len(maps) == 10, list(store)
+    agg = torch.stack(maps).mean(0)  # [3, 4, 77], heads already averaged
+    l_attn = 0
+    for i in range(2):
+        col = agg[i, :, word_pos[i]]
+        gt = F.interpolate(masks[i : i + 1], size=(2, 2), mode="nearest").flatten()
+        l_attn = l_attn + F.mse_loss(col / col.max(), gt, reduction="mean")
+    loss = l_diff + LAMBDA_PRIOR * l_prior + LAMBDA_ATTN * l_attn
+    loss.backward()
+
+    out = {"ids_1": ids_1.to(torch.int64), "ids_2": ids_2.to(torch.int64), "z_t": z_t, "eps": eps,
+           "t": t.to(torch.int64), "masks": masks, "rows_1": rows_1, "rows_2": rows_2, "loss": loss,
+           "l_diff": l_diff, "l_prior": l_prior, "l_attn": l_attn,
+           "grad_1": table_1.grad[new_1], "grad_2": table_2.grad[new_2]}
+    for name, (a, b) in lora.items():
+        out[f"{name}.A"], out[f"{name}.B"] = a, b
+        out[f"grad.{name}.A"], out[f"grad.{name}.B"] = a.grad, b.grad
+    path = os.path.join(ROOT, "bas_lora_step.safetensors")
+    save_file({k: v.detach().clone().contiguous() for k, v in out.items()}, path)
+    print(f"loss {loss.item():.8f} l_diff {l_diff.item():.8f} l_prior {l_prior.item():.8f} "
+          f"l_attn {l_attn.item():.8f}; word positions {word_pos}; adapters {len(lora)}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
