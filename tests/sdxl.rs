@@ -2,8 +2,9 @@
 //! (scripts/make_sdxl_fixtures.py): the two tokenizers (padding differently), each text
 //! encoder's penultimate hidden states, the second's projected pooled output, and the
 //! U-Net with its added size-and-text conditioning; and `infer`'s whole SDXL path
-//! against the SDXL pipeline's image. `train --method ti` on SDXL: its step against
-//! torch's, its files and resume; other methods refuse SDXL by name.
+//! against the SDXL pipeline's image. Training on SDXL: each method's step against torch's
+//! (scripts/make_sdxl_*_fixture.py), its files, what draws them, resume, and the
+//! refusals (Break-A-Scene's full fine-tune, `--released-script`).
 
 mod common;
 
@@ -447,41 +448,25 @@ fn the_tuned_methods_train_on_sdxl() {
 /// tokenizers give them, the loss, and both rows' gradients.
 #[test]
 fn an_sdxl_textual_inversion_step_matches_torch() {
-    use magictailor::model::loader::StableDiffusion;
     use magictailor::train::method::LossWeights;
     use magictailor::train::objective::{step_losses, Online, TextParams};
-    let dev = Device::Cpu;
-    let f =
-        candle_core::safetensors::load(fixtures().join("sdxl/ti_step.safetensors"), &dev).unwrap();
-    let mut sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
-    let words = ["<v0>".to_string(), "<v1>".to_string()];
-    sd.tokenizer.add_pseudo_words(&words).unwrap();
-    sd.text_encoder_2
-        .as_mut()
-        .unwrap()
-        .1
-        .add_pseudo_words(&words)
-        .unwrap();
+    let (f, sd) = (step_fixture("ti_step.safetensors", None), sdxl_with_words());
     let (batch, noised) = step_inputs(&f, &sd, &["a photo of <v0>", "a photo of <v1>"], &[0, 1]);
-    let rows = candle_core::Var::from_tensor(&f["rows_1"]).unwrap();
-    let rows_2 = candle_core::Var::from_tensor(&f["rows_2"]).unwrap();
+    let rows = fixture_rows(&f);
     let text = TextParams {
-        rows: rows.as_tensor(),
+        rows: rows[0].as_tensor(),
         table: None,
-        rows_2: Some(rows_2.as_tensor()),
+        rows_2: Some(rows[1].as_tensor()),
     };
-    let w = LossWeights::default();
     let none = magictailor::model::lora::LoraSet::default();
+    let w = LossWeights::default();
     let l = step_losses(&sd, &batch, &noised, Online::lora(&none), text, None, w).unwrap();
     let (loss, want): (f32, f32) = (l.loss.to_scalar().unwrap(), f["loss"].to_scalar().unwrap());
     assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
     let grads = l.loss.backward().unwrap();
-    for (var, key) in [(&rows, "grad_1"), (&rows_2, "grad_2")] {
-        let got = grads.get(var.as_tensor()).unwrap();
-        let err = max_abs_diff(got, &f[key]) / magictailor::testkit::tolerance::max_abs(&f[key]);
-        eprintln!("{key}: relative error {err:e}");
-        assert!(err < 1e-4, "{key}: relative error {err}");
-    }
+    let worst = worst_gradient(&grads, &f, row_grads(&rows));
+    eprintln!("SDXL TI step: worst row gradient error {worst:?}");
+    assert!(worst.0 < 1e-4, "{worst:?}");
 }
 
 /// `train --method ti` on the tiny SDXL pipeline: both rows of each word train; the
@@ -660,50 +645,30 @@ fn dreambooth_lora_trains_on_sdxl() {
 /// gradient against torch's.
 #[test]
 fn an_sdxl_dreambooth_step_matches_torch() {
-    use magictailor::model::loader::StableDiffusion;
-    use magictailor::model::lora::{LoraModule, TrainableLora};
     use magictailor::train::method::{LossWeights, ATTENTION_PROJECTIONS};
     use magictailor::train::objective::{step_losses, Online, TextParams};
     use magictailor::train::setup::lora_targets;
-    let dev = Device::Cpu;
-    let f =
-        candle_core::safetensors::load(fixtures().join("sdxl/dreambooth_step.safetensors"), &dev)
-            .unwrap();
-    let sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
+    let (f, sd) = (
+        step_fixture("dreambooth_step.safetensors", None),
+        sdxl_with_words(),
+    );
     let (batch, noised) = step_inputs(&f, &sd, &["a photo of sks person"], &[0]);
-    let targets = lora_targets(&sd, Some(&ATTENTION_PROJECTIONS));
-    let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
+    let lora = fixture_lora(&f, &lora_targets(&sd, Some(&ATTENTION_PROJECTIONS)), "");
     assert_eq!(lora.modules.len(), 176, "the same adapted layers");
-    for LoraModule { path, a, b } in &lora.modules {
-        a.set(&f[&format!("{path}.A")]).unwrap();
-        b.set(&f[&format!("{path}.B")]).unwrap();
-    }
-    let none = Tensor::zeros((0, 32), DType::F32, &dev).unwrap();
+    let none = Tensor::zeros((0, 32), DType::F32, &Device::Cpu).unwrap();
     let text = TextParams {
         rows: &none,
         table: None,
         rows_2: Some(&none),
     };
-    let w = LossWeights::default();
-    let set = lora.as_set();
+    let (set, w) = (lora.as_set(), LossWeights::default());
     let l = step_losses(&sd, &batch, &noised, Online::lora(&set), text, None, w).unwrap();
     let (loss, want): (f32, f32) = (l.loss.to_scalar().unwrap(), f["loss"].to_scalar().unwrap());
     assert!((loss - want).abs() < 1e-6, "loss {loss} vs {want}");
     let grads = l.loss.backward().unwrap();
-    let mut worst = 0f32;
-    for LoraModule { path, a, b } in &lora.modules {
-        for (var, which) in [(a, "A"), (b, "B")] {
-            let want = &f[&format!("grad.{path}.{which}")];
-            let got = grads.get(var.as_tensor()).unwrap();
-            let tol = magictailor::testkit::tolerance::max_abs(want).max(1e-8);
-            worst = worst.max(max_abs_diff(got, want) / tol);
-        }
-    }
-    eprintln!("SDXL DreamBooth step: loss {loss} vs {want}, worst gradient error {worst:e}");
-    assert!(
-        worst < 1e-4,
-        "worst adapter gradient error, relative: {worst}"
-    );
+    let worst = worst_gradient(&grads, &f, adapter_grads(&lora));
+    eprintln!("SDXL DreamBooth step: loss {loss} vs {want}, worst gradient error {worst:?}");
+    assert!(worst.0 < 1e-4, "{worst:?}");
 }
 
 /// A reference step's batch and noised latents: `prompts` (image i of sample
@@ -758,6 +723,92 @@ fn step_inputs(
     (batch, noised)
 }
 
+type Tensors = std::collections::HashMap<String, Tensor>;
+
+/// The tiny SDXL in f32, with `<v0>` and `<v1>` in both tokenizers.
+fn sdxl_with_words() -> magictailor::model::loader::StableDiffusion {
+    let mut sd =
+        magictailor::model::loader::StableDiffusion::load(&tiny_sdxl(), &Device::Cpu, DType::F32)
+            .unwrap();
+    let words = ["<v0>".to_string(), "<v1>".to_string()];
+    sd.tokenizer.add_pseudo_words(&words).unwrap();
+    (sd.text_encoder_2.as_mut().unwrap().1)
+        .add_pseudo_words(&words)
+        .unwrap();
+    sd
+}
+
+/// The tensors of `tests/fixtures/sdxl/{file}`; with `prefix`, those under `{prefix}.`,
+/// named without it.
+fn step_fixture(file: &str, prefix: Option<&str>) -> Tensors {
+    let all = candle_core::safetensors::load(fixtures().join("sdxl").join(file), &Device::Cpu);
+    let pre = prefix.map(|p| format!("{p}.")).unwrap_or_default();
+    (all.unwrap().into_iter())
+        .filter_map(|(k, v)| Some((k.strip_prefix(&pre)?.to_string(), v)))
+        .collect()
+}
+
+/// Rank-4, alpha-4 adapters on `targets` at the fixture's `{prefix}{path}.A` and `.B`.
+fn fixture_lora(
+    f: &Tensors,
+    targets: &[magictailor::model::lora::LoraTarget],
+    prefix: &str,
+) -> magictailor::model::lora::TrainableLora {
+    use magictailor::model::lora::{LoraModule, TrainableLora};
+    let lora = TrainableLora::new(targets, 4, 4.0, 0, &Device::Cpu, DType::F32).unwrap();
+    for LoraModule { path, a, b } in &lora.modules {
+        a.set(&f[&format!("{prefix}{path}.A")]).unwrap();
+        b.set(&f[&format!("{prefix}{path}.B")]).unwrap();
+    }
+    lora
+}
+
+/// The fixture's rows in each encoder (`rows_1`, `rows_2`), trainable.
+fn fixture_rows(f: &Tensors) -> [candle_core::Var; 2] {
+    [&f["rows_1"], &f["rows_2"]].map(|t| candle_core::Var::from_tensor(t).unwrap())
+}
+
+/// Each adapter matrix with its gradient's fixture key.
+fn adapter_grads(
+    lora: &magictailor::model::lora::TrainableLora,
+) -> Vec<(candle_core::Var, String)> {
+    (lora.modules.iter())
+        .flat_map(|m| {
+            [
+                (m.a.clone(), format!("grad.{}.A", m.path)),
+                (m.b.clone(), format!("grad.{}.B", m.path)),
+            ]
+        })
+        .collect()
+}
+
+/// Both encoders' rows with their gradients' fixture keys.
+fn row_grads(rows: &[candle_core::Var; 2]) -> [(candle_core::Var, String); 2] {
+    [
+        (rows[0].clone(), "grad_1".into()),
+        (rows[1].clone(), "grad_2".into()),
+    ]
+}
+
+/// The worst gradient error over `vars` (each against `f[key]`, relative to that
+/// reference's largest entry), with its key.
+fn worst_gradient(
+    grads: &candle_core::backprop::GradStore,
+    f: &Tensors,
+    vars: impl IntoIterator<Item = (candle_core::Var, String)>,
+) -> (f32, String) {
+    let mut worst = (0f32, String::new());
+    for (var, key) in vars {
+        let (got, want) = (grads.get(var.as_tensor()).unwrap(), &f[&key]);
+        let rel =
+            max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8);
+        if rel > worst.0 {
+            worst = (rel, key);
+        }
+    }
+    worst
+}
+
 /// MagicTailor's SDXL steps (scripts/make_sdxl_magictailor_fixture.py): three images of
 /// two samples, a row per word in each encoder, adapters on every layer MagicTailor
 /// adapts, and L_attn on the latent/4 level's maps (down_blocks.2 and up_blocks.0, every
@@ -765,40 +816,24 @@ fn step_inputs(
 /// step's per-sample losses, chosen sample, L_diff-max and L_pres, against torch's.
 #[test]
 fn an_sdxl_magictailor_step_matches_torch() {
-    use magictailor::model::loader::StableDiffusion;
-    use magictailor::model::lora::{LoraModule, TrainableLora};
     use magictailor::train::method::LossWeights;
     use magictailor::train::objective::{step_losses, Online, TextParams};
     use magictailor::train::setup::lora_targets;
-    let dev = Device::Cpu;
-    let f =
-        candle_core::safetensors::load(fixtures().join("sdxl/magictailor_step.safetensors"), &dev)
-            .unwrap();
-    let mut sd = StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
-    let words = ["<v0>".to_string(), "<v1>".to_string()];
-    sd.tokenizer.add_pseudo_words(&words).unwrap();
-    (sd.text_encoder_2.as_mut().unwrap().1)
-        .add_pseudo_words(&words)
-        .unwrap();
+    let (f, sd) = (
+        step_fixture("magictailor_step.safetensors", None),
+        sdxl_with_words(),
+    );
     let prompts = ["a photo of <v0>", "a photo of <v0>", "a photo of <v1>"];
     let (batch, noised) = step_inputs(&f, &sd, &prompts, &[0, 0, 1]);
     let targets = lora_targets(&sd, None);
-    let set_from = |prefix: &str| {
-        let lora = TrainableLora::new(&targets, 4, 4.0, 0, &dev, DType::F32).unwrap();
-        for LoraModule { path, a, b } in &lora.modules {
-            a.set(&f[&format!("{prefix}{path}.A")]).unwrap();
-            b.set(&f[&format!("{prefix}{path}.B")]).unwrap();
-        }
-        lora
-    };
-    let (lora, momentum) = (set_from(""), set_from("mom.").detached());
+    let lora = fixture_lora(&f, &targets, "");
+    let momentum = fixture_lora(&f, &targets, "mom.").detached();
     assert_eq!(lora.modules.len(), 220, "the same adapted layers");
-    let rows = candle_core::Var::from_tensor(&f["rows_1"]).unwrap();
-    let rows_2 = candle_core::Var::from_tensor(&f["rows_2"]).unwrap();
+    let rows = fixture_rows(&f);
     let text = TextParams {
-        rows: rows.as_tensor(),
+        rows: rows[0].as_tensor(),
         table: None,
-        rows_2: Some(rows_2.as_tensor()),
+        rows_2: Some(rows[1].as_tensor()),
     };
     let w = LossWeights {
         lambda_attn: 0.01,
@@ -818,28 +853,12 @@ fn an_sdxl_magictailor_step_matches_torch() {
         "per-image {d_img}, L_attn {d_attn}, loss {d_loss}"
     );
     let grads = warm.loss.backward().unwrap();
-    let rel = |got: &Tensor, want: &Tensor| {
-        max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8)
-    };
-    let mut worst = 0f32;
-    for LoraModule { path, a, b } in &lora.modules {
-        for (var, which) in [(a, "A"), (b, "B")] {
-            let got = grads.get(var.as_tensor()).unwrap();
-            worst = worst.max(rel(got, &f[&format!("grad.{path}.{which}")]));
-        }
-    }
-    let (g1, g2) = (
-        rel(grads.get(rows.as_tensor()).unwrap(), &f["grad_1"]),
-        rel(grads.get(rows_2.as_tensor()).unwrap(), &f["grad_2"]),
+    let worst = worst_gradient(
+        &grads,
+        &f,
+        adapter_grads(&lora).into_iter().chain(row_grads(&rows)),
     );
-    assert!(
-        worst < 1e-4,
-        "worst adapter gradient error, relative: {worst}"
-    );
-    assert!(
-        g1 < 1e-4 && g2 < 1e-4,
-        "row gradients, relative: {g1}, {g2}"
-    );
+    assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
 
     let ds = losses(Some(&momentum));
     assert!(max_abs_diff(&ds.per_sample, &f["per_sample"]) < 1e-6);
@@ -852,8 +871,8 @@ fn an_sdxl_magictailor_step_matches_torch() {
         "L_diff-max {d_max}, L_pres relative {d_pres}"
     );
     eprintln!(
-        "SDXL MagicTailor: per-image {d_img:e}, L_attn {d_attn:e}, loss {d_loss:e}; grads: \
-         LoRA {worst:e}, rows {g1:e} {g2:e}; DS-Bal: L_max {d_max:e}, L_pres rel {d_pres:e}"
+        "SDXL MagicTailor: per-image {d_img:e}, L_attn {d_attn:e}, loss {d_loss:e}; worst \
+         gradient {worst:?}; DS-Bal: L_max {d_max:e}, L_pres rel {d_pres:e}"
     );
 }
 
@@ -909,22 +928,10 @@ struct TunedSdxlStep {
 impl TunedSdxlStep {
     fn load(prefix: &str, only: &[&str]) -> Self {
         use magictailor::model::tuned::TrainableTuned;
-        let dev = Device::Cpu;
-        let file = fixtures().join("sdxl/tuned_steps.safetensors");
-        let pre = format!("{prefix}.");
-        let f: std::collections::HashMap<_, _> = (candle_core::safetensors::load(file, &dev))
-            .unwrap()
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(&pre)?.to_string(), v)))
-            .collect();
-        let mut sd =
-            magictailor::model::loader::StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32)
-                .unwrap();
-        let words = ["<v0>".to_string(), "<v1>".to_string()];
-        sd.tokenizer.add_pseudo_words(&words).unwrap();
-        (sd.text_encoder_2.as_mut().unwrap().1)
-            .add_pseudo_words(&words)
-            .unwrap();
+        let (f, sd) = (
+            step_fixture("tuned_steps.safetensors", Some(prefix)),
+            sdxl_with_words(),
+        );
         let paths: Vec<String> = (magictailor::train::setup::lora_targets(&sd, Some(only)))
             .into_iter()
             .map(|t| t.path)
@@ -935,8 +942,7 @@ impl TunedSdxlStep {
         for (name, v) in tuned.named() {
             v.set(&f[name.strip_prefix("tuned.").unwrap()]).unwrap();
         }
-        let var = |k: &str| candle_core::Var::from_tensor(&f[k]).unwrap();
-        let rows = [var("rows_1"), var("rows_2")];
+        let rows = fixture_rows(&f);
         Self { f, sd, rows, tuned }
     }
 
@@ -985,22 +991,9 @@ impl TunedSdxlStep {
             );
         }
         let grads = l.loss.backward().unwrap();
-        let named = (self.tuned.named().into_iter())
-            .map(|(n, v)| (format!("grad.{}", n.strip_prefix("tuned.").unwrap()), v))
-            .chain([
-                ("grad_1".into(), self.rows[0].clone()),
-                ("grad_2".into(), self.rows[1].clone()),
-            ]);
-        let mut worst = (0f32, String::new());
-        for (key, var) in named {
-            let want = &self.f[&key];
-            let got = grads.get(var.as_tensor()).unwrap();
-            let rel =
-                max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8);
-            if rel > worst.0 {
-                worst = (rel, key);
-            }
-        }
+        let tuned = (self.tuned.named().into_iter())
+            .map(|(n, v)| (v, format!("grad.{}", n.strip_prefix("tuned.").unwrap())));
+        let worst = worst_gradient(&grads, &self.f, tuned.chain(row_grads(&self.rows)));
         eprintln!("SDXL tuned step: worst gradient error {worst:?}");
         assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
     }
@@ -1116,29 +1109,18 @@ fn break_a_scene_trains_adapters_on_sdxl() {
 /// words on the latent/4 maps; every adapter's and both rows' gradients against torch's.
 #[test]
 fn an_sdxl_break_a_scene_lora_step_matches_torch() {
-    use magictailor::model::lora::{LoraModule, TrainableLora};
     use magictailor::train::method::LossWeights;
     use magictailor::train::objective::{step_losses, Online, TextParams};
     use magictailor::train::setup::lora_targets;
-    let dev = Device::Cpu;
-    let f = candle_core::safetensors::load(fixtures().join("sdxl/bas_lora_step.safetensors"), &dev)
-        .unwrap();
-    let mut sd =
-        magictailor::model::loader::StableDiffusion::load(&tiny_sdxl(), &dev, DType::F32).unwrap();
-    let words = ["<v0>".to_string(), "<v1>".to_string()];
-    sd.tokenizer.add_pseudo_words(&words).unwrap();
-    (sd.text_encoder_2.as_mut().unwrap().1)
-        .add_pseudo_words(&words)
-        .unwrap();
+    let (f, sd) = (
+        step_fixture("bas_lora_step.safetensors", None),
+        sdxl_with_words(),
+    );
     let prompts = ["a photo of <v0>", "a photo of <v1>", "a photo at the beach"];
     let (mut batch, noised) = step_inputs(&f, &sd, &prompts, &[0, 1, 0]);
     (batch.prior, batch.n_samples) = (1, 2);
-    let lora = TrainableLora::new(&lora_targets(&sd, None), 4, 4.0, 0, &dev, DType::F32).unwrap();
-    for LoraModule { path, a, b } in &lora.modules {
-        a.set(&f[&format!("{path}.A")]).unwrap();
-        b.set(&f[&format!("{path}.B")]).unwrap();
-    }
-    let rows = [&f["rows_1"], &f["rows_2"]].map(|t| candle_core::Var::from_tensor(t).unwrap());
+    let lora = fixture_lora(&f, &lora_targets(&sd, None), "");
+    let rows = fixture_rows(&f);
     let text = TextParams {
         rows: rows[0].as_tensor(),
         table: None,
@@ -1171,19 +1153,11 @@ fn an_sdxl_break_a_scene_lora_step_matches_torch() {
     );
     assert!((attn - want).abs() < 1e-5, "L_attn {attn} vs {want}");
     let grads = l.loss.backward().unwrap();
-    let rel = |got: &Tensor, want: &Tensor| {
-        max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8)
-    };
-    let mut worst = 0f32;
-    for LoraModule { path, a, b } in &lora.modules {
-        for (var, which) in [(a, "A"), (b, "B")] {
-            let got = grads.get(var.as_tensor()).unwrap();
-            worst = worst.max(rel(got, &f[&format!("grad.{path}.{which}")]));
-        }
-    }
-    for (var, key) in rows.iter().zip(["grad_1", "grad_2"]) {
-        worst = worst.max(rel(grads.get(var.as_tensor()).unwrap(), &f[key]));
-    }
-    eprintln!("SDXL Break-A-Scene LoRA step: worst gradient error {worst:e}");
-    assert!(worst < 1e-4, "worst gradient error, relative: {worst}");
+    let worst = worst_gradient(
+        &grads,
+        &f,
+        adapter_grads(&lora).into_iter().chain(row_grads(&rows)),
+    );
+    eprintln!("SDXL Break-A-Scene LoRA step: worst gradient error {worst:?}");
+    assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
 }
