@@ -29,13 +29,11 @@ import os
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from make_method_fixtures import masked_mse, step_inputs
-from make_parity_fixtures import TARGETS, ProbsRecorder
-from make_sdxl_magictailor_fixture import ATTN_BLOCKS
+from make_parity_fixtures import ProbsRecorder
+from make_sdxl_magictailor_fixture import ATTN_BLOCKS, seeded_lora
 from make_sdxl_tuned_fixture import conditioning, prepared
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "sdxl")
@@ -47,16 +45,7 @@ torch.set_num_threads(2)
 def main():
     g, parts, (new_1, rows_1, table_1), (new_2, rows_2, table_2) = prepared(61)
     unet, sched = parts[4], parts[5]
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
-    mods = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
-    lora = {}
-    with torch.no_grad():
-        for name in sorted(mods):
-            a, b = mods[name].lora_A["default"].weight, mods[name].lora_B["default"].weight
-            for p in (a, b):
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-                p.requires_grad_(True)
-            lora[name] = (a, b)
+    lora = seeded_lora(unet, g)
     store = {}
     unet.set_attn_processor({n: ProbsRecorder(n.removesuffix(".processor"), store) for n in unet.attn_processors})
 

@@ -49,12 +49,9 @@ ATTN_BLOCKS = ("down_blocks.2.", "up_blocks.0.")
 torch.set_num_threads(2)
 
 
-def main():
-    g = torch.Generator().manual_seed(47)
-    tok_1, tok_2, te_1, te_2, unet, sched = load_sdxl()
-    new_1, rows_1, table_1 = add_words(tok_1, te_1, g)
-    new_2, rows_2, table_2 = add_words(tok_2, te_2, g)
-
+def seeded_lora(unet, g):
+    """peft LoRA r 4, alpha 4 on every layer MagicTailor adapts, A and B set to 0.3 N(0, 1)
+    from `g` in sorted module order, trainable; returns (A, B) by module name."""
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
     mods = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
     lora = {}
@@ -65,6 +62,16 @@ def main():
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
                 p.requires_grad_(True)
             lora[name] = (a, b)
+    return lora
+
+
+def main():
+    g = torch.Generator().manual_seed(47)
+    tok_1, tok_2, te_1, te_2, unet, sched = load_sdxl()
+    new_1, rows_1, table_1 = add_words(tok_1, te_1, g)
+    new_2, rows_2, table_2 = add_words(tok_2, te_2, g)
+
+    lora = seeded_lora(unet, g)
 
     def ids(tok):
         return tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
