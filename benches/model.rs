@@ -272,8 +272,7 @@ fn bench_xl_1024(tg: &Target, dir: &std::path::Path, reps: usize) {
     let s = Instant::now();
     let sd = StableDiffusion::load(model.to_str().unwrap(), &tg.dev, tg.dtype).expect("model");
     let load = s.elapsed().as_secs_f64();
-    // The load's peak counts the memory-mapped file's pages beside the copies; the steps'
-    // is what sampling holds.
+    // The load's peak apart from the steps': what loading holds, and what sampling does.
     let load_peak = tg.peak();
     reset_peak();
     let mut step_once = ddim_step(tg, &sd, None, 128);

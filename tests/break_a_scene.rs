@@ -260,7 +260,9 @@ fn break_a_scene_flags_are_checked() {
     let (pair, model) = (pair.to_str().unwrap(), tiny_sd());
     let out = tmp.path().join("x");
     let o = out.to_str().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let export = tmp.path().join("full");
+    let export = export.to_str().unwrap();
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--method", "ti", "--phase2-lora", "4"],
             "--method ti: --phase2-lora",
@@ -297,6 +299,17 @@ fn break_a_scene_flags_are_checked() {
         (
             &["--method", "break-a-scene", "--phase2-lr", "-1"],
             "--phase2-lr -1",
+        ),
+        (
+            &[
+                "--method",
+                "break-a-scene",
+                "--phase2-lora",
+                "4",
+                "--export-full",
+                export,
+            ],
+            "with --phase2-lora nothing is fine-tuned in full",
         ),
     ];
     for (more, needle) in cases {

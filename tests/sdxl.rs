@@ -802,7 +802,8 @@ fn worst_gradient(
         let (got, want) = (grads.get(var.as_tensor()).unwrap(), &f[&key]);
         let rel =
             max_abs_diff(got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-8);
-        if rel > worst.0 {
+        // A NaN is the worst.
+        if rel.is_nan() || rel > worst.0 {
             worst = (rel, key);
         }
     }

@@ -164,7 +164,6 @@ fn load_embeds(
     let hidden = sd.text_encoder.config.hidden_size;
     let beside = (sd.text_encoder_2.is_some() && f_2.is_none())
         .then(|| second_of_pair(f))
-        .transpose()?
         .flatten();
     if let (Some((te_2, tok_2)), Some(f_2)) = (&mut sd.text_encoder_2, f_2.or(beside.as_deref())) {
         let (list, list_2) = (
@@ -205,22 +204,22 @@ fn load_embeds(
 }
 
 /// SDXL: the second file of diffusers' pair (`learned_embeds.safetensors` beside
-/// `learned_embeds_2.safetensors`, as its SDXL textual-inversion script and `train` write
-/// them) when `f` holds words rather than an A1111 file's `clip_l` and `clip_g`.
-fn second_of_pair(f: &Path) -> Result<Option<PathBuf>> {
-    crate::io::tensors::require_file(f)?;
-    let header = crate::io::tensors::header(f)?;
+/// `learned_embeds_2.safetensors`, or `learned_embeds-steps-N` beside
+/// `learned_embeds_2-steps-N`, as its SDXL textual-inversion script and `train` write them)
+/// when `f` holds words rather than an A1111 file's `clip_l` and `clip_g`. A file that is
+/// not safetensors is left to the embeddings reader, whose message says so.
+fn second_of_pair(f: &Path) -> Option<PathBuf> {
+    let header = crate::io::tensors::header(f).ok()?;
     if header.get("clip_l").is_some() {
-        return Ok(None);
+        return None;
     }
-    let (Some(stem), Some(ext)) = (f.file_stem(), f.extension()) else {
-        return Ok(None);
+    let (stem, ext) = (f.file_stem()?.to_str()?, f.extension()?.to_str()?);
+    let name = match stem.split_once("-steps-") {
+        Some((head, steps)) => format!("{head}_2-steps-{steps}.{ext}"),
+        None => format!("{stem}_2.{ext}"),
     };
-    let mut name = stem.to_os_string();
-    name.push("_2.");
-    name.push(ext);
     let second = f.with_file_name(name);
-    Ok(second.is_file().then_some(second))
+    second.is_file().then_some(second)
 }
 
 /// The weights a training checkpoint holds, as a trained folder's files would give them.
@@ -579,4 +578,44 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         references,
         retouch: opts.sampling.retouch.is_some(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::second_of_pair;
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+
+    /// diffusers' pair is found beside its first file, for the final save and for a step's
+    /// save; an A1111 file (`clip_l`, `clip_g`), a lone first file and a file that is not
+    /// safetensors have none.
+    #[test]
+    fn the_second_file_of_a_pair_is_found_beside_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let write = |name: &str, key: &str| {
+            let path = dir.path().join(name);
+            let t = HashMap::from([(key.to_string(), row.clone())]);
+            crate::io::tensors::write(&path, &t, None).unwrap();
+            path
+        };
+        for (first, second) in [
+            ("learned_embeds.safetensors", "learned_embeds_2.safetensors"),
+            (
+                "learned_embeds-steps-500.safetensors",
+                "learned_embeds_2-steps-500.safetensors",
+            ),
+        ] {
+            let f = write(first, "<v0>");
+            assert_eq!(second_of_pair(&f), None, "{first} alone");
+            let s = write(second, "<v0>");
+            assert_eq!(second_of_pair(&f), Some(s), "{first}");
+        }
+        let a1111 = write("v0.safetensors", "clip_l");
+        write("v0_2.safetensors", "<v0>");
+        assert_eq!(second_of_pair(&a1111), None);
+        let pickle = dir.path().join("words.bin");
+        std::fs::write(&pickle, b"not safetensors").unwrap();
+        assert_eq!(second_of_pair(&pickle), None);
+    }
 }

@@ -75,8 +75,8 @@ pub fn load_sdxl(
                 "{}: an SDXL model takes embeddings with a row per text encoder (tensors clip_l \
                  and clip_g, as diffusers and A1111 write them), or diffusers' pair of files \
                  (learned_embeds.safetensors with learned_embeds_2.safetensors beside it); this \
-                 file holds {keys:?} and has no `_2` file beside it (an embedding for SD 1.x or \
-                 2.x?).",
+                 file holds {keys:?}, with no second file of its pair beside it (an embedding \
+                 for SD 1.x or 2.x?).",
                 file.display()
             ),
         ));

@@ -137,15 +137,14 @@ fn read_header(file: &Path) -> Result<Header> {
 /// beside the copies candle makes of them: twice the model at the load's peak (19.6 GB
 /// for SDXL's 10.3 GB U-Net, benches/README.md).
 pub struct FileTensors {
-    files: Vec<Mutex<std::fs::File>>,
+    files: Vec<(PathBuf, Mutex<std::fs::File>)>,
     entries: HashMap<String, Entry>,
 }
 
-/// Where one tensor's bytes are. `dtype` is `Err(stored)` for a dtype candle has no type
-/// for (refused if the model asks for that tensor).
+/// Where one tensor's bytes are, as the header says.
 struct Entry {
     file: usize,
-    dtype: std::result::Result<DType, String>,
+    dtype: safetensors::Dtype,
     shape: Vec<usize>,
     start: u64,
     len: usize,
@@ -164,9 +163,8 @@ impl FileTensors {
                     entries.insert(name.clone(), e);
                 }
             }
-            handles.push(Mutex::new(
-                std::fs::File::open(file).map_err(|e| Error::read(file, e))?,
-            ));
+            let handle = std::fs::File::open(file).map_err(|e| Error::read(file, e))?;
+            handles.push((file.clone(), Mutex::new(handle)));
         }
         Ok(Self {
             files: handles,
@@ -186,7 +184,8 @@ impl FileTensors {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// The tensor `name` as stored (its dtype), on `dev`.
+    /// The tensor `name` on `dev`, in its stored dtype as candle reads it (candle's own
+    /// conversion: U16 widens to U32, and a dtype candle lacks is refused).
     pub fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| {
             candle_core::Error::CannotFindTensor {
@@ -194,23 +193,28 @@ impl FileTensors {
             }
             .bt()
         })?;
-        let dtype = e.dtype.clone().map_err(|stored| {
-            candle_core::Error::Msg(format!(
-                "{name} is stored as {stored}, which candle cannot read"
-            ))
-        })?;
+        let (path, file) = &self.files[e.file];
+        let context =
+            |what: String| candle_core::Error::Msg(format!("{}: {name}: {what}", path.display()));
         let mut bytes = vec![0u8; e.len];
         {
-            let mut f = (self.files[e.file].lock())
-                .map_err(|_| candle_core::Error::Msg("a weight file's lock was poisoned".into()))?;
-            f.seek(std::io::SeekFrom::Start(e.start))?;
-            f.read_exact(&mut bytes)?;
+            let mut f = file
+                .lock()
+                .map_err(|_| context("the file's lock was poisoned".into()))?;
+            f.seek(std::io::SeekFrom::Start(e.start))
+                .and_then(|_| f.read_exact(&mut bytes))
+                .map_err(|err| context(err.to_string()))?;
         }
-        Tensor::from_raw_buffer(&bytes, dtype, &e.shape, &Device::Cpu)?.to_device(dev)
+        let view = safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), &bytes)
+            .map_err(|err| context(err.to_string()))?;
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|err| context(crate::error::brief(&err)))?;
+        t.to_device(dev)
     }
 }
 
-/// One header entry of `file` (the `i`-th), its offsets made absolute.
+/// One header entry of `file` (the `i`-th), its offsets made absolute, its length checked
+/// against its dtype and shape.
 fn entry(
     file: &Path,
     i: usize,
@@ -224,20 +228,9 @@ fn entry(
             format!("{}: the tensor {name:?} {why}.", file.display()),
         )
     };
-    let stored = t
-        .get("dtype")
-        .and_then(|d| d.as_str())
-        .ok_or_else(|| bad("has no dtype"))?;
-    let dtype = match stored {
-        "F16" => Ok(DType::F16),
-        "BF16" => Ok(DType::BF16),
-        "F32" => Ok(DType::F32),
-        "F64" => Ok(DType::F64),
-        "I64" => Ok(DType::I64),
-        "U32" => Ok(DType::U32),
-        "U8" => Ok(DType::U8),
-        other => Err(other.to_string()),
-    };
+    let dtype: safetensors::Dtype = (t.get("dtype").cloned())
+        .and_then(|d| serde_json::from_value(d).ok())
+        .ok_or_else(|| bad("has no dtype safetensors knows"))?;
     let shape: Vec<usize> = (t.get("shape").and_then(|s| s.as_array()))
         .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
         .ok_or_else(|| bad("has no shape"))?;
@@ -245,12 +238,10 @@ fn entry(
     let (a, b) = offsets
         .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
         .ok_or_else(|| bad("has no data offsets"))?;
-    let len = b.saturating_sub(a) as usize;
-    let want = (dtype.as_ref().ok()).map(|d| shape.iter().product::<usize>() * d.size_in_bytes());
-    if b < a || want.is_some_and(|want| want != len) {
+    let want = (shape.iter().product::<usize>() * dtype.bitsize()).div_ceil(8);
+    if b < a || b - a != want as u64 {
         return Err(bad(&format!(
-            "spans {len} bytes but its shape {shape:?} needs {}",
-            want.unwrap_or(0)
+            "has data offsets {a}..{b} but its shape {shape:?} of {dtype} needs {want} bytes"
         )));
     }
     Ok(Entry {
@@ -258,7 +249,7 @@ fn entry(
         dtype,
         shape,
         start: data_start + a,
-        len,
+        len: want,
     })
 }
 
@@ -430,8 +421,8 @@ mod tests {
         }
     }
 
-    /// Tensor by tensor, across two files, every dtype a model holds reads back as
-    /// candle's whole-file load gives it; a VarBuilder over them checks shapes and names.
+    /// Tensor by tensor, across two files, every dtype a model may hold reads back as it
+    /// was written; a VarBuilder over them checks shapes and names.
     #[test]
     fn file_tensors_read_what_candle_reads() {
         use candle_nn::var_builder::SimpleBackend;
@@ -461,6 +452,8 @@ mod tests {
                 Tensor::new(&[3i64, -7, 9], &dev).unwrap(),
             ),
             ("b.u8".to_string(), Tensor::new(&[1u8, 255], &dev).unwrap()),
+            ("b.i32".to_string(), Tensor::new(&[-5i32, 6], &dev).unwrap()),
+            ("b.i16".to_string(), Tensor::new(&[-5i16, 7], &dev).unwrap()),
         ]);
         let files = [
             dir.path().join("1.safetensors"),
@@ -469,7 +462,7 @@ mod tests {
         write(&files[0], &one, None).unwrap();
         write(&files[1], &two, None).unwrap();
         let ft = FileTensors::open(&files).unwrap();
-        assert_eq!(ft.names().len(), 6);
+        assert_eq!(ft.names().len(), 8);
         for (name, want) in one.iter().chain(&two) {
             let got = ft.load(name, &dev).unwrap();
             assert_eq!(got.dtype(), want.dtype(), "{name}");

@@ -318,6 +318,14 @@ impl TrainConfig {
         if self.phase2_lora == Some(0) {
             return bad("--phase2-lora 0: adapters need a rank of at least 1 (e.g. 4).".into());
         }
+        if self.phase2_lora.is_some() && self.export_full.is_some() {
+            return bad(
+                "--export-full writes fine-tuned U-Net and text-encoder folders, and with \
+                 --phase2-lora nothing is fine-tuned in full: the adapters are in \
+                 pytorch_lora_weights.safetensors. Drop one of the two."
+                    .into(),
+            );
+        }
         if self.lora_rank == 0 {
             return bad(
                 "--lora-rank 0: the adapters need a rank of at least 1 (the paper uses 32).".into(),

@@ -601,6 +601,12 @@ pub(super) fn text_conditioning(
         let context = text_encoder.forward_with_table(ids, text.table, Some(text.rows))?;
         return Ok((context, None));
     };
+    // SDXL reads its base encoders: a fine-tuned one, or a trained table, would be ignored.
+    if !std::ptr::eq(text_encoder, &sd.text_encoder) || text.table.is_some() {
+        return Err(Error::internal(
+            "SDXL text features from a fine-tuned text encoder or token table",
+        ));
+    }
     let (context, pooled) = sd.encode_sdxl(ids, ids_2, Some(text.rows), text.rows_2)?;
     let side = latent_side * sd.vae_factor();
     Ok((context, Some(AddedCond::uncropped(pooled, (side, side))?)))
