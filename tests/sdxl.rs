@@ -242,29 +242,36 @@ fn an_sdxl_hub_repo_loads_from_the_cache() {
     assert_eq!(read_png(&out).dimensions(), (128, 128));
 }
 
-/// What does not take SDXL yet says so, before anything is written: a method, and the
-/// released script's token table (the first encoder's alone).
+/// What does not take SDXL yet says so, before anything is written and before any weight
+/// loads: Break-A-Scene's full fine-tune, and the released script's token table (the
+/// first encoder's alone). Told from a folder without its U-Net weights, and from a
+/// single file's header.
 #[test]
 fn train_on_sdxl_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let pair = pair_folder(dir.path(), &PairSpec::training());
     let run = dir.path().join("run");
-    let model = tiny_sdxl();
-    for (extra, says) in [
-        (
-            &["--method", "break-a-scene"][..],
-            "Break-A-Scene's phase 2 fine-tunes every U-Net and text-encoder weight",
-        ),
-        (
-            &["--released-script"][..],
-            "--released-script does not take SDXL yet",
-        ),
-    ] {
-        let args = quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), &model);
-        let o = run_bin("train", &with_args(args, extra));
-        assert!(!o.status.success());
-        assert!(stderr(&o).contains(says), "{}", stderr(&o));
-        assert!(!run.join("magictailor.json").exists());
+    let folder = dir.path().join("sdxl");
+    copy_dir(std::path::Path::new(&tiny_sdxl()), &folder);
+    std::fs::remove_file(folder.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let single = fixtures().join("sdxl/single.safetensors");
+    for model in [folder.to_str().unwrap(), single.to_str().unwrap()] {
+        for (extra, says) in [
+            (
+                &["--method", "break-a-scene"][..],
+                "Break-A-Scene's phase 2 fine-tunes every U-Net and text-encoder weight",
+            ),
+            (
+                &["--released-script"][..],
+                "--released-script does not take SDXL yet",
+            ),
+        ] {
+            let args = quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), model);
+            let o = run_bin("train", &with_args(args, extra));
+            assert!(!o.status.success());
+            assert!(stderr(&o).contains(says), "{model}: {}", stderr(&o));
+            assert!(!run.join("magictailor.json").exists());
+        }
     }
 }
 

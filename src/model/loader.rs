@@ -153,17 +153,6 @@ impl StableDiffusion {
         self.text_encoder_2.is_some()
     }
 
-    /// Refuses SDXL where `what` does not take it yet.
-    pub fn refuse_sdxl(&self, what: &str) -> Result<()> {
-        if !self.is_sdxl() {
-            return Ok(());
-        }
-        Err(Error::usage(format!(
-            "{} is an SDXL model: {what} does not take SDXL yet (infer does).",
-            self.source
-        )))
-    }
-
     /// Pixels per latent cell (8 for SD).
     pub fn vae_factor(&self) -> usize {
         self.vae.config.downscale_factor()
@@ -743,6 +732,20 @@ fn weights(
         dtype,
         device.clone(),
     ))
+}
+
+/// Whether `model` is SDXL, told from the disk alone (a folder's `text_encoder_2/`, a
+/// single file's keys) before any weight loads; None for a hub id or what cannot be read
+/// (the load then says why).
+pub fn is_sdxl_on_disk(model: &str) -> Option<bool> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Some(path.join("text_encoder_2").join("config.json").is_file());
+    }
+    let family = single_file_path(model).ok()??;
+    super::single_file::Checkpoint::family_of(&family)
+        .ok()
+        .map(|f| f == super::single_file::Family::Sdxl)
 }
 
 /// Turns what the user passed as `--model` into a local folder.

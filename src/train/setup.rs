@@ -45,7 +45,15 @@ impl Trainer {
         model: Option<StableDiffusion>,
     ) -> std::result::Result<Self, Box<SetupError>> {
         let fail = |error, model| Box::new(SetupError { error, model });
-        let mut data = match cfg.validate().and_then(|()| load_pair(&cfg, device)) {
+        let checked = cfg.validate().and_then(|()| match model {
+            // A local SDXL model is refused in milliseconds, not after its load.
+            None => match crate::model::loader::is_sdxl_on_disk(&cfg.model) {
+                Some(true) => refuse_on_sdxl(&cfg, &cfg.model),
+                _ => Ok(()),
+            },
+            Some(_) => Ok(()),
+        });
+        let mut data = match checked.and_then(|()| load_pair(&cfg, device)) {
             Ok(data) => data,
             Err(e) => return Err(fail(e, model)),
         };
@@ -214,23 +222,33 @@ pub fn lora_targets(
 /// Loads the base model the settings name, refusing a resolution its VAE cannot take.
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
-    use crate::train::method::Method;
-    if cfg.method == Method::BreakAScene && cfg.phase2_lora.is_none() && sd.is_sdxl() {
-        return Err(Error::usage(format!(
-            "{} is an SDXL model: Break-A-Scene's phase 2 fine-tunes every U-Net and \
-             text-encoder weight, which is not built for SDXL's two encoders yet (and needs \
-             about 54 GB of f32 weights, gradients and moments there). Train its adapters instead: add \
-             --phase2-lora 4.",
-            sd.source
-        )));
-    }
-    if cfg.released_script {
-        // Its trainable token table is the first encoder's alone.
-        sd.refuse_sdxl("--released-script")?;
+    if sd.is_sdxl() {
+        refuse_on_sdxl(cfg, &sd.source)?;
     }
     let f = sd.vae_factor();
     crate::model::loader::check_side("--resolution", cfg.resolution, f, f)?;
     Ok(sd)
+}
+
+/// Refuses what does not train on SDXL (`model`, named in the message, is one).
+fn refuse_on_sdxl(cfg: &TrainConfig, model: &str) -> Result<()> {
+    use crate::train::method::Method;
+    if cfg.method == Method::BreakAScene && cfg.phase2_lora.is_none() {
+        return Err(Error::usage(format!(
+            "{model} is an SDXL model: Break-A-Scene's phase 2 fine-tunes every U-Net and \
+             text-encoder weight, which is not built for SDXL's two encoders yet (and needs \
+             about 54 GB of f32 weights, gradients and moments there). Train its adapters \
+             instead: add --phase2-lora 4."
+        )));
+    }
+    if cfg.released_script {
+        // Its trainable token table is the first encoder's alone.
+        return Err(Error::usage(format!(
+            "{model} is an SDXL model: --released-script does not take SDXL yet (its \
+             trainable token table is the first text encoder's alone)."
+        )));
+    }
+    Ok(())
 }
 
 /// The reference images and masks of `cfg.instance_dir`: where bad input shows up.
