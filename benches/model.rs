@@ -380,6 +380,7 @@ fn bench_retouch(
         lora: None,
         extra_rows: Some(rows),
         extra_rows_2: None,
+        embeds_2: None,
         token_table: None,
         tuned: None,
         class_words: Default::default(),

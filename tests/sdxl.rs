@@ -334,6 +334,10 @@ fn magictailor_trains_on_sdxl() {
     ];
     ok(&infer_sdxl(prompt, &extra, &files));
     assert_eq!(png_max_diff(&read_png(&drawn), &read_png(&files)), 0);
+    // Its record names the second file it read.
+    let record: serde_json::Value = serde_json::from_str(&png_text(&files)["magictailor"]).unwrap();
+    let second = run.join("learned_embeds_2.safetensors");
+    assert_eq!(record["embeds_2"], second.to_str().unwrap(), "{record}");
     // The adapters trained (B starts at 0).
     let up = (kohya.iter())
         .find(|(k, _)| k.ends_with("lora_up.weight"))

@@ -53,6 +53,9 @@ struct Entry<'a> {
     model: &'a str,
     lora: Option<String>,
     embeds: Option<String>,
+    /// SDXL: the second encoder's rows, when read from a file of their own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embeds_2: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     custom_diffusion: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,6 +146,7 @@ fn write_manifest(opts: &InferOptions, many: &Many, src: &Sources) -> Result<()>
                 model: &src.model,
                 lora: path_str(&src.lora),
                 embeds: path_str(&src.embeds),
+                embeds_2: path_str(&src.embeds_2),
                 custom_diffusion: path_str(&src.custom_diffusion),
                 full_delta: path_str(&src.full_delta),
                 checkpoint: src

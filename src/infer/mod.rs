@@ -131,6 +131,11 @@ pub fn infer(opts: &InferOptions) -> Result<Vec<PathBuf>> {
         retouch::check_prompts(prompts, &src.references)?;
     }
     let mut p = Personalized::load(&src, &opts.device, opts.dtype)?;
+    // The record names the second-encoder file that was read, wherever it was found.
+    let src = weights::Sources {
+        embeds_2: p.embeds_2.clone(),
+        ..src
+    };
     p.weights().check_prompt(&opts.sampling.negative_prompt)?;
     if let Some(r) = &opts.sampling.retouch {
         p.retouch = Some(retouch::stage(

@@ -21,6 +21,8 @@ pub struct Provenance<'a> {
     single_file: &'a crate::model::loader::SingleFileOptions,
     lora: Option<&'a Path>,
     embeds: Option<&'a Path>,
+    /// SDXL: the second encoder's rows, when read from a file of their own.
+    embeds_2: Option<&'a Path>,
     custom_diffusion: Option<&'a Path>,
     full_delta: Option<&'a Path>,
     vico_blocks: Option<&'a Path>,
@@ -40,6 +42,7 @@ impl<'a> Provenance<'a> {
             single_file: &src.single_file,
             lora: src.lora.as_deref(),
             embeds: src.embeds.as_deref(),
+            embeds_2: src.embeds_2.as_deref(),
             custom_diffusion: src.custom_diffusion.as_deref(),
             full_delta: src.full_delta.as_deref(),
             vico_blocks: src.vico_blocks.as_deref(),
@@ -87,6 +90,9 @@ impl<'a> Provenance<'a> {
         }
         if let Some(e) = self.embeds {
             s.push_str(&format!(", Embeddings: {}", name(e)));
+        }
+        if let Some(e) = self.embeds_2 {
+            s.push_str(&format!(", Embeddings 2: {}", name(e)));
         }
         if let Some(c) = self.custom_diffusion {
             s.push_str(&format!(", Custom Diffusion: {}", name(c)));
@@ -156,6 +162,9 @@ impl<'a> Provenance<'a> {
         }
         if let Some(c) = self.checkpoint {
             record["checkpoint"] = json!(c);
+        }
+        if let Some(e) = self.embeds_2 {
+            record["embeds_2"] = json!(e);
         }
         record
     }

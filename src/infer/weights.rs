@@ -54,6 +54,9 @@ pub struct Personalized {
     pub extra_rows: Option<Tensor>,
     /// Their rows in SDXL's second text encoder, `[k, hidden_2]`.
     pub extra_rows_2: Option<Tensor>,
+    /// The file those second rows came from, when not from the `--embeds` file itself
+    /// (diffusers' SDXL pair): for the record.
+    pub embeds_2: Option<PathBuf>,
     /// Replaces the text encoder's token table (`--released-script` runs).
     pub token_table: Option<Tensor>,
     /// Whole matrices in place of base weights (Custom Diffusion).
@@ -96,9 +99,9 @@ impl Personalized {
             )?),
             None => None,
         };
-        let (extra_rows, extra_rows_2) = match &src.embeds {
+        let (extra_rows, extra_rows_2, embeds_2) = match &src.embeds {
             Some(f) => load_embeds(&mut sd, f, src.embeds_2.as_deref(), device)?,
-            None => (None, None),
+            None => (None, None, None),
         };
         let vico = match &src.vico_blocks {
             Some(f) => {
@@ -115,6 +118,7 @@ impl Personalized {
             lora,
             extra_rows,
             extra_rows_2,
+            embeds_2,
             token_table,
             tuned,
             class_words: src.class_words.clone(),
@@ -154,13 +158,13 @@ impl Personalized {
 
 /// The pseudo-words of the embeddings file `f`, added to `sd`'s tokenizers, and their rows
 /// (in each text encoder, for SDXL: from an SDXL embedding, or `f` and its second file
-/// `f_2`: a trained folder's, or the one beside `f`).
+/// `f_2`: a trained folder's, or the one beside `f`), with the second file read.
 fn load_embeds(
     sd: &mut StableDiffusion,
     f: &Path,
     f_2: Option<&Path>,
     device: &Device,
-) -> Result<(Option<Tensor>, Option<Tensor>)> {
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<PathBuf>)> {
     let hidden = sd.text_encoder.config.hidden_size;
     let beside = (sd.text_encoder_2.is_some() && f_2.is_none())
         .then(|| second_of_pair(f))
@@ -187,20 +191,24 @@ fn load_embeds(
             let rows: Vec<Tensor> = l.into_iter().map(|(_, v)| v).collect();
             Ok(Tensor::stack(&rows, 0)?)
         };
-        return Ok((Some(stack(list)?), Some(stack(list_2)?)));
+        return Ok((
+            Some(stack(list)?),
+            Some(stack(list_2)?),
+            Some(f_2.to_path_buf()),
+        ));
     }
     if let Some((te_2, tok_2)) = &mut sd.text_encoder_2 {
         let widths = (hidden, te_2.config.hidden_size);
         let (word, l, g) = crate::io::embeds::load_sdxl(f, widths, device)?;
         sd.tokenizer.add_pseudo_words(std::slice::from_ref(&word))?;
         tok_2.add_pseudo_words(&[word])?;
-        return Ok((Some(l.unsqueeze(0)?), Some(g.unsqueeze(0)?)));
+        return Ok((Some(l.unsqueeze(0)?), Some(g.unsqueeze(0)?), None));
     }
     let list = crate::io::embeds::load(f, hidden, device)?;
     let words: Vec<String> = list.iter().map(|(w, _)| w.clone()).collect();
     sd.tokenizer.add_pseudo_words(&words)?;
     let rows: Vec<Tensor> = list.into_iter().map(|(_, v)| v).collect();
-    Ok((Some(Tensor::stack(&rows, 0)?), None))
+    Ok((Some(Tensor::stack(&rows, 0)?), None, None))
 }
 
 /// SDXL: the second file of diffusers' pair (`learned_embeds.safetensors` beside
@@ -304,6 +312,7 @@ fn from_checkpoint(
         lora: has_lora.then_some(lora),
         extra_rows: rows,
         extra_rows_2: rows_2,
+        embeds_2: None,
         token_table,
         tuned,
         class_words: src.class_words.clone(),
