@@ -15,7 +15,9 @@
 #     the same model and pair, a U-Net fwd+bwd, a DDIM step and a 50-step sampling; then
 #     `infer --retouch` against the same computation in PyTorch (logs only); one markdown
 #     table (table.md, printed);
-#  5. what is left of the budget: the kernel tests under compute-sanitizer's memcheck,
+#  5. Break-A-Scene's phase-2 step at 512 px, and SDXL-base's U-Net for a DDIM step at
+#     1024 px, ours and PyTorch's;
+#  6. what is left of the budget: the kernel tests under compute-sanitizer's memcheck,
 #     8-warp flash blocks, racecheck and synccheck.
 #
 #   bash scripts/gpu_session.sh [bf16|f16|f32]    # our dtype on the full model; PyTorch runs fp16
@@ -64,6 +66,10 @@ step ours-bas-full 200 "$work/model-bench" full-break-a-scene-full
 step ours-bas-lora 150 "$work/model-bench" full-break-a-scene-lora
 step torch-bas 300 python3 scripts/bench_pytorch.py "$work" full --device cuda --dtype fp16 \
   --rows break-a-scene-full,break-a-scene-lora
+# SDXL-base's U-Net at its real shape (written here: 10.3 GB of random f32), one DDIM step
+# at 1024 px, ours and PyTorch's (benches/README.md has the CPU figures).
+step ours-xl1024 240 "$work/model-bench" xl1024-ddim
+step torch-xl1024 150 python3 scripts/bench_pytorch.py "$work" xl1024 --device cuda --dtype fp16 --rows ddim
 
 [ -z "$cs" ] || step memcheck 90 "$cs" --tool memcheck --error-exitcode 9 "$work/lib-tests" on_gpu --test-threads=1
 
