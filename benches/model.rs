@@ -107,6 +107,14 @@ struct Target {
     dtype: DType,
 }
 
+/// One more training step of `t` with profiling on, its table headed `what`.
+fn profile_step(what: &str, t: &mut magictailor::train::Trainer) {
+    println!("{what}, profiled:");
+    profile_once(|| {
+        t.train_step().unwrap();
+    });
+}
+
 /// Runs `f` once more with profiling on and prints the table.
 fn profile_once(mut f: impl FnMut()) {
     let was = profile::enabled();
@@ -473,10 +481,7 @@ fn bench_train(
         median(dsbal[1..].to_vec()),
         tg.peak()
     );
-    println!("{name} DS-Bal step, profiled:");
-    profile_once(|| {
-        t.train_step().unwrap();
-    });
+    profile_step(&format!("{name} DS-Bal step"), &mut t);
 }
 
 /// Seconds per step of a one-phase method: `ti` (4 images, only the pseudo-word rows
@@ -509,10 +514,7 @@ fn bench_one_phase(
         median(times[1..].to_vec()),
         tg.peak()
     );
-    println!("{name} {label} step, profiled:");
-    profile_once(|| {
-        t.train_step().unwrap();
-    });
+    profile_step(&format!("{name} {label} step"), &mut t);
 }
 
 /// Seconds per Break-A-Scene phase-2 step (every weight, or `lora` adapters of that rank)
@@ -542,10 +544,7 @@ fn bench_break_a_scene(
         median(times[1..].to_vec()),
         tg.peak()
     );
-    println!("{name} Break-A-Scene phase-2 step, profiled:");
-    profile_once(|| {
-        t.train_step().unwrap();
-    });
+    profile_step(&format!("{name} Break-A-Scene phase-2 step"), &mut t);
 }
 
 /// The first sample of `pair` as a folder of its own (`person_k/`, images and masks).

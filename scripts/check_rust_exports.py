@@ -110,49 +110,56 @@ diff_db = levels(pipe, "a photo of sks person", db)
 print(f"dreambooth folder: diffusers loaded {n_db} LoRA modules; reproduces magictailor's image within "
       f"{diff_db} levels")
 
+
+def worded(folder, load=lambda pipe: None):
+    """The tiny pipeline with `load(pipe)` applied, then the folder's A1111 words."""
+    pipe = tiny_pipeline()
+    load(pipe)
+    words(pipe, folder)
+    return pipe
+
+
+def attn_procs(folder):
+    """Loads a folder's matrices file through the attention-processor loader."""
+    return lambda pipe: pipe.unet.load_attn_procs(
+        folder, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+
+
+def full_folders(folder, *parts):
+    """Swaps in the `--export-full` folder's components (`unet`, `text_encoder`)."""
+    from transformers import CLIPTextModel
+
+    classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+    return lambda pipe: [setattr(pipe, p, classes[p].from_pretrained(os.path.join(folder, "full"), subfolder=p))
+                         for p in parts]
+
+
 # A `--method custom-diffusion` folder: the cross-attentions' k/v matrices through the
 # attention-processor loader (diffusers 0.42 sets them only when given the pipeline), the
 # words through textual inversion; then the words alone, and the --export-full U-Net.
 cd = check_dir("custom-diffusion-check")
-pipe = tiny_pipeline()
-pipe.unet.load_attn_procs(cd, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+pipe = worded(cd, attn_procs(cd))
 n_cd = sum(1 for p in pipe.unet.attn_processors.values() if getattr(p, "train_kv", False))
-words(pipe, cd)
 diff_cd = levels(pipe, "photo of a <v0> with <v1>", cd)
-pipe = tiny_pipeline()
-words(pipe, cd)
-words_only = levels(pipe, "photo of a <v0> with <v1>", cd)
+words_only = levels(worded(cd), "photo of a <v0> with <v1>", cd)
 print(f"custom-diffusion folder: diffusers set {n_cd} tuned cross-attention processors; reproduces "
       f"magictailor's image within {diff_cd} levels (the words alone: {words_only} levels)")
-pipe = tiny_pipeline()
-pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(cd, "full"), subfolder="unet")
-words(pipe, cd)
-diff_full = levels(pipe, "photo of a <v0> with <v1>", cd)
+diff_full = levels(worded(cd, full_folders(cd, "unet")), "photo of a <v0> with <v1>", cd)
 print(f"custom-diffusion --export-full unet/: diffusers reproduces magictailor's image within {diff_full} levels")
 
 # A `--method clic` folder: q/k/v/out (with the out bias) of every cross-attention through
 # the same loader, whose processors then tune queries and outputs too.
 cl = check_dir("clic-check")
-pipe = tiny_pipeline()
-pipe.unet.load_attn_procs(cl, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+pipe = worded(cl, attn_procs(cl))
 n_cl = sum(1 for p in pipe.unet.attn_processors.values() if getattr(p, "train_q_out", False))
-words(pipe, cl)
 diff_cl = levels(pipe, "a photo of <v0> with <v1>", cl)
 print(f"clic folder: diffusers set {n_cl} processors tuning q/k/v/out; reproduces magictailor's image within "
       f"{diff_cl} levels")
 # A `--method break-a-scene` folder's --export-full U-Net and text encoder (every weight
 # trained) with its A1111 words; then the words alone on the base.
-from transformers import CLIPTextModel  # noqa: E402
-
 bas = check_dir("break-a-scene-check")
-pipe = tiny_pipeline()
-pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(bas, "full"), subfolder="unet")
-pipe.text_encoder = CLIPTextModel.from_pretrained(os.path.join(bas, "full"), subfolder="text_encoder")
-words(pipe, bas)
-diff_bas = levels(pipe, "<v0> with <v1>", bas)
-pipe = tiny_pipeline()
-words(pipe, bas)
-bas_words_only = levels(pipe, "<v0> with <v1>", bas)
+diff_bas = levels(worded(bas, full_folders(bas, "unet", "text_encoder")), "<v0> with <v1>", bas)
+bas_words_only = levels(worded(bas), "<v0> with <v1>", bas)
 print(f"break-a-scene --export-full unet/ + text_encoder/: diffusers reproduces magictailor's image within "
       f"{diff_bas} levels (the words alone on the base: {bas_words_only} levels)")
 
@@ -207,8 +214,7 @@ print(f"sdxl magictailor kohya + A1111 words: diffusers loaded {n_mt} LoRA modul
 diff_xt = {}
 for method in ("custom-diffusion", "clic"):
     folder = check_dir(f"sdxl-{method}-check")
-    diff_xt[method], xp = sdxl_words_levels(folder, lambda p: p.unet.load_attn_procs(
-        folder, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=p))
+    diff_xt[method], xp = sdxl_words_levels(folder, attn_procs(folder))
     n = sum(1 for p in xp.unet.attn_processors.values() if getattr(p, "train_kv", False))
     print(f"sdxl {method}: diffusers set {n} tuned cross-attention processors; reproduces magictailor's image "
           f"within {diff_xt[method]} levels")

@@ -187,12 +187,7 @@ impl FileTensors {
     /// The tensor `name` on `dev`, in its stored dtype as candle reads it (candle's own
     /// conversion: U16 widens to U32, and a dtype candle lacks is refused).
     pub fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| {
-            candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            }
-            .bt()
-        })?;
+        let e = self.entries.get(name).ok_or_else(|| not_found(name))?;
         let (path, file) = &self.files[e.file];
         let context =
             |what: String| candle_core::Error::Msg(format!("{}: {name}: {what}", path.display()));
@@ -253,6 +248,32 @@ fn entry(
     })
 }
 
+/// The error candle's own backends give for a tensor a file lacks.
+pub(crate) fn not_found(name: &str) -> candle_core::Error {
+    candle_core::Error::CannotFindTensor {
+        path: name.to_string(),
+    }
+    .bt()
+}
+
+/// `t` where it has shape `want`; else the error candle's own backends give, naming
+/// `what`.
+pub(crate) fn shaped(
+    t: Tensor,
+    want: Shape,
+    what: impl FnOnce() -> String,
+) -> candle_core::Result<Tensor> {
+    if t.shape() == &want {
+        return Ok(t);
+    }
+    Err(candle_core::Error::UnexpectedShape {
+        msg: format!("shape mismatch for {}", what()),
+        expected: want,
+        got: t.shape().clone(),
+    }
+    .bt())
+}
+
 impl candle_nn::var_builder::SimpleBackend for FileTensors {
     fn get(
         &self,
@@ -262,16 +283,9 @@ impl candle_nn::var_builder::SimpleBackend for FileTensors {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(t)
+        shaped(self.get_unchecked(name, dtype, dev)?, s, || {
+            name.to_string()
+        })
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -18,7 +18,7 @@ use super::config::{ClipTextConfig, UNetConfig};
 use super::loader::StableDiffusion;
 use super::unet::UNet;
 use crate::error::{Error, Result};
-use crate::io::tensors;
+use crate::io::tensors::{self, not_found, shaped};
 
 /// The prefixes of the two components' tensors in `named()`, checkpoints and delta files.
 const UNET: &str = "unet.";
@@ -348,16 +348,11 @@ impl SimpleBackend for Recorder<'_> {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
-        super::single_file::shaped(t, s, || name.to_string())
+        shaped(t, s, || name.to_string())
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        let t = self.base.get(name).ok_or_else(|| {
-            candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            }
-            .bt()
-        })?;
+        let t = self.base.get(name).ok_or_else(|| not_found(name))?;
         if let Ok(mut read) = self.read.lock() {
             read.insert(name.to_string());
         }

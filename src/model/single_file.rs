@@ -18,7 +18,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use crate::error::{Error, Result};
-use crate::io::tensors::FileTensors;
+use crate::io::tensors::{not_found, shaped, FileTensors};
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
@@ -222,36 +222,13 @@ impl SimpleBackend for Renamed {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let (key, part) = self.map.get(name).ok_or_else(|| {
-            candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            }
-            .bt()
-        })?;
+        let (key, part) = self.map.get(name).ok_or_else(|| not_found(name))?;
         cut(self.st.load(key, dev)?, *part)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }
-}
-
-/// `t` where it has shape `want`; else the error candle's own backends give, naming
-/// `what`.
-pub(crate) fn shaped(
-    t: Tensor,
-    want: Shape,
-    what: impl FnOnce() -> String,
-) -> candle_core::Result<Tensor> {
-    if t.shape() == &want {
-        return Ok(t);
-    }
-    Err(candle_core::Error::UnexpectedShape {
-        msg: format!("shape mismatch for {}", what()),
-        expected: want,
-        got: t.shape().clone(),
-    }
-    .bt())
 }
 
 fn cut(t: Tensor, part: Part) -> candle_core::Result<Tensor> {
