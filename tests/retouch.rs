@@ -31,6 +31,19 @@ fn swap_layers_are_masactrls_decoder_layers() {
     assert_eq!(layers, want);
 }
 
+/// On SDXL the decoder's coarsest level with attention is `up_blocks.0` (latent/4), so
+/// the swap reads `up_blocks.1`'s transformers (latent/2), every layer of each.
+#[test]
+fn swap_layers_on_sdxl_are_the_decoders_finer_level() {
+    let sd = StableDiffusion::load(&tiny_sdxl(), &Device::Cpu, DType::F32).unwrap();
+    let mut layers: Vec<String> = swap_layers(&sd.unet).into_iter().collect();
+    layers.sort();
+    let want: Vec<String> = (0..3)
+        .map(|a| format!("up_blocks.1.attentions.{a}"))
+        .collect();
+    assert_eq!(layers, want);
+}
+
 /// The tiny model in f64 and a batch of `rows` latents (by seed) on one prompt.
 struct Batch {
     sd: StableDiffusion,
@@ -151,8 +164,8 @@ fn blend_masks_of_zero_give_the_layouts_outputs_in_every_layer() {
 
 /// The fixture personalization (LoRA and two pseudo-words) on the tiny model, with the
 /// two eval images as references.
-fn personalized(retouch: &Retouch, steps: usize) -> Personalized {
-    let src = Sources {
+fn sd_sources() -> Sources {
+    Sources {
         model: tiny_sd(),
         lora: Some(fixtures().join("lora_peft.safetensors")),
         embeds: Some(fixtures().join("learned_embeds.safetensors")),
@@ -162,17 +175,60 @@ fn personalized(retouch: &Retouch, steps: usize) -> Personalized {
         ],
         retouch: true,
         ..Default::default()
-    };
-    let mut p = Personalized::load(&src, &Device::Cpu, DType::F32).unwrap();
-    p.retouch = Some(retouch::stage(&p, &src, retouch, steps, &Device::Cpu).unwrap());
+    }
+}
+
+fn tiny_sdxl() -> String {
+    fixtures()
+        .join("sdxl/tiny-sdxl")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Diffusers' SDXL pair of word files in `dir` (`learned_embeds.safetensors` and its
+/// `_2`): `<v0>` and `<v1>` with seeded rows in both of the tiny SDXL's encoders.
+fn sdxl_words(dir: &Path) -> std::path::PathBuf {
+    for (i, file) in ["learned_embeds", "learned_embeds_2"].iter().enumerate() {
+        let words: HashMap<String, Tensor> = (0..2)
+            .map(|w| {
+                let row = seeded_normal(10 * i as u64 + w, 32, &Device::Cpu).unwrap();
+                (format!("<v{w}>"), (row * 0.1).unwrap())
+            })
+            .collect();
+        candle_core::safetensors::save(&words, dir.join(format!("{file}.safetensors"))).unwrap();
+    }
+    dir.join("learned_embeds.safetensors")
+}
+
+/// [`sd_sources`] on the tiny SDXL: its kohya fixture LoRA and [`sdxl_words`].
+fn sdxl_sources(dir: &Path) -> Sources {
+    Sources {
+        model: tiny_sdxl(),
+        lora: Some(fixtures().join("sdxl/lora_kohya_sdxl.safetensors")),
+        embeds: Some(sdxl_words(dir)),
+        ..sd_sources()
+    }
+}
+
+fn personalized(src: &Sources, retouch: &Retouch, steps: usize) -> Personalized {
+    let mut p = Personalized::load(src, &Device::Cpu, DType::F32).unwrap();
+    p.retouch = Some(retouch::stage(&p, src, retouch, steps, &Device::Cpu).unwrap());
     p
 }
 
 /// With the swap and the blend off, the retouched image is the target path alone, byte
 /// for byte: the personalized model with guidance from the layout's inverted noise (no
-/// source rows ride along when nothing reads them).
+/// source rows ride along when nothing reads them); on SD 2.x and on SDXL (its added
+/// conditioning).
 #[test]
 fn without_swap_and_blend_the_retouch_is_the_target_path_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    for src in [sd_sources(), sdxl_sources(tmp.path())] {
+        target_path_alone(&src);
+    }
+}
+
+fn target_path_alone(src: &Sources) {
     let steps = 6;
     let off = Retouch {
         swap: false,
@@ -181,7 +237,7 @@ fn without_swap_and_blend_the_retouch_is_the_target_path_alone() {
         sam_model: None,
         kv_cache_mb: 0,
     };
-    let p = personalized(&off, steps);
+    let p = personalized(src, &off, steps);
     let prompt = "<v0> with <v1>";
     let sampling = Sampling {
         steps,
@@ -209,7 +265,7 @@ fn without_swap_and_blend_the_retouch_is_the_target_path_alone() {
     let images = to_images(&decode(w, &alone).unwrap()).unwrap();
     assert_eq!(drawn.layouts.as_ref().unwrap(), &layouts);
     for (got, want) in drawn.images.iter().zip(&images) {
-        assert_eq!(got, want, "the target path alone");
+        assert_eq!(got, want, "the target path alone on {}", src.model);
     }
     assert!(drawn.masks.is_none(), "nothing blended");
 }
@@ -551,5 +607,62 @@ fn kept_reference_keys_give_the_image_of_references_in_the_batch() {
     let (kept, rows) = (draw("kept.png", "2048"), draw("rows.png", "0"));
     let d = png_max_diff(&kept, &rows);
     eprintln!("kept keys vs references in the batch: max {d} level(s)");
+    assert!(d <= 1, "{d}");
+}
+
+/// `infer --retouch` on SDXL (the tiny SDXL with a kohya LoRA and diffusers' pair of word
+/// files): the layout image is stage 1's, the retouch changes it and is drawn again byte
+/// for byte, and the references' kept keys give the image of references in the batch.
+#[test]
+fn infer_retouches_on_sdxl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let embeds = sdxl_words(tmp.path());
+    let (model, lora) = (
+        tiny_sdxl(),
+        fixtures().join("sdxl/lora_kohya_sdxl.safetensors"),
+    );
+    let r = refs();
+    let draw = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "--model",
+            model.as_str(),
+            "--lora",
+            lora.to_str().unwrap(),
+            "--embeds",
+            embeds.to_str().unwrap(),
+            "--prompt",
+            "<v0> with <v1>",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        ok(&infer(&args));
+        out
+    };
+    let mut retouch: Vec<&str> = r.iter().map(String::as_str).collect();
+    retouch.extend(["--retouch", "--save-masks"]);
+    let kept = draw("kept.png", &retouch);
+    let plain = draw("plain.png", &[]);
+    let layout = tmp.path().join("kept-layout.png");
+    assert!(
+        read_png(&layout) == read_png(&plain),
+        "the layout is stage 1's image"
+    );
+    assert!(
+        read_png(&kept) != read_png(&layout),
+        "the retouch changes it"
+    );
+    assert!(tmp.path().join("kept-mask.png").is_file());
+    let made: serde_json::Value = serde_json::from_str(&png_text(&kept)["magictailor"]).unwrap();
+    assert_eq!(made["retouch"]["swap"], true, "{made}");
+    let bytes = read_bytes(&kept);
+    draw("kept.png", &retouch);
+    assert!(bytes == read_bytes(&kept), "drawn again byte for byte");
+    retouch.extend(["--reference-cache-mb", "0"]);
+    let rows = draw("rows.png", &retouch);
+    let d = png_max_diff(&read_png(&kept), &read_png(&rows));
+    eprintln!("SDXL kept keys vs references in the batch: max {d} level(s)");
     assert!(d <= 1, "{d}");
 }

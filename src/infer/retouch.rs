@@ -31,7 +31,7 @@ use crate::masks::attention::bilinear;
 use crate::masks::cleanup::Binary;
 use crate::masks::sam::Refiner;
 use crate::model::loader::StableDiffusion;
-use crate::model::nn::Ctx;
+use crate::model::nn::{AddedCond, Ctx};
 use crate::model::probe::{AttnProbe, BlockKind};
 use crate::model::scheduler::Ddim;
 use crate::model::swap::{swap_layers, KeysValues, Source, Swap};
@@ -56,7 +56,8 @@ pub struct Retouch {
 }
 
 /// [`Retouch::kv_cache_mb`]'s default: SD 2.x at 512 px keeps about 24 MiB per reference
-/// and step in bf16 (47 in f32), so one reference's 40 steps fit in bf16.
+/// and step in bf16 (47 in f32), so one reference's 40 steps fit in bf16; SDXL at 1024 px
+/// about 63 MB, so 34 of one reference's 40.
 pub const KV_CACHE_MB: usize = 2048;
 
 impl Retouch {
@@ -201,9 +202,6 @@ pub fn stage(
     steps: usize,
     device: &candle_core::Device,
 ) -> Result<Stage> {
-    if p.sd.is_sdxl() {
-        return Err(Error::usage("--retouch is not built for SDXL yet."));
-    }
     if p.vico.is_some() {
         return Err(Error::usage(
             "--retouch on ViCo's image cross-attention blocks is not built: retouch a run of \
@@ -387,6 +385,7 @@ impl<'a> Prompt<'a> {
             }
             false => (Vec::new(), None),
         };
+        let one = z.narrow(0, 0, 1)?;
         Ok(Paths {
             sd,
             layout,
@@ -398,6 +397,11 @@ impl<'a> Prompt<'a> {
                 .map(|w| self.ref_conds[w.sample].cond.clone())
                 .collect(),
             target_context: main.context(n)?,
+            layout_added: self.layout.added(z)?,
+            ref_added: (self.words.iter())
+                .map(|w| self.ref_conds[w.sample].added(&one))
+                .collect::<Result<_>>()?,
+            target_added: main.added(z)?,
             layers: swap_layers(&sd.unet),
             n,
             targets: if main.uncond.is_some() { 2 * n } else { n },
@@ -424,6 +428,7 @@ impl<'a> Prompt<'a> {
             Ddim::new(&sd.schedule, steps).map_err(|e| Error::usage(format!("--steps: {e}")))?;
         let layers = swap_layers(&sd.unet);
         let mut kept = vec![None; steps];
+        let added = self.references_added(&paths[0][0])?;
         let mut cache = self.stage.kv.borrow_mut();
         // Every step costs the same: known after the first.
         let mut per_step = 0;
@@ -444,6 +449,7 @@ impl<'a> Prompt<'a> {
                 lora: main.weights.lora,
                 tuned: main.weights.tuned,
                 swap: Some(&swap),
+                added: added.as_ref(),
                 ..Ctx::default()
             };
             let ts = Tensor::from_vec(vec![t as f32; rows.len()], rows.len(), &sd.device)?;
@@ -463,6 +469,15 @@ impl<'a> Prompt<'a> {
         let kept = Rc::new(kept);
         cache.steps.insert(key, kept.clone());
         Ok(kept)
+    }
+
+    /// SDXL's added conditioning of every reference row, in sample order, for latents
+    /// like `x: [1, c, h, w]` (None on other bases).
+    fn references_added(&self, x: &Tensor) -> Result<Option<AddedCond>> {
+        let each = (self.ref_conds.iter())
+            .map(|c| c.added(x))
+            .collect::<Result<Option<Vec<_>>>>()?;
+        Ok((each.map(|a| AddedCond::cat(&a.iter().collect::<Vec<_>>()))).transpose()?)
     }
 
     /// The reference path of sample `s` at latent size `(h, w)`: its clean latent's
@@ -585,6 +600,11 @@ struct Paths<'a> {
     layout_context: Tensor,
     ref_contexts: Vec<Tensor>,
     target_context: Tensor,
+    /// SDXL's added conditioning of the layout, reference and target rows (None on
+    /// other bases).
+    layout_added: Option<AddedCond>,
+    ref_added: Vec<Option<AddedCond>>,
+    target_added: Option<AddedCond>,
     layers: HashSet<String>,
     /// Images, and target rows (`2 n` under guidance).
     n: usize,
@@ -597,6 +617,7 @@ struct Step<'p> {
     paths: &'p Paths<'p>,
     rows: Tensor,
     context: Tensor,
+    added: Option<AddedCond>,
     swap: Swap,
     /// Leading source rows; the control is off when there are none and nothing is kept.
     sources: usize,
@@ -615,11 +636,12 @@ impl Paths<'_> {
         source: Option<Source>,
         blend: Option<HashMap<usize, Tensor>>,
     ) -> Result<Step<'_>> {
-        let (mut rows, mut contexts) = (Vec::new(), Vec::new());
+        let (mut rows, mut contexts, mut added) = (Vec::new(), Vec::new(), Vec::new());
         let with_layout = blend.is_some() || source == Some(Source::Layout);
         if with_layout {
             rows.push(self.layout[i].clone());
             contexts.push(self.layout_context.clone());
+            added.extend(self.layout_added.as_ref());
         }
         let first_ref = if with_layout { self.n } else { 0 };
         let kept = match source {
@@ -633,6 +655,7 @@ impl Paths<'_> {
         if ref_rows {
             rows.extend(self.refs.iter().map(|r| r[i].clone()));
             contexts.extend(self.ref_contexts.iter().cloned());
+            added.extend(self.ref_added.iter().flatten());
         }
         let sources = first_ref + if ref_rows { self.refs.len() } else { 0 };
         let layout_of: Vec<u32> = match with_layout {
@@ -652,10 +675,15 @@ impl Paths<'_> {
         }
         rows.extend(std::iter::repeat_n(x.clone(), self.targets / self.n));
         contexts.push(self.target_context.clone());
+        added.extend(self.target_added.as_ref());
         Ok(Step {
             paths: self,
             rows: Tensor::cat(&rows, 0)?.to_dtype(self.sd.dtype)?,
             context: Tensor::cat(&contexts, 0)?.to_dtype(self.sd.dtype)?,
+            added: match self.target_added {
+                Some(_) => Some(AddedCond::cat(&added)?),
+                None => None,
+            },
             swap,
             sources,
             targets: self.targets,
@@ -675,6 +703,7 @@ impl Step<'_> {
             tuned: main.weights.tuned,
             probe,
             swap: self.active.then_some(&self.swap),
+            added: self.added.as_ref(),
             ..Ctx::default()
         };
         let eps = (sd.unet.forward(&self.rows, &ts, &self.context, ctx)?).to_dtype(DType::F32)?;

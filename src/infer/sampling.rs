@@ -369,7 +369,7 @@ impl Conditioning<'_> {
     /// SDXL's added conditioning for latents `x: [n, c, h, w]`, in [`Self::context`]'s
     /// order: the pooled projections, and the sizes as the SDXL pipeline gives them by
     /// default (original = target = the image's, no crop).
-    fn added(&self, x: &Tensor) -> Result<Option<AddedCond>> {
+    pub(super) fn added(&self, x: &Tensor) -> Result<Option<AddedCond>> {
         let Some(pooled) = &self.pooled else {
             return Ok(None);
         };

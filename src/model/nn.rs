@@ -53,6 +53,17 @@ impl AddedCond {
         })
     }
 
+    /// The rows of `parts`, in order (one U-Net call for several conditionings).
+    pub fn cat(parts: &[&AddedCond]) -> Result<Self> {
+        let rows = |f: fn(&AddedCond) -> &Tensor| {
+            Tensor::cat(&parts.iter().map(|p| f(p)).collect::<Vec<_>>(), 0)
+        };
+        Ok(Self {
+            text_embeds: rows(|a| &a.text_embeds)?,
+            time_ids: rows(|a| &a.time_ids)?,
+        })
+    }
+
     /// The same conditioning cut from the graph (for a forward that must not train).
     pub fn detach(&self) -> Self {
         Self {
