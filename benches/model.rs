@@ -268,7 +268,8 @@ fn ddim_step<'a>(
 }
 
 /// Seconds per DDIM step of SDXL-base's U-Net (random weights of the real shape) at 1024
-/// px, CFG batch 2, no adapters; the time to load it; and the peak memory.
+/// px, CFG batch 2, no adapters; the time to load it; and the peak memory (`reps` 0: the
+/// load alone).
 fn bench_xl_1024(tg: &Target, dir: &std::path::Path, reps: usize) {
     let s = Instant::now();
     let model = tiny::ensure_sdxl_unet_shapes(dir).expect("SDXL-shaped model");
@@ -282,6 +283,10 @@ fn bench_xl_1024(tg: &Target, dir: &std::path::Path, reps: usize) {
     let load = s.elapsed().as_secs_f64();
     // The load's peak apart from the steps': what loading holds, and what sampling does.
     let load_peak = tg.peak();
+    if reps == 0 {
+        println!("xl1024 SDXL-base U-Net: load {load:.1} s, {load_peak}");
+        return;
+    }
     reset_peak();
     let mut step_once = ddim_step(tg, &sd, None, 128);
     let step = tg.time(reps, &mut step_once);
@@ -786,9 +791,14 @@ fn main() {
             bench_train(&tg, "sdxl", &sdxl, &pair, 256, 3);
         }
     }
-    // Not in a plain `cargo bench`: 10 GB to write and two minutes a step on 2 cores.
-    if filters.iter().any(|f| f == "xl1024-ddim") {
-        bench_xl_1024(&tg, &tmp.join("xl1024"), 2);
+    // Not in a plain `cargo bench`: 10 GB to write and two minutes a step on 2 cores
+    // (`xl1024-load`: the load alone).
+    if let Some(f) = (filters.iter()).find(|f| *f == "xl1024-ddim" || *f == "xl1024-load") {
+        bench_xl_1024(
+            &tg,
+            &tmp.join("xl1024"),
+            if f == "xl1024-load" { 0 } else { 2 },
+        );
     }
     // The full rows, one process each in scripts/gpu_session.sh so that each has its own
     // nvidia-smi peak.

@@ -49,7 +49,40 @@ pub enum Error {
     #[error("internal error (a bug in magictailor; please report it): {0}")]
     Internal(String),
     #[error("tensor error: {}", brief(.0))]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+/// `e` as a candle error, for a backend that must answer in candle's type (a weight
+/// reader met a corrupt file); [`Error::from`] takes it out again, unchanged.
+pub fn carry(e: Error) -> candle_core::Error {
+    candle_core::Error::WrappedContext {
+        wrapped: Box::new(e),
+        context: String::new(),
+    }
+}
+
+/// The [`carry`]d error inside `e`, or `e` itself when it carries none.
+pub fn carried(e: candle_core::Error) -> std::result::Result<Error, candle_core::Error> {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, backtrace } => {
+            carried(*inner).map_err(|inner| C::WithBacktrace {
+                inner: Box::new(inner),
+                backtrace,
+            })
+        }
+        C::WrappedContext { wrapped, context } => match wrapped.downcast::<Error>() {
+            Ok(ours) => Ok(*ours),
+            Err(wrapped) => Err(C::WrappedContext { wrapped, context }),
+        },
+        e => Err(e),
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        carried(e).unwrap_or_else(Error::Candle)
+    }
 }
 
 /// The file-system operation an [`Error::Io`] was attempting.

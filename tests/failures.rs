@@ -100,9 +100,35 @@ fn files_holding_nan_or_infinity_are_refused_by_tensor() {
     let weights = moved.join("unet/diffusion_pytorch_model.safetensors");
     poison(&weights.clone(), "conv_in.weight", f32::NAN, &weights);
     let args = infer_args(moved.to_str().unwrap(), png_s);
-    let err = stderr(&run_bin("infer", &args));
+    let o = run_bin("infer", &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // The reader's own message, found as the weight is read, not a misfit's.
     assert!(
-        err.contains("diffusion_pytorch_model.safetensors") && err.contains("conv_in.weight"),
+        err.contains("diffusion_pytorch_model.safetensors")
+            && err.contains("\"conv_in.weight\" holds NaN or infinite values")
+            && !err.contains("do not fit"),
+        "{err}"
+    );
+    // A single-file checkpoint: the same, for a fused tensor the loader cuts in three.
+    let single = tmp.path().join("single.safetensors");
+    let key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight";
+    poison(
+        &fixtures().join("single.safetensors"),
+        key,
+        f32::INFINITY,
+        &single,
+    );
+    let args = with_args(
+        infer_args(single.to_str().unwrap(), png_s),
+        &["--model-config", &model],
+    );
+    let o = run_bin("infer", &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("single.safetensors")
+            && err.contains(&format!("\"{key}\" holds NaN or infinite values")),
         "{err}"
     );
     assert!(!png.exists());

@@ -135,7 +135,9 @@ fn read_header(file: &Path) -> Result<Header> {
 /// A model's safetensors files, read tensor by tensor as its loader asks (a `VarBuilder`
 /// backend): each weight is resident once. Through a memory map, the file's pages count
 /// beside the copies candle makes of them: twice the model at the load's peak (19.6 GB
-/// for SDXL's 10.3 GB U-Net, benches/README.md).
+/// for SDXL's 10.3 GB U-Net, benches/README.md). Float tensors are read straight into
+/// their storage (transparent huge pages where Linux allows) and scanned for NaN and
+/// infinity as they arrive: one pass over the file, where a separate [`check`] was two.
 pub struct FileTensors {
     files: Vec<(PathBuf, Mutex<std::fs::File>)>,
     entries: HashMap<String, Entry>,
@@ -185,28 +187,128 @@ impl FileTensors {
     }
 
     /// The tensor `name` on `dev`, in its stored dtype as candle reads it (candle's own
-    /// conversion: U16 widens to U32, and a dtype candle lacks is refused).
+    /// conversion: U16 widens to U32, and a dtype candle lacks is refused). A float
+    /// tensor holding NaN or infinity is refused as [`check`] refuses it, the error
+    /// [`carry`](crate::error::carry)ed through candle's.
     pub fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| not_found(name))?;
         let (path, file) = &self.files[e.file];
         let context =
             |what: String| candle_core::Error::Msg(format!("{}: {name}: {what}", path.display()));
-        let mut bytes = vec![0u8; e.len];
-        {
-            let mut f = file
-                .lock()
-                .map_err(|_| context("the file's lock was poisoned".into()))?;
-            f.seek(std::io::SeekFrom::Start(e.start))
-                .and_then(|_| f.read_exact(&mut bytes))
-                .map_err(|err| context(err.to_string()))?;
-        }
-        let view = safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), &bytes)
+        let mut f = file
+            .lock()
+            .map_err(|_| context("the file's lock was poisoned".into()))?;
+        f.seek(std::io::SeekFrom::Start(e.start))
             .map_err(|err| context(err.to_string()))?;
-        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
-            .map_err(|err| context(crate::error::brief(&err)))?;
+        // The floats are read straight into the tensor's storage: one copy, not two.
+        let t = match e.dtype {
+            safetensors::Dtype::F32 => read_tensor::<f32>(&mut f, e),
+            safetensors::Dtype::F16 => read_tensor::<half::f16>(&mut f, e),
+            safetensors::Dtype::BF16 => read_tensor::<half::bf16>(&mut f, e),
+            safetensors::Dtype::F64 => read_tensor::<f64>(&mut f, e),
+            _ => {
+                let mut bytes = vec![0u8; e.len];
+                f.read_exact(&mut bytes)
+                    .map_err(|err| context(err.to_string()))?;
+                let view = safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), &bytes)
+                    .map_err(|err| context(err.to_string()))?;
+                candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(ReadError::Candle)
+            }
+        };
+        let t = t.map_err(|err| match err {
+            ReadError::Io(err) => context(err.to_string()),
+            ReadError::Candle(err) => context(crate::error::brief(&err)),
+            ReadError::NonFinite => crate::error::carry(non_finite(path, name)),
+        })?;
         t.to_device(dev)
     }
 }
+
+/// Why a tensor's bytes did not become a tensor.
+enum ReadError {
+    Io(std::io::Error),
+    Candle(candle_core::Error),
+    NonFinite,
+}
+
+impl From<candle_core::Error> for ReadError {
+    fn from(e: candle_core::Error) -> Self {
+        ReadError::Candle(e)
+    }
+}
+
+/// Float element types whose every bit pattern is a value (all zeros too), stored
+/// little-endian as safetensors stores them.
+trait Plain: candle_core::WithDType {}
+impl Plain for f32 {}
+impl Plain for f64 {}
+impl Plain for half::f16 {}
+impl Plain for half::bf16 {}
+
+/// The tensor of entry `e`, read from `f`'s position into its own storage and checked
+/// for NaN and infinity chunk by chunk while the bytes are in cache.
+fn read_tensor<T: Plain>(
+    f: &mut std::fs::File,
+    e: &Entry,
+) -> std::result::Result<Tensor, ReadError> {
+    let n = e.shape.iter().product();
+    let layout = std::alloc::Layout::array::<T>(n)
+        .map_err(|_| ReadError::Candle(candle_core::Error::msg("larger than memory")))?;
+    let mut v = zeroed::<T>(layout, n);
+    // SAFETY: `v` holds `n` initialised `T`s (`layout.size()` bytes), and any bytes
+    // written through this view are a `T` (`Plain`).
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), layout.size()) };
+    let mask = exponent_mask(e.dtype);
+    for chunk in bytes.chunks_mut(CHUNK as usize) {
+        f.read_exact(chunk).map_err(ReadError::Io)?;
+        if mask.is_some_and(|(width, mask)| has_non_finite(chunk, width, mask)) {
+            return Err(ReadError::NonFinite);
+        }
+    }
+    Ok(Tensor::from_vec(v, e.shape.as_slice(), &Device::Cpu)?)
+}
+
+/// `n` zero `T`s in `layout`, allocated zeroed: fresh pages that the read then fills,
+/// rather than a fill and then the read.
+fn zeroed<T: Plain>(layout: std::alloc::Layout, n: usize) -> Vec<T> {
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: a non-empty layout of `n` `T`s; all-zero bytes are a `T` (`Plain`); the
+    // Vec gets the allocation with the layout it was made with.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout);
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        huge_pages(p, layout.size());
+        Vec::from_raw_parts(p.cast::<T>(), n, n)
+    }
+}
+
+/// Asks Linux to back `len` bytes at `p` (fresh, untouched) with transparent huge pages
+/// where the system allows them on request (`madvise`, Ubuntu's and Debian's default).
+/// Each 4 KiB page's first touch is a fault the kernel answers by zeroing it: 62% of
+/// SDXL's U-Net load on this project's box went there (benches/README.md).
+#[cfg(target_os = "linux")]
+fn huge_pages(p: *mut u8, len: usize) {
+    const HUGE: usize = 2 << 20;
+    if len < 2 * HUGE {
+        return;
+    }
+    const PAGE: usize = 4096;
+    let start = (p as usize).next_multiple_of(PAGE);
+    let end = (p as usize + len) / PAGE * PAGE;
+    // SAFETY: the page-aligned range lies inside one live allocation; the advice changes
+    // how its pages are backed, never their contents. A refusal only loses the speed-up.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn huge_pages(_: *mut u8, _: usize) {}
 
 /// One header entry of `file` (the `i`-th), its offsets made absolute, its length checked
 /// against its dtype and shape.
@@ -313,27 +415,33 @@ pub fn require_file(file: &Path) -> Result<()> {
 /// run gets a message naming it instead of a failure (or black images) later.
 pub fn check(file: &Path) -> Result<()> {
     let header = read_header(file)?;
-    if let Some(name) = first_non_finite(file, &header)? {
-        return Err(Error::bad_file(
-            file,
-            format!(
-                "{}: the tensor {name:?} holds NaN or infinite values. The file is corrupt or was \
-                 saved from a diverged run: download it again, or retrain (a lower learning rate, \
-                 --dtype f32).",
-                file.display()
-            ),
-        ));
+    match first_non_finite(file, &header)? {
+        Some(name) => Err(non_finite(file, &name)),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The error for `file`'s tensor `name` holding NaN or infinity.
+fn non_finite(file: &Path, name: &str) -> Error {
+    Error::bad_file(
+        file,
+        format!(
+            "{}: the tensor {name:?} holds NaN or infinite values. The file is corrupt or was \
+             saved from a diverged run: download it again, or retrain (a lower learning rate, \
+             --dtype f32).",
+            file.display()
+        ),
+    )
 }
 
 /// A float format's width in bytes and its exponent bits: all set means NaN or infinity.
-fn exponent_mask(dtype: &str) -> Option<(usize, u64)> {
+fn exponent_mask(dtype: safetensors::Dtype) -> Option<(usize, u64)> {
+    use safetensors::Dtype as D;
     match dtype {
-        "F16" => Some((2, 0x7C00)),
-        "BF16" => Some((2, 0x7F80)),
-        "F32" => Some((4, 0x7F80_0000)),
-        "F64" => Some((8, 0x7FF0_0000_0000_0000)),
+        D::F16 => Some((2, 0x7C00)),
+        D::BF16 => Some((2, 0x7F80)),
+        D::F32 => Some((4, 0x7F80_0000)),
+        D::F64 => Some((8, 0x7FF0_0000_0000_0000)),
         _ => None,
     }
 }
@@ -349,10 +457,10 @@ fn first_non_finite(file: &Path, header: &Header) -> Result<Option<String>> {
     };
     let mut floats: Vec<(u64, u64, usize, u64, &String)> = Vec::new();
     for (name, t) in entries {
-        let dtype = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let dtype = (t.get("dtype").cloned()).and_then(|d| serde_json::from_value(d).ok());
         let offsets = t.get("data_offsets").and_then(|o| o.as_array());
         let range = offsets.and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
-        if let (Some((width, mask)), Some((a, b))) = (exponent_mask(dtype), range) {
+        if let (Some((width, mask)), Some((a, b))) = (dtype.and_then(exponent_mask), range) {
             floats.push((a, b, width, mask, name));
         }
     }
@@ -412,26 +520,30 @@ mod tests {
 
     #[test]
     fn non_finite_floats_are_found_in_every_format() {
-        let cases: [(&str, &[u8]); 6] = [
-            ("F16", &0x7C00u16.to_le_bytes()),  // +inf
-            ("F16", &0xFE01u16.to_le_bytes()),  // NaN, sign set
-            ("BF16", &0x7FC0u16.to_le_bytes()), // NaN
-            ("F32", &f32::NEG_INFINITY.to_le_bytes()),
-            ("F32", &f32::NAN.to_le_bytes()),
-            ("F64", &f64::INFINITY.to_le_bytes()),
+        use safetensors::Dtype as D;
+        let cases: [(D, &[u8]); 6] = [
+            (D::F16, &0x7C00u16.to_le_bytes()),  // +inf
+            (D::F16, &0xFE01u16.to_le_bytes()),  // NaN, sign set
+            (D::BF16, &0x7FC0u16.to_le_bytes()), // NaN
+            (D::F32, &f32::NEG_INFINITY.to_le_bytes()),
+            (D::F32, &f32::NAN.to_le_bytes()),
+            (D::F64, &f64::INFINITY.to_le_bytes()),
         ];
         for (dtype, bad) in cases {
             let (w, mask) = exponent_mask(dtype).unwrap();
             // A bad value at the end of a long run of finite extremes and zeros.
             let mut bytes: Vec<u8> = match dtype {
-                "F16" => 0x7BFFu16.to_le_bytes().repeat(5000), // largest finite f16
-                "BF16" => 0x7F7Fu16.to_le_bytes().repeat(5000),
-                "F32" => f32::MAX.to_le_bytes().repeat(5000),
+                D::F16 => 0x7BFFu16.to_le_bytes().repeat(5000), // largest finite f16
+                D::BF16 => 0x7F7Fu16.to_le_bytes().repeat(5000),
+                D::F32 => f32::MAX.to_le_bytes().repeat(5000),
                 _ => f64::MIN.to_le_bytes().repeat(5000),
             };
-            assert!(!has_non_finite(&bytes, w, mask), "{dtype}: false positive");
+            assert!(
+                !has_non_finite(&bytes, w, mask),
+                "{dtype:?}: false positive"
+            );
             bytes.extend_from_slice(bad);
-            assert!(has_non_finite(&bytes, w, mask), "{dtype}: missed {bad:?}");
+            assert!(has_non_finite(&bytes, w, mask), "{dtype:?}: missed {bad:?}");
         }
     }
 

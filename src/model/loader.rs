@@ -416,6 +416,8 @@ fn assemble(
     device: &Device,
     dtype: DType,
 ) -> Result<StableDiffusion> {
+    // A corrupt file's own error (its reader carries it) stands; anything else is a misfit.
+    let fits = |c: &str, e| crate::error::carried(e).unwrap_or_else(|e| fits(c, e));
     let unet = UNet::load(&weights("unet", dtype)?, &c.unet).map_err(|e| fits("unet", e))?;
     // SDXL's pipeline decodes in f32 under f16 (its VAE overflows in half precision).
     let upcast = c.text_2.is_some() && c.vae.force_upcast && dtype == DType::F16;
@@ -722,10 +724,7 @@ fn weights(
     dtype: DType,
 ) -> Result<VarBuilder<'static>> {
     let files = weight_files(root, component)?;
-    for f in &files {
-        crate::io::tensors::check(f)?;
-    }
-    // Read tensor by tensor, not memory-mapped: see `FileTensors`.
+    // Read tensor by tensor, not memory-mapped, and checked as read: see `FileTensors`.
     let backend = crate::io::tensors::FileTensors::open(&files)?;
     Ok(VarBuilder::from_backend(
         Box::new(backend),

@@ -132,7 +132,6 @@ impl Checkpoint {
     /// Opens `file` and tells its family; refuses what it is not (SDXL, a LoRA, a file
     /// with no U-Net or no text encoder, an inpainting model).
     pub fn open(file: &Path) -> Result<Self> {
-        crate::io::tensors::check(file)?;
         let (st, keys, family) = opened(file)?;
         let conv_in = format!("{UNET}input_blocks.0.0.weight");
         if let Some(shape) = st.shape(&conv_in) {
