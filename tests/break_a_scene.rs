@@ -386,10 +386,7 @@ fn a_break_a_scene_step_matches_torch() {
     };
     let full = FullWeights::of(&sd).unwrap();
     let rows = candle_core::Var::from_tensor(&get("rows")).unwrap();
-    let model = Finetuned {
-        unet: full.unet(DType::F32, true).unwrap(),
-        text_encoder: full.text_encoder(DType::F32, true).unwrap(),
-    };
+    let model = Finetuned::over(&full, DType::F32).unwrap();
     let lora = magictailor::model::lora::LoraSet::default();
     let online = Online {
         full: Some(&model),
@@ -399,6 +396,7 @@ fn a_break_a_scene_step_matches_torch() {
         rows: rows.as_tensor(),
         table: Some(full.token_table().as_tensor()),
         rows_2: None,
+        table_2: None,
     };
     let w = LossWeights {
         lambda_attn: 0.01,

@@ -397,6 +397,7 @@ fn a_textual_inversion_step_matches_diffusers() {
         rows: rows.as_tensor(),
         table: None,
         rows_2: None,
+        table_2: None,
     };
     let w = LossWeights {
         lambda_attn: 0.0,
@@ -837,6 +838,7 @@ fn dreambooth_step(prefix: &str, prompts: &[&str], prior: f64) -> f32 {
         rows: &rows,
         table: None,
         rows_2: None,
+        table_2: None,
     };
     let w = LossWeights {
         lambda_attn: 0.0,
@@ -1182,6 +1184,7 @@ impl TunedStep {
             rows: self.rows.as_tensor(),
             table: None,
             rows_2: None,
+            table_2: None,
         };
         let w = magictailor::train::method::LossWeights {
             lambda_attn: 0.0,

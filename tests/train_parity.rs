@@ -103,6 +103,7 @@ fn steps_match_pytorch(fam: &Family) {
         rows: rows.as_tensor(),
         table: None,
         rows_2: None,
+        table_2: None,
     };
     let losses = |m: Option<&LoraSet>| {
         step_losses(

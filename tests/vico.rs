@@ -628,6 +628,7 @@ fn step_matches_torch(fixture: &str, model: &str, n_sites: usize) {
         rows: rows.as_tensor(),
         table: None,
         rows_2: rows_2.as_ref().map(|v| v.as_tensor()),
+        table_2: None,
     };
     let losses =
         magictailor::train::vico::vico_losses(&sd, &batch, &noised, text, &blocks, 5e-4).unwrap();

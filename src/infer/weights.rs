@@ -283,7 +283,7 @@ fn from_checkpoint(
     }
     let token_table = take("table").ok();
     let tuned = TunedSet::from_checkpoint(&mut t)?;
-    // A full fine-tune's checkpoint holds its whole U-Net and text encoder.
+    // A full fine-tune's checkpoint holds its whole U-Net and text encoder(s).
     let mut full: std::collections::HashMap<String, Tensor> = (t.iter())
         .filter_map(|(k, v)| Some((k.strip_prefix("full.")?.to_string(), v.clone())))
         .collect();
@@ -292,6 +292,12 @@ fn from_checkpoint(
         weights.restore(&mut full)?;
         sd.unet = weights.unet(sd.dtype, false)?;
         sd.text_encoder = weights.text_encoder(sd.dtype, false)?;
+        if let (Some(te), Some((base, _))) = (
+            weights.text_encoder_2(sd.dtype, false)?,
+            &mut sd.text_encoder_2,
+        ) {
+            *base = te;
+        }
     }
     let blocks: std::collections::HashMap<String, Tensor> = (t.iter())
         .filter_map(|(k, v)| Some((k.strip_prefix("vico.")?.to_string(), v.clone())))

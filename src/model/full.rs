@@ -1,4 +1,4 @@
-//! Every weight of the U-Net and the text encoder as a trainable `Var` (Break-A-Scene's
+//! Every weight of the U-Net and the text encoder(s) as a trainable `Var` (Break-A-Scene's
 //! phase 2 fine-tunes them all), the models built over them, and the file a run writes:
 //! only what changed, as trained minus base.
 //!
@@ -20,52 +20,126 @@ use super::unet::UNet;
 use crate::error::{Error, Result};
 use crate::io::tensors::{self, not_found, shaped};
 
-/// The prefixes of the two components' tensors in `named()`, checkpoints and delta files.
+/// The prefixes of the components' tensors in `named()`, checkpoints and delta files.
 const UNET: &str = "unet.";
-const TEXT: &str = "text_encoder.";
 
 /// The token-embedding table's name, after any `text_model.` prefix.
 const TOKEN_TABLE: &str = "embeddings.token_embedding.weight";
 
-/// Every weight the loaded U-Net and text encoder read, as f32 Vars starting from the
+/// The text encoders: the first, and SDXL's second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoder {
+    First,
+    Second,
+}
+
+impl Encoder {
+    /// Its folder in a diffusers pipeline.
+    fn folder(self) -> &'static str {
+        match self {
+            Encoder::First => "text_encoder",
+            Encoder::Second => "text_encoder_2",
+        }
+    }
+
+    /// Its tensors' prefix in `named()`, checkpoints and delta files.
+    fn prefix(self) -> String {
+        format!("{}.", self.folder())
+    }
+
+    fn base(self, sd: &StableDiffusion) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Encoder::First => sd.base_text_encoder(),
+            Encoder::Second => sd.base_text_encoder_2(),
+        }
+    }
+
+    fn model(self, sd: &StableDiffusion) -> Result<&ClipTextModel> {
+        match (self, &sd.text_encoder_2) {
+            (Encoder::First, _) => Ok(&sd.text_encoder),
+            (Encoder::Second, Some((te, _))) => Ok(te),
+            (Encoder::Second, None) => Err(Error::internal("a second text encoder on SD 1.x/2.x")),
+        }
+    }
+
+    /// The model's text encoders (SDXL's two, else one).
+    fn of(sd: &StableDiffusion) -> Vec<Encoder> {
+        match sd.is_sdxl() {
+            true => vec![Encoder::First, Encoder::Second],
+            false => vec![Encoder::First],
+        }
+    }
+}
+
+/// One text encoder's weights as Vars.
+struct TextWeights {
+    encoder: Encoder,
+    vars: BTreeMap<String, Var>,
+    config: ClipTextConfig,
+    token_table: Var,
+}
+
+/// Every weight the loaded U-Net and text encoders read, as f32 Vars starting from the
 /// base (Break-A-Scene's phase 2).
 pub struct FullWeights {
     /// By the names the loaders read (diffusers' and transformers' as stored).
     unet: BTreeMap<String, Var>,
-    text: BTreeMap<String, Var>,
     unet_config: UNetConfig,
-    text_config: ClipTextConfig,
+    /// The first text encoder's, then (SDXL) the second's.
+    texts: Vec<TextWeights>,
     device: Device,
-    token_table: Var,
+}
+
+/// `base`'s tensors among `names`, as f32 Vars on `device`.
+fn vars_of(
+    base: &HashMap<String, Tensor>,
+    names: BTreeSet<String>,
+    device: &Device,
+) -> Result<BTreeMap<String, Var>> {
+    (names.into_iter())
+        .map(|name| {
+            let t = base[&name].to_dtype(DType::F32)?.to_device(device)?;
+            Ok((name, Var::from_tensor(&t)?))
+        })
+        .collect()
 }
 
 impl FullWeights {
-    /// Copies of every tensor `sd.unet` and `sd.text_encoder` read (names as
+    /// Copies of every tensor `sd.unet` and its text encoders read (names as
     /// diffusers/transformers store them), as f32 Vars.
     pub fn of(sd: &StableDiffusion) -> Result<Self> {
         let (unet_base, _) = sd.base_unet()?;
-        let text_base = sd.base_text_encoder()?;
-        let vars = |base: &HashMap<String, Tensor>, names: BTreeSet<String>| {
-            (names.into_iter())
-                .map(|name| {
-                    let t = base[&name].to_dtype(DType::F32)?.to_device(&sd.device)?;
-                    Ok((name, Var::from_tensor(&t)?))
+        let unet = vars_of(
+            &unet_base,
+            unet_reads(&unet_base, &sd.unet.config)?,
+            &sd.device,
+        )?;
+        let texts = (Encoder::of(sd).into_iter())
+            .map(|encoder| {
+                let base = encoder.base(sd)?;
+                let config = encoder.model(sd)?.config.clone();
+                let vars = vars_of(&base, text_reads(&base, &config)?, &sd.device)?;
+                let token_table = (vars.iter())
+                    .find(|(name, _)| {
+                        name.strip_prefix("text_model.").unwrap_or(name) == TOKEN_TABLE
+                    })
+                    .map(|(_, v)| v.clone())
+                    .ok_or_else(|| {
+                        Error::internal("the text encoder read no token-embedding table")
+                    })?;
+                Ok(TextWeights {
+                    encoder,
+                    vars,
+                    config,
+                    token_table,
                 })
-                .collect::<Result<BTreeMap<_, _>>>()
-        };
-        let unet = vars(&unet_base, unet_reads(&unet_base, &sd.unet.config)?)?;
-        let text = vars(&text_base, text_reads(&text_base, &sd.text_encoder.config)?)?;
-        let token_table = (text.iter())
-            .find(|(name, _)| name.strip_prefix("text_model.").unwrap_or(name) == TOKEN_TABLE)
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| Error::internal("the text encoder read no token-embedding table"))?;
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             unet,
-            text,
             unet_config: sd.unet.config.clone(),
-            text_config: sd.text_encoder.config.clone(),
+            texts,
             device: sd.device.clone(),
-            token_table,
         })
     }
 
@@ -77,15 +151,32 @@ impl FullWeights {
         Ok(UNet::load(&vb, &self.unet_config)?)
     }
 
-    /// The text encoder over these weights, as [`FullWeights::unet`].
+    /// The first text encoder over these weights, as [`FullWeights::unet`].
     pub fn text_encoder(&self, dtype: DType, tracked: bool) -> Result<ClipTextModel> {
-        let vb = self.builder(&self.text, dtype, tracked)?;
-        Ok(ClipTextModel::load(&vb, &self.text_config)?)
+        self.encoder(&self.texts[0], dtype, tracked)
     }
 
-    /// The token-embedding table's Var (so the trainer can pass it as the table).
+    /// SDXL's second text encoder over these weights (None for SD 1.x/2.x).
+    pub fn text_encoder_2(&self, dtype: DType, tracked: bool) -> Result<Option<ClipTextModel>> {
+        (self.texts.get(1))
+            .map(|t| self.encoder(t, dtype, tracked))
+            .transpose()
+    }
+
+    fn encoder(&self, t: &TextWeights, dtype: DType, tracked: bool) -> Result<ClipTextModel> {
+        let vb = self.builder(&t.vars, dtype, tracked)?;
+        Ok(ClipTextModel::load(&vb, &t.config)?)
+    }
+
+    /// The first text encoder's token-embedding table's Var (so the trainer can pass it
+    /// as the table).
     pub fn token_table(&self) -> &Var {
-        &self.token_table
+        &self.texts[0].token_table
+    }
+
+    /// SDXL's second text encoder's table.
+    pub fn token_table_2(&self) -> Option<&Var> {
+        self.texts.get(1).map(|t| &t.token_table)
     }
 
     /// The U-Net's Vars, by key.
@@ -93,13 +184,16 @@ impl FullWeights {
         self.unet.values().cloned().collect()
     }
 
-    /// The text encoder's Vars, by key.
+    /// The text encoders' Vars, by encoder then key.
     pub fn text_vars(&self) -> Vec<Var> {
-        self.text.values().cloned().collect()
+        (self.texts.iter())
+            .flat_map(|t| t.vars.values().cloned())
+            .collect()
     }
 
-    /// Every Var by name: the U-Net's as `unet.<key>`, then the text encoder's as
-    /// `text_encoder.<key>`, each sorted by key: checkpoint names and optimizer order.
+    /// Every Var by name: the U-Net's as `unet.<key>`, then each text encoder's as
+    /// `text_encoder.<key>` (SDXL: then `text_encoder_2.<key>`), each sorted by key:
+    /// checkpoint names and optimizer order.
     pub fn named(&self) -> Vec<(String, Var)> {
         let named = |prefix: &str, vars: &BTreeMap<String, Var>| {
             (vars.iter())
@@ -107,7 +201,9 @@ impl FullWeights {
                 .collect::<Vec<_>>()
         };
         let mut all = named(UNET, &self.unet);
-        all.extend(named(TEXT, &self.text));
+        for t in &self.texts {
+            all.extend(named(&t.encoder.prefix(), &t.vars));
+        }
         all
     }
 
@@ -138,13 +234,11 @@ impl FullWeights {
     /// Trained minus base, per named tensor, on the CPU in f32, only tensors whose delta
     /// is not all zero: what the run writes.
     pub fn delta(&self, sd: &StableDiffusion) -> Result<HashMap<String, Tensor>> {
-        let (unet_base, _) = sd.base_unet()?;
-        let text_base = sd.base_text_encoder()?;
+        let mut parts = vec![(UNET.to_string(), &self.unet, sd.base_unet()?.0)];
+        for t in &self.texts {
+            parts.push((t.encoder.prefix(), &t.vars, t.encoder.base(sd)?));
+        }
         let mut out = HashMap::new();
-        let parts = [
-            (UNET, &self.unet, &unet_base),
-            (TEXT, &self.text, &text_base),
-        ];
         for (prefix, vars, base) in parts {
             for (key, var) in vars {
                 let base = base.get(key).ok_or_else(|| {
@@ -160,28 +254,24 @@ impl FullWeights {
         Ok(out)
     }
 
-    /// Writes `out/unet/` and `out/text_encoder/` as diffusers and transformers folders:
-    /// the base's tensors with the trained ones in their place (f32: an f16 copy would
-    /// round away most of a small-rate update) and the base's configs (`--export-full`).
+    /// Writes `out/unet/` and `out/text_encoder/` (SDXL: and `out/text_encoder_2/`) as
+    /// diffusers and transformers folders: the base's tensors with the trained ones in
+    /// their place (f32: an f16 copy would round away most of a small-rate update) and
+    /// the base's configs (`--export-full`).
     pub fn export_folders(&self, sd: &StableDiffusion, out: &Path) -> Result<()> {
         let (unet, unet_config) = sd.base_unet()?;
-        let text = sd.base_text_encoder()?;
-        let parts = [
-            (
-                "unet",
-                "diffusion_pytorch_model.safetensors",
-                unet,
-                &self.unet,
-                unet_config,
-            ),
-            (
-                "text_encoder",
+        let unet_file = "diffusion_pytorch_model.safetensors";
+        let mut parts = vec![("unet", unet_file, unet, &self.unet, unet_config)];
+        for t in &self.texts {
+            let (base, config) = (t.encoder.base(sd)?, text_config(sd, t.encoder)?);
+            parts.push((
+                t.encoder.folder(),
                 "model.safetensors",
-                text,
-                &self.text,
-                text_config(sd)?,
-            ),
-        ];
+                base,
+                &t.vars,
+                config,
+            ));
+        }
         for (component, file, mut tensors, vars, config) in parts {
             for (key, var) in vars {
                 let trained = var.as_detached_tensor().to_device(&Device::Cpu)?;
@@ -218,31 +308,38 @@ impl FullWeights {
     }
 }
 
-/// Rebuilds `sd.unet` and `sd.text_encoder` as base + the delta file's tensors (keys
-/// `unet.<key>`, `text_encoder.<key>`), refusing (clear error naming the file) a key the
-/// model does not read or a shape mismatch. For `infer`.
+/// Rebuilds `sd`'s U-Net and text encoders as base + the delta file's tensors (keys
+/// `unet.<key>`, `text_encoder.<key>`, SDXL's `text_encoder_2.<key>`), refusing (clear
+/// error naming the file) a key the model does not read or a shape mismatch. For `infer`.
 pub fn apply_delta(sd: &mut StableDiffusion, file: &Path) -> Result<()> {
     let delta = tensors::read_floats(file, &Device::Cpu, &[])?;
     let (mut unet, _) = sd.base_unet()?;
-    let mut text = sd.base_text_encoder()?;
-    let reads = (
-        unet_reads(&unet, &sd.unet.config)?,
-        text_reads(&text, &sd.text_encoder.config)?,
-    );
+    let unet_reads = unet_reads(&unet, &sd.unet.config)?;
+    let encoders = Encoder::of(sd);
+    let mut texts = Vec::new();
+    for &e in &encoders {
+        let base = e.base(sd)?;
+        let reads = text_reads(&base, &e.model(sd)?.config)?;
+        texts.push((e, base, reads));
+    }
     let refuse = |msg: String| Error::mismatch(file, format!("{}: {msg}", file.display()));
     let mut names: Vec<&String> = delta.keys().collect();
     names.sort();
     for name in names {
-        let target = if let Some(key) = name.strip_prefix(UNET) {
-            reads.0.get(key).map(|key| (&mut unet, key.clone()))
-        } else if let Some(key) = name.strip_prefix(TEXT) {
-            text_key(key, &reads.1).map(|key| (&mut text, key))
-        } else {
-            None
+        let target = match name.strip_prefix(UNET) {
+            Some(key) => unet_reads.get(key).map(|key| (&mut unet, key.clone())),
+            None => (texts.iter_mut()).find_map(|(e, base, reads)| {
+                let key = text_key(name.strip_prefix(&e.prefix())?, reads)?;
+                Some((base, key))
+            }),
         };
         let Some((base, key)) = target else {
+            let encoders = match encoders.len() {
+                1 => "text encoder",
+                _ => "text encoders",
+            };
             return Err(refuse(format!(
-                "{name:?} is not a weight of this model's U-Net or text encoder (a delta for \
+                "{name:?} is not a weight of this model's U-Net or {encoders} (a delta for \
                  another base model?)."
             )));
         };
@@ -258,28 +355,30 @@ pub fn apply_delta(sd: &mut StableDiffusion, file: &Path) -> Result<()> {
         base.insert(key, sum);
     }
     let (dtype, device) = (sd.dtype, sd.device.clone());
-    let unet = UNet::load(
+    sd.unet = UNet::load(
         &VarBuilder::from_tensors(unet, dtype, &device),
         &sd.unet.config,
     )?;
-    let text = ClipTextModel::load(
-        &VarBuilder::from_tensors(text, dtype, &device),
-        &sd.text_encoder.config,
-    )?;
-    sd.unet = unet;
-    sd.text_encoder = text;
+    for (e, base, _) in texts {
+        let config = e.model(sd)?.config.clone();
+        let model = ClipTextModel::load(&VarBuilder::from_tensors(base, dtype, &device), &config)?;
+        match (e, &mut sd.text_encoder_2) {
+            (Encoder::Second, Some((te, _))) => *te = model,
+            _ => sd.text_encoder = model,
+        }
+    }
     Ok(())
 }
 
-/// The text encoder's `config.json`: a folder's own, or (a single file) one written from
+/// Text encoder `e`'s `config.json`: a folder's own, or (a single file) one written from
 /// the config it loaded with.
-fn text_config(sd: &StableDiffusion) -> Result<String> {
+fn text_config(sd: &StableDiffusion, e: Encoder) -> Result<String> {
     if let super::loader::Origin::Folder(root) = &sd.origin {
-        let file = root.join("text_encoder").join("config.json");
-        return std::fs::read_to_string(&file).map_err(|e| Error::read(&file, e));
+        let file = root.join(e.folder()).join("config.json");
+        return std::fs::read_to_string(&file).map_err(|err| Error::read(&file, err));
     }
-    let c = &sd.text_encoder.config;
-    let json = serde_json::json!({
+    let c = &e.model(sd)?.config;
+    let mut json = serde_json::json!({
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": c.vocab_size,
@@ -291,6 +390,10 @@ fn text_config(sd: &StableDiffusion) -> Result<String> {
         "hidden_act": c.hidden_act,
         "layer_norm_eps": c.layer_norm_eps,
     });
+    if e == Encoder::Second {
+        json["architectures"] = serde_json::json!(["CLIPTextModelWithProjection"]);
+        json["projection_dim"] = serde_json::json!(c.projection_dim);
+    }
     serde_json::to_string_pretty(&json).map_err(|e| Error::internal(format!("config: {e}")))
 }
 

@@ -136,10 +136,25 @@ impl StableDiffusion {
         rows: Option<&Tensor>,
         rows_2: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (te_2, tok_2) = (self.text_encoder_2.as_ref())
+        let te_2 = (self.text_encoder_2.as_ref())
             .ok_or_else(|| Error::internal("SDXL text features of a model with one encoder"))?;
-        let s_1 = self.text_encoder.forward_states(ids, None, rows)?;
-        let s_2 = te_2.forward_states(ids_2, None, rows_2)?;
+        let encoders = [(&self.text_encoder, None), (&te_2.0, None)];
+        self.encode_sdxl_with(encoders, (ids, ids_2), (rows, rows_2))
+    }
+
+    /// [`Self::encode_sdxl`] through `encoders` (each with its token table, None: its
+    /// own), in place of the model's: a full fine-tune's, differentiable in their weights.
+    pub fn encode_sdxl_with(
+        &self,
+        encoders: [(&ClipTextModel, Option<&Tensor>); 2],
+        (ids, ids_2): (&Tensor, &Tensor),
+        (rows, rows_2): (Option<&Tensor>, Option<&Tensor>),
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, tok_2) = (self.text_encoder_2.as_ref())
+            .ok_or_else(|| Error::internal("SDXL text features of a model with one encoder"))?;
+        let [(te_1, table_1), (te_2, table_2)] = encoders;
+        let s_1 = te_1.forward_states(ids, table_1, rows)?;
+        let s_2 = te_2.forward_states(ids_2, table_2, rows_2)?;
         let hidden = Tensor::cat(
             &[s_1.penultimate(), s_2.penultimate()],
             candle_core::D::Minus1,
@@ -186,6 +201,14 @@ impl StableDiffusion {
         match &self.origin {
             Origin::Folder(root) => component_tensors(root, "text_encoder"),
             Origin::SingleFile { checkpoint, .. } => checkpoint.tensors(Component::TextEncoder, 0),
+        }
+    }
+
+    /// SDXL's second text encoder's tensors, as [`Self::base_text_encoder`].
+    pub fn base_text_encoder_2(&self) -> Result<HashMap<String, Tensor>> {
+        match &self.origin {
+            Origin::Folder(root) => component_tensors(root, "text_encoder_2"),
+            Origin::SingleFile { checkpoint, .. } => checkpoint.tensors(Component::TextEncoder2, 0),
         }
     }
 }

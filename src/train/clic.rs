@@ -42,13 +42,8 @@ pub fn clic_losses(
     };
     let t = noised.timestep_tensor(dev)?;
     let latent = noised.z_t.dim(2)?;
-    let (context, added) = super::objective::text_conditioning(
-        sd,
-        &sd.text_encoder,
-        (&ids, ids_2.as_ref()),
-        text,
-        latent,
-    )?;
+    let (context, added) =
+        super::objective::text_conditioning(sd, None, (&ids, ids_2.as_ref()), text, latent)?;
     let probe = AttnProbe::new(&grid_sides(latent), &[BlockKind::Up]);
     let ctx = Ctx {
         lora: Some(online.lora),

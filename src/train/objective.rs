@@ -560,10 +560,23 @@ pub struct Online<'a> {
     pub full: Option<&'a Finetuned>,
 }
 
-/// The U-Net and text encoder a full fine-tune's step runs, built over its weights.
+/// The U-Net and text encoder(s) a full fine-tune's step runs, built over its weights.
 pub struct Finetuned {
     pub unet: crate::model::unet::UNet,
     pub text_encoder: crate::model::clip::ClipTextModel,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: Option<crate::model::clip::ClipTextModel>,
+}
+
+impl Finetuned {
+    /// The models over `full`'s Vars, computing in `dtype`, passing gradients to them.
+    pub fn over(full: &crate::model::full::FullWeights, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            unet: full.unet(dtype, true)?,
+            text_encoder: full.text_encoder(dtype, true)?,
+            text_encoder_2: full.text_encoder_2(dtype, true)?,
+        })
+    }
 }
 
 impl<'a> Online<'a> {
@@ -578,36 +591,40 @@ impl<'a> Online<'a> {
     }
 }
 
-/// The trainable text-side parameters: the pseudo-word rows, (released-script mode
-/// only) a trainable copy of the whole token-embedding table, and SDXL's rows in its
-/// second text encoder.
+/// The trainable text-side parameters: the pseudo-word rows, a trainable
+/// token-embedding table (released-script mode, a full fine-tune), and SDXL's rows (and a
+/// full fine-tune's table) in its second text encoder.
 #[derive(Clone, Copy)]
 pub struct TextParams<'a> {
     pub rows: &'a Tensor,
     pub table: Option<&'a Tensor>,
     pub rows_2: Option<&'a Tensor>,
+    pub table_2: Option<&'a Tensor>,
 }
 
-/// The step's text features, and SDXL's added conditioning (the pooled projections,
-/// each image's sizes as its square training crop).
+/// The step's text features from the base's text encoders or `full`'s, and SDXL's added
+/// conditioning (the pooled projections, each image's sizes as its square training crop).
 pub(super) fn text_conditioning(
     sd: &StableDiffusion,
-    text_encoder: &crate::model::clip::ClipTextModel,
+    full: Option<&Finetuned>,
     (ids, ids_2): (&Tensor, Option<&Tensor>),
     text: TextParams,
     latent_side: usize,
 ) -> Result<(Tensor, Option<AddedCond>)> {
+    let text_encoder = full.map_or(&sd.text_encoder, |f| &f.text_encoder);
     let Some(ids_2) = ids_2 else {
         let context = text_encoder.forward_with_table(ids, text.table, Some(text.rows))?;
         return Ok((context, None));
     };
-    // SDXL reads its base encoders: a fine-tuned one, or a trained table, would be ignored.
-    if !std::ptr::eq(text_encoder, &sd.text_encoder) || text.table.is_some() {
-        return Err(Error::internal(
-            "SDXL text features from a fine-tuned text encoder or token table",
-        ));
-    }
-    let (context, pooled) = sd.encode_sdxl(ids, ids_2, Some(text.rows), text.rows_2)?;
+    let base_2 = (sd.text_encoder_2.as_ref()).map(|(te, _)| te);
+    let text_encoder_2 = (full.and_then(|f| f.text_encoder_2.as_ref()))
+        .or(base_2)
+        .ok_or_else(|| Error::internal("SDXL text features without a second encoder"))?;
+    let (context, pooled) = sd.encode_sdxl_with(
+        [(text_encoder, text.table), (text_encoder_2, text.table_2)],
+        (ids, ids_2),
+        (Some(text.rows), text.rows_2),
+    )?;
     let side = latent_side * sd.vae_factor();
     Ok((context, Some(AddedCond::uncropped(pooled, (side, side))?)))
 }
@@ -637,13 +654,10 @@ pub fn step_losses(
     let mask_latent = resize_nearest(&noised.masks, latent_side)?;
     let attn_side = attention_side(latent_side);
 
-    let (unet, text_encoder) = match online.full {
-        Some(f) => (&f.unet, &f.text_encoder),
-        None => (&sd.unet, &sd.text_encoder),
-    };
+    let unet = online.full.map_or(&sd.unet, |f| &f.unet);
     let (context, added) = text_conditioning(
         sd,
-        text_encoder,
+        online.full,
         (&batch.ids, batch.ids_2.as_ref()),
         text,
         latent_side,

@@ -232,15 +232,6 @@ fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
 
 /// Refuses what does not train on SDXL (`model`, named in the message, is one).
 fn refuse_on_sdxl(cfg: &TrainConfig, model: &str) -> Result<()> {
-    use crate::train::method::Method;
-    if cfg.method == Method::BreakAScene && cfg.phase2_lora.is_none() {
-        return Err(Error::usage(format!(
-            "{model} is an SDXL model: Break-A-Scene's phase 2 fine-tunes every U-Net and \
-             text-encoder weight, which is not built for SDXL's two encoders yet (and needs \
-             about 54 GB of f32 weights, gradients and moments there). Train its adapters \
-             instead: add --phase2-lora 4."
-        )));
-    }
     if cfg.released_script {
         // Its trainable token table is the first encoder's alone.
         return Err(Error::usage(format!(

@@ -170,10 +170,7 @@ impl Trainer {
         };
         let tuned = self.tuned.as_set();
         let full = match self.full_at(d) {
-            Some(f) => Some(Finetuned {
-                unet: f.unet(self.cfg.dtype, true)?,
-                text_encoder: f.text_encoder(self.cfg.dtype, true)?,
-            }),
+            Some(f) => Some(Finetuned::over(f, self.cfg.dtype)?),
             None => None,
         };
         let momentum = self

@@ -129,10 +129,11 @@ impl Trainer {
         v
     }
 
-    /// The text side a forward pass reads; a full fine-tune's token table where step `d`
-    /// trains it.
+    /// The text side a forward pass reads; a full fine-tune's token tables where step `d`
+    /// trains them.
     pub(super) fn text_params(&self, d: usize) -> TextParams<'_> {
-        let table = match self.full_at(d) {
+        let full = self.full_at(d);
+        let table = match full {
             Some(f) => Some(f.token_table().as_tensor()),
             None => self.table.as_ref().map(|t| t.as_tensor()),
         };
@@ -140,6 +141,7 @@ impl Trainer {
             rows: self.rows.as_tensor(),
             table,
             rows_2: self.rows_2.as_ref().map(|v| v.as_tensor()),
+            table_2: full.and_then(|f| f.token_table_2()).map(|t| t.as_tensor()),
         }
     }
 

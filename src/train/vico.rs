@@ -34,7 +34,7 @@ pub fn vico_losses(
     let latent = noised.z_t.dim(2)?;
     let (context, added) = super::objective::text_conditioning(
         sd,
-        &sd.text_encoder,
+        None,
         (&batch.ids, batch.ids_2.as_ref()),
         text,
         latent,
