@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""One Break-A-Scene phase-2 step with `--phase2-lora` on the tiny SDXL model, as PyTorch
-computes it (run by hand).
+"""One Break-A-Scene phase-2 step on the tiny SDXL model, with `--phase2-lora` and as the
+full fine-tune, as PyTorch computes it (run by hand).
 
     python scripts/make_sdxl_bas_fixture.py      # after make_sdxl_fixtures.py
 
@@ -23,17 +23,25 @@ t, masks, rows_1, rows_2), `loss`, `l_diff`, `l_prior`, `l_attn`, both rows' gra
 (`grad_1`, `grad_2`) and every adapter with its gradients (`{path}.A|B`,
 `grad.{path}.A|B`). Nothing is shared with the Rust side.
 
+And tests/fixtures/sdxl/bas_full_step.safetensors: the same step with every U-Net and
+text-encoder weight of both encoders trainable (no adapters): the same inputs and terms,
+and the gradient of every weight as `grad.unet.<key>`, `grad.text_encoder.<key>`,
+`grad.text_encoder_2.<key>` (the files' keys; each token table's gradient as the base's
+rows, the new words' in `grad_1`, `grad_2`).
+
 Versions used for the committed fixture: tests/fixtures/VERSIONS.txt.
 """
 import os
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from make_method_fixtures import masked_mse, step_inputs
 from make_parity_fixtures import ProbsRecorder
 from make_sdxl_magictailor_fixture import ATTN_BLOCKS, seeded_lora
+from make_sdxl_ti_fixture import MODEL
 from make_sdxl_tuned_fixture import conditioning, prepared
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "sdxl")
@@ -42,10 +50,16 @@ LAMBDA_PRIOR, LAMBDA_ATTN = 1.0, 1e-2
 torch.set_num_threads(2)
 
 
-def main():
+def step(full):
     g, parts, (new_1, rows_1, table_1), (new_2, rows_2, table_2) = prepared(61)
     unet, sched = parts[4], parts[5]
-    lora = seeded_lora(unet, g)
+    te_1, te_2 = parts[2], parts[3]
+    if full:
+        lora = {}
+        for m in (unet, te_1, te_2):
+            m.requires_grad_(True)
+    else:
+        lora = seeded_lora(unet, g)
     store = {}
     unet.set_attn_processor({n: ProbsRecorder(n.removesuffix(".processor"), store) for n in unet.attn_processors})
 
@@ -76,10 +90,32 @@ def main():
     for name, (a, b) in lora.items():
         out[f"{name}.A"], out[f"{name}.B"] = a, b
         out[f"grad.{name}.A"], out[f"grad.{name}.B"] = a.grad, b.grad
-    path = os.path.join(ROOT, "bas_lora_step.safetensors")
+    if full:
+        for sub, fname, m, new in [("unet", "diffusion_pytorch_model.safetensors", unet, None),
+                                   ("text_encoder", "model.safetensors", te_1, new_1),
+                                   ("text_encoder_2", "model.safetensors", te_2, new_2)]:
+            # A weight no loss reads (the first encoder's last layer: SDXL takes its
+            # penultimate states) has no gradient: zeros.
+            grads = {f"grad.{sub}.{n}": torch.zeros_like(p) if p.grad is None else p.grad
+                     for n, p in m.named_parameters()}
+            print(sub, "weights without a gradient:",
+                  sorted(n for n, p in m.named_parameters() if p.grad is None))
+            if new is not None:  # the table as the base's rows; the words' are grad_1, grad_2
+                key = next(k for k in grads if k.endswith("embeddings.token_embedding.weight"))
+                grads[key] = grads[key][: min(new)]
+            with safe_open(os.path.join(MODEL, sub, fname), "pt") as f:
+                assert set(f.keys()) == {k[len(f"grad.{sub}."):] for k in grads}, sub
+            out.update(grads)
+    name = "bas_full_step" if full else "bas_lora_step"
+    path = os.path.join(ROOT, f"{name}.safetensors")
     save_file({k: v.detach().clone().contiguous() for k, v in out.items()}, path)
     print(f"loss {loss.item():.8f} l_diff {l_diff.item():.8f} l_prior {l_prior.item():.8f} "
           f"l_attn {l_attn.item():.8f}; word positions {word_pos}; adapters {len(lora)}; wrote {path}")
+
+
+def main():
+    step(full=False)
+    step(full=True)
 
 
 if __name__ == "__main__":

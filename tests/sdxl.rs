@@ -1195,16 +1195,12 @@ fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
 /// words on the latent/4 maps; every adapter's and both rows' gradients against torch's.
 #[test]
 fn an_sdxl_break_a_scene_lora_step_matches_torch() {
-    use magictailor::train::method::LossWeights;
-    use magictailor::train::objective::{step_losses, Online, TextParams};
+    use magictailor::train::objective::{Online, TextParams};
     use magictailor::train::setup::lora_targets;
     let (f, sd) = (
         step_fixture("bas_lora_step.safetensors", None),
         sdxl_with_words(),
     );
-    let prompts = ["a photo of <v0>", "a photo of <v1>", "a photo at the beach"];
-    let (mut batch, noised) = step_inputs(&f, &sd, &prompts, &[0, 1, 0]);
-    (batch.prior, batch.n_samples) = (1, 2);
     let lora = fixture_lora(&f, &lora_targets(&sd, None), "");
     let rows = fixture_rows(&f);
     let text = TextParams {
@@ -1213,14 +1209,92 @@ fn an_sdxl_break_a_scene_lora_step_matches_torch() {
         rows_2: Some(rows[1].as_tensor()),
         table_2: None,
     };
+    let set = lora.as_set();
+    let loss = bas_step_terms(&f, &sd, Online::lora(&set), text);
+    let grads = loss.backward().unwrap();
+    let worst = worst_gradient(
+        &grads,
+        &f,
+        adapter_grads(&lora).into_iter().chain(row_grads(&rows)),
+    );
+    eprintln!("SDXL Break-A-Scene LoRA step: worst gradient error {worst:?}");
+    assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
+}
+
+/// Break-A-Scene's phase-2 step on SDXL as its full fine-tune
+/// (scripts/make_sdxl_bas_fixture.py): the same step with every weight of the U-Net and
+/// both text encoders trainable; the loss terms, and the gradient of every weight (each
+/// token table's base rows included) and of both words' rows against torch's.
+#[test]
+fn an_sdxl_break_a_scene_full_step_matches_torch() {
+    use magictailor::model::full::FullWeights;
+    use magictailor::train::objective::{Finetuned, Online, TextParams};
+    let (f, sd) = (
+        step_fixture("bas_full_step.safetensors", None),
+        sdxl_with_words(),
+    );
+    let full = FullWeights::of(&sd).unwrap();
+    let model = Finetuned::over(&full, DType::F32).unwrap();
+    let rows = fixture_rows(&f);
+    let text = TextParams {
+        rows: rows[0].as_tensor(),
+        table: Some(full.token_table().as_tensor()),
+        rows_2: Some(rows[1].as_tensor()),
+        table_2: Some(full.token_table_2().unwrap().as_tensor()),
+    };
+    let none = magictailor::model::lora::LoraSet::default();
+    let online = Online {
+        full: Some(&model),
+        ..Online::lora(&none)
+    };
+    let loss = bas_step_terms(&f, &sd, online, text);
+    let grads = loss.backward().unwrap();
+    let vars = (full.named().into_iter())
+        .map(|(name, var)| (var, format!("grad.{name}")))
+        .chain(row_grads(&rows));
+    let (mut worst, mut checked) = ((0f32, String::new()), 0);
+    for (var, key) in vars {
+        let want = &f[&key];
+        // The first encoder's last layer reads into no loss (SDXL takes its penultimate
+        // states): no gradient on either side.
+        let got = match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => want.zeros_like().unwrap(),
+        };
+        // Gradients that are zero in exact arithmetic are 1e-10 noise on both sides.
+        let rel =
+            max_abs_diff(&got, want) / magictailor::testkit::tolerance::max_abs(want).max(1e-5);
+        if rel.is_nan() || rel > worst.0 {
+            worst = (rel, key);
+        }
+        checked += 1;
+    }
+    eprintln!("SDXL Break-A-Scene full step: {checked} gradients, worst error {worst:?}");
+    assert!(checked > 300, "{checked} tensors checked");
+    assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
+}
+
+/// Break-A-Scene's phase-2 step of `f` (two images with their words, a beach class image
+/// learned whole) through `online` and `text`: its loss terms checked against torch's;
+/// the loss.
+fn bas_step_terms(
+    f: &Tensors,
+    sd: &magictailor::model::loader::StableDiffusion,
+    online: magictailor::train::objective::Online,
+    text: magictailor::train::objective::TextParams,
+) -> Tensor {
+    use magictailor::train::method::LossWeights;
+    let prompts = ["a photo of <v0>", "a photo of <v1>", "a photo at the beach"];
+    let (mut batch, noised) = step_inputs(f, sd, &prompts, &[0, 1, 0]);
+    (batch.prior, batch.n_samples) = (1, 2);
     let w = LossWeights {
         lambda_attn: 0.01,
         attn_summed: true,
         prior: 1.0,
         ..LossWeights::default()
     };
-    let set = lora.as_set();
-    let l = step_losses(&sd, &batch, &noised, Online::lora(&set), text, None, w).unwrap();
+    let l = magictailor::train::objective::step_losses(sd, &batch, &noised, online, text, None, w)
+        .unwrap();
     let l_prior = l.l_prior.clone().unwrap();
     for (key, got) in [
         ("loss", &l.loss),
@@ -1239,12 +1313,5 @@ fn an_sdxl_break_a_scene_lora_step_matches_torch() {
         f["l_attn"].to_scalar().unwrap(),
     );
     assert!((attn - want).abs() < 1e-5, "L_attn {attn} vs {want}");
-    let grads = l.loss.backward().unwrap();
-    let worst = worst_gradient(
-        &grads,
-        &f,
-        adapter_grads(&lora).into_iter().chain(row_grads(&rows)),
-    );
-    eprintln!("SDXL Break-A-Scene LoRA step: worst gradient error {worst:?}");
-    assert!(worst.0 < 1e-4, "worst gradient error, relative: {worst:?}");
+    l.loss
 }
