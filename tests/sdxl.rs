@@ -1112,7 +1112,8 @@ fn break_a_scene_trains_adapters_on_sdxl() {
 /// `train --method break-a-scene` on the tiny SDXL fine-tunes the U-Net and both text
 /// encoders in phase 2: the delta holds all three (`text_encoder_2.*` too); the folder
 /// (base + delta) draws what its last checkpoint (the whole weights) draws; `--export-full`
-/// writes the three components, and the base with them in place draws the run's image.
+/// writes the three components, and the base with them in place draws the run's image; a
+/// run killed in phase 2 resumes to the same delta, byte for byte.
 #[test]
 fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
     let dir = tempfile::tempdir().unwrap();
@@ -1136,6 +1137,8 @@ fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
             // A rate that moves the tiny model's image in two steps.
             "--phase2-lr",
             "1e-3",
+            "--checkpoint-every",
+            "1",
             "--class-images",
             "2",
             "--export-full",
@@ -1186,6 +1189,21 @@ fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
     assert!(
         moved > 2,
         "the fine-tuned weights changed the image by {moved} levels"
+    );
+    // Killed after step 3 (in phase 2): the resumed run writes the same delta.
+    let killed = dir.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let name = "checkpoints/step-000003.safetensors";
+    std::fs::copy(run.join(name), killed.join(name)).unwrap();
+    let (killed_s, other) = (killed.to_str().unwrap(), dir.path().join("export-2"));
+    let mut resumed = args.clone();
+    set_arg(&mut resumed, "--out-dir", killed_s);
+    set_arg(&mut resumed, "--export-full", other.to_str().unwrap());
+    ok(&run_bin("train", &with_args(resumed, &["--resume"])));
+    let f = "full_weights_delta.safetensors";
+    assert!(
+        read_bytes(&killed.join(f)) == read_bytes(&run.join(f)),
+        "{f}"
     );
 }
 
