@@ -17,7 +17,8 @@ and a `--method clic` folder's (target/tmp/clic-check/), a `--method break-a-sce
 DreamBooth run's kohya and peft files (target/tmp/sdxl-dreambooth-check/), an SDXL MagicTailor
 run's kohya file and A1111 words (target/tmp/sdxl-magictailor-check/), SDXL Custom Diffusion
 and CLiC runs' matrices and words (target/tmp/sdxl-custom-diffusion-check/, sdxl-clic-check/),
-and an SD 1.x run's
+an SDXL Break-A-Scene run's --export-full U-Net and both text encoders with its words
+(target/tmp/sdxl-break-a-scene-check/), and an SD 1.x run's
 adapters (peft and kohya files) and words (target/tmp/sd1-check/).
 """
 import os
@@ -126,10 +127,12 @@ def attn_procs(folder):
 
 
 def full_folders(folder, *parts):
-    """Swaps in the `--export-full` folder's components (`unet`, `text_encoder`)."""
-    from transformers import CLIPTextModel
+    """Swaps in the `--export-full` folder's components (`unet`, `text_encoder`, SDXL's
+    `text_encoder_2`)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+    classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
+               "text_encoder_2": CLIPTextModelWithProjection}
     return lambda pipe: [setattr(pipe, p, classes[p].from_pretrained(os.path.join(folder, "full"), subfolder=p))
                          for p in parts]
 
@@ -219,6 +222,14 @@ for method in ("custom-diffusion", "clic"):
     print(f"sdxl {method}: diffusers set {n} tuned cross-attention processors; reproduces magictailor's image "
           f"within {diff_xt[method]} levels")
 
+# A Break-A-Scene run on the tiny SDXL: its --export-full U-Net and both text encoders
+# swapped in, with its A1111 words; then the words alone on the base.
+xbas = check_dir("sdxl-break-a-scene-check")
+diff_xbas, _ = sdxl_words_levels(xbas, full_folders(xbas, "unet", "text_encoder", "text_encoder_2"))
+xbas_words_only, _ = sdxl_words_levels(xbas, lambda pipe: None)
+print(f"sdxl break-a-scene --export-full + A1111 words: diffusers reproduces magictailor's image within "
+      f"{diff_xbas} levels (the words alone on the base: {xbas_words_only} levels)")
+
 # An SD 1.x run (1x1-conv projections: 4-D adapters), through the peft and kohya files.
 sd1 = check_dir("sd1-check")
 lat1 = load_file(os.path.join(FIX, "sd1", "init_latents.safetensors"))["latents"]
@@ -236,4 +247,5 @@ ok = all(n == 176 and d <= 2 for n, d in diff_sd1.values())
 ok = ok and diff <= 2 and n_lora == 176 and diff_k <= 2 and n_kohya == 176 and diff_t <= 2 and diff_ti <= 2
 ok = ok and diff_db <= 2 and n_db == 128 and diff_cd <= 2 and n_cd == 16 and words_only > 2
 ok = ok and diff_cl <= 2 and n_cl == 16 and diff_full <= 2 and diff_bas <= 2 and diff_mt <= 2 and n_mt == 220 and max(diff_xt.values()) <= 2
+ok = ok and diff_xbas <= 2 and xbas_words_only > 2
 sys.exit(0 if ok else 1)

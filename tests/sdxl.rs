@@ -385,14 +385,15 @@ fn draws_as_its_last_checkpoint(
 }
 
 /// Leaves a run's `files`, its A1111 words, `infer`'s image and its prompt in
-/// `target/tmp/{name}-check/`, for scripts/check_rust_exports.py to draw with diffusers.
+/// `target/tmp/{name}-check/` (returned), for scripts/check_rust_exports.py to draw with
+/// diffusers.
 fn leave_check(
     run: &std::path::Path,
     name: &str,
     files: &[&str],
     png: &std::path::Path,
     prompt: &str,
-) {
+) -> PathBuf {
     let check = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-check"));
     let _ = std::fs::remove_dir_all(&check);
     std::fs::create_dir_all(check.join("embeddings")).unwrap();
@@ -402,6 +403,7 @@ fn leave_check(
     }
     std::fs::copy(png, check.join("infer.png")).unwrap();
     std::fs::write(check.join("prompt.txt"), prompt).unwrap();
+    check
 }
 
 /// `train --method custom-diffusion` and `--method clic` on the tiny SDXL: the matrices
@@ -1185,6 +1187,10 @@ fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
         moved > 2,
         "the fine-tuned weights changed the image by {moved} levels"
     );
+    // For scripts/check_rust_exports.py: diffusers' SDXL pipeline draws it from the
+    // exported components and the A1111 words.
+    let check = leave_check(&run, "sdxl-break-a-scene", &[], &drawn, prompt);
+    copy_dir(&export, &check.join("full"));
     // Killed after step 3 (in phase 2): the resumed run writes the same delta.
     let killed = dir.path().join("killed");
     std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
