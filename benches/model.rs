@@ -308,6 +308,7 @@ fn bench_infer(tg: &Target, name: &str, dir: &std::path::Path, latent: usize, re
         extra_rows: None,
         extra_rows_2: None,
         token_table: None,
+        token_table_2: None,
         vico: None,
     };
     let secs = time_infer(tg, w, "a photo of a dog", latent, reps);
@@ -364,6 +365,7 @@ fn bench_vico_infer(
         extra_rows: Some(&rows),
         extra_rows_2: None,
         token_table: None,
+        token_table_2: None,
         vico: Some(&visual),
     };
     let secs = time_infer(tg, w, "a photo of <v0>", latent, 1);
@@ -395,6 +397,7 @@ fn bench_retouch(
         extra_rows_2: None,
         embeds_2: None,
         token_table: None,
+        token_table_2: None,
         tuned: None,
         class_words: Default::default(),
         vico: None,

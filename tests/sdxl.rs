@@ -242,25 +242,63 @@ fn an_sdxl_hub_repo_loads_from_the_cache() {
     assert_eq!(read_png(&out).dimensions(), (128, 128));
 }
 
-/// What does not take SDXL yet says so, before anything is written and before any weight
-/// loads: the released script's token table (the first encoder's alone). Told from a
-/// folder without its U-Net weights, and from a single file's header.
+/// `train --released-script` on the tiny SDXL trains each text encoder's whole token table
+/// (with weight decay, as the script trains its one): both drifted tables are written
+/// (`token_embedding.safetensors`, `token_embedding_2.safetensors`), every row of each has
+/// moved, the folder (its tables read back) draws what its last checkpoint draws, and a run
+/// killed after step 3 resumes to byte-identical tables.
 #[test]
-fn train_on_sdxl_is_refused_by_name() {
+fn the_released_script_trains_both_token_tables_on_sdxl() {
     let dir = tempfile::tempdir().unwrap();
     let pair = pair_folder(dir.path(), &PairSpec::training());
+    let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let run = short_run_args(&pair, out.to_str().unwrap(), &model);
+        (with_args(run, &["--released-script"]).into_iter())
+            .map(String::from)
+            .collect()
+    };
     let run = dir.path().join("run");
-    let folder = dir.path().join("sdxl");
-    copy_dir(std::path::Path::new(&tiny_sdxl()), &folder);
-    std::fs::remove_file(folder.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let single = fixtures().join("sdxl/single.safetensors");
-    for model in [folder.to_str().unwrap(), single.to_str().unwrap()] {
-        let args = quiet_train_args(pair.to_str().unwrap(), run.to_str().unwrap(), model);
-        let o = run_bin("train", &with_args(args, &["--released-script"]));
-        assert!(!o.status.success());
-        let says = "--released-script does not take SDXL yet";
-        assert!(stderr(&o).contains(says), "{model}: {}", stderr(&o));
-        assert!(!run.join("magictailor.json").exists());
+    let a = args(&run);
+    ok(&run_bin(
+        "train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let sd = magictailor::model::loader::StableDiffusion::load(&model, &Device::Cpu, DType::F32)
+        .unwrap();
+    let bases = [
+        sd.text_encoder.token_table(),
+        sd.text_encoder_2.as_ref().unwrap().0.token_table(),
+    ];
+    let files = [
+        "token_embedding.safetensors",
+        "token_embedding_2.safetensors",
+    ];
+    for (file, base) in files.iter().zip(bases) {
+        let t = candle_core::safetensors::load(run.join(file), &Device::Cpu).unwrap();
+        let table = &t["text_model.embeddings.token_embedding.weight"];
+        assert_eq!(table.dims(), base.dims(), "{file}");
+        // Weight decay moves every row, words or not.
+        let moved = (table - base).unwrap().abs().unwrap().max(1).unwrap();
+        let still = moved.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(still.iter().all(|&d| d > 0.0), "{file}: a row did not move");
+    }
+    draws_as_its_last_checkpoint(dir.path(), &run, 8, "<v0> with <v1>");
+    let killed = dir.path().join("killed");
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let name = "checkpoints/step-000003.safetensors";
+    std::fs::copy(run.join(name), killed.join(name)).unwrap();
+    let mut a = args(&killed);
+    a.push("--resume".into());
+    ok(&run_bin(
+        "train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    for f in files.iter().chain(&["pytorch_lora_weights.safetensors"]) {
+        assert!(
+            read_bytes(&killed.join(f)) == read_bytes(&run.join(f)),
+            "{f}"
+        );
     }
 }
 

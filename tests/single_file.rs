@@ -409,6 +409,7 @@ fn an_sdxl_single_file_loads_to_its_folder_bit_for_bit() {
             extra_rows: None,
             extra_rows_2: None,
             token_table: None,
+            token_table_2: None,
             vico: None,
         };
         let (hidden, pooled) = w.encode_text(&["a photo of a dog", ""]).unwrap();

@@ -258,6 +258,7 @@ fn weights<'a>(sd: &'a StableDiffusion, rows: &'a Tensor, vico: Option<&'a Visua
         extra_rows: Some(rows),
         extra_rows_2: None,
         token_table: None,
+        token_table_2: None,
         vico,
     }
 }

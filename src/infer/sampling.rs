@@ -191,7 +191,10 @@ pub struct Weights<'a> {
     pub extra_rows: Option<&'a Tensor>,
     /// The same pseudo-words' rows in SDXL's second text encoder, `[k, hidden_2]`.
     pub extra_rows_2: Option<&'a Tensor>,
+    /// A trained token table in place of the text encoder's (released-script runs), and
+    /// SDXL's second encoder's.
     pub token_table: Option<&'a Tensor>,
+    pub token_table_2: Option<&'a Tensor>,
     /// ViCo's blocks and reference images.
     pub vico: Option<&'a super::vico::Visual>,
 }
@@ -206,6 +209,7 @@ impl<'a> Weights<'a> {
             extra_rows: None,
             extra_rows_2: None,
             token_table: None,
+            token_table_2: None,
             vico: None,
         }
     }
@@ -237,20 +241,27 @@ impl<'a> Weights<'a> {
         };
         let te = &self.sd.text_encoder;
         let ids_1 = ids(&self.sd.tokenizer)?;
-        let Some((_, tok_2)) = &self.sd.text_encoder_2 else {
+        let Some((te_2, tok_2)) = &self.sd.text_encoder_2 else {
             let hidden = te.forward_with_table(&ids_1, self.token_table, self.extra_rows)?;
             return Ok((hidden, None));
         };
-        if self.token_table.is_some() || self.extra_rows.is_some() != self.extra_rows_2.is_some() {
+        if self.extra_rows.is_some() != self.extra_rows_2.is_some() {
             return Err(Error::usage(
                 "pseudo-words on SDXL need a row in each text encoder (an SDXL embedding's \
                  clip_l and clip_g).",
             ));
         }
+        if self.token_table.is_some() != self.token_table_2.is_some() {
+            return Err(Error::internal(
+                "an SDXL token table without the other encoder's",
+            ));
+        }
         let ids_2 = ids(tok_2)?;
-        let (hidden, pooled) =
-            self.sd
-                .encode_sdxl(&ids_1, &ids_2, self.extra_rows, self.extra_rows_2)?;
+        let (hidden, pooled) = self.sd.encode_sdxl_with(
+            [(te, self.token_table), (te_2, self.token_table_2)],
+            (&ids_1, &ids_2),
+            (self.extra_rows, self.extra_rows_2),
+        )?;
         Ok((hidden, Some(pooled)))
     }
 

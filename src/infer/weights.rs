@@ -26,6 +26,8 @@ pub struct Sources {
     pub embeds_2: Option<PathBuf>,
     /// The whole trained token-embedding table (`--released-script` runs).
     pub token_table: Option<PathBuf>,
+    /// SDXL: the second encoder's table (beside the first in a released-script run).
+    pub token_table_2: Option<PathBuf>,
     /// Custom Diffusion's tuned key and value matrices.
     pub custom_diffusion: Option<PathBuf>,
     /// A full fine-tune's changes to the base U-Net and text encoder (Break-A-Scene).
@@ -57,8 +59,9 @@ pub struct Personalized {
     /// The file those second rows came from, when not from the `--embeds` file itself
     /// (diffusers' SDXL pair): for the record.
     pub embeds_2: Option<PathBuf>,
-    /// Replaces the text encoder's token table (`--released-script` runs).
+    /// Replace the text encoders' token tables (`--released-script` runs).
     pub token_table: Option<Tensor>,
+    pub token_table_2: Option<Tensor>,
     /// Whole matrices in place of base weights (Custom Diffusion).
     pub tuned: Option<TunedSet>,
     /// Pseudo-word -> class word, when known (a trained folder).
@@ -91,6 +94,10 @@ impl Personalized {
             Some(f) => Some(load_token_table(f, sd.text_encoder.token_table(), device)?),
             None => None,
         };
+        let token_table_2 = match (&src.token_table_2, &sd.text_encoder_2) {
+            (Some(f), Some((te, _))) => Some(load_token_table(f, te.token_table(), device)?),
+            _ => None,
+        };
         let tuned = match &src.custom_diffusion {
             Some(f) => Some(TunedSet::load_custom_diffusion(
                 f,
@@ -120,6 +127,7 @@ impl Personalized {
             extra_rows_2,
             embeds_2,
             token_table,
+            token_table_2,
             tuned,
             class_words: src.class_words.clone(),
             vico,
@@ -151,6 +159,7 @@ impl Personalized {
             extra_rows: self.extra_rows.as_ref(),
             extra_rows_2: self.extra_rows_2.as_ref(),
             token_table: self.token_table.as_ref(),
+            token_table_2: self.token_table_2.as_ref(),
             vico: self.vico.as_ref(),
         }
     }
@@ -281,7 +290,7 @@ fn from_checkpoint(
             tok_2.add_pseudo_words(&words)?;
         }
     }
-    let token_table = take("table").ok();
+    let (token_table, token_table_2) = (take("table").ok(), take("table_2").ok());
     let tuned = TunedSet::from_checkpoint(&mut t)?;
     // A full fine-tune's checkpoint holds its whole U-Net and text encoder(s).
     let mut full: std::collections::HashMap<String, Tensor> = (t.iter())
@@ -320,6 +329,7 @@ fn from_checkpoint(
         extra_rows_2: rows_2,
         embeds_2: None,
         token_table,
+        token_table_2,
         tuned,
         class_words: src.class_words.clone(),
         vico,
@@ -449,6 +459,7 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
                 embeds: opts.embeds.clone(),
                 embeds_2: None,
                 token_table: None,
+                token_table_2: None,
                 custom_diffusion: opts.custom_diffusion.clone(),
                 full_delta: opts.full_delta.clone(),
                 class_words: Default::default(),
@@ -477,6 +488,7 @@ fn sources_unchecked(opts: &InferOptions) -> Result<Sources> {
         // The folder's second file goes with its first.
         embeds_2: folder.embeds_2.filter(|_| opts.embeds.is_none()),
         token_table: folder.token_table,
+        token_table_2: folder.token_table_2,
         custom_diffusion: opts.custom_diffusion.clone().or(folder.custom_diffusion),
         full_delta: opts.full_delta.clone().or(folder.full_delta),
         class_words: folder.record.tokens,
@@ -584,6 +596,7 @@ fn checkpoint_sources(dir: &Path, which: &str, opts: &InferOptions) -> Result<So
         embeds: None,
         embeds_2: None,
         token_table: None,
+        token_table_2: None,
         custom_diffusion: None,
         full_delta: None,
         class_words,

@@ -38,6 +38,8 @@ pub const EMBEDS: &str = "learned_embeds.safetensors";
 pub const EMBEDS_2: &str = "learned_embeds_2.safetensors";
 pub const A1111_EMBEDS: &str = "embeddings";
 pub const TOKEN_TABLE: &str = "token_embedding.safetensors";
+/// SDXL: the second text encoder's drifted table (same key).
+pub const TOKEN_TABLE_2: &str = "token_embedding_2.safetensors";
 /// `--prior-preservation`'s class images, one folder per class word (unless `--class-dir`).
 pub const CLASS_IMAGES: &str = "class_images";
 /// Custom Diffusion's tuned matrices, as diffusers' `save_attn_procs` names them.
@@ -115,6 +117,7 @@ pub struct TrainedFolder {
     pub embeds: Option<PathBuf>,
     pub embeds_2: Option<PathBuf>,
     pub token_table: Option<PathBuf>,
+    pub token_table_2: Option<PathBuf>,
     pub custom_diffusion: Option<PathBuf>,
     pub vico_blocks: Option<PathBuf>,
     pub full_delta: Option<PathBuf>,
@@ -172,6 +175,7 @@ pub fn open(dir: &Path) -> Result<TrainedFolder> {
         embeds: present(EMBEDS),
         embeds_2: present(EMBEDS_2),
         token_table: present(TOKEN_TABLE),
+        token_table_2: present(TOKEN_TABLE_2),
         custom_diffusion: present(CUSTOM_DIFFUSION),
         vico_blocks: present(VICO_BLOCKS),
         full_delta: present(FULL_DELTA),

@@ -756,20 +756,6 @@ fn weights(
     ))
 }
 
-/// Whether `model` is SDXL, told from the disk alone (a folder's `text_encoder_2/`, a
-/// single file's keys) before any weight loads; None for a hub id or what cannot be read
-/// (the load then says why).
-pub fn is_sdxl_on_disk(model: &str) -> Option<bool> {
-    let path = Path::new(model);
-    if path.is_dir() {
-        return Some(path.join("text_encoder_2").join("config.json").is_file());
-    }
-    let family = single_file_path(model).ok()??;
-    super::single_file::Checkpoint::family_of(&family)
-        .ok()
-        .map(|f| f == super::single_file::Family::Sdxl)
-}
-
 /// Turns what the user passed as `--model` into a local folder.
 pub fn resolve(model: &str) -> Result<PathBuf> {
     if model == TINY_RANDOM {

@@ -62,10 +62,16 @@ impl Trainer {
                 }
             };
         }
-        if let Some(table) = &self.table {
-            // The released script saves and reloads the whole drifted table.
-            let t = HashMap::from([(run::TOKEN_TABLE_KEY.to_string(), table.as_detached_tensor())]);
-            tensors::write(&dir.join(run::TOKEN_TABLE), &t, None)?;
+        // The released script saves and reloads the whole drifted table (each encoder's).
+        for (table, file) in [
+            (&self.table, run::TOKEN_TABLE),
+            (&self.table_2, run::TOKEN_TABLE_2),
+        ] {
+            if let Some(table) = table {
+                let t =
+                    HashMap::from([(run::TOKEN_TABLE_KEY.to_string(), table.as_detached_tensor())]);
+                tensors::write(&dir.join(file), &t, None)?;
+            }
         }
         run::write_record(dir, &self.record(dir)?)
     }

@@ -20,7 +20,7 @@ impl Trainer {
     /// Every trainable tensor by its checkpoint name: `lora.<path>.A`/`.B`,
     /// `tuned.<path>.weight`/`.bias`, `vico.<path>.image_cross_attention.<name>`,
     /// `full.unet.<key>`/`full.text_encoder.<key>` once a full fine-tune has started,
-    /// `rows`, and `table` in released-script mode.
+    /// `rows` (SDXL: `rows_2`), and `table` (SDXL: `table_2`) in released-script mode.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let lora = self.lora.modules.iter().flat_map(|m| {
             [
@@ -35,6 +35,7 @@ impl Trainer {
             ("rows", Some(&self.rows)),
             ("rows_2", self.rows_2.as_ref()),
             ("table", self.table.as_ref()),
+            ("table_2", self.table_2.as_ref()),
         ];
         let text = text
             .into_iter()
@@ -123,6 +124,9 @@ impl Trainer {
         }
         if let Some(table) = &self.table {
             table.set(get("table")?)?;
+        }
+        if let Some(table_2) = &self.table_2 {
+            table_2.set(get("table_2")?)?;
         }
         if t.keys().any(|k| k.starts_with("momentum.")) {
             let mut m = MomentumLora::copy_of(&self.lora)?;

@@ -45,14 +45,7 @@ impl Trainer {
         model: Option<StableDiffusion>,
     ) -> std::result::Result<Self, Box<SetupError>> {
         let fail = |error, model| Box::new(SetupError { error, model });
-        let checked = cfg.validate().and_then(|()| match model {
-            // A local SDXL model is refused in milliseconds, not after its load.
-            None => match crate::model::loader::is_sdxl_on_disk(&cfg.model) {
-                Some(true) => refuse_on_sdxl(&cfg, &cfg.model),
-                _ => Ok(()),
-            },
-            Some(_) => Ok(()),
-        });
+        let checked = cfg.validate();
         let mut data = match checked.and_then(|()| load_pair(&cfg, device)) {
             Ok(data) => data,
             Err(e) => return Err(fail(e, model)),
@@ -134,11 +127,19 @@ impl Trainer {
             }
             None => TrainableTuned::none(),
         };
-        let table = if recipe.trains.token_table {
-            let t = sd.text_encoder.token_table().to_dtype(DType::F32)?.copy()?;
-            Some(Var::from_tensor(&t)?)
-        } else {
-            None
+        // Released-script mode trains each text encoder's whole table.
+        let trained_table = |table: &Tensor| -> Result<Option<Var>> {
+            match recipe.trains.token_table {
+                true => Ok(Some(Var::from_tensor(
+                    &table.to_dtype(DType::F32)?.copy()?,
+                )?)),
+                false => Ok(None),
+            }
+        };
+        let table = trained_table(sd.text_encoder.token_table())?;
+        let table_2 = match &sd.text_encoder_2 {
+            Some((te, _)) => trained_table(te.token_table())?,
+            None => None,
         };
         let vico = match recipe.trains.vico_blocks {
             Some(_) => Some(vico::Blocks::init(
@@ -162,6 +163,7 @@ impl Trainer {
             rows,
             rows_2,
             table,
+            table_2,
             full: None,
             momentum: None,
             opt: optimizer(Vec::new(), weight_decay)?,
@@ -222,24 +224,9 @@ pub fn lora_targets(
 /// Loads the base model the settings name, refusing a resolution its VAE cannot take.
 fn load_model(cfg: &TrainConfig, device: &Device) -> Result<StableDiffusion> {
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.single_file, device, cfg.dtype)?;
-    if sd.is_sdxl() {
-        refuse_on_sdxl(cfg, &sd.source)?;
-    }
     let f = sd.vae_factor();
     crate::model::loader::check_side("--resolution", cfg.resolution, f, f)?;
     Ok(sd)
-}
-
-/// Refuses what does not train on SDXL (`model`, named in the message, is one).
-fn refuse_on_sdxl(cfg: &TrainConfig, model: &str) -> Result<()> {
-    if cfg.released_script {
-        // Its trainable token table is the first encoder's alone.
-        return Err(Error::usage(format!(
-            "{model} is an SDXL model: --released-script does not take SDXL yet (its \
-             trainable token table is the first text encoder's alone)."
-        )));
-    }
-    Ok(())
 }
 
 /// The reference images and masks of `cfg.instance_dir`: where bad input shows up.

@@ -73,6 +73,8 @@ pub struct Trainer {
     pub rows_2: Option<Var>,
     /// Released-script mode: the whole token-embedding table, trained (with weight decay).
     pub table: Option<Var>,
+    /// SDXL in released-script mode: the second text encoder's table, alike.
+    pub table_2: Option<Var>,
     /// Every U-Net and text-encoder weight (Break-A-Scene's phase 2), made when the first
     /// phase that trains them starts.
     pub full: Option<FullWeights>,
@@ -120,7 +122,8 @@ impl Trainer {
         .into_iter()
         .flatten()
         .flatten();
-        let mut v: Vec<Var> = rows.chain(self.table.clone()).collect();
+        let tables = self.table.iter().chain(&self.table_2).cloned();
+        let mut v: Vec<Var> = rows.chain(tables).collect();
         v.extend(
             self.full_at(d)
                 .map(FullWeights::text_vars)
@@ -141,7 +144,10 @@ impl Trainer {
             rows: self.rows.as_tensor(),
             table,
             rows_2: self.rows_2.as_ref().map(|v| v.as_tensor()),
-            table_2: full.and_then(|f| f.token_table_2()).map(|t| t.as_tensor()),
+            table_2: match full {
+                Some(f) => f.token_table_2().map(|t| t.as_tensor()),
+                None => self.table_2.as_ref().map(|t| t.as_tensor()),
+            },
         }
     }
 

@@ -88,6 +88,7 @@ fn draw_grid(t: &Trainer) -> Result<RgbImage> {
     let rows = t.rows.as_detached_tensor();
     let rows_2 = t.rows_2.as_ref().map(|v| v.as_detached_tensor());
     let table = t.table.as_ref().map(|v| v.as_detached_tensor());
+    let table_2 = t.table_2.as_ref().map(|v| v.as_detached_tensor());
     // ViCo samples with its current blocks and each sample's first image as reference.
     let visual = match &t.vico {
         Some(blocks) => Some(crate::infer::vico::Visual::new(
@@ -103,6 +104,7 @@ fn draw_grid(t: &Trainer) -> Result<RgbImage> {
         extra_rows: Some(&rows),
         extra_rows_2: rows_2.as_ref(),
         token_table: table.as_ref(),
+        token_table_2: table_2.as_ref(),
         vico: visual.as_ref(),
     };
     let latent = cfg.resolution / t.sd.vae_factor();
