@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -118,7 +118,7 @@ fn tiny_sdxl() -> String {
 
 /// `infer` on the SDXL folder as the pipeline drew `ddim_base.png`: 10 DDIM steps,
 /// guidance 7.5, 64 px, the recorded latents.
-fn infer_sdxl(prompt: &str, extra: &[&str], out: &std::path::Path) -> std::process::Output {
+fn infer_sdxl(prompt: &str, extra: &[&str], out: &Path) -> std::process::Output {
     let model = tiny_sdxl();
     infer_sdxl_run(&[&["--model", model.as_str()], extra].concat(), prompt, out)
 }
@@ -222,10 +222,7 @@ fn an_sdxl_hub_repo_loads_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("hub/models--owner--xl");
     let sha = "0123456789abcdef0123456789abcdef01234567";
-    copy_dir(
-        std::path::Path::new(&tiny_sdxl()),
-        &repo.join("snapshots").join(sha),
-    );
+    copy_dir(Path::new(&tiny_sdxl()), &repo.join("snapshots").join(sha));
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), sha).unwrap();
     let out = dir.path().join("xl.png");
@@ -252,7 +249,7 @@ fn the_released_script_trains_both_token_tables_on_sdxl() {
     let dir = tempfile::tempdir().unwrap();
     let pair = pair_folder(dir.path(), &PairSpec::training());
     let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
-    let args = |out: &std::path::Path| -> Vec<String> {
+    let args = |out: &Path| -> Vec<String> {
         let run = short_run_args(&pair, out.to_str().unwrap(), &model);
         (with_args(run, &["--released-script"]).into_iter())
             .map(String::from)
@@ -285,21 +282,14 @@ fn the_released_script_trains_both_token_tables_on_sdxl() {
     }
     draws_as_its_last_checkpoint(dir.path(), &run, 8, "<v0> with <v1>");
     let killed = dir.path().join("killed");
-    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
-    let name = "checkpoints/step-000003.safetensors";
-    std::fs::copy(run.join(name), killed.join(name)).unwrap();
-    let mut a = args(&killed);
-    a.push("--resume".into());
-    ok(&run_bin(
-        "train",
+    let a = args(&killed);
+    let files = [files[0], files[1], "pytorch_lora_weights.safetensors"];
+    killed_after_step_3_resumes_alike(
+        &run,
+        &killed,
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
-    ));
-    for f in files.iter().chain(&["pytorch_lora_weights.safetensors"]) {
-        assert!(
-            read_bytes(&killed.join(f)) == read_bytes(&run.join(f)),
-            "{f}"
-        );
-    }
+        &files,
+    );
 }
 
 /// `train` (MagicTailor) on the tiny SDXL, with masks made from its attention: adapters
@@ -314,7 +304,7 @@ fn magictailor_trains_on_sdxl() {
     spec.masks = false;
     let pair = pair_folder(dir.path(), &spec);
     let (pair, model) = (pair.to_str().unwrap().to_string(), tiny_sdxl());
-    let args = |out: &std::path::Path| -> Vec<String> {
+    let args = |out: &Path| -> Vec<String> {
         let out = out.to_str().unwrap();
         (short_run_args(&pair, out, &model).into_iter())
             .map(String::from)
@@ -373,22 +363,17 @@ fn magictailor_trains_on_sdxl() {
     assert!(magictailor::testkit::tolerance::max_abs(up) > 0.0);
     // Killed after step 3: the same files.
     let killed = dir.path().join("killed");
-    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
-    let name = "checkpoints/step-000003.safetensors";
-    std::fs::copy(run.join(name), killed.join(name)).unwrap();
-    let mut a = args(&killed);
-    a.push("--resume".into());
-    ok(&run_bin(
-        "train",
+    let a = args(&killed);
+    killed_after_step_3_resumes_alike(
+        &run,
+        &killed,
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
-    ));
-    for f in [
-        "pytorch_lora_weights.safetensors",
-        "learned_embeds.safetensors",
-        "learned_embeds_2.safetensors",
-    ] {
-        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&run.join(f)), "{f}");
-    }
+        &[
+            "pytorch_lora_weights.safetensors",
+            "learned_embeds.safetensors",
+            "learned_embeds_2.safetensors",
+        ],
+    );
     // For scripts/check_rust_exports.py: diffusers draws it from the kohya file and the
     // A1111 words.
     leave_check(
@@ -402,12 +387,7 @@ fn magictailor_trains_on_sdxl() {
 
 /// `infer --model-dir run` of `prompt` draws exactly what `--checkpoint last` draws
 /// (both into `tmp`, named after the run); returns the folder's image.
-fn draws_as_its_last_checkpoint(
-    tmp: &std::path::Path,
-    run: &std::path::Path,
-    last: usize,
-    prompt: &str,
-) -> std::path::PathBuf {
+fn draws_as_its_last_checkpoint(tmp: &Path, run: &Path, last: usize, prompt: &str) -> PathBuf {
     let name = run.file_name().unwrap().to_string_lossy();
     let (folder, ckpt) = (
         tmp.join(format!("{name}.png")),
@@ -425,14 +405,8 @@ fn draws_as_its_last_checkpoint(
 /// Leaves a run's `files`, its A1111 words, `infer`'s image and its prompt in
 /// `target/tmp/{name}-check/` (returned), for scripts/check_rust_exports.py to draw with
 /// diffusers.
-fn leave_check(
-    run: &std::path::Path,
-    name: &str,
-    files: &[&str],
-    png: &std::path::Path,
-    prompt: &str,
-) -> PathBuf {
-    let check = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-check"));
+fn leave_check(run: &Path, name: &str, files: &[&str], png: &Path, prompt: &str) -> PathBuf {
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-check"));
     let _ = std::fs::remove_dir_all(&check);
     std::fs::create_dir_all(check.join("embeddings")).unwrap();
     let words = ["embeddings/v0.safetensors", "embeddings/v1.safetensors"];
@@ -530,7 +504,7 @@ fn textual_inversion_trains_on_sdxl() {
         "--checkpoint-every",
         "1",
     ];
-    let args = |out: &std::path::Path| {
+    let args = |out: &Path| {
         let mut a = quiet_train_args(&pair, out.to_str().unwrap(), &model);
         a.extend(steps);
         a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
@@ -597,7 +571,7 @@ fn textual_inversion_trains_on_sdxl() {
 
 /// `infer` from the recorded latents as `infer_sdxl`, the model (a base or a trained
 /// folder) named by `extra`.
-fn infer_sdxl_run(extra: &[&str], prompt: &str, out: &std::path::Path) -> std::process::Output {
+fn infer_sdxl_run(extra: &[&str], prompt: &str, out: &Path) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let latents = dir.path().join("latents.safetensors");
     let lat = reference()["init_latents"].clone();
@@ -670,7 +644,7 @@ fn dreambooth_lora_trains_on_sdxl() {
     ok(&infer_sdxl(&prompt, &[], &png("base.png")));
     assert!(png_max_diff(&read_png(&png("dir.png")), &read_png(&png("base.png"))) > 0);
     // For scripts/check_rust_exports.py: diffusers' own kohya and peft loaders draw it.
-    let check = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdxl-dreambooth-check");
+    let check = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdxl-dreambooth-check");
     let _ = std::fs::remove_dir_all(&check);
     std::fs::create_dir_all(&check).unwrap();
     for f in ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"] {
@@ -1192,7 +1166,7 @@ fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
     let drawn = draws_as_its_last_checkpoint(dir.path(), &run, 4, prompt);
     // The base with the exported components in place, and the run's words.
     let merged = dir.path().join("merged");
-    copy_dir(std::path::Path::new(&model), &merged);
+    copy_dir(Path::new(&model), &merged);
     for component in ["unet", "text_encoder", "text_encoder_2"] {
         std::fs::remove_dir_all(merged.join(component)).unwrap();
         copy_dir(&export.join(component), &merged.join(component));
@@ -1231,19 +1205,26 @@ fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
     copy_dir(&export, &check.join("full"));
     // Killed after step 3 (in phase 2): the resumed run writes the same delta.
     let killed = dir.path().join("killed");
-    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
-    let name = "checkpoints/step-000003.safetensors";
-    std::fs::copy(run.join(name), killed.join(name)).unwrap();
     let (killed_s, other) = (killed.to_str().unwrap(), dir.path().join("export-2"));
     let mut resumed = args.clone();
     set_arg(&mut resumed, "--out-dir", killed_s);
     set_arg(&mut resumed, "--export-full", other.to_str().unwrap());
-    ok(&run_bin("train", &with_args(resumed, &["--resume"])));
-    let f = "full_weights_delta.safetensors";
-    assert!(
-        read_bytes(&killed.join(f)) == read_bytes(&run.join(f)),
-        "{f}"
-    );
+    killed_after_step_3_resumes_alike(&run, &killed, &resumed, &["full_weights_delta.safetensors"]);
+}
+
+/// A run killed after its step 3 (`killed` holds that checkpoint alone) and resumed with
+/// `args` writes the same `files` as the whole run did in `run`.
+fn killed_after_step_3_resumes_alike(run: &Path, killed: &Path, args: &[&str], files: &[&str]) {
+    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
+    let name = "checkpoints/step-000003.safetensors";
+    std::fs::copy(run.join(name), killed.join(name)).unwrap();
+    ok(&run_bin("train", &with_args(args.to_vec(), &["--resume"])));
+    for f in files {
+        assert!(
+            read_bytes(&killed.join(f)) == read_bytes(&run.join(f)),
+            "{f}"
+        );
+    }
 }
 
 /// Break-A-Scene's phase-2 step with `--phase2-lora` on SDXL
