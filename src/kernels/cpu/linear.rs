@@ -17,12 +17,19 @@ pub struct LoraDims {
 }
 
 impl LoraDims {
-    /// Whether to fold the adapter into the weight, `W' = W + s B A`, instead of running
-    /// the rank-r products: then the forward is one GEMM and the backward two
-    /// (dx = g W', G = g^T x, with dA, dB from G by tiny products). It does fewer FLOPs
-    /// when n k < r (4k + 3n), i.e. for narrow layers (all of SD's at a quarter width).
-    fn merged(&self) -> bool {
-        self.n * self.k < self.r * (4 * self.k + 3 * self.n)
+    /// Whether the forward folds the adapter into the weight, `W' = W + s B A`: that
+    /// costs `n k r` multiply-adds against `m r (k + n)` for the rank-r products, and
+    /// one GEMM of the size the rank-r ones are slow at against two.
+    pub fn merged_forward(&self) -> bool {
+        self.n * self.k < self.m * (self.k + self.n)
+    }
+
+    /// Whether the backward folds it too: then it costs `2 m n k + 3 n k r`
+    /// (dx = g W', G = g^T x, dA and dB from G) against `m n k + m r (3 k + 2 n)`
+    /// (u = x A^T again, g B, dx = g W + (g B) A, dA, dB). Narrow layers fold.
+    pub fn merged_backward(&self) -> bool {
+        let (m, k, n, r) = (self.m, self.k, self.n, self.r);
+        n * k * (m + 3 * r) < m * r * (3 * k + 2 * n)
     }
 }
 
@@ -59,7 +66,7 @@ pub fn lora_linear_fwd(
         y.par_chunks_mut(n)
             .for_each(|row| row.copy_from_slice(bias));
     }
-    let merged = d.merged().then(|| merged_weight(w, a, b, d));
+    let merged = d.merged_forward().then(|| merged_weight(w, a, b, d));
     let weight = merged.as_deref().unwrap_or(w);
     let acc = bias.is_some();
     mm_par(
@@ -103,7 +110,7 @@ pub fn lora_linear_bwd(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (m, k, n, r) = (d.m, d.k, d.n, d.r);
     let (mut dx, mut da, mut db) = (vec![0f32; m * k], vec![0f32; r * k], vec![0f32; n * r]);
-    if d.merged() {
+    if d.merged_backward() {
         let wm = merged_weight(w, a, b, d);
         mm_par(
             (m, k, n),

@@ -72,9 +72,21 @@ fn frozen_linear_matches_matmul() {
 
 #[test]
 fn lora_linear_matches_composed() {
-    // (in, out, rank): the first folds the adapter into the weight, the second (wide
-    // layer, rank 1) runs the rank-r products.
-    for (k, n, r) in [(5, 7, 4), (8, 8, 1)] {
+    // (in, out, rank) on 6 rows: the adapter folded into the weight in both passes, in
+    // the forward alone, and in neither (the rank-r products).
+    let cases = [(5, 7, 4), (8, 8, 1), (16, 16, 2)];
+    let folds = cases.map(|(k, n, r)| {
+        let d = crate::kernels::cpu::LoraDims {
+            m: 6,
+            k,
+            n,
+            r,
+            scale: 0.5,
+        };
+        (d.merged_forward(), d.merged_backward())
+    });
+    assert_eq!(folds, [(true, true), (true, false), (false, false)]);
+    for (k, n, r) in cases {
         let (w, b) = (randn(1, &[n, k]), randn(2, &[n]));
         check(
             &format!("lora linear {k}->{n} rank {r}"),
