@@ -242,8 +242,9 @@ fn an_sdxl_hub_repo_loads_from_the_cache() {
 /// `train --released-script` on the tiny SDXL trains each text encoder's whole token table
 /// (with weight decay, as the script trains its one): both drifted tables are written
 /// (`token_embedding.safetensors`, `token_embedding_2.safetensors`), every row of each has
-/// moved, the folder (its tables read back) draws what its last checkpoint draws, and a run
-/// killed after step 3 resumes to byte-identical tables.
+/// moved, the folder (its tables read back) draws what its last checkpoint draws, a run
+/// killed after step 3 resumes to byte-identical tables, and the folder without its second
+/// table is refused.
 #[test]
 fn the_released_script_trains_both_token_tables_on_sdxl() {
     let dir = tempfile::tempdir().unwrap();
@@ -289,6 +290,20 @@ fn the_released_script_trains_both_token_tables_on_sdxl() {
         &killed,
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
         &files,
+    );
+    // A folder missing its second table is refused by name, and nothing is drawn.
+    std::fs::remove_file(run.join(files[1])).unwrap();
+    let out = dir.path().join("refused.png");
+    let o = infer_sdxl_run(
+        &["--model-dir", run.to_str().unwrap()],
+        "<v0> with <v1>",
+        &out,
+    );
+    let says = stderr(&o);
+    assert!(!o.status.success() && !out.exists(), "{says}");
+    assert!(
+        says.contains(files[0]) && says.contains("the model is SDXL"),
+        "{says}"
     );
 }
 

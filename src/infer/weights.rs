@@ -94,6 +94,10 @@ impl Personalized {
             Some(f) => Some(load_token_table(f, sd.text_encoder.token_table(), device)?),
             None => None,
         };
+        if let Some(f) = src.token_table.as_ref().or(src.token_table_2.as_ref()) {
+            let (first, second) = (src.token_table.is_some(), src.token_table_2.is_some());
+            token_tables_fit(&sd, first, second, f)?;
+        }
         let token_table_2 = match (&src.token_table_2, &sd.text_encoder_2) {
             (Some(f), Some((te, _))) => Some(load_token_table(f, te.token_table(), device)?),
             _ => None,
@@ -291,6 +295,7 @@ fn from_checkpoint(
         }
     }
     let (token_table, token_table_2) = (take("table").ok(), take("table_2").ok());
+    token_tables_fit(&sd, token_table.is_some(), token_table_2.is_some(), file)?;
     let tuned = TunedSet::from_checkpoint(&mut t)?;
     // A full fine-tune's checkpoint holds its whole U-Net and text encoder(s).
     let mut full: std::collections::HashMap<String, Tensor> = (t.iter())
@@ -394,6 +399,36 @@ fn check_references(src: &Sources, words: usize) -> Result<()> {
 }
 
 /// A trained table must have the base table's shape: same vocabulary, same width.
+/// A released-script run trains one token table per text encoder: two on SDXL, one
+/// elsewhere. Tables (`file`: one of them, or the checkpoint holding them) from another
+/// model are refused, since SD 1.x's encoder and SDXL's first have tables of one shape.
+fn token_tables_fit(sd: &StableDiffusion, first: bool, second: bool, file: &Path) -> Result<()> {
+    let other_model = "Infer with the base model the run trained on.";
+    let (what, fix) = match (sd.text_encoder_2.is_some(), first, second) {
+        (true, true, false) => (
+            "one text encoder's token table, but the model is SDXL (two encoders)",
+            other_model,
+        ),
+        (false, _, true) => (
+            "SDXL's two text encoders' token tables, but the model has one encoder",
+            other_model,
+        ),
+        (true, false, true) => (
+            "SDXL's two text encoders' token tables, but the first is missing",
+            "Put back the run's token_embedding.safetensors.",
+        ),
+        _ => return Ok(()),
+    };
+    Err(Error::mismatch(
+        file,
+        format!(
+            "{}: the run trained {what} ({}). {fix}",
+            file.display(),
+            sd.source
+        ),
+    ))
+}
+
 fn load_token_table(file: &Path, base: &Tensor, device: &Device) -> Result<Tensor> {
     let t = tensors::read_floats(file, device, &[])?
         .remove(run::TOKEN_TABLE_KEY)
