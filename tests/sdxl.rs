@@ -568,6 +568,25 @@ fn textual_inversion_trains_on_sdxl() {
     let (a, b, c) = (read_png(&a), read_png(&b), read_png(&c));
     assert_eq!(png_max_diff(&a, &b), 0, "the folder vs its A1111 file");
     assert_eq!(png_max_diff(&a, &c), 0, "the folder vs its last checkpoint");
+    // On a one-encoder model (SD 1.x's rows are as wide as SDXL's first encoder's), the
+    // second encoder's rows are refused, not dropped: from the folder and a checkpoint.
+    let sd = tiny_sd();
+    for (extra, names) in [
+        (vec!["--model-dir", run_s], "learned_embeds_2.safetensors"),
+        (
+            vec!["--model-dir", run_s, "--checkpoint", "3"],
+            "step-000003",
+        ),
+    ] {
+        let out = dir.path().join("refused.png");
+        let o = infer_sdxl_run(&with_args(extra, &["--model", &sd]), prompt, &out);
+        let says = stderr(&o);
+        assert!(!o.status.success() && !out.exists(), "{says}");
+        assert!(
+            says.contains(names) && says.contains("SDXL's second text encoder"),
+            "{says}"
+        );
+    }
     // Killed after step 2: the same files.
     let killed = dir.path().join("killed");
     std::fs::create_dir_all(killed.join("checkpoints")).unwrap();

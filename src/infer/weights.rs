@@ -217,11 +217,29 @@ fn load_embeds(
         tok_2.add_pseudo_words(&[word])?;
         return Ok((Some(l.unsqueeze(0)?), Some(g.unsqueeze(0)?), None));
     }
+    if let Some(f_2) = f_2 {
+        return Err(second_encoder_rows_without_one(sd, f_2));
+    }
     let list = crate::io::embeds::load(f, hidden, device)?;
     let words: Vec<String> = list.iter().map(|(w, _)| w.clone()).collect();
     sd.tokenizer.add_pseudo_words(&words)?;
     let rows: Vec<Tensor> = list.into_iter().map(|(_, v)| v).collect();
     Ok((Some(Tensor::stack(&rows, 0)?), None, None))
+}
+
+/// `file` holds words' rows for SDXL's second text encoder, which `sd` lacks: SD 1.x's
+/// encoder and SDXL's first take rows of one width, so the first file alone would load
+/// and the second would be dropped.
+fn second_encoder_rows_without_one(sd: &StableDiffusion, file: &Path) -> Error {
+    Error::mismatch(
+        file,
+        format!(
+            "{}: rows for SDXL's second text encoder, but {} has one text encoder. Infer \
+             with the SDXL model the run trained on.",
+            file.display(),
+            sd.source
+        ),
+    )
 }
 
 /// SDXL: the second file of diffusers' pair (`learned_embeds.safetensors` beside
@@ -287,6 +305,9 @@ fn from_checkpoint(
     };
     // SDXL runs have the words' rows in the second text encoder too.
     let rows_2 = take("rows_2").ok();
+    if rows_2.is_some() && sd.text_encoder_2.is_none() {
+        return Err(second_encoder_rows_without_one(&sd, file));
+    }
     if let Some(rows) = &rows {
         let words: Vec<String> = (0..rows.dim(0)?).map(pseudo_word).collect();
         sd.tokenizer.add_pseudo_words(&words)?;
