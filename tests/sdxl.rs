@@ -285,9 +285,10 @@ fn the_released_script_trains_both_token_tables_on_sdxl() {
     let killed = dir.path().join("killed");
     let a = args(&killed);
     let files = [files[0], files[1], "pytorch_lora_weights.safetensors"];
-    killed_after_step_3_resumes_alike(
+    killed_after_step_resumes_alike(
         &run,
         &killed,
+        3,
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
         &files,
     );
@@ -379,9 +380,10 @@ fn magictailor_trains_on_sdxl() {
     // Killed after step 3: the same files.
     let killed = dir.path().join("killed");
     let a = args(&killed);
-    killed_after_step_3_resumes_alike(
+    killed_after_step_resumes_alike(
         &run,
         &killed,
+        3,
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
         &[
             "pytorch_lora_weights.safetensors",
@@ -589,18 +591,14 @@ fn textual_inversion_trains_on_sdxl() {
     }
     // Killed after step 2: the same files.
     let killed = dir.path().join("killed");
-    std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
-    let name = "checkpoints/step-000002.safetensors";
-    std::fs::copy(run.join(name), killed.join(name)).unwrap();
-    let mut a = args(&killed);
-    a.push("--resume".into());
-    ok(&run_bin(
-        "train",
+    let a = args(&killed);
+    killed_after_step_resumes_alike(
+        &run,
+        &killed,
+        2,
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
-    ));
-    for f in ["learned_embeds.safetensors", "learned_embeds_2.safetensors"] {
-        assert_eq!(read_bytes(&killed.join(f)), read_bytes(&run.join(f)), "{f}");
-    }
+        &["learned_embeds.safetensors", "learned_embeds_2.safetensors"],
+    );
 }
 
 /// `infer` from the recorded latents as `infer_sdxl`, the model (a base or a trained
@@ -1243,15 +1241,27 @@ fn break_a_scene_fine_tunes_both_encoders_on_sdxl() {
     let mut resumed = args.clone();
     set_arg(&mut resumed, "--out-dir", killed_s);
     set_arg(&mut resumed, "--export-full", other.to_str().unwrap());
-    killed_after_step_3_resumes_alike(&run, &killed, &resumed, &["full_weights_delta.safetensors"]);
+    killed_after_step_resumes_alike(
+        &run,
+        &killed,
+        3,
+        &resumed,
+        &["full_weights_delta.safetensors"],
+    );
 }
 
-/// A run killed after its step 3 (`killed` holds that checkpoint alone) and resumed with
+/// A run killed after its `step` (`killed` holds that checkpoint alone) and resumed with
 /// `args` writes the same `files` as the whole run did in `run`.
-fn killed_after_step_3_resumes_alike(run: &Path, killed: &Path, args: &[&str], files: &[&str]) {
+fn killed_after_step_resumes_alike(
+    run: &Path,
+    killed: &Path,
+    step: usize,
+    args: &[&str],
+    files: &[&str],
+) {
     std::fs::create_dir_all(killed.join("checkpoints")).unwrap();
-    let name = "checkpoints/step-000003.safetensors";
-    std::fs::copy(run.join(name), killed.join(name)).unwrap();
+    let name = format!("checkpoints/step-{step:06}.safetensors");
+    std::fs::copy(run.join(&name), killed.join(&name)).unwrap();
     ok(&run_bin("train", &with_args(args.to_vec(), &["--resume"])));
     for f in files {
         assert!(
